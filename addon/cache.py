@@ -1,0 +1,370 @@
+"""The registry cache: answers manifest and blob requests from the store and fills it on a miss.
+
+The data path, hook by hook:
+- request: parse the route. A hit is answered at once: a manifest from the store, a blob by
+  pointing the flow at the loopback blob server. A tag is first revalidated with an upstream HEAD
+  (free under Docker Hub's rate limit). A miss goes upstream, noted as pending.
+- responseheaders: a pending blob's body is teed into the store while it streams to the client;
+  a redirect to a blob host (CDN) is remembered, so that the client's follow-up request fills the
+  digest it was asked for (CDN URLs expire; the key is always the digest).
+- response: a verified blob is committed, one that fails verification kills the flow; a manifest
+  is verified against its digest and stored; the miss is journalled.
+- error: a broken fill is discarded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urljoin, urlsplit
+
+from mitmproxy import connection, ctx, exceptions, http
+
+from . import protocol, upstream
+from .blobserver import BlobServer
+from .fill import Tee
+from .hosts import Interception
+from .journal import MissJournal
+from .protocol import Kind, Route
+from .store import Manifest, Store
+
+logger = logging.getLogger(__name__)
+
+HIT = "hubcache_hit"
+REDIRECT_TTL = 600.0  # seconds a blob redirect is remembered; CDN URLs live about 20 minutes
+MAX_MANIFEST_SIZE = 4 * 1024 * 1024  # registries refuse larger manifests
+
+
+@dataclass
+class Pending:
+    """A request the store could not answer, followed until its response is complete."""
+
+    route: Route
+    tee: Tee | None = None
+    stale: Manifest | None = None  # the cached manifest of a tag, served if upstream fails
+
+
+class RegistryCache:
+    def __init__(self, hosts: Interception):
+        self.hosts = hosts
+        self.store: Store | None = None
+        self.journal: MissJournal | None = None
+        self.blob_server: BlobServer | None = None
+        self._pending: dict[str, Pending] = {}  # by flow id
+        self._redirects: dict[tuple[str, int, str], tuple[Route, float]] = {}
+
+    def load(self, loader):
+        loader.add_option(
+            "cache_dir",
+            str,
+            "cache",
+            "Folder of the content store (diskcache) and the miss journal (misses.jsonl).",
+        )
+        loader.add_option(
+            "tag_freshness",
+            int,
+            0,
+            "Seconds a tag's cached digest is served without asking upstream; "
+            "0 revalidates every tag request with an upstream HEAD.",
+        )
+        loader.add_option(
+            "revalidate_timeout",
+            int,
+            10,
+            "Seconds to wait for upstream when revalidating a tag before serving the cached manifest.",
+        )
+        # A hit must never wait for (or fail on) an upstream connection.
+        if not loader.master.options.has_changed("connection_strategy"):
+            loader.master.options.connection_strategy = "lazy"
+
+    def configure(self, updated):
+        if "cache_dir" in updated:
+            self._open(Path(ctx.options.cache_dir).expanduser())
+        for name in ("tag_freshness", "revalidate_timeout"):
+            if name in updated and getattr(ctx.options, name) < 0:
+                raise exceptions.OptionsError(f"{name} must be 0 or more seconds")
+
+    def _open(self, directory: Path) -> None:
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+            store = Store(directory)
+        except OSError as e:
+            raise exceptions.OptionsError(f"cache_dir: cannot use {directory}: {e.strerror or e}")
+        self.done()
+        self.store = store
+        self.journal = MissJournal(directory / "misses.jsonl")
+        self.blob_server = BlobServer(store)
+        self.blob_server.start()
+        logger.info(f"hubcache: content store in {directory.resolve()}")
+
+    def done(self):
+        if self.blob_server:
+            self.blob_server.stop()
+        if self.store:
+            self.store.close()
+        self.blob_server = self.store = None
+
+    # request -> route
+
+    async def request(self, flow: http.HTTPFlow) -> None:
+        if flow.response or flow.error or not flow.live or upstream.is_subrequest(flow):
+            return
+        if not self.hosts.is_registry(flow.request.pretty_host):
+            if route := self._redirect_target(flow):
+                await self._blob_request(flow, route)
+            return
+        try:
+            route = protocol.parse_route(flow.request.pretty_host, flow.request.path)
+        except protocol.BadRequest as e:
+            self._answer_error(flow, e.status, e.code, e.message)
+            return
+        if flow.request.method not in ("GET", "HEAD"):
+            return  # pushes and everything else pass through untouched
+        if route.kind is Kind.MANIFEST:
+            await self._manifest_request(flow, route)
+        elif route.kind is Kind.BLOB:
+            await self._blob_request(flow, route)
+
+    async def _blob_request(self, flow: http.HTTPFlow, route: Route) -> None:
+        assert self.store
+        size = await asyncio.to_thread(self.store.blob_size, route.reference)
+        if size is not None:
+            if flow.request.method == "HEAD":
+                self._answer(flow, 200, b"", protocol.blob_headers(route.reference, size))
+            else:
+                self._send_to_blob_server(flow, route.reference)
+            return
+        if flow.request.method == "GET" and "range" not in flow.request.headers:
+            # The digest covers the identity bytes; never let upstream compress them.
+            flow.request.headers.pop("accept-encoding", None)
+        self._pending[flow.id] = Pending(route)
+
+    def _send_to_blob_server(self, flow: http.HTTPFlow, digest: str) -> None:
+        assert self.blob_server
+        host, port = self.blob_server.address
+        flow.request.scheme = "http"
+        flow.request.host = host
+        flow.request.port = port
+        flow.request.path = f"/blobs/{digest}"
+        flow.request.headers.pop("authorization", None)
+        # A fresh server connection: direct, never through an upstream proxy.
+        flow.server_conn = connection.Server(address=(host, port))
+        flow.metadata[HIT] = True
+
+    async def _manifest_request(self, flow: http.HTTPFlow, route: Route) -> None:
+        assert self.store
+        accept = flow.request.headers.get_all("accept")
+        if route.by_digest:
+            cached = await asyncio.to_thread(self.store.get_manifest, route.reference)
+            if cached and protocol.accepts(accept, cached.media_type):
+                self._answer_manifest(flow, cached)
+            else:
+                self._pending[flow.id] = Pending(route)
+            return
+
+        entry = await asyncio.to_thread(
+            self.store.get_tag, route.registry, route.name, route.reference
+        )
+        cached = entry and await asyncio.to_thread(self.store.get_manifest, entry.digest)
+        if not cached or not protocol.accepts(accept, cached.media_type):
+            self._pending[flow.id] = Pending(route)
+            return
+        if time.time() - entry.checked < ctx.options.tag_freshness:
+            self._answer_manifest(flow, cached)
+            return
+
+        answer = await upstream.head(flow, ctx.options.revalidate_timeout)
+        if isinstance(answer, str) or answer.status_code >= 500 or answer.status_code == 429:
+            reason = answer if isinstance(answer, str) else f"upstream answered {answer.status_code}"
+            await self._serve_stale(flow, route, cached, reason)
+            return
+        current = answer.headers.get("docker-content-digest") if answer.status_code == 200 else None
+        if current == cached.digest:
+            await asyncio.to_thread(
+                self.store.set_tag, route.registry, route.name, route.reference, cached.digest
+            )
+            self._answer_manifest(flow, cached)
+            return
+        if current and protocol.DIGEST_RE.fullmatch(current):
+            moved = await asyncio.to_thread(self.store.get_manifest, current)
+            if moved and protocol.accepts(accept, moved.media_type):
+                await asyncio.to_thread(
+                    self.store.set_tag, route.registry, route.name, route.reference, current
+                )
+                self._answer_manifest(flow, moved)
+                return
+        # The tag moved to a manifest we lack, or upstream refused (401/403/404): the client's own
+        # request goes upstream and gets upstream's answer.
+        self._pending[flow.id] = Pending(route, stale=cached)
+
+    def _redirect_target(self, flow: http.HTTPFlow) -> Route | None:
+        key = (flow.request.pretty_host.lower(), flow.request.port, flow.request.path)
+        route, _ = self._redirects.pop(key, (None, 0.0))
+        return route
+
+    # responseheaders: start teeing, remember redirects
+
+    def responseheaders(self, flow: http.HTTPFlow) -> None:
+        assert flow.response
+        if flow.metadata.get(HIT):
+            flow.response.stream = True
+            return
+        pending = self._pending.get(flow.id)
+        if pending is None:
+            return
+        response = flow.response
+        if pending.route.kind is Kind.MANIFEST:
+            length = response.headers.get("content-length", "")
+            if length.isdigit() and int(length) <= MAX_MANIFEST_SIZE:
+                response.stream = False  # the body must be whole to verify and store it
+            return
+        if response.status_code in (301, 302, 303, 307, 308) and "location" in response.headers:
+            self._remember_redirect(flow, response.headers["location"], pending.route)
+            return
+        response.stream = True  # blob bodies never sit in memory
+        if (
+            flow.request.method == "GET"
+            and response.status_code == 200
+            and response.headers.get("content-encoding", "identity").lower() == "identity"
+        ):
+            assert self.store
+            length = response.headers.get("content-length", "")
+            try:
+                writer = self.store.blob_writer(pending.route.reference)
+            except OSError as e:
+                logger.warning(f"{pending.route.image}: not cached, cache folder unusable: {e}")
+                return
+            pending.tee = Tee(writer, int(length) if length.isdigit() else None)
+            response.stream = pending.tee
+
+    def _remember_redirect(self, flow: http.HTTPFlow, location: str, route: Route) -> None:
+        target = urlsplit(urljoin(flow.request.url, location))
+        if target.scheme != "https" or not target.hostname:
+            return  # a plain-http blob URL is fetched by the client directly, out of our reach
+        self.hosts.learn_blob_host(target.hostname)
+        now = time.monotonic()
+        self._redirects = {k: v for k, v in self._redirects.items() if v[1] > now}
+        path = target.path + (f"?{target.query}" if target.query else "")
+        self._redirects[(target.hostname.lower(), target.port or 443, path)] = (
+            route,
+            now + REDIRECT_TTL,
+        )
+
+    # response: commit or reject, journal the miss
+
+    async def response(self, flow: http.HTTPFlow) -> None:
+        pending = self._pending.pop(flow.id, None)
+        if pending is None:
+            return
+        if pending.route.kind is Kind.BLOB:
+            await self._finish_blob(flow, pending)
+        else:
+            await self._finish_manifest(flow, pending)
+
+    async def _finish_blob(self, flow: http.HTTPFlow, pending: Pending) -> None:
+        assert flow.response
+        route, tee, status = pending.route, pending.tee, flow.response.status_code
+        if tee is None:
+            if status not in (301, 302, 303, 307, 308, 401):
+                await self._journal(route, f"passed: upstream answered {status}")
+            return
+        if not tee.finished:  # an empty body is never streamed: it arrives whole
+            if body := flow.response.raw_content:
+                tee(body)
+            tee(b"")
+        if not tee.verified:
+            flow.kill()
+            await asyncio.to_thread(tee.abandon)
+            got = f"{tee.writer.size} bytes hashing to {tee.writer.computed_digest}"
+            logger.warning(f"{route.image}: upstream sent {got}; not stored, transfer aborted")
+            await self._journal(route, f"rejected: {got}", size=tee.writer.size)
+            return
+        try:
+            await asyncio.to_thread(tee.writer.commit)
+        except (OSError, ValueError) as e:
+            reason = getattr(tee.writer.write_error, "strerror", None) or str(e)
+            logger.warning(f"{route.image}: served but not cached: {reason}")
+            await self._journal(route, f"passed: not stored: {reason}", size=tee.writer.size)
+            return
+        logger.info(f"{route.image}: cached {tee.writer.size} bytes")
+        await self._journal(route, "filled", size=tee.writer.size)
+
+    async def _finish_manifest(self, flow: http.HTTPFlow, pending: Pending) -> None:
+        assert flow.response and self.store
+        route, response = pending.route, flow.response
+        if pending.stale and (response.status_code >= 500 or response.status_code == 429):
+            await self._serve_stale(flow, route, pending.stale, f"upstream answered {response.status_code}")
+            return
+        if flow.request.method != "GET" or response.status_code != 200 or response.raw_content is None:
+            if response.status_code != 401:
+                await self._journal(route, f"passed: upstream answered {response.status_code}")
+            return
+        body = response.content or b""
+        algorithm = route.reference.partition(":")[0] if route.by_digest else "sha256"
+        digest = protocol.digest_of(body, algorithm)
+        claimed = route.reference if route.by_digest else response.headers.get("docker-content-digest")
+        if claimed and claimed.startswith(f"{algorithm}:") and claimed != digest:
+            logger.warning(f"{route.image}: upstream manifest hashes to {digest}, not {claimed}")
+            self._answer_error(flow, 502, "MANIFEST_INVALID", f"upstream sent a manifest that does not match {claimed}")
+            await self._journal(route, "rejected: digest mismatch", digest=digest, size=len(body))
+            return
+        media_type = protocol.manifest_media_type(body, response.headers.get("content-type", ""))
+        try:
+            await asyncio.to_thread(self.store.put_manifest, digest, media_type, body)
+            if not route.by_digest:
+                await asyncio.to_thread(
+                    self.store.set_tag, route.registry, route.name, route.reference, digest
+                )
+        except OSError as e:
+            logger.warning(f"{route.image}: served but not cached: {e.strerror or e}")
+            await self._journal(route, f"passed: not stored: {e.strerror or e}", digest=digest)
+            return
+        await self._journal(route, "filled", digest=digest, size=len(body))
+
+    async def error(self, flow: http.HTTPFlow) -> None:
+        pending = self._pending.pop(flow.id, None)
+        if pending is None:
+            return
+        if pending.tee:
+            await asyncio.to_thread(pending.tee.abandon)
+        reason = flow.error.msg if flow.error else "unknown error"
+        await self._journal(pending.route, f"failed: {reason}")
+
+    # answers
+
+    async def _serve_stale(self, flow: http.HTTPFlow, route: Route, cached: Manifest, reason: str) -> None:
+        logger.warning(f"{route.image}: {reason}; serving the cached {cached.digest}")
+        self._answer_manifest(flow, cached)
+        await self._journal(route, f"stale: {reason}", digest=cached.digest)
+
+    def _answer_manifest(self, flow: http.HTTPFlow, manifest: Manifest) -> None:
+        headers = protocol.manifest_headers(manifest.digest, manifest.media_type, len(manifest.body))
+        body = manifest.body if flow.request.method == "GET" else b""
+        self._answer(flow, 200, body, headers)
+
+    def _answer_error(self, flow: http.HTTPFlow, status: int, code: str, message: str) -> None:
+        body = protocol.error_body(code, message)
+        self._answer(flow, status, body, protocol.error_headers(len(body)))
+
+    @staticmethod
+    def _answer(flow: http.HTTPFlow, status: int, body: bytes, headers: dict[str, str]) -> None:
+        flow.response = http.Response.make(status, body, headers)
+        # A HEAD answer states the size of the body it does not carry.
+        flow.response.headers["Content-Length"] = headers["Content-Length"]
+
+    async def _journal(self, route: Route, outcome: str, digest: str | None = None, size: int | None = None) -> None:
+        assert self.journal
+        await asyncio.to_thread(
+            self.journal.record,
+            kind=route.kind.value,
+            registry=route.registry,
+            repository=route.name,
+            reference=route.reference,
+            digest=digest or (route.reference if route.by_digest else None),
+            size=size,
+            outcome=outcome,
+        )

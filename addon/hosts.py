@@ -1,0 +1,103 @@
+"""Which connections hubcache intercepts, and where upstream connections go.
+
+Only registry traffic is intercepted: the registries' API hosts, their token hosts, and the blob
+hosts (CDNs) that a registry has redirected a blob request to in this run. Every other TLS
+connection is tunnelled untouched, so hubcache never sees or breaks anything else.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+from mitmproxy import ctx, exceptions, tls
+from mitmproxy.proxy import server_hooks
+
+logger = logging.getLogger(__name__)
+
+DOCKER_HUB_API = ("registry-1.docker.io", "index.docker.io")
+# Token hosts of the registries whose token service lives on another host.
+AUTH_HOSTS = {"registry-1.docker.io": "auth.docker.io", "index.docker.io": "auth.docker.io"}
+
+
+class Interception:
+    """Intercepts registry hosts only (option `registries`); tunnels everything else."""
+
+    def __init__(self) -> None:
+        self.blob_hosts: set[str] = set()
+
+    def load(self, loader):
+        loader.add_option(
+            "registries",
+            Sequence[str],
+            list(DOCKER_HUB_API),
+            "Registry API hosts to cache (their token and blob hosts are intercepted too). "
+            "Every other host is tunnelled untouched.",
+        )
+
+    def configure(self, updated):
+        if "registries" in updated:
+            for host in ctx.options.registries:
+                if not host or "/" in host or host != host.strip():
+                    raise exceptions.OptionsError(
+                        f"registries: {host!r} is not a host name (write e.g. ghcr.io)"
+                    )
+
+    def is_registry(self, host: str) -> bool:
+        return host.lower() in {h.lower() for h in ctx.options.registries}
+
+    def learn_blob_host(self, host: str) -> None:
+        """A registry redirected a blob to `host`: intercept it from now on to fill the cache."""
+        if host.lower() not in self.blob_hosts:
+            logger.info(f"intercepting blob host {host}")
+            self.blob_hosts.add(host.lower())
+
+    def intercepts(self, host: str) -> bool:
+        host = host.lower()
+        registries = {h.lower() for h in ctx.options.registries}
+        auth = {AUTH_HOSTS[h] for h in registries if h in AUTH_HOSTS}
+        return host in registries or host in auth or host in self.blob_hosts
+
+    def tls_clienthello(self, data: tls.ClientHelloData) -> None:
+        host = data.client_hello.sni or (
+            data.context.server.address[0] if data.context.server.address else ""
+        )
+        if not self.intercepts(host):
+            data.ignore_connection = True
+
+
+class UpstreamOverride:
+    """Connects chosen upstream host names to other addresses (option `upstream_map`).
+
+    For pointing a registry name at an internal mirror, or at a test server, without touching
+    DNS or /etc/hosts. TLS still verifies the original name.
+    """
+
+    def __init__(self) -> None:
+        self.map: dict[str, tuple[str, int]] = {}
+
+    def load(self, loader):
+        loader.add_option(
+            "upstream_map",
+            Sequence[str],
+            [],
+            "Connect upstream host names elsewhere: HOST=ADDRESS:PORT, e.g. "
+            "registry-1.docker.io=10.0.0.5:443. TLS still verifies HOST.",
+        )
+
+    def configure(self, updated):
+        if "upstream_map" in updated:
+            mapping = {}
+            for spec in ctx.options.upstream_map:
+                host, sep, target = spec.partition("=")
+                address, colon, port = target.rpartition(":")
+                if not (sep and host and colon and address and port.isdigit()):
+                    raise exceptions.OptionsError(
+                        f"upstream_map: {spec!r} is not HOST=ADDRESS:PORT"
+                    )
+                mapping[host.lower()] = (address.strip("[]"), int(port))
+            self.map = mapping
+
+    def server_connect(self, data: server_hooks.ServerConnectionHookData) -> None:
+        if data.server.address and (target := self.map.get(data.server.address[0].lower())):
+            data.server.address = target

@@ -1,0 +1,203 @@
+"""Registry wire protocol: request routes, digests, media types, ranges and error bodies.
+
+Everything hubcache knows about the OCI distribution API lives here, so that the store knows
+nothing of HTTP and the addon knows nothing of path grammar.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from dataclasses import dataclass
+from enum import Enum
+from urllib.parse import urlsplit
+
+API_VERSION_HEADERS = {"Docker-Distribution-Api-Version": "registry/2.0"}
+
+# Docker Hub answers the same API on two names; they share one tag index.
+REGISTRY_ALIASES = {"registry-1.docker.io": "docker.io", "index.docker.io": "docker.io"}
+
+# From the distribution spec: path components separated by "/", each lowercase alphanumerics
+# joined by ".", "_", "__" or runs of "-".
+_COMPONENT = r"[a-z0-9]+(?:(?:\.|_|__|-+)[a-z0-9]+)*"
+NAME_RE = re.compile(rf"{_COMPONENT}(?:/{_COMPONENT})*")
+TAG_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,127}")
+DIGEST_RE = re.compile(r"(sha256:[a-f0-9]{64}|sha512:[a-f0-9]{128})")
+_ANY_DIGEST_RE = re.compile(r"[a-z0-9]+(?:[.+_-][a-z0-9]+)*:[A-Za-z0-9=_-]+")
+MAX_NAME_LENGTH = 255
+
+MANIFEST_MEDIA_TYPES = frozenset(
+    {
+        "application/vnd.docker.distribution.manifest.v2+json",
+        "application/vnd.docker.distribution.manifest.list.v2+json",
+        "application/vnd.oci.image.manifest.v1+json",
+        "application/vnd.oci.image.index.v1+json",
+    }
+)
+
+
+class Kind(Enum):
+    PING = "ping"
+    MANIFEST = "manifest"
+    BLOB = "blob"
+    OTHER = "other"  # uploads, catalog, tags list, token endpoints: passed through untouched
+
+
+@dataclass(frozen=True)
+class Route:
+    """What a registry request asks for. `reference` is a tag or a digest."""
+
+    kind: Kind
+    registry: str = ""
+    name: str = ""
+    reference: str = ""
+
+    @property
+    def by_digest(self) -> bool:
+        return DIGEST_RE.fullmatch(self.reference) is not None
+
+    @property
+    def image(self) -> str:
+        sep = "@" if self.by_digest else ":"
+        return f"{self.registry}/{self.name}{sep}{self.reference}"
+
+
+class BadRequest(Exception):
+    """A request the registry API would refuse; carries the registry error to answer with."""
+
+    def __init__(self, status: int, code: str, message: str):
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+
+
+def canonical_registry(host: str) -> str:
+    return REGISTRY_ALIASES.get(host.lower(), host.lower())
+
+
+def parse_route(host: str, path: str) -> Route:
+    """Classify a request to a registry host. Raises BadRequest for a malformed API request."""
+    registry = canonical_registry(host)
+    p = urlsplit(path).path
+    if p in ("/v2", "/v2/"):
+        return Route(Kind.PING, registry)
+    if not p.startswith("/v2/"):
+        return Route(Kind.OTHER, registry)
+    rest = p[len("/v2/") :]
+    for marker, kind in (("/manifests/", Kind.MANIFEST), ("/blobs/", Kind.BLOB)):
+        name, sep, reference = rest.rpartition(marker)
+        if not sep:
+            continue
+        if kind is Kind.BLOB and (reference == "uploads" or name.endswith("/blobs")):
+            return Route(Kind.OTHER, registry)  # push: /blobs/uploads/...
+        if "/" in reference:
+            break
+        if not NAME_RE.fullmatch(name) or len(name) > MAX_NAME_LENGTH:
+            raise BadRequest(400, "NAME_INVALID", f"invalid repository name {name!r}")
+        if kind is Kind.BLOB or ":" in reference:
+            check_digest(reference)
+        elif not TAG_RE.fullmatch(reference):
+            raise BadRequest(400, "MANIFEST_INVALID", f"invalid tag {reference!r}")
+        return Route(kind, registry, name, reference)
+    return Route(Kind.OTHER, registry)
+
+
+def check_digest(digest: str) -> None:
+    """Raise BadRequest unless `digest` is a digest hubcache can verify."""
+    if DIGEST_RE.fullmatch(digest):
+        return
+    if _ANY_DIGEST_RE.fullmatch(digest):
+        algorithm = digest.partition(":")[0]
+        if algorithm not in ("sha256", "sha512"):
+            raise BadRequest(400, "DIGEST_INVALID", f"unsupported digest algorithm {algorithm!r}")
+    raise BadRequest(400, "DIGEST_INVALID", f"invalid digest {digest!r}")
+
+
+def hasher(digest: str) -> "hashlib._Hash":
+    """A fresh hash object for the algorithm of `digest` (sha256 or sha512)."""
+    return hashlib.new(digest.partition(":")[0])
+
+
+def digest_of(data: bytes, algorithm: str = "sha256") -> str:
+    return f"{algorithm}:{hashlib.new(algorithm, data).hexdigest()}"
+
+
+def accepts(accept_headers: list[str], media_type: str) -> bool:
+    """Whether a client's Accept header(s) allow `media_type`. No Accept header allows anything."""
+    ranges = [r.split(";")[0].strip().lower() for h in accept_headers for r in h.split(",")]
+    ranges = [r for r in ranges if r]
+    if not ranges:
+        return True
+    major = media_type.split("/")[0]
+    return any(r in ("*/*", media_type.lower(), f"{major}/*") for r in ranges)
+
+
+def manifest_media_type(body: bytes, content_type: str) -> str:
+    """The media type to store a manifest under: the upstream's Content-Type, else its own field."""
+    ctype = content_type.split(";")[0].strip()
+    if ctype and ctype not in ("application/json", "application/octet-stream", "text/plain"):
+        return ctype
+    try:
+        declared = json.loads(body).get("mediaType")
+    except (ValueError, AttributeError):
+        declared = None
+    return declared if isinstance(declared, str) and declared else ctype or "application/json"
+
+
+def manifest_headers(digest: str, media_type: str, size: int) -> dict[str, str]:
+    return {
+        **API_VERSION_HEADERS,
+        "Content-Type": media_type,
+        "Content-Length": str(size),
+        "Docker-Content-Digest": digest,
+        "Etag": f'"{digest}"',
+    }
+
+
+def blob_headers(digest: str, size: int) -> dict[str, str]:
+    return {
+        **API_VERSION_HEADERS,
+        "Content-Type": "application/octet-stream",
+        "Content-Length": str(size),
+        "Docker-Content-Digest": digest,
+        "Etag": f'"{digest}"',
+        "Accept-Ranges": "bytes",
+        "Cache-Control": "max-age=31536000",
+    }
+
+
+_RANGE_RE = re.compile(r"bytes=(\d*)-(\d*)")
+
+
+def parse_range(header: str | None, size: int) -> tuple[int, int] | None:
+    """The inclusive byte span a `Range` header asks for, or None for the whole blob.
+
+    Only a single range is supported (what registry clients send); anything else, or a span
+    outside the blob, raises BadRequest(416).
+    """
+    if header is None:
+        return None
+    m = _RANGE_RE.fullmatch(header.strip())
+    if not m or (not m.group(1) and not m.group(2)):
+        raise BadRequest(416, "RANGE_INVALID", f"unsupported Range {header[:80]!r}")
+    first, last = m.group(1), m.group(2)
+    if not first:  # suffix range: the last N bytes
+        n = int(last)
+        if n == 0 or size == 0:
+            raise BadRequest(416, "RANGE_INVALID", f"unsatisfiable Range {header[:80]!r}")
+        return max(0, size - n), size - 1
+    start = int(first)
+    end = min(int(last), size - 1) if last else size - 1
+    if start >= size or (last and int(last) < start):
+        raise BadRequest(416, "RANGE_INVALID", f"unsatisfiable Range {header[:80]!r}")
+    return start, end
+
+
+def error_body(code: str, message: str, detail: object = None) -> bytes:
+    return json.dumps({"errors": [{"code": code, "message": message, "detail": detail}]}).encode()
+
+
+def error_headers(size: int) -> dict[str, str]:
+    return {**API_VERSION_HEADERS, "Content-Type": "application/json", "Content-Length": str(size)}

@@ -1,0 +1,203 @@
+"""The content store: blobs and manifests by digest, and the tag index, in one diskcache folder.
+
+Guarantees:
+- Nothing is visible under a digest before its bytes were hashed and matched that digest.
+- A blob is written to a private temporary file in the same folder and committed by rename:
+  never copied, never partially visible, even to another process sharing the folder.
+- Safe across threads and processes (diskcache keeps the index in SQLite).
+- Storage knows nothing of HTTP.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO
+
+import diskcache
+from diskcache.core import MODE_BINARY, UNKNOWN
+
+from .protocol import digest_of, hasher
+
+logger = logging.getLogger(__name__)
+
+UNLIMITED = 2**62
+
+
+@dataclass(frozen=True)
+class _VerifiedFile:
+    """A verified temporary file that the store moves into place instead of copying."""
+
+    path: str
+    size: int
+
+
+class _ContentDisk(diskcache.Disk):
+    """diskcache's Disk, but a verified blob file is renamed into the cache, not copied."""
+
+    def store(self, value, read, key=UNKNOWN):
+        if isinstance(value, _VerifiedFile):
+            filename, full_path = self.filename(key, value)
+            os.makedirs(os.path.dirname(full_path), exist_ok=True)
+            os.replace(value.path, full_path)
+            return value.size, MODE_BINARY, filename, None
+        return super().store(value, read, key)
+
+
+@dataclass(frozen=True)
+class Manifest:
+    digest: str
+    media_type: str
+    body: bytes
+
+
+@dataclass(frozen=True)
+class TagEntry:
+    digest: str
+    checked: float  # when upstream last confirmed (or gave) this digest for the tag
+
+
+class Store:
+    def __init__(self, directory: str | os.PathLike, size_limit: int = UNLIMITED):
+        self.directory = Path(directory)
+        self._tmp_root = self.directory / "tmp"
+        self._tmp = self._tmp_root / str(os.getpid())
+        self._clean_dead_temp_dirs()
+        self._tmp.mkdir(parents=True, exist_ok=True)
+        self._cache = diskcache.Cache(
+            str(self.directory / "content"),
+            disk=_ContentDisk,
+            size_limit=size_limit,
+            eviction_policy="least-recently-used",
+        )
+
+    def close(self) -> None:
+        self._cache.close()
+        shutil.rmtree(self._tmp, ignore_errors=True)
+
+    def _clean_dead_temp_dirs(self) -> None:
+        """Drop temporary files left by processes that died mid-fill (each process owns tmp/<pid>)."""
+        if not self._tmp_root.is_dir():
+            return
+        for entry in self._tmp_root.iterdir():
+            if entry.name.isdigit() and int(entry.name) != os.getpid():
+                try:
+                    os.kill(int(entry.name), 0)
+                    continue  # still alive: another hubcache process sharing the folder
+                except ProcessLookupError:
+                    pass
+                except PermissionError:
+                    continue
+            if entry.name != str(os.getpid()):
+                shutil.rmtree(entry, ignore_errors=True)
+
+    # Blobs
+
+    def has_blob(self, digest: str) -> bool:
+        return ("blob", digest) in self._cache
+
+    def open_blob(self, digest: str) -> BinaryIO | None:
+        """An open file of the blob, or None. The file stays readable even if evicted meanwhile."""
+        try:
+            return self._cache.get(("blob", digest), read=True)
+        except OSError:  # the file vanished under the index: treat as a miss and forget it
+            self._cache.delete(("blob", digest))
+            return None
+
+    def blob_size(self, digest: str) -> int | None:
+        blob = self.open_blob(digest)
+        if blob is None:
+            return None
+        with blob:
+            return os.fstat(blob.fileno()).st_size
+
+    def blob_writer(self, digest: str) -> BlobWriter:
+        return BlobWriter(self, digest)
+
+    def _commit_blob(self, digest: str, path: str, size: int) -> None:
+        if self.has_blob(digest):
+            os.unlink(path)  # a concurrent fill got there first: identical bytes
+            return
+        self._cache.set(("blob", digest), _VerifiedFile(path, size))
+
+    # Manifests
+
+    def put_manifest(self, digest: str, media_type: str, body: bytes) -> None:
+        if digest_of(body, digest.partition(":")[0]) != digest:
+            raise ValueError(f"manifest bytes do not match {digest}")
+        self._cache.set(("manifest", digest), (media_type, body))
+
+    def get_manifest(self, digest: str) -> Manifest | None:
+        value = self._cache.get(("manifest", digest))
+        if value is None:
+            return None
+        media_type, body = value
+        return Manifest(digest, media_type, body)
+
+    # Tags
+
+    def set_tag(self, registry: str, name: str, tag: str, digest: str) -> None:
+        self._cache.set(("tag", registry, name, tag), (digest, time.time()))
+
+    def get_tag(self, registry: str, name: str, tag: str) -> TagEntry | None:
+        value = self._cache.get(("tag", registry, name, tag))
+        return TagEntry(*value) if value else None
+
+
+class BlobWriter:
+    """Receives a blob's bytes in order, hashes them, and commits them only if they verify."""
+
+    def __init__(self, store: Store, digest: str):
+        self.store = store
+        self.digest = digest
+        self.size = 0
+        self.write_error: OSError | None = None
+        self._hash = hasher(digest)
+        fd, self._path = tempfile.mkstemp(dir=store._tmp, prefix="fill-")
+        self._file = os.fdopen(fd, "wb")
+
+    def write(self, data: bytes) -> None:
+        """Hash and keep `data`. A failed disk write (ENOSPC, read-only folder) stops the keeping,
+        not the hashing: the bytes can still be verified for the client, just not stored."""
+        self._hash.update(data)
+        self.size += len(data)
+        if self.write_error is None:
+            try:
+                self._file.write(data)
+            except OSError as e:
+                self.write_error = e
+
+    @property
+    def computed_digest(self) -> str:
+        return f"{self._hash.name}:{self._hash.hexdigest()}"
+
+    def verified(self, expected_size: int | None = None) -> bool:
+        size_ok = expected_size is None or expected_size == self.size
+        return size_ok and self.computed_digest == self.digest
+
+    def commit(self) -> None:
+        """Move the bytes into the store; refuses (and discards them) unless they verify."""
+        if self.computed_digest != self.digest or self.write_error:
+            self.discard()
+            raise ValueError(f"blob bytes for {self.digest} are not verified and complete")
+        try:
+            self._file.close()
+            self.store._commit_blob(self.digest, self._path, self.size)
+        except BaseException:
+            self.discard()
+            raise
+
+    def discard(self) -> None:
+        try:
+            self._file.close()
+        except OSError:
+            pass
+        try:
+            os.unlink(self._path)
+        except FileNotFoundError:
+            pass

@@ -1,0 +1,34 @@
+# Sourced by the scripts: finds Python >= 3.12 and keeps the project's venv in .venv up to date.
+set -euo pipefail
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+VENV="${HUBCACHE_VENV:-$ROOT/.venv}"
+
+find_python() {
+    local candidates=(python3.13 python3.12 python3)
+    local root
+    root=$(pyenv root 2>/dev/null || echo "$HOME/.pyenv")
+    for c in "$root"/versions/3.1[2-9]*/bin/python3; do candidates+=("$c"); done
+    for c in "${candidates[@]}"; do
+        if command -v "$c" >/dev/null 2>&1 &&
+            "$c" -c 'import sys; sys.exit(sys.version_info < (3, 12))' 2>/dev/null; then
+            command -v "$c"
+            return 0
+        fi
+    done
+    echo "hubcache needs Python >= 3.12 (mitmproxy 12 does); none was found on PATH or under pyenv" >&2
+    return 1
+}
+
+ensure_venv() {  # $1: pip extras, e.g. "[test]"
+    local extras="${1:-}" stamp
+    if [ ! -x "$VENV/bin/python" ]; then
+        "$(find_python)" -m venv "$VENV"
+    fi
+    # Reinstall only when pyproject.toml changed: the stamp holds its hash and the extras.
+    stamp="$(sha256sum "$ROOT/pyproject.toml" | cut -d' ' -f1)$extras"
+    if [ "$(cat "$VENV/.hubcache-stamp" 2>/dev/null)" != "$stamp" ]; then
+        "$VENV/bin/pip" install --quiet --upgrade pip
+        "$VENV/bin/pip" install --quiet -e "$ROOT$extras"
+        echo "$stamp" >"$VENV/.hubcache-stamp"
+    fi
+}
