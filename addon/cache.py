@@ -124,10 +124,23 @@ class RegistryCache:
             return
         if flow.request.method not in ("GET", "HEAD"):
             return  # pushes and everything else pass through untouched
-        if route.kind is Kind.MANIFEST:
+        if route.kind is Kind.PING:
+            await self._ping(flow, route)
+        elif route.kind is Kind.MANIFEST:
             await self._manifest_request(flow, route)
         elif route.kind is Kind.BLOB:
             await self._blob_request(flow, route)
+
+    async def _ping(self, flow: http.HTTPFlow, route: Route) -> None:
+        """Relay the version check, but answer it locally when upstream fails: clients ping
+        before every pull, and what the cache holds must stay pullable while upstream is down."""
+        answer = await upstream.send(flow, flow.request.method, ctx.options.revalidate_timeout)
+        if isinstance(answer, str) or answer.status_code >= 500 or answer.status_code == 429:
+            reason = answer if isinstance(answer, str) else f"upstream answered {answer.status_code}"
+            logger.warning(f"{route.registry}: {reason}; answering /v2/ from the cache")
+            self._answer(flow, 200, b"{}", {**protocol.API_VERSION_HEADERS, "Content-Type": "application/json", "Content-Length": "2"})
+        else:
+            flow.response = answer
 
     async def _blob_request(self, flow: http.HTTPFlow, route: Route) -> None:
         assert self.store
@@ -177,7 +190,7 @@ class RegistryCache:
             self._answer_manifest(flow, cached)
             return
 
-        answer = await upstream.head(flow, ctx.options.revalidate_timeout)
+        answer = await upstream.send(flow, "HEAD", ctx.options.revalidate_timeout)
         if isinstance(answer, str) or answer.status_code >= 500 or answer.status_code == 429:
             reason = answer if isinstance(answer, str) else f"upstream answered {answer.status_code}"
             await self._serve_stale(flow, route, cached, reason)

@@ -93,7 +93,7 @@ def parse_route(host: str, path: str) -> Route:
         if kind is Kind.BLOB and (reference == "uploads" or name.endswith("/blobs")):
             return Route(Kind.OTHER, registry)  # push: /blobs/uploads/...
         if "/" in reference:
-            break
+            continue  # e.g. a blob of repository "a/manifests/b"
         if not NAME_RE.fullmatch(name) or len(name) > MAX_NAME_LENGTH:
             raise BadRequest(400, "NAME_INVALID", f"invalid repository name {name!r}")
         if kind is Kind.BLOB or ":" in reference:

@@ -66,9 +66,12 @@ class Store:
     def __init__(self, directory: str | os.PathLike, size_limit: int = UNLIMITED):
         self.directory = Path(directory)
         self._tmp_root = self.directory / "tmp"
-        self._tmp = self._tmp_root / str(os.getpid())
         self._clean_dead_temp_dirs()
-        self._tmp.mkdir(parents=True, exist_ok=True)
+        pid_dir = self._tmp_root / str(os.getpid())
+        pid_dir.mkdir(parents=True, exist_ok=True)
+        # One folder per instance: closing one store must not delete the fills of another store
+        # on the same folder in this process (reconfiguring opens the new before closing the old).
+        self._tmp = Path(tempfile.mkdtemp(dir=pid_dir))
         self._cache = diskcache.Cache(
             str(self.directory / "content"),
             disk=_ContentDisk,
@@ -104,10 +107,14 @@ class Store:
     def open_blob(self, digest: str) -> BinaryIO | None:
         """An open file of the blob, or None. The file stays readable even if evicted meanwhile."""
         try:
-            return self._cache.get(("blob", digest), read=True)
-        except OSError:  # the file vanished under the index: treat as a miss and forget it
+            blob = self._cache.get(("blob", digest), read=True)
+        except OSError:
+            blob = None
+        if blob is None and self.has_blob(digest):
+            # The file vanished under the index (diskcache then answers a miss): forget the entry,
+            # else every refill of the digest would be dropped as a duplicate in _commit_blob.
             self._cache.delete(("blob", digest))
-            return None
+        return blob
 
     def blob_size(self, digest: str) -> int | None:
         blob = self.open_blob(digest)

@@ -1,4 +1,4 @@
-"""Requests that hubcache itself sends upstream (tag revalidation).
+"""Requests that hubcache itself sends upstream (tag revalidation, registry pings).
 
 They run through mitmproxy's own proxy core, exactly like a client replay: the same upstream TLS
 verification (`ssl_verify_upstream_trusted_ca`, `ssl_insecure`), upstream proxy mode, name
@@ -23,15 +23,16 @@ def is_subrequest(flow: http.HTTPFlow) -> bool:
     return bool(flow.metadata.get(MARK))
 
 
-async def head(like: http.HTTPFlow, timeout: float) -> http.Response | str:
-    """HEAD the URL of `like` upstream with its headers (Accept, Authorization).
+async def send(like: http.HTTPFlow, method: str, timeout: float) -> http.Response | str:
+    """Send the request of `like` upstream again as `method`, with its headers (Accept,
+    Authorization).
 
-    Returns the response (headers only), or a short reason why there is none (connection error,
-    timeout), never raises for upstream failures.
+    Returns the response, or a short reason why there is none (connection error, timeout); never
+    raises for upstream failures.
     """
     flow = http.HTTPFlow(like.client_conn, like.server_conn)
     flow.request = like.request.copy()
-    flow.request.method = "HEAD"
+    flow.request.method = method
     flow.metadata[MARK] = True
     handler = ReplayHandler(flow, ctx.options)
     try:

@@ -1,0 +1,80 @@
+"""Runs hubcache the way users do: a real `mitmdump -s addon/hubcache.py` process on loopback."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from .pki import ca_bundle
+from .procs import Proc, free_port, wait_for_port
+
+ROOT = Path(__file__).resolve().parents[2]
+MITMDUMP = Path(sys.executable).with_name("mitmdump")
+
+
+class Hubcache:
+    """A hubcache proxy process. The content store and the CA survive restarts."""
+
+    def __init__(self, workdir: Path, upstream_ca: Path, options: dict[str, object] | None = None):
+        self.workdir = workdir
+        self.cache_dir = workdir / "cache"
+        self.confdir = workdir / "conf"
+        self.upstream_ca = upstream_ca
+        self.options = dict(options or {})
+        self.port = free_port()
+        self.proc: Proc | None = None
+        self.starts = 0
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def ca_cert(self) -> Path:
+        return self.confdir / "mitmproxy-ca-cert.pem"
+
+    @property
+    def client_bundle(self) -> Path:
+        """System CAs plus hubcache's CA: what a client's SSL_CERT_FILE points at."""
+        return ca_bundle([self.ca_cert], self.workdir / "client-bundle.pem")
+
+    def start(self, **options: object) -> Hubcache:
+        self.options.update(options)
+        self.confdir.mkdir(parents=True, exist_ok=True)
+        args = [
+            str(MITMDUMP),
+            "-s",
+            str(ROOT / "addon" / "hubcache.py"),
+            "--listen-host",
+            "127.0.0.1",
+            "--listen-port",
+            str(self.port),
+            "--set",
+            f"confdir={self.confdir}",
+            "--set",
+            f"cache_dir={self.cache_dir}",
+            "--set",
+            f"ssl_verify_upstream_trusted_ca={self.upstream_ca}",
+        ]
+        for name, value in self.options.items():
+            for item in value if isinstance(value, (list, tuple)) else [value]:
+                args += ["--set", f"{name}={str(item).lower() if isinstance(item, bool) else item}"]
+        self.starts += 1
+        log = self.workdir / f"mitmdump-{self.starts}.log"
+        self.proc = Proc(args, log=log, cwd=self.workdir)
+        wait_for_port("127.0.0.1", self.port, timeout=30, log=log)
+        return self
+
+    def stop(self) -> None:
+        if self.proc:
+            self.proc.stop()
+
+    def journal(self) -> list[dict]:
+        path = self.cache_dir / "misses.jsonl"
+        if not path.exists():
+            return []
+        return [json.loads(line) for line in path.read_text().splitlines() if line]
+
+    def log_text(self) -> str:
+        return self.proc.log_text() if self.proc else ""
