@@ -83,7 +83,9 @@ class RegistryCache:
 
     def configure(self, updated):
         if "cache_dir" in updated:
-            self._open(Path(ctx.options.cache_dir).expanduser())
+            directory = Path(ctx.options.cache_dir).expanduser()
+            if not self.store or self.store.directory != directory:
+                self._open(directory)
         for name in ("tag_freshness", "revalidate_timeout"):
             if name in updated and getattr(ctx.options, name) < 0:
                 raise exceptions.OptionsError(f"{name} must be 0 or more seconds")

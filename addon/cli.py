@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import click
 import yaml
 
-ADDON_SCRIPT = Path(__file__).with_name("hubcache.py")
 CA_CERT = "mitmproxy-ca-cert.pem"
 
 
@@ -66,7 +64,6 @@ def run(
       hubcache run --set tag_freshness=300 --set registries=registry-1.docker.io
     """
     from mitmproxy.certs import CertStore
-    from mitmproxy.tools.main import mitmdump
 
     explicit = {s.partition("=")[0] for s in settings}
     file_settings = [s for s in _config_settings(config_file) if s.partition("=")[0] not in explicit]
@@ -74,10 +71,26 @@ def run(
     confdir.mkdir(parents=True, exist_ok=True)
     CertStore.from_store(str(confdir), "mitmproxy", 2048)
     click.echo(instructions(listen_host, listen_port, confdir.resolve() / CA_CERT), err=True)
-    args = ["-s", str(ADDON_SCRIPT), "--listen-host", listen_host, "--listen-port", str(listen_port)]
+    args = ["--listen-host", listen_host, "--listen-port", str(listen_port)]
     for setting in [f"confdir={confdir}", f"cache_dir={cache_dir}", *file_settings, *settings]:
         args += ["--set", setting]
-    sys.exit(mitmdump(args))
+    _mitmdump_with_hubcache(args)
+
+
+def _mitmdump_with_hubcache(args: list[str]) -> None:
+    """mitmdump with the addons built in rather than loaded as a script, so that a bad option
+    value is refused by mitmproxy's own option handling: one line, no traceback."""
+    from mitmproxy.tools import cmdline, dump
+    from mitmproxy.tools.main import run as run_mitmproxy
+
+    from .hubcache import addons
+
+    class HubcacheMaster(dump.DumpMaster):
+        def __init__(self, options, **kwargs):
+            super().__init__(options, **kwargs)
+            self.addons.add(*addons)
+
+    run_mitmproxy(HubcacheMaster, cmdline.mitmdump, args)
 
 
 def _config_settings(path: Path | None) -> list[str]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from pathlib import Path
 
 from .pki import ca_bundle
@@ -70,8 +71,18 @@ class Hubcache:
         if self.proc:
             self.proc.stop()
 
-    def journal(self) -> list[dict]:
+    def journal(self, quiet: float = 0.3, timeout: float = 5.0) -> list[dict]:
+        """The miss journal, once it stopped growing for `quiet` seconds: a fill is committed and
+        journalled just after the client has its last byte."""
         path = self.cache_dir / "misses.jsonl"
+        deadline = time.monotonic() + timeout
+        size = -1
+        while time.monotonic() < deadline:
+            current = path.stat().st_size if path.exists() else 0
+            if current == size:
+                break
+            size = current
+            time.sleep(quiet)
         if not path.exists():
             return []
         return [json.loads(line) for line in path.read_text().splitlines() if line]

@@ -1,0 +1,71 @@
+"""The `hubcache` command: `hubcache run` starts a working cache with the embedded defaults."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import REGISTRY_NAME
+from support.clients import skopeo_copy
+from support.pki import ca_bundle
+from support.procs import Proc, free_port, wait_for_port
+
+HUBCACHE = Path(sys.executable).with_name("hubcache")
+
+
+def test_help_lists_run():
+    result = subprocess.run([HUBCACHE, "--help"], capture_output=True, text=True, check=True)
+    assert "run" in result.stdout
+    result = subprocess.run([HUBCACHE, "run", "--help"], capture_output=True, text=True, check=True)
+    assert "--cache-dir" in result.stdout and "Examples" in result.stdout
+
+
+def test_bad_option_is_one_readable_line(tmp_path):
+    result = subprocess.run(
+        [HUBCACHE, "run", "--listen-port", str(free_port()), "--set", "tag_freshness=-1"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode != 0
+    assert "tag_freshness must be 0 or more seconds" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.integration
+def test_run_with_defaults_and_a_config_file(tmp_path, ca, registry, multi_image):
+    port = free_port()
+    config = tmp_path / "hubcache.yaml"
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "registries": [REGISTRY_NAME],
+                "ssl_verify_upstream_trusted_ca": str(ca.cert_path),
+                # Wrong on purpose: the command line below must win.
+                "upstream_map": [f"{REGISTRY_NAME}=127.0.0.1:1"],
+            }
+        )
+    )
+    args = [
+        str(HUBCACHE), "run", "--listen-port", str(port), "--config", str(config),
+        "--set", f"upstream_map={REGISTRY_NAME}=127.0.0.1:{registry.port}",
+    ]
+    log = tmp_path / "run.log"
+    with Proc(args, log=log, cwd=tmp_path) as proc:
+        wait_for_port("127.0.0.1", port, timeout=30, log=log)
+        ca_cert = tmp_path / "certs" / "mitmproxy-ca-cert.pem"
+        assert ca_cert.exists(), "the CA is generated into certs/ on first start"
+        assert "update-ca-certificates" in proc.log_text(), "start-up output explains dockerd's set-up"
+        result = skopeo_copy(
+            f"docker://{REGISTRY_NAME}/test/multi:1",
+            tmp_path / "out",
+            proxy=f"http://127.0.0.1:{port}",
+            ca_bundle=ca_bundle([ca_cert], tmp_path / "bundle.pem"),
+        )
+        assert result.returncode == 0, result.stderr + proc.log_text()
+    assert (tmp_path / "cache" / "misses.jsonl").exists(), "the store lives in ./cache by default"

@@ -1,0 +1,64 @@
+"""End to end with a real dockerd (Debian's docker.io) pulling "Docker Hub" images through hubcache."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import pytest
+
+from support.clients import Dockerd
+
+pytestmark = [
+    pytest.mark.integration,
+    pytest.mark.dockerd,
+    pytest.mark.skipif(os.geteuid() != 0, reason="dockerd needs root"),
+]
+
+
+@pytest.fixture
+def dockerd(tmp_path):
+    daemon = Dockerd(tmp_path / "dockerd")
+    yield daemon
+    daemon.close()
+
+
+def timed_pull(daemon: Dockerd, ref: str) -> float:
+    start = time.monotonic()
+    result = daemon.pull(ref, timeout=600)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return time.monotonic() - start
+
+
+@pytest.mark.parametrize("image_fixture", ["multi_image", "big_image"])
+def test_repeat_pull_downloads_nothing_from_docker_hub(request, hubcache, dockerhub, dockerd, image_fixture, record_property):
+    image = request.getfixturevalue(image_fixture)
+    name = "multi" if image_fixture == "multi_image" else "big"
+    amd64 = image.platform("linux/amd64")
+
+    proxy = hubcache()
+    dockerd.start(proxy.url, proxy.client_bundle)
+    cold = timed_pull(dockerd, f"{name}:1")
+    assert dockerd.image_diff_ids(f"{name}:1") == amd64.diff_ids
+    assert dockerhub.counts()["cdn"] == 1 + len(amd64.layers)
+    cold_rss = proxy.proc.peak_rss_mb()
+
+    # A wiped daemon holds nothing; a restarted proxy holds only its store.
+    dockerd.wipe()
+    proxy.stop()
+    dockerhub.reset()
+    proxy = hubcache()
+    dockerd.start(proxy.url, proxy.client_bundle)
+    warm = timed_pull(dockerd, f"{name}:1")
+    assert dockerd.image_diff_ids(f"{name}:1") == amd64.diff_ids
+    assert dockerhub.requests(kind="cdn") == []
+    assert dockerhub.requests(kind="blob") == []
+    assert dockerhub.requests(kind="manifest", method="GET") == []
+    assert [r.method for r in dockerhub.requests(kind="manifest")] == ["HEAD"]
+    warm_rss = proxy.proc.peak_rss_mb()
+
+    record_property("cold_seconds", round(cold, 2))
+    record_property("warm_seconds", round(warm, 2))
+    print(f"\n{name}: cold {cold:.2f}s (proxy peak RSS {cold_rss:.0f} MB), warm {warm:.2f}s (peak RSS {warm_rss:.0f} MB)")
+    # Memory stays flat: no blob is ever held in the proxy's memory.
+    assert cold_rss < 150 and warm_rss < 150
