@@ -29,8 +29,9 @@ class BlobServer:
         handler = type("Handler", (_Handler,), {"store": store})
         self._server = ThreadingHTTPServer((host, 0), handler)
         self._server.daemon_threads = True
+        # A short poll interval: stopping (reconfiguring, shutting down) waits for one poll.
         self._thread = threading.Thread(
-            target=self._server.serve_forever, name="hubcache blob server", daemon=True
+            target=self._server.serve_forever, args=(0.05,), name="hubcache blob server", daemon=True
         )
 
     @property

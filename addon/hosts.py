@@ -38,9 +38,9 @@ class Interception:
     def configure(self, updated):
         if "registries" in updated:
             for host in ctx.options.registries:
-                if not host or "/" in host or host != host.strip():
+                if not host or any(c in host for c in "/: ") or host != host.strip():
                     raise exceptions.OptionsError(
-                        f"registries: {host!r} is not a host name (write e.g. ghcr.io)"
+                        f"registries: {host!r} is not a host name (write e.g. ghcr.io, no port)"
                     )
 
     def is_registry(self, host: str) -> bool:
@@ -91,7 +91,7 @@ class UpstreamOverride:
             for spec in ctx.options.upstream_map:
                 host, sep, target = spec.partition("=")
                 address, colon, port = target.rpartition(":")
-                if not (sep and host and colon and address and port.isdigit()):
+                if not (sep and host and colon and address and port.isdigit() and 0 < int(port) < 65536):
                     raise exceptions.OptionsError(
                         f"upstream_map: {spec!r} is not HOST=ADDRESS:PORT"
                     )

@@ -125,13 +125,19 @@ def digest_of(data: bytes, algorithm: str = "sha256") -> str:
 
 
 def accepts(accept_headers: list[str], media_type: str) -> bool:
-    """Whether a client's Accept header(s) allow `media_type`. No Accept header allows anything."""
-    ranges = [r.split(";")[0].strip().lower() for h in accept_headers for r in h.split(",")]
-    ranges = [r for r in ranges if r]
+    """Whether a client's Accept header(s) allow `media_type`. No Accept header allows anything;
+    a range with q=0 allows nothing."""
+    ranges = [r for h in accept_headers for r in h.split(",") if r.strip()]
     if not ranges:
         return True
     major = media_type.split("/")[0]
-    return any(r in ("*/*", media_type.lower(), f"{major}/*") for r in ranges)
+    wanted = ("*/*", media_type.lower(), f"{major}/*")
+    for item in ranges:
+        kind, *params = (p.strip().lower() for p in item.split(";"))
+        refused = any(re.fullmatch(r"q\s*=\s*0(\.0{0,3})?", p) for p in params)
+        if kind in wanted and not refused:
+            return True
+    return False
 
 
 def manifest_media_type(body: bytes, content_type: str) -> str:

@@ -27,6 +27,7 @@ from .protocol import digest_of, hasher
 logger = logging.getLogger(__name__)
 
 UNLIMITED = 2**62
+_LIVE_TEMP_DIRS: set[Path] = set()  # temporary folders of the stores open in this process
 
 
 @dataclass(frozen=True)
@@ -72,6 +73,7 @@ class Store:
         # One folder per instance: closing one store must not delete the fills of another store
         # on the same folder in this process (reconfiguring opens the new before closing the old).
         self._tmp = Path(tempfile.mkdtemp(dir=pid_dir))
+        _LIVE_TEMP_DIRS.add(self._tmp.resolve())
         self._cache = diskcache.Cache(
             str(self.directory / "content"),
             disk=_ContentDisk,
@@ -81,14 +83,22 @@ class Store:
 
     def close(self) -> None:
         self._cache.close()
+        _LIVE_TEMP_DIRS.discard(self._tmp.resolve())
         shutil.rmtree(self._tmp, ignore_errors=True)
 
     def _clean_dead_temp_dirs(self) -> None:
-        """Drop temporary files left by processes that died mid-fill (each process owns tmp/<pid>)."""
+        """Drop temporary files left by processes that died mid-fill. Each process owns tmp/<pid>;
+        under our own pid only the folders of live stores are kept (a restarted container may
+        reuse the pid of the process that left them)."""
         if not self._tmp_root.is_dir():
             return
         for entry in self._tmp_root.iterdir():
-            if entry.name.isdigit() and int(entry.name) != os.getpid():
+            if entry.name == str(os.getpid()):
+                for leftover in entry.iterdir():
+                    if leftover.resolve() not in _LIVE_TEMP_DIRS:
+                        shutil.rmtree(leftover, ignore_errors=True)
+                continue
+            if entry.name.isdigit():
                 try:
                     os.kill(int(entry.name), 0)
                     continue  # still alive: another hubcache process sharing the folder
@@ -96,8 +106,7 @@ class Store:
                     pass
                 except PermissionError:
                     continue
-            if entry.name != str(os.getpid()):
-                shutil.rmtree(entry, ignore_errors=True)
+            shutil.rmtree(entry, ignore_errors=True)
 
     # Blobs
 

@@ -1,0 +1,154 @@
+import ssl
+
+import pytest
+from mitmproxy import connection, exceptions, tls
+from mitmproxy.proxy import context, server_hooks
+from mitmproxy.test import taddons, tflow
+
+from addon.hosts import Interception, UpstreamOverride
+
+
+def client_hello(sni: str | None) -> tls.ClientHello:
+    """A real ClientHello, as Python's TLS client sends it."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname = False
+    outgoing = ssl.MemoryBIO()
+    sock = ctx.wrap_bio(ssl.MemoryBIO(), outgoing, server_hostname=sni)
+    with pytest.raises(ssl.SSLWantReadError):
+        sock.do_handshake()
+    record = outgoing.read()
+    return tls.ClientHello(record[9:])  # past the record (5 bytes) and handshake (4 bytes) headers
+
+
+def hello_data(tctx, sni: str | None, address: tuple[str, int] | None = None) -> tls.ClientHelloData:
+    ctx = context.Context(tflow.tclient_conn(), tctx.options)
+    ctx.server.address = address
+    return tls.ClientHelloData(ctx, client_hello(sni))
+
+
+class TestInterception:
+    def test_default_registries_and_auth_host(self):
+        i = Interception()
+        with taddons.context(i):
+            for host in ("registry-1.docker.io", "index.docker.io", "auth.docker.io", "Registry-1.Docker.IO"):
+                assert i.intercepts(host), host
+            for host in ("ghcr.io", "docker.io", "example.com", "production.cloudflare.docker.com"):
+                assert not i.intercepts(host), host
+            assert i.is_registry("registry-1.docker.io")
+            assert not i.is_registry("auth.docker.io")
+
+    def test_configured_registries(self):
+        i = Interception()
+        with taddons.context(i) as tctx:
+            tctx.configure(i, registries=["ghcr.io", "Quay.io"])
+            assert i.intercepts("ghcr.io")
+            assert i.intercepts("quay.io")
+            assert i.is_registry("QUAY.IO")
+            assert not i.intercepts("registry-1.docker.io")
+            assert not i.intercepts("auth.docker.io")  # only with a Docker Hub API host
+
+    def test_learned_blob_host(self):
+        i = Interception()
+        with taddons.context(i):
+            host = "production.cloudflare.docker.com"
+            assert not i.intercepts(host)
+            i.learn_blob_host("Production.Cloudflare.Docker.com")
+            assert i.intercepts(host)
+            assert not i.is_registry(host)  # a blob host is never parsed as a registry API
+            assert not i.intercepts("cloudflare.docker.com")
+
+    @pytest.mark.parametrize("bad", ["", "https://ghcr.io", "ghcr.io/v2", " ghcr.io", "ghcr.io:5000"])
+    def test_bad_registry_option(self, bad):
+        i = Interception()
+        with taddons.context(i) as tctx:
+            with pytest.raises(exceptions.OptionsError):
+                tctx.configure(i, registries=["ghcr.io", bad])
+
+    def test_clienthello_of_a_registry_is_intercepted(self):
+        i = Interception()
+        with taddons.context(i) as tctx:
+            data = hello_data(tctx, "registry-1.docker.io")
+            assert data.client_hello.sni == "registry-1.docker.io"
+            i.tls_clienthello(data)
+            assert not data.ignore_connection
+            data = hello_data(tctx, "auth.docker.io")
+            i.tls_clienthello(data)
+            assert not data.ignore_connection
+
+    def test_clienthello_of_another_host_is_tunnelled(self):
+        i = Interception()
+        with taddons.context(i) as tctx:
+            data = hello_data(tctx, "example.com")
+            i.tls_clienthello(data)
+            assert data.ignore_connection
+
+    def test_clienthello_of_a_learned_blob_host(self):
+        i = Interception()
+        with taddons.context(i) as tctx:
+            i.learn_blob_host("cdn.example.net")
+            data = hello_data(tctx, "cdn.example.net")
+            i.tls_clienthello(data)
+            assert not data.ignore_connection
+
+    def test_clienthello_without_sni_uses_the_server_address(self):
+        i = Interception()
+        with taddons.context(i) as tctx:
+            data = hello_data(tctx, None, ("index.docker.io", 443))
+            assert data.client_hello.sni is None
+            i.tls_clienthello(data)
+            assert not data.ignore_connection
+            data = hello_data(tctx, None, ("10.1.2.3", 443))
+            i.tls_clienthello(data)
+            assert data.ignore_connection
+            data = hello_data(tctx, None, None)
+            i.tls_clienthello(data)
+            assert data.ignore_connection
+
+
+def connect_data(address: tuple[str, int]) -> server_hooks.ServerConnectionHookData:
+    return server_hooks.ServerConnectionHookData(
+        server=connection.Server(address=address), client=tflow.tclient_conn()
+    )
+
+
+class TestUpstreamOverride:
+    def test_parses_specs(self):
+        u = UpstreamOverride()
+        with taddons.context(u) as tctx:
+            tctx.configure(
+                u,
+                upstream_map=["Registry-1.docker.io=10.0.0.5:8443", "ghcr.io=[::1]:5000", "a=b.internal:1"],
+            )
+            assert u.map == {
+                "registry-1.docker.io": ("10.0.0.5", 8443),
+                "ghcr.io": ("::1", 5000),
+                "a": ("b.internal", 1),
+            }
+            tctx.configure(u, upstream_map=[])
+            assert u.map == {}
+
+    @pytest.mark.parametrize(
+        "spec",
+        ["ghcr.io", "ghcr.io=", "ghcr.io=10.0.0.5", "=10.0.0.5:443", "ghcr.io=:443", "ghcr.io=10.0.0.5:https", "ghcr.io=10.0.0.5:0", "ghcr.io=10.0.0.5:65536"],
+    )
+    def test_rejects_bad_specs(self, spec):
+        u = UpstreamOverride()
+        with taddons.context(u) as tctx:
+            with pytest.raises(exceptions.OptionsError):
+                tctx.configure(u, upstream_map=[spec])
+
+    def test_rewrites_the_server_address(self):
+        u = UpstreamOverride()
+        with taddons.context(u) as tctx:
+            tctx.configure(u, upstream_map=["registry-1.docker.io=127.0.0.1:5000"])
+            data = connect_data(("Registry-1.Docker.io", 443))
+            u.server_connect(data)
+            assert data.server.address == ("127.0.0.1", 5000)
+
+    def test_leaves_other_servers_alone(self):
+        u = UpstreamOverride()
+        with taddons.context(u) as tctx:
+            tctx.configure(u, upstream_map=["registry-1.docker.io=127.0.0.1:5000"])
+            data = connect_data(("example.com", 443))
+            u.server_connect(data)
+            assert data.server.address == ("example.com", 443)
