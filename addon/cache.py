@@ -10,13 +10,15 @@ The data path, hook by hook:
 - response: a verified blob is committed, one that fails verification kills the flow; a manifest
   is verified against its digest and stored; the miss is journalled.
 - error: a broken fill is discarded.
+
+With `offline` set, nothing goes upstream: what the store lacks is answered with a registry 404.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -77,6 +79,14 @@ class RegistryCache:
             10,
             "Seconds to wait for upstream when revalidating a tag before serving the cached manifest.",
         )
+        loader.add_option(
+            "offline",
+            bool,
+            False,
+            "Never connect upstream: answer /v2/ and token requests locally, resolve tags to the "
+            "last digest seen, serve manifests and blobs from the store, and answer anything "
+            "missing at once with a registry 404 that says it is not in the offline cache.",
+        )
         # A hit must never wait for (or fail on) an upstream connection.
         if not loader.master.options.has_changed("connection_strategy"):
             loader.master.options.connection_strategy = "lazy"
@@ -115,19 +125,28 @@ class RegistryCache:
     async def request(self, flow: http.HTTPFlow) -> None:
         if flow.response or flow.error or not flow.live or upstream.is_subrequest(flow):
             return
-        if not self.hosts.is_registry(flow.request.pretty_host):
+        host = flow.request.pretty_host
+        if not self.hosts.is_registry(host):
             if route := self._redirect_target(flow):
                 await self._blob_request(flow, route)
+            elif ctx.options.offline and self.hosts.intercepts(host):
+                self._answer_offline_token(flow)  # a token host: any token will do
             return
         try:
-            route = protocol.parse_route(flow.request.pretty_host, flow.request.path)
+            route = protocol.parse_route(host, flow.request.path)
         except protocol.BadRequest as e:
             self._answer_error(flow, e.status, e.code, e.message)
+            return
+        if ctx.options.offline and (route.kind is Kind.OTHER or flow.request.method not in ("GET", "HEAD")):
+            self._answer_error(flow, 405, "UNSUPPORTED", "hubcache is offline: only pulls are served")
             return
         if flow.request.method not in ("GET", "HEAD"):
             return  # pushes and everything else pass through untouched
         if route.kind is Kind.PING:
-            await self._ping(flow, route)
+            if ctx.options.offline:
+                self._answer_ping(flow)
+            else:
+                await self._ping(flow, route)
         elif route.kind is Kind.MANIFEST:
             await self._manifest_request(flow, route)
         elif route.kind is Kind.BLOB:
@@ -140,7 +159,7 @@ class RegistryCache:
         if isinstance(answer, str) or answer.status_code >= 500 or answer.status_code == 429:
             reason = answer if isinstance(answer, str) else f"upstream answered {answer.status_code}"
             logger.warning(f"{route.registry}: {reason}; answering /v2/ from the cache")
-            self._answer(flow, 200, b"{}", {**protocol.API_VERSION_HEADERS, "Content-Type": "application/json", "Content-Length": "2"})
+            self._answer_ping(flow)
         else:
             flow.response = answer
 
@@ -152,6 +171,9 @@ class RegistryCache:
                 self._answer(flow, 200, b"", protocol.blob_headers(route.reference, size))
             else:
                 self._send_to_blob_server(flow, route.reference)
+            return
+        if ctx.options.offline:
+            await self._offline_miss(flow, route)
             return
         if flow.request.method == "GET" and "range" not in flow.request.headers:
             # The digest covers the identity bytes; never let upstream compress them.
@@ -177,6 +199,8 @@ class RegistryCache:
             cached = await asyncio.to_thread(self.store.get_manifest, route.reference)
             if cached and protocol.accepts(accept, cached.media_type):
                 self._answer_manifest(flow, cached)
+            elif ctx.options.offline:
+                await self._offline_miss(flow, route)
             else:
                 self._pending[flow.id] = Pending(route)
             return
@@ -186,9 +210,12 @@ class RegistryCache:
         )
         cached = entry and await asyncio.to_thread(self.store.get_manifest, entry.digest)
         if not cached or not protocol.accepts(accept, cached.media_type):
-            self._pending[flow.id] = Pending(route)
+            if ctx.options.offline:
+                await self._offline_miss(flow, route)
+            else:
+                self._pending[flow.id] = Pending(route)
             return
-        if time.time() - entry.checked < ctx.options.tag_freshness:
+        if ctx.options.offline or time.time() - entry.checked < ctx.options.tag_freshness:
             self._answer_manifest(flow, cached)
             return
 
@@ -314,6 +341,17 @@ class RegistryCache:
         if pending.stale and (response.status_code >= 500 or response.status_code == 429):
             await self._serve_stale(flow, route, pending.stale, f"upstream answered {response.status_code}")
             return
+        claimed = route.reference if route.by_digest else response.headers.get("docker-content-digest", "")
+        if flow.request.method == "HEAD" and response.status_code == 200 and not route.by_digest:
+            # dockerd resolves a tag with HEAD and then GETs by digest: learn the tag here. The
+            # manifest is verified when it is fetched; until then the tag counts as uncached.
+            if protocol.DIGEST_RE.fullmatch(claimed):
+                try:
+                    await asyncio.to_thread(
+                        self.store.set_tag, route.registry, route.name, route.reference, claimed
+                    )
+                except OSError as e:
+                    logger.warning(f"{route.image}: tag not cached: {e.strerror or e}")
         if flow.request.method != "GET" or response.status_code != 200 or response.raw_content is None:
             if response.status_code != 401:
                 await self._journal(route, f"passed: upstream answered {response.status_code}")
@@ -321,7 +359,6 @@ class RegistryCache:
         body = response.content or b""
         algorithm = route.reference.partition(":")[0] if route.by_digest else "sha256"
         digest = protocol.digest_of(body, algorithm)
-        claimed = route.reference if route.by_digest else response.headers.get("docker-content-digest")
         if claimed and claimed.startswith(f"{algorithm}:") and claimed != digest:
             logger.warning(f"{route.image}: upstream manifest hashes to {digest}, not {claimed}")
             self._answer_error(flow, 502, "MANIFEST_INVALID", f"upstream sent a manifest that does not match {claimed}")
@@ -355,6 +392,21 @@ class RegistryCache:
         logger.warning(f"{route.image}: {reason}; serving the cached {cached.digest}")
         self._answer_manifest(flow, cached)
         await self._journal(route, f"stale: {reason}", digest=cached.digest)
+
+    async def _offline_miss(self, flow: http.HTTPFlow, route: Route) -> None:
+        code = "BLOB_UNKNOWN" if route.kind is Kind.BLOB else "MANIFEST_UNKNOWN"
+        what = f"blob {route.reference} of {route.registry}/{route.name}" if route.kind is Kind.BLOB else route.image
+        self._answer_error(flow, 404, code, f"{what} is not in the offline cache")
+        await self._journal(route, "missing: offline")
+
+    def _answer_ping(self, flow: http.HTTPFlow) -> None:
+        self._answer(flow, 200, b"{}", {**protocol.API_VERSION_HEADERS, "Content-Type": "application/json", "Content-Length": "2"})
+
+    def _answer_offline_token(self, flow: http.HTTPFlow) -> None:
+        """Clients do not validate registry tokens; offline, nothing checks them either."""
+        issued = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        body = json.dumps({"token": "offline", "access_token": "offline", "expires_in": 3600, "issued_at": issued}).encode()
+        self._answer(flow, 200, body, {"Content-Type": "application/json", "Content-Length": str(len(body))})
 
     def _answer_manifest(self, flow: http.HTTPFlow, manifest: Manifest) -> None:
         headers = protocol.manifest_headers(manifest.digest, manifest.media_type, len(manifest.body))

@@ -675,3 +675,55 @@ class TestManifestByTag:
         await env.cache.request(f)
         assert f.response is None
         assert env.sent == []
+
+
+class TestOffline:
+    async def test_head_by_tag_teaches_the_tag_for_later_offline_use(self, env):
+        # dockerd: HEAD the tag, then GET by digest.
+        head = flow(manifest_path("3.20"), method="HEAD")
+        await env.cache.request(head)
+        head.response = upstream_response(200, {"Docker-Content-Digest": MANIFEST_DIGEST})
+        env.cache.responseheaders(head)
+        await env.cache.response(head)
+        await fill_manifest(env, MANIFEST_DIGEST, MANIFEST)
+
+        env.tctx.configure(env.cache, offline=True)
+        f = flow(manifest_path("3.20"))
+        await env.cache.request(f)
+        assert f.response.status_code == 200 and f.response.content == MANIFEST
+        assert env.sent == [], "offline, nothing is revalidated"
+
+    async def test_ping_and_token_are_answered_locally(self, env):
+        env.tctx.configure(env.cache, offline=True)
+        ping = flow("/v2/")
+        await env.cache.request(ping)
+        assert ping.response.status_code == 200 and "www-authenticate" not in ping.response.headers
+        token = flow("/token?service=registry.docker.io&scope=repository:library/alpine:pull", host="auth.docker.io")
+        await env.cache.request(token)
+        assert token.response.status_code == 200 and token.response.json()["token"]
+        assert env.sent == []
+
+    @pytest.mark.parametrize(
+        "path, code, named",
+        [
+            (manifest_path("3.20"), "MANIFEST_UNKNOWN", "docker.io/library/alpine:3.20"),
+            (manifest_path(MANIFEST_DIGEST), "MANIFEST_UNKNOWN", f"docker.io/library/alpine@{MANIFEST_DIGEST}"),
+            (blob_path(), "BLOB_UNKNOWN", BLOB_DIGEST),
+        ],
+    )
+    async def test_missing_content_is_a_clear_404_and_a_journal_line(self, env, path, code, named):
+        env.tctx.configure(env.cache, offline=True)
+        f = flow(path)
+        await env.cache.request(f)
+        error = f.response.json()["errors"][0]
+        assert f.response.status_code == 404 and error["code"] == code
+        assert named in error["message"] and "not in the offline cache" in error["message"]
+        assert env.journal()[-1]["outcome"] == "missing: offline"
+        assert env.sent == []
+
+    async def test_pushes_are_refused(self, env):
+        env.tctx.configure(env.cache, offline=True)
+        f = flow("/v2/library/alpine/blobs/uploads/", method="POST")
+        await env.cache.request(f)
+        assert f.response.status_code == 405
+        assert f.response.json()["errors"][0]["code"] == "UNSUPPORTED"
