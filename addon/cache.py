@@ -172,13 +172,10 @@ class RegistryCache:
             else:
                 self._send_to_blob_server(flow, route.reference)
             return
-        if ctx.options.offline:
-            await self._offline_miss(flow, route)
-            return
         if flow.request.method == "GET" and "range" not in flow.request.headers:
             # The digest covers the identity bytes; never let upstream compress them.
             flow.request.headers.pop("accept-encoding", None)
-        self._pending[flow.id] = Pending(route)
+        await self._miss(flow, route)
 
     def _send_to_blob_server(self, flow: http.HTTPFlow, digest: str) -> None:
         assert self.blob_server
@@ -199,10 +196,8 @@ class RegistryCache:
             cached = await asyncio.to_thread(self.store.get_manifest, route.reference)
             if cached and protocol.accepts(accept, cached.media_type):
                 self._answer_manifest(flow, cached)
-            elif ctx.options.offline:
-                await self._offline_miss(flow, route)
             else:
-                self._pending[flow.id] = Pending(route)
+                await self._miss(flow, route)
             return
 
         entry = await asyncio.to_thread(
@@ -210,10 +205,7 @@ class RegistryCache:
         )
         cached = entry and await asyncio.to_thread(self.store.get_manifest, entry.digest)
         if not cached or not protocol.accepts(accept, cached.media_type):
-            if ctx.options.offline:
-                await self._offline_miss(flow, route)
-            else:
-                self._pending[flow.id] = Pending(route)
+            await self._miss(flow, route)
             return
         if ctx.options.offline or time.time() - entry.checked < ctx.options.tag_freshness:
             self._answer_manifest(flow, cached)
@@ -241,7 +233,7 @@ class RegistryCache:
                 return
         # The tag moved to a manifest we lack, or upstream refused (401/403/404): the client's own
         # request goes upstream and gets upstream's answer.
-        self._pending[flow.id] = Pending(route, stale=cached)
+        await self._miss(flow, route, stale=cached)
 
     def _redirect_target(self, flow: http.HTTPFlow) -> Route | None:
         key = (flow.request.pretty_host.lower(), flow.request.port, flow.request.path)
@@ -393,7 +385,12 @@ class RegistryCache:
         self._answer_manifest(flow, cached)
         await self._journal(route, f"stale: {reason}", digest=cached.digest)
 
-    async def _offline_miss(self, flow: http.HTTPFlow, route: Route) -> None:
+    async def _miss(self, flow: http.HTTPFlow, route: Route, stale: Manifest | None = None) -> None:
+        """The store cannot answer: the request goes upstream, followed until its response.
+        Offline, the client is told at once instead."""
+        if not ctx.options.offline:
+            self._pending[flow.id] = Pending(route, stale=stale)
+            return
         code = "BLOB_UNKNOWN" if route.kind is Kind.BLOB else "MANIFEST_UNKNOWN"
         what = f"blob {route.reference} of {route.registry}/{route.name}" if route.kind is Kind.BLOB else route.image
         self._answer_error(flow, 404, code, f"{what} is not in the offline cache")
