@@ -2,7 +2,9 @@
 
 from addon.cache import RegistryCache
 from addon.hosts import Interception, UpstreamOverride
+from addon.recorder import Recorder
 
 interception = Interception()
+cache = RegistryCache(interception)
 
-addons = [interception, UpstreamOverride(), RegistryCache(interception)]
+addons = [interception, UpstreamOverride(), cache, Recorder(interception, cache)]

@@ -157,8 +157,9 @@ class Store:
 
     # Tags
 
-    def set_tag(self, registry: str, name: str, tag: str, digest: str) -> None:
-        self._cache.set(("tag", registry, name, tag), (digest, time.time()))
+    def set_tag(self, registry: str, name: str, tag: str, digest: str, checked: float | None = None) -> None:
+        """`checked`: when upstream confirmed the digest; now unless told (0: never, e.g. imported)."""
+        self._cache.set(("tag", registry, name, tag), (digest, time.time() if checked is None else checked))
 
     def get_tag(self, registry: str, name: str, tag: str) -> TagEntry | None:
         value = self._cache.get(("tag", registry, name, tag))
@@ -187,6 +188,13 @@ class BlobWriter:
                 self._file.write(data)
             except OSError as e:
                 self.write_error = e
+
+    def close(self) -> None:
+        """No more bytes: release the file but keep it until commit or discard."""
+        try:
+            self._file.close()
+        except OSError as e:
+            self.write_error = self.write_error or e
 
     @property
     def computed_digest(self) -> str:

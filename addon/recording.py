@@ -1,0 +1,256 @@
+"""Recordings: what a set of pulls needed, by digest, kept as a readable YAML file (a lock file for images).
+
+A recording maps each image reference to the digest it resolved to, the platform manifests that
+were pulled, and their config and layer blobs. Files live in `<cache_dir>/recordings/<name>.yaml`.
+Nothing here knows HTTP; the `Recorder` addon feeds it what the cache served.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tempfile
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+import yaml
+
+from . import manifests
+from .manifests import Descriptor
+from .protocol import DIGEST_RE
+from .store import Store
+
+NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
+FORMAT = "hubcache-recording/v1"
+
+
+class RecordingError(ValueError):
+    pass
+
+
+@dataclass
+class PlatformManifest:
+    digest: str
+    media_type: str
+    platform: str  # "" for an image that is not an index
+    blobs: list[Descriptor]  # config first, then the layers
+
+
+@dataclass
+class Image:
+    """An image reference and everything a pull of it needed."""
+
+    registry: str
+    repository: str
+    reference: str  # a tag, or the digest it was pulled by
+    digest: str
+    media_type: str
+    manifests: dict[str, PlatformManifest] = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        sep = "@" if DIGEST_RE.fullmatch(self.reference) else ":"
+        return f"{self.registry}/{self.repository}{sep}{self.reference}"
+
+    @property
+    def is_index(self) -> bool:
+        return manifests.is_index(self.media_type)
+
+    def blobs(self) -> dict[str, int]:
+        return {b.digest: b.size for m in self.manifests.values() for b in m.blobs}
+
+    def manifest_digests(self) -> list[str]:
+        return [self.digest, *(d for d in self.manifests if d != self.digest)]
+
+
+def recordings_dir(cache_dir: str | os.PathLike) -> Path:
+    return Path(cache_dir) / "recordings"
+
+
+def check_name(name: str) -> str:
+    if not NAME_RE.fullmatch(name):
+        raise RecordingError(
+            f"invalid recording name {name!r}: use letters, digits, '.', '_' and '-' (not first)"
+        )
+    return name
+
+
+def names(cache_dir: str | os.PathLike) -> list[str]:
+    folder = recordings_dir(cache_dir)
+    if not folder.is_dir():
+        return []
+    return sorted(p.stem for p in folder.glob("*.yaml") if NAME_RE.fullmatch(p.stem))
+
+
+class Recording:
+    def __init__(self, name: str, path: Path, images: dict[str, Image] | None = None, created: str = ""):
+        self.name = check_name(name)
+        self.path = path
+        self.images: dict[str, Image] = images or {}
+        self.created = created or _now()
+
+    @classmethod
+    def open(cls, cache_dir: str | os.PathLike, name: str) -> Recording:
+        """The named recording, or a new empty one (written on its first change)."""
+        path = recordings_dir(cache_dir) / f"{check_name(name)}.yaml"
+        return cls.load(path) if path.exists() else cls(name, path)
+
+    @classmethod
+    def load(cls, path: Path) -> Recording:
+        try:
+            data = yaml.safe_load(path.read_text())
+            images = {}
+            for ref, entry in (data.get("images") or {}).items():
+                image = Image(
+                    entry["registry"], entry["repository"], entry["reference"], entry["digest"], entry["media_type"]
+                )
+                for m in entry.get("manifests") or []:
+                    blobs = [Descriptor(b["digest"], int(b["size"]), b.get("media_type", "")) for b in m["blobs"]]
+                    image.manifests[m["digest"]] = PlatformManifest(m["digest"], m["media_type"], m.get("platform", ""), blobs)
+                images[ref] = image
+            return cls(data["name"], path, images, str(data.get("created", "")))
+        except FileNotFoundError:
+            raise RecordingError(f"no recording {path.stem!r} (looked for {path})") from None
+        except (OSError, yaml.YAMLError, AttributeError, KeyError, TypeError, ValueError) as e:
+            raise RecordingError(f"{path}: not a readable recording ({type(e).__name__}: {e})") from None
+
+    def save(self) -> None:
+        """Write the file atomically: a reader sees the old recording or the new one, never half."""
+        data = {
+            "format": FORMAT,
+            "name": self.name,
+            "created": self.created,
+            "updated": _now(),
+            "images": {ref: _image_dict(image) for ref, image in sorted(self.images.items())},
+        }
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.name}-", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "w") as f:
+                f.write(f"# hubcache recording {self.name!r}: every image below, by digest.\n")
+                yaml.safe_dump(data, f, sort_keys=False, width=200)
+            os.replace(tmp, self.path)
+        except BaseException:
+            os.unlink(tmp)
+            raise
+
+    def note_manifest(
+        self,
+        store: Store,
+        registry: str,
+        repository: str,
+        reference: str,
+        digest: str,
+        media_type: str,
+        body: bytes | None,
+    ) -> bool:
+        """Record a manifest a client was served (`body` is None for a HEAD). A digest that an
+        image already recorded in this repository resolved to (dockerd resolves a tag with HEAD,
+        then fetches by digest) or lists as a platform belongs to that image; anything else is an
+        image of its own. Returns whether the recording changed."""
+        blobs: list[Descriptor] = []
+        if body is not None and not manifests.is_index(media_type):
+            try:
+                blobs = list(manifests.references(body, media_type).blobs)
+            except manifests.ManifestError:
+                return False
+        if DIGEST_RE.fullmatch(reference):
+            for image in self.images.values():
+                if (image.registry, image.repository) != (registry, repository):
+                    continue
+                if image.digest == digest:
+                    if image.is_index or digest in image.manifests or body is None:
+                        return False
+                    image.manifests[digest] = PlatformManifest(digest, media_type, "", blobs)
+                    return True
+                platform = _child_platform(store, image.digest, digest) if image.is_index else None
+                if platform is not None:
+                    if digest in image.manifests or body is None:
+                        return False
+                    image.manifests[digest] = PlatformManifest(digest, media_type, platform, blobs)
+                    return True
+        image = Image(registry, repository, reference, digest, media_type)
+        previous = self.images.get(image.name)
+        if previous and previous.digest == digest and (previous.manifests or body is None or image.is_index):
+            return False
+        if body is not None and not image.is_index:
+            image.manifests[digest] = PlatformManifest(digest, media_type, "", blobs)
+        self.images[image.name] = image
+        return True
+
+    def digests(self) -> set[str]:
+        """Every manifest and blob digest the recording refers to."""
+        return {d for image in self.images.values() for d in [*image.manifest_digests(), *image.blobs()]}
+
+    def missing(self, store: Store) -> list[str]:
+        """The digests the recording needs that the store does not hold."""
+        result = []
+        for image in self.images.values():
+            result += [d for d in image.manifest_digests() if store.get_manifest(d) is None]
+            result += [d for d in image.blobs() if not store.has_blob(d)]
+        return sorted(set(result))
+
+    def total_size(self) -> int:
+        blobs: dict[str, int] = {}
+        for image in self.images.values():
+            blobs.update(image.blobs())
+        return sum(blobs.values())
+
+
+def image_from_store(store: Store, registry: str, repository: str, reference: str) -> Image | None:
+    """An image as the store holds it: the tag's digest, and every platform manifest present.
+    None if the store has no manifest for the reference."""
+    digest = reference
+    if not DIGEST_RE.fullmatch(reference):
+        entry = store.get_tag(registry, repository, reference)
+        if entry is None:
+            return None
+        digest = entry.digest
+    top = store.get_manifest(digest)
+    if top is None:
+        return None
+    image = Image(registry, repository, reference, digest, top.media_type)
+    refs = manifests.references(top.body, top.media_type)
+    if not image.is_index:
+        image.manifests[digest] = PlatformManifest(digest, top.media_type, "", list(refs.blobs))
+    for child in refs.children:
+        held = store.get_manifest(child.digest)
+        if held is not None:
+            blobs = manifests.references(held.body, held.media_type).blobs
+            image.manifests[child.digest] = PlatformManifest(child.digest, held.media_type, child.platform, list(blobs))
+    return image
+
+
+def _child_platform(store: Store, index_digest: str, digest: str) -> str | None:
+    index = store.get_manifest(index_digest)
+    if index is None:
+        return None
+    try:
+        children = manifests.references(index.body, index.media_type).children
+    except manifests.ManifestError:
+        return None
+    return next((c.platform for c in children if c.digest == digest), None)
+
+
+def _image_dict(image: Image) -> dict:
+    return {
+        "registry": image.registry,
+        "repository": image.repository,
+        "reference": image.reference,
+        "digest": image.digest,
+        "media_type": image.media_type,
+        "manifests": [
+            {
+                "digest": m.digest,
+                "platform": m.platform,
+                "media_type": m.media_type,
+                "blobs": [{"digest": b.digest, "size": b.size, "media_type": b.media_type} for b in m.blobs],
+            }
+            for m in image.manifests.values()
+        ],
+    }
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")

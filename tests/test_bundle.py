@@ -1,0 +1,222 @@
+"""Export and import of OCI image layout bundles, on real stores and test images (no processes)."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import tarfile
+
+import pytest
+
+from addon.bundle import BundleError, export, import_bundle
+from addon.manifests import Descriptor
+from addon.recording import Recording, image_from_store
+from addon.store import Store
+from support.fill import store_image
+from support.images import build_image
+
+REGISTRY = "registry.example.test"
+
+
+@pytest.fixture(scope="module")
+def image(tmp_path_factory):
+    layout = tmp_path_factory.mktemp("layout")
+    return build_image(layout, "1", [300_000, 5_000], seed="bundle", platforms=[("linux", "amd64"), ("linux", "arm64")])
+
+
+@pytest.fixture(scope="module")
+def single(tmp_path_factory):
+    return build_image(tmp_path_factory.mktemp("single"), "1", [200_000], seed="single", format="docker")
+
+
+@pytest.fixture
+def stores(tmp_path):
+    opened = []
+
+    def open_store(name: str) -> Store:
+        store = Store(tmp_path / name)
+        opened.append(store)
+        return store
+
+    yield open_store
+    for store in opened:
+        store.close()
+
+
+def everything(image, platforms=None):
+    chosen = [p for p in image.platforms if platforms is None or p.platform in platforms]
+    manifests = [p.manifest.digest for p in chosen] + ([image.index_digest] if image.index else [])
+    blobs = [b.digest for p in chosen for b in (p.config, *p.layers)]
+    return manifests, blobs
+
+
+def temp_files(store: Store) -> list[str]:
+    return [os.path.join(d, f) for d, _, files in os.walk(store.directory / "tmp") for f in files]
+
+
+def exported(stores, image, tmp_path, platforms=None, repository="test/multi"):
+    source = stores("source")
+    store_image(source, image, REGISTRY, repository, "1", platforms)
+    bundle = tmp_path / "bundle.tar"
+    summary = export(source, [image_from_store(source, REGISTRY, repository, "1")], bundle, recording="lab")
+    return source, bundle, summary
+
+
+def test_export_import_round_trip(stores, image, tmp_path):
+    _, bundle, summary = exported(stores, image, tmp_path)
+    manifests, blobs = everything(image)
+    assert (summary.manifests, summary.blobs) == (len(manifests), len(blobs))
+
+    target = stores("target")
+    progress = []
+    result = import_bundle(target, bundle, cache_dir=target.directory, progress=progress.append)
+    assert result.images == [f"{REGISTRY}/test/multi:1"]
+    assert (result.manifests, result.blobs, result.already_held) == (len(manifests), len(blobs), 0)
+    assert sum(progress) == bundle.stat().st_size
+    assert target.get_tag(REGISTRY, "test/multi", "1").digest == image.index_digest
+    assert target.get_tag(REGISTRY, "test/multi", "1").checked == 0, "an imported tag was never confirmed upstream"
+    assert all(target.get_manifest(d) for d in manifests)
+    for digest in blobs:
+        with target.open_blob(digest) as f:
+            assert f.read() == (image.layout_dir / "blobs/sha256" / digest[7:]).read_bytes()
+    recording = Recording.open(target.directory, "lab")
+    assert recording.missing(target) == [] and len(recording.digests()) == len(manifests) + len(blobs)
+    assert temp_files(target) == []
+
+
+def test_the_bundle_is_a_standard_oci_layout(stores, image, tmp_path):
+    _, bundle, _ = exported(stores, image, tmp_path)
+    with tarfile.open(bundle) as tar:
+        names = set(tar.getnames())
+        layout = json.load(tar.extractfile("oci-layout"))
+        index = json.load(tar.extractfile("index.json"))
+    assert layout == {"imageLayoutVersion": "1.0.0"}
+    (entry,) = index["manifests"]
+    assert entry["digest"] == image.index_digest
+    assert entry["annotations"]["org.opencontainers.image.ref.name"] == f"{REGISTRY}/test/multi:1"
+    manifests, blobs = everything(image)
+    assert {f"blobs/sha256/{d[7:]}" for d in manifests + blobs} | {"oci-layout", "index.json"} == names
+
+
+def test_a_partial_index_exports_the_platforms_held(stores, image, tmp_path):
+    _, bundle, summary = exported(stores, image, tmp_path, platforms=["linux/arm64"])
+    assert summary.manifests == 2  # the index and the one platform
+    target = stores("target")
+    import_bundle(target, bundle)
+    arm64, amd64 = image.platform("linux/arm64"), image.platform("linux/amd64")
+    assert target.get_manifest(arm64.manifest.digest) and not target.get_manifest(amd64.manifest.digest)
+
+
+def test_a_docker_image_without_index(stores, single, tmp_path):
+    _, bundle, _ = exported(stores, single, tmp_path, repository="library/single")
+    target = stores("target")
+    result = import_bundle(target, bundle)
+    assert result.images == [f"{REGISTRY}/library/single:1"]
+    assert target.get_manifest(single.top.digest).media_type == single.top.media_type
+
+
+def test_export_refuses_when_the_cache_lacks_a_blob(stores, image, tmp_path):
+    source = stores("source")
+    store_image(source, image, REGISTRY, "test/multi", "1")
+    wanted = image_from_store(source, REGISTRY, "test/multi", "1")
+    platform = wanted.manifests[image.platforms[0].manifest.digest]
+    platform.blobs.append(Descriptor("sha256:" + "0" * 64, 1))
+    with pytest.raises(BundleError, match="lacks 1 of the needed items, e.g. blob sha256:000"):
+        export(source, [wanted], tmp_path / "out.tar")
+    assert list(tmp_path.glob("*out.tar*")) == []
+
+
+def test_export_refuses_a_blob_that_rotted_on_disk(stores, image, tmp_path):
+    source = stores("source")
+    store_image(source, image, REGISTRY, "test/multi", "1")
+    layer = image.platforms[0].layers[0].digest
+    with source.open_blob(layer) as f:
+        path = f.name
+    with open(path, "r+b") as f:
+        f.write(b"X")
+    with pytest.raises(BundleError, match="does not match"):
+        export(source, [image_from_store(source, REGISTRY, "test/multi", "1")], tmp_path / "out.tar")
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".out")] == []
+    assert not (tmp_path / "out.tar").exists()
+
+
+def assert_untouched(store: Store, image) -> None:
+    manifests, blobs = everything(image)
+    assert store.get_tag(REGISTRY, "test/multi", "1") is None
+    assert not any(store.get_manifest(d) for d in manifests)
+    assert not any(store.has_blob(d) for d in blobs)
+    assert temp_files(store) == []
+    assert not (store.directory / "recordings").exists()
+
+
+def corrupt(bundle, tmp_path, digest):
+    """A copy of the bundle with one byte of a blob changed (same size)."""
+    out = tmp_path / "corrupt.tar"
+    with tarfile.open(bundle) as src, tarfile.open(out, "w") as dst:
+        for member in src:
+            data = src.extractfile(member).read()
+            if member.name.endswith(digest[7:]):
+                data = bytes([data[0] ^ 1]) + data[1:]
+            dst.addfile(member, io.BytesIO(data))
+    return out
+
+
+def test_a_corrupt_blob_is_refused_and_nothing_changes(stores, image, tmp_path):
+    _, bundle, _ = exported(stores, image, tmp_path)
+    bad = corrupt(bundle, tmp_path, image.platforms[1].layers[1].digest)
+    target = stores("target")
+    with pytest.raises(BundleError, match="corrupt"):
+        import_bundle(target, bad, cache_dir=target.directory)
+    assert_untouched(target, image)
+
+
+def test_a_truncated_bundle_is_refused_and_nothing_changes(stores, image, tmp_path):
+    _, bundle, _ = exported(stores, image, tmp_path)
+    with tarfile.open(bundle) as tar:
+        largest = max(tar.getmembers(), key=lambda m: m.size)
+    target = stores("target")
+    for end, error in [(largest.offset_data + largest.size // 2, "not a readable tar"), (largest.offset, "is missing")]:
+        cut = tmp_path / "cut.tar"
+        cut.write_bytes(bundle.read_bytes()[:end])  # within a blob, or between two members
+        with pytest.raises(BundleError, match=error):
+            import_bundle(target, cut, cache_dir=target.directory)
+        assert_untouched(target, image)
+
+
+def test_a_bundle_missing_a_layer_is_refused(stores, image, tmp_path):
+    _, bundle, _ = exported(stores, image, tmp_path)
+    missing = image.platforms[0].layers[0].digest
+    out = tmp_path / "short.tar"
+    with tarfile.open(bundle) as src, tarfile.open(out, "w") as dst:
+        for member in src:
+            if not member.name.endswith(missing[7:]):
+                dst.addfile(member, src.extractfile(member))
+    target = stores("target")
+    with pytest.raises(BundleError, match=f"blob {missing} is missing"):
+        import_bundle(target, out, cache_dir=target.directory)
+    assert_untouched(target, image)
+
+
+def test_an_entry_without_a_full_name_is_refused(stores, image, tmp_path):
+    target = stores("target")
+    with tarfile.open(tmp_path / "plain.tar", "w") as tar:
+        tar.add(image.layout_dir, arcname=".")  # the test layout names its image only "1"
+    with pytest.raises(BundleError, match="not a full image reference"):
+        import_bundle(target, tmp_path / "plain.tar")
+    assert_untouched(target, image)
+
+
+def test_import_skips_blobs_already_held(stores, image, tmp_path):
+    _, bundle, _ = exported(stores, image, tmp_path)
+    target = stores("target")
+    import_bundle(target, bundle)
+    again = import_bundle(target, bundle)
+    assert again.blobs == 0 and again.already_held == len(everything(image)[1])
+
+
+def test_not_a_tar_file(stores, tmp_path):
+    junk = tmp_path / "junk.tar"
+    junk.write_bytes(b"hello" * 1000)
+    with pytest.raises(BundleError, match="not a readable tar"):
+        import_bundle(stores("target"), junk)

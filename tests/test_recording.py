@@ -1,0 +1,133 @@
+"""Recordings: the model and its file, and the Recorder addon fed by the cache (taddons/tflow)."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+from mitmproxy import exceptions, http
+from mitmproxy.addons.proxyserver import Proxyserver
+from mitmproxy.test import taddons, tflow, tutils
+
+from addon.cache import RegistryCache
+from addon.hosts import Interception
+from addon.recorder import Recorder
+from addon.recording import Recording, RecordingError, image_from_store, names
+from support.fill import store_image
+from support.images import build_image
+
+HUB = "registry-1.docker.io"
+
+
+@pytest.fixture(scope="module")
+def image(tmp_path_factory):
+    return build_image(
+        tmp_path_factory.mktemp("layout"), "1", [100_000, 2_000], seed="rec", platforms=[("linux", "amd64"), ("linux", "arm64", "v8")]
+    )
+
+
+@pytest.fixture
+async def env(tmp_path, image):
+    hosts = Interception()
+    cache = RegistryCache(hosts)
+    recorder = Recorder(hosts, cache)
+    with taddons.context(Proxyserver(), hosts, cache, recorder) as tctx:
+        tctx.configure(cache, cache_dir=str(tmp_path), tag_freshness=3600)
+        store_image(cache.store, image, "docker.io", "library/rec", "1")
+        yield tctx, cache, recorder
+        cache.done()
+
+
+async def pull(cache: RegistryCache, recorder: Recorder, path: str, method: str = "GET") -> http.HTTPFlow:
+    """A request answered from the store, then seen by the recorder, as in the addon chain."""
+    req = tutils.treq(host=HUB, port=443, scheme=b"https", method=method.encode(), path=path.encode(), headers=http.Headers(), content=b"")
+    f = tflow.tflow(req=req)
+    await cache.request(f)
+    assert f.response and f.response.status_code == 200
+    await recorder.response(f)
+    return f
+
+
+async def test_a_pull_is_recorded_with_its_platform(env, image, tmp_path):
+    tctx, cache, recorder = env
+    tctx.configure(recorder, record="ci")
+    amd64 = image.platform("linux/amd64")
+    await pull(cache, recorder, "/v2/library/rec/manifests/1")
+    await pull(cache, recorder, f"/v2/library/rec/manifests/{amd64.manifest.digest}")
+
+    data = yaml.safe_load((tmp_path / "recordings" / "ci.yaml").read_text())
+    (ref,) = data["images"]
+    assert ref == "docker.io/library/rec:1"
+    entry = data["images"][ref]
+    assert entry["digest"] == image.index_digest
+    (platform,) = entry["manifests"]
+    assert (platform["digest"], platform["platform"]) == (amd64.manifest.digest, "linux/amd64")
+    assert [b["digest"] for b in platform["blobs"]] == [amd64.config.digest, *(layer.digest for layer in amd64.layers)]
+    recording = Recording.open(tmp_path, "ci")
+    assert recording.missing(cache.store) == []
+    assert recording.total_size() == sum(b.size for b in (amd64.config, *amd64.layers))
+    assert names(tmp_path) == ["ci"]
+
+
+async def test_a_head_then_a_get_by_digest_is_one_image(env, image, tmp_path):
+    """dockerd resolves the tag with HEAD and fetches the index by digest."""
+    tctx, cache, recorder = env
+    tctx.configure(recorder, record="ci")
+    arm64 = image.platform("linux/arm64/v8")
+    await pull(cache, recorder, "/v2/library/rec/manifests/1", method="HEAD")
+    await pull(cache, recorder, f"/v2/library/rec/manifests/{image.index_digest}")
+    await pull(cache, recorder, f"/v2/library/rec/manifests/{arm64.manifest.digest}")
+    recording = Recording.open(tmp_path, "ci")
+    assert list(recording.images) == ["docker.io/library/rec:1"]
+    assert list(recording.images["docker.io/library/rec:1"].manifests) == [arm64.manifest.digest]
+
+
+async def test_a_pull_by_digest_is_an_image_of_its_own(env, image, tmp_path):
+    tctx, cache, recorder = env
+    tctx.configure(recorder, record="ci")
+    amd64 = image.platform("linux/amd64")
+    await pull(cache, recorder, f"/v2/library/rec/manifests/{amd64.manifest.digest}")
+    recording = Recording.open(tmp_path, "ci")
+    name = f"docker.io/library/rec@{amd64.manifest.digest}"
+    assert list(recording.images) == [name]
+    assert len(recording.images[name].blobs()) == 3
+
+
+async def test_nothing_is_recorded_without_the_option(env, tmp_path):
+    _, cache, recorder = env
+    await pull(cache, recorder, "/v2/library/rec/manifests/1")
+    assert not (tmp_path / "recordings").exists()
+
+
+async def test_a_bad_recording_name_is_refused(env):
+    tctx, _, recorder = env
+    for bad in ("../escape", ".hidden", "a/b"):
+        with pytest.raises(exceptions.OptionsError, match="invalid recording name"):
+            tctx.configure(recorder, record=bad)
+
+
+def test_the_file_round_trips_and_reports_what_the_store_lacks(tmp_path, image):
+    from addon.store import Store
+
+    store = Store(tmp_path / "store")
+    try:
+        store_image(store, image, "docker.io", "library/rec", "1")
+        recording = Recording.open(tmp_path, "lab")
+        recording.images["docker.io/library/rec:1"] = image_from_store(store, "docker.io", "library/rec", "1")
+        recording.save()
+        again = Recording.open(tmp_path, "lab")
+        assert again.images == recording.images and again.digests() == recording.digests()
+        assert again.missing(store) == []
+        empty = Store(tmp_path / "empty")
+        try:
+            assert set(again.missing(empty)) == again.digests()
+        finally:
+            empty.close()
+    finally:
+        store.close()
+
+
+def test_an_unreadable_file_is_one_clear_error(tmp_path):
+    (tmp_path / "recordings").mkdir()
+    (tmp_path / "recordings" / "bad.yaml").write_text("images: [unclosed")
+    with pytest.raises(RecordingError, match="not a readable recording"):
+        Recording.open(tmp_path, "bad")
