@@ -4,7 +4,12 @@ from addon.cache import RegistryCache
 from addon.hosts import Interception, UpstreamOverride
 from addon.recorder import Recorder
 
-interception = Interception()
-cache = RegistryCache(interception)
 
-addons = [interception, UpstreamOverride(), cache, Recorder(interception, cache)]
+def make_addons() -> list:
+    """A fresh set of hubcache's addons, in hook order: hosts first, the cache before the recorder."""
+    interception = Interception()
+    cache = RegistryCache(interception)
+    return [interception, UpstreamOverride(), cache, Recorder(interception, cache)]
+
+
+addons = make_addons()

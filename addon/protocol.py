@@ -104,6 +104,47 @@ def parse_route(host: str, path: str) -> Route:
     return Route(Kind.OTHER, registry)
 
 
+@dataclass(frozen=True)
+class ImageReference:
+    """An image as users write it (`alpine`, `ghcr.io/org/app:1`, `name@sha256:...`), normalised
+    the way Docker does: no registry means Docker Hub, a single Hub name means `library/`."""
+
+    registry: str  # canonical: docker.io for Docker Hub
+    repository: str
+    reference: str  # a tag, or a digest
+
+    @property
+    def host(self) -> str:
+        """The host that serves the registry API."""
+        return "registry-1.docker.io" if self.registry == "docker.io" else self.registry
+
+    def __str__(self) -> str:
+        return Route(Kind.MANIFEST, self.registry, self.repository, self.reference).image
+
+    @classmethod
+    def parse(cls, text: str) -> ImageReference:
+        rest, _, digest = text.strip().partition("@")
+        first, slash, remainder = rest.partition("/")
+        if slash and ("." in first or ":" in first or first == "localhost"):
+            registry, path = canonical_registry(first), remainder
+        else:
+            registry, path = "docker.io", rest
+        path, colon, tag = path.rpartition(":") if ":" in path else (path, "", "")
+        if registry == "docker.io" and "/" not in path:
+            path = f"library/{path}"
+        if not NAME_RE.fullmatch(path) or len(path) > MAX_NAME_LENGTH:
+            raise ValueError(f"{text!r}: invalid repository name {path!r}")
+        if digest:
+            try:
+                check_digest(digest)
+            except BadRequest as e:
+                raise ValueError(f"{text!r}: {e.message}") from None
+            return cls(registry, path, digest)
+        if colon and not TAG_RE.fullmatch(tag):
+            raise ValueError(f"{text!r}: invalid tag {tag!r}")
+        return cls(registry, path, tag or "latest")
+
+
 def check_digest(digest: str) -> None:
     """Raise BadRequest unless `digest` is a digest hubcache can verify."""
     if DIGEST_RE.fullmatch(digest):

@@ -73,25 +73,22 @@ def dockerhub(ca, registry, tmp_path_factory):
     double.stop()
 
 
+def upstream_options(registry: Registry, dockerhub: DockerHubDouble) -> dict[str, list[str]]:
+    """hubcache options that send the Docker Hub names to the double and REGISTRY_NAME to the registry."""
+    mapping = [f"{h}=127.0.0.1:{dockerhub.port}" for h in DOCKER_HUB_HOSTS]
+    mapping.append(f"{REGISTRY_NAME}=127.0.0.1:{registry.port}")
+    return {"registries": ["registry-1.docker.io", "index.docker.io", REGISTRY_NAME], "upstream_map": mapping}
+
+
 @pytest.fixture
 def hubcache(ca, registry, dockerhub, tmp_path):
-    """A factory of hubcache processes; the Docker Hub names and REGISTRY_NAME are mapped to the
-    double and the registry. Every proxy started here is stopped after the test."""
+    """A factory of hubcache processes, upstream_options applied. Every proxy started here is
+    stopped after the test."""
     started: list[Hubcache] = []
 
     def start(workdir: Path = tmp_path / "hubcache", **options) -> Hubcache:
         workdir.mkdir(parents=True, exist_ok=True)
-        mapping = [f"{h}=127.0.0.1:{dockerhub.port}" for h in DOCKER_HUB_HOSTS]
-        mapping.append(f"{REGISTRY_NAME}=127.0.0.1:{registry.port}")
-        proxy = Hubcache(
-            workdir,
-            ca.cert_path,
-            {
-                "registries": ["registry-1.docker.io", "index.docker.io", REGISTRY_NAME],
-                "upstream_map": mapping,
-                **options,
-            },
-        )
+        proxy = Hubcache(workdir, ca.cert_path, {**upstream_options(registry, dockerhub), **options})
         started.append(proxy)
         return proxy.start()
 

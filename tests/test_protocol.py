@@ -4,7 +4,7 @@ import json
 import pytest
 
 from addon import protocol
-from addon.protocol import BadRequest, Kind, Route
+from addon.protocol import BadRequest, ImageReference, Kind, Route
 
 DIGEST = "sha256:" + "a" * 64
 DIGEST512 = "sha512:" + "b" * 128
@@ -294,3 +294,30 @@ def test_manifest_and_blob_headers():
     assert b["Docker-Content-Digest"] == DIGEST
     assert b["Accept-Ranges"] == "bytes"
     assert b["Content-Type"] == "application/octet-stream"
+
+
+class TestImageReference:
+    @pytest.mark.parametrize(
+        "text, expected, host",
+        [
+            ("alpine", "docker.io/library/alpine:latest", "registry-1.docker.io"),
+            ("alpine:3.20", "docker.io/library/alpine:3.20", "registry-1.docker.io"),
+            ("user/app:1", "docker.io/user/app:1", "registry-1.docker.io"),
+            ("index.docker.io/library/alpine:1", "docker.io/library/alpine:1", "registry-1.docker.io"),
+            ("ghcr.io/org/app:v1", "ghcr.io/org/app:v1", "ghcr.io"),
+            ("localhost:5000/x", "localhost:5000/x:latest", "localhost:5000"),
+            ("alpine@sha256:" + "a" * 64, "docker.io/library/alpine@sha256:" + "a" * 64, "registry-1.docker.io"),
+            ("alpine:3@sha256:" + "b" * 64, "docker.io/library/alpine@sha256:" + "b" * 64, "registry-1.docker.io"),
+        ],
+    )
+    def test_normalised_like_docker(self, text, expected, host):
+        ref = ImageReference.parse(text)
+        assert (str(ref), ref.host) == (expected, host)
+
+    @pytest.mark.parametrize(
+        "text, message",
+        [("Upper", "invalid repository name"), ("a:b!", "invalid tag"), ("a@sha1:" + "0" * 40, "unsupported digest"), ("", "invalid")],
+    )
+    def test_refused(self, text, message):
+        with pytest.raises(ValueError, match=message):
+            ImageReference.parse(text)

@@ -1,0 +1,289 @@
+"""Prefetch: fill the cache online without a container engine.
+
+hubcache starts inside this process on an ephemeral loopback port, and a small registry client
+pulls through it exactly as dockerd would (token flow, redirects, every manifest and blob), so
+the cache fills by its normal verified path and every mitmproxy option (upstream proxy, trusted
+CA, `upstream_map`, `record`) applies unchanged. The client reads and discards the bytes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import ssl
+import threading
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+from . import manifests
+from .protocol import MANIFEST_MEDIA_TYPES, ImageReference, digest_of, hasher
+
+CHUNK = 1 << 20
+COMMIT_WAIT = 10.0  # seconds a verified blob may take to appear in the store after its last byte
+BLOB_WORKERS = 4
+
+
+class PrefetchError(Exception):
+    """One image could not be prefetched; the message is for an operator."""
+
+
+class Progress(Protocol):
+    def start(self, key: str, label: str, total: int) -> None: ...
+    def advance(self, key: str, n: int) -> None: ...
+
+
+@dataclass
+class Result:
+    image: str
+    digest: str = ""
+    platforms: list[str] = field(default_factory=list)
+    fetched: int = 0  # blobs that went through the proxy into the store
+    fetched_bytes: int = 0
+    held: int = 0  # blobs the store had already
+    error: str = ""
+
+
+class LocalProxy:
+    """hubcache on 127.0.0.1:<ephemeral>, in a thread of this process, for the duration of a `with`."""
+
+    def __init__(self, settings: list[str]):
+        self.settings = settings
+        self.port = 0
+        self.cache = None
+        self.hosts = None
+        self._master = None
+        self._ready = threading.Event()
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._thread_main, name="hubcache-proxy", daemon=True)
+
+    def __enter__(self) -> LocalProxy:
+        self._thread.start()
+        self._ready.wait()
+        if self._error:
+            raise self._error
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._master:
+            self._master.shutdown()
+        self._thread.join(timeout=30)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def _thread_main(self) -> None:
+        try:
+            asyncio.run(self._serve())
+        except BaseException as e:  # handed to the caller by __enter__
+            self._error = self._error or e
+        finally:
+            self._ready.set()
+
+    async def _serve(self) -> None:
+        from mitmproxy import options
+        from mitmproxy.tools.dump import DumpMaster
+
+        from .hubcache import make_addons
+
+        master = DumpMaster(options.Options(), with_termlog=False, with_dumper=False)
+        addons = make_addons()
+        master.addons.add(*addons)
+        master.options.set("listen_host=127.0.0.1", "listen_port=0", *self.settings)
+        self.hosts, self.cache = master.addons.get("interception"), master.addons.get("registrycache")
+        run = asyncio.create_task(master.run())
+        proxyserver = master.addons.get("proxyserver")
+        while not proxyserver.listen_addrs() and not run.done():
+            await asyncio.sleep(0.02)
+        if run.done():
+            await run
+            raise PrefetchError("the proxy stopped during start")
+        self.port = proxyserver.listen_addrs()[0][1]
+        self._master = master
+        self._ready.set()
+        await run
+
+
+class RegistryClient:
+    """Just enough of a registry client to pull through a proxy: anonymous Bearer tokens,
+    redirects (credentials are never sent to another host), streamed bodies."""
+
+    ACCEPT = ", ".join(sorted(MANIFEST_MEDIA_TYPES))
+
+    def __init__(self, proxy_url: str, ca_file: Path, timeout: float = 60):
+        context = ssl.create_default_context()
+        context.load_verify_locations(cafile=str(ca_file))
+        self._opener = urllib.request.build_opener(
+            urllib.request.ProxyHandler({"https": proxy_url, "http": proxy_url}),
+            urllib.request.HTTPSHandler(context=context),
+            _NoRedirects(),
+        )
+        self.timeout = timeout
+        self._tokens: dict[tuple[str, str], str] = {}
+        self._lock = threading.Lock()
+
+    def manifest(self, image: ImageReference, reference: str) -> tuple[str, bytes, str]:
+        """(media type, body, digest) of a manifest; a digest reference is verified."""
+        with self._get(image, f"/v2/{image.repository}/manifests/{reference}", {"Accept": self.ACCEPT}) as r:
+            body = r.read(4 * 1024 * 1024 + 1)
+            media_type = r.headers.get("Content-Type", "").split(";")[0].strip()
+            claimed = r.headers.get("Docker-Content-Digest", "")
+        algorithm = reference.partition(":")[0] if ":" in reference else "sha256"
+        digest = digest_of(body, algorithm)
+        if (":" in reference and digest != reference) or (claimed.startswith(f"{algorithm}:") and claimed != digest):
+            raise PrefetchError(f"{image}: manifest {reference} does not match its digest")
+        if media_type not in MANIFEST_MEDIA_TYPES:
+            media_type = str(json.loads(body).get("mediaType", media_type))
+        return media_type, body, digest
+
+    def blob(self, image: ImageReference, digest: str, progress: Progress) -> int:
+        """Stream a blob through the proxy and discard it; returns its size once verified."""
+        h, size = hasher(digest), 0
+        with self._get(image, f"/v2/{image.repository}/blobs/{digest}", {}) as r:
+            while chunk := r.read(CHUNK):
+                h.update(chunk)
+                size += len(chunk)
+                progress.advance(digest, len(chunk))
+        if f"{h.name}:{h.hexdigest()}" != digest:
+            raise PrefetchError(f"{image}: blob {digest} did not verify")
+        return size
+
+    def _get(self, image: ImageReference, path: str, headers: dict[str, str]):
+        url = f"https://{image.host}{path}"
+        key = (image.host, image.repository)
+        try:
+            return self._follow(url, {**headers, **self._auth(key)})
+        except urllib.error.HTTPError as e:
+            if e.code != 401 or key in self._tokens:
+                raise PrefetchError(f"{image}: {_describe(e)}") from None
+            self._token(image, e.headers.get("WWW-Authenticate", ""))
+        try:
+            return self._follow(url, {**headers, **self._auth(key)})
+        except urllib.error.HTTPError as e:
+            raise PrefetchError(f"{image}: {_describe(e)}") from None
+
+    def _auth(self, key: tuple[str, str]) -> dict[str, str]:
+        token = self._tokens.get(key)
+        return {"Authorization": f"Bearer {token}"} if token else {}
+
+    def _follow(self, url: str, headers: dict[str, str]):
+        """GET `url`, following up to 5 redirects; Authorization stays with the original host."""
+        origin = urllib.parse.urlsplit(url).hostname
+        for _ in range(6):
+            request = urllib.request.Request(url, headers=headers)
+            try:
+                return self._opener.open(request, timeout=self.timeout)
+            except urllib.error.HTTPError as e:
+                if e.code not in (301, 302, 303, 307, 308) or "Location" not in e.headers:
+                    raise
+                url = urllib.parse.urljoin(url, e.headers["Location"])
+                if urllib.parse.urlsplit(url).hostname != origin:
+                    headers = {k: v for k, v in headers.items() if k != "Authorization"}
+        raise PrefetchError(f"too many redirects at {url}")
+
+    def _token(self, image: ImageReference, challenge: str) -> None:
+        scheme, _, params = challenge.partition(" ")
+        if scheme.lower() != "bearer":
+            raise PrefetchError(f"{image}: the registry wants {scheme or 'unknown'} credentials; prefetch pulls anonymously")
+        fields = dict(re.findall(r'(\w+)="([^"]*)"', params))
+        if "realm" not in fields:
+            raise PrefetchError(f"{image}: the registry's token challenge names no realm")
+        query = {"scope": f"repository:{image.repository}:pull"}
+        if "service" in fields:
+            query["service"] = fields["service"]
+        url = f"{fields['realm']}?{urllib.parse.urlencode(query)}"
+        try:
+            with self._follow(url, {}) as r:
+                answer = json.loads(r.read(1 << 20))
+        except urllib.error.HTTPError as e:
+            raise PrefetchError(f"{image}: token request refused: {_describe(e)}") from None
+        token = answer.get("token") or answer.get("access_token")
+        if not token:
+            raise PrefetchError(f"{image}: the token answer holds no token")
+        with self._lock:
+            self._tokens[(image.host, image.repository)] = token
+
+
+class _NoRedirects(urllib.request.HTTPRedirectHandler):
+    def redirect_request(self, *args, **kwargs):
+        return None  # RegistryClient._follow decides what a redirect may carry
+
+
+def _describe(e: urllib.error.HTTPError) -> str:
+    try:
+        errors = json.loads(e.read(65536)).get("errors") or []
+        detail = "; ".join(f"{x.get('code')}: {x.get('message')}" for x in errors)
+    except (ValueError, AttributeError, OSError):
+        detail = ""
+    return f"upstream answered {e.code}" + (f" ({detail})" if detail else "")
+
+
+def matches(platform: str, wanted: list[str]) -> bool:
+    """Whether an index entry's platform is one of `wanted` ("os/arch" matches every variant).
+    With nothing wanted, every real platform matches (not attestations, "unknown/unknown")."""
+    if not wanted:
+        return bool(platform) and not platform.startswith("unknown/")
+    return any(platform == w or platform.startswith(f"{w}/") for w in wanted)
+
+
+def prefetch(proxy: LocalProxy, client: RegistryClient, text: str, platforms: list[str], progress: Progress) -> Result:
+    """Pull one image (the chosen platforms) through `proxy`, so that the cache holds all of it."""
+    result = Result(text)
+    try:
+        image = ImageReference.parse(text)
+    except ValueError as e:
+        result.error = str(e)
+        return result
+    result.image = str(image)
+    try:
+        if not proxy.hosts.is_registry(image.host):
+            raise PrefetchError(f"{image}: {image.host} is not one of the registries hubcache caches (option `registries`)")
+        media_type, body, result.digest = client.manifest(image, image.reference)
+        chosen = [(result.digest, "", media_type, body)]
+        if manifests.is_index(media_type):
+            children = [c for c in _references(image, body, media_type).children if matches(c.platform, platforms)]
+            if not children:
+                raise PrefetchError(f"{image}: no platform matches {', '.join(platforms) or 'any'}")
+            chosen = [(c.digest, c.platform, *client.manifest(image, c.digest)[:2]) for c in children]
+        blobs: dict[str, int] = {}
+        for _, platform, child_type, child_body in chosen:
+            result.platforms.append(platform or "(single)")
+            for blob in _references(image, child_body, child_type).blobs:
+                blobs[blob.digest] = blob.size
+        store = proxy.cache.store
+        missing = {d: s for d, s in blobs.items() if not store.has_blob(d)}
+        result.held = len(blobs) - len(missing)
+
+        def fetch(digest: str) -> int:
+            progress.start(digest, f"{image.repository} {digest[7:19]}", missing[digest])
+            size = client.blob(image, digest, progress)
+            deadline = time.monotonic() + COMMIT_WAIT
+            while not store.has_blob(digest):
+                if time.monotonic() > deadline:
+                    raise PrefetchError(f"{image}: blob {digest} was served but not stored; see the proxy log")
+                time.sleep(0.05)
+            return size
+
+        with ThreadPoolExecutor(BLOB_WORKERS) as pool:
+            for size in pool.map(fetch, sorted(missing, key=missing.get, reverse=True)):
+                result.fetched += 1
+                result.fetched_bytes += size
+    except PrefetchError as e:
+        result.error = str(e)
+    except OSError as e:
+        result.error = f"{result.image}: {getattr(e, 'reason', None) or e}"
+    return result
+
+
+def _references(image: ImageReference, body: bytes, media_type: str) -> manifests.References:
+    try:
+        return manifests.references(body, media_type)
+    except manifests.ManifestError as e:
+        raise PrefetchError(f"{image}: unreadable manifest: {e}") from None
