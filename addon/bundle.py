@@ -24,7 +24,7 @@ from typing import BinaryIO, Callable
 
 from . import manifests
 from .protocol import DIGEST_RE, NAME_RE, TAG_RE, canonical_registry, hasher
-from .recording import Image, PlatformManifest, Recording
+from .recording import Image, PlatformManifest, Recording, RecordingError
 from .store import BlobWriter, Store
 
 REF_NAME = "org.opencontainers.image.ref.name"
@@ -163,14 +163,19 @@ def import_bundle(store: Store, path: Path, cache_dir: Path | None = None, progr
     """Load a bundle into `store`: all of it after every digest verified, or nothing. With
     `cache_dir`, a recording named in the bundle is created (or updated) there too."""
     reader = _BundleReader(store, progress)
+    recording = None
     try:
         reader.read(path)
         images = reader.walk()
+        if reader.recording and cache_dir is not None:
+            try:
+                recording = Recording.open(cache_dir, reader.recording)
+            except RecordingError as e:
+                raise BundleError(f"the bundle's recording: {e}") from None
         summary = reader.commit(images)
     finally:
         reader.discard()
-    if reader.recording and cache_dir is not None:
-        recording = Recording.open(cache_dir, reader.recording)
+    if recording:
         recording.images.update({image.name: image for image in images})
         recording.save()
     return summary
@@ -213,11 +218,13 @@ class _BundleReader:
                 raise BundleError("index.json is not a JSON object") from None
             return
         match = _BLOB_PATH.fullmatch(name)
-        if not match or f"{match[1]}:{match[2]}" in self.writers:
-            return
+        if not match:
+            return  # not part of the layout
         digest = f"{match[1]}:{match[2]}"
         if not DIGEST_RE.fullmatch(digest):
             raise BundleError(f"{name}: not a valid digest")
+        if digest in self.writers:
+            return
         writer = self.store.blob_writer(digest)
         self.writers[digest] = writer
         keep = member.size <= MAX_MANIFEST_SIZE

@@ -132,15 +132,17 @@ def prefetch(
     from .progress import LayerBars, console
 
     options = _options(cache_dir, config_file, confdir, record, settings)
-    if any(o in ("offline=true", "offline=True") for o in options):
-        raise click.ClickException("prefetch fetches from upstream; it cannot run with offline=true")
     ca_cert = _make_ca(confdir)
     results = []
     try:
         with pf.LocalProxy(options) as proxy, LayerBars() as bars:
+            if proxy.options.offline:
+                raise click.ClickException("prefetch fetches from upstream; it cannot run with offline=true")
             client = pf.RegistryClient(proxy.url, ca_cert)
             for image in images:
                 results.append(pf.prefetch(proxy, client, image, list(platforms), bars))
+    except click.ClickException:
+        raise
     except Exception as e:  # mitmproxy's OptionsError, or a proxy that could not start
         raise click.ClickException(str(e))
     console.print(_prefetch_table(results))
@@ -301,15 +303,13 @@ def _options(
     cache_dir: Path | None, config_file: Path | None, confdir: Path, record: str | None, settings: tuple[str, ...]
 ) -> list[str]:
     """The `--set` list for the proxy: the config file, overridden by the command line."""
-    explicit = {s.partition("=")[0] for s in settings}
-    if record:
-        explicit.add("record")
+    named = [f"cache_dir={cache_dir}"] if cache_dir else []
+    named += [f"record={record}"] if record else []
+    explicit = {s.partition("=")[0] for s in [*named, *settings]}
     from_file = [s for s in _config_settings(config_file) if s.partition("=")[0] not in explicit]
-    folder = [f"cache_dir={cache_dir}"] if cache_dir else []
-    if not cache_dir and not any(s.startswith("cache_dir=") for s in from_file + list(settings)):
-        folder = ["cache_dir=cache"]
-    recorded = [f"record={record}"] if record else []
-    return [f"confdir={confdir}", *from_file, *folder, *recorded, *settings]
+    given = [*from_file, *named, *settings]
+    default = [] if any(s.startswith("cache_dir=") for s in given) else ["cache_dir=cache"]
+    return [f"confdir={confdir}", *default, *given]
 
 
 def _make_ca(confdir: Path) -> Path:

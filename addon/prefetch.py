@@ -79,6 +79,11 @@ class LocalProxy:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
+    @property
+    def options(self):
+        assert self._master
+        return self._master.options
+
     def _thread_main(self) -> None:
         try:
             asyncio.run(self._serve())
@@ -217,11 +222,16 @@ class _NoRedirects(urllib.request.HTTPRedirectHandler):
 
 
 def _describe(e: urllib.error.HTTPError) -> str:
+    """Upstream's status and its registry error messages (or the text of a proxy error page)."""
     try:
-        errors = json.loads(e.read(65536)).get("errors") or []
+        text = e.read(65536).decode(errors="replace")
+    except OSError:
+        text = ""
+    try:
+        errors = json.loads(text).get("errors") or []
         detail = "; ".join(f"{x.get('code')}: {x.get('message')}" for x in errors)
-    except (ValueError, AttributeError, OSError):
-        detail = ""
+    except (ValueError, AttributeError):
+        detail = " ".join(re.sub(r"<[^>]*>", " ", text).split())[:200]
     return f"upstream answered {e.code}" + (f" ({detail})" if detail else "")
 
 

@@ -69,3 +69,28 @@ def test_run_with_defaults_and_a_config_file(tmp_path, ca, registry, multi_image
         )
         assert result.returncode == 0, result.stderr + proc.log_text()
     assert (tmp_path / "cache" / "misses.jsonl").exists(), "the store lives in ./cache by default"
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["prefetch", "--set", "offline=true", "alpine"], "it cannot run with offline=true"),
+        (["prefetch", "--record", "../up", "alpine"], "invalid recording name '../up'"),
+        (["prefetch", "--set", "tag_freshness=-1", "alpine"], "tag_freshness must be 0 or more seconds"),
+        (["export", "-o", "x.tar"], "give either IMAGES or --recording NAME"),
+        (["export", "--recording", "none", "-o", "x.tar"], "no recording 'none'"),
+        (["export", "alpine", "-o", "x.tar"], "docker.io/library/alpine:latest is not in the cache"),
+        (["recordings", "none"], "no recording 'none'"),
+    ],
+)
+def test_subcommand_errors_are_one_readable_line(tmp_path, args, message):
+    result = subprocess.run([HUBCACHE, *args], cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert result.returncode in (1, 2)
+    assert message in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "x.tar").exists()
+
+
+def test_every_subcommand_has_help_with_examples():
+    for command in ("run", "prefetch", "export", "import", "recordings"):
+        result = subprocess.run([HUBCACHE, command, "--help"], capture_output=True, text=True, check=True)
+        assert "Examples:" in result.stdout and "--cache-dir" in result.stdout, command
