@@ -17,7 +17,6 @@ import json
 import os
 import re
 import tarfile
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO, Callable
@@ -74,9 +73,9 @@ def export(store: Store, images: list[Image], out: Path, recording: str = "", pr
         **({"annotations": {RECORDING: recording}} if recording else {}),
     }
     out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}-", suffix=".tmp")
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")  # created with the umask's permissions
     try:
-        with os.fdopen(fd, "wb") as f, tarfile.open(fileobj=f, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        with open(tmp, "wb") as f, tarfile.open(fileobj=f, mode="w", format=tarfile.PAX_FORMAT) as tar:
             _add_bytes(tar, "oci-layout", b'{"imageLayoutVersion":"1.0.0"}')
             _add_bytes(tar, "index.json", json.dumps(index, indent=1).encode())
             for digest in manifest_digests:
@@ -100,7 +99,7 @@ def export(store: Store, images: list[Image], out: Path, recording: str = "", pr
                 summary.bytes += size
         os.replace(tmp, out)
     except BaseException:
-        os.unlink(tmp)
+        tmp.unlink(missing_ok=True)
         raise
     return summary
 

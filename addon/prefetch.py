@@ -20,10 +20,16 @@ import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from . import manifests
 from .protocol import MANIFEST_MEDIA_TYPES, ImageReference, digest_of, hasher
+
+if TYPE_CHECKING:
+    from mitmproxy.tools.dump import DumpMaster
+
+    from .cache import RegistryCache
+    from .hosts import Interception
 
 CHUNK = 1 << 20
 COMMIT_WAIT = 10.0  # seconds a verified blob may take to appear in the store after its last byte
@@ -56,9 +62,9 @@ class LocalProxy:
     def __init__(self, settings: list[str]):
         self.settings = settings
         self.port = 0
-        self.cache = None
-        self.hosts = None
-        self._master = None
+        self.cache: RegistryCache | None = None
+        self.hosts: Interception | None = None
+        self._master: DumpMaster | None = None
         self._ready = threading.Event()
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._thread_main, name="hubcache-proxy", daemon=True)
@@ -252,18 +258,19 @@ def prefetch(proxy: LocalProxy, client: RegistryClient, text: str, platforms: li
         result.error = str(e)
         return result
     result.image = str(image)
+    assert proxy.hosts and proxy.cache and proxy.cache.store
     try:
         if not proxy.hosts.is_registry(image.host):
             raise PrefetchError(f"{image}: {image.host} is not one of the registries hubcache caches (option `registries`)")
         media_type, body, result.digest = client.manifest(image, image.reference)
-        chosen = [(result.digest, "", media_type, body)]
+        chosen = [("", media_type, body)]  # (platform, media type, body) of each image manifest
         if manifests.is_index(media_type):
             children = [c for c in _references(image, body, media_type).children if matches(c.platform, platforms)]
             if not children:
                 raise PrefetchError(f"{image}: no platform matches {', '.join(platforms) or 'any'}")
-            chosen = [(c.digest, c.platform, *client.manifest(image, c.digest)[:2]) for c in children]
+            chosen = [(c.platform, *client.manifest(image, c.digest)[:2]) for c in children]
         blobs: dict[str, int] = {}
-        for _, platform, child_type, child_body in chosen:
+        for platform, child_type, child_body in chosen:
             result.platforms.append(platform or "(single)")
             for blob in _references(image, child_body, child_type).blobs:
                 blobs[blob.digest] = blob.size

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import re
-import tempfile
+import threading
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -125,14 +125,14 @@ class Recording:
             "images": {ref: _image_dict(image) for ref, image in sorted(self.images.items())},
         }
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.name}-", suffix=".tmp")
+        tmp = self.path.with_name(f".{self.name}.{os.getpid()}.{threading.get_ident()}.tmp")
         try:
-            with os.fdopen(fd, "w") as f:
+            with open(tmp, "w") as f:
                 f.write(f"# hubcache recording {self.name!r}: every image below, by digest.\n")
                 yaml.safe_dump(data, f, sort_keys=False, width=200)
             os.replace(tmp, self.path)
         except BaseException:
-            os.unlink(tmp)
+            tmp.unlink(missing_ok=True)
             raise
 
     def note_manifest(

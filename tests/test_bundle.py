@@ -67,6 +67,9 @@ def test_export_import_round_trip(stores, image, tmp_path):
     _, bundle, summary = exported(stores, image, tmp_path)
     manifests, blobs = everything(image)
     assert (summary.manifests, summary.blobs) == (len(manifests), len(blobs))
+    umask = os.umask(0)
+    os.umask(umask)
+    assert bundle.stat().st_mode & 0o777 == 0o666 & ~umask, "a bundle is as readable as any file the user writes"
 
     target = stores("target")
     progress = []
