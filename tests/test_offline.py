@@ -64,6 +64,15 @@ def test_dockerd_pulls_docker_hub_images_offline(hubcache, dockerhub, multi_imag
         result = daemon.pull("multi:1")
         assert result.returncode == 0, result.stdout + result.stderr
         assert daemon.image_diff_ids("multi:1") == amd64.diff_ids
+
+        # A logged-in client sends credentials to the token endpoint; offline, that works too.
+        login = daemon.docker("login", "--username", "someone", "--password", "secret")
+        assert login.returncode == 0, login.stdout + login.stderr
+        assert daemon.docker("rmi", "multi:1").returncode == 0
+        again = daemon.pull("multi:1")
+        assert again.returncode == 0, again.stdout + again.stderr
+        missing = daemon.pull("never-pulled:1")
+        assert missing.returncode != 0 and "not in the offline cache" in missing.stdout + missing.stderr
         assert dockerhub.requests() == [], "offline, Docker Hub saw no request at all (not even a token)"
     finally:
         daemon.close()
