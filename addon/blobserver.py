@@ -1,54 +1,71 @@
-"""A loopback HTTP server that sends cached blobs from disk.
+"""The blob server: a process of its own that sends blobs to clients over HTTPS.
 
-mitmproxy can only send an addon-made body from memory, so a blob hit is routed here instead:
-the addon points the flow at `http://127.0.0.1:<port>/blobs/<digest>` and mitmproxy streams the
-answer to the client. The bytes go from the page cache to the socket with sendfile(2) in a
-worker thread, never through Python memory and never on mitmproxy's event loop. `Range` is
-honoured with an exact 206, which dockerd requires to resume a layer.
+Clients reach it by a 307 from the registry API, as Docker Hub sends them to its CDN. They connect
+through the proxy, which relays the TLS connection to it as raw bytes, so the bulk of every blob
+crosses mitmproxy without its TLS and HTTP layers, and the encryption runs on another core.
+
+URLs are signed by the proxy (HMAC, expiring), so the server answers only what the proxy allowed.
+A blob in the store is sent with `Range` support. A blob still being filled from upstream is sent
+as its temporary file grows, and its last byte is held back until the fill verified and
+committed it: a client never completes a body whose digest is wrong; if the fill fails, the
+connection is cut and the client retries.
+
+Run by the proxy as `python -m addon.blobserver`; it prints its port, and exits when the proxy
+closes its stdin (or dies).
 """
 
 from __future__ import annotations
 
+import argparse
+import hashlib
+import hmac
 import logging
 import os
+import re
+import ssl
+import sys
 import threading
+import time
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from urllib.parse import parse_qs, urlencode, urlsplit
 
 from . import protocol
 from .store import Store
 
 logger = logging.getLogger(__name__)
 
-PREFIX = "/blobs/"
+BLOB_HOST = "blobs.hubcache.invalid"  # never resolved: the proxy routes it (RFC 2606 name)
+SECRET_ENV = "HUBCACHE_BLOB_SECRET"
+URL_TTL = 600  # seconds a signed URL stays valid, like a CDN's
+CHUNK = 4 * 1024 * 1024  # large TLS writes: fewer records, fewer syscalls
+POLL = 0.02  # seconds between looks at a growing fill
+_FILL_NAME = re.compile(r"[0-9]+/[A-Za-z0-9_]+/fill-[A-Za-z0-9_]+")
 
 
-class BlobServer:
-    def __init__(self, store: Store, host: str = "127.0.0.1"):
-        self.store = store
-        handler = type("Handler", (_Handler,), {"store": store})
-        self._server = ThreadingHTTPServer((host, 0), handler)
-        self._server.daemon_threads = True
-        # A short poll interval: stopping (reconfiguring, shutting down) waits for one poll.
-        self._thread = threading.Thread(
-            target=self._server.serve_forever, args=(0.05,), name="hubcache blob server", daemon=True
-        )
+class _Cut(Exception):
+    """The body cannot be completed: drop the connection so the client sees a broken transfer."""
 
-    @property
-    def address(self) -> tuple[str, int]:
-        host, port = self._server.server_address[:2]
-        return str(host), int(port)
 
-    def start(self) -> None:
-        self._thread.start()
+def sign(secret: bytes, digest: str, expires: int, fill: str = "", size: int = 0) -> str:
+    message = f"{digest}|{expires}|{fill}|{size}".encode()
+    return hmac.new(secret, message, hashlib.sha256).hexdigest()
 
-    def stop(self) -> None:
-        self._server.shutdown()
-        self._server.server_close()
+
+def signed_path(secret: bytes, digest: str, fill: str = "", size: int = 0, now: float | None = None) -> str:
+    """The path and query of a URL for `digest`; with `fill`, the temporary file (relative to the
+    store's tmp folder) of a fill in progress and the blob's size."""
+    expires = int((now or time.time()) + URL_TTL)
+    query = {"expires": expires, "signature": sign(secret, digest, expires, fill, size)}
+    if fill:
+        query.update(fill=fill, size=size)
+    return f"/blobs/{digest}?{urlencode(query)}"
 
 
 class _Handler(BaseHTTPRequestHandler):
     store: Store
+    secret: bytes
     protocol_version = "HTTP/1.1"
 
     def do_GET(self) -> None:
@@ -58,35 +75,74 @@ class _Handler(BaseHTTPRequestHandler):
         self._serve(send_body=False)
 
     def _serve(self, send_body: bool) -> None:
-        digest = self.path[len(PREFIX) :] if self.path.startswith(PREFIX) else ""
-        if not protocol.DIGEST_RE.fullmatch(digest):
-            return self._error(404, "BLOB_UNKNOWN", "not a blob path")
+        url = urlsplit(self.path)
+        query = {k: v[-1] for k, v in parse_qs(url.query).items()}
+        digest = url.path.removeprefix("/blobs/")
+        fill, size, expires = query.get("fill", ""), query.get("size", "0"), query.get("expires", "")
+        if not (
+            protocol.DIGEST_RE.fullmatch(digest)
+            and expires.isdigit()
+            and size.isdigit()
+            and int(expires) >= time.time()
+            and hmac.compare_digest(sign(self.secret, digest, int(expires), fill, int(size)), query.get("signature", ""))
+        ):
+            return self._error(403, "DENIED", "this blob URL is not valid (or has expired): ask the registry again")
         blob = self.store.open_blob(digest)
+        if blob is None and fill and _FILL_NAME.fullmatch(fill):
+            try:
+                blob = open(self.store.directory / "tmp" / fill, "rb")
+            except FileNotFoundError:
+                blob = self.store.open_blob(digest)  # committed (renamed) just now
+            else:
+                return self._send(blob, digest, int(size), send_body, growing=True)
         if blob is None:
             return self._error(404, "BLOB_UNKNOWN", f"blob {digest} is not in the cache")
+        self._send(blob, digest, os.fstat(blob.fileno()).st_size, send_body, growing=False)
+
+    def _send(self, blob, digest: str, size: int, send_body: bool, growing: bool) -> None:
         with blob:
-            size = os.fstat(blob.fileno()).st_size
             try:
                 span = protocol.parse_range(self.headers.get("Range"), size)
             except protocol.BadRequest as e:
                 return self._error(e.status, e.code, e.message, {"Content-Range": f"bytes */{size}"})
             headers = protocol.blob_headers(digest, size)
-            if span is None:
-                status, offset, count = HTTPStatus.OK, 0, size
-            else:
-                status, offset, count = HTTPStatus.PARTIAL_CONTENT, span[0], span[1] - span[0] + 1
-                headers["Content-Range"] = f"bytes {span[0]}-{span[1]}/{size}"
-                headers["Content-Length"] = str(count)
+            first, last = span or (0, size - 1)
+            status = HTTPStatus.OK if span is None else HTTPStatus.PARTIAL_CONTENT
+            if span is not None:
+                headers["Content-Range"] = f"bytes {first}-{last}/{size}"
+                headers["Content-Length"] = str(last - first + 1)
             self.send_response(status)
             for name, value in headers.items():
                 self.send_header(name, value)
             self.end_headers()
-            if send_body and count:
-                try:
-                    self.wfile.flush()
-                    self.connection.sendfile(blob, offset, count)
-                except OSError:  # mitmproxy went away (client aborted): nothing to clean up
-                    self.close_connection = True
+            if not send_body:
+                return
+            try:
+                self._copy(blob.fileno(), digest, first, last + 1, size, growing)
+            except (_Cut, OSError) as e:
+                logger.info(f"blob {digest}: transfer cut: {e}")
+                self.close_connection = True
+
+    def _copy(self, fd: int, digest: str, start: int, end: int, size: int, growing: bool) -> None:
+        position = start
+        while position < end:
+            limit = end
+            if growing:
+                # Everything written so far, except the blob's last byte until the fill committed.
+                limit = min(end, os.fstat(fd).st_size, size - 1)
+                if position >= limit:
+                    if self.store.has_blob(digest):
+                        growing = False  # verified and committed: the file is whole
+                    elif os.fstat(fd).st_nlink == 0:
+                        raise _Cut("the fill failed and was discarded")
+                    else:
+                        time.sleep(POLL)
+                    continue
+            data = os.pread(fd, min(CHUNK, limit - position), position)
+            if not data:
+                raise _Cut("the file is shorter than its size")
+            self.wfile.write(data)
+            position += len(data)
 
     def _error(self, status: int, code: str, message: str, extra: dict | None = None) -> None:
         body = protocol.error_body(code, message)
@@ -99,3 +155,46 @@ class _Handler(BaseHTTPRequestHandler):
 
     def log_message(self, format: str, *args) -> None:
         logger.debug("blob server: " + format % args)
+
+
+class _TLSServer(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def __init__(self, address, handler, context: ssl.SSLContext):
+        super().__init__(address, handler)
+        self.context = context
+
+    def finish_request(self, request, client_address) -> None:
+        # The handshake runs in the connection's own thread, never in the accepting one.
+        with self.context.wrap_socket(request, server_side=True) as tls:
+            super().finish_request(tls, client_address)
+
+    def handle_error(self, request, client_address) -> None:
+        logger.info(f"blob server: connection from {client_address[0]} failed: {sys.exc_info()[1]}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="hubcache's blob server (started by the proxy)")
+    parser.add_argument("--cache-dir", required=True, type=Path)
+    parser.add_argument("--cert", required=True, help="PEM certificate chain for " + BLOB_HOST)
+    parser.add_argument("--key", required=True, help="PEM private key")
+    args = parser.parse_args()
+    secret = bytes.fromhex(os.environ.pop(SECRET_ENV))
+    logging.basicConfig(level=logging.WARNING, format="hubcache blob server: %(message)s")
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(args.cert, args.key)
+    store = Store(args.cache_dir)
+    handler = type("Handler", (_Handler,), {"store": store, "secret": secret})
+    server = _TLSServer(("127.0.0.1", 0), handler, context)
+    threading.Thread(target=_exit_with_parent, daemon=True).start()
+    print(server.server_address[1], flush=True)
+    server.serve_forever()
+
+
+def _exit_with_parent() -> None:
+    sys.stdin.buffer.read()  # returns at EOF: the proxy closed the pipe or died
+    os._exit(0)
+
+
+if __name__ == "__main__":
+    main()

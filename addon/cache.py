@@ -1,15 +1,16 @@
 """The registry cache: answers manifest and blob requests from the store and fills it on a miss.
 
 The data path, hook by hook:
-- request: parse the route. A hit is answered at once: a manifest from the store, a blob by
-  pointing the flow at the loopback blob server. A tag is first revalidated with an upstream HEAD
-  (free under Docker Hub's rate limit). A miss goes upstream, noted as pending.
-- responseheaders: a pending blob's body is teed into the store while it streams to the client;
-  a redirect to a blob host (CDN) is remembered, so that the client's follow-up request fills the
-  digest it was asked for (CDN URLs expire; the key is always the digest).
-- response: a verified blob is committed, one that fails verification kills the flow; a manifest
-  is verified against its digest and stored; the miss is journalled.
-- error: a broken fill is discarded.
+- request: parse the route. A manifest hit is answered at once from the store; a tag is first
+  revalidated with an upstream HEAD (free under Docker Hub's rate limit). A blob GET is answered
+  with a 307 to the blob server (`blobhost.py`), which sends it from the store; on a miss, hubcache
+  first starts one fill from upstream (`fill.py`) that every client asking meanwhile shares, and
+  the blob server streams the fill as it grows. A manifest miss goes upstream, noted as pending.
+- responseheaders: the body of hubcache's own blob request is written into the fill.
+- response: a fill that verified is committed (one that did not is discarded, which cuts the
+  transfers streaming it); a manifest is verified against its digest and stored; the miss is
+  journalled.
+- error: a broken manifest request is journalled.
 
 With `offline` set, nothing goes upstream: what the store lacks is answered with a registry 404.
 """
@@ -22,23 +23,24 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import urljoin, urlsplit
+from urllib.parse import urljoin
 
-from mitmproxy import connection, ctx, exceptions, http
+from mitmproxy import ctx, exceptions, http
 
 from . import protocol, upstream
-from .blobserver import BlobServer
-from .fill import Tee
+from .blobhost import BlobHost
+from .fill import Fill
 from .hosts import Interception
 from .journal import MissJournal
 from .protocol import Kind, Route
-from .store import Manifest, Store
+from .store import BlobWriter, Manifest, Store
 
 logger = logging.getLogger(__name__)
 
-HIT = "hubcache_hit"
-REDIRECT_TTL = 600.0  # seconds a blob redirect is remembered; CDN URLs live about 20 minutes
+FILL = "hubcache_fill"  # on hubcache's own blob requests: the digest of the fill they feed
 MAX_MANIFEST_SIZE = 4 * 1024 * 1024  # registries refuse larger manifests
+MAX_REDIRECTS = 5
+REDIRECTS = (301, 302, 303, 307, 308)
 
 
 @dataclass
@@ -46,18 +48,18 @@ class Pending:
     """A request the store could not answer, followed until its response is complete."""
 
     route: Route
-    tee: Tee | None = None
     stale: Manifest | None = None  # the cached manifest of a tag, served if upstream fails
 
 
 class RegistryCache:
-    def __init__(self, hosts: Interception):
+    def __init__(self, hosts: Interception, blobs: BlobHost):
         self.hosts = hosts
+        self.blobs = blobs
         self.store: Store | None = None
         self.journal: MissJournal | None = None
-        self.blob_server: BlobServer | None = None
         self._pending: dict[str, Pending] = {}  # by flow id
-        self._redirects: dict[tuple[str, int, str], tuple[Route, float]] = {}
+        self._fills: dict[str, Fill] = {}  # by digest: the fills in progress
+        self._tasks: set[asyncio.Task] = set()
 
     def load(self, loader):
         loader.add_option(
@@ -80,6 +82,13 @@ class RegistryCache:
             "Seconds to wait for upstream when revalidating a tag before serving the cached manifest.",
         )
         loader.add_option(
+            "fill_timeout",
+            int,
+            60,
+            "Seconds upstream may stay silent while hubcache fetches a blob (before answering, or "
+            "in the middle of the body) before the fetch is abandoned.",
+        )
+        loader.add_option(
             "offline",
             bool,
             False,
@@ -99,6 +108,8 @@ class RegistryCache:
         for name in ("tag_freshness", "revalidate_timeout"):
             if name in updated and getattr(ctx.options, name) < 0:
                 raise exceptions.OptionsError(f"{name} must be 0 or more seconds")
+        if "fill_timeout" in updated and ctx.options.fill_timeout < 1:
+            raise exceptions.OptionsError("fill_timeout must be 1 or more seconds")
 
     def _open(self, directory: Path) -> None:
         try:
@@ -109,16 +120,12 @@ class RegistryCache:
         self.done()
         self.store = store
         self.journal = MissJournal(directory / "misses.jsonl")
-        self.blob_server = BlobServer(store)
-        self.blob_server.start()
         logger.info(f"hubcache: content store in {directory.resolve()}")
 
     def done(self):
-        if self.blob_server:
-            self.blob_server.stop()
         if self.store:
             self.store.close()
-        self.blob_server = self.store = None
+        self.store = None
 
     # request -> route
 
@@ -127,9 +134,7 @@ class RegistryCache:
             return
         host = flow.request.pretty_host
         if not self.hosts.is_registry(host):
-            if route := self._redirect_target(flow):
-                await self._blob_request(flow, route)
-            elif ctx.options.offline and self.hosts.intercepts(host):
+            if ctx.options.offline and self.hosts.intercepts(host):
                 self._answer_offline_token(flow)  # a token host: any token will do
             return
         try:
@@ -165,29 +170,112 @@ class RegistryCache:
 
     async def _blob_request(self, flow: http.HTTPFlow, route: Route) -> None:
         assert self.store
-        size = await asyncio.to_thread(self.store.blob_size, route.reference)
-        if size is not None:
-            if flow.request.method == "HEAD":
-                self._answer(flow, 200, b"", protocol.blob_headers(route.reference, size))
+        digest = route.reference
+        if flow.request.method == "HEAD":
+            size = await asyncio.to_thread(self.store.blob_size, digest)
+            if size is None:
+                await self._miss(flow, route)
             else:
-                self._send_to_blob_server(flow, route.reference)
+                self._answer(flow, 200, b"", protocol.blob_headers(digest, size))
             return
-        if flow.request.method == "GET" and "range" not in flow.request.headers:
-            # The digest covers the identity bytes; never let upstream compress them.
-            flow.request.headers.pop("accept-encoding", None)
-        await self._miss(flow, route)
+        if await asyncio.to_thread(self.store.has_blob, digest):
+            self._redirect(flow, digest, self.blobs.url(digest))
+            return
+        if ctx.options.offline:
+            await self._miss(flow, route)
+            return
+        fill = self._fills.get(digest)
+        leader = fill is None
+        if fill is None:
+            try:
+                writer = await asyncio.to_thread(self.store.blob_writer, digest)
+            except OSError as e:
+                logger.warning(f"{route.image}: passed through, the cache folder is unusable: {e.strerror or e}")
+                self._pending[flow.id] = Pending(route)
+                return
+            fill = self._start_fill(flow, route, writer)
+        await fill.answered.wait()
+        if fill.streaming and fill.size is not None:
+            self._redirect(flow, digest, self.blobs.url(digest, fill.name, fill.size))
+        elif fill.streaming:
+            await fill.done.wait()  # no size from upstream: send the blob once it is whole
+            if fill.committed:
+                self._redirect(flow, digest, self.blobs.url(digest))
+            else:
+                self._answer_error(flow, 502, "BLOB_UNKNOWN", f"upstream's copy of {digest} did not verify")
+        elif leader and fill.answer is not None:
+            flow.response = fill.answer.copy()  # 401, 404, 5xx...: upstream's own answer, for this client
+        elif leader:
+            self._answer_error(flow, 502, "BLOB_UNKNOWN", f"{route.image}: {fill.failure}")
+        # A follower of a fill that got no blob asks upstream itself, with its own credentials:
+        # its request passes through untouched.
 
-    def _send_to_blob_server(self, flow: http.HTTPFlow, digest: str) -> None:
-        assert self.blob_server
-        host, port = self.blob_server.address
-        flow.request.scheme = "http"
-        flow.request.host = host
-        flow.request.port = port
-        flow.request.path = f"/blobs/{digest}"
-        flow.request.headers.pop("authorization", None)
-        # A fresh server connection: direct, never through an upstream proxy.
-        flow.server_conn = connection.Server(address=(host, port))
-        flow.metadata[HIT] = True
+    def _redirect(self, flow: http.HTTPFlow, digest: str, url: str) -> None:
+        headers = {**protocol.API_VERSION_HEADERS, "Location": url, "Docker-Content-Digest": digest, "Content-Length": "0"}
+        self._answer(flow, 307, b"", headers)
+
+    def _start_fill(self, like: http.HTTPFlow, route: Route, writer: BlobWriter) -> Fill:
+        """Fetch the blob from upstream, with the credentials of the client that asked first."""
+        fill = self._fills[route.reference] = Fill(route, writer)
+        request = like.request.copy()
+        for header in ("accept-encoding", "range", "if-range"):
+            # The digest covers the identity bytes of the whole blob.
+            request.headers.pop(header, None)
+        task = asyncio.create_task(self._fill(like, request, fill))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return fill
+
+    async def _fill(self, like: http.HTTPFlow, request: http.Request, fill: Fill) -> None:
+        route = fill.route
+        try:
+            for _ in range(MAX_REDIRECTS + 1):
+                flow = upstream.subrequest(like, request)
+                flow.metadata[FILL] = route.reference
+                answer = await upstream.run(flow, ctx.options.fill_timeout, lambda: fill.progress)
+                if isinstance(answer, str):
+                    fill.fail(answer)
+                    logger.warning(f"{route.image}: not fetched: {answer}")
+                    await self._journal(route, f"failed: {answer}")
+                    return
+                location = answer.headers.get("location")
+                if answer.status_code in REDIRECTS and location and not fill.streaming:
+                    request = _redirected(request, location)
+                    continue
+                if not fill.streaming:
+                    fill.answer = answer
+                    fill.answered.set()
+                    await self._journal(route, f"passed: upstream answered {answer.status_code}")
+                    return
+                await self._finish_fill(fill)
+                return
+            fill.fail("too many redirects")
+            await self._journal(route, "failed: too many redirects")
+        finally:
+            if self._fills.get(route.reference) is fill:
+                del self._fills[route.reference]
+            await asyncio.to_thread(fill.discard)
+            fill.done.set()
+
+    async def _finish_fill(self, fill: Fill) -> None:
+        route, writer = fill.route, fill.writer
+        try:
+            committed = await asyncio.to_thread(fill.finish)
+        except (OSError, ValueError) as e:
+            logger.warning(f"{route.image}: fetched but not cached: {e}")
+            await self._journal(route, f"failed: not stored: {e}", size=writer.size)
+            return
+        if committed:
+            logger.info(f"{route.image}: cached {writer.size} bytes")
+            await self._journal(route, "filled", size=writer.size)
+        elif writer.write_error:
+            reason = writer.write_error.strerror or str(writer.write_error)
+            logger.warning(f"{route.image}: not cached: {reason}")
+            await self._journal(route, f"failed: not stored: {reason}", size=writer.size)
+        else:
+            got = f"{writer.size} bytes hashing to {writer.computed_digest}"
+            logger.warning(f"{route.image}: upstream sent {got}; not stored, transfers cut")
+            await self._journal(route, f"rejected: {got}", size=writer.size)
 
     async def _manifest_request(self, flow: http.HTTPFlow, route: Route) -> None:
         assert self.store
@@ -235,58 +323,24 @@ class RegistryCache:
         # request goes upstream and gets upstream's answer.
         await self._miss(flow, route, stale=cached)
 
-    def _redirect_target(self, flow: http.HTTPFlow) -> Route | None:
-        key = (flow.request.pretty_host.lower(), flow.request.port, flow.request.path)
-        route, _ = self._redirects.pop(key, (None, 0.0))
-        return route
-
-    # responseheaders: start teeing, remember redirects
+    # responseheaders: a fill's body goes to its file
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:
         assert flow.response
-        if flow.metadata.get(HIT):
-            flow.response.stream = True
+        response = flow.response
+        if digest := flow.metadata.get(FILL):
+            fill = self._fills.get(digest)
+            identity = response.headers.get("content-encoding", "identity").lower() == "identity"
+            if fill and response.status_code == 200 and identity and not fill.streaming:
+                length = response.headers.get("content-length", "")
+                fill.start_streaming(int(length) if length.isdigit() else None)
+                response.stream = fill.sink
             return
         pending = self._pending.get(flow.id)
-        if pending is None:
-            return
-        response = flow.response
-        if pending.route.kind is Kind.MANIFEST:
+        if pending is not None and pending.route.kind is Kind.MANIFEST:
             length = response.headers.get("content-length", "")
             if length.isdigit() and int(length) <= MAX_MANIFEST_SIZE:
                 response.stream = False  # the body must be whole to verify and store it
-            return
-        if response.status_code in (301, 302, 303, 307, 308) and "location" in response.headers:
-            self._remember_redirect(flow, response.headers["location"], pending.route)
-            return
-        response.stream = True  # blob bodies never sit in memory
-        if (
-            flow.request.method == "GET"
-            and response.status_code == 200
-            and response.headers.get("content-encoding", "identity").lower() == "identity"
-        ):
-            assert self.store
-            length = response.headers.get("content-length", "")
-            try:
-                writer = self.store.blob_writer(pending.route.reference)
-            except OSError as e:
-                logger.warning(f"{pending.route.image}: not cached, cache folder unusable: {e}")
-                return
-            pending.tee = Tee(writer, int(length) if length.isdigit() else None)
-            response.stream = pending.tee
-
-    def _remember_redirect(self, flow: http.HTTPFlow, location: str, route: Route) -> None:
-        target = urlsplit(urljoin(flow.request.url, location))
-        if target.scheme != "https" or not target.hostname:
-            return  # a plain-http blob URL is fetched by the client directly, out of our reach
-        self.hosts.learn_blob_host(target.hostname)
-        now = time.monotonic()
-        self._redirects = {k: v for k, v in self._redirects.items() if v[1] > now}
-        path = target.path + (f"?{target.query}" if target.query else "")
-        self._redirects[(target.hostname.lower(), target.port or 443, path)] = (
-            route,
-            now + REDIRECT_TTL,
-        )
 
     # response: commit or reject, journal the miss
 
@@ -295,37 +349,9 @@ class RegistryCache:
         if pending is None:
             return
         if pending.route.kind is Kind.BLOB:
-            await self._finish_blob(flow, pending)
+            await self._journal(pending.route, f"passed: upstream answered {flow.response.status_code}")
         else:
             await self._finish_manifest(flow, pending)
-
-    async def _finish_blob(self, flow: http.HTTPFlow, pending: Pending) -> None:
-        assert flow.response
-        route, tee, status = pending.route, pending.tee, flow.response.status_code
-        if tee is None:
-            if status not in (301, 302, 303, 307, 308, 401):
-                await self._journal(route, f"passed: upstream answered {status}")
-            return
-        if not tee.finished:  # an empty body is never streamed: it arrives whole
-            if body := flow.response.raw_content:
-                tee(body)
-            tee(b"")
-        if not tee.verified:
-            flow.kill()
-            await asyncio.to_thread(tee.abandon)
-            got = f"{tee.writer.size} bytes hashing to {tee.writer.computed_digest}"
-            logger.warning(f"{route.image}: upstream sent {got}; not stored, transfer aborted")
-            await self._journal(route, f"rejected: {got}", size=tee.writer.size)
-            return
-        try:
-            await asyncio.to_thread(tee.writer.commit)
-        except (OSError, ValueError) as e:
-            reason = getattr(tee.writer.write_error, "strerror", None) or str(e)
-            logger.warning(f"{route.image}: served but not cached: {reason}")
-            await self._journal(route, f"passed: not stored: {reason}", size=tee.writer.size)
-            return
-        logger.info(f"{route.image}: cached {tee.writer.size} bytes")
-        await self._journal(route, "filled", size=tee.writer.size)
 
     async def _finish_manifest(self, flow: http.HTTPFlow, pending: Pending) -> None:
         assert flow.response and self.store
@@ -373,8 +399,6 @@ class RegistryCache:
         pending = self._pending.pop(flow.id, None)
         if pending is None:
             return
-        if pending.tee:
-            await asyncio.to_thread(pending.tee.abandon)
         reason = flow.error.msg if flow.error else "unknown error"
         await self._journal(pending.route, f"failed: {reason}")
 
@@ -432,3 +456,14 @@ class RegistryCache:
             size=size,
             outcome=outcome,
         )
+
+
+def _redirected(request: http.Request, location: str) -> http.Request:
+    """The request a redirect asks for. Credentials stay with the registry: a blob host (CDN)
+    gets a signed URL instead, and some refuse requests that carry both."""
+    target = request.copy()
+    origin = request.pretty_host
+    target.url = urljoin(request.url, location)
+    if target.pretty_host != origin:
+        target.headers.pop("authorization", None)
+    return target

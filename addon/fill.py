@@ -1,62 +1,83 @@
-"""Filling the store from an upstream response that streams through mitmproxy to the client.
+"""A fill: one upstream fetch of a blob into the store, shared by every client that wants it meanwhile.
 
-The `Tee` is the response's stream callable: it passes every chunk on to the client and hands a
-copy to a writer thread that hashes it and writes it to a temporary file, so no disk work and no
-hashing happens on mitmproxy's event loop. The last chunk is held back until the whole body has
-verified: a client never receives the end of a body whose digest is wrong; the addon then kills
-the flow and the client sees a broken transfer, which it retries.
+hubcache fetches the blob itself (not on any client's connection), so a client that disconnects
+never aborts what the others wait for. The body arrives through `sink`, mitmproxy's stream
+callable for hubcache's own upstream request; a writer thread hashes it and appends it to the
+fill's temporary file, so no disk work and no hashing happens on mitmproxy's event loop. The blob
+server streams that file to clients as it grows.
 """
 
 from __future__ import annotations
 
-import logging
+import asyncio
 import queue
 import threading
+import time
+from pathlib import Path
 
+from mitmproxy import http
+
+from .protocol import Route
 from .store import BlobWriter
-
-logger = logging.getLogger(__name__)
 
 _END = None
 
 
-class Tee:
-    def __init__(self, writer: BlobWriter, expected_size: int | None):
+class Fill:
+    def __init__(self, route: Route, writer: BlobWriter):
+        self.route = route
         self.writer = writer
-        self.expected_size = expected_size
-        self.finished = False  # the callable has seen the end of the body
-        self.verified = False
-        self._held = b""
+        self.size: int | None = None  # from upstream's Content-Length, once its answer came
+        self.streaming = False  # upstream answered 200 and the body is being written
+        self.answer: http.Response | None = None  # upstream's answer when it was not a body to keep
+        self.failure = ""  # why the fill ended without a blob
+        self.committed = False
+        self.answered = asyncio.Event()  # set once streaming, answer or failure is known
+        self.done = asyncio.Event()
+        self.progress = time.monotonic()  # when the last bytes arrived
         self._queue: queue.SimpleQueue[bytes | None] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._drain, name="hubcache fill", daemon=True)
+
+    @property
+    def name(self) -> str:
+        """The temporary file, relative to the store's tmp folder (what the blob server opens)."""
+        return str(Path(self.writer.path).resolve().relative_to((self.writer.store.directory / "tmp").resolve()))
+
+    def start_streaming(self, size: int | None) -> None:
+        self.size = size
+        self.streaming = True
         self._thread.start()
+        self.answered.set()
+
+    def sink(self, data: bytes) -> list[bytes]:
+        """mitmproxy's stream callable: runs on the event loop, so it only queues."""
+        self.progress = time.monotonic()
+        self._queue.put(data if data else _END)
+        return []  # nobody reads hubcache's own request
 
     def _drain(self) -> None:
         while (chunk := self._queue.get()) is not _END:
             self.writer.write(chunk)
 
-    def __call__(self, data: bytes) -> bytes | list[bytes]:
-        # mitmproxy calls this on its event loop and must never see an exception from it.
-        try:
-            if data:
-                self._queue.put(data)
-                out, self._held = self._held, data
-                return [out] if out else []
-            self._queue.put(_END)
-            self._thread.join()
-            self.finished = True
-            self.verified = self.writer.verified(self.expected_size)
-            return [self._held] if self.verified else []
-        except Exception:
-            logger.exception("blob fill failed; the transfer will be aborted")
-            self.finished = True
-            self.verified = False
-            return []
+    def finish(self) -> bool:
+        """After the last byte (blocking): commit if size and digest verify. Returns whether it did."""
+        self._thread.join()
+        self.writer.close()
+        if not self.writer.verified(self.size) or self.writer.write_error:
+            return False
+        self.writer.commit()
+        self.committed = True
+        return True
 
-    def abandon(self) -> None:
-        """The transfer broke: stop the writer thread and drop the partial file (blocking)."""
-        if not self.finished:
+    def fail(self, reason: str) -> None:
+        self.failure = reason
+        self.answered.set()
+
+    def discard(self) -> None:
+        """Drop the temporary file unless committed (blocking). The blob server notices and cuts
+        the transfers it was streaming from it."""
+        if self._thread.is_alive():
             self._queue.put(_END)
             self._thread.join()
-            self.finished = True
-        self.writer.discard()
+        if not self.committed:
+            self.writer.discard()

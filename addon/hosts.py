@@ -1,8 +1,9 @@
 """Which connections hubcache intercepts, and where upstream connections go.
 
-Only registry traffic is intercepted: the registries' API hosts, their token hosts, and the blob
-hosts (CDNs) that a registry has redirected a blob request to in this run. Every other TLS
-connection is tunnelled untouched, so hubcache never sees or breaks anything else.
+Only registry traffic is intercepted: the registries' API hosts and their token hosts. Every other
+TLS connection is tunnelled untouched, so hubcache never sees or breaks anything else (blob
+hosts too: hubcache follows a registry's blob redirects itself, and its own blob server is
+reached through a tunnel).
 """
 
 from __future__ import annotations
@@ -23,15 +24,12 @@ AUTH_HOSTS = {"registry-1.docker.io": "auth.docker.io", "index.docker.io": "auth
 class Interception:
     """Intercepts registry hosts only (option `registries`); tunnels everything else."""
 
-    def __init__(self) -> None:
-        self.blob_hosts: set[str] = set()
-
     def load(self, loader):
         loader.add_option(
             "registries",
             Sequence[str],
             list(DOCKER_HUB_API),
-            "Registry API hosts to cache (their token and blob hosts are intercepted too). "
+            "Registry API hosts to cache (their token hosts are intercepted too). "
             "Every other host is tunnelled untouched.",
         )
 
@@ -46,17 +44,11 @@ class Interception:
     def is_registry(self, host: str) -> bool:
         return host.lower() in {h.lower() for h in ctx.options.registries}
 
-    def learn_blob_host(self, host: str) -> None:
-        """A registry redirected a blob to `host`: intercept it from now on to fill the cache."""
-        if host.lower() not in self.blob_hosts:
-            logger.info(f"intercepting blob host {host}")
-            self.blob_hosts.add(host.lower())
-
     def intercepts(self, host: str) -> bool:
         host = host.lower()
         registries = {h.lower() for h in ctx.options.registries}
         auth = {AUTH_HOSTS[h] for h in registries if h in AUTH_HOSTS}
-        return host in registries or host in auth or host in self.blob_hosts
+        return host in registries or host in auth
 
     def tls_clienthello(self, data: tls.ClientHelloData) -> None:
         host = data.client_hello.sni or (

@@ -1,5 +1,6 @@
 """hubcache as a mitmproxy script: `mitmdump -s addon/hubcache.py --set cache_dir=DIR`."""
 
+from addon.blobhost import BlobHost
 from addon.cache import RegistryCache
 from addon.hosts import Interception, UpstreamOverride
 from addon.recorder import Recorder
@@ -8,8 +9,9 @@ from addon.recorder import Recorder
 def make_addons() -> list:
     """A fresh set of hubcache's addons, in hook order: hosts first, the cache before the recorder."""
     interception = Interception()
-    cache = RegistryCache(interception)
-    return [interception, UpstreamOverride(), cache, Recorder(interception, cache)]
+    blobs = BlobHost()
+    cache = RegistryCache(interception, blobs)
+    return [interception, UpstreamOverride(), blobs, cache, Recorder(interception, cache)]
 
 
 addons = make_addons()

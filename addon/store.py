@@ -189,6 +189,11 @@ class BlobWriter:
             except OSError as e:
                 self.write_error = e
 
+    @property
+    def path(self) -> str:
+        """The temporary file the bytes go to until commit."""
+        return self._path
+
     def close(self) -> None:
         """No more bytes: release the file but keep it until commit or discard."""
         try:

@@ -1,9 +1,11 @@
+"""A fill: the body of hubcache's own upstream request, written and hashed off the event loop."""
+
 import os
 
 import pytest
 
-from addon.fill import Tee
-from addon.protocol import digest_of
+from addon.fill import Fill
+from addon.protocol import Kind, Route, digest_of
 from addon.store import Store
 
 BLOB = os.urandom(300_000)
@@ -23,103 +25,81 @@ def temp_files(store: Store) -> list[str]:
     return [os.path.join(d, f) for d, _, files in os.walk(root) for f in files]
 
 
-def run(tee: Tee, chunks: list[bytes]) -> list[list[bytes]]:
-    """Every output of the callable, the final b"" call last."""
-    outputs = [list(tee(chunk)) for chunk in chunks]
-    outputs.append(list(tee(b"")))
-    return outputs
+def fill_with(store: Store, chunks: list[bytes], size: int | None = len(BLOB), digest: str = DIGEST) -> Fill:
+    fill = Fill(Route(Kind.BLOB, "docker.io", "library/alpine", digest), store.blob_writer(digest))
+    fill.start_streaming(size)
+    for chunk in chunks:
+        assert fill.sink(chunk) == [], "nobody reads hubcache's own request"
+    fill.sink(b"")
+    return fill
 
 
-def test_passes_every_byte_in_order_holding_back_the_last_chunk(store):
-    tee = Tee(store.blob_writer(DIGEST), len(BLOB))
-    outputs = run(tee, CHUNKS)
-    assert outputs[0] == []  # the first chunk is held until the second arrives
-    for i in range(1, len(CHUNKS)):
-        assert outputs[i] == [CHUNKS[i - 1]]
-    assert outputs[-1] == [CHUNKS[-1]]  # released only once the whole body verified
-    assert b"".join(b for out in outputs for b in out) == BLOB
-    assert tee.finished and tee.verified
-    tee.writer.commit()
+async def test_streaming_is_announced(store):
+    fill = Fill(Route(Kind.BLOB, "docker.io", "library/alpine", DIGEST), store.blob_writer(DIGEST))
+    assert not fill.answered.is_set()
+    fill.start_streaming(len(BLOB))
+    assert fill.answered.is_set() and fill.streaming and fill.size == len(BLOB)
+    assert (store.directory / "tmp" / fill.name).is_file(), "the blob server finds the file by its name"
+    fill.sink(b"")
+    fill.discard()
+
+
+def test_a_verified_body_is_committed(store):
+    fill = fill_with(store, CHUNKS)
+    assert fill.finish() and fill.committed
     with store.open_blob(DIGEST) as f:
         assert f.read() == BLOB
+    fill.discard()  # after a commit: nothing to drop
+    assert store.has_blob(DIGEST) and temp_files(store) == []
 
 
-def test_unknown_length_verifies_by_digest(store):
-    tee = Tee(store.blob_writer(DIGEST), None)
-    outputs = run(tee, CHUNKS)
-    assert b"".join(b for out in outputs for b in out) == BLOB
-    assert tee.verified
+def test_unknown_size_verifies_by_digest(store):
+    assert fill_with(store, CHUNKS, size=None).finish()
 
 
-def test_digest_mismatch_withholds_the_end(store):
-    bad = CHUNKS[:-1] + [CHUNKS[-1][:-1] + b"\x00"]
-    tee = Tee(store.blob_writer(DIGEST), None)
-    outputs = run(tee, bad)
-    assert outputs[-1] == []
-    sent = b"".join(b for out in outputs for b in out)
-    assert sent == b"".join(bad[:-1])  # everything but the last chunk
-    assert tee.finished and not tee.verified
-    with pytest.raises(ValueError):
-        tee.writer.commit()
-    assert not store.has_blob(DIGEST)
+@pytest.mark.parametrize(
+    "chunks, size",
+    [
+        (CHUNKS[:-1] + [CHUNKS[-1][:-1] + b"\x00"], len(BLOB)),  # wrong bytes
+        (CHUNKS, len(BLOB) + 1),  # wrong size
+        (CHUNKS[:2], len(BLOB)),  # short
+    ],
+)
+def test_a_body_that_does_not_verify_is_never_stored(store, chunks, size):
+    fill = fill_with(store, chunks, size)
+    assert not fill.finish() and not fill.committed
+    fill.discard()
+    assert not store.has_blob(DIGEST) and temp_files(store) == []
 
 
-def test_size_mismatch_withholds_the_end(store):
-    tee = Tee(store.blob_writer(DIGEST), len(BLOB) + 1)
-    assert run(tee, CHUNKS)[-1] == []
-    assert not tee.verified
+def test_discard_mid_body_stops_the_writer(store):
+    fill = Fill(Route(Kind.BLOB, "docker.io", "library/alpine", DIGEST), store.blob_writer(DIGEST))
+    fill.start_streaming(len(BLOB))
+    fill.sink(CHUNKS[0])
+    fill.discard()
+    assert not fill._thread.is_alive() and temp_files(store) == []
 
 
-def test_single_chunk_body(store):
-    small = b"tiny layer"
-    tee = Tee(store.blob_writer(digest_of(small)), len(small))
-    assert list(tee(small)) == []
-    assert list(tee(b"")) == [small]
-    assert tee.verified
-
-
-def test_abandon_removes_the_temp_file(store):
-    tee = Tee(store.blob_writer(DIGEST), len(BLOB))
-    for chunk in CHUNKS[:2]:
-        tee(chunk)
-    assert temp_files(store)
-    tee.abandon()
-    assert tee.finished
-    assert temp_files(store) == []
-    assert not tee._thread.is_alive()
-    assert not store.has_blob(DIGEST)
-
-
-def test_abandon_after_finish(store):
-    tee = Tee(store.blob_writer(DIGEST), len(BLOB))
-    run(tee, CHUNKS)
-    tee.abandon()
-    assert temp_files(store) == []
-
-
-def test_never_raises(store, monkeypatch):
-    tee = Tee(store.blob_writer(DIGEST), len(BLOB))
-    tee(CHUNKS[0])
-
-    def broken(expected_size=None):
-        raise RuntimeError("boom")
-
-    monkeypatch.setattr(tee.writer, "verified", broken)
-    assert list(tee(b"")) == []
-    assert tee.finished and not tee.verified
-
-
-def test_write_error_still_verifies_for_the_client(store, monkeypatch):
-    tee = Tee(store.blob_writer(DIGEST), len(BLOB))
+def test_a_write_error_is_kept_not_raised(store, monkeypatch):
+    fill = Fill(Route(Kind.BLOB, "docker.io", "library/alpine", DIGEST), store.blob_writer(DIGEST))
 
     def no_space(data):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(tee.writer._file, "write", no_space)
-    outputs = run(tee, CHUNKS)
-    assert b"".join(b for out in outputs for b in out) == BLOB
-    assert tee.verified
-    assert tee.writer.write_error is not None
-    with pytest.raises(ValueError):
-        tee.writer.commit()
+    monkeypatch.setattr(fill.writer._file, "write", no_space)
+    fill.start_streaming(len(BLOB))
+    for chunk in CHUNKS:
+        fill.sink(chunk)
+    fill.sink(b"")
+    assert not fill.finish()
+    assert fill.writer.write_error.errno == 28
+    fill.discard()
     assert not store.has_blob(DIGEST)
+
+
+def test_failure_is_announced(store):
+    fill = Fill(Route(Kind.BLOB, "docker.io", "library/alpine", DIGEST), store.blob_writer(DIGEST))
+    fill.fail("upstream sent nothing for 60s")
+    assert fill.answered.is_set() and not fill.streaming and fill.failure
+    fill.discard()
+    assert temp_files(store) == []

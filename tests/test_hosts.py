@@ -5,6 +5,7 @@ from mitmproxy import connection, exceptions, tls
 from mitmproxy.proxy import context, server_hooks
 from mitmproxy.test import taddons, tflow
 
+from addon.blobserver import BLOB_HOST
 from addon.hosts import Interception, UpstreamOverride
 
 
@@ -47,16 +48,6 @@ class TestInterception:
             assert not i.intercepts("registry-1.docker.io")
             assert not i.intercepts("auth.docker.io")  # only with a Docker Hub API host
 
-    def test_learned_blob_host(self):
-        i = Interception()
-        with taddons.context(i):
-            host = "production.cloudflare.docker.com"
-            assert not i.intercepts(host)
-            i.learn_blob_host("Production.Cloudflare.Docker.com")
-            assert i.intercepts(host)
-            assert not i.is_registry(host)  # a blob host is never parsed as a registry API
-            assert not i.intercepts("cloudflare.docker.com")
-
     @pytest.mark.parametrize("bad", ["", "https://ghcr.io", "ghcr.io/v2", " ghcr.io", "ghcr.io:5000"])
     def test_bad_registry_option(self, bad):
         i = Interception()
@@ -82,13 +73,12 @@ class TestInterception:
             i.tls_clienthello(data)
             assert data.ignore_connection
 
-    def test_clienthello_of_a_learned_blob_host(self):
+    def test_clienthello_of_the_blob_server_is_tunnelled(self):
         i = Interception()
         with taddons.context(i) as tctx:
-            i.learn_blob_host("cdn.example.net")
-            data = hello_data(tctx, "cdn.example.net")
+            data = hello_data(tctx, BLOB_HOST)
             i.tls_clienthello(data)
-            assert not data.ignore_connection
+            assert data.ignore_connection, "blob bytes must cross mitmproxy as raw TCP"
 
     def test_clienthello_without_sni_uses_the_server_address(self):
         i = Interception()

@@ -8,6 +8,7 @@ from mitmproxy import exceptions, http
 from mitmproxy.addons.proxyserver import Proxyserver
 from mitmproxy.test import taddons, tflow, tutils
 
+from addon.blobhost import BlobHost
 from addon.cache import RegistryCache
 from addon.hosts import Interception
 from addon.recorder import Recorder
@@ -28,7 +29,7 @@ def image(tmp_path_factory):
 @pytest.fixture
 async def env(tmp_path, image):
     hosts = Interception()
-    cache = RegistryCache(hosts)
+    cache = RegistryCache(hosts, BlobHost())
     recorder = Recorder(hosts, cache)
     with taddons.context(Proxyserver(), hosts, cache, recorder) as tctx:
         tctx.configure(cache, cache_dir=str(tmp_path), tag_freshness=3600)

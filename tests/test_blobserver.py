@@ -1,0 +1,198 @@
+"""The blob server process, started by the BlobHost addon as the proxy starts it, over real TLS."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import socket
+import ssl
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from mitmproxy import connection
+from mitmproxy.addons.proxyserver import Proxyserver
+from mitmproxy.addons.tlsconfig import TlsConfig
+from mitmproxy.proxy import server_hooks
+from mitmproxy.test import taddons
+
+from addon import blobserver
+from addon.blobhost import BlobHost
+from addon.blobserver import BLOB_HOST
+from addon.cache import RegistryCache
+from addon.hosts import Interception
+from addon.protocol import digest_of
+from addon.store import Store
+
+BLOB = os.urandom(3 * 1024 * 1024 + 17)
+DIGEST = digest_of(BLOB)
+
+
+@dataclass
+class Blobs:
+    host: BlobHost
+    store: Store
+    ca: Path
+
+    @property
+    def secret(self) -> bytes:
+        return self.host.secret
+
+
+@pytest.fixture
+def blobs(tmp_path):
+    host = BlobHost()
+    cache = RegistryCache(Interception(), host)
+    tlsconfig = TlsConfig()
+    with taddons.context(Proxyserver(), tlsconfig, cache, host) as tctx:
+        tctx.configure(tlsconfig, confdir=str(tmp_path / "conf"))
+        tctx.configure(cache, cache_dir=str(tmp_path / "cache"))
+        host.running()
+        assert host.address, "the blob server started"
+        yield Blobs(host, cache.store, tmp_path / "conf" / "mitmproxy-ca-cert.pem")
+        host.done()
+        cache.done()
+
+
+def get(blobs: Blobs, path: str, headers: dict | None = None, method: str = "GET"):
+    """A request to the blob server as a client reaches it: TLS for BLOB_HOST, trusting the CA."""
+    context = ssl.create_default_context(cafile=str(blobs.ca))
+    conn = http.client.HTTPSConnection(BLOB_HOST, context=context, timeout=20)
+    conn.sock = context.wrap_socket(socket.create_connection(blobs.host.address), server_hostname=BLOB_HOST)
+    try:
+        conn.request(method, path, headers=headers or {})
+        response = conn.getresponse()
+        try:
+            return response.status, response.headers, response.read()
+        except http.client.IncompleteRead as e:
+            return response.status, response.headers, e
+    finally:
+        conn.close()
+
+
+def put(store, data: bytes = BLOB, digest: str = DIGEST) -> None:
+    writer = store.blob_writer(digest)
+    writer.write(data)
+    writer.commit()
+
+
+def path_of(blobs, digest: str = DIGEST, **fill) -> str:
+    return blobserver.signed_path(blobs.secret, digest, **fill)
+
+
+def test_a_cached_blob_with_ranges(blobs):
+    put(blobs.store)
+    status, headers, body = get(blobs, path_of(blobs))
+    assert (status, body) == (200, BLOB)
+    assert headers["Docker-Content-Digest"] == DIGEST and headers["Content-Length"] == str(len(BLOB))
+    status, headers, body = get(blobs, path_of(blobs), {"Range": "bytes=100-"})
+    assert (status, headers["Content-Range"], body) == (206, f"bytes 100-{len(BLOB) - 1}/{len(BLOB)}", BLOB[100:])
+    status, _, body = get(blobs, path_of(blobs), {"Range": "bytes=5-9"})
+    assert (status, body) == (206, BLOB[5:10])
+    status, headers, body = get(blobs, path_of(blobs), {"Range": f"bytes={len(BLOB)}-"})
+    assert (status, headers["Content-Range"]) == (416, f"bytes */{len(BLOB)}")
+    assert json.loads(body)["errors"][0]["code"] == "RANGE_INVALID"
+    status, headers, body = get(blobs, path_of(blobs), method="HEAD")
+    assert (status, headers["Content-Length"], body) == (200, str(len(BLOB)), b"")
+
+
+@pytest.mark.parametrize(
+    "mangle",
+    [
+        lambda p: p.replace("signature=", "signature=0"),
+        lambda p: p.replace(DIGEST[7:15], "00000000"),
+        lambda p: p.split("?")[0],
+        lambda p: p + "&fill=1/tmpx/fill-y&size=5",
+    ],
+)
+def test_only_urls_the_proxy_signed_are_served(blobs, mangle):
+    put(blobs.store)
+    status, _, body = get(blobs, mangle(path_of(blobs)))
+    assert status == 403
+    assert json.loads(body)["errors"][0]["code"] == "DENIED"
+
+
+def test_an_expired_url_is_refused(blobs):
+    put(blobs.store)
+    old = blobserver.signed_path(blobs.secret, DIGEST, now=time.time() - blobserver.URL_TTL - 5)
+    assert get(blobs, old)[0] == 403
+
+
+def test_unknown_blob(blobs):
+    status, _, body = get(blobs, path_of(blobs))
+    assert status == 404 and json.loads(body)["errors"][0]["code"] == "BLOB_UNKNOWN"
+
+
+def start_fill(blobs, half: int):
+    writer = blobs.store.blob_writer(DIGEST)
+    writer.write(BLOB[:half])
+    name = os.path.relpath(writer.path, blobs.store.directory / "tmp")
+    return writer, path_of(blobs, fill=name, size=len(BLOB))
+
+
+def in_background(fn, *args):
+    result = {}
+    thread = threading.Thread(target=lambda: result.setdefault("value", fn(*args)))
+    thread.start()
+    return thread, result
+
+
+def test_a_growing_fill_is_streamed_and_its_end_waits_for_the_commit(blobs):
+    writer, path = start_fill(blobs, len(BLOB) // 2)
+    thread, result = in_background(get, blobs, path)
+    time.sleep(0.5)
+    assert thread.is_alive(), "the client waits for the rest"
+    writer.write(BLOB[len(BLOB) // 2 :])
+    writer.close()  # every byte is on disk, but the digest is not confirmed yet
+    time.sleep(0.3)
+    assert thread.is_alive(), "the last byte waits for the commit"
+    writer.commit()
+    thread.join(10)
+    status, _, body = result["value"]
+    assert (status, body) == (200, BLOB)
+
+
+def test_a_range_of_a_growing_fill(blobs):
+    writer, path = start_fill(blobs, 1000)
+    thread, result = in_background(get, blobs, path, {"Range": "bytes=2000000-"})
+    time.sleep(0.2)
+    writer.write(BLOB[1000:])
+    writer.commit()
+    thread.join(10)
+    status, _, body = result["value"]
+    assert (status, body) == (206, BLOB[2000000:])
+
+
+def test_a_failed_fill_cuts_the_transfer(blobs):
+    writer, path = start_fill(blobs, len(BLOB) // 2)
+    thread, result = in_background(get, blobs, path)
+    time.sleep(0.3)
+    writer.discard()  # what the proxy does when the bytes do not verify
+    thread.join(10)
+    status, _, body = result["value"]
+    assert status == 200 and isinstance(body, http.client.IncompleteRead)
+    assert len(body.partial) < len(BLOB)
+
+
+def connect(blobs: Blobs, address: tuple[str, int]) -> connection.Server:
+    server = connection.Server(address=address)
+    server.via = ("http", ("corporate-proxy", 3128))
+    client = connection.Client(peername=("127.0.0.1", 1), sockname=("127.0.0.1", 2))
+    blobs.host.server_connect(server_hooks.ServerConnectionHookData(server=server, client=client))
+    return server
+
+
+def test_clients_are_routed_to_it_directly(blobs):
+    server = connect(blobs, (BLOB_HOST, 443))
+    assert server.address == blobs.host.address and server.via is None, "never through an upstream proxy"
+    other = connect(blobs, ("registry-1.docker.io", 443))
+    assert other.address == ("registry-1.docker.io", 443) and other.via is not None
+
+
+def test_the_server_stops_with_the_proxy(blobs):
+    proc = blobs.host._proc
+    blobs.host.done()
+    assert proc.poll() is not None
