@@ -33,7 +33,7 @@ from .fill import Fill
 from .hosts import Interception
 from .journal import MissJournal
 from .protocol import Kind, Route
-from .store import BlobWriter, Manifest, Store
+from .store import Manifest, Store
 
 logger = logging.getLogger(__name__)
 
@@ -178,24 +178,25 @@ class RegistryCache:
             else:
                 self._answer(flow, 200, b"", protocol.blob_headers(digest, size))
             return
-        if await asyncio.to_thread(self.store.has_blob, digest):
-            self._redirect(flow, digest, self.blobs.url(digest))
-            return
-        if ctx.options.offline:
-            await self._miss(flow, route)
-            return
         fill = self._fills.get(digest)
+        if fill is None:
+            if await asyncio.to_thread(self.store.has_blob, digest):
+                self._redirect(flow, digest, self.blobs.url(digest))
+                return
+            if ctx.options.offline:
+                await self._miss(flow, route)
+                return
+            fill = self._fills.get(digest)  # another client may have started one meanwhile
         leader = fill is None
         if fill is None:
-            try:
-                writer = await asyncio.to_thread(self.store.blob_writer, digest)
-            except OSError as e:
-                logger.warning(f"{route.image}: passed through, the cache folder is unusable: {e.strerror or e}")
-                self._pending[flow.id] = Pending(route)
-                return
-            fill = self._start_fill(flow, route, writer)
+            fill = self._start_fill(flow, route)
         await fill.answered.wait()
-        if fill.streaming and fill.size is not None:
+        if fill.cached:
+            self._redirect(flow, digest, self.blobs.url(digest))
+        elif fill.unusable:
+            logger.warning(f"{route.image}: passed through, {fill.unusable}")
+            self._pending[flow.id] = Pending(route)
+        elif fill.streaming and fill.size is not None:
             self._redirect(flow, digest, self.blobs.url(digest, fill.name, fill.size))
         elif fill.streaming:
             await fill.done.wait()  # no size from upstream: send the blob once it is whole
@@ -214,9 +215,10 @@ class RegistryCache:
         headers = {**protocol.API_VERSION_HEADERS, "Location": url, "Docker-Content-Digest": digest, "Content-Length": "0"}
         self._answer(flow, 307, b"", headers)
 
-    def _start_fill(self, like: http.HTTPFlow, route: Route, writer: BlobWriter) -> Fill:
-        """Fetch the blob from upstream, with the credentials of the client that asked first."""
-        fill = self._fills[route.reference] = Fill(route, writer)
+    def _start_fill(self, like: http.HTTPFlow, route: Route) -> Fill:
+        """Fetch the blob from upstream, with the credentials of the client that asked first.
+        The fill is registered before anything is awaited, so every later request joins it."""
+        fill = self._fills[route.reference] = Fill(route)
         request = like.request.copy()
         for header in ("accept-encoding", "range", "if-range"):
             # The digest covers the identity bytes of the whole blob.
@@ -227,8 +229,18 @@ class RegistryCache:
         return fill
 
     async def _fill(self, like: http.HTTPFlow, request: http.Request, fill: Fill) -> None:
+        assert self.store
         route = fill.route
         try:
+            # A fill that finished while this one was being decided on has left its blob.
+            if await asyncio.to_thread(self.store.has_blob, route.reference):
+                fill.skip(cached=True)
+                return
+            try:
+                fill.writer = await asyncio.to_thread(self.store.blob_writer, route.reference)
+            except OSError as e:
+                fill.skip(unusable=f"the cache folder is unusable: {e.strerror or e}")
+                return
             for _ in range(MAX_REDIRECTS + 1):
                 flow = upstream.subrequest(like, request)
                 flow.metadata[FILL] = route.reference
@@ -259,6 +271,7 @@ class RegistryCache:
 
     async def _finish_fill(self, fill: Fill) -> None:
         route, writer = fill.route, fill.writer
+        assert writer
         try:
             committed = await asyncio.to_thread(fill.finish)
         except (OSError, ValueError) as e:

@@ -24,9 +24,11 @@ _END = None
 
 
 class Fill:
-    def __init__(self, route: Route, writer: BlobWriter):
+    def __init__(self, route: Route):
         self.route = route
-        self.writer = writer
+        self.writer: BlobWriter | None = None  # the temporary file, once there is a body to keep
+        self.cached = False  # the store had the blob after all: nothing to fetch
+        self.unusable = ""  # why the cache folder could not take the blob
         self.size: int | None = None  # from upstream's Content-Length, once its answer came
         self.streaming = False  # upstream answered 200 and the body is being written
         self.answer: http.Response | None = None  # upstream's answer when it was not a body to keep
@@ -41,6 +43,7 @@ class Fill:
     @property
     def name(self) -> str:
         """The temporary file, relative to the store's tmp folder (what the blob server opens)."""
+        assert self.writer
         return str(Path(self.writer.path).resolve().relative_to((self.writer.store.directory / "tmp").resolve()))
 
     def start_streaming(self, size: int | None) -> None:
@@ -56,11 +59,13 @@ class Fill:
         return []  # nobody reads hubcache's own request
 
     def _drain(self) -> None:
+        assert self.writer
         while (chunk := self._queue.get()) is not _END:
             self.writer.write(chunk)
 
     def finish(self) -> bool:
         """After the last byte (blocking): commit if size and digest verify. Returns whether it did."""
+        assert self.writer
         self._thread.join()
         self.writer.close()
         if not self.writer.verified(self.size) or self.writer.write_error:
@@ -73,11 +78,16 @@ class Fill:
         self.failure = reason
         self.answered.set()
 
+    def skip(self, *, cached: bool = False, unusable: str = "") -> None:
+        """No fetch after all: the blob is in the store already, or the store cannot take it."""
+        self.cached, self.unusable = cached, unusable
+        self.answered.set()
+
     def discard(self) -> None:
         """Drop the temporary file unless committed (blocking). The blob server notices and cuts
         the transfers it was streaming from it."""
         if self._thread.is_alive():
             self._queue.put(_END)
             self._thread.join()
-        if not self.committed:
+        if self.writer and not self.committed:
             self.writer.discard()

@@ -316,6 +316,15 @@ class TestBlobFill:
         assert env.temp_files() == []
         assert env.journal()[0]["outcome"].startswith(outcome)
 
+    async def test_a_fill_that_ended_while_a_request_was_deciding_is_not_repeated(self, env, monkeypatch):
+        await fill_blob(env)
+        answers = iter([False, True])  # the request's look misses the commit, the fill's sees it
+        monkeypatch.setattr(env.cache.store, "has_blob", lambda digest: next(answers))
+        f = flow(blob_path())
+        await env.cache.request(f)
+        assert set(location(f)[1]) == {"expires", "signature"}
+        assert len(env.fetched) == 1, "no second upstream fetch"
+
     async def test_upstreams_refusal_goes_to_the_client_that_asked(self, env):
         challenge = 'Bearer realm="https://auth.docker.io/token"'
         env.fetches.append(Upstream(401, {"WWW-Authenticate": challenge, "Content-Length": "2"}, b"{}"))

@@ -25,8 +25,14 @@ def temp_files(store: Store) -> list[str]:
     return [os.path.join(d, f) for d, _, files in os.walk(root) for f in files]
 
 
+def new_fill(store: Store, digest: str = DIGEST) -> Fill:
+    fill = Fill(Route(Kind.BLOB, "docker.io", "library/alpine", digest))
+    fill.writer = store.blob_writer(digest)
+    return fill
+
+
 def fill_with(store: Store, chunks: list[bytes], size: int | None = len(BLOB), digest: str = DIGEST) -> Fill:
-    fill = Fill(Route(Kind.BLOB, "docker.io", "library/alpine", digest), store.blob_writer(digest))
+    fill = new_fill(store, digest)
     fill.start_streaming(size)
     for chunk in chunks:
         assert fill.sink(chunk) == [], "nobody reads hubcache's own request"
@@ -35,7 +41,7 @@ def fill_with(store: Store, chunks: list[bytes], size: int | None = len(BLOB), d
 
 
 async def test_streaming_is_announced(store):
-    fill = Fill(Route(Kind.BLOB, "docker.io", "library/alpine", DIGEST), store.blob_writer(DIGEST))
+    fill = new_fill(store)
     assert not fill.answered.is_set()
     fill.start_streaming(len(BLOB))
     assert fill.answered.is_set() and fill.streaming and fill.size == len(BLOB)
@@ -73,7 +79,7 @@ def test_a_body_that_does_not_verify_is_never_stored(store, chunks, size):
 
 
 def test_discard_mid_body_stops_the_writer(store):
-    fill = Fill(Route(Kind.BLOB, "docker.io", "library/alpine", DIGEST), store.blob_writer(DIGEST))
+    fill = new_fill(store)
     fill.start_streaming(len(BLOB))
     fill.sink(CHUNKS[0])
     fill.discard()
@@ -81,7 +87,7 @@ def test_discard_mid_body_stops_the_writer(store):
 
 
 def test_a_write_error_is_kept_not_raised(store, monkeypatch):
-    fill = Fill(Route(Kind.BLOB, "docker.io", "library/alpine", DIGEST), store.blob_writer(DIGEST))
+    fill = new_fill(store)
 
     def no_space(data):
         raise OSError(28, "No space left on device")
@@ -98,7 +104,7 @@ def test_a_write_error_is_kept_not_raised(store, monkeypatch):
 
 
 def test_failure_is_announced(store):
-    fill = Fill(Route(Kind.BLOB, "docker.io", "library/alpine", DIGEST), store.blob_writer(DIGEST))
+    fill = new_fill(store)
     fill.fail("upstream sent nothing for 60s")
     assert fill.answered.is_set() and not fill.streaming and fill.failure
     fill.discard()

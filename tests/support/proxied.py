@@ -5,6 +5,8 @@ from __future__ import annotations
 import http.client
 import json
 import ssl
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urljoin, urlsplit
@@ -15,12 +17,14 @@ class Answer:
     status: int
     headers: http.client.HTTPMessage
     body: bytes
+    complete: bool = True  # False when the connection broke before the announced length
 
     def json(self) -> dict:
         return json.loads(self.body)
 
 
-def request(
+@contextmanager
+def opened(
     proxy_port: int,
     host: str,
     path: str,
@@ -30,30 +34,36 @@ def request(
     headers: dict[str, str] | None = None,
     timeout: float = 30,
     follow: bool = True,
-) -> Answer:
-    """`method https://host/path` through the proxy on 127.0.0.1, trusting only `ca`. Redirects
-    to https URLs are followed through the proxy (as registry clients do, with Range kept and
-    Authorization dropped for another host) unless `follow` is false."""
-    answer = _once(proxy_port, host, path, ca, method, headers or {}, timeout)
-    hops = 0
-    while follow and answer.status in (301, 302, 303, 307, 308) and hops < 5:
-        target = urlsplit(urljoin(f"https://{host}{path}", answer.headers["Location"]))
+) -> Iterator[http.client.HTTPResponse]:
+    """The response to `method https://host/path` through the proxy on 127.0.0.1, trusting only
+    `ca`, its body unread. Redirects to https URLs are followed through the proxy (as registry
+    clients do: Range kept, Authorization dropped for another host) unless `follow` is false."""
+    headers = dict(headers or {})
+    for _ in range(6):
+        context = ssl.create_default_context(cafile=str(ca))
+        conn = http.client.HTTPSConnection("127.0.0.1", proxy_port, context=context, timeout=timeout)
+        conn.set_tunnel(host, 443)
+        try:
+            conn.request(method, path, headers=headers)
+            response = conn.getresponse()
+            if not (follow and response.status in (301, 302, 303, 307, 308)):
+                yield response
+                return
+            response.read()
+        finally:
+            conn.close()
+        target = urlsplit(urljoin(f"https://{host}{path}", response.headers["Location"]))
         assert target.scheme == "https", f"redirected to {target.geturl()}"
         if target.hostname != host:
-            headers = {k: v for k, v in (headers or {}).items() if k.lower() != "authorization"}
+            headers = {k: v for k, v in headers.items() if k.lower() != "authorization"}
         host, path = target.hostname, target.path + (f"?{target.query}" if target.query else "")
-        answer = _once(proxy_port, host, path, ca, method, headers or {}, timeout)
-        hops += 1
-    return answer
+    raise AssertionError(f"too many redirects at https://{host}{path}")
 
 
-def _once(proxy_port: int, host: str, path: str, ca: Path, method: str, headers: dict[str, str], timeout: float) -> Answer:
-    context = ssl.create_default_context(cafile=str(ca))
-    conn = http.client.HTTPSConnection("127.0.0.1", proxy_port, context=context, timeout=timeout)
-    conn.set_tunnel(host, 443)
-    try:
-        conn.request(method, path, headers=headers)
-        response = conn.getresponse()
-        return Answer(response.status, response.headers, response.read())
-    finally:
-        conn.close()
+def request(proxy_port: int, host: str, path: str, *, ca: Path, **options) -> Answer:
+    """The whole answer; a body cut short is returned as far as it came, with complete=False."""
+    with opened(proxy_port, host, path, ca=ca, **options) as response:
+        try:
+            return Answer(response.status, response.headers, response.read())
+        except http.client.IncompleteRead as e:
+            return Answer(response.status, response.headers, e.partial, complete=False)

@@ -1,0 +1,100 @@
+"""Fills under load and faults, with real processes: one upstream fetch per blob for any number of
+clients, streamed to them as it grows, unaffected by clients that leave, bounded when upstream hangs."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from conftest import REGISTRY_NAME
+from support import proxied
+from support.clients import skopeo_copy
+from test_pull_registry import pulled_blobs
+
+pytestmark = pytest.mark.integration
+
+
+def wait_for_outcome(proxy, digest: str, timeout: float = 60) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for entry in proxy.journal(quiet=0.1, timeout=1):
+            if entry["digest"] == digest and entry["kind"] == "blob":
+                return entry
+        time.sleep(0.2)
+    raise AssertionError(f"no journal line for {digest} within {timeout}s")
+
+
+def test_sixteen_clients_at_once_make_one_upstream_fetch_per_blob(hubcache, registry, multi_image, tmp_path):
+    proxy = hubcache()
+    ref = f"docker://{REGISTRY_NAME}/test/multi:1"
+
+    def pull(i: int):
+        return skopeo_copy(ref, tmp_path / f"client-{i}", proxy=proxy.url, ca_bundle=proxy.client_bundle, timeout=240)
+
+    with ThreadPoolExecutor(16) as pool:
+        results = list(pool.map(pull, range(16)))
+    assert all(r.returncode == 0 for r in results), [r.stderr for r in results if r.returncode]
+    amd64 = multi_image.platform("linux/amd64")
+    wanted = {amd64.config.digest, *(layer.digest for layer in amd64.layers)}
+    for i in range(16):
+        assert pulled_blobs(tmp_path / f"client-{i}") == wanted
+    registry.settle()
+    fetched = [r.path.rsplit("/", 1)[-1] for r in registry.blob_gets()]
+    assert sorted(fetched) == sorted(wanted), "upstream served each blob exactly once"
+
+
+def blob_path(image) -> tuple[str, str]:
+    layer = image.platforms[0].layers[0]
+    return layer.digest, f"/v2/library/big/blobs/{layer.digest}"
+
+
+def test_a_client_that_leaves_does_not_abort_the_fill(hubcache, registry, big_image):
+    proxy = hubcache()
+    digest, path = blob_path(big_image)
+    with proxied.opened(proxy.port, REGISTRY_NAME, path, ca=proxy.ca_cert) as response:
+        assert response.status == 200
+        assert len(response.read(1 << 20)) == 1 << 20
+    # The client is gone; the fill it started goes on for whoever asks next.
+    assert wait_for_outcome(proxy, digest)["outcome"] == "filled"
+    again = proxied.request(proxy.port, REGISTRY_NAME, path, ca=proxy.ca_cert)
+    assert hashlib.sha256(again.body).hexdigest() == digest[7:]
+    registry.settle()
+    assert len(registry.blob_gets()) == 1
+
+
+def test_a_second_client_streams_the_fill_as_it_grows(hubcache, registry, big_image):
+    proxy = hubcache()
+    digest, path = blob_path(big_image)
+    with proxied.opened(proxy.port, REGISTRY_NAME, path, ca=proxy.ca_cert) as first:
+        with proxied.opened(proxy.port, REGISTRY_NAME, path, ca=proxy.ca_cert) as second:
+            start = second.read(1 << 20)
+            assert not any(e["digest"] == digest for e in proxy.journal(quiet=0, timeout=0)), (
+                "the second client had its first bytes before the fill completed"
+            )
+            rest = second.read()
+        whole = first.read()
+    assert hashlib.sha256(start + rest).hexdigest() == digest[7:]
+    assert hashlib.sha256(whole).hexdigest() == digest[7:]
+    registry.settle()
+    assert len(registry.blob_gets()) == 1
+
+
+def test_a_silent_upstream_is_given_up_after_fill_timeout(hubcache, dockerhub, multi_image):
+    proxy = hubcache(fill_timeout=2)
+    token = proxied.request(
+        proxy.port, "auth.docker.io", "/token?service=registry.docker.io&scope=repository:library/multi:pull", ca=proxy.ca_cert
+    )
+    auth = {"Authorization": f"Bearer {json.loads(token.body)['token']}"}
+    digest = multi_image.platform("linux/amd64").layers[0].digest
+    dockerhub.hang_next("cdn", 30)
+    start = time.monotonic()
+    answer = proxied.request(proxy.port, "registry-1.docker.io", f"/v2/library/multi/blobs/{digest}", ca=proxy.ca_cert, headers=auth)
+    assert time.monotonic() - start < 10
+    assert answer.status == 502
+    assert "upstream sent nothing for 2s" in answer.json()["errors"][0]["message"]
+    assert wait_for_outcome(proxy, digest)["outcome"] == "failed: upstream sent nothing for 2s"
+    assert not list((proxy.cache_dir / "tmp").rglob("fill-*"))
