@@ -4,6 +4,7 @@ from addon.blobhost import BlobHost
 from addon.cache import RegistryCache
 from addon.hosts import Interception, UpstreamOverride
 from addon.recorder import Recorder
+from addon.upkeep import Upkeep
 
 
 def make_addons() -> list:
@@ -11,7 +12,7 @@ def make_addons() -> list:
     interception = Interception()
     blobs = BlobHost()
     cache = RegistryCache(interception, blobs)
-    return [interception, UpstreamOverride(), blobs, cache, Recorder(interception, cache)]
+    return [interception, UpstreamOverride(), blobs, cache, Recorder(interception, cache), Upkeep(cache)]
 
 
 addons = make_addons()

@@ -83,6 +83,13 @@ def names(cache_dir: str | os.PathLike) -> list[str]:
     return sorted(p.stem for p in folder.glob("*.yaml") if NAME_RE.fullmatch(p.stem))
 
 
+def pinned(cache_dir: str | os.PathLike) -> set[str]:
+    """Every digest some recording refers to: content that must never be evicted. Raises
+    RecordingError if a recording cannot be read (then nothing may be evicted safely)."""
+    folder = recordings_dir(cache_dir)
+    return {d for name in names(cache_dir) for d in Recording.load(folder / f"{name}.yaml").digests()}
+
+
 class Recording:
     def __init__(self, name: str, path: Path, images: dict[str, Image] | None = None, created: str = ""):
         self.name = check_name(name)

@@ -58,6 +58,13 @@ class Manifest:
 
 
 @dataclass(frozen=True)
+class BlobEntry:
+    digest: str
+    size: int
+    used: float  # when it was last stored or read (time.time())
+
+
+@dataclass(frozen=True)
 class TagEntry:
     digest: str
     checked: float  # when upstream last confirmed (or gave) this digest for the tag
@@ -141,6 +148,22 @@ class Store:
             return
         self._cache.set(("blob", digest), _VerifiedFile(path, size))
 
+    def blob_entries(self) -> list[BlobEntry]:
+        """Every blob, least recently used first."""
+        # diskcache keeps each entry's access time (its LRU policy updates it on every read) but
+        # offers no public way to list it: read its index the way its own cull() does.
+        rows = self._cache._sql("SELECT key, raw, size, access_time FROM Cache ORDER BY access_time").fetchall()
+        entries = []
+        for key, raw, size, used in rows:
+            decoded = self._cache._disk.get(key, raw)
+            if isinstance(decoded, tuple) and decoded[0] == "blob":
+                entries.append(BlobEntry(decoded[1], size, used))
+        return entries
+
+    def delete_blob(self, digest: str) -> bool:
+        """Forget a blob and remove its file. A reader that has it open keeps reading it."""
+        return self._cache.delete(("blob", digest))
+
     # Manifests
 
     def put_manifest(self, digest: str, media_type: str, body: bytes) -> None:
@@ -155,7 +178,26 @@ class Store:
         media_type, body = value
         return Manifest(digest, media_type, body)
 
+    def manifest_digests(self) -> list[str]:
+        return [key[1] for key in self._cache.iterkeys() if isinstance(key, tuple) and key[0] == "manifest"]
+
+    def delete_manifest(self, digest: str) -> bool:
+        return self._cache.delete(("manifest", digest))
+
     # Tags
+
+    def tags(self) -> list[tuple[tuple[str, str, str], TagEntry]]:
+        """Every tag as ((registry, repository, tag), entry)."""
+        result = []
+        for key in self._cache.iterkeys():
+            if isinstance(key, tuple) and key[0] == "tag":
+                value = self._cache.get(key)
+                if value:
+                    result.append((key[1:], TagEntry(*value)))
+        return result
+
+    def delete_tag(self, registry: str, name: str, tag: str) -> bool:
+        return self._cache.delete(("tag", registry, name, tag))
 
     def set_tag(self, registry: str, name: str, tag: str, digest: str, checked: float | None = None) -> None:
         """`checked`: when upstream confirmed the digest; now unless told (0: never, e.g. imported)."""

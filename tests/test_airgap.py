@@ -84,6 +84,16 @@ def test_recordings_lists_and_shows(prepared):
     assert missing.returncode != 0 and "no recording 'lab'" in missing.stderr
 
 
+def test_prune_spares_what_a_recording_pins_and_verify_finds_it_whole(prepared):
+    pruned = hubcache_cli("prune", "--all", cwd=prepared.workdir)
+    assert pruned.returncode == 0, pruned.stderr
+    assert pruned.stdout.startswith("freed 0 B: 0 blobs")
+    checked = hubcache_cli("verify", cwd=prepared.workdir)
+    assert checked.returncode == 0 and "0 dropped" in checked.stdout, checked.stdout + checked.stderr
+    shown = hubcache_cli("recordings", "lab", cwd=prepared.workdir)
+    assert "everything is in the cache" in shown.stdout
+
+
 def test_skopeo_reads_the_bundle_as_a_standard_oci_archive(prepared, multi_image, tmp_path):
     result = skopeo_copy(f"oci-archive:{prepared.bundle}:{REG_REF}", tmp_path / "out", proxy=None, ca_bundle=None, arch="arm64")
     assert result.returncode == 0, result.stderr

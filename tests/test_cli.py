@@ -81,6 +81,8 @@ def test_run_with_defaults_and_a_config_file(tmp_path, ca, registry, multi_image
         (["export", "--recording", "none", "-o", "x.tar"], "no recording 'none'"),
         (["export", "alpine", "-o", "x.tar"], "docker.io/library/alpine:latest is not in the cache"),
         (["recordings", "none"], "no recording 'none'"),
+        (["prune"], "say what to free"),
+        (["prune", "--to", "lots"], "'lots' is not a size"),
     ],
 )
 def test_subcommand_errors_are_one_readable_line(tmp_path, args, message):
@@ -91,6 +93,6 @@ def test_subcommand_errors_are_one_readable_line(tmp_path, args, message):
 
 
 def test_every_subcommand_has_help_with_examples():
-    for command in ("run", "prefetch", "export", "import", "recordings"):
+    for command in ("run", "prefetch", "export", "import", "recordings", "prune", "verify"):
         result = subprocess.run([HUBCACHE, command, "--help"], capture_output=True, text=True, check=True)
         assert "Examples:" in result.stdout and "--cache-dir" in result.stdout, command

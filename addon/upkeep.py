@@ -1,0 +1,220 @@
+"""Keeping the store in shape: eviction by size and by age, and re-verification.
+
+- Blobs are evicted least recently used first once the store is over `cache_size_limit`, and any
+  blob unused for `expire_unused_days` goes too. Content a recording refers to is never evicted,
+  nor is a blob used in the last few minutes (a client may have just been sent to it; one
+  already reading it keeps its open file either way).
+- Eviction keeps the tag index consistent: a manifest that lost a blob is dropped, and so is
+  every tag that led to it, so that the tag is fetched again rather than half-served.
+- `verify` re-hashes everything and drops what does not match.
+
+The `Upkeep` addon evicts every EVICT_INTERVAL seconds in a worker thread; `hubcache prune` and
+`hubcache verify` run the same functions on request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from mitmproxy import ctx, exceptions
+
+from . import manifests
+from .cache import RegistryCache
+from .protocol import hasher
+from .recording import RecordingError, pinned
+from .store import BlobEntry, Store
+
+logger = logging.getLogger(__name__)
+
+EVICT_INTERVAL = 30.0
+IN_USE = 600.0  # seconds after its last use a blob counts as in use (a signed URL's lifetime)
+DAY = 86400.0
+_SIZE = re.compile(r"(\d+(?:\.\d+)?)\s*([kKMGT]i?B?|B)?")
+_UNITS = {"": 1, "B": 1, "K": 1000, "M": 1000**2, "G": 1000**3, "T": 1000**4}
+
+
+def parse_size(text: str) -> int:
+    """`20GB`, `500MiB`, `1.5T`, `1000000` -> bytes (kB, MB... are powers of 1000, KiB, MiB... of 1024)."""
+    m = _SIZE.fullmatch(text.strip())
+    if not m:
+        raise ValueError(f"{text!r} is not a size (write e.g. 20GB, 500MiB)")
+    number, unit = float(m[1]), (m[2] or "")
+    base = unit[:1].upper()
+    factor = 1024 ** "KMGT".index(base) * 1024 if "i" in unit else _UNITS[base]
+    return int(number * factor)
+
+
+@dataclass
+class Pruned:
+    blobs: int = 0
+    bytes: int = 0
+    manifests: int = 0
+    tags: int = 0
+    remaining: int = 0  # bytes of blobs left
+
+
+def choose(
+    blobs: list[BlobEntry], *, limit: int | None, max_unused: float | None, keep: set[str], now: float, in_use: float
+) -> list[BlobEntry]:
+    """The blobs to evict, from a least-recently-used-first list."""
+    total = sum(b.size for b in blobs)
+    chosen = []
+    for blob in blobs:
+        if blob.digest in keep or now - blob.used < in_use:
+            continue
+        expired = max_unused is not None and now - blob.used > max_unused
+        if expired or (limit is not None and total > limit):
+            chosen.append(blob)
+            total -= blob.size
+    return chosen
+
+
+def prune(store: Store, cache_dir: Path, *, limit: int | None, max_unused: float | None = None, in_use: float) -> Pruned:
+    """Evict what the limits ask for, sparing what recordings pin. Raises RecordingError when a
+    recording cannot be read: then nothing can be evicted safely."""
+    keep = pinned(cache_dir)
+    blobs = store.blob_entries()
+    chosen = choose(blobs, limit=limit, max_unused=max_unused, keep=keep, now=time.time(), in_use=in_use)
+    result = Pruned(remaining=sum(b.size for b in blobs))
+    for blob in chosen:
+        if store.delete_blob(blob.digest):
+            result.blobs += 1
+            result.bytes += blob.size
+            result.remaining -= blob.size
+    if chosen:
+        _drop_incomplete(store, {b.digest for b in chosen}, keep, result)
+    return result
+
+
+def _drop_incomplete(store: Store, evicted: set[str], keep: set[str], result: Pruned) -> None:
+    """Drop the manifests that referred to an evicted blob, and every tag that leads to them."""
+    dropped: set[str] = set()
+    indexes: dict[str, set[str]] = {}
+    for digest in store.manifest_digests():
+        manifest = store.get_manifest(digest)
+        if manifest is None or digest in keep:
+            continue
+        try:
+            refs = manifests.references(manifest.body, manifest.media_type)
+        except manifests.ManifestError:
+            continue
+        if refs.children:
+            indexes[digest] = {c.digest for c in refs.children}
+        elif evicted & {b.digest for b in refs.blobs} and store.delete_manifest(digest):
+            dropped.add(digest)
+            result.manifests += 1
+    broken = dropped | {d for d, children in indexes.items() if children & dropped}
+    for (registry, name, tag), entry in store.tags():
+        if entry.digest in broken and store.delete_tag(registry, name, tag):
+            result.tags += 1
+
+
+@dataclass
+class Verified:
+    checked: int = 0
+    bytes: int = 0
+    dropped: list[str] = field(default_factory=list)
+
+
+def verify(store: Store, progress: Callable[[int], None] | None = None) -> Verified:
+    """Re-hash every blob and manifest; drop those whose bytes do not match their digest."""
+    result = Verified()
+    for entry in store.blob_entries():
+        blob = store.open_blob(entry.digest)
+        if blob is None:
+            continue
+        h = hasher(entry.digest)
+        with blob:
+            while chunk := blob.read(1 << 20):
+                h.update(chunk)
+                if progress:
+                    progress(len(chunk))
+        result.checked += 1
+        result.bytes += entry.size
+        if f"{h.name}:{h.hexdigest()}" != entry.digest:
+            store.delete_blob(entry.digest)
+            result.dropped.append(entry.digest)
+    for digest in store.manifest_digests():
+        manifest = store.get_manifest(digest)
+        if manifest is None:
+            continue
+        result.checked += 1
+        h = hasher(digest)
+        h.update(manifest.body)
+        if f"{h.name}:{h.hexdigest()}" != digest:
+            store.delete_manifest(digest)
+            result.dropped.append(digest)
+    return result
+
+
+class Upkeep:
+    """Evicts by size and age while the proxy runs (options `cache_size_limit`, `expire_unused_days`)."""
+
+    def __init__(self, cache: RegistryCache):
+        self.cache = cache
+        self.limit: int | None = None
+        self._task: asyncio.Task | None = None
+
+    def load(self, loader):
+        loader.add_option(
+            "cache_size_limit",
+            str,
+            "",
+            "Largest size of the store's blobs, e.g. 50GB or 500MiB; the least recently used are "
+            "evicted (never what a recording refers to). Empty: no limit.",
+        )
+        loader.add_option(
+            "expire_unused_days",
+            int,
+            0,
+            "Days a blob may go unused before it is dropped (never what a recording refers to). "
+            "0: blobs do not expire.",
+        )
+
+    def configure(self, updated):
+        if "cache_size_limit" in updated:
+            try:
+                self.limit = parse_size(ctx.options.cache_size_limit) if ctx.options.cache_size_limit else None
+            except ValueError as e:
+                raise exceptions.OptionsError(f"cache_size_limit: {e}")
+        if "expire_unused_days" in updated and ctx.options.expire_unused_days < 0:
+            raise exceptions.OptionsError("expire_unused_days must be 0 or more")
+
+    def running(self):
+        self._task = asyncio.create_task(self._evict_periodically())
+
+    def done(self):
+        if self._task:
+            self._task.cancel()
+
+    async def _evict_periodically(self) -> None:
+        while True:
+            await asyncio.sleep(EVICT_INTERVAL)
+            await self.evict()
+
+    async def evict(self) -> Pruned | None:
+        store, days = self.cache.store, ctx.options.expire_unused_days
+        if store is None or (self.limit is None and not days):
+            return None
+        try:
+            result = await asyncio.to_thread(
+                prune, store, store.directory, limit=self.limit, max_unused=days * DAY if days else None, in_use=IN_USE
+            )
+        except RecordingError as e:
+            logger.warning(f"hubcache: nothing evicted, a recording is unreadable: {e}")
+            return None
+        except OSError as e:
+            logger.warning(f"hubcache: eviction failed: {e.strerror or e}")
+            return None
+        if result.blobs:
+            logger.info(
+                f"hubcache: evicted {result.blobs} blobs ({result.bytes} bytes), {result.manifests} manifests, "
+                f"{result.tags} tags; {result.remaining} bytes of blobs remain"
+            )
+        return result

@@ -1,0 +1,173 @@
+"""Eviction by size and age (recordings pinned, tags kept consistent) and re-verification."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+from mitmproxy import exceptions
+from mitmproxy.addons.proxyserver import Proxyserver
+from mitmproxy.test import taddons
+
+from addon.blobhost import BlobHost
+from addon.cache import RegistryCache
+from addon.hosts import Interception
+from addon.recording import Recording, image_from_store
+from addon.store import BlobEntry, Store
+from addon.upkeep import Upkeep, choose, parse_size, prune, verify
+from support.fill import store_image
+from support.images import build_image
+
+REGISTRY = "registry.example.test"
+MB = 1_000_000
+
+
+@pytest.mark.parametrize(
+    "text, size",
+    [("1000", 1000), ("20GB", 20 * 10**9), ("500MiB", 500 * 2**20), ("1.5T", int(1.5 * 10**12)), ("64kB", 64_000), ("2KiB", 2048)],
+)
+def test_sizes(text, size):
+    assert parse_size(text) == size
+
+
+@pytest.mark.parametrize("text", ["", "GB", "12 parsecs", "-5GB"])
+def test_bad_sizes(text):
+    with pytest.raises(ValueError):
+        parse_size(text)
+
+
+def entries(*specs) -> list[BlobEntry]:
+    return [BlobEntry(f"sha256:{name * 64}", size, used) for name, size, used in specs]
+
+
+def test_least_recently_used_go_first_until_under_the_limit():
+    blobs = entries(("a", 40, 100), ("b", 40, 200), ("c", 40, 300))
+    chosen = choose(blobs, limit=50, max_unused=None, keep=set(), now=10_000, in_use=600)
+    assert [b.digest[7] for b in chosen] == ["a", "b"]
+
+
+def test_pinned_and_recently_used_blobs_are_spared():
+    blobs = entries(("a", 40, 100), ("b", 40, 9_900), ("c", 40, 300))
+    chosen = choose(blobs, limit=0, max_unused=None, keep={f"sha256:{'c' * 64}"}, now=10_000, in_use=600)
+    assert [b.digest[7] for b in chosen] == ["a"]
+
+
+def test_expiry_drops_only_what_went_unused():
+    blobs = entries(("a", 1, 100), ("b", 1, 9_000))
+    chosen = choose(blobs, limit=None, max_unused=5_000, keep=set(), now=10_000, in_use=0)
+    assert [b.digest[7] for b in chosen] == ["a"]
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    layout = tmp_path_factory.mktemp("layouts")
+    one = build_image(layout / "one", "1", [1 * MB, 2 * MB], seed="one", platforms=[("linux", "amd64"), ("linux", "arm64")])
+    two = build_image(layout / "two", "1", [3 * MB], seed="two")
+    return one, two
+
+
+@pytest.fixture
+def store(tmp_path, images):
+    s = Store(tmp_path / "cache")
+    one, two = images
+    store_image(s, one, REGISTRY, "one", "1")
+    time.sleep(0.01)
+    store_image(s, two, REGISTRY, "two", "1")
+    yield s
+    s.close()
+
+
+def blob_digests(image) -> set[str]:
+    return {b.digest for p in image.platforms for b in (p.config, *p.layers)}
+
+
+def test_prune_keeps_the_tag_index_consistent(store, images):
+    one, two = images
+    result = prune(store, store.directory, limit=3_200_000, in_use=0)
+    assert result.remaining <= 3_200_000
+    assert not any(store.has_blob(d) for d in blob_digests(one)), "the older image went first"
+    assert all(store.has_blob(d) for d in blob_digests(two))
+    # Every manifest of `one` lost blobs: they and the tag that led to them are gone, the index stays.
+    assert store.get_tag(REGISTRY, "one", "1") is None
+    assert all(store.get_manifest(p.manifest.digest) is None for p in one.platforms)
+    assert store.get_tag(REGISTRY, "two", "1") is not None
+    assert (result.blobs, result.manifests, result.tags) == (6, 2, 1)
+
+
+def test_a_recording_pins_its_content(store, images):
+    one, two = images
+    recording = Recording.open(store.directory, "lab")
+    recording.images["x"] = image_from_store(store, REGISTRY, "one", "1")
+    recording.save()
+    prune(store, store.directory, limit=0, in_use=0)
+    assert all(store.has_blob(d) for d in blob_digests(one))
+    assert store.get_tag(REGISTRY, "one", "1") is not None
+    assert not any(store.has_blob(d) for d in blob_digests(two))
+
+
+def test_recently_used_blobs_are_in_use(store):
+    result = prune(store, store.directory, limit=0, in_use=600)  # everything was used just now
+    assert result.blobs == 0
+
+
+def test_an_unreadable_recording_stops_eviction(store, images):
+    (store.directory / "recordings").mkdir()
+    (store.directory / "recordings" / "bad.yaml").write_text("{")
+    with pytest.raises(Exception, match="not a readable recording"):
+        prune(store, store.directory, limit=0, in_use=0)
+    assert len(store.blob_entries()) == len(blob_digests(images[0]) | blob_digests(images[1]))
+
+
+def test_a_read_makes_a_blob_recently_used(store, images):
+    one, _ = images
+    first = one.platforms[0].layers[0].digest
+    time.sleep(0.01)
+    with store.open_blob(first):
+        pass
+    assert store.blob_entries()[-1].digest == first
+
+
+def test_verify_drops_what_rotted(store, images):
+    one, two = images
+    layer = one.platforms[0].layers[1].digest
+    with store.open_blob(layer) as f:
+        path = f.name
+    with open(path, "r+b") as f:
+        f.write(b"rot")
+    result = verify(store)
+    assert result.dropped == [layer]
+    assert result.checked == len(blob_digests(one) | blob_digests(two)) + 4  # and the index and three manifests
+    assert not store.has_blob(layer)
+    assert verify(store).dropped == []
+
+
+@pytest.fixture
+def upkeep(tmp_path):
+    cache = RegistryCache(Interception(), BlobHost())
+    addon = Upkeep(cache)
+    with taddons.context(Proxyserver(), cache, addon) as tctx:
+        tctx.configure(cache, cache_dir=str(tmp_path / "cache"))
+        yield tctx, addon
+        cache.done()
+
+
+def test_options_are_validated(upkeep):
+    tctx, addon = upkeep
+    tctx.configure(addon, cache_size_limit="2GiB")
+    assert addon.limit == 2 * 2**30
+    with pytest.raises(exceptions.OptionsError, match="cache_size_limit"):
+        tctx.configure(addon, cache_size_limit="lots")
+    with pytest.raises(exceptions.OptionsError, match="expire_unused_days"):
+        tctx.configure(addon, expire_unused_days=-1)
+
+
+async def test_the_addon_evicts_with_its_options(upkeep, images, monkeypatch):
+    tctx, addon = upkeep
+    one, two = images
+    store = addon.cache.store
+    store_image(store, one, REGISTRY, "one", "1")
+    assert await addon.evict() is None, "no limit set: nothing to do"
+    tctx.configure(addon, cache_size_limit="1MB")
+    monkeypatch.setattr("addon.upkeep.IN_USE", 0.0)
+    result = await addon.evict()
+    assert result.remaining <= 1_000_000 and result.blobs > 0
