@@ -1,9 +1,15 @@
 """Runs the blob server process (`addon/blobserver.py`) beside the proxy and sends clients to it.
 
-Blob GETs are answered with a 307 to `https://blobs.hubcache.invalid/blobs/<digest>?<signature>`.
-Clients open that through the proxy like any other host: the connection is not intercepted
-(mitmproxy relays it as raw TCP) and `server_connect` routes it to the blob server on loopback,
-never through an upstream proxy. Its certificate comes from mitmproxy's CA, which clients trust.
+Blob GETs are answered with a 307 to a signed URL on the blob server, one of:
+- `http://127.0.0.1:<port>/blobs/<digest>?<signature>` when the proxy listens on loopback only, so
+  every client runs on this machine: the client connects directly (Go never proxies loopback),
+  and the blob leaves the page cache by sendfile(2). This is as fast as pulling from a registry
+  on the same machine, and the bytes never leave the host.
+- `https://blobs.hubcache.invalid/blobs/<digest>?<signature>` otherwise: clients open it through
+  the proxy like any host; it is not intercepted (mitmproxy relays it as raw TCP) and
+  `server_connect` routes it to the blob server on loopback, never through an upstream proxy.
+  Its certificate comes from mitmproxy's CA, which clients trust.
+The option `blob_urls` chooses (`auto`, `loopback`, `https`).
 """
 
 from __future__ import annotations
@@ -26,17 +32,40 @@ from .blobserver import BLOB_HOST
 
 logger = logging.getLogger(__name__)
 
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
+
 
 class BlobHost:
     def __init__(self) -> None:
         self.secret = os.urandom(32)  # per run: URLs never outlive the proxy that signed them
-        self.address: tuple[str, int] | None = None
+        self.address: tuple[str, int] | None = None  # the HTTPS listener
+        self.loopback_port: int | None = None  # the plain HTTP listener
         self._proc: subprocess.Popen | None = None
         self._keys: Path | None = None
         self._cache_dir: Path | None = None
 
+    def load(self, loader) -> None:
+        loader.add_option(
+            "blob_urls",
+            str,
+            "auto",
+            "Where blob GETs are redirected: 'loopback' (plain HTTP on 127.0.0.1, for clients on "
+            "this machine: fastest), 'https' (through the proxy, for clients anywhere), or 'auto' "
+            "(loopback when the proxy listens on loopback only).",
+            choices=("auto", "loopback", "https"),
+        )
+
     def url(self, digest: str, fill: str = "", size: int = 0) -> str:
-        return f"https://{BLOB_HOST}{blobserver.signed_path(self.secret, digest, fill, size)}"
+        path = blobserver.signed_path(self.secret, digest, fill, size)
+        if self.loopback_port and self._loopback():
+            return f"http://127.0.0.1:{self.loopback_port}{path}"
+        return f"https://{BLOB_HOST}{path}"
+
+    @staticmethod
+    def _loopback() -> bool:
+        if ctx.options.blob_urls == "auto":
+            return ctx.options.listen_host in LOOPBACK_HOSTS
+        return ctx.options.blob_urls == "loopback"
 
     def running(self) -> None:
         self._start()
@@ -85,16 +114,17 @@ class BlobHost:
             env=env,
         )
         assert self._proc.stdout
-        line = self._proc.stdout.readline().strip()
-        if not line.isdigit():
+        ports = self._proc.stdout.readline().decode().split()
+        if len(ports) != 2 or not all(p.isdigit() for p in ports):
             self._stop()
             logger.error("hubcache: the blob server did not start; see its message above")
             return
-        self.address = ("127.0.0.1", int(line))
-        logger.info(f"hubcache: blob server on 127.0.0.1:{line}")
+        self.address = ("127.0.0.1", int(ports[0]))
+        self.loopback_port = int(ports[1])
+        logger.info(f"hubcache: blob server on 127.0.0.1:{ports[0]} (https) and :{ports[1]} (loopback http)")
 
     def _stop(self) -> None:
-        self.address = None
+        self.address = self.loopback_port = None
         if self._proc:
             assert self._proc.stdin
             self._proc.stdin.close()  # the server exits at EOF

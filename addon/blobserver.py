@@ -1,8 +1,12 @@
-"""The blob server: a process of its own that sends blobs to clients over HTTPS.
+"""The blob server: a process of its own that sends blobs to clients.
 
-Clients reach it by a 307 from the registry API, as Docker Hub sends them to its CDN. They connect
-through the proxy, which relays the TLS connection to it as raw bytes, so the bulk of every blob
-crosses mitmproxy without its TLS and HTTP layers, and the encryption runs on another core.
+Clients reach it by a 307 from the registry API, as Docker Hub sends them to its CDN, on one of
+two listeners (see `blobhost.py` for which):
+- HTTPS for `blobs.hubcache.invalid`: clients connect through the proxy, which relays the TLS
+  connection as raw bytes, so the bulk of every blob crosses mitmproxy without its TLS and HTTP
+  layers, and the encryption runs on another core.
+- plain HTTP on 127.0.0.1, for clients on this machine: they connect directly (Go clients never
+  proxy loopback), and the bytes go from the page cache to the socket with sendfile(2).
 
 URLs are signed by the proxy (HMAC, expiring), so the server answers only what the proxy allowed.
 A blob in the store is sent with `Range` support. A blob still being filled from upstream is sent
@@ -41,6 +45,7 @@ SECRET_ENV = "HUBCACHE_BLOB_SECRET"
 URL_TTL = 600  # seconds a signed URL stays valid, like a CDN's
 CHUNK = 4 * 1024 * 1024  # large TLS writes: fewer records, fewer syscalls
 POLL = 0.02  # seconds between looks at a growing fill
+COMMIT_WAIT = 10.0
 _FILL_NAME = re.compile(r"[0-9]+/[A-Za-z0-9_]+/fill-[A-Za-z0-9_]+")
 
 
@@ -92,12 +97,20 @@ class _Handler(BaseHTTPRequestHandler):
             try:
                 blob = open(self.store.directory / "tmp" / fill, "rb")
             except FileNotFoundError:
-                blob = self.store.open_blob(digest)  # committed (renamed) just now
+                blob = self._committed(digest)
             else:
                 return self._send(blob, digest, int(size), send_body, growing=True)
         if blob is None:
             return self._error(404, "BLOB_UNKNOWN", f"blob {digest} is not in the cache")
         self._send(blob, digest, os.fstat(blob.fileno()).st_size, send_body, growing=False)
+
+    def _committed(self, digest: str):
+        """The blob of a fill whose file is gone: committed, or failed. A commit moves the file
+        before it enters the store's index, so give the index a moment."""
+        deadline = time.monotonic() + COMMIT_WAIT
+        while (blob := self.store.open_blob(digest)) is None and time.monotonic() < deadline:
+            time.sleep(POLL)
+        return blob
 
     def _send(self, blob, digest: str, size: int, send_body: bool, growing: bool) -> None:
         with blob:
@@ -118,12 +131,13 @@ class _Handler(BaseHTTPRequestHandler):
             if not send_body:
                 return
             try:
-                self._copy(blob.fileno(), digest, first, last + 1, size, growing)
+                self._copy(blob, digest, first, last + 1, size, growing)
             except (_Cut, OSError) as e:
                 logger.info(f"blob {digest}: transfer cut: {e}")
                 self.close_connection = True
 
-    def _copy(self, fd: int, digest: str, start: int, end: int, size: int, growing: bool) -> None:
+    def _copy(self, blob, digest: str, start: int, end: int, size: int, growing: bool) -> None:
+        fd = blob.fileno()
         position = start
         while position < end:
             limit = end
@@ -138,11 +152,18 @@ class _Handler(BaseHTTPRequestHandler):
                     else:
                         time.sleep(POLL)
                     continue
-            data = os.pread(fd, min(CHUNK, limit - position), position)
-            if not data:
+            sent = self._send_span(blob, position, min(CHUNK, limit - position))
+            if not sent:
                 raise _Cut("the file is shorter than its size")
+            position += sent
+
+    def _send_span(self, blob, offset: int, count: int) -> int:
+        if isinstance(self.connection, ssl.SSLSocket):
+            data = os.pread(blob.fileno(), count, offset)
             self.wfile.write(data)
-            position += len(data)
+            return len(data)
+        self.wfile.flush()
+        return self.connection.sendfile(blob, offset, count)
 
     def _error(self, status: int, code: str, message: str, extra: dict | None = None) -> None:
         body = protocol.error_body(code, message)
@@ -157,9 +178,15 @@ class _Handler(BaseHTTPRequestHandler):
         logger.debug("blob server: " + format % args)
 
 
-class _TLSServer(ThreadingHTTPServer):
+class _PlainServer(ThreadingHTTPServer):
     daemon_threads = True
+    request_queue_size = 128  # many clients start their layers at once
 
+    def handle_error(self, request, client_address) -> None:
+        logger.info(f"blob server: connection from {client_address[0]} failed: {sys.exc_info()[1]}")
+
+
+class _TLSServer(_PlainServer):
     def __init__(self, address, handler, context: ssl.SSLContext):
         super().__init__(address, handler)
         self.context = context
@@ -168,9 +195,6 @@ class _TLSServer(ThreadingHTTPServer):
         # The handshake runs in the connection's own thread, never in the accepting one.
         with self.context.wrap_socket(request, server_side=True) as tls:
             super().finish_request(tls, client_address)
-
-    def handle_error(self, request, client_address) -> None:
-        logger.info(f"blob server: connection from {client_address[0]} failed: {sys.exc_info()[1]}")
 
 
 def main() -> None:
@@ -185,10 +209,12 @@ def main() -> None:
     context.load_cert_chain(args.cert, args.key)
     store = Store(args.cache_dir)
     handler = type("Handler", (_Handler,), {"store": store, "secret": secret})
-    server = _TLSServer(("127.0.0.1", 0), handler, context)
+    tls = _TLSServer(("127.0.0.1", 0), handler, context)
+    plain = _PlainServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=plain.serve_forever, daemon=True).start()
     threading.Thread(target=_exit_with_parent, daemon=True).start()
-    print(server.server_address[1], flush=True)
-    server.serve_forever()
+    print(tls.server_address[1], plain.server_address[1], flush=True)
+    tls.serve_forever()
 
 
 def _exit_with_parent() -> None:

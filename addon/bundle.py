@@ -29,6 +29,7 @@ from .store import BlobWriter, Store
 REF_NAME = "org.opencontainers.image.ref.name"
 CONTAINERD_NAME = "io.containerd.image.name"
 RECORDING = "io.hubcache.recording"
+PUBLIC = "io.hubcache.public"  # "false" for an image of a private repository
 OCI_INDEX = "application/vnd.oci.image.index.v1+json"
 MAX_MANIFEST_SIZE = 4 * 1024 * 1024
 _BLOB_PATH = re.compile(r"blobs/(sha256|sha512)/([a-f0-9]+)")
@@ -117,11 +118,12 @@ def _missing(store: Store, images: list[Image]) -> list[str]:
 def _top_descriptor(store: Store, image: Image) -> dict:
     manifest = store.get_manifest(image.digest)
     assert manifest is not None
+    public = store.visibility(image.registry, image.repository) is not False
     return {
         "mediaType": manifest.media_type,
         "digest": image.digest,
         "size": len(manifest.body),
-        "annotations": {REF_NAME: image.name, CONTAINERD_NAME: image.name},
+        "annotations": {REF_NAME: image.name, CONTAINERD_NAME: image.name, PUBLIC: str(public).lower()},
     }
 
 
@@ -190,6 +192,7 @@ class _BundleReader:
         self.documents: dict[str, bytes] = {}  # the blobs that may be manifests (small JSON)
         self.needed_blobs: dict[str, int] = {}
         self.manifests: dict[str, tuple[str, bytes]] = {}  # digest -> (media type, body)
+        self.private: set[str] = set()  # names of the images the bundle marks private
 
     def read(self, path: Path) -> None:
         try:
@@ -256,6 +259,8 @@ class _BundleReader:
             name = annotations.get(CONTAINERD_NAME) or annotations.get(REF_NAME) or ""
             image = self._image(name, top)
             images.append(image)
+            if annotations.get(PUBLIC) == "false":
+                self.private.add(image.name)
         return images
 
     def _image(self, name: str, top: manifests.Descriptor) -> Image:
@@ -339,6 +344,11 @@ class _BundleReader:
             self.store.put_manifest(digest, media_type, body)
             summary.manifests += 1
         for image in images:
+            for digest in [*image.manifest_digests(), *image.blobs()]:
+                self.store.link(image.registry, image.repository, digest)
+            if self.store.visibility(image.registry, image.repository) is None:
+                # Whoever imports a bundle chose to serve it: public unless it says otherwise.
+                self.store.set_visibility(image.registry, image.repository, image.name not in self.private)
             if not DIGEST_RE.fullmatch(image.reference):
                 # Never confirmed by upstream here: online, the tag is revalidated on first use.
                 self.store.set_tag(image.registry, image.repository, image.reference, image.digest, checked=0)

@@ -28,6 +28,7 @@ from urllib.parse import urljoin
 from mitmproxy import ctx, exceptions, http
 
 from . import protocol, upstream
+from .access import Access
 from .blobhost import BlobHost
 from .fill import Fill
 from .hosts import Interception
@@ -52,9 +53,10 @@ class Pending:
 
 
 class RegistryCache:
-    def __init__(self, hosts: Interception, blobs: BlobHost):
+    def __init__(self, hosts: Interception, blobs: BlobHost, access: Access):
         self.hosts = hosts
         self.blobs = blobs
+        self.access = access
         self.store: Store | None = None
         self.journal: MissJournal | None = None
         self._pending: dict[str, Pending] = {}  # by flow id
@@ -175,13 +177,14 @@ class RegistryCache:
             size = await asyncio.to_thread(self.store.blob_size, digest)
             if size is None:
                 await self._miss(flow, route)
-            else:
+            elif await self._permitted(flow, route, digest):
                 self._answer(flow, 200, b"", protocol.blob_headers(digest, size))
             return
         fill = self._fills.get(digest)
         if fill is None:
             if await asyncio.to_thread(self.store.has_blob, digest):
-                self._redirect(flow, digest, self.blobs.url(digest))
+                if await self._permitted(flow, route, digest):
+                    self._redirect(flow, digest, self.blobs.url(digest))
                 return
             if ctx.options.offline:
                 await self._miss(flow, route)
@@ -191,6 +194,11 @@ class RegistryCache:
         if fill is None:
             fill = self._start_fill(flow, route)
         await fill.answered.wait()
+        if leader and fill.streaming:
+            # Upstream served it through this repository, to this client.
+            await asyncio.to_thread(self.store.link, route.registry, route.name, digest)
+        elif (fill.cached or fill.streaming) and not await self._permitted(flow, route, digest):
+            return  # another client's fill, or a blob cached meanwhile: this client must be allowed it
         if fill.cached:
             self._redirect(flow, digest, self.blobs.url(digest))
         elif fill.unusable:
@@ -210,6 +218,15 @@ class RegistryCache:
             self._answer_error(flow, 502, "BLOB_UNKNOWN", f"{route.image}: {fill.failure}")
         # A follower of a fill that got no blob asks upstream itself, with its own credentials:
         # its request passes through untouched.
+
+    async def _permitted(self, flow: http.HTTPFlow, route: Route, digest: str) -> bool:
+        """Whether the client may have `digest` from the cache (see access.py); if not, its
+        answer is set."""
+        assert self.store
+        refusal = await self.access.refusal(flow, route, digest, self.store)
+        if refusal is not None:
+            self._answer_error(flow, refusal.status, refusal.code, refusal.message, refusal.headers)
+        return refusal is None
 
     def _redirect(self, flow: http.HTTPFlow, digest: str, url: str) -> None:
         headers = {**protocol.API_VERSION_HEADERS, "Location": url, "Docker-Content-Digest": digest, "Content-Length": "0"}
@@ -295,10 +312,10 @@ class RegistryCache:
         accept = flow.request.headers.get_all("accept")
         if route.by_digest:
             cached = await asyncio.to_thread(self.store.get_manifest, route.reference)
-            if cached and protocol.accepts(accept, cached.media_type):
-                self._answer_manifest(flow, cached)
-            else:
+            if not cached or not protocol.accepts(accept, cached.media_type):
                 await self._miss(flow, route)
+            elif await self._permitted(flow, route, cached.digest):
+                self._answer_manifest(flow, cached)
             return
 
         entry = await asyncio.to_thread(
@@ -309,7 +326,8 @@ class RegistryCache:
             await self._miss(flow, route)
             return
         if ctx.options.offline or time.time() - entry.checked < ctx.options.tag_freshness:
-            self._answer_manifest(flow, cached)
+            if await self._permitted(flow, route, cached.digest):
+                self._answer_manifest(flow, cached)
             return
 
         answer = await upstream.send(flow, "HEAD", ctx.options.revalidate_timeout)
@@ -398,6 +416,7 @@ class RegistryCache:
         media_type = protocol.manifest_media_type(body, response.headers.get("content-type", ""))
         try:
             await asyncio.to_thread(self.store.put_manifest, digest, media_type, body)
+            await asyncio.to_thread(self.store.link, route.registry, route.name, digest)
             if not route.by_digest:
                 await asyncio.to_thread(
                     self.store.set_tag, route.registry, route.name, route.reference, digest
@@ -407,6 +426,7 @@ class RegistryCache:
             await self._journal(route, f"passed: not stored: {e.strerror or e}", digest=digest)
             return
         await self._journal(route, "filled", digest=digest, size=len(body))
+        await self.access.learn(flow, route, self.store)
 
     async def error(self, flow: http.HTTPFlow) -> None:
         pending = self._pending.pop(flow.id, None)
@@ -418,6 +438,8 @@ class RegistryCache:
     # answers
 
     async def _serve_stale(self, flow: http.HTTPFlow, route: Route, cached: Manifest, reason: str) -> None:
+        if not await self._permitted(flow, route, cached.digest):
+            return
         logger.warning(f"{route.image}: {reason}; serving the cached {cached.digest}")
         self._answer_manifest(flow, cached)
         await self._journal(route, f"stale: {reason}", digest=cached.digest)
@@ -447,9 +469,9 @@ class RegistryCache:
         body = manifest.body if flow.request.method == "GET" else b""
         self._answer(flow, 200, body, headers)
 
-    def _answer_error(self, flow: http.HTTPFlow, status: int, code: str, message: str) -> None:
+    def _answer_error(self, flow: http.HTTPFlow, status: int, code: str, message: str, extra: dict[str, str] | None = None) -> None:
         body = protocol.error_body(code, message)
-        self._answer(flow, status, body, protocol.error_headers(len(body)))
+        self._answer(flow, status, body if flow.request.method != "HEAD" else b"", {**protocol.error_headers(len(body)), **(extra or {})})
 
     @staticmethod
     def _answer(flow: http.HTTPFlow, status: int, body: bytes, headers: dict[str, str]) -> None:

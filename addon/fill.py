@@ -21,6 +21,10 @@ from .protocol import Route
 from .store import BlobWriter
 
 _END = None
+# Chunks waiting for the writer thread. Nothing reads hubcache's own request, so upstream is read
+# as fast as it sends: when the disk falls behind, the event loop waits here (backpressure)
+# rather than the proxy's memory growing with the blob.
+QUEUED_CHUNKS = 64
 
 
 class Fill:
@@ -37,7 +41,7 @@ class Fill:
         self.answered = asyncio.Event()  # set once streaming, answer or failure is known
         self.done = asyncio.Event()
         self.progress = time.monotonic()  # when the last bytes arrived
-        self._queue: queue.SimpleQueue[bytes | None] = queue.SimpleQueue()
+        self._queue: queue.Queue[bytes | None] = queue.Queue(QUEUED_CHUNKS)
         self._thread = threading.Thread(target=self._drain, name="hubcache fill", daemon=True)
 
     @property
@@ -53,7 +57,8 @@ class Fill:
         self.answered.set()
 
     def sink(self, data: bytes) -> list[bytes]:
-        """mitmproxy's stream callable: runs on the event loop, so it only queues."""
+        """mitmproxy's stream callable: runs on the event loop, so it only queues (and waits
+        only when the writer is QUEUED_CHUNKS behind)."""
         self.progress = time.monotonic()
         self._queue.put(data if data else _END)
         return []  # nobody reads hubcache's own request

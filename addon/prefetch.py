@@ -132,7 +132,8 @@ class RegistryClient:
         context = ssl.create_default_context()
         context.load_verify_locations(cafile=str(ca_file))
         self._opener = urllib.request.build_opener(
-            urllib.request.ProxyHandler({"https": proxy_url, "http": proxy_url}),
+            # Only https goes through the proxy: its blob server's loopback URLs are fetched directly.
+            urllib.request.ProxyHandler({"https": proxy_url}),
             urllib.request.HTTPSHandler(context=context),
             _NoRedirects(),
         )

@@ -207,6 +207,27 @@ class Store:
         value = self._cache.get(("tag", registry, name, tag))
         return TagEntry(*value) if value else None
 
+    # Repositories: who may pull what (see access.py)
+
+    def set_visibility(self, registry: str, name: str, public: bool) -> None:
+        self._cache.set(("repository", registry, name), (public, time.time()))
+
+    def visibility(self, registry: str, name: str) -> bool | None:
+        """True: anyone may pull it; False: it needs credentials; None: not known yet."""
+        value = self._cache.get(("repository", registry, name))
+        return value[0] if value else None
+
+    def visibility_checked(self, registry: str, name: str) -> float | None:
+        value = self._cache.get(("repository", registry, name))
+        return value[1] if value else None
+
+    def link(self, registry: str, name: str, digest: str) -> None:
+        """Upstream served `digest` through this repository."""
+        self._cache.set(("link", registry, name, digest), True)
+
+    def linked(self, registry: str, name: str, digest: str) -> bool:
+        return ("link", registry, name, digest) in self._cache
+
 
 class BlobWriter:
     """Receives a blob's bytes in order, hashes them, and commits them only if they verify."""

@@ -13,13 +13,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from mitmproxy import connection
+from mitmproxy import connection, ctx
 from mitmproxy.addons.proxyserver import Proxyserver
 from mitmproxy.addons.tlsconfig import TlsConfig
 from mitmproxy.proxy import server_hooks
 from mitmproxy.test import taddons
 
 from addon import blobserver
+from addon.access import Access
 from addon.blobhost import BlobHost
 from addon.blobserver import BLOB_HOST
 from addon.cache import RegistryCache
@@ -45,9 +46,10 @@ class Blobs:
 @pytest.fixture
 def blobs(tmp_path):
     host = BlobHost()
-    cache = RegistryCache(Interception(), host)
+    access = Access()
+    cache = RegistryCache(Interception(), host, access)
     tlsconfig = TlsConfig()
-    with taddons.context(Proxyserver(), tlsconfig, cache, host) as tctx:
+    with taddons.context(Proxyserver(), tlsconfig, access, cache, host) as tctx:
         tctx.configure(tlsconfig, confdir=str(tmp_path / "conf"))
         tctx.configure(cache, cache_dir=str(tmp_path / "cache"))
         host.running()
@@ -57,11 +59,15 @@ def blobs(tmp_path):
         cache.done()
 
 
-def get(blobs: Blobs, path: str, headers: dict | None = None, method: str = "GET"):
-    """A request to the blob server as a client reaches it: TLS for BLOB_HOST, trusting the CA."""
-    context = ssl.create_default_context(cafile=str(blobs.ca))
-    conn = http.client.HTTPSConnection(BLOB_HOST, context=context, timeout=20)
-    conn.sock = context.wrap_socket(socket.create_connection(blobs.host.address), server_hostname=BLOB_HOST)
+def get(blobs: Blobs, path: str, headers: dict | None = None, method: str = "GET", transport: str = "tls"):
+    """A request to the blob server as a client reaches it: TLS for BLOB_HOST trusting the CA, or
+    plain HTTP on its loopback port."""
+    if transport == "plain":
+        conn: http.client.HTTPConnection = http.client.HTTPConnection("127.0.0.1", blobs.host.loopback_port, timeout=20)
+    else:
+        context = ssl.create_default_context(cafile=str(blobs.ca))
+        conn = http.client.HTTPSConnection(BLOB_HOST, context=context, timeout=20)
+        conn.sock = context.wrap_socket(socket.create_connection(blobs.host.address), server_hostname=BLOB_HOST)
     try:
         conn.request(method, path, headers=headers or {})
         response = conn.getresponse()
@@ -83,19 +89,24 @@ def path_of(blobs, digest: str = DIGEST, **fill) -> str:
     return blobserver.signed_path(blobs.secret, digest, **fill)
 
 
-def test_a_cached_blob_with_ranges(blobs):
+TRANSPORTS = pytest.mark.parametrize("transport", ["tls", "plain"])
+
+
+@TRANSPORTS
+def test_a_cached_blob_with_ranges(blobs, transport):
     put(blobs.store)
-    status, headers, body = get(blobs, path_of(blobs))
+    path = path_of(blobs)
+    status, headers, body = get(blobs, path, transport=transport)
     assert (status, body) == (200, BLOB)
     assert headers["Docker-Content-Digest"] == DIGEST and headers["Content-Length"] == str(len(BLOB))
-    status, headers, body = get(blobs, path_of(blobs), {"Range": "bytes=100-"})
+    status, headers, body = get(blobs, path, {"Range": "bytes=100-"}, transport=transport)
     assert (status, headers["Content-Range"], body) == (206, f"bytes 100-{len(BLOB) - 1}/{len(BLOB)}", BLOB[100:])
-    status, _, body = get(blobs, path_of(blobs), {"Range": "bytes=5-9"})
+    status, _, body = get(blobs, path, {"Range": "bytes=5-9"}, transport=transport)
     assert (status, body) == (206, BLOB[5:10])
-    status, headers, body = get(blobs, path_of(blobs), {"Range": f"bytes={len(BLOB)}-"})
+    status, headers, body = get(blobs, path, {"Range": f"bytes={len(BLOB)}-"}, transport=transport)
     assert (status, headers["Content-Range"]) == (416, f"bytes */{len(BLOB)}")
     assert json.loads(body)["errors"][0]["code"] == "RANGE_INVALID"
-    status, headers, body = get(blobs, path_of(blobs), method="HEAD")
+    status, headers, body = get(blobs, path, method="HEAD", transport=transport)
     assert (status, headers["Content-Length"], body) == (200, str(len(BLOB)), b"")
 
 
@@ -140,9 +151,10 @@ def in_background(fn, *args):
     return thread, result
 
 
-def test_a_growing_fill_is_streamed_and_its_end_waits_for_the_commit(blobs):
+@TRANSPORTS
+def test_a_growing_fill_is_streamed_and_its_end_waits_for_the_commit(blobs, transport):
     writer, path = start_fill(blobs, len(BLOB) // 2)
-    thread, result = in_background(get, blobs, path)
+    thread, result = in_background(lambda: get(blobs, path, transport=transport))
     time.sleep(0.5)
     assert thread.is_alive(), "the client waits for the rest"
     writer.write(BLOB[len(BLOB) // 2 :])
@@ -166,9 +178,10 @@ def test_a_range_of_a_growing_fill(blobs):
     assert (status, body) == (206, BLOB[2000000:])
 
 
-def test_a_failed_fill_cuts_the_transfer(blobs):
+@TRANSPORTS
+def test_a_failed_fill_cuts_the_transfer(blobs, transport):
     writer, path = start_fill(blobs, len(BLOB) // 2)
-    thread, result = in_background(get, blobs, path)
+    thread, result = in_background(lambda: get(blobs, path, transport=transport))
     time.sleep(0.3)
     writer.discard()  # what the proxy does when the bytes do not verify
     thread.join(10)
@@ -190,6 +203,25 @@ def test_clients_are_routed_to_it_directly(blobs):
     assert server.address == blobs.host.address and server.via is None, "never through an upstream proxy"
     other = connect(blobs, ("registry-1.docker.io", 443))
     assert other.address == ("registry-1.docker.io", 443) and other.via is not None
+
+
+@pytest.mark.parametrize(
+    "listen_host, blob_urls, loopback",
+    [
+        ("127.0.0.1", "auto", True),
+        ("0.0.0.0", "auto", False),
+        ("", "auto", False),
+        ("0.0.0.0", "loopback", True),
+        ("127.0.0.1", "https", False),
+    ],
+)
+def test_loopback_urls_only_where_every_client_is_local(blobs, listen_host, blob_urls, loopback):
+    ctx.options.update(listen_host=listen_host, blob_urls=blob_urls)
+    url = blobs.host.url(DIGEST)
+    if loopback:
+        assert url.startswith(f"http://127.0.0.1:{blobs.host.loopback_port}/blobs/{DIGEST}?")
+    else:
+        assert url.startswith(f"https://{BLOB_HOST}/blobs/{DIGEST}?")
 
 
 def test_the_server_stops_with_the_proxy(blobs):

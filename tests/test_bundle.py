@@ -85,6 +85,8 @@ def test_export_import_round_trip(stores, image, tmp_path):
             assert f.read() == (image.layout_dir / "blobs/sha256" / digest[7:]).read_bytes()
     recording = Recording.open(target.directory, "lab")
     assert recording.missing(target) == [] and len(recording.digests()) == len(manifests) + len(blobs)
+    assert all(target.linked(REGISTRY, "test/multi", d) for d in manifests + blobs)
+    assert target.visibility(REGISTRY, "test/multi") is True
     assert temp_files(target) == []
 
 
@@ -100,6 +102,15 @@ def test_the_bundle_is_a_standard_oci_layout(stores, image, tmp_path):
     assert entry["annotations"]["org.opencontainers.image.ref.name"] == f"{REGISTRY}/test/multi:1"
     manifests, blobs = everything(image)
     assert {f"blobs/sha256/{d[7:]}" for d in manifests + blobs} | {"oci-layout", "index.json"} == names
+
+
+def test_a_private_image_stays_private(stores, image, tmp_path):
+    source = stores("source")
+    store_image(source, image, REGISTRY, "test/multi", "1", public=False)
+    export(source, [image_from_store(source, REGISTRY, "test/multi", "1")], tmp_path / "b.tar")
+    target = stores("target")
+    import_bundle(target, tmp_path / "b.tar")
+    assert target.visibility(REGISTRY, "test/multi") is False
 
 
 def test_a_partial_index_exports_the_platforms_held(stores, image, tmp_path):

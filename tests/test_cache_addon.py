@@ -12,6 +12,7 @@ from mitmproxy.addons.proxyserver import Proxyserver
 from mitmproxy.test import taddons, tflow, tutils
 
 from addon import upstream
+from addon.access import Access
 from addon.blobhost import BlobHost
 from addon.blobserver import BLOB_HOST
 from addon.cache import RegistryCache
@@ -51,6 +52,7 @@ class Upstream:
 class Env:
     tctx: taddons.context
     cache: RegistryCache
+    access: Access
     hosts: Interception
     cache_dir: Path
     answers: list  # what the fake upstream answers to send(), in order: a Response, or a reason string
@@ -74,7 +76,8 @@ class Env:
 @pytest.fixture
 async def env(tmp_path, monkeypatch):
     hosts = Interception()
-    cache = RegistryCache(hosts, BlobHost())
+    access = Access()
+    cache = RegistryCache(hosts, BlobHost(), access)
     answers, sent, fetches, fetched = [], [], [], []
 
     async def send(like: http.HTTPFlow, method: str, timeout: float):
@@ -110,9 +113,11 @@ async def env(tmp_path, monkeypatch):
     monkeypatch.setattr(upstream, "send", send)
     monkeypatch.setattr(upstream, "run", run)
     # Proxyserver declares connection_strategy, which the cache sets to lazy.
-    with taddons.context(Proxyserver(), hosts, cache) as tctx:
+    with taddons.context(Proxyserver(), hosts, access, cache) as tctx:
         tctx.configure(cache, cache_dir=str(tmp_path), tag_freshness=0)
-        env = Env(tctx, cache, hosts, tmp_path, answers, sent, fetches, fetched)
+        # A public repository, already probed (see TestAccess for the rest).
+        cache.store.set_visibility("docker.io", REPO, True)
+        env = Env(tctx, cache, access, hosts, tmp_path, answers, sent, fetches, fetched)
         yield env
         await env.settle()
         cache.done()
@@ -721,3 +726,107 @@ class TestOffline:
         await env.cache.request(f)
         assert f.response.status_code == 405
         assert f.response.json()["errors"][0]["code"] == "UNSUPPORTED"
+
+
+class TestAccess:
+    """Private repositories: see addon/access.py."""
+
+    async def cached_private_blob(self, env) -> None:
+        await fill_blob(env)
+        env.cache.store.set_visibility("docker.io", REPO, False)
+
+    async def test_public_content_needs_no_round_trip(self, env):
+        await fill_blob(env)
+        f = flow(blob_path())
+        await env.cache.request(f)
+        assert f.response.status_code == 307 and env.sent == []
+
+    async def test_private_content_is_checked_with_the_clients_own_credentials(self, env):
+        await self.cached_private_blob(env)
+        env.answers.append(upstream_response(200))
+        f = flow(blob_path(), headers={"Authorization": "Bearer alice"})
+        await env.cache.request(f)
+        assert f.response.status_code == 307
+        assert env.sent == [("HEAD", f"https://{HUB}{blob_path()}")]
+
+        again = flow(blob_path(), headers={"Authorization": "Bearer alice"})
+        await env.cache.request(again)
+        assert again.response.status_code == 307 and len(env.sent) == 1, "the yes is remembered for the token"
+
+        challenge = 'Bearer realm="https://auth.docker.io/token",error="insufficient_scope"'
+        env.answers.append(upstream_response(401, {"WWW-Authenticate": challenge}))
+        stranger = flow(blob_path(), headers={"Authorization": "Bearer mallory"})
+        await env.cache.request(stranger)
+        assert stranger.response.status_code == 401
+        assert stranger.response.headers["WWW-Authenticate"] == challenge
+
+    async def test_a_known_digest_is_not_served_through_another_repository(self, env):
+        await fill_blob(env)
+        env.cache.store.set_visibility("docker.io", "library/public", True)
+        env.answers.append(upstream_response(404))
+        f = flow(f"/v2/library/public/blobs/{BLOB_DIGEST}")
+        await env.cache.request(f)
+        assert f.response.status_code == 404
+        assert env.sent == [("HEAD", f"https://{HUB}/v2/library/public/blobs/{BLOB_DIGEST}")]
+
+    async def test_a_digest_upstream_confirms_is_linked(self, env):
+        await fill_blob(env)
+        env.cache.store.set_visibility("docker.io", "library/public", True)
+        env.answers.append(upstream_response(200))
+        path = f"/v2/library/public/blobs/{BLOB_DIGEST}"
+        await env.cache.request(f := flow(path))
+        await env.cache.request(g := flow(path))
+        assert f.response.status_code == g.response.status_code == 307
+        assert len(env.sent) == 1
+
+    @pytest.mark.parametrize("failure", ["connection refused", 503])
+    async def test_private_content_is_refused_when_upstream_cannot_confirm(self, env, failure):
+        await self.cached_private_blob(env)
+        env.answers.append(failure if isinstance(failure, str) else upstream_response(failure))
+        f = flow(blob_path(), headers={"Authorization": "Bearer alice"})
+        await env.cache.request(f)
+        assert f.response.status_code == 503
+        assert json.loads(f.response.content)["errors"][0]["code"] == "UNAVAILABLE"
+
+    async def test_a_cached_tag_of_a_private_repository_is_checked_within_its_freshness(self, env):
+        await fill_manifest(env, "latest", MANIFEST, headers={"Docker-Content-Digest": MANIFEST_DIGEST})
+        env.cache.store.set_visibility("docker.io", REPO, False)
+        env.tctx.configure(env.cache, tag_freshness=3600)
+        env.answers.append(upstream_response(401))
+        f = flow(manifest_path("latest"))
+        await env.cache.request(f)
+        assert f.response.status_code == 401
+
+    async def test_offline_private_content_needs_the_policy(self, env):
+        await self.cached_private_blob(env)
+        env.tctx.configure(env.cache, offline=True)
+        f = flow(blob_path())
+        await env.cache.request(f)
+        assert f.response.status_code == 401
+        assert "cannot check credentials" in f.response.text
+        env.tctx.configure(env.access, offline_private=True)
+        g = flow(blob_path())
+        await env.cache.request(g)
+        assert g.response.status_code == 307
+        assert env.sent == []
+
+    @pytest.mark.parametrize("public", [True, False])
+    async def test_the_first_manifest_of_a_repository_probes_its_visibility(self, env, public):
+        challenge = 'Bearer realm="https://auth.docker.io/token",service="registry.docker.io"'
+        env.fetches += [
+            Upstream(401, {"WWW-Authenticate": challenge, "Content-Length": "0"}),
+            Upstream(200, {"Content-Length": "17"}, b'{"token":"anon"}\n'),
+            Upstream(200 if public else 401, {"Content-Length": "0"}),
+        ]
+        f = flow("/v2/library/new/manifests/1", headers={"Authorization": "Bearer alice"})
+        await env.cache.request(f)
+        f.response = http.Response.make(200, MANIFEST, {"Content-Type": OCI_INDEX})
+        env.cache.responseheaders(f)
+        await env.cache.response(f)
+        assert env.cache.store.visibility("docker.io", "library/new") is public
+        head, token, anonymous = env.fetched
+        assert (head.method, "authorization" in head.headers) == ("HEAD", False)
+        assert token.url == "https://auth.docker.io/token?scope=repository%3Alibrary%2Fnew%3Apull&service=registry.docker.io"
+        assert token.host_header == "auth.docker.io"
+        assert anonymous.headers["authorization"] == "Bearer anon"
+        assert env.cache.store.linked("docker.io", "library/new", MANIFEST_DIGEST)

@@ -30,13 +30,17 @@ def timed_pull(daemon: Dockerd, ref: str) -> float:
     return time.monotonic() - start
 
 
-@pytest.mark.parametrize("image_fixture", ["multi_image", "big_image"])
-def test_repeat_pull_downloads_nothing_from_docker_hub(request, hubcache, dockerhub, dockerd, image_fixture, record_property):
+@pytest.mark.parametrize(
+    "image_fixture, blob_urls", [("multi_image", "loopback"), ("multi_image", "https"), ("big_image", "loopback")]
+)
+def test_repeat_pull_downloads_nothing_from_docker_hub(
+    request, hubcache, dockerhub, dockerd, image_fixture, blob_urls, record_property
+):
     image = request.getfixturevalue(image_fixture)
     name = "multi" if image_fixture == "multi_image" else "big"
     amd64 = image.platform("linux/amd64")
 
-    proxy = hubcache()
+    proxy = hubcache(blob_urls=blob_urls)
     dockerd.start(proxy.url, proxy.client_bundle)
     cold = timed_pull(dockerd, f"{name}:1")
     assert dockerd.image_diff_ids(f"{name}:1") == amd64.diff_ids
@@ -47,7 +51,7 @@ def test_repeat_pull_downloads_nothing_from_docker_hub(request, hubcache, docker
     dockerd.wipe()
     proxy.stop()
     dockerhub.reset()
-    proxy = hubcache()
+    proxy = hubcache(blob_urls=blob_urls)
     dockerd.start(proxy.url, proxy.client_bundle)
     warm = timed_pull(dockerd, f"{name}:1")
     assert dockerd.image_diff_ids(f"{name}:1") == amd64.diff_ids

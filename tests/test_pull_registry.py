@@ -34,10 +34,11 @@ def pull(proxy, ref: str, dest: Path, **kwargs):
     return result
 
 
-def test_cold_pull_fills_and_warm_pull_downloads_nothing(hubcache, registry, multi_image, tmp_path):
+@pytest.mark.parametrize("blob_urls", ["loopback", "https"])
+def test_cold_pull_fills_and_warm_pull_downloads_nothing(hubcache, registry, multi_image, tmp_path, blob_urls):
     ref = f"{REGISTRY_NAME}/test/multi:1"
     amd64 = multi_image.platform("linux/amd64")
-    proxy = hubcache()
+    proxy = hubcache(blob_urls=blob_urls)
 
     pull(proxy, ref, tmp_path / "cold")
     assert pulled_blobs(tmp_path / "cold") == {amd64.config.digest, *(l.digest for l in amd64.layers)}
@@ -51,7 +52,7 @@ def test_cold_pull_fills_and_warm_pull_downloads_nothing(hubcache, registry, mul
     # Another engine, another proxy process on the same store.
     proxy.stop()
     registry.reset_requests()
-    proxy = hubcache()
+    proxy = hubcache(blob_urls=blob_urls)
     pull(proxy, ref, tmp_path / "warm")
     registry.settle()
     assert pulled_blobs(tmp_path / "warm") == pulled_blobs(tmp_path / "cold")

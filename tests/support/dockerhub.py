@@ -192,6 +192,7 @@ class DockerHubDouble:
         self._refresh_tokens: dict[str, tuple[str, str]] = {}
         self._blob_repos: dict[str, str] = {}
         self._log: list[RequestRecord] = []
+        self._epoch = time.monotonic()  # requests that began earlier are not logged (see reset)
         self._manifest_gets = 0
         self._fail: dict[str, collections.deque[int]] = collections.defaultdict(collections.deque)
         self._hang: dict[str, collections.deque[float]] = collections.defaultdict(collections.deque)
@@ -282,6 +283,7 @@ class DockerHubDouble:
         """
         with self._lock:
             self._log.clear()
+            self._epoch = time.monotonic()
             self._manifest_gets = 0
             self._fail.clear()
             self._hang.clear()
@@ -328,9 +330,10 @@ class DockerHubDouble:
 
     # ---------------------------------------------------------------- state used by the handlers
 
-    def _record(self, record: RequestRecord) -> None:
+    def _record(self, record: RequestRecord, started: float) -> None:
         with self._lock:
-            self._log.append(record)
+            if started >= self._epoch:  # a request from before the last reset is not this test's
+                self._log.append(record)
 
     def _take_fault(self, kind: str) -> tuple[float, int | None]:
         with self._lock:
@@ -520,6 +523,7 @@ class _Handler(BaseHTTPRequestHandler):
         self._query = urllib.parse.parse_qs(split.query, keep_blank_values=True)
         self._status = 0
         self._sent = 0
+        self._started = time.monotonic()
         self._body_read = False
         kind = self._classify()
         try:
@@ -545,7 +549,8 @@ class _Handler(BaseHTTPRequestHandler):
                     had_authorization="Authorization" in self.headers,
                     kind=kind,
                     range=self.headers.get("Range"),
-                )
+                ),
+                self._started,
             )
 
     def _classify(self) -> str:

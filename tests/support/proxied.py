@@ -36,13 +36,18 @@ def opened(
     follow: bool = True,
 ) -> Iterator[http.client.HTTPResponse]:
     """The response to `method https://host/path` through the proxy on 127.0.0.1, trusting only
-    `ca`, its body unread. Redirects to https URLs are followed through the proxy (as registry
-    clients do: Range kept, Authorization dropped for another host) unless `follow` is false."""
+    `ca`, its body unread. Redirects are followed as registry clients do (Range kept,
+    Authorization dropped for another host) unless `follow` is false: https URLs through the
+    proxy, loopback http URLs directly."""
     headers = dict(headers or {})
+    scheme, port = "https", 443
     for _ in range(6):
-        context = ssl.create_default_context(cafile=str(ca))
-        conn = http.client.HTTPSConnection("127.0.0.1", proxy_port, context=context, timeout=timeout)
-        conn.set_tunnel(host, 443)
+        if scheme == "http":  # a loopback URL: fetched directly, as Go clients do
+            conn: http.client.HTTPConnection = http.client.HTTPConnection(host, port, timeout=timeout)
+        else:
+            context = ssl.create_default_context(cafile=str(ca))
+            conn = http.client.HTTPSConnection("127.0.0.1", proxy_port, context=context, timeout=timeout)
+            conn.set_tunnel(host, port)
         try:
             conn.request(method, path, headers=headers)
             response = conn.getresponse()
@@ -52,12 +57,13 @@ def opened(
             response.read()
         finally:
             conn.close()
-        target = urlsplit(urljoin(f"https://{host}{path}", response.headers["Location"]))
-        assert target.scheme == "https", f"redirected to {target.geturl()}"
+        target = urlsplit(urljoin(f"{scheme}://{host}{path}", response.headers["Location"]))
+        assert target.scheme == "https" or target.hostname == "127.0.0.1", f"redirected to {target.geturl()}"
         if target.hostname != host:
             headers = {k: v for k, v in headers.items() if k.lower() != "authorization"}
-        host, path = target.hostname, target.path + (f"?{target.query}" if target.query else "")
-    raise AssertionError(f"too many redirects at https://{host}{path}")
+        scheme, host, port = target.scheme, target.hostname, target.port or 443
+        path = target.path + (f"?{target.query}" if target.query else "")
+    raise AssertionError(f"too many redirects at {scheme}://{host}{path}")
 
 
 def request(proxy_port: int, host: str, path: str, *, ca: Path, **options) -> Answer:

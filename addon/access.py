@@ -1,0 +1,163 @@
+"""Private images stay private: cached content is served only to clients upstream would serve it to.
+
+The cache knows two things per repository: whether it is public (an anonymous client may pull
+it; learned by an anonymous probe when its first manifest is cached), and which digests belong
+to it (every manifest and blob cached or confirmed through it: a blob is shared by digest only
+where upstream linked it to the repository asked for, so a known digest cannot be pulled through
+another repository's name).
+
+- Public repository, digest known in it: served to anyone, no round trip.
+- Anything else (private or not yet probed, or a digest not yet known in the repository): the
+  client's own request is sent upstream as a HEAD with its own credentials (free under Docker
+  Hub's rate limit). 200: served from the cache, and the answer is remembered for that token and
+  repository for `access_check_seconds`. Otherwise the client gets upstream's answer (401, 403,
+  404). If upstream cannot answer, private content is refused (503), never served on trust.
+- Offline, nothing can be checked: public content is served; private content only with
+  `offline_private=true` (for a site where every client may pull everything it caches).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import logging
+import re
+import time
+from dataclasses import dataclass, field
+from urllib.parse import urlencode
+
+from mitmproxy import ctx, exceptions, http
+
+from . import upstream
+from .protocol import Kind, Route
+from .store import Store
+
+logger = logging.getLogger(__name__)
+
+VISIBILITY_TTL = 86400.0  # seconds before a repository's visibility is probed again
+ALLOWED = (200, 301, 302, 303, 307, 308)  # upstream would serve it (a blob may answer with its CDN)
+
+
+@dataclass(frozen=True)
+class Refusal:
+    """A registry error for a client that may not have cached content."""
+
+    status: int
+    code: str
+    message: str
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+class Access:
+    def __init__(self) -> None:
+        self._allowed: dict[tuple[str, str, str], float] = {}  # (token hash, registry, repo) -> until
+
+    def load(self, loader):
+        loader.add_option(
+            "access_check_seconds",
+            int,
+            60,
+            "Seconds upstream's yes to a client's credentials for a private repository is remembered "
+            "(per token and repository) before cached content is checked again.",
+        )
+        loader.add_option(
+            "offline_private",
+            bool,
+            False,
+            "Offline, also serve content of private repositories (no credentials can be checked "
+            "without upstream): only for a site where every client may pull everything cached.",
+        )
+
+    def configure(self, updated):
+        if "access_check_seconds" in updated and ctx.options.access_check_seconds < 0:
+            raise exceptions.OptionsError("access_check_seconds must be 0 or more seconds")
+
+    async def refusal(self, flow: http.HTTPFlow, route: Route, digest: str, store: Store) -> Refusal | None:
+        """None if the client may have `digest` of `route`'s repository from the cache, else the
+        registry error it gets instead. A tag's digest counts as known in its repository."""
+        public = await asyncio.to_thread(store.visibility, route.registry, route.name)
+        known = not route.by_digest or await asyncio.to_thread(store.linked, route.registry, route.name, digest)
+        if ctx.options.offline:
+            if known and (public is True or ctx.options.offline_private):
+                return None
+            why = "is private" if known else "was never pulled through this repository"
+            return Refusal(401, "UNAUTHORIZED", f"{route.image} {why}; offline, hubcache cannot check credentials")
+        key = (_token_key(flow), route.registry, route.name)
+        if known and (public is True or self._allowed.get(key, 0.0) > time.monotonic()):
+            return None
+        answer = await upstream.send(flow, "HEAD", ctx.options.revalidate_timeout)
+        if isinstance(answer, str) or answer.status_code >= 500 or answer.status_code == 429:
+            reason = answer if isinstance(answer, str) else f"upstream answered {answer.status_code}"
+            logger.warning(f"{route.image}: access not confirmed ({reason}); not served")
+            return Refusal(503, "UNAVAILABLE", f"{route.image}: upstream cannot confirm access ({reason})")
+        if answer.status_code not in ALLOWED:
+            logger.info(f"{route.image}: upstream refused this client ({answer.status_code}); not served")
+            code = {401: "UNAUTHORIZED", 404: "BLOB_UNKNOWN" if route.kind is Kind.BLOB else "MANIFEST_UNKNOWN"}
+            challenge = answer.headers.get("www-authenticate")
+            return Refusal(
+                answer.status_code,
+                code.get(answer.status_code, "DENIED"),
+                f"{route.image}: upstream refused these credentials",
+                {"WWW-Authenticate": challenge} if challenge else {},
+            )
+        self._allowed[key] = time.monotonic() + ctx.options.access_check_seconds
+        await asyncio.to_thread(store.link, route.registry, route.name, digest)
+        return None
+
+    async def learn(self, flow: http.HTTPFlow, route: Route, store: Store) -> None:
+        """After a manifest was cached: probe whether an anonymous client may pull it, unless
+        known. `route` is the request that cached it; the probe repeats it as a HEAD."""
+        checked = await asyncio.to_thread(store.visibility_checked, route.registry, route.name)
+        if checked and time.time() - checked < VISIBILITY_TTL:
+            return
+        public = await self._anonymous_head(flow, route.name)
+        if public is not None:
+            await asyncio.to_thread(store.set_visibility, route.registry, route.name, public)
+            logger.info(f"hubcache: {route.registry}/{route.name} is {'public' if public else 'private'}")
+
+    async def _anonymous_head(self, like: http.HTTPFlow, name: str) -> bool | None:
+        """Whether upstream answers the request without credentials (an anonymous token is fine);
+        None if it could not tell."""
+        timeout = ctx.options.revalidate_timeout
+        request = like.request.copy()
+        request.method = "HEAD"
+        request.headers.pop("authorization", None)
+        answer = await upstream.run(upstream.subrequest(like, request), timeout)
+        if isinstance(answer, str) or answer.status_code >= 500 or answer.status_code == 429:
+            return None
+        if answer.status_code != 401:
+            return answer.status_code == 200
+        token = await self._anonymous_token(like, answer.headers.get("www-authenticate", ""), name, timeout)
+        if token is None:
+            return False
+        request = request.copy()
+        request.headers["authorization"] = f"Bearer {token}"
+        answer = await upstream.run(upstream.subrequest(like, request), timeout)
+        if isinstance(answer, str) or answer.status_code >= 500 or answer.status_code == 429:
+            return None
+        return answer.status_code == 200
+
+    @staticmethod
+    async def _anonymous_token(like: http.HTTPFlow, challenge: str, name: str, timeout: float) -> str | None:
+        scheme, _, params = challenge.partition(" ")
+        fields = dict(re.findall(r'(\w+)="([^"]*)"', params))
+        if scheme.lower() != "bearer" or not fields.get("realm", "").startswith("https://"):
+            return None
+        query = {"scope": f"repository:{name}:pull", **{k: v for k, v in fields.items() if k in ("service", "scope")}}
+        request = http.Request.make("GET", f"{fields['realm']}?{urlencode(query)}")
+        request.host_header = request.pretty_host  # an HTTP/1.1 request names its host
+        answer = await upstream.run(upstream.subrequest(like, request), timeout)
+        if isinstance(answer, str) or answer.status_code != 200:
+            return None
+        try:
+            document = json.loads(answer.content or b"")
+        except ValueError:
+            return None
+        token = document.get("token") or document.get("access_token") if isinstance(document, dict) else None
+        return token if isinstance(token, str) and token else None
+
+
+def _token_key(flow: http.HTTPFlow) -> str:
+    """The client's credentials, hashed: tokens are never kept."""
+    return hashlib.sha256(flow.request.headers.get("authorization", "").encode()).hexdigest()

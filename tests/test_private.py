@@ -1,0 +1,98 @@
+"""A private repository on the Docker Hub double: what an authorized client cached never reaches a
+client without access, online (checked with upstream) or offline (refused unless told)."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+
+import pytest
+
+from conftest import push
+from support import proxied
+
+pytestmark = pytest.mark.integration
+
+HUB = "registry-1.docker.io"
+REPO = "library/secret"
+ACCEPT = "application/vnd.oci.image.index.v1+json, application/vnd.oci.image.manifest.v1+json"
+
+
+@pytest.fixture
+def secret(registry, dockerhub, multi_image):
+    push(registry, f"{REPO}:1", multi_image)
+    dockerhub.private_repos[REPO] = ("alice", "s3cret")
+    yield multi_image
+    del dockerhub.private_repos[REPO]
+
+
+def token(proxy, credentials: tuple[str, str] | None = None) -> dict[str, str]:
+    headers = {}
+    if credentials:
+        headers["Authorization"] = "Basic " + base64.b64encode(":".join(credentials).encode()).decode()
+    answer = proxied.request(
+        proxy.port, "auth.docker.io", f"/token?service=registry.docker.io&scope=repository:{REPO}:pull",
+        ca=proxy.ca_cert, headers=headers,
+    )
+    assert answer.status == 200, answer.body
+    return {"Authorization": f"Bearer {json.loads(answer.body)['token']}", "Accept": ACCEPT}
+
+
+def paths(image) -> dict[str, str]:
+    amd64 = image.platform("linux/amd64")
+    result = {
+        "tag": f"/v2/{REPO}/manifests/1",
+        "index": f"/v2/{REPO}/manifests/{image.index_digest}",
+        "manifest": f"/v2/{REPO}/manifests/{amd64.manifest.digest}",
+    }
+    result.update({f"blob {b.digest[7:19]}": f"/v2/{REPO}/blobs/{b.digest}" for b in (amd64.config, *amd64.layers)})
+    return result
+
+
+def get(proxy, path: str, headers: dict[str, str]) -> proxied.Answer:
+    return proxied.request(proxy.port, HUB, path, ca=proxy.ca_cert, headers=headers)
+
+
+def pull_as_alice(proxy, image) -> None:
+    alice = token(proxy, ("alice", "s3cret"))
+    for what, path in paths(image).items():
+        answer = get(proxy, path, alice)
+        assert answer.status == 200, (what, answer.status, answer.body[:200])
+        if what.startswith("blob"):
+            assert hashlib.sha256(answer.body).hexdigest() == path.rsplit(":", 1)[1]
+
+
+@pytest.mark.parametrize("tag_freshness", [0, 3600])
+def test_an_anonymous_client_gets_nothing_alice_cached(hubcache, dockerhub, secret, tag_freshness):
+    proxy = hubcache(tag_freshness=tag_freshness)
+    pull_as_alice(proxy, secret)
+    cached = {e["digest"] for e in proxy.journal() if e["outcome"] == "filled"}
+    assert secret.platform("linux/amd64").layers[0].digest in cached
+
+    anonymous = token(proxy)
+    for what, path in paths(secret).items():
+        answer = get(proxy, path, anonymous)
+        assert answer.status in (401, 403, 404), (what, answer.status)
+        assert answer.json()["errors"], what
+    # Alice still gets everything, from the cache.
+    dockerhub.reset()
+    pull_as_alice(proxy, secret)
+    assert dockerhub.requests(kind="cdn") == []
+
+
+def test_offline_private_content_is_served_only_under_the_policy(hubcache, secret, tmp_path):
+    proxy = hubcache()
+    pull_as_alice(proxy, secret)
+    proxy.stop()
+
+    proxy = hubcache(offline=True)
+    for what, path in paths(secret).items():
+        answer = get(proxy, path, {"Accept": ACCEPT})
+        assert answer.status == 401, what
+        assert "cannot check credentials" in answer.json()["errors"][0]["message"]
+    proxy.stop()
+
+    proxy = hubcache(offline=True, offline_private=True)
+    for what, path in paths(secret).items():
+        assert get(proxy, path, {"Accept": ACCEPT}).status == 200, what
