@@ -167,3 +167,14 @@ def test_other_hosts_are_tunnelled_not_intercepted(hubcache, registry, ca):
 
     assert "mitmproxy" not in issuer_seen_through_proxy("other.hubcache.test")
     assert "mitmproxy" in issuer_seen_through_proxy(REGISTRY_NAME)
+
+
+def test_proxy_credentials_guard_everything_blobs_included(hubcache, registry, multi_image, tmp_path):
+    proxy = hubcache(proxyauth="alice:s3cret", blob_urls="https")
+    ref = f"docker://{REGISTRY_NAME}/test/multi:1"
+    refused = skopeo_copy(ref, tmp_path / "refused", proxy=proxy.url, ca_bundle=proxy.client_bundle)
+    assert refused.returncode != 0 and "Proxy Authentication Required" in refused.stderr
+    with_credentials = proxy.url.replace("http://", "http://alice:s3cret@")
+    allowed = skopeo_copy(ref, tmp_path / "allowed", proxy=with_credentials, ca_bundle=proxy.client_bundle)
+    assert allowed.returncode == 0, allowed.stderr
+    assert multi_image.platform("linux/amd64").layers[0].digest in pulled_blobs(tmp_path / "allowed")

@@ -16,7 +16,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Mapping, Sequence
 
-__all__ = ["free_port", "wait_for_port", "tail", "Proc", "ProcError", "ProcId", "children_of", "kill_if_same"]
+__all__ = ["free_port", "wait_for_port", "tail", "Proc", "ProcError", "ProcId", "children_of", "process_tree", "kill_if_same"]
 
 
 class ProcError(RuntimeError):
@@ -108,6 +108,21 @@ def children_of(pid: int) -> list[ProcId]:
         if int(fields[1]) == pid:
             out.append((int(entry), int(fields[19])))
     return out
+
+
+def process_tree(pid: int) -> dict[ProcId, list[str]]:
+    """`pid` and its live descendants, each with its /proc stat fields (field 3 onwards)."""
+    table: dict[int, list[str]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                table[int(entry)] = _stat_fields(int(entry))
+            except (OSError, ValueError):
+                continue  # exited while we looked
+    members = [pid] if pid in table else []
+    for member in members:  # grows as children are found: a breadth-first walk
+        members += [p for p, fields in table.items() if int(fields[1]) == member]
+    return {(p, int(table[p][19])): table[p] for p in members}
 
 
 def kill_if_same(proc_id: ProcId, sig: int) -> bool:

@@ -94,6 +94,8 @@ class Registry:
     stop()/start(), as is the data under `workdir/data`; the TLS certificate
     (issued by `ca`) covers `names`, localhost and 127.0.0.1; deletes are
     enabled; the log (access lines included) goes to `workdir/registry.log`.
+    With `remote_url` it is a pull-through cache of that registry (proxy
+    mode), trusting only `ca` for it.
     """
 
     def __init__(
@@ -103,6 +105,7 @@ class Registry:
         names: tuple[str, ...] | list[str] = ("registry.hubcache.test",),
         *,
         port: int | None = None,
+        remote_url: str | None = None,
     ) -> None:
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
@@ -116,6 +119,7 @@ class Registry:
         self.cert_path, self.key_path = ca.issue(
             f"registry-{self.port}", [*self.names, "localhost"], ["127.0.0.1"]
         )
+        self.remote_url = remote_url
         self.proc: Proc | None = None
         self._mark = 0  # byte offset in the log; requests() reads from here
         self._marked = False
@@ -147,6 +151,8 @@ class Registry:
                 "headers": {"X-Content-Type-Options": ["nosniff"]},
             },
         }
+        if self.remote_url is not None:
+            config["proxy"] = {"remoteurl": self.remote_url}
         self.config_path.write_text(json.dumps(config, indent=2))
 
     def ssl_context(self) -> ssl.SSLContext:
@@ -176,6 +182,8 @@ class Registry:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self._write_config()
         env = {"PATH": _CLEAN_PATH, "HOME": str(self.workdir)}
+        if self.remote_url is not None:
+            env["SSL_CERT_FILE"] = str(self.ca.cert_path)
         self.proc = Proc(
             [REGISTRY_BIN, "serve", str(self.config_path)],
             log=self.log_path,

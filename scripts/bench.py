@@ -1,0 +1,831 @@
+"""Pull benchmark: the same images pulled by skopeo and dockerd over six paths, side by side.
+
+Paths: straight from the upstream registry (`direct`); through plain mitmdump that only streams
+and routes (`mitmdump`: the floor of any mitmproxy addon); through hubcache, cold and warm; and
+through the distribution registry's own pull-through cache (`registry-proxy`, the seed system),
+cold and warm. Everything runs on loopback under a temporary folder and is stopped at the end.
+
+Every pull gets a freshly started proxy process (a warm one finds the cache its cold run left),
+so the proxy's peak memory and CPU time belong to that pull alone. Ratios are taken pull by pull
+within one repetition, then the median of them is reported.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import re
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack, nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import mitmproxy.version
+import rich.box
+import rich.console
+import rich.table
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))
+
+from support.clients import DOCKERD_BIN, Dockerd, skopeo_copy  # noqa: E402
+from support.hubcache import MITMDUMP, Hubcache  # noqa: E402
+from support.images import ImageInfo, build_image  # noqa: E402
+from support.pki import TestCA, ca_bundle  # noqa: E402
+from support.procs import Proc, ProcError, free_port, process_tree, wait_for_port  # noqa: E402
+from support.registry import REGISTRY_BIN, SKOPEO_BIN, Registry  # noqa: E402
+
+REGISTRY_NAME = "registry.hubcache.test"  # the upstream's name behind the proxies, as in the tests
+MB = 1_000_000
+CLIENTS = ("skopeo", "docker")
+RATIOS = (
+    ("hubcache warm", "registry-proxy warm"),
+    ("hubcache cold", "registry-proxy cold"),
+    ("hubcache cold", "mitmdump"),
+    ("hubcache warm", "mitmdump"),
+)
+
+# Tables go to stdout, wide enough for them when it is a file or a pipe; progress goes to stderr.
+console = rich.console.Console(width=None if sys.stdout.isatty() else 200)
+progress = rich.console.Console(stderr=True)
+
+
+class BenchError(Exception):
+    """A measurement failed; the message is one line."""
+
+
+# --- images ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ImageSpec:
+    name: str
+    layer_sizes: tuple[int, ...]
+
+
+FULL_IMAGES = (ImageSpec("layers", (30_000_000,) * 8), ImageSpec("big", (1 << 30,)))
+SMALL_IMAGES = (ImageSpec("layers", (5_000_000,) * 6), ImageSpec("big", (100_000_000,)))
+
+
+@dataclass(frozen=True)
+class BenchImage:
+    """An image in the upstream registry, as `bench/<name>:1`."""
+
+    name: str
+    info: ImageInfo
+
+    @property
+    def bytes(self) -> int:
+        """What a client downloads: manifest, config and layers."""
+        return self.info.total_bytes
+
+    @property
+    def label(self) -> str:
+        return f"{self.name} {self.bytes / MB:.0f} MB"
+
+    @property
+    def shape(self) -> str:
+        layers = self.info.platforms[0].layers
+        return f"{self.name}: {len(layers)} x {layers[0].size / MB:.0f} MB"
+
+    def ref(self, host: str) -> str:
+        return f"{host}/bench/{self.name}:1"
+
+
+def publish(upstream: Registry, spec: ImageSpec, layouts: Path) -> BenchImage:
+    """Build the image (incompressible layers) and push it to the upstream."""
+    info = build_image(layouts / spec.name, "1", list(spec.layer_sizes), seed=spec.name)
+    upstream.push(info.layout_dir, info.ref, f"bench/{spec.name}:1")
+    shutil.rmtree(info.layout_dir)  # the registry holds it now
+    return BenchImage(spec.name, info)
+
+
+# --- measuring ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Route:
+    """How a client reaches the images on one path."""
+
+    host: str  # the registry in image references
+    proxy: str | None  # HTTPS_PROXY
+    ca_bundle: Path  # what the client trusts (SSL_CERT_FILE)
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One pull."""
+
+    seconds: float
+    rss_mb: float | None  # peak RSS of the proxy (None: no proxy)
+    cpu_seconds: float | None  # CPU time of the proxy during the pull
+    upstream_requests: int
+    upstream_bytes: int  # body bytes of the GETs the upstream answered
+
+
+class TreeMeter:
+    """Peak memory and CPU time of a process and its descendants, read from /proc.
+
+    CPU time is the growth between enter and exit of utime+stime+cutime+cstime summed over the
+    live members, so a child that exited and was reaped still counts through its parent. Peak RSS
+    is the sum of each member's own peak (VmHWM): exact for one process, an upper bound for
+    several. Members are sampled every INTERVAL, so a child living less than that may be missed.
+    """
+
+    INTERVAL = 0.2
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.cpu_seconds = 0.0
+        self._peaks_kb: dict[tuple[int, int], int] = {}
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._watch, name="tree meter", daemon=True)
+
+    @property
+    def peak_rss_mb(self) -> float:
+        return sum(self._peaks_kb.values()) / 1024
+
+    def __enter__(self) -> TreeMeter:
+        self._cpu_start = self._sample()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._done.set()
+        self._thread.join()
+        self.cpu_seconds = self._sample() - self._cpu_start
+
+    def _watch(self) -> None:
+        while not self._done.wait(self.INTERVAL):
+            self._sample()
+
+    def _sample(self) -> float:
+        """Record every member's peak RSS; return the members' CPU seconds so far."""
+        ticks = 0
+        for member, fields in process_tree(self.pid).items():
+            ticks += sum(int(f) for f in fields[11:15])  # utime, stime, cutime, cstime
+            self._peaks_kb[member] = max(self._peaks_kb.get(member, 0), _vm_hwm_kb(member[0]))
+        return ticks / os.sysconf("SC_CLK_TCK")
+
+
+def _vm_hwm_kb(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+def pull_timeout(nbytes: int) -> float:
+    """Generous, so that only a hang reaches it: a minute, plus 5 MB/s."""
+    return 60 + nbytes / (5 * MB)
+
+
+def last_line(text: str, limit: int = 300) -> str:
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return (lines[-1] if lines else "no output")[:limit]
+
+
+def first_line(error: BaseException, limit: int = 300) -> str:
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return (lines[0] if lines else type(error).__name__)[:limit]
+
+
+class SkopeoClient:
+    """`skopeo copy docker://... dir:...`, into an emptied folder each time."""
+
+    name = "skopeo"
+
+    def __init__(self, workdir: Path) -> None:
+        self.dest = workdir / "skopeo"
+        self.route: Route | None = None
+
+    def prepare(self, route: Route) -> None:
+        shutil.rmtree(self.dest, ignore_errors=True)
+        self.route = route
+
+    def pull(self, ref: str, timeout: float) -> None:
+        assert self.route is not None
+        result = skopeo_copy(
+            f"docker://{ref}", self.dest, proxy=self.route.proxy, ca_bundle=self.route.ca_bundle, timeout=timeout
+        )
+        if result.returncode != 0:
+            raise BenchError(f"skopeo exited with {result.returncode}: {last_line(result.stderr)}")
+
+    def close(self) -> None:
+        shutil.rmtree(self.dest, ignore_errors=True)
+
+
+class DockerClient:
+    """`docker pull` on a private dockerd, wiped before each pull so it holds nothing."""
+
+    name = "docker"
+
+    def __init__(self, workdir: Path) -> None:
+        self.daemon = Dockerd(workdir / "dockerd")
+
+    def prepare(self, route: Route) -> None:
+        self.daemon.wipe()
+        self.daemon.start(route.proxy, route.ca_bundle)
+
+    def pull(self, ref: str, timeout: float) -> None:
+        result = self.daemon.pull(ref, timeout=timeout)
+        if result.returncode != 0:
+            raise BenchError(f"docker pull exited with {result.returncode}: {last_line(result.stderr + result.stdout)}")
+
+    def close(self) -> None:
+        try:
+            self.daemon.wipe()
+        finally:
+            self.daemon.close()
+
+
+Client = SkopeoClient | DockerClient
+
+
+class Bench:
+    """What every measurement shares: the work folder, the test CA, the upstream and its images."""
+
+    def __init__(self, workdir: Path, specs: tuple[ImageSpec, ...], stack: ExitStack) -> None:
+        self.workdir = workdir
+        self.ca = TestCA(workdir / "ca")
+        self.client_bundle = ca_bundle([self.ca.cert_path], workdir / "client-bundle.pem")
+        self.upstream = Registry(workdir / "upstream", self.ca, names=(REGISTRY_NAME,))
+        stack.callback(self.upstream.stop)
+        self.upstream.start()
+        self.images = [publish(self.upstream, spec, workdir / "layouts") for spec in specs]
+        self._folders = 0
+
+    def folder(self, name: str) -> Path:
+        """A new, empty folder for one proxy's files."""
+        self._folders += 1
+        path = self.workdir / f"{name}-{self._folders}"
+        path.mkdir()
+        return path
+
+    def served(self) -> tuple[int, int]:
+        """Requests the upstream answered since reset_requests(), and the body bytes of its GETs."""
+        requests = self.upstream.requests()
+        return len(requests), sum(r.bytes for r in requests if r.method == "GET")
+
+
+# --- the ways to the upstream ---------------------------------------------------------------
+
+
+class Way:
+    """One way from the clients to the upstream, measured as one path, or two for a cache (cold,
+    then warm). Every pull gets a new proxy process, so its memory and CPU figures are its own;
+    the warm one finds what the cold one stored."""
+
+    paths: tuple[str, ...]
+    proc: Proc | None = None
+
+    def start(self) -> None:
+        pass
+
+    def route(self) -> Route:
+        raise NotImplementedError
+
+    def settle(self, image: BenchImage) -> None:
+        """Wait for what the proxy still does after the client's last byte."""
+
+    def stop(self) -> None:
+        pass
+
+    def close(self) -> None:
+        """Stop, and delete what the proxy stored."""
+        self.stop()
+
+
+class Direct(Way):
+    """The client straight to the upstream, trusting the test CA."""
+
+    paths = ("direct",)
+
+    def __init__(self, bench: Bench) -> None:
+        self.bench = bench
+
+    def route(self) -> Route:
+        return Route(self.bench.upstream.host, None, self.bench.client_bundle)
+
+
+class PlainMitmdump(Way):
+    """mitmdump with only scripts/bench_route.py: streams every body, routes REGISTRY_NAME."""
+
+    paths = ("mitmdump",)
+
+    def __init__(self, bench: Bench) -> None:
+        self.workdir = bench.folder("mitmdump")
+        self.upstream = bench.upstream
+        self.port = free_port()
+
+    def start(self) -> None:
+        argv = [
+            MITMDUMP,
+            "-s", ROOT / "scripts" / "bench_route.py",
+            "--listen-host", "127.0.0.1",
+            "--listen-port", str(self.port),
+            "--set", f"confdir={self.workdir / 'conf'}",
+            "--set", "stream_large_bodies=1",
+            "--set", f"ssl_verify_upstream_trusted_ca={self.upstream.ca.cert_path}",
+            "--set", f"route={REGISTRY_NAME}=127.0.0.1:{self.upstream.port}",
+        ]  # fmt: skip
+        self.proc = Proc(argv, log=self.workdir / "mitmdump.log", cwd=self.workdir)
+        wait_for_port("127.0.0.1", self.port, timeout=30, proc=self.proc)
+
+    def route(self) -> Route:
+        bundle = ca_bundle([self.workdir / "conf" / "mitmproxy-ca-cert.pem"], self.workdir / "client-bundle.pem")
+        return Route(REGISTRY_NAME, f"http://127.0.0.1:{self.port}", bundle)
+
+    def stop(self) -> None:
+        if self.proc:
+            self.proc.stop()
+
+
+class HubcacheProxy(Way):
+    """hubcache caching REGISTRY_NAME, which it reaches at the upstream's address."""
+
+    paths = ("hubcache cold", "hubcache warm")
+
+    def __init__(self, bench: Bench) -> None:
+        options = {"registries": [REGISTRY_NAME], "upstream_map": [f"{REGISTRY_NAME}=127.0.0.1:{bench.upstream.port}"]}
+        self.server = Hubcache(bench.folder("hubcache"), bench.ca.cert_path, options)
+
+    @property
+    def proc(self) -> Proc | None:  # type: ignore[override]
+        return self.server.proc
+
+    def start(self) -> None:
+        self.server.start()
+
+    def route(self) -> Route:
+        return Route(REGISTRY_NAME, self.server.url, self.server.client_bundle)
+
+    def settle(self, image: BenchImage) -> None:
+        self.server.journal()  # a fill is committed and journalled just after the client's last byte
+
+    def stop(self) -> None:
+        self.server.stop()
+
+    def close(self) -> None:
+        self.stop()
+        shutil.rmtree(self.server.cache_dir, ignore_errors=True)
+
+
+class RegistryProxy(Way):
+    """The distribution registry in proxy mode, a registry of its own that clients reach directly."""
+
+    paths = ("registry-proxy cold", "registry-proxy warm")
+
+    def __init__(self, bench: Bench) -> None:
+        self.server = Registry(
+            bench.folder("registry-proxy"), bench.ca, names=("registry-proxy.hubcache.test",), remote_url=bench.upstream.url
+        )
+        self.client_bundle = bench.client_bundle
+
+    @property
+    def proc(self) -> Proc | None:  # type: ignore[override]
+        return self.server.proc
+
+    def start(self) -> None:
+        self.server.start()
+
+    def route(self) -> Route:
+        return Route(self.server.host, None, self.client_bundle)
+
+    def settle(self, image: BenchImage) -> None:
+        """It stores each blob with a fetch of its own, which may end after the client's: wait for
+        the files. One still missing at the timeout is fetched again by the warm pull, which the
+        upstream columns then show."""
+        blobs = [image.info.platforms[0].config, *image.info.platforms[0].layers]
+        root = self.server.data_dir / "docker/registry/v2/blobs/sha256"
+        files = [(root / b.digest[7:9] / b.digest[7:] / "data", b.size) for b in blobs]
+        deadline = time.monotonic() + pull_timeout(image.bytes)
+        while time.monotonic() < deadline:
+            if all(path.exists() and path.stat().st_size == size for path, size in files):
+                return
+            time.sleep(0.1)
+
+    def stop(self) -> None:
+        self.server.stop()
+
+    def close(self) -> None:
+        self.stop()
+        shutil.rmtree(self.server.data_dir, ignore_errors=True)
+
+
+WAYS: dict[str, type[Way]] = {
+    "direct": Direct,
+    "mitmdump": PlainMitmdump,
+    "hubcache": HubcacheProxy,
+    "registry-proxy": RegistryProxy,
+}
+
+
+# --- pulls ----------------------------------------------------------------------------------
+
+
+def measure(bench: Bench, way: Way, client: Client, image: BenchImage) -> Iterator[tuple[str, Sample]]:
+    """One pull of `image` for each path of `way`."""
+    try:
+        for path in way.paths:
+            way.start()
+            sample = pull_once(bench, way, client, image)
+            way.stop()
+            yield path, sample
+    finally:
+        way.close()
+
+
+def pull_once(bench: Bench, way: Way, client: Client, image: BenchImage) -> Sample:
+    """Time one pull; then wait for the proxy and the upstream's log, and count what it served."""
+    route = way.route()
+    client.prepare(route)
+    bench.upstream.reset_requests()
+    meter = TreeMeter(way.proc.pid) if way.proc else None
+    with meter or nullcontext():
+        start = time.monotonic()
+        try:
+            client.pull(image.ref(route.host), pull_timeout(image.bytes))
+        except BenchError as e:
+            raise BenchError(f"{e}{proxy_state(way.proc)}") from None
+        seconds = time.monotonic() - start
+        way.settle(image)
+        bench.upstream.settle()
+    requests, nbytes = bench.served()
+    return Sample(seconds, meter.peak_rss_mb if meter else None, meter.cpu_seconds if meter else None, requests, nbytes)
+
+
+def proxy_state(proxy: Proc | None) -> str:
+    if proxy is None or proxy.alive():
+        return ""
+    return f" ({proxy.name} exited with code {proxy.returncode()})"
+
+
+# --- many clients at once -------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Concurrent:
+    """N skopeo clients pulling the same image at once through a cold cache."""
+
+    path: str
+    image: BenchImage
+    clients: int
+    succeeded: int
+    seconds: float  # from the common start to the last client's end
+    rss_mb: float
+    cpu_seconds: float
+    upstream_requests: int
+    upstream_bytes: int
+
+
+def measure_at_once(bench: Bench, way: Way, image: BenchImage, clients: int) -> tuple[Concurrent, list[str]]:
+    """`clients` skopeo pulls at once through the cold cache of `way`; the result and the errors."""
+    try:
+        way.start()
+        assert way.proc is not None
+        bench.upstream.reset_requests()
+        with TreeMeter(way.proc.pid) as meter:
+            seconds, errors = pull_at_once(bench, way.route(), image, way.proc, clients)
+            way.settle(image)
+            bench.upstream.settle()
+    finally:
+        way.close()
+    requests, nbytes = bench.served()
+    result = Concurrent(
+        way.paths[0], image, clients, clients - len(errors), seconds, meter.peak_rss_mb, meter.cpu_seconds, requests, nbytes
+    )
+    return result, errors
+
+
+def pull_at_once(bench: Bench, route: Route, image: BenchImage, proxy: Proc, clients: int) -> tuple[float, list[str]]:
+    """Start `clients` skopeo copies together; return the time until the last ended, and errors."""
+    start_together = threading.Barrier(clients + 1, timeout=60)
+    timeout = 60 + clients * image.bytes / (10 * MB)
+
+    def pull(index: int) -> subprocess.CompletedProcess[str]:
+        dest = bench.workdir / f"at-once-{index}"
+        start_together.wait()
+        try:
+            return skopeo_copy(f"docker://{image.ref(route.host)}", dest, proxy=route.proxy, ca_bundle=route.ca_bundle, timeout=timeout)
+        finally:
+            shutil.rmtree(dest, ignore_errors=True)
+
+    with ThreadPoolExecutor(clients) as pool:
+        futures = [pool.submit(pull, i) for i in range(clients)]
+        start_together.wait()
+        start = time.monotonic()
+        results = [f.result() for f in futures]
+        seconds = time.monotonic() - start
+    errors = [f"skopeo exited with {r.returncode}: {last_line(r.stderr)}{proxy_state(proxy)}" for r in results if r.returncode]
+    return seconds, errors
+
+
+# --- results --------------------------------------------------------------------------------
+
+
+@dataclass
+class Results:
+    clients: list[str]
+    images: list[BenchImage]
+    paths: list[str]
+    runs: int
+    environment: str
+    samples: dict[tuple[str, str, str], dict[int, Sample]] = field(default_factory=dict)
+    concurrent: list[Concurrent] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+
+    def add(self, run: int, client: str, image: str, path: str, sample: Sample) -> None:
+        self.samples.setdefault((client, image, path), {})[run] = sample
+
+    def series(self, client: str, image: str, path: str) -> dict[int, Sample]:
+        return self.samples.get((client, image, path), {})
+
+    def median(self, client: str, image: str, path: str, value: Callable[[Sample], float | None]) -> float | None:
+        values = [v for s in self.series(client, image, path).values() if (v := value(s)) is not None]
+        return statistics.median(values) if values else None
+
+    def ratio(self, client: str, image: str, path: str, base: str) -> float | None:
+        """Median over the runs that have both of path's seconds / base's seconds."""
+        a, b = self.series(client, image, path), self.series(client, image, base)
+        values = [a[run].seconds / b[run].seconds for run in a.keys() & b.keys()]
+        return statistics.median(values) if values else None
+
+
+def environment() -> str:
+    def version(argv: list[str]) -> str:
+        try:
+            out = subprocess.run(argv, capture_output=True, text=True, timeout=30).stdout
+        except (OSError, subprocess.TimeoutExpired):
+            return "?"
+        match = re.search(r"\d+\.\d+[\w.+-]*", out)
+        return match[0].rstrip(",") if match else "?"
+
+    return (
+        f"{os.cpu_count()} CPUs, Linux {platform.release()}; mitmproxy {mitmproxy.version.VERSION}, "
+        f"skopeo {version([SKOPEO_BIN, '--version'])}, dockerd {version([DOCKERD_BIN, '--version'])}, "
+        f"docker-registry {version([REGISTRY_BIN, '--version'])}"
+    )
+
+
+# --- tables ---------------------------------------------------------------------------------
+
+
+@dataclass
+class Table:
+    title: str
+    columns: list[str]
+    rows: list[list[str]]
+    labels: int  # the first `labels` columns are names, the others numbers
+
+    def rich(self) -> rich.table.Table:
+        table = rich.table.Table(title=self.title, box=rich.box.SIMPLE_HEAD, title_justify="left")
+        for i, column in enumerate(self.columns):
+            table.add_column(column, justify="left" if i < self.labels else "right")
+        for row in self.rows:
+            table.add_row(*row)
+        return table
+
+    def markdown(self) -> str:
+        align = ["---" if i < self.labels else "---:" for i in range(len(self.columns))]
+        lines = [f"**{self.title}**", "", _md_row(self.columns), _md_row(align)]
+        return "\n".join(lines + [_md_row(row) for row in self.rows])
+
+
+def _md_row(cells: list[str]) -> str:
+    return "| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |"
+
+
+def fmt(value: float | None, spec: str, suffix: str = "") -> str:
+    return "-" if value is None else f"{value:{spec}}{suffix}"
+
+
+PULL_COLUMNS = ["client", "image", "path", "s", "MB/s", "x direct", "proxy RSS MiB", "proxy CPU s",
+                "upstream req", "upstream MB", "upstream / image"]  # fmt: skip
+
+
+def pulls_table(results: Results) -> Table:
+    rows = [
+        pull_row(results, client, image, path)
+        for client in results.clients
+        for image in results.images
+        for path in results.paths
+    ]
+    runs = f"median of {results.runs} runs" if results.runs > 1 else "one run"
+    return Table(f"Pulls ({runs}; x direct: the pull's time over the direct pull's)", PULL_COLUMNS, rows, 3)
+
+
+def pull_row(results: Results, client: str, image: BenchImage, path: str) -> list[str]:
+    def median(value: Callable[[Sample], float | None]) -> float | None:
+        return results.median(client, image.name, path, value)
+
+    seconds = median(lambda s: s.seconds)
+    if seconds is None:
+        return [client, image.label, path, "failed", *["-"] * (len(PULL_COLUMNS) - 4)]
+    upstream = median(lambda s: s.upstream_bytes) or 0
+    return [
+        client, image.label, path,
+        f"{seconds:.2f}",
+        f"{image.bytes / MB / seconds:.0f}",
+        fmt(results.ratio(client, image.name, path, "direct"), ".2f", "x"),
+        fmt(median(lambda s: s.rss_mb), ".0f"),
+        fmt(median(lambda s: s.cpu_seconds), ".1f"),
+        fmt(median(lambda s: s.upstream_requests), ".0f"),
+        f"{upstream / MB:.0f}",
+        f"{upstream / image.bytes:.2f}",
+    ]  # fmt: skip
+
+
+def ratios_table(results: Results) -> Table | None:
+    pairs = [(a, b) for a, b in RATIOS if a in results.paths and b in results.paths]
+    if not pairs:
+        return None
+    rows = [
+        [client, image.label, *(fmt(results.ratio(client, image.name, a, b), ".2f", "x") for a, b in pairs)]
+        for client in results.clients
+        for image in results.images
+    ]
+    title = "hubcache against the others (time over time, pull by pull; below 1 hubcache is faster)"
+    return Table(title, ["client", "image", *(f"{a} / {b}" for a, b in pairs)], rows, 2)
+
+
+def concurrency_table(results: Results) -> Table | None:
+    if not results.concurrent:
+        return None
+    columns = ["path", "image", "clients ok", "s", "MB/s (all clients)", "proxy RSS MiB", "proxy CPU s",
+               "upstream req", "upstream MB", "upstream / image"]  # fmt: skip
+    rows = [
+        [
+            c.path, c.image.label, f"{c.succeeded}/{c.clients}", f"{c.seconds:.2f}",
+            f"{c.clients * c.image.bytes / MB / c.seconds:.0f}", f"{c.rss_mb:.0f}", f"{c.cpu_seconds:.1f}",
+            str(c.upstream_requests), f"{c.upstream_bytes / MB:.0f}", f"{c.upstream_bytes / c.image.bytes:.2f}",
+        ]  # fmt: skip
+        for c in results.concurrent
+    ]
+    clients = results.concurrent[0].clients
+    return Table(f"{clients} skopeo clients pulling one image at once through a cold cache (one run)", columns, rows, 2)
+
+
+def tables(results: Results) -> list[Table]:
+    return [t for t in (pulls_table(results), ratios_table(results), concurrency_table(results)) if t]
+
+
+def markdown(results: Results) -> str:
+    parts = [
+        f"Machine: {results.environment}. Images (incompressible layers): {images(results)}.",
+        "Every pull has a fresh proxy process (a warm one on the cache its cold one filled). Proxy RSS: "
+        "the peak resident memory of the proxy process, plus that of its children if any; proxy CPU: their "
+        "user+system seconds during the pull; upstream: what the upstream registry served (GET body bytes).",
+        *(t.markdown() for t in tables(results)),
+    ]
+    if results.errors:
+        parts.append("Failures:\n\n" + "\n".join(f"- {e}" for e in results.errors))
+    return "\n\n".join(parts) + "\n"
+
+
+def images(results: Results) -> str:
+    return ", ".join(image.shape for image in results.images)
+
+
+def show(results: Results) -> None:
+    console.print(f"[dim]{results.environment}; images: {images(results)}[/dim]")
+    for table in tables(results):
+        console.print(table.rich())
+    for error in results.errors:
+        console.print(f"[red]failed:[/red] {error}", highlight=False)
+
+
+# --- running --------------------------------------------------------------------------------
+
+
+def run(options: argparse.Namespace) -> Results:
+    workdir = Path(tempfile.mkdtemp(prefix="hubcache-bench-"))
+    try:
+        with ExitStack() as stack:
+            progress.print(f"[dim]work folder {workdir}; building and pushing the images[/dim]")
+            bench = Bench(workdir, SMALL_IMAGES if options.small else FULL_IMAGES, stack)
+            results = Results(
+                options.clients, bench.images, [p for w in options.ways for p in WAYS[w].paths], options.runs, environment()
+            )
+            clients = [SkopeoClient(workdir) if name == "skopeo" else DockerClient(workdir) for name in options.clients]
+            for client in clients:
+                stack.callback(client.close)
+            for run_index in range(options.runs):
+                for image in bench.images:
+                    for client in clients:
+                        for way in options.ways:
+                            measure_way(bench, results, run_index, client, image, way)
+            for way in [w for w in ("hubcache", "registry-proxy") if w in options.ways and options.concurrency]:
+                measure_concurrent(bench, results, way, options.concurrency)
+    finally:
+        if options.keep:
+            progress.print(f"work folder kept: {workdir}")
+        else:
+            shutil.rmtree(workdir, ignore_errors=True)
+    return results
+
+
+def measure_way(bench: Bench, results: Results, run_index: int, client: Client, image: BenchImage, way: str) -> None:
+    where = f"run {run_index + 1}, {client.name}, {image.name}"
+    try:
+        for path, sample in measure(bench, WAYS[way](bench), client, image):
+            results.add(run_index, client.name, image.name, path, sample)
+            progress.print(f"[dim]{where}, {path}: {sample.seconds:.2f} s[/dim]", highlight=False)
+    except (BenchError, ProcError, RuntimeError, OSError) as e:
+        results.errors.append(f"{where}, {way}: {first_line(e)}")
+        progress.print(f"[red]{results.errors[-1]}[/red]", highlight=False)
+
+
+def measure_concurrent(bench: Bench, results: Results, way: str, clients: int) -> None:
+    image = bench.images[0]  # the multi-layer one
+    try:
+        result, errors = measure_at_once(bench, WAYS[way](bench), image, clients)
+    except (BenchError, ProcError, RuntimeError, OSError) as e:
+        errors = [first_line(e)]
+    else:
+        results.concurrent.append(result)
+        progress.print(f"[dim]{clients} clients at once, {way}: {result.seconds:.2f} s[/dim]", highlight=False)
+    results.errors += [f"{clients} clients at once, {way}: {e}" for e in sorted(set(errors))]
+
+
+def comma_list(choices: tuple[str, ...]) -> Callable[[str], list[str]]:
+    def parse(text: str) -> list[str]:
+        items = [item.strip() for item in text.split(",") if item.strip()]
+        unknown = [item for item in items if item not in choices]
+        if unknown or not items:
+            raise argparse.ArgumentTypeError(f"choose from {','.join(choices)} (got {text!r})")
+        return [c for c in choices if c in items]  # table order
+
+    return parse
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="scripts/bench",
+        description="Pull the same images over every path (direct, plain mitmdump, hubcache cold/warm, "
+        "the registry's proxy mode cold/warm) with skopeo and dockerd; print medians and ratios.",
+    )
+    parser.add_argument("--runs", type=int, help="repetitions (default 3; 1 with --small)")
+    parser.add_argument("--small", action="store_true", help="short version for CI: a 30 MB and a 100 MB image")
+    parser.add_argument("--clients", type=comma_list(CLIENTS), default=list(CLIENTS), help="default: skopeo,docker")
+    parser.add_argument(
+        "--paths", dest="ways", type=comma_list(tuple(WAYS)), default=list(WAYS),
+        help=f"default: {','.join(WAYS)} (a cache gives a cold and a warm path)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--concurrency", type=int, default=16, metavar="N",
+        help="skopeo clients pulling the multi-layer image at once through each cold cache (default 16; 0: skip)",
+    )  # fmt: skip
+    parser.add_argument("--markdown", type=Path, metavar="PATH", help="also write the tables as markdown")
+    parser.add_argument("--keep", action="store_true", help="keep the work folder (logs, configs)")
+    options = parser.parse_args(argv)
+    options.runs = options.runs or (1 if options.small else 3)
+    if options.runs < 1 or options.concurrency < 0:
+        parser.error("--runs must be at least 1 and --concurrency at least 0")
+    return options
+
+
+def check_tools(options: argparse.Namespace) -> None:
+    """Leave docker out when it cannot run; fail early on a missing tool."""
+    if "docker" in options.clients and (os.geteuid() != 0 or not Path(DOCKERD_BIN).exists()):
+        progress.print(f"[yellow]skipping the docker client: dockerd needs root and {DOCKERD_BIN}[/yellow]")
+        options.clients.remove("docker")
+    for tool in (SKOPEO_BIN, REGISTRY_BIN, MITMDUMP):
+        if not Path(tool).exists():
+            raise BenchError(f"{tool} is missing (.ci/run installs the tools)")
+    if not options.clients:
+        raise BenchError("no client left to run")
+
+
+def main(argv: list[str] | None = None) -> int:
+    options = parse_args(argv)
+    try:
+        check_tools(options)
+        results = run(options)
+    except (BenchError, ProcError, RuntimeError, OSError) as e:
+        progress.print(f"[red]bench: {first_line(e)}[/red] (--keep keeps the logs)", highlight=False)
+        return 2
+    show(results)
+    if options.markdown:
+        options.markdown.write_text(markdown(results))
+    return 1 if results.errors else 0
+
+
+if __name__ == "__main__":
+    # Stopped from outside: still run the finally blocks that stop every process.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    sys.exit(main())

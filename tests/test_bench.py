@@ -1,0 +1,58 @@
+"""The pull benchmark (scripts/bench.py) in its short form, end to end, so that it cannot rot:
+every path is measured and what the upstream served adds up."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+
+import bench  # noqa: E402
+
+pytestmark = pytest.mark.integration
+
+ALL_PATHS = [path for way in bench.WAYS.values() for path in way.paths]
+
+
+def markdown_table(text: str, title: str) -> list[dict[str, str]]:
+    """The rows of the markdown table whose bold title starts with `title`, by column name."""
+    block = text.split(f"**{title}", 1)[1].split("\n\n")[1]
+    header, _alignment, *rows = [
+        [cell.strip() for cell in line.strip().strip("|").split("|")] for line in block.splitlines()
+    ]
+    return [dict(zip(header, row)) for row in rows]
+
+
+@pytest.mark.timeout(400)
+def test_small_benchmark_measures_every_path(tmp_path):
+    report = tmp_path / "bench.md"
+    assert bench.main(["--small", "--runs", "1", "--markdown", str(report)]) in (0, 1)  # 2: no run
+    text = report.read_text()
+
+    pulls = markdown_table(text, "Pulls")
+    clients = ["skopeo", "docker"] if os.geteuid() == 0 else ["skopeo"]
+    assert {(row["client"], row["path"]) for row in pulls} == {(c, p) for c in clients for p in ALL_PATHS}
+    for row in pulls:
+        where = f"{row['client']} {row['image']} {row['path']}"
+        assert row["s"] != "failed", where
+        assert float(row["s"]) > 0 and float(row["MB/s"]) > 0, where
+        upstream = float(row["upstream / image"])
+        if row["path"] in ("direct", "mitmdump"):
+            assert upstream == pytest.approx(1.0, abs=0.02), where
+        elif row["path"].endswith("cold"):
+            assert upstream >= 0.98, f"{where}: the upstream did not serve every blob"
+        else:
+            assert upstream < 0.02, f"{where}: a warm pull fetched from the upstream"
+        if row["path"] != "direct":
+            assert float(row["proxy RSS MiB"]) > 0 and float(row["proxy CPU s"]) >= 0, where
+
+    ratios = markdown_table(text, "hubcache against the others")
+    assert len(ratios) == 2 * len(clients)
+    assert all(cell.endswith("x") for row in ratios for name, cell in row.items() if " / " in name)
+
+    at_once = markdown_table(text, "16 skopeo clients")
+    assert [row["path"] for row in at_once] == ["hubcache cold", "registry-proxy cold"]
