@@ -122,15 +122,21 @@ class Store:
 
     def open_blob(self, digest: str) -> BinaryIO | None:
         """An open file of the blob, or None. The file stays readable even if evicted meanwhile."""
-        try:
-            blob = self._cache.get(("blob", digest), read=True)
-        except OSError:
-            blob = None
+        blob = self._read_blob(digest)
         if blob is None and self.has_blob(digest):
-            # The file vanished under the index (diskcache then answers a miss): forget the entry,
-            # else every refill of the digest would be dropped as a duplicate in _commit_blob.
-            self._cache.delete(("blob", digest))
+            # Either a commit landed between the two looks, or the file vanished under the index
+            # (diskcache then answers a miss). Look again: only a vanished file stays a miss, and
+            # its entry is forgotten, else every refill would be dropped as a duplicate.
+            blob = self._read_blob(digest)
+            if blob is None:
+                self._cache.delete(("blob", digest))
         return blob
+
+    def _read_blob(self, digest: str) -> BinaryIO | None:
+        try:
+            return self._cache.get(("blob", digest), read=True)
+        except OSError:
+            return None
 
     def blob_size(self, digest: str) -> int | None:
         blob = self.open_blob(digest)

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import signal
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -98,3 +100,38 @@ def test_a_silent_upstream_is_given_up_after_fill_timeout(hubcache, dockerhub, m
     assert "upstream sent nothing for 2s" in answer.json()["errors"][0]["message"]
     assert wait_for_outcome(proxy, digest)["outcome"] == "failed: upstream sent nothing for 2s"
     assert not list((proxy.cache_dir / "tmp").rglob("fill-*"))
+
+
+def blob_server_pids(cache_dir) -> list[int]:
+    wanted = str(cache_dir.resolve())
+    pids = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                argv = open(f"/proc/{entry}/cmdline", "rb").read().split(b"\0")
+            except OSError:
+                continue
+            if b"addon.blobserver" in argv and wanted.encode() in argv:
+                pids.append(int(entry))
+    return pids
+
+
+def test_a_proxy_killed_mid_fill_leaves_nothing_partial(hubcache, registry, big_image):
+    proxy = hubcache()
+    digest, path = blob_path(big_image)
+    with proxied.opened(proxy.port, REGISTRY_NAME, path, ca=proxy.ca_cert) as response:
+        response.read(1 << 20)
+        assert list((proxy.cache_dir / "tmp").rglob("fill-*")), "a fill is under way"
+        assert blob_server_pids(proxy.cache_dir)
+        os.kill(proxy.proc.pid, signal.SIGKILL)  # the proxy alone, not its blob server
+    proxy.proc.wait(10)
+    deadline = time.monotonic() + 10
+    while blob_server_pids(proxy.cache_dir) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert blob_server_pids(proxy.cache_dir) == [], "the blob server exits with the proxy"
+
+    proxy.start()
+    assert not list((proxy.cache_dir / "tmp").rglob("fill-*")), "a restart cleans what the dead process left"
+    answer = proxied.request(proxy.port, REGISTRY_NAME, path, ca=proxy.ca_cert)
+    assert hashlib.sha256(answer.body).hexdigest() == digest[7:]
+    assert wait_for_outcome(proxy, digest)["outcome"] == "filled"

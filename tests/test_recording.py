@@ -8,6 +8,7 @@ from mitmproxy import exceptions, http
 from mitmproxy.addons.proxyserver import Proxyserver
 from mitmproxy.test import taddons, tflow, tutils
 
+from addon.access import Access
 from addon.blobhost import BlobHost
 from addon.cache import RegistryCache
 from addon.hosts import Interception
@@ -29,9 +30,10 @@ def image(tmp_path_factory):
 @pytest.fixture
 async def env(tmp_path, image):
     hosts = Interception()
-    cache = RegistryCache(hosts, BlobHost())
+    access = Access()
+    cache = RegistryCache(hosts, BlobHost(), access)
     recorder = Recorder(hosts, cache)
-    with taddons.context(Proxyserver(), hosts, cache, recorder) as tctx:
+    with taddons.context(Proxyserver(), hosts, access, cache, recorder) as tctx:
         tctx.configure(cache, cache_dir=str(tmp_path), tag_freshness=3600)
         store_image(cache.store, image, "docker.io", "library/rec", "1")
         yield tctx, cache, recorder

@@ -192,6 +192,23 @@ class TestBlobs:
         assert store.open_blob(BLOB_DIGEST) is None
         assert not store.has_blob(BLOB_DIGEST)
 
+    def test_a_commit_between_two_looks_is_kept(self, store, monkeypatch):
+        """Another process commits the blob just after open_blob's first look found nothing."""
+        real = store._read_blob
+        looks = []
+
+        def first_look_misses(digest):
+            looks.append(digest)
+            if len(looks) == 1:
+                fill(store, BLOB_DIGEST, [BLOB]).commit()
+                return None
+            return real(digest)
+
+        monkeypatch.setattr(store, "_read_blob", first_look_misses)
+        with store.open_blob(BLOB_DIGEST) as f:
+            assert f.read() == BLOB
+        assert store.has_blob(BLOB_DIGEST), "the fresh blob was not taken for a vanished one"
+
 
 class TestTemporaryFiles:
     def test_dead_process_temp_files_are_removed(self, tmp_path):

@@ -9,6 +9,7 @@ from mitmproxy import exceptions
 from mitmproxy.addons.proxyserver import Proxyserver
 from mitmproxy.test import taddons
 
+from addon.access import Access
 from addon.blobhost import BlobHost
 from addon.cache import RegistryCache
 from addon.hosts import Interception
@@ -143,9 +144,10 @@ def test_verify_drops_what_rotted(store, images):
 
 @pytest.fixture
 def upkeep(tmp_path):
-    cache = RegistryCache(Interception(), BlobHost())
+    access = Access()
+    cache = RegistryCache(Interception(), BlobHost(), access)
     addon = Upkeep(cache)
-    with taddons.context(Proxyserver(), cache, addon) as tctx:
+    with taddons.context(Proxyserver(), access, cache, addon) as tctx:
         tctx.configure(cache, cache_dir=str(tmp_path / "cache"))
         yield tctx, addon
         cache.done()
