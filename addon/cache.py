@@ -20,6 +20,8 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,6 +43,7 @@ logger = logging.getLogger(__name__)
 FILL = "hubcache_fill"  # on hubcache's own blob requests: the digest of the fill they feed
 MAX_MANIFEST_SIZE = 4 * 1024 * 1024  # registries refuse larger manifests
 MAX_REDIRECTS = 5
+FREE_SPACE_RESERVE = 64 * 1024 * 1024  # left free for the index and other fills
 REDIRECTS = (301, 302, 303, 307, 308)
 
 
@@ -262,6 +265,8 @@ class RegistryCache:
                 flow = upstream.subrequest(like, request)
                 flow.metadata[FILL] = route.reference
                 answer = await upstream.run(flow, ctx.options.fill_timeout, lambda: fill.progress)
+                if fill.unusable:
+                    return  # its clients went upstream themselves, and journal that
                 if isinstance(answer, str):
                     fill.fail(answer)
                     logger.warning(f"{route.image}: not fetched: {answer}")
@@ -364,7 +369,12 @@ class RegistryCache:
             identity = response.headers.get("content-encoding", "identity").lower() == "identity"
             if fill and response.status_code == 200 and identity and not fill.streaming:
                 length = response.headers.get("content-length", "")
-                fill.start_streaming(int(length) if length.isdigit() else None)
+                size = int(length) if length.isdigit() else None
+                if reason := self._no_room(fill, size):
+                    fill.skip(unusable=reason)
+                    flow.kill()  # the clients fetch it themselves; this copy has nowhere to go
+                    return
+                fill.start_streaming(size)
                 response.stream = fill.sink
             return
         pending = self._pending.get(flow.id)
@@ -372,6 +382,18 @@ class RegistryCache:
             length = response.headers.get("content-length", "")
             if length.isdigit() and int(length) <= MAX_MANIFEST_SIZE:
                 response.stream = False  # the body must be whole to verify and store it
+
+    @staticmethod
+    def _no_room(fill: Fill, size: int | None) -> str:
+        """Why the cache folder cannot take the blob now (an operator's line), or ''."""
+        assert fill.writer
+        try:
+            free = shutil.disk_usage(os.path.dirname(fill.writer.path)).free
+        except OSError as e:
+            return f"the cache folder is unusable: {e.strerror or e}"
+        if free < (size or 0) + FREE_SPACE_RESERVE:
+            return f"the cache folder has {free} bytes free, too few for {size or 'a'} bytes"
+        return ""
 
     # response: commit or reject, journal the miss
 

@@ -1,6 +1,7 @@
 import asyncio
 import json
 import os
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -96,8 +97,11 @@ async def env(tmp_path, monkeypatch):
             return answer
         if answer.before_answer:
             await answer.before_answer.wait()
+        f.live = True  # as mitmproxy's HTTP layer makes it
         f.response = upstream_response(answer.status, answer.headers)
         cache.responseheaders(f)
+        if f.error:
+            return f.error.msg
         if not callable(f.response.stream):
             f.response.content = answer.body
             return f.response
@@ -418,6 +422,18 @@ class TestBlobFill:
         assert not env.cache.store.has_blob(BLOB_DIGEST)
         assert env.journal()[0]["outcome"] == "passed: upstream answered 200"
         assert env.fetched == []
+
+    async def test_a_full_disk_passes_the_request_through(self, env, monkeypatch):
+        monkeypatch.setattr("addon.cache.shutil.disk_usage", lambda path: shutil._ntuple_diskusage(10**9, 10**9 - 1000, 1000))
+        env.fetches.append(sized())
+        f = flow(blob_path())
+        await env.cache.request(f)
+        assert f.response is None, "the client fetches it itself"
+        await env.settle()
+        f.response = upstream_response(200)
+        await env.cache.response(f)
+        assert env.journal()[0]["outcome"] == "passed: upstream answered 200"
+        assert not env.cache.store.has_blob(BLOB_DIGEST) and env.temp_files() == []
 
     async def test_an_unusable_cache_folder_passes_the_request_through(self, env, monkeypatch):
         def no_space(digest):
