@@ -12,6 +12,7 @@ import shutil
 import signal
 import subprocess
 import tempfile
+import threading
 import time
 import weakref
 from pathlib import Path
@@ -29,22 +30,25 @@ DOCKER_CLI = "/usr/bin/docker" if Path("/usr/bin/docker").exists() else "docker"
 CLEAN_PATH = "/usr/sbin:/usr/bin:/sbin:/bin"
 
 _scratch: Path | None = None
+_scratch_lock = threading.Lock()
 
 
 def _scratch_dir() -> Path:
     """A per-process directory for HOME, empty SSL_CERT_DIR, policy files."""
     global _scratch
-    if _scratch is None:
-        _scratch = Path(tempfile.mkdtemp(prefix="hubcache-clients-"))
-        atexit.register(shutil.rmtree, _scratch, True)
-        (_scratch / "home").mkdir()
-        (_scratch / "empty-certs").mkdir()
-        (_scratch / "empty-registries.d").mkdir()
-        (_scratch / "policy.json").write_text(
-            json.dumps({"default": [{"type": "insecureAcceptAnything"}]})
-        )
-        # Replaces the system registries.conf so no mirrors or aliases apply.
-        (_scratch / "registries.conf").write_text('unqualified-search-registries = []\n')
+    with _scratch_lock:  # clients may start from many threads at once
+        if _scratch is None:
+            scratch = Path(tempfile.mkdtemp(prefix="hubcache-clients-"))
+            atexit.register(shutil.rmtree, scratch, True)
+            (scratch / "home").mkdir()
+            (scratch / "empty-certs").mkdir()
+            (scratch / "empty-registries.d").mkdir()
+            (scratch / "policy.json").write_text(
+                json.dumps({"default": [{"type": "insecureAcceptAnything"}]})
+            )
+            # Replaces the system registries.conf so no mirrors or aliases apply.
+            (scratch / "registries.conf").write_text('unqualified-search-registries = []\n')
+            _scratch = scratch
     return _scratch
 
 

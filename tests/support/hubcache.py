@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -26,6 +27,7 @@ class Hubcache:
         self.port = free_port()
         self.proc: Proc | None = None
         self.starts = 0
+        self._bundle_lock = threading.Lock()
 
     @property
     def url(self) -> str:
@@ -37,8 +39,13 @@ class Hubcache:
 
     @property
     def client_bundle(self) -> Path:
-        """System CAs plus hubcache's CA: what a client's SSL_CERT_FILE points at."""
-        return ca_bundle([self.ca_cert], self.workdir / "client-bundle.pem")
+        """System CAs plus hubcache's CA: what a client's SSL_CERT_FILE points at. Written once:
+        clients running at the same time must never read it half rewritten."""
+        path = self.workdir / "client-bundle.pem"
+        with self._bundle_lock:
+            if not path.exists():
+                ca_bundle([self.ca_cert], path)
+        return path
 
     def start(self, **options: object) -> Hubcache:
         self.options.update(options)
