@@ -375,7 +375,7 @@ class HubcacheProxy(Way):
         return Route(REGISTRY_NAME, self.server.url, self.server.client_bundle)
 
     def settle(self, image: BenchImage) -> None:
-        self.server.journal()  # a fill is committed and journalled just after the client's last byte
+        self.server.journal()  # a fill is journalled as its clients get their last byte
 
     def stop(self) -> None:
         self.server.stop()
