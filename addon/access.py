@@ -102,7 +102,10 @@ class Access:
                 {"WWW-Authenticate": challenge} if challenge else {},
             )
         self._allowed[key] = time.monotonic() + ctx.options.access_check_seconds
-        await asyncio.to_thread(store.link, route.registry, route.name, digest)
+        try:
+            await asyncio.to_thread(store.link, route.registry, route.name, digest)
+        except OSError as e:
+            logger.warning(f"hubcache: not noted in the cache: {e.strerror or e}")
         return None
 
     async def learn(self, flow: http.HTTPFlow, route: Route, store: Store) -> None:
@@ -113,8 +116,11 @@ class Access:
             return
         public = await self._anonymous_head(flow, route.name)
         if public is not None:
-            await asyncio.to_thread(store.set_visibility, route.registry, route.name, public)
             logger.info(f"hubcache: {route.registry}/{route.name} is {'public' if public else 'private'}")
+            try:
+                await asyncio.to_thread(store.set_visibility, route.registry, route.name, public)
+            except OSError as e:
+                logger.warning(f"hubcache: not noted in the cache: {e.strerror or e}")
 
     async def _anonymous_head(self, like: http.HTTPFlow, name: str) -> bool | None:
         """Whether upstream answers the request without credentials (an anonymous token is fine);

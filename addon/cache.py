@@ -199,7 +199,7 @@ class RegistryCache:
         await fill.answered.wait()
         if leader and fill.streaming:
             # Upstream served it through this repository, to this client.
-            await asyncio.to_thread(self.store.link, route.registry, route.name, digest)
+            await self._note(self.store.link, route.registry, route.name, digest)
         elif (fill.cached or fill.streaming) and not await self._permitted(flow, route, digest):
             return  # another client's fill, or a blob cached meanwhile: this client must be allowed it
         if fill.cached:
@@ -221,6 +221,15 @@ class RegistryCache:
             self._answer_error(flow, 502, "BLOB_UNKNOWN", f"{route.image}: {fill.failure}")
         # A follower of a fill that got no blob asks upstream itself, with its own credentials:
         # its request passes through untouched.
+
+    @staticmethod
+    async def _note(write, *args) -> None:
+        """Write to the index in a thread; if it cannot be written (full disk, read-only folder),
+        only this note is lost, with a line saying why."""
+        try:
+            await asyncio.to_thread(write, *args)
+        except OSError as e:
+            logger.warning(f"hubcache: not noted in the cache: {e.strerror or e}")
 
     async def _permitted(self, flow: http.HTTPFlow, route: Route, digest: str) -> bool:
         """Whether the client may have `digest` from the cache (see access.py); if not, its
@@ -342,17 +351,13 @@ class RegistryCache:
             return
         current = answer.headers.get("docker-content-digest") if answer.status_code == 200 else None
         if current == cached.digest:
-            await asyncio.to_thread(
-                self.store.set_tag, route.registry, route.name, route.reference, cached.digest
-            )
+            await self._note(self.store.set_tag, route.registry, route.name, route.reference, cached.digest)
             self._answer_manifest(flow, cached)
             return
         if current and protocol.DIGEST_RE.fullmatch(current):
             moved = await asyncio.to_thread(self.store.get_manifest, current)
             if moved and protocol.accepts(accept, moved.media_type):
-                await asyncio.to_thread(
-                    self.store.set_tag, route.registry, route.name, route.reference, current
-                )
+                await self._note(self.store.set_tag, route.registry, route.name, route.reference, current)
                 self._answer_manifest(flow, moved)
                 return
         # The tag moved to a manifest we lack, or upstream refused (401/403/404): the client's own
@@ -383,16 +388,17 @@ class RegistryCache:
             if length.isdigit() and int(length) <= MAX_MANIFEST_SIZE:
                 response.stream = False  # the body must be whole to verify and store it
 
-    @staticmethod
-    def _no_room(fill: Fill, size: int | None) -> str:
-        """Why the cache folder cannot take the blob now (an operator's line), or ''."""
+    def _no_room(self, fill: Fill, size: int | None) -> str:
+        """Why the cache folder cannot take the blob now (an operator's line), or ''. The fills
+        under way will take their remaining bytes too."""
         assert fill.writer
         try:
             free = shutil.disk_usage(os.path.dirname(fill.writer.path)).free
         except OSError as e:
             return f"the cache folder is unusable: {e.strerror or e}"
-        if free < (size or 0) + FREE_SPACE_RESERVE:
-            return f"the cache folder has {free} bytes free, too few for {size or 'a'} bytes"
+        promised = sum(f.size - f.writer.size for f in self._fills.values() if f.streaming and f.size and f.writer)
+        if free - promised < (size or 0) + FREE_SPACE_RESERVE:
+            return f"the cache folder has {free} bytes free ({promised} promised to fills under way), too few for {size or 'a'} bytes"
         return ""
 
     # response: commit or reject, journal the miss

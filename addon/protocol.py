@@ -11,7 +11,6 @@ import json
 import re
 from dataclasses import dataclass
 from enum import Enum
-from urllib.parse import urlsplit
 
 API_VERSION_HEADERS = {"Docker-Distribution-Api-Version": "registry/2.0"}
 
@@ -80,7 +79,7 @@ def canonical_registry(host: str) -> str:
 def parse_route(host: str, path: str) -> Route:
     """Classify a request to a registry host. Raises BadRequest for a malformed API request."""
     registry = canonical_registry(host)
-    p = urlsplit(path).path
+    p = path.partition("?")[0].partition("#")[0]  # an origin-form target: never a host part
     if p in ("/v2", "/v2/"):
         return Route(Kind.PING, registry)
     if not p.startswith("/v2/"):

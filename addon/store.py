@@ -13,8 +13,10 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import sqlite3
 import tempfile
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -36,6 +38,36 @@ class _VerifiedFile:
 
     path: str
     size: int
+
+
+class _Index(diskcache.Cache):
+    """diskcache, with the errors of an index that cannot be written (a full disk, a read-only
+    folder) raised as OSError, like the errors of the files beside it. Reads update the LRU
+    access time, so they can fail that way too."""
+
+    def get(self, *args, **kwargs):
+        with _as_os_error():
+            return super().get(*args, **kwargs)
+
+    def set(self, *args, **kwargs):
+        with _as_os_error():
+            return super().set(*args, **kwargs)
+
+    def delete(self, *args, **kwargs):
+        with _as_os_error():
+            return super().delete(*args, **kwargs)
+
+    def __contains__(self, key):
+        with _as_os_error():
+            return super().__contains__(key)
+
+
+@contextmanager
+def _as_os_error():
+    try:
+        yield
+    except sqlite3.Error as e:
+        raise OSError(f"cache index: {e}") from e
 
 
 class _ContentDisk(diskcache.Disk):
@@ -81,7 +113,7 @@ class Store:
         # on the same folder in this process (reconfiguring opens the new before closing the old).
         self._tmp = Path(tempfile.mkdtemp(dir=pid_dir))
         _LIVE_TEMP_DIRS.add(self._tmp.resolve())
-        self._cache = diskcache.Cache(
+        self._cache = _Index(
             str(self.directory / "content"),
             disk=_ContentDisk,
             size_limit=size_limit,
@@ -123,14 +155,26 @@ class Store:
     def open_blob(self, digest: str) -> BinaryIO | None:
         """An open file of the blob, or None. The file stays readable even if evicted meanwhile."""
         blob = self._read_blob(digest)
-        if blob is None and self.has_blob(digest):
+        if blob is None and self._lookup(self.has_blob, digest):
             # Either a commit landed between the two looks, or the file vanished under the index
             # (diskcache then answers a miss). Look again: only a vanished file stays a miss, and
             # its entry is forgotten, else every refill would be dropped as a duplicate.
             blob = self._read_blob(digest)
             if blob is None:
-                self._cache.delete(("blob", digest))
+                try:
+                    self._cache.delete(("blob", digest))
+                except OSError:
+                    pass  # an index that cannot be written keeps its stale entry; still a miss
         return blob
+
+    @staticmethod
+    def _lookup(read, *args):
+        """A read of the index; one that fails counts as a miss (the caller then goes upstream)."""
+        try:
+            return read(*args)
+        except OSError as e:
+            logger.warning(f"hubcache: {e.strerror or e}")
+            return None
 
     def _read_blob(self, digest: str) -> BinaryIO | None:
         try:
@@ -178,7 +222,7 @@ class Store:
         self._cache.set(("manifest", digest), (media_type, body))
 
     def get_manifest(self, digest: str) -> Manifest | None:
-        value = self._cache.get(("manifest", digest))
+        value = self._lookup(self._cache.get, ("manifest", digest))
         if value is None:
             return None
         media_type, body = value
@@ -210,7 +254,7 @@ class Store:
         self._cache.set(("tag", registry, name, tag), (digest, time.time() if checked is None else checked))
 
     def get_tag(self, registry: str, name: str, tag: str) -> TagEntry | None:
-        value = self._cache.get(("tag", registry, name, tag))
+        value = self._lookup(self._cache.get, ("tag", registry, name, tag))
         return TagEntry(*value) if value else None
 
     # Repositories: who may pull what (see access.py)
@@ -220,11 +264,11 @@ class Store:
 
     def visibility(self, registry: str, name: str) -> bool | None:
         """True: anyone may pull it; False: it needs credentials; None: not known yet."""
-        value = self._cache.get(("repository", registry, name))
+        value = self._lookup(self._cache.get, ("repository", registry, name))
         return value[0] if value else None
 
     def visibility_checked(self, registry: str, name: str) -> float | None:
-        value = self._cache.get(("repository", registry, name))
+        value = self._lookup(self._cache.get, ("repository", registry, name))
         return value[1] if value else None
 
     def link(self, registry: str, name: str, digest: str) -> None:
@@ -232,7 +276,7 @@ class Store:
         self._cache.set(("link", registry, name, digest), True)
 
     def linked(self, registry: str, name: str, digest: str) -> bool:
-        return ("link", registry, name, digest) in self._cache
+        return bool(self._lookup(self._cache.__contains__, ("link", registry, name, digest)))
 
 
 class BlobWriter:

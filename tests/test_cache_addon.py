@@ -423,6 +423,18 @@ class TestBlobFill:
         assert env.journal()[0]["outcome"] == "passed: upstream answered 200"
         assert env.fetched == []
 
+    async def test_an_index_that_cannot_be_written_costs_only_the_note(self, env, monkeypatch, caplog):
+        def read_only(*args):
+            raise OSError("cache index: attempt to write a readonly database")
+
+        monkeypatch.setattr(env.cache.store, "link", read_only)
+        env.fetches.append(sized())
+        f = flow(blob_path())
+        await env.cache.request(f)
+        assert "fill" in location(f)[1], "the client still gets the blob"
+        await env.settle()
+        assert "not noted in the cache: cache index: attempt to write a readonly database" in caplog.text
+
     async def test_a_full_disk_passes_the_request_through(self, env, monkeypatch):
         monkeypatch.setattr("addon.cache.shutil.disk_usage", lambda path: shutil._ntuple_diskusage(10**9, 10**9 - 1000, 1000))
         env.fetches.append(sized())
@@ -434,6 +446,23 @@ class TestBlobFill:
         await env.cache.response(f)
         assert env.journal()[0]["outcome"] == "passed: upstream answered 200"
         assert not env.cache.store.has_blob(BLOB_DIGEST) and env.temp_files() == []
+
+    async def test_room_promised_to_a_fill_under_way_is_not_given_twice(self, env, monkeypatch):
+        reserve = 64 * 1024 * 1024
+        free = reserve + len(BLOB) + 1000  # room for one such blob, not two
+        monkeypatch.setattr("addon.cache.shutil.disk_usage", lambda path: shutil._ntuple_diskusage(10**12, 10**12 - free, free))
+        more = asyncio.Event()
+        other = os.urandom(len(BLOB))
+        env.fetches += [sized(mid_body=more), sized(other)]
+        first = flow(blob_path())
+        await env.cache.request(first)
+        assert "fill" in location(first)[1]
+        second = flow(blob_path(digest_of(other)))
+        await env.cache.request(second)
+        assert second.response is None, "passed through: the room is promised to the first fill"
+        more.set()
+        await env.settle()
+        assert env.cache.store.has_blob(BLOB_DIGEST)
 
     async def test_an_unusable_cache_folder_passes_the_request_through(self, env, monkeypatch):
         def no_space(digest):

@@ -321,3 +321,10 @@ class TestImageReference:
     def test_refused(self, text, message):
         with pytest.raises(ValueError, match=message):
             ImageReference.parse(text)
+
+
+@pytest.mark.parametrize("path", ["//[", "//host/v2/", "/v2/a/blobs/sha256:" + "a" * 64 + "?x=//["])
+def test_paths_that_look_like_urls_are_paths(path):
+    """Found by fuzzing: a target starting with // once reached the URL parser as a host."""
+    route = protocol.parse_route("registry-1.docker.io", path)
+    assert route.kind in (Kind.OTHER, Kind.BLOB)

@@ -1,8 +1,9 @@
 import os
-import os
+import sqlite3
 import subprocess
 import sys
 
+import diskcache
 import pytest
 
 from addon.protocol import digest_of
@@ -266,3 +267,28 @@ class TestTemporaryFiles:
             assert second.blob_size(BLOB_DIGEST) == len(BLOB)
         finally:
             second.close()
+
+
+class TestAnIndexThatCannotBeWritten:
+    """A full disk or a read-only folder makes SQLite fail: that is an OSError, and a read is a miss."""
+
+    @pytest.fixture
+    def broken(self, store, monkeypatch):
+        def refuse(*args, **kwargs):
+            raise sqlite3.OperationalError("attempt to write a readonly database")
+
+        monkeypatch.setattr(diskcache.Cache, "set", refuse)
+        monkeypatch.setattr(diskcache.Cache, "get", refuse)
+        return store
+
+    def test_writes_raise_os_errors(self, broken):
+        with pytest.raises(OSError, match="readonly database"):
+            broken.set_tag("r", "n", "t", MANIFEST_DIGEST)
+        with pytest.raises(OSError):
+            broken.put_manifest(MANIFEST_DIGEST, OCI_MANIFEST, MANIFEST)
+
+    def test_reads_are_misses(self, broken):
+        assert broken.get_manifest(MANIFEST_DIGEST) is None
+        assert broken.get_tag("r", "n", "t") is None
+        assert broken.visibility("r", "n") is None
+        assert broken.open_blob(BLOB_DIGEST) is None
