@@ -20,16 +20,13 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import json
 import logging
-import re
 import time
 from dataclasses import dataclass, field
-from urllib.parse import urlencode
 
 from mitmproxy import ctx, exceptions, http
 
-from . import upstream
+from . import protocol, upstream
 from .protocol import Kind, Route
 from .store import Store
 
@@ -76,8 +73,7 @@ class Access:
     async def refusal(self, flow: http.HTTPFlow, route: Route, digest: str, store: Store) -> Refusal | None:
         """None if the client may have `digest` of `route`'s repository from the cache, else the
         registry error it gets instead. A tag's digest counts as known in its repository."""
-        public = await asyncio.to_thread(store.visibility, route.registry, route.name)
-        known = not route.by_digest or await asyncio.to_thread(store.linked, route.registry, route.name, digest)
+        public, known = await asyncio.to_thread(_what_the_cache_knows, store, route, digest)
         if ctx.options.offline:
             if known and (public is True or ctx.options.offline_private):
                 return None
@@ -146,22 +142,21 @@ class Access:
 
     @staticmethod
     async def _anonymous_token(like: http.HTTPFlow, challenge: str, name: str, timeout: float) -> str | None:
-        scheme, _, params = challenge.partition(" ")
-        fields = dict(re.findall(r'(\w+)="([^"]*)"', params))
-        if scheme.lower() != "bearer" or not fields.get("realm", "").startswith("https://"):
+        url = protocol.token_request(challenge, name)
+        if url is None:
             return None
-        query = {"scope": f"repository:{name}:pull", **{k: v for k, v in fields.items() if k in ("service", "scope")}}
-        request = http.Request.make("GET", f"{fields['realm']}?{urlencode(query)}")
+        request = http.Request.make("GET", url)
         request.host_header = request.pretty_host  # an HTTP/1.1 request names its host
         answer = await upstream.run(upstream.subrequest(like, request), timeout)
         if isinstance(answer, str) or answer.status_code != 200:
             return None
-        try:
-            document = json.loads(answer.content or b"")
-        except ValueError:
-            return None
-        token = document.get("token") or document.get("access_token") if isinstance(document, dict) else None
-        return token if isinstance(token, str) and token else None
+        return protocol.token_of(answer.content or b"")
+
+
+def _what_the_cache_knows(store: Store, route: Route, digest: str) -> tuple[bool | None, bool]:
+    """The repository's visibility, and whether `digest` is known in it (one trip to a thread)."""
+    known = not route.by_digest or store.linked(route.registry, route.name, digest)
+    return store.visibility(route.registry, route.name), known
 
 
 def _token_key(flow: http.HTTPFlow) -> str:

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import BinaryIO, Callable
 
 from . import manifests
-from .protocol import DIGEST_RE, NAME_RE, TAG_RE, canonical_registry, hasher
+from .protocol import DIGEST_RE, NAME_RE, TAG_RE, canonical_registry, hash_digest, hasher, manifest_media_type
 from .recording import Image, PlatformManifest, Recording, RecordingError
 from .store import BlobWriter, Store
 
@@ -153,7 +153,7 @@ class _HashingReader:
         return data
 
     def check(self) -> None:
-        if f"{self._hash.name}:{self._hash.hexdigest()}" != self.digest:
+        if hash_digest(self._hash) != self.digest:
             raise BundleError(f"blob {self.digest} in the cache does not match its digest; run a verify")
 
 
@@ -301,12 +301,8 @@ class _BundleReader:
             return held.media_type, held.body
         if len(body) != descriptor.size:
             raise BundleError(f"{name}: manifest {descriptor.digest} has {len(body)} bytes, not {descriptor.size}")
-        try:
-            declared = json.loads(body).get("mediaType")
-        except (ValueError, AttributeError):
-            declared = None
-        media_type = descriptor.media_type or declared or ""
-        if not media_type:
+        media_type = manifest_media_type(body, descriptor.media_type)
+        if media_type == "application/json":
             raise BundleError(f"{name}: manifest {descriptor.digest} has no media type")
         self.manifests[descriptor.digest] = (media_type, body)
         return media_type, body

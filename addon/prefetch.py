@@ -23,7 +23,16 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
 from . import manifests
-from .protocol import MANIFEST_MEDIA_TYPES, ImageReference, digest_of, hasher
+from .protocol import (
+    MANIFEST_MEDIA_TYPES,
+    ImageReference,
+    digest_of,
+    hash_digest,
+    hasher,
+    manifest_media_type,
+    token_of,
+    token_request,
+)
 
 if TYPE_CHECKING:
     from mitmproxy.tools.dump import DumpMaster
@@ -151,9 +160,7 @@ class RegistryClient:
         digest = digest_of(body, algorithm)
         if (":" in reference and digest != reference) or (claimed.startswith(f"{algorithm}:") and claimed != digest):
             raise PrefetchError(f"{image}: manifest {reference} does not match its digest")
-        if media_type not in MANIFEST_MEDIA_TYPES:
-            media_type = str(json.loads(body).get("mediaType", media_type))
-        return media_type, body, digest
+        return manifest_media_type(body, media_type), body, digest
 
     def blob(self, image: ImageReference, digest: str, progress: Progress) -> int:
         """Stream a blob through the proxy and discard it; returns its size once verified."""
@@ -163,7 +170,7 @@ class RegistryClient:
                 h.update(chunk)
                 size += len(chunk)
                 progress.advance(digest, len(chunk))
-        if f"{h.name}:{h.hexdigest()}" != digest:
+        if hash_digest(h) != digest:
             raise PrefetchError(f"{image}: blob {digest} did not verify")
         return size
 
@@ -201,22 +208,15 @@ class RegistryClient:
         raise PrefetchError(f"too many redirects at {url}")
 
     def _token(self, image: ImageReference, challenge: str) -> None:
-        scheme, _, params = challenge.partition(" ")
-        if scheme.lower() != "bearer":
-            raise PrefetchError(f"{image}: the registry wants {scheme or 'unknown'} credentials; prefetch pulls anonymously")
-        fields = dict(re.findall(r'(\w+)="([^"]*)"', params))
-        if "realm" not in fields:
-            raise PrefetchError(f"{image}: the registry's token challenge names no realm")
-        query = {"scope": f"repository:{image.repository}:pull"}
-        if "service" in fields:
-            query["service"] = fields["service"]
-        url = f"{fields['realm']}?{urllib.parse.urlencode(query)}"
+        url = token_request(challenge, image.repository)
+        if url is None:
+            scheme = challenge.partition(" ")[0] or "unknown"
+            raise PrefetchError(f"{image}: the registry wants {scheme} credentials; prefetch pulls anonymously")
         try:
             with self._follow(url, {}) as r:
-                answer = json.loads(r.read(1 << 20))
+                token = token_of(r.read(1 << 20))
         except urllib.error.HTTPError as e:
             raise PrefetchError(f"{image}: token request refused: {_describe(e)}") from None
-        token = answer.get("token") or answer.get("access_token")
         if not token:
             raise PrefetchError(f"{image}: the token answer holds no token")
         with self._lock:

@@ -11,6 +11,7 @@ import json
 import re
 from dataclasses import dataclass
 from enum import Enum
+from urllib.parse import urlencode
 
 API_VERSION_HEADERS = {"Docker-Distribution-Api-Version": "registry/2.0"}
 
@@ -161,7 +162,33 @@ def hasher(digest: str) -> "hashlib._Hash":
 
 
 def digest_of(data: bytes, algorithm: str = "sha256") -> str:
-    return f"{algorithm}:{hashlib.new(algorithm, data).hexdigest()}"
+    return hash_digest(hashlib.new(algorithm, data))
+
+
+def hash_digest(h: "hashlib._Hash") -> str:
+    """The digest string (`sha256:<hex>`) of a hash object fed with a blob's bytes."""
+    return f"{h.name}:{h.hexdigest()}"
+
+
+def token_request(challenge: str, name: str) -> str | None:
+    """The URL that fetches a pull token for repository `name`, from a registry's
+    `WWW-Authenticate: Bearer realm=...,service=...` challenge; None if it is not one."""
+    scheme, _, params = challenge.partition(" ")
+    fields = dict(re.findall(r'(\w+)="([^"]*)"', params))
+    if scheme.lower() != "bearer" or not fields.get("realm", "").startswith("https://"):
+        return None
+    query = {"scope": f"repository:{name}:pull", **{k: v for k, v in fields.items() if k in ("service", "scope")}}
+    return f"{fields['realm']}?{urlencode(query)}"
+
+
+def token_of(body: bytes) -> str | None:
+    """The token in a token service's answer (`token`, or OAuth's `access_token`)."""
+    try:
+        document = json.loads(body)
+    except ValueError:
+        return None
+    token = (document.get("token") or document.get("access_token")) if isinstance(document, dict) else None
+    return token if isinstance(token, str) and token else None
 
 
 def accepts(accept_headers: list[str], media_type: str) -> bool:

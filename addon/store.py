@@ -24,7 +24,7 @@ from typing import BinaryIO
 import diskcache
 from diskcache.core import MODE_BINARY, UNKNOWN
 
-from .protocol import digest_of, hasher
+from .protocol import digest_of, hash_digest, hasher
 
 logger = logging.getLogger(__name__)
 
@@ -316,7 +316,7 @@ class BlobWriter:
 
     @property
     def computed_digest(self) -> str:
-        return f"{self._hash.name}:{self._hash.hexdigest()}"
+        return hash_digest(self._hash)
 
     def verified(self, expected_size: int | None = None) -> bool:
         size_ok = expected_size is None or expected_size == self.size

@@ -26,7 +26,7 @@ from mitmproxy import ctx, exceptions
 
 from . import manifests
 from .cache import RegistryCache
-from .protocol import hasher
+from .protocol import digest_of, hash_digest, hasher
 from .recording import RecordingError, pinned
 from .store import BlobEntry, Store
 
@@ -137,7 +137,7 @@ def verify(store: Store, progress: Callable[[int], None] | None = None) -> Verif
                     progress(len(chunk))
         result.checked += 1
         result.bytes += entry.size
-        if f"{h.name}:{h.hexdigest()}" != entry.digest:
+        if hash_digest(h) != entry.digest:
             store.delete_blob(entry.digest)
             result.dropped.append(entry.digest)
     for digest in store.manifest_digests():
@@ -145,9 +145,7 @@ def verify(store: Store, progress: Callable[[int], None] | None = None) -> Verif
         if manifest is None:
             continue
         result.checked += 1
-        h = hasher(digest)
-        h.update(manifest.body)
-        if f"{h.name}:{h.hexdigest()}" != digest:
+        if digest_of(manifest.body, digest.partition(":")[0]) != digest:
             store.delete_manifest(digest)
             result.dropped.append(digest)
     return result

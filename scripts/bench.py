@@ -355,14 +355,10 @@ class PlainMitmdump(Way):
             self.proc.stop()
 
 
-class HubcacheProxy(Way):
-    """hubcache caching REGISTRY_NAME, which it reaches at the upstream's address."""
+class ServerWay(Way):
+    """A way through a server process of the test harness (`server` has start, stop and proc)."""
 
-    paths = ("hubcache cold", "hubcache warm")
-
-    def __init__(self, bench: Bench) -> None:
-        options = {"registries": [REGISTRY_NAME], "upstream_map": [f"{REGISTRY_NAME}=127.0.0.1:{bench.upstream.port}"]}
-        self.server = Hubcache(bench.folder("hubcache"), bench.ca.cert_path, options)
+    server: Hubcache | Registry
 
     @property
     def proc(self) -> Proc | None:  # type: ignore[override]
@@ -371,21 +367,31 @@ class HubcacheProxy(Way):
     def start(self) -> None:
         self.server.start()
 
+    def stop(self) -> None:
+        self.server.stop()
+
+
+class HubcacheProxy(ServerWay):
+    """hubcache caching REGISTRY_NAME, which it reaches at the upstream's address."""
+
+    paths = ("hubcache cold", "hubcache warm")
+
+    def __init__(self, bench: Bench) -> None:
+        options = {"registries": [REGISTRY_NAME], "upstream_map": [f"{REGISTRY_NAME}=127.0.0.1:{bench.upstream.port}"]}
+        self.server = Hubcache(bench.folder("hubcache"), bench.ca.cert_path, options)
+
     def route(self) -> Route:
         return Route(REGISTRY_NAME, self.server.url, self.server.client_bundle)
 
     def settle(self, image: BenchImage) -> None:
         self.server.journal()  # a fill is journalled as its clients get their last byte
 
-    def stop(self) -> None:
-        self.server.stop()
-
     def close(self) -> None:
         self.stop()
         shutil.rmtree(self.server.cache_dir, ignore_errors=True)
 
 
-class RegistryProxy(Way):
+class RegistryProxy(ServerWay):
     """The distribution registry in proxy mode, a registry of its own that clients reach directly."""
 
     paths = ("registry-proxy cold", "registry-proxy warm")
@@ -395,13 +401,6 @@ class RegistryProxy(Way):
             bench.folder("registry-proxy"), bench.ca, names=("registry-proxy.hubcache.test",), remote_url=bench.upstream.url
         )
         self.client_bundle = bench.client_bundle
-
-    @property
-    def proc(self) -> Proc | None:  # type: ignore[override]
-        return self.server.proc
-
-    def start(self) -> None:
-        self.server.start()
 
     def route(self) -> Route:
         return Route(self.server.host, None, self.client_bundle)
@@ -418,9 +417,6 @@ class RegistryProxy(Way):
             if all(path.exists() and path.stat().st_size == size for path, size in files):
                 return
             time.sleep(0.1)
-
-    def stop(self) -> None:
-        self.server.stop()
 
     def close(self) -> None:
         self.stop()
