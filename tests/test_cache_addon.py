@@ -63,8 +63,11 @@ class Env:
 
     async def settle(self) -> None:
         """Wait for the fills running in the background."""
-        while self.cache._tasks:
-            await asyncio.gather(*self.cache._tasks)
+        # Awaiting only finished tasks would never yield to the loop, so their done-callbacks
+        # (which drop them from _tasks) would never run: wait for the unfinished ones, then yield.
+        while pending := [task for task in self.cache._tasks if not task.done()]:
+            await asyncio.gather(*pending)
+        await asyncio.sleep(0)
 
     def journal(self) -> list[dict]:
         return MissJournal(self.cache_dir / "misses.jsonl").entries()
