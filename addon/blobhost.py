@@ -20,6 +20,8 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
+from collections.abc import Callable
 from pathlib import Path
 
 from cryptography import x509
@@ -43,6 +45,8 @@ class BlobHost:
         self._proc: subprocess.Popen | None = None
         self._keys: Path | None = None
         self._cache_dir: Path | None = None
+        # Called with (tag, bytes) for every finished transfer, from the reader thread.
+        self.on_sent: list[Callable[[str, int], None]] = []
 
     def load(self, loader) -> None:
         loader.add_option(
@@ -55,8 +59,10 @@ class BlobHost:
             choices=("auto", "loopback", "https"),
         )
 
-    def url(self, digest: str, fill: str = "", size: int = 0) -> str:
-        path = blobserver.signed_path(self.secret, digest, fill, size)
+    def url(self, digest: str, fill: str = "", size: int = 0, tag: str = "") -> str:
+        """A signed URL of the blob (of a fill in progress: its file and size); the blob server
+        reports the transfers of a URL with a tag to `on_sent`."""
+        path = blobserver.signed_path(self.secret, digest, fill, size, tag)
         if self.loopback_port and self._loopback():
             return f"http://127.0.0.1:{self.loopback_port}{path}"
         return f"https://{BLOB_HOST}{path}"
@@ -121,7 +127,15 @@ class BlobHost:
             return
         self.address = ("127.0.0.1", int(ports[0]))
         self.loopback_port = int(ports[1])
+        threading.Thread(target=self._read_reports, args=(self._proc.stdout,), daemon=True).start()
         logger.info(f"hubcache: blob server on 127.0.0.1:{ports[0]} (https) and :{ports[1]} (loopback http)")
+
+    def _read_reports(self, reports) -> None:
+        for line in reports:
+            word, tag, sent = (line.decode().split() + ["", "", ""])[:3]
+            if word == "sent" and sent.isdigit():
+                for listener in self.on_sent:
+                    listener(tag, int(sent))
 
     def _stop(self) -> None:
         self.address = self.loopback_port = None

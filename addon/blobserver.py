@@ -14,8 +14,9 @@ as its temporary file grows, and its last byte is held back until the fill verif
 committed it: a client never completes a body whose digest is wrong; if the fill fails, the
 connection is cut and the client retries.
 
-Run by the proxy as `python -m addon.blobserver`; it prints its port, and exits when the proxy
-closes its stdin (or dies).
+Run by the proxy as `python -m addon.blobserver`; it prints its ports, then a line
+`sent <tag> <bytes>` for every finished transfer whose URL carried a tag (for the proxy's metrics
+and pull log), and exits when the proxy closes its stdin (or dies).
 """
 
 from __future__ import annotations
@@ -53,25 +54,41 @@ class _Cut(Exception):
     """The body cannot be completed: drop the connection so the client sees a broken transfer."""
 
 
-def sign(secret: bytes, digest: str, expires: int, fill: str = "", size: int = 0) -> str:
-    message = f"{digest}|{expires}|{fill}|{size}".encode()
+def sign(secret: bytes, digest: str, expires: int, fill: str = "", size: int = 0, tag: str = "") -> str:
+    message = f"{digest}|{expires}|{fill}|{size}|{tag}".encode()
     return hmac.new(secret, message, hashlib.sha256).hexdigest()
 
 
-def signed_path(secret: bytes, digest: str, fill: str = "", size: int = 0, now: float | None = None) -> str:
+def signed_path(
+    secret: bytes, digest: str, fill: str = "", size: int = 0, tag: str = "", now: float | None = None
+) -> str:
     """The path and query of a URL for `digest`; with `fill`, the temporary file (relative to the
-    store's tmp folder) of a fill in progress and the blob's size."""
+    store's tmp folder) of a fill in progress and the blob's size; with `tag`, the name under
+    which its transfers are reported."""
     expires = int((now or time.time()) + URL_TTL)
-    query = {"expires": expires, "signature": sign(secret, digest, expires, fill, size)}
+    query: dict[str, object] = {"expires": expires, "signature": sign(secret, digest, expires, fill, size, tag)}
     if fill:
         query.update(fill=fill, size=size)
+    if tag:
+        query["tag"] = tag
     return f"/blobs/{digest}?{urlencode(query)}"
+
+
+_report_lock = threading.Lock()
+
+
+def _report(tag: str, sent: int) -> None:
+    with _report_lock:
+        sys.stdout.write(f"sent {tag} {sent}\n")
+        sys.stdout.flush()
 
 
 class _Handler(BaseHTTPRequestHandler):
     store: Store
     secret: bytes
     protocol_version = "HTTP/1.1"
+    _tag = ""  # of the request being answered
+    _sent = 0  # bytes of its body sent so far
 
     def do_GET(self) -> None:
         self._serve(send_body=True)
@@ -84,14 +101,19 @@ class _Handler(BaseHTTPRequestHandler):
         query = {k: v[-1] for k, v in parse_qs(url.query).items()}
         digest = url.path.removeprefix("/blobs/")
         fill, size, expires = query.get("fill", ""), query.get("size", "0"), query.get("expires", "")
+        tag = query.get("tag", "")
+        self._tag = ""  # reported once the URL proved valid
         if not (
             protocol.DIGEST_RE.fullmatch(digest)
             and expires.isdigit()
             and size.isdigit()
             and int(expires) >= time.time()
-            and hmac.compare_digest(sign(self.secret, digest, int(expires), fill, int(size)), query.get("signature", ""))
+            and hmac.compare_digest(
+                sign(self.secret, digest, int(expires), fill, int(size), tag), query.get("signature", "")
+            )
         ):
             return self._error(403, "DENIED", "this blob URL is not valid (or has expired): ask the registry again")
+        self._tag = tag
         blob = self.store.open_blob(digest)
         if blob is None and fill and _FILL_NAME.fullmatch(fill):
             try:
@@ -128,13 +150,16 @@ class _Handler(BaseHTTPRequestHandler):
             for name, value in headers.items():
                 self.send_header(name, value)
             self.end_headers()
-            if not send_body:
-                return
+            self._sent = 0
             try:
-                self._copy(blob, digest, first, last + 1, size, growing)
+                if send_body:
+                    self._copy(blob, digest, first, last + 1, size, growing)
             except (_Cut, OSError) as e:
                 logger.info(f"blob {digest}: transfer cut: {e}")
                 self.close_connection = True
+            finally:
+                if self._tag:
+                    _report(self._tag, self._sent)
 
     def _copy(self, blob, digest: str, start: int, end: int, size: int, growing: bool) -> None:
         fd = blob.fileno()
@@ -156,6 +181,7 @@ class _Handler(BaseHTTPRequestHandler):
             if not sent:
                 raise _Cut("the file is shorter than its size")
             position += sent
+            self._sent += sent
 
     def _send_span(self, blob, offset: int, count: int) -> int:
         if isinstance(self.connection, ssl.SSLSocket):
@@ -173,6 +199,8 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
         if self.command != "HEAD":
             self.wfile.write(body)
+        if self._tag:
+            _report(self._tag, 0)
 
     def log_message(self, format: str, *args) -> None:
         logger.debug("blob server: " + format % args)

@@ -32,15 +32,16 @@ from mitmproxy import ctx, exceptions, http
 from . import protocol, upstream
 from .access import Access
 from .blobhost import BlobHost
-from .fill import Fill
+from .fill import FILL, Fill
 from .hosts import Interception
 from .journal import MissJournal
+from .metrics import ANSWERED, Metrics
 from .protocol import Kind, Route
+from .pulls import PullLog
 from .store import Manifest, Store
 
 logger = logging.getLogger(__name__)
 
-FILL = "hubcache_fill"  # on hubcache's own blob requests: the digest of the fill they feed
 MAX_MANIFEST_SIZE = 4 * 1024 * 1024  # registries refuse larger manifests
 MAX_REDIRECTS = 5
 FREE_SPACE_RESERVE = 64 * 1024 * 1024  # left free for the index and other fills
@@ -56,10 +57,12 @@ class Pending:
 
 
 class RegistryCache:
-    def __init__(self, hosts: Interception, blobs: BlobHost, access: Access):
+    def __init__(self, hosts: Interception, blobs: BlobHost, access: Access, metrics: Metrics, pulls: PullLog):
         self.hosts = hosts
         self.blobs = blobs
         self.access = access
+        self.metrics = metrics
+        self.pulls = pulls
         self.store: Store | None = None
         self.journal: MissJournal | None = None
         self._pending: dict[str, Pending] = {}  # by flow id
@@ -181,13 +184,15 @@ class RegistryCache:
             if size is None:
                 await self._miss(flow, route)
             elif await self._permitted(flow, route, digest):
+                self.metrics.hit("blob")
                 self._answer(flow, 200, b"", protocol.blob_headers(digest, size))
             return
         fill = self._fills.get(digest)
         if fill is None:
             if await asyncio.to_thread(self.store.has_blob, digest):
                 if await self._permitted(flow, route, digest):
-                    self._redirect(flow, digest, self.blobs.url(digest))
+                    self.metrics.hit("blob")
+                    self._send_blob(flow, route, "cache")
                 return
             if ctx.options.offline:
                 await self._miss(flow, route)
@@ -196,6 +201,7 @@ class RegistryCache:
         leader = fill is None
         if fill is None:
             fill = self._start_fill(flow, route)
+        self.metrics.miss("blob")
         await fill.answered.wait()
         if leader and fill.streaming:
             # Upstream served it through this repository, to this client.
@@ -203,16 +209,16 @@ class RegistryCache:
         elif (fill.cached or fill.streaming) and not await self._permitted(flow, route, digest):
             return  # another client's fill, or a blob cached meanwhile: this client must be allowed it
         if fill.cached:
-            self._redirect(flow, digest, self.blobs.url(digest))
+            self._send_blob(flow, route, "cache")
         elif fill.unusable:
             logger.warning(f"{route.image}: passed through, {fill.unusable}")
             self._pending[flow.id] = Pending(route)
         elif fill.streaming and fill.size is not None:
-            self._redirect(flow, digest, self.blobs.url(digest, fill.name, fill.size))
+            self._send_blob(flow, route, "upstream", fill)
         elif fill.streaming:
             await fill.done.wait()  # no size from upstream: send the blob once it is whole
             if fill.committed:
-                self._redirect(flow, digest, self.blobs.url(digest))
+                self._send_blob(flow, route, "upstream")
             else:
                 self._answer_error(flow, 502, "BLOB_UNKNOWN", f"upstream's copy of {digest} did not verify")
         elif leader and fill.answer is not None:
@@ -240,14 +246,23 @@ class RegistryCache:
             self._answer_error(flow, refusal.status, refusal.code, refusal.message, refusal.headers)
         return refusal is None
 
-    def _redirect(self, flow: http.HTTPFlow, digest: str, url: str) -> None:
-        headers = {**protocol.API_VERSION_HEADERS, "Location": url, "Docker-Content-Digest": digest, "Content-Length": "0"}
+    def _send_blob(self, flow: http.HTTPFlow, route: Route, source: str, fill: Fill | None = None) -> None:
+        """Send the client to the blob server: for the blob in the store, or for the file of a
+        fill in progress. `source` says where its bytes came from, for the pull log and metrics."""
+        tag = self.pulls.transfer(flow, route, source)
+        if fill is not None:
+            assert fill.size is not None
+            url = self.blobs.url(route.reference, fill.name, fill.size, tag)
+        else:
+            url = self.blobs.url(route.reference, tag=tag)
+        headers = {**protocol.API_VERSION_HEADERS, "Location": url, "Docker-Content-Digest": route.reference, "Content-Length": "0"}
         self._answer(flow, 307, b"", headers)
 
     def _start_fill(self, like: http.HTTPFlow, route: Route) -> Fill:
         """Fetch the blob from upstream, with the credentials of the client that asked first.
         The fill is registered before anything is awaited, so every later request joins it."""
         fill = self._fills[route.reference] = Fill(route)
+        self.metrics.fills.set(len(self._fills))
         request = like.request.copy()
         for header in ("accept-encoding", "range", "if-range"):
             # The digest covers the identity bytes of the whole blob.
@@ -297,6 +312,9 @@ class RegistryCache:
         finally:
             if self._fills.get(route.reference) is fill:
                 del self._fills[route.reference]
+            self.metrics.fills.set(len(self._fills))
+            if fill.writer:
+                self.metrics.fetched.inc(fill.writer.size)
             await asyncio.to_thread(fill.discard)
             fill.done.set()
 
@@ -329,7 +347,7 @@ class RegistryCache:
             if not cached or not protocol.accepts(accept, cached.media_type):
                 await self._miss(flow, route)
             elif await self._permitted(flow, route, cached.digest):
-                self._answer_manifest(flow, cached)
+                self._answer_manifest(flow, route, cached)
             return
 
         entry = await asyncio.to_thread(
@@ -341,7 +359,7 @@ class RegistryCache:
             return
         if ctx.options.offline or time.time() - entry.checked < ctx.options.tag_freshness:
             if await self._permitted(flow, route, cached.digest):
-                self._answer_manifest(flow, cached)
+                self._answer_manifest(flow, route, cached)
             return
 
         answer = await upstream.send(flow, "HEAD", ctx.options.revalidate_timeout)
@@ -352,13 +370,13 @@ class RegistryCache:
         current = answer.headers.get("docker-content-digest") if answer.status_code == 200 else None
         if current == cached.digest:
             await self._note(self.store.set_tag, route.registry, route.name, route.reference, cached.digest)
-            self._answer_manifest(flow, cached)
+            self._answer_manifest(flow, route, cached)
             return
         if current and protocol.DIGEST_RE.fullmatch(current):
             moved = await asyncio.to_thread(self.store.get_manifest, current)
             if moved and protocol.accepts(accept, moved.media_type):
                 await self._note(self.store.set_tag, route.registry, route.name, route.reference, current)
-                self._answer_manifest(flow, moved)
+                self._answer_manifest(flow, route, moved)
                 return
         # The tag moved to a manifest we lack, or upstream refused (401/403/404): the client's own
         # request goes upstream and gets upstream's answer.
@@ -408,6 +426,7 @@ class RegistryCache:
         if pending is None:
             return
         if pending.route.kind is Kind.BLOB:
+            self.pulls.passed(flow, pending.route, len(flow.response.raw_content or b""))
             await self._journal(pending.route, f"passed: upstream answered {flow.response.status_code}")
         else:
             await self._finish_manifest(flow, pending)
@@ -429,6 +448,8 @@ class RegistryCache:
                     )
                 except OSError as e:
                     logger.warning(f"{route.image}: tag not cached: {e.strerror or e}")
+        if response.status_code == 200:
+            self.pulls.manifest(flow, route, "upstream", len(response.raw_content or b""))
         if flow.request.method != "GET" or response.status_code != 200 or response.raw_content is None:
             if response.status_code != 401:
                 await self._journal(route, f"passed: upstream answered {response.status_code}")
@@ -469,12 +490,13 @@ class RegistryCache:
         if not await self._permitted(flow, route, cached.digest):
             return
         logger.warning(f"{route.image}: {reason}; serving the cached {cached.digest}")
-        self._answer_manifest(flow, cached)
+        self._answer_manifest(flow, route, cached)
         await self._journal(route, f"stale: {reason}", digest=cached.digest)
 
     async def _miss(self, flow: http.HTTPFlow, route: Route, stale: Manifest | None = None) -> None:
         """The store cannot answer: the request goes upstream, followed until its response.
         Offline, the client is told at once instead."""
+        self.metrics.miss(route.kind.value)
         if not ctx.options.offline:
             self._pending[flow.id] = Pending(route, stale=stale)
             return
@@ -492,10 +514,14 @@ class RegistryCache:
         body = json.dumps({"token": "offline", "access_token": "offline", "expires_in": 3600, "issued_at": issued}).encode()
         self._answer(flow, 200, body, {"Content-Type": "application/json", "Content-Length": str(len(body))})
 
-    def _answer_manifest(self, flow: http.HTTPFlow, manifest: Manifest) -> None:
+    def _answer_manifest(self, flow: http.HTTPFlow, route: Route, manifest: Manifest) -> None:
+        """Answer from the store: a hit."""
         headers = protocol.manifest_headers(manifest.digest, manifest.media_type, len(manifest.body))
         body = manifest.body if flow.request.method == "GET" else b""
         self._answer(flow, 200, body, headers)
+        self.metrics.hit("manifest")
+        self.metrics.sent("cache", len(body))
+        self.pulls.manifest(flow, route, "cache", len(body))
 
     def _answer_error(self, flow: http.HTTPFlow, status: int, code: str, message: str, extra: dict[str, str] | None = None) -> None:
         body = protocol.error_body(code, message)
@@ -503,6 +529,7 @@ class RegistryCache:
 
     @staticmethod
     def _answer(flow: http.HTTPFlow, status: int, body: bytes, headers: dict[str, str]) -> None:
+        flow.metadata[ANSWERED] = True
         flow.response = http.Response.make(status, body, headers)
         # A HEAD answer states the size of the body it does not carry.
         flow.response.headers["Content-Length"] = headers["Content-Length"]

@@ -20,6 +20,7 @@ from mitmproxy import http
 from .protocol import Route
 from .store import BlobWriter
 
+FILL = "hubcache_fill"  # flow metadata of hubcache's own blob request: the digest of the fill it feeds
 _END = None
 # Chunks waiting for the writer thread. Nothing reads hubcache's own request, so upstream is read
 # as fast as it sends: when the disk falls behind, the event loop waits here (backpressure)

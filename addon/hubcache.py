@@ -4,7 +4,10 @@ from addon.access import Access
 from addon.blobhost import BlobHost
 from addon.cache import RegistryCache
 from addon.hosts import Interception, UpstreamOverride
+from addon.metrics import Metrics
+from addon.pulls import PullLog
 from addon.recorder import Recorder
+from addon.statuspage import StatusPage
 from addon.upkeep import Upkeep
 
 
@@ -13,8 +16,22 @@ def make_addons() -> list:
     interception = Interception()
     blobs = BlobHost()
     access = Access()
-    cache = RegistryCache(interception, blobs, access)
-    return [interception, UpstreamOverride(), blobs, access, cache, Recorder(interception, cache), Upkeep(cache)]
+    metrics = Metrics(interception)
+    pulls = PullLog()
+    blobs.on_sent += [metrics.sent_by_tag, pulls.sent]
+    cache = RegistryCache(interception, blobs, access, metrics, pulls)
+    return [
+        interception,
+        UpstreamOverride(),
+        blobs,
+        access,
+        metrics,
+        pulls,
+        cache,
+        Recorder(interception, cache),
+        Upkeep(cache),
+        StatusPage(cache, metrics, pulls),
+    ]
 
 
 addons = make_addons()

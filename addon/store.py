@@ -102,6 +102,14 @@ class TagEntry:
     checked: float  # when upstream last confirmed (or gave) this digest for the tag
 
 
+@dataclass
+class Summary:
+    blobs: int = 0
+    blob_bytes: int = 0
+    manifests: int = 0
+    tags: int = 0
+
+
 class Store:
     def __init__(self, directory: str | os.PathLike, size_limit: int = UNLIMITED):
         self.directory = Path(directory)
@@ -209,6 +217,15 @@ class Store:
             if isinstance(decoded, tuple) and decoded[0] == "blob":
                 entries.append(BlobEntry(decoded[1], size, used))
         return entries
+
+    def summary(self) -> Summary:
+        """How many blobs, manifests and tags the store holds, and the blobs' total size."""
+        summary = Summary()
+        for key in self._cache.iterkeys():
+            if isinstance(key, tuple) and key[0] in ("blob", "manifest", "tag"):
+                setattr(summary, key[0] + "s", getattr(summary, key[0] + "s") + 1)
+        summary.blob_bytes = sum(entry.size for entry in self.blob_entries())
+        return summary
 
     def delete_blob(self, digest: str) -> bool:
         """Forget a blob and remove its file. A reader that has it open keeps reading it."""

@@ -24,6 +24,8 @@ from addon.access import Access
 from addon.blobhost import BlobHost
 from addon.blobserver import BLOB_HOST
 from addon.cache import RegistryCache
+from addon.metrics import Metrics
+from addon.pulls import PullLog
 from addon.hosts import Interception
 from addon.protocol import digest_of
 from addon.store import Store
@@ -47,7 +49,7 @@ class Blobs:
 def blobs(tmp_path):
     host = BlobHost()
     access = Access()
-    cache = RegistryCache(Interception(), host, access)
+    cache = RegistryCache(Interception(), host, access, Metrics(Interception()), PullLog())
     tlsconfig = TlsConfig()
     with taddons.context(Proxyserver(), tlsconfig, access, cache, host) as tctx:
         tctx.configure(tlsconfig, confdir=str(tmp_path / "conf"))

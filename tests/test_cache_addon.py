@@ -17,6 +17,8 @@ from addon.access import Access
 from addon.blobhost import BlobHost
 from addon.blobserver import BLOB_HOST
 from addon.cache import RegistryCache
+from addon.metrics import Metrics
+from addon.pulls import PullLog
 from addon.hosts import Interception
 from addon.journal import MissJournal
 from addon.protocol import digest_of
@@ -81,7 +83,7 @@ class Env:
 async def env(tmp_path, monkeypatch):
     hosts = Interception()
     access = Access()
-    cache = RegistryCache(hosts, BlobHost(), access)
+    cache = RegistryCache(hosts, BlobHost(), access, Metrics(hosts), PullLog())
     answers, sent, fetches, fetched = [], [], [], []
 
     async def send(like: http.HTTPFlow, method: str, timeout: float):
@@ -279,7 +281,8 @@ class TestBlobHit:
         await env.cache.request(f)
         path, query = location(f)
         assert path == f"/blobs/{BLOB_DIGEST}"
-        assert set(query) == {"expires", "signature"}, "a cached blob needs no fill"
+        assert set(query) == {"expires", "signature", "tag"}, "a cached blob needs no fill"
+        assert query["tag"].startswith("cache."), "its transfer is reported as served from the cache"
         assert f.response.headers["Docker-Content-Digest"] == BLOB_DIGEST
         assert len(env.fetched) == 1
         assert [e["outcome"] for e in env.journal()] == ["filled"]  # the hit itself is no miss
@@ -334,7 +337,7 @@ class TestBlobFill:
         monkeypatch.setattr(env.cache.store, "has_blob", lambda digest: next(answers))
         f = flow(blob_path())
         await env.cache.request(f)
-        assert set(location(f)[1]) == {"expires", "signature"}
+        assert set(location(f)[1]) == {"expires", "signature", "tag"}
         assert len(env.fetched) == 1, "no second upstream fetch"
 
     async def test_upstreams_refusal_goes_to_the_client_that_asked(self, env):
@@ -394,7 +397,7 @@ class TestBlobFill:
         env.fetches.append(Upstream(200, {}, BLOB))
         f = flow(blob_path())
         await env.cache.request(f)
-        assert set(location(f)[1]) == {"expires", "signature"}
+        assert set(location(f)[1]) == {"expires", "signature", "tag"}
         assert env.cache.store.has_blob(BLOB_DIGEST)
 
     async def test_empty_blob(self, env):

@@ -18,6 +18,8 @@ from addon import protocol, upstream
 from addon.access import Access
 from addon.blobhost import BlobHost
 from addon.cache import RegistryCache
+from addon.metrics import Metrics
+from addon.pulls import PullLog
 from addon.hosts import Interception
 from addon.protocol import BadRequest, Kind, digest_of
 from addon.store import Store
@@ -88,7 +90,7 @@ def proxy_env(tmp_path_factory):
     root = tmp_path_factory.mktemp("fuzz")
     loop = asyncio.new_event_loop()
     hosts, access = Interception(), Access()
-    cache = RegistryCache(hosts, BlobHost(), access)
+    cache = RegistryCache(hosts, BlobHost(), access, Metrics(hosts), PullLog())
 
     async def refuse(*args, **kwargs):
         body = protocol.error_body("NAME_UNKNOWN", "the fuzzing upstream knows nothing")

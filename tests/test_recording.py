@@ -11,6 +11,8 @@ from mitmproxy.test import taddons, tflow, tutils
 from addon.access import Access
 from addon.blobhost import BlobHost
 from addon.cache import RegistryCache
+from addon.metrics import Metrics
+from addon.pulls import PullLog
 from addon.hosts import Interception
 from addon.recorder import Recorder
 from addon.recording import Recording, RecordingError, image_from_store, names
@@ -31,7 +33,7 @@ def image(tmp_path_factory):
 async def env(tmp_path, image):
     hosts = Interception()
     access = Access()
-    cache = RegistryCache(hosts, BlobHost(), access)
+    cache = RegistryCache(hosts, BlobHost(), access, Metrics(hosts), PullLog())
     recorder = Recorder(hosts, cache)
     with taddons.context(Proxyserver(), hosts, access, cache, recorder) as tctx:
         tctx.configure(cache, cache_dir=str(tmp_path), tag_freshness=3600)

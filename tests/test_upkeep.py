@@ -12,6 +12,8 @@ from mitmproxy.test import taddons
 from addon.access import Access
 from addon.blobhost import BlobHost
 from addon.cache import RegistryCache
+from addon.metrics import Metrics
+from addon.pulls import PullLog
 from addon.hosts import Interception
 from addon.recording import Recording, image_from_store
 from addon.store import BlobEntry, Store
@@ -145,7 +147,7 @@ def test_verify_drops_what_rotted(store, images):
 @pytest.fixture
 def upkeep(tmp_path):
     access = Access()
-    cache = RegistryCache(Interception(), BlobHost(), access)
+    cache = RegistryCache(Interception(), BlobHost(), access, Metrics(Interception()), PullLog())
     addon = Upkeep(cache)
     with taddons.context(Proxyserver(), access, cache, addon) as tctx:
         tctx.configure(cache, cache_dir=str(tmp_path / "cache"))

@@ -1,0 +1,167 @@
+"""One log line per pull: the image, the bytes that came from the cache and from upstream, and
+how long it took.
+
+A registry pull is many requests (a tag, manifests, a config and layers, over several
+connections), so a pull is followed by client address and repository: it starts with its first
+manifest request and ends once none of its blob transfers is under way and nothing has happened
+for `QUIET` seconds. Blob bytes are counted when the blob server reports a finished transfer (the
+tag in each signed URL names the pull), so a pull lasts as long as its slowest layer. Two clients
+on one address pulling one repository at the same time count as one pull.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import threading
+import time
+from collections import Counter, deque
+from dataclasses import dataclass, field
+
+from mitmproxy import http
+
+from .protocol import Kind, Route
+
+logger = logging.getLogger(__name__)
+
+QUIET = 5.0  # seconds without a request or a transfer that end a pull
+ABANDONED = 600.0  # a transfer never reported (the client did not follow the URL) stops counting
+RECENT = 50  # finished pulls kept for the status page
+
+
+@dataclass
+class Pull:
+    key: tuple[str, str, str]
+    client: str
+    image: str  # registry/repository:tag, or @digest when pulled by digest
+    started: float = field(default_factory=time.time)
+    last: float = field(default_factory=time.monotonic)
+    begun: float = field(default_factory=time.monotonic)
+    transfers: set[str] = field(default_factory=set)  # tags of the blob URLs not reported yet
+    blobs: int = 0
+    from_cache: int = 0
+    from_upstream: int = 0
+
+    @property
+    def duration(self) -> float:
+        return self.last - self.begun
+
+    def line(self) -> str:
+        return (
+            f"pull {self.image} by {self.client}: {self.blobs} blobs, {_size(self.from_cache)} from cache, "
+            f"{_size(self.from_upstream)} from upstream, {self.duration:.1f}s"
+        )
+
+
+class PullLog:
+    def __init__(self) -> None:
+        self._pulls: dict[tuple[str, str, str], Pull] = {}  # by client, registry, repository
+        self._transfers: dict[str, tuple[Pull, str]] = {}  # by URL tag: the pull and the source
+        self._ids = itertools.count(1)
+        self._lock = threading.Lock()  # the status page reads from its own threads
+        self.recent: deque[Pull] = deque(maxlen=RECENT)
+        self.popular: Counter[str] = Counter()  # pulls per image
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._task: asyncio.Task | None = None
+
+    def running(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._task = asyncio.create_task(self._end_quiet_pulls())
+
+    def done(self) -> None:
+        if self._task:
+            self._task.cancel()
+        for pull in list(self._pulls.values()):
+            self._finish(pull)
+
+    # What the cache reports
+
+    def manifest(self, flow: http.HTTPFlow, route: Route, source: str, size: int) -> None:
+        """A manifest request, answered from `source` ('cache' or 'upstream')."""
+        pull = self._pull(flow, route)
+        self._add(pull, source, size)
+
+    def transfer(self, flow: http.HTTPFlow, route: Route, source: str) -> str:
+        """A blob sent to the blob server: the tag its URL carries, reported back with the bytes."""
+        pull = self._pull(flow, route)
+        tag = f"{source}.{next(self._ids)}"
+        pull.transfers.add(tag)
+        pull.blobs += 1
+        self._transfers[tag] = (pull, source)
+        return tag
+
+    def passed(self, flow: http.HTTPFlow, route: Route, size: int) -> None:
+        """A blob relayed from upstream through the proxy."""
+        pull = self._pull(flow, route)
+        pull.blobs += 1
+        self._add(pull, "upstream", size)
+
+    def sent(self, tag: str, size: int) -> None:
+        """The blob server finished a transfer (called from its reader thread)."""
+        if self._loop:
+            self._loop.call_soon_threadsafe(self._transferred, tag, size)
+
+    def _transferred(self, tag: str, size: int) -> None:
+        entry = self._transfers.pop(tag, None)
+        if entry is None:
+            return  # a URL used twice, or a pull already ended
+        pull, source = entry
+        pull.transfers.discard(tag)
+        self._add(pull, source, size)
+
+    # Pulls
+
+    def _pull(self, flow: http.HTTPFlow, route: Route) -> Pull:
+        client = flow.client_conn.peername[0] if flow.client_conn.peername else "?"
+        key = (client, route.registry, route.name)
+        pull = self._pulls.get(key)
+        if pull is None:
+            image = f"{route.registry}/{route.name}"
+            if route.kind is Kind.MANIFEST:
+                image += f"{'@' if route.by_digest else ':'}{route.reference}"
+            pull = self._pulls[key] = Pull(key, client, image)
+        pull.last = time.monotonic()
+        return pull
+
+    @staticmethod
+    def _add(pull: Pull, source: str, size: int) -> None:
+        if source == "cache":
+            pull.from_cache += size
+        else:
+            pull.from_upstream += size
+        pull.last = time.monotonic()
+
+    async def _end_quiet_pulls(self) -> None:
+        while True:
+            await asyncio.sleep(1)
+            now = time.monotonic()
+            for pull in list(self._pulls.values()):
+                idle = now - pull.last
+                if (not pull.transfers and idle > QUIET) or idle > ABANDONED:
+                    self._finish(pull)
+
+    def _finish(self, pull: Pull) -> None:
+        if self._pulls.get(pull.key) is pull:
+            del self._pulls[pull.key]
+        for tag in pull.transfers:
+            self._transfers.pop(tag, None)
+        logger.info(pull.line())
+        with self._lock:
+            self.recent.append(pull)
+            self.popular[pull.image] += 1
+
+    def snapshot(self) -> tuple[list[Pull], list[tuple[str, int]]]:
+        """The recent pulls, newest first, and the most pulled images."""
+        with self._lock:
+            return list(reversed(self.recent)), self.popular.most_common(10)
+
+
+def _size(size: float) -> str:
+    if size < 1000:
+        return f"{size:.0f} B"
+    for unit in ("kB", "MB", "GB", "TB"):
+        size /= 1000
+        if size < 1000:
+            break
+    return f"{size:.1f} {unit}"

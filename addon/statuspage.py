@@ -1,0 +1,203 @@
+"""The status listener: Prometheus metrics at /metrics, and a status page for people at /.
+
+It listens on an address of its own (option `status_listen`), not on the proxy port: Prometheus
+scrapes it directly, and a browser opens it without any proxy settings. The page (`status.html`)
+draws itself from /status.json: store size, hit ratio over the last hour, top images, recent
+pulls and misses, and what each upstream host last answered. It is served from threads of its own,
+so a slow reader never holds up the proxy.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import threading
+from dataclasses import asdict
+from importlib import resources
+from socketserver import ThreadingMixIn
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
+
+from mitmproxy import ctx, exceptions
+from prometheus_client import make_wsgi_app
+
+from .cache import RegistryCache
+from .metrics import Metrics
+from .pulls import PullLog
+from .store import Summary
+
+logger = logging.getLogger(__name__)
+
+REFRESH = 10  # seconds between looks at the store (its size) and points of the hit ratio history
+RECENT_MISSES = 20
+JOURNAL_TAIL = 64 * 1024  # bytes of the miss journal read for the recent misses
+
+
+class _Server(ThreadingMixIn, WSGIServer):
+    daemon_threads = True
+
+
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, format: str, *args) -> None:
+        logger.debug("status page: " + format % args)
+
+
+class StatusPage:
+    def __init__(self, cache: RegistryCache, metrics: Metrics, pulls: PullLog):
+        self.cache = cache
+        self.metrics = metrics
+        self.pulls = pulls
+        self.summary = Summary()
+        self._server: _Server | None = None
+        self._task: asyncio.Task | None = None
+        self._metrics_app = make_wsgi_app(metrics.registry)
+        self._page = resources.files(__package__).joinpath("status.html").read_bytes()
+
+    def load(self, loader) -> None:
+        loader.add_option(
+            "status_listen",
+            str,
+            "127.0.0.1:3129",
+            "ADDRESS:PORT of the status page (/) and the Prometheus metrics (/metrics); "
+            "empty: neither is served.",
+        )
+
+    def configure(self, updated) -> None:
+        if "status_listen" in updated:
+            if ctx.options.status_listen and _address(ctx.options.status_listen) is None:
+                raise exceptions.OptionsError(
+                    f"status_listen: {ctx.options.status_listen!r} is not ADDRESS:PORT (e.g. 127.0.0.1:3129)"
+                )
+            if self._task:  # running: move now
+                self._listen()
+
+    def running(self) -> None:
+        self._listen()
+        self._task = asyncio.create_task(self._refresh_periodically())
+
+    def done(self) -> None:
+        if self._task:
+            self._task.cancel()
+        self._close()
+
+    def _listen(self) -> None:
+        self._close()
+        address = _address(ctx.options.status_listen)
+        if address is None:
+            return
+        try:
+            self._server = make_server(*address, self._app, server_class=_Server, handler_class=_QuietHandler)
+        except OSError as e:
+            logger.error(f"hubcache: no status page on {ctx.options.status_listen}: {e.strerror or e}")
+            return
+        threading.Thread(target=self._server.serve_forever, daemon=True).start()
+        host, port = self._server.server_address[:2]
+        logger.info(f"hubcache: status page on http://{host}:{port}/ (metrics at /metrics)")
+
+    def _close(self) -> None:
+        if self._server:
+            self._server.shutdown()
+            self._server.server_close()
+            self._server = None
+
+    async def _refresh_periodically(self) -> None:
+        while True:
+            await self.refresh()
+            await asyncio.sleep(REFRESH)
+
+    async def refresh(self) -> None:
+        self.metrics.sample()
+        if store := self.cache.store:
+            try:
+                self.summary = await asyncio.to_thread(store.summary)
+            except OSError as e:
+                logger.warning(f"hubcache: store figures not read: {e.strerror or e}")
+                return
+            self.metrics.store_summary(self.summary)
+
+    # The web application (runs in the server's threads)
+
+    def _app(self, environ, start_response):
+        path = environ.get("PATH_INFO", "/")
+        if path == "/metrics":
+            return self._metrics_app(environ, start_response)
+        if path == "/status.json":
+            body, content_type = json.dumps(self.status()).encode(), "application/json"
+        elif path in ("/", "/index.html"):
+            body, content_type = self._page, "text/html; charset=utf-8"
+        else:
+            start_response("404 Not Found", [("Content-Type", "text/plain")])
+            return [b"not found: the status page is at /, the metrics at /metrics\n"]
+        start_response("200 OK", [("Content-Type", content_type), ("Content-Length", str(len(body))), ("Cache-Control", "no-store")])
+        return [body]
+
+    def status(self) -> dict:
+        """Everything the page shows."""
+        hits, misses = self.metrics.totals()
+        recent, popular = self.pulls.snapshot()
+        served = _values(self.metrics.served, "source")
+        ratelimits = _values(self.metrics.ratelimit_remaining, "host")
+        return {
+            "store": asdict(self.summary),
+            "requests": {"hits": hits, "misses": misses, "hit_ratio": hits / (hits + misses) if hits + misses else None},
+            "served": {"cache": served.get("cache", 0), "upstream": served.get("upstream", 0)},
+            "fills_in_progress": _values(self.metrics.fills).get("", 0),
+            "history": self.metrics.hit_ratio_history(),
+            "top_images": [{"image": image, "pulls": count} for image, count in popular],
+            "recent_pulls": [
+                {
+                    "image": p.image,
+                    "client": p.client,
+                    "started": p.started,
+                    "blobs": p.blobs,
+                    "from_cache": p.from_cache,
+                    "from_upstream": p.from_upstream,
+                    "seconds": round(p.duration, 3),
+                }
+                for p in recent
+            ],
+            "recent_misses": self._recent_misses(),
+            "upstream": [
+                {"host": host, **asdict(health), "ratelimit_remaining": ratelimits.get(host)}
+                for host, health in sorted(self.metrics.upstream_health().items())
+            ],
+        }
+
+    def _recent_misses(self) -> list[dict]:
+        journal = self.cache.journal
+        if journal is None:
+            return []
+        try:
+            with open(journal.path, "rb") as f:
+                size = os.fstat(f.fileno()).st_size
+                f.seek(max(0, size - JOURNAL_TAIL))
+                lines = f.read().splitlines()
+        except FileNotFoundError:
+            return []
+        if size > JOURNAL_TAIL:
+            lines = lines[1:]  # read from the middle of a line
+        entries = []
+        for line in lines[-RECENT_MISSES:]:
+            try:
+                entries.append(json.loads(line))
+            except ValueError:
+                continue  # a torn line
+        return list(reversed(entries))
+
+
+def _values(metric, label: str = "") -> dict[str, float]:
+    """A metric's current values by one label's value (counters: their totals)."""
+    return {
+        s.labels.get(label, ""): s.value
+        for m in metric.collect()
+        for s in m.samples
+        if not s.name.endswith("_created")
+    }
+
+
+def _address(text: str) -> tuple[str, int] | None:
+    host, colon, port = text.rpartition(":")
+    if not (colon and host and port.isdigit() and int(port) < 65536):
+        return None
+    return host.strip("[]"), int(port)
