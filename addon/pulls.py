@@ -4,7 +4,7 @@ how long it took.
 A registry pull is many requests (a tag, manifests, a config and layers, over several
 connections), so a pull is followed by client address and repository: it starts with its first
 manifest request and ends once none of its blob transfers is under way and nothing has happened
-for `QUIET` seconds. Blob bytes are counted when the blob server reports a finished transfer (the
+for `QUIET` seconds, or when the tag is asked for again after its blobs came. Blob bytes are counted when the blob server reports a finished transfer (the
 tag in each signed URL names the pull), so a pull lasts as long as its slowest layer. Two clients
 on one address pulling one repository at the same time count as one pull.
 """
@@ -79,6 +79,9 @@ class PullLog:
 
     def manifest(self, flow: http.HTTPFlow, route: Route, source: str, size: int) -> None:
         """A manifest request, answered from `source` ('cache' or 'upstream')."""
+        current = self._pulls.get(self._key(flow, route))
+        if current and not route.by_digest and current.blobs and not current.transfers:
+            self._finish(current)  # a tag asked for again after whole blobs: the next pull
         pull = self._pull(flow, route)
         self._add(pull, source, size)
 
@@ -112,9 +115,14 @@ class PullLog:
 
     # Pulls
 
-    def _pull(self, flow: http.HTTPFlow, route: Route) -> Pull:
+    @staticmethod
+    def _key(flow: http.HTTPFlow, route: Route) -> tuple[str, str, str]:
         client = flow.client_conn.peername[0] if flow.client_conn.peername else "?"
-        key = (client, route.registry, route.name)
+        return client, route.registry, route.name
+
+    def _pull(self, flow: http.HTTPFlow, route: Route) -> Pull:
+        key = self._key(flow, route)
+        client = key[0]
         pull = self._pulls.get(key)
         if pull is None:
             image = f"{route.registry}/{route.name}"

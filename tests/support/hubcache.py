@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import sys
 import threading
 import time
@@ -64,6 +65,8 @@ class Hubcache:
             f"cache_dir={self.cache_dir}",
             "--set",
             f"ssl_verify_upstream_trusted_ca={self.upstream_ca}",
+            "--set",
+            "status_listen=127.0.0.1:0",  # any free port: tests run many proxies at once
         ]
         for name, value in self.options.items():
             for item in value if isinstance(value, (list, tuple)) else [value]:
@@ -99,6 +102,13 @@ class Hubcache:
         if not path.exists():
             return []
         return [json.loads(line) for line in path.read_text().splitlines() if line]
+
+    @property
+    def status_url(self) -> str:
+        """The status listener's base URL, as the proxy logged it."""
+        found = re.search(r"status page on (http://\S+/)", self.proc.log_text(since_start=True) if self.proc else "")
+        assert found, "the status listener is not on (or not started yet)"
+        return found.group(1)
 
     def log_text(self) -> str:
         return self.proc.log_text() if self.proc else ""
