@@ -696,7 +696,7 @@ def misses_command(
         sep = "@" if ":" in reference else ":"
         image = f"{e.get('registry')}/{e.get('repository')}{sep}{reference[:19] if sep == '@' else reference}"
         shown = size(e["bytes"]) if isinstance(e.get("bytes"), int) else ""
-        table.add_row(_local(when.timestamp()) if when else "?", str(e.get("kind") or ""), image, shown, str(e.get("outcome")))
+        table.add_row(_local(when.timestamp(), "%Y-%m-%d %H:%M:%S") if when else "?", str(e.get("kind") or ""), image, shown, str(e.get("outcome")))
     console.print(table)
 
 
@@ -863,8 +863,8 @@ def _parse_since(text: str, now):
     return when if when.tzinfo else when.astimezone()
 
 
-def _local(timestamp: float | None) -> str:
-    return time.strftime("%Y-%m-%d %H:%M", time.localtime(timestamp)) if timestamp else "-"
+def _local(timestamp: float | None, form: str = "%Y-%m-%d %H:%M") -> str:
+    return time.strftime(form, time.localtime(timestamp)) if timestamp else "-"
 
 
 def _json(data) -> str:
