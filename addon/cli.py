@@ -480,7 +480,7 @@ hubcache listens on {host}:{port}. Point dockerd at it:
          [Service]
          Environment="HTTPS_PROXY={proxy}"
      or (Engine 23+) in /etc/docker/daemon.json:
-         {{"proxies": {{"https-proxy": "{proxy}"}}}}
+         {clientsetup.daemon_json_proxies(proxy)}
   3. systemctl daemon-reload && systemctl restart docker
 
 skopeo and podman: HTTPS_PROXY={proxy} and the CA in {clientsetup.CONTAINERS_CERTS_DIR}/docker.io/.

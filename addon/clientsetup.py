@@ -79,15 +79,18 @@ def dockerd(proxy: str, ca_cert: Path) -> Setup:
         notes=[
             "For Docker Hub dockerd trusts only the system pool (it ignores /etc/docker/certs.d),",
             "so the CA goes into the system store. The proxy goes into a systemd drop-in; with",
-            "Engine 23 or later /etc/docker/daemon.json can carry it instead (use one of the two).",
+            "Engine 23 or later it may go into /etc/docker/daemon.json instead (merge it into the",
+            "file's object; older engines refuse to start with it):",
+            f"  {daemon_json_proxies(proxy)}",
             "dockerd reads both only at start.",
         ],
-        files=[
-            _systemd_drop_in("docker", proxy),
-            ConfigFile(Path("/etc/docker/daemon.json"), json.dumps({"proxies": {"https-proxy": proxy}}, indent=2)),
-        ],
+        files=[_systemd_drop_in("docker", proxy)],
         commands=[*_install_system_ca(ca_cert), "systemctl daemon-reload && systemctl restart docker"],
     )
+
+
+def daemon_json_proxies(proxy: str) -> str:
+    return json.dumps({"proxies": {"https-proxy": proxy}})
 
 
 def containerd(proxy: str, ca_cert: Path, registries: list[str]) -> Setup:
