@@ -82,7 +82,7 @@ def dockerd(proxy: str, ca_cert: Path) -> Setup:
             "Engine 23 or later it may go into /etc/docker/daemon.json instead (merge it into the",
             "file's object; older engines refuse to start with it):",
             f"  {daemon_json_proxies(proxy)}",
-            "dockerd reads both only at start.",
+            "dockerd reads the proxy and the CA only at start.",
         ],
         files=[_systemd_drop_in("docker", proxy)],
         commands=[*_install_system_ca(ca_cert), "systemctl daemon-reload && systemctl restart docker"],
