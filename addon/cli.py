@@ -391,10 +391,7 @@ def _store(cache_dir: Path | None, config_file: Path | None):
     """The content store of the cache folder the options name, for the offline subcommands."""
     from .store import Store
 
-    if cache_dir is None:
-        named = [s for s in _config_settings(config_file) if s.startswith("cache_dir=")]
-        cache_dir = Path(named[-1].partition("=")[2]) if named else Path("cache")
-    folder = cache_dir.expanduser()
+    folder = _cache_folder(cache_dir, config_file)
     try:
         folder.mkdir(parents=True, exist_ok=True)
         store = Store(folder)
@@ -404,6 +401,13 @@ def _store(cache_dir: Path | None, config_file: Path | None):
         yield store, folder
     finally:
         store.close()
+
+
+def _cache_folder(cache_dir: Path | None, config_file: Path | None) -> Path:
+    if cache_dir is None:
+        named = [s for s in _config_settings(config_file) if s.startswith("cache_dir=")]
+        cache_dir = Path(named[-1].partition("=")[2]) if named else Path("cache")
+    return cache_dir.expanduser()
 
 
 def _recording(folder: Path, name: str):
@@ -463,20 +467,407 @@ def _config_settings(path: Path | None) -> list[str]:
 
 
 def instructions(host: str, port: int, ca_cert: Path) -> str:
-    proxy_host = "127.0.0.1" if host in ("", "0.0.0.0", "::") else host
-    proxy = f"http://{proxy_host}:{port}"
+    from . import clientsetup
+
+    proxy = clientsetup.proxy_url(host, port)
     return f"""\
 hubcache listens on {host}:{port}. Point dockerd at it:
 
   1. Trust its CA (for Docker Hub, dockerd ignores /etc/docker/certs.d; it uses the system pool):
-       cp {ca_cert} /usr/local/share/ca-certificates/hubcache.crt && update-ca-certificates
+       cp {ca_cert} {clientsetup.SYSTEM_CA} && update-ca-certificates
   2. Give dockerd the proxy, either as a systemd drop-in
        /etc/systemd/system/docker.service.d/http-proxy.conf:
          [Service]
          Environment="HTTPS_PROXY={proxy}"
      or (Engine 23+) in /etc/docker/daemon.json:
-         {{"proxies": {{"https-proxy": "{proxy}"}}}}
+         {clientsetup.daemon_json_proxies(proxy)}
   3. systemctl daemon-reload && systemctl restart docker
 
-skopeo and podman: HTTPS_PROXY={proxy} and the CA in /etc/containers/certs.d/docker.io/.
+skopeo and podman: HTTPS_PROXY={proxy} and the CA in {clientsetup.CONTAINERS_CERTS_DIR}/docker.io/.
+Every file and command, per client (dockerd, containerd, podman, skopeo, systemd):
+  hubcache setup CLIENT --proxy {proxy} --confdir {ca_cert.parent}
 """
+
+
+# Operators' views of the cache and client set-up.
+
+CLIENTS = ("dockerd", "containerd", "podman", "skopeo", "systemd")
+DAY = 86400.0
+
+
+@main.command("stats")
+@cache_dir_option
+@config_option
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of a table.")
+def stats_command(cache_dir: Path | None, config_file: Path | None, as_json: bool) -> None:
+    """Show what the cache holds: store size, blob, manifest and tag counts, recordings, misses
+    in the journal (in total and in the last 24 hours), and the free space of the cache folder.
+
+    \\b
+    Examples:
+      hubcache stats
+      hubcache stats --json --cache-dir /var/cache/hubcache
+    """
+    import shutil
+
+    from . import recording as rec
+    from .progress import console, size
+
+    with _existing_store(cache_dir, config_file) as (store, folder):
+        blobs = store.blob_entries()
+        tags = store.tags()
+        data = {
+            "cache_dir": str(folder.resolve()),
+            "store_bytes": store.disk_usage(),
+            "blobs": len(blobs),
+            "blob_bytes": sum(b.size for b in blobs),
+            "manifests": len(store.manifest_digests()),
+            "tags": len(tags),
+            "repositories": len({(registry, name) for (registry, name, _), _ in tags}),
+            "recordings": len(rec.names(folder)),
+        }
+    times = [_entry_time(e) for e in _journal(folder).entries()]
+    since = time.time() - DAY
+    data["misses"] = len(times)
+    data["misses_24h"] = sum(1 for t in times if t is not None and t.timestamp() >= since)
+    data["free_bytes"] = shutil.disk_usage(folder).free
+    if as_json:
+        click.echo(_json(data))
+        return
+    from rich.table import Table
+
+    table = Table("", "", title=f"hubcache {data['cache_dir']}", show_header=False)
+    table.add_row("store on disk", size(data["store_bytes"]))
+    table.add_row("blobs", f"{data['blobs']} ({size(data['blob_bytes'])})")
+    table.add_row("manifests", str(data["manifests"]))
+    table.add_row("tags", f"{data['tags']} in {data['repositories']} repositories")
+    table.add_row("recordings", str(data["recordings"]))
+    table.add_row("misses", f"{data['misses']} ({data['misses_24h']} in the last 24 h)")
+    table.add_row("free disk space", size(data["free_bytes"]))
+    console.print(table)
+
+
+@main.command("ls")
+@cache_dir_option
+@config_option
+@click.argument("pattern", required=False)
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON list (with every platform) instead of a table.")
+def ls_command(cache_dir: Path | None, config_file: Path | None, pattern: str | None, as_json: bool) -> None:
+    """List the cached images by registry, repository and tag: digest, platforms, the size of
+    what the cache holds of them (configs and layers) and when it was last used. PATTERN
+    (shell-style) matches registry/repository:tag or registry/repository.
+
+    \\b
+    Examples:
+      hubcache ls
+      hubcache ls 'docker.io/library/*'
+      hubcache ls '*:3.20' --json
+    """
+    from fnmatch import fnmatchcase
+
+    from .manifests import ManifestError
+    from .progress import console, size
+    from .recording import image_from_store
+
+    images = []
+    with _existing_store(cache_dir, config_file) as (store, folder):
+        held = {b.digest: b for b in store.blob_entries()}
+        for (registry, repository, tag), entry in sorted(store.tags()):
+            name = f"{registry}/{repository}:{tag}"
+            if pattern and not (fnmatchcase(name, pattern) or fnmatchcase(f"{registry}/{repository}", pattern)):
+                continue
+            try:
+                image = image_from_store(store, registry, repository, tag)
+            except ManifestError:
+                image = None
+            images.append(_listed_image(registry, repository, tag, entry.digest, image, held))
+    if as_json:
+        click.echo(_json(images))
+        return
+    if not images:
+        click.echo(f"no images{f' match {pattern!r}' if pattern else ''} in {folder}")
+        return
+    from rich.table import Table
+
+    table = Table("registry", "repository", "tag", "digest", "platforms", "size", "last use")
+    for i in images:
+        platforms = ", ".join(p["platform"] or "(single)" for p in i["platforms"]) or "(none cached)"
+        shown = size(i["size"]) + ("" if i["complete"] else " (partial)")
+        table.add_row(i["registry"], i["repository"], i["tag"], i["digest"][:19], platforms, shown, _local(i["last_used"]))
+    console.print(table)
+
+
+def _listed_image(registry: str, repository: str, tag: str, digest: str, image, held: dict) -> dict:
+    """One row of `hubcache ls`: sizes count only the blobs the cache holds, each once."""
+    platforms, sizes, used = [], {}, []
+    for m in image.manifests.values() if image else []:
+        present = [b for b in m.blobs if b.digest in held]
+        sizes.update({b.digest: b.size for b in present})
+        last = max((held[b.digest].used for b in present), default=None)
+        used += [last] if last else []
+        platforms.append(
+            {
+                "platform": m.platform,
+                "digest": m.digest,
+                "size": sum(b.size for b in present),
+                "blobs": len(present),
+                "missing_blobs": len(m.blobs) - len(present),
+                "last_used": last,
+            }
+        )
+    return {
+        "registry": registry,
+        "repository": repository,
+        "tag": tag,
+        "digest": digest,
+        "media_type": image.media_type if image else None,
+        "platforms": platforms,
+        "size": sum(sizes.values()),
+        "complete": image is not None and bool(platforms) and not any(p["missing_blobs"] for p in platforms),
+        "last_used": max(used, default=None),
+    }
+
+
+@main.command("misses")
+@cache_dir_option
+@config_option
+@click.option("--since", metavar="AGE|TIME", help="Only misses since an age ago (30m, 1h, 2d, 1w) or an ISO time (local unless it has an offset).")
+@click.option("--registry", help="Only misses of this registry (docker.io for Docker Hub).")
+@click.option("--repository", metavar="PATTERN", help="Only misses of repositories matching PATTERN (shell-style).")
+@click.option("--kind", type=click.Choice(["blob", "manifest"]), help="Only blobs or only manifests.")
+@click.option("--limit", type=click.IntRange(min=1), metavar="N", help="Only the newest N (after the other filters).")
+@click.option("--json", "as_json", is_flag=True, help="Print the journal's entries as a JSON list.")
+def misses_command(
+    cache_dir: Path | None,
+    config_file: Path | None,
+    since: str | None,
+    registry: str | None,
+    repository: str | None,
+    kind: str | None,
+    limit: int | None,
+    as_json: bool,
+) -> None:
+    """Show the miss journal: every request the cache could not answer from the store, and what
+    happened (filled, passed, stale, rejected, failed, missing offline), newest last.
+
+    \\b
+    Examples:
+      hubcache misses --since 1h
+      hubcache misses --registry docker.io --repository 'library/*' --kind manifest
+      hubcache misses --since 2026-05-01T08:00 --limit 20 --json
+    """
+    from datetime import datetime
+    from fnmatch import fnmatchcase
+
+    from .progress import console, size
+    from .protocol import canonical_registry
+
+    after = _parse_since(since, datetime.now().astimezone()) if since else None
+    folder = _cache_folder(cache_dir, config_file)
+    if not folder.is_dir():
+        raise click.ClickException(_no_folder(folder))
+    chosen = []
+    for entry in _journal(folder).entries():
+        when = _entry_time(entry)
+        if after and (when is None or when < after):
+            continue
+        if registry and entry.get("registry") != canonical_registry(registry):
+            continue
+        if repository and not fnmatchcase(str(entry.get("repository")), repository):
+            continue
+        if kind and entry.get("kind") != kind:
+            continue
+        chosen.append(entry)
+    chosen.sort(key=lambda e: _entry_time(e) or datetime.min.astimezone())
+    if limit:
+        chosen = chosen[-limit:]
+    if as_json:
+        click.echo(_json(chosen))
+        return
+    if not chosen:
+        click.echo(f"no misses{' match' if since or registry or repository or kind else ''} in {folder / 'misses.jsonl'}")
+        return
+    from rich.table import Table
+
+    table = Table("time", "kind", "image", "size", "outcome")
+    for e in chosen:
+        when = _entry_time(e)
+        reference = str(e.get("reference") or "")
+        sep = "@" if ":" in reference else ":"
+        image = f"{e.get('registry')}/{e.get('repository')}{sep}{reference[:19] if sep == '@' else reference}"
+        shown = size(e["bytes"]) if isinstance(e.get("bytes"), int) else ""
+        table.add_row(_local(when.timestamp(), "%Y-%m-%d %H:%M:%S") if when else "?", str(e.get("kind") or ""), image, shown, str(e.get("outcome")))
+    console.print(table)
+
+
+@main.command("ca")
+@click.option(
+    "--confdir",
+    default="certs",
+    show_default=True,
+    type=click.Path(file_okay=False, path_type=Path),
+    help="mitmproxy's confdir, as given to `hubcache run`: the CA is generated here if absent.",
+)
+@click.option("--install", is_flag=True, help="Add the CA to this machine's trust store (/usr/local/share/ca-certificates/hubcache.crt).")
+def ca_command(confdir: Path, install: bool) -> None:
+    """Print the CA certificate clients must trust: its path (on stderr) and its PEM (on
+    stdout). The CA is generated first if the confdir has none, as `hubcache run` does.
+
+    \\b
+    Examples:
+      hubcache ca
+      hubcache ca --confdir /etc/hubcache > hubcache.crt
+      hubcache ca --install          # as root, on Debian or Ubuntu
+    """
+    import shutil
+    import subprocess
+
+    from .clientsetup import SYSTEM_CA
+
+    ca_cert = _ca(confdir)
+    click.echo(ca_cert, err=True)
+    click.echo(ca_cert.read_text(), nl=False)
+    if not install:
+        return
+    tool = shutil.which("update-ca-certificates")
+    if tool is None:
+        raise click.ClickException(
+            f"update-ca-certificates not found: add {ca_cert} to this system's trust store yourself "
+            "(Fedora, RHEL: copy it to /etc/pki/ca-trust/source/anchors/ and run update-ca-trust)"
+        )
+    target = SYSTEM_CA
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(ca_cert, target)
+    except OSError as e:
+        raise click.ClickException(f"cannot write {target}: {e.strerror or e} (run as root)")
+    done = subprocess.run([tool], capture_output=True, text=True)
+    if done.returncode != 0:
+        lines = (done.stderr or done.stdout).strip().splitlines()
+        raise click.ClickException(f"update-ca-certificates failed: {lines[-1] if lines else f'exit {done.returncode}'}")
+    click.echo(f"installed {target} into the system trust store; restart the daemons that read it (dockerd, containerd)", err=True)
+
+
+@main.command("setup")
+@click.argument("client", type=click.Choice(CLIENTS))
+@click.option("--proxy", metavar="URL", help="The proxy URL clients use  [default: from --listen-host/--listen-port]")
+@click.option("--listen-host", help="hubcache's --listen-host, if not the config file's or 127.0.0.1.")
+@click.option("--listen-port", type=int, help="hubcache's --listen-port, if not the config file's or 3128.")
+@click.option(
+    "--confdir",
+    default="certs",
+    show_default=True,
+    type=click.Path(file_okay=False, path_type=Path),
+    help="mitmproxy's confdir, as given to `hubcache run`: the CA is generated here if absent.",
+)
+@config_option
+def setup_command(
+    client: str, proxy: str | None, listen_host: str | None, listen_port: int | None, confdir: Path, config_file: Path | None
+) -> None:
+    """Print how to point CLIENT at this hubcache: every file to write, the environment and the
+    commands, as a shell script to read (and run as root). For `systemd`: a unit file that runs
+    hubcache as a service.
+
+    \\b
+    Examples:
+      hubcache setup dockerd
+      hubcache setup containerd --config /etc/hubcache/hubcache.yaml
+      hubcache setup skopeo --proxy http://cache.example.internal:3128 --confdir /etc/hubcache
+      hubcache setup systemd --listen-port 3128 > hubcache-setup.sh
+    """
+    import sys
+    from urllib.parse import urlsplit
+
+    from . import clientsetup
+    from .hosts import DOCKER_HUB_API
+
+    configured: dict[str, list[str]] = {}
+    for setting in _config_settings(config_file):
+        name, _, value = setting.partition("=")
+        configured.setdefault(name, []).append(value)
+    host = listen_host or configured.get("listen_host", ["127.0.0.1"])[-1]
+    try:
+        port = listen_port or int(configured.get("listen_port", ["3128"])[-1])
+    except ValueError:
+        raise click.ClickException(f"{config_file}: listen_port is not a number")
+    if client == "systemd":
+        executable = Path(sys.executable).with_name("hubcache")
+        click.echo(clientsetup.systemd(executable, host, port).text(), nl=False)
+        return
+    if proxy:
+        parts = urlsplit(proxy)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise click.BadParameter(f"{proxy!r} is not a proxy URL like http://127.0.0.1:3128", param_hint="--proxy")
+    else:
+        proxy = clientsetup.proxy_url(host, port)
+    ca_cert = _ca(confdir)
+    registries = configured.get("registries") or list(DOCKER_HUB_API)
+    setups = {
+        "dockerd": lambda: clientsetup.dockerd(proxy, ca_cert),
+        "containerd": lambda: clientsetup.containerd(proxy, ca_cert, registries),
+        "podman": lambda: clientsetup.podman(proxy, ca_cert),
+        "skopeo": lambda: clientsetup.skopeo(proxy, ca_cert),
+    }
+    click.echo(setups[client]().text(), nl=False)
+
+
+@contextmanager
+def _existing_store(cache_dir: Path | None, config_file: Path | None):
+    """The store of a cache folder that must exist already: views never create one."""
+    folder = _cache_folder(cache_dir, config_file)
+    if not folder.is_dir():
+        raise click.ClickException(_no_folder(folder))
+    with _store(folder, None) as opened:
+        yield opened
+
+
+def _no_folder(folder: Path) -> str:
+    return f"no cache folder at {folder} (give --cache-dir, $HUBCACHE_CACHE_DIR or a --config with cache_dir)"
+
+
+def _ca(confdir: Path) -> Path:
+    try:
+        return _make_ca(confdir)
+    except OSError as e:
+        raise click.ClickException(f"cannot create the CA in {confdir}: {e.strerror or e}")
+
+
+def _journal(folder: Path):
+    from .journal import MissJournal
+
+    return MissJournal(folder / "misses.jsonl")
+
+
+def _entry_time(entry: dict):
+    from datetime import datetime
+
+    try:
+        return datetime.fromisoformat(entry["time"])
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
+def _parse_since(text: str, now):
+    """An age (`90s`, `30m`, `1h`, `2d`, `1w`) back from `now`, or an ISO time."""
+    import re
+    from datetime import datetime, timedelta
+
+    age = re.fullmatch(r"(\d+)\s*([smhdw])", text.strip())
+    if age:
+        unit = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days", "w": "weeks"}[age[2]]
+        return now - timedelta(**{unit: int(age[1])})
+    try:
+        when = datetime.fromisoformat(text.strip())
+    except ValueError:
+        raise click.BadParameter(f"{text!r} is neither an age like 1h or 2d nor an ISO time like 2026-05-01T08:00", param_hint="--since")
+    return when if when.tzinfo else when.astimezone()
+
+
+def _local(timestamp: float | None, form: str = "%Y-%m-%d %H:%M") -> str:
+    return time.strftime(form, time.localtime(timestamp)) if timestamp else "-"
+
+
+def _json(data) -> str:
+    import json
+
+    return json.dumps(data, indent=2)

@@ -227,6 +227,10 @@ class Store:
         summary.blob_bytes = sum(entry.size for entry in self.blob_entries())
         return summary
 
+    def disk_usage(self) -> int:
+        """Bytes the store takes on disk: its index and its files."""
+        return self._cache.volume()
+
     def delete_blob(self, digest: str) -> bool:
         """Forget a blob and remove its file. A reader that has it open keeps reading it."""
         return self._cache.delete(("blob", digest))
