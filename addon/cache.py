@@ -285,6 +285,7 @@ class RegistryCache:
             except OSError as e:
                 fill.skip(unusable=f"the cache folder is unusable: {e.strerror or e}")
                 return
+            redirect: http.Response | None = None
             for _ in range(MAX_REDIRECTS + 1):
                 flow = upstream.subrequest(like, request)
                 flow.metadata[FILL] = route.reference
@@ -298,10 +299,12 @@ class RegistryCache:
                     return
                 location = answer.headers.get("location")
                 if answer.status_code in REDIRECTS and location and not fill.streaming:
-                    request = _redirected(request, location)
+                    request, redirect = _redirected(request, location), answer
                     continue
                 if not fill.streaming:
-                    fill.answer = answer
+                    # A host that refuses hubcache without the registry's credentials may accept
+                    # the client: it gets the redirect and follows it itself (uncached).
+                    fill.answer = redirect if redirect and answer.status_code in (401, 403) else answer
                     fill.answered.set()
                     await self._journal(route, f"passed: upstream answered {answer.status_code}")
                     return
@@ -357,7 +360,7 @@ class RegistryCache:
         if not cached or not protocol.accepts(accept, cached.media_type):
             await self._miss(flow, route)
             return
-        if ctx.options.offline or time.time() - entry.checked < ctx.options.tag_freshness:
+        if ctx.options.offline or time.time() - entry.checked < self.hosts.tag_freshness(flow.request.pretty_host):
             if await self._permitted(flow, route, cached.digest):
                 self._answer_manifest(flow, route, cached)
             return
@@ -429,7 +432,24 @@ class RegistryCache:
             self.pulls.passed(flow, pending.route, len(flow.response.raw_content or b""))
             await self._journal(pending.route, f"passed: upstream answered {flow.response.status_code}")
         else:
+            await self._follow_redirects(flow)
             await self._finish_manifest(flow, pending)
+
+    async def _follow_redirects(self, flow: http.HTTPFlow) -> None:
+        """Some registries (registry.k8s.io) redirect manifest requests to another host: follow
+        them here, so the manifest is cached under the registry's name. If the other host refuses
+        hubcache (it gets no credentials), the client gets the redirect and follows it itself."""
+        assert flow.response
+        request = flow.request
+        for _ in range(MAX_REDIRECTS):
+            location = flow.response.headers.get("location")
+            if flow.response.status_code not in REDIRECTS or not location:
+                return
+            request = _redirected(request, location)
+            answer = await upstream.run(upstream.subrequest(flow, request), ctx.options.fill_timeout)
+            if isinstance(answer, str) or answer.status_code in (401, 403):
+                return
+            flow.response = answer
 
     async def _finish_manifest(self, flow: http.HTTPFlow, pending: Pending) -> None:
         assert flow.response and self.store

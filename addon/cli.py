@@ -779,7 +779,7 @@ def setup_command(
     from urllib.parse import urlsplit
 
     from . import clientsetup
-    from .hosts import DOCKER_HUB_API
+    from .registries import DEFAULT_REGISTRIES
 
     configured: dict[str, list[str]] = {}
     for setting in _config_settings(config_file):
@@ -801,7 +801,7 @@ def setup_command(
     else:
         proxy = clientsetup.proxy_url(host, port)
     ca_cert = _ca(confdir)
-    registries = configured.get("registries") or list(DOCKER_HUB_API)
+    registries = configured.get("registries") or list(DEFAULT_REGISTRIES)
     setups = {
         "dockerd": lambda: clientsetup.dockerd(proxy, ca_cert),
         "containerd": lambda: clientsetup.containerd(proxy, ca_cert, registries),

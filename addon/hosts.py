@@ -14,23 +14,35 @@ from collections.abc import Sequence
 from mitmproxy import ctx, exceptions, tls
 from mitmproxy.proxy import server_hooks
 
-logger = logging.getLogger(__name__)
+from . import registries
+from .registries import AUTH_HOSTS, DEFAULT_REGISTRIES, Settings
 
-DOCKER_HUB_API = ("registry-1.docker.io", "index.docker.io")
-# Token hosts of the registries whose token service lives on another host.
-AUTH_HOSTS = {"registry-1.docker.io": "auth.docker.io", "index.docker.io": "auth.docker.io"}
+logger = logging.getLogger(__name__)
 
 
 class Interception:
-    """Intercepts registry hosts only (option `registries`); tunnels everything else."""
+    """The registries (options `registries` and `registry_settings`): their hosts are
+    intercepted; everything else is tunnelled."""
+
+    def __init__(self) -> None:
+        self.settings: dict[str, Settings] = {}  # by registry host
+        self._registries: set[str] = set(DEFAULT_REGISTRIES)
 
     def load(self, loader):
         loader.add_option(
             "registries",
             Sequence[str],
-            list(DOCKER_HUB_API),
+            list(DEFAULT_REGISTRIES),
             "Registry API hosts to cache (their token hosts are intercepted too). "
             "Every other host is tunnelled untouched.",
+        )
+        loader.add_option(
+            "registry_settings",
+            Sequence[str],
+            [],
+            "Per-registry settings, HOST:KEY=VALUE[,KEY=VALUE]; naming a host also caches it. Keys: "
+            "tag_freshness=SECONDS, credentials=@FILE or env:NAME (holding USER:SECRET, presented "
+            "upstream for clients that bring none).",
         )
 
     def configure(self, updated):
@@ -40,15 +52,30 @@ class Interception:
                     raise exceptions.OptionsError(
                         f"registries: {host!r} is not a host name (write e.g. ghcr.io, no port)"
                     )
+        if "registry_settings" in updated:
+            settings = {}
+            for entry in ctx.options.registry_settings:
+                try:
+                    host, parsed = registries.parse(entry)
+                except ValueError as e:
+                    raise exceptions.OptionsError(f"registry_settings: {e}")
+                settings[host] = parsed
+            self.settings = settings
+        if "registries" in updated or "registry_settings" in updated:
+            self._registries = {h.lower() for h in ctx.options.registries} | set(self.settings)
 
     def is_registry(self, host: str) -> bool:
-        return host.lower() in {h.lower() for h in ctx.options.registries}
+        return host.lower() in self._registries
 
     def intercepts(self, host: str) -> bool:
         host = host.lower()
-        registries = {h.lower() for h in ctx.options.registries}
-        auth = {AUTH_HOSTS[h] for h in registries if h in AUTH_HOSTS}
-        return host in registries or host in auth
+        auth = {AUTH_HOSTS[h] for h in self._registries if h in AUTH_HOSTS}
+        return host in self._registries or host in auth
+
+    def tag_freshness(self, host: str) -> int:
+        """Seconds a tag of the registry at `host` is served without asking upstream."""
+        own = self.settings.get(host.lower())
+        return own.tag_freshness if own and own.tag_freshness is not None else ctx.options.tag_freshness
 
     def tls_clienthello(self, data: tls.ClientHelloData) -> None:
         host = data.client_hello.sni or (

@@ -7,6 +7,7 @@ from addon.hosts import Interception, UpstreamOverride
 from addon.metrics import Metrics
 from addon.pulls import PullLog
 from addon.recorder import Recorder
+from addon.registries import UpstreamCredentials
 from addon.statuspage import StatusPage
 from addon.upkeep import Upkeep
 
@@ -23,6 +24,7 @@ def make_addons() -> list:
     return [
         interception,
         UpstreamOverride(),
+        UpstreamCredentials(interception),
         blobs,
         access,
         metrics,

@@ -170,12 +170,17 @@ def hash_digest(h: "hashlib._Hash") -> str:
     return f"{h.name}:{h.hexdigest()}"
 
 
-def token_request(challenge: str, name: str) -> str | None:
+def challenge(header: str) -> tuple[str, dict[str, str]]:
+    """A `WWW-Authenticate` header's scheme (lower case) and fields."""
+    scheme, _, params = header.partition(" ")
+    return scheme.lower(), dict(re.findall(r'(\w+)="([^"]*)"', params))
+
+
+def token_request(header: str, name: str) -> str | None:
     """The URL that fetches a pull token for repository `name`, from a registry's
     `WWW-Authenticate: Bearer realm=...,service=...` challenge; None if it is not one."""
-    scheme, _, params = challenge.partition(" ")
-    fields = dict(re.findall(r'(\w+)="([^"]*)"', params))
-    if scheme.lower() != "bearer" or not fields.get("realm", "").startswith("https://"):
+    scheme, fields = challenge(header)
+    if scheme != "bearer" or not fields.get("realm", "").startswith("https://"):
         return None
     query = {"scope": f"repository:{name}:pull", **{k: v for k, v in fields.items() if k in ("service", "scope")}}
     return f"{fields['realm']}?{urlencode(query)}"

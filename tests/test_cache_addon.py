@@ -377,6 +377,15 @@ class TestBlobFill:
         assert env.cache.store.blob_size(BLOB_DIGEST) == len(BLOB)
         assert not env.hosts.intercepts(CDN)
 
+    async def test_a_blob_host_that_refuses_hubcache_leaves_the_redirect_to_the_client(self, env):
+        elsewhere = "https://blobs.example/layer?signed=1"
+        env.fetches += [Upstream(307, {"Location": elsewhere, "Content-Length": "0"}), Upstream(403, {"Content-Length": "0"})]
+        f = flow(blob_path(), headers={"Authorization": "Bearer t"})
+        await env.cache.request(f)
+        assert f.response.status_code == 307 and f.response.headers["Location"] == elsewhere
+        await env.settle()
+        assert env.cache.store.blob_size(BLOB_DIGEST) is None
+
     async def test_too_many_redirects(self, env):
         env.fetches += [Upstream(302, {"Location": f"/v2/{REPO}/blobs/{BLOB_DIGEST}?n={i}"}) for i in range(6)]
         f = flow(blob_path())
@@ -725,6 +734,55 @@ class TestManifestByTag:
         await env.cache.request(f)
         assert f.response is None
         assert env.sent == []
+
+
+class TestRegistrySettings:
+    async def test_a_registry_keeps_tags_fresh_for_its_own_window(self, env):
+        await fill_manifest(env, "3.20", MANIFEST)
+        env.tctx.configure(env.hosts, registry_settings=[f"{HUB}:tag_freshness=3600"])
+        f = flow(manifest_path("3.20"))
+        await env.cache.request(f)
+        assert env.sent == [] and f.response.content == MANIFEST
+        # Another host of the same registry has no setting: the global window (0) applies.
+        env.answers.append(manifest_response(200, headers={"Docker-Content-Digest": MANIFEST_DIGEST}))
+        other = flow(manifest_path("3.20"), host="index.docker.io")
+        await env.cache.request(other)
+        assert [method for method, _ in env.sent] == ["HEAD"]
+
+    async def test_a_host_named_in_the_settings_is_cached(self, env):
+        assert not env.hosts.is_registry("harbor.example.internal")
+        env.tctx.configure(env.hosts, registry_settings=["harbor.example.internal:tag_freshness=60"])
+        assert env.hosts.is_registry("harbor.example.internal")
+        assert env.hosts.tag_freshness("harbor.example.internal") == 60
+        assert env.hosts.tag_freshness("ghcr.io") == 0
+
+
+class TestManifestRedirect:
+    """registry.k8s.io redirects manifest requests to another host (its Artifact Registry)."""
+
+    async def redirected(self, env: Env, answer: Upstream) -> http.HTTPFlow:
+        f = flow(manifest_path("3.20"), headers={"Authorization": "Bearer for-the-registry"})
+        await env.cache.request(f)
+        assert f.response is None
+        f.response = http.Response.make(307, b"", {"Location": "https://mirror.example/v2/alpine/manifests/3.20"})
+        env.cache.responseheaders(f)
+        env.fetches.append(answer)
+        await env.cache.response(f)
+        return f
+
+    async def test_it_is_followed_and_cached_under_the_registry(self, env):
+        f = await self.redirected(env, Upstream(200, {"Content-Type": OCI_INDEX, "Docker-Content-Digest": MANIFEST_DIGEST}, MANIFEST))
+        assert f.response.status_code == 200 and f.response.content == MANIFEST
+        followed = env.fetched[-1]
+        assert followed.url == "https://mirror.example/v2/alpine/manifests/3.20"
+        assert "authorization" not in followed.headers, "the registry's credentials stay with the registry"
+        assert env.cache.store.get_tag("docker.io", REPO, "3.20").digest == MANIFEST_DIGEST
+
+    async def test_a_host_that_refuses_hubcache_leaves_the_redirect_to_the_client(self, env):
+        f = await self.redirected(env, Upstream(401, {"WWW-Authenticate": 'Bearer realm="https://mirror.example/token"'}))
+        assert f.response.status_code == 307
+        assert f.response.headers["Location"] == "https://mirror.example/v2/alpine/manifests/3.20"
+        assert env.cache.store.get_tag("docker.io", REPO, "3.20") is None
 
 
 class TestOffline:

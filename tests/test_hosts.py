@@ -31,9 +31,9 @@ class TestInterception:
     def test_default_registries_and_auth_host(self):
         i = Interception()
         with taddons.context(i):
-            for host in ("registry-1.docker.io", "index.docker.io", "auth.docker.io", "Registry-1.Docker.IO"):
+            for host in ("registry-1.docker.io", "index.docker.io", "auth.docker.io", "Registry-1.Docker.IO", "ghcr.io", "registry.k8s.io"):
                 assert i.intercepts(host), host
-            for host in ("ghcr.io", "docker.io", "example.com", "production.cloudflare.docker.com"):
+            for host in ("docker.io", "example.com", "production.cloudflare.docker.com", "us-west1-docker.pkg.dev"):
                 assert not i.intercepts(host), host
             assert i.is_registry("registry-1.docker.io")
             assert not i.is_registry("auth.docker.io")

@@ -1,0 +1,128 @@
+"""The registries hubcache caches out of the box, and per-registry settings (option
+`registry_settings`, declared with the registries in `hosts.py`): how fresh a tag may be, and the
+credentials hubcache presents upstream.
+
+Each entry is `HOST[:KEY=VALUE[,KEY=VALUE...]]`, and naming a host here also caches it:
+- `tag_freshness=SECONDS`: overrides the `tag_freshness` option for this registry.
+- `credentials=@FILE` or `credentials=env:NAME`: `USER:SECRET` (a password or an access token)
+  read from a file or an environment variable, never from the option itself, so it does not end
+  up in process listings or shell history.
+
+Credentials are presented where a client presented none: on the registry's token requests (the
+realm its 401 challenges name, learned as they pass; Docker Hub's auth.docker.io is known), and on
+its API requests when it asks for Basic authentication. So anonymous clients pull as that account:
+with its rate limit, and with its access to private repositories, which every client of the
+proxy then shares.
+"""
+
+from __future__ import annotations
+
+import base64
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from mitmproxy import http
+
+from . import protocol, upstream
+
+if TYPE_CHECKING:
+    from .hosts import Interception
+
+logger = logging.getLogger(__name__)
+
+# The registries cached out of the box (their API hosts).
+DEFAULT_REGISTRIES = (
+    "registry-1.docker.io",
+    "index.docker.io",
+    "ghcr.io",
+    "quay.io",
+    "registry.k8s.io",
+    "gcr.io",
+    "public.ecr.aws",
+    "mcr.microsoft.com",
+)
+# Token hosts of the registries whose token service lives on another host.
+AUTH_HOSTS = {"registry-1.docker.io": "auth.docker.io", "index.docker.io": "auth.docker.io"}
+KEYS = ("tag_freshness", "credentials")
+
+
+@dataclass
+class Settings:
+    tag_freshness: int | None = None
+    credentials: str | None = None  # USER:SECRET
+
+    @property
+    def basic(self) -> str:
+        assert self.credentials
+        return "Basic " + base64.b64encode(self.credentials.encode()).decode()
+
+
+def parse(entry: str) -> tuple[str, Settings]:
+    """One `registry_settings` entry; raises ValueError with a message for the operator."""
+    host, _, spec = entry.strip().partition(":")
+    host = host.lower()
+    if not host or any(c in host for c in "/ ="):
+        raise ValueError(f"{entry!r} does not start with a registry host (write e.g. ghcr.io:tag_freshness=300)")
+    settings = Settings()
+    for item in filter(None, spec.split(",")):
+        key, equals, value = item.partition("=")
+        key, value = key.strip(), value.strip()
+        if not equals or key not in KEYS:
+            raise ValueError(f"{host}: {item!r} is not one of {', '.join(k + '=...' for k in KEYS)}")
+        if key == "tag_freshness":
+            if not value.isdigit():
+                raise ValueError(f"{host}: tag_freshness must be a number of seconds, not {value!r}")
+            settings.tag_freshness = int(value)
+        else:
+            settings.credentials = _read_credentials(host, value)
+    return host, settings
+
+
+def _read_credentials(host: str, source: str) -> str:
+    if source.startswith("@"):
+        try:
+            text = Path(source[1:]).expanduser().read_text().strip()
+        except OSError as e:
+            raise ValueError(f"{host}: cannot read credentials from {source[1:]}: {e.strerror or e}")
+    elif source.startswith("env:"):
+        text = os.environ.get(source[4:], "").strip()
+        if not text:
+            raise ValueError(f"{host}: the environment variable {source[4:]} is not set")
+    else:
+        raise ValueError(f"{host}: credentials must be @FILE or env:NAME (holding USER:SECRET), not given inline")
+    if ":" not in text or text.startswith(":"):
+        raise ValueError(f"{host}: credentials must be USER:SECRET")
+    return text
+
+
+class UpstreamCredentials:
+    """Presents the credentials of `registry_settings` upstream, for clients that bring none."""
+
+    def __init__(self, hosts: Interception):
+        self.hosts = hosts
+        self._realms: dict[str, str] = {}  # token realm URL (or basic:HOST) -> registry host
+
+    def requestheaders(self, flow: http.HTTPFlow) -> None:
+        # hubcache's own requests copy a client's headers, except the anonymous probe of a
+        # repository's visibility (access.py), which must stay anonymous.
+        if flow.response or "authorization" in flow.request.headers or upstream.is_subrequest(flow):
+            return
+        host = flow.request.pretty_host.lower()
+        registry = self._realms.get(flow.request.url.partition("?")[0]) or self._realms.get(f"basic:{host}")
+        own = self.hosts.settings.get(registry or "")
+        if own and own.credentials:
+            flow.request.headers["authorization"] = own.basic
+
+    def response(self, flow: http.HTTPFlow) -> None:
+        """Learn where a configured registry sends clients for tokens, and whether it wants Basic."""
+        host = flow.request.pretty_host.lower()
+        if not flow.response or flow.response.status_code != 401 or host not in self.hosts.settings:
+            return
+        scheme, fields = protocol.challenge(flow.response.headers.get("www-authenticate", ""))
+        if scheme == "bearer" and fields.get("realm", "").startswith("https://"):
+            self._realms[fields["realm"]] = host
+        elif scheme == "basic":
+            self._realms[f"basic:{host}"] = host
