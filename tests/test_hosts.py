@@ -145,7 +145,9 @@ class TestUpstreamOverride:
             u.server_connect(data)
             assert data.server.address == ("example.com", 443)
 
-    def connect_through_proxy(self, tctx, u: UpstreamOverride, address: tuple[str, int]) -> tuple[bytes, context.Context]:
+    def connect_through_proxy(
+        self, tctx, u: UpstreamOverride, address: tuple[str, int]
+    ) -> tuple[bytes, context.Context]:
         """The CONNECT that mitmproxy's upstream mode sends its proxy for `address`, with `u`'s
         http_connect_upstream hook applied, and the context it was sent from."""
         ctx = context.Context(tflow.tclient_conn(), tctx.options)
