@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 
-from mitmproxy import ctx, exceptions, tls
+from mitmproxy import ctx, exceptions, http, tls
 from mitmproxy.proxy import server_hooks
 
 from . import registries
@@ -89,7 +89,9 @@ class UpstreamOverride:
     """Connects chosen upstream host names to other addresses (option `upstream_map`).
 
     For pointing a registry name at an internal mirror, or at a test server, without touching
-    DNS or /etc/hosts. TLS still verifies the original name.
+    DNS or /etc/hosts. TLS still verifies the original name. Behind an upstream proxy
+    (`--mode upstream:...`) the connection opened is the one to that proxy, so the map rewrites
+    the target of the CONNECT sent through it instead.
     """
 
     def __init__(self) -> None:
@@ -120,3 +122,13 @@ class UpstreamOverride:
     def server_connect(self, data: server_hooks.ServerConnectionHookData) -> None:
         if data.server.address and (target := self.map.get(data.server.address[0].lower())):
             data.server.address = target
+
+    def http_connect_upstream(self, flow: http.HTTPFlow) -> None:
+        if target := self.map.get(flow.request.host.lower()):
+            host, port = target
+            flow.request.host, flow.request.port = target
+            # The CONNECT line is written from the authority, which must bracket an IPv6 literal.
+            authority = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+            flow.request.authority = authority
+            if "Host" in flow.request.headers:
+                flow.request.headers["Host"] = authority

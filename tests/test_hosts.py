@@ -3,6 +3,8 @@ import ssl
 import pytest
 from mitmproxy import connection, exceptions, tls
 from mitmproxy.proxy import context, server_hooks
+from mitmproxy.proxy.layers.http._hooks import HttpConnectUpstreamHook
+from mitmproxy.proxy.layers.http._upstream_proxy import HttpUpstreamProxy
 from mitmproxy.test import taddons, tflow
 
 from addon.blobserver import BLOB_HOST
@@ -142,3 +144,41 @@ class TestUpstreamOverride:
             data = connect_data(("example.com", 443))
             u.server_connect(data)
             assert data.server.address == ("example.com", 443)
+
+    def connect_through_proxy(
+        self, tctx, u: UpstreamOverride, address: tuple[str, int]
+    ) -> tuple[bytes, context.Context]:
+        """The CONNECT that mitmproxy's upstream mode sends its proxy for `address`, with `u`'s
+        http_connect_upstream hook applied, and the context it was sent from."""
+        ctx = context.Context(tflow.tclient_conn(), tctx.options)
+        ctx.server.address = address
+        ctx.server.via = ("http", ("127.0.0.1", 3128))
+        layer = HttpUpstreamProxy.make(ctx, send_connect=True)[0]
+        handshake = layer.start_handshake()
+        hook = next(handshake)
+        assert isinstance(hook, HttpConnectUpstreamHook)
+        u.http_connect_upstream(hook.flow)
+        sent = handshake.send(None)
+        assert sent.connection.address == ("127.0.0.1", 3128)  # still to the proxy
+        return sent.data, ctx
+
+    @pytest.mark.parametrize(
+        "target, request_line",
+        [("127.0.0.1:5000", b"CONNECT 127.0.0.1:5000 HTTP/1.1"), ("[::1]:5000", b"CONNECT [::1]:5000 HTTP/1.1")],
+    )
+    def test_behind_an_upstream_proxy_the_connect_goes_to_the_mapped_address(self, target, request_line):
+        u = UpstreamOverride()
+        with taddons.context(u) as tctx:
+            tctx.configure(u, upstream_map=[f"registry-1.docker.io={target}"])
+            data, ctx = self.connect_through_proxy(tctx, u, ("Registry-1.Docker.io", 443))
+            head = data.split(b"\r\n")
+            assert head[0] == request_line
+            assert b"Host: " + request_line.split()[1] in head
+            assert ctx.server.address == ("Registry-1.Docker.io", 443)  # TLS still verifies the name
+
+    def test_behind_an_upstream_proxy_other_connects_are_left_alone(self):
+        u = UpstreamOverride()
+        with taddons.context(u) as tctx:
+            tctx.configure(u, upstream_map=["registry-1.docker.io=127.0.0.1:5000"])
+            data, _ = self.connect_through_proxy(tctx, u, ("example.com", 443))
+            assert data.split(b"\r\n")[0] == b"CONNECT example.com:443 HTTP/1.1"
