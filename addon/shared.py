@@ -44,6 +44,7 @@ from botocore.exceptions import (
     ClientError,
     ConnectTimeoutError,
     EndpointConnectionError,
+    IncompleteReadError,
     NoCredentialsError,
     PartialCredentialsError,
     ReadTimeoutError,
@@ -241,7 +242,10 @@ class SharedStore:
     def put_tag(
         self, registry: str, name: str, tag: str, digest: str, media_type: str, confirmed: float | None = None
     ) -> None:
-        record = {"digest": digest, "media_type": media_type, "confirmed": time.time() if confirmed is None else confirmed}
+        if not DIGEST_RE.fullmatch(digest):
+            raise ValueError(f"not a digest hubcache can verify: {digest!r}")
+        when = time.time() if confirmed is None else confirmed
+        record = {"digest": digest, "media_type": media_type, "confirmed": when}
         with self._errors(f"put tag {registry}/{name}:{tag}"):
             self._client.put_object(
                 Bucket=self.bucket,
@@ -385,6 +389,8 @@ def _reason(e: BaseException, bucket: str = "", timeout: float | None = None) ->
             return "access denied" + (f" ({code})" if code and code not in ("403", "AccessDenied") else "")
         message = " ".join(str(e.response.get("Error", {}).get("Message", "")).split())
         return f"{code or f'HTTP {status}'}" + (f": {message}" if message else "")
+    if isinstance(e, IncompleteReadError):
+        return f"connection closed after {e.kwargs['actual_bytes']} of {e.kwargs['expected_bytes']} bytes"
     if isinstance(e, (NoCredentialsError, PartialCredentialsError)):
         return "no credentials (set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or ~/.aws/credentials)"
     after = f" after {timeout:g} s" if timeout else ""
@@ -399,6 +405,9 @@ def _reason(e: BaseException, bucket: str = "", timeout: float | None = None) ->
         if isinstance(x, OSError) and x.strerror:
             return f"{'cannot connect' if connecting else 'failed'} ({x.strerror})"
     return " ".join(str(e).split()) or type(e).__name__
+
+
+_LOCKLESS = ""  # the token of a lock granted while Redis was unreachable: nothing to refresh or free
 
 
 class FleetLock:
@@ -443,8 +452,9 @@ class FleetLock:
             won = bool(self._redis.set(self._key(digest), token, nx=True, px=max(1, int(ttl * 1000))))
         except redis.RedisError as e:
             self._unreachable(e)
-            return True
-        self._reachable()
+            token, won = _LOCKLESS, True
+        else:
+            self._reachable()
         if won:
             with self._mutex:
                 self._tokens[digest] = token
@@ -453,9 +463,12 @@ class FleetLock:
     def refresh(self, digest: str, ttl: float) -> bool:
         """Extend our lock on `digest` to `ttl` seconds from now. False when it is not ours (any
         more): it expired and another node may hold it."""
-        token = self._token(digest)
+        with self._mutex:
+            token = self._tokens.get(digest)
         if token is None:
             return False
+        if token == _LOCKLESS:
+            return True
         try:
             ours = bool(self._redis.eval(self._REFRESH, 1, self._key(digest), token, max(1, int(ttl * 1000))))
         except redis.RedisError as e:
@@ -468,7 +481,7 @@ class FleetLock:
         """Free our lock on `digest`; a lock that is not ours is left alone."""
         with self._mutex:
             token = self._tokens.pop(digest, None)
-        if token is None:
+        if token is None or token == _LOCKLESS:
             return
         try:
             self._redis.eval(self._RELEASE, 1, self._key(digest), token)
@@ -479,10 +492,6 @@ class FleetLock:
 
     def close(self) -> None:
         self._redis.close()
-
-    def _token(self, digest: str) -> str | None:
-        with self._mutex:
-            return self._tokens.get(digest)
 
     def _key(self, digest: str) -> str:
         return f"{self._namespace}:lock:{digest}"

@@ -249,6 +249,26 @@ def test_store_killed_mid_upload_leaves_no_object(swift, bucket, shared, tmp_pat
         assert hash_stream(blob)[0] == digest
 
 
+def test_store_killed_mid_read_fails_in_one_line(swift, shared, tmp_path):
+    store = shared()
+    digest, path = blob_file(tmp_path, 40 * 1000 * 1000, seed=6)
+    store.put_blob(digest, path)
+    received = 0
+    try:
+        with pytest.raises(SharedStoreError) as e:
+            with store.open_blob(digest) as blob:
+                for chunk in blob:
+                    if not received:
+                        swift.kill()
+                    received += len(chunk)
+    finally:
+        swift.start()
+    assert 0 < received < 40 * 1000 * 1000
+    assert str(e.value) == (
+        f"shared store {swift.endpoint}: get blob {digest}: connection closed after {received} of 40000000 bytes"
+    )
+
+
 def test_failing_source_file_leaves_no_object(swift, bucket, shared, tmp_path, monkeypatch):
     """The local file fails midway (an I/O error on the cache disk): no object, no parts left."""
     store = shared()
@@ -429,6 +449,7 @@ def test_redis_down_means_no_lock(redis, lock_url, caplog):
             with pytest.raises(SharedStoreError) as e:
                 lock.check()
             assert lock.acquire(digest, 30) is True
+            assert lock.refresh(digest, 30) is True  # no lock to lose
             assert lock.acquire(digest, 30) is True
             lock.release(digest)
     finally:
