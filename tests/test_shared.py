@@ -214,6 +214,21 @@ def test_a_wrong_sized_object_is_replaced(swift, bucket, shared, tmp_path):
         assert hash_stream(blob)[0] == digest
 
 
+def test_readers_see_nothing_or_the_whole_blob_during_an_upload(shared, tmp_path):
+    writer, reader = shared(), shared()
+    digest, path = blob_file(tmp_path, 30 * MiB, seed=7)
+    seen: set[int | None] = set()
+    uploader = threading.Thread(target=writer.put_blob, args=(digest, path))
+    uploader.start()
+    while uploader.is_alive():
+        seen.add(reader.blob_size(digest))
+    uploader.join()
+    seen.add(reader.blob_size(digest))
+    assert None in seen and seen <= {None, 30 * MiB}, seen
+    with reader.open_blob(digest) as blob:
+        assert hash_stream(blob)[0] == digest
+
+
 def test_store_killed_mid_upload_leaves_no_object(swift, bucket, shared, tmp_path):
     store = shared()
     digest, path = blob_file(tmp_path, 40 * 1000 * 1000, seed=3)
