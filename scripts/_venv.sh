@@ -32,3 +32,15 @@ ensure_venv() {  # $1: pip extras, e.g. "[test]"
         echo "$stamp" >"$VENV/.hubcache-stamp"
     fi
 }
+
+SWIFT_VENV="${HUBCACHE_SWIFT_VENV:-$ROOT/.venv-swift}"
+SWIFT_VERSION=2.38.3
+
+ensure_swift_venv() {  # OpenStack Swift for the shared-store tests, apart from the project's venv
+    if [ "$(cat "$SWIFT_VENV/.hubcache-stamp" 2>/dev/null)" != "$SWIFT_VERSION" ]; then
+        [ -x "$SWIFT_VENV/bin/python" ] || "$(find_python)" -m venv "$SWIFT_VENV"
+        "$SWIFT_VENV/bin/pip" install --quiet --upgrade pip
+        "$SWIFT_VENV/bin/pip" install --quiet "swift==$SWIFT_VERSION"
+        echo "$SWIFT_VERSION" >"$SWIFT_VENV/.hubcache-stamp"
+    fi
+}

@@ -13,7 +13,9 @@ from support.dockerhub import DockerHubDouble
 from support.hubcache import Hubcache
 from support.images import ImageInfo, build_image
 from support.pki import TestCA
+from support.redis_server import Redis
 from support.registry import Registry
+from support.swift import Swift
 
 REGISTRY_NAME = "registry.hubcache.test"
 PLATFORMS = [("linux", "amd64"), ("linux", "arm64", "v8")]
@@ -108,3 +110,19 @@ def _fresh_upstream_counters(request):
                 upstream.reset_requests()
             else:
                 upstream.reset()
+
+
+@pytest.fixture(scope="session")
+def swift(tmp_path_factory):
+    """OpenStack Swift with s3api (an S3 endpoint) on loopback. A test that stops it starts it again."""
+    store = Swift(tmp_path_factory.mktemp("swift"))
+    yield store.start()
+    store.stop()
+
+
+@pytest.fixture(scope="session")
+def redis(tmp_path_factory):
+    """redis-server on loopback, no persistence. A test that stops it starts it again."""
+    server = Redis(tmp_path_factory.mktemp("redis"))
+    yield server.start()
+    server.stop()
