@@ -75,6 +75,13 @@ class BlobHost:
 
     def running(self) -> None:
         self._start()
+        if not self._loopback() and any(mode.startswith("upstream") for mode in ctx.options.mode):
+            # mitmproxy sends every client CONNECT of upstream mode to the upstream proxy, which
+            # cannot reach the blob host.
+            logger.warning(
+                "hubcache: blob_urls=https does not work in upstream proxy mode; clients on other "
+                "machines cannot fetch blobs (clients on this machine can: blob_urls=loopback)"
+            )
 
     def configure(self, updated) -> None:
         if "cache_dir" in updated and self._proc and self._cache_dir != self._wanted_dir().resolve():

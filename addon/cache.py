@@ -5,7 +5,8 @@ The data path, hook by hook:
   revalidated with an upstream HEAD (free under Docker Hub's rate limit). A blob GET is answered
   with a 307 to the blob server (`blobhost.py`), which sends it from the store; on a miss, hubcache
   first starts one fill from upstream (`fill.py`) that every client asking meanwhile shares, and
-  the blob server streams the fill as it grows. A manifest miss goes upstream, noted as pending.
+  the blob server streams the fill as it grows. A manifest miss is asked upstream by hubcache
+  with the client's request, and its answer noted as pending.
 - responseheaders: the body of hubcache's own blob request is written into the fill.
 - response: a fill that verified is committed (one that did not is discarded, which cuts the
   transfers streaming it); a manifest is verified against its digest and stored; the miss is
@@ -35,7 +36,7 @@ from .blobhost import BlobHost
 from .fill import FILL, Fill
 from .hosts import Interception
 from .journal import MissJournal
-from .metrics import ANSWERED, Metrics
+from .metrics import ANSWERED, RELAYED, Metrics
 from .protocol import Kind, Route
 from .pulls import PullLog
 from .store import Manifest, Store
@@ -46,6 +47,8 @@ MAX_MANIFEST_SIZE = 4 * 1024 * 1024  # registries refuse larger manifests
 MAX_REDIRECTS = 5
 FREE_SPACE_RESERVE = 64 * 1024 * 1024  # left free for the index and other fills
 REDIRECTS = (301, 302, 303, 307, 308)
+ASKED = "hubcache_asked"  # on hubcache's own request of a manifest (or blob HEAD) the store lacks
+TOO_LARGE = "hubcache_too_large"  # on such a request whose answer was too large to relay
 
 
 @dataclass
@@ -403,11 +406,11 @@ class RegistryCache:
                 fill.start_streaming(size)
                 response.stream = fill.sink
             return
-        pending = self._pending.get(flow.id)
-        if pending is not None and pending.route.kind is Kind.MANIFEST:
+        if flow.metadata.get(ASKED) and flow.request.method == "GET":
             length = response.headers.get("content-length", "")
-            if length.isdigit() and int(length) <= MAX_MANIFEST_SIZE:
-                response.stream = False  # the body must be whole to verify and store it
+            if length.isdigit() and int(length) > MAX_MANIFEST_SIZE:
+                flow.metadata[TOO_LARGE] = True
+                flow.kill()  # never held in memory; registries refuse such manifests anyway
 
     def _no_room(self, fill: Fill, size: int | None) -> str:
         """Why the cache folder cannot take the blob now (an operator's line), or ''. The fills
@@ -514,11 +517,27 @@ class RegistryCache:
         await self._journal(route, f"stale: {reason}", digest=cached.digest)
 
     async def _miss(self, flow: http.HTTPFlow, route: Route, stale: Manifest | None = None) -> None:
-        """The store cannot answer: the request goes upstream, followed until its response.
+        """The store cannot answer: hubcache asks upstream with the client's request, and the
+        answer is followed to the response hook like a client's own. If upstream cannot be
+        reached, the client gets a registry error at once (not the proxy's HTML error page).
         Offline, the client is told at once instead."""
         self.metrics.miss(route.kind.value)
         if not ctx.options.offline:
-            self._pending[flow.id] = Pending(route, stale=stale)
+            own = upstream.subrequest(flow, flow.request.copy())
+            own.metadata[ASKED] = True
+            answer = await upstream.run(own, ctx.options.fill_timeout)
+            if own.metadata.get(TOO_LARGE):
+                self._answer_error(flow, 502, "MANIFEST_INVALID", f"{route.image}: upstream's manifest is larger than {MAX_MANIFEST_SIZE} bytes")
+                await self._journal(route, "rejected: too large")
+            elif isinstance(answer, str) and stale:
+                await self._serve_stale(flow, route, stale, answer)
+            elif isinstance(answer, str):
+                self._answer_error(flow, 502, "UNAVAILABLE", f"{route.registry} cannot be reached: {answer}")
+                await self._journal(route, f"failed: {answer}")
+            else:
+                self._pending[flow.id] = Pending(route, stale=stale)
+                flow.metadata[RELAYED] = True
+                flow.response = answer
             return
         code = "BLOB_UNKNOWN" if route.kind is Kind.BLOB else "MANIFEST_UNKNOWN"
         what = f"blob {route.reference} of {route.registry}/{route.name}" if route.kind is Kind.BLOB else route.image

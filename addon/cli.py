@@ -748,6 +748,31 @@ def ca_command(confdir: Path, install: bool) -> None:
     click.echo(f"installed {target} into the system trust store; restart the daemons that read it (dockerd, containerd)", err=True)
 
 
+@main.command("options")
+@click.option("--markdown", is_flag=True, help="Print the table the README carries.")
+def options_command(markdown: bool) -> None:
+    """List every hubcache option: name, type, default and meaning. Set them with
+    `hubcache run --set NAME=VALUE`, `mitmdump --set NAME=VALUE` or in a --config file.
+
+    \b
+    Examples:
+      hubcache options
+      hubcache options --markdown > options.md
+    """
+    from rich.table import Table
+
+    from . import reference
+    from .progress import console
+
+    if markdown:
+        click.echo(reference.markdown())
+        return
+    table = Table("option", "type", "default", "meaning", show_lines=True)
+    for option in reference.options():
+        table.add_row(option.name, option.type, option.default, option.help)
+    console.print(table)
+
+
 @main.command("setup")
 @click.argument("client", type=click.Choice(CLIENTS))
 @click.option("--proxy", metavar="URL", help="The proxy URL clients use  [default: from --listen-host/--listen-port]")

@@ -27,6 +27,7 @@ from .store import Summary
 logger = logging.getLogger(__name__)
 
 ANSWERED = "hubcache_answered"  # flow metadata: hubcache answered the request itself
+RELAYED = "hubcache_relayed"  # flow metadata: the answer to hubcache's own request of it, relayed
 HISTORY = 360  # points of the hit ratio history kept (one hour at the status page's interval)
 
 
@@ -139,6 +140,9 @@ class Metrics:
 
     def response(self, flow: http.HTTPFlow) -> None:
         if flow.metadata.get(ANSWERED) or not flow.response or not self.hosts.intercepts(flow.request.pretty_host):
+            return
+        if flow.metadata.get(RELAYED):  # hubcache's own request counted what came from upstream
+            self.served.labels("upstream").inc(_body_size(flow.response))
             return
         host, response = flow.request.pretty_host, flow.response
         self.upstream_requests.labels(host, str(response.status_code)).inc()

@@ -178,11 +178,22 @@ def location(f: http.HTTPFlow) -> tuple[str, dict[str, str]]:
     return url.path, {k: v[0] for k, v in parse_qs(url.query).items()}
 
 
+async def asked(env: Env, f: http.HTTPFlow, answer: Upstream) -> http.HTTPFlow:
+    """A request the store cannot answer: hubcache asks upstream, which gives `answer`, and the
+    answer goes through the response hooks as the client's."""
+    env.fetches.append(answer)
+    await env.cache.request(f)
+    assert f.response is not None
+    env.cache.responseheaders(f)
+    await env.cache.response(f)
+    return f
+
+
 async def fill_manifest(env: Env, reference: str, body: bytes, ctype: str = OCI_INDEX, headers=None) -> http.HTTPFlow:
+    env.fetches.append(Upstream(200, {"Content-Type": ctype, **(headers or {})}, body))
     f = flow(manifest_path(reference))
     await env.cache.request(f)
-    assert f.response is None
-    f.response = http.Response.make(200, body, {"Content-Type": ctype, **(headers or {})})
+    assert f.response is not None, "upstream's answer"
     env.cache.responseheaders(f)
     assert f.response.stream is False
     await env.cache.response(f)
@@ -428,15 +439,11 @@ class TestBlobFill:
         assert env.journal()[0]["outcome"] == "passed: upstream answered 200"
 
     async def test_head_miss_is_passed(self, env):
-        f = flow(blob_path(), "HEAD")
-        await env.cache.request(f)
-        assert f.response is None
-        f.response = upstream_response(200, {"Content-Length": str(len(BLOB))})
-        env.cache.responseheaders(f)
-        await env.cache.response(f)
+        f = await asked(env, flow(blob_path(), "HEAD"), Upstream(200, {"Content-Length": str(len(BLOB))}))
+        assert f.response.status_code == 200
         assert not env.cache.store.has_blob(BLOB_DIGEST)
         assert env.journal()[0]["outcome"] == "passed: upstream answered 200"
-        assert env.fetched == []
+        assert [r.method for r in env.fetched] == ["HEAD"]
 
     async def test_an_index_that_cannot_be_written_costs_only_the_note(self, env, monkeypatch, caplog):
         def read_only(*args):
@@ -521,13 +528,9 @@ class TestPing:
 class TestManifestByDigest:
     async def test_miss_is_stored_then_served(self, env):
         f = flow(manifest_path(MANIFEST_DIGEST), headers={"Accept": OCI_INDEX})
-        await env.cache.request(f)
-        assert f.response is None
-        f.response = manifest_response(200, MANIFEST, {"Content-Type": OCI_INDEX})
-        env.cache.responseheaders(f)
-        assert f.response.stream is False
-        await env.cache.response(f)
-        assert f.response.content == MANIFEST  # the client's own answer is untouched
+        await asked(env, f, Upstream(200, {"Content-Type": OCI_INDEX}, MANIFEST))
+        assert f.response.content == MANIFEST  # upstream's answer, untouched
+        assert env.fetched[0].headers["accept"] == OCI_INDEX, "asked with the client's request"
         stored = env.cache.store.get_manifest(MANIFEST_DIGEST)
         assert (stored.media_type, stored.body) == (OCI_INDEX, MANIFEST)
         [entry] = env.journal()
@@ -550,18 +553,14 @@ class TestManifestByDigest:
         assert h.response.headers["Content-Length"] == str(len(MANIFEST))
         assert h.response.headers["Docker-Content-Digest"] == MANIFEST_DIGEST
         assert len(env.journal()) == 1  # hits are not journalled
-        assert env.sent == []
+        assert env.sent == [] and len(env.fetched) == 1
 
     async def test_generic_content_type_stores_the_declared_media_type(self, env):
         await fill_manifest(env, MANIFEST_DIGEST, MANIFEST, ctype="application/json")
         assert env.cache.store.get_manifest(MANIFEST_DIGEST).media_type == OCI_INDEX
 
     async def test_wrong_bytes_are_refused(self, env):
-        f = flow(manifest_path(MANIFEST_DIGEST))
-        await env.cache.request(f)
-        f.response = manifest_response(200, MANIFEST2, {"Content-Type": OCI_INDEX})
-        env.cache.responseheaders(f)
-        await env.cache.response(f)
+        f = await asked(env, flow(manifest_path(MANIFEST_DIGEST)), Upstream(200, {"Content-Type": OCI_INDEX}, MANIFEST2))
         assert f.response.status_code == 502
         error = json.loads(f.response.content)["errors"][0]
         assert error["code"] == "MANIFEST_INVALID"
@@ -571,28 +570,33 @@ class TestManifestByDigest:
 
     async def test_accept_excluding_the_stored_type_is_not_answered(self, env):
         await fill_manifest(env, MANIFEST_DIGEST, MANIFEST)
-        f = flow(manifest_path(MANIFEST_DIGEST), headers={"Accept": DOCKER_V2})
-        await env.cache.request(f)
-        assert f.response is None
-        assert f.id in env.cache._pending
+        f = await asked(env, flow(manifest_path(MANIFEST_DIGEST), headers={"Accept": DOCKER_V2}), Upstream(404, {}))
+        assert f.response.status_code == 404, "upstream's answer, not the stored manifest"
+        assert env.fetched[-1].headers["accept"] == DOCKER_V2
 
     async def test_upstream_error_is_passed_and_journalled(self, env):
-        f = flow(manifest_path(MANIFEST_DIGEST))
-        await env.cache.request(f)
-        f.response = manifest_response(404, b'{"errors":[{"code":"MANIFEST_UNKNOWN"}]}')
-        env.cache.responseheaders(f)
-        await env.cache.response(f)
+        f = await asked(env, flow(manifest_path(MANIFEST_DIGEST)), Upstream(404, {}, b'{"errors":[{"code":"MANIFEST_UNKNOWN"}]}'))
         assert f.response.status_code == 404
         assert env.cache.store.get_manifest(MANIFEST_DIGEST) is None
         assert env.journal()[0]["outcome"] == "passed: upstream answered 404"
 
     async def test_huge_manifest_is_not_held_in_memory(self, env):
+        env.fetches.append(Upstream(200, {"Content-Length": str(5 * 1024 * 1024)}, b"x" * 5 * 1024 * 1024))
         f = flow(manifest_path(MANIFEST_DIGEST))
         await env.cache.request(f)
-        f.response = upstream_response(200, {"Content-Length": str(5 * 1024 * 1024)})
-        f.response.stream = True
-        env.cache.responseheaders(f)
-        assert f.response.stream is True
+        assert f.response.status_code == 502
+        assert json.loads(f.response.content)["errors"][0]["code"] == "MANIFEST_INVALID"
+        assert env.journal()[0]["outcome"] == "rejected: too large"
+
+    @pytest.mark.parametrize("method", ["GET", "HEAD"])
+    async def test_unreachable_upstream_is_a_registry_error(self, env, method):
+        env.fetches.append("connection refused")
+        f = flow(manifest_path(MANIFEST_DIGEST), method=method)
+        await env.cache.request(f)
+        assert f.response.status_code == 502
+        if method == "GET":
+            assert json.loads(f.response.content)["errors"][0]["code"] == "UNAVAILABLE"
+        assert env.journal()[0]["outcome"] == "failed: connection refused"
 
 
 class TestManifestByTag:
@@ -673,13 +677,7 @@ class TestManifestByTag:
     async def test_tag_moved_to_an_unknown_manifest_goes_upstream(self, env):
         await fill_manifest(env, "3.20", MANIFEST)
         env.answers.append(manifest_response(200, headers={"Docker-Content-Digest": MANIFEST2_DIGEST}))
-        f = flow(manifest_path("3.20"))
-        await env.cache.request(f)
-        assert f.response is None
-        assert env.cache._pending[f.id].stale.digest == MANIFEST_DIGEST
-        f.response = manifest_response(200, MANIFEST2, {"Content-Type": OCI_INDEX, "Docker-Content-Digest": MANIFEST2_DIGEST})
-        env.cache.responseheaders(f)
-        await env.cache.response(f)
+        f = await asked(env, flow(manifest_path("3.20")), Upstream(200, {"Content-Type": OCI_INDEX, "Docker-Content-Digest": MANIFEST2_DIGEST}, MANIFEST2))
         assert f.response.content == MANIFEST2
         assert env.cache.store.get_tag("docker.io", REPO, "3.20").digest == MANIFEST2_DIGEST
         assert env.cache.store.get_manifest(MANIFEST2_DIGEST).body == MANIFEST2
@@ -687,11 +685,7 @@ class TestManifestByTag:
     async def test_tag_moved_but_its_get_fails_serves_stale(self, env):
         await fill_manifest(env, "3.20", MANIFEST)
         env.answers.append(manifest_response(200, headers={"Docker-Content-Digest": MANIFEST2_DIGEST}))
-        f = flow(manifest_path("3.20"))
-        await env.cache.request(f)
-        f.response = manifest_response(503, b"busy")
-        env.cache.responseheaders(f)
-        await env.cache.response(f)
+        f = await asked(env, flow(manifest_path("3.20")), Upstream(503, {}, b"busy"))
         assert f.response.status_code == 200
         assert f.response.content == MANIFEST
         assert env.journal()[-1]["outcome"] == "stale: upstream answered 503"
@@ -700,12 +694,7 @@ class TestManifestByTag:
     async def test_refused_revalidation_passes_upstreams_answer(self, env, status):
         await fill_manifest(env, "3.20", MANIFEST)
         env.answers.append(manifest_response(status))
-        f = flow(manifest_path("3.20"))
-        await env.cache.request(f)
-        assert f.response is None
-        f.response = manifest_response(status, b'{"errors":[]}')
-        env.cache.responseheaders(f)
-        await env.cache.response(f)
+        f = await asked(env, flow(manifest_path("3.20")), Upstream(status, {}, b'{"errors":[]}'))
         assert f.response.status_code == status
 
     @pytest.mark.parametrize(
@@ -730,10 +719,9 @@ class TestManifestByTag:
 
     async def test_accept_excluding_the_cached_type_goes_upstream_without_revalidating(self, env):
         await fill_manifest(env, "3.20", MANIFEST)
-        f = flow(manifest_path("3.20"), headers={"Accept": DOCKER_V2})
-        await env.cache.request(f)
-        assert f.response is None
-        assert env.sent == []
+        f = await asked(env, flow(manifest_path("3.20"), headers={"Accept": DOCKER_V2}), Upstream(404, {}))
+        assert f.response.status_code == 404
+        assert env.sent == [], "no revalidation: the request itself went upstream"
 
 
 class TestRegistrySettings:
@@ -761,10 +749,9 @@ class TestManifestRedirect:
     """registry.k8s.io redirects manifest requests to another host (its Artifact Registry)."""
 
     async def redirected(self, env: Env, answer: Upstream) -> http.HTTPFlow:
+        env.fetches.append(Upstream(307, {"Location": "https://mirror.example/v2/alpine/manifests/3.20"}))
         f = flow(manifest_path("3.20"), headers={"Authorization": "Bearer for-the-registry"})
         await env.cache.request(f)
-        assert f.response is None
-        f.response = http.Response.make(307, b"", {"Location": "https://mirror.example/v2/alpine/manifests/3.20"})
         env.cache.responseheaders(f)
         env.fetches.append(answer)
         await env.cache.response(f)
@@ -788,11 +775,7 @@ class TestManifestRedirect:
 class TestOffline:
     async def test_head_by_tag_teaches_the_tag_for_later_offline_use(self, env):
         # dockerd: HEAD the tag, then GET by digest.
-        head = flow(manifest_path("3.20"), method="HEAD")
-        await env.cache.request(head)
-        head.response = upstream_response(200, {"Docker-Content-Digest": MANIFEST_DIGEST})
-        env.cache.responseheaders(head)
-        await env.cache.response(head)
+        await asked(env, flow(manifest_path("3.20"), method="HEAD"), Upstream(200, {"Docker-Content-Digest": MANIFEST_DIGEST}))
         await fill_manifest(env, MANIFEST_DIGEST, MANIFEST)
 
         env.tctx.configure(env.cache, offline=True)
@@ -922,18 +905,19 @@ class TestAccess:
     @pytest.mark.parametrize("public", [True, False])
     async def test_the_first_manifest_of_a_repository_probes_its_visibility(self, env, public):
         challenge = 'Bearer realm="https://auth.docker.io/token",service="registry.docker.io"'
+        f = flow("/v2/library/new/manifests/1", headers={"Authorization": "Bearer alice"})
+        env.fetches.append(Upstream(200, {"Content-Type": OCI_INDEX}, MANIFEST))
+        await env.cache.request(f)
         env.fetches += [
             Upstream(401, {"WWW-Authenticate": challenge, "Content-Length": "0"}),
             Upstream(200, {"Content-Length": "17"}, b'{"token":"anon"}\n'),
             Upstream(200 if public else 401, {"Content-Length": "0"}),
         ]
-        f = flow("/v2/library/new/manifests/1", headers={"Authorization": "Bearer alice"})
-        await env.cache.request(f)
-        f.response = http.Response.make(200, MANIFEST, {"Content-Type": OCI_INDEX})
         env.cache.responseheaders(f)
         await env.cache.response(f)
         assert env.cache.store.visibility("docker.io", "library/new") is public
-        head, token, anonymous = env.fetched
+        asked_for, head, token, anonymous = env.fetched
+        assert asked_for.headers["authorization"] == "Bearer alice"
         assert (head.method, "authorization" in head.headers) == ("HEAD", False)
         assert token.url == "https://auth.docker.io/token?scope=repository%3Alibrary%2Fnew%3Apull&service=registry.docker.io"
         assert token.host_header == "auth.docker.io"

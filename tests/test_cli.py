@@ -93,6 +93,11 @@ def test_subcommand_errors_are_one_readable_line(tmp_path, args, message):
 
 
 def test_every_subcommand_has_help_with_examples():
-    for command in ("run", "prefetch", "export", "import", "recordings", "prune", "verify"):
+    from addon.cli import main
+
+    assert len(main.commands) >= 13
+    for command in sorted(main.commands):
         result = subprocess.run([HUBCACHE, command, "--help"], capture_output=True, text=True, check=True)
-        assert "Examples:" in result.stdout and "--cache-dir" in result.stdout, command
+        assert "Examples:" in result.stdout, command
+    for command in ("run", "prefetch", "export", "import", "recordings", "prune", "verify", "stats", "ls", "misses"):
+        assert "--cache-dir" in subprocess.run([HUBCACHE, command, "--help"], capture_output=True, text=True).stdout, command

@@ -158,11 +158,6 @@ def test_corporate_proxy_gone_hits_are_served_and_misses_are_answered_at_once(
     assert registry.requests() == [], "nothing reached upstream around the corporate proxy"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a manifest miss is the client's own request passed upstream; when it cannot connect, "
-    "mitmproxy answers with its HTML 502 page and the error hook cannot replace it",
-)
 def test_corporate_proxy_gone_a_manifest_miss_gets_registry_error_json(hubcache, corporate):
     proxy = behind(hubcache, corporate)
     corporate.stop()

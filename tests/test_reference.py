@@ -1,0 +1,32 @@
+"""The configuration reference comes from the option definitions, and the README carries it unchanged."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from click.testing import CliRunner
+
+from addon import reference
+from addon.cli import main
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def test_every_hubcache_option_is_described_and_no_mitmproxy_one():
+    names = {option.name for option in reference.options()}
+    assert {"cache_dir", "registries", "registry_settings", "status_listen", "offline", "blob_urls"} <= names
+    assert not names & {"listen_port", "confdir", "ssl_insecure", "mode"}, "mitmproxy's own options are mitmproxy's"
+    for option in reference.options():
+        assert option.help and option.type, option.name
+
+
+def test_the_readme_carries_the_generated_reference():
+    assert reference.markdown() in README.read_text(), "run `hubcache options --markdown` and paste it into README.md"
+
+
+def test_the_command_prints_it():
+    result = CliRunner().invoke(main, ["options", "--markdown"])
+    assert result.exit_code == 0
+    assert result.output.strip() == reference.markdown()
+    table = CliRunner().invoke(main, ["options"])
+    assert table.exit_code == 0 and "registry_settings" in table.output
