@@ -11,6 +11,7 @@ import pytest
 
 from conftest import push
 from support import proxied
+from support.clients import skopeo_copy
 
 pytestmark = pytest.mark.integration
 
@@ -96,3 +97,21 @@ def test_offline_private_content_is_served_only_under_the_policy(hubcache, secre
     proxy = hubcache(offline=True, offline_private=True)
     for what, path in paths(secret).items():
         assert get(proxy, path, {"Accept": ACCEPT}).status == 200, what
+
+
+def test_credentials_in_the_registry_settings_let_anonymous_clients_pull(hubcache, dockerhub, secret, tmp_path):
+    """`registry_settings` credentials are presented on the token requests of clients that bring
+    none; without them, the same anonymous pull is refused."""
+    ref = f"docker://{HUB}/{REPO}:1"
+    plain = hubcache(tmp_path / "plain")
+    refused = skopeo_copy(ref, tmp_path / "refused", proxy=plain.url, ca_bundle=plain.client_bundle)
+    assert refused.returncode != 0 and "unauthorized" in refused.stderr.lower(), refused.stderr
+
+    secret_file = tmp_path / "dockerhub.credentials"
+    secret_file.write_text("alice:s3cret\n")
+    proxy = hubcache(tmp_path / "with-account", registry_settings=[f"{HUB}:credentials=@{secret_file}"])
+    pulled = skopeo_copy(ref, tmp_path / "pulled", proxy=proxy.url, ca_bundle=proxy.client_bundle)
+    assert pulled.returncode == 0, pulled.stderr
+    layers = secret.platform("linux/amd64").layers
+    assert {e["digest"] for e in proxy.journal() if e["outcome"] == "filled"} >= {l.digest for l in layers}
+    assert "s3cret" not in proxy.log_text() and "s3cret" not in (proxy.cache_dir / "misses.jsonl").read_text()
