@@ -7,8 +7,9 @@ Blob GETs are answered with a 307 to a signed URL on the blob server, one of:
   on the same machine, and the bytes never leave the host.
 - `https://blobs.hubcache.invalid/blobs/<digest>?<signature>` otherwise: clients open it through
   the proxy like any host; it is not intercepted (mitmproxy relays it as raw TCP) and
-  `server_connect` routes it to the blob server on loopback, never through an upstream proxy.
-  Its certificate comes from mitmproxy's CA, which clients trust.
+  `server_connect` routes it to the blob server on loopback, never through an upstream proxy (in
+  upstream proxy mode, `http_connect` names the blob server itself as the tunnel's proxy). Its
+  certificate comes from mitmproxy's CA, which clients trust.
 The option `blob_urls` chooses (`auto`, `loopback`, `https`).
 """
 
@@ -26,7 +27,7 @@ from pathlib import Path
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
-from mitmproxy import ctx
+from mitmproxy import ctx, http
 from mitmproxy.proxy import server_hooks
 
 from . import blobserver
@@ -42,6 +43,7 @@ class BlobHost:
         self.secret = os.urandom(32)  # per run: URLs never outlive the proxy that signed them
         self.address: tuple[str, int] | None = None  # the HTTPS listener
         self.loopback_port: int | None = None  # the plain HTTP listener
+        self.tunnel_port: int | None = None  # the HTTPS listener behind a CONNECT
         self._proc: subprocess.Popen | None = None
         self._keys: Path | None = None
         self._cache_dir: Path | None = None
@@ -75,13 +77,6 @@ class BlobHost:
 
     def running(self) -> None:
         self._start()
-        if not self._loopback() and any(mode.startswith("upstream") for mode in ctx.options.mode):
-            # mitmproxy sends every client CONNECT of upstream mode to the upstream proxy, which
-            # cannot reach the blob host.
-            logger.warning(
-                "hubcache: blob_urls=https does not work in upstream proxy mode; clients on other "
-                "machines cannot fetch blobs (clients on this machine can: blob_urls=loopback)"
-            )
 
     def configure(self, updated) -> None:
         if "cache_dir" in updated and self._proc and self._cache_dir != self._wanted_dir().resolve():
@@ -89,6 +84,13 @@ class BlobHost:
 
     def done(self) -> None:
         self._stop()
+
+    def http_connect(self, flow: http.HTTPFlow) -> None:
+        """In upstream proxy mode mitmproxy opens a client's tunnel through the upstream proxy,
+        which cannot reach the blob host: name the blob server's CONNECT listener as the proxy
+        of this tunnel instead."""
+        if flow.request.host.lower() == BLOB_HOST and flow.server_conn.via and self.tunnel_port:
+            flow.server_conn.via = ("http", ("127.0.0.1", self.tunnel_port))
 
     def server_connect(self, data: server_hooks.ServerConnectionHookData) -> None:
         if data.server.address and data.server.address[0].lower() == BLOB_HOST:
@@ -128,12 +130,13 @@ class BlobHost:
         )
         assert self._proc.stdout
         ports = self._proc.stdout.readline().decode().split()
-        if len(ports) != 2 or not all(p.isdigit() for p in ports):
+        if len(ports) != 3 or not all(p.isdigit() for p in ports):
             self._stop()
             logger.error("hubcache: the blob server did not start; see its message above")
             return
         self.address = ("127.0.0.1", int(ports[0]))
         self.loopback_port = int(ports[1])
+        self.tunnel_port = int(ports[2])
         threading.Thread(target=self._read_reports, args=(self._proc.stdout,), daemon=True).start()
         logger.info(f"hubcache: blob server on 127.0.0.1:{ports[0]} (https) and :{ports[1]} (loopback http)")
 
@@ -145,7 +148,7 @@ class BlobHost:
                     listener(tag, int(sent))
 
     def _stop(self) -> None:
-        self.address = self.loopback_port = None
+        self.address = self.loopback_port = self.tunnel_port = None
         if self._proc:
             assert self._proc.stdin
             self._proc.stdin.close()  # the server exits at EOF

@@ -4,7 +4,8 @@ Clients reach it by a 307 from the registry API, as Docker Hub sends them to its
 two listeners (see `blobhost.py` for which):
 - HTTPS for `blobs.hubcache.invalid`: clients connect through the proxy, which relays the TLS
   connection as raw bytes, so the bulk of every blob crosses mitmproxy without its TLS and HTTP
-  layers, and the encryption runs on another core.
+  layers, and the encryption runs on another core. (In upstream proxy mode the proxy reaches it
+  with an HTTP CONNECT, on a third listener.)
 - plain HTTP on 127.0.0.1, for clients on this machine: they connect directly (Go clients never
   proxy loopback), and the bytes go from the page cache to the socket with sendfile(2).
 
@@ -47,6 +48,7 @@ URL_TTL = 600  # seconds a signed URL stays valid, like a CDN's
 CHUNK = 4 * 1024 * 1024  # large TLS writes: fewer records, fewer syscalls
 POLL = 0.02  # seconds between looks at a growing fill
 COMMIT_WAIT = 10.0
+MAX_CONNECT_HEAD = 8192
 _FILL_NAME = re.compile(r"[0-9]+/[A-Za-z0-9_]+/fill-[A-Za-z0-9_]+")
 
 
@@ -225,6 +227,26 @@ class _TLSServer(_PlainServer):
             super().finish_request(tls, client_address)
 
 
+class _TunnelServer(_TLSServer):
+    """The HTTPS listener behind an HTTP CONNECT: in upstream proxy mode, mitmproxy opens every
+    client tunnel through an upstream proxy, and the proxy names this listener as that proxy for
+    the blob host's tunnels (see `BlobHost.http_connect`)."""
+
+    def finish_request(self, request, client_address) -> None:
+        head = b""
+        while not head.endswith(b"\r\n\r\n"):
+            byte = request.recv(1)
+            if not byte or len(head) > MAX_CONNECT_HEAD:
+                return
+            head += byte
+        target = head.split(b" ", 2)[1] if head.startswith(b"CONNECT ") else b""
+        if target.split(b":")[0].decode(errors="replace").lower() != BLOB_HOST:
+            request.sendall(b"HTTP/1.1 403 Forbidden\r\nContent-Length: 0\r\n\r\n")
+            return
+        request.sendall(b"HTTP/1.1 200 Connection established\r\n\r\n")
+        super().finish_request(request, client_address)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description="hubcache's blob server (started by the proxy)")
     parser.add_argument("--cache-dir", required=True, type=Path)
@@ -239,9 +261,11 @@ def main() -> None:
     handler = type("Handler", (_Handler,), {"store": store, "secret": secret})
     tls = _TLSServer(("127.0.0.1", 0), handler, context)
     plain = _PlainServer(("127.0.0.1", 0), handler)
+    tunnel = _TunnelServer(("127.0.0.1", 0), handler, context)
     threading.Thread(target=plain.serve_forever, daemon=True).start()
+    threading.Thread(target=tunnel.serve_forever, daemon=True).start()
     threading.Thread(target=_exit_with_parent, daemon=True).start()
-    print(tls.server_address[1], plain.server_address[1], flush=True)
+    print(tls.server_address[1], plain.server_address[1], tunnel.server_address[1], flush=True)
     tls.serve_forever()
 
 

@@ -61,15 +61,33 @@ def blobs(tmp_path):
         cache.done()
 
 
+def tunnel(blobs: Blobs, target: str = f"{BLOB_HOST}:443") -> tuple[socket.socket, bytes]:
+    """A connection to the CONNECT listener, as mitmproxy's upstream mode opens it, and the answer."""
+    sock = socket.create_connection(("127.0.0.1", blobs.host.tunnel_port), timeout=20)
+    sock.sendall(f"CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n".encode())
+    answer = b""
+    while not answer.endswith(b"\r\n\r\n"):
+        byte = sock.recv(1)
+        if not byte:
+            break
+        answer += byte
+    return sock, answer
+
+
 def get(blobs: Blobs, path: str, headers: dict | None = None, method: str = "GET", transport: str = "tls"):
-    """A request to the blob server as a client reaches it: TLS for BLOB_HOST trusting the CA, or
-    plain HTTP on its loopback port."""
+    """A request to the blob server as a client reaches it: TLS for BLOB_HOST trusting the CA
+    (directly, or through a CONNECT as in upstream proxy mode), or plain HTTP on its loopback port."""
     if transport == "plain":
         conn: http.client.HTTPConnection = http.client.HTTPConnection("127.0.0.1", blobs.host.loopback_port, timeout=20)
     else:
         context = ssl.create_default_context(cafile=str(blobs.ca))
         conn = http.client.HTTPSConnection(BLOB_HOST, context=context, timeout=20)
-        conn.sock = context.wrap_socket(socket.create_connection(blobs.host.address), server_hostname=BLOB_HOST)
+        if transport == "tunnel":
+            sock, answer = tunnel(blobs)
+            assert answer.startswith(b"HTTP/1.1 200 "), answer
+        else:
+            sock = socket.create_connection(blobs.host.address)
+        conn.sock = context.wrap_socket(sock, server_hostname=BLOB_HOST)
     try:
         conn.request(method, path, headers=headers or {})
         response = conn.getresponse()
@@ -91,7 +109,7 @@ def path_of(blobs, digest: str = DIGEST, **fill) -> str:
     return blobserver.signed_path(blobs.secret, digest, **fill)
 
 
-TRANSPORTS = pytest.mark.parametrize("transport", ["tls", "plain"])
+TRANSPORTS = pytest.mark.parametrize("transport", ["tls", "plain", "tunnel"])
 
 
 @TRANSPORTS
@@ -230,3 +248,10 @@ def test_the_server_stops_with_the_proxy(blobs):
     proc = blobs.host._proc
     blobs.host.done()
     assert proc.poll() is not None
+
+
+@pytest.mark.parametrize("target", ["registry-1.docker.io:443", "127.0.0.1:22"])
+def test_the_connect_listener_tunnels_to_the_blob_host_only(blobs, target):
+    sock, answer = tunnel(blobs, target)
+    with sock:
+        assert answer.startswith(b"HTTP/1.1 403 "), answer

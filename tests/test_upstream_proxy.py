@@ -97,17 +97,7 @@ def test_docker_hub_token_flow_and_cdn_redirects_go_through_the_corporate_proxy(
 
 @pytest.mark.parametrize(
     "blob_urls",
-    [
-        "loopback",
-        pytest.param(
-            "https",
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="in upstream mode the CONNECT to blobs.hubcache.invalid is sent to the "
-                "corporate proxy: BlobHost.server_connect only sees the connection to that proxy",
-            ),
-        ),
-    ],
+    ["loopback", "https"],
 )
 def test_blobs_come_from_the_blob_server_never_through_the_corporate_proxy(
     hubcache, registry, corporate, multi_image, tmp_path, blob_urls
