@@ -3,9 +3,7 @@ client without access, online (checked with upstream) or offline (refused unless
 
 from __future__ import annotations
 
-import base64
 import hashlib
-import json
 
 import pytest
 
@@ -29,15 +27,8 @@ def secret(registry, dockerhub, multi_image):
 
 
 def token(proxy, credentials: tuple[str, str] | None = None) -> dict[str, str]:
-    headers = {}
-    if credentials:
-        headers["Authorization"] = "Basic " + base64.b64encode(":".join(credentials).encode()).decode()
-    answer = proxied.request(
-        proxy.port, "auth.docker.io", f"/token?service=registry.docker.io&scope=repository:{REPO}:pull",
-        ca=proxy.ca_cert, headers=headers,
-    )
-    assert answer.status == 200, answer.body
-    return {"Authorization": f"Bearer {json.loads(answer.body)['token']}", "Accept": ACCEPT}
+    token = proxied.docker_hub_token(proxy.port, REPO, ca=proxy.ca_cert, credentials=credentials)
+    return {"Authorization": f"Bearer {token}", "Accept": ACCEPT}
 
 
 def paths(image) -> dict[str, str]:

@@ -4,9 +4,7 @@ shared with the other only where that other registry says the client may read it
 
 from __future__ import annotations
 
-import base64
 import hashlib
-import json
 from dataclasses import dataclass
 
 import pytest
@@ -163,15 +161,7 @@ def secret(registry, dockerhub, upstreams):
 
 
 def hub_token(proxy, credentials: tuple[str, str] | None = None) -> dict[str, str]:
-    headers = {}
-    if credentials:
-        headers["Authorization"] = "Basic " + base64.b64encode(":".join(credentials).encode()).decode()
-    answer = proxied.request(
-        proxy.port, "auth.docker.io", f"/token?service=registry.docker.io&scope=repository:{SECRET}:pull",
-        ca=proxy.ca_cert, headers=headers,
-    )
-    assert answer.status == 200, answer.body
-    return {"Authorization": f"Bearer {json.loads(answer.body)['token']}"}
+    return {"Authorization": f"Bearer {proxied.docker_hub_token(proxy.port, SECRET, ca=proxy.ca_cert, credentials=credentials)}"}
 
 
 def test_a_blob_from_a_public_registry_is_refused_through_a_private_repository(

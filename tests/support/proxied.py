@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import http.client
 import json
 import ssl
@@ -73,3 +74,17 @@ def request(proxy_port: int, host: str, path: str, *, ca: Path, **options) -> An
             return Answer(response.status, response.headers, response.read())
         except http.client.IncompleteRead as e:
             return Answer(response.status, response.headers, e.partial, complete=False)
+
+
+def docker_hub_token(proxy_port: int, repository: str, *, ca: Path, credentials: tuple[str, str] | None = None) -> str:
+    """A pull token for `repository` from the Docker Hub double's token service, through the
+    proxy: anonymous, or for a user with Basic credentials."""
+    headers = {}
+    if credentials:
+        headers["Authorization"] = "Basic " + base64.b64encode(":".join(credentials).encode()).decode()
+    answer = request(
+        proxy_port, "auth.docker.io", f"/token?service=registry.docker.io&scope=repository:{repository}:pull",
+        ca=ca, headers=headers,
+    )
+    assert answer.status == 200, answer.body
+    return json.loads(answer.body)["token"]
