@@ -13,7 +13,7 @@ verified, and S3 shows a key whole or not at all, so no node ever reads a corrup
 object.
 
 The shared store is a tier, not a dependency: when it fails at run time, one warning line says
-so, the node skips it for BACKOFF seconds at a time (serving its local tier and upstream), and
+so, the node skips it for `shared_store_retry` seconds at a time (serving its local tier and upstream), and
 one line says when it is back. Every call to S3 or Redis runs in a thread, never on the event loop.
 """
 
@@ -33,7 +33,8 @@ from .store import Manifest, Store
 
 logger = logging.getLogger(__name__)
 
-OPTIONS = {
+# The options that make (or unmake) the connection to the store and the lock.
+CONNECTION = {
     "shared_store",
     "shared_store_endpoint",
     "shared_store_region",
@@ -44,7 +45,6 @@ OPTIONS = {
 }
 # mitmproxy has no connect timeout option of its own; this bounds each connect and each read.
 TIMEOUT = 10.0
-BACKOFF = 30.0  # seconds a failed shared store is left alone before it is tried again
 LOCK_TTL = 30.0  # a lock whose node died frees itself after this; its holder refreshes it meanwhile
 POLL_FIRST, POLL_MAX = 0.1, 1.0  # seconds between looks for a blob another node is fetching
 
@@ -91,9 +91,18 @@ class Fleet:
             "redis://HOST:PORT/DB: a lock per blob so that one node of the fleet fetches it from "
             "upstream while the others wait for it in shared_store. Empty: no lock.",
         )
+        loader.add_option(
+            "shared_store_retry",
+            int,
+            30,
+            "Seconds a node serves from its local cache and upstream alone after shared_store "
+            "failed, before it tries the store again.",
+        )
 
     def configure(self, updated: set[str]) -> None:
-        if not updated & OPTIONS:
+        if "shared_store_retry" in updated and ctx.options.shared_store_retry < 1:
+            raise exceptions.OptionsError("shared_store_retry must be 1 or more seconds")
+        if not updated & CONNECTION:
             return
         self.done()
         if not ctx.options.shared_store:
@@ -114,7 +123,8 @@ class Fleet:
         access_key = secret_key = None
         if source := ctx.options.shared_store_credentials:
             try:
-                access_key, _, secret_key = read_credentials("shared_store_credentials", source).partition(":")
+                # Secret keys hold no colon; some access keys do (Swift's ACCOUNT:USER).
+                access_key, _, secret_key = read_credentials("shared_store_credentials", source).rpartition(":")
             except ValueError as e:
                 raise exceptions.OptionsError(str(e).replace("USER:SECRET", "ACCESS_KEY:SECRET_KEY"))
         verify = False if ctx.options.ssl_insecure else (ctx.options.ssl_verify_upstream_trusted_ca or True)
@@ -261,7 +271,7 @@ class Fleet:
 
     async def _use(self, call: Callable[[SharedStore], Any]) -> Any:
         """Run `call` on the store in a thread. None when it is missing what was asked, when the
-        store is skipped, or when it failed (then skipped for BACKOFF seconds)."""
+        store is skipped, or when it failed (then skipped for shared_store_retry seconds)."""
         store = self.store
         if store is None or not self.usable:
             return None
@@ -282,10 +292,11 @@ class Fleet:
 
     def _failed(self, e: SharedStoreError) -> None:
         """One line per outage, not per request."""
-        self._retry_at = time.monotonic() + BACKOFF
+        retry = ctx.options.shared_store_retry
+        self._retry_at = time.monotonic() + retry
         if not self._down:
             self._down = True
-            logger.warning(f"{e}; serving from the local cache and upstream, trying it again every {BACKOFF:g} s")
+            logger.warning(f"{e}; serving from the local cache and upstream, trying it again every {retry} s")
 
     def _spawn(self, work) -> asyncio.Task:
         task = asyncio.ensure_future(work)
