@@ -174,10 +174,17 @@ def test_a_blob_one_node_fetched_comes_to_the_other_from_the_shared_store(node, 
     assert pulled_blobs(tmp_path / "via-b") == pulled_blobs(tmp_path / "via-a") == digests
     assert upstream_blob_bytes(registry)[0] == 0
     assert journal_outcomes(b, digests) == dict.fromkeys(digests, "filled from the shared store")
-    # The image's manifest by digest came from the shared store as well; the tag was asked upstream.
-    manifests = {e["digest"]: e["outcome"] for e in b.journal() if e["kind"] == "manifest"}
-    assert manifests[image.platforms[0].manifest.digest] == "filled from the shared store"
-    assert [r.method for r in registry.manifest_gets()] == ["GET"]
+    assert [r.method for r in registry.manifest_gets()] == ["GET"]  # the tag is still asked upstream
+
+    # By digest, a third node finds the manifest in the shared store too.
+    manifest = image.platforms[0].manifest.digest
+    registry.reset_requests()
+    c = node("c")
+    pull(c, f"{ref.rpartition(':')[0]}@{manifest}", tmp_path / "via-c")
+    assert pulled_blobs(tmp_path / "via-c") == digests
+    assert upstream_blob_bytes(registry)[0] == 0 and registry.manifest_gets() == []
+    outcomes = {e["digest"]: e["outcome"] for e in c.journal()}
+    assert outcomes == dict.fromkeys([manifest, *digests], "filled from the shared store")
 
 
 @pytest.mark.integration
