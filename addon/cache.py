@@ -336,7 +336,7 @@ class RegistryCache:
         route = fill.route
         blob = await self.fleet.open_blob(route.reference)
         if blob is None and not await self.fleet.claim(route.reference):
-            blob = await self.fleet.await_blob(route.reference, ctx.options.fill_timeout)
+            blob = await self.fleet.await_blob(route.reference)
         if blob is None:
             return False
         with blob:

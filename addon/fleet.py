@@ -181,14 +181,16 @@ class Fleet:
         self._refreshers[digest] = self._spawn(self._refresh(digest))
         return True
 
-    async def await_blob(self, digest: str, timeout: float) -> SharedBlob | None:
-        """The blob another node is fetching, once it is in the shared store; None when that node
-        gave up (or died: its lock expired), the store failed, or `timeout` seconds passed."""
+    async def await_blob(self, digest: str) -> SharedBlob | None:
+        """The blob another node is fetching, once it is in the shared store; None when the store
+        failed or the lock is gone without the blob. The wait lasts while the lock is held, which
+        bounds it without a timeout of its own: the holder frees it when its fetch fails (a silent
+        upstream after fill_timeout) or once the blob is put, and a dead holder's lock lapses
+        after LOCK_TTL. A fixed bound would send every waiting node upstream for a large blob."""
         assert self.lock
-        deadline = time.monotonic() + timeout
         delay = POLL_FIRST
         while (blob := await self.open_blob(digest)) is None:
-            if not self.usable or time.monotonic() >= deadline or not await asyncio.to_thread(self.lock.held, digest):
+            if not self.usable or not await asyncio.to_thread(self.lock.held, digest):
                 return await self.open_blob(digest)  # it may have arrived just before the lock went
             await asyncio.sleep(delay)
             delay = min(delay * 2, POLL_MAX)

@@ -3,7 +3,9 @@ for the fill lock, a real Redis; skopeo pulls through them from the distribution
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
+import os
 import subprocess
 import sys
 import threading
@@ -17,6 +19,7 @@ from mitmproxy import exceptions
 from mitmproxy.test import taddons
 
 from addon.fleet import Fleet
+from addon.protocol import digest_of
 from conftest import REGISTRY_NAME, push
 from support.clients import skopeo_copy
 from support.images import ImageInfo, build_image
@@ -67,6 +70,46 @@ async def test_without_a_shared_store_the_fleet_is_a_fleet_of_one():
         assert await fleet.get_manifest(digest) is None
         assert await fleet.claim(digest) is True  # no lock: this node fetches it itself
         fleet.publish_manifest(digest, "x", b"", None)  # nothing to put it to
+
+
+# --- the lock between two nodes (real Swift, real Redis) --------------------------
+
+
+@pytest.mark.integration
+async def test_a_node_waits_for_the_holder_of_the_lock_and_no_longer(swift, bucket, redis, tmp_path, monkeypatch):
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", swift.access_key)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", swift.secret_key)
+    holder, waiter = Fleet(), Fleet()
+    waiter.name = "waiter"  # mitmproxy names addons by class; two of one class need two names
+    with taddons.context(holder, waiter) as tctx:
+        # Both nodes are configured alike: the same store, the same lock.
+        tctx.configure(holder, shared_store=f"s3://{bucket}/fleet", shared_store_endpoint=swift.endpoint, fleet_lock=redis.start().url)
+        assert holder.lock and waiter.lock
+        path = tmp_path / "blob"
+        path.write_bytes(os.urandom(300_000))
+        digest = digest_of(path.read_bytes())
+
+        assert await holder.claim(digest)
+        assert not await waiter.claim(digest)
+        waiting = asyncio.create_task(waiter.await_blob(digest))
+        await asyncio.sleep(0.5)
+        assert not waiting.done()  # nothing in the store yet, and the lock is held
+        await asyncio.to_thread(holder.store.put_blob, digest, path)
+        holder.release(digest)
+        blob = await asyncio.wait_for(waiting, 20)
+        with blob:
+            assert blob.read() == path.read_bytes()
+
+        # A holder whose fetch failed frees its lock without a blob: the waiter goes upstream itself.
+        other = digest_of(b"never fetched")
+        assert await holder.claim(other)
+        assert not await waiter.claim(other)
+        waiting = asyncio.create_task(waiter.await_blob(other))
+        await asyncio.sleep(0.3)
+        holder.release(other)
+        assert await asyncio.wait_for(waiting, 20) is None
+        holder.done()
+        waiter.done()
 
 
 # --- real nodes ----------------------------------------------------------------
