@@ -39,7 +39,7 @@ from .journal import MissJournal
 from .metrics import ANSWERED, Metrics
 from .protocol import Kind, Route
 from .pulls import PullLog
-from .store import Manifest, Store
+from .store import Manifest, Store, TagEntry
 
 logger = logging.getLogger(__name__)
 
@@ -381,8 +381,8 @@ class RegistryCache:
         accept = flow.request.headers.get_all("accept")
         if route.by_digest:
             cached = await asyncio.to_thread(self.store.get_manifest, route.reference)
-            if not cached and not ctx.options.offline:
-                cached = await self._manifest_from_fleet(route)
+            if not cached:
+                cached = await self._manifest_from_fleet(route, route.reference)
             if not cached or not protocol.accepts(accept, cached.media_type):
                 await self._miss(flow, route)
             elif await self._permitted(flow, route, cached.digest):
@@ -392,6 +392,8 @@ class RegistryCache:
         entry = await asyncio.to_thread(
             self.store.get_tag, route.registry, route.name, route.reference
         )
+        if entry is None:
+            entry = await self._tag_from_fleet(route)
         cached = entry and await asyncio.to_thread(self.store.get_manifest, entry.digest)
         if not cached or not protocol.accepts(accept, cached.media_type):
             await self._miss(flow, route)
@@ -421,15 +423,29 @@ class RegistryCache:
         # request goes upstream and gets upstream's answer.
         await self._miss(flow, route, stale=cached)
 
-    async def _manifest_from_fleet(self, route: Route) -> Manifest | None:
+    async def _manifest_from_fleet(self, route: Route, digest: str) -> Manifest | None:
         """A manifest another node fetched (verified again on the way), kept in the local tier.
         Serving it still needs the client's access confirmed (_permitted)."""
         assert self.store
-        manifest = await self.fleet.get_manifest(route.reference)
+        manifest = await self.fleet.get_manifest(digest)
         if manifest is not None:
             await self._note(self.store.put_manifest, manifest.digest, manifest.media_type, manifest.body)
-            await self._journal(route, "filled from the shared store", size=len(manifest.body))
+            await self._journal(route, "filled from the shared store", digest=digest, size=len(manifest.body))
         return manifest
+
+    async def _tag_from_fleet(self, route: Route) -> TagEntry | None:
+        """A tag another node learned, kept in the local tier as it was confirmed there: it is
+        revalidated like a tag this node learned, which costs upstream a HEAD instead of a GET,
+        and when upstream is unreachable (or hubcache offline) it is what the tag resolves to."""
+        assert self.store
+        shared = await self.fleet.get_tag(route.registry, route.name, route.reference)
+        if shared is None:
+            return None
+        if not await asyncio.to_thread(self.store.get_manifest, shared.digest):
+            if not await self._manifest_from_fleet(route, shared.digest):
+                return None
+        await self._note(self.store.set_tag, route.registry, route.name, route.reference, shared.digest, shared.confirmed)
+        return TagEntry(shared.digest, shared.confirmed)
 
     # responseheaders: a fill's body goes to its file
 

@@ -28,7 +28,7 @@ from typing import Any
 from mitmproxy import ctx, exceptions
 
 from .registries import read_credentials
-from .shared import FleetLock, NotInSharedStore, SharedBlob, SharedStore, SharedStoreError
+from .shared import FleetLock, NotInSharedStore, SharedBlob, SharedStore, SharedStoreError, SharedTag
 from .store import Manifest, Store
 
 logger = logging.getLogger(__name__)
@@ -256,6 +256,9 @@ class Fleet:
     async def get_manifest(self, digest: str) -> Manifest | None:
         """The manifest, verified against its digest, or None."""
         return await self._use(lambda store: store.get_manifest(digest))
+
+    async def get_tag(self, registry: str, name: str, tag: str) -> SharedTag | None:
+        return await self._use(lambda store: store.get_tag(registry, name, tag))
 
     def publish_manifest(self, digest: str, media_type: str, body: bytes, tag: tuple[str, str, str] | None) -> None:
         """In the background: put a verified manifest and, for a (registry, repository, tag), the
