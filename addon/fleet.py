@@ -14,13 +14,16 @@ object.
 
 The shared store is a tier, not a dependency: when it fails at run time, one warning line says
 so, the node skips it for `shared_store_retry` seconds at a time (serving its local tier and upstream), and
-one line says when it is back. Every call to S3 or Redis runs in a thread, never on the event loop.
+one line says when it is back. Every call to S3 or Redis runs in a daemon thread of its own, never
+on the event loop nor in the thread pool the local tier uses: a slow or hung store (or a long
+upload at exit) delays neither local hits nor the end of the process.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -176,7 +179,7 @@ class Fleet:
         release()), or there is no lock to take. False: another node is fetching it."""
         if self.lock is None or not self.usable:
             return True  # nobody would wait for a store that is skipped
-        if not await asyncio.to_thread(self.lock.acquire, digest, LOCK_TTL):
+        if not await _in_thread(self.lock.acquire, digest, LOCK_TTL):
             return False
         self._refreshers[digest] = self._spawn(self._refresh(digest))
         return True
@@ -190,29 +193,26 @@ class Fleet:
         assert self.lock
         delay = POLL_FIRST
         while (blob := await self.open_blob(digest)) is None:
-            if not self.usable or not await asyncio.to_thread(self.lock.held, digest):
+            if not self.usable or not await _in_thread(self.lock.held, digest):
                 return await self.open_blob(digest)  # it may have arrived just before the lock went
             await asyncio.sleep(delay)
             delay = min(delay * 2, POLL_MAX)
         return blob
 
-    async def pour(self, blob: SharedBlob, sink: Callable[[bytes], Any]) -> bool:
-        """Stream `blob` into `sink` (a fill's), then end it. False when the store failed midway:
-        the fill then holds too few bytes and is not committed."""
+    async def pour(self, blob: SharedBlob, sink: Callable[[bytes], Any]) -> None:
+        """Stream `blob` into `sink` (a fill's), then end it. When the store fails midway, the
+        fill holds too few bytes to verify and is not committed."""
 
         def copy() -> None:
-            with blob:
-                for chunk in blob:
-                    sink(chunk)
+            for chunk in blob:
+                sink(chunk)
 
         try:
-            await asyncio.to_thread(copy)
-            return True
+            await _in_thread(copy)
         except SharedStoreError as e:
             self._failed(e)
-            return False
         finally:
-            await asyncio.to_thread(sink, b"")
+            await _in_thread(sink, b"")
 
     def publish_blob(self, digest: str, local: Store) -> None:
         """In the background: put the blob just committed to `local`, then free its lock, so the
@@ -240,14 +240,14 @@ class Fleet:
         if refresher is None or self.lock is None:
             return
         refresher.cancel()
-        self._spawn(asyncio.to_thread(self.lock.release, digest))
+        self._spawn(_in_thread(self.lock.release, digest))
 
     async def _refresh(self, digest: str) -> None:
         """Keep the lock while a long fetch runs; it lapses by itself if this node dies."""
         assert self.lock
         while True:
             await asyncio.sleep(LOCK_TTL / 3)
-            if not await asyncio.to_thread(self.lock.refresh, digest, LOCK_TTL):
+            if not await _in_thread(self.lock.refresh, digest, LOCK_TTL):
                 logger.info(f"{self.lock.name}: lost the lock on {digest}; another node may fetch it too")
                 return
 
@@ -281,7 +281,7 @@ class Fleet:
         if store is None or not self.usable:
             return None
         try:
-            result = await asyncio.to_thread(call, store)
+            result = await _in_thread(call, store)
         except NotInSharedStore:
             result = None
         except SharedStoreError as e:
@@ -308,3 +308,30 @@ class Fleet:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         return task
+
+
+async def _in_thread(call: Callable[..., Any], *args: Any) -> Any:
+    """`call(*args)` in a daemon thread of its own (see the module's docstring)."""
+    loop = asyncio.get_running_loop()
+    future = loop.create_future()
+
+    def settle(result: Any, error: BaseException | None) -> None:
+        if future.cancelled():
+            return
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(result)
+
+    def run() -> None:
+        try:
+            result, error = call(*args), None
+        except BaseException as e:  # handed to the awaiting coroutine, which raises it
+            result, error = None, e
+        try:
+            loop.call_soon_threadsafe(settle, result, error)
+        except RuntimeError:
+            pass  # the loop closed (hubcache is exiting): nobody waits for this any more
+
+    threading.Thread(target=run, name="hubcache shared store", daemon=True).start()
+    return await future
