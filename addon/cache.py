@@ -34,12 +34,13 @@ from . import protocol, upstream
 from .access import Access
 from .blobhost import BlobHost
 from .fill import FILL, Fill
+from .fleet import Fleet
 from .hosts import Interception
 from .journal import MissJournal
 from .metrics import ANSWERED, RELAYED, Metrics
 from .protocol import Kind, Route
 from .pulls import PullLog
-from .store import Manifest, Store
+from .store import Manifest, Store, TagEntry
 
 logger = logging.getLogger(__name__)
 
@@ -60,8 +61,11 @@ class Pending:
 
 
 class RegistryCache:
-    def __init__(self, hosts: Interception, blobs: BlobHost, access: Access, metrics: Metrics, pulls: PullLog):
+    def __init__(
+        self, hosts: Interception, blobs: BlobHost, access: Access, metrics: Metrics, pulls: PullLog, fleet: Fleet | None = None
+    ):
         self.hosts = hosts
+        self.fleet = fleet or Fleet()  # without shared_store, a fleet of one: every look a miss
         self.blobs = blobs
         self.access = access
         self.metrics = metrics
@@ -288,6 +292,8 @@ class RegistryCache:
             except OSError as e:
                 fill.skip(unusable=f"the cache folder is unusable: {e.strerror or e}")
                 return
+            if await self._fill_from_fleet(like, fill):
+                return
             redirect: http.Response | None = None
             for _ in range(MAX_REDIRECTS + 1):
                 flow = upstream.subrequest(like, request)
@@ -322,27 +328,55 @@ class RegistryCache:
             if fill.writer:
                 self.metrics.fetched.inc(fill.writer.size)
             await asyncio.to_thread(fill.discard)
+            if not fill.committed:
+                self.fleet.release(route.reference)  # a committed fill frees it once shared
             fill.done.set()
 
-    async def _finish_fill(self, fill: Fill) -> None:
+    async def _fill_from_fleet(self, like: http.HTTPFlow, fill: Fill) -> bool:
+        """Feed the fill from the shared store when another node has fetched the blob, or is
+        fetching it (then wait for it there). False: this node fetches it from upstream."""
+        assert self.store
+        route = fill.route
+        blob = await self.fleet.open_blob(route.reference)
+        if blob is None and not await self.fleet.claim(route.reference):
+            blob = await self.fleet.await_blob(route.reference)
+        if blob is None:
+            return False
+        with blob:
+            # Only upstream knows whether this client may have it; if not, upstream tells it so.
+            if await self.access.refusal(like, route, route.reference, self.store) is not None:
+                return False
+            if reason := self._no_room(fill, blob.size):
+                fill.skip(unusable=reason)
+                return True
+            fill.start_streaming(blob.size)
+            await self.fleet.pour(blob, fill.sink)
+        await self._finish_fill(fill, source="the shared store")
+        return True
+
+    async def _finish_fill(self, fill: Fill, source: str = "upstream") -> None:
         route, writer = fill.route, fill.writer
-        assert writer
+        assert writer and self.store
         try:
             committed = await asyncio.to_thread(fill.finish)
         except (OSError, ValueError) as e:
             logger.warning(f"{route.image}: fetched but not cached: {e}")
             await self._journal(route, f"failed: not stored: {e}", size=writer.size)
             return
-        if committed:
+        if committed and source == "upstream":
             logger.info(f"{route.image}: cached {writer.size} bytes")
             await self._journal(route, "filled", size=writer.size)
+            self.fleet.publish_blob(route.reference, self.store)
+        elif committed:
+            logger.info(f"{route.image}: cached {writer.size} bytes from {source}")
+            await self._journal(route, f"filled from {source}", size=writer.size)
         elif writer.write_error:
             reason = writer.write_error.strerror or str(writer.write_error)
             logger.warning(f"{route.image}: not cached: {reason}")
             await self._journal(route, f"failed: not stored: {reason}", size=writer.size)
         else:
             got = f"{writer.size} bytes hashing to {writer.computed_digest}"
-            logger.warning(f"{route.image}: upstream sent {got}; not stored, transfers cut")
+            logger.warning(f"{route.image}: {source} sent {got}; not stored, transfers cut")
             await self._journal(route, f"rejected: {got}", size=writer.size)
 
     async def _manifest_request(self, flow: http.HTTPFlow, route: Route) -> None:
@@ -350,6 +384,8 @@ class RegistryCache:
         accept = flow.request.headers.get_all("accept")
         if route.by_digest:
             cached = await asyncio.to_thread(self.store.get_manifest, route.reference)
+            if not cached:
+                cached = await self._manifest_from_fleet(route, route.reference)
             if not cached or not protocol.accepts(accept, cached.media_type):
                 await self._miss(flow, route)
             elif await self._permitted(flow, route, cached.digest):
@@ -359,6 +395,8 @@ class RegistryCache:
         entry = await asyncio.to_thread(
             self.store.get_tag, route.registry, route.name, route.reference
         )
+        if entry is None:
+            entry = await self._tag_from_fleet(route)
         cached = entry and await asyncio.to_thread(self.store.get_manifest, entry.digest)
         if not cached or not protocol.accepts(accept, cached.media_type):
             await self._miss(flow, route)
@@ -387,6 +425,30 @@ class RegistryCache:
         # The tag moved to a manifest we lack, or upstream refused (401/403/404): the client's own
         # request goes upstream and gets upstream's answer.
         await self._miss(flow, route, stale=cached)
+
+    async def _manifest_from_fleet(self, route: Route, digest: str) -> Manifest | None:
+        """A manifest another node fetched (verified again on the way), kept in the local tier.
+        Serving it still needs the client's access confirmed (_permitted)."""
+        assert self.store
+        manifest = await self.fleet.get_manifest(digest)
+        if manifest is not None:
+            await self._note(self.store.put_manifest, manifest.digest, manifest.media_type, manifest.body)
+            await self._journal(route, "filled from the shared store", digest=digest, size=len(manifest.body))
+        return manifest
+
+    async def _tag_from_fleet(self, route: Route) -> TagEntry | None:
+        """A tag another node learned, kept in the local tier as it was confirmed there: it is
+        revalidated like a tag this node learned, which costs upstream a HEAD instead of a GET,
+        and when upstream is unreachable (or hubcache offline) it is what the tag resolves to."""
+        assert self.store
+        shared = await self.fleet.get_tag(route.registry, route.name, route.reference)
+        if shared is None:
+            return None
+        if not await asyncio.to_thread(self.store.get_manifest, shared.digest):
+            if not await self._manifest_from_fleet(route, shared.digest):
+                return None
+        await self._note(self.store.set_tag, route.registry, route.name, route.reference, shared.digest, shared.confirmed)
+        return TagEntry(shared.digest, shared.confirmed)
 
     # responseheaders: a fill's body goes to its file
 
@@ -498,6 +560,8 @@ class RegistryCache:
             await self._journal(route, f"passed: not stored: {e.strerror or e}", digest=digest)
             return
         await self._journal(route, "filled", digest=digest, size=len(body))
+        tag = None if route.by_digest else (route.registry, route.name, route.reference)
+        self.fleet.publish_manifest(digest, media_type, body, tag)
         await self.access.learn(flow, route, self.store)
 
     async def error(self, flow: http.HTTPFlow) -> None:

@@ -3,6 +3,7 @@
 from addon.access import Access
 from addon.blobhost import BlobHost
 from addon.cache import RegistryCache
+from addon.fleet import Fleet
 from addon.hosts import Interception, UpstreamOverride
 from addon.metrics import Metrics
 from addon.pulls import PullLog
@@ -20,7 +21,8 @@ def make_addons() -> list:
     metrics = Metrics(interception)
     pulls = PullLog()
     blobs.on_sent += [metrics.sent_by_tag, pulls.sent]
-    cache = RegistryCache(interception, blobs, access, metrics, pulls)
+    fleet = Fleet()
+    cache = RegistryCache(interception, blobs, access, metrics, pulls, fleet)
     return [
         interception,
         UpstreamOverride(),
@@ -29,6 +31,7 @@ def make_addons() -> list:
         access,
         metrics,
         pulls,
+        fleet,
         cache,
         Recorder(interception, cache),
         Upkeep(cache),

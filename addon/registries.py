@@ -77,11 +77,12 @@ def parse(entry: str) -> tuple[str, Settings]:
                 raise ValueError(f"{host}: tag_freshness must be a number of seconds, not {value!r}")
             settings.tag_freshness = int(value)
         else:
-            settings.credentials = _read_credentials(host, value)
+            settings.credentials = read_credentials(host, value)
     return host, settings
 
 
-def _read_credentials(host: str, source: str) -> str:
+def read_credentials(host: str, source: str) -> str:
+    """USER:SECRET from `@FILE` or `env:NAME`; a ValueError's text starts with `host`."""
     if source.startswith("@"):
         try:
             text = Path(source[1:]).expanduser().read_text().strip()

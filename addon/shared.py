@@ -490,6 +490,17 @@ class FleetLock:
             return
         self._reachable()
 
+    def held(self, digest: str) -> bool:
+        """Whether any node holds the lock on `digest`. False when Redis cannot be reached: there
+        is no lock then, and nobody to wait for."""
+        try:
+            found = bool(self._redis.exists(self._key(digest)))
+        except redis.RedisError as e:
+            self._unreachable(e)
+            return False
+        self._reachable()
+        return found
+
     def close(self) -> None:
         self._redis.close()
 

@@ -1,0 +1,355 @@
+"""Fleet mode: two real hubcache nodes sharing one real S3 store (OpenStack Swift with s3api) and,
+for the fill lock, a real Redis; skopeo pulls through them from the distribution registry."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections import Counter
+from pathlib import Path
+
+import pytest
+from mitmproxy import exceptions
+from mitmproxy.test import taddons
+
+from addon.fleet import Fleet
+from addon.protocol import digest_of
+from conftest import REGISTRY_NAME, push
+from support.clients import skopeo_copy
+from support.images import ImageInfo, build_image
+from support.procs import free_port
+
+HUBCACHE = Path(sys.executable).with_name("hubcache")
+OUTAGE = "serving from the local cache and upstream"
+
+# --- options (unit) ----------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        ({"fleet_lock": "redis://127.0.0.1:1/0"}, "fleet_lock needs shared_store: the lock guards fills of the shared store"),
+        ({"shared_store": "http://bucket/x"}, "shared store 'http://bucket/x': not an s3://bucket[/prefix] URL"),
+        ({"shared_store": "s3://b", "fleet_lock": "http://127.0.0.1:1"}, "fleet_lock: 'http://127.0.0.1:1' is not a redis://HOST:PORT/DB URL"),
+        ({"shared_store": "s3://b", "shared_store_credentials": "key:secret"}, "shared_store_credentials: credentials must be @FILE or env:NAME (holding ACCESS_KEY:SECRET_KEY), not given inline"),
+        ({"shared_store": "s3://b", "shared_store_credentials": "env:HUBCACHE_UNSET_S3"}, "shared_store_credentials: the environment variable HUBCACHE_UNSET_S3 is not set"),
+        ({"shared_store": "s3://b", "shared_store_credentials": "@/nonexistent/s3"}, "shared_store_credentials: cannot read credentials from /nonexistent/s3: No such file or directory"),
+        ({"shared_store_retry": 0}, "shared_store_retry must be 1 or more seconds"),
+    ],
+)
+def test_a_bad_option_is_one_line(options, message):
+    fleet = Fleet()
+    with taddons.context(fleet) as tctx:
+        with pytest.raises(exceptions.OptionsError) as e:
+            tctx.configure(fleet, **options)
+    assert str(e.value) == message
+
+
+def test_credentials_must_name_both_keys(tmp_path):
+    secret = tmp_path / "s3"
+    secret.write_text("justonekey\n")
+    fleet = Fleet()
+    with taddons.context(fleet) as tctx:
+        with pytest.raises(exceptions.OptionsError, match="must be ACCESS_KEY:SECRET_KEY"):
+            tctx.configure(fleet, shared_store="s3://b", shared_store_credentials=f"@{secret}")
+
+
+async def test_without_a_shared_store_the_fleet_is_a_fleet_of_one():
+    fleet = Fleet()
+    with taddons.context(fleet) as tctx:
+        tctx.configure(fleet, shared_store="")
+        assert not fleet.enabled
+        digest = "sha256:" + "0" * 64
+        assert await fleet.open_blob(digest) is None
+        assert await fleet.get_manifest(digest) is None
+        assert await fleet.claim(digest) is True  # no lock: this node fetches it itself
+        fleet.publish_manifest(digest, "x", b"", None)  # nothing to put it to
+
+
+# --- the lock between two nodes (real Swift, real Redis) --------------------------
+
+
+@pytest.mark.integration
+async def test_a_node_waits_for_the_holder_of_the_lock_and_no_longer(swift, bucket, redis, tmp_path, monkeypatch):
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", swift.access_key)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", swift.secret_key)
+    holder, waiter = Fleet(), Fleet()
+    waiter.name = "waiter"  # mitmproxy names addons by class; two of one class need two names
+    with taddons.context(holder, waiter) as tctx:
+        # Both nodes are configured alike: the same store, the same lock.
+        tctx.configure(holder, shared_store=f"s3://{bucket}/fleet", shared_store_endpoint=swift.endpoint, fleet_lock=redis.start().url)
+        assert holder.lock and waiter.lock
+        path = tmp_path / "blob"
+        path.write_bytes(os.urandom(300_000))
+        digest = digest_of(path.read_bytes())
+
+        assert await holder.claim(digest)
+        assert not await waiter.claim(digest)
+        waiting = asyncio.create_task(waiter.await_blob(digest))
+        await asyncio.sleep(0.5)
+        assert not waiting.done()  # nothing in the store yet, and the lock is held
+        await asyncio.to_thread(holder.store.put_blob, digest, path)
+        holder.release(digest)
+        blob = await asyncio.wait_for(waiting, 20)
+        with blob:
+            assert blob.read() == path.read_bytes()
+
+        # A holder whose fetch failed frees its lock without a blob: the waiter goes upstream itself.
+        other = digest_of(b"never fetched")
+        assert await holder.claim(other)
+        assert not await waiter.claim(other)
+        waiting = asyncio.create_task(waiter.await_blob(other))
+        await asyncio.sleep(0.3)
+        holder.release(other)
+        assert await asyncio.wait_for(waiting, 20) is None
+        holder.done()
+        waiter.done()
+
+
+# --- real nodes ----------------------------------------------------------------
+
+
+@pytest.fixture
+def bucket(swift) -> str:
+    swift.start()  # a test before may have stopped it
+    return swift.make_bucket(f"fleet-{uuid.uuid4().hex[:12]}")
+
+
+@pytest.fixture
+def node(hubcache, swift, bucket, tmp_path, monkeypatch):
+    """A factory of hubcache nodes sharing the bucket. Node "a" finds its keys through the standard
+    AWS variables, the others through shared_store_credentials."""
+    secret = tmp_path / "s3-credentials"
+    secret.write_text(f"{swift.access_key}:{swift.secret_key}\n")
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", swift.access_key)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", swift.secret_key)
+
+    def start(name: str, **options):
+        if name != "a":
+            options["shared_store_credentials"] = f"@{secret}"
+        return hubcache(
+            tmp_path / name,
+            shared_store=f"s3://{bucket}/fleet",
+            shared_store_endpoint=swift.endpoint,
+            **options,
+        )
+
+    return start
+
+
+def cold_image(registry, layouts: Path, sizes: list[int]) -> tuple[str, ImageInfo]:
+    """A single-platform image nobody has pulled yet, pushed under a fresh name."""
+    name = f"fleet{uuid.uuid4().hex[:10]}"
+    image = build_image(layouts / name, "1", sizes, seed=name)
+    push(registry, f"test/{name}:1", image)
+    return f"{REGISTRY_NAME}/test/{name}:1", image
+
+
+def blobs_of(image: ImageInfo) -> list:
+    p = image.platforms[0]
+    return [p.config, *p.layers]
+
+
+def image_size(image: ImageInfo) -> int:
+    return sum(b.size for b in blobs_of(image))
+
+
+def pull(proxy, ref: str, dest: Path):
+    result = skopeo_copy(f"docker://{ref}", dest, proxy=proxy.url, ca_bundle=proxy.client_bundle)
+    assert result.returncode == 0, result.stderr + proxy.log_text()[-3000:]
+
+
+def pulled_blobs(dest: Path) -> set[str]:
+    """Digests of the blobs skopeo wrote, each checked against its bytes."""
+    digests = set()
+    for path in dest.iterdir():
+        if len(path.name) == 64:
+            actual = hashlib.sha256(path.read_bytes()).hexdigest()
+            assert actual == path.name, f"{path.name} holds bytes hashing to {actual}"
+            digests.add(f"sha256:{path.name}")
+    return digests
+
+
+def wait_until_shared(swift, bucket: str, image: ImageInfo, timeout: float = 30) -> None:
+    """Blobs are put to the shared store in the background, after the client has them."""
+    client = swift.client()
+    deadline = time.monotonic() + timeout
+    for blob in blobs_of(image):
+        key = f"fleet/blobs/sha256/{blob.digest.partition(':')[2]}"
+        while True:
+            try:
+                client.head_object(Bucket=bucket, Key=key)
+                break
+            except client.exceptions.ClientError:
+                assert time.monotonic() < deadline, f"{blob.digest} never reached the shared store"
+                time.sleep(0.1)
+
+
+def upstream_blob_bytes(registry) -> tuple[int, Counter]:
+    registry.settle()
+    gets = [r for r in registry.blob_gets() if r.status == 200]
+    return sum(r.bytes for r in gets), Counter(r.reference for r in gets)
+
+
+def journal_outcomes(proxy, digests) -> dict[str, str]:
+    return {e["digest"]: e["outcome"] for e in proxy.journal() if e["kind"] == "blob" and e["digest"] in digests}
+
+
+@pytest.mark.integration
+def test_a_blob_one_node_fetched_comes_to_the_other_from_the_shared_store(node, registry, layouts, swift, bucket, tmp_path):
+    ref, image = cold_image(registry, layouts, [3_000_000, 1_000_000])
+    digests = {b.digest for b in blobs_of(image)}
+    a, b = node("a"), node("b")
+
+    began = time.monotonic()
+    pull(a, ref, tmp_path / "via-a")
+    cold = time.monotonic() - began
+    fetched, _ = upstream_blob_bytes(registry)
+    assert fetched == image_size(image)
+    wait_until_shared(swift, bucket, image)
+
+    registry.reset_requests()
+    began = time.monotonic()
+    pull(b, ref, tmp_path / "via-b")
+    print(f"\nnode a from upstream {cold:.2f} s, then node b from the shared store {time.monotonic() - began:.2f} s")
+    assert pulled_blobs(tmp_path / "via-b") == pulled_blobs(tmp_path / "via-a") == digests
+    assert upstream_blob_bytes(registry)[0] == 0
+    assert journal_outcomes(b, digests) == dict.fromkeys(digests, "filled from the shared store")
+    # The tag node A learned is revalidated with a HEAD, as if node B had learned it.
+    assert registry.manifest_gets() == [] and len(registry.manifest_heads()) == 1
+
+    # By digest, a third node finds the manifest in the shared store too.
+    manifest = image.platforms[0].manifest.digest
+    registry.reset_requests()
+    c = node("c")
+    pull(c, f"{ref.rpartition(':')[0]}@{manifest}", tmp_path / "via-c")
+    assert pulled_blobs(tmp_path / "via-c") == digests
+    assert upstream_blob_bytes(registry)[0] == 0 and registry.manifest_gets() == []
+    outcomes = {e["digest"]: e["outcome"] for e in c.journal()}
+    assert outcomes == dict.fromkeys([manifest, *digests], "filled from the shared store")
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("lock", ["redis", "none"])
+def test_eight_clients_on_two_nodes_pull_one_cold_image(lock, node, registry, redis, layouts, tmp_path):
+    options = {"fleet_lock": redis.start().url} if lock == "redis" else {}
+    a, b = node("a", **options), node("b", **options)
+    ref, image = cold_image(registry, layouts, [16_000_000, 8_000_000, 2_000_000])
+    digests = {blob.digest for blob in blobs_of(image)}
+    times: list[float] = []
+    failures: list[str] = []
+
+    def one(i: int) -> None:
+        began = time.monotonic()
+        proxy = (a, b)[i % 2]
+        result = skopeo_copy(f"docker://{ref}", tmp_path / f"pull{i}", proxy=proxy.url, ca_bundle=proxy.client_bundle)
+        times.append(time.monotonic() - began)
+        if result.returncode != 0:
+            failures.append(result.stderr)
+
+    began = time.monotonic()
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=300)
+    wall = time.monotonic() - began
+    assert not failures, failures[0] + a.log_text()[-2000:] + b.log_text()[-2000:]
+    for i in range(8):
+        assert pulled_blobs(tmp_path / f"pull{i}") == digests
+
+    fetched, per_blob = upstream_blob_bytes(registry)
+    print(
+        f"\nfleet of 2, 8 clients, lock={lock}: upstream/image = {fetched / image_size(image):.2f} "
+        f"({fetched} of {image_size(image)} bytes), fetches per blob {sorted(per_blob.values())}, "
+        f"pulls {min(times):.2f}-{max(times):.2f} s, all done in {wall:.2f} s"
+    )
+    # Each node fetches a blob once at most (its own fills are shared by its clients); with the
+    # lock, a second fetch happens only in the race the lock cannot close (fleet.py).
+    assert set(per_blob) == digests
+    assert max(per_blob.values()) <= 2
+    shared = [o for p in (a, b) for o in journal_outcomes(p, digests).values() if o == "filled from the shared store"]
+    if lock == "redis":
+        assert shared, "with the lock, one node waits for the other and fills from the shared store"
+
+
+@pytest.mark.integration
+def test_nodes_keep_serving_while_the_shared_store_is_down(node, registry, layouts, swift, bucket, tmp_path):
+    a, b = node("a", shared_store_retry=2), node("b", shared_store_retry=2)
+    ref1, image1 = cold_image(registry, layouts, [2_000_000])
+    pull(a, ref1, tmp_path / "1a")
+    wait_until_shared(swift, bucket, image1)
+    pull(b, ref1, tmp_path / "1b")
+
+    swift.stop()
+    try:
+        pull(a, ref1, tmp_path / "1a-again")  # what each node holds, it serves
+        pull(b, ref1, tmp_path / "1b-again")
+        ref2, image2 = cold_image(registry, layouts, [2_000_000])
+        pull(a, ref2, tmp_path / "2a")  # a new image comes from upstream
+        assert upstream_blob_bytes(registry)[0] == image_size(image2)
+        pull(b, ref2, tmp_path / "2b")
+    finally:
+        swift.start()
+    for proxy in (a, b):
+        lines = [line for line in proxy.log_text().splitlines() if OUTAGE in line]
+        assert len(lines) == 1, lines
+        assert f"shared store {swift.endpoint}: " in lines[0] and "cannot connect" in lines[0]
+        assert "Traceback" not in proxy.log_text()
+
+    time.sleep(2.5)  # shared_store_retry: the nodes try the store again
+    ref3, image3 = cold_image(registry, layouts, [2_000_000])
+    pull(a, ref3, tmp_path / "3a")
+    wait_until_shared(swift, bucket, image3)
+    registry.reset_requests()
+    pull(b, ref3, tmp_path / "3b")
+    assert upstream_blob_bytes(registry)[0] == 0
+    digests = {blob.digest for blob in blobs_of(image3)}
+    assert journal_outcomes(b, digests) == dict.fromkeys(digests, "filled from the shared store")
+    assert "reachable again" in a.log_text()
+
+
+def run_refused(tmp_path: Path, *settings: str) -> subprocess.CompletedProcess[str]:
+    args = [HUBCACHE, "run", "--listen-port", str(free_port())]
+    for setting in settings:
+        args += ["--set", setting]
+    return subprocess.run(args, cwd=tmp_path, capture_output=True, text=True, timeout=60)
+
+
+@pytest.mark.integration
+def test_an_unreachable_store_stops_the_start_in_one_line(tmp_path, monkeypatch):
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "key")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "secret")
+    endpoint = f"http://127.0.0.1:{free_port()}"
+    result = run_refused(tmp_path, "shared_store=s3://cache", f"shared_store_endpoint={endpoint}")
+    assert result.returncode != 0
+    assert f"shared store {endpoint}: cannot connect (Connection refused)" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.integration
+def test_a_missing_bucket_stops_the_start_in_one_line(tmp_path, swift, monkeypatch):
+    swift.start()
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", swift.access_key)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", swift.secret_key)
+    result = run_refused(tmp_path, "shared_store=s3://no-such-bucket/fleet", f"shared_store_endpoint={swift.endpoint}")
+    assert result.returncode != 0
+    assert f"shared store {swift.endpoint}: bucket 'no-such-bucket' does not exist" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.integration
+def test_an_unreachable_lock_stops_the_start_in_one_line(tmp_path, swift, bucket, monkeypatch):
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", swift.access_key)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", swift.secret_key)
+    lock = f"redis://127.0.0.1:{free_port()}/0"
+    result = run_refused(tmp_path, f"shared_store=s3://{bucket}", f"shared_store_endpoint={swift.endpoint}", f"fleet_lock={lock}")
+    assert result.returncode != 0
+    assert f"fleet lock {lock}: cannot connect" in result.stderr
+    assert "Traceback" not in result.stderr
