@@ -221,11 +221,11 @@ class RegistryCache:
             logger.warning(f"{route.image}: passed through, {fill.unusable}")
             self._pending[flow.id] = Pending(route)
         elif fill.streaming and fill.size is not None:
-            self._send_blob(flow, route, "upstream", fill)
+            self._send_blob(flow, route, fill.source, fill)
         elif fill.streaming:
             await fill.done.wait()  # no size from upstream: send the blob once it is whole
             if fill.committed:
-                self._send_blob(flow, route, "upstream")
+                self._send_blob(flow, route, fill.source)
             else:
                 self._answer_error(flow, 502, "BLOB_UNKNOWN", f"upstream's copy of {digest} did not verify")
         elif leader and fill.answer is not None:
@@ -255,7 +255,8 @@ class RegistryCache:
 
     def _send_blob(self, flow: http.HTTPFlow, route: Route, source: str, fill: Fill | None = None) -> None:
         """Send the client to the blob server: for the blob in the store, or for the file of a
-        fill in progress. `source` says where its bytes came from, for the pull log and metrics."""
+        fill in progress. `source` says where its bytes came from (cache, upstream, shared), for
+        the pull log and metrics."""
         tag = self.pulls.transfer(flow, route, source)
         if fill is not None:
             assert fill.size is not None
@@ -325,7 +326,7 @@ class RegistryCache:
             if self._fills.get(route.reference) is fill:
                 del self._fills[route.reference]
             self.metrics.fills.set(len(self._fills))
-            if fill.writer:
+            if fill.writer and fill.source == "upstream":
                 self.metrics.fetched.inc(fill.writer.size)
             await asyncio.to_thread(fill.discard)
             if not fill.committed:
@@ -349,13 +350,15 @@ class RegistryCache:
             if reason := self._no_room(fill, blob.size):
                 fill.skip(unusable=reason)
                 return True
+            fill.source = "shared"
             fill.start_streaming(blob.size)
             await self.fleet.pour(blob, fill.sink)
-        await self._finish_fill(fill, source="the shared store")
+        await self._finish_fill(fill)
         return True
 
-    async def _finish_fill(self, fill: Fill, source: str = "upstream") -> None:
+    async def _finish_fill(self, fill: Fill) -> None:
         route, writer = fill.route, fill.writer
+        source = "upstream" if fill.source == "upstream" else "the shared store"
         assert writer and self.store
         try:
             committed = await asyncio.to_thread(fill.finish)

@@ -39,6 +39,7 @@ class Fill:
         self.answer: http.Response | None = None  # upstream's answer when it was not a body to keep
         self.failure = ""  # why the fill ended without a blob
         self.committed = False
+        self.source = "upstream"  # where the bytes come from: "upstream", or "shared" (fleet mode)
         self.answered = asyncio.Event()  # set once streaming, answer or failure is known
         self.done = asyncio.Event()
         self.progress = time.monotonic()  # when the last bytes arrived

@@ -61,8 +61,8 @@ class Metrics:
         )
         self.served = Counter(
             "hubcache_served_bytes",
-            "Bytes sent to clients, by source: the store (cache), or upstream (relayed, or streamed "
-            "from a fill in progress).",
+            "Bytes sent to clients, by source: the store (cache), upstream (relayed, or streamed "
+            "from a fill in progress), or the fleet's shared store (shared).",
             ["source"],
             registry=r,
         )

@@ -41,6 +41,7 @@ class Pull:
     transfers: set[str] = field(default_factory=set)  # tags of the blob URLs not reported yet
     blobs: int = 0
     from_cache: int = 0
+    from_shared: int = 0  # fleet mode: the shared store
     from_upstream: int = 0
 
     @property
@@ -48,9 +49,10 @@ class Pull:
         return self.last - self.begun
 
     def line(self) -> str:
+        shared = f"{_size(self.from_shared)} from the shared store, " if self.from_shared else ""
         return (
             f"pull {self.image} by {self.client}: {self.blobs} blobs, {_size(self.from_cache)} from cache, "
-            f"{_size(self.from_upstream)} from upstream, {self.duration:.1f}s"
+            f"{shared}{_size(self.from_upstream)} from upstream, {self.duration:.1f}s"
         )
 
 
@@ -136,6 +138,8 @@ class PullLog:
     def _add(pull: Pull, source: str, size: int) -> None:
         if source == "cache":
             pull.from_cache += size
+        elif source == "shared":
+            pull.from_shared += size
         else:
             pull.from_upstream += size
         pull.last = time.monotonic()

@@ -141,7 +141,7 @@ class StatusPage:
         return {
             "store": asdict(self.summary),
             "requests": {"hits": hits, "misses": misses, "hit_ratio": hits / (hits + misses) if hits + misses else None},
-            "served": {"cache": served.get("cache", 0), "upstream": served.get("upstream", 0)},
+            "served": {source: served.get(source, 0) for source in ("cache", "shared", "upstream")},
             "fills_in_progress": _values(self.metrics.fills).get("", 0),
             "history": self.metrics.hit_ratio_history(),
             "top_images": [{"image": image, "pulls": count} for image, count in popular],
@@ -152,6 +152,7 @@ class StatusPage:
                     "started": p.started,
                     "blobs": p.blobs,
                     "from_cache": p.from_cache,
+                    "from_shared": p.from_shared,
                     "from_upstream": p.from_upstream,
                     "seconds": round(p.duration, 3),
                 }

@@ -221,6 +221,11 @@ def test_a_blob_one_node_fetched_comes_to_the_other_from_the_shared_store(node, 
     assert pulled_blobs(tmp_path / "via-b") == pulled_blobs(tmp_path / "via-a") == digests
     assert upstream_blob_bytes(registry)[0] == 0
     assert journal_outcomes(b, digests) == dict.fromkeys(digests, "filled from the shared store")
+    deadline = time.monotonic() + 30  # the pull's log line comes once it went quiet
+    while "from the shared store, 0 B from upstream" not in b.log_text() and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert f"{len(digests)} blobs, " in b.log_text()
+    assert f"{image_size(image) / 1e6:.1f} MB from the shared store, 0 B from upstream" in b.log_text()
     # The tag node A learned is revalidated with a HEAD, as if node B had learned it.
     assert registry.manifest_gets() == [] and len(registry.manifest_heads()) == 1
 
