@@ -759,6 +759,7 @@ def options_command(markdown: bool) -> None:
       hubcache options
       hubcache options --markdown > options.md
     """
+    from rich.markup import escape
     from rich.table import Table
 
     from . import reference
@@ -769,7 +770,7 @@ def options_command(markdown: bool) -> None:
         return
     table = Table("option", "type", "default", "meaning", show_lines=True)
     for option in reference.options():
-        table.add_row(option.name, option.type, option.default, option.help)
+        table.add_row(*(escape(cell) for cell in (option.name, option.type, option.default, option.help)))
     console.print(table)
 
 
