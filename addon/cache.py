@@ -4,14 +4,16 @@ The data path, hook by hook:
 - request: parse the route. A manifest hit is answered at once from the store; a tag is first
   revalidated with an upstream HEAD (free under Docker Hub's rate limit). A blob GET is answered
   with a 307 to the blob server (`blobhost.py`), which sends it from the store; on a miss, hubcache
-  first starts one fill from upstream (`fill.py`) that every client asking meanwhile shares, and
-  the blob server streams the fill as it grows. A manifest miss is asked upstream by hubcache
-  with the client's request, and its answer noted as pending.
+  first starts one fill (`fill.py`) that every client asking meanwhile shares, from the fleet's
+  shared store (`fleet.py`) when it has the blob, else from upstream, and the blob server streams
+  the fill as it grows. A manifest miss is asked upstream by hubcache with the client's request,
+  and its answer noted as pending.
 - responseheaders: the body of hubcache's own blob request is written into the fill.
 - response: a fill that verified is committed (one that did not is discarded, which cuts the
   transfers streaming it); a manifest is verified against its digest and stored; the miss is
   journalled.
-- error: a broken manifest request is journalled.
+- error: a blob request passed through (the cache folder could not take it) that broke is
+  journalled.
 
 With `offline` set, nothing goes upstream: what the store lacks is answered with a registry 404.
 """
