@@ -26,13 +26,16 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from mitmproxy import ctx, exceptions
 
 from .registries import read_credentials
-from .shared import FleetLock, NotInSharedStore, SharedBlob, SharedStore, SharedStoreError, SharedTag
 from .store import Manifest, Store
+
+if TYPE_CHECKING:
+    # Imported when fleet mode is configured: boto3 and redis cost a node without it ~15 MB.
+    from .shared import FleetLock, SharedBlob, SharedStore, SharedStoreError, SharedTag
 
 logger = logging.getLogger(__name__)
 
@@ -120,6 +123,8 @@ class Fleet:
 
     def _connect(self) -> tuple[SharedStore, FleetLock | None]:
         """The store and lock the options name, checked: a bad one stops the start with one line."""
+        from .shared import FleetLock, SharedStore, SharedStoreError
+
         lock_url = ctx.options.fleet_lock
         if lock_url and not lock_url.startswith(("redis://", "rediss://", "unix://")):
             raise exceptions.OptionsError(f"fleet_lock: {lock_url!r} is not a redis://HOST:PORT/DB URL")
@@ -207,6 +212,8 @@ class Fleet:
             for chunk in blob:
                 sink(chunk)
 
+        from .shared import SharedStoreError
+
         try:
             await _in_thread(copy)
         except SharedStoreError as e:
@@ -277,6 +284,8 @@ class Fleet:
     async def _use(self, call: Callable[[SharedStore], Any]) -> Any:
         """Run `call` on the store in a thread. None when it is missing what was asked, when the
         store is skipped, or when it failed (then skipped for shared_store_retry seconds)."""
+        from .shared import NotInSharedStore, SharedStoreError
+
         store = self.store
         if store is None or not self.usable:
             return None

@@ -116,7 +116,8 @@ class LocalProxy:
         master = DumpMaster(options.Options(), with_termlog=False, with_dumper=False)
         addons = make_addons()
         master.addons.add(*addons)
-        master.options.set("listen_host=127.0.0.1", "listen_port=0", *self.settings)
+        # A proxy of its own for this command: no status listener (a running hubcache has it).
+        master.options.set("listen_host=127.0.0.1", "listen_port=0", "status_listen=", *self.settings)
         self.hosts, self.cache = master.addons.get("interception"), master.addons.get("registrycache")
         run = asyncio.create_task(master.run())
         proxyserver = master.addons.get("proxyserver")
