@@ -284,11 +284,11 @@ class Fleet:
     async def _use(self, call: Callable[[SharedStore], Any]) -> Any:
         """Run `call` on the store in a thread. None when it is missing what was asked, when the
         store is skipped, or when it failed (then skipped for shared_store_retry seconds)."""
-        from .shared import NotInSharedStore, SharedStoreError
-
         store = self.store
         if store is None or not self.usable:
             return None
+        from .shared import NotInSharedStore, SharedStoreError
+
         try:
             result = await _in_thread(call, store)
         except NotInSharedStore:
