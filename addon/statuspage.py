@@ -13,6 +13,7 @@ import asyncio
 import json
 import logging
 import os
+import sqlite3
 import threading
 from dataclasses import asdict
 from importlib import resources
@@ -111,8 +112,8 @@ class StatusPage:
         if store := self.cache.store:
             try:
                 self.summary = await asyncio.to_thread(store.summary)
-            except OSError as e:
-                logger.warning(f"hubcache: store figures not read: {e.strerror or e}")
+            except (OSError, sqlite3.Error) as e:  # a busy or broken index: the figures wait
+                logger.warning(f"hubcache: store figures not read: {getattr(e, 'strerror', None) or e}")
                 return
             self.metrics.store_summary(self.summary)
 
