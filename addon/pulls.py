@@ -105,7 +105,10 @@ class PullLog:
     def sent(self, tag: str, size: int) -> None:
         """The blob server finished a transfer (called from its reader thread)."""
         if self._loop:
-            self._loop.call_soon_threadsafe(self._transferred, tag, size)
+            try:
+                self._loop.call_soon_threadsafe(self._transferred, tag, size)
+            except RuntimeError:
+                pass  # the loop closed: hubcache is exiting
 
     def _transferred(self, tag: str, size: int) -> None:
         entry = self._transfers.pop(tag, None)

@@ -1,0 +1,78 @@
+"""The pull log: one line per pull, from the cache's reports and the blob server's."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from mitmproxy.test import tflow
+
+from addon import pulls
+from addon.protocol import Kind, Route
+from addon.pulls import PullLog
+
+REGISTRY, REPO = "docker.io", "library/alpine"
+
+
+def manifest(tag_or_digest: str) -> Route:
+    return Route(Kind.MANIFEST, REGISTRY, REPO, tag_or_digest)
+
+
+def blob(n: int) -> Route:
+    return Route(Kind.BLOB, REGISTRY, REPO, f"sha256:{n:064x}")
+
+
+def client(address: str = "10.0.0.7"):
+    f = tflow.tflow()
+    f.client_conn.peername = (address, 40000)
+    return f
+
+
+async def settle():
+    await asyncio.sleep(0)
+
+
+async def test_a_pull_is_one_line_with_its_bytes_by_source(monkeypatch, caplog):
+    monkeypatch.setattr(pulls, "QUIET", 0.2)
+    log = PullLog()
+    log.running()
+    caplog.set_level(logging.INFO, logger="addon.pulls")
+    f = client()
+    log.manifest(f, manifest("3.20"), "cache", 500)
+    cached, streamed = log.transfer(f, blob(1), "cache"), log.transfer(f, blob(2), "upstream")
+    log.sent(cached, 1_000_000)
+    await asyncio.sleep(1.5)
+    assert "pull" not in caplog.text, "a transfer is still under way"
+    log.sent(streamed, 2_500_000)
+    await asyncio.sleep(1.5)
+    [line] = [r.message for r in caplog.records if r.message.startswith("pull ")]
+    assert line.startswith("pull docker.io/library/alpine:3.20 by 10.0.0.7: 2 blobs, 1.0 MB from cache, 2.5 MB from upstream, ")
+    recent, popular = log.snapshot()
+    assert [p.image for p in recent] == ["docker.io/library/alpine:3.20"] and popular == [("docker.io/library/alpine:3.20", 1)]
+    log.done()
+
+
+async def test_the_tag_asked_again_after_its_blobs_is_the_next_pull(caplog):
+    log = PullLog()
+    log.running()
+    caplog.set_level(logging.INFO, logger="addon.pulls")
+    f = client()
+    for _ in range(2):
+        log.manifest(f, manifest("3.20"), "cache", 500)
+        log.manifest(f, manifest("sha256:" + "a" * 64), "cache", 400)  # by digest: the same pull
+        log.sent(log.transfer(f, blob(1), "cache"), 100)
+        await settle()
+    log.manifest(client("10.0.0.8"), manifest("3.20"), "cache", 500)  # another client: its own pull
+    log.done()
+    lines = [r.message for r in caplog.records if r.message.startswith("pull ")]
+    assert len(lines) == 3
+    assert lines[0].startswith("pull docker.io/library/alpine:3.20 by 10.0.0.7: 1 blobs, 1.0 kB from cache")
+    assert any("by 10.0.0.8: 0 blobs" in line for line in lines)
+
+
+async def test_a_report_after_the_loop_closed_is_dropped():
+    log = PullLog()
+    loop = asyncio.new_event_loop()
+    log._loop = loop
+    loop.close()
+    log.sent("cache.1", 10)  # from the blob server's reader thread, at exit: no exception
