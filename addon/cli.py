@@ -514,16 +514,15 @@ def stats_command(cache_dir: Path | None, config_file: Path | None, as_json: boo
     from .progress import console, size
 
     with _existing_store(cache_dir, config_file) as (store, folder):
-        blobs = store.blob_entries()
-        tags = store.tags()
+        summary = store.summary()
         data = {
             "cache_dir": str(folder.resolve()),
             "store_bytes": store.disk_usage(),
-            "blobs": len(blobs),
-            "blob_bytes": sum(b.size for b in blobs),
-            "manifests": len(store.manifest_digests()),
-            "tags": len(tags),
-            "repositories": len({(registry, name) for (registry, name, _), _ in tags}),
+            "blobs": summary.blobs,
+            "blob_bytes": summary.blob_bytes,
+            "manifests": summary.manifests,
+            "tags": summary.tags,
+            "repositories": summary.repositories,
             "recordings": len(rec.names(folder)),
         }
     times = [_entry_time(e) for e in _journal(folder).entries()]

@@ -27,6 +27,7 @@ class Interception:
     def __init__(self) -> None:
         self.settings: dict[str, Settings] = {}  # by registry host
         self._registries: set[str] = set(DEFAULT_REGISTRIES)
+        self._intercepted = self._registries | {AUTH_HOSTS[h] for h in self._registries if h in AUTH_HOSTS}
 
     def load(self, loader):
         loader.add_option(
@@ -63,14 +64,13 @@ class Interception:
             self.settings = settings
         if "registries" in updated or "registry_settings" in updated:
             self._registries = {h.lower() for h in ctx.options.registries} | set(self.settings)
+            self._intercepted = self._registries | {AUTH_HOSTS[h] for h in self._registries if h in AUTH_HOSTS}
 
     def is_registry(self, host: str) -> bool:
         return host.lower() in self._registries
 
     def intercepts(self, host: str) -> bool:
-        host = host.lower()
-        auth = {AUTH_HOSTS[h] for h in self._registries if h in AUTH_HOSTS}
-        return host in self._registries or host in auth
+        return host.lower() in self._intercepted
 
     def tag_freshness(self, host: str) -> int:
         """Seconds a tag of the registry at `host` is served without asking upstream."""

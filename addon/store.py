@@ -108,6 +108,7 @@ class Summary:
     blob_bytes: int = 0
     manifests: int = 0
     tags: int = 0
+    repositories: int = 0  # with at least one tag
 
 
 class Store:
@@ -219,11 +220,16 @@ class Store:
         return entries
 
     def summary(self) -> Summary:
-        """How many blobs, manifests and tags the store holds, and the blobs' total size."""
+        """How many blobs, manifests, tags and tagged repositories the store holds, and the blobs'
+        total size."""
         summary = Summary()
+        repositories = set()
         for key in self._cache.iterkeys():
             if isinstance(key, tuple) and key[0] in ("blob", "manifest", "tag"):
                 setattr(summary, key[0] + "s", getattr(summary, key[0] + "s") + 1)
+                if key[0] == "tag":
+                    repositories.add(key[1:3])
+        summary.repositories = len(repositories)
         summary.blob_bytes = sum(entry.size for entry in self.blob_entries())
         return summary
 

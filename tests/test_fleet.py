@@ -4,7 +4,6 @@ for the fill lock, a real Redis; skopeo pulls through them from the distribution
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import os
 import subprocess
 import sys
@@ -24,6 +23,7 @@ from conftest import REGISTRY_NAME, push
 from support.clients import skopeo_copy
 from support.images import ImageInfo, build_image
 from support.procs import free_port
+from test_pull_registry import pull, pulled_blobs
 
 HUBCACHE = Path(sys.executable).with_name("hubcache")
 OUTAGE = "serving from the local cache and upstream"
@@ -183,22 +183,6 @@ def blobs_of(image: ImageInfo) -> list:
 
 def image_size(image: ImageInfo) -> int:
     return sum(b.size for b in blobs_of(image))
-
-
-def pull(proxy, ref: str, dest: Path):
-    result = skopeo_copy(f"docker://{ref}", dest, proxy=proxy.url, ca_bundle=proxy.client_bundle)
-    assert result.returncode == 0, result.stderr + proxy.log_text()[-3000:]
-
-
-def pulled_blobs(dest: Path) -> set[str]:
-    """Digests of the blobs skopeo wrote, each checked against its bytes."""
-    digests = set()
-    for path in dest.iterdir():
-        if len(path.name) == 64:
-            actual = hashlib.sha256(path.read_bytes()).hexdigest()
-            assert actual == path.name, f"{path.name} holds bytes hashing to {actual}"
-            digests.add(f"sha256:{path.name}")
-    return digests
 
 
 def wait_until_shared(swift, bucket: str, image: ImageInfo, timeout: float = 30) -> None:

@@ -292,3 +292,13 @@ class TestAnIndexThatCannotBeWritten:
         assert broken.get_tag("r", "n", "t") is None
         assert broken.visibility("r", "n") is None
         assert broken.open_blob(BLOB_DIGEST) is None
+
+
+def test_the_summary_counts_what_the_store_holds(store):
+    fill(store, BLOB_DIGEST, [BLOB]).commit()
+    store.put_manifest(MANIFEST_DIGEST, OCI_MANIFEST, MANIFEST)
+    for name, tag in [("library/alpine", "3"), ("library/alpine", "latest"), ("org/app", "1")]:
+        store.set_tag("docker.io", name, tag, MANIFEST_DIGEST)
+    summary = store.summary()
+    assert (summary.blobs, summary.blob_bytes, summary.manifests, summary.tags, summary.repositories) == (
+        1, len(BLOB), 1, 3, 2)
