@@ -1,17 +1,19 @@
 """Private images stay private: cached content is served only to clients upstream would serve it to.
 
 The cache knows two things per repository: whether it is public (an anonymous client may pull
-it; learned by an anonymous probe when its first manifest is cached), and which digests belong
-to it (every manifest and blob cached or confirmed through it: a blob is shared by digest only
-where upstream linked it to the repository asked for, so a known digest cannot be pulled through
-another repository's name).
+it; learned by an anonymous probe when its first manifest is cached, and probed again once it is
+`visibility_check_seconds` old), and which digests belong to it (every manifest and blob cached
+or confirmed through it: a blob is shared by digest only where upstream linked it to the
+repository asked for, so a known digest cannot be pulled through another repository's name).
 
 - Public repository, digest known in it: served to anyone, no round trip.
 - Anything else (private or not yet probed, or a digest not yet known in the repository): the
   client's own request is sent upstream as a HEAD with its own credentials (free under Docker
-  Hub's rate limit). 200: served from the cache, and the answer is remembered for that token and
-  repository for `access_check_seconds`. Otherwise the client gets upstream's answer (401, 403,
-  404). If upstream cannot answer, private content is refused (503), never served on trust.
+  Hub's rate limit), following redirects to https URLs. Only a final 200 counts as "may read":
+  served from the cache, and the answer is remembered for that token and repository for
+  `access_check_seconds`. Otherwise the client gets upstream's refusal (401, 403, 404). If
+  upstream cannot answer, private content is refused (503), never served on trust; content of a
+  repository that was public when last probed is served.
 - Offline, nothing can be checked: public content is served; private content only with
   `offline_private=true` (for a site where every client may pull everything it caches).
 """
@@ -32,8 +34,6 @@ from .store import Store
 
 logger = logging.getLogger(__name__)
 
-VISIBILITY_TTL = 86400.0  # seconds before a repository's visibility is probed again
-ALLOWED = (200, 301, 302, 303, 307, 308)  # upstream would serve it (a blob may answer with its CDN)
 
 
 @dataclass(frozen=True)
@@ -65,35 +65,49 @@ class Access:
             "Offline, also serve content of private repositories (no credentials can be checked "
             "without upstream): only for a site where every client may pull everything cached.",
         )
+        loader.add_option(
+            "visibility_check_seconds",
+            int,
+            3600,
+            "Seconds a repository's visibility (public or private) is trusted before an anonymous "
+            "probe asks upstream again, so a repository made private stops being served to anyone.",
+        )
 
     def configure(self, updated):
-        if "access_check_seconds" in updated and ctx.options.access_check_seconds < 0:
-            raise exceptions.OptionsError("access_check_seconds must be 0 or more seconds")
+        for name in ("access_check_seconds", "visibility_check_seconds"):
+            if name in updated and getattr(ctx.options, name) < 0:
+                raise exceptions.OptionsError(f"{name} must be 0 or more seconds")
 
     async def refusal(self, flow: http.HTTPFlow, route: Route, digest: str, store: Store) -> Refusal | None:
         """None if the client may have `digest` of `route`'s repository from the cache, else the
         registry error it gets instead. A tag's digest counts as known in its repository."""
-        public, known = await asyncio.to_thread(_what_the_cache_knows, store, route, digest)
+        public, checked, known = await asyncio.to_thread(_what_the_cache_knows, store, route, digest)
         if ctx.options.offline:
             if known and (public is True or ctx.options.offline_private):
                 return None
             why = "is private" if known else "was never pulled through this repository"
             return Refusal(401, "UNAUTHORIZED", f"{route.image} {why}; offline, hubcache cannot check credentials")
+        if public is True and time.time() - (checked or 0) >= ctx.options.visibility_check_seconds:
+            public = await self.probe(flow, route, store) is not False  # unknown: as last seen
         key = (_token_key(flow), route.registry, route.name)
         if known and (public is True or self._allowed.get(key, 0.0) > time.monotonic()):
             return None
-        answer = await upstream.send(flow, "HEAD", ctx.options.revalidate_timeout)
+        answer = await upstream.send(flow, "HEAD", ctx.options.revalidate_timeout, follow=True)
         if isinstance(answer, str) or answer.status_code >= 500 or answer.status_code == 429:
             reason = answer if isinstance(answer, str) else f"upstream answered {answer.status_code}"
+            if known and public is True:
+                logger.warning(f"{route.image}: access not confirmed ({reason}); served, as the repository is public")
+                return None
             logger.warning(f"{route.image}: access not confirmed ({reason}); not served")
             return Refusal(503, "UNAVAILABLE", f"{route.image}: upstream cannot confirm access ({reason})")
-        if answer.status_code not in ALLOWED:
+        if answer.status_code != 200:
             logger.info(f"{route.image}: upstream refused this client ({answer.status_code}); not served")
+            status = answer.status_code if 400 <= answer.status_code < 500 else 403
             code = {401: "UNAUTHORIZED", 404: "BLOB_UNKNOWN" if route.kind is Kind.BLOB else "MANIFEST_UNKNOWN"}
             challenge = answer.headers.get("www-authenticate")
             return Refusal(
-                answer.status_code,
-                code.get(answer.status_code, "DENIED"),
+                status,
+                code.get(status, "DENIED"),
                 f"{route.image}: upstream refused these credentials",
                 {"WWW-Authenticate": challenge} if challenge else {},
             )
@@ -106,10 +120,15 @@ class Access:
 
     async def learn(self, flow: http.HTTPFlow, route: Route, store: Store) -> None:
         """After a manifest was cached: probe whether an anonymous client may pull it, unless
-        known. `route` is the request that cached it; the probe repeats it as a HEAD."""
+        known recently. `route` is the request that cached it; the probe repeats it as a HEAD."""
         checked = await asyncio.to_thread(store.visibility_checked, route.registry, route.name)
-        if checked and time.time() - checked < VISIBILITY_TTL:
+        if checked and time.time() - checked < ctx.options.visibility_check_seconds:
             return
+        await self.probe(flow, route, store)
+
+    async def probe(self, flow: http.HTTPFlow, route: Route, store: Store) -> bool | None:
+        """Ask upstream whether the repository is public and note the answer; None if upstream
+        could not tell."""
         public = await self._anonymous_head(flow, route.name)
         if public is not None:
             logger.info(f"hubcache: {route.registry}/{route.name} is {'public' if public else 'private'}")
@@ -117,6 +136,7 @@ class Access:
                 await asyncio.to_thread(store.set_visibility, route.registry, route.name, public)
             except OSError as e:
                 logger.warning(f"hubcache: not noted in the cache: {e.strerror or e}")
+        return public
 
     async def _anonymous_head(self, like: http.HTTPFlow, name: str) -> bool | None:
         """Whether upstream answers the request without credentials (an anonymous token is fine);
@@ -153,10 +173,11 @@ class Access:
         return protocol.token_of(answer.content or b"")
 
 
-def _what_the_cache_knows(store: Store, route: Route, digest: str) -> tuple[bool | None, bool]:
-    """The repository's visibility, and whether `digest` is known in it (one trip to a thread)."""
+def _what_the_cache_knows(store: Store, route: Route, digest: str) -> tuple[bool | None, float | None, bool]:
+    """The repository's visibility, when it was probed, and whether `digest` is known in it (one
+    trip to a thread)."""
     known = not route.by_digest or store.linked(route.registry, route.name, digest)
-    return store.visibility(route.registry, route.name), known
+    return store.visibility(route.registry, route.name), store.visibility_checked(route.registry, route.name), known
 
 
 def _token_key(flow: http.HTTPFlow) -> str:

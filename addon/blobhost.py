@@ -11,23 +11,32 @@ Blob GETs are answered with a 307 to a signed URL on the blob server, one of:
   upstream proxy mode, `http_connect` names the blob server itself as the tunnel's proxy). Its
   certificate comes from mitmproxy's CA, which clients trust.
 The option `blob_urls` chooses (`auto`, `loopback`, `https`).
+
+A client that sends a loopback URL back through the proxy (a Python client with `HTTP_PROXY` set
+proxies even loopback) is redirected to the same signed path on the blob host, so the bytes still
+bypass mitmproxy's HTTP layer and the proxy's memory stays flat.
+
+The blob server's TLS key is its own: a fresh key, certified by mitmproxy's CA, handed to the
+process in an anonymous memory file (memfd). No key is ever written to disk, so none is left
+behind by any exit; the CA's key never leaves mitmproxy's confdir.
 """
 
 from __future__ import annotations
 
+import datetime
 import logging
 import os
-import shutil
 import subprocess
 import sys
-import tempfile
 import threading
 from collections.abc import Callable
 from pathlib import Path
 
 from cryptography import x509
-from cryptography.hazmat.primitives import serialization
-from mitmproxy import ctx, http
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from mitmproxy import ctx, exceptions, http
 from mitmproxy.proxy import server_hooks
 
 from . import blobserver
@@ -36,6 +45,7 @@ from .blobserver import BLOB_HOST
 logger = logging.getLogger(__name__)
 
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
+CERT_DAYS = 397  # the longest life clients accept for a leaf certificate
 
 
 class BlobHost:
@@ -45,7 +55,6 @@ class BlobHost:
         self.loopback_port: int | None = None  # the plain HTTP listener
         self.tunnel_port: int | None = None  # the HTTPS listener behind a CONNECT
         self._proc: subprocess.Popen | None = None
-        self._keys: Path | None = None
         self._cache_dir: Path | None = None
         # Called with (tag, bytes) for every finished transfer, from the reader thread.
         self.on_sent: list[Callable[[str, int], None]] = []
@@ -60,6 +69,17 @@ class BlobHost:
             "(loopback when the proxy listens on loopback only).",
             choices=("auto", "loopback", "https"),
         )
+        loader.add_option(
+            "client_idle_timeout",
+            int,
+            60,
+            "Seconds a connection to the blob server or the status page may stay idle (sending or "
+            "reading nothing) before it is closed.",
+        )
+
+    def ports(self) -> list[int]:
+        """The blob server's listening ports (for `Destinations`: never reachable through the proxy)."""
+        return [port for port in (self.address and self.address[1], self.loopback_port, self.tunnel_port) if port]
 
     def url(self, digest: str, fill: str = "", size: int = 0, tag: str = "") -> str:
         """A signed URL of the blob (of a fill in progress: its file and size); the blob server
@@ -79,11 +99,28 @@ class BlobHost:
         self._start()
 
     def configure(self, updated) -> None:
-        if "cache_dir" in updated and self._proc and self._cache_dir != self._wanted_dir().resolve():
+        if "client_idle_timeout" in updated and ctx.options.client_idle_timeout < 1:
+            raise exceptions.OptionsError("client_idle_timeout must be 1 or more seconds")
+        moved = "cache_dir" in updated and self._cache_dir != self._wanted_dir().resolve()
+        if self._proc and (moved or "client_idle_timeout" in updated):
             self._start()
 
     def done(self) -> None:
         self._stop()
+
+    def requestheaders(self, flow: http.HTTPFlow) -> None:
+        """A loopback blob URL sent through the proxy goes to the blob host instead (see above)."""
+        request = flow.request
+        if (
+            not flow.response
+            and request.scheme == "http"
+            and self.loopback_port
+            and request.port == self.loopback_port
+            and request.host.lower().strip("[]") in LOOPBACK_HOSTS
+            and request.path.startswith("/blobs/")
+            and request.method in ("GET", "HEAD")
+        ):
+            flow.response = http.Response.make(307, b"", {"Location": f"https://{BLOB_HOST}{request.path}"})
 
     def http_connect(self, flow: http.HTTPFlow) -> None:
         """In upstream proxy mode mitmproxy opens a client's tunnel through the upstream proxy,
@@ -107,27 +144,26 @@ class BlobHost:
     def _start(self) -> None:
         self._stop()
         self._cache_dir = self._wanted_dir().resolve()
-        self._keys = Path(tempfile.mkdtemp(prefix="hubcache-blobhost-"))
-        cert, key = self._keys / "cert.pem", self._keys / "key.pem"
-        entry = ctx.master.addons.get("tlsconfig").certstore.get_cert(BLOB_HOST, [x509.DNSName(BLOB_HOST)])
-        cert.write_bytes(entry.cert.to_pem())
-        key.write_bytes(
-            entry.privatekey.private_bytes(
-                serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        credentials = os.memfd_create("hubcache-blobhost")
+        try:
+            os.write(credentials, _certificate())
+            env = {**os.environ, blobserver.SECRET_ENV: self.secret.hex()}
+            package_root = str(Path(__file__).resolve().parent.parent)
+            env["PYTHONPATH"] = os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")]))
+            self._proc = subprocess.Popen(
+                [
+                    sys.executable, "-m", "addon.blobserver",
+                    "--cache-dir", str(self._cache_dir),
+                    "--credentials-fd", str(credentials),
+                    "--idle-timeout", str(ctx.options.client_idle_timeout),
+                ],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                env=env,
+                pass_fds=(credentials,),
             )
-        )
-        package_root = str(Path(__file__).resolve().parent.parent)
-        env = {
-            **os.environ,
-            blobserver.SECRET_ENV: self.secret.hex(),
-            "PYTHONPATH": os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")])),
-        }
-        self._proc = subprocess.Popen(
-            [sys.executable, "-m", "addon.blobserver", "--cache-dir", str(self._cache_dir), "--cert", str(cert), "--key", str(key)],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            env=env,
-        )
+        finally:
+            os.close(credentials)
         assert self._proc.stdout
         ports = self._proc.stdout.readline().decode().split()
         if len(ports) != 3 or not all(p.isdigit() for p in ports):
@@ -158,6 +194,28 @@ class BlobHost:
                 self._proc.kill()
                 self._proc.wait()
             self._proc = None
-        if self._keys:
-            shutil.rmtree(self._keys, ignore_errors=True)
-            self._keys = None
+
+
+def _certificate() -> bytes:
+    """A fresh key and a certificate for the blob host signed by mitmproxy's CA, as one PEM."""
+    certstore = ctx.master.addons.get("tlsconfig").certstore
+    ca = certstore.default_ca.to_cryptography()
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = datetime.datetime.now(datetime.timezone.utc)
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, BLOB_HOST)])
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(ca.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(days=2))
+        .not_valid_after(now + datetime.timedelta(days=CERT_DAYS))
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName(BLOB_HOST)]), critical=False)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca.public_key()), critical=False)
+        .sign(certstore.default_privatekey, hashes.SHA256())
+    )
+    private = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    return cert.public_bytes(serialization.Encoding.PEM) + private

@@ -33,11 +33,12 @@ import sys
 import threading
 import time
 from http import HTTPStatus
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
 from urllib.parse import parse_qs, urlencode, urlsplit
 
 from . import protocol
+from .listeners import BoundedThreads
 from .store import Store
 
 logger = logging.getLogger(__name__)
@@ -208,9 +209,9 @@ class _Handler(BaseHTTPRequestHandler):
         logger.debug("blob server: " + format % args)
 
 
-class _PlainServer(ThreadingHTTPServer):
-    daemon_threads = True
+class _PlainServer(BoundedThreads, HTTPServer):
     request_queue_size = 128  # many clients start their layers at once
+    max_connections = 256
 
     def handle_error(self, request, client_address) -> None:
         logger.info(f"blob server: connection from {client_address[0]} failed: {sys.exc_info()[1]}")
@@ -250,18 +251,23 @@ class _TunnelServer(_TLSServer):
 def main() -> None:
     parser = argparse.ArgumentParser(description="hubcache's blob server (started by the proxy)")
     parser.add_argument("--cache-dir", required=True, type=Path)
-    parser.add_argument("--cert", required=True, help="PEM certificate chain for " + BLOB_HOST)
-    parser.add_argument("--key", required=True, help="PEM private key")
+    parser.add_argument(
+        "--credentials-fd", required=True, type=int, help="a file descriptor holding the PEM certificate and key for " + BLOB_HOST
+    )
+    parser.add_argument("--idle-timeout", type=float, default=60.0, help="seconds an idle connection is kept")
     args = parser.parse_args()
     secret = bytes.fromhex(os.environ.pop(SECRET_ENV))
     logging.basicConfig(level=logging.WARNING, format="hubcache blob server: %(message)s")
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    context.load_cert_chain(args.cert, args.key)
+    context.load_cert_chain(f"/proc/self/fd/{args.credentials_fd}")
+    os.close(args.credentials_fd)
     store = Store(args.cache_dir)
     handler = type("Handler", (_Handler,), {"store": store, "secret": secret})
     tls = _TLSServer(("127.0.0.1", 0), handler, context)
     plain = _PlainServer(("127.0.0.1", 0), handler)
     tunnel = _TunnelServer(("127.0.0.1", 0), handler, context)
+    for server in (tls, plain, tunnel):
+        server.idle_timeout = args.idle_timeout
     threading.Thread(target=plain.serve_forever, daemon=True).start()
     threading.Thread(target=tunnel.serve_forever, daemon=True).start()
     threading.Thread(target=_exit_with_parent, daemon=True).start()

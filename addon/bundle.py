@@ -189,6 +189,7 @@ class _BundleReader:
         self.index: dict | None = None
         self.recording = ""
         self.writers: dict[str, BlobWriter] = {}  # every blob of the file, verified, uncommitted
+        self.carried: set[str] = set()  # the digests of every blob the file carries
         self.documents: dict[str, bytes] = {}  # the blobs that may be manifests (small JSON)
         self.needed_blobs: dict[str, int] = {}
         self.manifests: dict[str, tuple[str, bytes]] = {}  # digest -> (media type, body)
@@ -229,6 +230,7 @@ class _BundleReader:
             return
         writer = self.store.blob_writer(digest)
         self.writers[digest] = writer
+        self.carried.add(digest)
         keep = member.size <= MAX_MANIFEST_SIZE
         kept = []
         while chunk := f.read(1 << 20):
@@ -339,12 +341,19 @@ class _BundleReader:
         for digest, (media_type, body) in self.manifests.items():
             self.store.put_manifest(digest, media_type, body)
             summary.manifests += 1
+        private = {(i.registry, i.repository) for i in images if i.name in self.private}
         for image in images:
+            repository = (image.registry, image.repository)
             for digest in [*image.manifest_digests(), *image.blobs()]:
-                self.store.link(image.registry, image.repository, digest)
-            if self.store.visibility(image.registry, image.repository) is None:
-                # Whoever imports a bundle chose to serve it: public unless it says otherwise.
-                self.store.set_visibility(image.registry, image.repository, image.name not in self.private)
+                # A bundle vouches only for what it carries: a digest the store holds for another
+                # repository is not opened to this one by being named here.
+                if digest in self.carried or self.store.linked(*repository, digest):
+                    self.store.link(*repository, digest)
+            known = self.store.visibility(*repository)
+            if known is None or (known and repository in private):
+                # Whoever imports a bundle chose to serve it: public unless it says otherwise,
+                # and never more open than the store already knows it to be.
+                self.store.set_visibility(*repository, repository not in private)
             if not DIGEST_RE.fullmatch(image.reference):
                 # Never confirmed by upstream here: online, the tag is revalidated on first use.
                 self.store.set_tag(image.registry, image.repository, image.reference, image.digest, checked=0)

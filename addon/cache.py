@@ -28,7 +28,6 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import urljoin
 
 from mitmproxy import ctx, exceptions, http
 
@@ -46,12 +45,8 @@ from .store import Manifest, Store, TagEntry
 
 logger = logging.getLogger(__name__)
 
-MAX_MANIFEST_SIZE = 4 * 1024 * 1024  # registries refuse larger manifests
-MAX_REDIRECTS = 5
 FREE_SPACE_RESERVE = 64 * 1024 * 1024  # left free for the index and other fills
-REDIRECTS = (301, 302, 303, 307, 308)
-ASKED = "hubcache_asked"  # on hubcache's own request of a manifest (or blob HEAD) the store lacks
-TOO_LARGE = "hubcache_too_large"  # on such a request whose answer was too large to relay
+PASSED = "hubcache_passed"  # on a client's blob request passed upstream: the body bytes relayed
 
 
 @dataclass
@@ -130,7 +125,7 @@ class RegistryCache:
 
     def _open(self, directory: Path) -> None:
         try:
-            directory.mkdir(parents=True, exist_ok=True)
+            directory.mkdir(mode=0o700, parents=True, exist_ok=True)
             store = Store(directory)
         except OSError as e:
             raise exceptions.OptionsError(f"cache_dir: cannot use {directory}: {e.strerror or e}")
@@ -149,9 +144,9 @@ class RegistryCache:
     async def request(self, flow: http.HTTPFlow) -> None:
         if flow.response or flow.error or not flow.live or upstream.is_subrequest(flow):
             return
-        host = flow.request.pretty_host
-        if not self.hosts.is_registry(host):
-            if ctx.options.offline and self.hosts.intercepts(host):
+        host = self.hosts.registry(flow)
+        if host is None:
+            if ctx.options.offline and self.hosts.destination(flow):
                 self._answer_offline_token(flow)  # a token host: any token will do
             return
         try:
@@ -274,8 +269,8 @@ class RegistryCache:
         fill = self._fills[route.reference] = Fill(route)
         self.metrics.fills.set(len(self._fills))
         request = like.request.copy()
-        for header in ("accept-encoding", "range", "if-range"):
-            # The digest covers the identity bytes of the whole blob.
+        for header in ("range", "if-range"):
+            # The digest covers the whole blob (its identity bytes: see upstream.subrequest).
             request.headers.pop(header, None)
         task = asyncio.create_task(self._fill(like, request, fill))
         self._tasks.add(task)
@@ -298,7 +293,7 @@ class RegistryCache:
             if await self._fill_from_fleet(like, fill):
                 return
             redirect: http.Response | None = None
-            for _ in range(MAX_REDIRECTS + 1):
+            for _ in range(upstream.MAX_REDIRECTS + 1):
                 flow = upstream.subrequest(like, request)
                 flow.metadata[FILL] = route.reference
                 answer = await upstream.run(flow, ctx.options.fill_timeout, lambda: fill.progress)
@@ -310,8 +305,8 @@ class RegistryCache:
                     await self._journal(route, f"failed: {answer}")
                     return
                 location = answer.headers.get("location")
-                if answer.status_code in REDIRECTS and location and not fill.streaming:
-                    request, redirect = _redirected(request, location), answer
+                if answer.status_code in upstream.REDIRECTS and location and not fill.streaming:
+                    request, redirect = upstream.redirected(request, location), answer
                     continue
                 if not fill.streaming:
                     # A host that refuses hubcache without the registry's credentials may accept
@@ -406,7 +401,7 @@ class RegistryCache:
         if not cached or not protocol.accepts(accept, cached.media_type):
             await self._miss(flow, route)
             return
-        if ctx.options.offline or time.time() - entry.checked < self.hosts.tag_freshness(flow.request.pretty_host):
+        if ctx.options.offline or time.time() - entry.checked < self.hosts.tag_freshness(flow.request.host):
             if await self._permitted(flow, route, cached.digest):
                 self._answer_manifest(flow, route, cached)
             return
@@ -473,11 +468,10 @@ class RegistryCache:
                 fill.start_streaming(size)
                 response.stream = fill.sink
             return
-        if flow.metadata.get(ASKED) and flow.request.method == "GET":
-            length = response.headers.get("content-length", "")
-            if length.isdigit() and int(length) > MAX_MANIFEST_SIZE:
-                flow.metadata[TOO_LARGE] = True
-                flow.kill()  # never held in memory; registries refuse such manifests anyway
+        if (pending := self._pending.get(flow.id)) and pending.route.kind is Kind.BLOB:
+            # A blob the cache could not take is relayed as it comes, never held whole.
+            flow.metadata[PASSED] = 0
+            response.stream = lambda data: _counted(flow, data)
 
     def _no_room(self, fill: Fill, size: int | None) -> str:
         """Why the cache folder cannot take the blob now (an operator's line), or ''. The fills
@@ -499,7 +493,7 @@ class RegistryCache:
         if pending is None:
             return
         if pending.route.kind is Kind.BLOB:
-            self.pulls.passed(flow, pending.route, len(flow.response.raw_content or b""))
+            self.pulls.passed(flow, pending.route, flow.metadata.get(PASSED, 0))
             await self._journal(pending.route, f"passed: upstream answered {flow.response.status_code}")
         else:
             await self._follow_redirects(flow)
@@ -511,11 +505,13 @@ class RegistryCache:
         hubcache (it gets no credentials), the client gets the redirect and follows it itself."""
         assert flow.response
         request = flow.request
-        for _ in range(MAX_REDIRECTS):
+        for _ in range(upstream.MAX_REDIRECTS):
             location = flow.response.headers.get("location")
-            if flow.response.status_code not in REDIRECTS or not location:
+            if flow.response.status_code not in upstream.REDIRECTS or not location:
                 return
-            request = _redirected(request, location)
+            request = upstream.redirected(request, location)
+            if request.scheme != "https":
+                return  # a manifest from plain HTTP is evidence of nothing: the client decides
             answer = await upstream.run(upstream.subrequest(flow, request), ctx.options.fill_timeout)
             if isinstance(answer, str) or answer.status_code in (401, 403):
                 return
@@ -593,11 +589,10 @@ class RegistryCache:
         self.metrics.miss(route.kind.value)
         if not ctx.options.offline:
             own = upstream.subrequest(flow, flow.request.copy())
-            own.metadata[ASKED] = True
             answer = await upstream.run(own, ctx.options.fill_timeout)
-            if own.metadata.get(TOO_LARGE):
-                self._answer_error(flow, 502, "MANIFEST_INVALID", f"{route.image}: upstream's manifest is larger than {MAX_MANIFEST_SIZE} bytes")
-                await self._journal(route, "rejected: too large")
+            if unread := own.metadata.get(upstream.UNREAD):
+                self._answer_error(flow, 502, "MANIFEST_INVALID", f"{route.image}: {unread}")
+                await self._journal(route, f"rejected: {unread}")
             elif isinstance(answer, str) and stale:
                 await self._serve_stale(flow, route, stale, answer)
             elif isinstance(answer, str):
@@ -656,12 +651,6 @@ class RegistryCache:
         )
 
 
-def _redirected(request: http.Request, location: str) -> http.Request:
-    """The request a redirect asks for. Credentials stay with the registry: a blob host (CDN)
-    gets a signed URL instead, and some refuse requests that carry both."""
-    target = request.copy()
-    origin = request.pretty_host
-    target.url = urljoin(request.url, location)
-    if target.pretty_host != origin:
-        target.headers.pop("authorization", None)
-    return target
+def _counted(flow: http.HTTPFlow, data: bytes) -> bytes:
+    flow.metadata[PASSED] += len(data)
+    return data

@@ -1,9 +1,18 @@
-"""Which connections hubcache intercepts, and where upstream connections go.
+"""Which connections hubcache intercepts, which requests it treats as registry traffic, and where
+upstream connections go.
 
 Only registry traffic is intercepted: the registries' API hosts and their token hosts. Every other
 TLS connection is tunnelled untouched, so hubcache never sees or breaks anything else (blob
 hosts too: hubcache follows a registry's blob redirects itself, and its own blob server is
 reached through a tunnel).
+
+A request counts as traffic of a registry (or token) host only when every name on it agrees: the
+destination mitmproxy connects to (the CONNECT target), the SNI the client's TLS named (hubcache
+intercepted TLS for that name) and the `Host`/`:authority` header the client wrote. Upstream
+answers to such a request come over TLS verified for that name, so they are evidence about that
+registry. Anything else (plain HTTP, a `Host` header that names a registry while the request goes
+elsewhere, TLS to another name) is relayed untouched and never reaches the store, the access
+table, the journal, the metrics' labels or the configured credentials.
 """
 
 from __future__ import annotations
@@ -12,9 +21,10 @@ import logging
 from collections.abc import Sequence
 
 from mitmproxy import ctx, exceptions, http, tls
+from mitmproxy.net.http import url
 from mitmproxy.proxy import server_hooks
 
-from . import registries
+from . import registries, upstream
 from .registries import AUTH_HOSTS, DEFAULT_REGISTRIES, Settings
 
 logger = logging.getLogger(__name__)
@@ -62,6 +72,11 @@ class Interception:
                     raise exceptions.OptionsError(f"registry_settings: {e}")
                 settings[host] = parsed
             self.settings = settings
+        if "ssl_insecure" in updated and ctx.options.ssl_insecure:
+            logger.warning(
+                "hubcache: ssl_insecure is on: upstream answers are not verified, so anyone on the "
+                "path to a registry can put content into the cache"
+            )
         if "registries" in updated or "registry_settings" in updated:
             self._registries = {h.lower() for h in ctx.options.registries} | set(self.settings)
             self._intercepted = self._registries | {AUTH_HOSTS[h] for h in self._registries if h in AUTH_HOSTS}
@@ -72,16 +87,43 @@ class Interception:
     def intercepts(self, host: str) -> bool:
         return host.lower() in self._intercepted
 
+    def destination(self, flow: http.HTTPFlow) -> str | None:
+        """The intercepted host (a registry or its token host) this request verifiably goes to,
+        or None: see the module's docstring. hubcache's own requests go where they say."""
+        request = flow.request
+        host = request.host.lower()
+        if request.scheme != "https" or not self.intercepts(host):
+            return None
+        if upstream.is_subrequest(flow):
+            return host
+        if (flow.client_conn.sni or "").lower() != host:
+            return None
+        claimed = request.host_header
+        if claimed is not None:
+            try:
+                claimed_host, _ = url.parse_authority(claimed, check=True)
+            except ValueError:
+                return None
+            if claimed_host.lower() != host:
+                return None
+        return host
+
+    def registry(self, flow: http.HTTPFlow) -> str | None:
+        """The registry API host this request verifiably goes to, or None."""
+        host = self.destination(flow)
+        return host if host and self.is_registry(host) else None
+
     def tag_freshness(self, host: str) -> int:
         """Seconds a tag of the registry at `host` is served without asking upstream."""
         own = self.settings.get(host.lower())
         return own.tag_freshness if own and own.tag_freshness is not None else ctx.options.tag_freshness
 
     def tls_clienthello(self, data: tls.ClientHelloData) -> None:
-        host = data.client_hello.sni or (
-            data.context.server.address[0] if data.context.server.address else ""
-        )
-        if not self.intercepts(host):
+        # Intercept only TLS whose SNI names the host the tunnel goes to: a registry's name in the
+        # SNI of a tunnel to elsewhere gets no certificate for that name from hubcache.
+        sni = (data.client_hello.sni or "").lower()
+        target = data.context.server.address[0].lower() if data.context.server.address else ""
+        if not (sni and sni == target and self.intercepts(sni)):
             data.ignore_connection = True
 
 
@@ -132,3 +174,38 @@ class UpstreamOverride:
             flow.request.authority = authority
             if "Host" in flow.request.headers:
                 flow.request.headers["Host"] = authority
+
+
+class Passthrough:
+    """What hubcache does not answer passes through as it comes: request and response bodies are
+    streamed, never held whole in the proxy's memory (whatever Content-Length or chunking say).
+
+    The exception is a request hubcache answers itself (a pull from a registry, or anything to a
+    registry while offline): it needs the whole request before it answers, and a pull carries no
+    body, so one that announces a body is refused by closing the connection."""
+
+    def __init__(self, hosts: Interception):
+        self.hosts = hosts
+
+    def requestheaders(self, flow: http.HTTPFlow) -> None:
+        request = flow.request
+        if flow.response or upstream.is_subrequest(flow) or not _announces_body(request):
+            return
+        registry = self.hosts.registry(flow)
+        if registry and (request.method in ("GET", "HEAD") or ctx.options.offline):
+            logger.info(f"hubcache: refused a {request.method} with a body to {registry} from {flow.client_conn.peername[0]}")
+            flow.kill()
+            return
+        request.stream = True
+
+    def responseheaders(self, flow: http.HTTPFlow) -> None:
+        response = flow.response
+        # Answers made by hubcache arrive here whole (content set); upstream's have none yet.
+        if response is None or response.stream or response.raw_content is not None or upstream.is_subrequest(flow):
+            return
+        response.stream = True
+
+
+def _announces_body(request: http.Request) -> bool:
+    length = request.headers.get("content-length", "0").strip()
+    return "transfer-encoding" in request.headers or length != "0"

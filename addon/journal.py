@@ -2,7 +2,7 @@
 
 Each line holds: time (UTC, ISO 8601), registry, repository, reference, digest, bytes, and what
 happened (`outcome`), e.g. "filled", "passed", "stale", "failed: <reason>". Credentials are never
-written. A line is written with a single `write` on a file opened for appending, so concurrent
+written; the file is readable by its owner only (it names private repositories). A line is written with a single `write` on a file opened for appending, so concurrent
 writers (threads or processes) never interleave within a line.
 """
 
@@ -47,7 +47,7 @@ class MissJournal:
         line = (json.dumps(entry, separators=(",", ":")) + "\n").encode()
         try:
             with self._lock:
-                fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+                fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
                 try:
                     os.write(fd, line)
                 finally:

@@ -139,12 +139,13 @@ class Metrics:
     # Upstream answers
 
     def response(self, flow: http.HTTPFlow) -> None:
-        if flow.metadata.get(ANSWERED) or not flow.response or not self.hosts.intercepts(flow.request.pretty_host):
+        host = self.hosts.destination(flow)
+        if flow.metadata.get(ANSWERED) or not flow.response or host is None:
             return
         if flow.metadata.get(RELAYED):  # hubcache's own request counted what came from upstream
             self.served.labels("upstream").inc(_body_size(flow.response))
             return
-        host, response = flow.request.pretty_host, flow.response
+        response = flow.response
         self.upstream_requests.labels(host, str(response.status_code)).inc()
         with self._lock:
             health = self.health.setdefault(host, Health())
@@ -161,9 +162,9 @@ class Metrics:
             self.served.labels("upstream").inc(size)
 
     def error(self, flow: http.HTTPFlow) -> None:
-        if flow.metadata.get(ANSWERED) or flow.response or not self.hosts.intercepts(flow.request.pretty_host):
+        host = self.hosts.destination(flow)
+        if flow.metadata.get(ANSWERED) or flow.response or host is None:
             return
-        host = flow.request.pretty_host
         self.upstream_requests.labels(host, "error").inc()
         with self._lock:
             health = self.health.setdefault(host, Health())

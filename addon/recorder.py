@@ -48,10 +48,11 @@ class Recorder:
     async def response(self, flow: http.HTTPFlow) -> None:
         if self.recording is None or not flow.response or flow.response.status_code != 200:
             return
-        if flow.request.method not in ("GET", "HEAD") or not self.hosts.is_registry(flow.request.pretty_host):
+        host = self.hosts.registry(flow)
+        if flow.request.method not in ("GET", "HEAD") or host is None:
             return
         try:
-            route = protocol.parse_route(flow.request.pretty_host, flow.request.path)
+            route = protocol.parse_route(host, flow.request.path)
         except protocol.BadRequest:
             return
         if route.kind is not Kind.MANIFEST:

@@ -8,8 +8,8 @@ Each entry is `HOST[:KEY=VALUE[,KEY=VALUE...]]`, and naming a host here also cac
   read from a file or an environment variable, never from the option itself, so it does not end
   up in process listings or shell history.
 
-Credentials are presented where a client presented none: on the registry's token requests (the
-realm its 401 challenges name, learned as they pass; Docker Hub's auth.docker.io is known), and on
+Credentials are presented where a client presented none, on pulls only: on the registry's token
+requests (the realm its own 401 challenges name, learned as they pass), narrowed to `pull`, and on
 its API requests when it asks for Basic authentication. So anonymous clients pull as that account:
 with its rate limit, and with its access to private repositories, which every client of the
 proxy then shares.
@@ -23,6 +23,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
+from urllib.parse import urlsplit
 
 from mitmproxy import http
 
@@ -100,30 +101,65 @@ def read_credentials(host: str, source: str) -> str:
 
 
 class UpstreamCredentials:
-    """Presents the credentials of `registry_settings` upstream, for clients that bring none."""
+    """Presents the credentials of `registry_settings` upstream, for clients that bring none.
+
+    Only on pulls (GET and HEAD), only where the request verifiably goes to the registry itself
+    (`Interception.destination`) or to the token realm its own verified 401 named, and a token
+    request made with them asks for `pull` of repositories and nothing else: no push, no delete,
+    no catalog, no refresh token."""
 
     def __init__(self, hosts: Interception):
         self.hosts = hosts
-        self._realms: dict[str, str] = {}  # token realm URL (or basic:HOST) -> registry host
+        self._realms: dict[tuple[str, int, str], str] = {}  # token realm (host, port, path) -> registry
+        self._basic: set[str] = set()  # registries that asked for Basic on their API
 
     def requestheaders(self, flow: http.HTTPFlow) -> None:
         # hubcache's own requests copy a client's headers, except the anonymous probe of a
         # repository's visibility (access.py), which must stay anonymous.
-        if flow.response or "authorization" in flow.request.headers or upstream.is_subrequest(flow):
+        request = flow.request
+        if flow.response or "authorization" in request.headers or upstream.is_subrequest(flow):
             return
-        host = flow.request.pretty_host.lower()
-        registry = self._realms.get(flow.request.url.partition("?")[0]) or self._realms.get(f"basic:{host}")
+        host = self.hosts.destination(flow)
+        if host is None or request.method not in ("GET", "HEAD"):
+            return
+        registry = self._realms.get((host, request.port, request.path.partition("?")[0]))
+        if registry is not None:
+            scopes = pull_scopes(request.query.get_all("scope"))
+            if not scopes:
+                return  # a login check or a catalog: nothing the account needs to be for
+            request.query = [(k, v) for k, v in request.query.items(multi=True) if k in TOKEN_QUERY] + [
+                ("scope", scope) for scope in scopes
+            ]
+        elif host in self._basic:
+            registry = host
         own = self.hosts.settings.get(registry or "")
         if own and own.credentials:
-            flow.request.headers["authorization"] = own.basic
+            request.headers["authorization"] = own.basic
 
     def response(self, flow: http.HTTPFlow) -> None:
         """Learn where a configured registry sends clients for tokens, and whether it wants Basic."""
-        host = flow.request.pretty_host.lower()
+        host = self.hosts.destination(flow)
         if not flow.response or flow.response.status_code != 401 or host not in self.hosts.settings:
             return
         scheme, fields = protocol.challenge(flow.response.headers.get("www-authenticate", ""))
-        if scheme == "bearer" and fields.get("realm", "").startswith("https://"):
-            self._realms[fields["realm"]] = host
+        realm = urlsplit(fields.get("realm", ""))
+        if scheme == "bearer" and realm.scheme == "https" and realm.hostname:
+            self._realms[(realm.hostname.lower(), realm.port or 443, realm.path or "/")] = host
         elif scheme == "basic":
-            self._realms[f"basic:{host}"] = host
+            self._basic.add(host)
+
+
+# The query of a token request made with the account's credentials keeps only these (and its scopes).
+TOKEN_QUERY = ("service", "client_id", "account")
+
+
+def pull_scopes(requested: list[str]) -> list[str]:
+    """`repository:NAME:pull` for every repository among the requested scopes, whatever actions
+    they asked for; every other scope is dropped."""
+    scopes = []
+    for item in (part for value in requested for part in value.split()):
+        kind, _, rest = item.partition(":")
+        name, _, _ = rest.rpartition(":")
+        if kind == "repository" and protocol.NAME_RE.fullmatch(name):
+            scopes.append(f"repository:{name}:pull")
+    return scopes

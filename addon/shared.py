@@ -62,6 +62,7 @@ logger = logging.getLogger(__name__)
 MiB = 1024 * 1024
 CHUNK = 1 * MiB  # what open_blob yields at a time
 MAX_MANIFEST = 4 * MiB  # the distribution registry's own limit: a larger object is not a manifest
+CLOCK_SKEW = 300  # seconds a node's clock may run ahead of this one's
 
 
 class SharedStoreError(OSError):
@@ -267,7 +268,11 @@ class SharedStore:
         if shared is None or not DIGEST_RE.fullmatch(shared.digest):
             logger.warning("%s: tag %s/%s:%s is not a readable tag record; not used", self.name, registry, name, tag)
             return None
-        return shared
+        if not 0 <= shared.confirmed <= time.time() + CLOCK_SKEW:
+            # A time to come would spare the tag revalidation for ever: count it as never confirmed.
+            logger.warning("%s: tag %s/%s:%s claims an impossible confirmation time; revalidated", self.name, registry, name, tag)
+            return SharedTag(shared.digest, shared.media_type, 0.0)
+        return SharedTag(shared.digest, shared.media_type, min(shared.confirmed, time.time()))
 
     # --- recordings -------------------------------------------------------------
 

@@ -5,6 +5,9 @@ scrapes it directly, and a browser opens it without any proxy settings. The page
 draws itself from /status.json: store size, hit ratio over the last hour, top images, recent
 pulls and misses, and what each upstream host last answered. It is served from threads of its own,
 so a slow reader never holds up the proxy.
+
+Whoever reaches the listener is not asked who they are, so images of repositories not known to be
+public are shown as "(private)" unless `status_private` is on.
 """
 
 from __future__ import annotations
@@ -17,15 +20,16 @@ import sqlite3
 import threading
 from dataclasses import asdict
 from importlib import resources
-from socketserver import ThreadingMixIn
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 from mitmproxy import ctx, exceptions
 from prometheus_client import make_wsgi_app
 
 from .cache import RegistryCache
+from .listeners import BoundedThreads
 from .metrics import Metrics
 from .pulls import PullLog
+from .protocol import ImageReference
 from .store import Summary
 
 logger = logging.getLogger(__name__)
@@ -33,10 +37,11 @@ logger = logging.getLogger(__name__)
 REFRESH = 10  # seconds between looks at the store (its size) and points of the hit ratio history
 RECENT_MISSES = 20
 JOURNAL_TAIL = 64 * 1024  # bytes of the miss journal read for the recent misses
+PRIVATE = "(private)"
 
 
-class _Server(ThreadingMixIn, WSGIServer):
-    daemon_threads = True
+class _Server(BoundedThreads, WSGIServer):
+    max_connections = 16
 
 
 class _QuietHandler(WSGIRequestHandler):
@@ -63,6 +68,13 @@ class StatusPage:
             "ADDRESS:PORT of the status page (/) and the Prometheus metrics (/metrics); "
             "empty: neither is served.",
         )
+        loader.add_option(
+            "status_private",
+            bool,
+            False,
+            "Show images of private repositories (and those whose visibility is not known yet) on "
+            "the status page by name; off, they are shown as (private).",
+        )
 
     def configure(self, updated) -> None:
         if "status_listen" in updated:
@@ -72,6 +84,12 @@ class StatusPage:
                 )
             if self._task:  # running: move now
                 self._listen()
+        if "client_idle_timeout" in updated and self._server:
+            self._server.idle_timeout = ctx.options.client_idle_timeout
+
+    def ports(self) -> list[int]:
+        """The listener's port (for `Destinations`: never reachable through the proxy)."""
+        return [self._server.server_address[1]] if self._server else []
 
     def running(self) -> None:
         self._listen()
@@ -89,6 +107,7 @@ class StatusPage:
             return
         try:
             self._server = make_server(*address, self._app, server_class=_Server, handler_class=_QuietHandler)
+            self._server.idle_timeout = ctx.options.client_idle_timeout
         except OSError as e:
             logger.error(f"hubcache: no status page on {ctx.options.status_listen}: {e.strerror or e}")
             return
@@ -145,10 +164,10 @@ class StatusPage:
             "served": {source: served.get(source, 0) for source in ("cache", "shared", "upstream")},
             "fills_in_progress": _values(self.metrics.fills).get("", 0),
             "history": self.metrics.hit_ratio_history(),
-            "top_images": [{"image": image, "pulls": count} for image, count in popular],
+            "top_images": [{"image": self._image(image), "pulls": count} for image, count in popular],
             "recent_pulls": [
                 {
-                    "image": p.image,
+                    "image": self._image(p.image),
                     "client": p.client,
                     "started": p.started,
                     "blobs": p.blobs,
@@ -182,10 +201,31 @@ class StatusPage:
         entries = []
         for line in lines[-RECENT_MISSES:]:
             try:
-                entries.append(json.loads(line))
+                entry = json.loads(line)
             except ValueError:
                 continue  # a torn line
+            if not self._shown(entry.get("registry", ""), entry.get("repository", "")):
+                entry.update(repository=PRIVATE, reference="", digest=None)
+            entries.append(entry)
         return list(reversed(entries))
+
+    def _image(self, image: str) -> str:
+        try:
+            reference = ImageReference.parse(image)
+        except ValueError:
+            return PRIVATE
+        return image if self._shown(reference.registry, reference.repository) else PRIVATE
+
+    def _shown(self, registry: str, repository: str) -> bool:
+        """Whether the page may name this repository: it is known to be public, or the operator
+        chose to show every repository."""
+        if ctx.options.status_private:
+            return True
+        store = self.cache.store
+        try:
+            return store is not None and store.visibility(registry, repository) is True
+        except (OSError, sqlite3.Error):
+            return False
 
 
 def _values(metric, label: str = "") -> dict[str, float]:

@@ -114,6 +114,8 @@ class Summary:
 class Store:
     def __init__(self, directory: str | os.PathLike, size_limit: int = UNLIMITED):
         self.directory = Path(directory)
+        # Readable by the service's user only: it holds private images and the miss journal.
+        self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
         self._tmp_root = self.directory / "tmp"
         self._clean_dead_temp_dirs()
         pid_dir = self._tmp_root / str(os.getpid())

@@ -1,4 +1,5 @@
 import asyncio
+import gzip
 import json
 import os
 import shutil
@@ -84,13 +85,14 @@ async def env(tmp_path, monkeypatch):
     hosts = Interception()
     access = Access()
     cache = RegistryCache(hosts, BlobHost(), access, Metrics(hosts), PullLog())
-    answers, sent, fetches, fetched = [], [], [], []
+    answers = upstream.Answers()
+    replies, sent, fetches, fetched = [], [], [], []
 
-    async def send(like: http.HTTPFlow, method: str, timeout: float):
+    async def send(like: http.HTTPFlow, method: str, timeout: float, follow: bool = False):
         # upstream.send and upstream.run need a running proxy; these stand in for them.
         sent.append((method, like.request.url))
-        assert answers, f"unexpected upstream {method} {like.request.url}"
-        return answers.pop(0)
+        assert replies, f"unexpected upstream {method} {like.request.url}"
+        return replies.pop(0)
 
     async def run(f: http.HTTPFlow, idle_timeout: float, progress=None):
         """Answers a blob fetch as mitmproxy would: headers through responseheaders, then the
@@ -104,20 +106,21 @@ async def env(tmp_path, monkeypatch):
             await answer.before_answer.wait()
         f.live = True  # as mitmproxy's HTTP layer makes it
         f.response = upstream_response(answer.status, answer.headers)
+        answers.responseheaders(f)
         cache.responseheaders(f)
         if f.error:
             return f.error.msg
-        if not callable(f.response.stream):
-            f.response.content = answer.body
-            return f.response
         for i in range(0, len(answer.body), 65536):
             f.response.stream(answer.body[i : i + 65536])
             if i == 0 and answer.mid_body:
                 await answer.mid_body.wait()
+            if reason := f.metadata.get(upstream.UNREAD):
+                return reason
         if answer.broken:
             return answer.broken
         f.response.stream(b"")
-        return f.response
+        answers.response(f)
+        return f.metadata.get(upstream.UNREAD) or f.response
 
     monkeypatch.setattr(upstream, "send", send)
     monkeypatch.setattr(upstream, "run", run)
@@ -126,7 +129,7 @@ async def env(tmp_path, monkeypatch):
         tctx.configure(cache, cache_dir=str(tmp_path), tag_freshness=0)
         # A public repository, already probed (see TestAccess for the rest).
         cache.store.set_visibility("docker.io", REPO, True)
-        env = Env(tctx, cache, access, hosts, tmp_path, answers, sent, fetches, fetched)
+        env = Env(tctx, cache, access, hosts, tmp_path, replies, sent, fetches, fetched)
         yield env
         await env.settle()
         cache.done()
@@ -142,7 +145,9 @@ def flow(path: str, method: str = "GET", host: str = HUB, headers: dict | None =
         headers=http.Headers(**(headers or {})),
         content=b"",
     )
-    return tflow.tflow(req=req)
+    f = tflow.tflow(req=req)
+    f.client_conn.sni = host  # the client's TLS, intercepted for the host it goes to
+    return f
 
 
 def upstream_response(status: int, headers: dict | None = None) -> http.Response:
@@ -314,7 +319,7 @@ class TestBlobFill:
         assert location(second)[1]["fill"] == query["fill"]
         [fetch] = env.fetched
         assert fetch.headers["authorization"] == "Bearer t"  # upstream needs the first client's token
-        assert "accept-encoding" not in fetch.headers and "range" not in fetch.headers  # the whole, identity blob
+        assert fetch.headers["accept-encoding"] == "identity" and "range" not in fetch.headers  # the whole, identity blob
 
         more.set()
         await env.settle()
@@ -429,14 +434,17 @@ class TestBlobFill:
         assert location(f)[1]["size"] == "0"
         assert env.cache.store.blob_size(digest) == 0
 
-    async def test_compressed_answer_is_relayed_not_stored(self, env):
-        env.fetches.append(Upstream(200, {"Content-Encoding": "gzip"}, b"gzipped"))
+    @pytest.mark.parametrize("encoding", ["gzip", "br"])
+    async def test_an_encoded_answer_hubcache_did_not_ask_for_is_refused_not_stored(self, env, encoding):
+        env.fetches.append(Upstream(200, {"Content-Encoding": encoding}, b"not identity"))
         f = flow(blob_path())
         await env.cache.request(f)
-        assert (f.response.status_code, f.response.headers["Content-Encoding"]) == (200, "gzip")
+        assert f.response.status_code == 502
+        assert encoding in f.response.json()["errors"][0]["message"]
         await env.settle()
         assert not env.cache.store.has_blob(BLOB_DIGEST)
-        assert env.journal()[0]["outcome"] == "passed: upstream answered 200"
+        outcome = env.journal()[0]["outcome"]
+        assert outcome.startswith("failed: upstream's") and encoding in outcome
 
     async def test_head_miss_is_passed(self, env):
         f = await asked(env, flow(blob_path(), "HEAD"), Upstream(200, {"Content-Length": str(len(BLOB))}))
@@ -586,7 +594,25 @@ class TestManifestByDigest:
         await env.cache.request(f)
         assert f.response.status_code == 502
         assert json.loads(f.response.content)["errors"][0]["code"] == "MANIFEST_INVALID"
-        assert env.journal()[0]["outcome"] == "rejected: too large"
+        assert env.journal()[0]["outcome"] == f"rejected: upstream's answer is larger than {upstream.MAX_ANSWER} bytes"
+
+    @pytest.mark.parametrize(
+        "headers, body",
+        [
+            ({"Transfer-Encoding": "chunked"}, b"x" * (upstream.MAX_ANSWER + 1)),  # no length announced
+            ({"Content-Encoding": "gzip"}, gzip.compress(b"{" + b" " * (64 * upstream.MAX_ANSWER))),  # small on the wire
+        ],
+        ids=["chunked", "gzip bomb"],
+    )
+    async def test_a_manifest_limit_counts_the_bytes_read(self, env, headers, body):
+        f = await asked(env, flow(manifest_path(MANIFEST_DIGEST)), Upstream(200, headers, body))
+        assert f.response.status_code == 502
+        assert f"larger than {upstream.MAX_ANSWER}" in f.response.json()["errors"][0]["message"]
+        assert env.cache.store.get_manifest(MANIFEST_DIGEST) is None
+
+    async def test_a_gzip_encoded_manifest_is_decoded_and_verified(self, env):
+        await asked(env, flow(manifest_path(MANIFEST_DIGEST)), Upstream(200, {"Content-Encoding": "gzip", "Content-Type": OCI_INDEX}, gzip.compress(MANIFEST)))
+        assert env.cache.store.get_manifest(MANIFEST_DIGEST).body == MANIFEST
 
     @pytest.mark.parametrize("method", ["GET", "HEAD"])
     async def test_unreachable_upstream_is_a_registry_error(self, env, method):

@@ -60,13 +60,20 @@ class TestInterception:
     def test_clienthello_of_a_registry_is_intercepted(self):
         i = Interception()
         with taddons.context(i) as tctx:
-            data = hello_data(tctx, "registry-1.docker.io")
-            assert data.client_hello.sni == "registry-1.docker.io"
-            i.tls_clienthello(data)
-            assert not data.ignore_connection
-            data = hello_data(tctx, "auth.docker.io")
-            i.tls_clienthello(data)
-            assert not data.ignore_connection
+            for host in ("registry-1.docker.io", "auth.docker.io"):
+                data = hello_data(tctx, host, (host, 443))
+                assert data.client_hello.sni == host
+                i.tls_clienthello(data)
+                assert not data.ignore_connection, host
+
+    def test_a_registry_sni_in_a_tunnel_to_elsewhere_is_tunnelled(self):
+        """hubcache mints a certificate for the SNI: only for the host the tunnel goes to."""
+        i = Interception()
+        with taddons.context(i) as tctx:
+            for target in (("127.0.0.1", 8099), ("example.com", 443), ("index.docker.io", 443)):
+                data = hello_data(tctx, "registry-1.docker.io", target)
+                i.tls_clienthello(data)
+                assert data.ignore_connection, target
 
     def test_clienthello_of_another_host_is_tunnelled(self):
         i = Interception()
@@ -82,19 +89,14 @@ class TestInterception:
             i.tls_clienthello(data)
             assert data.ignore_connection, "blob bytes must cross mitmproxy as raw TCP"
 
-    def test_clienthello_without_sni_uses_the_server_address(self):
+    def test_clienthello_without_sni_is_tunnelled(self):
         i = Interception()
         with taddons.context(i) as tctx:
-            data = hello_data(tctx, None, ("index.docker.io", 443))
-            assert data.client_hello.sni is None
-            i.tls_clienthello(data)
-            assert not data.ignore_connection
-            data = hello_data(tctx, None, ("10.1.2.3", 443))
-            i.tls_clienthello(data)
-            assert data.ignore_connection
-            data = hello_data(tctx, None, None)
-            i.tls_clienthello(data)
-            assert data.ignore_connection
+            for address in (("index.docker.io", 443), ("10.1.2.3", 443), None):
+                data = hello_data(tctx, None, address)
+                assert data.client_hello.sni is None
+                i.tls_clienthello(data)
+                assert data.ignore_connection, address
 
 
 def connect_data(address: tuple[str, int]) -> server_hooks.ServerConnectionHookData:

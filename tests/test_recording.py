@@ -46,6 +46,7 @@ async def pull(cache: RegistryCache, recorder: Recorder, path: str, method: str 
     """A request answered from the store, then seen by the recorder, as in the addon chain."""
     req = tutils.treq(host=HUB, port=443, scheme=b"https", method=method.encode(), path=path.encode(), headers=http.Headers(), content=b"")
     f = tflow.tflow(req=req)
+    f.client_conn.sni = HUB
     await cache.request(f)
     assert f.response and f.response.status_code == 200
     await recorder.response(f)

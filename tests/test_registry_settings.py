@@ -56,11 +56,14 @@ def test_a_bad_entry_is_one_line(entry, message):
             tctx.configure(hosts, registry_settings=[entry])
 
 
-def flow(url: str, headers: dict | None = None) -> http.HTTPFlow:
+def flow(url: str, headers: dict | None = None, method: str = "GET") -> http.HTTPFlow:
+    """A request in TLS that hubcache intercepted for the URL's host (SNI and Host agree)."""
     f = tflow.tflow()
     f.request.url = url
+    f.request.method = method
     f.request.headers.clear()
     f.request.headers.update(headers or {})
+    f.client_conn.sni = f.request.host
     return f
 
 
@@ -88,6 +91,52 @@ class TestUpstreamCredentials:
         f = flow(token_url)
         credentials.requestheaders(f)
         assert f.request.headers["authorization"] == BASIC
+
+    def test_a_token_asked_with_them_is_for_pull_only(self, credentials):
+        challenged(credentials, "https://ghcr.io/v2/", 'Bearer realm="https://ghcr.io/token",service="ghcr.io"')
+        f = flow(
+            "https://ghcr.io/token?service=ghcr.io&scope=repository:org/app:pull,push,delete"
+            "&scope=registry:catalog:*&scope=repository:org/b:*&offline_token=true&account=x"
+        )
+        credentials.requestheaders(f)
+        assert f.request.headers["authorization"] == BASIC
+        assert f.request.query.get_all("scope") == ["repository:org/app:pull", "repository:org/b:pull"]
+        assert "offline_token" not in f.request.query and f.request.query["account"] == "x"
+        catalog = flow("https://ghcr.io/token?service=ghcr.io&scope=registry:catalog:*")
+        credentials.requestheaders(catalog)
+        assert "authorization" not in catalog.request.headers, "nothing the account would pull"
+
+    @pytest.mark.parametrize("method", ["PUT", "POST", "PATCH", "DELETE"])
+    def test_never_on_anything_but_a_pull(self, credentials, method):
+        challenged(credentials, "https://ghcr.io/v2/", 'Basic realm="registry"')
+        challenged(credentials, "https://ghcr.io/v2/", 'Bearer realm="https://ghcr.io/token"')
+        for url in ("https://ghcr.io/v2/org/app/blobs/uploads/", "https://ghcr.io/token?scope=repository:org/app:push"):
+            f = flow(url, method=method)
+            credentials.requestheaders(f)
+            assert "authorization" not in f.request.headers, (method, url)
+
+    def test_never_where_the_names_disagree(self, credentials):
+        """Learned and presented only on verified traffic of the registry: never for a request
+        that claims the registry in Host (or SNI) while it goes elsewhere, or in plain HTTP."""
+        spoofed = flow("http://127.0.0.1:8099/v2/")
+        spoofed.request.headers["Host"] = "ghcr.io"
+        spoofed.response = tutils.tresp(status_code=401, headers=http.Headers(www_authenticate='Basic realm="x"'))
+        credentials.response(spoofed)
+        genuine = flow("https://ghcr.io/v2/org/app/manifests/1")
+        credentials.requestheaders(genuine)
+        assert "authorization" not in genuine.request.headers, "a spoofed 401 taught nothing"
+
+        challenged(credentials, "https://ghcr.io/v2/", 'Basic realm="registry"')
+        for variant in ("host", "sni", "http"):
+            f = flow("https://ghcr.io/v2/org/app/manifests/1")
+            if variant == "host":
+                f.request.headers["Host"] = "ghcr.io.evil.test"
+            elif variant == "sni":
+                f.client_conn.sni = "evil.test"
+            else:
+                f.request.scheme = "http"
+            credentials.requestheaders(f)
+            assert "authorization" not in f.request.headers, variant
 
     def test_a_client_with_its_own_credentials_keeps_them(self, credentials):
         challenged(credentials, "https://ghcr.io/v2/", 'Bearer realm="https://ghcr.io/token"')

@@ -125,6 +125,8 @@ class RequestRecord:
     """One of ``KINDS``."""
     range: str | None = None
     """The request's ``Range`` header, if any."""
+    query: tuple[tuple[str, str], ...] = ()
+    """The request's query parameters, in order."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -549,6 +551,7 @@ class _Handler(BaseHTTPRequestHandler):
                     had_authorization="Authorization" in self.headers,
                     kind=kind,
                     range=self.headers.get("Range"),
+                    query=tuple((k, v) for k, values in getattr(self, "_query", {}).items() for v in values),
                 ),
                 self._started,
             )
