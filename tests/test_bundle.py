@@ -234,3 +234,35 @@ def test_not_a_tar_file(stores, tmp_path):
     junk.write_bytes(b"hello" * 1000)
     with pytest.raises(BundleError, match="not a readable tar"):
         import_bundle(stores("target"), junk)
+
+
+def without(bundle, tmp_path, digest):
+    """A copy of the bundle that lacks one blob."""
+    out = tmp_path / "without.tar"
+    with tarfile.open(bundle) as src, tarfile.open(out, "w") as dst:
+        for member in src:
+            if not member.name.endswith(digest[7:]):
+                dst.addfile(member, src.extractfile(member))
+    return out
+
+
+def test_a_bundle_opens_no_digest_it_does_not_carry(stores, image, tmp_path):
+    """A bundle naming, in a public repository of its own, a layer the store holds for a private
+    one: the import goes through on the held layer, but never ties it to the bundle's repository,
+    so it stays out of anonymous reach there."""
+    layer = image.platforms[0].layers[0].digest
+    target = stores("target")
+    store_image(target, image, REGISTRY, "acme/secret", "1", public=False)
+    _, bundle, _ = exported(stores, image, tmp_path, repository="evil/open")
+    import_bundle(target, without(bundle, tmp_path, layer))
+    assert not target.linked(REGISTRY, "evil/open", layer)
+    assert target.linked(REGISTRY, "evil/open", image.platforms[0].layers[1].digest), "what it carried is its own"
+    assert target.linked(REGISTRY, "acme/secret", layer)
+
+
+def test_a_bundle_never_opens_a_repository_known_private(stores, image, tmp_path):
+    target = stores("target")
+    store_image(target, image, REGISTRY, "test/multi", "1", public=False)
+    _, bundle, _ = exported(stores, image, tmp_path)  # marked public
+    import_bundle(target, bundle)
+    assert target.visibility(REGISTRY, "test/multi") is False

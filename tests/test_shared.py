@@ -367,6 +367,16 @@ def test_tags(swift, bucket, shared):
         store.get_tag("docker.io", "library/../../x", "1")
 
 
+def test_a_tag_confirmed_in_the_future_counts_as_never_confirmed(shared):
+    """A record's time is validated: one from the future would spare the tag revalidation for ever."""
+    store = shared()
+    digest = digest_of(b"m")
+    store.put_tag("docker.io", "library/alpine", "future", digest, MANIFEST_TYPE, confirmed=time.time() + 10**9)
+    assert store.get_tag("docker.io", "library/alpine", "future").confirmed == 0
+    store.put_tag("docker.io", "library/alpine", "negative", digest, MANIFEST_TYPE, confirmed=-5)
+    assert store.get_tag("docker.io", "library/alpine", "negative").confirmed == 0
+
+
 def test_unreadable_tag_record_is_ignored(swift, bucket, shared):
     swift.client().put_object(Bucket=bucket, Key="fleet/tags/docker.io/library/alpine/1", Body=b"{not json")
     assert shared().get_tag("docker.io", "library/alpine", "1") is None
