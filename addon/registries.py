@@ -48,6 +48,8 @@ DEFAULT_REGISTRIES = (
 # Token hosts of the registries whose token service lives on another host.
 AUTH_HOSTS = {"registry-1.docker.io": "auth.docker.io", "index.docker.io": "auth.docker.io"}
 KEYS = ("tag_freshness", "credentials")
+# The query of a token request made with the account's credentials keeps only these (and its scopes).
+TOKEN_QUERY = ("service", "client_id", "account")
 
 
 @dataclass
@@ -144,13 +146,13 @@ class UpstreamCredentials:
         scheme, fields = protocol.challenge(flow.response.headers.get("www-authenticate", ""))
         realm = urlsplit(fields.get("realm", ""))
         if scheme == "bearer" and realm.scheme == "https" and realm.hostname:
-            self._realms[(realm.hostname.lower(), realm.port or 443, realm.path or "/")] = host
+            try:
+                port = realm.port or 443
+            except ValueError:
+                return  # not a URL anyone could be sent to
+            self._realms[(realm.hostname.lower(), port, realm.path or "/")] = host
         elif scheme == "basic":
             self._basic.add(host)
-
-
-# The query of a token request made with the account's credentials keeps only these (and its scopes).
-TOKEN_QUERY = ("service", "client_id", "account")
 
 
 def pull_scopes(requested: list[str]) -> list[str]:

@@ -96,6 +96,8 @@ class _Bounded:
                 return b""
             raw = decoded
             headers.pop("content-encoding")
+            if "content-length" in headers:
+                headers["content-length"] = str(len(raw))
         elif encoding != "identity":
             self.flow.metadata[UNREAD] = f"upstream's answer is encoded as {encoding!r}, which hubcache did not ask for"
             return b""
