@@ -87,9 +87,14 @@ class Access:
                 return None
             why = "is private" if known else "was never pulled through this repository"
             return Refusal(401, "UNAUTHORIZED", f"{route.image} {why}; offline, hubcache cannot check credentials")
+        if protocol.has_local_token(flow.request.headers.get("authorization", "")):
+            # hubcache issued this token while the token host was down: upstream cannot be asked.
+            if known and public is True:
+                return None
+            return Refusal(503, "UNAVAILABLE", f"{route.image}: the registry's token service is down, so access cannot be checked")
         if public is True and time.time() - (checked or 0) >= ctx.options.visibility_check_seconds:
             public = await self.probe(flow, route, store) is not False  # unknown: as last seen
-        key = (_token_key(flow), route.registry, route.name)
+        key = (token_key(flow), route.registry, route.name)
         if known and (public is True or self._allowed.get(key, 0.0) > time.monotonic()):
             return None
         answer = await upstream.send(flow, "HEAD", ctx.options.revalidate_timeout, follow=True)
@@ -180,6 +185,6 @@ def _what_the_cache_knows(store: Store, route: Route, digest: str) -> tuple[bool
     return store.visibility(route.registry, route.name), store.visibility_checked(route.registry, route.name), known
 
 
-def _token_key(flow: http.HTTPFlow) -> str:
+def token_key(flow: http.HTTPFlow) -> str:
     """The client's credentials, hashed: tokens are never kept."""
     return hashlib.sha256(flow.request.headers.get("authorization", "").encode()).hexdigest()

@@ -21,7 +21,6 @@ With `offline` set, nothing goes upstream: what the store lacks is answered with
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import os
 import shutil
@@ -32,7 +31,7 @@ from pathlib import Path
 from mitmproxy import ctx, exceptions, http
 
 from . import protocol, upstream
-from .access import Access
+from .access import Access, token_key
 from .blobhost import BlobHost
 from .fill import FILL, Fill
 from .fleet import Fleet
@@ -47,6 +46,7 @@ logger = logging.getLogger(__name__)
 
 FREE_SPACE_RESERVE = 64 * 1024 * 1024  # left free for the index and other fills
 PASSED = "hubcache_passed"  # on a client's blob request passed upstream: the body bytes relayed
+MAX_ABSENT = 10_000  # 404s remembered at once (see _note_absent)
 
 
 @dataclass
@@ -71,6 +71,7 @@ class RegistryCache:
         self.journal: MissJournal | None = None
         self._pending: dict[str, Pending] = {}  # by flow id
         self._fills: dict[str, Fill] = {}  # by digest: the fills in progress
+        self._absent: dict[tuple[str, str, str, str, str], tuple[float, float]] = {}  # -> (until, noted)
         self._tasks: set[asyncio.Task] = set()
 
     def load(self, loader):
@@ -91,7 +92,15 @@ class RegistryCache:
             "revalidate_timeout",
             int,
             10,
-            "Seconds to wait for upstream when revalidating a tag before serving the cached manifest.",
+            "Seconds to wait for upstream when revalidating a tag, checking a client's access or "
+            "asking for a token, before answering from the cache instead.",
+        )
+        loader.add_option(
+            "negative_cache_seconds",
+            int,
+            10,
+            "Seconds an upstream 404 for a tag, manifest or blob is remembered (per client "
+            "credentials) and answered without asking again; 0 remembers nothing.",
         )
         loader.add_option(
             "fill_timeout",
@@ -117,7 +126,7 @@ class RegistryCache:
             directory = Path(ctx.options.cache_dir).expanduser()
             if not self.store or self.store.directory != directory:
                 self._open(directory)
-        for name in ("tag_freshness", "revalidate_timeout"):
+        for name in ("tag_freshness", "revalidate_timeout", "negative_cache_seconds"):
             if name in updated and getattr(ctx.options, name) < 0:
                 raise exceptions.OptionsError(f"{name} must be 0 or more seconds")
         if "fill_timeout" in updated and ctx.options.fill_timeout < 1:
@@ -146,8 +155,8 @@ class RegistryCache:
             return
         host = self.hosts.registry(flow)
         if host is None:
-            if ctx.options.offline and self.hosts.destination(flow):
-                self._answer_offline_token(flow)  # a token host: any token will do
+            if token_host := self.hosts.destination(flow):
+                await self._token(flow, token_host)
             return
         try:
             route = protocol.parse_route(host, flow.request.path)
@@ -180,6 +189,24 @@ class RegistryCache:
         else:
             flow.response = answer
 
+    async def _token(self, flow: http.HTTPFlow, host: str) -> None:
+        """A token request to a registry's token host (Docker Hub's auth.docker.io): relayed by
+        hubcache, and answered with a local token when the token host cannot answer (offline,
+        down, 5xx, 429, silent past `revalidate_timeout`), so a client can still finish its auth
+        flow and pull what the cache may give it without upstream's say: public content."""
+        if flow.request.method not in ("GET", "POST"):
+            return
+        if not ctx.options.offline:
+            answer = await upstream.send(flow, flow.request.method, ctx.options.revalidate_timeout)
+            if not isinstance(answer, str) and answer.status_code < 500 and answer.status_code != 429:
+                flow.metadata[RELAYED] = True
+                flow.response = answer
+                return
+            reason = answer if isinstance(answer, str) else f"it answered {answer.status_code}"
+            logger.info(f"{host}: {reason}; token answered by hubcache (cached public content only)")
+        body = protocol.local_token_answer(time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+        self._answer(flow, 200, body, {"Content-Type": "application/json", "Content-Length": str(len(body))})
+
     async def _blob_request(self, flow: http.HTTPFlow, route: Route) -> None:
         assert self.store
         digest = route.reference
@@ -198,8 +225,8 @@ class RegistryCache:
                     self.metrics.hit("blob")
                     self._send_blob(flow, route, "cache")
                 return
-            if ctx.options.offline:
-                await self._miss(flow, route)
+            if ctx.options.offline or _token_is_local(flow) or self._absent_for(flow, route) is not None:
+                await self._miss(flow, route)  # answered at once: nothing is asked upstream
                 return
             fill = self._fills.get(digest)  # another client may have started one meanwhile
         leader = fill is None
@@ -312,6 +339,8 @@ class RegistryCache:
                     # A host that refuses hubcache without the registry's credentials may accept
                     # the client: it gets the redirect and follows it itself (uncached).
                     fill.answer = redirect if redirect and answer.status_code in (401, 403) else answer
+                    if answer.status_code == 404:
+                        self._note_absent(like, route)
                     fill.answered.set()
                     await self._journal(route, f"passed: upstream answered {answer.status_code}")
                     return
@@ -404,6 +433,9 @@ class RegistryCache:
         if ctx.options.offline or time.time() - entry.checked < self.hosts.tag_freshness(flow.request.host):
             if await self._permitted(flow, route, cached.digest):
                 self._answer_manifest(flow, route, cached)
+            return
+        if _token_is_local(flow):
+            await self._serve_stale(flow, route, cached, "no token from the registry's token service")
             return
 
         answer = await upstream.send(flow, "HEAD", ctx.options.revalidate_timeout)
@@ -536,6 +568,8 @@ class RegistryCache:
                     logger.warning(f"{route.image}: tag not cached: {e.strerror or e}")
         if response.status_code == 200:
             self.pulls.manifest(flow, route, "upstream", len(response.raw_content or b""))
+        if response.status_code == 404:
+            self._note_absent(flow, route)
         if flow.request.method != "GET" or response.status_code != 200 or response.raw_content is None:
             if response.status_code != 401:
                 await self._journal(route, f"passed: upstream answered {response.status_code}")
@@ -572,6 +606,26 @@ class RegistryCache:
         reason = flow.error.msg if flow.error else "unknown error"
         await self._journal(pending.route, f"failed: {reason}")
 
+    # what upstream said is not there (negative caching)
+
+    def _note_absent(self, flow: http.HTTPFlow, route: Route) -> None:
+        """Upstream answered 404: the same client asking again within `negative_cache_seconds`
+        is answered at once (a crash-looping deployment must not spend the rate limit)."""
+        if not ctx.options.negative_cache_seconds:
+            return
+        now = time.monotonic()
+        if len(self._absent) >= MAX_ABSENT:
+            self._absent = {key: until for key, until in self._absent.items() if until[0] > now}
+            if len(self._absent) >= MAX_ABSENT:
+                self._absent.pop(next(iter(self._absent)))
+        self._absent[_absent_key(flow, route)] = (now + ctx.options.negative_cache_seconds, now)
+
+    def _absent_for(self, flow: http.HTTPFlow, route: Route) -> float | None:
+        """Seconds since upstream answered 404 to this client for this, if it is remembered."""
+        until, noted = self._absent.get(_absent_key(flow, route), (0.0, 0.0))
+        now = time.monotonic()
+        return now - noted if until > now else None
+
     # answers
 
     async def _serve_stale(self, flow: http.HTTPFlow, route: Route, cached: Manifest, reason: str) -> None:
@@ -587,6 +641,15 @@ class RegistryCache:
         reached, the client gets a registry error at once (not the proxy's HTML error page).
         Offline, the client is told at once instead."""
         self.metrics.miss(route.kind.value)
+        code = "BLOB_UNKNOWN" if route.kind is Kind.BLOB else "MANIFEST_UNKNOWN"
+        if (ago := self._absent_for(flow, route)) is not None:
+            self._answer_error(flow, 404, code, f"{route.image}: upstream answered 404 {ago:.0f}s ago")
+            await self._journal(route, "missing: upstream answered 404 lately")
+            return
+        if stale is None and _token_is_local(flow) and not ctx.options.offline:
+            self._answer_error(flow, 503, "UNAVAILABLE", f"{route.image} is not cached, and the registry's token service cannot be reached to fetch it")
+            await self._journal(route, "failed: no token from the registry's token service")
+            return
         if not ctx.options.offline:
             own = upstream.subrequest(flow, flow.request.copy())
             answer = await upstream.run(own, ctx.options.fill_timeout)
@@ -603,19 +666,12 @@ class RegistryCache:
                 flow.metadata[RELAYED] = True
                 flow.response = answer
             return
-        code = "BLOB_UNKNOWN" if route.kind is Kind.BLOB else "MANIFEST_UNKNOWN"
         what = f"blob {route.reference} of {route.registry}/{route.name}" if route.kind is Kind.BLOB else route.image
         self._answer_error(flow, 404, code, f"{what} is not in the offline cache")
         await self._journal(route, "missing: offline")
 
     def _answer_ping(self, flow: http.HTTPFlow) -> None:
         self._answer(flow, 200, b"{}", {**protocol.API_VERSION_HEADERS, "Content-Type": "application/json", "Content-Length": "2"})
-
-    def _answer_offline_token(self, flow: http.HTTPFlow) -> None:
-        """Clients do not validate registry tokens; offline, nothing checks them either."""
-        issued = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-        body = json.dumps({"token": "offline", "access_token": "offline", "expires_in": 3600, "issued_at": issued}).encode()
-        self._answer(flow, 200, body, {"Content-Type": "application/json", "Content-Length": str(len(body))})
 
     def _answer_manifest(self, flow: http.HTTPFlow, route: Route, manifest: Manifest) -> None:
         """Answer from the store: a hit."""
@@ -654,3 +710,13 @@ class RegistryCache:
 def _counted(flow: http.HTTPFlow, data: bytes) -> bytes:
     flow.metadata[PASSED] += len(data)
     return data
+
+
+def _token_is_local(flow: http.HTTPFlow) -> bool:
+    """The client holds a token hubcache issued because the token host could not (see _token)."""
+    return protocol.has_local_token(flow.request.headers.get("authorization", ""))
+
+
+def _absent_key(flow: http.HTTPFlow, route: Route) -> tuple[str, str, str, str, str]:
+    # Per client credentials: what one account cannot see, another may.
+    return (token_key(flow), route.kind.value, route.registry, route.name, route.reference)

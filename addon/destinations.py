@@ -109,7 +109,7 @@ class Destinations:
             address = await self.check(*server.address, via_proxy=server.via is not None)
         except Refused as e:
             logger.warning(f"hubcache: {e}")
-            server.error = str(e)
+            server.error = f"hubcache: {e}"
             return
         if address is not None:
             server.address = (address, server.address[1])

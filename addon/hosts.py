@@ -180,9 +180,10 @@ class Passthrough:
     """What hubcache does not answer passes through as it comes: request and response bodies are
     streamed, never held whole in the proxy's memory (whatever Content-Length or chunking say).
 
-    The exception is a request hubcache answers itself (a pull from a registry, or anything to a
-    registry while offline): it needs the whole request before it answers, and a pull carries no
-    body, so one that announces a body is refused by closing the connection."""
+    The exception is a request hubcache answers itself (a pull from a registry, anything to a
+    registry while offline, a token request): it needs the whole request before it answers. A
+    pull carries no body, and a token request a small form, so anything more is refused by
+    closing the connection."""
 
     def __init__(self, hosts: Interception):
         self.hosts = hosts
@@ -191,9 +192,12 @@ class Passthrough:
         request = flow.request
         if flow.response or upstream.is_subrequest(flow) or not _announces_body(request):
             return
-        registry = self.hosts.registry(flow)
-        if registry and (request.method in ("GET", "HEAD") or ctx.options.offline):
-            logger.info(f"hubcache: refused a {request.method} with a body to {registry} from {flow.client_conn.peername[0]}")
+        host = self.hosts.destination(flow)
+        token_host = host is not None and not self.hosts.is_registry(host)
+        if host and (token_host or request.method in ("GET", "HEAD") or ctx.options.offline):
+            if token_host and request.method == "POST" and _body_size(request) <= MAX_FORM:
+                return  # a token form (containerd's): read whole
+            logger.info(f"hubcache: refused a {request.method} with a body to {host} from {flow.client_conn.peername[0]}")
             flow.kill()
             return
         request.stream = True
@@ -206,6 +210,15 @@ class Passthrough:
         response.stream = True
 
 
+MAX_FORM = 64 * 1024  # a token request's form: credentials and scopes
+
+
 def _announces_body(request: http.Request) -> bool:
     length = request.headers.get("content-length", "0").strip()
     return "transfer-encoding" in request.headers or length != "0"
+
+
+def _body_size(request: http.Request) -> float:
+    """The size a request announces for its body (infinite when chunked or unreadable)."""
+    length = request.headers.get("content-length", "")
+    return int(length) if length.isdigit() and "transfer-encoding" not in request.headers else float("inf")

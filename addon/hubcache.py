@@ -3,6 +3,7 @@
 from addon.access import Access
 from addon.blobhost import BlobHost
 from addon.cache import RegistryCache
+from addon.circuits import Circuits
 from addon.destinations import Destinations
 from addon.fleet import Fleet
 from addon.hosts import Interception, Passthrough, UpstreamOverride
@@ -32,6 +33,7 @@ def make_addons() -> list:
     destinations.own_ports.append(status.ports)
     return [
         destinations,
+        Circuits(interception, metrics),
         interception,
         override,
         UpstreamCredentials(interception),

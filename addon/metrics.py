@@ -73,6 +73,13 @@ class Metrics:
             ["host", "status"],
             registry=r,
         )
+        self.upstream_up = Gauge(
+            "hubcache_upstream_up",
+            "1 while a registry or token host answers, 0 while it is down (its circuit is open: "
+            "hubcache answers from the cache without waiting for it).",
+            ["host"],
+            registry=r,
+        )
         self.fills = Gauge("hubcache_fills_in_progress", "Blobs being fetched from upstream now.", registry=r)
         self.ratelimit_remaining = Gauge(
             "hubcache_ratelimit_remaining",

@@ -158,6 +158,7 @@ class StatusPage:
         recent, popular = self.pulls.snapshot()
         served = _values(self.metrics.served, "source")
         ratelimits = _values(self.metrics.ratelimit_remaining, "host")
+        up = {host: bool(value) for host, value in _values(self.metrics.upstream_up, "host").items()}
         return {
             "store": asdict(self.summary),
             "requests": {"hits": hits, "misses": misses, "hit_ratio": hits / (hits + misses) if hits + misses else None},
@@ -180,7 +181,7 @@ class StatusPage:
             ],
             "recent_misses": self._recent_misses(),
             "upstream": [
-                {"host": host, **asdict(health), "ratelimit_remaining": ratelimits.get(host)}
+                {"host": host, **asdict(health), "up": up.get(host), "ratelimit_remaining": ratelimits.get(host)}
                 for host, health in sorted(self.metrics.upstream_health().items())
             ],
         }

@@ -150,7 +150,10 @@ async def run(flow: http.HTTPFlow, idle_timeout: float, progress: Callable[[], f
         last = max(started, progress()) if progress else started
         if not task.done() and time.monotonic() - last > idle_timeout:
             _cancel(handler, task, "hubcache: upstream stopped answering")
-            return f"upstream sent nothing for {idle_timeout:g}s"
+            reason = f"upstream sent nothing for {idle_timeout:g}s"
+            if circuits := ctx.master.addons.get("circuits"):
+                circuits.failed(flow.request.host, reason, flow.request.url)
+            return reason
     if reason := flow.metadata.get(UNREAD):
         return reason
     if flow.response is not None and not flow.error:

@@ -13,7 +13,7 @@ from mitmproxy import exceptions, http
 from mitmproxy.addons.proxyserver import Proxyserver
 from mitmproxy.test import taddons, tflow, tutils
 
-from addon import upstream
+from addon import protocol, upstream
 from addon.access import Access
 from addon.blobhost import BlobHost
 from addon.blobserver import BLOB_HOST
@@ -263,7 +263,6 @@ class TestRouting:
             (f"/v2/{REPO}/blobs/uploads/", "POST", HUB),
             (manifest_path("latest"), "PUT", HUB),
             (blob_path(), "GET", "example.com"),
-            ("/token?scope=repository:library/alpine:pull", "GET", "auth.docker.io"),
         ],
     )
     async def test_passed_through_untouched(self, env, path, method, host):
@@ -844,6 +843,95 @@ class TestOffline:
         await env.cache.request(f)
         assert f.response.status_code == 405
         assert f.response.json()["errors"][0]["code"] == "UNSUPPORTED"
+
+
+TOKEN_PATH = f"/token?service=registry.docker.io&scope=repository:{REPO}:pull"
+
+
+class TestTokens:
+    """Token requests to Docker Hub's token host: relayed, or answered locally when it cannot."""
+
+    async def test_the_token_hosts_answer_is_relayed(self, env):
+        env.answers.append(tutils.tresp(status_code=200, content=b'{"token": "upstream"}'))
+        f = flow(TOKEN_PATH, host="auth.docker.io")
+        await env.cache.request(f)
+        assert f.response.json() == {"token": "upstream"}
+        assert env.sent == [("GET", f"https://auth.docker.io{TOKEN_PATH}")]
+
+    async def test_a_refusal_of_the_clients_credentials_is_relayed(self, env):
+        env.answers.append(tutils.tresp(status_code=401, content=b'{"details": "incorrect username or password"}'))
+        f = flow(TOKEN_PATH, host="auth.docker.io", headers={"Authorization": "Basic bWFsbG9yeTp4"})
+        await env.cache.request(f)
+        assert f.response.status_code == 401
+
+    @pytest.mark.parametrize("failure", ["connection refused", "upstream sent nothing for 10s", 503, 429])
+    async def test_a_token_host_that_cannot_answer_gets_a_local_token(self, env, failure):
+        env.answers.append(failure if isinstance(failure, str) else upstream_response(failure))
+        f = flow(TOKEN_PATH, host="auth.docker.io")
+        await env.cache.request(f)
+        assert f.response.status_code == 200
+        assert f.response.json()["token"] == protocol.LOCAL_TOKEN
+
+    async def test_offline_nothing_is_asked(self, env):
+        env.tctx.configure(env.cache, offline=True)
+        f = flow(TOKEN_PATH, host="auth.docker.io")
+        await env.cache.request(f)
+        assert f.response.json()["token"] == protocol.LOCAL_TOKEN and env.sent == []
+
+    async def test_a_local_token_pulls_cached_public_content_without_asking_upstream(self, env):
+        await fill_manifest(env, "1", MANIFEST)
+        await fill_blob(env)
+        local = {"Authorization": f"Bearer {protocol.LOCAL_TOKEN}"}
+        tag = flow(manifest_path("1"), headers=local)
+        await env.cache.request(tag)
+        assert tag.response.status_code == 200 and tag.response.content == MANIFEST
+        blob = flow(blob_path(), headers=local)
+        await env.cache.request(blob)
+        assert blob.response.status_code == 307
+        assert env.sent == [], "never a revalidation or an access check with a token upstream never issued"
+        assert env.journal()[-1]["outcome"].startswith("stale: no token")
+
+    async def test_a_local_token_gets_a_clear_answer_for_what_is_missing_or_private(self, env):
+        local = {"Authorization": f"Bearer {protocol.LOCAL_TOKEN}"}
+        for path in (manifest_path("missing"), blob_path()):
+            f = flow(path, headers=local)
+            await env.cache.request(f)
+            assert f.response.status_code == 503 and "token service" in f.response.json()["errors"][0]["message"]
+        await fill_blob(env)
+        env.cache.store.set_visibility("docker.io", REPO, False)
+        f = flow(blob_path(), headers=local)
+        await env.cache.request(f)
+        assert f.response.status_code == 503
+        assert env.sent == [] and len(env.fetched) == 1, "only the fill that cached it"
+
+
+class TestNegativeCache:
+    async def test_a_404_is_remembered_for_the_same_client(self, env):
+        f = await asked(env, flow(manifest_path("nope"), headers={"Authorization": "Bearer a"}), Upstream(404, {}, b'{"errors":[]}'))
+        assert f.response.status_code == 404
+        again = flow(manifest_path("nope"), headers={"Authorization": "Bearer a"})
+        await env.cache.request(again)
+        assert again.response.status_code == 404 and "404" in again.response.json()["errors"][0]["message"]
+        assert len(env.fetched) == 1, "answered without asking upstream again"
+        assert env.journal()[-1]["outcome"] == "missing: upstream answered 404 lately"
+        other = await asked(env, flow(manifest_path("nope"), headers={"Authorization": "Bearer b"}), Upstream(404, {}))
+        assert other.response.status_code == 404 and len(env.fetched) == 2, "another client's credentials ask again"
+
+    async def test_a_blob_404_is_remembered(self, env):
+        env.fetches.append(Upstream(404, {}, b"{}"))
+        f = flow(blob_path())
+        await env.cache.request(f)
+        await env.settle()
+        assert f.response.status_code == 404
+        again = flow(blob_path())
+        await env.cache.request(again)
+        assert again.response.status_code == 404 and len(env.fetched) == 1
+
+    async def test_it_is_forgotten_after_its_time(self, env):
+        env.tctx.configure(env.cache, negative_cache_seconds=0)
+        for _ in range(2):
+            await asked(env, flow(manifest_path("nope")), Upstream(404, {}))
+        assert len(env.fetched) == 2
 
 
 class TestAccess:

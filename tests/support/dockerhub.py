@@ -194,6 +194,7 @@ class DockerHubDouble:
         self._refresh_tokens: dict[str, tuple[str, str]] = {}
         self._blob_repos: dict[str, str] = {}
         self._log: list[RequestRecord] = []
+        self._begun: list[tuple[str, str, str]] = []
         self._epoch = time.monotonic()  # requests that began earlier are not logged (see reset)
         self._manifest_gets = 0
         self._fail: dict[str, collections.deque[int]] = collections.defaultdict(collections.deque)
@@ -285,6 +286,7 @@ class DockerHubDouble:
         """
         with self._lock:
             self._log.clear()
+            self._begun.clear()
             self._epoch = time.monotonic()
             self._manifest_gets = 0
             self._fail.clear()
@@ -336,6 +338,16 @@ class DockerHubDouble:
         with self._lock:
             if started >= self._epoch:  # a request from before the last reset is not this test's
                 self._log.append(record)
+
+    def _begin(self, host: str, method: str, kind: str) -> None:
+        with self._lock:
+            self._begun.append((host, method, kind))
+
+    def begun(self) -> list[tuple[str, str, str]]:
+        """(host, method, kind) of every request begun since the last reset, answered or not
+        (a hung request is in `requests()` only once it is answered)."""
+        with self._lock:
+            return list(self._begun)
 
     def _take_fault(self, kind: str) -> tuple[float, int | None]:
         with self._lock:
@@ -528,6 +540,7 @@ class _Handler(BaseHTTPRequestHandler):
         self._started = time.monotonic()
         self._body_read = False
         kind = self._classify()
+        self.hub._begin(self._host, self.command, kind)
         try:
             hang, fail = self.hub._take_fault(kind)
             if hang and self.hub._stopping.wait(hang):
