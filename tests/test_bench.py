@@ -30,7 +30,7 @@ def markdown_table(text: str, title: str) -> list[dict[str, str]]:
 @pytest.mark.timeout(400)
 def test_small_benchmark_measures_every_path(tmp_path):
     report = tmp_path / "bench.md"
-    assert bench.main(["--small", "--runs", "1", "--markdown", str(report)]) in (0, 1)  # 2: no run
+    assert bench.main(["--small", "--runs", "1", "--markdown", str(report)]) == 0, "every run completed"
     text = report.read_text()
 
     pulls = markdown_table(text, "Pulls")
@@ -48,7 +48,9 @@ def test_small_benchmark_measures_every_path(tmp_path):
         else:
             assert upstream < 0.02, f"{where}: a warm pull fetched from the upstream"
         if row["path"] != "direct":
-            assert float(row["proxy RSS MiB"]) > 0 and float(row["proxy CPU s"]) >= 0, where
+            assert float(row["proxy RSS MiB"]) > 0, where
+            if row["path"] == "mitmdump" or row["path"].endswith("cold"):  # every byte crossed it
+                assert float(row["proxy CPU s"]) > 0, where
 
     ratios = markdown_table(text, "hubcache against the others")
     assert len(ratios) == 2 * len(clients)

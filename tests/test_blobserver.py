@@ -74,9 +74,10 @@ def tunnel(blobs: Blobs, target: str = f"{BLOB_HOST}:443") -> tuple[socket.socke
     return sock, answer
 
 
-def get(blobs: Blobs, path: str, headers: dict | None = None, method: str = "GET", transport: str = "tls"):
+def get(blobs: Blobs, path: str, headers: dict | None = None, method: str = "GET", transport: str = "tls", answered: threading.Event | None = None):
     """A request to the blob server as a client reaches it: TLS for BLOB_HOST trusting the CA
-    (directly, or through a CONNECT as in upstream proxy mode), or plain HTTP on its loopback port."""
+    (directly, or through a CONNECT as in upstream proxy mode), or plain HTTP on its loopback port.
+    `answered` is set once the response's headers came (the server has the blob open)."""
     if transport == "plain":
         conn: http.client.HTTPConnection = http.client.HTTPConnection("127.0.0.1", blobs.host.loopback_port, timeout=20)
     else:
@@ -91,6 +92,8 @@ def get(blobs: Blobs, path: str, headers: dict | None = None, method: str = "GET
     try:
         conn.request(method, path, headers=headers or {})
         response = conn.getresponse()
+        if answered:
+            answered.set()
         try:
             return response.status, response.headers, response.read()
         except http.client.IncompleteRead as e:
@@ -174,8 +177,9 @@ def in_background(fn, *args):
 @TRANSPORTS
 def test_a_growing_fill_is_streamed_and_its_end_waits_for_the_commit(blobs, transport):
     writer, path = start_fill(blobs, len(BLOB) // 2)
-    thread, result = in_background(lambda: get(blobs, path, transport=transport))
-    time.sleep(0.5)
+    answered = threading.Event()
+    thread, result = in_background(lambda: get(blobs, path, transport=transport, answered=answered))
+    assert answered.wait(20)
     assert thread.is_alive(), "the client waits for the rest"
     writer.write(BLOB[len(BLOB) // 2 :])
     writer.close()  # every byte is on disk, but the digest is not confirmed yet
@@ -201,8 +205,9 @@ def test_a_range_of_a_growing_fill(blobs):
 @TRANSPORTS
 def test_a_failed_fill_cuts_the_transfer(blobs, transport):
     writer, path = start_fill(blobs, len(BLOB) // 2)
-    thread, result = in_background(lambda: get(blobs, path, transport=transport))
-    time.sleep(0.3)
+    answered = threading.Event()
+    thread, result = in_background(lambda: get(blobs, path, transport=transport, answered=answered))
+    assert answered.wait(20), "the server has the fill open"
     writer.discard()  # what the proxy does when the bytes do not verify
     thread.join(10)
     status, _, body = result["value"]

@@ -25,7 +25,7 @@ pytestmark = pytest.mark.integration
 def wait_for_outcome(proxy, digest: str, timeout: float = 60) -> dict:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        for entry in proxy.journal(quiet=0.1, timeout=1):
+        for entry in proxy.journal(settle=False):
             if entry["digest"] == digest and entry["kind"] == "blob":
                 return entry
         time.sleep(0.2)
@@ -76,7 +76,7 @@ def test_a_second_client_streams_the_fill_as_it_grows(hubcache, registry, big_im
     with proxied.opened(proxy.port, REGISTRY_NAME, path, ca=proxy.ca_cert) as first:
         with proxied.opened(proxy.port, REGISTRY_NAME, path, ca=proxy.ca_cert) as second:
             start = second.read(1 << 20)
-            assert not any(e["digest"] == digest for e in proxy.journal(quiet=0, timeout=0)), (
+            assert not any(e["digest"] == digest for e in proxy.journal(settle=False)), (
                 "the second client had its first bytes before the fill completed"
             )
             rest = second.read()

@@ -61,7 +61,7 @@ def test_fifty_clients_for_a_minute(hubcache, registry, soak_images, tmp_path, r
                 except AssertionError as e:  # a blob whose bytes do not match its name
                     error = str(e)
             with lock:
-                results.append((name, result.returncode, error))
+                results.append((n, result.returncode, error))
             pulls += 1
 
     def watch() -> None:
@@ -88,6 +88,6 @@ def test_fifty_clients_for_a_minute(hubcache, registry, soak_images, tmp_path, r
     print("\n" + summary)
     record_property("soak", summary)
     assert not failures, failures[:3]
-    assert len(results) >= CLIENTS
+    assert {n for n, _, _ in results} == set(range(CLIENTS)), "every client pulled"
     assert sorted(blob_gets) == sorted(distinct), "each blob crossed from upstream exactly once"
     assert late - early < 50, f"memory grew: {summary}"

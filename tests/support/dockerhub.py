@@ -203,6 +203,7 @@ class DockerHubDouble:
         self._corrupt = 0
 
         self._stopping = threading.Event()
+        self._released = threading.Event()  # set to end the hangs under way (by reset and stop)
         self._server: _Server | None = None
         self._thread: threading.Thread | None = None
 
@@ -213,6 +214,7 @@ class DockerHubDouble:
         if self._server is not None:
             raise RuntimeError("already started")
         self._stopping.clear()
+        self._released = threading.Event()
         self._server = _Server(("127.0.0.1", self._requested_port), self)
         self._thread = threading.Thread(
             target=self._server.serve_forever,
@@ -229,6 +231,7 @@ class DockerHubDouble:
         if server is None:
             return
         self._stopping.set()
+        self._released.set()
         server.shutdown()
         server.close_connections()
         server.server_close()
@@ -280,13 +283,16 @@ class DockerHubDouble:
             return self._manifest_gets
 
     def reset(self) -> None:
-        """Forget the request log, the rate-limit count and pending faults.
+        """Forget the request log, the rate-limit count and pending faults, and end the hangs
+        under way (their connections are closed unanswered).
 
         Issued tokens and CDN URLs stay valid, as they would on Docker Hub.
         """
         with self._lock:
             self._log.clear()
             self._begun.clear()
+            self._released.set()
+            self._released = threading.Event()
             self._epoch = time.monotonic()
             self._manifest_gets = 0
             self._fail.clear()
@@ -310,7 +316,8 @@ class DockerHubDouble:
 
     def hang_next(self, kind: Kind, seconds: float, count: int = 1) -> None:
         """Sleep ``seconds`` before answering the next ``count`` requests of ``kind`` (then answer
-        normally, or with a pending ``fail_next``). ``stop()`` cuts the sleep short."""
+        normally, or with a pending ``fail_next``). ``reset()`` and ``stop()`` cut the sleep short
+        and close the connection unanswered."""
         self._check_kind(kind)
         with self._lock:
             self._hang[kind].extend([seconds] * count)
@@ -338,6 +345,13 @@ class DockerHubDouble:
         with self._lock:
             if started >= self._epoch:  # a request from before the last reset is not this test's
                 self._log.append(record)
+
+    def _hang(self, seconds: float) -> bool:
+        """Hold a request for `seconds`; True when it was released early (the connection is
+        then closed without an answer), so no hang outlives the test that asked for it."""
+        with self._lock:
+            released = self._released
+        return released.wait(seconds)
 
     def _begin(self, host: str, method: str, kind: str) -> None:
         with self._lock:
@@ -543,7 +557,7 @@ class _Handler(BaseHTTPRequestHandler):
         self.hub._begin(self._host, self.command, kind)
         try:
             hang, fail = self.hub._take_fault(kind)
-            if hang and self.hub._stopping.wait(hang):
+            if hang and self.hub._hang(hang):
                 self.close_connection = True
                 return
             if fail is not None:

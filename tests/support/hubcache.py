@@ -7,6 +7,7 @@ import re
 import sys
 import threading
 import time
+import urllib.request
 from pathlib import Path
 
 from .pki import ca_bundle
@@ -87,21 +88,29 @@ class Hubcache:
         if self.proc:
             self.proc.stop()
 
-    def journal(self, quiet: float = 0.3, timeout: float = 5.0) -> list[dict]:
-        """The miss journal, once it stopped growing for `quiet` seconds: a fill is committed and
-        journalled just after the client has its last byte."""
+    def journal(self, settle: bool = True, timeout: float = 60.0) -> list[dict]:
+        """The miss journal. With `settle`, once no fill is in progress (the proxy's own gauge):
+        a fill is committed and journalled just after its clients had their last byte, and
+        manifests are journalled before their answer is sent."""
+        if settle and self.proc and self.proc.alive():
+            deadline = time.monotonic() + timeout
+            while (fills := self._fills_in_progress()) not in (0, None):
+                assert time.monotonic() < deadline, f"{fills} fills still in progress after {timeout}s"
+                time.sleep(0.05)
         path = self.cache_dir / "misses.jsonl"
-        deadline = time.monotonic() + timeout
-        size = -1
-        while time.monotonic() < deadline:
-            current = path.stat().st_size if path.exists() else 0
-            if current == size:
-                break
-            size = current
-            time.sleep(quiet)
         if not path.exists():
             return []
         return [json.loads(line) for line in path.read_text().splitlines() if line]
+
+    def _fills_in_progress(self) -> int | None:
+        """hubcache_fills_in_progress from /metrics; None without a status listener."""
+        try:
+            with urllib.request.urlopen(self.status_url + "metrics", timeout=10) as response:
+                text = response.read().decode()
+        except (AssertionError, OSError):
+            return None
+        found = re.search(r"^hubcache_fills_in_progress (\S+)$", text, re.MULTILINE)
+        return int(float(found.group(1))) if found else None
 
     @property
     def status_url(self) -> str:
