@@ -1,14 +1,18 @@
 """The registry cache: answers manifest and blob requests from the store and fills it on a miss.
 
 The data path, hook by hook:
-- request: parse the route. A manifest hit is answered at once from the store; a tag is first
-  revalidated with an upstream HEAD (free under Docker Hub's rate limit). A blob GET is answered
+- request: only a request that verifiably goes to a registry (`Interception.registry`) is
+  handled; a token request to its token host is relayed, or answered with a local token when the
+  token host cannot answer. Then parse the route. A manifest hit is answered at once from the
+  store; a tag is first revalidated with an upstream HEAD (free under Docker Hub's rate limit),
+  and served from its last known digest when upstream fails. A blob GET is answered
   with a 307 to the blob server (`blobhost.py`), which sends it from the store; on a miss, hubcache
   first starts one fill (`fill.py`) that every client asking meanwhile shares, from the fleet's
   shared store (`fleet.py`) when it has the blob, else from upstream, and the blob server streams
   the fill as it grows. A manifest miss is asked upstream by hubcache with the client's request,
-  and its answer noted as pending.
-- responseheaders: the body of hubcache's own blob request is written into the fill.
+  and its answer noted as pending; a 404 upstream gave this client lately is answered at once.
+- responseheaders: the body of hubcache's own blob request is written into the fill; a blob
+  passed through is relayed as it comes.
 - response: a fill that verified is committed (one that did not is discarded, which cuts the
   transfers streaming it); a manifest is verified against its digest and stored; the miss is
   journalled.
@@ -639,7 +643,8 @@ class RegistryCache:
         """The store cannot answer: hubcache asks upstream with the client's request, and the
         answer is followed to the response hook like a client's own. If upstream cannot be
         reached, the client gets a registry error at once (not the proxy's HTML error page).
-        Offline, the client is told at once instead."""
+        Offline, with a local token (upstream cannot be asked for it), or after a recent 404 for
+        this client, the client is told at once instead."""
         self.metrics.miss(route.kind.value)
         code = "BLOB_UNKNOWN" if route.kind is Kind.BLOB else "MANIFEST_UNKNOWN"
         if (ago := self._absent_for(flow, route)) is not None:

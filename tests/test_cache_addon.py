@@ -670,7 +670,8 @@ class TestManifestByTag:
 
     async def test_unchanged_tag_is_served_from_cache(self, env):
         await fill_manifest(env, "3.20", MANIFEST)
-        before = env.cache.store.get_tag("docker.io", REPO, "3.20").checked
+        env.cache.store.set_tag("docker.io", REPO, "3.20", MANIFEST_DIGEST, checked=1000.0)  # long ago
+        before = time.time()
         env.answers.append(manifest_response(200, headers={"Docker-Content-Digest": MANIFEST_DIGEST}))
         f = flow(manifest_path("3.20"), headers={"Accept": OCI_INDEX, "Authorization": "Bearer t"})
         await env.cache.request(f)
@@ -678,7 +679,7 @@ class TestManifestByTag:
         assert f.response.status_code == 200
         assert f.response.content == MANIFEST
         assert f.response.headers["Docker-Content-Digest"] == MANIFEST_DIGEST
-        assert env.cache.store.get_tag("docker.io", REPO, "3.20").checked >= before
+        assert env.cache.store.get_tag("docker.io", REPO, "3.20").checked >= before, "upstream's yes refreshed it"
         assert len(env.journal()) == 1
 
     async def test_head_by_tag_is_answered_with_size_and_digest(self, env):

@@ -2,6 +2,7 @@ import os
 import sqlite3
 import subprocess
 import sys
+import time
 
 import diskcache
 import pytest
@@ -78,12 +79,12 @@ class TestTags:
         assert store.get_tag("docker.io", "library/alpine", "3") is None
 
     def test_set_again_moves_the_tag_and_refreshes_checked(self, store):
-        store.set_tag("r", "n", "t", "sha256:" + "1" * 64)
-        first = store.get_tag("r", "n", "t")
+        store.set_tag("r", "n", "t", "sha256:" + "1" * 64, checked=1000.0)
+        before = time.time()
         store.set_tag("r", "n", "t", MANIFEST_DIGEST)
         second = store.get_tag("r", "n", "t")
         assert second.digest == MANIFEST_DIGEST
-        assert second.checked >= first.checked
+        assert second.checked >= before
 
 
 class TestBlobs:

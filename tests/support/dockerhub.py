@@ -346,7 +346,7 @@ class DockerHubDouble:
             if started >= self._epoch:  # a request from before the last reset is not this test's
                 self._log.append(record)
 
-    def _hang(self, seconds: float) -> bool:
+    def _hold(self, seconds: float) -> bool:
         """Hold a request for `seconds`; True when it was released early (the connection is
         then closed without an answer), so no hang outlives the test that asked for it."""
         with self._lock:
@@ -557,7 +557,7 @@ class _Handler(BaseHTTPRequestHandler):
         self.hub._begin(self._host, self.command, kind)
         try:
             hang, fail = self.hub._take_fault(kind)
-            if hang and self.hub._hang(hang):
+            if hang and self.hub._hold(hang):
                 self.close_connection = True
                 return
             if fail is not None:
