@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 
 from mitmproxy import ctx, exceptions, http
 
-from . import protocol, upstream
+from . import circuits, protocol, upstream
 from .protocol import Kind, Route
 from .store import Store
 
@@ -101,7 +101,7 @@ class Access:
         if isinstance(answer, str) or answer.status_code >= 500 or answer.status_code == 429:
             reason = answer if isinstance(answer, str) else f"upstream answered {answer.status_code}"
             if known and public is True:
-                logger.warning(f"{route.image}: access not confirmed ({reason}); served, as the repository is public")
+                logger.log(circuits.level(reason), f"{route.image}: access not confirmed ({reason}); served, as the repository is public")
                 return None
             logger.warning(f"{route.image}: access not confirmed ({reason}); not served")
             return Refusal(503, "UNAVAILABLE", f"{route.image}: upstream cannot confirm access ({reason})")

@@ -34,7 +34,7 @@ from pathlib import Path
 
 from mitmproxy import ctx, exceptions, http
 
-from . import protocol, upstream
+from . import circuits, protocol, upstream
 from .access import Access, token_key
 from .blobhost import BlobHost
 from .fill import FILL, Fill
@@ -188,7 +188,7 @@ class RegistryCache:
         answer = await upstream.send(flow, flow.request.method, ctx.options.revalidate_timeout)
         if isinstance(answer, str) or answer.status_code >= 500 or answer.status_code == 429:
             reason = answer if isinstance(answer, str) else f"upstream answered {answer.status_code}"
-            logger.warning(f"{route.registry}: {reason}; answering /v2/ from the cache")
+            logger.log(circuits.level(reason), f"{route.registry}: {reason}; answering /v2/ from the cache")
             self._answer_ping(flow)
         else:
             flow.response = answer
@@ -207,7 +207,7 @@ class RegistryCache:
                 flow.response = answer
                 return
             reason = answer if isinstance(answer, str) else f"it answered {answer.status_code}"
-            logger.info(f"{host}: {reason}; token answered by hubcache (cached public content only)")
+            logger.log(circuits.level(reason, logging.INFO), f"{host}: {reason}; token answered by hubcache (cached public content only)")
         body = protocol.local_token_answer(time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
         self._answer(flow, 200, body, {"Content-Type": "application/json", "Content-Length": str(len(body))})
 
@@ -439,7 +439,8 @@ class RegistryCache:
                 self._answer_manifest(flow, route, cached)
             return
         if _token_is_local(flow):
-            await self._serve_stale(flow, route, cached, "no token from the registry's token service")
+            # The token host's failure was reported when the token was issued: not again per tag.
+            await self._serve_stale(flow, route, cached, "no token from the registry's token service", logging.DEBUG)
             return
 
         answer = await upstream.send(flow, "HEAD", ctx.options.revalidate_timeout)
@@ -632,10 +633,10 @@ class RegistryCache:
 
     # answers
 
-    async def _serve_stale(self, flow: http.HTTPFlow, route: Route, cached: Manifest, reason: str) -> None:
+    async def _serve_stale(self, flow: http.HTTPFlow, route: Route, cached: Manifest, reason: str, level: int | None = None) -> None:
         if not await self._permitted(flow, route, cached.digest):
             return
-        logger.warning(f"{route.image}: {reason}; serving the cached {cached.digest}")
+        logger.log(level or circuits.level(reason), f"{route.image}: {reason}; serving the cached {cached.digest}")
         self._answer_manifest(flow, route, cached)
         await self._journal(route, f"stale: {reason}", digest=cached.digest)
 

@@ -39,6 +39,13 @@ FIRST_RETRY = 2.0  # seconds before a host that failed is probed again
 MAX_RETRY = 60.0
 PROBE_TIMEOUT = 5.0
 DOWN = "hubcache: {host} is down"  # the start of the error of a connection not attempted
+NOT_WAITED = "; not waited for"  # its end
+
+
+def level(reason: str, otherwise: int = logging.WARNING) -> int:
+    """The log level of a line about an upstream failure: a host already reported down (one line
+    when it went down) is not reported again for every request it is not asked."""
+    return logging.DEBUG if reason.endswith(NOT_WAITED) else otherwise
 
 
 @dataclass
@@ -91,11 +98,20 @@ class Circuits:
 
     # hooks
 
+    def refusal(self, host: str, client: connection.Client) -> str | None:
+        """Why a connection to `host` is not attempted now (None: it is): the host is down and
+        this is not its probe."""
+        host = host.lower()
+        circuit = self.open.get(host)
+        if circuit is None or (self._probing.get(host) and client.sni == self._probing[host]):
+            return None
+        return f"{DOWN.format(host=host)} ({circuit.reason}){NOT_WAITED}"
+
     def server_connect(self, data: server_hooks.ServerConnectionHookData) -> None:
-        host = _name(data.server)
-        probe = self._probing.get(host)
-        if (circuit := self.open.get(host)) and not (probe and data.client.sni == probe) and not data.server.error:
-            data.server.error = f"{DOWN.format(host=host)} ({circuit.reason}); not waited for"
+        # hubcache's own requests are refused before they start (upstream.run); this catches the
+        # clients' requests that pass through to a host that is down.
+        if not data.server.error and (reason := self.refusal(_name(data.server), data.client)):
+            data.server.error = reason
 
     def server_connect_error(self, data: server_hooks.ServerConnectionHookData) -> None:
         self.failed(_name(data.server), data.server.error or "cannot connect")

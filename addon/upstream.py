@@ -139,6 +139,9 @@ async def run(flow: http.HTTPFlow, idle_timeout: float, progress: Callable[[], f
     """Send a subrequest flow and wait for its whole response. It is cut when nothing happened for
     `idle_timeout` seconds: no answer at all, or (with `progress`, the time of the last bytes
     received) a body that stopped growing."""
+    circuits = ctx.master.addons.get("circuits")
+    if circuits and (refused := circuits.refusal(flow.request.host, flow.client_conn)):
+        return refused  # the host is down: not waited for (see circuits.py)
     handler = ReplayHandler(flow, ctx.options)
     task = asyncio.ensure_future(handler.replay())
     started = time.monotonic()
@@ -151,7 +154,7 @@ async def run(flow: http.HTTPFlow, idle_timeout: float, progress: Callable[[], f
         if not task.done() and time.monotonic() - last > idle_timeout:
             _cancel(handler, task, "hubcache: upstream stopped answering")
             reason = f"upstream sent nothing for {idle_timeout:g}s"
-            if circuits := ctx.master.addons.get("circuits"):
+            if circuits:
                 circuits.failed(flow.request.host, reason, flow.request.url)
             return reason
     if reason := flow.metadata.get(UNREAD):

@@ -10,7 +10,7 @@ from mitmproxy import connection
 from mitmproxy.proxy import server_hooks
 from mitmproxy.test import taddons, tflow, tutils
 
-from addon.circuits import FIRST_RETRY, Circuits
+from addon.circuits import FIRST_RETRY, Circuits, level
 from addon.hosts import Interception
 from addon.metrics import ANSWERED, Metrics
 
@@ -107,3 +107,18 @@ async def test_a_probe_that_fails_doubles_the_wait(circuits, monkeypatch):
     await breaker._probe(HUB, circuit)
     assert probed == [("HEAD", f"https://{HUB}/v2/library/alpine/manifests/1", None)]
     assert circuit.backoff == 2 * FIRST_RETRY and breaker.down(HUB)
+
+
+def test_a_request_not_attempted_is_logged_below_the_down_line():
+    assert level(f"Connection killed: hubcache: {HUB} is down (refused); not waited for") == logging.DEBUG
+    assert level("[Errno 111] Connect call failed") == logging.WARNING
+
+
+async def test_hubcaches_own_request_to_a_host_that_is_down_is_not_started(circuits):
+    from addon import upstream
+
+    breaker, _ = circuits
+    breaker.failed(HUB, "refused")
+    flow = upstream.subrequest(tflow.tflow(), tutils.treq(host=HUB, port=443, scheme=b"https"))
+    answer = await upstream.run(flow, 30)
+    assert answer == f"hubcache: {HUB} is down (refused); not waited for"

@@ -89,6 +89,11 @@ def test_a_cached_image_pulls_through_an_outage(hubcache, dockerhub, registry, m
     waited = [host for host, _, kind in in_first if kind in hanging]
     assert all(waited.count(host) == 1 for host in waited), in_first
     assert not [r for r in in_second if r[2] in hanging], "the second pull waited on a host known to be down"
+    if hanging:
+        # One line when a host goes down (and one for the request that found it), none per request.
+        log = proxy.log_text()
+        assert log.count(" is down (") == 1, log[-3000:]
+        assert log.count("serving the cached") + log.count("answering /v2/ from the cache") <= 1, log[-3000:]
 
 
 def _probe(request: tuple[str, str, str]) -> bool:
