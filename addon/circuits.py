@@ -64,13 +64,15 @@ class Circuits:
         self.open: dict[str, Circuit] = {}  # by host: the hosts down now
         self._probing: dict[str, str] = {}  # by host: the mark (an SNI) of its probe's connection
         self._task: asyncio.Task | None = None
+        self._probes: set[asyncio.Task] = set()  # kept, or the loop could drop a probe under way
 
     def running(self) -> None:
         self._task = asyncio.create_task(self._probe_periodically())
 
     def done(self) -> None:
-        if self._task:
-            self._task.cancel()
+        for task in [self._task, *self._probes]:
+            if task:
+                task.cancel()
 
     # what hubcache reports
 
@@ -96,8 +98,6 @@ class Circuits:
         if circuit := self.open.pop(host, None):
             logger.warning(f"hubcache: {host} is back after {time.time() - circuit.since:.0f}s")
 
-    # hooks
-
     def refusal(self, host: str, client: connection.Client) -> str | None:
         """Why a connection to `host` is not attempted now (None: it is): the host is down and
         this is not its probe."""
@@ -106,6 +106,8 @@ class Circuits:
         if circuit is None or (self._probing.get(host) and client.sni == self._probing[host]):
             return None
         return f"{DOWN.format(host=host)} ({circuit.reason}){NOT_WAITED}"
+
+    # hooks
 
     def server_connect(self, data: server_hooks.ServerConnectionHookData) -> None:
         # hubcache's own requests are refused before they start (upstream.run); this catches the
@@ -131,7 +133,9 @@ class Circuits:
             now = time.monotonic()
             for host, circuit in list(self.open.items()):
                 if circuit.retry_at <= now and host not in self._probing:
-                    asyncio.create_task(self._probe(host, circuit))
+                    probe = asyncio.create_task(self._probe(host, circuit))
+                    self._probes.add(probe)
+                    probe.add_done_callback(self._probes.discard)
 
     async def _probe(self, host: str, circuit: Circuit) -> None:
         mark = self._probing[host] = f"probe-{secrets.token_hex(8)}.hubcache.invalid"
