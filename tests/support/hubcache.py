@@ -76,9 +76,13 @@ class Hubcache:
         log = self.workdir / f"mitmdump-{self.starts}.log"
         self.proc = Proc(args, log=log, cwd=self.workdir)
         wait_for_port("127.0.0.1", self.port, timeout=30, log=log)
-        # mitmproxy listens before it has loaded the script: wait for the addon to be running.
+        # mitmproxy listens before it has loaded the script: wait for the addon to be running,
+        # its listeners included (the status page starts just after the blob server).
+        ready = ["hubcache: blob server on"]
+        if self.options.get("status_listen", "127.0.0.1:0"):
+            ready.append("hubcache: status page on")
         deadline = time.monotonic() + 30
-        while "hubcache: blob server on" not in self.proc.log_text(since_start=True):
+        while not all(line in self.proc.log_text(since_start=True) for line in ready):
             if time.monotonic() > deadline or not self.proc.alive():
                 raise AssertionError(f"hubcache did not start:\n{self.proc.log_text(since_start=True)[-3000:]}")
             time.sleep(0.05)
