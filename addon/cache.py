@@ -355,10 +355,10 @@ class RegistryCache:
         finally:
             if self._fills.get(route.reference) is fill:
                 del self._fills[route.reference]
-            self.metrics.fills.set(len(self._fills))
             if fill.writer and fill.source == "upstream":
                 self.metrics.fetched.inc(fill.writer.size)
             await asyncio.to_thread(fill.discard)
+            self.metrics.fills.set(len(self._fills))  # in progress until its temporary file is gone
             if not fill.committed:
                 self.fleet.release(route.reference)  # a committed fill frees it once shared
             fill.done.set()
