@@ -148,11 +148,9 @@ class BlobHost:
         try:
             os.write(credentials, _certificate())
             env = {**os.environ, blobserver.SECRET_ENV: self.secret.hex()}
-            package_root = str(Path(__file__).resolve().parent.parent)
-            env["PYTHONPATH"] = os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")]))
             self._proc = subprocess.Popen(
                 [
-                    sys.executable, "-m", "addon.blobserver",
+                    sys.executable, "-m", f"{__package__}.blobserver",
                     "--cache-dir", str(self._cache_dir),
                     "--credentials-fd", str(credentials),
                     "--idle-timeout", str(ctx.options.client_idle_timeout),

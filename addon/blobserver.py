@@ -15,7 +15,7 @@ as its temporary file grows, and its last byte is held back until the fill verif
 committed it: a client never completes a body whose digest is wrong; if the fill fails, the
 connection is cut and the client retries.
 
-Run by the proxy as `python -m addon.blobserver`; it prints its ports, then a line
+Run by the proxy as `python -m hubcache.blobserver`; it prints its ports, then a line
 `sent <tag> <bytes>` for every finished transfer whose URL carried a tag (for the proxy's metrics
 and pull log), and exits when the proxy closes its stdin (or dies).
 """

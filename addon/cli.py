@@ -437,7 +437,7 @@ def _mitmdump_with_hubcache(args: list[str]) -> None:
     from mitmproxy.tools import cmdline, dump
     from mitmproxy.tools.main import run as run_mitmproxy
 
-    from .hubcache import make_addons
+    from .addons import make_addons
 
     class HubcacheMaster(dump.DumpMaster):
         def __init__(self, options, **kwargs):

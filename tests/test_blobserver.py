@@ -19,16 +19,16 @@ from mitmproxy.addons.tlsconfig import TlsConfig
 from mitmproxy.proxy import server_hooks
 from mitmproxy.test import taddons
 
-from addon import blobserver
-from addon.access import Access
-from addon.blobhost import BlobHost
-from addon.blobserver import BLOB_HOST
-from addon.cache import RegistryCache
-from addon.metrics import Metrics
-from addon.pulls import PullLog
-from addon.hosts import Interception
-from addon.protocol import digest_of
-from addon.store import Store
+from hubcache import blobserver
+from hubcache.access import Access
+from hubcache.blobhost import BlobHost
+from hubcache.blobserver import BLOB_HOST
+from hubcache.cache import RegistryCache
+from hubcache.metrics import Metrics
+from hubcache.pulls import PullLog
+from hubcache.hosts import Interception
+from hubcache.protocol import digest_of
+from hubcache.store import Store
 
 BLOB = os.urandom(3 * 1024 * 1024 + 17)
 DIGEST = digest_of(BLOB)

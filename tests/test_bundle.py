@@ -9,10 +9,10 @@ import tarfile
 
 import pytest
 
-from addon.bundle import BundleError, export, import_bundle
-from addon.manifests import Descriptor
-from addon.recording import Recording, image_from_store
-from addon.store import Store
+from hubcache.bundle import BundleError, export, import_bundle
+from hubcache.manifests import Descriptor
+from hubcache.recording import Recording, image_from_store
+from hubcache.store import Store
 from support.fill import store_image
 from support.images import build_image
 

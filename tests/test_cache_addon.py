@@ -13,16 +13,16 @@ from mitmproxy import exceptions, http
 from mitmproxy.addons.proxyserver import Proxyserver
 from mitmproxy.test import taddons, tflow, tutils
 
-from addon import protocol, upstream
-from addon.access import Access
-from addon.blobhost import BlobHost
-from addon.blobserver import BLOB_HOST
-from addon.cache import RegistryCache
-from addon.metrics import Metrics
-from addon.pulls import PullLog
-from addon.hosts import Interception
-from addon.journal import MissJournal
-from addon.protocol import digest_of
+from hubcache import protocol, upstream
+from hubcache.access import Access
+from hubcache.blobhost import BlobHost
+from hubcache.blobserver import BLOB_HOST
+from hubcache.cache import RegistryCache
+from hubcache.metrics import Metrics
+from hubcache.pulls import PullLog
+from hubcache.hosts import Interception
+from hubcache.journal import MissJournal
+from hubcache.protocol import digest_of
 
 HUB = "registry-1.docker.io"
 CDN = "production.cloudflare.docker.com"
@@ -465,7 +465,7 @@ class TestBlobFill:
         assert "not noted in the cache: cache index: attempt to write a readonly database" in caplog.text
 
     async def test_a_full_disk_passes_the_request_through(self, env, monkeypatch):
-        monkeypatch.setattr("addon.cache.shutil.disk_usage", lambda path: shutil._ntuple_diskusage(10**9, 10**9 - 1000, 1000))
+        monkeypatch.setattr("hubcache.cache.shutil.disk_usage", lambda path: shutil._ntuple_diskusage(10**9, 10**9 - 1000, 1000))
         env.fetches.append(sized())
         f = flow(blob_path())
         await env.cache.request(f)
@@ -479,7 +479,7 @@ class TestBlobFill:
     async def test_room_promised_to_a_fill_under_way_is_not_given_twice(self, env, monkeypatch):
         reserve = 64 * 1024 * 1024
         free = reserve + len(BLOB) + 1000  # room for one such blob, not two
-        monkeypatch.setattr("addon.cache.shutil.disk_usage", lambda path: shutil._ntuple_diskusage(10**12, 10**12 - free, free))
+        monkeypatch.setattr("hubcache.cache.shutil.disk_usage", lambda path: shutil._ntuple_diskusage(10**12, 10**12 - free, free))
         more = asyncio.Event()
         other = os.urandom(len(BLOB))
         env.fetches += [sized(mid_body=more), sized(other)]

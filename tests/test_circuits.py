@@ -10,9 +10,9 @@ from mitmproxy import connection
 from mitmproxy.proxy import server_hooks
 from mitmproxy.test import taddons, tflow, tutils
 
-from addon.circuits import FIRST_RETRY, Circuits, level
-from addon.hosts import Interception
-from addon.metrics import ANSWERED, Metrics
+from hubcache.circuits import FIRST_RETRY, Circuits, level
+from hubcache.hosts import Interception
+from hubcache.metrics import ANSWERED, Metrics
 
 HUB = "registry-1.docker.io"
 
@@ -103,7 +103,7 @@ async def test_a_probe_that_fails_doubles_the_wait(circuits, monkeypatch):
         probed.append((flow.request.method, flow.request.url, flow.request.headers.get("authorization")))
         return "connection refused"
 
-    monkeypatch.setattr("addon.upstream.run", run)
+    monkeypatch.setattr("hubcache.upstream.run", run)
     await breaker._probe(HUB, circuit)
     assert probed == [("HEAD", f"https://{HUB}/v2/library/alpine/manifests/1", None)]
     assert circuit.backoff == 2 * FIRST_RETRY and breaker.down(HUB)
@@ -115,7 +115,7 @@ def test_a_request_not_attempted_is_logged_below_the_down_line():
 
 
 async def test_hubcaches_own_request_to_a_host_that_is_down_is_not_started(circuits):
-    from addon import upstream
+    from hubcache import upstream
 
     breaker, _ = circuits
     breaker.failed(HUB, "refused")

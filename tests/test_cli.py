@@ -93,7 +93,7 @@ def test_subcommand_errors_are_one_readable_line(tmp_path, args, message):
 
 
 def test_every_subcommand_has_help_with_examples():
-    from addon.cli import main
+    from hubcache.cli import main
 
     assert len(main.commands) >= 13
     for command in sorted(main.commands):

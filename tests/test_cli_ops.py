@@ -14,10 +14,10 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from addon import clientsetup
-from addon.cli import instructions, main
-from addon.recording import Recording
-from addon.store import Store
+from hubcache import clientsetup
+from hubcache.cli import instructions, main
+from hubcache.recording import Recording
+from hubcache.store import Store
 from support.fill import store_image
 from support.images import build_image
 from support.procs import Proc, free_port, wait_for_port

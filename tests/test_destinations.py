@@ -13,11 +13,11 @@ from mitmproxy.addons.proxyserver import Proxyserver
 from mitmproxy.proxy import server_hooks
 from mitmproxy.test import taddons, tflow, tutils
 
-from addon.blobhost import BlobHost
-from addon.blobserver import BLOB_HOST
-from addon.destinations import Destinations, Refused
-from addon.hosts import Interception, Passthrough, UpstreamOverride
-from addon.listeners import BoundedThreads
+from hubcache.blobhost import BlobHost
+from hubcache.blobserver import BLOB_HOST
+from hubcache.destinations import Destinations, Refused
+from hubcache.hosts import Interception, Passthrough, UpstreamOverride
+from hubcache.listeners import BoundedThreads
 
 
 @pytest.fixture

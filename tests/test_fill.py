@@ -4,9 +4,9 @@ import os
 
 import pytest
 
-from addon.fill import Fill
-from addon.protocol import Kind, Route, digest_of
-from addon.store import Store
+from hubcache.fill import Fill
+from hubcache.protocol import Kind, Route, digest_of
+from hubcache.store import Store
 
 BLOB = os.urandom(300_000)
 DIGEST = digest_of(BLOB)

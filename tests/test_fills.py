@@ -114,7 +114,7 @@ def blob_server_pids(cache_dir) -> list[int]:
                 argv = open(f"/proc/{entry}/cmdline", "rb").read().split(b"\0")
             except OSError:
                 continue
-            if b"addon.blobserver" in argv and wanted.encode() in argv:
+            if b"hubcache.blobserver" in argv and wanted.encode() in argv:
                 pids.append(int(entry))
     return pids
 

@@ -17,8 +17,8 @@ import pytest
 from mitmproxy import exceptions
 from mitmproxy.test import taddons
 
-from addon.fleet import Fleet
-from addon.protocol import digest_of
+from hubcache.fleet import Fleet
+from hubcache.protocol import digest_of
 from conftest import REGISTRY_NAME, push
 from support.clients import skopeo_copy
 from support.images import ImageInfo, build_image
@@ -77,7 +77,7 @@ def test_a_node_without_a_shared_store_never_loads_the_s3_client():
     script = """
 import asyncio, sys
 from mitmproxy.test import taddons
-from addon.fleet import Fleet
+from hubcache.fleet import Fleet
 
 async def main():
     fleet = Fleet()

@@ -14,15 +14,15 @@ from mitmproxy import http
 from mitmproxy.addons.proxyserver import Proxyserver
 from mitmproxy.test import taddons, tflow, tutils
 
-from addon import protocol, upstream
-from addon.access import Access
-from addon.blobhost import BlobHost
-from addon.cache import RegistryCache
-from addon.metrics import Metrics
-from addon.pulls import PullLog
-from addon.hosts import Interception
-from addon.protocol import BadRequest, Kind, digest_of
-from addon.store import Store
+from hubcache import protocol, upstream
+from hubcache.access import Access
+from hubcache.blobhost import BlobHost
+from hubcache.cache import RegistryCache
+from hubcache.metrics import Metrics
+from hubcache.pulls import PullLog
+from hubcache.hosts import Interception
+from hubcache.protocol import BadRequest, Kind, digest_of
+from hubcache.store import Store
 
 HUB = "registry-1.docker.io"
 REGISTRY_STATUSES = {400, 401, 404, 405, 416, 503}

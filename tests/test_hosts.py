@@ -7,8 +7,8 @@ from mitmproxy.proxy.layers.http._hooks import HttpConnectUpstreamHook
 from mitmproxy.proxy.layers.http._upstream_proxy import HttpUpstreamProxy
 from mitmproxy.test import taddons, tflow
 
-from addon.blobserver import BLOB_HOST
-from addon.hosts import Interception, UpstreamOverride
+from hubcache.blobserver import BLOB_HOST
+from hubcache.hosts import Interception, UpstreamOverride
 
 
 def client_hello(sni: str | None) -> tls.ClientHello:

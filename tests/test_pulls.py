@@ -7,9 +7,9 @@ import logging
 
 from mitmproxy.test import tflow
 
-from addon import pulls
-from addon.protocol import Kind, Route
-from addon.pulls import PullLog
+from hubcache import pulls
+from hubcache.protocol import Kind, Route
+from hubcache.pulls import PullLog
 
 REGISTRY, REPO = "docker.io", "library/alpine"
 
@@ -36,7 +36,7 @@ async def test_a_pull_is_one_line_with_its_bytes_by_source(monkeypatch, caplog):
     monkeypatch.setattr(pulls, "QUIET", 0.2)
     log = PullLog()
     log.running()
-    caplog.set_level(logging.INFO, logger="addon.pulls")
+    caplog.set_level(logging.INFO, logger="hubcache.pulls")
     f = client()
     log.manifest(f, manifest("3.20"), "cache", 500)
     cached, streamed = log.transfer(f, blob(1), "cache"), log.transfer(f, blob(2), "upstream")
@@ -55,7 +55,7 @@ async def test_a_pull_is_one_line_with_its_bytes_by_source(monkeypatch, caplog):
 async def test_the_tag_asked_again_after_its_blobs_is_the_next_pull(caplog):
     log = PullLog()
     log.running()
-    caplog.set_level(logging.INFO, logger="addon.pulls")
+    caplog.set_level(logging.INFO, logger="hubcache.pulls")
     f = client()
     for _ in range(2):
         log.manifest(f, manifest("3.20"), "cache", 500)

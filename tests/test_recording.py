@@ -8,14 +8,14 @@ from mitmproxy import exceptions, http
 from mitmproxy.addons.proxyserver import Proxyserver
 from mitmproxy.test import taddons, tflow, tutils
 
-from addon.access import Access
-from addon.blobhost import BlobHost
-from addon.cache import RegistryCache
-from addon.metrics import Metrics
-from addon.pulls import PullLog
-from addon.hosts import Interception
-from addon.recorder import Recorder
-from addon.recording import Recording, RecordingError, image_from_store, names
+from hubcache.access import Access
+from hubcache.blobhost import BlobHost
+from hubcache.cache import RegistryCache
+from hubcache.metrics import Metrics
+from hubcache.pulls import PullLog
+from hubcache.hosts import Interception
+from hubcache.recorder import Recorder
+from hubcache.recording import Recording, RecordingError, image_from_store, names
 from support.fill import store_image
 from support.images import build_image
 
@@ -112,7 +112,7 @@ async def test_a_bad_recording_name_is_refused(env):
 
 
 def test_the_file_round_trips_and_reports_what_the_store_lacks(tmp_path, image):
-    from addon.store import Store
+    from hubcache.store import Store
 
     store = Store(tmp_path / "store")
     try:

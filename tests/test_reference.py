@@ -6,8 +6,8 @@ from pathlib import Path
 
 from click.testing import CliRunner
 
-from addon import reference
-from addon.cli import main
+from hubcache import reference
+from hubcache.cli import main
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 

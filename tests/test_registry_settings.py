@@ -8,9 +8,9 @@ import pytest
 from mitmproxy import exceptions, http
 from mitmproxy.test import taddons, tflow, tutils
 
-from addon import upstream
-from addon.hosts import Interception
-from addon.registries import DEFAULT_REGISTRIES, UpstreamCredentials, parse
+from hubcache import upstream
+from hubcache.hosts import Interception
+from hubcache.registries import DEFAULT_REGISTRIES, UpstreamCredentials, parse
 
 BASIC = "Basic " + base64.b64encode(b"bot:t0ken").decode()
 

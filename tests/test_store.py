@@ -7,8 +7,8 @@ import time
 import diskcache
 import pytest
 
-from addon.protocol import digest_of
-from addon.store import Store
+from hubcache.protocol import digest_of
+from hubcache.store import Store
 
 BLOB = os.urandom(200_000)  # large enough that diskcache keeps it in a file
 BLOB_DIGEST = digest_of(BLOB)

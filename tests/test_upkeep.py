@@ -9,15 +9,15 @@ from mitmproxy import exceptions
 from mitmproxy.addons.proxyserver import Proxyserver
 from mitmproxy.test import taddons
 
-from addon.access import Access
-from addon.blobhost import BlobHost
-from addon.cache import RegistryCache
-from addon.metrics import Metrics
-from addon.pulls import PullLog
-from addon.hosts import Interception
-from addon.recording import Recording, image_from_store
-from addon.store import BlobEntry, Store
-from addon.upkeep import Upkeep, choose, parse_size, prune, verify
+from hubcache.access import Access
+from hubcache.blobhost import BlobHost
+from hubcache.cache import RegistryCache
+from hubcache.metrics import Metrics
+from hubcache.pulls import PullLog
+from hubcache.hosts import Interception
+from hubcache.recording import Recording, image_from_store
+from hubcache.store import BlobEntry, Store
+from hubcache.upkeep import Upkeep, choose, parse_size, prune, verify
 from support.fill import store_image
 from support.images import build_image
 
@@ -172,6 +172,6 @@ async def test_the_addon_evicts_with_its_options(upkeep, images, monkeypatch):
     store_image(store, one, REGISTRY, "one", "1")
     assert await addon.evict() is None, "no limit set: nothing to do"
     tctx.configure(addon, cache_size_limit="1MB")
-    monkeypatch.setattr("addon.upkeep.IN_USE", 0.0)
+    monkeypatch.setattr("hubcache.upkeep.IN_USE", 0.0)
     result = await addon.evict()
     assert result.remaining <= 1_000_000 and result.blobs > 0

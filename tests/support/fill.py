@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from support.images import ImageInfo
 
-from addon.store import Store
+from hubcache.store import Store
 
 
 def store_image(

@@ -1,4 +1,4 @@
-"""Runs hubcache the way users do: a real `mitmdump -s addon/hubcache.py` process on loopback."""
+"""Runs hubcache the way users do: a real `mitmdump -s addon/script.py` process on loopback."""
 
 from __future__ import annotations
 
@@ -55,7 +55,7 @@ class Hubcache:
         args = [
             str(MITMDUMP),
             "-s",
-            str(ROOT / "addon" / "hubcache.py"),
+            str(ROOT / "addon" / "script.py"),
             "--listen-host",
             "127.0.0.1",
             "--listen-port",

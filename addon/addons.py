@@ -1,19 +1,19 @@
-"""hubcache as a mitmproxy script: `mitmdump -s addon/hubcache.py --set cache_dir=DIR`."""
+"""The addon set: every hubcache addon, wired together in one place."""
 
-from addon.access import Access
-from addon.blobhost import BlobHost
-from addon.cache import RegistryCache
-from addon.circuits import Circuits
-from addon.destinations import Destinations
-from addon.fleet import Fleet
-from addon.hosts import Interception, Passthrough, UpstreamOverride
-from addon.metrics import Metrics
-from addon.pulls import PullLog
-from addon.recorder import Recorder
-from addon.registries import UpstreamCredentials
-from addon.statuspage import StatusPage
-from addon.upkeep import Upkeep
-from addon.upstream import Answers
+from .access import Access
+from .blobhost import BlobHost
+from .cache import RegistryCache
+from .circuits import Circuits
+from .destinations import Destinations
+from .fleet import Fleet
+from .hosts import Interception, Passthrough, UpstreamOverride
+from .metrics import Metrics
+from .pulls import PullLog
+from .recorder import Recorder
+from .registries import UpstreamCredentials
+from .statuspage import StatusPage
+from .upkeep import Upkeep
+from .upstream import Answers
 
 
 def make_addons() -> list:
@@ -50,5 +50,3 @@ def make_addons() -> list:
         status,
     ]
 
-
-addons = make_addons()
