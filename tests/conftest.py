@@ -1,128 +1,18 @@
-"""Fixtures that start real components on loopback: a test CA, Debian's distribution registry as
-the upstream, a Docker Hub double in front of it, and hubcache itself as a mitmdump process."""
+"""What unit and integration tests share: the folder a test lives in decides its marker, so
+`-m "not integration"` selects exactly tests/unit (tests/unit/conftest.py checks that those start
+no program; tests/integration/conftest.py has the fixtures that start them)."""
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import pytest
 
-from support.dockerhub import ALL_HOSTS as DOCKER_HUB_HOSTS
-from support.dockerhub import DockerHubDouble
-from support.hubcache import Hubcache
-from support.images import ImageInfo, build_image
-from support.pki import TestCA
-from support.redis_server import Redis
-from support.registry import Registry
-from support.swift import Swift
-
-REGISTRY_NAME = "registry.hubcache.test"
-PLATFORMS = [("linux", "amd64"), ("linux", "arm64", "v8")]
+INTEGRATION = Path(__file__).parent / "integration"
 
 
-def pytest_collection_modifyitems(config, items):
-    for tool in ("docker-registry", "skopeo"):
-        if shutil.which(tool) is None:
-            pytest.exit(f"{tool} is not installed: run .ci/run (or apt-get install {tool})", 1)
-
-
-@pytest.fixture(scope="session")
-def ca(tmp_path_factory) -> TestCA:
-    return TestCA(tmp_path_factory.mktemp("ca"))
-
-
-@pytest.fixture(scope="session")
-def registry(ca, tmp_path_factory):
-    reg = Registry(tmp_path_factory.mktemp("registry"), ca, names=(REGISTRY_NAME,))
-    reg.start()
-    yield reg
-    reg.stop()
-
-
-@pytest.fixture(scope="session")
-def layouts(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("layouts")
-
-
-def push(registry: Registry, repo_tag: str, image: ImageInfo) -> ImageInfo:
-    registry.push(image.layout_dir, image.ref, repo_tag)
-    registry.reset_requests()
-    return image
-
-
-@pytest.fixture(scope="session")
-def multi_image(registry, layouts) -> ImageInfo:
-    """A two-platform image (an OCI index), three layers per platform, pushed under two names."""
-    image = build_image(layouts / "multi", "1", [2_000_000, 3_000_000, 300_000], seed=1, platforms=PLATFORMS)
-    push(registry, "test/multi:1", image)
-    return push(registry, "library/multi:1", image)
-
-
-@pytest.fixture(scope="session")
-def big_image(registry, layouts) -> ImageInfo:
-    """One 300 MB incompressible layer."""
-    image = build_image(layouts / "big", "1", [300_000_000], seed=2)
-    return push(registry, "library/big:1", image)
-
-
-@pytest.fixture(scope="session")
-def dockerhub(ca, registry, tmp_path_factory):
-    cert, key = ca.issue("dockerhub", list(DOCKER_HUB_HOSTS))
-    double = DockerHubDouble(registry.url, ca.cert_path, cert, key)
-    double.start()
-    yield double
-    double.stop()
-
-
-def upstream_options(registry: Registry, dockerhub: DockerHubDouble) -> dict[str, list[str]]:
-    """hubcache options that send the Docker Hub names to the double and REGISTRY_NAME to the registry."""
-    mapping = [f"{h}=127.0.0.1:{dockerhub.port}" for h in DOCKER_HUB_HOSTS]
-    mapping.append(f"{REGISTRY_NAME}=127.0.0.1:{registry.port}")
-    return {"registries": ["registry-1.docker.io", "index.docker.io", REGISTRY_NAME], "upstream_map": mapping}
-
-
-@pytest.fixture
-def hubcache(ca, registry, dockerhub, tmp_path):
-    """A factory of hubcache processes, upstream_options applied. Every proxy started here is
-    stopped after the test."""
-    started: list[Hubcache] = []
-
-    def start(workdir: Path = tmp_path / "hubcache", **options) -> Hubcache:
-        workdir.mkdir(parents=True, exist_ok=True)
-        proxy = Hubcache(workdir, ca.cert_path, {**upstream_options(registry, dockerhub), **options})
-        started.append(proxy)
-        return proxy.start()
-
-    yield start
-    for proxy in started:
-        proxy.stop()
-
-
-@pytest.fixture(autouse=True)
-def _fresh_upstream_counters(request):
-    """Each test reads only the upstream requests it caused."""
-    for name in ("registry", "dockerhub"):
-        if name in request.fixturenames:
-            upstream = request.getfixturevalue(name)
-            if isinstance(upstream, Registry):
-                upstream.start()
-                upstream.reset_requests()
-            else:
-                upstream.reset()
-
-
-@pytest.fixture(scope="session")
-def swift(tmp_path_factory):
-    """OpenStack Swift with s3api (an S3 endpoint) on loopback. A test that stops it starts it again."""
-    store = Swift(tmp_path_factory.mktemp("swift"))
-    yield store.start()
-    store.stop()
-
-
-@pytest.fixture(scope="session")
-def redis(tmp_path_factory):
-    """redis-server on loopback, no persistence. A test that stops it starts it again."""
-    server = Redis(tmp_path_factory.mktemp("redis"))
-    yield server.start()
-    server.stop()
+@pytest.hookimpl(tryfirst=True)  # before -m deselects by marker
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if item.path.is_relative_to(INTEGRATION):
+            item.add_marker(pytest.mark.integration)

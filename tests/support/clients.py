@@ -7,6 +7,7 @@ variables of the test runner never leak in.
 from __future__ import annotations
 
 import atexit
+import hashlib
 import json
 import shutil
 import signal
@@ -17,11 +18,14 @@ import time
 import weakref
 from pathlib import Path
 from types import TracebackType
-from typing import Mapping
+from typing import TYPE_CHECKING, Mapping
 
 from .procs import Proc, ProcError, ProcId, children_of, kill_if_same, tail
 
-__all__ = ["skopeo_copy", "Dockerd", "SKOPEO_BIN", "DOCKERD_BIN", "DOCKER_CLI"]
+if TYPE_CHECKING:
+    from .hubcache import Hubcache
+
+__all__ = ["skopeo_copy", "pull", "pulled_blobs", "Dockerd", "SKOPEO_BIN", "DOCKERD_BIN", "DOCKER_CLI"]
 
 SKOPEO_BIN = "/usr/bin/skopeo"
 DOCKERD_BIN = "/usr/sbin/dockerd"
@@ -120,6 +124,25 @@ def skopeo_copy(
         )
     except subprocess.TimeoutExpired as e:
         return _timeout_result(argv, e)
+
+
+def pull(proxy: Hubcache, ref: str, dest: Path, **kwargs) -> subprocess.CompletedProcess[str]:
+    """skopeo copies `ref` through a started hubcache into dir:`dest`, trusting the proxy's CA;
+    a failed copy fails the test with the proxy's log."""
+    result = skopeo_copy(f"docker://{ref}", dest, proxy=proxy.url, ca_bundle=proxy.client_bundle, **kwargs)
+    assert result.returncode == 0, result.stderr + proxy.log_text()[-3000:]
+    return result
+
+
+def pulled_blobs(dest: Path) -> set[str]:
+    """Digests of the blobs skopeo wrote into a dir: layout, each checked against its bytes."""
+    digests = set()
+    for path in dest.iterdir():
+        if len(path.name) == 64:
+            actual = hashlib.sha256(path.read_bytes()).hexdigest()
+            assert actual == path.name, f"{path.name} holds bytes hashing to {actual}"
+            digests.add(f"sha256:{path.name}")
+    return digests
 
 
 # --- dockerd -------------------------------------------------------------

@@ -10,11 +10,21 @@ import time
 import urllib.request
 from pathlib import Path
 
+from .dockerhub import ALL_HOSTS as DOCKER_HUB_HOSTS
+from .dockerhub import DockerHubDouble
 from .pki import ca_bundle
 from .procs import Proc, free_port, wait_for_port
+from .registry import REGISTRY_NAME, Registry
 
 ROOT = Path(__file__).resolve().parents[2]
 MITMDUMP = Path(sys.executable).with_name("mitmdump")
+
+
+def upstream_options(registry: Registry, dockerhub: DockerHubDouble) -> dict[str, list[str]]:
+    """hubcache options that send the Docker Hub names to the double and REGISTRY_NAME to the registry."""
+    mapping = [f"{h}=127.0.0.1:{dockerhub.port}" for h in DOCKER_HUB_HOSTS]
+    mapping.append(f"{REGISTRY_NAME}=127.0.0.1:{registry.port}")
+    return {"registries": ["registry-1.docker.io", "index.docker.io", REGISTRY_NAME], "upstream_map": mapping}
 
 
 class Hubcache:

@@ -16,10 +16,14 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
+from .images import ImageInfo
 from .pki import TestCA
 from .procs import Proc, ProcError, free_port, tail
 
-__all__ = ["Registry", "RegistryRequest", "REGISTRY_BIN", "SKOPEO_BIN"]
+__all__ = ["Registry", "RegistryRequest", "REGISTRY_BIN", "SKOPEO_BIN", "REGISTRY_NAME", "push"]
+
+# The name the tests give the registry; the hubcache fixture maps it to the registry's port.
+REGISTRY_NAME = "registry.hubcache.test"
 
 REGISTRY_BIN = "/usr/bin/docker-registry"
 SKOPEO_BIN = "/usr/bin/skopeo"
@@ -397,6 +401,13 @@ def _http_push(reg: Registry, layout: Path, top: dict[str, Any], repo_tag: str, 
         push_manifest(top, tag)
     finally:
         conn.close()
+
+
+def push(registry: Registry, repo_tag: str, image: ImageInfo) -> ImageInfo:
+    """Push a test image as REPO:TAG; the registry then reports only the requests that follow."""
+    registry.push(image.layout_dir, image.ref, repo_tag)
+    registry.reset_requests()
+    return image
 
 
 def _empty_dir(path: Path) -> Path:

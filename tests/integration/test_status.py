@@ -15,10 +15,9 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from support.browser import rendered_dom, screenshot
 from support.clients import skopeo_copy
+from support.hubcache import Hubcache, upstream_options
 
-pytestmark = pytest.mark.integration
-
-ARTIFACTS = Path(__file__).parent / "artifacts"
+ARTIFACTS = Path(__file__).resolve().parents[1] / "artifacts"
 IMAGE = "docker.io/library/multi:1"
 PULL_LINE = re.compile(r"pull (\S+) by (\S+): (\d+) blobs, (.+?) from cache, (.+?) from upstream, ([\d.]+)s")
 
@@ -75,9 +74,6 @@ def element_text(dom: str, element_id: str) -> str:
 @pytest.fixture(scope="module")
 def pulled(request, tmp_path_factory, ca, registry, dockerhub, multi_image):
     """One proxy, pulled through cold and then warm; it keeps running for every test here."""
-    from conftest import upstream_options
-    from support.hubcache import Hubcache
-
     workdir = tmp_path_factory.mktemp("status")
     dockerhub.reset()
     proxy = Hubcache(workdir / "hubcache", ca.cert_path, upstream_options(registry, dockerhub)).start()

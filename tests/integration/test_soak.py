@@ -11,12 +11,9 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from conftest import REGISTRY_NAME, push
-from support.clients import skopeo_copy
+from support.clients import pulled_blobs, skopeo_copy
 from support.images import build_image
-from test_pull_registry import pulled_blobs
-
-pytestmark = pytest.mark.integration
+from support.registry import REGISTRY_NAME, push
 
 CLIENTS = 50
 SECONDS = 60

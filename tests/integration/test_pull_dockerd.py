@@ -10,7 +10,6 @@ import pytest
 from support.clients import Dockerd
 
 pytestmark = [
-    pytest.mark.integration,
     pytest.mark.dockerd,
     pytest.mark.skipif(os.geteuid() != 0, reason="dockerd needs root"),
 ]

@@ -5,33 +5,13 @@ from __future__ import annotations
 import hashlib
 import ssl
 import socket
-from pathlib import Path
 
 import pytest
 
-from conftest import REGISTRY_NAME
 from support import proxied
-from support.clients import skopeo_copy
+from support.clients import pull, pulled_blobs, skopeo_copy
 from support.images import build_image
-
-pytestmark = pytest.mark.integration
-
-
-def pulled_blobs(dest: Path) -> set[str]:
-    """Digests of the blobs skopeo wrote into a dir: layout, each checked against its bytes."""
-    digests = set()
-    for path in dest.iterdir():
-        if len(path.name) == 64:
-            actual = hashlib.sha256(path.read_bytes()).hexdigest()
-            assert actual == path.name, f"{path.name} holds bytes hashing to {actual}"
-            digests.add(f"sha256:{path.name}")
-    return digests
-
-
-def pull(proxy, ref: str, dest: Path, **kwargs):
-    result = skopeo_copy(f"docker://{ref}", dest, proxy=proxy.url, ca_bundle=proxy.client_bundle, **kwargs)
-    assert result.returncode == 0, result.stderr + proxy.log_text()[-3000:]
-    return result
+from support.registry import REGISTRY_NAME
 
 
 @pytest.mark.parametrize("blob_urls", ["loopback", "https"])

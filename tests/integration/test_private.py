@@ -7,11 +7,9 @@ import hashlib
 
 import pytest
 
-from conftest import push
 from support import proxied
 from support.clients import skopeo_copy
-
-pytestmark = pytest.mark.integration
+from support.registry import push
 
 HUB = "registry-1.docker.io"
 REPO = "library/secret"

@@ -14,13 +14,11 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REGISTRY_NAME
 from support.clients import Dockerd, skopeo_copy
 from support.containerd import Containerd
 from support.pki import ca_bundle
+from support.registry import REGISTRY_NAME
 from support.setupscript import Script, parse
-
-pytestmark = pytest.mark.integration
 
 HUBCACHE = Path(sys.executable).with_name("hubcache")
 as_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root")

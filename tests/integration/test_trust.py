@@ -19,13 +19,11 @@ from pathlib import Path
 import pytest
 from cryptography import x509
 
-from conftest import REGISTRY_NAME, push
 from support import proxied
 from support.clients import skopeo_copy
 from support.hostile import EVIL_DIGEST, EVIL_MANIFEST, Hostile
 from support.pki import TestCA
-
-pytestmark = pytest.mark.integration
+from support.registry import REGISTRY_NAME, push
 
 HUB = "registry-1.docker.io"
 SECRET = "library/secret"

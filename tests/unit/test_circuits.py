@@ -1,5 +1,5 @@
 """The circuit breaker per upstream host (addon/circuits.py): unit tests with mitmproxy's helpers.
-The real outages are in test_resilience.py."""
+The real outages are in tests/integration/test_resilience.py."""
 
 from __future__ import annotations
 

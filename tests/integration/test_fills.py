@@ -14,12 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REGISTRY_NAME
 from support import proxied
-from support.clients import skopeo_copy
-from test_pull_registry import pulled_blobs
-
-pytestmark = pytest.mark.integration
+from support.clients import pulled_blobs, skopeo_copy
+from support.registry import REGISTRY_NAME
 
 
 def wait_for_outcome(proxy, digest: str, timeout: float = 60) -> dict:

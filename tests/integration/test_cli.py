@@ -1,18 +1,24 @@
-"""The `hubcache` command: `hubcache run` starts a working cache with the embedded defaults."""
+"""The `hubcache` program: its help, its one-line errors, and `hubcache run` starting a working cache
+with the embedded defaults and as the systemd unit says. The subcommands in process, through
+click's runner, are in tests/unit/test_cli.py."""
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import yaml
+from click.testing import CliRunner
 
-from conftest import REGISTRY_NAME
+from hubcache.cli import main
 from support.clients import skopeo_copy
 from support.pki import ca_bundle
 from support.procs import Proc, free_port, wait_for_port
+from support.registry import REGISTRY_NAME
+from support.setupscript import parse
 
 HUBCACHE = Path(sys.executable).with_name("hubcache")
 
@@ -37,7 +43,6 @@ def test_bad_option_is_one_readable_line(tmp_path):
     assert "Traceback" not in result.stderr
 
 
-@pytest.mark.integration
 def test_run_with_defaults_and_a_config_file(tmp_path, ca, registry, multi_image):
     port = free_port()
     config = tmp_path / "hubcache.yaml"
@@ -93,11 +98,36 @@ def test_subcommand_errors_are_one_readable_line(tmp_path, args, message):
 
 
 def test_every_subcommand_has_help_with_examples():
-    from hubcache.cli import main
-
     assert len(main.commands) >= 13
     for command in sorted(main.commands):
         result = subprocess.run([HUBCACHE, command, "--help"], capture_output=True, text=True, check=True)
         assert "Examples:" in result.stdout, command
     for command in ("run", "prefetch", "export", "import", "recordings", "prune", "verify", "stats", "ls", "misses"):
         assert "--cache-dir" in subprocess.run([HUBCACHE, command, "--help"], capture_output=True, text=True).stdout, command
+
+
+def systemd_unit(*args: str) -> str:
+    """The unit `hubcache setup systemd` prints."""
+    result = CliRunner().invoke(main, ["setup", "systemd", *args], catch_exceptions=False)
+    return parse(result.stdout).files["/etc/systemd/system/hubcache.service"]
+
+
+@pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze is not installed")
+def test_systemd_accepts_the_unit(tmp_path):
+    unit = tmp_path / "hubcache.service"
+    unit.write_text(systemd_unit() + "\n")
+    result = subprocess.run(["systemd-analyze", "verify", str(unit)], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+
+
+def test_the_units_command_line_starts_hubcache(tmp_path):
+    """ExecStart as printed, with the service's folders moved under tmp_path."""
+    port = free_port()
+    unit = systemd_unit("--listen-port", str(port))
+    command = next(line for line in unit.splitlines() if line.startswith("ExecStart=")).removeprefix("ExecStart=")
+    command = command.replace("/var/cache/hubcache", str(tmp_path / "cache")).replace("/etc/hubcache", str(tmp_path / "conf"))
+    log = tmp_path / "run.log"
+    with Proc(command.split(), log=log, cwd=tmp_path):
+        wait_for_port("127.0.0.1", port, timeout=60, log=log)
+        assert (tmp_path / "conf" / "mitmproxy-ca-cert.pem").exists()
+    assert (tmp_path / "cache" / "content").is_dir()

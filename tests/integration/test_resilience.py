@@ -10,12 +10,10 @@ from collections.abc import Callable
 
 import pytest
 
-from conftest import REGISTRY_NAME
 from support.clients import Dockerd, skopeo_copy
 from support.dockerhub import ALL_HOSTS, AUTH_HOST
 from support.procs import free_port
-
-pytestmark = pytest.mark.integration
+from support.registry import REGISTRY_NAME
 
 HUB = "registry-1.docker.io"
 REF = f"docker://{HUB}/library/multi:1"

@@ -7,11 +7,8 @@ import time
 
 import pytest
 
-from conftest import REGISTRY_NAME
-from support.clients import Dockerd, skopeo_copy
-from test_pull_registry import pulled_blobs
-
-pytestmark = pytest.mark.integration
+from support.clients import Dockerd, pulled_blobs, skopeo_copy
+from support.registry import REGISTRY_NAME
 
 
 def skopeo(proxy, ref, dest):

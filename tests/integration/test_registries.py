@@ -9,13 +9,11 @@ from dataclasses import dataclass
 
 import pytest
 
-from conftest import push, upstream_options
 from support import proxied
+from support.clients import pull, pulled_blobs
+from support.hubcache import upstream_options
 from support.images import ImageInfo, build_image
-from support.registry import Registry
-from test_pull_registry import pull, pulled_blobs
-
-pytestmark = pytest.mark.integration
+from support.registry import Registry, push
 
 GHCR, QUAY, HUB = "ghcr.io", "quay.io", "registry-1.docker.io"
 SECRET = "library/shared-secret"  # a private Docker Hub repository holding the shared layer

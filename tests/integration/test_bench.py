@@ -9,11 +9,9 @@ from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "scripts"))
 
 import bench  # noqa: E402
-
-pytestmark = pytest.mark.integration
 
 ALL_PATHS = [path for way in bench.WAYS.values() for path in way.paths]
 

@@ -7,10 +7,7 @@ import time
 
 import pytest
 
-from support.clients import skopeo_copy
-from test_pull_registry import pulled_blobs
-
-pytestmark = pytest.mark.integration
+from support.clients import pulled_blobs, skopeo_copy
 
 REF = "docker://registry-1.docker.io/library/multi:1"
 

@@ -7,13 +7,10 @@ from __future__ import annotations
 
 import pytest
 
-from conftest import REGISTRY_NAME
 from support import proxied
-from support.clients import skopeo_copy
+from support.clients import pull, pulled_blobs, skopeo_copy
 from support.corporate import CorporateProxy
-from test_pull_registry import pull, pulled_blobs
-
-pytestmark = pytest.mark.integration
+from support.registry import REGISTRY_NAME
 
 HUB = "registry-1.docker.io"
 

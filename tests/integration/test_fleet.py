@@ -1,5 +1,6 @@
 """Fleet mode: two real hubcache nodes sharing one real S3 store (OpenStack Swift with s3api) and,
-for the fill lock, a real Redis; skopeo pulls through them from the distribution registry."""
+for the fill lock, a real Redis; skopeo pulls through them from the distribution registry. The
+options are checked in tests/unit/test_fleet.py."""
 
 from __future__ import annotations
 
@@ -14,62 +15,19 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-from mitmproxy import exceptions
 from mitmproxy.test import taddons
 
 from hubcache.fleet import Fleet
 from hubcache.protocol import digest_of
-from conftest import REGISTRY_NAME, push
-from support.clients import skopeo_copy
+from support.clients import pull, pulled_blobs, skopeo_copy
 from support.images import ImageInfo, build_image
 from support.procs import free_port
-from test_pull_registry import pull, pulled_blobs
+from support.registry import REGISTRY_NAME, push
 
 HUBCACHE = Path(sys.executable).with_name("hubcache")
 OUTAGE = "serving from the local cache and upstream"
 
-# --- options (unit) ----------------------------------------------------------
-
-
-@pytest.mark.parametrize(
-    "options, message",
-    [
-        ({"fleet_lock": "redis://127.0.0.1:1/0"}, "fleet_lock needs shared_store: the lock guards fills of the shared store"),
-        ({"shared_store": "http://bucket/x"}, "shared store 'http://bucket/x': not an s3://bucket[/prefix] URL"),
-        ({"shared_store": "s3://b", "fleet_lock": "http://127.0.0.1:1"}, "fleet_lock: 'http://127.0.0.1:1' is not a redis://HOST:PORT/DB URL"),
-        ({"shared_store": "s3://b", "shared_store_credentials": "key:secret"}, "shared_store_credentials: credentials must be @FILE or env:NAME (holding ACCESS_KEY:SECRET_KEY), not given inline"),
-        ({"shared_store": "s3://b", "shared_store_credentials": "env:HUBCACHE_UNSET_S3"}, "shared_store_credentials: the environment variable HUBCACHE_UNSET_S3 is not set"),
-        ({"shared_store": "s3://b", "shared_store_credentials": "@/nonexistent/s3"}, "shared_store_credentials: cannot read credentials from /nonexistent/s3: No such file or directory"),
-        ({"shared_store_retry": 0}, "shared_store_retry must be 1 or more seconds"),
-    ],
-)
-def test_a_bad_option_is_one_line(options, message):
-    fleet = Fleet()
-    with taddons.context(fleet) as tctx:
-        with pytest.raises(exceptions.OptionsError) as e:
-            tctx.configure(fleet, **options)
-    assert str(e.value) == message
-
-
-def test_credentials_must_name_both_keys(tmp_path):
-    secret = tmp_path / "s3"
-    secret.write_text("justonekey\n")
-    fleet = Fleet()
-    with taddons.context(fleet) as tctx:
-        with pytest.raises(exceptions.OptionsError, match="must be ACCESS_KEY:SECRET_KEY"):
-            tctx.configure(fleet, shared_store="s3://b", shared_store_credentials=f"@{secret}")
-
-
-async def test_without_a_shared_store_the_fleet_is_a_fleet_of_one():
-    fleet = Fleet()
-    with taddons.context(fleet) as tctx:
-        tctx.configure(fleet, shared_store="")
-        assert not fleet.enabled
-        digest = "sha256:" + "0" * 64
-        assert await fleet.open_blob(digest) is None
-        assert await fleet.get_manifest(digest) is None
-        assert await fleet.claim(digest) is True  # no lock: this node fetches it itself
-        fleet.publish_manifest(digest, "x", b"", None)  # nothing to put it to
+# --- a node without a shared store, in a fresh Python process -------------------------
 
 
 def test_a_node_without_a_shared_store_never_loads_the_s3_client():
@@ -100,7 +58,6 @@ print(sorted(m for m in ("boto3", "botocore", "redis") if m in sys.modules))
 # --- the lock between two nodes (real Swift, real Redis) --------------------------
 
 
-@pytest.mark.integration
 async def test_a_node_waits_for_the_holder_of_the_lock_and_no_longer(swift, bucket, redis, tmp_path, monkeypatch):
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", swift.access_key)
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", swift.secret_key)
@@ -213,7 +170,6 @@ def journal_outcomes(proxy, digests) -> dict[str, str]:
     return {e["digest"]: e["outcome"] for e in proxy.journal() if e["kind"] == "blob" and e["digest"] in digests}
 
 
-@pytest.mark.integration
 def test_a_blob_one_node_fetched_comes_to_the_other_from_the_shared_store(node, registry, layouts, swift, bucket, tmp_path):
     ref, image = cold_image(registry, layouts, [3_000_000, 1_000_000])
     digests = {b.digest for b in blobs_of(image)}
@@ -252,7 +208,6 @@ def test_a_blob_one_node_fetched_comes_to_the_other_from_the_shared_store(node, 
     assert outcomes == dict.fromkeys([manifest, *digests], "filled from the shared store")
 
 
-@pytest.mark.integration
 @pytest.mark.parametrize("lock", ["redis", "none"])
 def test_eight_clients_on_two_nodes_pull_one_cold_image(lock, node, registry, redis, layouts, tmp_path):
     options = {"fleet_lock": redis.start().url} if lock == "redis" else {}
@@ -296,7 +251,6 @@ def test_eight_clients_on_two_nodes_pull_one_cold_image(lock, node, registry, re
         assert shared, "with the lock, one node waits for the other and fills from the shared store"
 
 
-@pytest.mark.integration
 def test_nodes_keep_serving_while_the_shared_store_is_down(node, registry, layouts, swift, bucket, tmp_path):
     a, b = node("a", shared_store_retry=2), node("b", shared_store_retry=2)
     ref1, image1 = cold_image(registry, layouts, [2_000_000])
@@ -339,7 +293,6 @@ def run_refused(tmp_path: Path, *settings: str) -> subprocess.CompletedProcess[s
     return subprocess.run(args, cwd=tmp_path, capture_output=True, text=True, timeout=60)
 
 
-@pytest.mark.integration
 def test_an_unreachable_store_stops_the_start_in_one_line(tmp_path, monkeypatch):
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "key")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "secret")
@@ -350,7 +303,6 @@ def test_an_unreachable_store_stops_the_start_in_one_line(tmp_path, monkeypatch)
     assert "Traceback" not in result.stderr
 
 
-@pytest.mark.integration
 def test_a_missing_bucket_stops_the_start_in_one_line(tmp_path, swift, monkeypatch):
     swift.start()
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", swift.access_key)
@@ -361,7 +313,6 @@ def test_a_missing_bucket_stops_the_start_in_one_line(tmp_path, swift, monkeypat
     assert "Traceback" not in result.stderr
 
 
-@pytest.mark.integration
 def test_an_unreachable_lock_stops_the_start_in_one_line(tmp_path, swift, bucket, monkeypatch):
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", swift.access_key)
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", swift.secret_key)

@@ -1,10 +1,11 @@
-"""The operators' subcommands (stats, ls, misses, ca, setup) on real stores, through click's runner."""
+"""The operators' subcommands (stats, ls, misses, ca, setup) on real stores, through click's runner.
+The `hubcache` program itself (help, one-line errors, `hubcache run`) is in
+tests/integration/test_cli.py."""
 
 from __future__ import annotations
 
 import json
 import shutil
-import subprocess
 import sys
 import time
 import tomllib
@@ -20,10 +21,9 @@ from hubcache.recording import Recording
 from hubcache.store import Store
 from support.fill import store_image
 from support.images import build_image
-from support.procs import Proc, free_port, wait_for_port
 from support.setupscript import parse
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
@@ -343,28 +343,6 @@ def test_setup_systemd_names_this_installation(tmp_path):
     assert exec_start.split()[0] == f"ExecStart={Path(sys.executable).with_name('hubcache')}"
     assert exec_start.endswith("--listen-host 127.0.0.1 --listen-port 3199")
     assert script.commands[-1] == "systemctl daemon-reload && systemctl enable --now hubcache"
-
-
-@pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze is not installed")
-def test_systemd_accepts_the_unit(tmp_path):
-    unit = tmp_path / "hubcache.service"
-    unit.write_text(parse(invoke("setup", "systemd").stdout).files["/etc/systemd/system/hubcache.service"] + "\n")
-    result = subprocess.run(["systemd-analyze", "verify", str(unit)], capture_output=True, text=True, timeout=60)
-    assert result.returncode == 0, result.stderr
-
-
-@pytest.mark.integration
-def test_the_units_command_line_starts_hubcache(tmp_path):
-    """ExecStart as printed, with the service's folders moved under tmp_path."""
-    port = free_port()
-    unit = parse(invoke("setup", "systemd", "--listen-port", str(port)).stdout).files["/etc/systemd/system/hubcache.service"]
-    command = next(line for line in unit.splitlines() if line.startswith("ExecStart=")).removeprefix("ExecStart=")
-    command = command.replace("/var/cache/hubcache", str(tmp_path / "cache")).replace("/etc/hubcache", str(tmp_path / "conf"))
-    log = tmp_path / "run.log"
-    with Proc(command.split(), log=log, cwd=tmp_path):
-        wait_for_port("127.0.0.1", port, timeout=60, log=log)
-        assert (tmp_path / "conf" / "mitmproxy-ca-cert.pem").exists()
-    assert (tmp_path / "cache" / "content").is_dir()
 
 
 def test_run_points_at_setup_and_agrees_with_it(tmp_path):

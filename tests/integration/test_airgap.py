@@ -14,11 +14,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import REGISTRY_NAME, upstream_options
-from support.clients import Dockerd, skopeo_copy
-from test_pull_registry import pulled_blobs
-
-pytestmark = pytest.mark.integration
+from support.clients import Dockerd, pulled_blobs, skopeo_copy
+from support.hubcache import upstream_options
+from support.registry import REGISTRY_NAME
 
 HUBCACHE = Path(sys.executable).with_name("hubcache")
 HUB_REF = "docker.io/library/multi:1"

@@ -9,7 +9,7 @@ from click.testing import CliRunner
 from hubcache import reference
 from hubcache.cli import main
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+README = Path(__file__).resolve().parents[2] / "README.md"
 
 
 def test_every_hubcache_option_is_described_and_no_mitmproxy_one():
