@@ -1,11 +1,9 @@
-"""Where clients of the proxy may go (addon/destinations.py), and what passes through streamed
-(hosts.Passthrough): unit tests with mitmproxy's test helpers."""
+"""Where clients of the proxy may go (addon/destinations.py): unit tests with mitmproxy's test
+helpers."""
 
 from __future__ import annotations
 
 import socket
-import threading
-from http.server import BaseHTTPRequestHandler, HTTPServer
 
 import pytest
 from mitmproxy import connection, exceptions, http
@@ -16,8 +14,7 @@ from mitmproxy.test import taddons, tflow, tutils
 from hubcache.blobhost import BlobHost
 from hubcache.blobserver import BLOB_HOST
 from hubcache.destinations import Destinations, Refused
-from hubcache.hosts import Interception, Passthrough, UpstreamOverride
-from hubcache.listeners import BoundedThreads
+from hubcache.hosts import UpstreamOverride
 
 
 @pytest.fixture
@@ -126,109 +123,3 @@ async def test_behind_an_upstream_proxy_only_literals_are_judged(guard):
     assert await destinations.check("registry.example", 443, via_proxy=True) is None
     with pytest.raises(Refused):
         await destinations.check("localhost", 6379, via_proxy=True)
-
-
-# Passthrough: bodies hubcache does not answer are streamed
-
-
-def request_flow(method: str, host: str, headers: dict, scheme: str = "https") -> http.HTTPFlow:
-    f = tflow.tflow(req=tutils.treq(method=method.encode(), host=host, port=443, scheme=scheme.encode(), headers=http.Headers(**headers), content=None))
-    f.client_conn.sni = host
-    return f
-
-
-@pytest.mark.parametrize(
-    "method, host, headers, streamed",
-    [
-        ("PUT", "example.com", {"content_length": "1000000000"}, True),
-        ("POST", "example.com", {"transfer_encoding": "chunked"}, True),
-        ("PATCH", "registry-1.docker.io", {"content_length": "5"}, True),  # a push: relayed as it comes
-        ("GET", "example.com", {}, False),
-        ("POST", "registry-1.docker.io", {"content_length": "0"}, False),
-    ],
-)
-def test_request_bodies_are_streamed(method, host, headers, streamed):
-    hosts = Interception()
-    passthrough = Passthrough(hosts)
-    with taddons.context(hosts, passthrough) as tctx:
-        tctx.options.add_option("offline", bool, False, "declared by the cache")
-        f = request_flow(method, host, headers)
-        passthrough.requestheaders(f)
-        assert bool(f.request.stream) is streamed and not f.error
-
-
-def test_a_pull_with_a_body_is_refused():
-    """hubcache answers pulls itself after reading the whole request: one with a body is cut."""
-    hosts = Interception()
-    passthrough = Passthrough(hosts)
-    with taddons.context(hosts, passthrough):
-        f = request_flow("GET", "registry-1.docker.io", {"content_length": "1000000000"})
-        passthrough.requestheaders(f)
-        assert f.error and not f.request.stream
-
-
-def test_upstream_answers_are_streamed_and_hubcaches_own_are_not():
-    hosts = Interception()
-    passthrough = Passthrough(hosts)
-    with taddons.context(hosts, passthrough):
-        relayed = request_flow("GET", "example.com", {})
-        relayed.response = tutils.tresp(content=None)
-        passthrough.responseheaders(relayed)
-        assert relayed.response.stream is True
-        answered = request_flow("GET", "registry-1.docker.io", {})
-        answered.response = http.Response.make(200, b"{}")
-        passthrough.responseheaders(answered)
-        assert not answered.response.stream
-
-
-# The listeners' thread bound and idle timeout
-
-
-class _Echo(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-
-    def do_GET(self):
-        self.send_response(200)
-        self.send_header("Content-Length", "2")
-        self.end_headers()
-        self.wfile.write(b"ok")
-
-    def log_message(self, *args):
-        pass
-
-
-class _Bounded(BoundedThreads, HTTPServer):
-    max_connections = 2
-    idle_timeout = 1.0
-
-
-def test_idle_connections_are_dropped_and_the_bound_holds_the_rest_back():
-    server = _Bounded(("127.0.0.1", 0), _Echo)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    address = server.server_address
-    try:
-        idle = [socket.create_connection(address) for _ in range(2)]  # every slot, saying nothing
-        waiting = socket.create_connection(address)
-        waiting.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
-        waiting.settimeout(30)
-        assert waiting.recv(1024).startswith(b"HTTP/1.1 200")
-        # Served only once an idle connection was dropped: the bound held it back till then.
-        assert any(_closed(sock) for sock in idle)
-        for sock in idle:
-            sock.settimeout(30)
-            assert sock.recv(1) == b"", "the idle connection was closed by the server"
-            sock.close()
-        waiting.close()
-    finally:
-        server.shutdown()
-        server.server_close()
-
-
-def _closed(sock: socket.socket) -> bool:
-    sock.setblocking(False)
-    try:
-        return sock.recv(1) == b""
-    except BlockingIOError:
-        return False
-    finally:
-        sock.setblocking(True)

@@ -1,14 +1,14 @@
 import ssl
 
 import pytest
-from mitmproxy import connection, exceptions, tls
+from mitmproxy import connection, exceptions, http, tls
 from mitmproxy.proxy import context, server_hooks
 from mitmproxy.proxy.layers.http._hooks import HttpConnectUpstreamHook
 from mitmproxy.proxy.layers.http._upstream_proxy import HttpUpstreamProxy
-from mitmproxy.test import taddons, tflow
+from mitmproxy.test import taddons, tflow, tutils
 
 from hubcache.blobserver import BLOB_HOST
-from hubcache.hosts import Interception, UpstreamOverride
+from hubcache.hosts import Interception, Passthrough, UpstreamOverride
 
 
 def client_hello(sni: str | None) -> tls.ClientHello:
@@ -184,3 +184,56 @@ class TestUpstreamOverride:
             tctx.configure(u, upstream_map=["registry-1.docker.io=127.0.0.1:5000"])
             data, _ = self.connect_through_proxy(tctx, u, ("example.com", 443))
             assert data.split(b"\r\n")[0] == b"CONNECT example.com:443 HTTP/1.1"
+
+
+# Passthrough: bodies hubcache does not answer are streamed
+
+
+def request_flow(method: str, host: str, headers: dict, scheme: str = "https") -> http.HTTPFlow:
+    f = tflow.tflow(req=tutils.treq(method=method.encode(), host=host, port=443, scheme=scheme.encode(), headers=http.Headers(**headers), content=None))
+    f.client_conn.sni = host
+    return f
+
+
+@pytest.mark.parametrize(
+    "method, host, headers, streamed",
+    [
+        ("PUT", "example.com", {"content_length": "1000000000"}, True),
+        ("POST", "example.com", {"transfer_encoding": "chunked"}, True),
+        ("PATCH", "registry-1.docker.io", {"content_length": "5"}, True),  # a push: relayed as it comes
+        ("GET", "example.com", {}, False),
+        ("POST", "registry-1.docker.io", {"content_length": "0"}, False),
+    ],
+)
+def test_request_bodies_are_streamed(method, host, headers, streamed):
+    hosts = Interception()
+    passthrough = Passthrough(hosts)
+    with taddons.context(hosts, passthrough) as tctx:
+        tctx.options.add_option("offline", bool, False, "declared by the cache")
+        f = request_flow(method, host, headers)
+        passthrough.requestheaders(f)
+        assert bool(f.request.stream) is streamed and not f.error
+
+
+def test_a_pull_with_a_body_is_refused():
+    """hubcache answers pulls itself after reading the whole request: one with a body is cut."""
+    hosts = Interception()
+    passthrough = Passthrough(hosts)
+    with taddons.context(hosts, passthrough):
+        f = request_flow("GET", "registry-1.docker.io", {"content_length": "1000000000"})
+        passthrough.requestheaders(f)
+        assert f.error and not f.request.stream
+
+
+def test_upstream_answers_are_streamed_and_hubcaches_own_are_not():
+    hosts = Interception()
+    passthrough = Passthrough(hosts)
+    with taddons.context(hosts, passthrough):
+        relayed = request_flow("GET", "example.com", {})
+        relayed.response = tutils.tresp(content=None)
+        passthrough.responseheaders(relayed)
+        assert relayed.response.stream is True
+        answered = request_flow("GET", "registry-1.docker.io", {})
+        answered.response = http.Response.make(200, b"{}")
+        passthrough.responseheaders(answered)
+        assert not answered.response.stream
