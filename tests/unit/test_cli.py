@@ -1,6 +1,6 @@
-"""The operators' subcommands (stats, ls, misses, ca, setup) on real stores, through click's runner.
-The `hubcache` program itself (help, one-line errors, `hubcache run`) is in
-tests/integration/test_cli.py."""
+"""The operators' subcommands (stats, ls, misses, ca, setup) on real stores, and every command's
+help text, through click's runner. The `hubcache` program itself (help, one-line errors,
+`hubcache run`) is in tests/integration/test_cli.py."""
 
 from __future__ import annotations
 
@@ -16,7 +16,8 @@ import pytest
 from click.testing import CliRunner
 
 from hubcache import clientsetup
-from hubcache.cli import instructions, main
+from hubcache.cli import main
+from hubcache.cli.proxy import instructions
 from hubcache.recording import Recording
 from hubcache.store import Store
 from support.fill import store_image
@@ -356,3 +357,28 @@ def test_run_points_at_setup_and_agrees_with_it(tmp_path):
     assert f"{dockerd.commands[0]} && {dockerd.commands[1]}" in text
 
 
+# help
+
+
+@pytest.mark.parametrize("name", [None, *sorted(main.commands)])
+def test_help_has_no_literal_backspace_marker(name):
+    """click's no-rewrap marker is a line holding a backspace; written as `\\b`, it is printed."""
+    result = invoke(*([name] if name else []), "--help")
+    assert result.exit_code == 0
+    assert "\\b" not in result.output and "\b" not in result.output
+
+
+@pytest.mark.parametrize("name", sorted(main.commands))
+def test_help_prints_each_example_on_its_own_line(name):
+    docstring = main.commands[name].help
+    examples = [line.strip() for line in docstring.partition("Examples:")[2].splitlines() if line.strip()]
+    assert examples and all(line.startswith(f"hubcache {name}") for line in examples), docstring
+    lines = [line.strip() for line in invoke(name, "--help").output.splitlines()]
+    assert "Examples:" in lines
+    for example in examples:
+        assert example in lines, name
+
+
+def test_stats_help_prints_its_examples_one_per_line():
+    output = invoke("stats", "--help").output
+    assert "\n  Examples:\n    hubcache stats\n    hubcache stats --json --cache-dir /var/cache/hubcache\n" in output

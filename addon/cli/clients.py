@@ -1,0 +1,132 @@
+"""Pointing clients at the proxy: `hubcache ca` (the CA they must trust) and `hubcache setup
+CLIENT` (the files, environment and commands for dockerd, containerd, podman, skopeo, or a
+systemd unit for hubcache itself). The texts themselves come from `clientsetup`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from .config import config_option, config_settings
+from .proxy import make_ca
+
+CLIENTS = ("dockerd", "containerd", "podman", "skopeo", "systemd")
+
+
+def _ca(confdir: Path) -> Path:
+    try:
+        return make_ca(confdir)
+    except OSError as e:
+        raise click.ClickException(f"cannot create the CA in {confdir}: {e.strerror or e}")
+
+
+@click.command("ca")
+@click.option(
+    "--confdir",
+    default="certs",
+    show_default=True,
+    type=click.Path(file_okay=False, path_type=Path),
+    help="mitmproxy's confdir, as given to `hubcache run`: the CA is generated here if absent.",
+)
+@click.option("--install", is_flag=True, help="Add the CA to this machine's trust store (/usr/local/share/ca-certificates/hubcache.crt).")
+def ca_command(confdir: Path, install: bool) -> None:
+    """Print the CA certificate clients must trust: its path (on stderr) and its PEM (on
+    stdout). The CA is generated first if the confdir has none, as `hubcache run` does.
+
+    \b
+    Examples:
+      hubcache ca
+      hubcache ca --confdir /etc/hubcache > hubcache.crt
+      hubcache ca --install          # as root, on Debian or Ubuntu
+    """
+    import shutil
+    import subprocess
+
+    from ..clientsetup import SYSTEM_CA
+
+    ca_cert = _ca(confdir)
+    click.echo(ca_cert, err=True)
+    click.echo(ca_cert.read_text(), nl=False)
+    if not install:
+        return
+    tool = shutil.which("update-ca-certificates")
+    if tool is None:
+        raise click.ClickException(
+            f"update-ca-certificates not found: add {ca_cert} to this system's trust store yourself "
+            "(Fedora, RHEL: copy it to /etc/pki/ca-trust/source/anchors/ and run update-ca-trust)"
+        )
+    target = SYSTEM_CA
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(ca_cert, target)
+    except OSError as e:
+        raise click.ClickException(f"cannot write {target}: {e.strerror or e} (run as root)")
+    done = subprocess.run([tool], capture_output=True, text=True)
+    if done.returncode != 0:
+        lines = (done.stderr or done.stdout).strip().splitlines()
+        raise click.ClickException(f"update-ca-certificates failed: {lines[-1] if lines else f'exit {done.returncode}'}")
+    click.echo(f"installed {target} into the system trust store; restart the daemons that read it (dockerd, containerd)", err=True)
+
+
+@click.command("setup")
+@click.argument("client", type=click.Choice(CLIENTS))
+@click.option("--proxy", metavar="URL", help="The proxy URL clients use  [default: from --listen-host/--listen-port]")
+@click.option("--listen-host", help="hubcache's --listen-host, if not the config file's or 127.0.0.1.")
+@click.option("--listen-port", type=int, help="hubcache's --listen-port, if not the config file's or 3128.")
+@click.option(
+    "--confdir",
+    default="certs",
+    show_default=True,
+    type=click.Path(file_okay=False, path_type=Path),
+    help="mitmproxy's confdir, as given to `hubcache run`: the CA is generated here if absent.",
+)
+@config_option
+def setup_command(
+    client: str, proxy: str | None, listen_host: str | None, listen_port: int | None, confdir: Path, config_file: Path | None
+) -> None:
+    """Print how to point CLIENT at this hubcache: every file to write, the environment and the
+    commands, as a shell script to read (and run as root). For `systemd`: a unit file that runs
+    hubcache as a service.
+
+    \b
+    Examples:
+      hubcache setup dockerd
+      hubcache setup containerd --config /etc/hubcache/hubcache.yaml
+      hubcache setup skopeo --proxy http://cache.example.internal:3128 --confdir /etc/hubcache
+      hubcache setup systemd --listen-port 3128 > hubcache-setup.sh
+    """
+    import sys
+    from urllib.parse import urlsplit
+
+    from .. import clientsetup
+    from ..registries import DEFAULT_REGISTRIES
+
+    configured: dict[str, list[str]] = {}
+    for setting in config_settings(config_file):
+        name, _, value = setting.partition("=")
+        configured.setdefault(name, []).append(value)
+    host = listen_host or configured.get("listen_host", ["127.0.0.1"])[-1]
+    try:
+        port = listen_port or int(configured.get("listen_port", ["3128"])[-1])
+    except ValueError:
+        raise click.ClickException(f"{config_file}: listen_port is not a number")
+    if client == "systemd":
+        executable = Path(sys.executable).with_name("hubcache")
+        click.echo(clientsetup.systemd(executable, host, port).text(), nl=False)
+        return
+    if proxy:
+        parts = urlsplit(proxy)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise click.BadParameter(f"{proxy!r} is not a proxy URL like http://127.0.0.1:3128", param_hint="--proxy")
+    else:
+        proxy = clientsetup.proxy_url(host, port)
+    ca_cert = _ca(confdir)
+    registries = configured.get("registries") or list(DEFAULT_REGISTRIES)
+    setups = {
+        "dockerd": lambda: clientsetup.dockerd(proxy, ca_cert),
+        "containerd": lambda: clientsetup.containerd(proxy, ca_cert, registries),
+        "podman": lambda: clientsetup.podman(proxy, ca_cert),
+        "skopeo": lambda: clientsetup.skopeo(proxy, ca_cert),
+    }
+    click.echo(setups[client]().text(), nl=False)

@@ -1,0 +1,236 @@
+"""Moving images into and out of the cache: `hubcache prefetch` (from upstream, through a proxy
+run in this process), `hubcache export` and `hubcache import` (one OCI archive carried to another
+cache), and `hubcache recordings` (the named sets of images that are carried)."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import click
+
+from .config import cache_dir_option, config_option, open_store
+from .proxy import make_ca, proxy_options, proxy_settings
+
+
+@click.command()
+@proxy_options
+@click.argument("images", nargs=-1, required=True)
+@click.option(
+    "--platform",
+    "platforms",
+    multiple=True,
+    metavar="OS/ARCH[/VARIANT]",
+    help="Only these platforms of a multi-platform image (repeatable)  [default: every platform]",
+)
+def prefetch(
+    cache_dir: Path | None,
+    config_file: Path | None,
+    confdir: Path,
+    record: str | None,
+    settings: tuple[str, ...],
+    images: tuple[str, ...],
+    platforms: tuple[str, ...],
+) -> None:
+    """Fill the cache with IMAGES from upstream, without any container engine.
+
+    hubcache runs inside this command and the images are pulled through it, so all of its options
+    (registries, upstream_map, upstream proxy, trusted CAs) apply. Prepare an air-gapped site with
+    --record, then `hubcache export --recording NAME`.
+
+    \b
+    Examples:
+      hubcache prefetch alpine:3.20 nginx
+      hubcache prefetch --platform linux/amd64 --platform linux/arm64 ghcr.io/org/app:1.4
+      hubcache prefetch --record lab python:3.12-slim postgres:16
+    """
+    from .. import prefetch as pf
+    from ..progress import LayerBars, console
+
+    options = proxy_settings(cache_dir, config_file, confdir, record, settings)
+    ca_cert = make_ca(confdir)
+    results = []
+    try:
+        with pf.LocalProxy(options) as proxy, LayerBars() as bars:
+            if proxy.options.offline:
+                raise click.ClickException("prefetch fetches from upstream; it cannot run with offline=true")
+            client = pf.RegistryClient(proxy.url, ca_cert)
+            for image in images:
+                results.append(pf.prefetch(proxy, client, image, list(platforms), bars))
+    except click.ClickException:
+        raise
+    except Exception as e:  # mitmproxy's OptionsError, or a proxy that could not start
+        raise click.ClickException(str(e))
+    console.print(_prefetch_table(results))
+    failed = [r for r in results if r.error]
+    for r in failed:
+        click.echo(f"Error: {r.error}", err=True)
+    if failed:
+        raise SystemExit(1)
+
+
+def _prefetch_table(results):
+    from rich.table import Table
+
+    from ..progress import size
+
+    table = Table("image", "digest", "platforms", "fetched", "already cached", title="prefetch")
+    for r in results:
+        if r.error:
+            table.add_row(r.image, "[red]failed[/red]", "", "", "")
+        else:
+            fetched = f"{r.fetched} blobs, {size(r.fetched_bytes)}"
+            table.add_row(r.image, r.digest[:19], ", ".join(r.platforms), fetched, f"{r.held} blobs")
+    return table
+
+
+@click.command("export")
+@cache_dir_option
+@config_option
+@click.argument("images", nargs=-1)
+@click.option("--recording", "-r", metavar="NAME", help="Export the images of this recording.")
+@click.option(
+    "--output",
+    "-o",
+    required=True,
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="The bundle to write: a tar of an OCI image layout.",
+)
+def export_command(
+    cache_dir: Path | None, config_file: Path | None, images: tuple[str, ...], recording: str | None, output: Path
+) -> None:
+    """Write a recording, or IMAGES held in the cache, to one portable file.
+
+    The file is a standard OCI image layout in a tar: `hubcache import` loads it into another
+    cache, and skopeo, podman, crane or containerd read it as well, for instance
+    `skopeo copy oci-archive:FILE:docker.io/library/alpine:3.20 dir:out`.
+
+    \b
+    Examples:
+      hubcache export --recording lab -o lab.tar
+      hubcache export alpine:3.20 ghcr.io/org/app:1.4 -o images.tar
+    """
+    from ..bundle import BundleError, export
+    from ..progress import ByteBar, count, size
+    from ..recording import image_from_store
+
+    if bool(images) == bool(recording):
+        raise click.UsageError("give either IMAGES or --recording NAME")
+    with open_store(cache_dir, config_file) as (store, folder):
+        if recording:
+            chosen = list(_recording(folder, recording).images.values())
+        else:
+            chosen = []
+            for text in images:
+                ref = _image_reference(text)
+                image = image_from_store(store, ref.registry, ref.repository, ref.reference)
+                if image is None:
+                    raise click.ClickException(f"{ref} is not in the cache at {folder}")
+                chosen.append(image)
+        total = sum(size for image in chosen for size in image.blobs().values())
+        try:
+            with ByteBar(f"exporting {output.name}", total) as bar:
+                summary = export(store, chosen, output, recording or "", bar.advance)
+        except BundleError as e:
+            raise click.ClickException(str(e))
+        except OSError as e:
+            raise click.ClickException(f"cannot write {output}: {e.strerror or e}")
+    click.echo(
+        f"{output}: {count(len(summary.images), 'image')}, {count(summary.manifests, 'manifest')}, "
+        f"{count(summary.blobs, 'blob')} ({size(summary.bytes)})"
+    )
+
+
+@click.command("import")
+@cache_dir_option
+@config_option
+@click.argument("bundle", type=click.Path(dir_okay=False, exists=True, path_type=Path))
+def import_command(cache_dir: Path | None, config_file: Path | None, bundle: Path) -> None:
+    """Load a bundle written by `hubcache export` (or any OCI archive whose entries are named
+    registry/repository:tag) into the cache, verifying every digest first.
+
+    Nothing is stored unless all of it verifies: a corrupt or truncated file is refused and leaves
+    the cache as it was. A recording carried in the bundle is created in the cache as well.
+
+    \b
+    Examples:
+      hubcache import lab.tar
+      hubcache import --cache-dir /var/cache/hubcache lab.tar
+    """
+    from ..bundle import BundleError, import_bundle
+    from ..progress import ByteBar, count, size
+
+    with open_store(cache_dir, config_file) as (store, folder):
+        try:
+            with ByteBar(f"verifying {bundle.name}", bundle.stat().st_size) as bar:
+                summary = import_bundle(store, bundle, folder, bar.advance)
+        except BundleError as e:
+            raise click.ClickException(f"{e}; the cache is unchanged")
+        except OSError as e:
+            raise click.ClickException(f"cannot import into {folder}: {e.strerror or e}")
+    click.echo(
+        f"imported {count(len(summary.images), 'image')} ({', '.join(summary.images)}): "
+        f"{count(summary.manifests, 'manifest')}, {count(summary.blobs, 'new blob')} ({size(summary.bytes)}), "
+        f"{summary.already_held} already held"
+    )
+
+
+@click.command()
+@cache_dir_option
+@config_option
+@click.argument("name", required=False)
+def recordings(cache_dir: Path | None, config_file: Path | None, name: str | None) -> None:
+    """List the recordings, or show the recording NAME: its images, digests, size, and what the
+    cache lacks of it.
+
+    \b
+    Examples:
+      hubcache recordings
+      hubcache recordings lab
+    """
+    from rich.table import Table
+
+    from .. import recording as rec
+    from ..progress import console, size
+
+    with open_store(cache_dir, config_file) as (store, folder):
+        if name is None:
+            table = Table("recording", "images", "size", "missing from the cache", "updated")
+            for each in rec.names(folder):
+                r = _recording(folder, each)
+                updated = time.strftime("%Y-%m-%d %H:%M", time.localtime(r.path.stat().st_mtime))
+                table.add_row(each, str(len(r.images)), size(r.total_size()), str(len(r.missing(store))), updated)
+            console.print(table if table.rows else f"no recordings in {folder}")
+            return
+        r = _recording(folder, name)
+        table = Table("image", "digest", "platforms", "blobs", "size", title=f"recording {name} ({r.path})")
+        for ref, image in sorted(r.images.items()):
+            platforms = ", ".join(m.platform or "(single)" for m in image.manifests.values())
+            blobs = image.blobs()
+            table.add_row(ref, image.digest, platforms, str(len(blobs)), size(sum(blobs.values())))
+        console.print(table)
+        missing = r.missing(store)
+        console.print(f"total {size(r.total_size())}; " + (f"{len(missing)} items missing from the cache:" if missing else "everything is in the cache"))
+        for digest in missing:
+            console.print(f"  {digest}")
+
+
+def _recording(folder: Path, name: str):
+    from ..recording import Recording, RecordingError
+
+    try:
+        path = Recording.open(folder, name).path
+        if not path.exists():
+            raise click.ClickException(f"no recording {name!r} in {folder}")
+        return Recording.load(path)
+    except RecordingError as e:
+        raise click.ClickException(str(e))
+
+
+def _image_reference(text: str):
+    from ..protocol import ImageReference
+
+    try:
+        return ImageReference.parse(text)
+    except ValueError as e:
+        raise click.ClickException(str(e))

@@ -1,0 +1,259 @@
+"""Operators' views of the cache: `hubcache stats` (what it holds), `hubcache ls` (the cached
+images) and `hubcache misses` (the miss journal). They only read, and never create a cache
+folder; each prints a rich table, or JSON with --json."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import click
+
+from .config import cache_dir_option, cache_folder, config_option, existing_store, no_folder
+
+DAY = 86400.0
+
+
+@click.command("stats")
+@cache_dir_option
+@config_option
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of a table.")
+def stats_command(cache_dir: Path | None, config_file: Path | None, as_json: bool) -> None:
+    """Show what the cache holds: store size, blob, manifest and tag counts, recordings, misses
+    in the journal (in total and in the last 24 hours), and the free space of the cache folder.
+
+    \b
+    Examples:
+      hubcache stats
+      hubcache stats --json --cache-dir /var/cache/hubcache
+    """
+    import shutil
+
+    from .. import recording as rec
+    from ..progress import console, size
+
+    with existing_store(cache_dir, config_file) as (store, folder):
+        summary = store.summary()
+        data = {
+            "cache_dir": str(folder.resolve()),
+            "store_bytes": store.disk_usage(),
+            "blobs": summary.blobs,
+            "blob_bytes": summary.blob_bytes,
+            "manifests": summary.manifests,
+            "tags": summary.tags,
+            "repositories": summary.repositories,
+            "recordings": len(rec.names(folder)),
+        }
+    times = [_entry_time(e) for e in _journal(folder).entries()]
+    since = time.time() - DAY
+    data["misses"] = len(times)
+    data["misses_24h"] = sum(1 for t in times if t is not None and t.timestamp() >= since)
+    data["free_bytes"] = shutil.disk_usage(folder).free
+    if as_json:
+        click.echo(_json(data))
+        return
+    from rich.table import Table
+
+    table = Table("", "", title=f"hubcache {data['cache_dir']}", show_header=False)
+    table.add_row("store on disk", size(data["store_bytes"]))
+    table.add_row("blobs", f"{data['blobs']} ({size(data['blob_bytes'])})")
+    table.add_row("manifests", str(data["manifests"]))
+    table.add_row("tags", f"{data['tags']} in {data['repositories']} repositories")
+    table.add_row("recordings", str(data["recordings"]))
+    table.add_row("misses", f"{data['misses']} ({data['misses_24h']} in the last 24 h)")
+    table.add_row("free disk space", size(data["free_bytes"]))
+    console.print(table)
+
+
+@click.command("ls")
+@cache_dir_option
+@config_option
+@click.argument("pattern", required=False)
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON list (with every platform) instead of a table.")
+def ls_command(cache_dir: Path | None, config_file: Path | None, pattern: str | None, as_json: bool) -> None:
+    """List the cached images by registry, repository and tag: digest, platforms, the size of
+    what the cache holds of them (configs and layers) and when it was last used. PATTERN
+    (shell-style) matches registry/repository:tag or registry/repository.
+
+    \b
+    Examples:
+      hubcache ls
+      hubcache ls 'docker.io/library/*'
+      hubcache ls '*:3.20' --json
+    """
+    from fnmatch import fnmatchcase
+
+    from ..manifests import ManifestError
+    from ..progress import console, size
+    from ..recording import image_from_store
+
+    images = []
+    with existing_store(cache_dir, config_file) as (store, folder):
+        held = {b.digest: b for b in store.blob_entries()}
+        for (registry, repository, tag), entry in sorted(store.tags()):
+            name = f"{registry}/{repository}:{tag}"
+            if pattern and not (fnmatchcase(name, pattern) or fnmatchcase(f"{registry}/{repository}", pattern)):
+                continue
+            try:
+                image = image_from_store(store, registry, repository, tag)
+            except ManifestError:
+                image = None
+            images.append(_listed_image(registry, repository, tag, entry.digest, image, held))
+    if as_json:
+        click.echo(_json(images))
+        return
+    if not images:
+        click.echo(f"no images{f' match {pattern!r}' if pattern else ''} in {folder}")
+        return
+    from rich.table import Table
+
+    table = Table("registry", "repository", "tag", "digest", "platforms", "size", "last use")
+    for i in images:
+        platforms = ", ".join(p["platform"] or "(single)" for p in i["platforms"]) or "(none cached)"
+        shown = size(i["size"]) + ("" if i["complete"] else " (partial)")
+        table.add_row(i["registry"], i["repository"], i["tag"], i["digest"][:19], platforms, shown, _local(i["last_used"]))
+    console.print(table)
+
+
+def _listed_image(registry: str, repository: str, tag: str, digest: str, image, held: dict) -> dict:
+    """One row of `hubcache ls`: sizes count only the blobs the cache holds, each once."""
+    platforms, sizes, used = [], {}, []
+    for m in image.manifests.values() if image else []:
+        present = [b for b in m.blobs if b.digest in held]
+        sizes.update({b.digest: b.size for b in present})
+        last = max((held[b.digest].used for b in present), default=None)
+        used += [last] if last else []
+        platforms.append(
+            {
+                "platform": m.platform,
+                "digest": m.digest,
+                "size": sum(b.size for b in present),
+                "blobs": len(present),
+                "missing_blobs": len(m.blobs) - len(present),
+                "last_used": last,
+            }
+        )
+    return {
+        "registry": registry,
+        "repository": repository,
+        "tag": tag,
+        "digest": digest,
+        "media_type": image.media_type if image else None,
+        "platforms": platforms,
+        "size": sum(sizes.values()),
+        "complete": image is not None and bool(platforms) and not any(p["missing_blobs"] for p in platforms),
+        "last_used": max(used, default=None),
+    }
+
+
+@click.command("misses")
+@cache_dir_option
+@config_option
+@click.option("--since", metavar="AGE|TIME", help="Only misses since an age ago (30m, 1h, 2d, 1w) or an ISO time (local unless it has an offset).")
+@click.option("--registry", help="Only misses of this registry (docker.io for Docker Hub).")
+@click.option("--repository", metavar="PATTERN", help="Only misses of repositories matching PATTERN (shell-style).")
+@click.option("--kind", type=click.Choice(["blob", "manifest"]), help="Only blobs or only manifests.")
+@click.option("--limit", type=click.IntRange(min=1), metavar="N", help="Only the newest N (after the other filters).")
+@click.option("--json", "as_json", is_flag=True, help="Print the journal's entries as a JSON list.")
+def misses_command(
+    cache_dir: Path | None,
+    config_file: Path | None,
+    since: str | None,
+    registry: str | None,
+    repository: str | None,
+    kind: str | None,
+    limit: int | None,
+    as_json: bool,
+) -> None:
+    """Show the miss journal: every request the cache could not answer from the store, and what
+    happened (filled, passed, stale, rejected, failed, missing offline), newest last.
+
+    \b
+    Examples:
+      hubcache misses --since 1h
+      hubcache misses --registry docker.io --repository 'library/*' --kind manifest
+      hubcache misses --since 2026-05-01T08:00 --limit 20 --json
+    """
+    from datetime import datetime
+    from fnmatch import fnmatchcase
+
+    from ..progress import console, size
+    from ..protocol import canonical_registry
+
+    after = _parse_since(since, datetime.now().astimezone()) if since else None
+    folder = cache_folder(cache_dir, config_file)
+    if not folder.is_dir():
+        raise click.ClickException(no_folder(folder))
+    chosen = []
+    for entry in _journal(folder).entries():
+        when = _entry_time(entry)
+        if after and (when is None or when < after):
+            continue
+        if registry and entry.get("registry") != canonical_registry(registry):
+            continue
+        if repository and not fnmatchcase(str(entry.get("repository")), repository):
+            continue
+        if kind and entry.get("kind") != kind:
+            continue
+        chosen.append(entry)
+    chosen.sort(key=lambda e: _entry_time(e) or datetime.min.astimezone())
+    if limit:
+        chosen = chosen[-limit:]
+    if as_json:
+        click.echo(_json(chosen))
+        return
+    if not chosen:
+        click.echo(f"no misses{' match' if since or registry or repository or kind else ''} in {folder / 'misses.jsonl'}")
+        return
+    from rich.table import Table
+
+    table = Table("time", "kind", "image", "size", "outcome")
+    for e in chosen:
+        when = _entry_time(e)
+        reference = str(e.get("reference") or "")
+        sep = "@" if ":" in reference else ":"
+        image = f"{e.get('registry')}/{e.get('repository')}{sep}{reference[:19] if sep == '@' else reference}"
+        shown = size(e["bytes"]) if isinstance(e.get("bytes"), int) else ""
+        table.add_row(_local(when.timestamp(), "%Y-%m-%d %H:%M:%S") if when else "?", str(e.get("kind") or ""), image, shown, str(e.get("outcome")))
+    console.print(table)
+
+
+def _journal(folder: Path):
+    from ..journal import MissJournal
+
+    return MissJournal(folder / "misses.jsonl")
+
+
+def _entry_time(entry: dict):
+    from datetime import datetime
+
+    try:
+        return datetime.fromisoformat(entry["time"])
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
+def _parse_since(text: str, now):
+    """An age (`90s`, `30m`, `1h`, `2d`, `1w`) back from `now`, or an ISO time."""
+    import re
+    from datetime import datetime, timedelta
+
+    age = re.fullmatch(r"(\d+)\s*([smhdw])", text.strip())
+    if age:
+        unit = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days", "w": "weeks"}[age[2]]
+        return now - timedelta(**{unit: int(age[1])})
+    try:
+        when = datetime.fromisoformat(text.strip())
+    except ValueError:
+        raise click.BadParameter(f"{text!r} is neither an age like 1h or 2d nor an ISO time like 2026-05-01T08:00", param_hint="--since")
+    return when if when.tzinfo else when.astimezone()
+
+
+def _local(timestamp: float | None, form: str = "%Y-%m-%d %H:%M") -> str:
+    return time.strftime(form, time.localtime(timestamp)) if timestamp else "-"
+
+
+def _json(data) -> str:
+    import json
+
+    return json.dumps(data, indent=2)
