@@ -35,6 +35,17 @@ _CLEAN_PATH = "/usr/sbin:/usr/bin:/sbin:/bin"
 #   127.0.0.1 - - [27/Nov/2026:23:40:55 +0000] "GET /v2/ HTTP/2.0" 200 2 "" "curl/7.88.1"
 # The size is the number of body bytes the handler wrote (for HEAD that is the
 # would-be body length, not what went on the wire).
+# The paths the registry's router dispatches (distribution's registry/api/v2/routes.go). Its name
+# separator `[-]*` may be empty, which only joins alphanumerics: `-+` matches the same names
+# without the exponential backtracking.
+_NAME = r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*(?:/[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*)*"
+_DIGEST = r"[A-Za-z][A-Za-z0-9]*(?:[-_+.][A-Za-z][A-Za-z0-9]*)*:[0-9a-fA-F]{32,}"
+_TAG = r"[\w][\w.-]{0,127}"
+_ROUTED = re.compile(
+    rf"/v2/(?:|_catalog|{_NAME}/(?:tags/list|manifests/(?:{_TAG}|{_DIGEST})|blobs/{_DIGEST}"
+    r"|blobs/uploads/[a-zA-Z0-9-_.=]*))"
+)
+
 _ACCESS_RE = re.compile(
     r'^(?P<remote>\S+) \S+ \S+ \[(?P<time>[^\]]+)\] '
     r'"(?P<method>[A-Z]+) (?P<uri>\S+) (?P<proto>[^"]+)" '
@@ -116,6 +127,7 @@ class Registry:
         self.ca = ca
         self.names = list(names)
         self.port = port or free_port()
+        self.metrics_port = free_port()  # its debug listener (Prometheus metrics), for settle()
         self.data_dir = self.workdir / "data"
         self.log_path = self.workdir / "registry.log"
         self.config_path = self.workdir / "config.yml"
@@ -153,6 +165,10 @@ class Registry:
                 "secret": "hubcache-test-secret",
                 "tls": {"certificate": str(self.cert_path), "key": str(self.key_path)},
                 "headers": {"X-Content-Type-Options": ["nosniff"]},
+                "debug": {
+                    "addr": f"127.0.0.1:{self.metrics_port}",
+                    "prometheus": {"enabled": True, "path": "/metrics"},
+                },
             },
         }
         if self.remote_url is not None:
@@ -253,7 +269,7 @@ class Registry:
 
         Readiness probes made by this class are left out. Restarts do not
         reset the list. A request appears once the registry has finished it,
-        so call settle() first if a client may still be mid-transfer.
+        which may be just after its client had the answer: call settle() first.
         """
         with open(self.log_path, "rb") as f:
             f.seek(self._mark)
@@ -267,18 +283,54 @@ class Registry:
         self._mark = self._log_size()
         self._marked = True
 
-    def settle(self, quiet: float = 0.3, timeout: float = 10.0) -> None:
-        """Wait until the log has not grown for `quiet` seconds."""
+    def settle(self, timeout: float = 60.0) -> None:
+        """Wait until every request the registry has begun is finished and in its access log.
+
+        The registry counts each request its router dispatches: in flight
+        (`registry_http_in_flight_requests`) until its handler has counted it
+        finished (`registry_http_requests_total`); the access line is written
+        after that. Settled: two scrapes in a row with nothing in flight and
+        the same count finished, and the log of this run holding exactly that
+        many dispatched requests. Raises AssertionError after `timeout` seconds.
+        """
         deadline = time.monotonic() + timeout
-        size = self._log_size()
-        stable_since = time.monotonic()
-        while time.monotonic() < deadline:
-            time.sleep(0.05)
-            now_size = self._log_size()
-            if now_size != size:
-                size, stable_since = now_size, time.monotonic()
-            elif time.monotonic() - stable_since >= quiet:
+        previous: tuple[int, int] | None = None
+        while True:
+            counts = self._dispatched()
+            logged = self._logged_dispatched()
+            if counts == previous and counts[0] == 0 and logged == counts[1]:
                 return
+            if time.monotonic() > deadline:
+                raise AssertionError(
+                    f"docker-registry did not settle within {timeout}s: {counts[0]} requests in flight, "
+                    f"{counts[1]} finished, {logged} of them logged"
+                )
+            previous = counts
+            time.sleep(0.05)
+
+    def _dispatched(self) -> tuple[int, int]:
+        """(requests in flight, requests finished) in this run, from the registry's metrics."""
+        url = f"http://127.0.0.1:{self.metrics_port}/metrics"
+        with urllib.request.urlopen(url, timeout=10) as response:
+            text = response.read().decode()
+        in_flight = finished = 0
+        for line in text.splitlines():
+            name, _, value = line.rpartition(" ")
+            if name.startswith("registry_http_in_flight_requests{"):
+                in_flight += int(float(value))
+            elif name.startswith("registry_http_requests_total{"):
+                finished += int(float(value))
+        return in_flight, finished
+
+    def _logged_dispatched(self) -> int:
+        """Access lines of this run for requests the router dispatched (a path no route matches
+        is answered 404 without being counted in the metrics)."""
+        assert self.proc is not None
+        with open(self.log_path, "rb") as f:
+            f.seek(self.proc._log_start)
+            data = f.read()
+        text = data[: data.rfind(b"\n") + 1].decode("utf-8", "replace")
+        return sum(1 for r in parse_access_log(text) if _ROUTED.fullmatch(r.path.partition("?")[0]))
 
     def blob_gets(self) -> list[RegistryRequest]:
         """GET requests for blobs (not uploads), any status."""
