@@ -13,7 +13,7 @@ from pathlib import Path
 from .dockerhub import ALL_HOSTS as DOCKER_HUB_HOSTS
 from .dockerhub import DockerHubDouble
 from .pki import ca_bundle
-from .procs import Proc, free_port, wait_for_port
+from .procs import Proc, children_of, free_port, wait_for_port
 from .registry import REGISTRY_NAME, Registry
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -135,3 +135,33 @@ class Hubcache:
 
     def log_text(self) -> str:
         return self.proc.log_text() if self.proc else ""
+
+    # Its processes: mitmdump, which answers the registry API, and the blob server it runs as a
+    # child process (`python -m hubcache.blobserver`), which streams every blob.
+
+    def blob_server_pid(self) -> int:
+        """The pid of the blob server of this running proxy."""
+        assert self.proc and self.proc.alive(), "the proxy is not running"
+        for pid, _ in children_of(self.proc.pid):
+            try:
+                with open(f"/proc/{pid}/cmdline", "rb") as f:
+                    argv = f.read().split(b"\0")
+            except OSError:
+                continue
+            if b"hubcache.blobserver" in argv:
+                return pid
+        raise AssertionError(f"mitmdump (pid {self.proc.pid}) runs no blob server")
+
+    def memory_mb(self, field: str = "VmHWM") -> dict[str, float]:
+        """A memory figure of /proc/<pid>/status in MiB (VmHWM: the peak resident set so far;
+        VmRSS: the resident set now) for each process of this running proxy, by name."""
+        assert self.proc
+        return {"mitmdump": _status_mb(self.proc.pid, field), "blob server": _status_mb(self.blob_server_pid(), field)}
+
+
+def _status_mb(pid: int, field: str) -> float:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith(f"{field}:"):
+                return int(line.split()[1]) / 1024
+    raise AssertionError(f"no {field} in /proc/{pid}/status")
