@@ -27,13 +27,13 @@ import time
 from dataclasses import dataclass, field
 
 from mitmproxy import ctx, exceptions, http
+from mitmproxy.addonmanager import Loader
 
-from . import circuits, protocol, upstream
+from . import answers, circuits, protocol, upstream
 from .protocol import Kind, Route
 from .store import Store
 
 logger = logging.getLogger(__name__)
-
 
 
 @dataclass(frozen=True)
@@ -47,10 +47,11 @@ class Refusal:
 
 
 class Access:
-    def __init__(self) -> None:
+    def __init__(self, out: upstream.Upstream | None = None) -> None:
+        self.upstream = out or upstream.Upstream()
         self._allowed: dict[tuple[str, str, str], float] = {}  # (token hash, registry, repo) -> until
 
-    def load(self, loader):
+    def load(self, loader: Loader) -> None:
         loader.add_option(
             "access_check_seconds",
             int,
@@ -73,10 +74,17 @@ class Access:
             "probe asks upstream again, so a repository made private stops being served to anyone.",
         )
 
-    def configure(self, updated):
+    def configure(self, updated: set[str]) -> None:
         for name in ("access_check_seconds", "visibility_check_seconds"):
             if name in updated and getattr(ctx.options, name) < 0:
                 raise exceptions.OptionsError(f"{name} must be 0 or more seconds")
+
+    async def permit(self, flow: http.HTTPFlow, route: Route, digest: str, store: Store) -> bool:
+        """Whether the client may have `digest` from the cache; if not, its answer is the refusal."""
+        refusal = await self.refusal(flow, route, digest, store)
+        if refusal is not None:
+            answers.error(flow, refusal.status, refusal.code, refusal.message, refusal.headers)
+        return refusal is None
 
     async def refusal(self, flow: http.HTTPFlow, route: Route, digest: str, store: Store) -> Refusal | None:
         """None if the client may have `digest` of `route`'s repository from the cache, else the
@@ -87,7 +95,7 @@ class Access:
                 return None
             why = "is private" if known else "was never pulled through this repository"
             return Refusal(401, "UNAUTHORIZED", f"{route.image} {why}; offline, hubcache cannot check credentials")
-        if protocol.has_local_token(flow.request.headers.get("authorization", "")):
+        if holds_local_token(flow):
             # hubcache issued this token while the token host was down: upstream cannot be asked.
             if known and public is True:
                 return None
@@ -97,9 +105,10 @@ class Access:
         key = (token_key(flow), route.registry, route.name)
         if known and (public is True or self._allowed.get(key, 0.0) > time.monotonic()):
             return None
-        answer = await upstream.send(flow, "HEAD", ctx.options.revalidate_timeout, follow=True)
-        if isinstance(answer, str) or answer.status_code >= 500 or answer.status_code == 429:
-            reason = answer if isinstance(answer, str) else f"upstream answered {answer.status_code}"
+        try:
+            answer = upstream.available(await self.upstream.send(flow, "HEAD", ctx.options.revalidate_timeout, follow=True))
+        except upstream.UpstreamError as e:
+            reason = str(e)
             if known and public is True:
                 logger.log(circuits.level(reason), f"{route.image}: access not confirmed ({reason}); served, as the repository is public")
                 return None
@@ -150,32 +159,31 @@ class Access:
         request = like.request.copy()
         request.method = "HEAD"
         request.headers.pop("authorization", None)
-        answer = await upstream.run(upstream.subrequest(like, request), timeout)
-        if isinstance(answer, str) or answer.status_code >= 500 or answer.status_code == 429:
-            return None
-        if answer.status_code != 401:
-            return answer.status_code == 200
-        token = await self._anonymous_token(like, answer.headers.get("www-authenticate", ""), name, timeout)
-        if token is None:
-            return False
-        request = request.copy()
-        request.headers["authorization"] = f"Bearer {token}"
-        answer = await upstream.run(upstream.subrequest(like, request), timeout)
-        if isinstance(answer, str) or answer.status_code >= 500 or answer.status_code == 429:
+        try:
+            answer = upstream.available(await self.upstream.run(upstream.subrequest(like, request), timeout))
+            if answer.status_code != 401:
+                return answer.status_code == 200
+            token = await self._anonymous_token(like, answer.headers.get("www-authenticate", ""), name, timeout)
+            if token is None:
+                return False
+            request = request.copy()
+            request.headers["authorization"] = f"Bearer {token}"
+            answer = upstream.available(await self.upstream.run(upstream.subrequest(like, request), timeout))
+        except upstream.UpstreamError:
             return None
         return answer.status_code == 200
 
-    @staticmethod
-    async def _anonymous_token(like: http.HTTPFlow, challenge: str, name: str, timeout: float) -> str | None:
+    async def _anonymous_token(self, like: http.HTTPFlow, challenge: str, name: str, timeout: float) -> str | None:
         url = protocol.token_request(challenge, name)
         if url is None:
             return None
         request = http.Request.make("GET", url)
         request.host_header = request.pretty_host  # an HTTP/1.1 request names its host
-        answer = await upstream.run(upstream.subrequest(like, request), timeout)
-        if isinstance(answer, str) or answer.status_code != 200:
+        try:
+            answer = await self.upstream.run(upstream.subrequest(like, request), timeout)
+        except upstream.UpstreamError:
             return None
-        return protocol.token_of(answer.content or b"")
+        return protocol.token_of(answer.content or b"") if answer.status_code == 200 else None
 
 
 def _what_the_cache_knows(store: Store, route: Route, digest: str) -> tuple[bool | None, float | None, bool]:
@@ -183,6 +191,11 @@ def _what_the_cache_knows(store: Store, route: Route, digest: str) -> tuple[bool
     trip to a thread)."""
     known = not route.by_digest or store.linked(route.registry, route.name, digest)
     return store.visibility(route.registry, route.name), store.visibility_checked(route.registry, route.name), known
+
+
+def holds_local_token(flow: http.HTTPFlow) -> bool:
+    """The client holds a token hubcache issued because the token host could not (cache.py)."""
+    return protocol.has_local_token(flow.request.headers.get("authorization", ""))
 
 
 def token_key(flow: http.HTTPFlow) -> str:

@@ -1,52 +1,69 @@
 """The addon set: every hubcache addon, wired together in one place."""
 
 from .access import Access
+from .blob_requests import BlobRequests
 from .blobhost import BlobHost
 from .cache import RegistryCache
 from .circuits import Circuits
+from .credentials import UpstreamCredentials
 from .destinations import Destinations
 from .fleet import Fleet
 from .hosts import Interception, Passthrough, UpstreamOverride
+from .manifest_requests import ManifestRequests
 from .metrics import Metrics
+from .misses import Misses
+from .options import SharedOptions
 from .pulls import PullLog
 from .recorder import Recorder
-from .registries import UpstreamCredentials
 from .statuspage import StatusPage
+from .storage import CacheFolder
 from .upkeep import Upkeep
-from .upstream import Answers
+from .upstream import BoundedAnswers, Upstream
 
 
 def make_addons() -> list:
-    """A fresh set of hubcache's addons, in hook order: where clients may go first (before any
-    addon reroutes a connection), then hosts, the cache before the recorder."""
+    """A fresh set of hubcache's addons, in hook order: the options first, then where clients may
+    go (before any addon reroutes a connection), then hosts, the cache before the recorder."""
     interception = Interception()
     override = UpstreamOverride()
     blobs = BlobHost()
     destinations = Destinations(override, blobs)
-    access = Access()
+    out = Upstream()  # hubcache's own requests upstream
+    folder = CacheFolder()
+    access = Access(out)
     metrics = Metrics(interception)
     pulls = PullLog()
     blobs.on_sent += [metrics.sent_by_tag, pulls.sent]
     fleet = Fleet()
-    cache = RegistryCache(interception, blobs, access, metrics, pulls, fleet)
-    status = StatusPage(cache, metrics, pulls)
+    misses = Misses(folder, metrics, out)
+    cache = RegistryCache(
+        interception,
+        folder,
+        misses,
+        ManifestRequests(interception, folder, misses, access, metrics, pulls, fleet, out),
+        BlobRequests(folder, misses, blobs, access, metrics, pulls, fleet, out),
+        out,
+    )
+    status = StatusPage(folder, metrics, pulls)
     destinations.own_ports.append(status.ports)
     return [
+        SharedOptions(),
+        folder,
         destinations,
-        Circuits(interception, metrics),
+        Circuits(interception, metrics, out),
         interception,
         override,
         UpstreamCredentials(interception),
         Passthrough(interception),
-        Answers(),
+        BoundedAnswers(),
         blobs,
         access,
         metrics,
         pulls,
         fleet,
+        misses,
         cache,
-        Recorder(interception, cache),
-        Upkeep(cache),
+        Recorder(interception, folder),
+        Upkeep(folder),
         status,
     ]
-

@@ -36,7 +36,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
-from mitmproxy import ctx, exceptions, http
+from mitmproxy import ctx, http
+from mitmproxy.addonmanager import Loader
 from mitmproxy.proxy import server_hooks
 
 from . import blobserver
@@ -59,7 +60,7 @@ class BlobHost:
         # Called with (tag, bytes) for every finished transfer, from the reader thread.
         self.on_sent: list[Callable[[str, int], None]] = []
 
-    def load(self, loader) -> None:
+    def load(self, loader: Loader) -> None:
         loader.add_option(
             "blob_urls",
             str,
@@ -68,13 +69,6 @@ class BlobHost:
             "this machine: fastest), 'https' (through the proxy, for clients anywhere), or 'auto' "
             "(loopback when the proxy listens on loopback only).",
             choices=("auto", "loopback", "https"),
-        )
-        loader.add_option(
-            "client_idle_timeout",
-            int,
-            60,
-            "Seconds a connection to the blob server or the status page may stay idle (sending or "
-            "reading nothing) before it is closed.",
         )
 
     def ports(self) -> list[int]:
@@ -98,9 +92,7 @@ class BlobHost:
     def running(self) -> None:
         self._start()
 
-    def configure(self, updated) -> None:
-        if "client_idle_timeout" in updated and ctx.options.client_idle_timeout < 1:
-            raise exceptions.OptionsError("client_idle_timeout must be 1 or more seconds")
+    def configure(self, updated: set[str]) -> None:
         moved = "cache_dir" in updated and self._cache_dir != self._wanted_dir().resolve()
         if self._proc and (moved or "client_idle_timeout" in updated):
             self._start()

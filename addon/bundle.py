@@ -22,7 +22,16 @@ from pathlib import Path
 from typing import BinaryIO, Callable
 
 from . import manifests
-from .protocol import DIGEST_RE, NAME_RE, TAG_RE, canonical_registry, hash_digest, hasher, manifest_media_type
+from .protocol import (
+    DIGEST_RE,
+    MAX_MANIFEST,
+    NAME_RE,
+    TAG_RE,
+    canonical_registry,
+    hash_digest,
+    hasher,
+    manifest_media_type,
+)
 from .recording import Image, PlatformManifest, Recording, RecordingError
 from .store import BlobWriter, Store
 
@@ -31,11 +40,10 @@ CONTAINERD_NAME = "io.containerd.image.name"
 RECORDING = "io.hubcache.recording"
 PUBLIC = "io.hubcache.public"  # "false" for an image of a private repository
 OCI_INDEX = "application/vnd.oci.image.index.v1+json"
-MAX_MANIFEST_SIZE = 4 * 1024 * 1024
 _BLOB_PATH = re.compile(r"blobs/(sha256|sha512)/([a-f0-9]+)")
 _REFERENCE = re.compile(r"(?P<registry>[^/]+)/(?P<repository>[^:@]+)(?::(?P<tag>[^@]+)|@(?P<digest>.+))")
 
-Progress = Callable[[int], None]  # called with the number of bytes just handled
+OnBytes = Callable[[int], None]  # called with the number of bytes just handled
 
 
 class BundleError(Exception):
@@ -43,7 +51,7 @@ class BundleError(Exception):
 
 
 @dataclass
-class Summary:
+class BundleSummary:
     images: list[str] = field(default_factory=list)
     manifests: int = 0
     blobs: int = 0
@@ -54,7 +62,7 @@ class Summary:
 # export
 
 
-def export(store: Store, images: list[Image], out: Path, recording: str = "", progress: Progress | None = None) -> Summary:
+def export(store: Store, images: list[Image], out: Path, recording: str = "", progress: OnBytes | None = None) -> BundleSummary:
     """Write `images` (their recorded platforms and blobs) to `out`, re-hashing everything read
     from the store. The file appears only when complete."""
     if not images:
@@ -62,7 +70,7 @@ def export(store: Store, images: list[Image], out: Path, recording: str = "", pr
     missing = _missing(store, images)
     if missing:
         raise BundleError(f"the cache lacks {len(missing)} of the needed items, e.g. {', '.join(missing[:3])}")
-    summary = Summary(images=[i.name for i in images])
+    summary = BundleSummary(images=[i.name for i in images])
     manifest_digests = list(dict.fromkeys(d for i in images for d in i.manifest_digests()))
     blobs: dict[str, int] = {}
     for image in images:
@@ -141,7 +149,7 @@ def _add_bytes(tar: tarfile.TarFile, name: str, data: bytes) -> None:
 class _HashingReader:
     """Reads a blob file for tarfile while hashing it: a blob that rotted on disk is never exported."""
 
-    def __init__(self, f: BinaryIO, digest: str, progress: Progress | None):
+    def __init__(self, f: BinaryIO, digest: str, progress: OnBytes | None):
         self.f, self.digest, self.progress = f, digest, progress
         self._hash = hasher(digest)
 
@@ -160,7 +168,7 @@ class _HashingReader:
 # import
 
 
-def import_bundle(store: Store, path: Path, cache_dir: Path | None = None, progress: Progress | None = None) -> Summary:
+def import_bundle(store: Store, path: Path, cache_dir: Path | None = None, progress: OnBytes | None = None) -> BundleSummary:
     """Load a bundle into `store`: all of it after every digest verified, or nothing. With
     `cache_dir`, a recording named in the bundle is created (or updated) there too."""
     reader = _BundleReader(store, progress)
@@ -183,7 +191,7 @@ def import_bundle(store: Store, path: Path, cache_dir: Path | None = None, progr
 
 
 class _BundleReader:
-    def __init__(self, store: Store, progress: Progress | None):
+    def __init__(self, store: Store, progress: OnBytes | None):
         self.store = store
         self.progress = progress
         self.index: dict | None = None
@@ -215,7 +223,7 @@ class _BundleReader:
         assert f is not None
         if name == "index.json":
             try:
-                self.index = json.loads(f.read(MAX_MANIFEST_SIZE + 1))
+                self.index = json.loads(f.read(MAX_MANIFEST + 1))
                 self.recording = str(self.index.get("annotations", {}).get(RECORDING, ""))
             except (ValueError, AttributeError):
                 raise BundleError("index.json is not a JSON object") from None
@@ -231,7 +239,7 @@ class _BundleReader:
         writer = self.store.blob_writer(digest)
         self.writers[digest] = writer
         self.carried.add(digest)
-        keep = member.size <= MAX_MANIFEST_SIZE
+        keep = member.size <= MAX_MANIFEST
         kept = []
         while chunk := f.read(1 << 20):
             writer.write(chunk)
@@ -327,8 +335,8 @@ class _BundleReader:
                 raise BundleError(f"{name}: blob {blob.digest} is missing from the file")
         return list(refs.blobs)
 
-    def commit(self, images: list[Image]) -> Summary:
-        summary = Summary(images=[i.name for i in images])
+    def commit(self, images: list[Image]) -> BundleSummary:
+        summary = BundleSummary(images=[i.name for i in images])
         for digest, size in self.needed_blobs.items():
             writer = self.writers.pop(digest)
             if self.store.has_blob(digest):
@@ -366,7 +374,7 @@ class _BundleReader:
 
 
 class _CountingReader(io.RawIOBase):
-    def __init__(self, f: BinaryIO, progress: Progress | None):
+    def __init__(self, f: BinaryIO, progress: OnBytes | None):
         self.f, self.progress = f, progress
 
     def readable(self) -> bool:

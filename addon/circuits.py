@@ -30,8 +30,9 @@ from mitmproxy import connection, http
 from mitmproxy.proxy import server_hooks
 
 from . import upstream
+from .flowdata import Mark
 from .hosts import Interception
-from .metrics import ANSWERED, RELAYED, Metrics
+from .metrics import Metrics
 
 logger = logging.getLogger(__name__)
 
@@ -58,9 +59,10 @@ class Circuit:
 
 
 class Circuits:
-    def __init__(self, hosts: Interception, metrics: Metrics) -> None:
+    def __init__(self, hosts: Interception, metrics: Metrics, out: upstream.Upstream | None = None) -> None:
         self.hosts = hosts
         self.metrics = metrics
+        self.upstream = out or upstream.Upstream()
         self.open: dict[str, Circuit] = {}  # by host: the hosts down now
         self._probing: dict[str, str] = {}  # by host: the mark (an SNI) of its probe's connection
         self._task: asyncio.Task | None = None
@@ -120,7 +122,7 @@ class Circuits:
 
     def response(self, flow: http.HTTPFlow) -> None:
         # Only what came from upstream: not hubcache's own answers, nor a relayed copy of one.
-        if flow.metadata.get(ANSWERED) or flow.metadata.get(RELAYED):
+        if flow.metadata.get(Mark.ANSWERED) or flow.metadata.get(Mark.RELAYED):
             return
         if flow.response and flow.response.status_code < 500:
             self.answered(flow.request.host)
@@ -145,10 +147,12 @@ class Circuits:
             client = connection.Client(peername=("127.0.0.1", 0), sockname=("127.0.0.1", 0), timestamp_start=time.time())
             client.sni = mark
             flow = upstream.subrequest(http.HTTPFlow(client, connection.Server(address=None)), request)
-            answer = await upstream.run(flow, PROBE_TIMEOUT)
+            answer: http.Response | None = await self.upstream.run(flow, PROBE_TIMEOUT)
+        except upstream.UpstreamError:
+            answer = None
         finally:
             self._probing.pop(host, None)
-        if isinstance(answer, http.Response) and answer.status_code < 500:
+        if answer is not None and answer.status_code < 500:  # a 429 is an answer: the host is up
             self.answered(host)
         elif host in self.open:
             circuit.backoff = min(circuit.backoff * 2, MAX_RETRY)

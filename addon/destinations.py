@@ -29,6 +29,7 @@ import socket
 from collections.abc import Callable, Iterable, Sequence
 
 from mitmproxy import ctx, exceptions, http
+from mitmproxy.addonmanager import Loader
 from mitmproxy.proxy import mode_specs, server_hooks
 
 from . import upstream
@@ -56,7 +57,7 @@ class Destinations:
         self.own_ports: list[Callable[[], Iterable[int]]] = [blobs.ports]
         self._allowed: list[tuple[Network, int | None]] = []
 
-    def load(self, loader) -> None:
+    def load(self, loader: Loader) -> None:
         loader.add_option(
             "local_destinations",
             str,
@@ -74,7 +75,7 @@ class Destinations:
             "e.g. 127.0.0.1:5000 or [::1]:5000.",
         )
 
-    def configure(self, updated) -> None:
+    def configure(self, updated: set[str]) -> None:
         if "local_destinations_allowed" in updated:
             allowed = []
             for entry in ctx.options.local_destinations_allowed:

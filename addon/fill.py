@@ -13,14 +13,15 @@ import asyncio
 import queue
 import threading
 import time
+from enum import Enum
 from pathlib import Path
 
 from mitmproxy import http
 
+from .flowdata import Source
 from .protocol import Route
 from .store import BlobWriter
 
-FILL = "hubcache_fill"  # flow metadata of hubcache's own blob request: the digest of the fill it feeds
 _END = None
 # Chunks waiting for the writer thread. Nothing reads hubcache's own request, so upstream is read
 # as fast as it sends: when the disk falls behind, the event loop waits here (backpressure)
@@ -28,19 +29,34 @@ _END = None
 QUEUED_CHUNKS = 64
 
 
+class State(Enum):
+    """A fill's life. It starts DECIDING and is ANSWERED (its `answered` event set) once it leaves
+    that: with a body (STREAMING, then COMMITTED or REJECTED), or without one."""
+
+    DECIDING = "deciding"  # looking in the store and the fleet, or waiting for upstream's answer
+    CACHED = "cached"  # the store had the blob after all: nothing is fetched
+    UNUSABLE = "unusable"  # the cache folder cannot take the blob (`reason`): clients go upstream
+    REFUSED = "refused"  # upstream answered something other than the blob (`answer`: 401, 404...)
+    FAILED = "failed"  # no answer from upstream (`reason`)
+    STREAMING = "streaming"  # the body is being written to the fill's file; `size` if announced
+    COMMITTED = "committed"  # the body verified and is in the store
+    REJECTED = "rejected"  # the body did not verify, or could not be written: discarded
+
+    @property
+    def has_body(self) -> bool:
+        return self in (State.STREAMING, State.COMMITTED, State.REJECTED)
+
+
 class Fill:
     def __init__(self, route: Route):
         self.route = route
+        self.state = State.DECIDING
         self.writer: BlobWriter | None = None  # the temporary file, once there is a body to keep
-        self.cached = False  # the store had the blob after all: nothing to fetch
-        self.unusable = ""  # why the cache folder could not take the blob
         self.size: int | None = None  # from upstream's Content-Length, once its answer came
-        self.streaming = False  # upstream answered 200 and the body is being written
-        self.answer: http.Response | None = None  # upstream's answer when it was not a body to keep
-        self.failure = ""  # why the fill ended without a blob
-        self.committed = False
-        self.source = "upstream"  # where the bytes come from: "upstream", or "shared" (fleet mode)
-        self.answered = asyncio.Event()  # set once streaming, answer or failure is known
+        self.answer: http.Response | None = None  # REFUSED: upstream's answer
+        self.reason = ""  # UNUSABLE or FAILED: why, in an operator's words
+        self.source = Source.UPSTREAM  # or the fleet's shared store
+        self.answered = asyncio.Event()  # set once the state is no longer DECIDING
         self.done = asyncio.Event()
         self.progress = time.monotonic()  # when the last bytes arrived
         self._queue: queue.Queue[bytes | None] = queue.Queue(QUEUED_CHUNKS)
@@ -52,11 +68,15 @@ class Fill:
         assert self.writer
         return str(Path(self.writer.path).resolve().relative_to((self.writer.store.directory / "tmp").resolve()))
 
+    def _leave(self, state: State) -> None:
+        assert self.state is State.DECIDING, f"a fill that is {self.state.value} cannot become {state.value}"
+        self.state = state
+        self.answered.set()
+
     def start_streaming(self, size: int | None) -> None:
         self.size = size
-        self.streaming = True
         self._thread.start()
-        self.answered.set()
+        self._leave(State.STREAMING)
 
     def sink(self, data: bytes) -> list[bytes]:
         """mitmproxy's stream callable: runs on the event loop, so it only queues (and waits
@@ -72,23 +92,39 @@ class Fill:
 
     def finish(self) -> bool:
         """After the last byte (blocking): commit if size and digest verify. Returns whether it did."""
-        assert self.writer
+        assert self.writer and self.state is State.STREAMING
         self._thread.join()
         self.writer.close()
         if not self.writer.verified(self.size) or self.writer.write_error:
+            self.state = State.REJECTED
             return False
         self.writer.commit()
-        self.committed = True
+        self.state = State.COMMITTED
         return True
 
-    def fail(self, reason: str) -> None:
-        self.failure = reason
-        self.answered.set()
+    def refused(self, answer: http.Response) -> None:
+        self.answer = answer
+        self._leave(State.REFUSED)
 
-    def skip(self, *, cached: bool = False, unusable: str = "") -> None:
-        """No fetch after all: the blob is in the store already, or the store cannot take it."""
-        self.cached, self.unusable = cached, unusable
-        self.answered.set()
+    def fail(self, reason: str) -> None:
+        """No blob: upstream could not be asked, or its body did not arrive whole."""
+        self.reason = reason
+        if self.state is State.STREAMING:
+            self.state = State.REJECTED  # the clients streaming it are cut when it is discarded
+        else:
+            self._leave(State.FAILED)
+
+    def found_cached(self) -> None:
+        """No fetch after all: the blob is in the store already."""
+        self._leave(State.CACHED)
+
+    def unusable(self, reason: str) -> None:
+        """The cache folder cannot take the blob; its clients fetch it themselves."""
+        self.reason = reason
+        if self.state is State.STREAMING:
+            self.state = State.REJECTED
+        else:
+            self._leave(State.UNUSABLE)
 
     def discard(self) -> None:
         """Drop the temporary file unless committed (blocking). The blob server notices and cuts
@@ -96,5 +132,5 @@ class Fill:
         if self._thread.is_alive():
             self._queue.put(_END)
             self._thread.join()
-        if self.writer and not self.committed:
+        if self.writer and self.state is not State.COMMITTED:
             self.writer.discard()

@@ -29,6 +29,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from mitmproxy import ctx, exceptions
+from mitmproxy.addonmanager import Loader
 
 from .registries import read_credentials
 from .store import Manifest, Store
@@ -67,7 +68,7 @@ class Fleet:
         self._refreshers: dict[str, asyncio.Task] = {}  # by digest: the locks this node holds
         self._tasks: set[asyncio.Task] = set()
 
-    def load(self, loader) -> None:
+    def load(self, loader: Loader) -> None:
         loader.add_option(
             "shared_store",
             str,

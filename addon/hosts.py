@@ -21,6 +21,7 @@ import logging
 from collections.abc import Sequence
 
 from mitmproxy import ctx, exceptions, http, tls
+from mitmproxy.addonmanager import Loader
 from mitmproxy.net.http import url
 from mitmproxy.proxy import server_hooks
 
@@ -39,7 +40,7 @@ class Interception:
         self._registries: set[str] = set(DEFAULT_REGISTRIES)
         self._intercepted = self._registries | {AUTH_HOSTS[h] for h in self._registries if h in AUTH_HOSTS}
 
-    def load(self, loader):
+    def load(self, loader: Loader) -> None:
         loader.add_option(
             "registries",
             Sequence[str],
@@ -56,7 +57,7 @@ class Interception:
             "upstream for clients that bring none).",
         )
 
-    def configure(self, updated):
+    def configure(self, updated: set[str]) -> None:
         if "registries" in updated:
             for host in ctx.options.registries:
                 if not host or any(c in host for c in "/: ") or host != host.strip():
@@ -139,7 +140,7 @@ class UpstreamOverride:
     def __init__(self) -> None:
         self.map: dict[str, tuple[str, int]] = {}
 
-    def load(self, loader):
+    def load(self, loader: Loader) -> None:
         loader.add_option(
             "upstream_map",
             Sequence[str],
@@ -148,7 +149,7 @@ class UpstreamOverride:
             "registry-1.docker.io=10.0.0.5:443. TLS still verifies HOST.",
         )
 
-    def configure(self, updated):
+    def configure(self, updated: set[str]) -> None:
         if "upstream_map" in updated:
             mapping = {}
             for spec in ctx.options.upstream_map:

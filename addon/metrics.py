@@ -20,14 +20,12 @@ from mitmproxy import http
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from . import upstream
-from .fill import FILL
+from .flowdata import Mark, Source
 from .hosts import Interception
 from .store import Summary
 
 logger = logging.getLogger(__name__)
 
-ANSWERED = "hubcache_answered"  # flow metadata: hubcache answered the request itself
-RELAYED = "hubcache_relayed"  # flow metadata: the answer to hubcache's own request of it, relayed
 HISTORY = 360  # points of the hit ratio history kept (one hour at the status page's interval)
 
 
@@ -104,13 +102,13 @@ class Metrics:
     def miss(self, kind: str) -> None:
         self.requests.labels(kind, "miss").inc()
 
-    def sent(self, source: str, size: int) -> None:
+    def sent(self, source: Source, size: int) -> None:
         """Bytes a client received (called from the blob server's reader thread too)."""
         self.served.labels(source).inc(size)
 
     def sent_by_tag(self, tag: str, size: int) -> None:
-        """A transfer the blob server finished; its tag starts with the source (see `PullLog`)."""
-        self.sent(tag.partition(".")[0], size)
+        """A transfer the blob server finished; its tag names the source."""
+        self.sent(Source.of_tag(tag), size)
 
     def totals(self) -> tuple[float, float]:
         """Hits and misses so far."""
@@ -147,10 +145,10 @@ class Metrics:
 
     def response(self, flow: http.HTTPFlow) -> None:
         host = self.hosts.destination(flow)
-        if flow.metadata.get(ANSWERED) or not flow.response or host is None:
+        if flow.metadata.get(Mark.ANSWERED) or not flow.response or host is None:
             return
-        if flow.metadata.get(RELAYED):  # hubcache's own request counted what came from upstream
-            self.served.labels("upstream").inc(_body_size(flow.response))
+        if flow.metadata.get(Mark.RELAYED):  # hubcache's own request counted what came from upstream
+            self.served.labels(Source.UPSTREAM).inc(_body_size(flow.response))
             return
         response = flow.response
         self.upstream_requests.labels(host, str(response.status_code)).inc()
@@ -161,16 +159,16 @@ class Metrics:
             value = response.headers.get(header, "").partition(";")[0].strip()
             if value.isdigit():
                 gauge.labels(host).set(int(value))
-        if flow.metadata.get(FILL):
+        if flow.metadata.get(Mark.FILL):
             return  # hubcache's own blob request: its fill counts the bytes
         size = _body_size(response)
         self.fetched.inc(size)
         if not upstream.is_subrequest(flow):  # a client's request: the client got these bytes
-            self.served.labels("upstream").inc(size)
+            self.served.labels(Source.UPSTREAM).inc(size)
 
     def error(self, flow: http.HTTPFlow) -> None:
         host = self.hosts.destination(flow)
-        if flow.metadata.get(ANSWERED) or flow.response or host is None:
+        if flow.metadata.get(Mark.ANSWERED) or flow.response or host is None:
             return
         self.upstream_requests.labels(host, "error").inc()
         with self._lock:

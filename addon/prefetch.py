@@ -25,6 +25,8 @@ from typing import TYPE_CHECKING, Protocol
 from . import manifests
 from .protocol import (
     MANIFEST_MEDIA_TYPES,
+    MAX_MANIFEST,
+    REDIRECTS,
     ImageReference,
     digest_of,
     hash_digest,
@@ -37,8 +39,8 @@ from .protocol import (
 if TYPE_CHECKING:
     from mitmproxy.tools.dump import DumpMaster
 
-    from .cache import RegistryCache
     from .hosts import Interception
+    from .storage import CacheFolder
 
 CHUNK = 1 << 20
 COMMIT_WAIT = 10.0  # seconds a verified blob may take to appear in the store after its last byte
@@ -49,7 +51,7 @@ class PrefetchError(Exception):
     """One image could not be prefetched; the message is for an operator."""
 
 
-class Progress(Protocol):
+class PullProgress(Protocol):
     def start(self, key: str, label: str, total: int) -> None: ...
     def advance(self, key: str, n: int) -> None: ...
 
@@ -71,7 +73,7 @@ class LocalProxy:
     def __init__(self, settings: list[str]):
         self.settings = settings
         self.port = 0
-        self.cache: RegistryCache | None = None
+        self.folder: CacheFolder | None = None
         self.hosts: Interception | None = None
         self._master: DumpMaster | None = None
         self._ready = threading.Event()
@@ -111,14 +113,14 @@ class LocalProxy:
         from mitmproxy import options
         from mitmproxy.tools.dump import DumpMaster
 
-        from .hubcache import make_addons
+        from .addons import make_addons
 
         master = DumpMaster(options.Options(), with_termlog=False, with_dumper=False)
         addons = make_addons()
         master.addons.add(*addons)
         # A proxy of its own for this command: no status listener (a running hubcache has it).
         master.options.set("listen_host=127.0.0.1", "listen_port=0", "status_listen=", *self.settings)
-        self.hosts, self.cache = master.addons.get("interception"), master.addons.get("registrycache")
+        self.hosts, self.folder = master.addons.get("interception"), master.addons.get("cachefolder")
         run = asyncio.create_task(master.run())
         proxyserver = master.addons.get("proxyserver")
         while not proxyserver.listen_addrs() and not run.done():
@@ -154,7 +156,7 @@ class RegistryClient:
     def manifest(self, image: ImageReference, reference: str) -> tuple[str, bytes, str]:
         """(media type, body, digest) of a manifest; a digest reference is verified."""
         with self._get(image, f"/v2/{image.repository}/manifests/{reference}", {"Accept": self.ACCEPT}) as r:
-            body = r.read(4 * 1024 * 1024 + 1)
+            body = r.read(MAX_MANIFEST + 1)
             media_type = r.headers.get("Content-Type", "").split(";")[0].strip()
             claimed = r.headers.get("Docker-Content-Digest", "")
         algorithm = reference.partition(":")[0] if ":" in reference else "sha256"
@@ -163,7 +165,7 @@ class RegistryClient:
             raise PrefetchError(f"{image}: manifest {reference} does not match its digest")
         return manifest_media_type(body, media_type), body, digest
 
-    def blob(self, image: ImageReference, digest: str, progress: Progress) -> int:
+    def blob(self, image: ImageReference, digest: str, progress: PullProgress) -> int:
         """Stream a blob through the proxy and discard it; returns its size once verified."""
         h, size = hasher(digest), 0
         with self._get(image, f"/v2/{image.repository}/blobs/{digest}", {}) as r:
@@ -201,7 +203,7 @@ class RegistryClient:
             try:
                 return self._opener.open(request, timeout=self.timeout)
             except urllib.error.HTTPError as e:
-                if e.code not in (301, 302, 303, 307, 308) or "Location" not in e.headers:
+                if e.code not in REDIRECTS or "Location" not in e.headers:
                     raise
                 url = urllib.parse.urljoin(url, e.headers["Location"])
                 if urllib.parse.urlsplit(url).hostname != origin:
@@ -251,7 +253,7 @@ def matches(platform: str, wanted: list[str]) -> bool:
     return any(platform == w or platform.startswith(f"{w}/") for w in wanted)
 
 
-def prefetch(proxy: LocalProxy, client: RegistryClient, text: str, platforms: list[str], progress: Progress) -> Result:
+def prefetch(proxy: LocalProxy, client: RegistryClient, text: str, platforms: list[str], progress: PullProgress) -> Result:
     """Pull one image (the chosen platforms) through `proxy`, so that the cache holds all of it."""
     result = Result(text)
     try:
@@ -260,7 +262,7 @@ def prefetch(proxy: LocalProxy, client: RegistryClient, text: str, platforms: li
         result.error = str(e)
         return result
     result.image = str(image)
-    assert proxy.hosts and proxy.cache and proxy.cache.store
+    assert proxy.hosts and proxy.folder and proxy.folder.store
     try:
         if not proxy.hosts.is_registry(image.host):
             raise PrefetchError(f"{image}: {image.host} is not one of the registries hubcache caches (option `registries`)")
@@ -276,7 +278,7 @@ def prefetch(proxy: LocalProxy, client: RegistryClient, text: str, platforms: li
             result.platforms.append(platform or "(single)")
             for blob in _references(image, child_body, child_type).blobs:
                 blobs[blob.digest] = blob.size
-        store = proxy.cache.store
+        store = proxy.folder.store
         missing = {d: s for d, s in blobs.items() if not store.has_blob(d)}
         result.held = len(blobs) - len(missing)
 

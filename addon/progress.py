@@ -16,6 +16,10 @@ from rich.progress import (
     TransferSpeedColumn,
 )
 
+from .units import size
+
+__all__ = ["ByteBar", "LayerBars", "console", "count", "size"]
+
 # Piped output keeps whole digests and names on one line rather than fitting 80 columns.
 console = Console(width=None if sys.stdout.isatty() else 250)
 _bars = Console(stderr=True, width=None if sys.stderr.isatty() else 120)
@@ -23,16 +27,6 @@ _bars = Console(stderr=True, width=None if sys.stderr.isatty() else 120)
 
 def count(n: int, noun: str) -> str:
     return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
-
-
-def size(n: float) -> str:
-    if n < 1000:
-        return f"{n:.0f} B"
-    for unit in ("kB", "MB"):
-        n /= 1000
-        if n < 1000:
-            return f"{n:.1f} {unit}"
-    return f"{n / 1000:.1f} GB"
 
 
 def _progress() -> Progress:

@@ -14,6 +14,8 @@ from enum import Enum
 from urllib.parse import urlencode
 
 API_VERSION_HEADERS = {"Docker-Distribution-Api-Version": "registry/2.0"}
+MAX_MANIFEST = 4 * 1024 * 1024  # the distribution registry's own limit: a larger body is no manifest
+REDIRECTS = frozenset({301, 302, 303, 307, 308})
 
 # Docker Hub answers the same API on two names; they share one tag index.
 REGISTRY_ALIASES = {"registry-1.docker.io": "docker.io", "index.docker.io": "docker.io"}

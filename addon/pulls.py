@@ -21,6 +21,8 @@ from dataclasses import dataclass, field
 
 from mitmproxy import http
 
+from . import units
+from .flowdata import Source
 from .protocol import Kind, Route
 
 logger = logging.getLogger(__name__)
@@ -49,17 +51,17 @@ class Pull:
         return self.last - self.begun
 
     def line(self) -> str:
-        shared = f"{_size(self.from_shared)} from the shared store, " if self.from_shared else ""
+        shared = f"{units.size(self.from_shared)} from the shared store, " if self.from_shared else ""
         return (
-            f"pull {self.image} by {self.client}: {self.blobs} blobs, {_size(self.from_cache)} from cache, "
-            f"{shared}{_size(self.from_upstream)} from upstream, {self.duration:.1f}s"
+            f"pull {self.image} by {self.client}: {self.blobs} blobs, {units.size(self.from_cache)} from cache, "
+            f"{shared}{units.size(self.from_upstream)} from upstream, {self.duration:.1f}s"
         )
 
 
 class PullLog:
     def __init__(self) -> None:
         self._pulls: dict[tuple[str, str, str], Pull] = {}  # by client, registry, repository
-        self._transfers: dict[str, tuple[Pull, str]] = {}  # by URL tag: the pull and the source
+        self._transfers: dict[str, tuple[Pull, Source]] = {}  # by URL tag: the pull and the source
         self._ids = itertools.count(1)
         self._lock = threading.Lock()  # the status page reads from its own threads
         self.recent: deque[Pull] = deque(maxlen=RECENT)
@@ -79,18 +81,18 @@ class PullLog:
 
     # What the cache reports
 
-    def manifest(self, flow: http.HTTPFlow, route: Route, source: str, size: int) -> None:
-        """A manifest request, answered from `source` ('cache' or 'upstream')."""
+    def manifest(self, flow: http.HTTPFlow, route: Route, source: Source, size: int) -> None:
+        """A manifest request, answered from `source` (the cache or upstream)."""
         current = self._pulls.get(self._key(flow, route))
         if current and not route.by_digest and current.blobs and not current.transfers:
             self._finish(current)  # a tag asked for again after whole blobs: the next pull
         pull = self._pull(flow, route)
         self._add(pull, source, size)
 
-    def transfer(self, flow: http.HTTPFlow, route: Route, source: str) -> str:
+    def transfer(self, flow: http.HTTPFlow, route: Route, source: Source) -> str:
         """A blob sent to the blob server: the tag its URL carries, reported back with the bytes."""
         pull = self._pull(flow, route)
-        tag = f"{source}.{next(self._ids)}"
+        tag = source.tag(next(self._ids))
         pull.transfers.add(tag)
         pull.blobs += 1
         self._transfers[tag] = (pull, source)
@@ -100,7 +102,7 @@ class PullLog:
         """A blob relayed from upstream through the proxy."""
         pull = self._pull(flow, route)
         pull.blobs += 1
-        self._add(pull, "upstream", size)
+        self._add(pull, Source.UPSTREAM, size)
 
     def sent(self, tag: str, size: int) -> None:
         """The blob server finished a transfer (called from its reader thread)."""
@@ -138,10 +140,10 @@ class PullLog:
         return pull
 
     @staticmethod
-    def _add(pull: Pull, source: str, size: int) -> None:
-        if source == "cache":
+    def _add(pull: Pull, source: Source, size: int) -> None:
+        if source is Source.CACHE:
             pull.from_cache += size
-        elif source == "shared":
+        elif source is Source.SHARED:
             pull.from_shared += size
         else:
             pull.from_upstream += size
@@ -170,13 +172,3 @@ class PullLog:
         """The recent pulls, newest first, and the most pulled images."""
         with self._lock:
             return list(reversed(self.recent)), self.popular.most_common(10)
-
-
-def _size(size: float) -> str:
-    if size < 1000:
-        return f"{size:.0f} B"
-    for unit in ("kB", "MB", "GB", "TB"):
-        size /= 1000
-        if size < 1000:
-            break
-    return f"{size:.1f} {unit}"

@@ -7,24 +7,25 @@ import logging
 import threading
 
 from mitmproxy import ctx, exceptions, http
+from mitmproxy.addonmanager import Loader
 
 from . import protocol
-from .cache import RegistryCache
 from .hosts import Interception
 from .protocol import Kind
 from .recording import Recording, RecordingError
+from .storage import CacheFolder
 
 logger = logging.getLogger(__name__)
 
 
 class Recorder:
-    def __init__(self, hosts: Interception, cache: RegistryCache):
+    def __init__(self, hosts: Interception, folder: CacheFolder):
         self.hosts = hosts
-        self.cache = cache
+        self.folder = folder
         self.recording: Recording | None = None
         self._lock = threading.Lock()  # notes run in worker threads
 
-    def load(self, loader):
+    def load(self, loader: Loader) -> None:
         loader.add_option(
             "record",
             str,
@@ -33,7 +34,7 @@ class Recorder:
             "manifests and blobs, kept in <cache_dir>/recordings/<name>.yaml. Empty records nothing.",
         )
 
-    def configure(self, updated):
+    def configure(self, updated: set[str]) -> None:
         if "record" not in updated and "cache_dir" not in updated:
             return
         if not ctx.options.record:
@@ -71,7 +72,7 @@ class Recorder:
         await asyncio.to_thread(self._note, route, digest, media_type, body)
 
     def _note(self, route: protocol.Route, digest: str, media_type: str, body: bytes | None) -> None:
-        store, recording = self.cache.store, self.recording
+        store, recording = self.folder.store, self.recording
         if store is None or recording is None:
             return
         with self._lock:

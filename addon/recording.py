@@ -21,7 +21,7 @@ from .manifests import Descriptor
 from .protocol import DIGEST_RE
 from .store import Store
 
-NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
+RECORDING_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
 FORMAT = "hubcache-recording/v1"
 
 
@@ -69,7 +69,7 @@ def recordings_dir(cache_dir: str | os.PathLike) -> Path:
 
 
 def check_name(name: str) -> str:
-    if not NAME_RE.fullmatch(name):
+    if not RECORDING_NAME_RE.fullmatch(name):
         raise RecordingError(
             f"invalid recording name {name!r}: use letters, digits, '.', '_' and '-' (not first)"
         )
@@ -80,7 +80,7 @@ def names(cache_dir: str | os.PathLike) -> list[str]:
     folder = recordings_dir(cache_dir)
     if not folder.is_dir():
         return []
-    return sorted(p.stem for p in folder.glob("*.yaml") if NAME_RE.fullmatch(p.stem))
+    return sorted(p.stem for p in folder.glob("*.yaml") if RECORDING_NAME_RE.fullmatch(p.stem))
 
 
 def pinned(cache_dir: str | os.PathLike) -> set[str]:

@@ -24,7 +24,7 @@ class Option:
 
 def options() -> list[Option]:
     """Every hubcache option, by name."""
-    from .hubcache import make_addons
+    from .addons import make_addons
 
     with taddons.context(Proxyserver()) as bare:
         mitmproxy_own = set(bare.options.keys())

@@ -53,7 +53,7 @@ from botocore.exceptions import (
 from urllib3.exceptions import HTTPError as Urllib3Error
 from urllib3.exceptions import NewConnectionError
 
-from .protocol import DIGEST_RE, NAME_RE, TAG_RE, digest_of
+from .protocol import DIGEST_RE, MAX_MANIFEST, NAME_RE, TAG_RE, digest_of
 from .recording import check_name
 from .store import Manifest
 
@@ -61,7 +61,6 @@ logger = logging.getLogger(__name__)
 
 MiB = 1024 * 1024
 CHUNK = 1 * MiB  # what open_blob yields at a time
-MAX_MANIFEST = 4 * MiB  # the distribution registry's own limit: a larger object is not a manifest
 CLOCK_SKEW = 300  # seconds a node's clock may run ahead of this one's
 
 

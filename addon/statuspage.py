@@ -23,13 +23,14 @@ from importlib import resources
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 from mitmproxy import ctx, exceptions
+from mitmproxy.addonmanager import Loader
 from prometheus_client import make_wsgi_app
 
-from .cache import RegistryCache
 from .listeners import BoundedThreads
 from .metrics import Metrics
-from .pulls import PullLog
 from .protocol import ImageReference
+from .pulls import PullLog
+from .storage import CacheFolder
 from .store import Summary
 
 logger = logging.getLogger(__name__)
@@ -50,8 +51,8 @@ class _QuietHandler(WSGIRequestHandler):
 
 
 class StatusPage:
-    def __init__(self, cache: RegistryCache, metrics: Metrics, pulls: PullLog):
-        self.cache = cache
+    def __init__(self, folder: CacheFolder, metrics: Metrics, pulls: PullLog):
+        self.folder = folder
         self.metrics = metrics
         self.pulls = pulls
         self.summary = Summary()
@@ -60,7 +61,7 @@ class StatusPage:
         self._metrics_app = make_wsgi_app(metrics.registry)
         self._page = resources.files(__package__).joinpath("status.html").read_bytes()
 
-    def load(self, loader) -> None:
+    def load(self, loader: Loader) -> None:
         loader.add_option(
             "status_listen",
             str,
@@ -76,7 +77,7 @@ class StatusPage:
             "the status page by name; off, they are shown as (private).",
         )
 
-    def configure(self, updated) -> None:
+    def configure(self, updated: set[str]) -> None:
         if "status_listen" in updated:
             if ctx.options.status_listen and _address(ctx.options.status_listen) is None:
                 raise exceptions.OptionsError(
@@ -128,7 +129,7 @@ class StatusPage:
 
     async def refresh(self) -> None:
         self.metrics.sample()
-        if store := self.cache.store:
+        if store := self.folder.store:
             try:
                 self.summary = await asyncio.to_thread(store.summary)
             except (OSError, sqlite3.Error) as e:  # a busy or broken index: the figures wait
@@ -187,7 +188,7 @@ class StatusPage:
         }
 
     def _recent_misses(self) -> list[dict]:
-        journal = self.cache.journal
+        journal = self.folder.journal
         if journal is None:
             return []
         try:
@@ -222,7 +223,7 @@ class StatusPage:
         chose to show every repository."""
         if ctx.options.status_private:
             return True
-        store = self.cache.store
+        store = self.folder.store
         try:
             return store is not None and store.visibility(registry, repository) is True
         except (OSError, sqlite3.Error):

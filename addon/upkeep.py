@@ -16,38 +16,25 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from mitmproxy import ctx, exceptions
+from mitmproxy.addonmanager import Loader
 
 from . import manifests
-from .cache import RegistryCache
 from .protocol import digest_of, hash_digest, hasher
 from .recording import RecordingError, pinned
+from .storage import CacheFolder
 from .store import BlobEntry, Store
+from .units import DAY, parse_size
 
 logger = logging.getLogger(__name__)
 
 EVICT_INTERVAL = 30.0
 IN_USE = 600.0  # seconds after its last use a blob counts as in use (a signed URL's lifetime)
-DAY = 86400.0
-_SIZE = re.compile(r"(\d+(?:\.\d+)?)\s*([kKMGT]i?B?|B)?")
-_UNITS = {"": 1, "B": 1, "K": 1000, "M": 1000**2, "G": 1000**3, "T": 1000**4}
-
-
-def parse_size(text: str) -> int:
-    """`20GB`, `500MiB`, `1.5T`, `1000000` -> bytes (kB, MB... are powers of 1000, KiB, MiB... of 1024)."""
-    m = _SIZE.fullmatch(text.strip())
-    if not m:
-        raise ValueError(f"{text!r} is not a size (write e.g. 20GB, 500MiB)")
-    number, unit = float(m[1]), (m[2] or "")
-    base = unit[:1].upper()
-    factor = 1024 ** "KMGT".index(base) * 1024 if "i" in unit else _UNITS[base]
-    return int(number * factor)
 
 
 @dataclass
@@ -154,12 +141,12 @@ def verify(store: Store, progress: Callable[[int], None] | None = None) -> Verif
 class Upkeep:
     """Evicts by size and age while the proxy runs (options `cache_size_limit`, `expire_unused_days`)."""
 
-    def __init__(self, cache: RegistryCache):
-        self.cache = cache
+    def __init__(self, folder: CacheFolder):
+        self.folder = folder
         self.limit: int | None = None
         self._task: asyncio.Task | None = None
 
-    def load(self, loader):
+    def load(self, loader: Loader) -> None:
         loader.add_option(
             "cache_size_limit",
             str,
@@ -175,7 +162,7 @@ class Upkeep:
             "0: blobs do not expire.",
         )
 
-    def configure(self, updated):
+    def configure(self, updated: set[str]) -> None:
         if "cache_size_limit" in updated:
             try:
                 self.limit = parse_size(ctx.options.cache_size_limit) if ctx.options.cache_size_limit else None
@@ -184,10 +171,10 @@ class Upkeep:
         if "expire_unused_days" in updated and ctx.options.expire_unused_days < 0:
             raise exceptions.OptionsError("expire_unused_days must be 0 or more")
 
-    def running(self):
+    def running(self) -> None:
         self._task = asyncio.create_task(self._evict_periodically())
 
-    def done(self):
+    def done(self) -> None:
         if self._task:
             self._task.cancel()
 
@@ -197,7 +184,7 @@ class Upkeep:
             await self.evict()
 
     async def evict(self) -> Pruned | None:
-        store, days = self.cache.store, ctx.options.expire_unused_days
+        store, days = self.folder.store, ctx.options.expire_unused_days
         if store is None or (self.limit is None and not days):
             return None
         try:

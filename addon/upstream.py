@@ -7,7 +7,7 @@ configured these requests too.
 
 Their answers are read whole only up to `MAX_ANSWER` bytes, counted as they arrive (whatever
 Content-Length, chunking or a content encoding claim); a blob fill streams its body to its file
-instead (`fill.py`).
+instead (`fill.py`). No answer is an `UpstreamError`, never a value in place of a response.
 """
 
 from __future__ import annotations
@@ -22,17 +22,49 @@ from urllib.parse import urljoin
 from mitmproxy import ctx, http
 from mitmproxy.addons.clientplayback import ReplayHandler
 
+from . import protocol
+from .flowdata import Mark
+
 logger = logging.getLogger(__name__)
 
-MARK = "hubcache_subrequest"
-UNREAD = "hubcache_unread"  # on hubcache's own request: why its answer was not read (too large...)
-MAX_ANSWER = 4 * 1024 * 1024  # registries refuse larger manifests; tokens and errors are far smaller
-REDIRECTS = (301, 302, 303, 307, 308)
+MAX_ANSWER = protocol.MAX_MANIFEST  # tokens and errors are far smaller than the largest manifest
 MAX_REDIRECTS = 5
 
 
+class UpstreamError(Exception):
+    """Upstream gave no answer hubcache can use. `str(error)` says why, in an operator's words."""
+
+
+class Unreachable(UpstreamError):
+    """No answer: the connection failed or broke, or the host is known to be down (circuits.py)."""
+
+
+class Silent(UpstreamError):
+    """Nothing arrived for the idle timeout; the request was cancelled."""
+
+
+class Unreadable(UpstreamError):
+    """An answer hubcache will not read: larger than MAX_ANSWER, or in an encoding it did not ask for."""
+
+
+class Unavailable(UpstreamError):
+    """Upstream answered that it cannot serve now (5xx, 429). Its answer is kept."""
+
+    def __init__(self, response: http.Response):
+        super().__init__(f"upstream answered {response.status_code}")
+        self.response = response
+
+
+def available(response: http.Response) -> http.Response:
+    """The one test of "upstream failed" for an answer that came: `response`, unless upstream says
+    it cannot serve now (a 5xx, or 429 Too Many Requests); then Unavailable."""
+    if response.status_code >= 500 or response.status_code == 429:
+        raise Unavailable(response)
+    return response
+
+
 def is_subrequest(flow: http.HTTPFlow) -> bool:
-    return bool(flow.metadata.get(MARK))
+    return bool(flow.metadata.get(Mark.SUBREQUEST))
 
 
 def subrequest(like: http.HTTPFlow, request: http.Request) -> http.HTTPFlow:
@@ -41,15 +73,15 @@ def subrequest(like: http.HTTPFlow, request: http.Request) -> http.HTTPFlow:
     flow.request = request
     # Every byte read counts against MAX_ANSWER: a compressed answer could expand past it.
     request.headers["accept-encoding"] = "identity"
-    flow.metadata[MARK] = True
+    flow.metadata[Mark.SUBREQUEST] = True
     return flow
 
 
-class Answers:
+class BoundedAnswers:
     """Reads the answers to hubcache's own requests, bounded (see the module's docstring)."""
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:
-        # A fill's own stream callable replaces this one (cache.py runs later).
+        # A fill's own stream callable replaces this one (the cache's addons run later).
         if is_subrequest(flow) and flow.response and not flow.response.stream:
             flow.response.stream = _Bounded(flow)
 
@@ -61,7 +93,7 @@ class Answers:
 
 class _Bounded:
     """A stream callable that keeps the body, up to MAX_ANSWER bytes (past that it notes why on
-    the flow, UNREAD, and keeps nothing)."""
+    the flow, Mark.UNREAD, and keeps nothing)."""
 
     def __init__(self, flow: http.HTTPFlow):
         self.flow = flow
@@ -71,7 +103,7 @@ class _Bounded:
     def __call__(self, data: bytes) -> list[bytes]:
         self.size += len(data)
         if self.size > MAX_ANSWER:
-            self.flow.metadata[UNREAD] = f"upstream's answer is larger than {MAX_ANSWER} bytes"
+            self.flow.metadata[Mark.UNREAD] = f"upstream's answer is larger than {MAX_ANSWER} bytes"
             self.parts.clear()
         elif data:
             self.parts.append(data)
@@ -89,39 +121,69 @@ class _Bounded:
             try:
                 decoded = decoder.decompress(raw, MAX_ANSWER + 1)
             except zlib.error as e:
-                self.flow.metadata[UNREAD] = f"upstream's {encoding} answer does not decode ({e})"
+                self.flow.metadata[Mark.UNREAD] = f"upstream's {encoding} answer does not decode ({e})"
                 return b""
             if len(decoded) > MAX_ANSWER or decoder.unconsumed_tail:
-                self.flow.metadata[UNREAD] = f"upstream's answer is larger than {MAX_ANSWER} bytes"
+                self.flow.metadata[Mark.UNREAD] = f"upstream's answer is larger than {MAX_ANSWER} bytes"
                 return b""
             raw = decoded
             headers.pop("content-encoding")
             if "content-length" in headers:
                 headers["content-length"] = str(len(raw))
         elif encoding != "identity":
-            self.flow.metadata[UNREAD] = f"upstream's answer is encoded as {encoding!r}, which hubcache did not ask for"
+            self.flow.metadata[Mark.UNREAD] = f"upstream's answer is encoded as {encoding!r}, which hubcache did not ask for"
             return b""
         return raw
 
 
-async def send(like: http.HTTPFlow, method: str, timeout: float, follow: bool = False) -> http.Response | str:
-    """Send the request of `like` upstream again as `method`, with its headers (Accept,
-    Authorization). Returns the response, or a short reason why there is none (connection
-    error, timeout); never raises for upstream failures. With `follow`, redirects to https
-    URLs are followed and the final answer returned (a redirect elsewhere is the answer)."""
-    request = like.request.copy()
-    request.method = method
-    answer = await run(subrequest(like, request), timeout)
-    for _ in range(MAX_REDIRECTS if follow else 0):
-        if isinstance(answer, str) or answer.status_code not in REDIRECTS:
-            break
-        if not (location := answer.headers.get("location")):
-            break
-        request = redirected(request, location)
-        if request.scheme != "https":
-            break
-        answer = await run(subrequest(like, request), timeout)
-    return answer
+class Upstream:
+    """The one way out for hubcache's own requests. The addons that send them are given an
+    instance (tests give them a fake one instead)."""
+
+    async def send(self, like: http.HTTPFlow, method: str, timeout: float, follow: bool = False) -> http.Response:
+        """Send the request of `like` upstream again as `method`, with its headers (Accept,
+        Authorization), and return the response; UpstreamError when there is none. With `follow`,
+        redirects to https URLs are followed and the final answer returned (a redirect elsewhere is
+        the answer)."""
+        request = like.request.copy()
+        request.method = method
+        answer = await self.run(subrequest(like, request), timeout)
+        for _ in range(MAX_REDIRECTS if follow else 0):
+            if answer.status_code not in protocol.REDIRECTS or not (location := answer.headers.get("location")):
+                break
+            request = redirected(request, location)
+            if request.scheme != "https":
+                break
+            answer = await self.run(subrequest(like, request), timeout)
+        return answer
+
+    async def run(self, flow: http.HTTPFlow, idle_timeout: float, progress: Callable[[], float] | None = None) -> http.Response:
+        """Send a subrequest flow and wait for its whole response; UpstreamError when there is none.
+        It is cut when nothing happened for `idle_timeout` seconds: no answer at all, or (with
+        `progress`, the time of the last bytes received) a body that stopped growing."""
+        circuits = ctx.master.addons.get("circuits")
+        if circuits and (refused := circuits.refusal(flow.request.host, flow.client_conn)):
+            raise Unreachable(refused)  # the host is down: not waited for (see circuits.py)
+        handler = ReplayHandler(flow, ctx.options)
+        task = asyncio.ensure_future(handler.replay())
+        started = time.monotonic()
+        while not task.done():
+            await asyncio.wait({task}, timeout=min(1.0, idle_timeout))
+            if reason := flow.metadata.get(Mark.UNREAD):
+                _cancel(handler, task, f"hubcache: {reason}")
+                raise Unreadable(reason)
+            last = max(started, progress()) if progress else started
+            if not task.done() and time.monotonic() - last > idle_timeout:
+                _cancel(handler, task, "hubcache: upstream stopped answering")
+                reason = f"upstream sent nothing for {idle_timeout:g}s"
+                if circuits:
+                    circuits.failed(flow.request.host, reason, flow.request.url)
+                raise Silent(reason)
+        if reason := flow.metadata.get(Mark.UNREAD):
+            raise Unreadable(reason)
+        if flow.response is not None and not flow.error:
+            return flow.response
+        raise Unreachable(flow.error.msg if flow.error else "no response")
 
 
 def redirected(request: http.Request, location: str) -> http.Request:
@@ -133,35 +195,6 @@ def redirected(request: http.Request, location: str) -> http.Request:
     if (target.scheme, target.host.lower(), target.port) != (request.scheme, request.host.lower(), request.port):
         target.headers.pop("authorization", None)
     return target
-
-
-async def run(flow: http.HTTPFlow, idle_timeout: float, progress: Callable[[], float] | None = None) -> http.Response | str:
-    """Send a subrequest flow and wait for its whole response. It is cut when nothing happened for
-    `idle_timeout` seconds: no answer at all, or (with `progress`, the time of the last bytes
-    received) a body that stopped growing."""
-    circuits = ctx.master.addons.get("circuits")
-    if circuits and (refused := circuits.refusal(flow.request.host, flow.client_conn)):
-        return refused  # the host is down: not waited for (see circuits.py)
-    handler = ReplayHandler(flow, ctx.options)
-    task = asyncio.ensure_future(handler.replay())
-    started = time.monotonic()
-    while not task.done():
-        await asyncio.wait({task}, timeout=min(1.0, idle_timeout))
-        if reason := flow.metadata.get(UNREAD):
-            _cancel(handler, task, f"hubcache: {reason}")
-            return reason
-        last = max(started, progress()) if progress else started
-        if not task.done() and time.monotonic() - last > idle_timeout:
-            _cancel(handler, task, "hubcache: upstream stopped answering")
-            reason = f"upstream sent nothing for {idle_timeout:g}s"
-            if circuits:
-                circuits.failed(flow.request.host, reason, flow.request.url)
-            return reason
-    if reason := flow.metadata.get(UNREAD):
-        return reason
-    if flow.response is not None and not flow.error:
-        return flow.response
-    return flow.error.msg if flow.error else "no response"
 
 
 def _cancel(handler: ReplayHandler, task: asyncio.Future, reason: str) -> None:

@@ -20,14 +20,11 @@ from mitmproxy.proxy import server_hooks
 from mitmproxy.test import taddons
 
 from hubcache import blobserver
-from hubcache.access import Access
 from hubcache.blobhost import BlobHost
 from hubcache.blobserver import BLOB_HOST
-from hubcache.cache import RegistryCache
-from hubcache.metrics import Metrics
-from hubcache.pulls import PullLog
-from hubcache.hosts import Interception
+from hubcache.options import SharedOptions
 from hubcache.protocol import digest_of
+from hubcache.storage import CacheFolder
 from hubcache.store import Store
 
 BLOB = os.urandom(3 * 1024 * 1024 + 17)
@@ -48,17 +45,17 @@ class Blobs:
 @pytest.fixture
 def blobs(tmp_path):
     host = BlobHost()
-    access = Access()
-    cache = RegistryCache(Interception(), host, access, Metrics(Interception()), PullLog())
+    folder = CacheFolder()
     tlsconfig = TlsConfig()
-    with taddons.context(Proxyserver(), tlsconfig, access, cache, host) as tctx:
+    with taddons.context(Proxyserver(), tlsconfig, SharedOptions(), folder, host) as tctx:
         tctx.configure(tlsconfig, confdir=str(tmp_path / "conf"))
-        tctx.configure(cache, cache_dir=str(tmp_path / "cache"))
+        tctx.options.update(cache_dir=str(tmp_path / "cache"))
         host.running()
         assert host.address, "the blob server started"
-        yield Blobs(host, cache.store, tmp_path / "conf" / "mitmproxy-ca-cert.pem")
+        assert folder.store
+        yield Blobs(host, folder.store, tmp_path / "conf" / "mitmproxy-ca-cert.pem")
         host.done()
-        cache.done()
+        folder.done()
 
 
 def tunnel(blobs: Blobs, target: str = f"{BLOB_HOST}:443") -> tuple[socket.socket, bytes]:

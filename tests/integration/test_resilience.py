@@ -10,7 +10,7 @@ from collections.abc import Callable
 
 import pytest
 
-from support.clients import Dockerd, skopeo_copy
+from support.clients import Dockerd, pulled_blobs, skopeo_copy
 from support.dockerhub import ALL_HOSTS, AUTH_HOST
 from support.procs import free_port
 from support.registry import REGISTRY_NAME
@@ -168,8 +168,6 @@ def test_sixty_four_clients_pull_warm_with_upstream_up_and_down(hubcache, docker
     """A bounded warm soak: 64 skopeo clients, two rounds each with upstream up, then two with
     every Docker Hub host hanging. Every client keeps its own log; no pull may fail."""
     from concurrent.futures import ThreadPoolExecutor
-
-    from test_pull_registry import pulled_blobs
 
     proxy = hubcache(revalidate_timeout=LIMIT)
     pull(proxy, tmp_path / "cold")

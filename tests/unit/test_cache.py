@@ -9,20 +9,19 @@ from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
 import pytest
-from mitmproxy import exceptions, http
-from mitmproxy.addons.proxyserver import Proxyserver
-from mitmproxy.test import taddons, tflow, tutils
-
 from hubcache import protocol, upstream
 from hubcache.access import Access
-from hubcache.blobhost import BlobHost
 from hubcache.blobserver import BLOB_HOST
 from hubcache.cache import RegistryCache
-from hubcache.metrics import Metrics
-from hubcache.pulls import PullLog
+from hubcache.flowdata import Mark
 from hubcache.hosts import Interception
 from hubcache.journal import MissJournal
 from hubcache.protocol import digest_of
+from hubcache.store import Store
+from mitmproxy import exceptions, http
+from mitmproxy.addons.proxyserver import Proxyserver
+from mitmproxy.test import taddons, tflow, tutils
+from support.addons import CacheAddons
 
 HUB = "registry-1.docker.io"
 CDN = "production.cloudflare.docker.com"
@@ -52,23 +51,88 @@ class Upstream:
     broken: str = ""  # the transfer breaks after the body's chunks, with this reason
 
 
+class FakeUpstream(upstream.Upstream):
+    """Stands in for upstream (hubcache's own requests need a running proxy): `send` answers from
+    `replies` (a Response, or a reason string: no answer), `run` from `fetches` (an Upstream, or a
+    reason string), as mitmproxy would: headers through the addons' responseheaders, then the body
+    through the stream callable they set."""
+
+    def __init__(self) -> None:
+        self.replies: list = []
+        self.sent: list = []  # (method, url) of every request sent with send()
+        self.fetches: list = []
+        self.fetched: list = []  # the request of every run()
+        self.on_headers: list = []  # the responseheaders hooks, in addon order
+
+    async def send(self, like: http.HTTPFlow, method: str, timeout: float, follow: bool = False) -> http.Response:
+        self.sent.append((method, like.request.url))
+        assert self.replies, f"unexpected upstream {method} {like.request.url}"
+        return _answer(self.replies.pop(0))
+
+    async def run(self, f: http.HTTPFlow, idle_timeout: float, progress=None) -> http.Response:
+        self.fetched.append(f.request.copy())
+        assert self.fetches, f"unexpected upstream fetch {f.request.url}"
+        answer = _answer(self.fetches.pop(0))
+        if answer.before_answer:
+            await answer.before_answer.wait()
+        f.live = True  # as mitmproxy's HTTP layer makes it
+        f.response = upstream_response(answer.status, answer.headers)
+        for hook in self.on_headers:
+            hook(f)
+        if f.error:
+            raise upstream.Unreachable(f.error.msg)
+        for i in range(0, len(answer.body), 65536):
+            f.response.stream(answer.body[i : i + 65536])
+            if i == 0 and answer.mid_body:
+                await answer.mid_body.wait()
+            if reason := f.metadata.get(Mark.UNREAD):
+                raise upstream.Unreadable(reason)
+        if answer.broken:
+            raise upstream.Unreachable(answer.broken)
+        f.response.stream(b"")
+        upstream.BoundedAnswers().response(f)
+        if reason := f.metadata.get(Mark.UNREAD):
+            raise upstream.Unreadable(reason)
+        return f.response
+
+
+def _answer(answer):
+    if isinstance(answer, str):
+        raise upstream.Unreachable(answer)
+    return answer
+
+
 @dataclass
 class Env:
     tctx: taddons.context
-    cache: RegistryCache
-    access: Access
-    hosts: Interception
+    addons: CacheAddons
     cache_dir: Path
     answers: list  # what the fake upstream answers to send(), in order: a Response, or a reason string
     sent: list  # (method, url) of every request hubcache sent upstream itself with send()
-    fetches: list  # what blob fetches get, in order: an Upstream, or a reason string
-    fetched: list  # the request of every blob fetch
+    fetches: list  # what run() gets, in order: an Upstream, or a reason string
+    fetched: list  # the request of every run()
+
+    @property
+    def cache(self) -> RegistryCache:
+        return self.addons.cache
+
+    @property
+    def access(self) -> Access:
+        return self.addons.access
+
+    @property
+    def hosts(self) -> Interception:
+        return self.addons.hosts
+
+    @property
+    def store(self) -> Store:
+        return self.addons.folder.store
 
     async def settle(self) -> None:
         """Wait for the fills running in the background."""
         # Awaiting only finished tasks would never yield to the loop, so their done-callbacks
-        # (which drop them from _tasks) would never run: wait for the unfinished ones, then yield.
-        while pending := [task for task in self.cache._tasks if not task.done()]:
+        # (which drop them from the task set) would never run: wait for the unfinished ones, then yield.
+        while pending := [task for task in self.addons.blobs.tasks if not task.done()]:
             await asyncio.gather(*pending)
         await asyncio.sleep(0)
 
@@ -81,58 +145,19 @@ class Env:
 
 
 @pytest.fixture
-async def env(tmp_path, monkeypatch):
-    hosts = Interception()
-    access = Access()
-    cache = RegistryCache(hosts, BlobHost(), access, Metrics(hosts), PullLog())
-    answers = upstream.Answers()
-    replies, sent, fetches, fetched = [], [], [], []
-
-    async def send(like: http.HTTPFlow, method: str, timeout: float, follow: bool = False):
-        # upstream.send and upstream.run need a running proxy; these stand in for them.
-        sent.append((method, like.request.url))
-        assert replies, f"unexpected upstream {method} {like.request.url}"
-        return replies.pop(0)
-
-    async def run(f: http.HTTPFlow, idle_timeout: float, progress=None):
-        """Answers a blob fetch as mitmproxy would: headers through responseheaders, then the
-        body through the stream callable hubcache set (or whole, when it set none)."""
-        fetched.append(f.request.copy())
-        assert fetches, f"unexpected upstream fetch {f.request.url}"
-        answer = fetches.pop(0)
-        if isinstance(answer, str):
-            return answer
-        if answer.before_answer:
-            await answer.before_answer.wait()
-        f.live = True  # as mitmproxy's HTTP layer makes it
-        f.response = upstream_response(answer.status, answer.headers)
-        answers.responseheaders(f)
-        cache.responseheaders(f)
-        if f.error:
-            return f.error.msg
-        for i in range(0, len(answer.body), 65536):
-            f.response.stream(answer.body[i : i + 65536])
-            if i == 0 and answer.mid_body:
-                await answer.mid_body.wait()
-            if reason := f.metadata.get(upstream.UNREAD):
-                return reason
-        if answer.broken:
-            return answer.broken
-        f.response.stream(b"")
-        answers.response(f)
-        return f.metadata.get(upstream.UNREAD) or f.response
-
-    monkeypatch.setattr(upstream, "send", send)
-    monkeypatch.setattr(upstream, "run", run)
+async def env(tmp_path):
+    fake = FakeUpstream()
+    addons = CacheAddons(upstream=fake)
+    fake.on_headers += [upstream.BoundedAnswers().responseheaders, addons.cache.responseheaders]
     # Proxyserver declares connection_strategy, which the cache sets to lazy.
-    with taddons.context(Proxyserver(), hosts, access, cache) as tctx:
-        tctx.configure(cache, cache_dir=str(tmp_path), tag_freshness=0)
+    with taddons.context(Proxyserver(), *addons.addons()) as tctx:
+        tctx.options.update(cache_dir=str(tmp_path), tag_freshness=0)
         # A public repository, already probed (see TestAccess for the rest).
-        cache.store.set_visibility("docker.io", REPO, True)
-        env = Env(tctx, cache, access, hosts, tmp_path, replies, sent, fetches, fetched)
+        addons.store.set_visibility("docker.io", REPO, True)
+        env = Env(tctx, addons, tmp_path, fake.replies, fake.sent, fake.fetches, fake.fetched)
         yield env
         await env.settle()
-        cache.done()
+        addons.folder.done()
 
 
 def flow(path: str, method: str = "GET", host: str = HUB, headers: dict | None = None) -> http.HTTPFlow:
@@ -213,22 +238,22 @@ class TestConfigure:
             env.tctx.configure(env.cache, cache_dir=str(not_a_dir / "cache"))
         # The rollback reopened the previous folder, which still works.
         await fill_blob(env)
-        assert env.cache.store.blob_size(BLOB_DIGEST) == len(BLOB)
+        assert env.store.blob_size(BLOB_DIGEST) == len(BLOB)
 
     async def test_reconfiguring_the_same_folder_keeps_filling(self, env):
         env.tctx.configure(env.cache, cache_dir=str(env.cache_dir))
         await fill_blob(env)
-        assert env.cache.store.has_blob(BLOB_DIGEST)
+        assert env.store.has_blob(BLOB_DIGEST)
         assert env.journal()[-1]["outcome"] == "filled"
 
     async def test_reconfiguring_another_path_to_the_same_folder_keeps_filling(self, env, tmp_path_factory):
         link = tmp_path_factory.mktemp("link") / "cache"
         link.symlink_to(env.cache_dir)
-        old = env.cache.store
+        old = env.store
         env.tctx.configure(env.cache, cache_dir=str(link))
-        assert env.cache.store is not old
+        assert env.store is not old
         await fill_blob(env)
-        assert env.cache.store.blob_size(BLOB_DIGEST) == len(BLOB)
+        assert env.store.blob_size(BLOB_DIGEST) == len(BLOB)
 
     @pytest.mark.parametrize("option, value", [("tag_freshness", -1), ("revalidate_timeout", -1), ("fill_timeout", 0)])
     async def test_bad_seconds(self, env, option, value):
@@ -270,12 +295,12 @@ class TestRouting:
         await env.cache.request(f)
         assert f.response is None
         assert f.request.host == host and f.request.path == path
-        assert f.id not in env.cache._pending
+        assert env.addons.misses.peek(f) is None
 
     async def test_subrequests_are_ignored(self, env):
         await fill_blob(env)
         f = flow(blob_path(), "HEAD")
-        f.metadata[upstream.MARK] = True
+        f.metadata[Mark.SUBREQUEST] = True
         await env.cache.request(f)
         assert f.response is None
 
@@ -322,11 +347,11 @@ class TestBlobFill:
 
         more.set()
         await env.settle()
-        with env.cache.store.open_blob(BLOB_DIGEST) as blob:
+        with env.store.open_blob(BLOB_DIGEST) as blob:
             assert blob.read() == BLOB
         [entry] = env.journal()
         assert (entry["outcome"], entry["kind"], entry["repository"], entry["bytes"]) == ("filled", "blob", REPO, len(BLOB))
-        assert env.temp_files() == [] and env.cache._fills == {}
+        assert env.temp_files() == [] and env.addons.blobs.fills == {}
 
     @pytest.mark.parametrize(
         "answer, outcome",
@@ -340,16 +365,20 @@ class TestBlobFill:
         env.fetches.append(answer)
         f = flow(blob_path())
         await env.cache.request(f)
-        assert "fill" in location(f)[1]  # the blob server then cuts the transfer: its file is gone
+        if f.response.status_code == 307:  # sent to the fill: the blob server cuts it once its file is gone
+            assert "fill" in location(f)[1]
+        else:  # the fill had ended when the client looked
+            assert f.response.status_code == 502, f.response
+            assert json.loads(f.response.content)["errors"][0]["code"] == "BLOB_UNKNOWN"
         await env.settle()
-        assert not env.cache.store.has_blob(BLOB_DIGEST)
+        assert not env.store.has_blob(BLOB_DIGEST)
         assert env.temp_files() == []
         assert env.journal()[0]["outcome"].startswith(outcome)
 
     async def test_a_fill_that_ended_while_a_request_was_deciding_is_not_repeated(self, env, monkeypatch):
         await fill_blob(env)
         answers = iter([False, True])  # the request's look misses the commit, the fill's sees it
-        monkeypatch.setattr(env.cache.store, "has_blob", lambda digest: next(answers))
+        monkeypatch.setattr(env.store, "has_blob", lambda digest: next(answers))
         f = flow(blob_path())
         await env.cache.request(f)
         assert set(location(f)[1]) == {"expires", "signature", "tag"}
@@ -384,12 +413,12 @@ class TestBlobFill:
         env.fetches += [Upstream(307, {"Location": cdn_url, "Content-Length": "0"}), sized()]
         f = flow(blob_path(), headers={"Authorization": "Bearer t"})
         await env.cache.request(f)
-        assert "fill" in location(f)[1], "the client never sees the CDN"
+        assert location(f)[0] == f"/blobs/{BLOB_DIGEST}", "the client never sees the CDN"
         await env.settle()
         registry, cdn = env.fetched
         assert registry.headers["authorization"] == "Bearer t"
         assert cdn.url == cdn_url and "authorization" not in cdn.headers
-        assert env.cache.store.blob_size(BLOB_DIGEST) == len(BLOB)
+        assert env.store.blob_size(BLOB_DIGEST) == len(BLOB)
         assert not env.hosts.intercepts(CDN)
 
     async def test_a_blob_host_that_refuses_hubcache_leaves_the_redirect_to_the_client(self, env):
@@ -399,7 +428,7 @@ class TestBlobFill:
         await env.cache.request(f)
         assert f.response.status_code == 307 and f.response.headers["Location"] == elsewhere
         await env.settle()
-        assert env.cache.store.blob_size(BLOB_DIGEST) is None
+        assert env.store.blob_size(BLOB_DIGEST) is None
 
     async def test_too_many_redirects(self, env):
         env.fetches += [Upstream(302, {"Location": f"/v2/{REPO}/blobs/{BLOB_DIGEST}?n={i}"}) for i in range(6)]
@@ -422,7 +451,7 @@ class TestBlobFill:
         f = flow(blob_path())
         await env.cache.request(f)
         assert set(location(f)[1]) == {"expires", "signature", "tag"}
-        assert env.cache.store.has_blob(BLOB_DIGEST)
+        assert env.store.has_blob(BLOB_DIGEST)
 
     async def test_empty_blob(self, env):
         digest = digest_of(b"")
@@ -430,8 +459,9 @@ class TestBlobFill:
         f = flow(blob_path(digest))
         await env.cache.request(f)
         await env.settle()
-        assert location(f)[1]["size"] == "0"
-        assert env.cache.store.blob_size(digest) == 0
+        path, query = location(f)
+        assert path == f"/blobs/{digest}" and query.get("size", "0") == "0"  # the fill's file, or the stored blob
+        assert env.store.blob_size(digest) == 0
 
     @pytest.mark.parametrize("encoding", ["gzip", "br"])
     async def test_an_encoded_answer_hubcache_did_not_ask_for_is_refused_not_stored(self, env, encoding):
@@ -441,14 +471,14 @@ class TestBlobFill:
         assert f.response.status_code == 502
         assert encoding in f.response.json()["errors"][0]["message"]
         await env.settle()
-        assert not env.cache.store.has_blob(BLOB_DIGEST)
+        assert not env.store.has_blob(BLOB_DIGEST)
         outcome = env.journal()[0]["outcome"]
         assert outcome.startswith("failed: upstream's") and encoding in outcome
 
     async def test_head_miss_is_passed(self, env):
         f = await asked(env, flow(blob_path(), "HEAD"), Upstream(200, {"Content-Length": str(len(BLOB))}))
         assert f.response.status_code == 200
-        assert not env.cache.store.has_blob(BLOB_DIGEST)
+        assert not env.store.has_blob(BLOB_DIGEST)
         assert env.journal()[0]["outcome"] == "passed: upstream answered 200"
         assert [r.method for r in env.fetched] == ["HEAD"]
 
@@ -456,16 +486,16 @@ class TestBlobFill:
         def read_only(*args):
             raise OSError("cache index: attempt to write a readonly database")
 
-        monkeypatch.setattr(env.cache.store, "link", read_only)
+        monkeypatch.setattr(env.store, "link", read_only)
         env.fetches.append(sized())
         f = flow(blob_path())
         await env.cache.request(f)
-        assert "fill" in location(f)[1], "the client still gets the blob"
+        assert location(f)[0] == f"/blobs/{BLOB_DIGEST}", "the client still gets the blob"
         await env.settle()
         assert "not noted in the cache: cache index: attempt to write a readonly database" in caplog.text
 
     async def test_a_full_disk_passes_the_request_through(self, env, monkeypatch):
-        monkeypatch.setattr("hubcache.cache.shutil.disk_usage", lambda path: shutil._ntuple_diskusage(10**9, 10**9 - 1000, 1000))
+        monkeypatch.setattr("hubcache.blob_requests.shutil.disk_usage", lambda path: shutil._ntuple_diskusage(10**9, 10**9 - 1000, 1000))
         env.fetches.append(sized())
         f = flow(blob_path())
         await env.cache.request(f)
@@ -474,12 +504,12 @@ class TestBlobFill:
         f.response = upstream_response(200)
         await env.cache.response(f)
         assert env.journal()[0]["outcome"] == "passed: upstream answered 200"
-        assert not env.cache.store.has_blob(BLOB_DIGEST) and env.temp_files() == []
+        assert not env.store.has_blob(BLOB_DIGEST) and env.temp_files() == []
 
     async def test_room_promised_to_a_fill_under_way_is_not_given_twice(self, env, monkeypatch):
         reserve = 64 * 1024 * 1024
         free = reserve + len(BLOB) + 1000  # room for one such blob, not two
-        monkeypatch.setattr("hubcache.cache.shutil.disk_usage", lambda path: shutil._ntuple_diskusage(10**12, 10**12 - free, free))
+        monkeypatch.setattr("hubcache.blob_requests.shutil.disk_usage", lambda path: shutil._ntuple_diskusage(10**12, 10**12 - free, free))
         more = asyncio.Event()
         other = os.urandom(len(BLOB))
         env.fetches += [sized(mid_body=more), sized(other)]
@@ -491,13 +521,13 @@ class TestBlobFill:
         assert second.response is None, "passed through: the room is promised to the first fill"
         more.set()
         await env.settle()
-        assert env.cache.store.has_blob(BLOB_DIGEST)
+        assert env.store.has_blob(BLOB_DIGEST)
 
     async def test_an_unusable_cache_folder_passes_the_request_through(self, env, monkeypatch):
         def no_space(digest):
             raise OSError(28, "No space left on device")
 
-        monkeypatch.setattr(env.cache.store, "blob_writer", no_space)
+        monkeypatch.setattr(env.store, "blob_writer", no_space)
         f = flow(blob_path())
         await env.cache.request(f)
         assert f.response is None and env.fetched == []
@@ -538,7 +568,7 @@ class TestManifestByDigest:
         await asked(env, f, Upstream(200, {"Content-Type": OCI_INDEX}, MANIFEST))
         assert f.response.content == MANIFEST  # upstream's answer, untouched
         assert env.fetched[0].headers["accept"] == OCI_INDEX, "asked with the client's request"
-        stored = env.cache.store.get_manifest(MANIFEST_DIGEST)
+        stored = env.store.get_manifest(MANIFEST_DIGEST)
         assert (stored.media_type, stored.body) == (OCI_INDEX, MANIFEST)
         [entry] = env.journal()
         assert (entry["kind"], entry["outcome"], entry["digest"], entry["bytes"]) == (
@@ -564,15 +594,15 @@ class TestManifestByDigest:
 
     async def test_generic_content_type_stores_the_declared_media_type(self, env):
         await fill_manifest(env, MANIFEST_DIGEST, MANIFEST, ctype="application/json")
-        assert env.cache.store.get_manifest(MANIFEST_DIGEST).media_type == OCI_INDEX
+        assert env.store.get_manifest(MANIFEST_DIGEST).media_type == OCI_INDEX
 
     async def test_wrong_bytes_are_refused(self, env):
         f = await asked(env, flow(manifest_path(MANIFEST_DIGEST)), Upstream(200, {"Content-Type": OCI_INDEX}, MANIFEST2))
         assert f.response.status_code == 502
         error = json.loads(f.response.content)["errors"][0]
         assert error["code"] == "MANIFEST_INVALID"
-        assert env.cache.store.get_manifest(MANIFEST_DIGEST) is None
-        assert env.cache.store.get_manifest(MANIFEST2_DIGEST) is None
+        assert env.store.get_manifest(MANIFEST_DIGEST) is None
+        assert env.store.get_manifest(MANIFEST2_DIGEST) is None
         assert env.journal()[0]["outcome"] == "rejected: digest mismatch"
 
     async def test_accept_excluding_the_stored_type_is_not_answered(self, env):
@@ -584,7 +614,7 @@ class TestManifestByDigest:
     async def test_upstream_error_is_passed_and_journalled(self, env):
         f = await asked(env, flow(manifest_path(MANIFEST_DIGEST)), Upstream(404, {}, b'{"errors":[{"code":"MANIFEST_UNKNOWN"}]}'))
         assert f.response.status_code == 404
-        assert env.cache.store.get_manifest(MANIFEST_DIGEST) is None
+        assert env.store.get_manifest(MANIFEST_DIGEST) is None
         assert env.journal()[0]["outcome"] == "passed: upstream answered 404"
 
     async def test_huge_manifest_is_not_held_in_memory(self, env):
@@ -607,11 +637,11 @@ class TestManifestByDigest:
         f = await asked(env, flow(manifest_path(MANIFEST_DIGEST)), Upstream(200, headers, body))
         assert f.response.status_code == 502
         assert f"larger than {upstream.MAX_ANSWER}" in f.response.json()["errors"][0]["message"]
-        assert env.cache.store.get_manifest(MANIFEST_DIGEST) is None
+        assert env.store.get_manifest(MANIFEST_DIGEST) is None
 
     async def test_a_gzip_encoded_manifest_is_decoded_and_verified(self, env):
         await asked(env, flow(manifest_path(MANIFEST_DIGEST)), Upstream(200, {"Content-Encoding": "gzip", "Content-Type": OCI_INDEX}, gzip.compress(MANIFEST)))
-        assert env.cache.store.get_manifest(MANIFEST_DIGEST).body == MANIFEST
+        assert env.store.get_manifest(MANIFEST_DIGEST).body == MANIFEST
 
     @pytest.mark.parametrize("method", ["GET", "HEAD"])
     async def test_unreachable_upstream_is_a_registry_error(self, env, method):
@@ -628,8 +658,8 @@ class TestManifestByTag:
     async def test_miss_stores_manifest_and_tag(self, env):
         f = await fill_manifest(env, "3.20", MANIFEST, headers={"Docker-Content-Digest": MANIFEST_DIGEST})
         assert f.response.status_code == 200
-        assert env.cache.store.get_manifest(MANIFEST_DIGEST).body == MANIFEST
-        entry = env.cache.store.get_tag("docker.io", REPO, "3.20")
+        assert env.store.get_manifest(MANIFEST_DIGEST).body == MANIFEST
+        entry = env.store.get_tag("docker.io", REPO, "3.20")
         assert entry.digest == MANIFEST_DIGEST
         assert env.journal()[0]["outcome"] == "filled"
         assert env.journal()[0]["reference"] == "3.20"
@@ -637,8 +667,8 @@ class TestManifestByTag:
     async def test_miss_with_a_lying_digest_header_is_refused(self, env):
         f = await fill_manifest(env, "3.20", MANIFEST, headers={"Docker-Content-Digest": MANIFEST2_DIGEST})
         assert f.response.status_code == 502
-        assert env.cache.store.get_tag("docker.io", REPO, "3.20") is None
-        assert env.cache.store.get_manifest(MANIFEST_DIGEST) is None
+        assert env.store.get_tag("docker.io", REPO, "3.20") is None
+        assert env.store.get_manifest(MANIFEST_DIGEST) is None
 
     async def test_aliases_share_the_tag(self, env):
         await fill_manifest(env, "3.20", MANIFEST)
@@ -670,7 +700,7 @@ class TestManifestByTag:
 
     async def test_unchanged_tag_is_served_from_cache(self, env):
         await fill_manifest(env, "3.20", MANIFEST)
-        env.cache.store.set_tag("docker.io", REPO, "3.20", MANIFEST_DIGEST, checked=1000.0)  # long ago
+        env.store.set_tag("docker.io", REPO, "3.20", MANIFEST_DIGEST, checked=1000.0)  # long ago
         before = time.time()
         env.answers.append(manifest_response(200, headers={"Docker-Content-Digest": MANIFEST_DIGEST}))
         f = flow(manifest_path("3.20"), headers={"Accept": OCI_INDEX, "Authorization": "Bearer t"})
@@ -679,7 +709,7 @@ class TestManifestByTag:
         assert f.response.status_code == 200
         assert f.response.content == MANIFEST
         assert f.response.headers["Docker-Content-Digest"] == MANIFEST_DIGEST
-        assert env.cache.store.get_tag("docker.io", REPO, "3.20").checked >= before, "upstream's yes refreshed it"
+        assert env.store.get_tag("docker.io", REPO, "3.20").checked >= before, "upstream's yes refreshed it"
         assert len(env.journal()) == 1
 
     async def test_head_by_tag_is_answered_with_size_and_digest(self, env):
@@ -698,15 +728,15 @@ class TestManifestByTag:
         f = flow(manifest_path("3.20"))
         await env.cache.request(f)
         assert f.response.content == MANIFEST2
-        assert env.cache.store.get_tag("docker.io", REPO, "3.20").digest == MANIFEST2_DIGEST
+        assert env.store.get_tag("docker.io", REPO, "3.20").digest == MANIFEST2_DIGEST
 
     async def test_tag_moved_to_an_unknown_manifest_goes_upstream(self, env):
         await fill_manifest(env, "3.20", MANIFEST)
         env.answers.append(manifest_response(200, headers={"Docker-Content-Digest": MANIFEST2_DIGEST}))
         f = await asked(env, flow(manifest_path("3.20")), Upstream(200, {"Content-Type": OCI_INDEX, "Docker-Content-Digest": MANIFEST2_DIGEST}, MANIFEST2))
         assert f.response.content == MANIFEST2
-        assert env.cache.store.get_tag("docker.io", REPO, "3.20").digest == MANIFEST2_DIGEST
-        assert env.cache.store.get_manifest(MANIFEST2_DIGEST).body == MANIFEST2
+        assert env.store.get_tag("docker.io", REPO, "3.20").digest == MANIFEST2_DIGEST
+        assert env.store.get_manifest(MANIFEST2_DIGEST).body == MANIFEST2
 
     async def test_tag_moved_but_its_get_fails_serves_stale(self, env):
         await fill_manifest(env, "3.20", MANIFEST)
@@ -789,13 +819,13 @@ class TestManifestRedirect:
         followed = env.fetched[-1]
         assert followed.url == "https://mirror.example/v2/alpine/manifests/3.20"
         assert "authorization" not in followed.headers, "the registry's credentials stay with the registry"
-        assert env.cache.store.get_tag("docker.io", REPO, "3.20").digest == MANIFEST_DIGEST
+        assert env.store.get_tag("docker.io", REPO, "3.20").digest == MANIFEST_DIGEST
 
     async def test_a_host_that_refuses_hubcache_leaves_the_redirect_to_the_client(self, env):
         f = await self.redirected(env, Upstream(401, {"WWW-Authenticate": 'Bearer realm="https://mirror.example/token"'}))
         assert f.response.status_code == 307
         assert f.response.headers["Location"] == "https://mirror.example/v2/alpine/manifests/3.20"
-        assert env.cache.store.get_tag("docker.io", REPO, "3.20") is None
+        assert env.store.get_tag("docker.io", REPO, "3.20") is None
 
 
 class TestOffline:
@@ -899,7 +929,7 @@ class TestTokens:
             await env.cache.request(f)
             assert f.response.status_code == 503 and "token service" in f.response.json()["errors"][0]["message"]
         await fill_blob(env)
-        env.cache.store.set_visibility("docker.io", REPO, False)
+        env.store.set_visibility("docker.io", REPO, False)
         f = flow(blob_path(), headers=local)
         await env.cache.request(f)
         assert f.response.status_code == 503
@@ -940,7 +970,7 @@ class TestAccess:
 
     async def cached_private_blob(self, env) -> None:
         await fill_blob(env)
-        env.cache.store.set_visibility("docker.io", REPO, False)
+        env.store.set_visibility("docker.io", REPO, False)
 
     async def test_public_content_needs_no_round_trip(self, env):
         await fill_blob(env)
@@ -969,7 +999,7 @@ class TestAccess:
 
     async def test_a_known_digest_is_not_served_through_another_repository(self, env):
         await fill_blob(env)
-        env.cache.store.set_visibility("docker.io", "library/public", True)
+        env.store.set_visibility("docker.io", "library/public", True)
         env.answers.append(upstream_response(404))
         f = flow(f"/v2/library/public/blobs/{BLOB_DIGEST}")
         await env.cache.request(f)
@@ -978,7 +1008,7 @@ class TestAccess:
 
     async def test_a_digest_upstream_confirms_is_linked(self, env):
         await fill_blob(env)
-        env.cache.store.set_visibility("docker.io", "library/public", True)
+        env.store.set_visibility("docker.io", "library/public", True)
         env.answers.append(upstream_response(200))
         path = f"/v2/library/public/blobs/{BLOB_DIGEST}"
         await env.cache.request(f := flow(path))
@@ -997,7 +1027,7 @@ class TestAccess:
 
     async def test_a_cached_tag_of_a_private_repository_is_checked_within_its_freshness(self, env):
         await fill_manifest(env, "latest", MANIFEST, headers={"Docker-Content-Digest": MANIFEST_DIGEST})
-        env.cache.store.set_visibility("docker.io", REPO, False)
+        env.store.set_visibility("docker.io", REPO, False)
         env.tctx.configure(env.cache, tag_freshness=3600)
         env.answers.append(upstream_response(401))
         f = flow(manifest_path("latest"))
@@ -1030,11 +1060,11 @@ class TestAccess:
         ]
         env.cache.responseheaders(f)
         await env.cache.response(f)
-        assert env.cache.store.visibility("docker.io", "library/new") is public
+        assert env.store.visibility("docker.io", "library/new") is public
         asked_for, head, token, anonymous = env.fetched
         assert asked_for.headers["authorization"] == "Bearer alice"
         assert (head.method, "authorization" in head.headers) == ("HEAD", False)
         assert token.url == "https://auth.docker.io/token?scope=repository%3Alibrary%2Fnew%3Apull&service=registry.docker.io"
         assert token.host_header == "auth.docker.io"
         assert anonymous.headers["authorization"] == "Bearer anon"
-        assert env.cache.store.linked("docker.io", "library/new", MANIFEST_DIGEST)
+        assert env.store.linked("docker.io", "library/new", MANIFEST_DIGEST)

@@ -6,13 +6,14 @@ from __future__ import annotations
 import logging
 
 import pytest
+from hubcache import upstream
+from hubcache.circuits import FIRST_RETRY, Circuits, level
+from hubcache.flowdata import Mark
+from hubcache.hosts import Interception
+from hubcache.metrics import Metrics
 from mitmproxy import connection
 from mitmproxy.proxy import server_hooks
 from mitmproxy.test import taddons, tflow, tutils
-
-from hubcache.circuits import FIRST_RETRY, Circuits, level
-from hubcache.hosts import Interception
-from hubcache.metrics import ANSWERED, Metrics
 
 HUB = "registry-1.docker.io"
 
@@ -69,7 +70,7 @@ def test_hubcaches_own_answers_and_5xx_do_not_close_it(circuits):
     breaker, _ = circuits
     breaker.failed(HUB, "refused")
     answered = tflow.tflow(req=tutils.treq(host=HUB, port=443), resp=tutils.tresp(status_code=200))
-    answered.metadata[ANSWERED] = True
+    answered.metadata[Mark.ANSWERED] = True
     breaker.response(answered)
     failing = tflow.tflow(req=tutils.treq(host=HUB, port=443), resp=tutils.tresp(status_code=503))
     breaker.response(failing)
@@ -93,17 +94,18 @@ def test_hosts_hubcache_does_not_intercept_have_no_circuit(circuits):
     assert breaker.open == {} and up(metrics, "example.com") is None
 
 
-async def test_a_probe_that_fails_doubles_the_wait(circuits, monkeypatch):
+async def test_a_probe_that_fails_doubles_the_wait(circuits):
     breaker, _ = circuits
     breaker.failed(HUB, "refused", f"https://{HUB}/v2/library/alpine/manifests/1")
     circuit = breaker.down(HUB)
     probed = []
 
-    async def run(flow, timeout, progress=None):
-        probed.append((flow.request.method, flow.request.url, flow.request.headers.get("authorization")))
-        return "connection refused"
+    class Refusing(upstream.Upstream):
+        async def run(self, flow, idle_timeout, progress=None):
+            probed.append((flow.request.method, flow.request.url, flow.request.headers.get("authorization")))
+            raise upstream.Unreachable("connection refused")
 
-    monkeypatch.setattr("hubcache.upstream.run", run)
+    breaker.upstream = Refusing()
     await breaker._probe(HUB, circuit)
     assert probed == [("HEAD", f"https://{HUB}/v2/library/alpine/manifests/1", None)]
     assert circuit.backoff == 2 * FIRST_RETRY and breaker.down(HUB)
@@ -115,10 +117,9 @@ def test_a_request_not_attempted_is_logged_below_the_down_line():
 
 
 async def test_hubcaches_own_request_to_a_host_that_is_down_is_not_started(circuits):
-    from hubcache import upstream
-
     breaker, _ = circuits
     breaker.failed(HUB, "refused")
     flow = upstream.subrequest(tflow.tflow(), tutils.treq(host=HUB, port=443, scheme=b"https"))
-    answer = await upstream.run(flow, 30)
-    assert answer == f"hubcache: {HUB} is down (refused); not waited for"
+    with pytest.raises(upstream.Unreachable) as refused:
+        await upstream.Upstream().run(flow, 30)
+    assert str(refused.value) == f"hubcache: {HUB} is down (refused); not waited for"

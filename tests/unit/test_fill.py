@@ -3,8 +3,7 @@
 import os
 
 import pytest
-
-from hubcache.fill import Fill
+from hubcache.fill import Fill, State
 from hubcache.protocol import Kind, Route, digest_of
 from hubcache.store import Store
 
@@ -44,7 +43,7 @@ async def test_streaming_is_announced(store):
     fill = new_fill(store)
     assert not fill.answered.is_set()
     fill.start_streaming(len(BLOB))
-    assert fill.answered.is_set() and fill.streaming and fill.size == len(BLOB)
+    assert fill.answered.is_set() and fill.state is State.STREAMING and fill.size == len(BLOB)
     assert (store.directory / "tmp" / fill.name).is_file(), "the blob server finds the file by its name"
     fill.sink(b"")
     fill.discard()
@@ -52,7 +51,7 @@ async def test_streaming_is_announced(store):
 
 def test_a_verified_body_is_committed(store):
     fill = fill_with(store, CHUNKS)
-    assert fill.finish() and fill.committed
+    assert fill.finish() and fill.state is State.COMMITTED
     with store.open_blob(DIGEST) as f:
         assert f.read() == BLOB
     fill.discard()  # after a commit: nothing to drop
@@ -73,7 +72,7 @@ def test_unknown_size_verifies_by_digest(store):
 )
 def test_a_body_that_does_not_verify_is_never_stored(store, chunks, size):
     fill = fill_with(store, chunks, size)
-    assert not fill.finish() and not fill.committed
+    assert not fill.finish() and fill.state is State.REJECTED
     fill.discard()
     assert not store.has_blob(DIGEST) and temp_files(store) == []
 
@@ -106,6 +105,6 @@ def test_a_write_error_is_kept_not_raised(store, monkeypatch):
 def test_failure_is_announced(store):
     fill = new_fill(store)
     fill.fail("upstream sent nothing for 60s")
-    assert fill.answered.is_set() and not fill.streaming and fill.failure
+    assert fill.answered.is_set() and fill.state is State.FAILED and fill.reason == "upstream sent nothing for 60s"
     fill.discard()
     assert temp_files(store) == []

@@ -8,21 +8,15 @@ import json
 from pathlib import Path
 
 import pytest
+from hubcache import protocol, upstream
+from hubcache.protocol import BadRequest, Kind, digest_of
+from hubcache.store import Store
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from mitmproxy import http
 from mitmproxy.addons.proxyserver import Proxyserver
 from mitmproxy.test import taddons, tflow, tutils
-
-from hubcache import protocol, upstream
-from hubcache.access import Access
-from hubcache.blobhost import BlobHost
-from hubcache.cache import RegistryCache
-from hubcache.metrics import Metrics
-from hubcache.pulls import PullLog
-from hubcache.hosts import Interception
-from hubcache.protocol import BadRequest, Kind, digest_of
-from hubcache.store import Store
+from support.addons import CacheAddons
 
 HUB = "registry-1.docker.io"
 REGISTRY_STATUSES = {400, 401, 404, 405, 416, 503}
@@ -89,27 +83,32 @@ def proxy_env(tmp_path_factory):
     """The cache addon on a real store, offline or with an upstream that refuses everything."""
     root = tmp_path_factory.mktemp("fuzz")
     loop = asyncio.new_event_loop()
-    hosts, access = Interception(), Access()
-    cache = RegistryCache(hosts, BlobHost(), access, Metrics(hosts), PullLog())
 
-    async def refuse(*args, **kwargs):
-        body = protocol.error_body("NAME_UNKNOWN", "the fuzzing upstream knows nothing")
-        return http.Response.make(404, body, {"Content-Type": "application/json"})
+    class Refusing(upstream.Upstream):
+        async def send(self, *args, **kwargs) -> http.Response:
+            return self.refusal()
 
-    original = upstream.send, upstream.run
-    upstream.send = upstream.run = refuse
-    with taddons.context(Proxyserver(), hosts, access, cache) as tctx:
-        tctx.configure(cache, cache_dir=str(root / "cache"))
-        yield loop, tctx, cache, root
-        cache.done()
-    upstream.send, upstream.run = original
+        async def run(self, *args, **kwargs) -> http.Response:
+            return self.refusal()
+
+        @staticmethod
+        def refusal() -> http.Response:
+            body = protocol.error_body("NAME_UNKNOWN", "the fuzzing upstream knows nothing")
+            return http.Response.make(404, body, {"Content-Type": "application/json"})
+
+    addons = CacheAddons(upstream=Refusing())
+    with taddons.context(Proxyserver(), *addons.addons()) as tctx:
+        tctx.options.update(cache_dir=str(root / "cache"))
+        yield loop, tctx, addons, root
+        addons.folder.done()
     loop.close()
 
 
 @given(method=methods, path=paths, range_header=ranges, big_header=st.integers(0, 64 * 1024), offline=st.booleans())
 @settings(max_examples=2500, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 def test_every_request_gets_a_registry_answer_or_passes(proxy_env, method, path, range_header, big_header, offline):
-    loop, tctx, cache, root = proxy_env
+    loop, tctx, addons, root = proxy_env
+    cache = addons.cache
     tctx.options.update(offline=offline)
     headers = {"X-Padding": "x" * big_header}
     if range_header is not None:
@@ -120,8 +119,8 @@ def test_every_request_gets_a_registry_answer_or_passes(proxy_env, method, path,
         return  # not an HTTP request mitmproxy would build
     f = tflow.tflow(req=req)
     loop.run_until_complete(cache.request(f))
-    while cache._tasks:
-        loop.run_until_complete(asyncio.gather(*cache._tasks))
+    while addons.blobs.tasks:
+        loop.run_until_complete(asyncio.gather(*addons.blobs.tasks))
     if f.response is not None and f.response.status_code not in (200, 307):
         assert f.response.status_code in REGISTRY_STATUSES | {404}, (method, path, f.response.status_code)
         body = json.loads(f.response.content) if method != "HEAD" else {"errors": [1]}

@@ -8,6 +8,7 @@ import logging
 from mitmproxy.test import tflow
 
 from hubcache import pulls
+from hubcache.flowdata import Source
 from hubcache.protocol import Kind, Route
 from hubcache.pulls import PullLog
 
@@ -38,8 +39,8 @@ async def test_a_pull_is_one_line_with_its_bytes_by_source(monkeypatch, caplog):
     log.running()
     caplog.set_level(logging.INFO, logger="hubcache.pulls")
     f = client()
-    log.manifest(f, manifest("3.20"), "cache", 500)
-    cached, streamed = log.transfer(f, blob(1), "cache"), log.transfer(f, blob(2), "upstream")
+    log.manifest(f, manifest("3.20"), Source.CACHE, 500)
+    cached, streamed = log.transfer(f, blob(1), Source.CACHE), log.transfer(f, blob(2), Source.UPSTREAM)
     log.sent(cached, 1_000_000)
     await asyncio.sleep(1.5)
     assert "pull" not in caplog.text, "a transfer is still under way"
@@ -58,11 +59,11 @@ async def test_the_tag_asked_again_after_its_blobs_is_the_next_pull(caplog):
     caplog.set_level(logging.INFO, logger="hubcache.pulls")
     f = client()
     for _ in range(2):
-        log.manifest(f, manifest("3.20"), "cache", 500)
-        log.manifest(f, manifest("sha256:" + "a" * 64), "cache", 400)  # by digest: the same pull
-        log.sent(log.transfer(f, blob(1), "cache"), 100)
+        log.manifest(f, manifest("3.20"), Source.CACHE, 500)
+        log.manifest(f, manifest("sha256:" + "a" * 64), Source.CACHE, 400)  # by digest: the same pull
+        log.sent(log.transfer(f, blob(1), Source.CACHE), 100)
         await settle()
-    log.manifest(client("10.0.0.8"), manifest("3.20"), "cache", 500)  # another client: its own pull
+    log.manifest(client("10.0.0.8"), manifest("3.20"), Source.CACHE, 500)  # another client: its own pull
     log.done()
     lines = [r.message for r in caplog.records if r.message.startswith("pull ")]
     assert len(lines) == 3

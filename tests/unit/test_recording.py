@@ -4,18 +4,13 @@ from __future__ import annotations
 
 import pytest
 import yaml
+from hubcache.cache import RegistryCache
+from hubcache.recorder import Recorder
+from hubcache.recording import Recording, RecordingError, image_from_store, names
 from mitmproxy import exceptions, http
 from mitmproxy.addons.proxyserver import Proxyserver
 from mitmproxy.test import taddons, tflow, tutils
-
-from hubcache.access import Access
-from hubcache.blobhost import BlobHost
-from hubcache.cache import RegistryCache
-from hubcache.metrics import Metrics
-from hubcache.pulls import PullLog
-from hubcache.hosts import Interception
-from hubcache.recorder import Recorder
-from hubcache.recording import Recording, RecordingError, image_from_store, names
+from support.addons import CacheAddons
 from support.fill import store_image
 from support.images import build_image
 
@@ -31,15 +26,13 @@ def image(tmp_path_factory):
 
 @pytest.fixture
 async def env(tmp_path, image):
-    hosts = Interception()
-    access = Access()
-    cache = RegistryCache(hosts, BlobHost(), access, Metrics(hosts), PullLog())
-    recorder = Recorder(hosts, cache)
-    with taddons.context(Proxyserver(), hosts, access, cache, recorder) as tctx:
-        tctx.configure(cache, cache_dir=str(tmp_path), tag_freshness=3600)
-        store_image(cache.store, image, "docker.io", "library/rec", "1")
-        yield tctx, cache, recorder
-        cache.done()
+    addons = CacheAddons()
+    recorder = Recorder(addons.hosts, addons.folder)
+    with taddons.context(Proxyserver(), *addons.addons(), recorder) as tctx:
+        tctx.options.update(cache_dir=str(tmp_path), tag_freshness=3600)
+        store_image(addons.store, image, "docker.io", "library/rec", "1")
+        yield tctx, addons.cache, recorder
+        addons.folder.done()
 
 
 async def pull(cache: RegistryCache, recorder: Recorder, path: str, method: str = "GET") -> http.HTTPFlow:
@@ -69,7 +62,7 @@ async def test_a_pull_is_recorded_with_its_platform(env, image, tmp_path):
     assert (platform["digest"], platform["platform"]) == (amd64.manifest.digest, "linux/amd64")
     assert [b["digest"] for b in platform["blobs"]] == [amd64.config.digest, *(layer.digest for layer in amd64.layers)]
     recording = Recording.open(tmp_path, "ci")
-    assert recording.missing(cache.store) == []
+    assert recording.missing(recorder.folder.store) == []
     assert recording.total_size() == sum(b.size for b in (amd64.config, *amd64.layers))
     assert names(tmp_path) == ["ci"]
 

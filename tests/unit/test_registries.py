@@ -5,12 +5,12 @@ from __future__ import annotations
 import base64
 
 import pytest
+from hubcache.credentials import UpstreamCredentials
+from hubcache.flowdata import Mark
+from hubcache.hosts import Interception
+from hubcache.registries import DEFAULT_REGISTRIES, parse
 from mitmproxy import exceptions, http
 from mitmproxy.test import taddons, tflow, tutils
-
-from hubcache import upstream
-from hubcache.hosts import Interception
-from hubcache.registries import DEFAULT_REGISTRIES, UpstreamCredentials, parse
 
 BASIC = "Basic " + base64.b64encode(b"bot:t0ken").decode()
 
@@ -147,7 +147,7 @@ class TestUpstreamCredentials:
     def test_the_anonymous_probe_stays_anonymous(self, credentials):
         challenged(credentials, "https://ghcr.io/v2/", 'Bearer realm="https://ghcr.io/token"')
         probe = flow("https://ghcr.io/token?scope=x")
-        probe.metadata[upstream.MARK] = True
+        probe.metadata[Mark.SUBREQUEST] = True
         credentials.requestheaders(probe)
         assert "authorization" not in probe.request.headers
 

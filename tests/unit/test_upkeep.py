@@ -5,19 +5,13 @@ from __future__ import annotations
 import time
 
 import pytest
-from mitmproxy import exceptions
-from mitmproxy.addons.proxyserver import Proxyserver
-from mitmproxy.test import taddons
-
-from hubcache.access import Access
-from hubcache.blobhost import BlobHost
-from hubcache.cache import RegistryCache
-from hubcache.metrics import Metrics
-from hubcache.pulls import PullLog
-from hubcache.hosts import Interception
 from hubcache.recording import Recording, image_from_store
 from hubcache.store import BlobEntry, Store
 from hubcache.upkeep import Upkeep, choose, parse_size, prune, verify
+from mitmproxy import exceptions
+from mitmproxy.addons.proxyserver import Proxyserver
+from mitmproxy.test import taddons
+from support.addons import CacheAddons
 from support.fill import store_image
 from support.images import build_image
 
@@ -146,13 +140,12 @@ def test_verify_drops_what_rotted(store, images):
 
 @pytest.fixture
 def upkeep(tmp_path):
-    access = Access()
-    cache = RegistryCache(Interception(), BlobHost(), access, Metrics(Interception()), PullLog())
-    addon = Upkeep(cache)
-    with taddons.context(Proxyserver(), access, cache, addon) as tctx:
-        tctx.configure(cache, cache_dir=str(tmp_path / "cache"))
+    addons = CacheAddons()
+    addon = Upkeep(addons.folder)
+    with taddons.context(Proxyserver(), *addons.addons(), addon) as tctx:
+        tctx.options.update(cache_dir=str(tmp_path / "cache"))
         yield tctx, addon
-        cache.done()
+        addons.folder.done()
 
 
 def test_options_are_validated(upkeep):
@@ -168,7 +161,7 @@ def test_options_are_validated(upkeep):
 async def test_the_addon_evicts_with_its_options(upkeep, images, monkeypatch):
     tctx, addon = upkeep
     one, two = images
-    store = addon.cache.store
+    store = addon.folder.store
     store_image(store, one, REGISTRY, "one", "1")
     assert await addon.evict() is None, "no limit set: nothing to do"
     tctx.configure(addon, cache_size_limit="1MB")

@@ -1,0 +1,226 @@
+"""Manifest requests, by tag or by digest: answered from the store, or asked upstream and stored
+once verified.
+
+- By digest: from the store (or the fleet's shared store), else upstream.
+- By tag: the tag's cached digest is revalidated with an upstream HEAD (free under Docker Hub's
+  rate limit) unless fresh (`tag_freshness`); a moved tag is fetched anew. When upstream fails,
+  the last known digest is served (stale), so what the cache holds stays pullable.
+- Upstream's manifest is verified against the digest asked for (or the one upstream claims) and
+  stored with its tag; then the repository's visibility is learned (access.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+from mitmproxy import ctx, http
+
+from . import answers, circuits, protocol, upstream
+from .access import Access, holds_local_token
+from .fleet import Fleet
+from .flowdata import Source
+from .hosts import Interception
+from .metrics import Metrics
+from .misses import Misses, Pending
+from .protocol import Route
+from .pulls import PullLog
+from .storage import CacheFolder
+from .store import Manifest, TagEntry
+
+logger = logging.getLogger(__name__)
+
+
+class ManifestRequests:
+    def __init__(
+        self,
+        hosts: Interception,
+        folder: CacheFolder,
+        misses: Misses,
+        access: Access,
+        metrics: Metrics,
+        pulls: PullLog,
+        fleet: Fleet,
+        out: upstream.Upstream,
+    ):
+        self.hosts = hosts
+        self.upstream = out
+        self.folder = folder
+        self.misses = misses
+        self.access = access
+        self.metrics = metrics
+        self.pulls = pulls
+        self.fleet = fleet
+
+    async def handle(self, flow: http.HTTPFlow, route: Route) -> None:
+        store = self.folder.store
+        assert store
+        accept = flow.request.headers.get_all("accept")
+        if route.by_digest:
+            cached = await asyncio.to_thread(store.get_manifest, route.reference)
+            if not cached:
+                cached = await self._from_fleet(route, route.reference)
+            if not cached or not protocol.accepts(accept, cached.media_type):
+                await self.misses.ask(flow, route)
+            elif await self.access.permit(flow, route, cached.digest, store):
+                self._serve(flow, route, cached)
+            return
+
+        entry = await asyncio.to_thread(store.get_tag, route.registry, route.name, route.reference)
+        if entry is None:
+            entry = await self._tag_from_fleet(route)
+        cached = await asyncio.to_thread(store.get_manifest, entry.digest) if entry else None
+        if not entry or not cached or not protocol.accepts(accept, cached.media_type):
+            await self.misses.ask(flow, route)
+            return
+        if ctx.options.offline or time.time() - entry.checked < self.hosts.tag_freshness(flow.request.host):
+            if await self.access.permit(flow, route, cached.digest, store):
+                self._serve(flow, route, cached)
+            return
+        if holds_local_token(flow):
+            # The token host's failure was reported when the token was issued: not again per tag.
+            await self._serve_stale(flow, route, cached, "no token from the registry's token service", logging.DEBUG)
+            return
+        await self._revalidate(flow, route, cached)
+
+    async def _revalidate(self, flow: http.HTTPFlow, route: Route, cached: Manifest) -> None:
+        """Ask upstream (HEAD) what the tag names now."""
+        store = self.folder.store
+        assert store
+        try:
+            answer = upstream.available(await self.upstream.send(flow, "HEAD", ctx.options.revalidate_timeout))
+        except upstream.UpstreamError as e:
+            await self._serve_stale(flow, route, cached, str(e))
+            return
+        current = answer.headers.get("docker-content-digest") if answer.status_code == 200 else None
+        if current == cached.digest:
+            await self.folder.note(store.set_tag, route.registry, route.name, route.reference, cached.digest)
+            self._serve(flow, route, cached)
+            return
+        if current and protocol.DIGEST_RE.fullmatch(current):
+            moved = await asyncio.to_thread(store.get_manifest, current)
+            if moved and protocol.accepts(flow.request.headers.get_all("accept"), moved.media_type):
+                await self.folder.note(store.set_tag, route.registry, route.name, route.reference, current)
+                self._serve(flow, route, moved)
+                return
+        # The tag moved to a manifest we lack, or upstream refused (401/403/404): the client's own
+        # request goes upstream and gets upstream's answer.
+        await self.misses.ask(flow, route, lambda reason: self._serve_stale(flow, route, cached, reason))
+
+    def _serve(self, flow: http.HTTPFlow, route: Route, manifest: Manifest) -> None:
+        """Answer from the store: a hit."""
+        size = answers.manifest(flow, manifest)
+        self.metrics.hit("manifest")
+        self.metrics.sent(Source.CACHE, size)
+        self.pulls.manifest(flow, route, Source.CACHE, size)
+
+    async def _serve_stale(self, flow: http.HTTPFlow, route: Route, cached: Manifest, reason: str, level: int | None = None) -> None:
+        store = self.folder.store
+        assert store
+        if not await self.access.permit(flow, route, cached.digest, store):
+            return
+        logger.log(level or circuits.level(reason), f"{route.image}: {reason}; serving the cached {cached.digest}")
+        self._serve(flow, route, cached)
+        await self.folder.journal_miss(route, f"stale: {reason}", digest=cached.digest)
+
+    async def _from_fleet(self, route: Route, digest: str) -> Manifest | None:
+        """A manifest another node fetched (verified again on the way), kept in the local tier.
+        Serving it still needs the client's access confirmed (Access.permit)."""
+        store = self.folder.store
+        assert store
+        manifest = await self.fleet.get_manifest(digest)
+        if manifest is not None:
+            await self.folder.note(store.put_manifest, manifest.digest, manifest.media_type, manifest.body)
+            await self.folder.journal_miss(route, "filled from the shared store", digest=digest, size=len(manifest.body))
+        return manifest
+
+    async def _tag_from_fleet(self, route: Route) -> TagEntry | None:
+        """A tag another node learned, kept in the local tier as it was confirmed there: it is
+        revalidated like a tag this node learned, which costs upstream a HEAD instead of a GET,
+        and when upstream is unreachable (or hubcache offline) it is what the tag resolves to."""
+        store = self.folder.store
+        assert store
+        shared = await self.fleet.get_tag(route.registry, route.name, route.reference)
+        if shared is None:
+            return None
+        if not await asyncio.to_thread(store.get_manifest, shared.digest):
+            if not await self._from_fleet(route, shared.digest):
+                return None
+        await self.folder.note(store.set_tag, route.registry, route.name, route.reference, shared.digest, shared.confirmed)
+        return TagEntry(shared.digest, shared.confirmed)
+
+    # upstream's answer, at the response hook
+
+    async def finish(self, flow: http.HTTPFlow, pending: Pending) -> None:
+        """Upstream answered the client's request: verify and store a manifest, learn a tag."""
+        await self._follow_redirects(flow)
+        store = self.folder.store
+        assert flow.response and store
+        route, response = pending.route, flow.response
+        if pending.fallback:
+            try:
+                upstream.available(response)
+            except upstream.Unavailable as e:
+                await pending.fallback(str(e))
+                return
+        claimed = route.reference if route.by_digest else response.headers.get("docker-content-digest", "")
+        if flow.request.method == "HEAD" and response.status_code == 200 and not route.by_digest:
+            # dockerd resolves a tag with HEAD and then GETs by digest: learn the tag here. The
+            # manifest is verified when it is fetched; until then the tag counts as uncached.
+            if protocol.DIGEST_RE.fullmatch(claimed):
+                try:
+                    await asyncio.to_thread(store.set_tag, route.registry, route.name, route.reference, claimed)
+                except OSError as e:
+                    logger.warning(f"{route.image}: tag not cached: {e.strerror or e}")
+        if response.status_code == 200:
+            self.pulls.manifest(flow, route, Source.UPSTREAM, len(response.raw_content or b""))
+        if response.status_code == 404:
+            self.misses.note_absent(flow, route)
+        if flow.request.method != "GET" or response.status_code != 200 or response.raw_content is None:
+            if response.status_code != 401:
+                await self.folder.journal_miss(route, f"passed: upstream answered {response.status_code}")
+            return
+        body = response.content or b""
+        algorithm = route.reference.partition(":")[0] if route.by_digest else "sha256"
+        digest = protocol.digest_of(body, algorithm)
+        if claimed and claimed.startswith(f"{algorithm}:") and claimed != digest:
+            logger.warning(f"{route.image}: upstream manifest hashes to {digest}, not {claimed}")
+            answers.error(flow, 502, "MANIFEST_INVALID", f"upstream sent a manifest that does not match {claimed}")
+            await self.folder.journal_miss(route, "rejected: digest mismatch", digest=digest, size=len(body))
+            return
+        media_type = protocol.manifest_media_type(body, response.headers.get("content-type", ""))
+        try:
+            await asyncio.to_thread(store.put_manifest, digest, media_type, body)
+            await asyncio.to_thread(store.link, route.registry, route.name, digest)
+            if not route.by_digest:
+                await asyncio.to_thread(store.set_tag, route.registry, route.name, route.reference, digest)
+        except OSError as e:
+            logger.warning(f"{route.image}: served but not cached: {e.strerror or e}")
+            await self.folder.journal_miss(route, f"passed: not stored: {e.strerror or e}", digest=digest)
+            return
+        await self.folder.journal_miss(route, "filled", digest=digest, size=len(body))
+        tag = None if route.by_digest else (route.registry, route.name, route.reference)
+        self.fleet.publish_manifest(digest, media_type, body, tag)
+        await self.access.learn(flow, route, store)
+
+    async def _follow_redirects(self, flow: http.HTTPFlow) -> None:
+        """Some registries (registry.k8s.io) redirect manifest requests to another host: follow
+        them here, so the manifest is cached under the registry's name. If the other host refuses
+        hubcache (it gets no credentials), the client gets the redirect and follows it itself."""
+        assert flow.response
+        request = flow.request
+        for _ in range(upstream.MAX_REDIRECTS):
+            location = flow.response.headers.get("location")
+            if flow.response.status_code not in protocol.REDIRECTS or not location:
+                return
+            request = upstream.redirected(request, location)
+            if request.scheme != "https":
+                return  # a manifest from plain HTTP is evidence of nothing: the client decides
+            try:
+                answer = await self.upstream.run(upstream.subrequest(flow, request), ctx.options.fill_timeout)
+            except upstream.UpstreamError:
+                return
+            if answer.status_code in (401, 403):
+                return
+            flow.response = answer

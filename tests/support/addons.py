@@ -1,0 +1,51 @@
+"""hubcache's data-path addons wired as `hubcache.addons.make_addons` wires them, for unit tests
+with mitmproxy's taddons, around an `Upstream` the test chooses (a fake, usually)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from hubcache.access import Access
+from hubcache.blob_requests import BlobRequests
+from hubcache.blobhost import BlobHost
+from hubcache.cache import RegistryCache
+from hubcache.fleet import Fleet
+from hubcache.hosts import Interception
+from hubcache.manifest_requests import ManifestRequests
+from hubcache.metrics import Metrics
+from hubcache.misses import Misses
+from hubcache.options import SharedOptions
+from hubcache.pulls import PullLog
+from hubcache.storage import CacheFolder
+from hubcache.upstream import Upstream
+
+
+@dataclass
+class CacheAddons:
+    upstream: Upstream = field(default_factory=Upstream)
+    hosts: Interception = field(default_factory=Interception)
+    blobhost: BlobHost = field(default_factory=BlobHost)
+    folder: CacheFolder = field(default_factory=CacheFolder)
+    pulls: PullLog = field(default_factory=PullLog)
+    fleet: Fleet = field(default_factory=Fleet)
+
+    def __post_init__(self) -> None:
+        self.options = SharedOptions()
+        self.access = Access(self.upstream)
+        self.metrics = Metrics(self.hosts)
+        self.misses = Misses(self.folder, self.metrics, self.upstream)
+        self.manifests = ManifestRequests(
+            self.hosts, self.folder, self.misses, self.access, self.metrics, self.pulls, self.fleet, self.upstream
+        )
+        self.blobs = BlobRequests(
+            self.folder, self.misses, self.blobhost, self.access, self.metrics, self.pulls, self.fleet, self.upstream
+        )
+        self.cache = RegistryCache(self.hosts, self.folder, self.misses, self.manifests, self.blobs, self.upstream)
+
+    def addons(self) -> list:
+        """The addons for `taddons.context`, in make_addons' order (those with options or hooks)."""
+        return [self.options, self.folder, self.hosts, self.access, self.fleet, self.misses, self.cache]
+
+    @property
+    def store(self):
+        return self.folder.store
