@@ -19,12 +19,16 @@ from mitmproxy.test import taddons
 
 from hubcache.fleet import Fleet
 from hubcache.protocol import digest_of
+from support import proxied
 from support.clients import pull, pulled_blobs, skopeo_copy
 from support.images import ImageInfo, build_image
 from support.procs import free_port
 from support.registry import REGISTRY_NAME, push
 
 HUBCACHE = Path(sys.executable).with_name("hubcache")
+HUB = "registry-1.docker.io"
+ALICE = ("alice", "s3cret")
+OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 OUTAGE = "serving from the local cache and upstream"
 
 # --- a node without a shared store, in a fresh Python process -------------------------
@@ -144,16 +148,24 @@ def image_size(image: ImageInfo) -> int:
 
 def wait_until_shared(swift, bucket: str, image: ImageInfo, timeout: float = 30) -> None:
     """Blobs are put to the shared store in the background, after the client has them."""
+    wait_until_stored(swift, bucket, [shared_key("blobs", blob.digest) for blob in blobs_of(image)], timeout)
+
+
+def shared_key(kind: str, digest: str) -> str:
+    """Where the nodes keep a blob or a manifest in the bucket."""
+    return f"fleet/{kind}/sha256/{digest.partition(':')[2]}"
+
+
+def wait_until_stored(swift, bucket: str, keys: list[str], timeout: float = 30) -> None:
     client = swift.client()
     deadline = time.monotonic() + timeout
-    for blob in blobs_of(image):
-        key = f"fleet/blobs/sha256/{blob.digest.partition(':')[2]}"
+    for key in keys:
         while True:
             try:
                 client.head_object(Bucket=bucket, Key=key)
                 break
             except client.exceptions.ClientError:
-                assert time.monotonic() < deadline, f"{blob.digest} never reached the shared store"
+                assert time.monotonic() < deadline, f"{key} never reached the shared store"
                 time.sleep(0.1)
 
 
@@ -288,6 +300,59 @@ def test_nodes_keep_serving_while_the_shared_store_is_down(node, registry, layou
     digests = {blob.digest for blob in blobs_of(image3)}
     assert journal_outcomes(b, digests) == dict.fromkeys(digests, "filled from the shared store")
     assert "reachable again" in a.log_text()
+
+
+# --- what the shared store holds is checked again ------------------------------------------------
+
+
+def test_a_private_blob_one_node_cached_reaches_only_clients_upstream_allows(node, registry, dockerhub, layouts, swift, bucket):
+    """Alice fills a private repository through node A; node B finds the blob and the manifest in
+    the shared store, but serves them only to a client upstream lets pull the repository."""
+    name = f"library/private{uuid.uuid4().hex[:10]}"
+    image = push(registry, f"{name}:1", build_image(layouts / name.replace("/", "-"), "1", [2_000_000], seed=name))
+    platform = image.platforms[0]
+    layer = platform.layers[0]
+    paths = {
+        platform.manifest.digest: f"/v2/{name}/manifests/{platform.manifest.digest}",
+        layer.digest: f"/v2/{name}/blobs/{layer.digest}",
+    }
+    dockerhub.private_repos[name] = ALICE
+    try:
+        a, b = node("a"), node("b")
+        alice = bearer(a, name, ALICE)
+        for digest, path in paths.items():
+            answer = hub_get(a, path, alice)
+            assert answer.status == 200 and digest_of(answer.body) == digest, (path, answer.status)
+        wait_until_stored(swift, bucket, [shared_key("manifests", platform.manifest.digest), shared_key("blobs", layer.digest)])
+        dockerhub.reset()
+
+        anonymous = bearer(b, name)
+        for digest, path in paths.items():
+            answer = hub_get(b, path, anonymous)
+            assert answer.status in (401, 403, 404), (path, answer.status)
+            assert answer.json()["errors"] and digest_of(answer.body) != digest
+        alice = bearer(b, name, ALICE)
+        for digest, path in paths.items():
+            answer = hub_get(b, path, alice)
+            assert answer.status == 200 and digest_of(answer.body) == digest, (path, answer.status)
+        # Both came from the shared store: upstream was asked only whether each client may have them.
+        assert dockerhub.requests(kind="cdn") == [] and dockerhub.requests(kind="manifest", method="GET") == []
+        assert journal_outcomes(b, {layer.digest}) == {layer.digest: "filled from the shared store"}
+        # Held by node B now, still not for the anonymous client.
+        for path in paths.values():
+            assert hub_get(b, path, anonymous).status in (401, 403, 404), path
+    finally:
+        del dockerhub.private_repos[name]
+
+
+def bearer(proxy, repository: str, credentials: tuple[str, str] | None = None) -> str:
+    """A pull token of the Docker Hub double's token service, through the proxy."""
+    return proxied.docker_hub_token(proxy.port, repository, ca=proxy.ca_cert, credentials=credentials)
+
+
+def hub_get(proxy, path: str, token: str) -> proxied.Answer:
+    headers = {"Authorization": f"Bearer {token}", "Accept": OCI_MANIFEST}
+    return proxied.request(proxy.port, HUB, path, ca=proxy.ca_cert, headers=headers)
 
 
 def run_refused(tmp_path: Path, *settings: str) -> subprocess.CompletedProcess[str]:
