@@ -5,6 +5,7 @@ options are checked in tests/unit/test_fleet.py."""
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import subprocess
 import sys
@@ -353,6 +354,64 @@ def bearer(proxy, repository: str, credentials: tuple[str, str] | None = None) -
 def hub_get(proxy, path: str, token: str) -> proxied.Answer:
     headers = {"Authorization": f"Bearer {token}", "Accept": OCI_MANIFEST}
     return proxied.request(proxy.port, HUB, path, ca=proxy.ca_cert, headers=headers)
+
+
+def tamper(swift, bucket: str, digest: str) -> None:
+    """Flip one byte in the middle of the shared store's copy of a blob (its size unchanged)."""
+    client = swift.client()
+    key = shared_key("blobs", digest)
+    data = bytearray(client.get_object(Bucket=bucket, Key=key)["Body"].read())
+    data[len(data) // 2] ^= 0xFF
+    client.put_object(Bucket=bucket, Key=key, Body=bytes(data))
+
+
+def test_a_corrupt_blob_in_the_shared_store_is_never_served(node, registry, layouts, swift, bucket, tmp_path):
+    ref, image = cold_image(registry, layouts, [3_000_000])
+    layer = image.platforms[0].layers[0]
+    a = node("a")
+    pull(a, ref, tmp_path / "via-a")
+    wait_until_shared(swift, bucket, image)
+    tamper(swift, bucket, layer.digest)
+
+    b = node("b")
+    path = f"/v2/{ref.partition('/')[2].rpartition(':')[0]}/blobs/{layer.digest}"
+    answer = proxied.request(b.port, REGISTRY_NAME, path, ca=b.ca_cert)
+    # Node B hashed what the store sent before letting its last byte go: the client never has
+    # the corrupt bytes whole (its transfer is cut, or it is told the blob is not there).
+    if answer.status == 200 and answer.complete:
+        assert digest_of(answer.body) == layer.digest
+    [outcome] = [e["outcome"] for e in b.journal() if e["digest"] == layer.digest]
+    assert outcome.startswith(f"rejected: {layer.size} bytes hashing to sha256:") and layer.digest not in outcome
+    assert "the shared store sent" in b.log_text() and "not stored, transfers cut" in b.log_text()
+    assert cache_stats(b)["blobs"] == 0
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="a node that rejects a blob from the shared store never fetches it from upstream, nor replaces "
+    "the object: every later fill of that digest reads the same corrupt object (blob_requests.py _fill_from_fleet)",
+)
+def test_after_a_corrupt_blob_in_the_shared_store_the_next_pull_gets_it_from_upstream(node, registry, layouts, swift, bucket, tmp_path):
+    ref, image = cold_image(registry, layouts, [3_000_000])
+    a = node("a")
+    pull(a, ref, tmp_path / "via-a")
+    wait_until_shared(swift, bucket, image)
+    tamper(swift, bucket, image.platforms[0].layers[0].digest)
+    registry.reset_requests()
+
+    b = node("b")
+    # The first pull's transfer may be cut (so that the client retries rather than accepts it).
+    skopeo_copy(f"docker://{ref}", tmp_path / "first", proxy=b.url, ca_bundle=b.client_bundle, timeout=120)
+    pull(b, ref, tmp_path / "next", timeout=120)
+    assert pulled_blobs(tmp_path / "next") == {blob.digest for blob in blobs_of(image)}
+    _, per_blob = upstream_blob_bytes(registry, image)
+    assert per_blob == Counter({image.platforms[0].layers[0].digest: 1})
+
+
+def cache_stats(proxy) -> dict:
+    done = subprocess.run([HUBCACHE, "stats", "--json", "--cache-dir", proxy.cache_dir], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout)
 
 
 def run_refused(tmp_path: Path, *settings: str) -> subprocess.CompletedProcess[str]:
