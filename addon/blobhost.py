@@ -191,7 +191,7 @@ def _certificate() -> bytes:
     certstore = ctx.master.addons.get("tlsconfig").certstore
     ca = certstore.default_ca.to_cryptography()
     key = ec.generate_private_key(ec.SECP256R1())
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, BLOB_HOST)])
     cert = (
         x509.CertificateBuilder()

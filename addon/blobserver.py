@@ -28,6 +28,7 @@ import hmac
 import logging
 import os
 import re
+import socket
 import ssl
 import sys
 import threading
@@ -35,6 +36,7 @@ import time
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
+from typing import Any, BinaryIO
 from urllib.parse import parse_qs, urlencode, urlsplit
 
 from . import protocol
@@ -120,7 +122,7 @@ class _Handler(BaseHTTPRequestHandler):
         blob = self.store.open_blob(digest)
         if blob is None and fill and _FILL_NAME.fullmatch(fill):
             try:
-                blob = open(self.store.directory / "tmp" / fill, "rb")
+                blob = open(self.store.directory / "tmp" / fill, "rb")  # noqa: SIM115 (_send closes it)
             except FileNotFoundError:
                 blob = self._committed(digest)
             else:
@@ -129,7 +131,7 @@ class _Handler(BaseHTTPRequestHandler):
             return self._error(404, "BLOB_UNKNOWN", f"blob {digest} is not in the cache")
         self._send(blob, digest, os.fstat(blob.fileno()).st_size, send_body, growing=False)
 
-    def _committed(self, digest: str):
+    def _committed(self, digest: str) -> BinaryIO | None:
         """The blob of a fill whose file is gone: committed, or failed. A commit moves the file
         before it enters the store's index, so give the index a moment."""
         deadline = time.monotonic() + COMMIT_WAIT
@@ -137,7 +139,7 @@ class _Handler(BaseHTTPRequestHandler):
             time.sleep(POLL)
         return blob
 
-    def _send(self, blob, digest: str, size: int, send_body: bool, growing: bool) -> None:
+    def _send(self, blob: BinaryIO, digest: str, size: int, send_body: bool, growing: bool) -> None:
         with blob:
             try:
                 span = protocol.parse_range(self.headers.get("Range"), size)
@@ -164,7 +166,7 @@ class _Handler(BaseHTTPRequestHandler):
                 if self._tag:
                     _report(self._tag, self._sent)
 
-    def _copy(self, blob, digest: str, start: int, end: int, size: int, growing: bool) -> None:
+    def _copy(self, blob: BinaryIO, digest: str, start: int, end: int, size: int, growing: bool) -> None:
         fd = blob.fileno()
         position = start
         while position < end:
@@ -186,7 +188,7 @@ class _Handler(BaseHTTPRequestHandler):
             position += sent
             self._sent += sent
 
-    def _send_span(self, blob, offset: int, count: int) -> int:
+    def _send_span(self, blob: BinaryIO, offset: int, count: int) -> int:
         if isinstance(self.connection, ssl.SSLSocket):
             data = os.pread(blob.fileno(), count, offset)
             self.wfile.write(data)
@@ -205,7 +207,7 @@ class _Handler(BaseHTTPRequestHandler):
         if self._tag:
             _report(self._tag, 0)
 
-    def log_message(self, format: str, *args) -> None:
+    def log_message(self, format: str, *args: Any) -> None:
         logger.debug("blob server: " + format % args)
 
 
@@ -213,16 +215,17 @@ class _PlainServer(BoundedThreads, HTTPServer):
     request_queue_size = 128  # many clients start their layers at once
     max_connections = 256
 
-    def handle_error(self, request, client_address) -> None:
+    def handle_error(self, request: socket.socket | tuple[bytes, socket.socket], client_address: Any) -> None:
         logger.info(f"blob server: connection from {client_address[0]} failed: {sys.exc_info()[1]}")
 
 
 class _TLSServer(_PlainServer):
-    def __init__(self, address, handler, context: ssl.SSLContext):
+    def __init__(self, address: tuple[str, int], handler: type[BaseHTTPRequestHandler], context: ssl.SSLContext) -> None:
         super().__init__(address, handler)
         self.context = context
 
-    def finish_request(self, request, client_address) -> None:
+    def finish_request(self, request: socket.socket | tuple[bytes, socket.socket], client_address: Any) -> None:
+        assert isinstance(request, socket.socket)  # a TCP server's requests are sockets (the base class types UDP's too)
         # The handshake runs in the connection's own thread, never in the accepting one.
         with self.context.wrap_socket(request, server_side=True) as tls:
             super().finish_request(tls, client_address)
@@ -233,7 +236,8 @@ class _TunnelServer(_TLSServer):
     client tunnel through an upstream proxy, and the proxy names this listener as that proxy for
     the blob host's tunnels (see `BlobHost.http_connect`)."""
 
-    def finish_request(self, request, client_address) -> None:
+    def finish_request(self, request: socket.socket | tuple[bytes, socket.socket], client_address: Any) -> None:
+        assert isinstance(request, socket.socket)  # a TCP server's requests are sockets (the base class types UDP's too)
         head = b""
         while not head.endswith(b"\r\n\r\n"):
             byte = request.recv(1)

@@ -84,7 +84,7 @@ class Destinations:
                 except ValueError:
                     raise exceptions.OptionsError(
                         f"local_destinations_allowed: {entry!r} is not ADDRESS[/BITS][:PORT] (e.g. 127.0.0.1:5000)"
-                    )
+                    ) from None
             self._allowed = allowed
 
     # hooks

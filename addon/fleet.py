@@ -4,19 +4,20 @@ Each node's content store stays its local tier: hits are served from it as befor
 looks in the shared store before upstream, and what a node fetches from upstream (blobs once
 verified and committed, manifests, tags) is put to the shared store in the background.
 
-With `fleet_lock`, the node that misses a blob first takes a Redis lock on its digest and fetches
-it from upstream; the others wait for it to appear in the shared store and fill from there. The
-race: a node that finds neither the object nor the lock (Redis down, a lock that lapsed because
-its holder stalled, the store skipped after a failure) fetches from upstream too. That duplicate fetch brings identical bytes,
-and content-addressed puts of one digest are idempotent; nothing is put before its digest
-verified, and S3 shows a key whole or not at all, so no node ever reads a corrupt or partial
+With `fleet_lock`, the node that misses a blob first takes a Redis lock on its digest and fetches it
+from upstream; the others wait for it to appear in the shared store and fill from there. The race: a
+node that finds neither the object nor the lock (Redis down, a lock that lapsed because its holder
+stalled, the store skipped after a failure) fetches from upstream too. That duplicate fetch brings
+identical bytes, and content-addressed puts of one digest are idempotent; nothing is put before its
+digest verified, and S3 shows a key whole or not at all, so no node ever reads a corrupt or partial
 object.
 
-The shared store is a tier, not a dependency: when it fails at run time, one warning line says
-so, the node skips it for `shared_store_retry` seconds at a time (serving its local tier and
-upstream; what it fetches meanwhile stays local), and one line says when it is back. Every call to S3 or Redis runs in a daemon thread of its own, never
-on the event loop nor in the thread pool the local tier uses: a slow or hung store (or a long
-upload at exit) delays neither local hits nor the end of the process.
+The shared store is a tier, not a dependency: when it fails at run time, one warning line says so,
+the node skips it for `shared_store_retry` seconds at a time (serving its local tier and upstream;
+what it fetches meanwhile stays local), and one line says when it is back. Every call to S3 or Redis
+runs in a daemon thread of its own, never on the event loop nor in the thread pool the local tier
+uses: a slow or hung store (or a long upload at exit) delays neither local hits nor the end of the
+process.
 """
 
 from __future__ import annotations
@@ -135,7 +136,7 @@ class Fleet:
                 # Secret keys hold no colon; some access keys do (Swift's ACCOUNT:USER).
                 access_key, _, secret_key = read_credentials("shared_store_credentials", source).rpartition(":")
             except ValueError as e:
-                raise exceptions.OptionsError(str(e).replace("USER:SECRET", "ACCESS_KEY:SECRET_KEY"))
+                raise exceptions.OptionsError(str(e).replace("USER:SECRET", "ACCESS_KEY:SECRET_KEY")) from e
         verify = False if ctx.options.ssl_insecure else (ctx.options.ssl_verify_upstream_trusted_ca or True)
         lock = None
         try:
@@ -154,7 +155,7 @@ class Fleet:
                 lock = FleetLock(lock_url, TIMEOUT, namespace=f"hubcache:{ctx.options.shared_store}")
                 lock.check()
         except SharedStoreError as e:
-            raise exceptions.OptionsError(str(e))
+            raise exceptions.OptionsError(str(e)) from e
         return store, lock
 
     def done(self) -> None:

@@ -70,7 +70,7 @@ class Interception:
                 try:
                     host, parsed = registries.parse(entry)
                 except ValueError as e:
-                    raise exceptions.OptionsError(f"registry_settings: {e}")
+                    raise exceptions.OptionsError(f"registry_settings: {e}") from e
                 settings[host] = parsed
             self.settings = settings
         if "ssl_insecure" in updated and ctx.options.ssl_insecure:

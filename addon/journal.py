@@ -2,8 +2,9 @@
 
 Each line holds: time (UTC, ISO 8601), registry, repository, reference, digest, bytes, and what
 happened (`outcome`), e.g. "filled", "passed", "stale", "failed: <reason>". Credentials are never
-written; the file is readable by its owner only (it names private repositories). A line is written with a single `write` on a file opened for appending, so concurrent
-writers (threads or processes) never interleave within a line.
+written; the file is readable by its owner only (it names private repositories). A line is written
+with a single `write` on a file opened for appending, so concurrent writers (threads or processes)
+never interleave within a line.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import json
 import logging
 import os
 import threading
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 logger = logging.getLogger(__name__)
@@ -35,7 +36,7 @@ class MissJournal:
         kind: str = "",
     ) -> None:
         entry = {
-            "time": datetime.now(timezone.utc).isoformat(timespec="milliseconds"),
+            "time": datetime.now(UTC).isoformat(timespec="milliseconds"),
             "kind": kind,
             "registry": registry,
             "repository": repository,

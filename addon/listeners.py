@@ -11,6 +11,7 @@ from __future__ import annotations
 import socket
 import threading
 from socketserver import ThreadingMixIn
+from typing import Any
 
 
 class BoundedThreads(ThreadingMixIn):
@@ -24,7 +25,7 @@ class BoundedThreads(ThreadingMixIn):
         self._slots = threading.BoundedSemaphore(self.max_connections)
         super().server_activate()  # type: ignore[misc]
 
-    def process_request(self, request, client_address) -> None:
+    def process_request(self, request: socket.socket | tuple[bytes, socket.socket], client_address: Any) -> None:
         self._slots.acquire()  # the accepting thread waits here: the bound is backpressure
         try:
             super().process_request(request, client_address)
@@ -32,7 +33,7 @@ class BoundedThreads(ThreadingMixIn):
             self._slots.release()
             raise
 
-    def process_request_thread(self, request, client_address) -> None:
+    def process_request_thread(self, request: socket.socket | tuple[bytes, socket.socket], client_address: Any) -> None:
         try:
             if isinstance(request, socket.socket):
                 request.settimeout(self.idle_timeout)

@@ -10,6 +10,7 @@ two proxies in one process never mix their figures.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import threading
 import time
@@ -131,7 +132,7 @@ class Metrics:
         with self._lock:
             samples = list(self.history)
         points = []
-        for before, after in zip(samples, samples[1:]):
+        for before, after in itertools.pairwise(samples):
             hits, misses = after.hits - before.hits, after.misses - before.misses
             asked = hits + misses
             points.append({"time": after.time, "requests": asked, "hit_ratio": hits / asked if asked else None})

@@ -116,15 +116,14 @@ class LocalProxy:
         from .addons import make_addons
 
         master = DumpMaster(options.Options(), with_termlog=False, with_dumper=False)
-        addons = make_addons()
-        master.addons.add(*addons)
+        started = _Started()
+        master.addons.add(*make_addons(), started)
         # A proxy of its own for this command: no status listener (a running hubcache has it).
         master.options.set("listen_host=127.0.0.1", "listen_port=0", "status_listen=", *self.settings)
         self.hosts, self.folder = master.addons.get("interception"), master.addons.get("cachefolder")
         run = asyncio.create_task(master.run())
         proxyserver = master.addons.get("proxyserver")
-        while not proxyserver.listen_addrs() and not run.done():
-            await asyncio.sleep(0.02)
+        await asyncio.wait({run, asyncio.ensure_future(started.event.wait())}, return_when=asyncio.FIRST_COMPLETED)
         if run.done():
             await run
             raise PrefetchError("the proxy stopped during start")
@@ -132,6 +131,17 @@ class LocalProxy:
         self._master = master
         self._ready.set()
         await run
+
+
+class _Started:
+    """An addon whose `running` hook says the proxy is listening (mitmproxy calls it once the
+    servers are up)."""
+
+    def __init__(self) -> None:
+        self.event = asyncio.Event()
+
+    def running(self) -> None:
+        self.event.set()
 
 
 class RegistryClient:

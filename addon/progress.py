@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 import threading
+from types import TracebackType
 
 from rich.console import Console
 from rich.progress import (
@@ -51,7 +52,7 @@ class ByteBar:
         self._progress.start()
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, traceback: TracebackType | None) -> None:
         self._progress.stop()
 
     def advance(self, n: int) -> None:
@@ -61,7 +62,7 @@ class ByteBar:
 class LayerBars:
     """A bar per blob being fetched, keyed by digest; safe to drive from worker threads."""
 
-    def __init__(self):
+    def __init__(self) -> None:
         self._progress = _progress()
         self._tasks: dict[str, TaskID] = {}
         self._lock = threading.Lock()
@@ -70,7 +71,7 @@ class LayerBars:
         self._progress.start()
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, traceback: TracebackType | None) -> None:
         self._progress.stop()
 
     def start(self, key: str, label: str, total: int) -> None:

@@ -158,7 +158,7 @@ def check_digest(digest: str) -> None:
     raise BadRequest(400, "DIGEST_INVALID", f"invalid digest {digest!r}")
 
 
-def hasher(digest: str) -> "hashlib._Hash":
+def hasher(digest: str) -> hashlib._Hash:
     """A fresh hash object for the algorithm of `digest` (sha256 or sha512)."""
     return hashlib.new(digest.partition(":")[0])
 
@@ -167,7 +167,7 @@ def digest_of(data: bytes, algorithm: str = "sha256") -> str:
     return hash_digest(hashlib.new(algorithm, data))
 
 
-def hash_digest(h: "hashlib._Hash") -> str:
+def hash_digest(h: hashlib._Hash) -> str:
     """The digest string (`sha256:<hex>`) of a hash object fed with a blob's bytes."""
     return f"{h.name}:{h.hexdigest()}"
 

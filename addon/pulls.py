@@ -1,12 +1,13 @@
-"""One log line per pull: the image, the bytes that came from the cache and from upstream, and
-how long it took.
+"""One log line per pull: the image, the bytes that came from the cache and from upstream, and how long
+it took.
 
-A registry pull is many requests (a tag, manifests, a config and layers, over several
-connections), so a pull is followed by client address and repository: it starts with its first
-manifest request and ends once none of its blob transfers is under way and nothing has happened
-for `QUIET` seconds, or when the tag is asked for again after its blobs came. Blob bytes are counted when the blob server reports a finished transfer (the
-tag in each signed URL names the pull), so a pull lasts as long as its slowest layer. Two clients
-on one address pulling one repository at the same time count as one pull.
+A registry pull is many requests (a tag, manifests, a config and layers, over several connections),
+so a pull is followed by client address and repository: it starts with its first manifest request
+and ends once none of its blob transfers is under way and nothing has happened for `QUIET` seconds,
+or when the tag is asked for again after its blobs came. Blob bytes are counted when the blob server
+reports a finished transfer (the tag in each signed URL names the pull), so a pull lasts as long as
+its slowest layer. Two clients on one address pulling one repository at the same time count as one
+pull.
 """
 
 from __future__ import annotations

@@ -43,7 +43,7 @@ class Recorder:
         try:
             self.recording = Recording.open(ctx.options.cache_dir, ctx.options.record)
         except RecordingError as e:
-            raise exceptions.OptionsError(f"record: {e}")
+            raise exceptions.OptionsError(f"record: {e}") from e
         logger.info(f"hubcache: recording pulls into {self.recording.path}")
 
     async def response(self, flow: http.HTTPFlow) -> None:

@@ -29,7 +29,7 @@ def options() -> list[Option]:
     with taddons.context(Proxyserver()) as bare:
         mitmproxy_own = set(bare.options.keys())
     with taddons.context(Proxyserver(), *make_addons()) as tctx:
-        ours = [name for name in tctx.options.keys() if name not in mitmproxy_own]
+        ours = [name for name in tctx.options.keys() if name not in mitmproxy_own]  # noqa: SIM118 (options are not iterable)
         described = optmanager.dump_dicts(tctx.options, ours)
     return [Option(name, d["type"], _default(d["default"]), d["help"]) for name, d in described.items()]
 

@@ -76,7 +76,7 @@ def read_credentials(host: str, source: str) -> str:
         try:
             text = Path(source[1:]).expanduser().read_text().strip()
         except OSError as e:
-            raise ValueError(f"{host}: cannot read credentials from {source[1:]}: {e.strerror or e}")
+            raise ValueError(f"{host}: cannot read credentials from {source[1:]}: {e.strerror or e}") from e
     elif source.startswith("env:"):
         text = os.environ.get(source[4:], "").strip()
         if not text:

@@ -44,7 +44,7 @@ class CacheFolder:
             directory.mkdir(mode=0o700, parents=True, exist_ok=True)
             store = Store(directory)
         except OSError as e:
-            raise exceptions.OptionsError(f"cache_dir: cannot use {directory}: {e.strerror or e}")
+            raise exceptions.OptionsError(f"cache_dir: cannot use {directory}: {e.strerror or e}") from e
         self.done()
         self.store = store
         self.journal = MissJournal(directory / "misses.jsonl")

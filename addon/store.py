@@ -16,10 +16,11 @@ import shutil
 import sqlite3
 import tempfile
 import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 import diskcache
 from diskcache.core import MODE_BINARY, UNKNOWN
@@ -45,25 +46,25 @@ class _Index(diskcache.Cache):
     folder) raised as OSError, like the errors of the files beside it. Reads update the LRU
     access time, so they can fail that way too."""
 
-    def get(self, *args, **kwargs):
+    def get(self, *args: Any, **kwargs: Any) -> Any:
         with _as_os_error():
             return super().get(*args, **kwargs)
 
-    def set(self, *args, **kwargs):
+    def set(self, *args: Any, **kwargs: Any) -> bool:
         with _as_os_error():
             return super().set(*args, **kwargs)
 
-    def delete(self, *args, **kwargs):
+    def delete(self, *args: Any, **kwargs: Any) -> bool:
         with _as_os_error():
             return super().delete(*args, **kwargs)
 
-    def __contains__(self, key):
+    def __contains__(self, key: object) -> bool:
         with _as_os_error():
             return super().__contains__(key)
 
 
 @contextmanager
-def _as_os_error():
+def _as_os_error() -> Iterator[None]:
     try:
         yield
     except sqlite3.Error as e:
@@ -73,7 +74,7 @@ def _as_os_error():
 class _ContentDisk(diskcache.Disk):
     """diskcache's Disk, but a verified blob file is renamed into the cache, not copied."""
 
-    def store(self, value, read, key=UNKNOWN):
+    def store(self, value: Any, read: bool, key: Any = UNKNOWN) -> tuple[int, int, str | None, Any]:
         if isinstance(value, _VerifiedFile):
             filename, full_path = self.filename(key, value)
             os.makedirs(os.path.dirname(full_path), exist_ok=True)
@@ -179,7 +180,7 @@ class Store:
         return blob
 
     @staticmethod
-    def _lookup(read, *args):
+    def _lookup[T](read: Callable[..., T], *args: object) -> T | None:
         """A read of the index; one that fails counts as a miss (the caller then goes upstream)."""
         try:
             return read(*args)

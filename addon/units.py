@@ -24,8 +24,8 @@ def size(n: float) -> str:
     """Bytes as a person reads them: `532 B`, `1.2 MB`, `3.4 GB` (powers of 1000)."""
     if n < 1000:
         return f"{n:.0f} B"
-    for unit in ("kB", "MB", "GB", "TB"):
+    for unit in ("kB", "MB", "GB"):
         n /= 1000
         if n < 1000:
-            break
-    return f"{n:.1f} {unit}"
+            return f"{n:.1f} {unit}"
+    return f"{n / 1000:.1f} TB"

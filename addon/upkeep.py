@@ -167,7 +167,7 @@ class Upkeep:
             try:
                 self.limit = parse_size(ctx.options.cache_size_limit) if ctx.options.cache_size_limit else None
             except ValueError as e:
-                raise exceptions.OptionsError(f"cache_size_limit: {e}")
+                raise exceptions.OptionsError(f"cache_size_limit: {e}") from e
         if "expire_unused_days" in updated and ctx.options.expire_unused_days < 0:
             raise exceptions.OptionsError("expire_unused_days must be 0 or more")
 

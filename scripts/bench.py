@@ -342,7 +342,7 @@ class PlainMitmdump(Way):
             "--set", "stream_large_bodies=1",
             "--set", f"ssl_verify_upstream_trusted_ca={self.upstream.ca.cert_path}",
             "--set", f"route={REGISTRY_NAME}=127.0.0.1:{self.upstream.port}",
-        ]  # fmt: skip
+        ]
         self.proc = Proc(argv, log=self.workdir / "mitmdump.log", cwd=self.workdir)
         wait_for_port("127.0.0.1", self.port, timeout=30, proc=self.proc)
 
@@ -611,7 +611,7 @@ def fmt(value: float | None, spec: str, suffix: str = "") -> str:
 
 
 PULL_COLUMNS = ["client", "image", "path", "s", "MB/s", "x direct", "proxy RSS MiB", "proxy CPU s",
-                "upstream req", "upstream MB", "upstream / image"]  # fmt: skip
+                "upstream req", "upstream MB", "upstream / image"]
 
 
 def pulls_table(results: Results) -> Table:
@@ -643,7 +643,7 @@ def pull_row(results: Results, client: str, image: BenchImage, path: str) -> lis
         fmt(median(lambda s: s.upstream_requests), ".0f"),
         f"{upstream / MB:.0f}",
         f"{upstream / image.bytes:.2f}",
-    ]  # fmt: skip
+    ]
 
 
 def ratios_table(results: Results) -> Table | None:
@@ -663,13 +663,13 @@ def concurrency_table(results: Results) -> Table | None:
     if not results.concurrent:
         return None
     columns = ["path", "image", "clients ok", "s", "MB/s (all clients)", "proxy RSS MiB", "proxy CPU s",
-               "upstream req", "upstream MB", "upstream / image"]  # fmt: skip
+               "upstream req", "upstream MB", "upstream / image"]
     rows = [
         [
             c.path, c.image.label, f"{c.succeeded}/{c.clients}", f"{c.seconds:.2f}",
             f"{c.clients * c.image.bytes / MB / c.seconds:.0f}", f"{c.rss_mb:.0f}", f"{c.cpu_seconds:.1f}",
             str(c.upstream_requests), f"{c.upstream_bytes / MB:.0f}", f"{c.upstream_bytes / c.image.bytes:.2f}",
-        ]  # fmt: skip
+        ]
         for c in results.concurrent
     ]
     clients = results.concurrent[0].clients

@@ -18,7 +18,7 @@ def _ca(confdir: Path) -> Path:
     try:
         return make_ca(confdir)
     except OSError as e:
-        raise click.ClickException(f"cannot create the CA in {confdir}: {e.strerror or e}")
+        raise click.ClickException(f"cannot create the CA in {confdir}: {e.strerror or e}") from e
 
 
 @click.command("ca")
@@ -61,7 +61,7 @@ def ca_command(confdir: Path, install: bool) -> None:
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(ca_cert, target)
     except OSError as e:
-        raise click.ClickException(f"cannot write {target}: {e.strerror or e} (run as root)")
+        raise click.ClickException(f"cannot write {target}: {e.strerror or e} (run as root)") from e
     done = subprocess.run([tool], capture_output=True, text=True)
     if done.returncode != 0:
         lines = (done.stderr or done.stdout).strip().splitlines()
@@ -110,7 +110,7 @@ def setup_command(
     try:
         port = listen_port or int(configured.get("listen_port", ["3128"])[-1])
     except ValueError:
-        raise click.ClickException(f"{config_file}: listen_port is not a number")
+        raise click.ClickException(f"{config_file}: listen_port is not a number") from None
     if client == "systemd":
         executable = Path(sys.executable).with_name("hubcache")
         click.echo(clientsetup.systemd(executable, host, port).text(), nl=False)

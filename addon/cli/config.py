@@ -40,7 +40,7 @@ def config_settings(path: Path | None) -> list[str]:
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except (OSError, yaml.YAMLError) as e:
-        raise click.ClickException(f"cannot read {path}: {e}")
+        raise click.ClickException(f"cannot read {path}: {e}") from e
     if not isinstance(data, dict):
         raise click.ClickException(f"{path}: expected a mapping of option: value")
     result = []
@@ -69,7 +69,7 @@ def open_store(cache_dir: Path | None, config_file: Path | None):
         folder.mkdir(parents=True, exist_ok=True)
         store = Store(folder)
     except OSError as e:
-        raise click.ClickException(f"cannot use the cache folder {folder}: {e.strerror or e}")
+        raise click.ClickException(f"cannot use the cache folder {folder}: {e.strerror or e}") from e
     try:
         yield store, folder
     finally:

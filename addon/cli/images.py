@@ -60,7 +60,7 @@ def prefetch(
     except click.ClickException:
         raise
     except Exception as e:  # mitmproxy's OptionsError, or a proxy that could not start
-        raise click.ClickException(str(e))
+        raise click.ClickException(str(e)) from e
     console.print(_prefetch_table(results))
     failed = [r for r in results if r.error]
     for r in failed:
@@ -132,9 +132,9 @@ def export_command(
             with ByteBar(f"exporting {output.name}", total) as bar:
                 summary = export(store, chosen, output, recording or "", bar.advance)
         except BundleError as e:
-            raise click.ClickException(str(e))
+            raise click.ClickException(str(e)) from e
         except OSError as e:
-            raise click.ClickException(f"cannot write {output}: {e.strerror or e}")
+            raise click.ClickException(f"cannot write {output}: {e.strerror or e}") from e
     click.echo(
         f"{output}: {count(len(summary.images), 'image')}, {count(summary.manifests, 'manifest')}, "
         f"{count(summary.blobs, 'blob')} ({size(summary.bytes)})"
@@ -165,9 +165,9 @@ def import_command(cache_dir: Path | None, config_file: Path | None, bundle: Pat
             with ByteBar(f"verifying {bundle.name}", bundle.stat().st_size) as bar:
                 summary = import_bundle(store, bundle, folder, bar.advance)
         except BundleError as e:
-            raise click.ClickException(f"{e}; the cache is unchanged")
+            raise click.ClickException(f"{e}; the cache is unchanged") from e
         except OSError as e:
-            raise click.ClickException(f"cannot import into {folder}: {e.strerror or e}")
+            raise click.ClickException(f"cannot import into {folder}: {e.strerror or e}") from e
     click.echo(
         f"imported {count(len(summary.images), 'image')} ({', '.join(summary.images)}): "
         f"{count(summary.manifests, 'manifest')}, {count(summary.blobs, 'new blob')} ({size(summary.bytes)}), "
@@ -210,7 +210,8 @@ def recordings(cache_dir: Path | None, config_file: Path | None, name: str | Non
             table.add_row(ref, image.digest, platforms, str(len(blobs)), size(sum(blobs.values())))
         console.print(table)
         missing = r.missing(store)
-        console.print(f"total {size(r.total_size())}; " + (f"{len(missing)} items missing from the cache:" if missing else "everything is in the cache"))
+        state = f"{len(missing)} items missing from the cache:" if missing else "everything is in the cache"
+        console.print(f"total {size(r.total_size())}; {state}")
         for digest in missing:
             console.print(f"  {digest}")
 
@@ -224,7 +225,7 @@ def _recording(folder: Path, name: str):
             raise click.ClickException(f"no recording {name!r} in {folder}")
         return Recording.load(path)
     except RecordingError as e:
-        raise click.ClickException(str(e))
+        raise click.ClickException(str(e)) from e
 
 
 def _image_reference(text: str):
@@ -233,4 +234,4 @@ def _image_reference(text: str):
     try:
         return ImageReference.parse(text)
     except ValueError as e:
-        raise click.ClickException(str(e))
+        raise click.ClickException(str(e)) from e

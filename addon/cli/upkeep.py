@@ -37,12 +37,12 @@ def prune_command(
     try:
         limit = 0 if everything else parse_size(target) if target else None
     except ValueError as e:
-        raise click.BadParameter(str(e), param_hint="--to")
+        raise click.BadParameter(str(e), param_hint="--to") from e
     with open_store(cache_dir, config_file) as (store, folder):
         try:
             result = prune(store, folder, limit=limit, max_unused=unused_days * 86400.0 if unused_days is not None else None, in_use=0)
         except RecordingError as e:
-            raise click.ClickException(f"nothing pruned: {e}")
+            raise click.ClickException(f"nothing pruned: {e}") from e
     click.echo(
         f"freed {size(result.bytes)}: {count(result.blobs, 'blob')}, {count(result.manifests, 'manifest')}, "
         f"{count(result.tags, 'tag')}; {size(result.remaining)} of blobs remain"

@@ -245,7 +245,7 @@ def _parse_since(text: str, now):
     try:
         when = datetime.fromisoformat(text.strip())
     except ValueError:
-        raise click.BadParameter(f"{text!r} is neither an age like 1h or 2d nor an ISO time like 2026-05-01T08:00", param_hint="--since")
+        raise click.BadParameter(f"{text!r} is neither an age like 1h or 2d nor an ISO time like 2026-05-01T08:00", param_hint="--since") from None
     return when if when.tzinfo else when.astimezone()
 
 

@@ -11,7 +11,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "scripts"))
 
-import bench  # noqa: E402
+import bench
 
 ALL_PATHS = [path for way in bench.WAYS.values() for path in way.paths]
 
@@ -22,7 +22,7 @@ def markdown_table(text: str, title: str) -> list[dict[str, str]]:
     header, _alignment, *rows = [
         [cell.strip() for cell in line.strip().strip("|").split("|")] for line in block.splitlines()
     ]
-    return [dict(zip(header, row)) for row in rows]
+    return [dict(zip(header, row, strict=True)) for row in rows]
 
 
 @pytest.mark.timeout(400)

@@ -108,7 +108,8 @@ def blob_server_pids(cache_dir) -> list[int]:
     for entry in os.listdir("/proc"):
         if entry.isdigit():
             try:
-                argv = open(f"/proc/{entry}/cmdline", "rb").read().split(b"\0")
+                with open(f"/proc/{entry}/cmdline", "rb") as f:
+                    argv = f.read().split(b"\0")
             except OSError:
                 continue
             if b"hubcache.blobserver" in argv and wanted.encode() in argv:

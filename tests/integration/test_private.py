@@ -102,5 +102,5 @@ def test_credentials_in_the_registry_settings_let_anonymous_clients_pull(hubcach
     pulled = skopeo_copy(ref, tmp_path / "pulled", proxy=proxy.url, ca_bundle=proxy.client_bundle)
     assert pulled.returncode == 0, pulled.stderr
     layers = secret.platform("linux/amd64").layers
-    assert {e["digest"] for e in proxy.journal() if e["outcome"] == "filled"} >= {l.digest for l in layers}
+    assert {e["digest"] for e in proxy.journal() if e["outcome"] == "filled"} >= {layer.digest for layer in layers}
     assert "s3cret" not in proxy.log_text() and "s3cret" not in (proxy.cache_dir / "misses.jsonl").read_text()

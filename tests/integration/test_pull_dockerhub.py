@@ -24,7 +24,7 @@ def test_cold_fill_through_the_cdn_then_warm_pull_never_reaches_docker_hub(hubca
     counts = dockerhub.counts()
     assert counts["cdn"] == 1 + len(amd64.layers), "each blob crossed the CDN once"
     filled = {e["digest"] for e in proxy.journal() if e["kind"] == "blob" and e["outcome"] == "filled"}
-    assert filled == {amd64.config.digest, *(l.digest for l in amd64.layers)}
+    assert filled == {amd64.config.digest, *(layer.digest for layer in amd64.layers)}
 
     proxy.stop()
     dockerhub.reset()

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import hashlib
-import ssl
 import socket
+import ssl
 
 import pytest
 
@@ -21,7 +21,7 @@ def test_cold_pull_fills_and_warm_pull_downloads_nothing(hubcache, registry, mul
     proxy = hubcache(blob_urls=blob_urls)
 
     pull(proxy, ref, tmp_path / "cold")
-    assert pulled_blobs(tmp_path / "cold") == {amd64.config.digest, *(l.digest for l in amd64.layers)}
+    assert pulled_blobs(tmp_path / "cold") == {amd64.config.digest, *(layer.digest for layer in amd64.layers)}
     registry.settle()
     assert len(registry.blob_gets()) == 1 + len(amd64.layers)
     filled = {(e["kind"], e["digest"]) for e in proxy.journal() if e["outcome"] == "filled"}

@@ -76,7 +76,7 @@ def proxy(hubcache, registry, dockerhub, upstreams):
 
 def blobs_of(image: ImageInfo) -> set[str]:
     p = image.platforms[0]
-    return {p.config.digest, *(l.digest for l in p.layers)}
+    return {p.config.digest, *(layer.digest for layer in p.layers)}
 
 
 def blob(proxy, host: str, repo: str, digest: str, headers: dict[str, str] | None = None) -> proxied.Answer:

@@ -193,7 +193,7 @@ def test_sixty_four_clients_pull_warm_with_upstream_up_and_down(hubcache, docker
             everything_hangs(dockerhub)
         started = time.monotonic()
         with ThreadPoolExecutor(CLIENTS) as pool:
-            failures = [f for found in pool.map(lambda n: client(phase, n), range(CLIENTS)) for f in found]
+            failures = [f for found in pool.map(lambda n, phase=phase: client(phase, n), range(CLIENTS)) for f in found]
         print(f"\n{CLIENTS} clients x {ROUNDS} warm pulls with upstream {phase}: {time.monotonic() - started:.1f}s, {len(failures)} failed")
         assert failures == [], failures[:3]
         assert len(list(tmp_path.glob(f"{phase}-client-*.log"))) == CLIENTS

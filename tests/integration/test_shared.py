@@ -15,7 +15,7 @@ import pytest
 import s3transfer.utils
 
 from hubcache.protocol import digest_of
-from hubcache.shared import MiB, FleetLock, NotInSharedStore, SharedStore, SharedStoreError, SharedTag
+from hubcache.shared import FleetLock, MiB, NotInSharedStore, SharedStore, SharedStoreError, SharedTag
 
 MANIFEST_TYPE = "application/vnd.oci.image.manifest.v1+json"
 
@@ -261,12 +261,11 @@ def test_store_killed_mid_read_fails_in_one_line(swift, shared, tmp_path):
     store.put_blob(digest, path)
     received = 0
     try:
-        with pytest.raises(SharedStoreError) as e:
-            with store.open_blob(digest) as blob:
-                for chunk in blob:
-                    if not received:
-                        swift.kill()
-                    received += len(chunk)
+        with pytest.raises(SharedStoreError) as e, store.open_blob(digest) as blob:
+            for chunk in blob:
+                if not received:
+                    swift.kill()
+                received += len(chunk)
     finally:
         swift.start()
     assert 0 < received < 40 * 1000 * 1000

@@ -131,7 +131,7 @@ def test_metrics_count_hits_misses_bytes_and_the_rate_limit(pulled, dockerhub):
 
 
 def test_the_status_page_renders_the_figures_in_chromium(pulled):
-    proxy, image = pulled
+    proxy, _ = pulled
     pull_lines(proxy, 2)
     status = eventually(lambda: (s := json.loads(fetch(proxy.status_url + "status.json"))) and s["store"]["blobs"] and s)
     assert status and status["top_images"] == [{"image": IMAGE, "pulls": 2}]

@@ -15,6 +15,7 @@ import time
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import ClassVar
 
 import pytest
 from cryptography import x509
@@ -373,7 +374,7 @@ class _Endless(BaseHTTPRequestHandler):
 
     protocol_version = "HTTP/1.1"
     size = 256 * MiB
-    received: list[int] = []
+    received: ClassVar[list[int]] = []  # the handler class is the test's record
 
     def do_GET(self):
         self.send_response(200)

@@ -26,7 +26,7 @@ def corporate(registry, dockerhub, tmp_path):
 
 def blobs_of(image) -> set[str]:
     amd64 = image.platform("linux/amd64")
-    return {amd64.config.digest, *(l.digest for l in amd64.layers)}
+    return {amd64.config.digest, *(layer.digest for layer in amd64.layers)}
 
 
 def behind(hubcache, corporate, **options):
@@ -53,7 +53,7 @@ def test_cold_pull_goes_through_the_corporate_proxy_and_warm_pull_is_served_from
     # corporate proxy, there would be fewer CONNECTs than this.
     own = [r for r in registry.requests() if not (r.method == "GET" and r.is_manifest)]
     assert len(connects) >= len(own), (connects, own)
-    assert {e["digest"] for e in proxy.journal() if e["outcome"] == "filled"} >= {l.digest for l in amd64.layers}
+    assert {e["digest"] for e in proxy.journal() if e["outcome"] == "filled"} >= {layer.digest for layer in amd64.layers}
 
     corporate.reset()
     registry.reset_requests()

@@ -16,16 +16,17 @@ import tempfile
 import threading
 import time
 import weakref
+from collections.abc import Mapping
 from pathlib import Path
 from types import TracebackType
-from typing import TYPE_CHECKING, Mapping
+from typing import TYPE_CHECKING
 
 from .procs import Proc, ProcError, ProcId, children_of, kill_if_same, tail
 
 if TYPE_CHECKING:
     from .hubcache import Hubcache
 
-__all__ = ["skopeo_copy", "pull", "pulled_blobs", "Dockerd", "SKOPEO_BIN", "DOCKERD_BIN", "DOCKER_CLI"]
+__all__ = ["DOCKERD_BIN", "DOCKER_CLI", "SKOPEO_BIN", "Dockerd", "pull", "pulled_blobs", "skopeo_copy"]
 
 SKOPEO_BIN = "/usr/bin/skopeo"
 DOCKERD_BIN = "/usr/sbin/dockerd"
@@ -147,7 +148,7 @@ def pulled_blobs(dest: Path) -> set[str]:
 
 # --- dockerd -------------------------------------------------------------
 
-_live_daemons: "weakref.WeakSet[Dockerd]" = weakref.WeakSet()
+_live_daemons: weakref.WeakSet[Dockerd] = weakref.WeakSet()
 
 
 @atexit.register
@@ -273,7 +274,7 @@ class Dockerd:
         proxy_url: str | None,
         ca_bundle: Path | None,
         timeout: float = 60.0,
-    ) -> "Dockerd":
+    ) -> Dockerd:
         """Start dockerd with HTTPS_PROXY=proxy_url and SSL_CERT_FILE=ca_bundle.
 
         Returns once `docker version` answers. If a daemon is already running
@@ -366,7 +367,7 @@ class Dockerd:
         _live_daemons.discard(self)
         self._finalizer()
 
-    def __enter__(self) -> "Dockerd":
+    def __enter__(self) -> Dockerd:
         return self
 
     def __exit__(

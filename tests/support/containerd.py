@@ -7,8 +7,8 @@ import shutil
 import subprocess
 import tempfile
 import time
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Mapping
 
 from .clients import CLEAN_PATH, _unmount_under
 from .procs import Proc, ProcError, tail

@@ -509,7 +509,7 @@ class _Server(ThreadingHTTPServer):
                 pass
 
     def handle_error(self, request: Any, client_address: Any) -> None:
-        log.debug("error while serving %s", client_address, exc_info=True)
+        log.debug("error while serving %s", client_address, exc_info=True)  # noqa: LOG014 (socketserver calls it while handling)
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -530,7 +530,7 @@ class _Handler(BaseHTTPRequestHandler):
     def version_string(self) -> str:
         return self.server_version
 
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - stdlib signature
+    def log_message(self, format: str, *args: Any) -> None:
         log.debug("%s " + format, self.address_string(), *args)
 
     def do_GET(self) -> None:

@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-from support.images import ImageInfo
-
 from hubcache.store import Store
+from support.images import ImageInfo
 
 
 def store_image(

@@ -14,29 +14,30 @@ import os
 import tarfile
 import tempfile
 import zlib
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Literal
+from typing import Literal
 
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
 __all__ = [
-    "Blob",
-    "PlatformImage",
-    "ImageInfo",
-    "RandomLayer",
-    "random_layer",
-    "write_blob_stream",
-    "build_image",
-    "OCI_MANIFEST",
-    "OCI_INDEX",
-    "OCI_CONFIG",
-    "OCI_LAYER_TAR",
-    "OCI_LAYER_GZIP",
-    "DOCKER_MANIFEST",
-    "DOCKER_LIST",
     "DOCKER_CONFIG",
     "DOCKER_LAYER_GZIP",
+    "DOCKER_LIST",
+    "DOCKER_MANIFEST",
+    "OCI_CONFIG",
+    "OCI_INDEX",
+    "OCI_LAYER_GZIP",
+    "OCI_LAYER_TAR",
+    "OCI_MANIFEST",
+    "Blob",
+    "ImageInfo",
+    "PlatformImage",
+    "RandomLayer",
+    "build_image",
+    "random_layer",
+    "write_blob_stream",
 ]
 
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
@@ -103,7 +104,7 @@ class RandomLayer(io.RawIOBase):
     def readable(self) -> bool:
         return True
 
-    def readinto(self, buffer: "bytearray | memoryview") -> int:  # type: ignore[override]
+    def readinto(self, buffer: bytearray | memoryview) -> int:  # type: ignore[override]
         while not self._pending:
             try:
                 self._pending = next(self._parts)
@@ -169,7 +170,7 @@ def _write_bytes_blob(layout: Path, data: bytes, media_type: str) -> Blob:
     return write_blob_stream(layout, iter([data]), media_type)
 
 
-def _gzip_chunks(chunks: Iterator[bytes], diff: "hashlib._Hash") -> Iterator[bytes]:
+def _gzip_chunks(chunks: Iterator[bytes], diff: hashlib._Hash) -> Iterator[bytes]:
     # wbits=31 gives a gzip wrapper with mtime 0, so output is deterministic.
     comp = zlib.compressobj(1, zlib.DEFLATED, 31)
     for c in chunks:
@@ -375,7 +376,7 @@ def build_image(
             "mediaType": OCI_INDEX if oci else DOCKER_LIST,
             "manifests": [
                 img.manifest.descriptor(platform=_platform_dict(p))
-                for img, p in zip(images, platforms)
+                for img, p in zip(images, platforms, strict=True)
             ],
         }
         index_blob = _write_bytes_blob(layout, _canonical(index), OCI_INDEX if oci else DOCKER_LIST)

@@ -12,11 +12,11 @@ import socket
 import subprocess
 import time
 import weakref
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
-from typing import Mapping, Sequence
 
-__all__ = ["free_port", "wait_for_port", "tail", "Proc", "ProcError", "ProcId", "children_of", "process_tree", "kill_if_same"]
+__all__ = ["Proc", "ProcError", "ProcId", "children_of", "free_port", "kill_if_same", "process_tree", "tail", "wait_for_port"]
 
 
 class ProcError(RuntimeError):
@@ -55,7 +55,7 @@ def wait_for_port(
     timeout: float = 20.0,
     *,
     log: Path | str | None = None,
-    proc: "Proc | None" = None,
+    proc: Proc | None = None,
 ) -> None:
     """Block until a TCP connect to host:port succeeds.
 
@@ -137,7 +137,7 @@ def kill_if_same(proc_id: ProcId, sig: int) -> bool:
         return False
 
 
-_live: "weakref.WeakSet[Proc]" = weakref.WeakSet()
+_live: weakref.WeakSet[Proc] = weakref.WeakSet()
 
 
 @atexit.register
@@ -326,7 +326,7 @@ class Proc:
         except FileNotFoundError:
             return ""
 
-    def __enter__(self) -> "Proc":
+    def __enter__(self) -> Proc:
         return self
 
     def __exit__(

@@ -10,7 +10,7 @@ import redis
 
 from .procs import Proc, ProcError, free_port, tail
 
-__all__ = ["Redis", "REDIS_BIN"]
+__all__ = ["REDIS_BIN", "Redis"]
 
 REDIS_BIN = shutil.which("redis-server") or "/usr/bin/redis-server"
 

@@ -20,7 +20,7 @@ from .images import ImageInfo
 from .pki import TestCA
 from .procs import Proc, ProcError, free_port, tail
 
-__all__ = ["Registry", "RegistryRequest", "REGISTRY_BIN", "SKOPEO_BIN", "REGISTRY_NAME", "push"]
+__all__ = ["REGISTRY_BIN", "REGISTRY_NAME", "SKOPEO_BIN", "Registry", "RegistryRequest", "push"]
 
 # The name the tests give the registry; the hubcache fixture maps it to the registry's port.
 REGISTRY_NAME = "registry.hubcache.test"
@@ -192,7 +192,7 @@ class Registry:
     def running(self) -> bool:
         return self.proc is not None and self.proc.alive()
 
-    def start(self, timeout: float = 20.0) -> "Registry":
+    def start(self, timeout: float = 20.0) -> Registry:
         """Start the registry if it is not running; return once GET /v2/ is 200.
 
         Raises ProcError (with the log tail) if it exits or is not ready in time.
@@ -241,11 +241,11 @@ class Registry:
         if self.proc is not None:
             self.proc.kill()
 
-    def restart(self) -> "Registry":
+    def restart(self) -> Registry:
         self.stop()
         return self.start()
 
-    def __enter__(self) -> "Registry":
+    def __enter__(self) -> Registry:
         return self.start()
 
     def __exit__(

@@ -20,7 +20,7 @@ from botocore.config import Config
 
 from .procs import Proc, ProcError, free_port, tail
 
-__all__ = ["Swift", "SWIFT_VENV"]
+__all__ = ["SWIFT_VENV", "Swift"]
 
 ROOT = Path(__file__).resolve().parents[2]
 SWIFT_VENV = Path(os.environ.get("HUBCACHE_SWIFT_VENV", ROOT / ".venv-swift"))

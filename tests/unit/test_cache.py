@@ -9,6 +9,10 @@ from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
 import pytest
+from mitmproxy import exceptions, http
+from mitmproxy.addons.proxyserver import Proxyserver
+from mitmproxy.test import taddons, tflow, tutils
+
 from hubcache import protocol, upstream
 from hubcache.access import Access
 from hubcache.blobserver import BLOB_HOST
@@ -18,9 +22,6 @@ from hubcache.hosts import Interception
 from hubcache.journal import MissJournal
 from hubcache.protocol import digest_of
 from hubcache.store import Store
-from mitmproxy import exceptions, http
-from mitmproxy.addons.proxyserver import Proxyserver
-from mitmproxy.test import taddons, tflow, tutils
 from support.addons import CacheAddons
 
 HUB = "registry-1.docker.io"

@@ -6,14 +6,15 @@ from __future__ import annotations
 import logging
 
 import pytest
+from mitmproxy import connection
+from mitmproxy.proxy import server_hooks
+from mitmproxy.test import taddons, tflow, tutils
+
 from hubcache import upstream
 from hubcache.circuits import FIRST_RETRY, Circuits, level
 from hubcache.flowdata import Mark
 from hubcache.hosts import Interception
 from hubcache.metrics import Metrics
-from mitmproxy import connection
-from mitmproxy.proxy import server_hooks
-from mitmproxy.test import taddons, tflow, tutils
 
 HUB = "registry-1.docker.io"
 

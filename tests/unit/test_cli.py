@@ -9,7 +9,7 @@ import shutil
 import sys
 import time
 import tomllib
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -50,7 +50,7 @@ def journal_line(when: datetime, kind: str, registry: str, repository: str, refe
 @pytest.fixture
 def now() -> datetime:
     """The time the test's cache was made: the journal's times and the store's are relative to it."""
-    return datetime.now(timezone.utc)
+    return datetime.now(UTC)
 
 
 @pytest.fixture

@@ -64,7 +64,7 @@ async def test_an_address_of_this_host_is_local(guard):
 
 
 async def test_other_destinations_pass_and_are_pinned(guard):
-    tctx, destinations, _ = guard
+    _, destinations, _ = guard
     assert await destinations.check("192.0.2.7", 443) == "192.0.2.7"  # a literal: as named
     data = server_hooks.ServerConnectionHookData(server=connection.Server(address=("192.0.2.7", 443)), client=tflow.tclient_conn())
     await destinations.server_connect(data)

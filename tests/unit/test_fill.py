@@ -3,6 +3,7 @@
 import os
 
 import pytest
+
 from hubcache.fill import Fill, State
 from hubcache.protocol import Kind, Route, digest_of
 from hubcache.store import Store

@@ -25,9 +25,8 @@ from hubcache.fleet import Fleet
 )
 def test_a_bad_option_is_one_line(options, message):
     fleet = Fleet()
-    with taddons.context(fleet) as tctx:
-        with pytest.raises(exceptions.OptionsError) as e:
-            tctx.configure(fleet, **options)
+    with taddons.context(fleet) as tctx, pytest.raises(exceptions.OptionsError) as e:
+        tctx.configure(fleet, **options)
     assert str(e.value) == message
 
 
@@ -35,9 +34,8 @@ def test_credentials_must_name_both_keys(tmp_path):
     secret = tmp_path / "s3"
     secret.write_text("justonekey\n")
     fleet = Fleet()
-    with taddons.context(fleet) as tctx:
-        with pytest.raises(exceptions.OptionsError, match="must be ACCESS_KEY:SECRET_KEY"):
-            tctx.configure(fleet, shared_store="s3://b", shared_store_credentials=f"@{secret}")
+    with taddons.context(fleet) as tctx, pytest.raises(exceptions.OptionsError, match="must be ACCESS_KEY:SECRET_KEY"):
+        tctx.configure(fleet, shared_store="s3://b", shared_store_credentials=f"@{secret}")
 
 
 async def test_without_a_shared_store_the_fleet_is_a_fleet_of_one():

@@ -8,14 +8,15 @@ import json
 from pathlib import Path
 
 import pytest
-from hubcache import protocol, upstream
-from hubcache.protocol import BadRequest, Kind, digest_of
-from hubcache.store import Store
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from mitmproxy import http
 from mitmproxy.addons.proxyserver import Proxyserver
 from mitmproxy.test import taddons, tflow, tutils
+
+from hubcache import protocol, upstream
+from hubcache.protocol import BadRequest, Kind, digest_of
+from hubcache.store import Store
 from support.addons import CacheAddons
 
 HUB = "registry-1.docker.io"

@@ -53,9 +53,8 @@ class TestInterception:
     @pytest.mark.parametrize("bad", ["", "https://ghcr.io", "ghcr.io/v2", " ghcr.io", "ghcr.io:5000"])
     def test_bad_registry_option(self, bad):
         i = Interception()
-        with taddons.context(i) as tctx:
-            with pytest.raises(exceptions.OptionsError):
-                tctx.configure(i, registries=["ghcr.io", bad])
+        with taddons.context(i) as tctx, pytest.raises(exceptions.OptionsError):
+            tctx.configure(i, registries=["ghcr.io", bad])
 
     def test_clienthello_of_a_registry_is_intercepted(self):
         i = Interception()
@@ -127,9 +126,8 @@ class TestUpstreamOverride:
     )
     def test_rejects_bad_specs(self, spec):
         u = UpstreamOverride()
-        with taddons.context(u) as tctx:
-            with pytest.raises(exceptions.OptionsError):
-                tctx.configure(u, upstream_map=[spec])
+        with taddons.context(u) as tctx, pytest.raises(exceptions.OptionsError):
+            tctx.configure(u, upstream_map=[spec])
 
     def test_rewrites_the_server_address(self):
         u = UpstreamOverride()

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import pytest
 import yaml
-from hubcache.cache import RegistryCache
-from hubcache.recorder import Recorder
-from hubcache.recording import Recording, RecordingError, image_from_store, names
 from mitmproxy import exceptions, http
 from mitmproxy.addons.proxyserver import Proxyserver
 from mitmproxy.test import taddons, tflow, tutils
+
+from hubcache.cache import RegistryCache
+from hubcache.recorder import Recorder
+from hubcache.recording import Recording, RecordingError, image_from_store, names
 from support.addons import CacheAddons
 from support.fill import store_image
 from support.images import build_image

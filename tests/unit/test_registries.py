@@ -5,12 +5,13 @@ from __future__ import annotations
 import base64
 
 import pytest
+from mitmproxy import exceptions, http
+from mitmproxy.test import taddons, tflow, tutils
+
 from hubcache.credentials import UpstreamCredentials
 from hubcache.flowdata import Mark
 from hubcache.hosts import Interception
 from hubcache.registries import DEFAULT_REGISTRIES, parse
-from mitmproxy import exceptions, http
-from mitmproxy.test import taddons, tflow, tutils
 
 BASIC = "Basic " + base64.b64encode(b"bot:t0ken").decode()
 
@@ -51,9 +52,8 @@ def test_an_entry_is_parsed(secret_file, monkeypatch):
 )
 def test_a_bad_entry_is_one_line(entry, message):
     hosts = Interception()
-    with taddons.context(hosts) as tctx:
-        with pytest.raises(exceptions.OptionsError, match="registry_settings: .*" + message.replace(".", r"\.")):
-            tctx.configure(hosts, registry_settings=[entry])
+    with taddons.context(hosts) as tctx, pytest.raises(exceptions.OptionsError, match="registry_settings: .*" + message.replace(".", r"\.")):
+        tctx.configure(hosts, registry_settings=[entry])
 
 
 def flow(url: str, headers: dict | None = None, method: str = "GET") -> http.HTTPFlow:

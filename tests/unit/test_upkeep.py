@@ -5,12 +5,13 @@ from __future__ import annotations
 import time
 
 import pytest
-from hubcache.recording import Recording, image_from_store
-from hubcache.store import BlobEntry, Store
-from hubcache.upkeep import Upkeep, choose, parse_size, prune, verify
 from mitmproxy import exceptions
 from mitmproxy.addons.proxyserver import Proxyserver
 from mitmproxy.test import taddons
+
+from hubcache.recording import Recording, image_from_store
+from hubcache.store import BlobEntry, Store
+from hubcache.upkeep import Upkeep, choose, parse_size, prune, verify
 from support.addons import CacheAddons
 from support.fill import store_image
 from support.images import build_image
@@ -160,7 +161,7 @@ def test_options_are_validated(upkeep):
 
 async def test_the_addon_evicts_with_its_options(upkeep, images, monkeypatch):
     tctx, addon = upkeep
-    one, two = images
+    one, _ = images
     store = addon.folder.store
     store_image(store, one, REGISTRY, "one", "1")
     assert await addon.evict() is None, "no limit set: nothing to do"
