@@ -18,7 +18,7 @@ from collections import deque
 from dataclasses import dataclass
 
 from mitmproxy import http
-from prometheus_client import CollectorRegistry, Counter, Gauge
+from prometheus_client import CollectorRegistry, Counter, Gauge, disable_created_metrics
 
 from . import upstream
 from .flowdata import Mark, Source
@@ -49,6 +49,7 @@ class Health:
 
 class Metrics:
     def __init__(self, hosts: Interception):
+        disable_created_metrics()  # no `_created` series beside each counter: nobody reads them
         self.hosts = hosts
         self.registry = CollectorRegistry()
         r = self.registry

@@ -8,6 +8,9 @@ or when the tag is asked for again after its blobs came. Blob bytes are counted 
 reports a finished transfer (the tag in each signed URL names the pull), so a pull lasts as long as
 its slowest layer. Two clients on one address pulling one repository at the same time count as one
 pull.
+
+These lines are what the log holds by default, with warnings and errors: mitmproxy's own line per
+connection and per request come back with option `flow_lines`.
 """
 
 from __future__ import annotations
@@ -20,13 +23,16 @@ import time
 from collections import Counter, deque
 from dataclasses import dataclass, field
 
-from mitmproxy import http
+from mitmproxy import ctx, http
+from mitmproxy.addonmanager import Loader
 
 from . import units
 from .flowdata import Source
 from .protocol import Kind, Route
 
 logger = logging.getLogger(__name__)
+
+FLOW_LOGGERS = ("mitmproxy.proxy", "mitmproxy.addons.clientplayback")
 
 QUIET = 5.0  # seconds without a request or a transfer that end a pull
 ABANDONED = 600.0  # a transfer never reported (the client did not follow the URL) stops counting
@@ -69,6 +75,33 @@ class PullLog:
         self.popular: Counter[str] = Counter()  # pulls per image
         self._loop: asyncio.AbstractEventLoop | None = None
         self._task: asyncio.Task | None = None
+        self._flow_lines_set = False
+        self._flow_detail_ours = False
+
+    def load(self, loader: Loader) -> None:
+        loader.add_option(
+            "flow_lines",
+            bool,
+            False,
+            "Log mitmproxy's line per connection and per request too (as mitmdump does); off, the "
+            "log holds one line per pull, hubcache's notes, warnings and errors.",
+        )
+
+    def configure(self, updated: set[str]) -> None:
+        # mitmproxy's first configure names only the options it was given, not flow_lines.
+        if "flow_lines" in updated or not self._flow_lines_set:
+            self._show_flow_lines()
+
+    def _show_flow_lines(self) -> None:
+        self._flow_lines_set = True
+        # mitmproxy's connection lines (connect, disconnect, streaming) are INFO of these loggers;
+        # clientplayback's are those of hubcache's own requests.
+        for name in FLOW_LOGGERS:
+            logging.getLogger(name).setLevel(logging.NOTSET if ctx.options.flow_lines else logging.WARNING)
+        # mitmdump's line per request, unless the user set flow_detail: then it is theirs.
+        if "flow_detail" in ctx.options and (self._flow_detail_ours or not ctx.options.has_changed("flow_detail")):
+            self._flow_detail_ours = True
+            ctx.options.flow_detail = 1 if ctx.options.flow_lines else 0
 
     def running(self) -> None:
         self._loop = asyncio.get_running_loop()

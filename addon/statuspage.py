@@ -18,13 +18,17 @@ import logging
 import os
 import sqlite3
 import threading
+from collections.abc import Iterable
 from dataclasses import asdict
 from importlib import resources
+from typing import Any
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
+from wsgiref.types import StartResponse, WSGIEnvironment
 
 from mitmproxy import ctx, exceptions
 from mitmproxy.addonmanager import Loader
 from prometheus_client import make_wsgi_app
+from prometheus_client.registry import Collector
 
 from .listeners import BoundedThreads
 from .metrics import Metrics
@@ -46,7 +50,7 @@ class _Server(BoundedThreads, WSGIServer):
 
 
 class _QuietHandler(WSGIRequestHandler):
-    def log_message(self, format: str, *args) -> None:
+    def log_message(self, format: str, *args: Any) -> None:
         logger.debug("status page: " + format % args)
 
 
@@ -114,6 +118,7 @@ class StatusPage:
             return
         threading.Thread(target=self._server.serve_forever, daemon=True).start()
         host, port = self._server.server_address[:2]
+        assert isinstance(host, str)  # server_bind() set it from getsockname(); typeshed also allows the bytes __init__ takes
         logger.info(f"hubcache: status page on http://{host}:{port}/ (metrics at /metrics)")
 
     def _close(self) -> None:
@@ -139,7 +144,7 @@ class StatusPage:
 
     # The web application (runs in the server's threads)
 
-    def _app(self, environ, start_response):
+    def _app(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
         path = environ.get("PATH_INFO", "/")
         if path == "/metrics":
             return self._metrics_app(environ, start_response)
@@ -230,14 +235,9 @@ class StatusPage:
             return False
 
 
-def _values(metric, label: str = "") -> dict[str, float]:
+def _values(metric: Collector, label: str = "") -> dict[str, float]:
     """A metric's current values by one label's value (counters: their totals)."""
-    return {
-        s.labels.get(label, ""): s.value
-        for m in metric.collect()
-        for s in m.samples
-        if not s.name.endswith("_created")
-    }
+    return {s.labels.get(label, ""): s.value for m in metric.collect() for s in m.samples}
 
 
 def _address(text: str) -> tuple[str, int] | None:

@@ -77,3 +77,41 @@ async def test_a_report_after_the_loop_closed_is_dropped():
     log._loop = loop
     loop.close()
     log.sent("cache.1", 10)  # from the blob server's reader thread, at exit: no exception
+
+
+def test_the_log_holds_pulls_unless_flow_lines_are_asked_for():
+    from mitmproxy.addons.dumper import Dumper
+    from mitmproxy.test import taddons
+
+    def levels() -> set[int]:
+        return {logging.getLogger(name).level for name in pulls.FLOW_LOGGERS}
+
+    for name in pulls.FLOW_LOGGERS:
+        logging.getLogger(name).setLevel(logging.NOTSET)
+    with taddons.context(Dumper(), PullLog()) as tctx:
+        assert tctx.options.flow_detail == 1, "mitmdump's default"
+        tctx.options.update(confdir="~/.mitmproxy")  # mitmproxy's first configure: the options it was given
+        assert levels() == {logging.WARNING} and tctx.options.flow_detail == 0
+        tctx.options.update(flow_lines=True)
+        assert levels() == {logging.NOTSET} and tctx.options.flow_detail == 1
+        tctx.options.update(flow_lines=False)
+        assert levels() == {logging.WARNING} and tctx.options.flow_detail == 0
+    with taddons.context(Dumper(), PullLog()) as tctx:
+        tctx.options.update(flow_detail=3)  # the user's choice is kept
+        tctx.options.update(flow_lines=True)
+        assert tctx.options.flow_detail == 3
+    for name in pulls.FLOW_LOGGERS:
+        logging.getLogger(name).setLevel(logging.NOTSET)
+
+
+def test_counters_carry_no_created_series():
+    from prometheus_client import generate_latest
+
+    from hubcache.hosts import Interception
+    from hubcache.metrics import Metrics
+
+    metrics = Metrics(Interception())
+    metrics.hit("blob")
+    text = generate_latest(metrics.registry).decode()
+    assert 'hubcache_requests_total{kind="blob",result="hit"} 1.0' in text
+    assert "_created" not in text
