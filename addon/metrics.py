@@ -81,6 +81,12 @@ class Metrics:
             registry=r,
         )
         self.fills = Gauge("hubcache_fills_in_progress", "Blobs being fetched from upstream now.", registry=r)
+        self.denied = Counter(
+            "hubcache_denied",
+            "Manifest and blob requests refused by deny_images or allow_images, by rule.",
+            ["rule"],
+            registry=r,
+        )
         self.ratelimit_remaining = Gauge(
             "hubcache_ratelimit_remaining",
             "Pulls left in the registry's rate-limit window (Docker Hub's ratelimit-remaining header).",
