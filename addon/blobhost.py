@@ -31,6 +31,7 @@ import sys
 import threading
 from collections.abc import Callable
 from pathlib import Path
+from typing import IO
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -166,7 +167,7 @@ class BlobHost:
         threading.Thread(target=self._read_reports, args=(self._proc.stdout,), daemon=True).start()
         logger.info(f"hubcache: blob server on 127.0.0.1:{ports[0]} (https) and :{ports[1]} (loopback http)")
 
-    def _read_reports(self, reports) -> None:
+    def _read_reports(self, reports: IO[bytes]) -> None:
         for line in reports:
             word, tag, sent = (line.decode().split() + ["", "", ""])[:3]
             if word == "sent" and sent.isdigit():

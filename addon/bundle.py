@@ -17,7 +17,7 @@ import json
 import os
 import re
 import tarfile
-from collections.abc import Callable
+from collections.abc import Buffer, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
@@ -375,13 +375,13 @@ class _BundleReader:
 
 
 class _CountingReader(io.RawIOBase):
-    def __init__(self, f: BinaryIO, progress: OnBytes | None):
+    def __init__(self, f: io.BufferedIOBase, progress: OnBytes | None):
         self.f, self.progress = f, progress
 
     def readable(self) -> bool:
         return True
 
-    def readinto(self, buffer) -> int:
+    def readinto(self, buffer: Buffer) -> int:
         n = self.f.readinto(buffer)
         if self.progress and n:
             self.progress(n)

@@ -190,7 +190,9 @@ async def _resolve(name: str, port: int) -> list[Address]:
         infos = await asyncio.get_running_loop().getaddrinfo(name, port, type=socket.SOCK_STREAM)
     except (OSError, UnicodeError):
         return []
-    return [ipaddress.ip_address(info[4][0].partition("%")[0]) for info in infos]
+    hosts = [info[4][0] for info in infos]
+    # An IP socket address starts with the host as text ((int, bytes) only from a Python built without IPv6).
+    return [ipaddress.ip_address(host.partition("%")[0]) for host in hosts if isinstance(host, str)]
 
 
 def _local(address: Address) -> str:

@@ -26,7 +26,7 @@ import asyncio
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from typing import TYPE_CHECKING, Any
 
 from mitmproxy import ctx, exceptions
@@ -243,6 +243,13 @@ class Fleet:
 
         self._spawn(publish())
 
+    async def discard_blob(self, digest: str) -> None:
+        """The shared store's copy of `digest` did not verify: remove it, so that the next fill
+        fetches the blob from upstream and puts a good copy in its place."""
+        if self.store is not None:
+            logger.warning(f"{self.store.name}: blob {digest} does not hash to its digest; removed from the shared store")
+        await self._use(lambda store: store.delete_blob(digest))
+
     def release(self, digest: str) -> None:
         """Free the lock on `digest` if this node holds it (in the background)."""
         refresher = self._refreshers.pop(digest, None)
@@ -314,7 +321,7 @@ class Fleet:
             self._down = True
             logger.warning(f"{e}; serving from the local cache and upstream, trying it again every {retry} s")
 
-    def _spawn(self, work) -> asyncio.Task:
+    def _spawn[T](self, work: Coroutine[Any, Any, T]) -> asyncio.Task[T]:
         task = asyncio.ensure_future(work)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)

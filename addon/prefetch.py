@@ -17,10 +17,13 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
+import urllib.response
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from http.client import HTTPMessage, HTTPResponse
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol
+from types import TracebackType
+from typing import IO, TYPE_CHECKING, Protocol
 
 from . import manifests
 from .protocol import (
@@ -37,6 +40,7 @@ from .protocol import (
 )
 
 if TYPE_CHECKING:
+    from mitmproxy.options import Options
     from mitmproxy.tools.dump import DumpMaster
 
     from .hosts import Interception
@@ -45,6 +49,10 @@ if TYPE_CHECKING:
 CHUNK = 1 << 20
 COMMIT_WAIT = 10.0  # seconds a verified blob may take to appear in the store after its last byte
 BLOB_WORKERS = 4
+
+# What the client's opener answers: HTTPResponse for http(s), addinfourl for the other schemes of
+# urllib's default handlers (a redirect may name one).
+type Response = HTTPResponse | urllib.response.addinfourl
 
 
 class PrefetchError(Exception):
@@ -87,7 +95,7 @@ class LocalProxy:
             raise self._error
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, traceback: TracebackType | None) -> None:
         if self._master:
             self._master.shutdown()
         self._thread.join(timeout=30)
@@ -97,7 +105,7 @@ class LocalProxy:
         return f"http://127.0.0.1:{self.port}"
 
     @property
-    def options(self):
+    def options(self) -> Options:
         assert self._master
         return self._master.options
 
@@ -187,7 +195,7 @@ class RegistryClient:
             raise PrefetchError(f"{image}: blob {digest} did not verify")
         return size
 
-    def _get(self, image: ImageReference, path: str, headers: dict[str, str]):
+    def _get(self, image: ImageReference, path: str, headers: dict[str, str]) -> Response:
         url = f"https://{image.host}{path}"
         key = (image.host, image.repository)
         try:
@@ -205,7 +213,7 @@ class RegistryClient:
         token = self._tokens.get(key)
         return {"Authorization": f"Bearer {token}"} if token else {}
 
-    def _follow(self, url: str, headers: dict[str, str]):
+    def _follow(self, url: str, headers: dict[str, str]) -> Response:
         """GET `url`, following up to 5 redirects; Authorization stays with the original host."""
         origin = urllib.parse.urlsplit(url).hostname
         for _ in range(6):
@@ -237,7 +245,7 @@ class RegistryClient:
 
 
 class _NoRedirects(urllib.request.HTTPRedirectHandler):
-    def redirect_request(self, *args, **kwargs):
+    def redirect_request(self, req: urllib.request.Request, fp: IO[bytes], code: int, msg: str, headers: HTTPMessage, newurl: str) -> None:
         return None  # RegistryClient._follow decides what a redirect may carry
 
 
@@ -303,7 +311,7 @@ def prefetch(proxy: LocalProxy, client: RegistryClient, text: str, platforms: li
             return size
 
         with ThreadPoolExecutor(BLOB_WORKERS) as pool:
-            for size in pool.map(fetch, sorted(missing, key=missing.get, reverse=True)):
+            for size in pool.map(fetch, sorted(missing, key=missing.__getitem__, reverse=True)):
                 result.fetched += 1
                 result.fetched_bytes += size
     except PrefetchError as e:

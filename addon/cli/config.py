@@ -7,14 +7,19 @@ file, else ./cache. Every failure here is a `click.ClickException`: one line, ex
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import click
 import yaml
 
+if TYPE_CHECKING:
+    from ..store import Store
 
-def cache_dir_option(command):
+
+def cache_dir_option[F: Callable[..., Any]](command: F) -> F:
     return click.option(
         "--cache-dir",
         envvar="HUBCACHE_CACHE_DIR",
@@ -23,7 +28,7 @@ def cache_dir_option(command):
     )(command)
 
 
-def config_option(command):
+def config_option[F: Callable[..., Any]](command: F) -> F:
     return click.option(
         "--config",
         "config_file",
@@ -60,7 +65,7 @@ def cache_folder(cache_dir: Path | None, config_file: Path | None) -> Path:
 
 
 @contextmanager
-def open_store(cache_dir: Path | None, config_file: Path | None):
+def open_store(cache_dir: Path | None, config_file: Path | None) -> Iterator[tuple[Store, Path]]:
     """The content store of the cache folder the options name (created if absent), and the folder."""
     from ..store import Store
 
@@ -77,7 +82,7 @@ def open_store(cache_dir: Path | None, config_file: Path | None):
 
 
 @contextmanager
-def existing_store(cache_dir: Path | None, config_file: Path | None):
+def existing_store(cache_dir: Path | None, config_file: Path | None) -> Iterator[tuple[Store, Path]]:
     """The store of a cache folder that must exist already: views never create one."""
     folder = cache_folder(cache_dir, config_file)
     if not folder.is_dir():

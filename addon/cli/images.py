@@ -6,11 +6,19 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
 from .config import cache_dir_option, config_option, open_store
 from .proxy import make_ca, proxy_options, proxy_settings
+
+if TYPE_CHECKING:
+    from rich.table import Table
+
+    from ..prefetch import Result
+    from ..protocol import ImageReference
+    from ..recording import Recording
 
 
 @click.command()
@@ -69,7 +77,7 @@ def prefetch(
         raise SystemExit(1)
 
 
-def _prefetch_table(results):
+def _prefetch_table(results: list[Result]) -> Table:
     from rich.table import Table
 
     from ..progress import size
@@ -216,7 +224,7 @@ def recordings(cache_dir: Path | None, config_file: Path | None, name: str | Non
             console.print(f"  {digest}")
 
 
-def _recording(folder: Path, name: str):
+def _recording(folder: Path, name: str) -> Recording:
     from ..recording import Recording, RecordingError
 
     try:
@@ -228,7 +236,7 @@ def _recording(folder: Path, name: str):
         raise click.ClickException(str(e)) from e
 
 
-def _image_reference(text: str):
+def _image_reference(text: str) -> ImageReference:
     from ..protocol import ImageReference
 
     try:

@@ -4,16 +4,21 @@ options, the `--set` list they make, and mitmproxy's CA in the confdir."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from .config import cache_dir_option, config_option, config_settings
 
+if TYPE_CHECKING:
+    from mitmproxy.options import Options
+
 CA_CERT = "mitmproxy-ca-cert.pem"
 
 
-def proxy_options(command):
+def proxy_options[F: Callable[..., Any]](command: F) -> F:
     """The options of the commands that run the proxy (run, prefetch)."""
     for option in reversed(
         [
@@ -125,7 +130,7 @@ def _mitmdump_with_hubcache(args: list[str]) -> None:
     from ..addons import make_addons
 
     class HubcacheMaster(dump.DumpMaster):
-        def __init__(self, options, **kwargs):
+        def __init__(self, options: Options, **kwargs: Any) -> None:  # DumpMaster's other parameters are untyped
             super().__init__(options, **kwargs)
             self.addons.add(*make_addons())
 

@@ -6,10 +6,17 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from .config import cache_dir_option, cache_folder, config_option, existing_store, no_folder
+
+if TYPE_CHECKING:
+    from datetime import datetime
+
+    from ..journal import MissJournal
+    from ..recording import Image
 
 DAY = 86400.0
 
@@ -34,7 +41,7 @@ def stats_command(cache_dir: Path | None, config_file: Path | None, as_json: boo
 
     with existing_store(cache_dir, config_file) as (store, folder):
         summary = store.summary()
-        data = {
+        data: dict[str, Any] = {  # a JSON object: text and counts
             "cache_dir": str(folder.resolve()),
             "store_bytes": store.disk_usage(),
             "blobs": summary.blobs,
@@ -115,7 +122,7 @@ def ls_command(cache_dir: Path | None, config_file: Path | None, pattern: str | 
     console.print(table)
 
 
-def _listed_image(registry: str, repository: str, tag: str, digest: str, image, held: dict) -> dict:
+def _listed_image(registry: str, repository: str, tag: str, digest: str, image: Image | None, held: dict) -> dict:
     """One row of `hubcache ls`: sizes count only the blobs the cache holds, each once."""
     platforms, sizes, used = [], {}, []
     for m in image.manifests.values() if image else []:
@@ -218,13 +225,13 @@ def misses_command(
     console.print(table)
 
 
-def _journal(folder: Path):
+def _journal(folder: Path) -> MissJournal:
     from ..journal import MissJournal
 
     return MissJournal(folder / "misses.jsonl")
 
 
-def _entry_time(entry: dict):
+def _entry_time(entry: dict) -> datetime | None:
     from datetime import datetime
 
     try:
@@ -233,7 +240,7 @@ def _entry_time(entry: dict):
         return None
 
 
-def _parse_since(text: str, now):
+def _parse_since(text: str, now: datetime) -> datetime:
     """An age (`90s`, `30m`, `1h`, `2d`, `1w`) back from `now`, or an ISO time."""
     import re
     from datetime import datetime, timedelta
@@ -253,7 +260,7 @@ def _local(timestamp: float | None, form: str = "%Y-%m-%d %H:%M") -> str:
     return time.strftime(form, time.localtime(timestamp)) if timestamp else "-"
 
 
-def _json(data) -> str:
+def _json(data: object) -> str:
     import json
 
     return json.dumps(data, indent=2)
