@@ -257,6 +257,8 @@ class BlobRequests:
             got = f"{writer.size} bytes hashing to {writer.computed_digest}"
             logger.warning(f"{route.image}: {source} sent {got}; not stored, transfers cut")
             await self.folder.journal_miss(route, f"rejected: {got}", size=writer.size)
+            if fill.source is Source.SHARED:
+                await self.fleet.discard_blob(route.reference)
 
     # hooks' share: where a fill's body goes, and a blob passed through
 

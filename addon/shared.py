@@ -199,6 +199,12 @@ class SharedStore:
             )
         return True
 
+    def delete_blob(self, digest: str) -> None:
+        """Remove the blob (one that did not hash to its digest when a node read it)."""
+        key = self._digest_key("blobs", digest)
+        with self._errors(f"delete blob {digest}"):
+            self._client.delete_object(Bucket=self.bucket, Key=key)
+
     def open_blob(self, digest: str, start: int = 0) -> SharedBlob:
         """Stream the blob from byte `start` on. Raises NotInSharedStore when it is missing or
         shorter than `start` + 1 bytes."""

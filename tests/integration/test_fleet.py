@@ -386,11 +386,6 @@ def test_a_corrupt_blob_in_the_shared_store_is_never_served(node, registry, layo
     assert cache_stats(b)["blobs"] == 0
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a node that rejects a blob from the shared store never fetches it from upstream, nor replaces "
-    "the object: every later fill of that digest reads the same corrupt object (blob_requests.py _fill_from_fleet)",
-)
 def test_after_a_corrupt_blob_in_the_shared_store_the_next_pull_gets_it_from_upstream(node, registry, layouts, swift, bucket, tmp_path):
     ref, image = cold_image(registry, layouts, [3_000_000])
     a = node("a")
