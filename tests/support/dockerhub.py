@@ -39,7 +39,7 @@ What the double guarantees (see registry-wire-facts.md for why each matters):
   records whether they did).
 
 Every request is recorded (`RequestRecord`) for assertions; faults are explicit, one-shot switches
-(`fail_next`, `hang_next`, `truncate_cdn_after`, `corrupt_cdn`), all off by default.
+(`fail_next`, `hang_next`, `truncate_cdn_after`, `stall_cdn_after`, `corrupt_cdn`), all off by default.
 """
 
 from __future__ import annotations
@@ -91,6 +91,8 @@ _CDN_RE: Final = re.compile(
 )
 
 _CHUNK: Final = 64 * 1024
+#: The longest a CDN answer stays stalled (stall_cdn_after) when nobody resumes it.
+STALL_LIMIT: Final = 300.0
 _ERROR_CODES: Final = {
     400: ("BAD_REQUEST", "bad request"),
     401: ("UNAUTHORIZED", "authentication required"),
@@ -201,9 +203,11 @@ class DockerHubDouble:
         self._hang: dict[str, collections.deque[float]] = collections.defaultdict(collections.deque)
         self._truncate: collections.deque[int] = collections.deque()
         self._corrupt = 0
+        self._stall: collections.deque[int] = collections.deque()
 
         self._stopping = threading.Event()
         self._released = threading.Event()  # set to end the hangs under way (by reset and stop)
+        self._resumed = threading.Event()  # set to let stalled CDN answers go on (resume_cdn, reset, stop)
         self._server: _Server | None = None
         self._thread: threading.Thread | None = None
 
@@ -232,6 +236,7 @@ class DockerHubDouble:
             return
         self._stopping.set()
         self._released.set()
+        self._resumed.set()
         server.shutdown()
         server.close_connections()
         server.server_close()
@@ -299,6 +304,8 @@ class DockerHubDouble:
             self._hang.clear()
             self._truncate.clear()
             self._corrupt = 0
+            self._stall.clear()
+        self.resume_cdn()
 
     # ------------------------------------------------------------------------------------- faults
 
@@ -327,6 +334,19 @@ class DockerHubDouble:
         only ``nbytes`` body bytes, then drop the connection without a TLS close_notify."""
         with self._lock:
             self._truncate.extend([nbytes] * count)
+
+    def stall_cdn_after(self, nbytes: int, count: int = 1) -> None:
+        """The next ``count`` CDN blob GETs (200 or 206) send their headers and ``nbytes`` body
+        bytes, then wait, connection open, until ``resume_cdn()`` (or ``reset()``, ``stop()``, or
+        STALL_LIMIT seconds) before sending the rest."""
+        with self._lock:
+            self._stall.extend([nbytes] * count)
+
+    def resume_cdn(self) -> None:
+        """Let the CDN answers stalled by ``stall_cdn_after`` go on."""
+        with self._lock:
+            self._resumed.set()
+            self._resumed = threading.Event()
 
     def corrupt_cdn(self, count: int = 1) -> None:
         """Flip the first body byte of the next ``count`` CDN blob GETs (200 or 206) so the bytes
@@ -369,13 +389,15 @@ class DockerHubDouble:
             fail = self._fail[kind].popleft() if self._fail.get(kind) else None
         return hang, fail
 
-    def _take_cdn_faults(self) -> tuple[int | None, bool]:
+    def _take_cdn_faults(self) -> tuple[int | None, bool, int | None, threading.Event]:
+        """(truncate after, corrupt, stall after, the event that ends the stall)."""
         with self._lock:
             truncate = self._truncate.popleft() if self._truncate else None
             corrupt = self._corrupt > 0
             if corrupt:
                 self._corrupt -= 1
-        return truncate, corrupt
+            stall = self._stall.popleft() if self._stall else None
+            return truncate, corrupt, stall, self._resumed
 
     def _take_pull(self) -> int | None:
         """Count one manifest GET; the remaining allowance, or None when over the limit."""
@@ -951,9 +973,9 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
         if self.command == "HEAD":
             return
-        truncate, corrupt = (None, False)
+        truncate, corrupt, stall, resumed = None, False, None, None
         if resp.status in (200, 206):
-            truncate, corrupt = self.hub._take_cdn_faults()
+            truncate, corrupt, stall, resumed = self.hub._take_cdn_faults()
         while True:
             chunk = resp.read(_CHUNK)
             if not chunk:
@@ -963,6 +985,12 @@ class _Handler(BaseHTTPRequestHandler):
                 corrupt = False
             if truncate is not None:
                 chunk = chunk[: max(truncate - self._sent, 0)]
+            if stall is not None and resumed is not None and self._sent + len(chunk) >= stall:
+                before = stall - self._sent
+                self.wfile.write(chunk[:before])
+                self._sent += before
+                chunk, stall = chunk[before:], None
+                resumed.wait(STALL_LIMIT)
             if chunk:
                 self.wfile.write(chunk)
                 self._sent += len(chunk)

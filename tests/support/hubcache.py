@@ -28,14 +28,16 @@ def upstream_options(registry: Registry, dockerhub: DockerHubDouble) -> dict[str
 
 
 class Hubcache:
-    """A hubcache proxy process. The content store and the CA survive restarts."""
+    """A hubcache proxy process. The content store and the CA survive restarts. The cache folder
+    is `workdir`/cache unless the option `cache_dir` names another (another proxy's, say)."""
 
     def __init__(self, workdir: Path, upstream_ca: Path, options: dict[str, object] | None = None):
         self.workdir = workdir
-        self.cache_dir = workdir / "cache"
+        self.options = dict(options or {})
+        # Passed once: mitmproxy refuses an option set twice (and hubcache then never starts).
+        self.cache_dir = Path(str(self.options.pop("cache_dir", workdir / "cache")))
         self.confdir = workdir / "conf"
         self.upstream_ca = upstream_ca
-        self.options = dict(options or {})
         self.port = free_port()
         self.proc: Proc | None = None
         self.starts = 0
