@@ -25,7 +25,7 @@ from mitmproxy import ctx, exceptions
 from mitmproxy.addonmanager import Loader
 
 from . import manifests
-from .protocol import digest_of, hash_digest, hasher
+from .protocol import ImageReference, digest_of, hash_digest, hasher
 from .recording import RecordingError, pinned
 from .storage import CacheFolder
 from .store import BlobEntry, Store
@@ -100,6 +100,92 @@ def _drop_incomplete(store: Store, evicted: set[str], keep: set[str], result: Pr
     for (registry, name, tag), entry in store.tags():
         if entry.digest in broken and store.delete_tag(registry, name, tag):
             result.tags += 1
+
+
+@dataclass
+class Removed:
+    tags: list[str] = field(default_factory=list)  # registry/repository:tag
+    manifests: list[str] = field(default_factory=list)
+    blobs: list[str] = field(default_factory=list)
+    bytes: int = 0
+    kept: list[str] = field(default_factory=list)  # manifests still needed by another tag or a recording
+    missing: list[str] = field(default_factory=list)  # images named that the cache does not hold
+
+
+def remove(store: Store, cache_dir: Path, images: list[ImageReference], dry_run: bool = False) -> Removed:
+    """Remove images from the cache: their tags (a digest: every tag that names it), the manifests
+    no remaining tag or recording needs, and the blobs no remaining manifest uses. A running
+    proxy's transfers keep the files they opened; its next pull of the image fills it again.
+    Raises RecordingError when a recording cannot be read (then nothing can be removed safely)."""
+    result = Removed()
+    keep = pinned(cache_dir)
+    tags = store.tags()
+    roots: set[str] = set()
+    dropped_tags: set[tuple[str, str, str]] = set()
+    for image in images:
+        if ":" in image.reference:  # a digest (a tag has no colon)
+            named = [key for key, entry in tags if key[:2] == (image.registry, image.repository) and entry.digest == image.reference]
+            found = store.get_manifest(image.reference) is not None
+            root = image.reference
+        else:
+            entry = store.get_tag(image.registry, image.repository, image.reference)
+            named = [(image.registry, image.repository, image.reference)] if entry else []
+            found, root = entry is not None, entry.digest if entry else ""
+        if not found:
+            result.missing.append(str(image))
+            continue
+        roots.add(root)
+        dropped_tags.update(named)
+    remaining_roots = {entry.digest for key, entry in tags if key not in dropped_tags}
+    needed = _closure(store, remaining_roots | (keep & set(store.manifest_digests())))
+    doomed = _closure(store, roots) - needed - keep
+    result.kept = sorted(_closure(store, roots) & (needed | keep))
+    all_manifests = set(store.manifest_digests())
+    used = {b for digest in all_manifests - doomed for b in _blobs_of(store, digest)}
+    doomed_blobs = {b for digest in doomed for b in _blobs_of(store, digest)} - used - keep
+    result.tags = sorted(f"{r}/{n}:{t}" for r, n, t in dropped_tags)
+    result.manifests = sorted(d for d in doomed if d in all_manifests)
+    result.blobs = sorted(d for d in doomed_blobs if store.has_blob(d))
+    result.bytes = sum(store.blob_size(d) or 0 for d in result.blobs)
+    if dry_run:
+        return result
+    for registry, name, tag in dropped_tags:
+        store.delete_tag(registry, name, tag)
+    for digest in result.manifests:
+        store.delete_manifest(digest)
+    for digest in result.blobs:
+        store.delete_blob(digest)
+    return result
+
+
+def _closure(store: Store, roots: set[str]) -> set[str]:
+    """The manifests `roots` lead to: themselves and, for an index, its platform manifests."""
+    seen: set[str] = set()
+    todo = list(roots)
+    while todo:
+        digest = todo.pop()
+        if digest in seen:
+            continue
+        seen.add(digest)
+        manifest = store.get_manifest(digest)
+        if manifest is None:
+            continue
+        try:
+            refs = manifests.references(manifest.body, manifest.media_type)
+        except manifests.ManifestError:
+            continue
+        todo += [child.digest for child in refs.children]
+    return seen
+
+
+def _blobs_of(store: Store, digest: str) -> list[str]:
+    manifest = store.get_manifest(digest)
+    if manifest is None:
+        return []
+    try:
+        return [blob.digest for blob in manifests.references(manifest.body, manifest.media_type).blobs]
+    except manifests.ManifestError:
+        return []
 
 
 @dataclass

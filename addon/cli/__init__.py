@@ -6,7 +6,7 @@ One module per group of commands, each registered here:
 - `clients`: ca, setup
 - `images`: prefetch, export, import, recordings
 - `views`: stats, ls, misses
-- `upkeep`: prune, verify
+- `upkeep`: prune, rm, verify
 - `config`: the shared --cache-dir and --config options, and the cache folder they name
 
 Commands import the rest of hubcache (mitmproxy, the store) only when they run, so `--help` stays
@@ -42,6 +42,7 @@ for command in (
     views.ls_command,
     views.misses_command,
     upkeep.prune_command,
+    upkeep.rm_command,
     upkeep.verify_command,
 ):
     main.add_command(command)

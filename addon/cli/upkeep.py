@@ -1,5 +1,6 @@
-"""Keeping the store in shape from the command line: `hubcache prune` (free space now) and
-`hubcache verify` (re-hash everything, drop what does not match). The work is `upkeep`'s."""
+"""Keeping the store in shape from the command line: `hubcache prune` (free space now), `hubcache
+rm` (remove images), and `hubcache verify` (re-hash everything, drop what does not match). The
+work is `upkeep`'s."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from .config import cache_dir_option, config_option, open_store
+from .config import cache_dir_option, config_option, existing_store, open_store
 
 
 @click.command("prune")
@@ -47,6 +48,55 @@ def prune_command(
         f"freed {size(result.bytes)}: {count(result.blobs, 'blob')}, {count(result.manifests, 'manifest')}, "
         f"{count(result.tags, 'tag')}; {size(result.remaining)} of blobs remain"
     )
+
+
+@click.command("rm")
+@cache_dir_option
+@config_option
+@click.option("--dry-run", is_flag=True, help="Show what would go, remove nothing.")
+@click.argument("images", nargs=-1, required=True)
+def rm_command(cache_dir: Path | None, config_file: Path | None, dry_run: bool, images: tuple[str, ...]) -> None:
+    """Remove images from the cache: the tag (or, for a digest, every tag naming it), the manifests
+    no other tag or recording needs, and the blobs no remaining manifest uses. Safe while the proxy
+    runs: transfers under way keep their bytes, and the next pull fills the image again. Exits 1
+    if an image named is not in the cache.
+
+    \b
+    Examples:
+      hubcache rm alpine:3.20 ghcr.io/acme/app:1
+      hubcache rm --dry-run docker.io/library/nginx@sha256:0123...
+    """
+    from ..progress import count, size
+    from ..protocol import ImageReference
+    from ..recording import RecordingError
+    from ..upkeep import remove
+
+    try:
+        references = [ImageReference.parse(text) for text in images]
+    except ValueError as e:
+        raise click.BadParameter(str(e), param_hint="IMAGES") from e
+    with existing_store(cache_dir, config_file) as (store, folder):
+        try:
+            result = remove(store, folder, references, dry_run=dry_run)
+        except RecordingError as e:
+            raise click.ClickException(f"nothing removed: {e}") from e
+    verb = "would remove" if dry_run else "removed"
+    click.echo(
+        f"{verb} {count(len(result.tags), 'tag')}, {count(len(result.manifests), 'manifest')}, "
+        f"{count(len(result.blobs), 'blob')} ({size(result.bytes)})"
+    )
+    for tag in result.tags:
+        click.echo(f"  tag {tag}")
+    for digest in result.manifests:
+        click.echo(f"  manifest {digest}")
+    for digest in result.blobs:
+        click.echo(f"  blob {digest}")
+    for digest in result.kept:
+        click.echo(f"  kept manifest {digest}: another tag or a recording needs it")
+    for image in result.missing:
+        click.echo(f"hubcache rm: {image} is not in the cache", err=True)
+    if result.missing:
+        raise SystemExit(1)
 
 
 @click.command("verify")

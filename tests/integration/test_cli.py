@@ -131,3 +131,29 @@ def test_the_units_command_line_starts_hubcache(tmp_path):
         wait_for_port("127.0.0.1", port, timeout=60, log=log)
         assert (tmp_path / "conf" / "mitmproxy-ca-cert.pem").exists()
     assert (tmp_path / "cache" / "content").is_dir()
+
+
+def test_rm_while_the_proxy_runs_and_the_next_pull_fills_the_image_again(hubcache, registry, multi_image, tmp_path):
+    from support.clients import pull, pulled_blobs
+
+    proxy = hubcache()
+    ref = f"{REGISTRY_NAME}/test/multi:1"
+    pull(proxy, ref, tmp_path / "cold")
+    registry.settle()
+    registry.reset_requests()
+    pull(proxy, ref, tmp_path / "warm")
+    registry.settle()
+    assert registry.blob_gets() == [], "a warm pull is served from the cache"
+
+    removed = subprocess.run(
+        [HUBCACHE, "rm", "--cache-dir", str(proxy.cache_dir), ref], capture_output=True, text=True, timeout=60
+    )
+    assert removed.returncode == 0, removed.stderr
+    assert removed.stdout.startswith("removed 1 tag, ")
+    assert all(f"blob {digest}" in removed.stdout for digest in pulled_blobs(tmp_path / "cold"))
+
+    registry.reset_requests()
+    pull(proxy, ref, tmp_path / "again")
+    assert pulled_blobs(tmp_path / "again") == pulled_blobs(tmp_path / "cold")
+    registry.settle()
+    assert {r.reference for r in registry.blob_gets()} == pulled_blobs(tmp_path / "cold"), "fetched from upstream again"

@@ -382,3 +382,30 @@ def test_help_prints_each_example_on_its_own_line(name):
 def test_stats_help_prints_its_examples_one_per_line():
     output = invoke("stats", "--help").output
     assert "\n  Examples:\n    hubcache stats\n    hubcache stats --json --cache-dir /var/cache/hubcache\n" in output
+
+
+def test_rm_says_what_went_and_names_what_is_not_cached(cache, single):
+    def tags() -> dict:
+        store = Store(cache)
+        try:
+            return {key: entry.digest for key, entry in store.tags()}
+        finally:
+            store.close()
+
+    before = tags()
+    dry = invoke("rm", "--dry-run", "--cache-dir", str(cache), "ghcr.io/org/single:1.0")
+    assert dry.exit_code == 0, dry.output
+    assert dry.output.startswith("would remove 1 tag, 1 manifest, ") and "  tag ghcr.io/org/single:1.0" in dry.output
+    assert tags() == before
+    done = invoke("rm", "--cache-dir", str(cache), "ghcr.io/org/single:1.0", "ghcr.io/org/absent:1")
+    assert done.exit_code == 1
+    assert done.output.startswith("removed 1 tag, 1 manifest, ")
+    assert "hubcache rm: ghcr.io/org/absent:1 is not in the cache" in done.output
+    assert list(tags()) == [("docker.io", "library/multi", "1")]
+    store = Store(cache)
+    try:
+        assert not any(store.has_blob(b.digest) for b in (single.platforms[0].config, *single.platforms[0].layers))
+    finally:
+        store.close()
+    bad = invoke("rm", "--cache-dir", str(cache), "Not An Image")
+    assert bad.exit_code == 2 and "Traceback" not in bad.output

@@ -11,7 +11,8 @@ from mitmproxy.test import taddons
 
 from hubcache.recording import Recording, image_from_store
 from hubcache.store import BlobEntry, Store
-from hubcache.upkeep import Upkeep, choose, parse_size, prune, verify
+from hubcache.protocol import ImageReference
+from hubcache.upkeep import Upkeep, choose, parse_size, prune, remove, verify
 from support.addons import CacheAddons
 from support.fill import store_image
 from support.images import build_image
@@ -169,3 +170,55 @@ async def test_the_addon_evicts_with_its_options(upkeep, images, monkeypatch):
     monkeypatch.setattr("hubcache.upkeep.IN_USE", 0.0)
     result = await addon.evict()
     assert result.remaining <= 1_000_000 and result.blobs > 0
+
+
+def ref(text: str) -> ImageReference:
+    return ImageReference.parse(f"{REGISTRY}/{text}")
+
+
+def manifest_digests(image) -> set[str]:
+    return {image.top.digest, *(p.manifest.digest for p in image.platforms)}
+
+
+def test_rm_removes_the_image_and_nothing_else(store, images):
+    one, two = images
+    result = remove(store, store.directory, [ref("one:1")])
+    assert result.tags == [f"{REGISTRY}/one:1"] and result.missing == [] and result.kept == []
+    assert set(result.manifests) == manifest_digests(one) and set(result.blobs) == blob_digests(one)
+    assert result.bytes == sum(b.size for p in one.platforms for b in (p.config, *p.layers))
+    assert store.get_tag(REGISTRY, "one", "1") is None
+    assert not any(store.get_manifest(d) for d in manifest_digests(one))
+    assert not any(store.has_blob(d) for d in blob_digests(one))
+    assert store.get_tag(REGISTRY, "two", "1") is not None and all(store.has_blob(d) for d in blob_digests(two))
+
+
+def test_rm_keeps_what_another_tag_or_a_recording_needs(store, images):
+    one, two = images
+    store.set_tag(REGISTRY, "mirror-of-one", "1", one.top.digest)  # the same image under another name
+    result = remove(store, store.directory, [ref("one:1")])
+    assert result.tags == [f"{REGISTRY}/one:1"] and result.manifests == [] and result.blobs == []
+    assert set(result.kept) == manifest_digests(one)
+    assert all(store.has_blob(d) for d in blob_digests(one))
+
+    recording = Recording.open(store.directory, "lab")
+    recording.images["x"] = image_from_store(store, REGISTRY, "two", "1")
+    recording.save()
+    result = remove(store, store.directory, [ref("two:1")])
+    assert result.blobs == [] and set(result.kept) == manifest_digests(two)
+    assert all(store.has_blob(d) for d in blob_digests(two))
+
+
+def test_rm_by_digest_drops_every_tag_naming_it(store, images):
+    one, _ = images
+    store.set_tag(REGISTRY, "one", "latest", one.top.digest)
+    result = remove(store, store.directory, [ref(f"one@{one.top.digest}")])
+    assert result.tags == [f"{REGISTRY}/one:1", f"{REGISTRY}/one:latest"]
+    assert set(result.blobs) == blob_digests(one)
+
+
+def test_rm_dry_run_changes_nothing_and_a_missing_image_is_named(store, images):
+    one, _ = images
+    before = len(store.blob_entries())
+    result = remove(store, store.directory, [ref("one:1"), ref("nothing:1")], dry_run=True)
+    assert set(result.blobs) == blob_digests(one) and result.missing == [f"{REGISTRY}/nothing:1"]
+    assert len(store.blob_entries()) == before and store.get_tag(REGISTRY, "one", "1") is not None
