@@ -4,6 +4,7 @@ client without access, online (checked with upstream) or offline (refused unless
 from __future__ import annotations
 
 import hashlib
+import time
 
 import pytest
 
@@ -13,6 +14,7 @@ from support.registry import push
 
 HUB = "registry-1.docker.io"
 REPO = "library/secret"
+ALICE = ("alice", "s3cret")
 ACCEPT = "application/vnd.oci.image.index.v1+json, application/vnd.oci.image.manifest.v1+json"
 
 
@@ -104,3 +106,48 @@ def test_credentials_in_the_registry_settings_let_anonymous_clients_pull(hubcach
     layers = secret.platform("linux/amd64").layers
     assert {e["digest"] for e in proxy.journal() if e["outcome"] == "filled"} >= {layer.digest for layer in layers}
     assert "s3cret" not in proxy.log_text() and "s3cret" not in (proxy.cache_dir / "misses.jsonl").read_text()
+
+
+def test_upstreams_yes_is_remembered_for_access_check_seconds_and_asked_again_after(hubcache, dockerhub, secret):
+    """Within `access_check_seconds` of upstream's yes to a token, cached content is served to it
+    without asking upstream, even once upstream would refuse it; past that, upstream is asked again
+    and its no is what the client gets."""
+    window = 8
+    proxy = hubcache(access_check_seconds=window)
+    pull_as_alice(proxy, secret)
+    layer = secret.platform("linux/amd64").layers[0]
+    path = f"/v2/{REPO}/blobs/{layer.digest}"
+    dockerhub.token_ttl = 2
+    try:
+        alice = token(proxy, ALICE)  # a token upstream refuses after 2 s
+    finally:
+        dockerhub.token_ttl = 300
+    dockerhub.reset()
+
+    def checks() -> int:
+        """The access checks hubcache made upstream: HEADs of the blob with the client's token."""
+        return len([r for r in dockerhub.requests(kind="blob", method="HEAD") if r.path == path])
+
+    asked = time.monotonic()
+    assert get(proxy, path, alice).status == 200
+    granted = time.monotonic()  # upstream's yes came in between
+    assert checks() == 1
+    assert get(proxy, path, alice).status == 200 and checks() == 1
+
+    bearer = alice["Authorization"].removeprefix("Bearer ")
+    deadline = time.monotonic() + 30
+    while dockerhub.grants(bearer, REPO):
+        assert time.monotonic() < deadline, "the token never expired upstream"
+        time.sleep(0.1)
+    answer = get(proxy, path, alice)
+    assert time.monotonic() < asked + window, "the machine stalled past the window: nothing learnt"
+    assert answer.status == 200 and checks() == 1, "upstream's yes was not remembered"
+
+    while time.monotonic() <= granted + window:  # the yes is older than access_check_seconds now
+        time.sleep(0.1)
+    answer = get(proxy, path, alice)
+    assert checks() == 2, "upstream was not asked again"
+    assert answer.status == 401 and answer.json()["errors"][0]["code"] == "UNAUTHORIZED"
+    # A token upstream accepts is served again, after its own check.
+    assert get(proxy, path, token(proxy, ALICE)).status == 200 and checks() == 3
+    assert dockerhub.requests(kind="cdn") == [], "every answer came from the cache"

@@ -281,6 +281,12 @@ class DockerHubDouble:
                 result[r.kind] = result.get(r.kind, 0) + 1
         return result
 
+    def grants(self, token: str, repository: str) -> bool:
+        """Whether ``token`` (from the token service) lets its bearer pull ``repository`` now:
+        false once it has expired (``token_ttl``)."""
+        grant = self._grant(token)
+        return grant is not None and repository in grant.repos
+
     @property
     def manifest_gets(self) -> int:
         """Manifest GETs counted against the rate limit so far (those answered 429 excluded)."""
