@@ -39,7 +39,8 @@ What the double guarantees (see registry-wire-facts.md for why each matters):
   records whether they did).
 
 Every request is recorded (`RequestRecord`) for assertions; faults are explicit, one-shot switches
-(`fail_next`, `hang_next`, `truncate_cdn_after`, `stall_cdn_after`, `corrupt_cdn`), all off by default.
+(`fail_next`, `hang_next`, `truncate_cdn_after`, `stall_cdn_after`, `corrupt_cdn`,
+`corrupt_manifests`), all off by default.
 """
 
 from __future__ import annotations
@@ -204,6 +205,7 @@ class DockerHubDouble:
         self._truncate: collections.deque[int] = collections.deque()
         self._corrupt = 0
         self._stall: collections.deque[int] = collections.deque()
+        self._corrupt_manifests = 0
 
         self._stopping = threading.Event()
         self._released = threading.Event()  # set to end the hangs under way (by reset and stop)
@@ -311,6 +313,7 @@ class DockerHubDouble:
             self._truncate.clear()
             self._corrupt = 0
             self._stall.clear()
+            self._corrupt_manifests = 0
         self.resume_cdn()
 
     # ------------------------------------------------------------------------------------- faults
@@ -353,6 +356,13 @@ class DockerHubDouble:
         with self._lock:
             self._resumed.set()
             self._resumed = threading.Event()
+
+    def corrupt_manifests(self, count: int = 1) -> None:
+        """Change one byte of the next ``count`` manifest GETs answered 200 (its first space
+        becomes a tab: still JSON, same length), so the body no longer matches its digest, while
+        ``Docker-Content-Digest`` and the other headers still name the right one."""
+        with self._lock:
+            self._corrupt_manifests += count
 
     def corrupt_cdn(self, count: int = 1) -> None:
         """Flip the first body byte of the next ``count`` CDN blob GETs (200 or 206) so the bytes
@@ -404,6 +414,13 @@ class DockerHubDouble:
                 self._corrupt -= 1
             stall = self._stall.popleft() if self._stall else None
             return truncate, corrupt, stall, self._resumed
+
+    def _take_manifest_fault(self) -> bool:
+        with self._lock:
+            corrupt = self._corrupt_manifests > 0
+            if corrupt:
+                self._corrupt_manifests -= 1
+            return corrupt
 
     def _take_pull(self) -> int | None:
         """Count one manifest GET; the remaining allowance, or None when over the limit."""
@@ -810,6 +827,9 @@ class _Handler(BaseHTTPRequestHandler):
             )
         finally:
             conn.close()
+        if self.command == "GET" and resp.status == 200 and self.hub._take_manifest_fault():
+            space = body.find(b" ")
+            body = body[:space] + b"\t" + body[space + 1 :] if space >= 0 else body[:-1] + bytes([body[-1] ^ 1])
         headers["Docker-Distribution-Api-Version"] = "registry/2.0"
         headers.update(self._ratelimit_headers(remaining))
         self._send(resp.status, body, headers)
