@@ -122,6 +122,9 @@ class BlobRequests:
     def _send(self, flow: http.HTTPFlow, route: Route, source: Source, fill: Fill | None = None) -> None:
         """Send the client to the blob server: for the blob in the store, or for the file of a
         fill in progress. `source` says where its bytes came from, for the pull log and metrics."""
+        if self.blobs.restarting:
+            answers.error(flow, 503, "UNAVAILABLE", "hubcache's blob server is starting again: retry in a moment")
+            return
         tag = self.pulls.transfer(flow, route, source)
         if fill is not None:
             assert fill.size is not None

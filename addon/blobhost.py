@@ -23,12 +23,14 @@ behind by any exit; the CA's key never leaves mitmproxy's confdir.
 
 from __future__ import annotations
 
+import asyncio
 import datetime
 import logging
 import os
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import IO
@@ -48,6 +50,7 @@ logger = logging.getLogger(__name__)
 
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
 CERT_DAYS = 397  # the longest life clients accept for a leaf certificate
+RESTART_PAUSE = 10.0  # seconds: a blob server that exits this soon after a restart waits this long for the next
 
 
 class BlobHost:
@@ -58,6 +61,9 @@ class BlobHost:
         self.tunnel_port: int | None = None  # the HTTPS listener behind a CONNECT
         self._proc: subprocess.Popen | None = None
         self._cache_dir: Path | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._restarted = -RESTART_PAUSE  # when the blob server was last started again (monotonic)
+        self._exited_proc: subprocess.Popen | None = None  # the server that exited, until restarted
         # Called with (tag, bytes) for every finished transfer, from the reader thread.
         self.on_sent: list[Callable[[str, int], None]] = []
 
@@ -71,6 +77,11 @@ class BlobHost:
             "(loopback when the proxy listens on loopback only).",
             choices=("auto", "loopback", "https"),
         )
+
+    @property
+    def restarting(self) -> bool:
+        """The blob server exited and is being started again."""
+        return self._exited_proc is not None
 
     def ports(self) -> list[int]:
         """The blob server's listening ports (for `Destinations`: never reachable through the proxy)."""
@@ -91,6 +102,7 @@ class BlobHost:
         return ctx.options.blob_urls == "loopback"
 
     def running(self) -> None:
+        self._loop = asyncio.get_running_loop()
         self._start()
 
     def configure(self, updated: set[str]) -> None:
@@ -136,6 +148,7 @@ class BlobHost:
 
     def _start(self) -> None:
         self._stop()
+        self._exited_proc = None
         self._cache_dir = self._wanted_dir().resolve()
         credentials = os.memfd_create("hubcache-blobhost")
         try:
@@ -164,15 +177,37 @@ class BlobHost:
         self.address = ("127.0.0.1", int(ports[0]))
         self.loopback_port = int(ports[1])
         self.tunnel_port = int(ports[2])
-        threading.Thread(target=self._read_reports, args=(self._proc.stdout,), daemon=True).start()
+        threading.Thread(target=self._read_reports, args=(self._proc, self._proc.stdout), daemon=True).start()
         logger.info(f"hubcache: blob server on 127.0.0.1:{ports[0]} (https) and :{ports[1]} (loopback http)")
 
-    def _read_reports(self, reports: IO[bytes]) -> None:
+    def _read_reports(self, proc: subprocess.Popen, reports: IO[bytes]) -> None:
         for line in reports:
             word, tag, sent = (line.decode().split() + ["", "", ""])[:3]
             if word == "sent" and sent.isdigit():
                 for listener in self.on_sent:
                     listener(tag, int(sent))
+        # Its output ended: the server exited. Unless the proxy stopped it, start it again.
+        if self._loop is not None and not self._loop.is_closed():
+            try:
+                self._loop.call_soon_threadsafe(self._exited, proc)
+            except RuntimeError:
+                pass  # the loop closed meanwhile: hubcache is exiting
+
+    def _exited(self, proc: subprocess.Popen) -> None:
+        if proc is not self._proc:
+            return  # stopped on purpose, or replaced already
+        status = proc.wait()
+        # One that dies again soon after it was started again waits a pause: no restart loop.
+        delay = 0.0 if time.monotonic() - self._restarted > RESTART_PAUSE else RESTART_PAUSE
+        logger.warning(f"hubcache: the blob server exited (status {status}); starting it again" + (f" in {delay:g}s" if delay else ""))
+        self._exited_proc = proc  # clients get a registry error meanwhile
+        assert self._loop
+        self._loop.call_later(delay, self._restart, proc)
+
+    def _restart(self, proc: subprocess.Popen) -> None:
+        if proc is self._proc:
+            self._restarted = time.monotonic()
+            self._start()
 
     def _stop(self) -> None:
         self.address = self.loopback_port = self.tunnel_port = None

@@ -175,9 +175,14 @@ class _Handler(BaseHTTPRequestHandler):
                 # Everything written so far, except the blob's last byte until the fill committed.
                 limit = min(end, os.fstat(fd).st_size, size - 1)
                 if position >= limit:
-                    if self.store.has_blob(digest):
-                        growing = False  # verified and committed: the file is whole
-                    elif os.fstat(fd).st_nlink == 0:
+                    if self.store.has_blob(digest) and (committed := self.store.open_blob(digest)):
+                        # Verified and committed: by this fill (its file moved there), or by
+                        # another proxy's fill of the same blob on this folder. The rest comes
+                        # from the store's copy, which is whole.
+                        with committed:
+                            self._copy(committed, digest, position, end, size, growing=False)
+                        return
+                    if os.fstat(fd).st_nlink == 0:
                         raise _Cut("the fill failed and was discarded")
                     else:
                         time.sleep(POLL)

@@ -7,8 +7,6 @@ import os
 import signal
 import time
 
-import pytest
-
 from support.clients import pull, pulled_blobs, skopeo_copy
 from support.registry import REGISTRY_NAME
 
@@ -27,11 +25,6 @@ def wait_until_exited(pid: int, timeout: float = 30) -> None:
         time.sleep(0.05)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="blobhost.py does not notice that its blob server exited: it keeps sending clients to the dead "
-    "server's port (connection refused), and every pull fails until the proxy restarts",
-)
 def test_a_pull_after_the_blob_server_died_succeeds(hubcache, registry, multi_image, tmp_path):
     ref = f"{REGISTRY_NAME}/test/multi:1"
     amd64 = multi_image.platform("linux/amd64")

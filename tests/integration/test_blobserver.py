@@ -43,7 +43,7 @@ class Blobs:
 
 
 @pytest.fixture
-def blobs(tmp_path):
+async def blobs(tmp_path):
     host = BlobHost()
     folder = CacheFolder()
     tlsconfig = TlsConfig()

@@ -15,8 +15,6 @@ import uuid
 from collections import Counter
 from pathlib import Path
 
-import pytest
-
 from support import proxied
 from support.clients import pull, pulled_blobs
 from support.images import ImageInfo, build_image
@@ -91,12 +89,6 @@ def read_rest(response: http.client.HTTPResponse, into: list[bytes | Exception])
         into.append(e)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="blobserver.py takes the digest appearing in the store for the end of the fill it streams: when "
-    "the other proxy commits the blob first, it sends the rest of its own, unfinished fill file as if whole "
-    "and cuts the transfer where that file ends",
-)
 def test_a_fill_the_other_proxy_finishes_first_still_reaches_its_client_whole(hubcache, registry, dockerhub, layouts, tmp_path):
     name, image = cold_image(registry, layouts, [8_000_000], prefix="library")
     layer = image.platforms[0].layers[0]

@@ -9,9 +9,9 @@ from mitmproxy import exceptions
 from mitmproxy.addons.proxyserver import Proxyserver
 from mitmproxy.test import taddons
 
+from hubcache.protocol import ImageReference
 from hubcache.recording import Recording, image_from_store
 from hubcache.store import BlobEntry, Store
-from hubcache.protocol import ImageReference
 from hubcache.upkeep import Upkeep, choose, parse_size, prune, remove, verify
 from support.addons import CacheAddons
 from support.fill import store_image
