@@ -224,6 +224,9 @@ class RegistryClient:
                 if e.code not in REDIRECTS or "Location" not in e.headers:
                     raise
                 url = urllib.parse.urljoin(url, e.headers["Location"])
+                if urllib.parse.urlsplit(url).scheme not in ("https", "http"):
+                    # urllib would open file:, ftp: and data: URLs too: a registry may not send us there.
+                    raise PrefetchError(f"refusing a redirect to {url[:200]!r}: not an http(s) URL") from None
                 if urllib.parse.urlsplit(url).hostname != origin:
                     headers = {k: v for k, v in headers.items() if k != "Authorization"}
         raise PrefetchError(f"too many redirects at {url}")
