@@ -11,6 +11,7 @@ from .fleet import Fleet
 from .hosts import Interception, Passthrough, UpstreamOverride
 from .manifest_requests import ManifestRequests
 from .metrics import Metrics
+from .mirror import Mirror, MirrorChallenges
 from .misses import Misses
 from .options import SharedOptions
 from .pulls import PullLog
@@ -45,6 +46,7 @@ def make_addons() -> list:
         out,
     )
     status = StatusPage(folder, metrics, pulls)
+    mirror = Mirror(interception, blobs)
     destinations.own_ports.append(status.ports)
     return [
         SharedOptions(),
@@ -52,6 +54,7 @@ def make_addons() -> list:
         destinations,
         Circuits(interception, metrics, out),
         interception,
+        mirror,
         override,
         UpstreamCredentials(interception),
         Passthrough(interception),
@@ -63,6 +66,7 @@ def make_addons() -> list:
         fleet,
         misses,
         cache,
+        MirrorChallenges(mirror),
         Recorder(interception, folder),
         Upkeep(folder),
         status,

@@ -20,12 +20,13 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 
-from mitmproxy import ctx, exceptions, http, tls
+from mitmproxy import connection, ctx, exceptions, http, tls
 from mitmproxy.addonmanager import Loader
 from mitmproxy.net.http import url
 from mitmproxy.proxy import server_hooks
 
 from . import registries, upstream
+from .flowdata import Mark
 from .registries import AUTH_HOSTS, DEFAULT_REGISTRIES, Settings
 
 logger = logging.getLogger(__name__)
@@ -39,6 +40,7 @@ class Interception:
         self.settings: dict[str, Settings] = {}  # by registry host
         self._registries: set[str] = set(DEFAULT_REGISTRIES)
         self._intercepted = self._registries | {AUTH_HOSTS[h] for h in self._registries if h in AUTH_HOSTS}
+        self.mirror_spec: str | None = None  # the mode of the mirror's listener (mirror.py), if any
 
     def load(self, loader: Loader) -> None:
         loader.add_option(
@@ -97,6 +99,10 @@ class Interception:
             return None
         if upstream.is_subrequest(flow):
             return host
+        if self.is_mirror(flow.client_conn):
+            # The mirror's listener names no destination: `Mirror` routed the request to the
+            # registry (or learned token realm) it is for, whatever the client wrote.
+            return host if flow.metadata.get(Mark.MIRROR) else None
         if (flow.client_conn.sni or "").lower() != host:
             return None
         claimed = request.host_header
@@ -108,6 +114,10 @@ class Interception:
             if claimed_host.lower() != host:
                 return None
         return host
+
+    def is_mirror(self, client: connection.Client) -> bool:
+        """Whether the client connected to the mirror's listener (mitmproxy says which)."""
+        return self.mirror_spec is not None and client.proxy_mode.full_spec == self.mirror_spec
 
     def registry(self, flow: http.HTTPFlow) -> str | None:
         """The registry API host this request verifiably goes to, or None."""
@@ -122,6 +132,8 @@ class Interception:
     def tls_clienthello(self, data: tls.ClientHelloData) -> None:
         # Intercept only TLS whose SNI names the host the tunnel goes to: a registry's name in the
         # SNI of a tunnel to elsewhere gets no certificate for that name from hubcache.
+        if self.is_mirror(data.context.client):
+            return  # the mirror's own TLS (mirror.py)
         sni = (data.client_hello.sni or "").lower()
         target = data.context.server.address[0].lower() if data.context.server.address else ""
         if not (sni and sni == target and self.intercepts(sni)):
