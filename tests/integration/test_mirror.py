@@ -5,10 +5,17 @@ registry."""
 
 from __future__ import annotations
 
+import base64
+import hashlib
+import http.client
+import http.server
 import json
+import os
+import shutil
 import socket
 import ssl
 import subprocess
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -16,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from support.clients import pulled_blobs
+from support.clients import Dockerd, pulled_blobs
 from support.procs import free_port
 from support.registry import REGISTRY_NAME, push
 
@@ -122,3 +129,205 @@ def test_skopeo_pulls_through_the_mirror_cold_then_warm_with_upstream_unreachabl
     assert f"Mirrors also failed: [{proxy.mirror}/library/absent:1" in missing.stderr, missing.stderr
     assert "502 Bad Gateway" in missing.stderr, missing.stderr
     assert any(e["repository"] == "library/absent" and e["outcome"].startswith("failed") for e in proxy.journal())
+
+
+# private images: the same rules as on the proxy path
+
+SECRET = "library/secret"
+ACCEPT = "application/vnd.oci.image.index.v1+json, application/vnd.oci.image.manifest.v1+json"
+
+
+@pytest.fixture
+def secret(registry, dockerhub, multi_image):
+    push(registry, f"{SECRET}:1", multi_image)
+    dockerhub.private_repos[SECRET] = ("alice", "s3cret")
+    yield multi_image
+    del dockerhub.private_repos[SECRET]
+
+
+def mirror_token(proxy, credentials: tuple[str, str] | None = None) -> dict[str, str]:
+    """A pull token the way a mirror client gets one: the realm of the mirror's own challenge."""
+    status, headers, _ = mirror_get(proxy, "/v2/")
+    assert status == 401, status
+    challenge = headers["www-authenticate"]
+    realm = challenge.split('realm="', 1)[1].split('"', 1)[0]
+    assert realm.startswith(f"https://{proxy.mirror}/hubcache/token/"), challenge
+    service = challenge.split('service="', 1)[1].split('"', 1)[0]
+    auth = {}
+    if credentials:
+        auth["Authorization"] = "Basic " + base64.b64encode(":".join(credentials).encode()).decode()
+    status, _, body = mirror_get(proxy, f"{realm.removeprefix(f'https://{proxy.mirror}')}?service={service}&scope=repository:{SECRET}:pull", auth)
+    assert status == 200, body
+    return {"Authorization": f"Bearer {json.loads(body)['token']}", "Accept": ACCEPT}
+
+
+def test_a_private_image_alice_filled_through_the_mirror_is_refused_to_anonymous_clients(hubcache, dockerhub, secret):
+    proxy = start_mirror(hubcache)
+    amd64 = secret.platform("linux/amd64")
+    paths = {
+        "tag": f"/v2/{SECRET}/manifests/1",
+        "manifest": f"/v2/{SECRET}/manifests/{amd64.manifest.digest}",
+        **{f"blob {b.digest[7:19]}": f"/v2/{SECRET}/blobs/{b.digest}" for b in (amd64.config, *amd64.layers)},
+    }
+    alice = mirror_token(proxy, ("alice", "s3cret"))
+    for what, path in paths.items():
+        status, _, body = mirror_get(proxy, path, alice)
+        assert status == 200, (what, status, body[:200])
+        if what.startswith("blob"):
+            assert hashlib.sha256(body).hexdigest() == path.rsplit(":", 1)[1]
+    assert amd64.layers[0].digest in {e["digest"] for e in proxy.journal() if e["outcome"] == "filled"}
+
+    anonymous = mirror_token(proxy)
+    for what, path in paths.items():
+        status, _, body = mirror_get(proxy, path, anonymous)
+        assert status in (401, 403, 404), (what, status)
+        assert json.loads(body)["errors"], what
+    for what, path in paths.items():  # no token at all
+        status, _, _ = mirror_get(proxy, path, {"Accept": ACCEPT})
+        assert status in (401, 403, 404), (what, status)
+
+
+def test_registry_settings_credentials_apply_to_mirror_clients_that_bring_none(hubcache, dockerhub, secret, tmp_path):
+    ref = f"docker://docker.io/{SECRET}:1"
+    plain = start_mirror(hubcache, workdir=tmp_path / "plain")
+    refused = skopeo_via_mirror(plain, ref, tmp_path / "refused", tmp_path / "c1")
+    assert refused.returncode != 0
+
+    secret_file = tmp_path / "dockerhub.credentials"
+    secret_file.write_text("alice:s3cret\n")
+    proxy = start_mirror(hubcache, workdir=tmp_path / "account", registry_settings=[f"registry-1.docker.io:credentials=@{secret_file}"])
+    pulled = skopeo_via_mirror(proxy, ref, tmp_path / "pulled", tmp_path / "c2")
+    assert pulled.returncode == 0, pulled.stderr
+    assert "s3cret" not in proxy.log_text()
+
+
+# attacks: the mirror relays to cached registries only
+
+
+class Hostile:
+    """A plain HTTP server on loopback that counts what reaches it."""
+
+    def __init__(self) -> None:
+        hits = self.hits = []
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                hits.append(self.path)
+                body = b'{"schemaVersion": 2}'
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            do_HEAD = do_GET
+
+            def log_message(self, *args) -> None:
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.port = self.server.server_address[1]
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+
+
+def raw_request(proxy, target: str, headers: dict[str, str], tls: bool = True) -> int:
+    host, _, port = proxy.mirror.rpartition(":")
+    if tls:
+        context = ssl.create_default_context(cafile=str(proxy.ca_cert))
+        conn = http.client.HTTPSConnection(host, int(port), context=context, timeout=30)
+    else:
+        conn = http.client.HTTPConnection(host, int(port), timeout=30)
+    conn.putrequest("GET", target, skip_host="Host" in headers, skip_accept_encoding=True)
+    for name, value in headers.items():
+        conn.putheader(name, value)
+    conn.endheaders()
+    status = conn.getresponse().status
+    conn.close()
+    return status
+
+
+def test_a_mirror_client_cannot_make_hubcache_relay_anywhere_but_a_cached_registry(hubcache, dockerhub, multi_image):
+    hostile = Hostile()
+    try:
+        proxy = start_mirror(hubcache, mirror_plain_http=True)
+        evil = f"127.0.0.1:{hostile.port}"
+        answers = {
+            "ns names the hostile server": raw_request(proxy, f"/v2/library/multi/manifests/1?ns={evil}", {}),
+            "ns names a host name": raw_request(proxy, "/v2/library/multi/manifests/1?ns=evil.example", {}),
+            "absolute form": raw_request(proxy, f"http://{evil}/v2/library/multi/manifests/1", {}),
+            "absolute form, plain": raw_request(proxy, f"http://{evil}/v2/library/multi/manifests/1", {}, tls=False),
+            "Host header": raw_request(proxy, "/v2/library/multi/manifests/1", {"Host": evil}),
+            "Host header, plain": raw_request(proxy, "/hubcache/x", {"Host": evil}, tls=False),
+            "token path to an unknown realm": raw_request(proxy, f"/hubcache/token/{evil}/token", {}),
+            "token path, absolute": raw_request(proxy, f"https://{evil}/hubcache/token/auth.docker.io/token", {}),
+            "not the registry API": raw_request(proxy, "/", {"Host": evil}),
+        }
+        assert hostile.hits == [], hostile.hits
+        for what in ("ns names the hostile server", "ns names a host name", "token path to an unknown realm", "not the registry API"):
+            assert answers[what] == 404, (what, answers[what])
+        # What went to a registry went to Docker Hub (the double), whatever the request named.
+        assert {r.host for r in dockerhub.requests()} <= {"registry-1.docker.io", "auth.docker.io", "production.cloudflare.docker.com"}
+    finally:
+        hostile.close()
+
+
+def test_plain_http_is_refused_unless_allowed(hubcache):
+    proxy = start_mirror(hubcache)
+    assert raw_request(proxy, "/v2/", {}, tls=False) == 400
+    assert raw_request(proxy, "/v2/", {}) in (200, 401)
+
+
+# dockerd with registry-mirrors
+
+
+class MirrorDockerd(Dockerd):
+    """dockerd with `registry-mirrors` in its daemon.json, no proxy, and hubcache's CA only in
+    /etc/docker/certs.d/HOST:PORT/ca.crt (dockerd reads that folder for the mirror's host)."""
+
+    def __init__(self, workdir: Path, mirror: str, ca_cert: Path) -> None:
+        super().__init__(workdir)
+        self.mirror_config = self.workdir / "mirror-daemon.json"
+        self.mirror_config.write_text(json.dumps({"registry-mirrors": [f"https://{mirror}"]}))
+        self.certs_d = Path("/etc/docker/certs.d") / mirror
+        self.certs_d.mkdir(parents=True, exist_ok=True)
+        (self.certs_d / "ca.crt").write_bytes(ca_cert.read_bytes())
+
+    def _argv(self) -> list[str]:
+        argv = super()._argv()
+        argv[argv.index("--config-file") + 1] = str(self.mirror_config)
+        return argv
+
+    def close(self) -> None:
+        super().close()
+        shutil.rmtree(self.certs_d, ignore_errors=True)
+
+
+@pytest.mark.dockerd
+@pytest.mark.skipif(os.geteuid() != 0, reason="dockerd needs root")
+def test_dockerd_pulls_through_registry_mirrors_and_keeps_pulling_with_upstream_unreachable(hubcache, dockerhub, multi_image, tmp_path):
+    proxy = start_mirror(hubcache)
+    amd64 = multi_image.platform("linux/amd64")
+    daemon = MirrorDockerd(tmp_path / "dockerd", proxy.mirror, proxy.ca_cert)
+    try:
+        daemon.start(None, None)
+        cold = daemon.pull("multi:1")
+        assert cold.returncode == 0, cold.stdout + cold.stderr
+        assert daemon.image_diff_ids("multi:1") == amd64.diff_ids
+        filled = {e["digest"] for e in proxy.journal() if e["kind"] == "blob" and e["outcome"] == "filled"}
+        assert filled == {amd64.config.digest, *(layer.digest for layer in amd64.layers)}
+
+        daemon.wipe()
+        go_offline(proxy)
+        daemon.start(None, None)
+        warm = daemon.pull("multi:1")
+        assert warm.returncode == 0, warm.stdout + warm.stderr
+        assert daemon.image_diff_ids("multi:1") == amd64.diff_ids
+        wait_for_log(proxy, "pull docker.io/library/multi:1 by 127.0.0.1: 4 blobs, 5.3 MB from cache, 0 B from upstream")
+
+        missing = daemon.pull("absent:1")
+        assert missing.returncode != 0
+        assert any(e["repository"] == "library/absent" for e in proxy.journal()), "the mirror was asked"
+    finally:
+        daemon.close()
