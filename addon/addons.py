@@ -14,6 +14,7 @@ from .metrics import Metrics
 from .mirror import Mirror, MirrorChallenges
 from .misses import Misses
 from .options import SharedOptions
+from .policy import ImagePolicy
 from .pulls import PullLog
 from .recorder import Recorder
 from .statuspage import StatusPage
@@ -64,6 +65,7 @@ def make_addons() -> list:
         metrics,
         pulls,
         fleet,
+        ImagePolicy(interception, folder, metrics),  # before the cache: a refused pull goes nowhere
         misses,
         cache,
         MirrorChallenges(mirror),

@@ -4,7 +4,7 @@ The data path, hook by hook:
 - request: only a request that verifiably goes to a registry (`Interception.registry`) is
   handled; a token request to its token host is relayed, or answered with a local token when the
   token host cannot answer. Then the route is parsed (protocol.py) and the request handed on:
-  manifests and tags to `ManifestRequests` (manifest_requests.py), blobs to `BlobRequests`
+  manifests, tags and referrers to `ManifestRequests` (manifest_requests.py), blobs to `BlobRequests`
   (blob_requests.py), the /v2/ version check answered here. What the store cannot answer goes
   upstream through `Misses` (misses.py) and is followed to the response hook.
 - responseheaders: the body of hubcache's own blob request goes into its fill; a blob passed
@@ -83,6 +83,8 @@ class RegistryCache:
             await self.manifests.handle(flow, route)
         elif route.kind is Kind.BLOB:
             await self.blobs.handle(flow, route)
+        elif route.kind is Kind.REFERRERS:
+            await self.manifests.referrers(flow, route)
 
     async def _ping(self, flow: http.HTTPFlow, route: Route) -> None:
         """Relay the version check, but answer it locally when upstream fails: clients ping

@@ -7,20 +7,25 @@ once verified.
   the last known digest is served (stale), so what the cache holds stays pullable.
 - Upstream's manifest is verified against the digest asked for (or the one upstream claims) and
   stored with its tag; then the repository's visibility is learned (access.py).
+- Referrers (OCI 1.1, `/v2/<name>/referrers/<digest>`): relayed, and what upstream lists is noted
+  with every stored manifest that names a subject, so that offline, or with upstream down, the
+  list comes from the cache (filtered by `artifactType` if asked, saying so). With nothing noted,
+  the answer is a 404, on which clients fall back to the tag schema (`sha256-<hex>.sig`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
 
 from mitmproxy import ctx, http
 
-from . import answers, circuits, protocol, upstream
+from . import answers, circuits, manifests, protocol, upstream
 from .access import Access, holds_local_token
 from .fleet import Fleet
-from .flowdata import Source
+from .flowdata import Mark, Source
 from .hosts import Interception
 from .metrics import Metrics
 from .misses import Misses, Pending
@@ -83,6 +88,39 @@ class ManifestRequests:
             await self._serve_stale(flow, route, cached, "no token from the registry's token service", logging.DEBUG)
             return
         await self._revalidate(flow, route, cached)
+
+    async def referrers(self, flow: http.HTTPFlow, route: Route) -> None:
+        """The manifests that name `route.reference` as their subject: upstream's list, else the
+        cache's."""
+        store = self.folder.store
+        assert store
+        reason = "offline" if ctx.options.offline else "no token from the registry's token service"
+        if not ctx.options.offline and not holds_local_token(flow):
+            try:
+                answer = upstream.available(await self.upstream.send(flow, flow.request.method, ctx.options.revalidate_timeout))
+            except upstream.UpstreamError as e:
+                reason = str(e)
+            else:
+                if answer.status_code == 200 and (listed := _listed(answer.content or b"")) is not None:
+                    await self.folder.note(store.add_referrers, route.registry, route.name, route.reference, listed)
+                flow.metadata[Mark.RELAYED] = True
+                flow.response = answer  # a 404: the registry has no referrers API (clients use tags)
+                return
+        known = await asyncio.to_thread(store.referrers, route.registry, route.name, route.reference)
+        if known is None:
+            answers.error(flow, 404, "MANIFEST_UNKNOWN", f"{route.registry}/{route.name}: no referrers of {route.reference} in the cache ({reason})")
+            return
+        if not await self.access.permit(flow, route, route.reference, store):
+            return
+        wanted = flow.request.query.get("artifactType")
+        listed = [d for d in known if not wanted or d.get("artifactType") == wanted]
+        body = protocol.referrers_index(listed)
+        headers = {**protocol.API_VERSION_HEADERS, "Content-Type": protocol.OCI_INDEX, "Content-Length": str(len(body))}
+        if wanted:
+            headers["OCI-Filters-Applied"] = "artifactType"
+        answers.answer(flow, 200, body if flow.request.method == "GET" else b"", headers)
+        self.metrics.hit("referrers")
+        logger.log(circuits.level(reason, logging.INFO), f"{route.registry}/{route.name}: referrers of {route.reference} from the cache ({reason})")
 
     async def _revalidate(self, flow: http.HTTPFlow, route: Route, cached: Manifest) -> None:
         """Ask upstream (HEAD) what the tag names now."""
@@ -199,6 +237,9 @@ class ManifestRequests:
             logger.warning(f"{route.image}: served but not cached: {e.strerror or e}")
             await self.folder.journal_miss(route, f"passed: not stored: {e.strerror or e}", digest=digest)
             return
+        if referrer := manifests.referrer(digest, media_type, body):
+            subject, entry = referrer
+            await self.folder.note(store.add_referrers, route.registry, route.name, subject, [entry])
         await self.folder.journal_miss(route, "filled", digest=digest, size=len(body))
         tag = None if route.by_digest else (route.registry, route.name, route.reference)
         self.fleet.publish_manifest(digest, media_type, body, tag)
@@ -224,3 +265,15 @@ class ManifestRequests:
             if answer.status_code in (401, 403):
                 return
             flow.response = answer
+
+
+def _listed(body: bytes) -> list[dict] | None:
+    """The descriptors of a referrers answer (an OCI index), each with a digest; None if it is not one."""
+    try:
+        document = json.loads(body)
+    except ValueError:
+        return None
+    entries = document.get("manifests") if isinstance(document, dict) else None
+    if not isinstance(entries, list) or not all(isinstance(e, dict) and protocol.DIGEST_RE.fullmatch(str(e.get("digest"))) for e in entries):
+        return None
+    return entries

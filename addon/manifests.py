@@ -79,3 +79,26 @@ def platform_name(platform: object) -> str:
         return ""
     parts = [platform.get("os"), platform.get("architecture"), platform.get("variant")]
     return "/".join(str(p) for p in parts if p)
+
+
+def referrer(digest: str, media_type: str, body: bytes) -> tuple[str, dict] | None:
+    """(subject digest, descriptor) when the manifest refers to a subject (OCI 1.1: a signature,
+    an SBOM, an attestation), as the referrers API lists it; None otherwise."""
+    try:
+        document = json.loads(body)
+    except ValueError:
+        return None
+    if not isinstance(document, dict) or not isinstance(subject := document.get("subject"), dict):
+        return None
+    try:
+        subject_digest = descriptor(subject).digest
+    except ManifestError:
+        return None
+    entry: dict = {"mediaType": media_type, "digest": digest, "size": len(body)}
+    config = document.get("config")
+    artifact_type = document.get("artifactType") or (config.get("mediaType") if isinstance(config, dict) else None)
+    if isinstance(artifact_type, str) and artifact_type:
+        entry["artifactType"] = artifact_type
+    if isinstance(annotations := document.get("annotations"), dict):
+        entry["annotations"] = {str(k): str(v) for k, v in annotations.items()}
+    return subject_digest, entry

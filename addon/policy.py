@@ -71,7 +71,7 @@ class ImagePolicy:
             route = protocol.parse_route(host, flow.request.path)
         except protocol.BadRequest:
             return  # the cache answers it
-        if route.kind not in (Kind.MANIFEST, Kind.BLOB) or (rule := self.refusal(route)) is None:
+        if route.kind not in (Kind.MANIFEST, Kind.BLOB, Kind.REFERRERS) or (rule := self.refusal(route)) is None:
             return
         logger.info(f"{route.image}: refused by {rule}")
         answers.error(flow, 403, "DENIED", f"{route.image} is refused by {rule}")

@@ -43,6 +43,7 @@ class Kind(Enum):
     PING = "ping"
     MANIFEST = "manifest"
     BLOB = "blob"
+    REFERRERS = "referrers"  # OCI 1.1: the manifests whose subject is a digest
     OTHER = "other"  # uploads, catalog, tags list, token endpoints: passed through untouched
 
 
@@ -88,7 +89,7 @@ def parse_route(host: str, path: str) -> Route:
     if not p.startswith("/v2/"):
         return Route(Kind.OTHER, registry)
     rest = p[len("/v2/") :]
-    for marker, kind in (("/manifests/", Kind.MANIFEST), ("/blobs/", Kind.BLOB)):
+    for marker, kind in (("/manifests/", Kind.MANIFEST), ("/blobs/", Kind.BLOB), ("/referrers/", Kind.REFERRERS)):
         name, sep, reference = rest.rpartition(marker)
         if not sep:
             continue
@@ -98,7 +99,7 @@ def parse_route(host: str, path: str) -> Route:
             continue  # e.g. a blob of repository "a/manifests/b"
         if not NAME_RE.fullmatch(name) or len(name) > MAX_NAME_LENGTH:
             raise BadRequest(400, "NAME_INVALID", f"invalid repository name {name!r}")
-        if kind is Kind.BLOB or ":" in reference:
+        if kind is not Kind.MANIFEST or ":" in reference:
             check_digest(reference)
         elif not TAG_RE.fullmatch(reference):
             raise BadRequest(400, "MANIFEST_INVALID", f"invalid tag {reference!r}")
@@ -242,6 +243,14 @@ def manifest_media_type(body: bytes, content_type: str) -> str:
     except (ValueError, AttributeError):
         declared = None
     return declared if isinstance(declared, str) and declared else ctype or "application/json"
+
+
+OCI_INDEX = "application/vnd.oci.image.index.v1+json"
+
+
+def referrers_index(descriptors: list[dict]) -> bytes:
+    """The answer of the referrers API: an OCI index of the referring manifests' descriptors."""
+    return json.dumps({"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": descriptors}, separators=(",", ":")).encode()
 
 
 def manifest_headers(digest: str, media_type: str, size: int) -> dict[str, str]:

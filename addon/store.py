@@ -287,6 +287,19 @@ class Store:
         value = self._lookup(self._cache.get, ("tag", registry, name, tag))
         return TagEntry(*value) if value else None
 
+    # Referrers (OCI 1.1): the manifests that name a subject, per repository
+
+    def add_referrers(self, registry: str, name: str, subject: str, descriptors: list[dict]) -> None:
+        """Note manifests whose subject is `subject` (descriptors as the referrers API lists them)."""
+        key = ("referrers", registry, name, subject)
+        known = {d["digest"]: d for d in self._cache.get(key) or []}
+        known.update({d["digest"]: d for d in descriptors})
+        self._cache.set(key, list(known.values()))
+
+    def referrers(self, registry: str, name: str, subject: str) -> list[dict] | None:
+        """The referrers of `subject` noted so far; None if none ever were."""
+        return self._lookup(self._cache.get, ("referrers", registry, name, subject))
+
     # Repositories: who may pull what (see access.py)
 
     def set_visibility(self, registry: str, name: str, public: bool) -> None:

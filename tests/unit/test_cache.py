@@ -6,7 +6,7 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import parse_qs, urlencode, urlsplit
 
 import pytest
 from mitmproxy import exceptions, http
@@ -1069,3 +1069,88 @@ class TestAccess:
         assert token.host_header == "auth.docker.io"
         assert anonymous.headers["authorization"] == "Bearer anon"
         assert env.store.linked("docker.io", "library/new", MANIFEST_DIGEST)
+
+
+SBOM_TYPE = "application/spdx+json"
+SIG_TYPE = "application/vnd.dev.cosign.artifact.sig.v1+json"
+
+
+def referring(artifact_type: str, subject: str = MANIFEST_DIGEST) -> bytes:
+    """An OCI 1.1 artifact manifest (an SBOM, a signature) that names `subject`."""
+    return json.dumps(
+        {
+            "schemaVersion": 2,
+            "mediaType": OCI_MANIFEST,
+            "artifactType": artifact_type,
+            "config": {"mediaType": "application/vnd.oci.empty.v1+json", "digest": digest_of(b"{}"), "size": 2},
+            "layers": [],
+            "subject": {"mediaType": OCI_INDEX, "digest": subject, "size": len(MANIFEST)},
+        }
+    ).encode()
+
+
+def referrers_path(subject: str = MANIFEST_DIGEST, query: str = "") -> str:
+    return f"/v2/{REPO}/referrers/{subject}" + (f"?{query}" if query else "")
+
+
+def index_of(*entries: tuple[str, bytes]) -> bytes:
+    return protocol.referrers_index(
+        [{"mediaType": OCI_MANIFEST, "digest": digest_of(body), "size": len(body), "artifactType": kind} for kind, body in entries]
+    )
+
+
+class TestReferrers:
+    async def test_upstreams_list_is_relayed_and_answers_offline_filtered_on_request(self, env):
+        listed = index_of((SBOM_TYPE, referring(SBOM_TYPE)), (SIG_TYPE, referring(SIG_TYPE)))
+        env.answers.append(manifest_response(200, listed, {"Content-Type": OCI_INDEX}))
+        f = flow(referrers_path())
+        await env.cache.request(f)
+        assert f.response.status_code == 200 and f.response.content == listed  # upstream's own answer
+        assert env.sent == [("GET", f"https://{HUB}{referrers_path()}")]
+
+        env.store.link("docker.io", REPO, MANIFEST_DIGEST)  # the subject was pulled through this repository
+        env.tctx.configure(env.cache, offline=True)
+        f = flow(referrers_path())
+        await env.cache.request(f)
+        assert f.response.status_code == 200 and f.response.headers["Content-Type"] == OCI_INDEX
+        assert [m["artifactType"] for m in json.loads(f.response.content)["manifests"]] == [SBOM_TYPE, SIG_TYPE]
+        assert "OCI-Filters-Applied" not in f.response.headers
+
+        f = flow(referrers_path(query=urlencode({"artifactType": SBOM_TYPE})))
+        await env.cache.request(f)
+        [only] = json.loads(f.response.content)["manifests"]
+        assert only["digest"] == digest_of(referring(SBOM_TYPE)) and f.response.headers["OCI-Filters-Applied"] == "artifactType"
+
+    async def test_a_stored_manifest_that_names_a_subject_is_listed_when_upstream_is_down(self, env):
+        sbom = referring(SBOM_TYPE)
+        await fill_manifest(env, digest_of(sbom), sbom, ctype=OCI_MANIFEST)
+        env.store.link("docker.io", REPO, MANIFEST_DIGEST)  # the subject was pulled through this repository
+        env.answers.append("connection refused")
+        f = flow(referrers_path())
+        await env.cache.request(f)
+        assert f.response.status_code == 200, f.response.content
+        [entry] = json.loads(f.response.content)["manifests"]
+        assert entry == {"mediaType": OCI_MANIFEST, "digest": digest_of(sbom), "size": len(sbom), "artifactType": SBOM_TYPE}
+
+    async def test_nothing_known_offline_is_a_404_so_clients_use_the_tag_schema(self, env):
+        env.tctx.configure(env.cache, offline=True)
+        f = flow(referrers_path())
+        await env.cache.request(f)
+        assert f.response.status_code == 404
+        assert json.loads(f.response.content)["errors"][0]["code"] == "MANIFEST_UNKNOWN"
+        assert env.sent == []
+
+    async def test_a_registry_without_the_api_answers_404_and_that_is_relayed(self, env):
+        env.answers.append(manifest_response(404, b'{"errors":[{"code":"NAME_UNKNOWN"}]}'))
+        f = flow(referrers_path())
+        await env.cache.request(f)
+        assert f.response.status_code == 404 and b"NAME_UNKNOWN" in f.response.content
+
+    async def test_a_private_repositorys_referrers_need_the_clients_access(self, env):
+        env.answers.append(manifest_response(200, index_of((SBOM_TYPE, referring(SBOM_TYPE))), {"Content-Type": OCI_INDEX}))
+        await env.cache.request(flow(referrers_path()))
+        env.store.set_visibility("docker.io", REPO, False)
+        env.answers += ["upstream down", "upstream down"]  # the list, then the access check
+        f = flow(referrers_path())
+        await env.cache.request(f)
+        assert f.response.status_code == 503, "private, and upstream cannot confirm this client"
