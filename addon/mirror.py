@@ -196,15 +196,21 @@ class Mirror:
     # TLS: the mirror's own certificate
 
     def tls_start_client(self, tls_start: tls.TlsData) -> None:
-        if not self.hosts.is_mirror(tls_start.context.client) or tls_start.ssl_conn is None:
+        if not self.hosts.is_mirror(tls_start.context.client):
             return
+        tlsconfig = ctx.master.addons.get("tlsconfig")
+        if tls_start.ssl_conn is None:
+            # Script addons run before mitmproxy's tlsconfig: let it build the connection (its
+            # versions, ciphers, ALPN), then present the mirror's certificate on it.
+            tlsconfig.tls_start_client(tls_start)
+        assert tls_start.ssl_conn is not None
         if self._own_cert:
             cert, key = self._own_cert
             tls_start.ssl_conn.use_certificate(cert)
             tls_start.ssl_conn.use_privatekey(key)  # type: ignore[arg-type]
             return
         if self._entry is None:
-            certstore = ctx.master.addons.get("tlsconfig").certstore
+            certstore = tlsconfig.certstore
             sans = self.names()
             self._entry = certstore.get_cert(str(sans[0].value), sans)
         tls_start.ssl_conn.use_certificate(self._entry.cert.to_cryptography())

@@ -38,15 +38,15 @@ def start_mirror(hubcache, **options):
     return proxy
 
 
-def cert_dir(proxy, tmp_path: Path) -> Path:
-    """A --src-cert-dir holding hubcache's CA: trusted for this client only."""
+def cert_dir(proxy, tmp_path: Path, ca_file: Path | None = None) -> Path:
+    """A --src-cert-dir holding hubcache's CA (or `ca_file`): trusted for this client only."""
     folder = tmp_path / "certs"
     folder.mkdir(exist_ok=True)
-    (folder / "ca.crt").write_bytes(proxy.ca_cert.read_bytes())
+    (folder / "ca.crt").write_bytes((ca_file or proxy.ca_cert).read_bytes())
     return folder
 
 
-def skopeo_via_mirror(proxy, ref: str, dest: Path, tmp_path: Path, mirror: str | None = None, **kwargs):
+def skopeo_via_mirror(proxy, ref: str, dest: Path, tmp_path: Path, mirror: str | None = None, ca_file: Path | None = None):
     """skopeo copy with a registries.conf that mirrors docker.io to hubcache's mirror (skopeo 1.9
     reads it from --registries-conf), no proxy, the CA only in --src-cert-dir."""
     home = tmp_path / "home"
@@ -62,10 +62,10 @@ def skopeo_via_mirror(proxy, ref: str, dest: Path, tmp_path: Path, mirror: str |
     argv = [
         "skopeo", "--registries-conf", str(conf), "--policy", str(policy),
         "--override-os", "linux", "--override-arch", "amd64",
-        "copy", "--src-cert-dir", str(cert_dir(proxy, tmp_path)), ref, f"dir:{dest}",
+        "copy", "--src-cert-dir", str(cert_dir(proxy, tmp_path, ca_file)), ref, f"dir:{dest}",
     ]
     dest.mkdir(parents=True, exist_ok=True)
-    return subprocess.run(argv, env=env, capture_output=True, text=True, timeout=300, check=False, **kwargs)
+    return subprocess.run(argv, env=env, capture_output=True, text=True, timeout=300, check=False)
 
 
 def go_offline(proxy) -> None:
@@ -279,6 +279,18 @@ def test_plain_http_is_refused_unless_allowed(hubcache):
     assert raw_request(proxy, "/v2/", {}) in (200, 401)
 
 
+def test_the_certificate_names_what_mirror_clients_dial_and_no_registry(hubcache):
+    proxy = start_mirror(hubcache, mirror_names=["mirror.example.internal"])
+    host, _, port = proxy.mirror.rpartition(":")
+    context = ssl.create_default_context(cafile=str(proxy.ca_cert))
+    for name in ("localhost", "127.0.0.1", "mirror.example.internal"):
+        with socket.create_connection((host, int(port)), timeout=10) as raw:
+            with context.wrap_socket(raw, server_hostname=name) as tls:
+                sans = {value for _, value in tls.getpeercert()["subjectAltName"]}
+    assert {"localhost", "127.0.0.1", "mirror.example.internal", socket.gethostname().lower()} <= sans
+    assert "registry-1.docker.io" not in sans, sans
+
+
 # dockerd with registry-mirrors
 
 
@@ -331,3 +343,17 @@ def test_dockerd_pulls_through_registry_mirrors_and_keeps_pulling_with_upstream_
         assert any(e["repository"] == "library/absent" for e in proxy.journal()), "the mirror was asked"
     finally:
         daemon.close()
+
+
+def test_the_operators_certificate_is_presented_instead(hubcache, ca, dockerhub, multi_image, tmp_path):
+    cert, key = ca.issue("mirror-operator", ["mirror.example.internal"])
+    proxy = start_mirror(hubcache, mirror_cert=str(cert), mirror_key=str(key))
+    host, _, port = proxy.mirror.rpartition(":")
+    context = ssl.create_default_context(cafile=str(ca.cert_path))  # the operator's CA, not hubcache's
+    with socket.create_connection((host, int(port)), timeout=10) as raw:
+        with context.wrap_socket(raw, server_hostname="mirror.example.internal") as tls:
+            sans = {value for _, value in tls.getpeercert()["subjectAltName"]}
+    assert sans == {"mirror.example.internal", "127.0.0.1"}
+    # A client that trusts only the operator's CA pulls.
+    pulled = skopeo_via_mirror(proxy, HUB_REF, tmp_path / "pulled", tmp_path, ca_file=ca.cert_path)
+    assert pulled.returncode == 0, pulled.stderr
