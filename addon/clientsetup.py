@@ -194,3 +194,73 @@ def systemd(hubcache: Path, listen_host: str, listen_port: int) -> Setup:
             "systemctl daemon-reload && systemctl enable --now hubcache",
         ],
     )
+
+
+# the mirror endpoint (`mirror_listen`): the engine's own mirror settings, the CA per host
+
+DOCKER_CERTS_DIR = Path("/etc/docker/certs.d")
+REGISTRIES_CONF_DROP_IN = Path("/etc/containers/registries.conf.d/hubcache-mirror.conf")
+
+
+def mirror_address(host: str, port: int) -> str:
+    """HOST:PORT as a client on this machine dials a mirror listening on host:port."""
+    if host in ("", "0.0.0.0", "::"):
+        host = "127.0.0.1"
+    elif ":" in host:
+        host = f"[{host}]"
+    return f"{host}:{port}"
+
+
+def dockerd_mirror(mirror: str, ca_cert: Path) -> Setup:
+    return Setup(
+        "dockerd: Docker Hub pulls go to hubcache's mirror endpoint (registry-mirrors).",
+        notes=[
+            "Merge this key into the object in /etc/docker/daemon.json (create the file if absent):",
+            f"  {json.dumps({'registry-mirrors': [f'https://{mirror}']})}",
+            f"The CA is trusted for the mirror's host only ({DOCKER_CERTS_DIR}/{mirror}/ca.crt): no system-wide CA.",
+            "dockerd uses registry-mirrors for Docker Hub images only; it reads daemon.json at start.",
+        ],
+        files=[ConfigFile(DOCKER_CERTS_DIR / mirror / "ca.crt", ca_cert.read_text())],
+        commands=["systemctl restart docker"],
+    )
+
+
+def containerd_mirror(mirror: str, ca_cert: Path, registries: list[str]) -> Setup:
+    files = []
+    for name in _registry_names(registries):
+        server = "https://registry-1.docker.io" if name == "docker.io" else f"https://{name}"
+        files.append(
+            ConfigFile(
+                CONTAINERD_HOSTS_DIR / name / "hosts.toml",
+                f'server = "{server}"\n\n[host."https://{mirror}"]\n  capabilities = ["pull", "resolve"]\n  ca = "{ca_cert}"\n',
+            )
+        )
+    return Setup(
+        "containerd: pulls of every cached registry go to hubcache's mirror endpoint (hosts.toml).",
+        notes=[
+            "containerd names the registry in each request to a mirror (?ns=ghcr.io), so one endpoint",
+            "serves them all. The CRI plugin reads these files once /etc/containerd/config.toml sets",
+            f'  config_path = "{CONTAINERD_HOSTS_DIR}" under [plugins."io.containerd.grpc.v1.cri".registry];',
+            f"ctr reads them with --hosts-dir {CONTAINERD_HOSTS_DIR}, e.g.",
+            f"  ctr image pull --hosts-dir {CONTAINERD_HOSTS_DIR} docker.io/library/alpine:3.20",
+        ],
+        files=files,
+        commands=["systemctl restart containerd"],
+    )
+
+
+def containers_mirror(client: str, mirror: str, ca_cert: Path) -> Setup:
+    return Setup(
+        f"{client}: Docker Hub pulls go to hubcache's mirror endpoint (registries.conf).",
+        notes=[
+            f"{client} sends a mirror no registry name, so the endpoint serves docker.io to it;",
+            "other registries go through the proxy (`hubcache setup " + client + "`).",
+        ],
+        files=[
+            ConfigFile(
+                REGISTRIES_CONF_DROP_IN,
+                f'[[registry]]\nprefix = "docker.io"\nlocation = "docker.io"\n\n[[registry.mirror]]\nlocation = "{mirror}"\n',
+            ),
+            ConfigFile(CONTAINERS_CERTS_DIR / mirror / "ca.crt", ca_cert.read_text()),
+        ],
+    )

@@ -81,9 +81,18 @@ def ca_command(confdir: Path, install: bool) -> None:
     type=click.Path(file_okay=False, path_type=Path),
     help="mitmproxy's confdir, as given to `hubcache run`: the CA is generated here if absent.",
 )
+@click.option("--mirror", is_flag=True, help="Point CLIENT at the mirror endpoint (mirror_listen) instead of the proxy.")
+@click.option("--mirror-listen", metavar="ADDRESS:PORT", help="hubcache's mirror_listen, if not the config file's.")
 @config_option
 def setup_command(
-    client: str, proxy: str | None, listen_host: str | None, listen_port: int | None, confdir: Path, config_file: Path | None
+    client: str,
+    proxy: str | None,
+    listen_host: str | None,
+    listen_port: int | None,
+    confdir: Path,
+    config_file: Path | None,
+    mirror: bool = False,
+    mirror_listen: str | None = None,
 ) -> None:
     """Print how to point CLIENT at this hubcache: every file to write, the environment and the
     commands, as a shell script to read (and run as root). For `systemd`: a unit file that runs
@@ -95,6 +104,7 @@ def setup_command(
       hubcache setup containerd --config /etc/hubcache/hubcache.yaml
       hubcache setup skopeo --proxy http://cache.example.internal:3128 --confdir /etc/hubcache
       hubcache setup systemd --listen-port 3128 > hubcache-setup.sh
+      hubcache setup dockerd --mirror --mirror-listen 127.0.0.1:5443
     """
     import sys
     from urllib.parse import urlsplit
@@ -111,6 +121,9 @@ def setup_command(
         port = listen_port or int(configured.get("listen_port", ["3128"])[-1])
     except ValueError:
         raise click.ClickException(f"{config_file}: listen_port is not a number") from None
+    if mirror:
+        _mirror_setup(client, mirror_listen or configured.get("mirror_listen", [""])[-1], confdir, configured)
+        return
     if client == "systemd":
         executable = Path(sys.executable).with_name("hubcache")
         click.echo(clientsetup.systemd(executable, host, port).text(), nl=False)
@@ -128,5 +141,29 @@ def setup_command(
         "containerd": lambda: clientsetup.containerd(proxy, ca_cert, registries),
         "podman": lambda: clientsetup.podman(proxy, ca_cert),
         "skopeo": lambda: clientsetup.skopeo(proxy, ca_cert),
+    }
+    click.echo(setups[client]().text(), nl=False)
+
+
+def _mirror_setup(client: str, listen: str, confdir: Path, configured: dict[str, list[str]]) -> None:
+    from .. import clientsetup
+    from ..mirror import parse_listen
+    from ..registries import DEFAULT_REGISTRIES
+
+    if client == "systemd":
+        raise click.BadParameter("--mirror is for dockerd, containerd, podman and skopeo", param_hint="--mirror")
+    if not listen:
+        raise click.ClickException("the mirror endpoint is off: give --mirror-listen ADDRESS:PORT (hubcache's mirror_listen)")
+    try:
+        address = clientsetup.mirror_address(*parse_listen(listen))
+    except ValueError:
+        raise click.BadParameter(f"{listen!r} is not ADDRESS:PORT", param_hint="--mirror-listen") from None
+    ca_cert = _ca(confdir)
+    registries = configured.get("registries") or list(DEFAULT_REGISTRIES)
+    setups = {
+        "dockerd": lambda: clientsetup.dockerd_mirror(address, ca_cert),
+        "containerd": lambda: clientsetup.containerd_mirror(address, ca_cert, registries),
+        "podman": lambda: clientsetup.containers_mirror("podman", address, ca_cert),
+        "skopeo": lambda: clientsetup.containers_mirror("skopeo", address, ca_cert),
     }
     click.echo(setups[client]().text(), nl=False)

@@ -15,8 +15,10 @@ import shutil
 import socket
 import ssl
 import subprocess
+import sys
 import threading
 import time
+import tomllib
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -24,10 +26,14 @@ from pathlib import Path
 import pytest
 
 from support.clients import Dockerd, pulled_blobs
+from support.containerd import Containerd
+from support.images import build_image
 from support.procs import free_port
 from support.registry import REGISTRY_NAME, push
+from support.setupscript import parse
 
 HUB_REF = "docker://docker.io/library/multi:1"
+HUBCACHE = Path(sys.executable).with_name("hubcache")
 
 
 def start_mirror(hubcache, **options):
@@ -357,3 +363,60 @@ def test_the_operators_certificate_is_presented_instead(hubcache, ca, dockerhub,
     # A client that trusts only the operator's CA pulls.
     pulled = skopeo_via_mirror(proxy, HUB_REF, tmp_path / "pulled", tmp_path, ca_file=ca.cert_path)
     assert pulled.returncode == 0, pulled.stderr
+
+
+# containerd's ctr with hosts.toml mirrors for two registries, as `hubcache setup containerd --mirror` prints them
+
+
+@pytest.fixture
+def containerd(tmp_path):
+    daemon = Containerd(tmp_path / "containerd")
+    yield daemon
+    daemon.close()
+
+
+@pytest.fixture(scope="module")
+def other_image(registry, layouts):
+    """An image of its own on the distribution registry (no blob shared with multi)."""
+    image = build_image(layouts / "mirror-other", "1", [1_000_000, 200_000], seed="mirror-other")
+    return push(registry, "test/other:1", image)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="containerd needs root")
+def test_ctr_pulls_two_registries_through_the_mirror_with_the_printed_hosts_toml(hubcache, dockerhub, registry, multi_image, other_image, containerd, tmp_path):
+    proxy = start_mirror(hubcache)
+    config = tmp_path / "hubcache.yaml"
+    config.write_text(f"registries: [registry-1.docker.io, index.docker.io, {REGISTRY_NAME}]\nmirror_listen: {proxy.mirror}\n")
+    printed = subprocess.run(
+        [HUBCACHE, "setup", "containerd", "--mirror", "--confdir", str(proxy.confdir), "--config", str(config)],
+        cwd=tmp_path, capture_output=True, text=True, timeout=60,
+    )
+    assert printed.returncode == 0, printed.stderr
+    script = parse(printed.stdout)
+    hosts = {Path(p).parent.name: tomllib.loads(text) for p, text in script.files.items() if p.endswith("hosts.toml")}
+    assert set(hosts) == {"docker.io", REGISTRY_NAME}
+    assert hosts[REGISTRY_NAME]["host"][f"https://{proxy.mirror}"]["ca"] == str(proxy.ca_cert)
+    root = tmp_path / "root"
+    script.write_files(root)
+    hosts_dir = root / "etc/containerd/certs.d"
+    refs = ["docker.io/library/multi:1", f"{REGISTRY_NAME}/test/other:1"]
+
+    def pull_all():
+        if not containerd.running():
+            containerd.start()
+        for ref in refs:
+            result = containerd.ctr(
+                "image", "pull", "--snapshotter", "native", "--platform", "linux/amd64", "--hosts-dir", str(hosts_dir), ref,
+            )
+            assert result.returncode == 0, result.stdout + result.stderr + proxy.log_text()[-3000:]
+
+    pull_all()
+    journal = proxy.journal()
+    for image, registry_name, repository in ((multi_image.platform("linux/amd64"), "docker.io", "library/multi"), (other_image.platforms[0], REGISTRY_NAME, "test/other")):
+        filled = {e["digest"] for e in journal if e["kind"] == "blob" and e["outcome"] == "filled" and e["registry"] == registry_name}
+        assert filled == {image.config.digest, *(layer.digest for layer in image.layers)}, repository
+        assert all(e["repository"] == repository for e in journal if e["registry"] == registry_name)
+
+    containerd.wipe()
+    go_offline(proxy)
+    pull_all()
