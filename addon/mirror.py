@@ -126,6 +126,11 @@ class Mirror:
                 ctx.options.mode = modes
             if listen:
                 logger.info(f"hubcache: registry mirror on {value} (https{' and http' if ctx.options.mirror_plain_http else ''})")
+            if listen and listen[0] not in LOOPBACK:
+                logger.warning(
+                    "hubcache: the mirror listens beyond loopback, but its blob redirects name this machine's "
+                    "loopback: clients on other machines get manifests, not blobs"
+                )
         if {"mirror_cert", "mirror_key"} & updated:
             self._own_cert = _read_cert(ctx.options.mirror_cert, ctx.options.mirror_key)
         if {"mirror_listen", "mirror_names"} & updated:
