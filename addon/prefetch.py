@@ -9,6 +9,7 @@ CA, `upstream_map`, `record`) applies unchanged. The client reads and discards t
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import re
 import ssl
@@ -26,6 +27,7 @@ from types import TracebackType
 from typing import IO, TYPE_CHECKING, Protocol
 
 from . import manifests
+from .logins import Logins
 from .protocol import (
     MANIFEST_MEDIA_TYPES,
     MAX_MANIFEST,
@@ -153,12 +155,13 @@ class _Started:
 
 
 class RegistryClient:
-    """Just enough of a registry client to pull through a proxy: anonymous Bearer tokens,
-    redirects (credentials are never sent to another host), streamed bodies."""
+    """Just enough of a registry client to pull through a proxy: Bearer tokens (anonymous, or
+    asked for with the image's login as Basic), Basic where the registry asks for it, redirects
+    (credentials are never sent to another host), streamed bodies."""
 
     ACCEPT = ", ".join(sorted(MANIFEST_MEDIA_TYPES))
 
-    def __init__(self, proxy_url: str, ca_file: Path, timeout: float = 60):
+    def __init__(self, proxy_url: str, ca_file: Path, timeout: float = 60, logins: Logins | None = None):
         context = ssl.create_default_context()
         context.load_verify_locations(cafile=str(ca_file))
         self._opener = urllib.request.build_opener(
@@ -168,7 +171,8 @@ class RegistryClient:
             _NoRedirects(),
         )
         self.timeout = timeout
-        self._tokens: dict[tuple[str, str], str] = {}
+        self.logins = logins or Logins()
+        self._tokens: dict[tuple[str, str], str] = {}  # (host, repository) -> Authorization
         self._lock = threading.Lock()
 
     def manifest(self, image: ImageReference, reference: str) -> tuple[str, bytes, str]:
@@ -207,11 +211,14 @@ class RegistryClient:
         try:
             return self._follow(url, {**headers, **self._auth(key)})
         except urllib.error.HTTPError as e:
-            raise PrefetchError(f"{image}: {_describe(e)}") from None
+            hint = ""
+            if e.code in (401, 403) and self.logins.find(image) is None:
+                hint = f"; no login for {image.registry} (--creds, --authfile, or the engine's login)"
+            raise PrefetchError(f"{image}: {_describe(e)}{hint}") from None
 
     def _auth(self, key: tuple[str, str]) -> dict[str, str]:
-        token = self._tokens.get(key)
-        return {"Authorization": f"Bearer {token}"} if token else {}
+        authorization = self._tokens.get(key)
+        return {"Authorization": authorization} if authorization else {}
 
     def _follow(self, url: str, headers: dict[str, str]) -> Response:
         """GET `url`, following up to 5 redirects; Authorization stays with the original host."""
@@ -232,19 +239,27 @@ class RegistryClient:
         raise PrefetchError(f"too many redirects at {url}")
 
     def _token(self, image: ImageReference, challenge: str) -> None:
+        """Answer the registry's challenge: a token from the realm it names (with the image's
+        login as Basic, if there is one), or the login itself when it asks for Basic."""
+        login = self.logins.find(image)
+        basic = {"Authorization": "Basic " + base64.b64encode(login.encode()).decode()} if login else {}
         url = token_request(challenge, image.repository)
         if url is None:
             scheme = challenge.partition(" ")[0] or "unknown"
-            raise PrefetchError(f"{image}: the registry wants {scheme} credentials; prefetch pulls anonymously")
+            if scheme.lower() == "basic" and basic:
+                with self._lock:
+                    self._tokens[(image.host, image.repository)] = basic["Authorization"]
+                return
+            raise PrefetchError(f"{image}: the registry wants {scheme} credentials and there is no login for {image.registry}")
         try:
-            with self._follow(url, {}) as r:
+            with self._follow(url, basic) as r:
                 token = token_of(r.read(1 << 20))
         except urllib.error.HTTPError as e:
             raise PrefetchError(f"{image}: token request refused: {_describe(e)}") from None
         if not token:
             raise PrefetchError(f"{image}: the token answer holds no token")
         with self._lock:
-            self._tokens[(image.host, image.repository)] = token
+            self._tokens[(image.host, image.repository)] = f"Bearer {token}"
 
 
 class _NoRedirects(urllib.request.HTTPRedirectHandler):

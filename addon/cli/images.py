@@ -4,6 +4,7 @@ cache), and `hubcache recordings` (the named sets of images that are carried).""
 
 from __future__ import annotations
 
+import contextlib
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -31,6 +32,19 @@ if TYPE_CHECKING:
     metavar="OS/ARCH[/VARIANT]",
     help="Only these platforms of a multi-platform image (repeatable)  [default: every platform]",
 )
+@click.option(
+    "--creds",
+    multiple=True,
+    metavar="[REGISTRY=]@FILE|env:NAME",
+    help="A login, USER:SECRET read from a file or an environment variable (never inline); "
+    "name the REGISTRY when the images are on several (repeatable)  [default: the engines' logins]",
+)
+@click.option(
+    "--authfile",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="podman/skopeo's auth.json to read logins from  [default: $XDG_RUNTIME_DIR/containers/auth.json, "
+    "~/.config/containers/auth.json, then ~/.docker/config.json]",
+)
 def prefetch(
     cache_dir: Path | None,
     config_file: Path | None,
@@ -39,6 +53,8 @@ def prefetch(
     settings: tuple[str, ...],
     images: tuple[str, ...],
     platforms: tuple[str, ...],
+    creds: tuple[str, ...],
+    authfile: Path | None,
 ) -> None:
     """Fill the cache with IMAGES from upstream, without any container engine.
 
@@ -46,15 +62,31 @@ def prefetch(
     (registries, upstream_map, upstream proxy, trusted CAs) apply. Prepare an air-gapped site with
     --record, then `hubcache export --recording NAME`.
 
+    Private images need a login: --creds, or the one `docker login` or `podman login` kept. It is
+    presented only to the registry's token service (or to the registry, when it asks for Basic).
+
     \b
     Examples:
       hubcache prefetch alpine:3.20 nginx
       hubcache prefetch --platform linux/amd64 --platform linux/arm64 ghcr.io/org/app:1.4
       hubcache prefetch --record lab python:3.12-slim postgres:16
+      hubcache prefetch --creds @~/.ghcr-token ghcr.io/org/private:2
     """
+    from .. import logins as lg
     from .. import prefetch as pf
     from ..progress import LayerBars, console
+    from ..protocol import ImageReference
 
+    parsed = []  # an image that does not parse is reported in the results
+    for text in images:
+        with contextlib.suppress(ValueError):
+            parsed.append(ImageReference.parse(text))
+    try:
+        logins = lg.load(list(creds), parsed, authfile)
+    except lg.LoginError as e:
+        raise click.ClickException(str(e)) from e
+    for note in dict.fromkeys(filter(None, map(logins.unsupported, parsed))):
+        click.echo(f"Warning: {note}", err=True)
     options = proxy_settings(cache_dir, config_file, confdir, record, settings)
     ca_cert = make_ca(confdir)
     results = []
@@ -62,7 +94,7 @@ def prefetch(
         with pf.LocalProxy(options) as proxy, LayerBars() as bars:
             if proxy.options.offline:
                 raise click.ClickException("prefetch fetches from upstream; it cannot run with offline=true")
-            client = pf.RegistryClient(proxy.url, ca_cert)
+            client = pf.RegistryClient(proxy.url, ca_cert, logins=logins)
             for image in images:
                 results.append(pf.prefetch(proxy, client, image, list(platforms), bars))
     except click.ClickException:

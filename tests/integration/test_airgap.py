@@ -23,8 +23,8 @@ HUB_REF = "docker.io/library/multi:1"
 REG_REF = f"{REGISTRY_NAME}/test/multi:1"
 
 
-def hubcache_cli(*args: str | Path, cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([str(HUBCACHE), *map(str, args)], cwd=cwd, capture_output=True, text=True, timeout=timeout)
+def hubcache_cli(*args: str | Path, cwd: Path, timeout: float = 300, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([str(HUBCACHE), *map(str, args)], cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env)
 
 
 def proxy_settings(ca, registry, dockerhub) -> list[str]:
