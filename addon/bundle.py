@@ -4,7 +4,11 @@ The file is a standard OCI image layout (`oci-layout`, `index.json`, `blobs/<alg
 skopeo, podman, crane and containerd read it too (`skopeo copy oci-archive:FILE:REF ...`). Each
 entry of `index.json` names its image in full (`registry/repository:tag`) in the annotations
 `org.opencontainers.image.ref.name` and `io.containerd.image.name`; the name of the recording it
-came from, if any, is the index's own annotation `io.hubcache.recording`.
+came from, if any, is the index's own annotation `io.hubcache.recording`. An image's referrers
+(signatures, SBOMs) are carried as blobs of the layout and listed in its entry's annotation
+`io.hubcache.referrers` (JSON: digest, mediaType, size, subject, and the tag-schema tag if any), so
+that import links them to their subject again: the referrers API lists them, and their tags
+resolve.
 
 Import is all-or-nothing: every blob is hashed and every manifest walked before anything is
 committed, so a corrupt or truncated file leaves the store as it was.
@@ -33,13 +37,14 @@ from .protocol import (
     hasher,
     manifest_media_type,
 )
-from .recording import Image, PlatformManifest, Recording, RecordingError
+from .recording import Image, PlatformManifest, Recording, RecordingError, Referrer, referrer_tag_subject
 from .store import BlobWriter, Store
 
 REF_NAME = "org.opencontainers.image.ref.name"
 CONTAINERD_NAME = "io.containerd.image.name"
 RECORDING = "io.hubcache.recording"
 PUBLIC = "io.hubcache.public"  # "false" for an image of a private repository
+REFERRERS = "io.hubcache.referrers"
 OCI_INDEX = "application/vnd.oci.image.index.v1+json"
 _BLOB_PATH = re.compile(r"blobs/(sha256|sha512)/([a-f0-9]+)")
 _REFERENCE = re.compile(r"(?P<registry>[^/]+)/(?P<repository>[^:@]+)(?::(?P<tag>[^@]+)|@(?P<digest>.+))")
@@ -128,12 +133,16 @@ def _top_descriptor(store: Store, image: Image) -> dict:
     manifest = store.get_manifest(image.digest)
     assert manifest is not None
     public = store.visibility(image.registry, image.repository) is not False
-    return {
-        "mediaType": manifest.media_type,
-        "digest": image.digest,
-        "size": len(manifest.body),
-        "annotations": {REF_NAME: image.name, CONTAINERD_NAME: image.name, PUBLIC: str(public).lower()},
-    }
+    annotations = {REF_NAME: image.name, CONTAINERD_NAME: image.name, PUBLIC: str(public).lower()}
+    if image.referrers:
+        listed = []
+        for r in image.referrers.values():
+            held = store.get_manifest(r.digest)
+            assert held is not None  # checked by _missing
+            entry = {"mediaType": r.media_type, "digest": r.digest, "size": len(held.body), "subject": r.subject}
+            listed.append({**entry, **({"tag": r.tag} if r.tag else {})})
+        annotations[REFERRERS] = json.dumps(listed, separators=(",", ":"))
+    return {"mediaType": manifest.media_type, "digest": image.digest, "size": len(manifest.body), "annotations": annotations}
 
 
 def _blob_name(digest: str) -> str:
@@ -269,6 +278,7 @@ class _BundleReader:
             annotations = entry.get("annotations") or {}
             name = annotations.get(CONTAINERD_NAME) or annotations.get(REF_NAME) or ""
             image = self._image(name, top)
+            self._referrers(image, annotations.get(REFERRERS))
             images.append(image)
             if annotations.get(PUBLIC) == "false":
                 self.private.add(image.name)
@@ -302,6 +312,30 @@ class _BundleReader:
         if not image.manifests:
             raise BundleError(f"{name}: none of its platform manifests is in the file")
         return image
+
+    def _referrers(self, image: Image, listed: str | None) -> None:
+        """Check the referrers an entry lists (each carried whole, naming one of the image's
+        manifests) and add them to `image`."""
+        if not listed:
+            return
+        try:
+            entries = json.loads(listed)
+            described = [(manifests.descriptor(e), str(e["subject"]), str(e.get("tag", ""))) for e in entries]
+        except (ValueError, TypeError, KeyError, AttributeError, manifests.ManifestError) as e:
+            raise BundleError(f"{image.name}: its {REFERRERS} annotation cannot be read ({e})") from None
+        for descriptor, subject, tag in described:
+            if subject not in image.subjects():
+                raise BundleError(f"{image.name}: referrer {descriptor.digest} names {subject}, not one of the image's manifests")
+            if tag and (referrer_tag_subject(tag) != subject or not TAG_RE.fullmatch(tag)):
+                raise BundleError(f"{image.name}: referrer {descriptor.digest} has the tag {tag!r}, not one of {subject}'s")
+            media_type, body = self._manifest(descriptor, image.name)
+            refs = self._references(image.name, body, media_type)
+            found = manifests.referrer(descriptor.digest, media_type, body)
+            if not tag and (found is None or found[0] != subject):
+                raise BundleError(f"{image.name}: manifest {descriptor.digest} does not name {subject} as its subject")
+            artifact_type = found[1].get("artifactType", "") if found else ""
+            blobs = self._blobs(image.name, refs)
+            image.referrers[descriptor.digest] = Referrer(descriptor.digest, media_type, subject, artifact_type, tag, blobs)
 
     def _manifest(self, descriptor: manifests.Descriptor, name: str) -> tuple[str, bytes]:
         body = self.documents.get(descriptor.digest)
@@ -366,7 +400,18 @@ class _BundleReader:
             if not DIGEST_RE.fullmatch(image.reference):
                 # Never confirmed by upstream here: online, the tag is revalidated on first use.
                 self.store.set_tag(image.registry, image.repository, image.reference, image.digest, checked=0)
+            for r in image.referrers.values():
+                if r.tag:
+                    self.store.set_tag(image.registry, image.repository, r.tag, r.digest, checked=0)
+                media_type, body = self.manifests.get(r.digest) or self._held(r.digest)
+                if found := manifests.referrer(r.digest, media_type, body):
+                    self.store.add_referrers(image.registry, image.repository, found[0], [found[1]])
         return summary
+
+    def _held(self, digest: str) -> tuple[str, bytes]:
+        held = self.store.get_manifest(digest)
+        assert held is not None  # walked before the commit
+        return held.media_type, held.body
 
     def discard(self) -> None:
         for writer in self.writers.values():

@@ -61,6 +61,10 @@ class PrefetchError(Exception):
     """One image could not be prefetched; the message is for an operator."""
 
 
+class NotFound(PrefetchError):
+    """The registry answered 404."""
+
+
 class PullProgress(Protocol):
     def start(self, key: str, label: str, total: int) -> None: ...
     def advance(self, key: str, n: int) -> None: ...
@@ -71,6 +75,7 @@ class Result:
     image: str
     digest: str = ""
     platforms: list[str] = field(default_factory=list)
+    referrers: int = 0  # signatures, SBOMs, attestations found and fetched
     fetched: int = 0  # blobs that went through the proxy into the store
     fetched_bytes: int = 0
     held: int = 0  # blobs the store had already
@@ -187,6 +192,19 @@ class RegistryClient:
             raise PrefetchError(f"{image}: manifest {reference} does not match its digest")
         return manifest_media_type(body, media_type), body, digest
 
+    def referrers(self, image: ImageReference, subject: str) -> list[manifests.Descriptor] | None:
+        """The manifests the registry's referrers API lists for `subject`; None when it has no
+        such API (404: then the tag schema is the way)."""
+        path = f"/v2/{image.repository}/referrers/{subject}"
+        try:
+            with self._get(image, path, {"Accept": "application/vnd.oci.image.index.v1+json"}) as r:
+                listed = json.loads(r.read(MAX_MANIFEST + 1)).get("manifests") or []
+            return [manifests.descriptor(d) for d in listed]
+        except NotFound:
+            return None
+        except (ValueError, AttributeError, TypeError, manifests.ManifestError) as e:
+            raise PrefetchError(f"{image}: the referrers of {subject} cannot be read ({e})") from None
+
     def blob(self, image: ImageReference, digest: str, progress: PullProgress) -> int:
         """Stream a blob through the proxy and discard it; returns its size once verified."""
         h, size = hasher(digest), 0
@@ -206,7 +224,7 @@ class RegistryClient:
             return self._follow(url, {**headers, **self._auth(key)})
         except urllib.error.HTTPError as e:
             if e.code != 401 or key in self._tokens:
-                raise PrefetchError(f"{image}: {_describe(e)}") from None
+                raise (NotFound if e.code == 404 else PrefetchError)(f"{image}: {_describe(e)}") from None
             self._token(image, e.headers.get("WWW-Authenticate", ""))
         try:
             return self._follow(url, {**headers, **self._auth(key)})
@@ -214,7 +232,7 @@ class RegistryClient:
             hint = ""
             if e.code in (401, 403) and self.logins.find(image) is None:
                 hint = f"; no login for {image.registry} (--creds, --authfile, or the engine's login)"
-            raise PrefetchError(f"{image}: {_describe(e)}{hint}") from None
+            raise (NotFound if e.code == 404 else PrefetchError)(f"{image}: {_describe(e)}{hint}") from None
 
     def _auth(self, key: tuple[str, str]) -> dict[str, str]:
         authorization = self._tokens.get(key)
@@ -289,8 +307,30 @@ def matches(platform: str, wanted: list[str]) -> bool:
     return any(platform == w or platform.startswith(f"{w}/") for w in wanted)
 
 
-def prefetch(proxy: LocalProxy, client: RegistryClient, text: str, platforms: list[str], progress: PullProgress) -> Result:
-    """Pull one image (the chosen platforms) through `proxy`, so that the cache holds all of it."""
+def find_referrers(client: RegistryClient, image: ImageReference, subjects: list[str]) -> list[tuple[str, bytes]]:
+    """(media type, body) of every referrer of `subjects` (the image's digest first), fetched
+    through the proxy: those the referrers API lists (a 404 means the registry has none), and the
+    tag schema's `sha256-<hex>.sig|.att|.sbom` tags of the image's own digest that exist (cosign
+    writes those by default, even where the API exists)."""
+    found: dict[str, tuple[str, bytes]] = {}
+    for subject in subjects:
+        for descriptor in client.referrers(image, subject) or []:
+            if descriptor.digest not in found:
+                found[descriptor.digest] = client.manifest(image, descriptor.digest)[:2]
+    for suffix in ("sig", "att", "sbom"):
+        try:
+            media_type, body, digest = client.manifest(image, f"{subjects[0].replace(':', '-')}.{suffix}")
+        except NotFound:
+            continue
+        found[digest] = (media_type, body)
+    return list(found.values())
+
+
+def prefetch(
+    proxy: LocalProxy, client: RegistryClient, text: str, platforms: list[str], progress: PullProgress, referrers: bool = True
+) -> Result:
+    """Pull one image (the chosen platforms, and its referrers unless told not to) through
+    `proxy`, so that the cache holds all of it."""
     result = Result(text)
     try:
         image = ImageReference.parse(text)
@@ -314,6 +354,14 @@ def prefetch(proxy: LocalProxy, client: RegistryClient, text: str, platforms: li
             result.platforms.append(platform or "(single)")
             for blob in _references(image, child_body, child_type).blobs:
                 blobs[blob.digest] = blob.size
+        if referrers:
+            subjects = [result.digest, *(c.digest for c in children)] if manifests.is_index(media_type) else [result.digest]
+            found = find_referrers(client, image, subjects)
+            result.referrers = len(found)
+            for referrer_type, referrer_body in found:
+                if not manifests.is_index(referrer_type):
+                    for blob in _references(image, referrer_body, referrer_type).blobs:
+                        blobs[blob.digest] = blob.size
         store = proxy.folder.store
         missing = {d: s for d, s in blobs.items() if not store.has_blob(d)}
         result.held = len(blobs) - len(missing)

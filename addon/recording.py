@@ -1,7 +1,9 @@
 """Recordings: what a set of pulls needed, by digest, kept as a readable YAML file (a lock file for images).
 
 A recording maps each image reference to the digest it resolved to, the platform manifests that
-were pulled, and their config and layer blobs. Files live in `<cache_dir>/recordings/<name>.yaml`.
+were pulled, and their config and layer blobs, and the image's referrers that were pulled
+(signatures, SBOMs, attestations: found by the referrers API, or by a tag of cosign's tag schema
+`sha256-<hex>.sig|.att|.sbom`), each with its subject and blobs. Files live in `<cache_dir>/recordings/<name>.yaml`.
 Nothing here knows HTTP; the `Recorder` addon feeds it what the cache served.
 """
 
@@ -22,6 +24,7 @@ from .protocol import DIGEST_RE
 from .store import Store
 
 RECORDING_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
+REFERRER_TAG_RE = re.compile(r"(?P<algorithm>sha256|sha512)-(?P<hex>[a-f0-9]+)\.(?:sig|att|sbom)")
 FORMAT = "hubcache-recording/v1"
 
 
@@ -38,6 +41,24 @@ class PlatformManifest:
 
 
 @dataclass
+class Referrer:
+    """A manifest that refers to an image (or one of its platforms): a signature, an SBOM."""
+
+    digest: str
+    media_type: str
+    subject: str  # the digest of the manifest it refers to
+    artifact_type: str = ""
+    tag: str = ""  # the tag-schema tag it was found by; "" when listed by the referrers API
+    blobs: list[Descriptor] = field(default_factory=list)
+
+
+def referrer_tag_subject(tag: str) -> str | None:
+    """The digest a tag of the tag schema (`sha256-<hex>.sig`) refers to; None for another tag."""
+    match = REFERRER_TAG_RE.fullmatch(tag)
+    return f"{match['algorithm']}:{match['hex']}" if match else None
+
+
+@dataclass
 class Image:
     """An image reference and everything a pull of it needed."""
 
@@ -47,6 +68,7 @@ class Image:
     digest: str
     media_type: str
     manifests: dict[str, PlatformManifest] = field(default_factory=dict)
+    referrers: dict[str, Referrer] = field(default_factory=dict)
 
     @property
     def name(self) -> str:
@@ -58,10 +80,17 @@ class Image:
         return manifests.is_index(self.media_type)
 
     def blobs(self) -> dict[str, int]:
-        return {b.digest: b.size for m in self.manifests.values() for b in m.blobs}
+        """The blobs of its platforms and of its referrers."""
+        lists = [m.blobs for m in self.manifests.values()] + [r.blobs for r in self.referrers.values()]
+        return {b.digest: b.size for blobs in lists for b in blobs}
 
     def manifest_digests(self) -> list[str]:
-        return [self.digest, *(d for d in self.manifests if d != self.digest)]
+        """Its own manifests, then its referrers'."""
+        return [self.digest, *(d for d in self.manifests if d != self.digest), *self.referrers]
+
+    def subjects(self) -> set[str]:
+        """The digests a referrer of this image may name: the image's and its platforms'."""
+        return {self.digest, *self.manifests}
 
 
 def recordings_dir(cache_dir: str | os.PathLike) -> Path:
@@ -115,6 +144,11 @@ class Recording:
                 for m in entry.get("manifests") or []:
                     blobs = [Descriptor(b["digest"], int(b["size"]), b.get("media_type", "")) for b in m["blobs"]]
                     image.manifests[m["digest"]] = PlatformManifest(m["digest"], m["media_type"], m.get("platform", ""), blobs)
+                for r in entry.get("referrers") or []:
+                    blobs = [Descriptor(b["digest"], int(b["size"]), b.get("media_type", "")) for b in r["blobs"]]
+                    image.referrers[r["digest"]] = Referrer(
+                        r["digest"], r["media_type"], r["subject"], r.get("artifact_type", ""), r.get("tag", ""), blobs
+                    )
                 images[ref] = image
             return cls(data["name"], path, images, str(data.get("created", "")))
         except FileNotFoundError:
@@ -156,6 +190,8 @@ class Recording:
         image already recorded in this repository resolved to (dockerd resolves a tag with HEAD,
         then fetches by digest) or lists as a platform belongs to that image; anything else is an
         image of its own. Returns whether the recording changed."""
+        if (owner := self._subject_of(store, registry, repository, reference, digest, media_type, body)) is not None:
+            return owner
         blobs: list[Descriptor] = []
         if body is not None and not manifests.is_index(media_type):
             try:
@@ -184,6 +220,36 @@ class Recording:
         if body is not None and not image.is_index:
             image.manifests[digest] = PlatformManifest(digest, media_type, "", blobs)
         self.images[image.name] = image
+        return True
+
+    def _subject_of(
+        self, store: Store, registry: str, repository: str, reference: str, digest: str, media_type: str, body: bytes | None
+    ) -> bool | None:
+        """Note a referrer of an image already recorded here (a manifest naming its `subject`, or a
+        tag of the tag schema) on that image; None when the manifest is no such referrer."""
+        tag_subject = referrer_tag_subject(reference)
+        found = manifests.referrer(digest, media_type, body) if body is not None else None
+        subject = found[0] if found else tag_subject
+        if subject is None:
+            return None
+        owner = next(
+            (i for i in self.images.values() if (i.registry, i.repository) == (registry, repository) and subject in i.subjects()),
+            None,
+        )
+        if owner is None:
+            return None
+        if body is None:
+            return False  # a HEAD: the GET that follows brings the body
+        previous = owner.referrers.get(digest)
+        tag = reference if tag_subject else (previous.tag if previous else "")
+        if previous and previous.tag == tag:
+            return False
+        try:
+            blobs = [] if manifests.is_index(media_type) else list(manifests.references(body, media_type).blobs)
+        except manifests.ManifestError:
+            return False
+        artifact_type = found[1].get("artifactType", "") if found else ""
+        owner.referrers[digest] = Referrer(digest, media_type, subject, artifact_type, tag, blobs)
         return True
 
     def digests(self) -> set[str]:
@@ -226,7 +292,29 @@ def image_from_store(store: Store, registry: str, repository: str, reference: st
         if held is not None:
             blobs = manifests.references(held.body, held.media_type).blobs
             image.manifests[child.digest] = PlatformManifest(child.digest, held.media_type, child.platform, list(blobs))
+    for subject in sorted(image.subjects()):
+        for listed in store.referrers(registry, repository, subject) or []:
+            _referrer_from_store(store, image, subject, listed["digest"], "")
+        for suffix in ("sig", "att", "sbom"):
+            tag = f"{subject.replace(':', '-')}.{suffix}"
+            if (entry := store.get_tag(registry, repository, tag)) is not None:
+                _referrer_from_store(store, image, subject, entry.digest, tag)
     return image
+
+
+def _referrer_from_store(store: Store, image: Image, subject: str, digest: str, tag: str) -> None:
+    """Add the referrer `digest` of `image` as the store holds it (nothing if it holds none)."""
+    held = store.get_manifest(digest)
+    if held is None:
+        return
+    try:
+        blobs = [] if manifests.is_index(held.media_type) else list(manifests.references(held.body, held.media_type).blobs)
+    except manifests.ManifestError:
+        return
+    found = manifests.referrer(digest, held.media_type, held.body)
+    artifact_type = found[1].get("artifactType", "") if found else ""
+    previous = image.referrers.get(digest)
+    image.referrers[digest] = Referrer(digest, held.media_type, subject, artifact_type, tag or (previous.tag if previous else ""), blobs)
 
 
 def _child_platform(store: Store, index_digest: str, digest: str) -> str | None:
@@ -256,6 +344,18 @@ def _image_dict(image: Image) -> dict:
             }
             for m in image.manifests.values()
         ],
+        **({"referrers": [_referrer_dict(r) for r in image.referrers.values()]} if image.referrers else {}),
+    }
+
+
+def _referrer_dict(referrer: Referrer) -> dict:
+    return {
+        "digest": referrer.digest,
+        "subject": referrer.subject,
+        "media_type": referrer.media_type,
+        **({"artifact_type": referrer.artifact_type} if referrer.artifact_type else {}),
+        **({"tag": referrer.tag} if referrer.tag else {}),
+        "blobs": [{"digest": b.digest, "size": b.size, "media_type": b.media_type} for b in referrer.blobs],
     }
 
 

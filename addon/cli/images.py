@@ -45,6 +45,11 @@ if TYPE_CHECKING:
     help="podman/skopeo's auth.json to read logins from  [default: $XDG_RUNTIME_DIR/containers/auth.json, "
     "~/.config/containers/auth.json, then ~/.docker/config.json]",
 )
+@click.option(
+    "--no-referrers",
+    is_flag=True,
+    help="Skip the images' signatures, SBOMs and attestations (referrers API, else the tags sha256-<hex>.sig|.att|.sbom)",
+)
 def prefetch(
     cache_dir: Path | None,
     config_file: Path | None,
@@ -55,6 +60,7 @@ def prefetch(
     platforms: tuple[str, ...],
     creds: tuple[str, ...],
     authfile: Path | None,
+    no_referrers: bool,
 ) -> None:
     """Fill the cache with IMAGES from upstream, without any container engine.
 
@@ -96,7 +102,7 @@ def prefetch(
                 raise click.ClickException("prefetch fetches from upstream; it cannot run with offline=true")
             client = pf.RegistryClient(proxy.url, ca_cert, logins=logins)
             for image in images:
-                results.append(pf.prefetch(proxy, client, image, list(platforms), bars))
+                results.append(pf.prefetch(proxy, client, image, list(platforms), bars, referrers=not no_referrers))
     except click.ClickException:
         raise
     except Exception as e:  # mitmproxy's OptionsError, or a proxy that could not start
@@ -114,13 +120,13 @@ def _prefetch_table(results: list[Result]) -> Table:
 
     from ..progress import size
 
-    table = Table("image", "digest", "platforms", "fetched", "already cached", title="prefetch")
+    table = Table("image", "digest", "platforms", "referrers", "fetched", "already cached", title="prefetch")
     for r in results:
         if r.error:
-            table.add_row(r.image, "[red]failed[/red]", "", "", "")
+            table.add_row(r.image, "[red]failed[/red]", "", "", "", "")
         else:
             fetched = f"{r.fetched} blobs, {size(r.fetched_bytes)}"
-            table.add_row(r.image, r.digest[:19], ", ".join(r.platforms), fetched, f"{r.held} blobs")
+            table.add_row(r.image, r.digest[:19], ", ".join(r.platforms), str(r.referrers), fetched, f"{r.held} blobs")
     return table
 
 
@@ -243,11 +249,11 @@ def recordings(cache_dir: Path | None, config_file: Path | None, name: str | Non
             console.print(table if table.rows else f"no recordings in {folder}")
             return
         r = _recording(folder, name)
-        table = Table("image", "digest", "platforms", "blobs", "size", title=f"recording {name} ({r.path})")
+        table = Table("image", "digest", "platforms", "referrers", "blobs", "size", title=f"recording {name} ({r.path})")
         for ref, image in sorted(r.images.items()):
             platforms = ", ".join(m.platform or "(single)" for m in image.manifests.values())
             blobs = image.blobs()
-            table.add_row(ref, image.digest, platforms, str(len(blobs)), size(sum(blobs.values())))
+            table.add_row(ref, image.digest, platforms, str(len(image.referrers)), str(len(blobs)), size(sum(blobs.values())))
         console.print(table)
         missing = r.missing(store)
         state = f"{len(missing)} items missing from the cache:" if missing else "everything is in the cache"

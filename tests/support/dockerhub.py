@@ -85,6 +85,7 @@ KINDS: Final[tuple[str, ...]] = ("ping", "token", "manifest", "blob", "cdn", "ot
 _NAME = r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*(?:/[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*)*"
 _MANIFEST_RE: Final = re.compile(rf"^/v2/(?P<name>{_NAME})/manifests/(?P<ref>[^/]+)$")
 _BLOB_RE: Final = re.compile(rf"^/v2/(?P<name>{_NAME})/blobs/(?P<digest>[^/]+)$")
+_REFERRERS_RE: Final = re.compile(rf"^/v2/(?P<name>{_NAME})/referrers/(?P<digest>[^/]+)$")
 _SHA256_RE: Final = re.compile(r"^sha256:(?P<hex>[0-9a-f]{64})$")
 _CDN_RE: Final = re.compile(
     r"^/registry-v2/docker/registry/v2/blobs/sha256/"
@@ -189,6 +190,9 @@ class DockerHubDouble:
         self.token_ttl = token_ttl
         self.retry_after = retry_after
         self.private_repos: dict[str, tuple[str, str]] = dict(private_repos or {})
+        # The OCI 1.1 referrers API for the repositories named here: (repository, subject digest)
+        # -> the descriptors it lists. Other repositories answer 404, as Docker Hub does.
+        self.referrers: dict[tuple[str, str], list[dict[str, Any]]] = {}
         self._requested_port = port
 
         self._lock = threading.Lock()
@@ -636,6 +640,8 @@ class _Handler(BaseHTTPRequestHandler):
                 return "manifest"
             if _BLOB_RE.match(self._path):
                 return "blob"
+            if _REFERRERS_RE.match(self._path):
+                return "referrers"
         elif self._host == AUTH_HOST:
             if self._path == "/token":
                 return "token"
@@ -658,6 +664,10 @@ class _Handler(BaseHTTPRequestHandler):
                 m = _BLOB_RE.match(self._path)
                 assert m is not None
                 self._blob(m["name"], m["digest"])
+            elif kind == "referrers" and any(name == self._path.split("/referrers/")[0][4:] for name, _ in self.hub.referrers):
+                m = _REFERRERS_RE.match(self._path)
+                assert m is not None
+                self._referrers(m["name"], m["digest"])
             else:
                 self._registry_error(404, "NAME_UNKNOWN", "repository name not known to registry")
         elif self._host == AUTH_HOST:
@@ -833,6 +843,13 @@ class _Handler(BaseHTTPRequestHandler):
         headers["Docker-Distribution-Api-Version"] = "registry/2.0"
         headers.update(self._ratelimit_headers(remaining))
         self._send(resp.status, body, headers)
+
+    def _referrers(self, name: str, digest: str) -> None:
+        if not self._authorize(name):
+            return
+        listed = self.hub.referrers.get((name, digest), [])
+        index = {"schemaVersion": 2, "mediaType": "application/vnd.oci.image.index.v1+json", "manifests": listed}
+        self._send(200, json.dumps(index).encode(), {"Content-Type": "application/vnd.oci.image.index.v1+json"})
 
     def _blob(self, name: str, digest: str) -> None:
         if not self._authorize(name):

@@ -157,5 +157,5 @@ def test_without_a_login_the_token_request_is_anonymous_and_basic_is_refused(tmp
     with client(opener)._get(GHCR, "/v2/org/app/blobs/sha256:0", {}):
         pass
     assert opener.opened[1][1] is None
-    with pytest.raises(PrefetchError, match="no login for ghcr.io"):
+    with pytest.raises(PrefetchError, match=r"no login for ghcr\.io"):
         client(Registry('Basic realm="ghcr"'))._get(GHCR, "/v2/org/app/blobs/sha256:0", {})

@@ -131,3 +131,37 @@ def test_an_unreadable_file_is_one_clear_error(tmp_path):
     (tmp_path / "recordings" / "bad.yaml").write_text("images: [unclosed")
     with pytest.raises(RecordingError, match="not a readable recording"):
         Recording.open(tmp_path, "bad")
+
+
+def test_referrers_are_noted_on_their_image_and_survive_a_reload(tmp_path):
+    import hashlib
+    import json
+
+    from hubcache.store import Store
+
+    def digest(body: bytes) -> str:
+        return "sha256:" + hashlib.sha256(body).hexdigest()
+
+    layer = {"mediaType": "application/vnd.oci.image.layer.v1.tar", "digest": "sha256:" + "1" * 64, "size": 3}
+    config = {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": "sha256:" + "2" * 64, "size": 2}
+    oci = "application/vnd.oci.image.manifest.v1+json"
+    image = json.dumps({"schemaVersion": 2, "mediaType": oci, "config": config, "layers": [layer]}).encode()
+    sbom_layer = {"mediaType": "application/spdx+json", "digest": "sha256:" + "3" * 64, "size": 5}
+    subject = {"mediaType": oci, "digest": digest(image), "size": len(image)}
+    sbom = json.dumps({"schemaVersion": 2, "mediaType": oci, "artifactType": "application/spdx+json", "config": config,
+                       "layers": [sbom_layer], "subject": subject}).encode()
+    sig = json.dumps({"schemaVersion": 2, "mediaType": oci, "config": config, "layers": [layer]}).encode()
+    store = Store(tmp_path / "store")
+    recording = Recording.open(tmp_path, "lab")
+    assert recording.note_manifest(store, "docker.io", "library/app", "1", digest(image), oci, image)
+    assert recording.note_manifest(store, "docker.io", "library/app", digest(sbom), digest(sbom), oci, sbom)
+    sig_tag = digest(image).replace(":", "-") + ".sig"
+    assert recording.note_manifest(store, "docker.io", "library/app", sig_tag, digest(sig), oci, sig)
+    assert list(recording.images) == ["docker.io/library/app:1"], "referrers are no images of their own"
+    recording.save()
+    loaded = Recording.load(recording.path).images["docker.io/library/app:1"]
+    assert {r.digest: (r.subject, r.artifact_type, r.tag) for r in loaded.referrers.values()} == {
+        digest(sbom): (digest(image), "application/spdx+json", ""),
+        digest(sig): (digest(image), "", sig_tag),
+    }
+    assert sbom_layer["digest"] in loaded.blobs() and digest(sbom) in loaded.manifest_digests()
