@@ -59,6 +59,9 @@ class BlobHost:
         self.address: tuple[str, int] | None = None  # the HTTPS listener
         self.loopback_port: int | None = None  # the plain HTTP listener
         self.tunnel_port: int | None = None  # the HTTPS listener behind a CONNECT
+        self.mirror_port: int | None = None  # the HTTPS listener for a mirror's clients on other machines
+        # (address, PEM certificate and key) of that listener, set by the mirror when it needs one
+        self.mirror_tls: tuple[str, bytes] | None = None
         self._proc: subprocess.Popen | None = None
         self._cache_dir: Path | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -142,6 +145,11 @@ class BlobHost:
             data.server.address = self.address
             data.server.via = None  # loopback: never through an upstream proxy
 
+    def restart(self) -> None:
+        """Start the blob server again if it runs (its listeners changed: a mirror's)."""
+        if self._proc:
+            self._start()
+
     @staticmethod
     def _wanted_dir() -> Path:
         return Path(ctx.options.cache_dir).expanduser()
@@ -151,34 +159,38 @@ class BlobHost:
         self._exited_proc = None
         self._cache_dir = self._wanted_dir().resolve()
         credentials = os.memfd_create("hubcache-blobhost")
+        fds = [credentials]
         try:
             os.write(credentials, _certificate())
             env = {**os.environ, blobserver.SECRET_ENV: self.secret.hex()}
-            self._proc = subprocess.Popen(
-                [
-                    sys.executable, "-m", f"{__package__}.blobserver",
-                    "--cache-dir", str(self._cache_dir),
-                    "--credentials-fd", str(credentials),
-                    "--idle-timeout", str(ctx.options.client_idle_timeout),
-                ],
-                stdin=subprocess.PIPE,
-                stdout=subprocess.PIPE,
-                env=env,
-                pass_fds=(credentials,),
-            )
+            argv = [
+                sys.executable, "-m", f"{__package__}.blobserver",
+                "--cache-dir", str(self._cache_dir),
+                "--credentials-fd", str(credentials),
+                "--idle-timeout", str(ctx.options.client_idle_timeout),
+            ]
+            if self.mirror_tls:
+                address, pem = self.mirror_tls
+                fds.append(mirror := os.memfd_create("hubcache-mirror"))
+                os.write(mirror, pem)
+                argv += ["--mirror-address", address, "--mirror-credentials-fd", str(mirror)]
+            self._proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env, pass_fds=tuple(fds))
         finally:
-            os.close(credentials)
+            for fd in fds:
+                os.close(fd)
         assert self._proc.stdout
         ports = self._proc.stdout.readline().decode().split()
-        if len(ports) != 3 or not all(p.isdigit() for p in ports):
+        if len(ports) != 4 or not all(p.isdigit() for p in ports):
             self._stop()
             logger.error("hubcache: the blob server did not start; see its message above")
             return
         self.address = ("127.0.0.1", int(ports[0]))
         self.loopback_port = int(ports[1])
         self.tunnel_port = int(ports[2])
+        self.mirror_port = int(ports[3]) or None
         threading.Thread(target=self._read_reports, args=(self._proc, self._proc.stdout), daemon=True).start()
-        logger.info(f"hubcache: blob server on 127.0.0.1:{ports[0]} (https) and :{ports[1]} (loopback http)")
+        mirror = f" and {self.mirror_tls[0]}:{ports[3]} (https, for the mirror's clients)" if self.mirror_tls and self.mirror_port else ""
+        logger.info(f"hubcache: blob server on 127.0.0.1:{ports[0]} (https) and :{ports[1]} (loopback http){mirror}")
 
     def _read_reports(self, proc: subprocess.Popen, reports: IO[bytes]) -> None:
         for line in reports:
@@ -210,7 +222,7 @@ class BlobHost:
             self._start()
 
     def _stop(self) -> None:
-        self.address = self.loopback_port = self.tunnel_port = None
+        self.address = self.loopback_port = self.tunnel_port = self.mirror_port = None
         if self._proc:
             assert self._proc.stdin
             self._proc.stdin.close()  # the server exits at EOF

@@ -264,6 +264,8 @@ def main() -> None:
         "--credentials-fd", required=True, type=int, help="a file descriptor holding the PEM certificate and key for " + BLOB_HOST
     )
     parser.add_argument("--idle-timeout", type=float, default=60.0, help="seconds an idle connection is kept")
+    parser.add_argument("--mirror-address", help="also serve HTTPS on this address (a mirror's clients on other machines)")
+    parser.add_argument("--mirror-credentials-fd", type=int, help="a file descriptor holding the mirror's PEM certificate and key")
     args = parser.parse_args()
     secret = bytes.fromhex(os.environ.pop(SECRET_ENV))
     logging.basicConfig(level=logging.WARNING, format="hubcache blob server: %(message)s")
@@ -275,12 +277,20 @@ def main() -> None:
     tls = _TLSServer(("127.0.0.1", 0), handler, context)
     plain = _PlainServer(("127.0.0.1", 0), handler)
     tunnel = _TunnelServer(("127.0.0.1", 0), handler, context)
-    for server in (tls, plain, tunnel):
+    servers: list[_PlainServer] = [tls, plain, tunnel]
+    if args.mirror_address and args.mirror_credentials_fd is not None:
+        mirror_context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        mirror_context.load_cert_chain(f"/proc/self/fd/{args.mirror_credentials_fd}")
+        os.close(args.mirror_credentials_fd)
+        family = socket.AF_INET6 if ":" in args.mirror_address else socket.AF_INET
+        servers.append(type("_MirrorServer", (_TLSServer,), {"address_family": family})((args.mirror_address, 0), handler, mirror_context))
+    for server in servers:
         server.idle_timeout = args.idle_timeout
-    threading.Thread(target=plain.serve_forever, daemon=True).start()
-    threading.Thread(target=tunnel.serve_forever, daemon=True).start()
+    for server in servers[1:]:
+        threading.Thread(target=server.serve_forever, daemon=True).start()
     threading.Thread(target=_exit_with_parent, daemon=True).start()
-    print(tls.server_address[1], plain.server_address[1], tunnel.server_address[1], flush=True)
+    mirror_port = servers[3].server_address[1] if len(servers) > 3 else 0
+    print(tls.server_address[1], plain.server_address[1], tunnel.server_address[1], mirror_port, flush=True)
     tls.serve_forever()
 
 

@@ -22,7 +22,9 @@ are for:
   the listen address and `mirror_names`, issued from hubcache's CA; or the operator's
   (`mirror_cert`, `mirror_key`). Clients trust it per host (certs.d), not system-wide. Plain
   HTTP on the same port only with `mirror_plain_http`.
-- Blobs: the 307 to the blob server names its loopback URL when the mirror listens on loopback.
+- Blobs: the 307 to the blob server names its loopback URL when the mirror listens on loopback;
+  otherwise an HTTPS listener of the blob server on the mirror's address, with the mirror's
+  certificate, so clients on other machines fetch blobs off mitmproxy's data path too.
 """
 
 from __future__ import annotations
@@ -32,12 +34,14 @@ import logging
 import socket
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 from urllib.parse import quote, urlsplit
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from mitmproxy import certs, ctx, exceptions, http, tls
 from mitmproxy.addonmanager import Loader
+from mitmproxy.net import server_spec
 from mitmproxy.proxy import mode_specs
 
 from . import answers, protocol, upstream
@@ -74,8 +78,9 @@ class Mirror:
         self.blobs = blobs
         self.listen: tuple[str, int] | None = None
         self.realms: dict[tuple[str, int, str], str] = {}  # token realm (host, port, path) -> registry
-        self._own_cert: tuple[x509.Certificate, object] | None = None  # the operator's cert and key
+        self._own_cert: tuple[x509.Certificate, Any] | None = None  # the operator's cert and key
         self._entry: certs.CertStoreEntry | None = None
+        self._running = False
 
     def load(self, loader: Loader) -> None:
         loader.add_option(
@@ -115,7 +120,7 @@ class Mirror:
             try:
                 listen = parse_listen(value) if value else None
             except ValueError:
-                raise exceptions.OptionsError(f"mirror_listen: {value!r} is not ADDRESS:PORT (e.g. 127.0.0.1:5443)")
+                raise exceptions.OptionsError(f"mirror_listen: {value!r} is not ADDRESS:PORT (e.g. 127.0.0.1:5443)") from None
             old = self.hosts.mirror_spec
             self.listen = listen
             self.hosts.mirror_spec = spec(listen) if listen else None
@@ -126,15 +131,13 @@ class Mirror:
                 ctx.options.mode = modes
             if listen:
                 logger.info(f"hubcache: registry mirror on {value} (https{' and http' if ctx.options.mirror_plain_http else ''})")
-            if listen and listen[0] not in LOOPBACK:
-                logger.warning(
-                    "hubcache: the mirror listens beyond loopback, but its blob redirects name this machine's "
-                    "loopback: clients on other machines get manifests, not blobs"
-                )
         if {"mirror_cert", "mirror_key"} & updated:
             self._own_cert = _read_cert(ctx.options.mirror_cert, ctx.options.mirror_key)
         if {"mirror_listen", "mirror_names"} & updated:
             self._entry = None
+        if {"mirror_listen", "mirror_names", "mirror_cert", "mirror_key"} & updated and self._running:
+            self._blob_listener()
+            self.blobs.restart()
 
     async def running(self) -> None:
         # mitmproxy may have started its listeners from the modes before this addon added its
@@ -142,6 +145,20 @@ class Mirror:
         proxyserver = ctx.master.addons.get("proxyserver")
         if self.hosts.mirror_spec and proxyserver and not await proxyserver.setup_servers():
             logger.error(f"hubcache: the registry mirror cannot listen on {ctx.options.mirror_listen}")
+        self._running = True
+        self._blob_listener()  # before the blob server starts (BlobHost runs after this addon)
+
+    def _blob_listener(self) -> None:
+        """A mirror beyond loopback has clients on other machines: the blob server listens for
+        them on the mirror's address, with the mirror's certificate."""
+        if self.listen and self.listen[0] not in LOOPBACK:
+            cert, key = self._certificate()
+            pem = cert.public_bytes(serialization.Encoding.PEM) + key.private_bytes(
+                serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+            )
+            self.blobs.mirror_tls = (self.listen[0] or "0.0.0.0", pem)
+        else:
+            self.blobs.mirror_tls = None
 
     # which requests are the mirror's, and where they go
 
@@ -209,17 +226,18 @@ class Mirror:
             # versions, ciphers, ALPN), then present the mirror's certificate on it.
             tlsconfig.tls_start_client(tls_start)
         assert tls_start.ssl_conn is not None
+        cert, key = self._certificate()
+        tls_start.ssl_conn.use_certificate(cert)
+        tls_start.ssl_conn.use_privatekey(key)
+
+    def _certificate(self) -> tuple[x509.Certificate, Any]:
+        """The operator's certificate and key, else one issued from hubcache's CA for names()."""
         if self._own_cert:
-            cert, key = self._own_cert
-            tls_start.ssl_conn.use_certificate(cert)
-            tls_start.ssl_conn.use_privatekey(key)  # type: ignore[arg-type]
-            return
+            return self._own_cert
         if self._entry is None:
-            certstore = tlsconfig.certstore
             sans = self.names()
-            self._entry = certstore.get_cert(str(sans[0].value), sans)
-        tls_start.ssl_conn.use_certificate(self._entry.cert.to_cryptography())
-        tls_start.ssl_conn.use_privatekey(self._entry.privatekey)
+            self._entry = ctx.master.addons.get("tlsconfig").certstore.get_cert(str(sans[0].value), sans)
+        return self._entry.cert.to_cryptography(), self._entry.privatekey
 
     def names(self) -> list[x509.GeneralName]:
         """What the mirror's certificate names: what its clients may dial."""
@@ -257,10 +275,20 @@ class MirrorChallenges:
             return
         if response.status_code == 401 and (header := response.headers.get("www-authenticate")):
             response.headers["www-authenticate"] = self._challenge(flow, header, base)
-        elif response.status_code == 307 and (location := response.headers.get("location", "")).startswith(f"https://{BLOB_HOST}/"):
-            if self.mirror.listen and self.mirror.listen[0] in LOOPBACK and self.mirror.blobs.loopback_port:
-                path = location[len(f"https://{BLOB_HOST}") :]
-                response.headers["location"] = f"http://127.0.0.1:{self.mirror.blobs.loopback_port}{path}"
+        elif response.status_code == 307 and (path := self._blob_path(response.headers.get("location", ""))):
+            blobs = self.mirror.blobs
+            if self.mirror.listen and self.mirror.listen[0] in LOOPBACK and blobs.loopback_port:
+                response.headers["location"] = f"http://127.0.0.1:{blobs.loopback_port}{path}"
+            elif blobs.mirror_port:
+                host = urlsplit(base).netloc.rpartition(":")[0]  # as the client dialled the mirror
+                response.headers["location"] = f"https://{host}:{blobs.mirror_port}{path}"
+
+    def _blob_path(self, location: str) -> str:
+        """The signed path of a blob URL the cache wrote (either of the blob server's), or ''."""
+        for prefix in (f"https://{BLOB_HOST}", f"http://127.0.0.1:{self.mirror.blobs.loopback_port}"):
+            if location.startswith(prefix + "/blobs/"):
+                return location[len(prefix) :]
+        return ""
 
     def _challenge(self, flow: http.HTTPFlow, header: str, base: str) -> str:
         scheme, fields = protocol.challenge(header)
@@ -298,7 +326,7 @@ def base_url(flow: http.HTTPFlow) -> str:
     return f"{scheme}://{host}:{port}"
 
 
-def _upstream_proxy() -> tuple[str, tuple[str, int]] | None:
+def _upstream_proxy() -> server_spec.ServerSpec | None:
     """The upstream proxy of `--mode upstream:` (the first mode), which hubcache's own requests
     use too; the mirror's relayed requests go the same way."""
     modes = ctx.options.mode
@@ -309,7 +337,7 @@ def _upstream_proxy() -> tuple[str, tuple[str, int]] | None:
     return None
 
 
-def _read_cert(cert_file: str, key_file: str):
+def _read_cert(cert_file: str, key_file: str) -> tuple[x509.Certificate, Any] | None:
     if not cert_file and not key_file:
         return None
     if not (cert_file and key_file):
@@ -318,9 +346,9 @@ def _read_cert(cert_file: str, key_file: str):
         cert = x509.load_pem_x509_certificate(Path(cert_file).expanduser().read_bytes())
         key = serialization.load_pem_private_key(Path(key_file).expanduser().read_bytes(), password=None)
     except OSError as e:
-        raise exceptions.OptionsError(f"mirror_cert/mirror_key: cannot read {e.filename}: {e.strerror}")
+        raise exceptions.OptionsError(f"mirror_cert/mirror_key: cannot read {e.filename}: {e.strerror}") from e
     except ValueError as e:
-        raise exceptions.OptionsError(f"mirror_cert/mirror_key: not a PEM certificate and unencrypted key ({e})")
+        raise exceptions.OptionsError(f"mirror_cert/mirror_key: not a PEM certificate and unencrypted key ({e})") from e
     public = serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
     if cert.public_key().public_bytes(*public) != key.public_key().public_bytes(*public):
         raise exceptions.OptionsError(f"mirror_key: {key_file} is not the key of {cert_file}")

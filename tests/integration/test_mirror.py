@@ -22,6 +22,7 @@ import tomllib
 import urllib.error
 import urllib.request
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import pytest
 
@@ -151,7 +152,7 @@ def secret(registry, dockerhub, multi_image):
     del dockerhub.private_repos[SECRET]
 
 
-def mirror_token(proxy, credentials: tuple[str, str] | None = None) -> dict[str, str]:
+def mirror_token(proxy, credentials: tuple[str, str] | None = None, repository: str = SECRET) -> dict[str, str]:
     """A pull token the way a mirror client gets one: the realm of the mirror's own challenge."""
     status, headers, _ = mirror_get(proxy, "/v2/")
     assert status == 401, status
@@ -162,7 +163,7 @@ def mirror_token(proxy, credentials: tuple[str, str] | None = None) -> dict[str,
     auth = {}
     if credentials:
         auth["Authorization"] = "Basic " + base64.b64encode(":".join(credentials).encode()).decode()
-    status, _, body = mirror_get(proxy, f"{realm.removeprefix(f'https://{proxy.mirror}')}?service={service}&scope=repository:{SECRET}:pull", auth)
+    status, _, body = mirror_get(proxy, f"{realm.removeprefix(f'https://{proxy.mirror}')}?service={service}&scope=repository:{repository}:pull", auth)
     assert status == 200, body
     return {"Authorization": f"Bearer {json.loads(body)['token']}", "Accept": ACCEPT}
 
@@ -420,3 +421,25 @@ def test_ctr_pulls_two_registries_through_the_mirror_with_the_printed_hosts_toml
     containerd.wipe()
     go_offline(proxy)
     pull_all()
+
+
+def test_a_mirror_beyond_loopback_sends_blobs_from_the_blob_servers_listener_on_its_address(hubcache, dockerhub, multi_image, tmp_path):
+    # 127.0.0.2 stands for a network address: a client elsewhere cannot use this machine's 127.0.0.1.
+    port = free_port()
+    proxy = hubcache(mirror_listen=f"127.0.0.2:{port}")
+    proxy.mirror = f"127.0.0.2:{port}"
+    wait_for_mirror(proxy)
+    amd64 = multi_image.platform("linux/amd64")
+    context = ssl.create_default_context(cafile=str(proxy.ca_cert))
+    connection = http.client.HTTPSConnection("127.0.0.2", port, context=context, timeout=30)
+    connection.request("GET", f"/v2/library/multi/blobs/{amd64.layers[0].digest}", headers=mirror_token(proxy, repository="library/multi"))
+    answer = connection.getresponse()
+    answer.read()
+    connection.close()
+    assert answer.status == 307, answer.status
+    location = urlsplit(answer.headers["Location"])
+    assert (location.scheme, location.hostname) == ("https", "127.0.0.2") and location.port not in (None, port), location
+
+    pulled = skopeo_via_mirror(proxy, HUB_REF, tmp_path / "pulled", tmp_path)
+    assert pulled.returncode == 0, pulled.stderr
+    assert pulled_blobs(tmp_path / "pulled") == {amd64.config.digest, *(layer.digest for layer in amd64.layers)}
