@@ -78,8 +78,9 @@ def stats_command(cache_dir: Path | None, config_file: Path | None, as_json: boo
 @click.argument("pattern", required=False)
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON list (with every platform) instead of a table.")
 def ls_command(cache_dir: Path | None, config_file: Path | None, pattern: str | None, as_json: bool) -> None:
-    """List the cached images by registry, repository and tag: digest, platforms, the size of
-    what the cache holds of them (configs and layers) and when it was last used. PATTERN
+    """List the cached images by registry, repository and tag: digest, platforms, how many
+    referrers (signatures, SBOMs, attestations) are cached with them, the size of what the cache
+    holds of them (configs and layers) and when it was last used. PATTERN
     (shell-style) matches registry/repository:tag or registry/repository.
 
     \b
@@ -114,11 +115,13 @@ def ls_command(cache_dir: Path | None, config_file: Path | None, pattern: str | 
         return
     from rich.table import Table
 
-    table = Table("registry", "repository", "tag", "digest", "platforms", "size", "last use")
+    table = Table("registry", "repository", "tag", "digest", "platforms", "referrers", "size", "last use")
     for i in images:
         platforms = ", ".join(p["platform"] or "(single)" for p in i["platforms"]) or "(none cached)"
         shown = size(i["size"]) + ("" if i["complete"] else " (partial)")
-        table.add_row(i["registry"], i["repository"], i["tag"], i["digest"][:19], platforms, shown, _local(i["last_used"]))
+        table.add_row(
+            i["registry"], i["repository"], i["tag"], i["digest"][:19], platforms, str(i["referrers"]), shown, _local(i["last_used"])
+        )
     console.print(table)
 
 
@@ -147,6 +150,7 @@ def _listed_image(registry: str, repository: str, tag: str, digest: str, image: 
         "digest": digest,
         "media_type": image.media_type if image else None,
         "platforms": platforms,
+        "referrers": len(image.referrers) if image else 0,  # signatures, SBOMs, attestations cached with it
         "size": sum(sizes.values()),
         "complete": image is not None and bool(platforms) and not any(p["missing_blobs"] for p in platforms),
         "last_used": max(used, default=None),

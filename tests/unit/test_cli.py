@@ -18,6 +18,7 @@ from click.testing import CliRunner
 from hubcache import clientsetup
 from hubcache.cli import main
 from hubcache.cli.proxy import instructions
+from hubcache.protocol import digest_of
 from hubcache.recording import Recording
 from hubcache.store import Store
 from support.fill import store_image
@@ -409,3 +410,29 @@ def test_rm_says_what_went_and_names_what_is_not_cached(cache, single):
         store.close()
     bad = invoke("rm", "--cache-dir", str(cache), "Not An Image")
     assert bad.exit_code == 2 and "Traceback" not in bad.output
+
+
+def test_ls_counts_the_referrers_cached_with_an_image(cache, single):
+    subject = single.platforms[0].manifest
+    sbom = json.dumps(
+        {
+            "schemaVersion": 2,
+            "mediaType": "application/vnd.oci.image.manifest.v1+json",
+            "artifactType": "application/spdx+json",
+            "config": {"mediaType": "application/vnd.oci.empty.v1+json", "digest": "sha256:" + "4" * 64, "size": 2},
+            "layers": [],
+            "subject": {"mediaType": subject.media_type, "digest": subject.digest, "size": subject.size},
+        }
+    ).encode()
+    store = Store(cache)
+    try:
+        digest = digest_of(sbom)
+        store.put_manifest(digest, "application/vnd.oci.image.manifest.v1+json", sbom)
+        store.add_referrers("ghcr.io", "org/single", subject.digest, [{"digest": digest, "size": len(sbom)}])
+    finally:
+        store.close()
+    images = listed(cache)
+    assert images["ghcr.io/org/single:1.0"]["referrers"] == 1
+    assert images["docker.io/library/multi:1"]["referrers"] == 0
+    table = invoke("ls", "--cache-dir", str(cache))
+    assert "referrers" in table.output
