@@ -189,8 +189,8 @@ class BlobHost:
         self.tunnel_port = int(ports[2])
         self.mirror_port = int(ports[3]) or None
         threading.Thread(target=self._read_reports, args=(self._proc, self._proc.stdout), daemon=True).start()
-        mirror = f" and {self.mirror_tls[0]}:{ports[3]} (https, for the mirror's clients)" if self.mirror_tls and self.mirror_port else ""
-        logger.info(f"hubcache: blob server on 127.0.0.1:{ports[0]} (https) and :{ports[1]} (loopback http){mirror}")
+        for_mirror = f" and {self.mirror_tls[0]}:{ports[3]} (https, for the mirror's clients)" if self.mirror_tls and self.mirror_port else ""
+        logger.info(f"hubcache: blob server on 127.0.0.1:{ports[0]} (https) and :{ports[1]} (loopback http){for_mirror}")
 
     def _read_reports(self, proc: subprocess.Popen, reports: IO[bytes]) -> None:
         for line in reports:

@@ -93,16 +93,23 @@ def daemon_json_proxies(proxy: str) -> str:
     return json.dumps({"proxies": {"https-proxy": proxy}})
 
 
-def containerd(proxy: str, ca_cert: Path, registries: list[str]) -> Setup:
-    files = [_systemd_drop_in("containerd", proxy)]
+def _hosts_tomls(registries: list[str], ca_cert: Path, host: str = "") -> list[ConfigFile]:
+    """One containerd hosts.toml per cached registry: its pulls go to `host` (the registry itself
+    when empty), trusting hubcache's CA."""
+    files = []
     for name in _registry_names(registries):
         server = "https://registry-1.docker.io" if name == "docker.io" else f"https://{name}"
         files.append(
             ConfigFile(
                 CONTAINERD_HOSTS_DIR / name / "hosts.toml",
-                f'server = "{server}"\n\n[host."{server}"]\n  capabilities = ["pull", "resolve"]\n  ca = "{ca_cert}"\n',
+                f'server = "{server}"\n\n[host."{host or server}"]\n  capabilities = ["pull", "resolve"]\n  ca = "{ca_cert}"\n',
             )
         )
+    return files
+
+
+def containerd(proxy: str, ca_cert: Path, registries: list[str]) -> Setup:
+    files = [_systemd_drop_in("containerd", proxy), *_hosts_tomls(registries, ca_cert)]
     return Setup(
         "containerd: the daemon's pulls (kubelet, CRI) and ctr's own pulls go through hubcache.",
         notes=[
@@ -226,15 +233,7 @@ def dockerd_mirror(mirror: str, ca_cert: Path) -> Setup:
 
 
 def containerd_mirror(mirror: str, ca_cert: Path, registries: list[str]) -> Setup:
-    files = []
-    for name in _registry_names(registries):
-        server = "https://registry-1.docker.io" if name == "docker.io" else f"https://{name}"
-        files.append(
-            ConfigFile(
-                CONTAINERD_HOSTS_DIR / name / "hosts.toml",
-                f'server = "{server}"\n\n[host."https://{mirror}"]\n  capabilities = ["pull", "resolve"]\n  ca = "{ca_cert}"\n',
-            )
-        )
+    files = _hosts_tomls(registries, ca_cert, f"https://{mirror}")
     return Setup(
         "containerd: pulls of every cached registry go to hubcache's mirror endpoint (hosts.toml).",
         notes=[

@@ -21,14 +21,17 @@ def _ca(confdir: Path) -> Path:
         raise click.ClickException(f"cannot create the CA in {confdir}: {e.strerror or e}") from e
 
 
-@click.command("ca")
-@click.option(
+confdir_option = click.option(
     "--confdir",
     default="certs",
     show_default=True,
     type=click.Path(file_okay=False, path_type=Path),
     help="mitmproxy's confdir, as given to `hubcache run`: the CA is generated here if absent.",
 )
+
+
+@click.command("ca")
+@confdir_option
 @click.option("--install", is_flag=True, help="Add the CA to this machine's trust store (/usr/local/share/ca-certificates/hubcache.crt).")
 def ca_command(confdir: Path, install: bool) -> None:
     """Print the CA certificate clients must trust: its path (on stderr) and its PEM (on
@@ -74,13 +77,7 @@ def ca_command(confdir: Path, install: bool) -> None:
 @click.option("--proxy", metavar="URL", help="The proxy URL clients use  [default: from --listen-host/--listen-port]")
 @click.option("--listen-host", help="hubcache's --listen-host, if not the config file's or 127.0.0.1.")
 @click.option("--listen-port", type=int, help="hubcache's --listen-port, if not the config file's or 3128.")
-@click.option(
-    "--confdir",
-    default="certs",
-    show_default=True,
-    type=click.Path(file_okay=False, path_type=Path),
-    help="mitmproxy's confdir, as given to `hubcache run`: the CA is generated here if absent.",
-)
+@confdir_option
 @click.option("--mirror", is_flag=True, help="Point CLIENT at the mirror endpoint (mirror_listen) instead of the proxy.")
 @click.option("--mirror-listen", metavar="ADDRESS:PORT", help="hubcache's mirror_listen, if not the config file's.")
 @config_option

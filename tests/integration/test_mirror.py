@@ -291,9 +291,8 @@ def test_the_certificate_names_what_mirror_clients_dial_and_no_registry(hubcache
     host, _, port = proxy.mirror.rpartition(":")
     context = ssl.create_default_context(cafile=str(proxy.ca_cert))
     for name in ("localhost", "127.0.0.1", "mirror.example.internal"):
-        with socket.create_connection((host, int(port)), timeout=10) as raw:
-            with context.wrap_socket(raw, server_hostname=name) as tls:
-                sans = {value for _, value in tls.getpeercert()["subjectAltName"]}
+        with socket.create_connection((host, int(port)), timeout=10) as raw, context.wrap_socket(raw, server_hostname=name) as tls:
+            sans = {value for _, value in tls.getpeercert()["subjectAltName"]}
     assert {"localhost", "127.0.0.1", "mirror.example.internal", socket.gethostname().lower()} <= sans
     assert "registry-1.docker.io" not in sans, sans
 
@@ -357,9 +356,11 @@ def test_the_operators_certificate_is_presented_instead(hubcache, ca, dockerhub,
     proxy = start_mirror(hubcache, mirror_cert=str(cert), mirror_key=str(key))
     host, _, port = proxy.mirror.rpartition(":")
     context = ssl.create_default_context(cafile=str(ca.cert_path))  # the operator's CA, not hubcache's
-    with socket.create_connection((host, int(port)), timeout=10) as raw:
-        with context.wrap_socket(raw, server_hostname="mirror.example.internal") as tls:
-            sans = {value for _, value in tls.getpeercert()["subjectAltName"]}
+    with (
+        socket.create_connection((host, int(port)), timeout=10) as raw,
+        context.wrap_socket(raw, server_hostname="mirror.example.internal") as tls,
+    ):
+        sans = {value for _, value in tls.getpeercert()["subjectAltName"]}
     assert sans == {"mirror.example.internal", "127.0.0.1"}
     # A client that trusts only the operator's CA pulls.
     pulled = skopeo_via_mirror(proxy, HUB_REF, tmp_path / "pulled", tmp_path, ca_file=ca.cert_path)
