@@ -248,18 +248,20 @@ def containerd_mirror(mirror: str, ca_cert: Path, registries: list[str]) -> Setu
     )
 
 
-def containers_mirror(client: str, mirror: str, ca_cert: Path) -> Setup:
+def containers_mirror(client: str, mirror: str, ca_cert: Path, registries: list[str]) -> Setup:
+    entries = []
+    for name in _registry_names(registries):
+        # podman and skopeo name no registry to a mirror: a path after HOST:PORT does.
+        location = mirror if name == "docker.io" else f"{mirror}/{name}"
+        entries.append(f'[[registry]]\nprefix = "{name}"\nlocation = "{name}"\n\n[[registry.mirror]]\nlocation = "{location}"\n')
     return Setup(
-        f"{client}: Docker Hub pulls go to hubcache's mirror endpoint (registries.conf).",
+        f"{client}: pulls of every cached registry go to hubcache's mirror endpoint (registries.conf).",
         notes=[
-            f"{client} sends a mirror no registry name, so the endpoint serves docker.io to it;",
-            "other registries go through the proxy (`hubcache setup " + client + "`).",
+            f"{client} names no registry to a mirror; each mirror location below names it in its path",
+            "(HOST:PORT/ghcr.io), except Docker Hub's, which the endpoint serves by default.",
         ],
         files=[
-            ConfigFile(
-                REGISTRIES_CONF_DROP_IN,
-                f'[[registry]]\nprefix = "docker.io"\nlocation = "docker.io"\n\n[[registry.mirror]]\nlocation = "{mirror}"\n',
-            ),
+            ConfigFile(REGISTRIES_CONF_DROP_IN, "\n".join(entries)),
             ConfigFile(CONTAINERS_CERTS_DIR / mirror / "ca.crt", ca_cert.read_text()),
         ],
     )

@@ -10,9 +10,11 @@ are for:
 
 - A request is a mirror request because it came in on the mirror's listener
   (`client_conn.proxy_mode`, set by mitmproxy), never because of anything the client wrote.
-- The registry is Docker Hub, unless containerd's `?ns=REGISTRY` names another; only registries
-  hubcache caches (`registries`, `registry_settings`) are served, anything else is a registry
-  error, never a relay. The request then goes to that registry over https, port 443 (so
+- The registry is Docker Hub, unless containerd's `?ns=REGISTRY` names another, or (for podman
+  and skopeo, which name none) the path's first name is a registry's: a mirror location
+  `HOST:PORT/ghcr.io` makes requests `/v2/ghcr.io/...`. Only registries hubcache caches
+  (`registries`, `registry_settings`) are served, anything else is a registry error, never a
+  relay. The request then goes to that registry over https, port 443 (so
   `upstream_map` and the upstream proxy settings apply), whatever host, URL or `ns` it named.
 - Tokens: a registry's Bearer challenge sends clients to its token realm, which a mirror client
   may not reach. `MirrorChallenges` rewrites the realm to `/hubcache/token/HOST[:PORT]/PATH` on the
@@ -177,13 +179,17 @@ class Mirror:
             answers.error(flow, 404, "NAME_UNKNOWN", "this is a registry mirror: only /v2/ is served")
             return
         namespace = request.query.get("ns")
+        rest = None
+        if namespace is None and (prefix := _registry_prefix(path)):
+            # podman and skopeo name no registry: a mirror location HOST:PORT/REGISTRY does.
+            namespace, rest = prefix
         registry = self.registry_for(namespace)
         if registry is None:
             answers.error(flow, 404, "NAME_UNKNOWN", f"this mirror does not serve the registry {namespace!r}")
             return
         if "ns" in request.query:
             del request.query["ns"]
-        self._retarget(flow, registry, 443, None)
+        self._retarget(flow, registry, 443, rest)
 
     def registry_for(self, namespace: str | None) -> str | None:
         """The registry a mirror request is for: Docker Hub without `ns`, else the cached
@@ -307,6 +313,16 @@ class MirrorChallenges:
         authority = parts.hostname.lower() + ("" if port == 443 else f":{port}")
         local = f"{base}{TOKEN_PATH}{authority}{quote(parts.path or '/')}"
         return header.replace(f'realm="{realm}"', f'realm="{local}"', 1)
+
+
+def _registry_prefix(path: str) -> tuple[str, str] | None:
+    """(registry, the rest of the path) when the path's first name after /v2/ is a registry's:
+    it has a dot or a port, or is localhost (a repository's first component never does on
+    Docker Hub, which these requests would otherwise be for)."""
+    first, slash, rest = path.removeprefix("/v2/").partition("/")
+    if path.startswith("/v2/") and slash and rest and ("." in first or ":" in first or first == "localhost"):
+        return first, "/v2/" + rest
+    return None
 
 
 def spec(listen: tuple[str, int]) -> str:

@@ -160,7 +160,7 @@ def _mirror_setup(client: str, listen: str, confdir: Path, configured: dict[str,
     setups = {
         "dockerd": lambda: clientsetup.dockerd_mirror(address, ca_cert),
         "containerd": lambda: clientsetup.containerd_mirror(address, ca_cert, registries),
-        "podman": lambda: clientsetup.containers_mirror("podman", address, ca_cert),
-        "skopeo": lambda: clientsetup.containers_mirror("skopeo", address, ca_cert),
+        "podman": lambda: clientsetup.containers_mirror("podman", address, ca_cert, registries),
+        "skopeo": lambda: clientsetup.containers_mirror("skopeo", address, ca_cert, registries),
     }
     click.echo(setups[client]().text(), nl=False)

@@ -444,3 +444,36 @@ def test_a_mirror_beyond_loopback_sends_blobs_from_the_blob_servers_listener_on_
     pulled = skopeo_via_mirror(proxy, HUB_REF, tmp_path / "pulled", tmp_path)
     assert pulled.returncode == 0, pulled.stderr
     assert pulled_blobs(tmp_path / "pulled") == {amd64.config.digest, *(layer.digest for layer in amd64.layers)}
+
+
+def test_skopeo_pulls_another_registry_through_the_mirror_with_the_printed_registries_conf(hubcache, registry, multi_image, tmp_path):
+    proxy = start_mirror(hubcache)
+    config = tmp_path / "hubcache.yaml"
+    config.write_text(f"registries: [registry-1.docker.io, index.docker.io, {REGISTRY_NAME}]\nmirror_listen: {proxy.mirror}\n")
+    printed = subprocess.run(
+        [HUBCACHE, "setup", "skopeo", "--mirror", "--confdir", str(proxy.confdir), "--config", str(config)],
+        cwd=tmp_path, capture_output=True, text=True, timeout=60,
+    )
+    assert printed.returncode == 0, printed.stderr
+    [conf] = [text for path, text in parse(printed.stdout).files.items() if path.endswith("hubcache-mirror.conf")]
+    assert f'location = "{proxy.mirror}/{REGISTRY_NAME}"' in conf  # skopeo names no registry: the path does
+    (tmp_path / "printed.conf").write_text(conf)
+
+    # The registry's own name does not resolve here: only the mirror can serve this pull.
+    home = tmp_path / "home"
+    (home / "empty-certs").mkdir(parents=True)
+    policy = tmp_path / "policy.json"
+    policy.write_text(json.dumps({"default": [{"type": "insecureAcceptAnything"}]}))
+    pulled = subprocess.run(
+        [
+            "skopeo", "--registries-conf", str(tmp_path / "printed.conf"), "--policy", str(policy),
+            "--override-os", "linux", "--override-arch", "amd64", "copy", "--src-cert-dir", str(cert_dir(proxy, tmp_path)),
+            f"docker://{REGISTRY_NAME}/test/multi:1", f"dir:{tmp_path / 'pulled'}",
+        ],
+        env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "HOME": str(home), "SSL_CERT_DIR": str(home / "empty-certs")},
+        capture_output=True, text=True, timeout=300, check=False,
+    )
+    assert pulled.returncode == 0, pulled.stderr
+    amd64 = multi_image.platform("linux/amd64")
+    assert pulled_blobs(tmp_path / "pulled") == {amd64.config.digest, *(layer.digest for layer in amd64.layers)}
+    assert {e["repository"] for e in proxy.journal() if e["outcome"] == "filled"} == {"test/multi"}

@@ -94,6 +94,29 @@ class TestRegistry:
         assert flow.request.path == "/v2/org/app/manifests/1"
         assert mirror.hosts.registry(flow) == "ghcr.io"
 
+    def test_a_path_that_starts_with_a_registry_names_it(self, mirror):
+        # podman and skopeo name no registry: a mirror location HOST:PORT/ghcr.io does.
+        flow = mirror_flow("/v2/ghcr.io/org/app/manifests/1")
+        mirror.requestheaders(flow)
+        assert flow.response is None
+        assert (flow.request.host, flow.request.path) == ("ghcr.io", "/v2/org/app/manifests/1")
+        assert mirror.hosts.registry(flow) == "ghcr.io"
+        hub = mirror_flow("/v2/docker.io/library/alpine/manifests/3.20")
+        mirror.requestheaders(hub)
+        assert (hub.request.host, hub.request.path) == ("registry-1.docker.io", "/v2/library/alpine/manifests/3.20")
+
+    @pytest.mark.parametrize("first", ["evil.example", "127.0.0.1:8099", "localhost"])
+    def test_a_path_that_names_another_registry_is_an_error(self, mirror, first):
+        flow = mirror_flow(f"/v2/{first}/org/app/manifests/1")
+        mirror.requestheaders(flow)
+        assert flow.response.status_code == 404 and error_code(flow) == "NAME_UNKNOWN"
+        assert mirror.hosts.destination(flow) is None
+
+    def test_a_docker_hub_namespace_is_no_registry(self, mirror):
+        flow = mirror_flow("/v2/library/alpine/manifests/3.20")
+        mirror.requestheaders(flow)
+        assert flow.request.path == "/v2/library/alpine/manifests/3.20" and flow.request.host == "registry-1.docker.io"
+
     def test_docker_hub_by_default(self, mirror):
         flow = mirror_flow("/v2/library/alpine/manifests/3.20")
         mirror.requestheaders(flow)
