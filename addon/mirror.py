@@ -184,6 +184,9 @@ class Mirror:
             # podman and skopeo name no registry: a mirror location HOST:PORT/REGISTRY does.
             namespace, rest = prefix
         registry = self.registry_for(namespace)
+        if registry is None and namespace is None and path.rstrip("/") == "/v2":
+            answers.ping(flow)  # Docker Hub is not cached: the version check is this endpoint's own
+            return
         if registry is None:
             answers.error(flow, 404, "NAME_UNKNOWN", f"this mirror does not serve the registry {namespace!r}")
             return

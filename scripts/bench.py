@@ -1,7 +1,8 @@
-"""Pull benchmark: the same images pulled by skopeo and dockerd over six paths, side by side.
+"""Pull benchmark: the same images pulled by skopeo and dockerd over eight paths, side by side.
 
 Paths: straight from the upstream registry (`direct`); through plain mitmdump that only streams
-and routes (`mitmdump`: the floor of any mitmproxy addon); through hubcache, cold and warm; and
+and routes (`mitmdump`: the floor of any mitmproxy addon); through hubcache, cold and warm, as a
+proxy and as a registry mirror (`hubcache-mirror`, which clients reach directly); and
 through the distribution registry's own pull-through cache (`registry-proxy`, the seed system),
 cold and warm. Everything runs on loopback under a temporary folder and is stopped at the end.
 
@@ -51,6 +52,8 @@ CLIENTS = ("skopeo", "docker")
 RATIOS = (
     ("hubcache warm", "registry-proxy warm"),
     ("hubcache cold", "registry-proxy cold"),
+    ("hubcache-mirror warm", "registry-proxy warm"),
+    ("hubcache-mirror cold", "registry-proxy cold"),
     ("hubcache cold", "mitmdump"),
     ("hubcache warm", "mitmdump"),
 )
@@ -391,6 +394,29 @@ class HubcacheProxy(ServerWay):
         shutil.rmtree(self.server.cache_dir, ignore_errors=True)
 
 
+class HubcacheMirror(HubcacheProxy):
+    """hubcache's mirror endpoint, which clients reach directly as a registry: the first name of
+    the repository path names the registry it caches (127.0.0.1:PORT/registry.hubcache.test/...)."""
+
+    paths = ("hubcache-mirror cold", "hubcache-mirror warm")
+
+    def __init__(self, bench: Bench) -> None:
+        self.port = free_port()
+        options = {
+            "registries": [REGISTRY_NAME],
+            "upstream_map": [f"{REGISTRY_NAME}=127.0.0.1:{bench.upstream.port}"],
+            "mirror_listen": f"127.0.0.1:{self.port}",
+        }
+        self.server = Hubcache(bench.folder("hubcache-mirror"), bench.ca.cert_path, options)
+
+    def start(self) -> None:
+        self.server.start()
+        wait_for_port("127.0.0.1", self.port)
+
+    def route(self) -> Route:
+        return Route(f"127.0.0.1:{self.port}/{REGISTRY_NAME}", None, self.server.client_bundle)
+
+
 class RegistryProxy(ServerWay):
     """The distribution registry in proxy mode, a registry of its own that clients reach directly."""
 
@@ -427,6 +453,7 @@ WAYS: dict[str, type[Way]] = {
     "direct": Direct,
     "mitmdump": PlainMitmdump,
     "hubcache": HubcacheProxy,
+    "hubcache-mirror": HubcacheMirror,
     "registry-proxy": RegistryProxy,
 }
 

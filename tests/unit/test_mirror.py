@@ -184,3 +184,11 @@ class TestTokens:
         flow = mirror_flow(path)
         mirror.requestheaders(flow)
         assert flow.response.status_code == 404
+
+
+def test_without_docker_hub_the_version_check_is_the_mirrors_own(mirror):
+    with taddons.context(mirror.hosts, mirror) as tctx:
+        tctx.configure(mirror.hosts, registries=["ghcr.io"])
+        flow = mirror_flow("/v2/")
+        mirror.requestheaders(flow)
+        assert flow.response.status_code == 200 and mirror.hosts.destination(flow) is None
