@@ -1,0 +1,833 @@
+"""The mutation check: every guarantee hubcache makes has a test that fails when it breaks.
+
+Each mutant below is one small, hand-written patch that breaks one guarantee of README. It is
+applied alone to a scratch copy of the checkout (never to the checkout itself) and the tests that
+guard that guarantee run against the copy: they must fail. A mutant whose tests still pass has
+SURVIVED: a guarantee without a test that holds it.
+
+Snippets are found by content, not by file and line: each must occur exactly once among the
+files its pattern names (by default every addon/**/*.py), so a mutant keeps working when code
+moves between modules. Leading whitespace does not count, so a snippet also survives a change of
+indentation. A snippet found nowhere (or more than once) makes the mutant `stale`, and so does a
+guard test that no longer exists: both are failures of this check, like a survivor, but mean the
+list needs updating, not that a test is missing.
+
+Guard tests are named by function name (`test_x`), optionally with its class and parameters
+(`TestBlobs::test_x`, `test_x[param]`), and matched against the node ids collected from the
+copy's tests/ folder, so they survive test files moving or being renamed.
+
+The copy's addon/ is imported as `hubcache` (a `hubcache` symlink on PYTHONPATH, ahead of the
+venv's editable install), in pytest and in every process the tests start (mitmdump, the blob
+server): each run checks that it is.
+
+Usage: scripts/mutants [--list] [--each] [--no-baseline] [--rev REV | --worktree] [NAME...]
+(see --help). Before the mutants, every guard test runs once on the unmutated copy: one that
+fails there cannot tell a mutant from the real code, so it is left out and reported.
+"""
+
+from __future__ import annotations
+
+import argparse
+import fnmatch
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+ADDON_FILES = "addon/**/*.py"
+DEFAULT_TIMEOUT = 300  # seconds for one mutant's test run
+TEST_TIMEOUT = 180  # seconds for one test (pytest-timeout), so a hung test fails instead of stalling
+
+
+@dataclass(frozen=True)
+class Edit:
+    """Replace `find` (found exactly once among the files `files` names) with `replace`.
+    `variants`: other (find, replace) spellings of the same code; of all spellings together,
+    exactly one must be found, once."""
+
+    find: str
+    replace: str
+    files: str = ADDON_FILES
+    variants: tuple[tuple[str, str], ...] = ()
+
+
+@dataclass(frozen=True)
+class Mutant:
+    name: str
+    guarantee: str
+    edits: tuple[Edit, ...]
+    tests: tuple[str, ...]  # guard tests: function names, optionally Class:: and [params]
+    timeout: int = DEFAULT_TIMEOUT  # for the whole test run
+    test_timeout: int = TEST_TIMEOUT  # for one test (a mutant may make a test hang)
+
+
+def mutant(
+    name: str, guarantee: str, edits: Edit | list[Edit], tests: list[str], timeout: int = DEFAULT_TIMEOUT, test_timeout: int = TEST_TIMEOUT
+) -> Mutant:
+    patches = tuple(edits) if isinstance(edits, list) else (edits,)
+    return Mutant(name, guarantee, patches, tuple(tests), timeout, min(test_timeout, timeout))
+
+
+# The mutants. Unit tests first where they guard a guarantee; integration tests where only they
+# do (or to show that the whole path holds it too). While a restructuring is under way, an Edit's
+# `variants` can name the other spelling of the same code.
+UNIT = 120  # seconds for a mutant guarded by unit tests only
+INTEGRATION = 420  # seconds for one that starts processes (mitmdump, registry, Swift, Redis)
+
+MUTANTS: list[Mutant] = [
+    # -- blob digest verification before commit
+    mutant(
+        "blob-commit-unverified",
+        "the store commits a blob only when its bytes hash to its digest",
+        Edit("if self.computed_digest != self.digest or self.write_error:", "if self.write_error:"),
+        ["TestBlobs::test_wrong_bytes_are_refused", "TestBlobs::test_truncated_bytes_are_refused"],
+        UNIT,
+    ),
+    mutant(
+        "blob-verified-ignores-digest",
+        "a fill counts as verified only when its bytes hash to the digest",
+        Edit("return size_ok and self.computed_digest == self.digest", "return size_ok"),
+        ["TestBlobs::test_wrong_bytes_are_refused", "test_a_body_that_does_not_verify_is_never_stored"],
+        UNIT,
+    ),
+    mutant(
+        "fill-commits-without-verifying",
+        "a fill commits only a blob whose size and digest verified",
+        Edit("if not self.writer.verified(self.size) or self.writer.write_error:", "if self.writer.write_error:"),
+        ["test_a_body_that_does_not_verify_is_never_stored"],
+        UNIT,
+    ),
+    mutant(
+        "blob-unverified-end-to-end",
+        "corrupt upstream bytes are never stored or completed to a client (both checks gone)",
+        [
+            Edit("return size_ok and self.computed_digest == self.digest", "return size_ok"),
+            Edit("if self.computed_digest != self.digest or self.write_error:", "if self.write_error:"),
+        ],
+        ["test_a_bad_transfer_is_never_stored", "test_corrupt_cdn_bytes_are_never_stored_or_completed"],
+        INTEGRATION,
+    ),
+    mutant(
+        "blob-server-sends-last-byte-early",
+        "the blob server holds a growing fill's last byte back until the fill verified and committed",
+        Edit("limit = min(end, os.fstat(fd).st_size, size - 1)", "limit = min(end, os.fstat(fd).st_size)"),
+        ["test_a_growing_fill_is_streamed_and_its_end_waits_for_the_commit"],
+        INTEGRATION,
+    ),
+    # -- manifest digest verification
+    mutant(
+        "manifest-digest-not-checked",
+        "a manifest from upstream that does not hash to the digest asked for (or claimed) is refused",
+        Edit('if claimed and claimed.startswith(f"{algorithm}:") and claimed != digest:', "if False:"),
+        ["TestManifestByDigest::test_wrong_bytes_are_refused", "test_miss_with_a_lying_digest_header_is_refused"],
+        UNIT,
+    ),
+    mutant(
+        "store-takes-any-manifest-bytes",
+        "the store keeps a manifest only under the digest its bytes hash to",
+        Edit('if digest_of(body, digest.partition(":")[0]) != digest:', "if False:", files="addon/**/store.py"),
+        ["TestManifests::test_refuses_mismatching_bytes"],
+        UNIT,
+    ),
+    # -- the private-access check
+    mutant(
+        "private-served-without-asking",
+        "cached content of a private repository is served only after upstream said yes to the client's credentials",
+        Edit("if known and (public is True or self._allowed.get(key, 0.0) > time.monotonic()):", "if known:"),
+        ["test_private_content_is_checked_with_the_clients_own_credentials", "test_an_anonymous_client_gets_nothing_alice_cached"],
+        INTEGRATION,
+    ),
+    mutant(
+        "digest-not-tied-to-repository",
+        "a digest known in one repository is not served through another's name without upstream's say",
+        Edit("known = not route.by_digest or store.linked(route.registry, route.name, digest)", "known = True"),
+        ["test_a_known_digest_is_not_served_through_another_repository"],
+        UNIT,
+    ),
+    mutant(
+        "private-served-when-upstream-cannot-confirm",
+        "private content is refused (503) when upstream cannot answer the access check",
+        Edit("if known and public is True:\n    logger.log(circuits.level(reason)", "if True:\n    logger.log(circuits.level(reason)"),
+        ["test_private_content_is_refused_when_upstream_cannot_confirm"],
+        UNIT,
+    ),
+    mutant(
+        "redirect-unlocks-private",
+        "only upstream's final 200 lets a client have cached content (a redirect unlocks nothing)",
+        Edit("if answer.status_code != 200:", "if answer.status_code >= 400:", files="addon/**/access.py"),
+        ["test_a_registry_that_redirects_everything_unlocks_nothing"],
+        INTEGRATION,
+    ),
+    mutant(
+        "follower-joins-fill-unchecked",
+        "a client joining another client's fill is served only after its own access check",
+        Edit(
+            "elif (state is State.CACHED or state.has_body) and not await self.access.permit(flow, route, route.reference, store):",
+            "elif False:",
+        ),
+        ["test_private_content_is_checked_with_the_clients_own_credentials", "test_an_anonymous_client_gets_nothing_alice_cached"],
+        INTEGRATION,
+    ),
+    mutant(
+        "access-yes-remembered-forever",
+        "upstream's yes to a client is remembered only for access_check_seconds",
+        Edit("self._allowed[key] = time.monotonic() + ctx.options.access_check_seconds", "self._allowed[key] = time.monotonic() + 10**9"),
+        ["test_private_content_is_checked_with_the_clients_own_credentials", "test_an_anonymous_client_gets_nothing_alice_cached"],
+        INTEGRATION,
+    ),
+    mutant(
+        "visibility-never-probed-again",
+        "a repository made private stops being served (its visibility is probed again when old)",
+        Edit("if public is True and time.time() - (checked or 0) >= ctx.options.visibility_check_seconds:", "if False:"),
+        ["test_a_repository_made_private_stops_being_served"],
+        INTEGRATION,
+    ),
+    mutant(
+        "offline-serves-private",
+        "offline, private content is served only with offline_private",
+        Edit("if known and (public is True or ctx.options.offline_private):", "if known:"),
+        ["test_offline_private_content_needs_the_policy", "test_offline_private_content_is_served_only_under_the_policy"],
+        INTEGRATION,
+    ),
+    mutant(
+        "local-token-serves-private",
+        "a client holding hubcache's local token gets only public content",
+        Edit(
+            "if known and public is True:\n    return None\nreturn Refusal(503",
+            "if known:\n    return None\nreturn Refusal(503",
+        ),
+        ["test_a_local_token_gets_a_clear_answer_for_what_is_missing_or_private"],
+        UNIT,
+    ),
+    mutant(
+        "fleet-shared-blob-served-unchecked",
+        "a blob from the fleet's shared store is served only once upstream confirmed the client's access",
+        Edit("await self.access.refusal(like, route, route.reference, ", "None and await self.access.refusal(like, route, route.reference, "),
+        ["test_a_blob_one_node_fetched_comes_to_the_other_from_the_shared_store"],
+        INTEGRATION,
+    ),
+    mutant(
+        "shared-manifest-not-rehashed",
+        "a manifest read from the fleet's shared store is re-hashed before it is used",
+        Edit(
+            'if digest_of(body, digest.partition(":")[0]) != digest:\n    logger.warning("%s: manifest %s read back',
+            'if False:\n    logger.warning("%s: manifest %s read back',
+        ),
+        ["test_manifest_with_wrong_bytes_is_refused"],
+        INTEGRATION,
+    ),
+    mutant(
+        "shared-tag-from-the-future-trusted",
+        "a tag confirmation time from the future (in the shared store) counts as never confirmed",
+        Edit("if not 0 <= shared.confirmed <= time.time() + CLOCK_SKEW:", "if False:"),
+        ["test_a_tag_confirmed_in_the_future_counts_as_never_confirmed"],
+        INTEGRATION,
+    ),
+    # -- single flight
+    mutant(
+        "no-single-flight",
+        "concurrent misses of one blob make one upstream fetch",
+        Edit("leader = fill is None\nif fill is None:", "leader = True\nif True:"),
+        # Not test_one_fetch_for_every_client_and_each_is_sent_to_the_growing_file: its fake
+        # upstream fails the second fetch inside the fill's task, so the test (and its fixture's
+        # teardown) hangs instead of failing.
+        ["test_sixteen_clients_at_once_make_one_upstream_fetch_per_blob"],
+        INTEGRATION,
+    ),
+    # -- tag revalidation
+    mutant(
+        "stale-tag-not-revalidated",
+        "a tag older than its freshness is revalidated upstream",
+        Edit("time.time() - entry.checked < self.hosts.tag_freshness(flow.request.host)", "True"),
+        ["test_tag_older_than_freshness_is_revalidated", "test_tag_revalidation_follows_a_moved_tag"],
+        INTEGRATION,
+    ),
+    mutant(
+        "moved-tag-served-old",
+        "a tag upstream moved is served at its new digest, not the cached one",
+        Edit("if current == cached.digest:", "if True:"),
+        ["test_tag_moved_to_a_known_manifest", "test_tag_moved_to_an_unknown_manifest_goes_upstream", "test_tag_revalidation_follows_a_moved_tag"],
+        INTEGRATION,
+    ),
+    # -- the blob URL signature
+    mutant(
+        "blob-url-signature-ignored",
+        "the blob server serves only URLs the proxy signed",
+        Edit("and hmac.compare_digest(", "and (lambda *_: True)("),
+        ["test_only_urls_the_proxy_signed_are_served"],
+        UNIT,
+    ),
+    mutant(
+        "blob-url-signature-omits-fill",
+        "the signature covers the fill file and size, so a URL cannot be pointed at another file",
+        Edit('message = f"{digest}|{expires}|{fill}|{size}|{tag}".encode()', 'message = f"{digest}|{expires}|{tag}".encode()'),
+        ["test_only_urls_the_proxy_signed_are_served"],
+        UNIT,
+    ),
+    mutant(
+        "blob-url-never-expires",
+        "a signed blob URL expires",
+        Edit("and int(expires) >= time.time()", "and True"),
+        ["test_an_expired_url_is_refused"],
+        UNIT,
+    ),
+    # -- offline never connects upstream
+    mutant(
+        "offline-tag-revalidated",
+        "offline, a tag resolves to its last known digest without asking upstream",
+        Edit("if ctx.options.offline or time.time() - entry.checked", "if time.time() - entry.checked"),
+        ["test_head_by_tag_teaches_the_tag_for_later_offline_use", "test_skopeo_pulls_offline_with_upstream_stopped"],
+        INTEGRATION,
+    ),
+    mutant(
+        "offline-miss-asks-upstream",
+        "offline, what the store lacks is answered at once with a 404, never asked upstream",
+        Edit("elif ctx.options.offline:\n    what = ", "elif False:\n    what = "),
+        ["test_missing_content_is_a_clear_404_and_a_journal_line", "test_a_missing_image_fails_fast_with_a_clear_message"],
+        INTEGRATION,
+    ),
+    mutant(
+        "offline-ping-relayed",
+        "offline, /v2/ is answered locally",
+        Edit("if ctx.options.offline:\n    answers.ping(flow)", "if False:\n    answers.ping(flow)"),
+        ["test_ping_and_token_are_answered_locally"],
+        INTEGRATION,
+    ),
+    mutant(
+        "offline-token-relayed",
+        "offline, token requests are answered locally",
+        Edit("if not ctx.options.offline:\n    try:", "if True:\n    try:"),
+        ["test_offline_nothing_is_asked", "test_ping_and_token_are_answered_locally"],
+        UNIT,
+    ),
+    # -- eviction spares pinned and in-use blobs
+    mutant(
+        "evict-pinned",
+        "eviction never touches what a recording refers to",
+        Edit("if blob.digest in keep or now - blob.used < in_use:", "if now - blob.used < in_use:"),
+        [
+            "test_pinned_and_recently_used_blobs_are_spared",
+            "test_a_recording_pins_its_content",
+            "test_prune_spares_what_a_recording_pins_and_verify_finds_it_whole",
+        ],
+        INTEGRATION,
+    ),
+    mutant(
+        "evict-in-use",
+        "eviction never touches a blob used in the last ten minutes",
+        Edit("if blob.digest in keep or now - blob.used < in_use:", "if blob.digest in keep:"),
+        ["test_pinned_and_recently_used_blobs_are_spared", "test_recently_used_blobs_are_in_use"],
+        UNIT,
+    ),
+    mutant(
+        "evict-in-use-window-zero",
+        "the running proxy's eviction spares blobs used in the last ten minutes (IN_USE)",
+        Edit("IN_USE = 600.0", "IN_USE = 0.0"),
+        ["test_the_addon_evicts_with_its_options", "test_recently_used_blobs_are_in_use"],
+        UNIT,
+    ),
+    # -- the trust boundary
+    mutant(
+        "trust-sni-ignored",
+        "a request is a registry's only when the client's SNI names the host it goes to",
+        Edit('if (flow.client_conn.sni or "").lower() != host:', "if False:"),
+        ["test_never_where_the_names_disagree"],
+        UNIT,
+    ),
+    mutant(
+        "trust-host-header-ignored",
+        "a request is a registry's only when its Host header names the host it goes to",
+        Edit("if claimed_host.lower() != host:", "if False:"),
+        ["test_never_where_the_names_disagree", "test_a_host_header_naming_another_registry_is_not_that_registry"],
+        INTEGRATION,
+    ),
+    mutant(
+        "trust-plain-http-counts",
+        "plain HTTP is never a registry's traffic",
+        Edit('if request.scheme != "https" or not self.intercepts(host):', "if not self.intercepts(host):"),
+        ["test_never_where_the_names_disagree"],
+        UNIT,
+    ),
+    mutant(
+        "trust-intercepts-sni-of-another-tunnel",
+        "TLS is intercepted only when its SNI names the host the tunnel goes to",
+        Edit("if not (sni and sni == target and self.intercepts(sni)):", "if not (sni and self.intercepts(sni)):"),
+        ["test_a_registry_sni_in_a_tunnel_to_elsewhere_is_tunnelled", "test_tls_to_another_host_with_the_registry_sni_is_not_intercepted"],
+        INTEGRATION,
+    ),
+    # -- the fleet lock
+    mutant(
+        "fleet-lock-not-taken",
+        "with fleet_lock, one node fetches a blob and the others wait for it",
+        Edit("if not await _in_thread(self.lock.acquire, digest, LOCK_TTL):", "if False:"),
+        ["test_a_node_waits_for_the_holder_of_the_lock_and_no_longer", "test_eight_clients_on_two_nodes_pull_one_cold_image[redis]"],
+        INTEGRATION,
+    ),
+    mutant(
+        "fleet-lock-not-exclusive",
+        "the fleet lock is held by one node at a time (SET NX)",
+        Edit("nx=True", "nx=False", files="addon/**/shared.py"),
+        ["test_only_one_of_two_nodes_takes_the_lock"],
+        INTEGRATION,
+    ),
+    mutant(
+        "fleet-waiter-does-not-wait",
+        "a node waits for the lock's holder as long as the lock is held",
+        Edit("if not self.usable or not await _in_thread(self.lock.held, digest):", "if True:"),
+        ["test_a_node_waits_for_the_holder_of_the_lock_and_no_longer"],
+        INTEGRATION,
+    ),
+    # -- credentials and destinations
+    mutant(
+        "credentials-follow-redirects",
+        "credentials are never sent on a redirect to another host (a CDN)",
+        Edit('target.headers.pop("authorization", None)', "pass"),
+        ["test_a_cdn_redirect_is_followed_without_credentials"],
+        UNIT,
+    ),
+    mutant(
+        "account-credentials-beyond-pulls",
+        "the configured account's credentials go only on pulls (GET, HEAD)",
+        Edit('if host is None or request.method not in ("GET", "HEAD"):', "if host is None:"),
+        ["test_never_on_anything_but_a_pull"],
+        UNIT,
+    ),
+    mutant(
+        "account-token-beyond-pull-scopes",
+        "a token asked with the configured account is for pull of repositories only",
+        Edit('scopes.append(f"repository:{name}:pull")', "scopes.append(item)"),
+        ["test_a_token_asked_with_them_is_for_pull_only", "test_the_account_is_asked_only_for_pull_scopes"],
+        INTEGRATION,
+    ),
+    mutant(
+        "local-destinations-reachable",
+        "a proxy serving a network refuses destinations on this host's loopback and link-local addresses",
+        Edit("if where and refuse_local and not self._is_allowed(address, port):", "if False:"),
+        ["test_serving_a_network_refuses_local_destinations", "test_a_proxy_serving_a_network_refuses_local_destinations"],
+        INTEGRATION,
+    ),
+    mutant(
+        "own-listeners-reachable",
+        "hubcache's own listeners are never reachable through the proxy",
+        Edit("if where and port in self._own_ports():", "if False:"),
+        [
+            "test_loopback_is_allowed_on_loopback_but_never_hubcaches_own_listeners",
+            "test_hubcaches_own_listeners_are_not_reachable_through_the_proxy",
+        ],
+        INTEGRATION,
+    ),
+    mutant(
+        "destination-not-pinned",
+        "the connection goes to the address that was checked (no DNS rebinding)",
+        Edit("return None if via_proxy else str(addresses[0])", "return None"),
+        ["test_other_destinations_pass_and_are_pinned"],
+        UNIT,
+    ),
+    mutant(
+        "mirror-serves-any-registry",
+        "the mirror endpoint serves only registries hubcache caches, never relays elsewhere",
+        Edit("return name if self.hosts.is_registry(name) else None", "return name"),
+        ["test_a_registry_not_cached_is_not_served", "test_anything_else_is_a_registry_error_and_no_registry_request"],
+        UNIT,
+    ),
+    mutant(
+        "mirror-relays-any-token-realm",
+        "the mirror relays token requests only to realms a registry's own challenge named",
+        Edit('if key not in self.realms or flow.request.method not in ("GET", "POST"):', 'if flow.request.method not in ("GET", "POST"):'),
+        ["test_no_other_realm_is_relayed_to"],
+        UNIT,
+    ),
+    mutant(
+        "policy-spares-blobs",
+        "deny_images refuses every request of a repository it names, blobs included",
+        Edit("if route.kind not in (Kind.MANIFEST, Kind.BLOB, Kind.REFERRERS)", "if route.kind not in (Kind.MANIFEST, Kind.REFERRERS)"),
+        ["test_deny"],
+        UNIT,
+    ),
+    mutant(
+        "upstream-answer-unbounded",
+        "hubcache's own answers from upstream are read up to 4 MiB, counted as the bytes arrive",
+        Edit("if self.size > MAX_ANSWER:", "if False:"),
+        ["test_huge_manifest_is_not_held_in_memory", "test_a_manifest_limit_counts_the_bytes_read"],
+        UNIT,
+    ),
+]
+
+
+# -- finding and applying snippets
+
+
+class Stale(Exception):
+    """The mutant cannot be applied or run as written: its list entry needs updating."""
+
+
+def _pattern(snippet: str) -> re.Pattern[str]:
+    """`snippet` as a regex in which leading whitespace of each line does not count."""
+    lines = [re.escape(line.strip()) for line in snippet.strip("\n").splitlines()]
+    return re.compile(r"\n[ \t]*".join(lines))
+
+
+def files_matching(tree: Path, pattern: str) -> list[Path]:
+    return sorted(p for p in tree.glob(pattern) if p.is_file())
+
+
+def locate(tree: Path, edit: Edit) -> tuple[Path, re.Match[str], str]:
+    """The one place `edit` applies, and its replacement there; raises Stale if its snippet (or
+    every variant) occurs nowhere, or more than once."""
+    found = []
+    for find, replace in ((edit.find, edit.replace), *edit.variants):
+        regex = _pattern(find)
+        for path in files_matching(tree, edit.files):
+            found += [(path, m, replace) for m in regex.finditer(path.read_text())]
+    if len(found) != 1:
+        where = ", ".join(f"{p.relative_to(tree)}:{m.string.count(chr(10), 0, m.start()) + 1}" for p, m, _ in found)
+        what = "not found" if not found else f"found {len(found)} times ({where})"
+        raise Stale(f"snippet {edit.find.strip().splitlines()[0]!r} {what} in {edit.files}")
+    return found[0]
+
+
+def apply(tree: Path, m: Mutant) -> list[str]:
+    """Apply the mutant's edits to `tree`; returns where each went (file:line)."""
+    places = [locate(tree, edit) for edit in m.edits]  # all found before anything changes
+    if len({(p, match.start()) for p, match, _ in places}) != len(places):
+        raise Stale("two edits of one mutant match the same place")
+    done = []
+    # Later matches first, so earlier offsets in the same file stay valid.
+    for path, match, replace in sorted(places, key=lambda place: (str(place[0]), -place[1].start())):
+        text = path.read_text()
+        line_start = text.rfind("\n", 0, match.start()) + 1
+        before = text[line_start : match.start()]  # the match's line up to it
+        indent = before[: len(before) - len(before.lstrip(" \t"))]
+        replacement = replace.strip("\n").replace("\n", "\n" + indent)
+        path.write_text(text[: match.start()] + replacement + text[match.end() :])
+        line = text.count("\n", 0, match.start()) + 1
+        done.append(f"{path.relative_to(tree)}:{line}")
+        try:
+            compile(path.read_text(), str(path), "exec")
+        except SyntaxError as e:
+            raise Stale(f"the mutated {path.relative_to(tree)} does not compile: {e}") from None
+    return done
+
+
+# -- guard tests
+
+
+def collect(tree: Path, env: dict[str, str], python: str) -> list[str]:
+    """Every test node id of the copy, unmutated."""
+    proc = subprocess.run(
+        [python, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider", "tests"],
+        cwd=tree,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    ids = [line.strip() for line in proc.stdout.splitlines() if "::" in line and not line.startswith(" ")]
+    if proc.returncode != 0 or not ids:
+        sys.exit(f"mutants: cannot collect the tests of the copy (pytest exit {proc.returncode}):\n{proc.stdout[-3000:]}{proc.stderr[-3000:]}")
+    return ids
+
+
+def select(ids: list[str], guards: tuple[str, ...]) -> list[str]:
+    """The node ids each guard names; raises Stale for a guard that names none. A guard without
+    parameters names the function, so all its parametrizations run (their ids may change from
+    one import to the next, e.g. when they carry a random digest)."""
+    chosen: list[str] = []
+    for guard in guards:
+        if "[" in guard:
+            matched = [node for node in ids if node.endswith("::" + guard)]
+        else:
+            matched = list(dict.fromkeys(node.partition("[")[0] for node in ids if node.partition("[")[0].endswith("::" + guard)))
+        if not matched:
+            raise Stale(f"guard test {guard!r} not found")
+        chosen += [node for node in matched if node not in chosen]
+    return chosen
+
+
+# -- the scratch copy
+
+
+CHECK_PLUGIN = '''\
+"""Loaded by scripts/mutants into each test run: the hubcache imported must be the copy's."""
+import os
+from pathlib import Path
+
+
+def pytest_configure(config):
+    import hubcache
+
+    expected = Path(os.environ["HUBCACHE_MUTANTS_ADDON"]).resolve()
+    found = Path(hubcache.__file__).resolve().parent
+    if found != expected:
+        raise RuntimeError(f"hubcache imported from {found}, not from the mutated copy {expected}")
+'''
+
+CHECK_SCRIPT = '''\
+"""Loaded by mitmdump as a script: prints where hubcache comes from, then ends mitmdump."""
+import os
+import hubcache.blobserver
+
+print("hubcache from", os.path.dirname(os.path.realpath(hubcache.blobserver.__file__)), flush=True)
+os._exit(0)
+'''
+
+
+class Scratch:
+    """A temporary folder holding the unmutated copy (`base`) and one mutated copy at a time."""
+
+    def __init__(self, rev: str | None, keep: bool):
+        self.dir = Path(tempfile.mkdtemp(prefix="hubcache-mutants-"))
+        self.keep = keep
+        self.base = self.dir / "base"
+        self.base.mkdir()
+        if rev is None:  # the working tree's tracked files, as they are now
+            listed = subprocess.run(["git", "-C", str(ROOT), "ls-files", "-z"], capture_output=True, check=True).stdout
+            for name in filter(None, listed.decode().split("\0")):
+                source = ROOT / name
+                if source.is_file():
+                    (self.base / name).parent.mkdir(parents=True, exist_ok=True)
+                    shutil.copy2(source, self.base / name)
+        else:
+            archive = subprocess.run(["git", "-C", str(ROOT), "archive", rev], capture_output=True, check=True).stdout
+            subprocess.run(["tar", "-x", "-C", str(self.base)], input=archive, check=True)
+        self.path = self.dir / "path"  # on PYTHONPATH: `hubcache` (a symlink) and the check plugin
+        self.path.mkdir()
+        (self.path / "hubcache_mutants_check.py").write_text(CHECK_PLUGIN)
+        (self.dir / "check_script.py").write_text(CHECK_SCRIPT)
+
+    def env(self, tree: Path) -> dict[str, str]:
+        """The environment of a test run of `tree`: its addon/ imported as hubcache, in pytest
+        and in every process the tests start."""
+        link = self.path / "hubcache"
+        if link.is_symlink() or link.exists():
+            link.unlink()
+        link.symlink_to(tree / "addon", target_is_directory=True)
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(self.path), env.get("PYTHONPATH", "")]))
+        env["HUBCACHE_MUTANTS_ADDON"] = str(tree / "addon")
+        env.setdefault("HUBCACHE_SWIFT_VENV", str(ROOT / ".venv-swift"))  # Swift is not copied
+        env.pop("PYTEST_ADDOPTS", None)
+        return env
+
+    def mutated_copy(self) -> Path:
+        tree = self.dir / "mutant"
+        if tree.exists():
+            shutil.rmtree(tree)
+        shutil.copytree(self.base, tree, symlinks=True)
+        return tree
+
+    def close(self) -> None:
+        if self.keep:
+            print(f"mutants: scratch copies kept in {self.dir}", file=sys.stderr)
+        else:
+            shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def check_subprocesses(scratch: Scratch, tree: Path, python: str) -> None:
+    """mitmdump, started the way the tests start it, must import the copy's hubcache too."""
+    mitmdump = Path(python).with_name("mitmdump")
+    env = scratch.env(tree)
+    proc = subprocess.run(
+        [str(mitmdump), "-n", "-q", "-s", str(scratch.dir / "check_script.py")],
+        cwd=tree,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    found = re.search(r"hubcache from (\S+)", proc.stdout + proc.stderr)
+    if not found or Path(found.group(1)).resolve() != (tree / "addon").resolve():
+        sys.exit(f"mutants: mitmdump does not import the copy's hubcache: {(proc.stdout + proc.stderr)[-2000:]}")
+
+
+# -- running
+
+
+@dataclass
+class Outcome:
+    status: str  # killed, SURVIVED, stale
+    seconds: float
+    detail: str = ""
+    log: str = field(default="", repr=False)
+
+
+def run_tests(
+    tree: Path, env: dict[str, str], python: str, nodes: list[str], timeout: int, test_timeout: int, each: bool = False
+) -> tuple[int | None, str]:
+    """Run `nodes` in `tree`, stopping at the first failure unless `each`. Returns pytest's exit
+    status (None after a timeout) and its output."""
+    args = [
+        python,
+        "-m",
+        "pytest",
+        *([] if each else ["-x"]),
+        "-q",
+        "--no-header",
+        "-rfE",
+        "-p",
+        "no:cacheprovider",
+        "-p",
+        "hubcache_mutants_check",
+        f"--timeout={test_timeout}",
+        *nodes,
+    ]
+    proc = subprocess.Popen(args, cwd=tree, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+        return proc.returncode, out
+    except subprocess.TimeoutExpired:
+        pass
+    # Timed out. The processes the tests started run in sessions of their own: note them now,
+    # while they are still pytest's descendants, to end them if pytest cannot.
+    started = _descendants(proc.pid)
+    os.killpg(proc.pid, signal.SIGINT)  # pytest then tears its fixtures down, stopping them
+    try:
+        out, _ = proc.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, _ = proc.communicate()
+    for pid in started:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    return None, out
+
+
+def _descendants(root: int) -> list[int]:
+    """The pids of every process below `root` (from /proc)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rpartition(")")[2].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, todo = [], [root]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def failed_tests(output: str) -> str:
+    nodes = re.findall(r"^(?:FAILED|ERROR) ([^\s\[]+)", output, re.MULTILINE)
+    return ", ".join(dict.fromkeys(node.rpartition("::")[2] for node in nodes))
+
+
+def run_mutant(scratch: Scratch, m: Mutant, ids: list[str], python: str, broken: set[str], each: bool = False) -> Outcome:
+    """Apply `m` to a fresh copy and run its guard tests (those in `broken`, which fail
+    unmutated, excepted)."""
+    started = time.monotonic()
+    try:
+        nodes = [node for node in select(ids, m.tests) if node.partition("[")[0] not in broken]
+        if not nodes:
+            raise Stale("every guard test fails on the unmutated code")
+        tree = scratch.mutated_copy()
+        places = apply(tree, m)
+    except Stale as e:
+        return Outcome("stale", time.monotonic() - started, str(e))
+    timeout = m.timeout * (len(nodes) if each else 1)
+    status, output = run_tests(tree, scratch.env(tree), python, nodes, timeout, m.test_timeout, each)
+    seconds = time.monotonic() - started
+    where = " ".join(places)
+    if status == 0:
+        return Outcome("SURVIVED", seconds, f"{where}: {len(nodes)} guard tests passed", output)
+    if status == 1:
+        killers = failed_tests(output) or "failed"
+        if each:  # every guard ran: say which did not notice
+            names = killers.split(", ")
+            passed = [n for n in nodes if n.rpartition("::")[2].partition("[")[0] not in names]
+            killers += f" (still passing: {', '.join(n.rpartition('::')[2] for n in passed)})" if passed else " (every guard)"
+        return Outcome("killed", seconds, f"{where}: {killers}", output)
+    if status is None:
+        return Outcome("killed", seconds, f"{where}: timed out after {timeout}s", output)
+    # 2: interrupted or a collection error, 3: internal error, 4: usage error, 5: no tests.
+    return Outcome("stale", seconds, f"{where}: pytest exit status {status}, not a test failure", output)
+
+
+def baseline(scratch: Scratch, chosen: list[Mutant], ids: list[str], python: str) -> set[str]:
+    """Run every guard test of `chosen` on the unmutated copy; returns those that fail there
+    (function-level node ids): they cannot tell a mutant from the real code."""
+    nodes: list[str] = []
+    for m in chosen:
+        try:
+            nodes += [n for n in select(ids, m.tests) if n not in nodes]
+        except Stale:
+            pass  # reported with the mutant
+    started = time.monotonic()
+    status, output = run_tests(scratch.base, scratch.env(scratch.base), python, nodes, 60 * 60, TEST_TIMEOUT, each=True)
+    seconds = time.monotonic() - started
+    broken = {node.partition("[")[0] for node in re.findall(r"^(?:FAILED|ERROR) (\S+)", output, re.MULTILINE)}
+    if status == 0:
+        print(f"baseline: {len(nodes)} guard tests pass on the unmutated code ({seconds:.0f}s)", flush=True)
+    elif status == 1 and broken:
+        print(f"baseline: {len(broken)} of {len(nodes)} guard tests FAIL on the unmutated code ({seconds:.0f}s); left out below:")
+        for node in sorted(broken):
+            print(f"    {node}")
+    else:
+        print(output[-5000:])
+        sys.exit(f"mutants: the baseline run did not complete (pytest exit {status}, {seconds:.0f}s)")
+    return broken
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(
+        prog="scripts/mutants",
+        description="Apply each mutant (a patch breaking one guarantee) to a scratch copy and check its guard tests fail.",
+    )
+    parser.add_argument("names", nargs="*", metavar="NAME", help="run only these mutants (shell patterns allowed)")
+    parser.add_argument("--list", action="store_true", help="list the mutants, their guarantees and guard tests")
+    parser.add_argument("--no-baseline", action="store_true", help="skip the first run of every guard test on the unmutated copy (faster)")
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument("--rev", default="HEAD", help="the commit to copy (default HEAD)")
+    source.add_argument("--worktree", action="store_true", help="copy the working tree's tracked files instead")
+    parser.add_argument("--each", action="store_true", help="run every guard test of a mutant, not only up to the first failure")
+    parser.add_argument("--keep", action="store_true", help="keep the scratch folder")
+    parser.add_argument("-v", "--verbose", action="store_true", help="print the test output of survivors and stale runs")
+    args = parser.parse_args()
+
+    chosen = [m for m in MUTANTS if not args.names or any(fnmatch.fnmatchcase(m.name, n) for n in args.names)]
+    if args.names and not chosen:
+        parser.error(f"no mutant named {' '.join(args.names)} (see --list)")
+    if args.list:
+        for m in chosen:
+            print(f"{m.name}: {m.guarantee}")
+            for edit in m.edits:
+                print(f"    in {edit.files}: {edit.find.strip()!r} -> {edit.replace.strip()!r}")
+            print(f"    guarded by: {', '.join(m.tests)}")
+        return 0
+
+    python = sys.executable  # the project's venv Python (scripts/mutants runs this file with it)
+    started = time.monotonic()
+    scratch = Scratch(None if args.worktree else args.rev, args.keep)
+    try:
+        check_subprocesses(scratch, scratch.base, python)
+        ids = collect(scratch.base, scratch.env(scratch.base), python)
+        broken = set() if args.no_baseline else baseline(scratch, chosen, ids, python)
+        counts = {"killed": 0, "SURVIVED": 0, "stale": 0}
+        width = max(len(m.name) for m in chosen)
+        for m in chosen:
+            outcome = run_mutant(scratch, m, ids, python, broken, args.each)
+            counts[outcome.status] += 1
+            print(f"{outcome.status:<8} {m.name:<{width}} {outcome.seconds:6.1f}s  {outcome.detail}", flush=True)
+            if args.verbose and outcome.status != "killed" and outcome.log:
+                print(outcome.log[-5000:])
+    finally:
+        scratch.close()
+    total = time.monotonic() - started
+    print(f"total {total:.0f}s", file=sys.stderr)
+    stale = f", {counts['stale']} stale" if counts["stale"] else ""
+    print(f"mutants: {counts['killed']} killed, {counts['SURVIVED']} survived{stale}")
+    return 1 if counts["SURVIVED"] or counts["stale"] or broken else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
