@@ -93,8 +93,8 @@ def parse_route(host: str, path: str) -> Route:
         name, sep, reference = rest.rpartition(marker)
         if not sep:
             continue
-        if kind is Kind.BLOB and (reference == "uploads" or name.endswith("/blobs")):
-            return Route(Kind.OTHER, registry)  # push: /blobs/uploads/...
+        if kind is Kind.BLOB and reference == "uploads":
+            return Route(Kind.OTHER, registry)  # push: /blobs/uploads (deeper upload paths hold a "/")
         if "/" in reference:
             continue  # e.g. a blob of repository "a/manifests/b"
         if not NAME_RE.fullmatch(name) or len(name) > MAX_NAME_LENGTH:
