@@ -638,7 +638,8 @@ def fmt(value: float | None, spec: str, suffix: str = "") -> str:
 
 
 PULL_COLUMNS = ["client", "image", "path", "s", "MB/s", "x direct", "proxy RSS MiB", "proxy CPU s",
-                "upstream req", "upstream MB", "upstream / image"]
+                "CPU s / GiB", "upstream req", "upstream MB", "upstream / image"]
+GIB = 2**30
 
 
 def pulls_table(results: Results) -> Table:
@@ -660,13 +661,15 @@ def pull_row(results: Results, client: str, image: BenchImage, path: str) -> lis
     if seconds is None:
         return [client, image.label, path, "failed", *["-"] * (len(PULL_COLUMNS) - 4)]
     upstream = median(lambda s: s.upstream_bytes) or 0
+    cpu = median(lambda s: s.cpu_seconds)
     return [
         client, image.label, path,
         f"{seconds:.2f}",
         f"{image.bytes / MB / seconds:.0f}",
         fmt(results.ratio(client, image.name, path, "direct"), ".2f", "x"),
         fmt(median(lambda s: s.rss_mb), ".0f"),
-        fmt(median(lambda s: s.cpu_seconds), ".1f"),
+        fmt(cpu, ".1f"),
+        fmt(cpu / (image.bytes / GIB) if cpu is not None else None, ".1f"),  # the proxy's cost of a GiB pulled
         fmt(median(lambda s: s.upstream_requests), ".0f"),
         f"{upstream / MB:.0f}",
         f"{upstream / image.bytes:.2f}",
@@ -712,7 +715,8 @@ def markdown(results: Results) -> str:
         f"Machine: {results.environment}. Images (incompressible layers): {images(results)}.",
         "Every pull has a fresh proxy process (a warm one on the cache its cold one filled). Proxy RSS: "
         "the peak resident memory of the proxy process, plus that of its children if any; proxy CPU: their "
-        "user+system seconds during the pull; upstream: what the upstream registry served (GET body bytes).",
+        "user+system seconds during the pull, and per GiB of image pulled; upstream: what the upstream registry "
+        "served (GET body bytes).",
         *(t.markdown() for t in tables(results)),
     ]
     if results.errors:
