@@ -217,8 +217,12 @@ class BlobRequests:
         assert store
         route = fill.route
         blob = await self.fleet.open_blob(route.reference)
-        if blob is None and not await self.fleet.claim(route.reference):
-            blob = await self.fleet.await_blob(route.reference)
+        if blob is None:
+            if not await self.fleet.claim(route.reference):
+                blob = await self.fleet.await_blob(route.reference)
+            elif self.fleet.lock is not None and (blob := await self.fleet.open_blob(route.reference)) is not None:
+                # Its holder put it and let go between this node's look and its lock.
+                self.fleet.release(route.reference)
         if blob is None:
             return False
         with blob:
