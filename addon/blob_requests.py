@@ -166,6 +166,8 @@ class BlobRequests:
             if not await self._fill_from_fleet(like, fill):
                 await self._fill_from_upstream(like, request, fill)
         finally:
+            if fill.state is State.DECIDING:  # an error nobody expected: its clients must not wait forever
+                fill.fail("hubcache could not fetch it")
             if self.fills.get(route.reference) is fill:
                 del self.fills[route.reference]
             if fill.writer and fill.source is Source.UPSTREAM:

@@ -162,7 +162,7 @@ MUTANTS: list[Mutant] = [
         "redirect-unlocks-private",
         "only upstream's final 200 lets a client have cached content (a redirect unlocks nothing)",
         Edit("if answer.status_code != 200:", "if answer.status_code >= 400:", files="addon/**/access.py"),
-        ["test_a_registry_that_redirects_everything_unlocks_nothing"],
+        ["test_only_upstreams_final_200_lets_a_client_have_private_content", "test_a_registry_that_redirects_everything_unlocks_nothing"],
         INTEGRATION,
     ),
     mutant(
@@ -172,14 +172,22 @@ MUTANTS: list[Mutant] = [
             "elif (state is State.CACHED or state.has_body) and not await self.access.permit(flow, route, route.reference, store):",
             "elif False:",
         ),
-        ["test_private_content_is_checked_with_the_clients_own_credentials", "test_an_anonymous_client_gets_nothing_alice_cached"],
+        [
+            "test_a_client_joining_a_fill_of_a_private_repository_is_checked_first",
+            "test_private_content_is_checked_with_the_clients_own_credentials",
+            "test_an_anonymous_client_gets_nothing_alice_cached",
+        ],
         INTEGRATION,
     ),
     mutant(
         "access-yes-remembered-forever",
         "upstream's yes to a client is remembered only for access_check_seconds",
         Edit("self._allowed[key] = time.monotonic() + ctx.options.access_check_seconds", "self._allowed[key] = time.monotonic() + 10**9"),
-        ["test_private_content_is_checked_with_the_clients_own_credentials", "test_an_anonymous_client_gets_nothing_alice_cached"],
+        [
+            "test_upstreams_yes_is_remembered_for_access_check_seconds_and_asked_again_after",
+            "test_private_content_is_checked_with_the_clients_own_credentials",
+            "test_an_anonymous_client_gets_nothing_alice_cached",
+        ],
         INTEGRATION,
     ),
     mutant(
@@ -210,7 +218,10 @@ MUTANTS: list[Mutant] = [
         "fleet-shared-blob-served-unchecked",
         "a blob from the fleet's shared store is served only once upstream confirmed the client's access",
         Edit("await self.access.refusal(like, route, route.reference, ", "None and await self.access.refusal(like, route, route.reference, "),
-        ["test_a_blob_one_node_fetched_comes_to_the_other_from_the_shared_store"],
+        [
+            "test_a_private_blob_one_node_cached_reaches_only_clients_upstream_allows",
+            "test_a_blob_one_node_fetched_comes_to_the_other_from_the_shared_store",
+        ],
         INTEGRATION,
     ),
     mutant(
@@ -235,10 +246,7 @@ MUTANTS: list[Mutant] = [
         "no-single-flight",
         "concurrent misses of one blob make one upstream fetch",
         Edit("leader = fill is None\nif fill is None:", "leader = True\nif True:"),
-        # Not test_one_fetch_for_every_client_and_each_is_sent_to_the_growing_file: its fake
-        # upstream fails the second fetch inside the fill's task, so the test (and its fixture's
-        # teardown) hangs instead of failing.
-        ["test_sixteen_clients_at_once_make_one_upstream_fetch_per_blob"],
+        ["test_one_fetch_for_every_client_and_each_is_sent_to_the_growing_file", "test_sixteen_clients_at_once_make_one_upstream_fetch_per_blob"],
         INTEGRATION,
     ),
     # -- tag revalidation
@@ -330,7 +338,11 @@ MUTANTS: list[Mutant] = [
         "evict-in-use-window-zero",
         "the running proxy's eviction spares blobs used in the last ten minutes (IN_USE)",
         Edit("IN_USE = 600.0", "IN_USE = 0.0"),
-        ["test_the_addon_evicts_with_its_options", "test_recently_used_blobs_are_in_use"],
+        [
+            "test_the_running_proxy_spares_blobs_used_in_the_last_ten_minutes",
+            "test_the_addon_evicts_with_its_options",
+            "test_recently_used_blobs_are_in_use",
+        ],
         UNIT,
     ),
     # -- the trust boundary

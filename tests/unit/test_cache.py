@@ -333,20 +333,21 @@ class TestBlobFill:
     async def test_one_fetch_for_every_client_and_each_is_sent_to_the_growing_file(self, env):
         more = asyncio.Event()
         env.fetches.append(sized(mid_body=more))
-        first = flow(blob_path(), headers={"Accept-Encoding": "gzip", "Authorization": "Bearer t", "Range": "bytes=5-"})
-        await env.cache.request(first)
-        path, query = location(first)
-        assert path == f"/blobs/{BLOB_DIGEST}" and query["size"] == str(len(BLOB))
-        assert env.temp_files() == [str(env.cache_dir / "tmp" / query["fill"])]
+        try:
+            first = flow(blob_path(), headers={"Accept-Encoding": "gzip", "Authorization": "Bearer t", "Range": "bytes=5-"})
+            await env.cache.request(first)
+            path, query = location(first)
+            assert path == f"/blobs/{BLOB_DIGEST}" and query["size"] == str(len(BLOB))
+            assert env.temp_files() == [str(env.cache_dir / "tmp" / query["fill"])]
 
-        second = flow(blob_path())  # another client, while the fill is half done
-        await env.cache.request(second)
-        assert location(second)[1]["fill"] == query["fill"]
-        [fetch] = env.fetched
-        assert fetch.headers["authorization"] == "Bearer t"  # upstream needs the first client's token
-        assert fetch.headers["accept-encoding"] == "identity" and "range" not in fetch.headers  # the whole, identity blob
-
-        more.set()
+            second = flow(blob_path())  # another client, while the fill is half done
+            await env.cache.request(second)
+            assert location(second)[1]["fill"] == query["fill"]
+            [fetch] = env.fetched
+            assert fetch.headers["authorization"] == "Bearer t"  # upstream needs the first client's token
+            assert fetch.headers["accept-encoding"] == "identity" and "range" not in fetch.headers  # the whole, identity blob
+        finally:
+            more.set()  # a failing assertion must not leave the fill waiting forever
         await env.settle()
         with env.store.open_blob(BLOB_DIGEST) as blob:
             assert blob.read() == BLOB
@@ -997,6 +998,31 @@ class TestAccess:
         await env.cache.request(stranger)
         assert stranger.response.status_code == 401
         assert stranger.response.headers["WWW-Authenticate"] == challenge
+
+    @pytest.mark.parametrize("answer", [302, 204], ids=["a redirect upstream ended on", "another 2xx"])
+    async def test_only_upstreams_final_200_lets_a_client_have_private_content(self, env, answer):
+        await self.cached_private_blob(env)
+        env.answers.append(upstream_response(answer, {"Location": f"http://{HUB}{blob_path()}"} if answer == 302 else {}))
+        f = flow(blob_path(), headers={"Authorization": "Bearer alice"})
+        await env.cache.request(f)
+        assert f.response.status_code == 403
+        assert json.loads(f.response.content)["errors"][0]["code"] == "DENIED"
+
+    async def test_a_client_joining_a_fill_of_a_private_repository_is_checked_first(self, env):
+        env.store.set_visibility("docker.io", REPO, False)
+        more = asyncio.Event()
+        env.fetches.append(sized(mid_body=more))
+        alice = flow(blob_path(), headers={"Authorization": "Bearer alice"})
+        await env.cache.request(alice)
+        assert alice.response.status_code == 307, "upstream served it to her: she leads the fill"
+        challenge = 'Bearer realm="https://auth.docker.io/token"'
+        env.answers.append(upstream_response(401, {"WWW-Authenticate": challenge}))
+        anonymous = flow(blob_path())
+        await env.cache.request(anonymous)  # joins her fill, still streaming
+        more.set()  # before any assertion: a failing one must not leave the fill waiting forever
+        await env.settle()
+        assert anonymous.response.status_code == 401 and anonymous.response.headers["WWW-Authenticate"] == challenge
+        assert env.sent == [("HEAD", f"https://{HUB}{blob_path()}")]
 
     async def test_a_known_digest_is_not_served_through_another_repository(self, env):
         await fill_blob(env)

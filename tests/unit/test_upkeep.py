@@ -172,6 +172,17 @@ async def test_the_addon_evicts_with_its_options(upkeep, images, monkeypatch):
     assert result.remaining <= 1_000_000 and result.blobs > 0
 
 
+async def test_the_running_proxy_spares_blobs_used_in_the_last_ten_minutes(upkeep, images):
+    # A client may just have been sent to a blob: its signed URL lives that long.
+    tctx, addon = upkeep
+    one, _ = images
+    store = addon.folder.store
+    store_image(store, one, REGISTRY, "one", "1")  # every blob used just now
+    tctx.configure(addon, cache_size_limit="1MB")
+    result = await addon.evict()
+    assert result.blobs == 0 and all(store.has_blob(d) for d in blob_digests(one))
+
+
 def ref(text: str) -> ImageReference:
     return ImageReference.parse(f"{REGISTRY}/{text}")
 
