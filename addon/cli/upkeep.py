@@ -31,6 +31,7 @@ def prune_command(
     """
     from ..progress import count, size
     from ..recording import RecordingError
+    from ..units import DAY
     from ..upkeep import parse_size, prune
 
     if not (target or unused_days is not None or everything):
@@ -41,7 +42,7 @@ def prune_command(
         raise click.BadParameter(str(e), param_hint="--to") from e
     with open_store(cache_dir, config_file) as (store, folder):
         try:
-            result = prune(store, folder, limit=limit, max_unused=unused_days * 86400.0 if unused_days is not None else None, in_use=0)
+            result = prune(store, folder, limit=limit, max_unused=unused_days * DAY if unused_days is not None else None, in_use=0)
         except RecordingError as e:
             raise click.ClickException(f"nothing pruned: {e}") from e
     click.echo(

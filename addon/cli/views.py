@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
+from ..units import DAY
 from .config import cache_dir_option, cache_folder, config_option, existing_store, no_folder
 
 if TYPE_CHECKING:
@@ -18,7 +19,6 @@ if TYPE_CHECKING:
     from ..journal import MissJournal
     from ..recording import Image
 
-DAY = 86400.0
 
 
 @click.command("stats")

@@ -370,6 +370,19 @@ def test_the_operators_certificate_is_presented_instead(hubcache, ca, dockerhub,
 # containerd's ctr with hosts.toml mirrors for two registries, as `hubcache setup containerd --mirror` prints them
 
 
+def printed_setup(proxy, client: str, tmp_path: Path):
+    """What `hubcache setup CLIENT --mirror` prints for this mirror, with the distribution
+    registry among the cached registries, parsed."""
+    config = tmp_path / "hubcache.yaml"
+    config.write_text(f"registries: [registry-1.docker.io, index.docker.io, {REGISTRY_NAME}]\nmirror_listen: {proxy.mirror}\n")
+    printed = subprocess.run(
+        [HUBCACHE, "setup", client, "--mirror", "--confdir", str(proxy.confdir), "--config", str(config)],
+        cwd=tmp_path, capture_output=True, text=True, timeout=60,
+    )
+    assert printed.returncode == 0, printed.stderr
+    return parse(printed.stdout)
+
+
 @pytest.fixture
 def containerd(tmp_path):
     daemon = Containerd(tmp_path / "containerd")
@@ -387,14 +400,7 @@ def other_image(registry, layouts):
 @pytest.mark.skipif(os.geteuid() != 0, reason="containerd needs root")
 def test_ctr_pulls_two_registries_through_the_mirror_with_the_printed_hosts_toml(hubcache, dockerhub, registry, multi_image, other_image, containerd, tmp_path):
     proxy = start_mirror(hubcache)
-    config = tmp_path / "hubcache.yaml"
-    config.write_text(f"registries: [registry-1.docker.io, index.docker.io, {REGISTRY_NAME}]\nmirror_listen: {proxy.mirror}\n")
-    printed = subprocess.run(
-        [HUBCACHE, "setup", "containerd", "--mirror", "--confdir", str(proxy.confdir), "--config", str(config)],
-        cwd=tmp_path, capture_output=True, text=True, timeout=60,
-    )
-    assert printed.returncode == 0, printed.stderr
-    script = parse(printed.stdout)
+    script = printed_setup(proxy, "containerd", tmp_path)
     hosts = {Path(p).parent.name: tomllib.loads(text) for p, text in script.files.items() if p.endswith("hosts.toml")}
     assert set(hosts) == {"docker.io", REGISTRY_NAME}
     assert hosts[REGISTRY_NAME]["host"][f"https://{proxy.mirror}"]["ca"] == str(proxy.ca_cert)
@@ -448,14 +454,8 @@ def test_a_mirror_beyond_loopback_sends_blobs_from_the_blob_servers_listener_on_
 
 def test_skopeo_pulls_another_registry_through_the_mirror_with_the_printed_registries_conf(hubcache, registry, multi_image, tmp_path):
     proxy = start_mirror(hubcache)
-    config = tmp_path / "hubcache.yaml"
-    config.write_text(f"registries: [registry-1.docker.io, index.docker.io, {REGISTRY_NAME}]\nmirror_listen: {proxy.mirror}\n")
-    printed = subprocess.run(
-        [HUBCACHE, "setup", "skopeo", "--mirror", "--confdir", str(proxy.confdir), "--config", str(config)],
-        cwd=tmp_path, capture_output=True, text=True, timeout=60,
-    )
-    assert printed.returncode == 0, printed.stderr
-    [conf] = [text for path, text in parse(printed.stdout).files.items() if path.endswith("hubcache-mirror.conf")]
+    script = printed_setup(proxy, "skopeo", tmp_path)
+    [conf] = [text for path, text in script.files.items() if path.endswith("hubcache-mirror.conf")]
     assert f'location = "{proxy.mirror}/{REGISTRY_NAME}"' in conf  # skopeo names no registry: the path does
     (tmp_path / "printed.conf").write_text(conf)
 
