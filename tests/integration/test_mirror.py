@@ -446,6 +446,14 @@ def test_a_mirror_beyond_loopback_sends_blobs_from_the_blob_servers_listener_on_
     assert answer.status == 307, answer.status
     location = urlsplit(answer.headers["Location"])
     assert (location.scheme, location.hostname) == ("https", "127.0.0.2") and location.port not in (None, port), location
+    # That listener faces the network: a URL it did not sign (or signed for another blob) is refused.
+    for forged in (location.path, location.path.replace(amd64.layers[0].digest, amd64.layers[1].digest) + "?" + location.query):
+        blobs = http.client.HTTPSConnection("127.0.0.2", location.port, context=context, timeout=30)
+        blobs.request("GET", forged)
+        refused = blobs.getresponse()
+        refused.read()
+        blobs.close()
+        assert refused.status == 403, (forged, refused.status)
 
     pulled = skopeo_via_mirror(proxy, HUB_REF, tmp_path / "pulled", tmp_path)
     assert pulled.returncode == 0, pulled.stderr
