@@ -28,8 +28,15 @@ def markdown_table(text: str, title: str) -> list[dict[str, str]]:
 @pytest.mark.timeout(600)
 def test_small_benchmark_measures_every_path(tmp_path):
     report = tmp_path / "bench.md"
-    assert bench.main(["--small", "--runs", "1", "--markdown", str(report)]) == 0, "every run completed"
+    status = bench.main(["--small", "--runs", "1", "--markdown", str(report)])
     text = report.read_text()
+    failures = [line for line in text.partition("Failures:")[2].splitlines() if line.startswith("- ")]
+    assert (status == 0) == (not failures), text
+    # A client failed by the reference (registry:2's proxy mode) among many pulling at once is
+    # reported (its row counts the clients served), not held against this test; hubcache may not
+    # fail anywhere. The failure names its path and the skopeo error, for the next reader.
+    reference = "clients at once, registry-proxy: "
+    assert [f for f in failures if reference not in f] == [], "\n".join(failures)
 
     pulls = markdown_table(text, "Pulls")
     clients = ["skopeo", "docker"] if os.geteuid() == 0 else ["skopeo"]
@@ -56,3 +63,4 @@ def test_small_benchmark_measures_every_path(tmp_path):
 
     at_once = markdown_table(text, "16 skopeo clients")
     assert [row["path"] for row in at_once] == ["hubcache cold", "registry-proxy cold"]
+    assert at_once[0]["clients ok"] == "16/16", at_once[0]
