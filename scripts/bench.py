@@ -9,6 +9,10 @@ cold and warm. Everything runs on loopback under a temporary folder and is stopp
 Every pull gets a freshly started proxy process (a warm one finds the cache its cold run left),
 so the proxy's peak memory and CPU time belong to that pull alone. Ratios are taken pull by pull
 within one repetition, then the median of them is reported.
+
+Through each cold cache it also times many skopeo clients pulling one image at once, and the time
+to first byte of one cold blob (the big image's layer, fetched by curl) for the first client and
+for a second one that joins the fill once the first has bytes.
 """
 
 from __future__ import annotations
@@ -39,9 +43,9 @@ import rich.table
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
-from support.clients import DOCKERD_BIN, Dockerd, skopeo_copy  # noqa: E402
+from support.clients import CLEAN_PATH, DOCKERD_BIN, Dockerd, skopeo_copy  # noqa: E402
 from support.hubcache import MITMDUMP, Hubcache  # noqa: E402
-from support.images import ImageInfo, build_image  # noqa: E402
+from support.images import Blob, ImageInfo, build_image  # noqa: E402
 from support.pki import TestCA, ca_bundle  # noqa: E402
 from support.procs import Proc, ProcError, free_port, process_tree, wait_for_port  # noqa: E402
 from support.registry import REGISTRY_BIN, SKOPEO_BIN, Registry  # noqa: E402
@@ -558,6 +562,106 @@ def pull_at_once(bench: Bench, route: Route, image: BenchImage, proxy: Proc, cli
     return seconds, errors
 
 
+# --- time to first byte ---------------------------------------------------------------------
+
+
+CURL = "/usr/bin/curl"
+LOOPBACK = "127.0.0.1,localhost,::1"  # what Go clients never send through a proxy; curl does the same here
+
+
+@dataclass(frozen=True)
+class FirstBytes:
+    """One cold blob fetched by curl through a cache: a first client, and one joining its fill."""
+
+    path: str
+    image: BenchImage
+    blob_bytes: int
+    first_ttfb: float  # the first client's time to first byte, following the redirect included
+    joining_ttfb: float  # the same for a client started once the first one had bytes
+    whole_seconds: float  # the first client's time to its last byte
+
+
+@dataclass(frozen=True)
+class Transfer:
+    """curl's timings of one blob GET, in seconds from its start."""
+
+    ttfb: float  # %{time_starttransfer}: summed over the redirect and the final request
+    total: float  # %{time_total}
+
+
+def time_first_bytes(bench: Bench, way: Way, image: BenchImage) -> FirstBytes:
+    """The largest layer of `image`, fetched by two curls through the cold cache of `way`."""
+    layer = max(image.info.platforms[0].layers, key=lambda blob: blob.size)
+    try:
+        way.start()
+        first, joining = fetch_joined(bench, way.route(), image, layer, way.proc)
+    finally:
+        way.close()
+    return FirstBytes(way.paths[0], image, layer.size, first.ttfb, joining.ttfb, first.total)
+
+
+def fetch_joined(bench: Bench, route: Route, image: BenchImage, layer: Blob, proxy: Proc | None) -> tuple[Transfer, Transfer]:
+    """Start a curl for the blob; once its file has bytes, start a second one; wait for both."""
+    files = [bench.workdir / "first-bytes-first", bench.workdir / "first-bytes-joining"]
+    timeout = pull_timeout(layer.size)
+    deadline = time.monotonic() + timeout
+    curls: list[subprocess.Popen[str]] = []
+    try:
+        curls.append(curl_blob(route, image, layer, files[0]))
+        while curls[0].poll() is None and file_size(files[0]) == 0 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        if curls[0].poll() is not None or file_size(files[0]) == 0:
+            if (alone := curl_result(curls[0], "the first client", layer, files[0], deadline, proxy)) is None:
+                raise BenchError(f"the first client had no byte in {timeout:.0f} s")
+            raise BenchError(f"the first client had the whole blob ({alone.total:.2f} s) before a second one could join")
+        curls.append(curl_blob(route, image, layer, files[1]))
+        first = curl_result(curls[0], "the first client", layer, files[0], deadline, proxy)
+        joining = curl_result(curls[1], "the joining client", layer, files[1], deadline, proxy)
+        if first is None or joining is None:
+            raise BenchError(f"the blob took more than {timeout:.0f} s")
+        return first, joining
+    finally:
+        for curl in curls:
+            if curl.poll() is None:
+                curl.kill()
+                curl.wait()
+        for path in files:
+            path.unlink(missing_ok=True)
+
+
+def curl_blob(route: Route, image: BenchImage, layer: Blob, dest: Path) -> subprocess.Popen[str]:
+    """A GET of the blob as a registry client sends it: through the route's proxy (loopback
+    direct, as Go clients do, for hubcache's redirect to its blob server), trusting its CA."""
+    argv = [CURL, "-q", "-sS", "--fail", "-L", "--cacert", str(route.ca_bundle), "-o", str(dest), "-w", "%{time_starttransfer} %{time_total}"]
+    if route.proxy:
+        argv += ["--proxy", route.proxy, "--noproxy", LOOPBACK]
+    argv.append(f"https://{route.host}/v2/bench/{image.name}/blobs/{layer.digest}")
+    env = {"PATH": CLEAN_PATH}  # no proxy variables (and -q: no .curlrc)
+    return subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def curl_result(curl: subprocess.Popen[str], who: str, layer: Blob, dest: Path, deadline: float, proxy: Proc | None) -> Transfer | None:
+    """Wait for the curl until `deadline`: its timings, None if it still runs, BenchError if it failed
+    or did not write the whole blob."""
+    try:
+        out, err = curl.communicate(timeout=max(deadline - time.monotonic(), 0.01))
+    except subprocess.TimeoutExpired:
+        return None
+    if curl.returncode:
+        raise BenchError(f"{who}: curl exited with {curl.returncode}: {last_line(err)}{proxy_state(proxy)}")
+    if (size := file_size(dest)) != layer.size:
+        raise BenchError(f"{who} got {size} of the blob's {layer.size} bytes")
+    ttfb, total = (float(value) for value in out.split())
+    return Transfer(ttfb, total)
+
+
+def file_size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except FileNotFoundError:
+        return 0
+
+
 # --- results --------------------------------------------------------------------------------
 
 
@@ -570,6 +674,7 @@ class Results:
     environment: str
     samples: dict[tuple[str, str, str], dict[int, Sample]] = field(default_factory=dict)
     concurrent: list[Concurrent] = field(default_factory=list)
+    first_bytes: list[FirstBytes] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
 
     def add(self, run: int, client: str, image: str, path: str, sample: Sample) -> None:
@@ -706,8 +811,23 @@ def concurrency_table(results: Results) -> Table | None:
     return Table(f"{clients} skopeo clients pulling one image at once through a cold cache (one run)", columns, rows, 2)
 
 
+def first_bytes_table(results: Results) -> Table | None:
+    if not results.first_bytes:
+        return None
+    columns = ["path", "blob", "first client TTFB s", "joining client TTFB s", "whole blob s"]
+    rows = [
+        [f.path, f"{f.image.name}'s largest layer, {f.blob_bytes / MB:.0f} MB", f"{f.first_ttfb:.3f}", f"{f.joining_ttfb:.3f}",
+         f"{f.whole_seconds:.2f}"]
+        for f in results.first_bytes
+    ]  # fmt: skip
+    title = ("Time to first byte of a cold blob (curl, one run): a first client, and one joining its fill once the first "
+             "has bytes; whole blob: the first client's time to its last byte")  # fmt: skip
+    return Table(title, columns, rows, 2)
+
+
 def tables(results: Results) -> list[Table]:
-    return [t for t in (pulls_table(results), ratios_table(results), concurrency_table(results)) if t]
+    every = (pulls_table(results), ratios_table(results), concurrency_table(results), first_bytes_table(results))
+    return [t for t in every if t]
 
 
 def markdown(results: Results) -> str:
@@ -758,6 +878,8 @@ def run(options: argparse.Namespace) -> Results:
                             measure_way(bench, results, run_index, client, image, way)
             for way in [w for w in ("hubcache", "registry-proxy") if w in options.ways and options.concurrency]:
                 measure_concurrent(bench, results, way, options.concurrency)
+            for way in [w for w in ("hubcache", "registry-proxy") if w in options.ways and options.first_bytes]:
+                measure_first_bytes(bench, results, way)
     finally:
         if options.keep:
             progress.print(f"work folder kept: {workdir}")
@@ -789,6 +911,22 @@ def measure_concurrent(bench: Bench, results: Results, way: str, clients: int) -
     results.errors += [f"{clients} clients at once, {way}: {e}" for e in sorted(set(errors))]
 
 
+def measure_first_bytes(bench: Bench, results: Results, way: str) -> None:
+    image = next(image for image in bench.images if image.name == "big")
+    try:
+        result = time_first_bytes(bench, WAYS[way](bench), image)
+    except (BenchError, ProcError, RuntimeError, OSError) as e:
+        results.errors.append(f"first bytes, {way}: {first_line(e)}")
+        progress.print(f"[red]{results.errors[-1]}[/red]", highlight=False)
+        return
+    results.first_bytes.append(result)
+    progress.print(
+        f"[dim]first bytes, {result.path}: first client {result.first_ttfb:.3f} s, joining client {result.joining_ttfb:.3f} s, "
+        f"whole blob {result.whole_seconds:.2f} s[/dim]",
+        highlight=False,
+    )
+
+
 def comma_list(choices: tuple[str, ...]) -> Callable[[str], list[str]]:
     def parse(text: str) -> list[str]:
         items = [item.strip() for item in text.split(",") if item.strip()]
@@ -816,6 +954,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--concurrency", type=int, default=16, metavar="N",
         help="skopeo clients pulling the multi-layer image at once through each cold cache (default 16; 0: skip)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--first-bytes", action=argparse.BooleanOptionalAction, default=True,
+        help="time to first byte of the big image's largest layer through each cold cache, for a first client "
+        "and one joining its fill (curl; default on)",
     )  # fmt: skip
     parser.add_argument("--markdown", type=Path, metavar="PATH", help="also write the tables as markdown")
     parser.add_argument("--keep", action="store_true", help="keep the work folder (logs, configs)")

@@ -64,3 +64,10 @@ def test_small_benchmark_measures_every_path(tmp_path):
     at_once = markdown_table(text, "16 skopeo clients")
     assert [row["path"] for row in at_once] == ["hubcache cold", "registry-proxy cold"]
     assert at_once[0]["clients ok"] == "16/16", at_once[0]
+
+    first_bytes = markdown_table(text, "Time to first byte")
+    assert [row["path"] for row in first_bytes] == ["hubcache cold", "registry-proxy cold"]
+    for row in first_bytes:
+        whole = float(row["whole blob s"])
+        for column in ("first client TTFB s", "joining client TTFB s"):
+            assert 0 < float(row[column]) <= whole, f"{row['path']} {column}: {row}"
