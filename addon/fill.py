@@ -1,10 +1,10 @@
 """A fill: one upstream fetch of a blob into the store, shared by every client that wants it meanwhile.
 
 hubcache fetches the blob itself (not on any client's connection), so a client that disconnects
-never aborts what the others wait for. The body arrives through `sink`, mitmproxy's stream
-callable for hubcache's own upstream request; a writer thread hashes it and appends it to the
-fill's temporary file, so no disk work and no hashing happens on mitmproxy's event loop. The blob
-server streams that file to clients as it grows.
+never aborts what the others wait for. The body arrives through `sink`, the stream callable of
+hubcache's own upstream request (called on the fetch thread, `fetcher.py`, or on mitmproxy's event
+loop when the request went through its core); a writer thread hashes it and appends it to the
+fill's temporary file. The blob server streams that file to clients as it grows.
 """
 
 from __future__ import annotations
@@ -23,10 +23,10 @@ from .protocol import Route
 from .store import BlobWriter
 
 _END = None
-# Chunks waiting for the writer thread. Nothing reads hubcache's own request, so upstream is read
-# as fast as it sends: when the disk falls behind, the event loop waits here (backpressure)
-# rather than the proxy's memory growing with the blob.
-QUEUED_CHUNKS = 64
+# Chunks waiting for the writer thread (up to fetcher.CHUNK bytes each). Nothing reads hubcache's
+# own request, so upstream is read as fast as it sends: when the disk falls behind, the reader
+# waits here (backpressure) rather than the proxy's memory growing with the blob.
+QUEUED_CHUNKS = 16
 
 
 class State(Enum):
@@ -79,8 +79,8 @@ class Fill:
         self._leave(State.STREAMING)
 
     def sink(self, data: bytes) -> list[bytes]:
-        """mitmproxy's stream callable: runs on the event loop, so it only queues (and waits
-        only when the writer is QUEUED_CHUNKS behind)."""
+        """The stream callable: it only queues (and waits only when the writer is QUEUED_CHUNKS
+        behind, which holds the reading back)."""
         self.progress = time.monotonic()
         self._queue.put(data if data else _END)
         return []  # nobody reads hubcache's own request

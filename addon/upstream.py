@@ -3,7 +3,8 @@
 They run through mitmproxy's own proxy core, exactly like a client replay: the same upstream TLS
 verification (`ssl_verify_upstream_trusted_ca`, `ssl_insecure`), upstream proxy mode, name
 resolution, `upstream_map` and hooks as the client's own traffic. A user who configured mitmproxy
-configured these requests too.
+configured these requests too. A blob fill's request runs the same hooks but moves its bytes on a
+thread of its own (`fetcher.py`), off the event loop every client shares.
 
 Their answers are read whole only up to `MAX_ANSWER` bytes, counted as they arrive (whatever
 Content-Length, chunking or a content encoding claim); a blob fill streams its body to its file
@@ -22,7 +23,7 @@ from urllib.parse import urljoin
 from mitmproxy import ctx, http
 from mitmproxy.addons.clientplayback import ReplayHandler
 
-from . import protocol
+from . import fetcher, protocol
 from .flowdata import Mark
 
 logger = logging.getLogger(__name__)
@@ -164,17 +165,17 @@ class Upstream:
         circuits = ctx.master.addons.get("circuits")
         if circuits and (refused := circuits.refusal(flow.request.host, flow.client_conn)):
             raise Unreachable(refused)  # the host is down: not waited for (see circuits.py)
-        handler = ReplayHandler(flow, ctx.options)
-        task = asyncio.ensure_future(handler.replay())
+        exchange = _start(flow, idle_timeout)
+        task = exchange.task
         started = time.monotonic()
         while not task.done():
             await asyncio.wait({task}, timeout=min(1.0, idle_timeout))
             if reason := flow.metadata.get(Mark.UNREAD):
-                _cancel(handler, task, f"hubcache: {reason}")
+                exchange.cancel(f"hubcache: {reason}")
                 raise Unreadable(reason)
             last = max(started, progress()) if progress else started
             if not task.done() and time.monotonic() - last > idle_timeout:
-                _cancel(handler, task, "hubcache: upstream stopped answering")
+                exchange.cancel("hubcache: upstream stopped answering")
                 reason = f"upstream sent nothing for {idle_timeout:g}s"
                 if circuits:
                     circuits.failed(flow.request.host, reason, flow.request.url)
@@ -197,8 +198,22 @@ def redirected(request: http.Request, location: str) -> http.Request:
     return target
 
 
-def _cancel(handler: ReplayHandler, task: asyncio.Future, reason: str) -> None:
-    for io in handler.transports.values():
-        if io.handler:
-            io.handler.cancel(reason)
-    task.cancel()
+class _Replay:
+    """A subrequest through mitmproxy's proxy core, like a client replay."""
+
+    def __init__(self, flow: http.HTTPFlow):
+        self.handler = ReplayHandler(flow, ctx.options)
+        self.task = asyncio.ensure_future(self.handler.replay())
+
+    def cancel(self, reason: str) -> None:
+        for io in self.handler.transports.values():
+            if io.handler:
+                io.handler.cancel(reason)
+        self.task.cancel()
+
+
+def _start(flow: http.HTTPFlow, idle_timeout: float) -> _Replay | fetcher.Exchange:
+    """A blob fill's bytes run on a thread of their own (fetcher.py) wherever it can carry them."""
+    if flow.metadata.get(Mark.FILL) and fetcher.handles(flow):
+        return fetcher.Exchange(flow, idle_timeout)
+    return _Replay(flow)

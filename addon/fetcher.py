@@ -1,0 +1,423 @@
+"""A blob fill's upstream request, with its bytes on a thread of their own.
+
+mitmproxy's proxy core reads a response on its one event loop: every TLS record and body chunk of
+a large blob costs that loop Python work the clients then wait behind. A fill's request (and the
+redirects it follows) runs here instead: mitmproxy's addons still decide and see everything, in
+the order its core runs them (`requestheaders`, `request`, `server_connect` with `upstream_map`,
+`connect_addr` and its loop guard, `http_connect_upstream` for the upstream proxy and
+`upstream_auth`, `tls_start_server` for the TLS settings, `responseheaders`, `response` or
+`error`), while the connection, TLS (on the connection object `tls_start_server` made, so the
+same CAs, `ssl_insecure`, client certificates, versions and ciphers) and the body run on a
+thread. The body goes to the stream callable the `responseheaders` hook set (the fill's writer),
+called on that thread.
+
+Not handled here (`handles` says so), and sent through mitmproxy's core instead: an upstream
+proxy reached over TLS, and plain-HTTP requests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import threading
+import time
+from collections.abc import Callable
+
+import h11
+from mitmproxy import connection, ctx, http, tls
+from mitmproxy import flow as flow_module
+from mitmproxy.connection import Server
+from mitmproxy.net.http import http1
+from mitmproxy.proxy import server_hooks
+from mitmproxy.proxy.context import Context
+from mitmproxy.proxy.layers import http as http_layer
+from mitmproxy.proxy.layers import tls as tls_layer
+from mitmproxy.proxy.layers.http._hooks import HttpConnectUpstreamHook
+from mitmproxy.proxy.mode_specs import UpstreamMode
+from OpenSSL import SSL
+
+logger = logging.getLogger(__name__)
+
+READ_SIZE = 65536  # one socket read; the TLS records it holds are decrypted together
+CHUNK = 1024 * 1024  # body bytes handed to the fill's writer at once
+FLUSH = 0.05  # seconds: slow bytes are handed over no later than this, for the clients streaming them
+MAX_HEAD = 64 * 1024  # a response head (status line and headers) larger than this is refused
+
+
+class Failed(Exception):
+    """The exchange ended without a response; the message is mitmproxy's flow error."""
+
+
+class _NoConnection(Failed):
+    """The connection (or the upstream proxy's tunnel) could not be opened: what mitmproxy's
+    `server_connect_error` hook is told of."""
+
+
+def handles(flow: http.HTTPFlow) -> bool:
+    """Whether this module can carry the request: https, directly or through an HTTP proxy."""
+    if flow.request.scheme != "https":
+        return False
+    mode = _upstream_mode()
+    return mode is None or mode.scheme == "http"
+
+
+def _upstream_mode() -> UpstreamMode | None:
+    modes = ctx.options.mode
+    if modes and modes[0].startswith("upstream:"):
+        mode = UpstreamMode.parse(modes[0])
+        assert isinstance(mode, UpstreamMode)
+        return mode
+    return None
+
+
+class Exchange:
+    """One request and its response, as `ReplayHandler` would run it; `task` ends when the
+    response (or error) hook has run, and `cancel` cuts it."""
+
+    def __init__(self, flow: http.HTTPFlow, idle_timeout: float):
+        self.flow = flow
+        # A backstop only: upstream.run cuts an idle exchange first.
+        self.socket_timeout = 2 * max(idle_timeout, 1)
+        self._sock: socket.socket | None = None
+        self._conn: _Connection | None = None
+        self._cancelled = threading.Event()
+        self.task = asyncio.ensure_future(self._run())
+
+    def cancel(self, reason: str) -> None:
+        self._cancelled.set()
+        if self._conn is not None:
+            self._conn.proceed(None)
+        if self._sock is not None:
+            try:
+                self._sock.shutdown(socket.SHUT_RDWR)  # wakes the thread blocked reading it
+            except OSError:
+                pass
+        if not self.flow.error:
+            self.flow.error = flow_module.Error(reason)
+
+    async def _run(self) -> None:
+        flow = self.flow
+        hooks = ctx.master.addons
+        flow.live = True  # as in mitmproxy's core: an addon may kill it
+        await hooks.handle_lifecycle(http_layer.HttpRequestHeadersHook(flow))
+        await hooks.handle_lifecycle(http_layer.HttpRequestHook(flow))
+        if flow.response is None and not flow.error:
+            try:
+                await self._exchange()
+            except Failed as e:
+                flow.error = flow.error or flow_module.Error(str(e))  # cancel() said why first
+        if flow.response is not None and not flow.error:
+            await hooks.handle_lifecycle(http_layer.HttpResponseHook(flow))
+        else:
+            flow.response = None
+            flow.error = flow.error or flow_module.Error("no response")
+            await hooks.handle_lifecycle(http_layer.HttpErrorHook(flow))
+        flow.live = False
+
+    async def _exchange(self) -> None:
+        flow, hooks = self.flow, ctx.master.addons
+        request = flow.request
+        server = Server(address=(request.host, request.port), sni=request.pretty_host, tls=True, alpn_offers=[b"http/1.1"])
+        if mode := _upstream_mode():
+            server.via = (mode.scheme, mode.address)
+        data = server_hooks.ServerConnectionHookData(server=server, client=flow.client_conn)
+        await hooks.handle_lifecycle(server_hooks.ServerConnectHook(data))
+        if server.error:
+            await hooks.handle_lifecycle(server_hooks.ServerConnectErrorHook(data))
+            raise Failed(f"Connection killed: {server.error}")
+        connect = None
+        if server.via:
+            connect = self._connect_request(server)
+            await hooks.handle_lifecycle(HttpConnectUpstreamHook(connect))
+        context = Context(flow.client_conn, ctx.options)
+        context.server = server
+        start = tls.TlsData(server, context)
+        try:
+            await hooks.handle_lifecycle(tls_layer.TlsStartServerHook(start))
+        except (RuntimeError, ValueError) as e:  # TlsConfig: unreadable CA or client certificate
+            raise Failed(f"TLS settings: {e}") from e
+        assert start.ssl_conn, "tls_start_server made no TLS connection"
+        loop = asyncio.get_running_loop()
+        head: asyncio.Future[_Connection] = loop.create_future()
+        thread = threading.Thread(
+            target=self._transfer, args=(server, connect, start.ssl_conn, head, loop), name="hubcache fetch", daemon=True
+        )
+        thread.start()
+        try:
+            conn = await head
+        except _NoConnection as e:
+            server.error = str(e)
+            await hooks.handle_lifecycle(server_hooks.ServerConnectErrorHook(data))
+            raise
+        self._conn = conn
+        body = conn.body = loop.create_future()
+        try:
+            assert conn.response
+            flow.response = response = conn.response
+            await hooks.handle_lifecycle(http_layer.HttpResponseHeadersHook(flow))
+            if flow.error:  # killed: its body is not read
+                return
+            conn.proceed(response.stream)
+            try:
+                await body
+            except (OSError, h11.ProtocolError, SSL.Error) as e:
+                raise Failed(f"upstream's answer broke off: {e or type(e).__name__}") from e
+        finally:
+            conn.proceed(None)  # a thread still waiting for the go ends now
+            await asyncio.to_thread(thread.join)
+
+    @staticmethod
+    def _connect_request(server: Server) -> http.HTTPFlow:
+        """The CONNECT mitmproxy sends an HTTP upstream proxy, for the `http_connect_upstream` hook."""
+        assert server.address
+        host, port = server.address
+        authority = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        headers = http.Headers()
+        if ctx.options.http_connect_send_host_header:
+            headers["Host"] = authority
+        tunnel = connection.Server(address=server.via[1] if server.via else None)
+        flow = http.HTTPFlow(connection.Client(peername=("", 0), sockname=("", 0)), tunnel)
+        now = time.time()
+        flow.request = http.Request(host, port, b"CONNECT", b"", authority.encode(), b"", b"HTTP/1.1", headers, b"", None, now, now)
+        return flow
+
+    # on the thread
+
+    def _transfer(
+        self,
+        server: Server,
+        connect: http.HTTPFlow | None,
+        ssl_conn: SSL.Connection,
+        head: asyncio.Future[_Connection],
+        loop: asyncio.AbstractEventLoop,
+    ) -> None:
+        def settle(future: asyncio.Future, error: BaseException | None, value: object = None) -> None:
+            def set() -> None:
+                if future.done():
+                    return
+                if error is not None:
+                    future.set_exception(error)
+                else:
+                    future.set_result(value)
+
+            loop.call_soon_threadsafe(set)
+
+        conn = None
+        try:
+            try:
+                conn = self._open(server, connect, ssl_conn)
+                conn.read_head()
+            except Failed as e:
+                settle(head, e)
+                return
+            except SSL.Error as e:
+                settle(head, Failed(f"TLS with {server.sni} failed: {_ssl_reason(e)}"))
+                return
+            except (OSError, h11.ProtocolError) as e:
+                settle(head, Failed(f"upstream's answer is unreadable: {e or type(e).__name__}"))
+                return
+            settle(head, None, conn)
+            if (stream := conn.wait()) is None or self._cancelled.is_set():
+                return
+            assert conn.body
+            try:
+                conn.read_body(stream)
+            except (OSError, h11.ProtocolError, SSL.Error) as e:
+                settle(conn.body, e)
+            else:
+                settle(conn.body, None)
+        finally:
+            if self._sock is not None:
+                self._sock.close()
+
+    def _open(self, server: Server, connect: http.HTTPFlow | None, ssl_conn: SSL.Connection) -> _Connection:
+        assert server.address
+        target = server.via[1] if server.via else server.address
+        source = (server.sockname[0], 0) if server.sockname else None
+        try:
+            sock = self._sock = socket.create_connection(target, timeout=self.socket_timeout, source_address=source)
+            if self._cancelled.is_set():
+                raise OSError("cancelled")
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if connect is not None:
+                _tunnel(sock, connect)
+        except OSError as e:
+            raise _NoConnection(str(e) or type(e).__name__) from e
+        conn = _Connection(sock, ssl_conn, self.flow.request)
+        conn.handshake()
+        return conn
+
+
+def _ssl_reason(error: SSL.Error) -> str:
+    """OpenSSL's reason (e.g. 'certificate verify failed'), not its list of tuples."""
+    reasons = [part[-1] for part in (error.args[0] if error.args and isinstance(error.args[0], list) else []) if part]
+    return "; ".join(str(r) for r in reasons) or str(error) or type(error).__name__
+
+
+def _tunnel(sock: socket.socket, connect: http.HTTPFlow) -> None:
+    sock.sendall(http1.assemble_request(connect.request))
+    received = b""
+    while b"\r\n\r\n" not in received:
+        if len(received) > MAX_HEAD or not (data := sock.recv(4096)):
+            raise _NoConnection("the upstream proxy closed the connection during CONNECT")
+        received += data
+    head, _, rest = received.partition(b"\r\n\r\n")
+    response = http1.read_response_head(head.split(b"\r\n"))
+    if not 200 <= response.status_code < 300:
+        raise _NoConnection(f"Upstream proxy refused HTTP CONNECT request: {response.status_code} {response.reason}")
+    if rest:
+        raise _NoConnection("the upstream proxy sent data before TLS")
+
+
+class _Connection:
+    """TLS over a blocking socket through the memory BIO of mitmproxy's connection object, and
+    HTTP/1.1 over it (h11)."""
+
+    def __init__(self, sock: socket.socket, ssl_conn: SSL.Connection, request: http.Request):
+        self.sock = sock
+        self.tls = ssl_conn
+        self.request = request
+        self.http = h11.Connection(h11.CLIENT, max_incomplete_event_size=MAX_HEAD)
+        self.response: http.Response | None = None
+        self.body: asyncio.Future[None] | None = None  # settled once the body is read
+        self._go = threading.Event()
+        self._stream: Callable[[bytes], object] | None = None
+
+    # TLS
+
+    def handshake(self) -> None:
+        while True:
+            try:
+                self.tls.do_handshake()
+                break
+            except SSL.WantReadError:
+                self._flush()
+                self._fill()
+        self._flush()
+
+    def _flush(self) -> None:
+        while True:
+            try:
+                data = self.tls.bio_read(READ_SIZE)
+            except SSL.WantReadError:
+                return
+            self.sock.sendall(data)
+
+    def _fill(self) -> bool:
+        data = self.sock.recv(READ_SIZE)
+        if not data:
+            self.tls.bio_shutdown()
+            return False
+        self.tls.bio_write(data)
+        return True
+
+    def _read(self) -> bytes:
+        """What one socket read brought, decrypted (b'' at the end)."""
+        parts: list[bytes] = []
+        while True:
+            try:
+                parts.append(self.tls.recv(16384))  # a TLS record's most
+            except SSL.WantReadError:
+                if parts:
+                    return b"".join(parts)
+                self._flush()
+                self._fill()
+            except SSL.ZeroReturnError:
+                return b"".join(parts)
+            except SSL.SysCallError as e:
+                if parts:
+                    return b"".join(parts)
+                if e.args and e.args[0] == -1:  # EOF without close_notify: h11 decides if it was whole
+                    return b""
+                raise OSError(str(e)) from e
+
+    def _send(self, data: bytes) -> None:
+        self.tls.sendall(data)
+        self._flush()
+
+    # HTTP/1.1
+
+    def read_head(self) -> None:
+        request = self.request
+        headers = [(k, v) for k, v in request.headers.fields if not k.startswith(b":") and k.lower() != b"host"]
+        host = request.host_header or request.authority or request.pretty_host
+        headers.insert(0, (b"Host", host.encode("idna") if not host.isascii() else host.encode()))
+        self._send(self.http.send(h11.Request(method=request.method, target=request.path, headers=headers)) or b"")
+        self._send(self.http.send(h11.EndOfMessage()) or b"")
+        while True:
+            event = self._next()
+            if isinstance(event, h11.InformationalResponse):
+                continue
+            if isinstance(event, h11.Response):
+                self.response = http.Response(
+                    b"HTTP/1.1", event.status_code, event.reason, http.Headers(list(event.headers.raw_items())),
+                    None, None, time.time(), None,
+                )
+                return
+            raise h11.RemoteProtocolError(f"unexpected {type(event).__name__} before the response")
+
+    def proceed(self, stream: object) -> None:
+        """From the event loop, once the `responseheaders` hook ran: the stream callable it set
+        for the body, or None (not a callable): the body is not read."""
+        if not self._go.is_set():
+            self._stream = stream if callable(stream) else None
+            self._go.set()
+
+    def wait(self) -> Callable[[bytes], object] | None:
+        self._go.wait()
+        return self._stream
+
+    def read_body(self, stream: Callable[[bytes], object]) -> None:
+        """Send the body to the stream callable in chunks of up to CHUNK bytes (sooner when the
+        bytes come slowly); then b'' to it, as mitmproxy's core does at the end. A body framed by
+        Content-Length is read past h11, which would cost Python work per socket read."""
+        assert self.response
+        out = _Chunks(stream)
+        length = self.response.headers.get("content-length", "")
+        if "transfer-encoding" in self.response.headers or not length.isdigit():
+            while not isinstance(event := self._next(), h11.EndOfMessage):
+                if not isinstance(event, h11.Data):
+                    raise h11.RemoteProtocolError(f"unexpected {type(event).__name__} in the body")
+                out.add(event.data)
+        else:
+            left = int(length)
+            if left and isinstance(event := self._next(), h11.Data):  # what came with the head
+                out.add(event.data)
+                left -= len(event.data)
+            while left > 0:
+                if not (data := self._read()):
+                    raise h11.RemoteProtocolError(f"the connection closed {left} bytes before the end of the body")
+                out.add(data[:left])
+                left -= len(data)
+        out.flush()
+        stream(b"")
+        self.response.timestamp_end = time.time()
+
+    def _next(self) -> object:
+        while (event := self.http.next_event()) is h11.NEED_DATA:
+            self.http.receive_data(self._read())
+        return event
+
+
+class _Chunks:
+    """Gathers body bytes into chunks of up to CHUNK bytes, each handed over within FLUSH seconds."""
+
+    def __init__(self, stream: Callable[[bytes], object]):
+        self.stream = stream
+        self.parts: list[bytes] = []
+        self.size = 0
+        self.since = time.monotonic()
+
+    def add(self, data: bytes) -> None:
+        self.parts.append(data)
+        self.size += len(data)
+        if self.size >= CHUNK or time.monotonic() - self.since > FLUSH:
+            self.flush()
+
+    def flush(self) -> None:
+        if self.parts:
+            self.stream(b"".join(self.parts))
+            self.parts.clear()
+            self.size = 0
+        self.since = time.monotonic()
