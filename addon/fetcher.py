@@ -45,6 +45,10 @@ FLUSH = 0.05  # seconds: slow bytes are handed over no later than this, for the 
 MAX_HEAD = 64 * 1024  # a response head (status line and headers) larger than this is refused
 
 
+# Where body bytes go: the stream callable the `responseheaders` hook set (the fill's writer).
+Stream = Callable[[bytes | bytearray], object]
+
+
 class Failed(Exception):
     """The exchange ended without a response; the message is mitmproxy's flow error."""
 
@@ -282,7 +286,7 @@ class _Connection:
         self.response: http.Response | None = None
         self.body: asyncio.Future[None] | None = None  # settled once the body is read
         self._go = threading.Event()
-        self._stream: Callable[[bytes], object] | None = None
+        self._stream: Stream | None = None
 
     # TLS
 
@@ -332,6 +336,21 @@ class _Connection:
                     return b""
                 raise OSError(str(e)) from e
 
+    def _read_into(self, view: memoryview) -> int:
+        """Decrypt into `view`, a TLS record at most; 0 at the end."""
+        while True:
+            try:
+                return self.tls.recv_into(view, min(len(view), 16384))  # type: ignore[arg-type]  # any writable buffer
+            except SSL.WantReadError:
+                self._flush()
+                self._fill()
+            except SSL.ZeroReturnError:
+                return 0
+            except SSL.SysCallError as e:
+                if e.args and e.args[0] == -1:  # EOF without close_notify: the length says if it was whole
+                    return 0
+                raise OSError(str(e)) from e
+
     def _send(self, data: bytes) -> None:
         self.tls.sendall(data)
         self._flush()
@@ -364,11 +383,11 @@ class _Connection:
             self._stream = stream if callable(stream) else None
             self._go.set()
 
-    def wait(self) -> Callable[[bytes], object] | None:
+    def wait(self) -> Stream | None:
         self._go.wait()
         return self._stream
 
-    def read_body(self, stream: Callable[[bytes], object]) -> None:
+    def read_body(self, stream: Stream) -> None:
         """Send the body to the stream callable in chunks of up to CHUNK bytes (sooner when the
         bytes come slowly); then b'' to it, as mitmproxy's core does at the end. A body framed by
         Content-Length is read past h11, which would cost Python work per socket read."""
@@ -385,11 +404,18 @@ class _Connection:
             if left and isinstance(event := self._next(), h11.Data):  # what came with the head
                 out.add(event.data)
                 left -= len(event.data)
+            out.flush()
             while left > 0:
-                if not (data := self._read()):
-                    raise h11.RemoteProtocolError(f"the connection closed {left} bytes before the end of the body")
-                out.add(data[:left])
-                left -= len(data)
+                # Decrypted straight into the chunk the writer gets: no copy in between.
+                chunk = bytearray(min(CHUNK, left))
+                view, got, since = memoryview(chunk), 0, time.monotonic()
+                while got < len(chunk) and time.monotonic() - since < FLUSH:
+                    if not (n := self._read_into(view[got:])):
+                        raise h11.RemoteProtocolError(f"the connection closed {left - got} bytes before the end of the body")
+                    got += n
+                view.release()
+                stream(chunk if got == len(chunk) else chunk[:got])
+                left -= got
         out.flush()
         stream(b"")
         self.response.timestamp_end = time.time()
@@ -403,7 +429,7 @@ class _Connection:
 class _Chunks:
     """Gathers body bytes into chunks of up to CHUNK bytes, each handed over within FLUSH seconds."""
 
-    def __init__(self, stream: Callable[[bytes], object]):
+    def __init__(self, stream: Stream):
         self.stream = stream
         self.parts: list[bytes] = []
         self.size = 0

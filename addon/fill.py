@@ -59,7 +59,7 @@ class Fill:
         self.answered = asyncio.Event()  # set once the state is no longer DECIDING
         self.done = asyncio.Event()
         self.progress = time.monotonic()  # when the last bytes arrived
-        self._queue: queue.Queue[bytes | None] = queue.Queue(QUEUED_CHUNKS)
+        self._queue: queue.Queue[bytes | bytearray | None] = queue.Queue(QUEUED_CHUNKS)
         self._thread = threading.Thread(target=self._drain, name="hubcache fill", daemon=True)
 
     @property
@@ -78,7 +78,7 @@ class Fill:
         self._thread.start()
         self._leave(State.STREAMING)
 
-    def sink(self, data: bytes) -> list[bytes]:
+    def sink(self, data: bytes | bytearray) -> list[bytes]:
         """The stream callable: it only queues (and waits only when the writer is QUEUED_CHUNKS
         behind, which holds the reading back)."""
         self.progress = time.monotonic()

@@ -121,6 +121,28 @@ MUTANTS: list[Mutant] = [
         ["test_a_growing_fill_is_streamed_and_its_end_waits_for_the_commit"],
         INTEGRATION,
     ),
+    # -- a fill's request off the event loop (fetcher.py)
+    mutant(
+        "fill-bytes-on-the-event-loop",
+        "a blob fill's bytes are read on a thread of their own, not on mitmproxy's event loop",
+        Edit("if flow.metadata.get(Mark.FILL) and fetcher.handles(flow):", "if False:"),
+        ["test_the_body_arrives_off_the_event_loop_with_every_hook_in_order"],
+        UNIT,
+    ),
+    mutant(
+        "fetch-skips-server-connect",
+        "a fill's connection goes where mitmproxy's server_connect hook says (upstream_map, connect_addr)",
+        Edit("await hooks.handle_lifecycle(server_hooks.ServerConnectHook(data))", "pass"),
+        ["test_the_body_arrives_off_the_event_loop_with_every_hook_in_order", "test_an_upstream_proxy_carries_it_with_its_credentials_to_the_mapped_address"],
+        UNIT,
+    ),
+    mutant(
+        "fetch-accepts-a-cut-body",
+        "a fill's body that ends before its Content-Length is no answer",
+        Edit('raise h11.RemoteProtocolError(f"the connection closed {left - got} bytes before the end of the body")', "return"),
+        ["test_a_body_cut_short_is_no_answer"],
+        UNIT,
+    ),
     # -- manifest digest verification
     mutant(
         "manifest-digest-not-checked",
