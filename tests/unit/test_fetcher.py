@@ -53,6 +53,12 @@ class Handler(BaseHTTPRequestHandler):
             self.wfile.write(BODY[:1000])
             self.wfile.flush()
             self.release.wait(30)
+        elif self.path == "/garbage":
+            self.wfile.write(b"SSH-2.0-OpenSSH\r\n\r\n")
+            self.close_connection = True
+        elif self.path == "/huge-head":
+            self._head(200, {"X-Filler": "x" * 100_000, "Content-Length": "0"})
+            self.close_connection = True
         else:
             self._head(404, {"Content-Length": "9"})
             self.wfile.write(b"not found")
@@ -268,3 +274,10 @@ async def test_an_upstream_proxy_carries_it_with_its_credentials_to_the_mapped_a
     finally:
         proxy.shutdown()
         proxy.server_close()
+
+
+@pytest.mark.parametrize("path", ["/garbage", "/huge-head"])
+async def test_an_answer_that_is_not_http_is_no_answer(tctx, hooks, path):
+    with pytest.raises(upstream.Unreachable, match="unreadable"):
+        await upstream.Upstream().run(fill_flow(path), 10)
+    assert hooks.chunks == [] and hooks.seen[-1] == "error"
