@@ -163,10 +163,7 @@ class Exchange:
             if flow.error:  # killed: its body is not read
                 return
             conn.proceed(response.stream)
-            try:
-                await body
-            except (OSError, h11.ProtocolError, SSL.Error) as e:
-                raise Failed(f"upstream's answer broke off: {e or type(e).__name__}") from e
+            await body
         finally:
             conn.proceed(None)  # a thread still waiting for the go ends now
             await asyncio.to_thread(thread.join)
@@ -205,21 +202,17 @@ class Exchange:
                 else:
                     future.set_result(value)
 
-            loop.call_soon_threadsafe(set)
+            try:
+                loop.call_soon_threadsafe(set)
+            except RuntimeError:  # the loop closed: mitmproxy is shutting down
+                pass
 
-        conn = None
         try:
             try:
                 conn = self._open(server, connect, ssl_conn)
                 conn.read_head()
-            except Failed as e:
-                settle(head, e)
-                return
-            except SSL.Error as e:
-                settle(head, Failed(f"TLS with {server.sni} failed: {_ssl_reason(e)}"))
-                return
-            except (OSError, h11.ProtocolError) as e:
-                settle(head, Failed(f"upstream's answer is unreadable: {e or type(e).__name__}"))
+            except Exception as e:
+                settle(head, _failure(e, server))
                 return
             settle(head, None, conn)
             if (stream := conn.wait()) is None or self._cancelled.is_set():
@@ -227,8 +220,8 @@ class Exchange:
             assert conn.body
             try:
                 conn.read_body(stream)
-            except (OSError, h11.ProtocolError, SSL.Error) as e:
-                settle(conn.body, e)
+            except Exception as e:
+                settle(conn.body, _failure(e, server, "upstream's answer broke off"))
             else:
                 settle(conn.body, None)
         finally:
@@ -253,6 +246,19 @@ class Exchange:
         return conn
 
 
+def _failure(error: Exception, server: Server, what: str = "upstream's answer is unreadable") -> Failed:
+    """Any error on the thread, as one line for the flow (and the operator)."""
+    if isinstance(error, Failed):
+        return error
+    if isinstance(error, SSL.Error):
+        return Failed(f"TLS with {server.sni} failed: {_ssl_reason(error)}")
+    if isinstance(error, h11.LocalProtocolError):
+        return Failed(f"hubcache could not write the request: {error}")
+    if not isinstance(error, (OSError, h11.ProtocolError)):
+        logger.error(f"hubcache: fetching from {server.sni} failed unexpectedly", exc_info=error)
+    return Failed(f"{what}: {error or type(error).__name__}")
+
+
 def _ssl_reason(error: SSL.Error) -> str:
     """OpenSSL's reason (e.g. 'certificate verify failed'), not its list of tuples."""
     reasons = [part[-1] for part in (error.args[0] if error.args and isinstance(error.args[0], list) else []) if part]
@@ -267,7 +273,10 @@ def _tunnel(sock: socket.socket, connect: http.HTTPFlow) -> None:
             raise _NoConnection("the upstream proxy closed the connection during CONNECT")
         received += data
     head, _, rest = received.partition(b"\r\n\r\n")
-    response = http1.read_response_head(head.split(b"\r\n"))
+    try:
+        response = http1.read_response_head(head.split(b"\r\n"))
+    except ValueError as e:
+        raise _NoConnection(f"the upstream proxy's answer to CONNECT is unreadable: {e}") from e
     if not 200 <= response.status_code < 300:
         raise _NoConnection(f"Upstream proxy refused HTTP CONNECT request: {response.status_code} {response.reason}")
     if rest:
@@ -308,13 +317,11 @@ class _Connection:
                 return
             self.sock.sendall(data)
 
-    def _fill(self) -> bool:
-        data = self.sock.recv(READ_SIZE)
-        if not data:
-            self.tls.bio_shutdown()
-            return False
-        self.tls.bio_write(data)
-        return True
+    def _fill(self) -> None:
+        if data := self.sock.recv(READ_SIZE):
+            self.tls.bio_write(data)
+        else:
+            self.tls.bio_shutdown()  # TLS tells a clean end (close_notify) from a cut
 
     def _read(self) -> bytes:
         """What one socket read brought, decrypted (b'' at the end)."""
@@ -369,6 +376,9 @@ class _Connection:
             if isinstance(event, h11.InformationalResponse):
                 continue
             if isinstance(event, h11.Response):
+                # h11 bounds only a head still incomplete; one that arrived whole is bounded here.
+                if sum(len(name) + len(value) + 4 for name, value in event.headers.raw_items()) > MAX_HEAD:
+                    raise h11.RemoteProtocolError(f"its head is larger than {MAX_HEAD} bytes")
                 self.response = http.Response(
                     b"HTTP/1.1", event.status_code, event.reason, http.Headers(list(event.headers.raw_items())),
                     None, None, time.time(), None,

@@ -133,7 +133,10 @@ MUTANTS: list[Mutant] = [
         "fetch-skips-server-connect",
         "a fill's connection goes where mitmproxy's server_connect hook says (upstream_map, connect_addr)",
         Edit("await hooks.handle_lifecycle(server_hooks.ServerConnectHook(data))", "pass"),
-        ["test_the_body_arrives_off_the_event_loop_with_every_hook_in_order", "test_an_upstream_proxy_carries_it_with_its_credentials_to_the_mapped_address"],
+        [
+            "test_the_body_arrives_off_the_event_loop_with_every_hook_in_order",
+            "test_an_upstream_proxy_carries_it_with_its_credentials_to_the_mapped_address",
+        ],
         UNIT,
     ),
     mutant(

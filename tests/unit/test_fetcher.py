@@ -281,3 +281,19 @@ async def test_an_answer_that_is_not_http_is_no_answer(tctx, hooks, path):
     with pytest.raises(upstream.Unreachable, match="unreadable"):
         await upstream.Upstream().run(fill_flow(path), 10)
     assert hooks.chunks == [] and hooks.seen[-1] == "error"
+
+
+async def test_an_error_nobody_expected_on_the_thread_ends_the_exchange(tctx, hooks, caplog):
+    def broken(data: bytes) -> list[bytes]:
+        raise ValueError("a bug in the stream callable")
+
+    class Broken:
+        def responseheaders(self, flow: http.HTTPFlow) -> None:
+            assert flow.response
+            flow.response.stream = broken
+
+    tctx.master.addons.add(Broken())  # after Hooks: its stream callable is the one used
+    with pytest.raises(upstream.Unreachable, match="a bug in the stream callable"):
+        await upstream.Upstream().run(fill_flow("/blob"), 10)
+    assert hooks.seen[-1] == "error"
+    assert "failed unexpectedly" in caplog.text
