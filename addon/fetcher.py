@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import select
 import socket
 import threading
 import time
@@ -41,7 +42,7 @@ logger = logging.getLogger(__name__)
 
 READ_SIZE = 65536  # one socket read; the TLS records it holds are decrypted together
 CHUNK = 1024 * 1024  # body bytes handed to the fill's writer at once
-FLUSH = 0.05  # seconds: slow bytes are handed over no later than this, for the clients streaming them
+FLUSH = 0.05  # seconds: bytes are handed over no later than this after they came, for the clients streaming them
 MAX_HEAD = 64 * 1024  # a response head (status line and headers) larger than this is refused
 
 
@@ -317,14 +318,19 @@ class _Connection:
                 return
             self.sock.sendall(data)
 
-    def _fill(self) -> None:
+    def _fill(self, deadline: float | None = None) -> bool:
+        """One socket read into TLS. With a deadline, False when nothing arrived by then."""
+        if deadline is not None and not select.select([self.sock], [], [], max(0.0, deadline - time.monotonic()))[0]:
+            return False
         if data := self.sock.recv(READ_SIZE):
             self.tls.bio_write(data)
         else:
             self.tls.bio_shutdown()  # TLS tells a clean end (close_notify) from a cut
+        return True
 
-    def _read(self) -> bytes:
-        """What one socket read brought, decrypted (b'' at the end)."""
+    def _read(self, deadline: float | None = None) -> bytes | None:
+        """What one socket read brought, decrypted: b'' at the end, None when nothing came by
+        the deadline."""
         parts: list[bytes] = []
         while True:
             try:
@@ -333,7 +339,8 @@ class _Connection:
                 if parts:
                     return b"".join(parts)
                 self._flush()
-                self._fill()
+                if not self._fill(deadline):
+                    return None
             except SSL.ZeroReturnError:
                 return b"".join(parts)
             except SSL.SysCallError as e:
@@ -343,14 +350,16 @@ class _Connection:
                     return b""
                 raise OSError(str(e)) from e
 
-    def _read_into(self, view: memoryview) -> int:
-        """Decrypt into `view`, a TLS record at most; 0 at the end."""
+    def _read_into(self, view: memoryview, deadline: float | None) -> int | None:
+        """Decrypt into `view`, a TLS record at most: 0 at the end, None when nothing came by
+        the deadline."""
         while True:
             try:
                 return self.tls.recv_into(view, min(len(view), 16384))  # type: ignore[arg-type]  # any writable buffer
             except SSL.WantReadError:
                 self._flush()
-                self._fill()
+                if not self._fill(deadline):
+                    return None
             except SSL.ZeroReturnError:
                 return 0
             except SSL.SysCallError as e:
@@ -398,57 +407,66 @@ class _Connection:
         return self._stream
 
     def read_body(self, stream: Stream) -> None:
-        """Send the body to the stream callable in chunks of up to CHUNK bytes (sooner when the
-        bytes come slowly); then b'' to it, as mitmproxy's core does at the end. A body framed by
-        Content-Length is read past h11, which would cost Python work per socket read."""
+        """Send the body to the stream callable in chunks of up to CHUNK bytes, each handed over
+        within FLUSH seconds of its first byte (a stalled upstream leaves nothing held back);
+        then b'' to it, as mitmproxy's core does at the end. A body framed by Content-Length is
+        read past h11, which would cost Python work per socket read."""
         assert self.response
-        out = _Chunks(stream)
         length = self.response.headers.get("content-length", "")
         if "transfer-encoding" in self.response.headers or not length.isdigit():
-            while not isinstance(event := self._next(), h11.EndOfMessage):
-                if not isinstance(event, h11.Data):
+            out = _Chunks(stream)
+            while not isinstance(event := self.http.next_event(), h11.EndOfMessage):
+                if event is h11.NEED_DATA:
+                    if (data := self._read(out.deadline)) is None:
+                        out.flush()
+                    else:
+                        self.http.receive_data(data)
+                elif isinstance(event, h11.Data):
+                    out.add(event.data)
+                else:
                     raise h11.RemoteProtocolError(f"unexpected {type(event).__name__} in the body")
-                out.add(event.data)
+            out.flush()
         else:
             left = int(length)
-            if left and isinstance(event := self._next(), h11.Data):  # what came with the head
-                out.add(event.data)
-                left -= len(event.data)
-            out.flush()
+            if left and isinstance(first := self._next(), h11.Data):  # what came with the head
+                stream(first.data)
+                left -= len(first.data)
             while left > 0:
                 # Decrypted straight into the chunk the writer gets: no copy in between.
                 chunk = bytearray(min(CHUNK, left))
-                view, got, since = memoryview(chunk), 0, time.monotonic()
-                while got < len(chunk) and time.monotonic() - since < FLUSH:
-                    if not (n := self._read_into(view[got:])):
+                view, got, deadline = memoryview(chunk), 0, None
+                while got < len(chunk) and (n := self._read_into(view[got:], deadline)) is not None:
+                    if not n:
                         raise h11.RemoteProtocolError(f"the connection closed {left - got} bytes before the end of the body")
+                    deadline = deadline or time.monotonic() + FLUSH
                     got += n
                 view.release()
                 stream(chunk if got == len(chunk) else chunk[:got])
                 left -= got
-        out.flush()
         stream(b"")
         self.response.timestamp_end = time.time()
 
     def _next(self) -> object:
         while (event := self.http.next_event()) is h11.NEED_DATA:
-            self.http.receive_data(self._read())
+            self.http.receive_data(self._read() or b"")
         return event
 
 
 class _Chunks:
-    """Gathers body bytes into chunks of up to CHUNK bytes, each handed over within FLUSH seconds."""
+    """Gathers body bytes into chunks of up to CHUNK bytes; `deadline` is when the first byte
+    waiting must be handed over (None: nothing waits)."""
 
     def __init__(self, stream: Stream):
         self.stream = stream
         self.parts: list[bytes] = []
         self.size = 0
-        self.since = time.monotonic()
+        self.deadline: float | None = None
 
     def add(self, data: bytes) -> None:
         self.parts.append(data)
         self.size += len(data)
-        if self.size >= CHUNK or time.monotonic() - self.since > FLUSH:
+        self.deadline = self.deadline or time.monotonic() + FLUSH
+        if self.size >= CHUNK or time.monotonic() > self.deadline:
             self.flush()
 
     def flush(self) -> None:
@@ -456,4 +474,4 @@ class _Chunks:
             self.stream(b"".join(self.parts))
             self.parts.clear()
             self.size = 0
-        self.since = time.monotonic()
+        self.deadline = None

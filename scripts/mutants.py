@@ -140,6 +140,13 @@ MUTANTS: list[Mutant] = [
         UNIT,
     ),
     mutant(
+        "fetch-holds-bytes-while-upstream-pauses",
+        "bytes of a fill that came are handed to its writer even while upstream sends nothing more",
+        Edit("if deadline is not None and not select.select(", "if False and not select.select("),
+        ["test_bytes_before_a_pause_are_handed_over_while_upstream_pauses"],
+        UNIT,
+    ),
+    mutant(
         "fetch-accepts-a-cut-body",
         "a fill's body that ends before its Content-Length is no answer",
         Edit('raise h11.RemoteProtocolError(f"the connection closed {left - got} bytes before the end of the body")', "return"),

@@ -4,6 +4,7 @@ its TLS settings hold, and every way the answer can break ends as the same Upstr
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import os
 import socket
@@ -53,6 +54,12 @@ class Handler(BaseHTTPRequestHandler):
             self.wfile.write(BODY[:1000])
             self.wfile.flush()
             self.release.wait(30)
+        elif self.path == "/pause":
+            self._head(200, {"Content-Length": str(len(BODY))})
+            self.wfile.write(BODY[:1000])
+            self.wfile.flush()
+            self.release.wait(30)
+            self.wfile.write(BODY[1000:])
         elif self.path == "/garbage":
             self.wfile.write(b"SSH-2.0-OpenSSH\r\n\r\n")
             self.close_connection = True
@@ -102,6 +109,7 @@ class Hooks:
     def __init__(self) -> None:
         self.seen: list[str] = []
         self.chunks: list[tuple[bytes, int]] = []
+        self.arrived = threading.Event()  # set with each chunk
 
     def requestheaders(self, flow: http.HTTPFlow) -> None:
         self.seen.append("requestheaders")
@@ -122,7 +130,12 @@ class Hooks:
         self.seen.append("responseheaders")
         assert flow.response
         if flow.response.status_code == 200:
-            flow.response.stream = lambda data: self.chunks.append((data, threading.get_ident())) or []
+            flow.response.stream = self._take
+
+    def _take(self, data: bytes) -> list[bytes]:
+        self.chunks.append((data, threading.get_ident()))
+        self.arrived.set()
+        return []
 
     def response(self, flow: http.HTTPFlow) -> None:
         self.seen.append("response")
@@ -171,6 +184,16 @@ async def test_the_body_arrives_off_the_event_loop_with_every_hook_in_order(tctx
     assert hooks.seen == ["requestheaders", "request", "server_connect", "tls_start_server", "responseheaders", "response"]
     (path, headers), = server.requests
     assert path == "/blob" and headers["Host"] == HOST and headers["Authorization"] == "Bearer t"
+
+
+async def test_bytes_before_a_pause_are_handed_over_while_upstream_pauses(tctx, hooks):
+    """The clients streaming a fill read its file: what came must not wait for what comes next."""
+    fetch = asyncio.ensure_future(upstream.Upstream().run(fill_flow("/pause"), 10))
+    assert await asyncio.to_thread(hooks.arrived.wait, 10)
+    assert hooks.body == BODY[:1000]  # upstream is still paused
+    Handler.release.set()
+    assert (await fetch).status_code == 200
+    assert hooks.body == BODY
 
 
 async def test_a_chunked_body_is_decoded(tctx, hooks):
