@@ -28,6 +28,7 @@ from hubcache.hosts import UpstreamOverride
 
 BODY = os.urandom(3 * 1024 * 1024 + 17)  # more than one chunk
 HOST = "registry.test"  # resolved by upstream_map only
+PAUSE_AT = 300_000  # more than one socket read: the pause falls inside a chunk being gathered
 
 
 class Handler(BaseHTTPRequestHandler):
@@ -56,10 +57,10 @@ class Handler(BaseHTTPRequestHandler):
             self.release.wait(30)
         elif self.path == "/pause":
             self._head(200, {"Content-Length": str(len(BODY))})
-            self.wfile.write(BODY[:1000])
+            self.wfile.write(BODY[:PAUSE_AT])
             self.wfile.flush()
             self.release.wait(30)
-            self.wfile.write(BODY[1000:])
+            self.wfile.write(BODY[PAUSE_AT:])
         elif self.path == "/garbage":
             self.wfile.write(b"SSH-2.0-OpenSSH\r\n\r\n")
             self.close_connection = True
@@ -109,7 +110,8 @@ class Hooks:
     def __init__(self) -> None:
         self.seen: list[str] = []
         self.chunks: list[tuple[bytes, int]] = []
-        self.arrived = threading.Event()  # set with each chunk
+        self.wanted = 1
+        self.arrived = threading.Event()  # set once `wanted` bytes came
 
     def requestheaders(self, flow: http.HTTPFlow) -> None:
         self.seen.append("requestheaders")
@@ -134,7 +136,8 @@ class Hooks:
 
     def _take(self, data: bytes) -> list[bytes]:
         self.chunks.append((data, threading.get_ident()))
-        self.arrived.set()
+        if len(self.body) >= self.wanted:
+            self.arrived.set()
         return []
 
     def response(self, flow: http.HTTPFlow) -> None:
@@ -188,9 +191,10 @@ async def test_the_body_arrives_off_the_event_loop_with_every_hook_in_order(tctx
 
 async def test_bytes_before_a_pause_are_handed_over_while_upstream_pauses(tctx, hooks):
     """The clients streaming a fill read its file: what came must not wait for what comes next."""
+    hooks.wanted = PAUSE_AT
     fetch = asyncio.ensure_future(upstream.Upstream().run(fill_flow("/pause"), 10))
     assert await asyncio.to_thread(hooks.arrived.wait, 10)
-    assert hooks.body == BODY[:1000]  # upstream is still paused
+    assert hooks.body == BODY[:PAUSE_AT]  # upstream is still paused
     Handler.release.set()
     assert (await fetch).status_code == 200
     assert hooks.body == BODY
