@@ -82,8 +82,7 @@ class Exchange:
 
     def __init__(self, flow: http.HTTPFlow, idle_timeout: float):
         self.flow = flow
-        # A backstop only: upstream.run cuts an idle exchange first.
-        self.socket_timeout = 2 * max(idle_timeout, 1)
+        self.connect_timeout = idle_timeout  # after it, upstream.run cuts an idle exchange
         self._sock: socket.socket | None = None
         self._conn: _Connection | None = None
         self._cancelled = threading.Event()
@@ -234,12 +233,14 @@ class Exchange:
         target = server.via[1] if server.via else server.address
         source = (server.sockname[0], 0) if server.sockname else None
         try:
-            sock = self._sock = socket.create_connection(target, timeout=self.socket_timeout, source_address=source)
+            sock = self._sock = socket.create_connection(target, timeout=self.connect_timeout, source_address=source)
             if self._cancelled.is_set():
                 raise OSError("cancelled")
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             if connect is not None:
                 _tunnel(sock, connect)
+            # Blocking from here on: cancel() wakes a read by shutting the socket down.
+            sock.settimeout(None)
         except OSError as e:
             raise _NoConnection(str(e) or type(e).__name__) from e
         conn = _Connection(sock, ssl_conn, self.flow.request)
@@ -320,9 +321,15 @@ class _Connection:
 
     def _fill(self, deadline: float | None = None) -> bool:
         """One socket read into TLS. With a deadline, False when nothing arrived by then."""
-        if deadline is not None and not select.select([self.sock], [], [], max(0.0, deadline - time.monotonic()))[0]:
-            return False
-        if data := self.sock.recv(READ_SIZE):
+        try:
+            # One syscall when bytes are waiting, the common case of a fast transfer.
+            data = self.sock.recv(READ_SIZE, socket.MSG_DONTWAIT if deadline is not None else 0)
+        except BlockingIOError:
+            assert deadline is not None
+            if not select.select([self.sock], [], [], max(0.0, deadline - time.monotonic()))[0]:
+                return False
+            data = self.sock.recv(READ_SIZE)
+        if data:
             self.tls.bio_write(data)
         else:
             self.tls.bio_shutdown()  # TLS tells a clean end (close_notify) from a cut
