@@ -24,6 +24,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable
+from typing import Any, cast
 
 import h11
 from mitmproxy import connection, ctx, http, tls
@@ -362,7 +363,8 @@ class _Connection:
         the deadline."""
         while True:
             try:
-                return self.tls.recv_into(view, min(len(view), 16384))  # type: ignore[arg-type]  # any writable buffer
+                # Any writable buffer does; pyOpenSSL's annotation has named other types across versions.
+                return self.tls.recv_into(cast(Any, view), min(len(view), 16384))
             except SSL.WantReadError:
                 self._flush()
                 if not self._fill(deadline):
