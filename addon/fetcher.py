@@ -83,7 +83,8 @@ class Exchange:
 
     def __init__(self, flow: http.HTTPFlow, idle_timeout: float):
         self.flow = flow
-        self.connect_timeout = idle_timeout  # after it, upstream.run cuts an idle exchange
+        # Connecting may take this long; once connected, upstream.run's idle check cuts a silent exchange.
+        self.connect_timeout = idle_timeout
         self._sock: socket.socket | None = None
         self._conn: _Connection | None = None
         self._cancelled = threading.Event()
