@@ -338,26 +338,11 @@ class _Connection:
         return True
 
     def _read(self, deadline: float | None = None) -> bytes | None:
-        """What one socket read brought, decrypted: b'' at the end, None when nothing came by
-        the deadline."""
-        parts: list[bytes] = []
-        while True:
-            try:
-                parts.append(self.tls.recv(16384))  # a TLS record's most
-            except SSL.WantReadError:
-                if parts:
-                    return b"".join(parts)
-                self._flush()
-                if not self._fill(deadline):
-                    return None
-            except SSL.ZeroReturnError:
-                return b"".join(parts)
-            except SSL.SysCallError as e:
-                if parts:
-                    return b"".join(parts)
-                if e.args and e.args[0] == -1:  # EOF without close_notify: h11 decides if it was whole
-                    return b""
-                raise OSError(str(e)) from e
+        """One TLS record's bytes, for h11 (the head, a chunked body): b'' at the end, None when
+        nothing came by the deadline."""
+        record = bytearray(16384)
+        n = self._read_into(memoryview(record), deadline)
+        return None if n is None else bytes(record[:n])
 
     def _read_into(self, view: memoryview, deadline: float | None) -> int | None:
         """Decrypt into `view`, a TLS record at most: 0 at the end, None when nothing came by
@@ -373,7 +358,7 @@ class _Connection:
             except SSL.ZeroReturnError:
                 return 0
             except SSL.SysCallError as e:
-                if e.args and e.args[0] == -1:  # EOF without close_notify: the length says if it was whole
+                if e.args and e.args[0] == -1:  # EOF without close_notify: the framing says if it was whole
                     return 0
                 raise OSError(str(e)) from e
 

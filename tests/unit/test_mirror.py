@@ -43,6 +43,14 @@ def error_code(flow) -> str:
     return json.loads(flow.response.content)["errors"][0]["code"]
 
 
+def assert_unknown_name(mirror, path: str) -> None:
+    """The mirror answers the request itself with the registry error, and it is no registry's."""
+    flow = mirror_flow(path)
+    mirror.requestheaders(flow)
+    assert flow.response.status_code == 404 and error_code(flow) == "NAME_UNKNOWN"
+    assert mirror.hosts.destination(flow) is None
+
+
 class TestOption:
     @pytest.mark.parametrize("bad", ["5443", "127.0.0.1", ":5443", "127.0.0.1:", "127.0.0.1:0", "127.0.0.1:70000", "host:port", "http://h:1", "a b:1"])
     def test_not_an_address_is_refused_in_one_line(self, bad):
@@ -107,10 +115,7 @@ class TestRegistry:
 
     @pytest.mark.parametrize("first", ["evil.example", "127.0.0.1:8099", "localhost"])
     def test_a_path_that_names_another_registry_is_an_error(self, mirror, first):
-        flow = mirror_flow(f"/v2/{first}/org/app/manifests/1")
-        mirror.requestheaders(flow)
-        assert flow.response.status_code == 404 and error_code(flow) == "NAME_UNKNOWN"
-        assert mirror.hosts.destination(flow) is None
+        assert_unknown_name(mirror, f"/v2/{first}/org/app/manifests/1")
 
     def test_a_docker_hub_namespace_is_no_registry(self, mirror):
         flow = mirror_flow("/v2/library/alpine/manifests/3.20")
@@ -124,10 +129,7 @@ class TestRegistry:
 
     @pytest.mark.parametrize("ns", ["evil.example", "127.0.0.1:8099", "auth.docker.io"])
     def test_anything_else_is_a_registry_error_and_no_registry_request(self, mirror, ns):
-        flow = mirror_flow(f"/v2/library/alpine/manifests/1?ns={ns}")
-        mirror.requestheaders(flow)
-        assert flow.response.status_code == 404 and error_code(flow) == "NAME_UNKNOWN"
-        assert mirror.hosts.destination(flow) is None
+        assert_unknown_name(mirror, f"/v2/library/alpine/manifests/1?ns={ns}")
 
     def test_not_the_registry_api(self, mirror):
         flow = mirror_flow("/status.json")
