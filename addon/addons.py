@@ -17,6 +17,7 @@ from .options import SharedOptions
 from .policy import ImagePolicy
 from .pulls import PullLog
 from .recorder import Recorder
+from .routes import Routes
 from .statuspage import StatusPage
 from .storage import CacheFolder
 from .upkeep import Upkeep
@@ -57,6 +58,7 @@ def make_addons() -> list:
         interception,
         mirror,
         override,
+        Routes(interception),  # before any addon that acts on a registry request
         UpstreamCredentials(interception),
         Passthrough(interception),
         BoundedAnswers(),
@@ -65,11 +67,11 @@ def make_addons() -> list:
         metrics,
         pulls,
         fleet,
-        ImagePolicy(interception, folder, metrics),  # before the cache: a refused pull goes nowhere
+        ImagePolicy(folder, metrics),  # before the cache: a refused pull goes nowhere
         misses,
         cache,
         MirrorChallenges(mirror),
-        Recorder(interception, folder),
+        Recorder(folder),
         Upkeep(folder),
         status,
     ]

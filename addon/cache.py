@@ -1,9 +1,9 @@
 """The registry cache's hooks: which requests it answers, and where each goes.
 
 The data path, hook by hook:
-- request: only a request that verifiably goes to a registry (`Interception.registry`) is
-  handled; a token request to its token host is relayed, or answered with a local token when the
-  token host cannot answer. Then the route is parsed (protocol.py) and the request handed on:
+- request: only a request that verifiably goes to a registry, parsed to its route by `Routes`
+  (routes.py), is handled; a token request to its token host is relayed, or answered with a
+  local token when the token host cannot answer. The route decides where the request goes:
   manifests, tags and referrers to `ManifestRequests` (manifest_requests.py), blobs to `BlobRequests`
   (blob_requests.py), the /v2/ version check answered here. What the store cannot answer goes
   upstream through `Misses` (misses.py) and is followed to the response hook.
@@ -23,13 +23,14 @@ import logging
 from mitmproxy import ctx, http
 from mitmproxy.addonmanager import Loader
 
-from . import answers, circuits, protocol, upstream
+from . import answers, circuits, upstream
 from .blob_requests import BlobRequests
 from .flowdata import Mark
 from .hosts import Interception
 from .manifest_requests import ManifestRequests
 from .misses import Misses
 from .protocol import Kind, Route
+from .routes import route_of
 from .storage import CacheFolder
 
 logger = logging.getLogger(__name__)
@@ -62,15 +63,10 @@ class RegistryCache:
     async def request(self, flow: http.HTTPFlow) -> None:
         if flow.response or flow.error or not flow.live or upstream.is_subrequest(flow):
             return
-        host = self.hosts.registry(flow)
-        if host is None:
-            if token_host := self.hosts.destination(flow):
+        route = route_of(flow)
+        if route is None:
+            if self.hosts.registry(flow) is None and (token_host := self.hosts.destination(flow)):
                 await self._token(flow, token_host)
-            return
-        try:
-            route = protocol.parse_route(host, flow.request.path)
-        except protocol.BadRequest as e:
-            answers.error(flow, e.status, e.code, e.message)
             return
         if ctx.options.offline and (route.kind is Kind.OTHER or flow.request.method not in ("GET", "HEAD")):
             answers.error(flow, 405, "UNSUPPORTED", "hubcache is offline: only pulls are served")

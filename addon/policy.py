@@ -19,10 +19,10 @@ from fnmatch import fnmatchcase
 from mitmproxy import ctx, exceptions, http
 from mitmproxy.addonmanager import Loader
 
-from . import answers, protocol, upstream
-from .hosts import Interception
+from . import answers, upstream
 from .metrics import Metrics
 from .protocol import Kind, Route
+from .routes import route_of
 from .storage import CacheFolder
 
 logger = logging.getLogger(__name__)
@@ -31,8 +31,7 @@ _PATTERN = re.compile(r"[A-Za-z0-9._\-/:*?\[\]!]+")
 
 
 class ImagePolicy:
-    def __init__(self, hosts: Interception, folder: CacheFolder, metrics: Metrics):
-        self.hosts = hosts
+    def __init__(self, folder: CacheFolder, metrics: Metrics):
         self.folder = folder
         self.metrics = metrics
 
@@ -65,12 +64,8 @@ class ImagePolicy:
     async def request(self, flow: http.HTTPFlow) -> None:
         if flow.response or flow.error or upstream.is_subrequest(flow):
             return
-        if (host := self.hosts.registry(flow)) is None:
+        if (route := route_of(flow)) is None:
             return
-        try:
-            route = protocol.parse_route(host, flow.request.path)
-        except protocol.BadRequest:
-            return  # the cache answers it
         if route.kind not in (Kind.MANIFEST, Kind.BLOB, Kind.REFERRERS) or (rule := self.refusal(route)) is None:
             return
         logger.info(f"{route.image}: refused by {rule}")

@@ -9,9 +9,9 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import Enum
-from urllib.parse import urlencode
+from urllib.parse import parse_qsl, urlencode
 
 API_VERSION_HEADERS = {"Docker-Distribution-Api-Version": "registry/2.0"}
 MAX_MANIFEST = 4 * 1024 * 1024  # the distribution registry's own limit: a larger body is no manifest
@@ -47,14 +47,19 @@ class Kind(Enum):
     OTHER = "other"  # uploads, catalog, tags list, token endpoints: passed through untouched
 
 
+_SEGMENT = {Kind.MANIFEST: "manifests", Kind.BLOB: "blobs", Kind.REFERRERS: "referrers"}
+
+
 @dataclass(frozen=True)
 class Route:
-    """What a registry request asks for. `reference` is a tag or a digest."""
+    """What a registry request asks for. `reference` is a tag or a digest; `artifact_type` is the
+    referrers API's filter (the one query parameter a pull endpoint takes)."""
 
     kind: Kind
     registry: str = ""
     name: str = ""
     reference: str = ""
+    artifact_type: str = field(default="", compare=False)
 
     @property
     def by_digest(self) -> bool:
@@ -64,6 +69,16 @@ class Route:
     def image(self) -> str:
         sep = "@" if self.by_digest else ":"
         return f"{self.registry}/{self.name}{sep}{self.reference}"
+
+    @property
+    def target(self) -> str:
+        """The request target this route is the parse of, in canonical form: what hubcache sends
+        upstream (never the client's own target). Not defined for Kind.OTHER."""
+        if self.kind is Kind.PING:
+            return "/v2/"
+        assert self.kind in _SEGMENT, f"{self.kind} has no canonical target"
+        query = f"?{urlencode({'artifactType': self.artifact_type})}" if self.artifact_type else ""
+        return f"/v2/{self.name}/{_SEGMENT[self.kind]}/{self.reference}{query}"
 
 
 class BadRequest(Exception):
@@ -80,15 +95,35 @@ def canonical_registry(host: str) -> str:
     return REGISTRY_ALIASES.get(host.lower(), host.lower())
 
 
-def parse_route(host: str, path: str) -> Route:
-    """Classify a request to a registry host. Raises BadRequest for a malformed API request."""
+# What no canonical target holds: a fragment (no client that follows RFC 9110 sends one),
+# percent-encoding (names, tags and digests never need it; a registry decodes it before it routes),
+# and empty or dot segments (a registry cleans them, and then routes elsewhere).
+_UNCLEAN = re.compile(r"[#%\\]|//|/\.{1,2}(?:/|$)")
+MEDIA_TYPE_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9!#$&^_.+-]{0,126}/[A-Za-z0-9][A-Za-z0-9!#$&^_.+-]{0,126}")
+
+
+def parse_route(host: str, target: str) -> Route:
+    """Parse a request target to a registry host. Raises BadRequest for a malformed API request,
+    and for any target that is not exactly the canonical form of what it parses to (`Route.target`):
+    two parsers (hubcache's and a registry's) may only ever meet on one spelling of a request."""
     registry = canonical_registry(host)
-    p = path.partition("?")[0].partition("#")[0]  # an origin-form target: never a host part
-    if p in ("/v2", "/v2/"):
+    path, question, query = target.partition("?")
+    if _UNCLEAN.search(path) or not path.startswith("/"):
+        raise BadRequest(400, "NAME_INVALID", f"request target {target[:200]!r} is not in canonical form")
+    route = _route(registry, path)
+    if route.kind is Kind.OTHER:
+        return route  # passed through as the client sent it: hubcache decides nothing on it
+    if path != route.target and not (route.kind is Kind.PING and path == "/v2"):
+        raise BadRequest(400, "NAME_INVALID", f"request target {target[:200]!r} is not in canonical form")
+    return _with_query(route, query if question else None)
+
+
+def _route(registry: str, path: str) -> Route:
+    if path in ("/v2", "/v2/"):
         return Route(Kind.PING, registry)
-    if not p.startswith("/v2/"):
+    if not path.startswith("/v2/"):
         return Route(Kind.OTHER, registry)
-    rest = p[len("/v2/") :]
+    rest = path[len("/v2/") :]
     for marker, kind in (("/manifests/", Kind.MANIFEST), ("/blobs/", Kind.BLOB), ("/referrers/", Kind.REFERRERS)):
         name, sep, reference = rest.rpartition(marker)
         if not sep:
@@ -105,6 +140,30 @@ def parse_route(host: str, path: str) -> Route:
             raise BadRequest(400, "MANIFEST_INVALID", f"invalid tag {reference!r}")
         return Route(kind, registry, name, reference)
     return Route(Kind.OTHER, registry)
+
+
+def _with_query(route: Route, query: str | None) -> Route:
+    """The route with the query parameters its endpoint takes; any other is refused. `ns` (which
+    containerd adds) is taken when it names the route's own registry, and is not sent upstream."""
+    if query is None:
+        return route
+    try:
+        pairs = parse_qsl(query, keep_blank_values=True, strict_parsing=bool(query), max_num_fields=4)
+    except ValueError:
+        raise BadRequest(400, "UNSUPPORTED", f"unreadable query {query[:200]!r}") from None
+    artifact_type = ""
+    seen: set[str] = set()
+    for key, value in pairs:
+        if key in seen:
+            raise BadRequest(400, "UNSUPPORTED", f"query parameter {key!r} given twice")
+        seen.add(key)
+        if key == "ns" and canonical_registry(value) == route.registry:
+            continue
+        if key == "artifactType" and route.kind is Kind.REFERRERS and MEDIA_TYPE_RE.fullmatch(value):
+            artifact_type = value
+            continue
+        raise BadRequest(400, "UNSUPPORTED", f"this endpoint takes no query parameter {key}={value[:100]!r}")
+    return Route(route.kind, route.registry, route.name, route.reference, artifact_type)
 
 
 @dataclass(frozen=True)

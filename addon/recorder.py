@@ -10,17 +10,16 @@ from mitmproxy import ctx, exceptions, http
 from mitmproxy.addonmanager import Loader
 
 from . import protocol
-from .hosts import Interception
 from .protocol import Kind
 from .recording import Recording, RecordingError
+from .routes import route_of
 from .storage import CacheFolder
 
 logger = logging.getLogger(__name__)
 
 
 class Recorder:
-    def __init__(self, hosts: Interception, folder: CacheFolder):
-        self.hosts = hosts
+    def __init__(self, folder: CacheFolder):
         self.folder = folder
         self.recording: Recording | None = None
         self._lock = threading.Lock()  # notes run in worker threads
@@ -49,14 +48,8 @@ class Recorder:
     async def response(self, flow: http.HTTPFlow) -> None:
         if self.recording is None or not flow.response or flow.response.status_code != 200:
             return
-        host = self.hosts.registry(flow)
-        if flow.request.method not in ("GET", "HEAD") or host is None:
-            return
-        try:
-            route = protocol.parse_route(host, flow.request.path)
-        except protocol.BadRequest:
-            return
-        if route.kind is not Kind.MANIFEST:
+        route = route_of(flow)
+        if flow.request.method not in ("GET", "HEAD") or route is None or route.kind is not Kind.MANIFEST:
             return
         headers = flow.response.headers
         body = flow.response.content if flow.request.method == "GET" else None

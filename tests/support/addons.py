@@ -16,6 +16,7 @@ from hubcache.metrics import Metrics
 from hubcache.misses import Misses
 from hubcache.options import SharedOptions
 from hubcache.pulls import PullLog
+from hubcache.routes import Routes
 from hubcache.storage import CacheFolder
 from hubcache.upstream import Upstream
 
@@ -31,6 +32,7 @@ class CacheAddons:
 
     def __post_init__(self) -> None:
         self.options = SharedOptions()
+        self.routes = Routes(self.hosts)
         self.access = Access(self.upstream)
         self.metrics = Metrics(self.hosts)
         self.misses = Misses(self.folder, self.metrics, self.upstream)
@@ -44,7 +46,12 @@ class CacheAddons:
 
     def addons(self) -> list:
         """The addons for `taddons.context`, in make_addons' order (those with options or hooks)."""
-        return [self.options, self.folder, self.hosts, self.access, self.fleet, self.misses, self.cache]
+        return [self.options, self.folder, self.hosts, self.routes, self.access, self.fleet, self.misses, self.cache]
+
+    async def request(self, flow) -> None:
+        """The request hook of the data path, as mitmproxy runs it: the route is parsed, then the cache acts."""
+        self.routes.request(flow)
+        await self.cache.request(flow)
 
     @property
     def store(self):

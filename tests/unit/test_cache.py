@@ -196,7 +196,7 @@ def sized(body: bytes = BLOB, status: int = 200, **extra) -> Upstream:
 async def fill_blob(env: Env, body: bytes = BLOB, digest: str = BLOB_DIGEST) -> http.HTTPFlow:
     env.fetches.append(sized(body))
     f = flow(blob_path(digest))
-    await env.cache.request(f)
+    await env.addons.request(f)
     await env.settle()
     return f
 
@@ -213,7 +213,7 @@ async def asked(env: Env, f: http.HTTPFlow, answer: Upstream) -> http.HTTPFlow:
     """A request the store cannot answer: hubcache asks upstream, which gives `answer`, and the
     answer goes through the response hooks as the client's."""
     env.fetches.append(answer)
-    await env.cache.request(f)
+    await env.addons.request(f)
     assert f.response is not None
     env.cache.responseheaders(f)
     await env.cache.response(f)
@@ -223,7 +223,7 @@ async def asked(env: Env, f: http.HTTPFlow, answer: Upstream) -> http.HTTPFlow:
 async def fill_manifest(env: Env, reference: str, body: bytes, ctype: str = OCI_INDEX, headers=None) -> http.HTTPFlow:
     env.fetches.append(Upstream(200, {"Content-Type": ctype, **(headers or {})}, body))
     f = flow(manifest_path(reference))
-    await env.cache.request(f)
+    await env.addons.request(f)
     assert f.response is not None, "upstream's answer"
     env.cache.responseheaders(f)
     assert f.response.stream is False
@@ -268,7 +268,7 @@ class TestConfigure:
 class TestRouting:
     async def test_bad_path_is_answered_with_a_registry_error(self, env):
         f = flow("/v2/Library/Alpine/manifests/latest")
-        await env.cache.request(f)
+        await env.addons.request(f)
         assert f.response.status_code == 400
         assert f.response.headers["Content-Type"] == "application/json"
         assert f.response.headers["Docker-Distribution-Api-Version"] == "registry/2.0"
@@ -278,7 +278,7 @@ class TestRouting:
 
     async def test_bad_digest(self, env):
         f = flow(f"/v2/{REPO}/blobs/sha256:1234")
-        await env.cache.request(f)
+        await env.addons.request(f)
         assert f.response.status_code == 400
         assert json.loads(f.response.content)["errors"][0]["code"] == "DIGEST_INVALID"
 
@@ -293,7 +293,7 @@ class TestRouting:
     )
     async def test_passed_through_untouched(self, env, path, method, host):
         f = flow(path, method, host)
-        await env.cache.request(f)
+        await env.addons.request(f)
         assert f.response is None
         assert f.request.host == host and f.request.path == path
         assert env.addons.misses.peek(f) is None
@@ -302,7 +302,7 @@ class TestRouting:
         await fill_blob(env)
         f = flow(blob_path(), "HEAD")
         f.metadata[Mark.SUBREQUEST] = True
-        await env.cache.request(f)
+        await env.addons.request(f)
         assert f.response is None
 
 
@@ -310,7 +310,7 @@ class TestBlobHit:
     async def test_head(self, env):
         await fill_blob(env)
         f = flow(blob_path(), "HEAD")
-        await env.cache.request(f)
+        await env.addons.request(f)
         assert f.response.status_code == 200
         assert f.response.raw_content == b""
         assert f.response.headers["Content-Length"] == str(len(BLOB))
@@ -319,7 +319,7 @@ class TestBlobHit:
     async def test_get_is_sent_to_the_blob_server(self, env):
         await fill_blob(env)
         f = flow(blob_path(), headers={"Authorization": "Bearer secret", "Range": "bytes=10-"})
-        await env.cache.request(f)
+        await env.addons.request(f)
         path, query = location(f)
         assert path == f"/blobs/{BLOB_DIGEST}"
         assert set(query) == {"expires", "signature", "tag"}, "a cached blob needs no fill"
@@ -335,13 +335,13 @@ class TestBlobFill:
         env.fetches.append(sized(mid_body=more))
         try:
             first = flow(blob_path(), headers={"Accept-Encoding": "gzip", "Authorization": "Bearer t", "Range": "bytes=5-"})
-            await env.cache.request(first)
+            await env.addons.request(first)
             path, query = location(first)
             assert path == f"/blobs/{BLOB_DIGEST}" and query["size"] == str(len(BLOB))
             assert env.temp_files() == [str(env.cache_dir / "tmp" / query["fill"])]
 
             second = flow(blob_path())  # another client, while the fill is half done
-            await env.cache.request(second)
+            await env.addons.request(second)
             assert location(second)[1]["fill"] == query["fill"]
             [fetch] = env.fetched
             assert fetch.headers["authorization"] == "Bearer t"  # upstream needs the first client's token
@@ -366,7 +366,7 @@ class TestBlobFill:
     async def test_a_bad_transfer_is_never_stored(self, env, answer, outcome):
         env.fetches.append(answer)
         f = flow(blob_path())
-        await env.cache.request(f)
+        await env.addons.request(f)
         if f.response.status_code == 307:  # sent to the fill: the blob server cuts it once its file is gone
             assert "fill" in location(f)[1]
         else:  # the fill had ended when the client looked
@@ -382,7 +382,7 @@ class TestBlobFill:
         answers = iter([False, True])  # the request's look misses the commit, the fill's sees it
         monkeypatch.setattr(env.store, "has_blob", lambda digest: next(answers))
         f = flow(blob_path())
-        await env.cache.request(f)
+        await env.addons.request(f)
         assert set(location(f)[1]) == {"expires", "signature", "tag"}
         assert len(env.fetched) == 1, "no second upstream fetch"
 
@@ -390,7 +390,7 @@ class TestBlobFill:
         challenge = 'Bearer realm="https://auth.docker.io/token"'
         env.fetches.append(Upstream(401, {"WWW-Authenticate": challenge, "Content-Length": "2"}, b"{}"))
         f = flow(blob_path())
-        await env.cache.request(f)
+        await env.addons.request(f)
         assert f.response.status_code == 401
         assert f.response.headers["WWW-Authenticate"] == challenge
         await env.settle()
@@ -400,9 +400,9 @@ class TestBlobFill:
     async def test_a_client_waiting_on_a_refused_fill_asks_upstream_itself(self, env):
         answer = asyncio.Event()
         env.fetches.append(Upstream(401, {"Content-Length": "0"}, before_answer=answer))
-        first = asyncio.create_task(env.cache.request(f1 := flow(blob_path())))
+        first = asyncio.create_task(env.addons.request(f1 := flow(blob_path())))
         await asyncio.sleep(0.05)
-        second = asyncio.create_task(env.cache.request(f2 := flow(blob_path(), headers={"Authorization": "Bearer mine"})))
+        second = asyncio.create_task(env.addons.request(f2 := flow(blob_path(), headers={"Authorization": "Bearer mine"})))
         await asyncio.sleep(0.05)
         answer.set()
         await asyncio.gather(first, second)
@@ -414,7 +414,7 @@ class TestBlobFill:
         cdn_url = f"https://{CDN}/registry-v2/blobs/{BLOB_DIGEST[7:]}/data?verify=1-abc"
         env.fetches += [Upstream(307, {"Location": cdn_url, "Content-Length": "0"}), sized()]
         f = flow(blob_path(), headers={"Authorization": "Bearer t"})
-        await env.cache.request(f)
+        await env.addons.request(f)
         assert location(f)[0] == f"/blobs/{BLOB_DIGEST}", "the client never sees the CDN"
         await env.settle()
         registry, cdn = env.fetched
@@ -427,7 +427,7 @@ class TestBlobFill:
         elsewhere = "https://blobs.example/layer?signed=1"
         env.fetches += [Upstream(307, {"Location": elsewhere, "Content-Length": "0"}), Upstream(403, {"Content-Length": "0"})]
         f = flow(blob_path(), headers={"Authorization": "Bearer t"})
-        await env.cache.request(f)
+        await env.addons.request(f)
         assert f.response.status_code == 307 and f.response.headers["Location"] == elsewhere
         await env.settle()
         assert env.store.blob_size(BLOB_DIGEST) is None
@@ -435,14 +435,14 @@ class TestBlobFill:
     async def test_too_many_redirects(self, env):
         env.fetches += [Upstream(302, {"Location": f"/v2/{REPO}/blobs/{BLOB_DIGEST}?n={i}"}) for i in range(6)]
         f = flow(blob_path())
-        await env.cache.request(f)
+        await env.addons.request(f)
         assert f.response.status_code == 502
         assert json.loads(f.response.content)["errors"][0]["message"].endswith("too many redirects")
 
     async def test_silent_upstream_fails_the_fill(self, env):
         env.fetches.append("upstream sent nothing for 60s")
         f = flow(blob_path())
-        await env.cache.request(f)
+        await env.addons.request(f)
         assert f.response.status_code == 502
         assert "upstream sent nothing for 60s" in f.response.text
         await env.settle()
@@ -451,7 +451,7 @@ class TestBlobFill:
     async def test_no_size_from_upstream_sends_the_blob_once_whole(self, env):
         env.fetches.append(Upstream(200, {}, BLOB))
         f = flow(blob_path())
-        await env.cache.request(f)
+        await env.addons.request(f)
         assert set(location(f)[1]) == {"expires", "signature", "tag"}
         assert env.store.has_blob(BLOB_DIGEST)
 
@@ -459,7 +459,7 @@ class TestBlobFill:
         digest = digest_of(b"")
         env.fetches.append(sized(b""))
         f = flow(blob_path(digest))
-        await env.cache.request(f)
+        await env.addons.request(f)
         await env.settle()
         path, query = location(f)
         assert path == f"/blobs/{digest}" and query.get("size", "0") == "0"  # the fill's file, or the stored blob
@@ -469,7 +469,7 @@ class TestBlobFill:
     async def test_an_encoded_answer_hubcache_did_not_ask_for_is_refused_not_stored(self, env, encoding):
         env.fetches.append(Upstream(200, {"Content-Encoding": encoding}, b"not identity"))
         f = flow(blob_path())
-        await env.cache.request(f)
+        await env.addons.request(f)
         assert f.response.status_code == 502
         assert encoding in f.response.json()["errors"][0]["message"]
         await env.settle()
@@ -491,7 +491,7 @@ class TestBlobFill:
         monkeypatch.setattr(env.store, "link", read_only)
         env.fetches.append(sized())
         f = flow(blob_path())
-        await env.cache.request(f)
+        await env.addons.request(f)
         assert location(f)[0] == f"/blobs/{BLOB_DIGEST}", "the client still gets the blob"
         await env.settle()
         assert "not noted in the cache: cache index: attempt to write a readonly database" in caplog.text
@@ -500,7 +500,7 @@ class TestBlobFill:
         monkeypatch.setattr("hubcache.blob_requests.shutil.disk_usage", lambda path: shutil._ntuple_diskusage(10**9, 10**9 - 1000, 1000))
         env.fetches.append(sized())
         f = flow(blob_path())
-        await env.cache.request(f)
+        await env.addons.request(f)
         assert f.response is None, "the client fetches it itself"
         await env.settle()
         f.response = upstream_response(200)
@@ -516,10 +516,10 @@ class TestBlobFill:
         other = os.urandom(len(BLOB))
         env.fetches += [sized(mid_body=more), sized(other)]
         first = flow(blob_path())
-        await env.cache.request(first)
+        await env.addons.request(first)
         assert "fill" in location(first)[1]
         second = flow(blob_path(digest_of(other)))
-        await env.cache.request(second)
+        await env.addons.request(second)
         assert second.response is None, "passed through: the room is promised to the first fill"
         more.set()
         await env.settle()
@@ -531,7 +531,7 @@ class TestBlobFill:
 
         monkeypatch.setattr(env.store, "blob_writer", no_space)
         f = flow(blob_path())
-        await env.cache.request(f)
+        await env.addons.request(f)
         assert f.response is None and env.fetched == []
         f.response = upstream_response(200)
         await env.cache.response(f)
@@ -549,7 +549,7 @@ class TestPing:
         challenge = 'Bearer realm="https://auth.docker.io/token",service="registry.docker.io"'
         env.answers.append(manifest_response(401, b'{"errors":[]}', {"WWW-Authenticate": challenge}))
         f = flow("/v2/", headers={"Authorization": "Bearer t"})
-        await env.cache.request(f)
+        await env.addons.request(f)
         assert env.sent == [("GET", f"https://{HUB}/v2/")]
         assert f.response.status_code == 401
         assert f.response.headers["WWW-Authenticate"] == challenge
@@ -558,7 +558,7 @@ class TestPing:
     async def test_answered_locally_when_upstream_fails(self, env, failure):
         env.answers.append(failure)
         f = flow("/v2/")
-        await env.cache.request(f)
+        await env.addons.request(f)
         assert f.response.status_code == 200
         assert f.response.content == b"{}"
         assert f.response.headers["Docker-Distribution-Api-Version"] == "registry/2.0"
@@ -577,7 +577,7 @@ class TestManifestByDigest:
             "manifest", "filled", MANIFEST_DIGEST, len(MANIFEST))
 
         g = flow(manifest_path(MANIFEST_DIGEST), headers={"Accept": f"{DOCKER_V2}, {OCI_INDEX}"})
-        await env.cache.request(g)
+        await env.addons.request(g)
         assert g.response.status_code == 200
         assert g.response.content == MANIFEST
         assert g.response.headers["Content-Type"] == OCI_INDEX
@@ -586,7 +586,7 @@ class TestManifestByDigest:
         assert g.response.headers["Etag"] == f'"{MANIFEST_DIGEST}"'
 
         h = flow(manifest_path(MANIFEST_DIGEST), "HEAD")
-        await env.cache.request(h)
+        await env.addons.request(h)
         assert h.response.status_code == 200
         assert h.response.raw_content == b""
         assert h.response.headers["Content-Length"] == str(len(MANIFEST))
@@ -622,7 +622,7 @@ class TestManifestByDigest:
     async def test_huge_manifest_is_not_held_in_memory(self, env):
         env.fetches.append(Upstream(200, {"Content-Length": str(5 * 1024 * 1024)}, b"x" * 5 * 1024 * 1024))
         f = flow(manifest_path(MANIFEST_DIGEST))
-        await env.cache.request(f)
+        await env.addons.request(f)
         assert f.response.status_code == 502
         assert json.loads(f.response.content)["errors"][0]["code"] == "MANIFEST_INVALID"
         assert env.journal()[0]["outcome"] == f"rejected: upstream's answer is larger than {upstream.MAX_ANSWER} bytes"
@@ -649,7 +649,7 @@ class TestManifestByDigest:
     async def test_unreachable_upstream_is_a_registry_error(self, env, method):
         env.fetches.append("connection refused")
         f = flow(manifest_path(MANIFEST_DIGEST), method=method)
-        await env.cache.request(f)
+        await env.addons.request(f)
         assert f.response.status_code == 502
         if method == "GET":
             assert json.loads(f.response.content)["errors"][0]["code"] == "UNAVAILABLE"
@@ -676,14 +676,14 @@ class TestManifestByTag:
         await fill_manifest(env, "3.20", MANIFEST)
         env.tctx.configure(env.cache, tag_freshness=3600)
         f = flow(manifest_path("3.20"), host="index.docker.io")
-        await env.cache.request(f)
+        await env.addons.request(f)
         assert f.response.content == MANIFEST
 
     async def test_fresh_tag_is_served_without_upstream(self, env):
         await fill_manifest(env, "3.20", MANIFEST)
         env.tctx.configure(env.cache, tag_freshness=3600)
         f = flow(manifest_path("3.20"))
-        await env.cache.request(f)
+        await env.addons.request(f)
         assert env.sent == []
         assert f.response.status_code == 200
         assert f.response.content == MANIFEST
@@ -696,7 +696,7 @@ class TestManifestByTag:
         monkeypatch.setattr(time, "time", lambda: real_time() + 120)
         env.answers.append(manifest_response(200, headers={"Docker-Content-Digest": MANIFEST_DIGEST}))
         f = flow(manifest_path("3.20"))
-        await env.cache.request(f)
+        await env.addons.request(f)
         assert env.sent == [("HEAD", f"https://{HUB}{manifest_path('3.20')}")]
         assert f.response.content == MANIFEST
 
@@ -706,7 +706,7 @@ class TestManifestByTag:
         before = time.time()
         env.answers.append(manifest_response(200, headers={"Docker-Content-Digest": MANIFEST_DIGEST}))
         f = flow(manifest_path("3.20"), headers={"Accept": OCI_INDEX, "Authorization": "Bearer t"})
-        await env.cache.request(f)
+        await env.addons.request(f)
         assert env.sent == [("HEAD", f"https://{HUB}{manifest_path('3.20')}")]
         assert f.response.status_code == 200
         assert f.response.content == MANIFEST
@@ -718,7 +718,7 @@ class TestManifestByTag:
         await fill_manifest(env, "3.20", MANIFEST)
         env.answers.append(manifest_response(200, headers={"Docker-Content-Digest": MANIFEST_DIGEST}))
         f = flow(manifest_path("3.20"), "HEAD")
-        await env.cache.request(f)
+        await env.addons.request(f)
         assert f.response.raw_content == b""
         assert f.response.headers["Content-Length"] == str(len(MANIFEST))
         assert f.response.headers["Docker-Content-Digest"] == MANIFEST_DIGEST
@@ -728,7 +728,7 @@ class TestManifestByTag:
         await fill_manifest(env, MANIFEST2_DIGEST, MANIFEST2)
         env.answers.append(manifest_response(200, headers={"Docker-Content-Digest": MANIFEST2_DIGEST}))
         f = flow(manifest_path("3.20"))
-        await env.cache.request(f)
+        await env.addons.request(f)
         assert f.response.content == MANIFEST2
         assert env.store.get_tag("docker.io", REPO, "3.20").digest == MANIFEST2_DIGEST
 
@@ -767,7 +767,7 @@ class TestManifestByTag:
         await fill_manifest(env, "3.20", MANIFEST)
         env.answers.append(answer)
         f = flow(manifest_path("3.20"))
-        await env.cache.request(f)
+        await env.addons.request(f)
         assert f.response.status_code == 200
         assert f.response.content == MANIFEST
         assert f.response.headers["Docker-Content-Digest"] == MANIFEST_DIGEST
@@ -787,12 +787,12 @@ class TestRegistrySettings:
         await fill_manifest(env, "3.20", MANIFEST)
         env.tctx.configure(env.hosts, registry_settings=[f"{HUB}:tag_freshness=3600"])
         f = flow(manifest_path("3.20"))
-        await env.cache.request(f)
+        await env.addons.request(f)
         assert env.sent == [] and f.response.content == MANIFEST
         # Another host of the same registry has no setting: the global window (0) applies.
         env.answers.append(manifest_response(200, headers={"Docker-Content-Digest": MANIFEST_DIGEST}))
         other = flow(manifest_path("3.20"), host="index.docker.io")
-        await env.cache.request(other)
+        await env.addons.request(other)
         assert [method for method, _ in env.sent] == ["HEAD"]
 
     async def test_a_host_named_in_the_settings_is_cached(self, env):
@@ -809,7 +809,7 @@ class TestManifestRedirect:
     async def redirected(self, env: Env, answer: Upstream) -> http.HTTPFlow:
         env.fetches.append(Upstream(307, {"Location": "https://mirror.example/v2/alpine/manifests/3.20"}))
         f = flow(manifest_path("3.20"), headers={"Authorization": "Bearer for-the-registry"})
-        await env.cache.request(f)
+        await env.addons.request(f)
         env.cache.responseheaders(f)
         env.fetches.append(answer)
         await env.cache.response(f)
@@ -838,17 +838,17 @@ class TestOffline:
 
         env.tctx.configure(env.cache, offline=True)
         f = flow(manifest_path("3.20"))
-        await env.cache.request(f)
+        await env.addons.request(f)
         assert f.response.status_code == 200 and f.response.content == MANIFEST
         assert env.sent == [], "offline, nothing is revalidated"
 
     async def test_ping_and_token_are_answered_locally(self, env):
         env.tctx.configure(env.cache, offline=True)
         ping = flow("/v2/")
-        await env.cache.request(ping)
+        await env.addons.request(ping)
         assert ping.response.status_code == 200 and "www-authenticate" not in ping.response.headers
         token = flow("/token?service=registry.docker.io&scope=repository:library/alpine:pull", host="auth.docker.io")
-        await env.cache.request(token)
+        await env.addons.request(token)
         assert token.response.status_code == 200 and token.response.json()["token"]
         assert env.sent == []
 
@@ -863,7 +863,7 @@ class TestOffline:
     async def test_missing_content_is_a_clear_404_and_a_journal_line(self, env, path, code, named):
         env.tctx.configure(env.cache, offline=True)
         f = flow(path)
-        await env.cache.request(f)
+        await env.addons.request(f)
         error = f.response.json()["errors"][0]
         assert f.response.status_code == 404 and error["code"] == code
         assert named in error["message"] and "not in the offline cache" in error["message"]
@@ -873,7 +873,7 @@ class TestOffline:
     async def test_pushes_are_refused(self, env):
         env.tctx.configure(env.cache, offline=True)
         f = flow("/v2/library/alpine/blobs/uploads/", method="POST")
-        await env.cache.request(f)
+        await env.addons.request(f)
         assert f.response.status_code == 405
         assert f.response.json()["errors"][0]["code"] == "UNSUPPORTED"
 
@@ -887,28 +887,28 @@ class TestTokens:
     async def test_the_token_hosts_answer_is_relayed(self, env):
         env.answers.append(tutils.tresp(status_code=200, content=b'{"token": "upstream"}'))
         f = flow(TOKEN_PATH, host="auth.docker.io")
-        await env.cache.request(f)
+        await env.addons.request(f)
         assert f.response.json() == {"token": "upstream"}
         assert env.sent == [("GET", f"https://auth.docker.io{TOKEN_PATH}")]
 
     async def test_a_refusal_of_the_clients_credentials_is_relayed(self, env):
         env.answers.append(tutils.tresp(status_code=401, content=b'{"details": "incorrect username or password"}'))
         f = flow(TOKEN_PATH, host="auth.docker.io", headers={"Authorization": "Basic bWFsbG9yeTp4"})
-        await env.cache.request(f)
+        await env.addons.request(f)
         assert f.response.status_code == 401
 
     @pytest.mark.parametrize("failure", ["connection refused", "upstream sent nothing for 10s", 503, 429])
     async def test_a_token_host_that_cannot_answer_gets_a_local_token(self, env, failure):
         env.answers.append(failure if isinstance(failure, str) else upstream_response(failure))
         f = flow(TOKEN_PATH, host="auth.docker.io")
-        await env.cache.request(f)
+        await env.addons.request(f)
         assert f.response.status_code == 200
         assert f.response.json()["token"] == protocol.LOCAL_TOKEN
 
     async def test_offline_nothing_is_asked(self, env):
         env.tctx.configure(env.cache, offline=True)
         f = flow(TOKEN_PATH, host="auth.docker.io")
-        await env.cache.request(f)
+        await env.addons.request(f)
         assert f.response.json()["token"] == protocol.LOCAL_TOKEN and env.sent == []
 
     async def test_a_local_token_pulls_cached_public_content_without_asking_upstream(self, env):
@@ -916,10 +916,10 @@ class TestTokens:
         await fill_blob(env)
         local = {"Authorization": f"Bearer {protocol.LOCAL_TOKEN}"}
         tag = flow(manifest_path("1"), headers=local)
-        await env.cache.request(tag)
+        await env.addons.request(tag)
         assert tag.response.status_code == 200 and tag.response.content == MANIFEST
         blob = flow(blob_path(), headers=local)
-        await env.cache.request(blob)
+        await env.addons.request(blob)
         assert blob.response.status_code == 307
         assert env.sent == [], "never a revalidation or an access check with a token upstream never issued"
         assert env.journal()[-1]["outcome"].startswith("stale: no token")
@@ -928,12 +928,12 @@ class TestTokens:
         local = {"Authorization": f"Bearer {protocol.LOCAL_TOKEN}"}
         for path in (manifest_path("missing"), blob_path()):
             f = flow(path, headers=local)
-            await env.cache.request(f)
+            await env.addons.request(f)
             assert f.response.status_code == 503 and "token service" in f.response.json()["errors"][0]["message"]
         await fill_blob(env)
         env.store.set_visibility("docker.io", REPO, False)
         f = flow(blob_path(), headers=local)
-        await env.cache.request(f)
+        await env.addons.request(f)
         assert f.response.status_code == 503
         assert env.sent == [] and len(env.fetched) == 1, "only the fill that cached it"
 
@@ -943,7 +943,7 @@ class TestNegativeCache:
         f = await asked(env, flow(manifest_path("nope"), headers={"Authorization": "Bearer a"}), Upstream(404, {}, b'{"errors":[]}'))
         assert f.response.status_code == 404
         again = flow(manifest_path("nope"), headers={"Authorization": "Bearer a"})
-        await env.cache.request(again)
+        await env.addons.request(again)
         assert again.response.status_code == 404 and "404" in again.response.json()["errors"][0]["message"]
         assert len(env.fetched) == 1, "answered without asking upstream again"
         assert env.journal()[-1]["outcome"] == "missing: upstream answered 404 lately"
@@ -953,11 +953,11 @@ class TestNegativeCache:
     async def test_a_blob_404_is_remembered(self, env):
         env.fetches.append(Upstream(404, {}, b"{}"))
         f = flow(blob_path())
-        await env.cache.request(f)
+        await env.addons.request(f)
         await env.settle()
         assert f.response.status_code == 404
         again = flow(blob_path())
-        await env.cache.request(again)
+        await env.addons.request(again)
         assert again.response.status_code == 404 and len(env.fetched) == 1
 
     async def test_it_is_forgotten_after_its_time(self, env):
@@ -977,25 +977,25 @@ class TestAccess:
     async def test_public_content_needs_no_round_trip(self, env):
         await fill_blob(env)
         f = flow(blob_path())
-        await env.cache.request(f)
+        await env.addons.request(f)
         assert f.response.status_code == 307 and env.sent == []
 
     async def test_private_content_is_checked_with_the_clients_own_credentials(self, env):
         await self.cached_private_blob(env)
         env.answers.append(upstream_response(200))
         f = flow(blob_path(), headers={"Authorization": "Bearer alice"})
-        await env.cache.request(f)
+        await env.addons.request(f)
         assert f.response.status_code == 307
         assert env.sent == [("HEAD", f"https://{HUB}{blob_path()}")]
 
         again = flow(blob_path(), headers={"Authorization": "Bearer alice"})
-        await env.cache.request(again)
+        await env.addons.request(again)
         assert again.response.status_code == 307 and len(env.sent) == 1, "the yes is remembered for the token"
 
         challenge = 'Bearer realm="https://auth.docker.io/token",error="insufficient_scope"'
         env.answers.append(upstream_response(401, {"WWW-Authenticate": challenge}))
         stranger = flow(blob_path(), headers={"Authorization": "Bearer mallory"})
-        await env.cache.request(stranger)
+        await env.addons.request(stranger)
         assert stranger.response.status_code == 401
         assert stranger.response.headers["WWW-Authenticate"] == challenge
 
@@ -1004,7 +1004,7 @@ class TestAccess:
         await self.cached_private_blob(env)
         env.answers.append(upstream_response(answer, {"Location": f"http://{HUB}{blob_path()}"} if answer == 302 else {}))
         f = flow(blob_path(), headers={"Authorization": "Bearer alice"})
-        await env.cache.request(f)
+        await env.addons.request(f)
         assert f.response.status_code == 403
         assert json.loads(f.response.content)["errors"][0]["code"] == "DENIED"
 
@@ -1013,12 +1013,12 @@ class TestAccess:
         more = asyncio.Event()
         env.fetches.append(sized(mid_body=more))
         alice = flow(blob_path(), headers={"Authorization": "Bearer alice"})
-        await env.cache.request(alice)
+        await env.addons.request(alice)
         assert alice.response.status_code == 307, "upstream served it to her: she leads the fill"
         challenge = 'Bearer realm="https://auth.docker.io/token"'
         env.answers.append(upstream_response(401, {"WWW-Authenticate": challenge}))
         anonymous = flow(blob_path())
-        await env.cache.request(anonymous)  # joins her fill, still streaming
+        await env.addons.request(anonymous)  # joins her fill, still streaming
         more.set()  # before any assertion: a failing one must not leave the fill waiting forever
         await env.settle()
         assert anonymous.response.status_code == 401 and anonymous.response.headers["WWW-Authenticate"] == challenge
@@ -1029,7 +1029,7 @@ class TestAccess:
         env.store.set_visibility("docker.io", "library/public", True)
         env.answers.append(upstream_response(404))
         f = flow(f"/v2/library/public/blobs/{BLOB_DIGEST}")
-        await env.cache.request(f)
+        await env.addons.request(f)
         assert f.response.status_code == 404
         assert env.sent == [("HEAD", f"https://{HUB}/v2/library/public/blobs/{BLOB_DIGEST}")]
 
@@ -1038,8 +1038,8 @@ class TestAccess:
         env.store.set_visibility("docker.io", "library/public", True)
         env.answers.append(upstream_response(200))
         path = f"/v2/library/public/blobs/{BLOB_DIGEST}"
-        await env.cache.request(f := flow(path))
-        await env.cache.request(g := flow(path))
+        await env.addons.request(f := flow(path))
+        await env.addons.request(g := flow(path))
         assert f.response.status_code == g.response.status_code == 307
         assert len(env.sent) == 1
 
@@ -1048,7 +1048,7 @@ class TestAccess:
         await self.cached_private_blob(env)
         env.answers.append(failure if isinstance(failure, str) else upstream_response(failure))
         f = flow(blob_path(), headers={"Authorization": "Bearer alice"})
-        await env.cache.request(f)
+        await env.addons.request(f)
         assert f.response.status_code == 503
         assert json.loads(f.response.content)["errors"][0]["code"] == "UNAVAILABLE"
 
@@ -1058,19 +1058,19 @@ class TestAccess:
         env.tctx.configure(env.cache, tag_freshness=3600)
         env.answers.append(upstream_response(401))
         f = flow(manifest_path("latest"))
-        await env.cache.request(f)
+        await env.addons.request(f)
         assert f.response.status_code == 401
 
     async def test_offline_private_content_needs_the_policy(self, env):
         await self.cached_private_blob(env)
         env.tctx.configure(env.cache, offline=True)
         f = flow(blob_path())
-        await env.cache.request(f)
+        await env.addons.request(f)
         assert f.response.status_code == 401
         assert "cannot check credentials" in f.response.text
         env.tctx.configure(env.access, offline_private=True)
         g = flow(blob_path())
-        await env.cache.request(g)
+        await env.addons.request(g)
         assert g.response.status_code == 307
         assert env.sent == []
 
@@ -1079,7 +1079,7 @@ class TestAccess:
         challenge = 'Bearer realm="https://auth.docker.io/token",service="registry.docker.io"'
         f = flow("/v2/library/new/manifests/1", headers={"Authorization": "Bearer alice"})
         env.fetches.append(Upstream(200, {"Content-Type": OCI_INDEX}, MANIFEST))
-        await env.cache.request(f)
+        await env.addons.request(f)
         env.fetches += [
             Upstream(401, {"WWW-Authenticate": challenge, "Content-Length": "0"}),
             Upstream(200, {"Content-Length": "17"}, b'{"token":"anon"}\n'),
@@ -1130,20 +1130,20 @@ class TestReferrers:
         listed = index_of((SBOM_TYPE, referring(SBOM_TYPE)), (SIG_TYPE, referring(SIG_TYPE)))
         env.answers.append(manifest_response(200, listed, {"Content-Type": OCI_INDEX}))
         f = flow(referrers_path())
-        await env.cache.request(f)
+        await env.addons.request(f)
         assert f.response.status_code == 200 and f.response.content == listed  # upstream's own answer
         assert env.sent == [("GET", f"https://{HUB}{referrers_path()}")]
 
         env.store.link("docker.io", REPO, MANIFEST_DIGEST)  # the subject was pulled through this repository
         env.tctx.configure(env.cache, offline=True)
         f = flow(referrers_path())
-        await env.cache.request(f)
+        await env.addons.request(f)
         assert f.response.status_code == 200 and f.response.headers["Content-Type"] == OCI_INDEX
         assert [m["artifactType"] for m in json.loads(f.response.content)["manifests"]] == [SBOM_TYPE, SIG_TYPE]
         assert "OCI-Filters-Applied" not in f.response.headers
 
         f = flow(referrers_path(query=urlencode({"artifactType": SBOM_TYPE})))
-        await env.cache.request(f)
+        await env.addons.request(f)
         [only] = json.loads(f.response.content)["manifests"]
         assert only["digest"] == digest_of(referring(SBOM_TYPE)) and f.response.headers["OCI-Filters-Applied"] == "artifactType"
 
@@ -1153,7 +1153,7 @@ class TestReferrers:
         env.store.link("docker.io", REPO, MANIFEST_DIGEST)  # the subject was pulled through this repository
         env.answers.append("connection refused")
         f = flow(referrers_path())
-        await env.cache.request(f)
+        await env.addons.request(f)
         assert f.response.status_code == 200, f.response.content
         [entry] = json.loads(f.response.content)["manifests"]
         assert entry == {"mediaType": OCI_MANIFEST, "digest": digest_of(sbom), "size": len(sbom), "artifactType": SBOM_TYPE}
@@ -1161,7 +1161,7 @@ class TestReferrers:
     async def test_nothing_known_offline_is_a_404_so_clients_use_the_tag_schema(self, env):
         env.tctx.configure(env.cache, offline=True)
         f = flow(referrers_path())
-        await env.cache.request(f)
+        await env.addons.request(f)
         assert f.response.status_code == 404
         assert json.loads(f.response.content)["errors"][0]["code"] == "MANIFEST_UNKNOWN"
         assert env.sent == []
@@ -1169,14 +1169,14 @@ class TestReferrers:
     async def test_a_registry_without_the_api_answers_404_and_that_is_relayed(self, env):
         env.answers.append(manifest_response(404, b'{"errors":[{"code":"NAME_UNKNOWN"}]}'))
         f = flow(referrers_path())
-        await env.cache.request(f)
+        await env.addons.request(f)
         assert f.response.status_code == 404 and b"NAME_UNKNOWN" in f.response.content
 
     async def test_a_private_repositorys_referrers_need_the_clients_access(self, env):
         env.answers.append(manifest_response(200, index_of((SBOM_TYPE, referring(SBOM_TYPE))), {"Content-Type": OCI_INDEX}))
-        await env.cache.request(flow(referrers_path()))
+        await env.addons.request(flow(referrers_path()))
         env.store.set_visibility("docker.io", REPO, False)
         env.answers += ["upstream down", "upstream down"]  # the list, then the access check
         f = flow(referrers_path())
-        await env.cache.request(f)
+        await env.addons.request(f)
         assert f.response.status_code == 503, "private, and upstream cannot confirm this client"

@@ -9,6 +9,7 @@ import asyncio
 import json
 import re
 from pathlib import Path
+from urllib.parse import parse_qsl
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -29,6 +30,8 @@ SPEC_NAME = re.compile(r"[a-z0-9]+(?:(?:\.|_|__|-+)[a-z0-9]+)*(?:/[a-z0-9]+(?:(?
 SPEC_TAG = re.compile(r"[a-zA-Z0-9_][a-zA-Z0-9._-]{0,127}")
 VERIFIABLE_DIGEST = re.compile(r"sha256:[a-f0-9]{64}|sha512:[a-f0-9]{128}")
 DOCKER_HUB_NAMES = {"registry-1.docker.io": "docker.io", "index.docker.io": "docker.io"}
+# RFC 6838's restricted-name, for a type and a subtype.
+MEDIA_TYPE = re.compile(r"[A-Za-z0-9][A-Za-z0-9!#$&^_.+-]{0,126}/[A-Za-z0-9][A-Za-z0-9!#$&^_.+-]{0,126}")
 KINDS = {"manifests": Kind.MANIFEST, "blobs": Kind.BLOB, "referrers": Kind.REFERRERS}
 
 
@@ -36,25 +39,48 @@ def expected_route(host: str, path: str) -> Route | tuple[int, str]:
     """What a request for `path` on `host` asks for, or the (status, code) of the error it gets:
     /v2/<name>/manifests/<tag or digest>, /v2/<name>/blobs/<digest>, /v2/<name>/referrers/<digest>,
     the /v2/ ping; anything else (uploads, tags lists, the catalog, other paths) is not the
-    cache's business."""
+    cache's business. Only one spelling of each is taken: a target with a fragment, percent-encoding,
+    a backslash, empty or dot segments is refused whatever it asks, and a pull endpoint takes no
+    query but containerd's `ns` naming its own registry (and the referrers' `artifactType`)."""
     registry = DOCKER_HUB_NAMES.get(host, host)
-    target = path.split("?")[0].split("#")[0]
-    if target in ("/v2", "/v2/"):
-        return Route(Kind.PING, registry)
-    segments = target.split("/")[2:] if target.startswith("/v2/") else []
-    if len(segments) < 3 or segments[-2] not in KINDS:
-        return Route(Kind.OTHER, registry)
-    name, kind, reference = "/".join(segments[:-2]), segments[-2], segments[-1]
-    if kind == "blobs" and reference == "uploads":
-        return Route(Kind.OTHER, registry)  # the upload endpoint, without its trailing slash
-    if not SPEC_NAME.fullmatch(name) or len(name) > 255:
+    target, question, query = path.partition("?")
+    segments = target.split("/")
+    unclean = any(c in target for c in "#%\\") or "" in segments[1:-1] or any(s in (".", "..") for s in segments)
+    if not target.startswith("/") or unclean:
         return 400, "NAME_INVALID"
-    if kind != "manifests" or ":" in reference:
-        if not VERIFIABLE_DIGEST.fullmatch(reference):
-            return 400, "DIGEST_INVALID"
-    elif not SPEC_TAG.fullmatch(reference):
-        return 400, "MANIFEST_INVALID"
-    return Route(KINDS[kind], registry, name, reference)
+    if target in ("/v2", "/v2/"):
+        route = Route(Kind.PING, registry)
+    else:
+        segments = target.split("/")[2:] if target.startswith("/v2/") else []
+        if len(segments) < 3 or segments[-2] not in KINDS:
+            return Route(Kind.OTHER, registry)
+        name, kind, reference = "/".join(segments[:-2]), segments[-2], segments[-1]
+        if kind == "blobs" and reference == "uploads":
+            return Route(Kind.OTHER, registry)  # the upload endpoint, without its trailing slash
+        if not SPEC_NAME.fullmatch(name) or len(name) > 255:
+            return 400, "NAME_INVALID"
+        if kind != "manifests" or ":" in reference:
+            if not VERIFIABLE_DIGEST.fullmatch(reference):
+                return 400, "DIGEST_INVALID"
+        elif not SPEC_TAG.fullmatch(reference):
+            return 400, "MANIFEST_INVALID"
+        route = Route(KINDS[kind], registry, name, reference)
+    if not question or not query:
+        return route
+    if query.count("&") >= 4:
+        return 400, "UNSUPPORTED"
+    try:
+        pairs = parse_qsl(query, keep_blank_values=True, strict_parsing=True)
+    except ValueError:
+        return 400, "UNSUPPORTED"
+    keys = [k for k, _ in pairs]
+    for key, value in pairs:
+        ns = key == "ns" and DOCKER_HUB_NAMES.get(value.lower(), value.lower()) == registry
+        filter_ = key == "artifactType" and route.kind is Kind.REFERRERS and MEDIA_TYPE.fullmatch(value) is not None
+        if keys.count(key) > 1 or not (ns or filter_):
+            return 400, "UNSUPPORTED"
+    return route
+
 
 # Pieces that real clients and attackers put in registry paths.
 segment = st.one_of(
@@ -65,12 +91,16 @@ reference = st.one_of(
     st.sampled_from(["latest", "sha256:" + "a" * 64, "sha256:" + "a" * 63, "sha512:" + "b" * 128, "md5:" + "c" * 32, "sha256:", ":", "-bad"]),
     st.text(max_size=80),
 )
+queries = st.sampled_from(
+    ["", "?", "?ns=docker.io", "?ns=ghcr.io", "?ns=docker.io&ns=docker.io", "?artifactType=application/vnd.dev.sig%2Bjson", "?artifactType=x", "?x=1", "?a&b", "?#"]
+)
 paths = st.one_of(
     st.builds(
-        lambda names, kind, ref: "/v2/" + "/".join(names) + f"/{kind}/" + ref,
+        lambda names, kind, ref, query: "/v2/" + "/".join(names) + f"/{kind}/" + ref + query,
         st.lists(segment, min_size=0, max_size=4),
         st.sampled_from(["manifests", "blobs", "referrers", "tags", "blobs/uploads"]),
         reference,
+        queries,
     ),
     st.text(max_size=120).map(lambda t: "/" + t),
     st.sampled_from(["/v2", "/v2/", "/", "/v2//", "/v2/_catalog"]),
@@ -174,7 +204,6 @@ def error_code(response: http.Response, method: str) -> str | None:
 @settings(max_examples=2500, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 def test_every_request_gets_a_registry_answer_or_passes(proxy_env, method, path, range_header, big_header, offline):
     loop, tctx, addons, root = proxy_env
-    cache = addons.cache
     tctx.options.update(offline=offline)
     headers = {"X-Padding": "x" * big_header}
     if range_header is not None:
@@ -185,7 +214,7 @@ def test_every_request_gets_a_registry_answer_or_passes(proxy_env, method, path,
         return  # not an HTTP request mitmproxy would build
     f = tflow.tflow(req=req)
     f.client_conn.sni = HUB  # the client's TLS, intercepted for the registry it goes to
-    loop.run_until_complete(cache.request(f))
+    loop.run_until_complete(addons.request(f))
     while addons.blobs.tasks:
         loop.run_until_complete(asyncio.gather(*addons.blobs.tasks))
     status, codes = expected_answer(method, path, offline)

@@ -13,6 +13,7 @@ from hubcache.journal import MissJournal
 from hubcache.metrics import Metrics
 from hubcache.options import SharedOptions
 from hubcache.policy import ImagePolicy
+from hubcache.routes import Routes
 from hubcache.storage import CacheFolder
 
 HUB = "registry-1.docker.io"
@@ -24,10 +25,11 @@ def policy(tmp_path):
     hosts = Interception()
     folder = CacheFolder()
     metrics = Metrics(hosts)
-    addon = ImagePolicy(hosts, folder, metrics)
-    with taddons.context(SharedOptions(), folder, hosts, addon) as tctx:
+    addon = ImagePolicy(folder, metrics)
+    routes = Routes(hosts)
+    with taddons.context(SharedOptions(), folder, hosts, routes, addon) as tctx:
         tctx.options.update(cache_dir=str(tmp_path))
-        yield tctx, addon, metrics
+        yield tctx, (routes, addon), metrics
         folder.done()
 
 
@@ -37,9 +39,12 @@ def flow(path: str, host: str = HUB) -> http.HTTPFlow:
     return f
 
 
-async def asked(addon: ImagePolicy, path: str, host: str = HUB) -> http.HTTPFlow:
+async def asked(addons: tuple[Routes, ImagePolicy], path: str, host: str = HUB) -> http.HTTPFlow:
+    """The request as mitmproxy hooks it: parsed to its route, then judged."""
+    routes, policy = addons
     f = flow(path, host)
-    await addon.request(f)
+    routes.request(f)
+    await policy.request(f)
     return f
 
 
@@ -94,7 +99,9 @@ async def test_only_registry_pulls_are_judged(policy):
     assert (await asked(addon, "/v2/library/alpine/manifests/1", host="example.com")).response is None  # not a registry
     spoofed = flow("/v2/library/alpine/manifests/1")
     spoofed.client_conn.sni = "example.com"  # a tunnel elsewhere that names the registry in Host
-    await addon.request(spoofed)
+    routes, judge = addon
+    routes.request(spoofed)
+    await judge.request(spoofed)
     assert spoofed.response is None
     assert (await asked(addon, "/v2/library/alpine/manifests/1")).response.status_code == 403
 

@@ -8,7 +8,6 @@ from mitmproxy import exceptions, http
 from mitmproxy.addons.proxyserver import Proxyserver
 from mitmproxy.test import taddons, tflow, tutils
 
-from hubcache.cache import RegistryCache
 from hubcache.recorder import Recorder
 from hubcache.recording import Recording, RecordingError, image_from_store, names
 from support.addons import CacheAddons
@@ -28,15 +27,15 @@ def image(tmp_path_factory):
 @pytest.fixture
 async def env(tmp_path, image):
     addons = CacheAddons()
-    recorder = Recorder(addons.hosts, addons.folder)
+    recorder = Recorder(addons.folder)
     with taddons.context(Proxyserver(), *addons.addons(), recorder) as tctx:
         tctx.options.update(cache_dir=str(tmp_path), tag_freshness=3600)
         store_image(addons.store, image, "docker.io", "library/rec", "1")
-        yield tctx, addons.cache, recorder
+        yield tctx, addons, recorder
         addons.folder.done()
 
 
-async def pull(cache: RegistryCache, recorder: Recorder, path: str, method: str = "GET") -> http.HTTPFlow:
+async def pull(cache: CacheAddons, recorder: Recorder, path: str, method: str = "GET") -> http.HTTPFlow:
     """A request answered from the store, then seen by the recorder, as in the addon chain."""
     req = tutils.treq(host=HUB, port=443, scheme=b"https", method=method.encode(), path=path.encode(), headers=http.Headers(), content=b"")
     f = tflow.tflow(req=req)
