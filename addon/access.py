@@ -106,7 +106,8 @@ class Access:
         if known and (public is True or self._allowed.get(key, 0.0) > time.monotonic()):
             return None
         try:
-            answer = upstream.available(await self.upstream.send(flow, "HEAD", ctx.options.revalidate_timeout, follow=True))
+            request = upstream.request_for(flow, route, "HEAD")
+            answer = upstream.available(await self.upstream.send(flow, request, ctx.options.revalidate_timeout, follow=True))
         except upstream.UpstreamError as e:
             reason = str(e)
             if known and public is True:
@@ -143,7 +144,7 @@ class Access:
     async def probe(self, flow: http.HTTPFlow, route: Route, store: Store) -> bool | None:
         """Ask upstream whether the repository is public and note the answer; None if upstream
         could not tell."""
-        public = await self._anonymous_head(flow, route.name)
+        public = await self._anonymous_head(flow, route)
         if public is not None:
             logger.info(f"hubcache: {route.registry}/{route.name} is {'public' if public else 'private'}")
             try:
@@ -152,18 +153,17 @@ class Access:
                 logger.warning(f"hubcache: not noted in the cache: {e.strerror or e}")
         return public
 
-    async def _anonymous_head(self, like: http.HTTPFlow, name: str) -> bool | None:
+    async def _anonymous_head(self, like: http.HTTPFlow, route: Route) -> bool | None:
         """Whether upstream answers the request without credentials (an anonymous token is fine);
         None if it could not tell."""
         timeout = ctx.options.revalidate_timeout
-        request = like.request.copy()
-        request.method = "HEAD"
+        request = upstream.request_for(like, route, "HEAD")
         request.headers.pop("authorization", None)
         try:
             answer = upstream.available(await self.upstream.run(upstream.subrequest(like, request), timeout))
             if answer.status_code != 401:
                 return answer.status_code == 200
-            token = await self._anonymous_token(like, answer.headers.get("www-authenticate", ""), name, timeout)
+            token = await self._anonymous_token(like, answer.headers.get("www-authenticate", ""), route.name, timeout)
             if token is None:
                 return False
             request = request.copy()

@@ -140,10 +140,8 @@ class BlobRequests:
         The fill is registered before anything is awaited, so every later request joins it."""
         fill = self.fills[route.reference] = Fill(route)
         self.metrics.fills.set(len(self.fills))
-        request = like.request.copy()
-        for header in ("range", "if-range"):
-            # The digest covers the whole blob (its identity bytes: see upstream.subrequest).
-            request.headers.pop(header, None)
+        # The whole blob, whatever range the client asked: the digest covers all of its bytes.
+        request = upstream.request_for(like, route, "GET")
         task = asyncio.create_task(self._fill(like, request, fill))
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
@@ -197,7 +195,13 @@ class BlobRequests:
                 return
             location = answer.headers.get("location")
             if fill.state is State.DECIDING and answer.status_code in protocol.REDIRECTS and location:
-                request, redirect = upstream.redirected(request, location), answer
+                try:
+                    request, redirect = upstream.redirected(request, location), answer
+                except upstream.Renamed as e:
+                    fill.fail(str(e))
+                    logger.warning(f"{route.image}: not fetched: {e}")
+                    await self.folder.journal_miss(route, f"failed: {e}")
+                    return
                 continue
             if fill.state is State.DECIDING:
                 # A host that refuses hubcache without the registry's credentials may accept the

@@ -23,7 +23,7 @@ import logging
 from mitmproxy import ctx, http
 from mitmproxy.addonmanager import Loader
 
-from . import answers, circuits, upstream
+from . import answers, circuits, protocol, upstream
 from .blob_requests import BlobRequests
 from .flowdata import Mark
 from .hosts import Interception
@@ -89,7 +89,8 @@ class RegistryCache:
             answers.ping(flow)
             return
         try:
-            flow.response = upstream.available(await self.upstream.send(flow, flow.request.method, ctx.options.revalidate_timeout))
+            request = upstream.request_for(flow, route, flow.request.method)
+            flow.response = upstream.available(await self.upstream.send(flow, request, ctx.options.revalidate_timeout))
         except upstream.UpstreamError as e:
             logger.log(circuits.level(str(e)), f"{route.registry}: {e}; answering /v2/ from the cache")
             answers.ping(flow)
@@ -103,7 +104,12 @@ class RegistryCache:
             return
         if not ctx.options.offline:
             try:
-                flow.response = upstream.available(await self.upstream.send(flow, flow.request.method, ctx.options.revalidate_timeout))
+                request = upstream.token_request_for(flow)
+            except protocol.BadRequest as e:
+                answers.error(flow, e.status, e.code, e.message)
+                return
+            try:
+                flow.response = upstream.available(await self.upstream.send(flow, request, ctx.options.revalidate_timeout))
                 flow.metadata[Mark.RELAYED] = True
                 return
             except upstream.UpstreamError as e:

@@ -97,7 +97,8 @@ class ManifestRequests:
         reason = "offline" if ctx.options.offline else "no token from the registry's token service"
         if not ctx.options.offline and not holds_local_token(flow):
             try:
-                answer = upstream.available(await self.upstream.send(flow, flow.request.method, ctx.options.revalidate_timeout))
+                request = upstream.request_for(flow, route, flow.request.method)
+                answer = upstream.available(await self.upstream.send(flow, request, ctx.options.revalidate_timeout))
             except upstream.UpstreamError as e:
                 reason = str(e)
             else:
@@ -112,7 +113,7 @@ class ManifestRequests:
             return
         if not await self.access.permit(flow, route, route.reference, store):
             return
-        wanted = flow.request.query.get("artifactType")
+        wanted = route.artifact_type
         listed = [d for d in known if not wanted or d.get("artifactType") == wanted]
         body = protocol.referrers_index(listed)
         headers = {**protocol.API_VERSION_HEADERS, "Content-Type": protocol.OCI_INDEX, "Content-Length": str(len(body))}
@@ -127,7 +128,7 @@ class ManifestRequests:
         store = self.folder.store
         assert store
         try:
-            answer = upstream.available(await self.upstream.send(flow, "HEAD", ctx.options.revalidate_timeout))
+            answer = upstream.available(await self.upstream.send(flow, upstream.request_for(flow, route, "HEAD"), ctx.options.revalidate_timeout))
         except upstream.UpstreamError as e:
             await self._serve_stale(flow, route, cached, str(e))
             return
@@ -192,10 +193,17 @@ class ManifestRequests:
 
     async def finish(self, flow: http.HTTPFlow, pending: Pending) -> None:
         """Upstream answered the client's request: verify and store a manifest, learn a tag."""
-        await self._follow_redirects(flow)
+        route = pending.route
+        try:
+            await self._follow_redirects(flow)
+        except upstream.Renamed as e:
+            logger.warning(f"{route.image}: {e}")
+            answers.error(flow, 502, "MANIFEST_UNKNOWN", f"{route.image}: {e}")
+            await self.folder.journal_miss(route, f"rejected: {e}")
+            return
         store = self.folder.store
         assert flow.response and store
-        route, response = pending.route, flow.response
+        response = flow.response
         if pending.fallback:
             try:
                 upstream.available(response)
@@ -248,7 +256,8 @@ class ManifestRequests:
     async def _follow_redirects(self, flow: http.HTTPFlow) -> None:
         """Some registries (registry.k8s.io) redirect manifest requests to another host: follow
         them here, so the manifest is cached under the registry's name. If the other host refuses
-        hubcache (it gets no credentials), the client gets the redirect and follows it itself."""
+        hubcache (it gets no credentials), the client gets the redirect and follows it itself. A
+        redirect that renames what was asked raises upstream.Renamed."""
         assert flow.response
         request = flow.request
         for _ in range(upstream.MAX_REDIRECTS):

@@ -89,7 +89,8 @@ class Misses:
 
     async def _relay(self, flow: http.HTTPFlow, route: Route, fallback: Fallback | None) -> None:
         try:
-            answer = await self.upstream.run(upstream.subrequest(flow, flow.request.copy()), ctx.options.fill_timeout)
+            request = upstream.request_for(flow, route, flow.request.method)
+            answer = await self.upstream.run(upstream.subrequest(flow, request), ctx.options.fill_timeout)
         except upstream.Unreadable as e:
             answers.error(flow, 502, "MANIFEST_INVALID", f"{route.image}: {e}")
             await self.folder.journal_miss(route, f"rejected: {e}")

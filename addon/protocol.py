@@ -248,6 +248,32 @@ def token_request(header: str, name: str) -> str | None:
     return f"{fields['realm']}?{urlencode(query)}"
 
 
+# The fields of a token request (the distribution token spec's GET query, and the OAuth form a
+# POST carries): what hubcache relays of a client's token request, rebuilt; nothing else.
+TOKEN_FIELDS = frozenset(
+    {"service", "scope", "account", "client_id", "offline_token", "grant_type", "access_type", "username", "password", "refresh_token"}
+)
+MAX_TOKEN_FIELDS = 64  # a token request names a handful of scopes, not thousands
+
+
+def token_target(target: str) -> tuple[str, list[tuple[str, str]]]:
+    """A token request's path and its query fields, parsed: the path must be clean, and only
+    TOKEN_FIELDS are kept. BadRequest for anything else."""
+    path, _, query = target.partition("?")
+    if _UNCLEAN.search(path) or not path.startswith("/"):
+        raise BadRequest(400, "UNSUPPORTED", f"token request target {target[:200]!r} is not in canonical form")
+    return path, token_fields(query)
+
+
+def token_fields(text: str) -> list[tuple[str, str]]:
+    """The TOKEN_FIELDS of a query string or a urlencoded form, in order; BadRequest if unreadable."""
+    try:
+        pairs = parse_qsl(text, keep_blank_values=True, max_num_fields=MAX_TOKEN_FIELDS)
+    except ValueError:
+        raise BadRequest(400, "UNSUPPORTED", "unreadable token request") from None
+    return [(k, v) for k, v in pairs if k in TOKEN_FIELDS]
+
+
 # What hubcache hands a client as a registry token when it answers the token request itself
 # (offline, or while the token host is down): clients do not validate registry tokens, and
 # hubcache never sends one upstream as a credential.

@@ -18,13 +18,15 @@ import logging
 import time
 import zlib
 from collections.abc import Callable
-from urllib.parse import urljoin
+from urllib.parse import urlencode, urljoin
 
 from mitmproxy import ctx, http
 from mitmproxy.addons.clientplayback import ReplayHandler
+from mitmproxy.net.http import url
 
 from . import fetcher, protocol
 from .flowdata import Mark
+from .protocol import Route
 
 logger = logging.getLogger(__name__)
 
@@ -48,6 +50,11 @@ class Unreadable(UpstreamError):
     """An answer hubcache will not read: larger than MAX_ANSWER, or in an encoding it did not ask for."""
 
 
+class Renamed(UpstreamError):
+    """A registry redirected a request to another API path of its own host that names another
+    repository, kind or reference: followed, it would put one thing in the cache under another's name."""
+
+
 class Unavailable(UpstreamError):
     """Upstream answered that it cannot serve now (5xx, 429). Its answer is kept."""
 
@@ -66,6 +73,49 @@ def available(response: http.Response) -> http.Response:
 
 def is_subrequest(flow: http.HTTPFlow) -> bool:
     return bool(flow.metadata.get(Mark.SUBREQUEST))
+
+
+# The client's headers upstream needs to answer a pull: content negotiation, the client's own
+# credentials, and who is asking. Nothing else of the client's request travels.
+FORWARDED = ("accept", "authorization", "user-agent")
+
+
+def request_for(like: http.HTTPFlow, route: Route, method: str) -> http.Request:
+    """The request hubcache sends upstream for a client's request of `route`, built from the parse
+    alone: https to the host and port the request verifiably goes to (routes.py, hosts.py), the
+    route's canonical target, and only the FORWARDED headers. Never the client's own target,
+    query or body."""
+    client = like.request
+    authority = url.hostport("https", client.host, client.port)
+    request = http.Request.make(method, f"https://{authority}{route.target}")
+    del request.headers["content-length"]  # a pull has no body
+    request.http_version = client.http_version
+    for name in FORWARDED:
+        if values := client.headers.get_all(name):
+            request.headers.set_all(name, values)
+    request.host_header = authority
+    return request
+
+
+def token_request_for(like: http.HTTPFlow) -> http.Request:
+    """The request hubcache relays to a token host for a client's token request, rebuilt from its
+    parse (protocol.token_target): its clean path, and only the token fields of its query or form.
+    BadRequest for a request that does not parse."""
+    client = like.request
+    path, query = protocol.token_target(client.path)
+    authority = url.hostport("https", client.host, client.port)
+    target = f"{path}?{urlencode(query, safe=':/')}" if query else path
+    request = http.Request.make(client.method, f"https://{authority}{target}")
+    request.http_version = client.http_version
+    for name in FORWARDED:
+        if values := client.headers.get_all(name):
+            request.headers.set_all(name, values)
+    if client.method == "POST":
+        form = protocol.token_fields(client.get_text(strict=False) or "")
+        request.headers["content-type"] = "application/x-www-form-urlencoded"
+        request.content = urlencode(form).encode()
+    request.host_header = authority
+    return request
 
 
 def subrequest(like: http.HTTPFlow, request: http.Request) -> http.HTTPFlow:
@@ -141,13 +191,10 @@ class Upstream:
     """The one way out for hubcache's own requests. The addons that send them are given an
     instance (tests give them a fake one instead)."""
 
-    async def send(self, like: http.HTTPFlow, method: str, timeout: float, follow: bool = False) -> http.Response:
-        """Send the request of `like` upstream again as `method`, with its headers (Accept,
-        Authorization), and return the response; UpstreamError when there is none. With `follow`,
-        redirects to https URLs are followed and the final answer returned (a redirect elsewhere is
-        the answer)."""
-        request = like.request.copy()
-        request.method = method
+    async def send(self, like: http.HTTPFlow, request: http.Request, timeout: float, follow: bool = False) -> http.Response:
+        """Send `request` (see request_for) upstream for the client flow `like`, and return the
+        response; UpstreamError when there is none. With `follow`, redirects to https URLs are
+        followed and the final answer returned (a redirect elsewhere is the answer)."""
         answer = await self.run(subrequest(like, request), timeout)
         for _ in range(MAX_REDIRECTS if follow else 0):
             if answer.status_code not in protocol.REDIRECTS or not (location := answer.headers.get("location")):
@@ -190,12 +237,24 @@ class Upstream:
 def redirected(request: http.Request, location: str) -> http.Request:
     """The request a redirect asks for. Credentials stay with the origin that was given them: a
     blob host (CDN) gets a signed URL instead, some refuse requests that carry both, and an
-    https -> http redirect must not carry them in the clear."""
+    https -> http redirect must not carry them in the clear. A redirect to an API path of the same
+    host must name what the request named (Renamed otherwise): a registry that cleans paths would
+    answer for whatever the cleaned path names."""
     target = request.copy()
     target.url = urljoin(request.url, location)
+    if target.host.lower() == request.host.lower() and target.path.startswith("/v2"):
+        if (moved := _parsed(target)) is None or moved != _parsed(request):
+            raise Renamed(f"upstream redirected {request.path[:200]} to {target.path[:200]}, which names something else; not followed")
     if (target.scheme, target.host.lower(), target.port) != (request.scheme, request.host.lower(), request.port):
         target.headers.pop("authorization", None)
     return target
+
+
+def _parsed(request: http.Request) -> Route | None:
+    try:
+        return protocol.parse_route(request.host, request.path)
+    except protocol.BadRequest:
+        return None
 
 
 class _Replay:

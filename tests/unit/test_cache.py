@@ -61,13 +61,15 @@ class FakeUpstream(upstream.Upstream):
     def __init__(self) -> None:
         self.replies: list = []
         self.sent: list = []  # (method, url) of every request sent with send()
+        self.sent_requests: list = []  # and the request itself
         self.fetches: list = []
         self.fetched: list = []  # the request of every run()
         self.on_headers: list = []  # the responseheaders hooks, in addon order
 
-    async def send(self, like: http.HTTPFlow, method: str, timeout: float, follow: bool = False) -> http.Response:
-        self.sent.append((method, like.request.url))
-        assert self.replies, f"unexpected upstream {method} {like.request.url}"
+    async def send(self, like: http.HTTPFlow, request: http.Request, timeout: float, follow: bool = False) -> http.Response:
+        self.sent.append((request.method, request.url))
+        self.sent_requests.append(request)
+        assert self.replies, f"unexpected upstream {request.method} {request.url}"
         return _answer(self.replies.pop(0))
 
     async def run(self, f: http.HTTPFlow, idle_timeout: float, progress=None) -> http.Response:
@@ -433,7 +435,7 @@ class TestBlobFill:
         assert env.store.blob_size(BLOB_DIGEST) is None
 
     async def test_too_many_redirects(self, env):
-        env.fetches += [Upstream(302, {"Location": f"/v2/{REPO}/blobs/{BLOB_DIGEST}?n={i}"}) for i in range(6)]
+        env.fetches += [Upstream(302, {"Location": f"https://{HUB}:{443 + i}/v2/{REPO}/blobs/{BLOB_DIGEST}"}) for i in range(6)]
         f = flow(blob_path())
         await env.addons.request(f)
         assert f.response.status_code == 502
@@ -1180,3 +1182,102 @@ class TestReferrers:
         f = flow(referrers_path())
         await env.addons.request(f)
         assert f.response.status_code == 503, "private, and upstream cannot confirm this client"
+
+
+class TestCanonicalRequests:
+    """Canonicalize, then act (README, "Security model"): hubcache acts only on the route it parsed,
+    and sends upstream only what it rebuilt from it."""
+
+    PRIVATE = "acme/secret"
+    UNCLEAN = {
+        "#": "x#/../../../../library/alpine/manifests/3.20",
+        "%23": "x%23/../../../../library/alpine/manifests/3.20",
+        "dot segments": "x/../../../../library/alpine/manifests/3.20",
+        "empty segment": "x//../library/alpine/manifests/3.20",
+    }
+
+    @pytest.mark.parametrize("kind", ["tag", "digest", "blob"])
+    @pytest.mark.parametrize("trick", UNCLEAN.values(), ids=UNCLEAN.keys())
+    async def test_an_unclean_target_is_refused_before_anything_happens(self, env, kind, trick):
+        env.store.put_manifest(MANIFEST_DIGEST, OCI_INDEX, MANIFEST)
+        writer = env.store.blob_writer(BLOB_DIGEST)
+        writer.write(BLOB)
+        writer.commit()
+        first = {"tag": "manifests/x", "digest": f"manifests/{MANIFEST_DIGEST}", "blob": f"blobs/{BLOB_DIGEST}"}[kind]
+        f = flow(f"/v2/{self.PRIVATE}/{first}{trick.removeprefix('x')}")
+        await env.addons.request(f)
+        assert f.response.status_code == 400
+        assert json.loads(f.response.content)["errors"][0]["code"] == "NAME_INVALID"
+        assert env.sent == [] and env.fetched == [], "nothing is asked of upstream"
+        assert env.store.get_tag("docker.io", self.PRIVATE, "x") is None
+        assert env.store.get_tag("docker.io", REPO, "3.20") is None
+        assert env.journal() == []
+
+    async def test_what_goes_upstream_is_rebuilt_from_the_route(self, env):
+        headers = {"Accept": OCI_INDEX, "Authorization": "Bearer t", "User-Agent": "skopeo", "X-Original-URL": "/v2/other/manifests/1", "Cookie": "c=1"}
+        f = flow(f"/v2/{REPO}/manifests/3.20?ns=docker.io", headers=headers)
+        await asked(env, f, Upstream(200, {"Content-Type": OCI_INDEX}, MANIFEST))
+        [sent] = env.fetched
+        assert sent.url == f"https://{HUB}/v2/{REPO}/manifests/3.20", "the route's target: no query the client wrote"
+        assert f.request.path == f"/v2/{REPO}/manifests/3.20", "the client's own request carries it too"
+        assert sorted(sent.headers.keys()) == sorted(["Host", "accept", "authorization", "user-agent", "accept-encoding"])
+        assert (sent.headers["accept"], sent.headers["authorization"]) == (OCI_INDEX, "Bearer t")
+
+    async def test_a_fill_is_rebuilt_from_the_route_without_the_clients_range(self, env):
+        env.fetches.append(sized())
+        f = flow(blob_path() + "?ns=docker.io", headers={"Range": "bytes=5-", "If-Range": "x", "Authorization": "Bearer t"})
+        await env.addons.request(f)
+        await env.settle()
+        [sent] = env.fetched
+        assert sent.url == f"https://{HUB}{blob_path()}"
+        assert "range" not in sent.headers and "if-range" not in sent.headers
+        assert env.store.blob_size(BLOB_DIGEST) == len(BLOB)
+
+    async def test_a_revalidation_is_rebuilt_from_the_route(self, env):
+        await fill_manifest(env, "3.20", MANIFEST)
+        env.answers.append(upstream_response(200, {"Docker-Content-Digest": MANIFEST_DIGEST}))
+        f = flow(manifest_path("3.20") + "?ns=docker.io", "HEAD", headers={"X-Evil": "1"})
+        await env.addons.request(f)
+        assert f.response.status_code == 200
+        [sent] = env.addons.upstream.sent_requests
+        assert (sent.method, sent.url) == ("HEAD", f"https://{HUB}{manifest_path('3.20')}")
+        assert "x-evil" not in sent.headers
+
+    async def test_a_redirect_that_renames_a_manifest_is_not_followed(self, env):
+        f = flow(manifest_path("3.21"))
+        await asked(env, f, Upstream(301, {"Location": "/v2/library/python/manifests/3.12-slim"}))
+        assert f.response.status_code == 502
+        assert env.store.get_tag("docker.io", REPO, "3.21") is None
+        assert len(env.fetched) == 1, "the redirect was not followed"
+        assert env.journal()[-1]["outcome"].startswith("rejected: upstream redirected")
+
+    async def test_a_redirect_that_renames_a_blob_fails_its_fill(self, env):
+        other = "sha256:" + "e" * 64
+        env.fetches.append(Upstream(301, {"Location": f"/v2/library/python/blobs/{other}", "Content-Length": "0"}))
+        f = flow(blob_path())
+        await env.addons.request(f)
+        await env.settle()
+        assert f.response.status_code == 502
+        assert len(env.fetched) == 1 and env.store.blob_size(BLOB_DIGEST) is None
+
+
+class TestRedirected:
+    """upstream.redirected: what a redirect may change."""
+
+    def request(self, path: str = manifest_path("1")) -> http.Request:
+        r = http.Request.make("GET", f"https://{HUB}{path}", headers={"Authorization": "Bearer t"})
+        return r
+
+    @pytest.mark.parametrize(
+        "location",
+        ["/v2/library/python/manifests/1", f"/v2/{REPO}/manifests/2", f"/v2/{REPO}/blobs/{BLOB_DIGEST}", f"https://{HUB.upper()}:8443/v2/x/manifests/1", "/v2/a/../b/manifests/1", "/v2/_catalog"],
+    )
+    def test_a_redirect_to_the_same_host_that_names_something_else_is_refused(self, location):
+        with pytest.raises(upstream.Renamed):
+            upstream.redirected(self.request(), location)
+
+    def test_a_redirect_to_the_same_route_or_a_blob_host_is_followed(self):
+        same = upstream.redirected(self.request(), f"/v2/{REPO}/manifests/1")
+        assert same.url == f"https://{HUB}{manifest_path('1')}" and same.headers["authorization"] == "Bearer t"
+        cdn = upstream.redirected(self.request(), f"https://{CDN}/data?verify=1")
+        assert cdn.host == CDN and "authorization" not in cdn.headers
