@@ -1184,17 +1184,20 @@ class TestReferrers:
         assert f.response.status_code == 503, "private, and upstream cannot confirm this client"
 
 
+# What a distribution registry cleans (and then routes elsewhere): after the first target a client names.
+UNCLEAN = {
+    "#": "x#/../../../../library/alpine/manifests/3.20",
+    "%23": "x%23/../../../../library/alpine/manifests/3.20",
+    "dot segments": "x/../../../../library/alpine/manifests/3.20",
+    "empty segment": "x//../library/alpine/manifests/3.20",
+}
+
+
 class TestCanonicalRequests:
     """Canonicalize, then act (README, "Security model"): hubcache acts only on the route it parsed,
     and sends upstream only what it rebuilt from it."""
 
     PRIVATE = "acme/secret"
-    UNCLEAN = {
-        "#": "x#/../../../../library/alpine/manifests/3.20",
-        "%23": "x%23/../../../../library/alpine/manifests/3.20",
-        "dot segments": "x/../../../../library/alpine/manifests/3.20",
-        "empty segment": "x//../library/alpine/manifests/3.20",
-    }
 
     @pytest.mark.parametrize("kind", ["tag", "digest", "blob"])
     @pytest.mark.parametrize("trick", UNCLEAN.values(), ids=UNCLEAN.keys())
