@@ -52,6 +52,7 @@ import hmac
 import http.client
 import json
 import logging
+import posixpath
 import re
 import secrets
 import socket
@@ -595,9 +596,10 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _dispatch(self) -> None:
         self._host = urllib.parse.urlsplit("//" + (self.headers.get("Host") or "")).hostname or ""
-        split = urllib.parse.urlsplit(self.path)
-        self._path = split.path
-        self._query = urllib.parse.parse_qs(split.query, keep_blank_values=True)
+        # As Go's server reads a target: split at "?" only (a "#" stays in the path), then decoded.
+        raw_path, _, query = self.path.partition("?")
+        self._path = urllib.parse.unquote(raw_path)
+        self._query = urllib.parse.parse_qs(query, keep_blank_values=True)
         self._status = 0
         self._sent = 0
         self._started = time.monotonic()
@@ -651,6 +653,12 @@ class _Handler(BaseHTTPRequestHandler):
         return "other"
 
     def _route(self, kind: str) -> None:
+        if self._host in REGISTRY_HOSTS and (cleaned := _clean(self._path)) != self._path:
+            # The distribution registry's router (gorilla/mux) redirects a path that is not
+            # clean to its cleaned form, before any auth check.
+            query = self.path.partition("?")[2]
+            self._send(301, b"", {"Location": urllib.parse.quote(cleaned) + (f"?{query}" if query else "")})
+            return
         if self._host in REGISTRY_HOSTS:
             if self.command not in ("GET", "HEAD"):
                 self._registry_error(405, "UNSUPPORTED", "The operation is unsupported.")
@@ -1040,6 +1048,14 @@ class _Handler(BaseHTTPRequestHandler):
             if truncate is not None and self._sent >= truncate:
                 self.close_connection = True
                 return
+
+
+def _clean(path: str) -> str:
+    """Go's path.Clean, as gorilla/mux applies it (a trailing slash is kept)."""
+    cleaned = "/" + posixpath.normpath(path).lstrip("/") if path else "/"
+    if path.endswith("/") and cleaned != "/":
+        cleaned += "/"
+    return cleaned
 
 
 def _pull_scopes(scopes: Iterable[str]) -> list[str]:
