@@ -104,18 +104,21 @@ MEDIA_TYPE_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9!#$&^_.+-]{0,126}/[A-Za-z0-9][
 
 def parse_route(host: str, target: str) -> Route:
     """Parse a request target to a registry host. Raises BadRequest for a malformed API request,
-    and for any target that is not exactly the canonical form of what it parses to (`Route.target`):
-    two parsers (hubcache's and a registry's) may only ever meet on one spelling of a request."""
+    and for any target that is not the canonical form of what it parses to (`Route.target`): two
+    parsers (hubcache's and a registry's) may only ever meet on one spelling of a request. Once
+    the path is clean, the grammar of names, tags and digests admits no other spelling."""
     registry = canonical_registry(host)
     path, question, query = target.partition("?")
-    if _UNCLEAN.search(path) or not path.startswith("/"):
+    if not _clean(path):
         raise BadRequest(400, "NAME_INVALID", f"request target {target[:200]!r} is not in canonical form")
     route = _route(registry, path)
     if route.kind is Kind.OTHER:
         return route  # passed through as the client sent it: hubcache decides nothing on it
-    if path != route.target and not (route.kind is Kind.PING and path == "/v2"):
-        raise BadRequest(400, "NAME_INVALID", f"request target {target[:200]!r} is not in canonical form")
     return _with_query(route, query if question else None)
+
+
+def _clean(path: str) -> bool:
+    return path.startswith("/") and not _UNCLEAN.search(path)
 
 
 def _route(registry: str, path: str) -> Route:
@@ -260,7 +263,7 @@ def token_target(target: str) -> tuple[str, list[tuple[str, str]]]:
     """A token request's path and its query fields, parsed: the path must be clean, and only
     TOKEN_FIELDS are kept. BadRequest for anything else."""
     path, _, query = target.partition("?")
-    if _UNCLEAN.search(path) or not path.startswith("/"):
+    if not _clean(path):
         raise BadRequest(400, "UNSUPPORTED", f"token request target {target[:200]!r} is not in canonical form")
     return path, token_fields(query)
 

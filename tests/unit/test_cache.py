@@ -893,6 +893,25 @@ class TestTokens:
         assert f.response.json() == {"token": "upstream"}
         assert env.sent == [("GET", f"https://auth.docker.io{TOKEN_PATH}")]
 
+    async def test_the_token_request_is_rebuilt_from_its_token_fields(self, env):
+        env.answers += [tutils.tresp(status_code=200, content=b'{"token": "upstream"}')] * 2
+        f = flow(f"{TOKEN_PATH}&redirect_uri=https://evil.example/&scope=repository:{REPO}:push", host="auth.docker.io", headers={"Cookie": "x"})
+        await env.addons.request(f)
+        [sent] = env.addons.upstream.sent_requests
+        assert parse_qs(urlsplit(sent.url).query) == {"service": ["registry.docker.io"], "scope": [f"repository:{REPO}:pull", f"repository:{REPO}:push"]}
+        assert "cookie" not in sent.headers
+        form = flow("/token", "POST", host="auth.docker.io", headers={"Content-Type": "application/x-www-form-urlencoded"})
+        form.request.content = b"grant_type=password&username=u&password=p&service=registry.docker.io&evil=1"
+        await env.addons.request(form)
+        posted = env.addons.upstream.sent_requests[1]
+        assert parse_qs(posted.get_text()) == {"grant_type": ["password"], "username": ["u"], "password": ["p"], "service": ["registry.docker.io"]}
+
+    @pytest.mark.parametrize("target", ["/token#/../x", "/token/../other", "/to%6ben?service=x"])
+    async def test_an_unclean_token_request_is_refused(self, env, target):
+        f = flow(target, host="auth.docker.io")
+        await env.addons.request(f)
+        assert f.response.status_code == 400 and env.sent == []
+
     async def test_a_refusal_of_the_clients_credentials_is_relayed(self, env):
         env.answers.append(tutils.tresp(status_code=401, content=b'{"details": "incorrect username or password"}'))
         f = flow(TOKEN_PATH, host="auth.docker.io", headers={"Authorization": "Basic bWFsbG9yeTp4"})
@@ -1262,6 +1281,18 @@ class TestCanonicalRequests:
         await env.settle()
         assert f.response.status_code == 502
         assert len(env.fetched) == 1 and env.store.blob_size(BLOB_DIGEST) is None
+
+
+def test_request_for_builds_from_the_route_not_the_clients_target():
+    """The request sent upstream names what hubcache parsed, whatever the client's flow still says."""
+    f = flow(f"/v2/{REPO}/manifests/x#/../../../../library/python/manifests/3", headers={"Accept": OCI_INDEX, "X-Evil": "1", "Content-Length": "5"})
+    f.request.port = 8443  # a registry named with its port
+    route = protocol.Route(protocol.Kind.MANIFEST, "docker.io", REPO, "x")
+    request = upstream.request_for(f, route, "HEAD")
+    assert (request.method, request.url) == ("HEAD", f"https://{HUB}:8443/v2/{REPO}/manifests/x")
+    assert request.host_header == f"{HUB}:8443"
+    assert request.headers.get_all("accept") == [OCI_INDEX]
+    assert "x-evil" not in request.headers and "content-length" not in request.headers and request.content == b""
 
 
 class TestRedirected:
