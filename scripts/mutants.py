@@ -502,6 +502,67 @@ MUTANTS: list[Mutant] = [
         ["test_huge_manifest_is_not_held_in_memory", "test_a_manifest_limit_counts_the_bytes_read"],
         UNIT,
     ),
+    # -- canonical requests: decide only on what was parsed, send upstream only what was rebuilt
+    mutant(
+        "route-takes-unclean-targets",
+        "a registry request whose target holds a fragment, percent-encoding, dot or empty segments is refused before anything happens",
+        Edit("return path.startswith(\"/\") and not _UNCLEAN.search(path)", "return True"),
+        ["test_a_target_not_in_canonical_form_is_refused", "test_an_unclean_token_request_is_refused", "test_a_hidden_public_request_never_reads_a_private_image"],
+        INTEGRATION,
+    ),
+    mutant(
+        "route-takes-any-query",
+        "a pull endpoint takes no query parameter but containerd's ns naming its registry (and the referrers filter)",
+        Edit("raise BadRequest(400, \"UNSUPPORTED\", f\"this endpoint takes no query parameter {key}={value[:100]!r}\")", "continue"),
+        ["test_a_query_the_endpoint_does_not_take_is_refused", "test_the_router_classifies_or_refuses"],
+        UNIT,
+    ),
+    mutant(
+        "passed-request-keeps-clients-target",
+        "a registry request passed upstream carries the target hubcache rebuilt, not the client's",
+        Edit("request.path = route.target", "pass"),
+        ["test_what_goes_upstream_is_rebuilt_from_the_route"],
+        UNIT,
+    ),
+    mutant(
+        "own-request-copies-clients-target",
+        "hubcache's own requests upstream are built from the route, never from the client's target",
+        Edit('request = http.Request.make(method, f"https://{authority}{route.target}")', 'request = http.Request.make(method, f"https://{authority}{client.path}")'),
+        ["test_request_for_builds_from_the_route_not_the_clients_target"],
+        UNIT,
+    ),
+    mutant(
+        "own-request-copies-clients-headers",
+        "hubcache's own requests upstream carry only Accept, Authorization and User-Agent of the client's headers",
+        Edit("    for name in FORWARDED:\n        if values := client.headers.get_all(name):\n            request.headers.set_all(name, values)\n    request.host_header = authority\n    return request", "    for name, value in client.headers.items(multi=True):\n        request.headers.add(name, value)\n    request.host_header = authority\n    return request"),
+        ["test_request_for_builds_from_the_route_not_the_clients_target", "test_what_goes_upstream_is_rebuilt_from_the_route"],
+        UNIT,
+    ),
+    mutant(
+        "token-request-relayed-whole",
+        "a token request is relayed rebuilt from its token fields only",
+        Edit("return [(k, v) for k, v in pairs if k in TOKEN_FIELDS]", "return pairs"),
+        ["test_the_token_request_is_rebuilt_from_its_token_fields"],
+        UNIT,
+    ),
+    mutant(
+        "redirect-renames-what-was-asked",
+        "a redirect to another API path of the registry's own host that names something else is not followed",
+        Edit("if (moved := _parsed(target)) is None or moved != _parsed(request):", "if False:"),
+        [
+            "test_a_redirect_to_the_same_host_that_names_something_else_is_refused",
+            "test_a_redirect_that_renames_a_manifest_is_not_followed",
+            "test_a_redirect_that_renames_a_blob_fails_its_fill",
+        ],
+        UNIT,
+    ),
+    mutant(
+        "routes-not-parsed-before-acting",
+        "the policy, the cache and the recorder act only on a route parsed by Routes",
+        Edit("        flow.metadata[Mark.ROUTE] = route\n        if route.kind is not Kind.OTHER:", "        if route.kind is not Kind.OTHER:"),
+        ["test_deny", "test_a_hidden_request_cannot_walk_past_the_image_policy"],
+        INTEGRATION,
+    ),
 ]
 
 
