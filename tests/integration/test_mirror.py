@@ -194,6 +194,28 @@ def test_a_private_image_alice_filled_through_the_mirror_is_refused_to_anonymous
         assert status in (401, 403, 404), (what, status)
 
 
+def test_a_public_request_hidden_in_a_private_target_is_refused_by_the_mirror(hubcache, dockerhub, secret):
+    """Canonicalize, then act: through the mirror too, a target the registry would clean into a
+    public image's never reads the private one alice cached (README, "Security model")."""
+    proxy = start_mirror(hubcache)
+    index = f"/v2/{SECRET}/manifests/{secret.index_digest}"
+    assert mirror_get(proxy, index, mirror_token(proxy, ("alice", "s3cret")))[0] == 200
+    public = mirror_token(proxy, repository="library/multi")
+    context = ssl.create_default_context(cafile=str(proxy.ca_cert))
+    host, _, port = proxy.mirror.rpartition(":")
+    for hidden in ("#", "%23", "/", "//"):
+        conn = http.client.HTTPSConnection(host, int(port), context=context, timeout=30)
+        try:  # sent byte for byte (urllib would drop a fragment)
+            conn.request("GET", f"{index}{hidden}/../../../../library/multi/manifests/1", headers=public)
+            answer = conn.getresponse()
+            body = answer.read()
+        finally:
+            conn.close()
+        assert answer.status == 400 and json.loads(body)["errors"][0]["code"] == "NAME_INVALID", (hidden, answer.status, body[:200])
+    assert mirror_get(proxy, index, public)[0] in (401, 403, 404)
+    assert mirror_get(proxy, "/v2/library/multi/manifests/1", public)[0] == 200
+
+
 def test_registry_settings_credentials_apply_to_mirror_clients_that_bring_none(hubcache, dockerhub, secret, tmp_path):
     ref = f"docker://docker.io/{SECRET}:1"
     plain = start_mirror(hubcache, workdir=tmp_path / "plain")
