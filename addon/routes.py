@@ -39,15 +39,18 @@ class Routes:
             logger.info(f"hubcache: refused {request.method} {request.path[:200]!r} to {host} from {_peer(flow)}: {e.message}")
             answers.error(flow, e.status, e.code, e.message)
             return
-        flow.metadata[Mark.ROUTE] = route
+        # Plain values: flows are saved and replayed by mitmproxy (`-w`), which serializes metadata.
+        flow.metadata[Mark.ROUTE] = [route.kind.value, route.registry, route.name, route.reference, route.artifact_type]
         if route.kind is not Kind.OTHER:
             request.path = route.target
 
 
 def route_of(flow: http.HTTPFlow) -> Route | None:
     """The route `Routes` parsed for this client request, if it is a registry's."""
-    route = flow.metadata.get(Mark.ROUTE)
-    return route if isinstance(route, Route) else None
+    match flow.metadata.get(Mark.ROUTE):
+        case [str(kind), str(registry), str(name), str(reference), str(artifact_type)]:
+            return Route(Kind(kind), registry, name, reference, artifact_type)
+    return None
 
 
 def _peer(flow: http.HTTPFlow) -> str:
