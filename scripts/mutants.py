@@ -561,7 +561,7 @@ MUTANTS: list[Mutant] = [
         "the policy, the cache and the recorder act only on a route parsed by Routes",
         Edit("flow.metadata[Mark.ROUTE] = [route.kind.value, route.registry, route.name, route.reference, route.artifact_type]", "pass"),
         ["test_a_registry_request_is_noted_with_its_route_and_its_target_rebuilt", "test_deny"],
-        INTEGRATION,
+        UNIT,
     ),
 ]
 
