@@ -58,9 +58,9 @@ def make_addons() -> list:
         mirror,
         override,
         UpstreamCredentials(interception),
-        Passthrough(interception),
         BoundedAnswers(),
         blobs,
+        Passthrough(interception),  # after every addon that answers in requestheaders
         access,
         metrics,
         pulls,

@@ -16,6 +16,7 @@ class Mark(StrEnum):
     RELAYED = "hubcache_relayed"  # the client got the answer to hubcache's own request of it
     PASSED = "hubcache_passed"  # on a client's blob request passed upstream: the body bytes relayed
     MIRROR = "hubcache_mirror"  # on a mirror request routed to a registry: the mirror's URL as its client dialled it
+    NO_BODY = "hubcache_no_body"  # a request hubcache answers itself: a body on it is refused (bodies.py)
 
 
 class Source(StrEnum):
