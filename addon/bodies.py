@@ -8,6 +8,11 @@ content-length), the client gets `413` with the registry error at once, before a
 is kept, and its connection is closed. So the proxy's memory does not depend on what a client
 sends. Everything hubcache passes through (pushes, other hosts) is streamed instead.
 
+The close lingers: what still arrives is dropped as it comes for LINGER seconds at most (a client
+that read the answer stops sending and closes first), then the connection is closed. Closing a
+socket with unread data in it resets the connection, and a client still sending when told of
+the reset may never read the answer that came before it.
+
 mitmproxy's hooks cannot do this: after `requestheaders` a body is either streamed upstream or
 read whole before any answer goes out, and only its HTTP layer knows whether an HTTP/2 request
 has a body at all (END_STREAM on the HEADERS frame; the headers need not say). So hubcache gives
@@ -36,6 +41,8 @@ from . import answers
 from .flowdata import Mark
 
 logger = logging.getLogger(__name__)
+
+LINGER = 5.0  # seconds a refused client has to read its answer before its connection is cut
 
 
 def takes_none(flow: http.HTTPFlow) -> None:
@@ -68,6 +75,14 @@ class _GuardedLayer(HttpLayer):
 
 class _Stream(HttpStream):
     """mitmproxy's stream, except that a request marked `takes_none` never has its body read."""
+
+    _linger: commands.RequestWakeup | None = None
+
+    def _handle_event(self, event: events.Event) -> layer.CommandGenerator[None]:
+        if isinstance(event, events.Wakeup) and event.command is self._linger:
+            yield commands.CloseConnection(self.context.client)
+        else:
+            yield from super()._handle_event(event)
 
     def state_wait_for_request_headers(self, event: RequestHeaders) -> layer.CommandGenerator[None]:
         yield from super().state_wait_for_request_headers(event)
@@ -106,4 +121,5 @@ class _Stream(HttpStream):
         yield SendHttp(ResponseEndOfMessage(self.stream_id), self.context.client)
         flow.live = False
         yield DropStream(self.stream_id)
-        yield commands.CloseConnection(self.context.client)
+        self._linger = commands.RequestWakeup(LINGER)
+        yield self._linger
