@@ -107,7 +107,7 @@ class _Stream(HttpStream):
     def _refuse(self) -> layer.CommandGenerator[None]:
         flow, request = self.flow, self.flow.request
         logger.info(
-            f"hubcache: refused a {request.method} with a body to {request.pretty_host} from "
+            f"hubcache: refused a {request.method} with a body to {request.host} from "
             f"{flow.client_conn.peername[0]}: hubcache answers it itself and it takes none"
         )
         # Whatever the client still sends is dropped as it comes, never kept.
