@@ -60,9 +60,9 @@ def make_addons() -> list:
         override,
         Routes(interception),  # before any addon that acts on a registry request
         UpstreamCredentials(interception),
-        Passthrough(interception),
         BoundedAnswers(),
         blobs,
+        Passthrough(interception),  # after every addon that answers in requestheaders
         access,
         metrics,
         pulls,

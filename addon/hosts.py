@@ -23,9 +23,9 @@ from collections.abc import Sequence
 from mitmproxy import connection, ctx, exceptions, http, tls
 from mitmproxy.addonmanager import Loader
 from mitmproxy.net.http import url
-from mitmproxy.proxy import server_hooks
+from mitmproxy.proxy import layer, server_hooks
 
-from . import registries, upstream
+from . import bodies, registries, upstream
 from .flowdata import Mark
 from .registries import AUTH_HOSTS, DEFAULT_REGISTRIES, Settings
 
@@ -191,28 +191,38 @@ class UpstreamOverride:
 
 class Passthrough:
     """What hubcache does not answer passes through as it comes: request and response bodies are
-    streamed, never held whole in the proxy's memory (whatever Content-Length or chunking say).
+    streamed, never held whole in the proxy's memory (whatever Content-Length, chunking or HTTP/2
+    framing say).
 
     The exception is a request hubcache answers itself (a pull from a registry, anything to a
-    registry while offline, a token request): it needs the whole request before it answers. A
-    pull carries no body, and a token request a small form, so anything more is refused by
-    closing the connection."""
+    registry while offline, a token request, whatever an earlier addon answered already): it
+    takes no body, and one that comes anyway is refused before it is read (bodies.py). A token
+    request may bring a small form of announced length, read whole."""
 
     def __init__(self, hosts: Interception):
         self.hosts = hosts
 
+    def next_layer(self, nextlayer: layer.NextLayer) -> None:
+        # mitmproxy's own choice first (its addon runs after hubcache's), then the guard on it.
+        if nextlayer.layer is None:
+            ctx.master.addons.get("nextlayer").next_layer(nextlayer)
+        bodies.guard(nextlayer.layer)
+
     def requestheaders(self, flow: http.HTTPFlow) -> None:
         request = flow.request
-        if flow.response or upstream.is_subrequest(flow) or not _announces_body(request):
+        if upstream.is_subrequest(flow):
+            return
+        if flow.response:
+            bodies.takes_none(flow)  # answered already (the mirror's early answers, refusals)
             return
         host = self.hosts.destination(flow)
         token_host = host is not None and not self.hosts.is_registry(host)
         if host and (token_host or request.method in ("GET", "HEAD") or ctx.options.offline):
             if token_host and request.method == "POST" and _body_size(request) <= MAX_FORM:
-                return  # a token form (containerd's): read whole
-            logger.info(f"hubcache: refused a {request.method} with a body to {host} from {flow.client_conn.peername[0]}")
-            flow.kill()
+                return  # a token form (containerd's): read whole, no longer than it said
+            bodies.takes_none(flow)
             return
+        # Also when the headers announce no body: over HTTP/2 one may come without a length.
         request.stream = True
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:
@@ -224,11 +234,6 @@ class Passthrough:
 
 
 MAX_FORM = 64 * 1024  # a token request's form: credentials and scopes
-
-
-def _announces_body(request: http.Request) -> bool:
-    length = request.headers.get("content-length", "0").strip()
-    return "transfer-encoding" in request.headers or length != "0"
 
 
 def _body_size(request: http.Request) -> float:

@@ -507,7 +507,11 @@ MUTANTS: list[Mutant] = [
         "route-takes-unclean-targets",
         "a registry request whose target holds a fragment, percent-encoding, dot or empty segments is refused before anything happens",
         Edit("return path.startswith(\"/\") and not _UNCLEAN.search(path)", "return True"),
-        ["test_a_target_not_in_canonical_form_is_refused", "test_an_unclean_token_request_is_refused", "test_a_hidden_public_request_never_reads_a_private_image"],
+        [
+            "test_a_target_not_in_canonical_form_is_refused",
+            "test_an_unclean_token_request_is_refused",
+            "test_a_hidden_public_request_never_reads_a_private_image",
+        ],
         INTEGRATION,
     ),
     mutant(
@@ -562,6 +566,49 @@ MUTANTS: list[Mutant] = [
         Edit("flow.metadata[Mark.ROUTE] = [route.kind.value, route.registry, route.name, route.reference, route.artifact_type]", "pass"),
         ["test_a_registry_request_is_noted_with_its_route_and_its_target_rebuilt", "test_deny"],
         UNIT,
+    ),
+    # -- request bodies
+    mutant(
+        "body-http2-unannounced-read",
+        "an HTTP/2 body without a content-length on a request hubcache answers is refused at its first DATA",
+        Edit("self.client_state = self.state_expect_no_body", "self.client_state = self.state_consume_request_body"),
+        ["test_an_http2_body_with_or_without_a_length_is_answered_413_and_the_connection_closed"],
+        UNIT,
+    ),
+    mutant(
+        "body-chunked-waited-for",
+        "a chunked body on a request hubcache answers is refused at its headers, before any of it arrives",
+        Edit('return "transfer-encoding" in request.headers or length != "0"', 'return length != "0"'),
+        ["test_an_http1_body_is_answered_413_and_the_connection_closed_before_it_is_read", "test_which_headers_announce_a_body"],
+        UNIT,
+    ),
+    mutant(
+        "body-on-an-early-answer-read",
+        "a body on a request answered in requestheaders (the mirror's own answers) is refused, not read",
+        Edit("bodies.takes_none(flow)  # answered already", "pass  # answered already"),
+        ["test_a_request_answered_in_requestheaders_takes_no_body"],
+        UNIT,
+    ),
+    mutant(
+        "body-pull-read",
+        "a body on a pull (GET/HEAD to a registry, or anything while offline) is refused, not read",
+        Edit("bodies.takes_none(flow)\nreturn", "return"),
+        ["test_what_hubcache_answers_itself_takes_no_body"],
+        UNIT,
+    ),
+    mutant(
+        "body-refused-connection-kept",
+        "a client refused for a body loses its connection after the linger, however much it still sends",
+        Edit("yield commands.CloseConnection(self.context.client)", "pass"),
+        ["test_an_http1_body_is_answered_413_and_the_connection_closed_before_it_is_read"],
+        UNIT,
+    ),
+    mutant(
+        "body-push-without-length-buffered",
+        "what hubcache passes through is streamed, also an HTTP/2 push that announces no length",
+        Edit("request.stream = True", "request.stream = bodies.announces_body(request)"),
+        ["test_what_hubcache_passes_through_is_streamed_whatever_the_headers_say", "test_a_push_without_a_length_is_streamed_to_the_registry"],
+        INTEGRATION,
     ),
 ]
 
