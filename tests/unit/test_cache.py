@@ -65,7 +65,7 @@ class FakeUpstream(upstream.Upstream):
         self.fetched: list = []  # the request of every run()
         self.on_headers: list = []  # the responseheaders hooks, in addon order
 
-    async def send(self, like: http.HTTPFlow, method: str, timeout: float, follow: bool = False) -> http.Response:
+    async def send(self, like: http.HTTPFlow, method: str, timeout: float, follow: bool = False, miss: bool = False) -> http.Response:
         self.sent.append((method, like.request.url))
         assert self.replies, f"unexpected upstream {method} {like.request.url}"
         return _answer(self.replies.pop(0))
