@@ -143,7 +143,7 @@ class RegistryCache:
         if request.method == "POST" and request.urlencoded_form:
             scopes = request.urlencoded_form.get_all("scope")
         names = [scope.split(":")[1] for scope in pull_scopes(scopes)]
-        registries = self._served_by(host)
+        registries = {protocol.canonical_registry(r) for r in self._served_by(host)}
         if store is None or not names or not registries:
             return False
         for name in names:

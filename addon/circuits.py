@@ -13,8 +13,8 @@ its last known digest, public content, a local token, the registry's challenge f
 Probes ask the host itself, never a replay of what failed: `GET /v2/` of a registry, `GET` of the
 realm of a token host, without credentials. One runs in the background, first after `FIRST_RETRY`
 seconds and then twice as long each time the host is still down, up to `upstream_retry_max`. And a
-request only upstream can answer (an uncached manifest or blob, a tag resolved for the first time,
-a token for a repository the cache holds nothing of) starts one at once, half-open: one in flight
+request only upstream can answer (an uncached manifest or blob, a tag resolved for the first time)
+starts one at once, half-open: one in flight
 per host, at most one every `TRIAL_INTERVAL`, and every such request waits for its outcome, up to
 `revalidate_timeout`. So the first cold pull after an outage goes upstream, and requests the cache
 can answer never wait. Any answer from the host, to a probe or to anything else, closes the circuit.
@@ -50,6 +50,7 @@ FIRST_RETRY = 2.0  # seconds before a host that failed is probed again
 TRIAL_INTERVAL = 1.0  # the least time between two probes a request started
 DOWN = "hubcache: {host} is down"  # the start of the error of a connection not attempted
 NOT_WAITED = "; not waited for"  # its end
+PROBE_AGENT = "hubcache-probe"  # says what a probe is, in upstream's logs
 DOCKER_HUB_REALM = "/token"  # auth.docker.io's realm, known before a challenge names it
 
 Key = tuple[str, int]  # a canonical host and port
@@ -81,7 +82,7 @@ class Circuits:
         self._probing: dict[Key, str] = {}  # the mark (an SNI) of each probe's connection
         # token hosts -> the realm path a registry's challenge named
         self.realms: dict[Key, str] = {(h, OWN_PORT): DOCKER_HUB_REALM for h in AUTH_HOSTS.values()}
-        self.challenges: dict[str, str] = {}  # by registry: the challenge its /v2/ answered last
+        self.challenges: dict[str, str] = {}  # by registry (as routes name it): what its /v2/ answered last
         self._task: asyncio.Task | None = None
 
     def load(self, loader: Loader) -> None:
@@ -186,7 +187,7 @@ class Circuits:
             self._learn(registry, flow.request.path, flow.response.headers.get("www-authenticate", ""))
 
     def _learn(self, registry: str, path: str, challenge: str) -> None:
-        """A registry's own challenge: what `/v2/` answers while it is down, and its token realm."""
+        """A registry's own challenge: its token realm, and what `/v2/` answers while it is down."""
         scheme, fields = protocol.challenge(challenge)
         realm = urlsplit(fields.get("realm", ""))
         if scheme != "bearer" or realm.scheme != "https" or not realm.hostname:
@@ -196,10 +197,10 @@ class Circuits:
             relayed = (realm.port or OWN_PORT) == OWN_PORT and self.hosts.intercepts(host) and not self.hosts.is_registry(host)
         except ValueError:
             return  # not a URL anyone could be sent to
-        if relayed:  # a token host hubcache relays (cache.py): it answers for it while it is down
+        if relayed:  # a token host hubcache relays (cache.py), and answers for while it is down
             self.realms[(host, OWN_PORT)] = realm.path or "/"
             if path in ("/v2", "/v2/"):
-                self.challenges[registry] = challenge
+                self.challenges[protocol.canonical_registry(registry)] = challenge
 
     # the probes
 
@@ -220,6 +221,7 @@ class Circuits:
         mark = self._probing[key] = f"probe-{secrets.token_hex(8)}.hubcache.invalid"
         try:
             request = http.Request.make("GET", circuit.probe)
+            request.headers["user-agent"] = PROBE_AGENT
             request.host_header = key[0]
             client = connection.Client(peername=("127.0.0.1", 0), sockname=("127.0.0.1", 0), timestamp_start=time.time())
             client.sni = mark

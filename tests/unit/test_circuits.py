@@ -96,7 +96,6 @@ def test_the_token_realm_is_learned_from_the_registrys_challenge(circuits):
     f = tflow.tflow(req=tutils.treq(scheme=b"https", host=HUB, port=443, path=b"/v2/"), resp=tutils.tresp(status_code=401, headers=http.Headers(www_authenticate=challenge)))
     f.metadata[Mark.SUBREQUEST] = True
     breaker.response(f)
-    assert breaker.challenges[HUB] == challenge
     breaker.failed(own("https://auth.docker.io/token"), "refused")
     assert breaker.open == {}
     breaker.failed(own("https://auth.docker.io/other-token?scope=repository:a/b:pull"), "refused")
