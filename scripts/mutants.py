@@ -559,10 +559,10 @@ MUTANTS: list[Mutant] = [
         "circuit-opened-by-a-client",
         "a client's own failed connection opens no circuit: only hubcache's own requests do",
         Edit(
-            "    def response(self, flow: http.HTTPFlow) -> None:\n        # Only what came from upstream",
-            "    def server_connect_error(self, data: server_hooks.ServerConnectionHookData) -> None:\n"
-            '        self.failed(http.Request.make("GET", f"https://{_name(data.server)}/v2/"), data.server.error or "cannot connect")\n\n'
-            "    def response(self, flow: http.HTTPFlow) -> None:\n        # Only what came from upstream",
+            "def response(self, flow: http.HTTPFlow) -> None:\n# Only what came from upstream",
+            "def server_connect_error(self, data: server_hooks.ServerConnectionHookData) -> None:\n"
+            '    self.failed(http.Request.make("GET", f"https://{_name(data.server)}/v2/"), data.server.error or "cannot connect")\n\n'
+            "def response(self, flow: http.HTTPFlow) -> None:\n    # Only what came from upstream",
             files="addon/circuits.py",
         ),
         ["test_a_client_hammering_other_ports_of_a_registrys_name_cannot_fail_another_clients_cold_pull"],
