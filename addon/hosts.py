@@ -13,8 +13,9 @@ answers to such a request come over TLS verified for that name, so they are evid
 registry. A registry or token host is intercepted on its own port only (`OWN_PORT`, https's):
 `registry-1.docker.io:1` is another server that happens to share the name, so a tunnel to it is
 an ordinary tunnel. Anything else (plain HTTP, a `Host` header that names a registry while the
-request goes elsewhere, TLS to another name or port) is relayed untouched and never reaches the store, the access
-table, the journal, the metrics' labels or the configured credentials.
+request goes elsewhere, TLS to another name or port) is relayed untouched and never reaches the
+store, the access table, the journal, the metrics' labels, the circuits or the configured
+credentials.
 """
 
 from __future__ import annotations
@@ -153,9 +154,9 @@ class UpstreamOverride:
 
     For pointing a registry name at an internal mirror, or at a test server, without touching
     DNS or /etc/hosts. TLS still verifies the original name. Only connections to the name's own
-    port (`OWN_PORT`) are sent elsewhere: another port of the name is an ordinary destination. Behind an upstream proxy
-    (`--mode upstream:...`) the connection opened is the one to that proxy, so the map rewrites
-    the target of the CONNECT sent through it instead.
+    port (`OWN_PORT`) are sent elsewhere: another port of the name is an ordinary destination.
+    Behind an upstream proxy (`--mode upstream:...`) the connection opened is the one to that
+    proxy, so the map rewrites the target of the CONNECT sent through it instead.
     """
 
     def __init__(self) -> None:
