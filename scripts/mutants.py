@@ -395,14 +395,22 @@ MUTANTS: list[Mutant] = [
     mutant(
         "trust-plain-http-counts",
         "plain HTTP is never a registry's traffic",
-        Edit('if request.scheme != "https" or not self.intercepts(host):', "if not self.intercepts(host):"),
+        Edit(
+            'if request.scheme != "https" or request.port != OWN_PORT or not self.intercepts(host):',
+            "if request.port != OWN_PORT or not self.intercepts(host):",
+            variants=(('if request.scheme != "https" or not self.intercepts(host):', "if not self.intercepts(host):"),),
+        ),
         ["test_never_where_the_names_disagree"],
         UNIT,
     ),
     mutant(
         "trust-intercepts-sni-of-another-tunnel",
         "TLS is intercepted only when its SNI names the host the tunnel goes to",
-        Edit("if not (sni and sni == target and self.intercepts(sni)):", "if not (sni and self.intercepts(sni)):"),
+        Edit(
+            "if not (sni and sni == target.lower() and port == OWN_PORT and self.intercepts(sni)):",
+            "if not (sni and port == OWN_PORT and self.intercepts(sni)):",
+            variants=(("if not (sni and sni == target and self.intercepts(sni)):", "if not (sni and self.intercepts(sni)):"),),
+        ),
         ["test_a_registry_sni_in_a_tunnel_to_elsewhere_is_tunnelled", "test_tls_to_another_host_with_the_registry_sni_is_not_intercepted"],
         INTEGRATION,
     ),
@@ -609,6 +617,116 @@ MUTANTS: list[Mutant] = [
         Edit("request.stream = True", "request.stream = bodies.announces_body(request)"),
         ["test_what_hubcache_passes_through_is_streamed_whatever_the_headers_say", "test_a_push_without_a_length_is_streamed_to_the_registry"],
         INTEGRATION,
+    ),
+    # -- ports and circuits: a registry's own port only; recovery (a miss is worth one try)
+    mutant(
+        "ports-other-port-intercepted",
+        "TLS to another port of a registry's name is an ordinary tunnel",
+        Edit(
+            "if not (sni and sni == target.lower() and port == OWN_PORT and self.intercepts(sni)):",
+            "if not (sni and sni == target.lower() and self.intercepts(sni)):",
+        ),
+        ["test_another_port_of_a_registry_is_an_ordinary_tunnel"],
+        UNIT,
+    ),
+    mutant(
+        "ports-other-port-is-the-registry",
+        "a request to another port of a registry's name never touches registry state",
+        Edit(
+            'if request.scheme != "https" or request.port != OWN_PORT or not self.intercepts(host):',
+            'if request.scheme != "https" or not self.intercepts(host):',
+        ),
+        ["test_a_request_is_a_registrys_on_its_own_port_only"],
+        UNIT,
+    ),
+    mutant(
+        "ports-upstream-map-any-port",
+        "upstream_map sends only a name's own port elsewhere; another port is an ordinary destination",
+        Edit("return self.map.get(host.lower()) if port == OWN_PORT else None", "return self.map.get(host.lower())"),
+        ["test_another_port_of_a_mapped_name_is_not_mapped"],
+        UNIT,
+    ),
+    mutant(
+        "circuit-any-port",
+        "a circuit is the canonical host and port's: a failure on another port opens none",
+        Edit(
+            'if request.scheme != "https" or request.port != OWN_PORT or not self.hosts.intercepts(host):',
+            'if request.scheme != "https" or not self.hosts.intercepts(host):',
+        ),
+        ["test_only_a_canonical_request_opens_a_circuit"],
+        UNIT,
+    ),
+    mutant(
+        "circuit-any-path",
+        "only a request for a registry's API or a known token realm opens a circuit",
+        Edit('return (host, OWN_PORT) if path.startswith("/v2/") else None', "return (host, OWN_PORT)"),
+        ["test_only_a_canonical_request_opens_a_circuit"],
+        UNIT,
+    ),
+    mutant(
+        "circuit-opened-by-a-client",
+        "a client's own failed connection opens no circuit: only hubcache's own requests do",
+        Edit(
+            "def response(self, flow: http.HTTPFlow) -> None:\n# Only what came from upstream",
+            "def server_connect_error(self, data: server_hooks.ServerConnectionHookData) -> None:\n"
+            '    self.failed(http.Request.make("GET", f"https://{_name(data.server)}/v2/"), data.server.error or "cannot connect")\n\n'
+            "def response(self, flow: http.HTTPFlow) -> None:\n    # Only what came from upstream",
+            files="addon/circuits.py",
+        ),
+        ["test_a_client_hammering_other_ports_of_a_registrys_name_cannot_fail_another_clients_cold_pull"],
+        INTEGRATION,
+    ),
+    mutant(
+        "circuit-probe-replays",
+        "a probe asks the host itself (GET /v2/ or the token realm), never replays what failed",
+        Edit('f"https://{key[0]}{path}")', "request.url)"),
+        ["test_a_probe_asks_the_host_itself_and_one_that_fails_doubles_the_wait"],
+        UNIT,
+    ),
+    mutant(
+        "recovery-waits-for-the-background-probe",
+        "a miss to a host that is down starts a probe at once and waits for it: the first cold pull after an outage succeeds",
+        Edit("if not (only_upstream(flow) and await circuits.attempt(request.host, request.port)):", "if True:"),
+        [
+            "test_a_miss_to_a_host_that_is_down_waits_for_the_probe_and_goes_upstream_when_it_is_back",
+            "test_the_first_cold_pull_after_an_outage_succeeds_and_is_cached[proxy-15s]",
+        ],
+        INTEGRATION,
+    ),
+    mutant(
+        "recovery-probe-per-request",
+        "one probe in flight per host: every request that needs upstream waits for the same one",
+        Edit("if trial is None or trial.done():", "if True:"),
+        ["test_a_request_only_upstream_can_answer_starts_one_probe_and_all_wait_for_it"],
+        UNIT,
+    ),
+    mutant(
+        "recovery-probe-unlimited",
+        "while upstream stays down, requests start at most one probe a second",
+        Edit("if time.monotonic() - circuit.probed_at < TRIAL_INTERVAL:", "if False:"),
+        ["test_while_upstream_stays_down_a_probe_is_started_at_most_once_a_second"],
+        UNIT,
+    ),
+    mutant(
+        "recovery-cached-requests-probe",
+        "a request the cache can answer never waits for a probe",
+        Edit('return bool(flow.metadata.get(Mark.MISS) or flow.metadata.get(Mark.FILL))', "return True"),
+        ["test_hubcaches_own_request_to_a_host_that_is_down_is_not_started"],
+        UNIT,
+    ),
+    mutant(
+        "recovery-new-repository-token-local",
+        "a token for a repository the cache holds nothing of goes to the token host as a miss",
+        Edit("flow.request.method, ctx.options.revalidate_timeout, miss=cold)", "flow.request.method, ctx.options.revalidate_timeout, miss=False)"),
+        ["test_a_token_for_a_repository_the_cache_holds_nothing_of_is_asked_as_a_miss", "test_a_token_form_names_its_repositories_too"],
+        UNIT,
+    ),
+    mutant(
+        "recovery-v2-without-challenge",
+        "while a registry is down, /v2/ answers with its own challenge, so clients ask for a token",
+        Edit("if breaker and (challenge := breaker.challenges.get(route.registry)):", "if False:"),
+        ["test_v2_answers_with_the_registrys_own_challenge"],
+        UNIT,
     ),
 ]
 

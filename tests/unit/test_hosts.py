@@ -76,6 +76,25 @@ class TestInterception:
                 i.tls_clienthello(data)
                 assert data.ignore_connection, target
 
+    @pytest.mark.parametrize("port", [1, 80, 444, 5000, 8443])
+    def test_another_port_of_a_registry_is_an_ordinary_tunnel(self, port):
+        i = Interception()
+        with taddons.context(i) as tctx:
+            for host in ("registry-1.docker.io", "auth.docker.io"):
+                data = hello_data(tctx, host, (host, port))
+                i.tls_clienthello(data)
+                assert data.ignore_connection, (host, port)
+
+    @pytest.mark.parametrize("port, expected", [(443, "registry-1.docker.io"), (1, None), (8443, None)])
+    def test_a_request_is_a_registrys_on_its_own_port_only(self, port, expected):
+        i = Interception()
+        with taddons.context(i):
+            flow = tflow.tflow(req=tutils.treq(scheme=b"https", host="registry-1.docker.io", port=port, authority=b""))
+            flow.client_conn.sni = "registry-1.docker.io"
+            flow.request.headers["host"] = "registry-1.docker.io" if port == 443 else f"registry-1.docker.io:{port}"
+            assert i.destination(flow) == expected
+            assert i.registry(flow) == expected
+
     def test_clienthello_of_another_host_is_tunnelled(self):
         i = Interception()
         with taddons.context(i) as tctx:
@@ -138,6 +157,14 @@ class TestUpstreamOverride:
             data = connect_data(("Registry-1.Docker.io", 443))
             u.server_connect(data)
             assert data.server.address == ("127.0.0.1", 5000)
+
+    def test_another_port_of_a_mapped_name_is_not_mapped(self):
+        u = UpstreamOverride()
+        with taddons.context(u) as tctx:
+            tctx.configure(u, upstream_map=["registry-1.docker.io=127.0.0.1:5000"])
+            data = connect_data(("registry-1.docker.io", 1))
+            u.server_connect(data)
+            assert data.server.address == ("registry-1.docker.io", 1)
 
     def test_leaves_other_servers_alone(self):
         u = UpstreamOverride()
