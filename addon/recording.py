@@ -21,7 +21,7 @@ import yaml
 from . import manifests
 from .manifests import Descriptor
 from .protocol import DIGEST_RE
-from .store import Store
+from .store import PRIVATE_FILE, Store, private_dirs
 
 RECORDING_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
 REFERRER_TAG_RE = re.compile(r"(?P<algorithm>sha256|sha512)-(?P<hex>[a-f0-9]+)\.(?:sig|att|sbom)")
@@ -165,10 +165,10 @@ class Recording:
             "updated": _now(),
             "images": {ref: _image_dict(image) for ref, image in sorted(self.images.items())},
         }
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        private_dirs(self.path.parent.parent, Path(self.path.parent.name))
         tmp = self.path.with_name(f".{self.name}.{os.getpid()}.{threading.get_ident()}.tmp")
         try:
-            with open(tmp, "w") as f:
+            with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, PRIVATE_FILE), "w") as f:
                 f.write(f"# hubcache recording {self.name!r}: every image below, by digest.\n")
                 yaml.safe_dump(data, f, sort_keys=False, width=200)
             os.replace(tmp, self.path)

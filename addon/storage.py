@@ -41,8 +41,7 @@ class CacheFolder:
 
     def _open(self, directory: Path) -> None:
         try:
-            directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-            store = Store(directory)
+            store = Store(directory)  # makes the folder, private
         except OSError as e:
             raise exceptions.OptionsError(f"cache_dir: cannot use {directory}: {e.strerror or e}") from e
         self.done()
