@@ -248,6 +248,20 @@ def test_an_image_a_client_pulled_is_pinned_once_the_operator_records_it(tmp_pat
         store.close()
 
 
+def test_a_client_pulling_a_moved_tag_leaves_the_pinned_image(tmp_path, image):
+    from hubcache.store import Store
+
+    store = Store(tmp_path / "store")
+    try:
+        recording = Recording.open(tmp_path, "lab")
+        assert recording.note_manifest(store, "docker.io", "library/rec", "1", image.index_digest, image.top.media_type, None, pin=True)
+        moved = "sha256:" + "b" * 64
+        assert not recording.note_manifest(store, "docker.io", "library/rec", "1", moved, image.top.media_type, None, pin=False)
+        assert recording.images["docker.io/library/rec:1"].digest == image.index_digest
+    finally:
+        store.close()
+
+
 def test_a_recording_from_before_pins_pins_everything(tmp_path):
     (tmp_path / "recordings").mkdir()
     digest = "sha256:" + "a" * 64
