@@ -347,6 +347,11 @@ def private_folder(directory: Path) -> None:
     mode = directory.stat().st_mode & 0o777
     if not mode & 0o077:
         return
+    try:
+        os.chmod(directory, PRIVATE_DIR)  # first: it alone closes what it holds to others
+    except PermissionError as e:
+        logger.warning(f"hubcache: the cache folder {directory} is open to other users (mode {mode:o}) and cannot be made private: {e.strerror}")
+        return
     tightened = 0
     for root, dirs, files in os.walk(directory):
         for name, private in [*((d, PRIVATE_DIR) for d in dirs), *((f, PRIVATE_FILE) for f in files)]:
@@ -358,7 +363,6 @@ def private_folder(directory: Path) -> None:
                     tightened += 1
             except FileNotFoundError:
                 continue  # another process's temporary file, gone meanwhile
-    os.chmod(directory, PRIVATE_DIR)
     logger.warning(
         f"hubcache: the cache folder {directory} was open to other users (mode {mode:o}): made it private (0700), "
         f"and {tightened} folders and files in it (0700/0600)"

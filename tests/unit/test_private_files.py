@@ -145,3 +145,22 @@ def test_the_proxy_tightens_a_folder_open_to_others_in_one_line(tmp_path, image,
         addon.done()
     assert open_to_others(folder) == []
     assert len([r for r in caplog.records if TIGHTENED in r.getMessage()]) == 1
+
+
+def test_a_folder_that_cannot_be_tightened_is_still_used_with_one_line(tmp_path, image, caplog, monkeypatch):
+    """A folder of another user (a shared read-only copy, say): said once, still readable."""
+    folder = tmp_path / "cache"
+    fill(folder, image)
+    loosen(folder)
+    real_chmod = os.chmod
+
+    def not_the_owner(path, mode, *args, **kwargs):
+        if Path(path) == folder:
+            raise PermissionError(1, "Operation not permitted")
+        return real_chmod(path, mode, *args, **kwargs)
+
+    monkeypatch.setattr(os, "chmod", not_the_owner)
+    result = CliRunner().invoke(main, ["stats", "--json", "--cache-dir", str(folder)])
+    assert result.exit_code == 0, result.output
+    [line] = [r.getMessage() for r in caplog.records if "cannot be made private" in r.getMessage()]
+    assert str(folder) in line and "Operation not permitted" in line
