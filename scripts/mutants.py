@@ -617,6 +617,13 @@ MUTANTS: list[Mutant] = [
         UNIT,
     ),
     mutant(
+        "import-does-not-pin",
+        "what hubcache import brings is pinned",
+        Edit("pinned: bool = True  # eviction never drops it", "pinned: bool = False  # eviction never drops it"),
+        ["test_what_import_brings_is_pinned"],
+        UNIT,
+    ),
+    mutant(
         "old-recordings-unpinned",
         "a recording written before pins were chosen still pins everything it lists",
         Edit('pinned=entry.get("pinned", True) is not False,', 'pinned=entry.get("pinned", False) is True,'),

@@ -269,3 +269,24 @@ def test_a_recording_from_before_pins_pins_everything(tmp_path):
              "media_type": "application/vnd.oci.image.manifest.v1+json", "manifests": []}
     (tmp_path / "recordings" / "old.yaml").write_text(yaml.safe_dump({"name": "old", "images": {"docker.io/library/old:1": entry}}))
     assert pinned(tmp_path) == {digest}
+
+
+def test_what_import_brings_is_pinned(tmp_path, image):
+    from hubcache.bundle import export, import_bundle
+    from hubcache.store import Store
+
+    store = Store(tmp_path / "connected")
+    try:
+        store_image(store, image, "docker.io", "library/rec", "1")
+        carried = image_from_store(store, "docker.io", "library/rec", "1")
+        export(store, [carried], tmp_path / "lab.tar", "lab")
+    finally:
+        store.close()
+    site = tmp_path / "site"
+    store = Store(site)
+    try:
+        import_bundle(store, tmp_path / "lab.tar", site)
+    finally:
+        store.close()
+    assert Recording.open(site, "lab").images["docker.io/library/rec:1"].pinned
+    assert pinned(site) == {*carried.manifest_digests(), *carried.blobs()}
