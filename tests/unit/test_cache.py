@@ -13,6 +13,7 @@ from mitmproxy import exceptions, http
 from mitmproxy.addons.proxyserver import Proxyserver
 from mitmproxy.test import taddons, tflow, tutils
 
+from hubcache import access as access_module
 from hubcache import protocol, upstream
 from hubcache.access import Access
 from hubcache.blobserver import BLOB_HOST
@@ -1022,6 +1023,31 @@ class TestAccess:
         await env.addons.request(stranger)
         assert stranger.response.status_code == 401
         assert stranger.response.headers["WWW-Authenticate"] == challenge
+
+    async def test_the_yeses_remembered_are_bounded_however_many_tokens_clients_try(self, env, monkeypatch):
+        monkeypatch.setattr(access_module, "MAX_ALLOWED", 50)
+        await self.cached_private_blob(env)
+        for n in range(120):  # a registry that says yes to any token
+            env.answers.append(upstream_response(200))
+            f = flow(blob_path(), headers={"Authorization": f"Bearer invented-{n}"})
+            await env.addons.request(f)
+            assert f.response.status_code == 307
+        assert len(env.access._allowed) == 50
+        last = flow(blob_path(), headers={"Authorization": "Bearer invented-119"})
+        await env.addons.request(last)
+        assert last.response.status_code == 307 and len(env.sent) == 120, "the newest yes is remembered"
+        env.answers.append(upstream_response(200))
+        first = flow(blob_path(), headers={"Authorization": "Bearer invented-0"})
+        await env.addons.request(first)
+        assert first.response.status_code == 307 and len(env.sent) == 121, "the oldest was forgotten: asked again"
+
+    async def test_an_expired_yes_is_forgotten(self, env):
+        await self.cached_private_blob(env)
+        env.tctx.configure(env.access, access_check_seconds=0)
+        for n in range(20):
+            env.answers.append(upstream_response(200))
+            await env.addons.request(flow(blob_path(), headers={"Authorization": f"Bearer invented-{n}"}))
+        assert len(env.access._allowed) <= 1
 
     @pytest.mark.parametrize("answer", [302, 204], ids=["a redirect upstream ended on", "another 2xx"])
     async def test_only_upstreams_final_200_lets_a_client_have_private_content(self, env, answer):
