@@ -502,6 +502,14 @@ MUTANTS: list[Mutant] = [
         ["test_huge_manifest_is_not_held_in_memory", "test_a_manifest_limit_counts_the_bytes_read"],
         UNIT,
     ),
+    # -- smaller trust gaps: tags per kind, local tokens, bundle visibility, listeners, credentials
+    mutant(
+        "prefetch-credentials-follow-same-host",
+        "prefetch drops credentials on a redirect to another scheme, host or port",
+        Edit("if _origin(url) != origin:", "if urllib.parse.urlsplit(url).hostname != origin[1]:"),
+        ["test_a_redirect_to_another_scheme_or_port_of_the_same_host_drops_the_credentials"],
+        UNIT,
+    ),
 ]
 
 
