@@ -510,6 +510,13 @@ MUTANTS: list[Mutant] = [
         ["test_a_redirect_to_another_scheme_or_port_of_the_same_host_drops_the_credentials"],
         UNIT,
     ),
+    mutant(
+        "account-basic-beyond-pull-endpoints",
+        "the configured account's Basic credentials go to pull endpoints only, never the catalog or tag lists",
+        Edit("elif host in self._basic and _is_pull(host, request.path):", "elif host in self._basic:"),
+        ["test_basic_goes_to_pull_endpoints_only"],
+        UNIT,
+    ),
 ]
 
 
