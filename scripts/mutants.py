@@ -517,6 +517,20 @@ MUTANTS: list[Mutant] = [
         ["test_basic_goes_to_pull_endpoints_only"],
         UNIT,
     ),
+    mutant(
+        "listeners-of-mode-unchecked",
+        "a listener added with --mode that serves a network makes local destinations refused",
+        Edit("return any(_serves_network(spec) for spec in ctx.options.mode)", 'return _serves_network("regular")'),
+        ["test_a_listener_added_with_mode_that_serves_a_network_refuses_local_destinations"],
+        UNIT,
+    ),
+    mutant(
+        "cloud-metadata-reachable",
+        "a proxy serving a network refuses the clouds' metadata addresses outside link-local",
+        Edit("if any(address in network for network in METADATA):", "if False:"),
+        ["test_serving_a_network_refuses_local_destinations"],
+        UNIT,
+    ),
 ]
 
 
