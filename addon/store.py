@@ -314,6 +314,14 @@ class Store:
         value = self._lookup(self._cache.get, ("repository", registry, name))
         return value[1] if value else None
 
+    def note_imported(self, registry: str, name: str) -> None:
+        """An operator imported images of this repository from a bundle that did not say whether it
+        is public: offline, they chose to serve it (access.py); its visibility stays unknown."""
+        self._cache.set(("imported", registry, name), True)
+
+    def imported(self, registry: str, name: str) -> bool:
+        return bool(self._lookup(self._cache.__contains__, ("imported", registry, name)))
+
     def link(self, registry: str, name: str, digest: str) -> None:
         """Upstream served `digest` through this repository."""
         self._cache.set(("link", registry, name, digest), True)

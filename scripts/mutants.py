@@ -531,6 +531,27 @@ MUTANTS: list[Mutant] = [
         ["test_serving_a_network_refuses_local_destinations"],
         UNIT,
     ),
+    mutant(
+        "unmarked-bundle-public",
+        "a bundle without io.hubcache.public leaves its repositories' visibility unknown",
+        Edit("elif repository in public and known is None:", "elif known is None:"),
+        ["test_a_bundle_without_the_public_mark_leaves_visibility_unknown"],
+        UNIT,
+    ),
+    mutant(
+        "unknown-visibility-exported-public",
+        "a repository of unknown visibility is exported without the public mark",
+        Edit("if public is not None:  # unknown stays unknown", "if True:  # unknown stays unknown"),
+        ["test_an_unknown_visibility_is_exported_unmarked"],
+        UNIT,
+    ),
+    mutant(
+        "offline-unknown-visibility-served",
+        "offline, content of unknown visibility is served only where an operator imported it",
+        Edit("if known and public is None and await asyncio.to_thread(store.imported, route.registry, route.name):", "if known and public is None:"),
+        ["test_offline_unknown_visibility_is_served_only_where_an_operator_imported_it"],
+        UNIT,
+    ),
 ]
 
 

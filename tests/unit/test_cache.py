@@ -1074,6 +1074,24 @@ class TestAccess:
         assert g.response.status_code == 307
         assert env.sent == []
 
+    async def test_offline_unknown_visibility_is_served_only_where_an_operator_imported_it(self, env):
+        await fill_blob(env)
+        for repository in ("library/imported", "library/unknown"):
+            env.store.link("docker.io", repository, BLOB_DIGEST)
+        env.store.note_imported("docker.io", "library/imported")
+        env.tctx.configure(env.cache, offline=True)
+        unknown = flow(f"/v2/library/unknown/blobs/{BLOB_DIGEST}")
+        await env.cache.request(unknown)
+        assert unknown.response.status_code == 401 and "may be private" in unknown.response.text
+        imported = flow(f"/v2/library/imported/blobs/{BLOB_DIGEST}")
+        await env.cache.request(imported)
+        assert imported.response.status_code == 307
+        env.store.set_visibility("docker.io", "library/imported", False)
+        learned = flow(f"/v2/library/imported/blobs/{BLOB_DIGEST}")
+        await env.cache.request(learned)
+        assert learned.response.status_code == 401, "what upstream said private stays private"
+        assert env.sent == []
+
     @pytest.mark.parametrize("public", [True, False])
     async def test_the_first_manifest_of_a_repository_probes_its_visibility(self, env, public):
         challenge = 'Bearer realm="https://auth.docker.io/token",service="registry.docker.io"'
