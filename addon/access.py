@@ -32,6 +32,7 @@ from mitmproxy import ctx, exceptions, http
 from mitmproxy.addonmanager import Loader
 
 from . import answers, circuits, protocol, upstream
+from .flowdata import Mark
 from .protocol import Kind, Route
 from .store import Store
 
@@ -198,8 +199,9 @@ def _what_the_cache_knows(store: Store, route: Route, digest: str) -> tuple[bool
 
 
 def holds_local_token(flow: http.HTTPFlow) -> bool:
-    """The client holds a token hubcache issued because the token host could not (cache.py)."""
-    return protocol.has_local_token(flow.request.headers.get("authorization", ""))
+    """The client holds a token hubcache issued because the token host could not, and that host is
+    still down (checked by the cache, localtokens.py)."""
+    return bool(flow.metadata.get(Mark.LOCAL_TOKEN))
 
 
 def token_key(flow: http.HTTPFlow) -> str:

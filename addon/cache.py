@@ -27,6 +27,7 @@ from . import answers, circuits, protocol, upstream
 from .blob_requests import BlobRequests
 from .flowdata import Mark
 from .hosts import Interception
+from .localtokens import LocalTokens
 from .manifest_requests import ManifestRequests
 from .misses import Misses
 from .protocol import Kind, Route
@@ -51,6 +52,7 @@ class RegistryCache:
         self.misses = misses
         self.manifests = manifests
         self.blobs = blobs
+        self.tokens = LocalTokens()
 
     def load(self, loader: Loader) -> None:
         # A hit must never wait for (or fail on) an upstream connection.
@@ -72,6 +74,8 @@ class RegistryCache:
         except protocol.BadRequest as e:
             answers.error(flow, e.status, e.code, e.message)
             return
+        if self.tokens.honoured(flow.request.headers.get("authorization", ""), host):
+            flow.metadata[Mark.LOCAL_TOKEN] = True
         if ctx.options.offline and (route.kind is Kind.OTHER or flow.request.method not in ("GET", "HEAD")):
             answers.error(flow, 405, "UNSUPPORTED", "hubcache is offline: only pulls are served")
             return
@@ -109,10 +113,11 @@ class RegistryCache:
             try:
                 flow.response = upstream.available(await self.upstream.send(flow, flow.request.method, ctx.options.revalidate_timeout))
                 flow.metadata[Mark.RELAYED] = True
+                self.tokens.answered(host)
                 return
             except upstream.UpstreamError as e:
                 logger.log(circuits.level(str(e), logging.INFO), f"{host}: {e}; token answered by hubcache (cached public content only)")
-        answers.local_token(flow)
+        answers.local_token(flow, self.tokens.issue(host))
 
     # the answers upstream gives to what hubcache followed
 

@@ -15,6 +15,7 @@ class Mark(StrEnum):
     ANSWERED = "hubcache_answered"  # hubcache answered the client's request itself
     RELAYED = "hubcache_relayed"  # the client got the answer to hubcache's own request of it
     PASSED = "hubcache_passed"  # on a client's blob request passed upstream: the body bytes relayed
+    LOCAL_TOKEN = "hubcache_local_token"  # on a client's registry request: it holds a local token hubcache honours
     MIRROR = "hubcache_mirror"  # on a mirror request routed to a registry: the mirror's URL as its client dialled it
 
 

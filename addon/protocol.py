@@ -189,22 +189,17 @@ def token_request(header: str, name: str) -> str | None:
     return f"{fields['realm']}?{urlencode(query)}"
 
 
-# What hubcache hands a client as a registry token when it answers the token request itself
-# (offline, or while the token host is down): clients do not validate registry tokens, and
-# hubcache never sends one upstream as a credential.
-LOCAL_TOKEN = "hubcache-local"
-LOCAL_TOKEN_SECONDS = 60  # clients ask again soon, so a token host that came back is used again
+# How long a token hubcache hands a client when it answers the token request itself (offline, or
+# while the token host is down; localtokens.py) is good for: clients ask again soon, so a token
+# host that came back is used again.
+LOCAL_TOKEN_SECONDS = 60
 
 
-def local_token_answer(issued: str) -> bytes:
+def local_token_answer(token: str, issued: str) -> bytes:
     """The body of a token service's answer, with a local token issued at `issued` (ISO 8601)."""
     return json.dumps(
-        {"token": LOCAL_TOKEN, "access_token": LOCAL_TOKEN, "expires_in": LOCAL_TOKEN_SECONDS, "issued_at": issued}
+        {"token": token, "access_token": token, "expires_in": LOCAL_TOKEN_SECONDS, "issued_at": issued}
     ).encode()
-
-
-def has_local_token(authorization: str) -> bool:
-    return authorization.strip() == f"Bearer {LOCAL_TOKEN}"
 
 
 def token_of(body: bytes) -> str | None:

@@ -552,6 +552,34 @@ MUTANTS: list[Mutant] = [
         ["test_offline_unknown_visibility_is_served_only_where_an_operator_imported_it"],
         UNIT,
     ),
+    mutant(
+        "local-token-unsigned",
+        "a local token counts only with hubcache's own signature",
+        Edit("if not hmac.compare_digest(mac, self._mac(issued, host)):", "if False:"),
+        ["test_a_token_hubcache_did_not_issue_for_this_outage_is_an_ordinary_credential"],
+        UNIT,
+    ),
+    mutant(
+        "local-token-never-expires",
+        "a local token counts only for the seconds the client was told",
+        Edit("and issued <= now < issued + LOCAL_TOKEN_SECONDS * 1000", "and True"),
+        ["test_a_token_hubcache_did_not_issue_for_this_outage_is_an_ordinary_credential"],
+        UNIT,
+    ),
+    mutant(
+        "local-token-any-registry",
+        "a local token counts only at the registry of the token host it stands in for",
+        Edit("host == AUTH_HOSTS.get(registry.lower())", "True"),
+        ["test_a_token_hubcache_did_not_issue_for_this_outage_is_an_ordinary_credential"],
+        UNIT,
+    ),
+    mutant(
+        "local-token-outlives-outage",
+        "a local token counts no more once its token host answers again",
+        Edit("and self._answered.get(host, -1) < issued", "and True"),
+        ["test_a_local_token_counts_no_more_once_the_token_host_answers_again"],
+        UNIT,
+    ),
 ]
 
 

@@ -903,29 +903,29 @@ class TestTokens:
         f = flow(TOKEN_PATH, host="auth.docker.io")
         await env.cache.request(f)
         assert f.response.status_code == 200
-        assert f.response.json()["token"] == protocol.LOCAL_TOKEN
+        assert f.response.json()["token"].startswith("hubcache-local.")
 
     async def test_offline_nothing_is_asked(self, env):
         env.tctx.configure(env.cache, offline=True)
         f = flow(TOKEN_PATH, host="auth.docker.io")
         await env.cache.request(f)
-        assert f.response.json()["token"] == protocol.LOCAL_TOKEN and env.sent == []
+        assert f.response.json()["token"].startswith("hubcache-local.") and env.sent == []
 
     async def test_a_local_token_pulls_cached_public_content_without_asking_upstream(self, env):
         await fill_manifest(env, "1", MANIFEST)
         await fill_blob(env)
-        local = {"Authorization": f"Bearer {protocol.LOCAL_TOKEN}"}
+        local = {"Authorization": f"Bearer {await local_token(env)}"}
         tag = flow(manifest_path("1"), headers=local)
         await env.cache.request(tag)
         assert tag.response.status_code == 200 and tag.response.content == MANIFEST
         blob = flow(blob_path(), headers=local)
         await env.cache.request(blob)
         assert blob.response.status_code == 307
-        assert env.sent == [], "never a revalidation or an access check with a token upstream never issued"
+        assert env.sent == [("GET", f"https://auth.docker.io{TOKEN_PATH}")], "never a revalidation or an access check with a token upstream never issued"
         assert env.journal()[-1]["outcome"].startswith("stale: no token")
 
     async def test_a_local_token_gets_a_clear_answer_for_what_is_missing_or_private(self, env):
-        local = {"Authorization": f"Bearer {protocol.LOCAL_TOKEN}"}
+        local = {"Authorization": f"Bearer {await local_token(env)}"}
         for path in (manifest_path("missing"), blob_path()):
             f = flow(path, headers=local)
             await env.cache.request(f)
@@ -935,7 +935,51 @@ class TestTokens:
         f = flow(blob_path(), headers=local)
         await env.cache.request(f)
         assert f.response.status_code == 503
-        assert env.sent == [] and len(env.fetched) == 1, "only the fill that cached it"
+        assert len(env.sent) == 1 and len(env.fetched) == 1, "only the token request and the fill that cached it"
+
+    @pytest.mark.parametrize(
+        "token",
+        [
+            "hubcache-local",  # the word every local token used to be
+            f"hubcache-local.{int(time.time() * 1000)}.{'0' * 64}.auth.docker.io",  # a signature hubcache never made
+            "expired",
+            "for another registry",
+        ],
+    )
+    async def test_a_token_hubcache_did_not_issue_for_this_outage_is_an_ordinary_credential(self, env, token):
+        """It skips nothing: a public repository due for its visibility check is probed, and the
+        client's own credentials are asked about (here upstream says the repository went private)."""
+        await fill_blob(env)
+        if token == "expired":
+            token = env.cache.tokens.issue("auth.docker.io", now=time.time() - protocol.LOCAL_TOKEN_SECONDS - 1)
+        elif token == "for another registry":
+            token = env.cache.tokens.issue("auth.example.test")  # another registry's token host is down
+        env.tctx.configure(env.access, visibility_check_seconds=0)
+        env.fetches.append(Upstream(401, {"Content-Length": "0"}))  # the anonymous probe: private now
+        env.answers.append(upstream_response(401))  # the client's own HEAD
+        f = flow(blob_path(), headers={"Authorization": f"Bearer {token}"})
+        await env.cache.request(f)
+        assert f.response.status_code == 401, "before: served from the cache on the word alone"
+        assert env.store.visibility("docker.io", REPO) is False
+        assert env.sent == [("HEAD", f"https://{HUB}{blob_path()}")]
+
+    async def test_a_local_token_counts_no_more_once_the_token_host_answers_again(self, env):
+        local = {"Authorization": f"Bearer {await local_token(env)}"}
+        missing = flow(manifest_path("missing"), headers=local)
+        await env.cache.request(missing)
+        assert missing.response.status_code == 503, "while the token host is down: answered at once"
+        env.answers.append(tutils.tresp(status_code=200, content=b'{"token": "upstream"}'))
+        await env.cache.request(flow(TOKEN_PATH, host="auth.docker.io"))
+        again = await asked(env, flow(manifest_path("missing"), headers=local), Upstream(401, {"Content-Length": "0"}))
+        assert again.response.status_code == 401, "upstream's refusal: the client asks the token host again"
+
+
+async def local_token(env: Env) -> str:
+    """A token hubcache issues while Docker Hub's token host cannot answer."""
+    env.answers.append("connection refused")
+    f = flow(TOKEN_PATH, host="auth.docker.io")
+    await env.cache.request(f)
+    return f.response.json()["token"]
 
 
 class TestNegativeCache:
