@@ -580,6 +580,37 @@ MUTANTS: list[Mutant] = [
         ["test_a_local_token_counts_no_more_once_the_token_host_answers_again"],
         UNIT,
     ),
+    mutant(
+        "tag-kind-ignored",
+        "a client's Accept cannot re-point a multi-platform tag for clients of the other kind",
+        Edit(
+            'return TagKind.INDEX if protocol.takes_indexes(flow.request.headers.get_all("accept")) else TagKind.SINGLE',
+            "return TagKind.INDEX",
+        ),
+        ["test_an_accept_without_indexes_cannot_repoint_a_multi_platform_tag"],
+        UNIT,
+    ),
+    mutant(
+        "tag-kind-one-index-type",
+        "only a client naming every index type teaches what a tag names",
+        Edit("return named >= INDEX_MEDIA_TYPES", "return bool(named & INDEX_MEDIA_TYPES)"),
+        ["test_takes_indexes_only_with_every_index_type_named", "test_an_accept_without_indexes_cannot_repoint_a_multi_platform_tag"],
+        UNIT,
+    ),
+    mutant(
+        "fleet-shares-single-platform-tag",
+        "the shared store gets a tag only as what it names, never one platform's manifest",
+        Edit("tag = None if route.by_digest or kind is not TagKind.INDEX else", "tag = None if route.by_digest else"),
+        ["test_an_accept_without_indexes_cannot_repoint_a_multi_platform_tag"],
+        UNIT,
+    ),
+    mutant(
+        "old-tags-unreadable",
+        "tags of a store from before tag kinds read as what the tag names",
+        Edit('INDEX = "tag"', 'INDEX = "index-tag"'),
+        ["test_a_tag_of_a_store_from_before_kinds_reads_as_what_it_names"],
+        UNIT,
+    ),
 ]
 
 

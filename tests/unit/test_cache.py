@@ -34,6 +34,8 @@ BLOB_DIGEST = digest_of(BLOB)
 OCI_INDEX = "application/vnd.oci.image.index.v1+json"
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 DOCKER_V2 = "application/vnd.docker.distribution.manifest.v2+json"
+DOCKER_LIST = "application/vnd.docker.distribution.manifest.list.v2+json"
+DOCKER_ACCEPT = ", ".join([DOCKER_V2, DOCKER_LIST, OCI_INDEX, OCI_MANIFEST])  # what dockerd asks a manifest with
 MANIFEST = json.dumps({"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": []}).encode()
 MANIFEST_DIGEST = digest_of(MANIFEST)
 MANIFEST2 = json.dumps({"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": [{}]}).encode()
@@ -162,6 +164,8 @@ async def env(tmp_path):
 
 
 def flow(path: str, method: str = "GET", host: str = HUB, headers: dict | None = None) -> http.HTTPFlow:
+    if "/manifests/" in path:
+        headers = {"Accept": DOCKER_ACCEPT, **(headers or {})}  # as dockerd asks, unless told
     req = tutils.treq(
         host=host,
         port=443,
@@ -705,7 +709,7 @@ class TestManifestByTag:
         env.store.set_tag("docker.io", REPO, "3.20", MANIFEST_DIGEST, checked=1000.0)  # long ago
         before = time.time()
         env.answers.append(manifest_response(200, headers={"Docker-Content-Digest": MANIFEST_DIGEST}))
-        f = flow(manifest_path("3.20"), headers={"Accept": OCI_INDEX, "Authorization": "Bearer t"})
+        f = flow(manifest_path("3.20"), headers={"Authorization": "Bearer t"})
         await env.cache.request(f)
         assert env.sent == [("HEAD", f"https://{HUB}{manifest_path('3.20')}")]
         assert f.response.status_code == 200
@@ -774,6 +778,40 @@ class TestManifestByTag:
         entry = env.journal()[-1]
         assert entry["outcome"] == f"stale: {reason}"
         assert (entry["reference"], entry["digest"]) == ("3.20", MANIFEST_DIGEST)
+
+    async def test_an_accept_without_indexes_cannot_repoint_a_multi_platform_tag(self, env, monkeypatch):
+        """A client asking with one manifest type only gets one platform's manifest from upstream
+        (the registry's answer to a client that takes no index): the tag learned from it is for
+        clients like it, never what dockerd (or another node of the fleet) is served."""
+        platform = json.dumps({"schemaVersion": 2, "mediaType": DOCKER_V2, "config": {}, "layers": []}).encode()
+        platform_digest = digest_of(platform)
+        published = []
+        monkeypatch.setattr(env.addons.fleet, "publish_manifest", lambda digest, media_type, body, tag: published.append((digest, tag)))
+        env.tctx.configure(env.cache, tag_freshness=3600)
+        answer = {"Content-Type": DOCKER_V2, "Docker-Content-Digest": platform_digest}
+        await asked(env, flow(manifest_path("3.20"), "HEAD", headers={"Accept": f"{DOCKER_V2}, {OCI_INDEX}"}), Upstream(200, answer))
+        await asked(env, flow(manifest_path("3.20"), headers={"Accept": DOCKER_V2}), Upstream(200, answer, platform))
+        assert published == [(platform_digest, None)], "a platform's manifest is shared, never as the tag"
+
+        docker = await asked(env, flow(manifest_path("3.20")), Upstream(200, {"Content-Type": OCI_INDEX, "Docker-Content-Digest": MANIFEST_DIGEST}, MANIFEST))
+        assert docker.response.content == MANIFEST, (docker.response.content, "before: the platform's manifest, from the cache")
+        assert published[-1] == (MANIFEST_DIGEST, ("docker.io", REPO, "3.20"))
+        assert env.store.get_tag("docker.io", REPO, "3.20").digest == MANIFEST_DIGEST
+
+        fetched = len(env.fetched)
+        for accept, body in ((DOCKER_ACCEPT, MANIFEST), (DOCKER_V2, platform), (f"{OCI_INDEX}, {DOCKER_V2}", platform)):
+            f = flow(manifest_path("3.20"), headers={"Accept": accept})
+            await env.cache.request(f)
+            assert (f.response.status_code, f.response.content) == (200, body), accept
+        assert len(env.fetched) == fetched and env.sent == [], "each kind of client from the cache"
+
+    async def test_a_single_platform_tag_serves_every_client_that_takes_its_type(self, env):
+        platform = json.dumps({"schemaVersion": 2, "mediaType": DOCKER_V2, "config": {}, "layers": []}).encode()
+        await fill_manifest(env, "3.20", platform, ctype=DOCKER_V2)
+        env.tctx.configure(env.cache, tag_freshness=3600)
+        f = flow(manifest_path("3.20"), headers={"Accept": DOCKER_V2})
+        await env.cache.request(f)
+        assert f.response.content == platform and env.sent == [] and len(env.fetched) == 1
 
     async def test_accept_excluding_the_cached_type_goes_upstream_without_revalidating(self, env):
         await fill_manifest(env, "3.20", MANIFEST)
