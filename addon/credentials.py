@@ -16,10 +16,10 @@ TOKEN_QUERY = ("service", "client_id", "account")
 class UpstreamCredentials:
     """Presents the credentials of `registry_settings` upstream, for clients that bring none.
 
-    Only on pulls (GET and HEAD of manifests, blobs and referrers, and token requests), only where the request verifiably goes to the registry itself
-    (`Interception.destination`) or to the token realm its own verified 401 named, and a token
-    request made with them asks for `pull` of repositories and nothing else: no push, no delete,
-    no catalog, no refresh token."""
+    Only on pulls (GET and HEAD of manifests, blobs and referrers, and token requests), only where
+    the request verifiably goes to the registry itself (`Interception.destination`) or to the token
+    realm its own verified 401 named, and a token request made with them asks for `pull` of
+    repositories and nothing else: no push, no delete, no catalog, no refresh token."""
 
     def __init__(self, hosts: Interception):
         self.hosts = hosts

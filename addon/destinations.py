@@ -5,9 +5,10 @@ addresses either.
 A client names a destination in a CONNECT or an absolute-form URL; mitmproxy would connect to it
 from this host, so a proxy open to a network would otherwise hand every client the host's
 loopback services (Redis, the status page, the blob server's ports) and a cloud's metadata
-service (169.254.169.254, fd00:ec2::254, 100.100.100.200, ...). The check is made on the addresses the name resolves to (with the
-system's resolver, as mitmproxy would), and the connection is then made to the address that was
-checked, so a name that resolves elsewhere a moment later (DNS rebinding) changes nothing.
+service (169.254.169.254, fd00:ec2::254, 100.100.100.200, ...). The check is made on the
+addresses the name resolves to (with the system's resolver, as mitmproxy would), and the
+connection is then made to the address that was checked, so a name that resolves elsewhere a
+moment later (DNS rebinding) changes nothing.
 
 - hubcache's own listeners (the proxy's, the status page's, the blob server's) on a local
   address: always refused. (A blob URL of hubcache's that a client sends through the proxy is

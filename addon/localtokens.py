@@ -48,8 +48,8 @@ class LocalTokens:
         prefix, _, rest = token.partition(".")
         issued_text, _, rest = rest.partition(".")
         mac, _, host = rest.partition(".")
-        if scheme.lower() != "bearer" or prefix != PREFIX or not issued_text.isdigit():
-            return False
+        if not token.isascii() or scheme.lower() != "bearer" or prefix != PREFIX or not issued_text.isdigit():
+            return False  # (compare_digest takes ASCII only)
         issued = int(issued_text)
         if not hmac.compare_digest(mac, self._mac(issued, host)):
             return False

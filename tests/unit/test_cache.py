@@ -980,6 +980,7 @@ class TestTokens:
         [
             "hubcache-local",  # the word every local token used to be
             f"hubcache-local.{int(time.time() * 1000)}.{'0' * 64}.auth.docker.io",  # a signature hubcache never made
+            f"hubcache-local.{int(time.time() * 1000)}.\u00e9{'0' * 63}.auth.docker.io",  # and not even ASCII
             "expired",
             "for another registry",
         ],
