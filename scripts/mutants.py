@@ -587,21 +587,21 @@ MUTANTS: list[Mutant] = [
             'return TagKind.INDEX if protocol.takes_indexes(flow.request.headers.get_all("accept")) else TagKind.SINGLE',
             "return TagKind.INDEX",
         ),
-        ["test_an_accept_without_indexes_cannot_repoint_a_multi_platform_tag"],
-        UNIT,
+        ["test_an_accept_without_indexes_cannot_repoint_a_multi_platform_tag"],  # the unit test's, and test_trust's with skopeo
+        INTEGRATION,
     ),
     mutant(
         "tag-kind-one-index-type",
         "only a client naming every index type teaches what a tag names",
         Edit("return named >= INDEX_MEDIA_TYPES", "return bool(named & INDEX_MEDIA_TYPES)"),
-        ["test_takes_indexes_only_with_every_index_type_named", "test_an_accept_without_indexes_cannot_repoint_a_multi_platform_tag"],
+        ["test_takes_indexes_only_with_every_index_type_named", "TestManifestByTag::test_an_accept_without_indexes_cannot_repoint_a_multi_platform_tag"],
         UNIT,
     ),
     mutant(
         "fleet-shares-single-platform-tag",
         "the shared store gets a tag only as what it names, never one platform's manifest",
         Edit("tag = None if route.by_digest or kind is not TagKind.INDEX else", "tag = None if route.by_digest else"),
-        ["test_an_accept_without_indexes_cannot_repoint_a_multi_platform_tag"],
+        ["TestManifestByTag::test_an_accept_without_indexes_cannot_repoint_a_multi_platform_tag"],
         UNIT,
     ),
     mutant(
