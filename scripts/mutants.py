@@ -594,7 +594,10 @@ MUTANTS: list[Mutant] = [
         "tag-kind-one-index-type",
         "only a client naming every index type teaches what a tag names",
         Edit("return named >= INDEX_MEDIA_TYPES", "return bool(named & INDEX_MEDIA_TYPES)"),
-        ["test_takes_indexes_only_with_every_index_type_named", "TestManifestByTag::test_an_accept_without_indexes_cannot_repoint_a_multi_platform_tag"],
+        [
+            "test_takes_indexes_only_with_every_index_type_named",
+            "TestManifestByTag::test_an_accept_without_indexes_cannot_repoint_a_multi_platform_tag",
+        ],
         UNIT,
     ),
     mutant(
