@@ -15,7 +15,9 @@ repository asked for, so a known digest cannot be pulled through another reposit
   upstream cannot answer, private content is refused (503), never served on trust; content of a
   repository that was public when last probed is served.
 - Offline, nothing can be checked: public content is served; private content only with
-  `offline_private=true` (for a site where every client may pull everything it caches).
+  `offline_private=true` (for a site where every client may pull everything it caches). Content
+  of a repository whose visibility is unknown is served offline only where an operator imported
+  it from a bundle that did not say (bundle.py): importing it was the choice to serve it.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from mitmproxy import ctx, exceptions, http
 from mitmproxy.addonmanager import Loader
 
 from . import answers, circuits, protocol, upstream
+from .flowdata import Mark
 from .protocol import Kind, Route
 from .store import Store
 
@@ -97,7 +100,9 @@ class Access:
         if ctx.options.offline:
             if known and (public is True or ctx.options.offline_private):
                 return None
-            why = "is private" if known else "was never pulled through this repository"
+            if known and public is None and await asyncio.to_thread(store.imported, route.registry, route.name):
+                return None  # imported from a bundle that did not say: the operator chose to serve it
+            why = "was never pulled through this repository" if not known else "may be private" if public is None else "is private"
             return Refusal(401, "UNAUTHORIZED", f"{route.image} {why}; offline, hubcache cannot check credentials")
         if holds_local_token(flow):
             # hubcache issued this token while the token host was down: upstream cannot be asked.
@@ -210,8 +215,9 @@ def _what_the_cache_knows(store: Store, route: Route, digest: str) -> tuple[bool
 
 
 def holds_local_token(flow: http.HTTPFlow) -> bool:
-    """The client holds a token hubcache issued because the token host could not (cache.py)."""
-    return protocol.has_local_token(flow.request.headers.get("authorization", ""))
+    """The client holds a token hubcache issued because the token host could not, and that host is
+    still down (checked by the cache, localtokens.py)."""
+    return bool(flow.metadata.get(Mark.LOCAL_TOKEN))
 
 
 def token_key(flow: http.HTTPFlow) -> str:

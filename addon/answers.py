@@ -45,7 +45,7 @@ def blob_redirect(flow: http.HTTPFlow, digest: str, url: str) -> None:
     answer(flow, 307, b"", headers)
 
 
-def local_token(flow: http.HTTPFlow) -> None:
-    """A token of hubcache's own, for a client whose token host cannot answer (cache.py)."""
-    body = protocol.local_token_answer(time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+def local_token(flow: http.HTTPFlow, token: str) -> None:
+    """A token of hubcache's own, for a client whose token host cannot answer (localtokens.py)."""
+    body = protocol.local_token_answer(token, time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
     answer(flow, 200, body, {"Content-Type": "application/json", "Content-Length": str(len(body))})

@@ -43,7 +43,7 @@ from .store import BlobWriter, Store
 REF_NAME = "org.opencontainers.image.ref.name"
 CONTAINERD_NAME = "io.containerd.image.name"
 RECORDING = "io.hubcache.recording"
-PUBLIC = "io.hubcache.public"  # "false" for an image of a private repository
+PUBLIC = "io.hubcache.public"  # "true" / "false": whether the image's repository is public; absent: unknown
 REFERRERS = "io.hubcache.referrers"
 OCI_INDEX = "application/vnd.oci.image.index.v1+json"
 _BLOB_PATH = re.compile(r"blobs/(sha256|sha512)/([a-f0-9]+)")
@@ -132,8 +132,10 @@ def _missing(store: Store, images: list[Image]) -> list[str]:
 def _top_descriptor(store: Store, image: Image) -> dict:
     manifest = store.get_manifest(image.digest)
     assert manifest is not None
-    public = store.visibility(image.registry, image.repository) is not False
-    annotations = {REF_NAME: image.name, CONTAINERD_NAME: image.name, PUBLIC: str(public).lower()}
+    public = store.visibility(image.registry, image.repository)
+    annotations = {REF_NAME: image.name, CONTAINERD_NAME: image.name}
+    if public is not None:  # unknown stays unknown on the other side of the gap
+        annotations[PUBLIC] = str(public).lower()
     if image.referrers:
         listed = []
         for r in image.referrers.values():
@@ -212,6 +214,7 @@ class _BundleReader:
         self.needed_blobs: dict[str, int] = {}
         self.manifests: dict[str, tuple[str, bytes]] = {}  # digest -> (media type, body)
         self.private: set[str] = set()  # names of the images the bundle marks private
+        self.public: set[str] = set()  # and public; any other image's visibility is unknown
 
     def read(self, path: Path) -> None:
         try:
@@ -282,6 +285,8 @@ class _BundleReader:
             images.append(image)
             if annotations.get(PUBLIC) == "false":
                 self.private.add(image.name)
+            elif annotations.get(PUBLIC) == "true":
+                self.public.add(image.name)
         return images
 
     def _image(self, name: str, top: manifests.Descriptor) -> Image:
@@ -385,6 +390,7 @@ class _BundleReader:
             self.store.put_manifest(digest, media_type, body)
             summary.manifests += 1
         private = {(i.registry, i.repository) for i in images if i.name in self.private}
+        public = {(i.registry, i.repository) for i in images if i.name in self.public} - private
         for image in images:
             repository = (image.registry, image.repository)
             for digest in [*image.manifest_digests(), *image.blobs()]:
@@ -393,10 +399,14 @@ class _BundleReader:
                 if digest in self.carried or self.store.linked(*repository, digest):
                     self.store.link(*repository, digest)
             known = self.store.visibility(*repository)
-            if known is None or (known and repository in private):
-                # Whoever imports a bundle chose to serve it: public unless it says otherwise,
-                # and never more open than the store already knows it to be.
-                self.store.set_visibility(*repository, repository not in private)
+            if repository in private and known is not False:
+                self.store.set_visibility(*repository, False)
+            elif repository in public and known is None:
+                self.store.set_visibility(*repository, True)  # never more open than the store knows
+            elif repository not in public and known is None:
+                # No mark (a skopeo or crane archive): unknown stays unknown, so upstream is still
+                # asked online; offline, whoever imported it chose to serve it (access.py).
+                self.store.note_imported(*repository)
             if not DIGEST_RE.fullmatch(image.reference):
                 # Never confirmed by upstream here: online, the tag is revalidated on first use.
                 self.store.set_tag(image.registry, image.repository, image.reference, image.digest, checked=0)

@@ -29,6 +29,7 @@ from .blob_requests import BlobRequests
 from .credentials import pull_scopes
 from .flowdata import Mark
 from .hosts import Interception
+from .localtokens import LocalTokens
 from .manifest_requests import ManifestRequests
 from .misses import Misses
 from .protocol import Kind, Route
@@ -55,6 +56,7 @@ class RegistryCache:
         self.misses = misses
         self.manifests = manifests
         self.blobs = blobs
+        self.tokens = LocalTokens()
 
     def load(self, loader: Loader) -> None:
         # A hit must never wait for (or fail on) an upstream connection.
@@ -71,6 +73,8 @@ class RegistryCache:
             if self.hosts.registry(flow) is None and (token_host := self.hosts.destination(flow)):
                 await self._token(flow, token_host)
             return
+        if self.tokens.honoured(flow.request.headers.get("authorization", ""), flow.request.host):
+            flow.metadata[Mark.LOCAL_TOKEN] = True
         if ctx.options.offline and (route.kind is Kind.OTHER or flow.request.method not in ("GET", "HEAD")):
             answers.error(flow, 405, "UNSUPPORTED", "hubcache is offline: only pulls are served")
             return
@@ -116,7 +120,7 @@ class RegistryCache:
         if breaker and not cold and any(breaker.down(r) for r in self._served_by(host)):
             # The registry is down: a local token serves all the cache may give for these
             # repositories, and nothing else could be pulled anyway.
-            answers.local_token(flow)
+            answers.local_token(flow, self.tokens.issue(host))
             return
         if not ctx.options.offline:
             try:
@@ -127,10 +131,11 @@ class RegistryCache:
             try:
                 flow.response = upstream.available(await self.upstream.send(flow, request, ctx.options.revalidate_timeout, miss=cold))
                 flow.metadata[Mark.RELAYED] = True
+                self.tokens.answered(host)
                 return
             except upstream.UpstreamError as e:
                 logger.log(circuits.level(str(e), logging.INFO), f"{host}: {e}; token answered by hubcache (cached public content only)")
-        answers.local_token(flow)
+        answers.local_token(flow, self.tokens.issue(host))
 
     def _served_by(self, token_host: str) -> list[str]:
         """The registries whose token host `token_host` is."""

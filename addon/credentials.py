@@ -16,10 +16,10 @@ TOKEN_QUERY = ("service", "client_id", "account")
 class UpstreamCredentials:
     """Presents the credentials of `registry_settings` upstream, for clients that bring none.
 
-    Only on pulls (GET and HEAD), only where the request verifiably goes to the registry itself
-    (`Interception.destination`) or to the token realm its own verified 401 named, and a token
-    request made with them asks for `pull` of repositories and nothing else: no push, no delete,
-    no catalog, no refresh token."""
+    Only on pulls (GET and HEAD of manifests, blobs and referrers, and token requests), only where
+    the request verifiably goes to the registry itself (`Interception.destination`) or to the token
+    realm its own verified 401 named, and a token request made with them asks for `pull` of
+    repositories and nothing else: no push, no delete, no catalog, no refresh token."""
 
     def __init__(self, hosts: Interception):
         self.hosts = hosts
@@ -43,7 +43,7 @@ class UpstreamCredentials:
             request.query = [(k, v) for k, v in request.query.items(multi=True) if k in TOKEN_QUERY] + [
                 ("scope", scope) for scope in scopes
             ]
-        elif host in self._basic:
+        elif host in self._basic and _is_pull(host, request.path):
             registry = host
         own = self.hosts.settings.get(registry or "")
         if own and own.credentials:
@@ -64,6 +64,16 @@ class UpstreamCredentials:
             self._realms[(realm.hostname.lower(), port, realm.path or "/")] = host
         elif scheme == "basic":
             self._basic.add(host)
+
+
+def _is_pull(host: str, path: str) -> bool:
+    """Whether a registry API request is a pull (a manifest, a blob, referrers): the version check,
+    the catalog and tag lists are nothing the account needs to be presented for."""
+    try:
+        kind = protocol.parse_route(host, path).kind
+    except protocol.BadRequest:
+        return False
+    return kind in (protocol.Kind.MANIFEST, protocol.Kind.BLOB, protocol.Kind.REFERRERS)
 
 
 def pull_scopes(requested: list[str]) -> list[str]:

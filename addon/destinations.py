@@ -1,19 +1,22 @@
 """Where clients of the proxy may go: never to hubcache's own listeners, and, when the proxy serves
-a network, not to this host's loopback, link-local or own addresses either.
+a network, not to this host's loopback, link-local or own addresses, nor a cloud's metadata
+addresses either.
 
 A client names a destination in a CONNECT or an absolute-form URL; mitmproxy would connect to it
 from this host, so a proxy open to a network would otherwise hand every client the host's
 loopback services (Redis, the status page, the blob server's ports) and a cloud's metadata
-address (169.254.169.254). The check is made on the addresses the name resolves to (with the
-system's resolver, as mitmproxy would), and the connection is then made to the address that was
-checked, so a name that resolves elsewhere a moment later (DNS rebinding) changes nothing.
+service (169.254.169.254, fd00:ec2::254, 100.100.100.200, ...). The check is made on the
+addresses the name resolves to (with the system's resolver, as mitmproxy would), and the
+connection is then made to the address that was checked, so a name that resolves elsewhere a
+moment later (DNS rebinding) changes nothing.
 
 - hubcache's own listeners (the proxy's, the status page's, the blob server's) on a local
   address: always refused. (A blob URL of hubcache's that a client sends through the proxy is
   redirected to the blob host instead, by `BlobHost`.)
-- loopback, link-local and this host's addresses: refused with `local_destinations=refuse`, or
-  with `auto` (the default) when the proxy listens beyond loopback; `local_destinations_allowed`
-  lists exceptions.
+- loopback, link-local, cloud metadata and this host's addresses: refused with
+  `local_destinations=refuse`, or with `auto` (the default) when any listener of `mode` (the
+  `--listen-host` default, or an address of its own: `regular@0.0.0.0:3128`, `socks5@...`) takes
+  clients beyond loopback; `local_destinations_allowed` lists exceptions.
 - Names routed by hubcache itself (`upstream_map`, the blob host) and the upstream proxies of
   `--mode upstream:` are the operator's choice and hubcache's own, and are not checked.
 
@@ -39,9 +42,21 @@ from .hosts import UpstreamOverride
 
 logger = logging.getLogger(__name__)
 
-LOOPBACK_LISTEN = ("127.0.0.1", "localhost", "::1")
 Address = ipaddress.IPv4Address | ipaddress.IPv6Address
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+# The clouds' metadata and host services outside link-local (169.254.169.254 and fe80::/10 are).
+METADATA = tuple(
+    ipaddress.ip_network(n)
+    for n in (
+        "fd00:ec2::254/128",  # AWS: the instance metadata service over IPv6 (Nitro)
+        "fd00:ec2::253/128",  # AWS: the VPC's DNS resolver over IPv6
+        "fd00:ec2::123/128",  # AWS: the time service over IPv6
+        "100.100.100.200/32",  # Alibaba Cloud: the instance metadata service
+        "168.63.129.16/32",  # Azure: the host's WireServer (goal state, certificates)
+        "192.0.0.192/32",  # Oracle Cloud: the legacy instance metadata address
+    )
+)
 
 
 class Refused(Exception):
@@ -160,7 +175,7 @@ class Destinations:
     def _refuses_local(self) -> bool:
         mode = ctx.options.local_destinations
         if mode == "auto":
-            return ctx.options.listen_host not in LOOPBACK_LISTEN
+            return any(_serves_network(spec) for spec in ctx.options.mode)
         return mode == "refuse"
 
     def _own_ports(self) -> set[int]:
@@ -172,6 +187,18 @@ class Destinations:
 
     def _is_allowed(self, address: Address, port: int) -> bool:
         return any(address in network and allowed in (None, port) for network, allowed in self._allowed)
+
+
+def _serves_network(spec: str) -> bool:
+    """Whether the listener of a `mode` spec takes clients from beyond this host."""
+    mode = mode_specs.ProxyMode.parse(spec)
+    if isinstance(mode, (mode_specs.LocalMode, mode_specs.OsProxyMode)):
+        return False  # this host's own processes, redirected
+    host = mode.listen_host(ctx.options.listen_host).strip("[]").lower()
+    if _is_localhost(host):
+        return False
+    addresses = _literal(host)
+    return addresses is None or not addresses[0].is_loopback  # "": every interface
 
 
 def _literal(name: str) -> list[Address] | None:
@@ -203,6 +230,8 @@ def _local(address: Address) -> str:
         return "a loopback address"
     if address.is_link_local:
         return "a link-local address"
+    if any(address in network for network in METADATA):
+        return "a cloud metadata address"
     if _is_own(address):
         return "an address of this host"
     return ""

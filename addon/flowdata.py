@@ -17,6 +17,7 @@ class Mark(StrEnum):
     RELAYED = "hubcache_relayed"  # the client got the answer to hubcache's own request of it
     PASSED = "hubcache_passed"  # on a client's blob request passed upstream: the body bytes relayed
     ROUTE = "hubcache_route"  # on a client's registry request: the Route it was parsed to (routes.py)
+    LOCAL_TOKEN = "hubcache_local_token"  # on a client's registry request: it holds a local token hubcache honours
     MIRROR = "hubcache_mirror"  # on a mirror request routed to a registry: the mirror's URL as its client dialled it
     NO_BODY = "hubcache_no_body"  # a request hubcache answers itself: a body on it is refused (bodies.py)
 

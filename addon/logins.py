@@ -13,7 +13,8 @@ Both files hold `auths: {KEY: {auth: base64(USER:SECRET)}}`; KEY is a registry
 (`quay.io/org`), and the longest key that covers the repository wins, as in podman. Logins kept
 in a credential helper (`credsStore`, `credHelpers`) cannot be read here: that is reported in one
 line. Nothing here sends anything; `prefetch.RegistryClient` presents a login to the registry's
-own token realm (or as Basic when the registry asks for Basic), never across a redirect.
+own token realm (or as Basic when the registry asks for Basic), never across a redirect to another
+scheme, host or port.
 """
 
 from __future__ import annotations

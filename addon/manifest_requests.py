@@ -4,7 +4,10 @@ once verified.
 - By digest: from the store (or the fleet's shared store), else upstream.
 - By tag: the tag's cached digest is revalidated with an upstream HEAD (free under Docker Hub's
   rate limit) unless fresh (`tag_freshness`); a moved tag is fetched anew. When upstream fails,
-  the last known digest is served (stale), so what the cache holds stays pullable.
+  the last known digest is served (stale), so what the cache holds stays pullable. A tag is kept
+  per kind of client (store.TagKind): what it names, learned only from clients that take every
+  index type, and what upstream gives a client that takes none (one platform's manifest), so
+  a client's `Accept` never re-points a multi-platform tag for the others.
 - Upstream's manifest is verified against the digest asked for (or the one upstream claims) and
   stored with its tag; then the repository's visibility is learned (access.py).
 - Referrers (OCI 1.1, `/v2/<name>/referrers/<digest>`): relayed, and what upstream lists is noted
@@ -16,6 +19,7 @@ once verified.
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 import time
@@ -32,7 +36,7 @@ from .misses import Misses, Pending
 from .protocol import Route
 from .pulls import PullLog
 from .storage import CacheFolder
-from .store import Manifest, TagEntry
+from .store import Manifest, Store, TagEntry, TagKind
 
 logger = logging.getLogger(__name__)
 
@@ -72,10 +76,10 @@ class ManifestRequests:
                 self._serve(flow, route, cached)
             return
 
-        entry = await asyncio.to_thread(store.get_tag, route.registry, route.name, route.reference)
-        if entry is None:
+        entry, cached = await asyncio.to_thread(_cached_tag, store, route, accept)
+        if entry is None and tag_kind(flow) is TagKind.INDEX:
             entry = await self._tag_from_fleet(route)
-        cached = await asyncio.to_thread(store.get_manifest, entry.digest) if entry else None
+            cached = await asyncio.to_thread(store.get_manifest, entry.digest) if entry else None
         if not entry or not cached or not protocol.accepts(accept, cached.media_type):
             await self.misses.ask(flow, route)
             return
@@ -133,14 +137,16 @@ class ManifestRequests:
             await self._serve_stale(flow, route, cached, str(e))
             return
         current = answer.headers.get("docker-content-digest") if answer.status_code == 200 else None
+        # Upstream answered the client's Accept: what it says is for that kind of client.
+        set_tag = functools.partial(store.set_tag, kind=tag_kind(flow))
         if current == cached.digest:
-            await self.folder.note(store.set_tag, route.registry, route.name, route.reference, cached.digest)
+            await self.folder.note(set_tag, route.registry, route.name, route.reference, cached.digest)
             self._serve(flow, route, cached)
             return
         if current and protocol.DIGEST_RE.fullmatch(current):
             moved = await asyncio.to_thread(store.get_manifest, current)
             if moved and protocol.accepts(flow.request.headers.get_all("accept"), moved.media_type):
-                await self.folder.note(store.set_tag, route.registry, route.name, route.reference, current)
+                await self.folder.note(set_tag, route.registry, route.name, route.reference, current)
                 self._serve(flow, route, moved)
                 return
         # The tag moved to a manifest we lack, or upstream refused (401/403/404): the client's own
@@ -211,12 +217,13 @@ class ManifestRequests:
                 await pending.fallback(str(e))
                 return
         claimed = route.reference if route.by_digest else response.headers.get("docker-content-digest", "")
+        kind = tag_kind(flow)
         if flow.request.method == "HEAD" and response.status_code == 200 and not route.by_digest:
             # dockerd resolves a tag with HEAD and then GETs by digest: learn the tag here. The
             # manifest is verified when it is fetched; until then the tag counts as uncached.
             if protocol.DIGEST_RE.fullmatch(claimed):
                 try:
-                    await asyncio.to_thread(store.set_tag, route.registry, route.name, route.reference, claimed)
+                    await asyncio.to_thread(store.set_tag, route.registry, route.name, route.reference, claimed, kind=kind)
                 except OSError as e:
                     logger.warning(f"{route.image}: tag not cached: {e.strerror or e}")
         if response.status_code == 200:
@@ -240,7 +247,7 @@ class ManifestRequests:
             await asyncio.to_thread(store.put_manifest, digest, media_type, body)
             await asyncio.to_thread(store.link, route.registry, route.name, digest)
             if not route.by_digest:
-                await asyncio.to_thread(store.set_tag, route.registry, route.name, route.reference, digest)
+                await asyncio.to_thread(store.set_tag, route.registry, route.name, route.reference, digest, kind=kind)
         except OSError as e:
             logger.warning(f"{route.image}: served but not cached: {e.strerror or e}")
             await self.folder.journal_miss(route, f"passed: not stored: {e.strerror or e}", digest=digest)
@@ -249,7 +256,8 @@ class ManifestRequests:
             subject, entry = referrer
             await self.folder.note(store.add_referrers, route.registry, route.name, subject, [entry])
         await self.folder.journal_miss(route, "filled", digest=digest, size=len(body))
-        tag = None if route.by_digest else (route.registry, route.name, route.reference)
+        # The shared store keeps what tags name: a tag learned for a client that takes no index stays here.
+        tag = None if route.by_digest or kind is not TagKind.INDEX else (route.registry, route.name, route.reference)
         self.fleet.publish_manifest(digest, media_type, body, tag)
         await self.access.learn(flow, route, store)
 
@@ -274,6 +282,24 @@ class ManifestRequests:
             if answer.status_code in (401, 403):
                 return
             flow.response = answer
+
+
+def tag_kind(flow: http.HTTPFlow) -> TagKind:
+    """Which of a tag's entries the client's request reads first and teaches."""
+    return TagKind.INDEX if protocol.takes_indexes(flow.request.headers.get_all("accept")) else TagKind.SINGLE
+
+
+def _cached_tag(store: Store, route: Route, accept: list[str]) -> tuple[TagEntry | None, Manifest | None]:
+    """The tag's entry for a client with this `Accept` and its manifest, if the store holds one the
+    client takes: the entry of the client's own kind; for a client that takes no index, else what
+    the tag names when the client takes that (upstream gives it to every client that does)."""
+    kinds = [TagKind.INDEX] if protocol.takes_indexes(accept) else [TagKind.SINGLE, TagKind.INDEX]
+    for kind in kinds:
+        entry = store.get_tag(route.registry, route.name, route.reference, kind)
+        manifest = store.get_manifest(entry.digest) if entry else None
+        if entry and manifest and protocol.accepts(accept, manifest.media_type):
+            return entry, manifest
+    return None, None
 
 
 def _listed(body: bytes) -> list[dict] | None:

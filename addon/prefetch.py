@@ -162,7 +162,7 @@ class _Started:
 class RegistryClient:
     """Just enough of a registry client to pull through a proxy: Bearer tokens (anonymous, or
     asked for with the image's login as Basic), Basic where the registry asks for it, redirects
-    (credentials are never sent to another host), streamed bodies."""
+    (credentials are never sent to another scheme, host or port), streamed bodies."""
 
     ACCEPT = ", ".join(sorted(MANIFEST_MEDIA_TYPES))
 
@@ -239,8 +239,9 @@ class RegistryClient:
         return {"Authorization": authorization} if authorization else {}
 
     def _follow(self, url: str, headers: dict[str, str]) -> Response:
-        """GET `url`, following up to 5 redirects; Authorization stays with the original host."""
-        origin = urllib.parse.urlsplit(url).hostname
+        """GET `url`, following up to 5 redirects; Authorization stays with the original origin
+        (scheme, host and port): never sent in the clear, nor to another service of the host."""
+        origin = _origin(url)
         for _ in range(6):
             request = urllib.request.Request(url, headers=headers)
             try:
@@ -252,7 +253,7 @@ class RegistryClient:
                 if urllib.parse.urlsplit(url).scheme not in ("https", "http"):
                     # urllib would open file:, ftp: and data: URLs too: a registry may not send us there.
                     raise PrefetchError(f"refusing a redirect to {url[:200]!r}: not an http(s) URL") from None
-                if urllib.parse.urlsplit(url).hostname != origin:
+                if _origin(url) != origin:
                     headers = {k: v for k, v in headers.items() if k != "Authorization"}
         raise PrefetchError(f"too many redirects at {url}")
 
@@ -278,6 +279,16 @@ class RegistryClient:
             raise PrefetchError(f"{image}: the token answer holds no token")
         with self._lock:
             self._tokens[(image.host, image.repository)] = f"Bearer {token}"
+
+
+def _origin(url: str) -> tuple[str, str, int | None]:
+    """A URL's scheme, host and port (the scheme's default when it names none)."""
+    parts = urllib.parse.urlsplit(url)
+    try:
+        port = parts.port
+    except ValueError:
+        port = -1  # no port anyone could be sent to: an origin of its own
+    return parts.scheme.lower(), (parts.hostname or "").lower(), port or {"https": 443, "http": 80}.get(parts.scheme.lower())
 
 
 class _NoRedirects(urllib.request.HTTPRedirectHandler):

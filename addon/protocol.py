@@ -278,22 +278,17 @@ def token_fields(text: str) -> list[tuple[str, str]]:
     return [(k, v) for k, v in pairs if k in TOKEN_FIELDS]
 
 
-# What hubcache hands a client as a registry token when it answers the token request itself
-# (offline, or while the token host is down): clients do not validate registry tokens, and
-# hubcache never sends one upstream as a credential.
-LOCAL_TOKEN = "hubcache-local"
-LOCAL_TOKEN_SECONDS = 60  # clients ask again soon, so a token host that came back is used again
+# How long a token hubcache hands a client when it answers the token request itself (offline, or
+# while the token host is down; localtokens.py) is good for: clients ask again soon, so a token
+# host that came back is used again.
+LOCAL_TOKEN_SECONDS = 60
 
 
-def local_token_answer(issued: str) -> bytes:
+def local_token_answer(token: str, issued: str) -> bytes:
     """The body of a token service's answer, with a local token issued at `issued` (ISO 8601)."""
     return json.dumps(
-        {"token": LOCAL_TOKEN, "access_token": LOCAL_TOKEN, "expires_in": LOCAL_TOKEN_SECONDS, "issued_at": issued}
+        {"token": token, "access_token": token, "expires_in": LOCAL_TOKEN_SECONDS, "issued_at": issued}
     ).encode()
-
-
-def has_local_token(authorization: str) -> bool:
-    return authorization.strip() == f"Bearer {LOCAL_TOKEN}"
 
 
 def token_of(body: bytes) -> str | None:
@@ -309,17 +304,34 @@ def token_of(body: bytes) -> str | None:
 def accepts(accept_headers: list[str], media_type: str) -> bool:
     """Whether a client's Accept header(s) allow `media_type`. No Accept header allows anything;
     a range with q=0 allows nothing."""
-    ranges = [r for h in accept_headers for r in h.split(",") if r.strip()]
+    ranges = _media_ranges(accept_headers)
     if not ranges:
         return True
     major = media_type.split("/")[0]
     wanted = ("*/*", media_type.lower(), f"{major}/*")
-    for item in ranges:
+    return any(kind in wanted and not refused for kind, refused in ranges)
+
+
+INDEX_MEDIA_TYPES = frozenset(
+    {"application/vnd.docker.distribution.manifest.list.v2+json", "application/vnd.oci.image.index.v1+json"}
+)
+
+
+def takes_indexes(accept_headers: list[str]) -> bool:
+    """Whether a client's Accept names every index type (OCI's index, Docker's manifest list): the
+    distribution registry gives a multi-platform tag's index only for the type a client names,
+    and any other client (no Accept, wildcards, one index type) one platform's manifest."""
+    named = {kind for kind, refused in _media_ranges(accept_headers) if not refused}
+    return named >= INDEX_MEDIA_TYPES
+
+
+def _media_ranges(accept_headers: list[str]) -> list[tuple[str, bool]]:
+    """Each media range of Accept header(s), lower case, and whether it is refused (q=0)."""
+    ranges = []
+    for item in (r for h in accept_headers for r in h.split(",") if r.strip()):
         kind, *params = (p.strip().lower() for p in item.split(";"))
-        refused = any(re.fullmatch(r"q\s*=\s*0(\.0{0,3})?", p) for p in params)
-        if kind in wanted and not refused:
-            return True
-    return False
+        ranges.append((kind, any(re.fullmatch(r"q\s*=\s*0(\.0{0,3})?", p) for p in params)))
+    return ranges
 
 
 def manifest_media_type(body: bytes, content_type: str) -> str:

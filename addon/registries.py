@@ -10,7 +10,8 @@ Each entry is `HOST[:KEY=VALUE[,KEY=VALUE...]]`, and naming a host here also cac
 
 Credentials are presented where a client presented none, on pulls only: on the registry's token
 requests (the realm its own 401 challenges name, learned as they pass), narrowed to `pull`, and on
-its API requests when it asks for Basic authentication. So anonymous clients pull as that account:
+its pull requests (manifests, blobs, referrers; never its catalog or tag lists) when it asks for
+Basic authentication. So anonymous clients pull as that account:
 with its rate limit, and with its access to private repositories, which every client of the
 proxy then shares.
 """

@@ -23,6 +23,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from enum import StrEnum
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -110,6 +111,17 @@ class BlobEntry:
     digest: str
     size: int
     used: float  # when it was last stored or read (time.time())
+
+
+class TagKind(StrEnum):
+    """Which clients a tag's entry answers. A registry gives a multi-platform tag's index only to a
+    client that takes every index type, and one platform's manifest to any other, so each kind is
+    kept apart: a client's `Accept` cannot re-point the tag for clients of the other kind. (The
+    value is the entry's key: an index-kind entry is keyed as every tag was before there were
+    kinds, so older stores read as they did.)"""
+
+    INDEX = "tag"  # what the tag names: its index, or its only manifest
+    SINGLE = "single-tag"  # what upstream gives a client that takes no index
 
 
 @dataclass(frozen=True)
@@ -285,25 +297,29 @@ class Store:
 
     # Tags
 
-    def tags(self) -> list[tuple[tuple[str, str, str], TagEntry]]:
-        """Every tag as ((registry, repository, tag), entry)."""
+    def tags(self, kind: TagKind = TagKind.INDEX) -> list[tuple[tuple[str, str, str], TagEntry]]:
+        """Every tag's entry of `kind` as ((registry, repository, tag), entry)."""
         result = []
         for key in self._cache.iterkeys():
-            if isinstance(key, tuple) and key[0] == "tag":
+            if isinstance(key, tuple) and key[0] == kind.value:
                 value = self._cache.get(key)
                 if value:
                     result.append((key[1:], TagEntry(*value)))
         return result
 
-    def delete_tag(self, registry: str, name: str, tag: str) -> bool:
-        return self._cache.delete(("tag", registry, name, tag))
+    def delete_tag(self, registry: str, name: str, tag: str, kind: TagKind | None = None) -> bool:
+        """Forget the tag's entry of `kind` (of every kind unless told); whether there was one."""
+        deleted = [self._cache.delete((k.value, registry, name, tag)) for k in ([kind] if kind else TagKind)]
+        return any(deleted)
 
-    def set_tag(self, registry: str, name: str, tag: str, digest: str, checked: float | None = None) -> None:
+    def set_tag(
+        self, registry: str, name: str, tag: str, digest: str, checked: float | None = None, kind: TagKind = TagKind.INDEX
+    ) -> None:
         """`checked`: when upstream confirmed the digest; now unless told (0: never, e.g. imported)."""
-        self._cache.set(("tag", registry, name, tag), (digest, time.time() if checked is None else checked))
+        self._cache.set((kind.value, registry, name, tag), (digest, time.time() if checked is None else checked))
 
-    def get_tag(self, registry: str, name: str, tag: str) -> TagEntry | None:
-        value = self._lookup(self._cache.get, ("tag", registry, name, tag))
+    def get_tag(self, registry: str, name: str, tag: str, kind: TagKind = TagKind.INDEX) -> TagEntry | None:
+        value = self._lookup(self._cache.get, (kind.value, registry, name, tag))
         return TagEntry(*value) if value else None
 
     # Referrers (OCI 1.1): the manifests that name a subject, per repository
@@ -332,6 +348,14 @@ class Store:
     def visibility_checked(self, registry: str, name: str) -> float | None:
         value = self._lookup(self._cache.get, ("repository", registry, name))
         return value[1] if value else None
+
+    def note_imported(self, registry: str, name: str) -> None:
+        """An operator imported images of this repository from a bundle that did not say whether it
+        is public: offline, they chose to serve it (access.py); its visibility stays unknown."""
+        self._cache.set(("imported", registry, name), True)
+
+    def imported(self, registry: str, name: str) -> bool:
+        return bool(self._lookup(self._cache.__contains__, ("imported", registry, name)))
 
     def link(self, registry: str, name: str, digest: str) -> None:
         """Upstream served `digest` through this repository."""

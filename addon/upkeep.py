@@ -28,7 +28,7 @@ from . import manifests
 from .protocol import ImageReference, digest_of, hash_digest, hasher
 from .recording import RecordingError, pinned
 from .storage import CacheFolder
-from .store import BlobEntry, Store
+from .store import BlobEntry, Store, TagKind
 from .units import DAY, parse_size
 
 logger = logging.getLogger(__name__)
@@ -97,9 +97,10 @@ def _drop_incomplete(store: Store, evicted: set[str], keep: set[str], result: Pr
             dropped.add(digest)
             result.manifests += 1
     broken = dropped | {d for d, children in indexes.items() if children & dropped}
-    for (registry, name, tag), entry in store.tags():
-        if entry.digest in broken and store.delete_tag(registry, name, tag):
-            result.tags += 1
+    for kind in TagKind:
+        for (registry, name, tag), entry in store.tags(kind):
+            if entry.digest in broken and store.delete_tag(registry, name, tag, kind) and kind is TagKind.INDEX:
+                result.tags += 1
 
 
 @dataclass

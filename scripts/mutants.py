@@ -912,6 +912,118 @@ MUTANTS: list[Mutant] = [
         ["test_each_command_makes_the_cache_folder_private[import]", "test_the_proxy_makes_its_cache_folder_and_what_it_writes_private"],
         UNIT,
     ),
+    # -- smaller trust gaps: tags per kind, local tokens, bundle visibility, listeners, credentials
+    mutant(
+        "prefetch-credentials-follow-same-host",
+        "prefetch drops credentials on a redirect to another scheme, host or port",
+        Edit("if _origin(url) != origin:", "if urllib.parse.urlsplit(url).hostname != origin[1]:"),
+        ["test_a_redirect_to_another_scheme_or_port_of_the_same_host_drops_the_credentials"],
+        UNIT,
+    ),
+    mutant(
+        "account-basic-beyond-pull-endpoints",
+        "the configured account's Basic credentials go to pull endpoints only, never the catalog or tag lists",
+        Edit("elif host in self._basic and _is_pull(host, request.path):", "elif host in self._basic:"),
+        ["test_basic_goes_to_pull_endpoints_only"],
+        UNIT,
+    ),
+    mutant(
+        "listeners-of-mode-unchecked",
+        "a listener added with --mode that serves a network makes local destinations refused",
+        Edit("return any(_serves_network(spec) for spec in ctx.options.mode)", 'return _serves_network("regular")'),
+        ["test_a_listener_added_with_mode_that_serves_a_network_refuses_local_destinations"],
+        UNIT,
+    ),
+    mutant(
+        "cloud-metadata-reachable",
+        "a proxy serving a network refuses the clouds' metadata addresses outside link-local",
+        Edit("if any(address in network for network in METADATA):", "if False:"),
+        ["test_serving_a_network_refuses_local_destinations"],
+        UNIT,
+    ),
+    mutant(
+        "unmarked-bundle-public",
+        "a bundle without io.hubcache.public leaves its repositories' visibility unknown",
+        Edit("elif repository in public and known is None:", "elif known is None:"),
+        ["test_a_bundle_without_the_public_mark_leaves_visibility_unknown"],
+        UNIT,
+    ),
+    mutant(
+        "unknown-visibility-exported-public",
+        "a repository of unknown visibility is exported without the public mark",
+        Edit("if public is not None:  # unknown stays unknown", "if True:  # unknown stays unknown"),
+        ["test_an_unknown_visibility_is_exported_unmarked"],
+        UNIT,
+    ),
+    mutant(
+        "offline-unknown-visibility-served",
+        "offline, content of unknown visibility is served only where an operator imported it",
+        Edit("if known and public is None and await asyncio.to_thread(store.imported, route.registry, route.name):", "if known and public is None:"),
+        ["test_offline_unknown_visibility_is_served_only_where_an_operator_imported_it"],
+        UNIT,
+    ),
+    mutant(
+        "local-token-unsigned",
+        "a local token counts only with hubcache's own signature",
+        Edit("if not hmac.compare_digest(mac, self._mac(issued, host)):", "if False:"),
+        ["test_a_token_hubcache_did_not_issue_for_this_outage_is_an_ordinary_credential"],
+        UNIT,
+    ),
+    mutant(
+        "local-token-never-expires",
+        "a local token counts only for the seconds the client was told",
+        Edit("and issued <= now < issued + LOCAL_TOKEN_SECONDS * 1000", "and True"),
+        ["test_a_token_hubcache_did_not_issue_for_this_outage_is_an_ordinary_credential"],
+        UNIT,
+    ),
+    mutant(
+        "local-token-any-registry",
+        "a local token counts only at the registry of the token host it stands in for",
+        Edit("host == AUTH_HOSTS.get(registry.lower())", "True"),
+        ["test_a_token_hubcache_did_not_issue_for_this_outage_is_an_ordinary_credential"],
+        UNIT,
+    ),
+    mutant(
+        "local-token-outlives-outage",
+        "a local token counts no more once its token host answers again",
+        Edit("and self._answered.get(host, -1) < issued", "and True"),
+        ["test_a_local_token_counts_no_more_once_the_token_host_answers_again"],
+        UNIT,
+    ),
+    mutant(
+        "tag-kind-ignored",
+        "a client's Accept cannot re-point a multi-platform tag for clients of the other kind",
+        Edit(
+            'return TagKind.INDEX if protocol.takes_indexes(flow.request.headers.get_all("accept")) else TagKind.SINGLE',
+            "return TagKind.INDEX",
+        ),
+        ["test_an_accept_without_indexes_cannot_repoint_a_multi_platform_tag"],  # the unit test's, and test_trust's with skopeo
+        INTEGRATION,
+    ),
+    mutant(
+        "tag-kind-one-index-type",
+        "only a client naming every index type teaches what a tag names",
+        Edit("return named >= INDEX_MEDIA_TYPES", "return bool(named & INDEX_MEDIA_TYPES)"),
+        [
+            "test_takes_indexes_only_with_every_index_type_named",
+            "TestManifestByTag::test_an_accept_without_indexes_cannot_repoint_a_multi_platform_tag",
+        ],
+        UNIT,
+    ),
+    mutant(
+        "fleet-shares-single-platform-tag",
+        "the shared store gets a tag only as what it names, never one platform's manifest",
+        Edit("tag = None if route.by_digest or kind is not TagKind.INDEX else", "tag = None if route.by_digest else"),
+        ["TestManifestByTag::test_an_accept_without_indexes_cannot_repoint_a_multi_platform_tag"],
+        UNIT,
+    ),
+    mutant(
+        "old-tags-unreadable",
+        "tags of a store from before tag kinds read as what the tag names",
+        Edit('INDEX = "tag"', 'INDEX = "index-tag"'),
+        ["test_a_tag_of_a_store_from_before_kinds_reads_as_what_it_names"],
+        UNIT,
+    ),
 ]
 
 

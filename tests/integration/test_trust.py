@@ -21,8 +21,9 @@ import pytest
 from cryptography import x509
 
 from support import proxied
-from support.clients import skopeo_copy
+from support.clients import pulled_blobs, skopeo_copy
 from support.hostile import EVIL_DIGEST, EVIL_MANIFEST, Hostile
+from support.images import build_image
 from support.pki import TestCA
 from support.registry import REGISTRY_NAME, push
 
@@ -178,6 +179,34 @@ def test_a_tag_cannot_be_poisoned_through_a_spoofed_request(hubcache, dockerhub,
     assert not any(e.get("digest") == EVIL_DIGEST for e in proxy.journal())
     pulled = skopeo_copy(f"docker://{HUB}/library/multi:1", tmp_path / "pulled", proxy=proxy.url, ca_bundle=proxy.client_bundle)
     assert pulled.returncode == 0, pulled.stderr
+
+
+DOCKER_V2 = "application/vnd.docker.distribution.manifest.v2+json"
+DOCKER_LIST = "application/vnd.docker.distribution.manifest.list.v2+json"
+
+
+def test_an_accept_without_indexes_cannot_repoint_a_multi_platform_tag(hubcache, dockerhub, registry, layouts, tmp_path):
+    """The registry answers a client that names no index type with one platform's manifest (the
+    distribution registry falls back to linux/amd64): that answer never becomes the tag for the
+    clients that take the manifest list, which still get their own platform."""
+    image = build_image(layouts / "listed", "1", [100_000], seed="listed", platforms=[("linux", "amd64"), ("linux", "arm64", "v8")], format="docker")
+    push(registry, "library/listed:1", image)
+    amd64, arm64 = image.platform("linux/amd64"), image.platform("linux/arm64/v8")
+    proxy = hubcache(tag_freshness=3600)
+    token = proxied.docker_hub_token(proxy.port, "library/listed", ca=proxy.ca_cert)
+
+    def ask(accept: str, method: str = "GET") -> proxied.Answer:
+        headers = {"Accept": accept, "Authorization": f"Bearer {token}"}
+        return proxied.request(proxy.port, HUB, "/v2/library/listed/manifests/1", ca=proxy.ca_cert, method=method, headers=headers)
+
+    for method in ("HEAD", "GET"):
+        narrow = ask(DOCKER_V2, method)
+        assert (narrow.status, narrow.headers["Docker-Content-Digest"]) == (200, amd64.manifest.digest), "upstream's answer to it"
+    pulled = skopeo_copy(f"docker://{HUB}/library/listed:1", tmp_path / "arm64", proxy=proxy.url, ca_bundle=proxy.client_bundle, arch="arm64")
+    assert pulled.returncode == 0, pulled.stderr
+    assert {layer.digest for layer in arm64.layers} <= pulled_blobs(tmp_path / "arm64"), "before: amd64's manifest, from the cache"
+    assert ask(f"{DOCKER_V2}, {DOCKER_LIST}, {ACCEPT}").headers["Docker-Content-Digest"] == image.index_digest
+    assert ask(DOCKER_V2).headers["Docker-Content-Digest"] == amd64.manifest.digest, "the narrow client keeps its answer"
 
 
 @pytest.mark.parametrize("tls", [False, True], ids=["plain", "tls"])

@@ -260,6 +260,52 @@ def test_a_bundle_opens_no_digest_it_does_not_carry(stores, image, tmp_path):
     assert target.linked(REGISTRY, "acme/secret", layer)
 
 
+def unmarked(bundle, tmp_path):
+    """A copy of the bundle whose index says nothing of visibility, as skopeo's or crane's."""
+    out = tmp_path / "unmarked.tar"
+    with tarfile.open(bundle) as src, tarfile.open(out, "w") as dst:
+        for member in src:
+            data = src.extractfile(member).read()
+            if member.name == "index.json":
+                index = json.loads(data)
+                for entry in index["manifests"]:
+                    del entry["annotations"]["io.hubcache.public"]
+                data = json.dumps(index).encode()
+                member.size = len(data)
+            dst.addfile(member, io.BytesIO(data))
+    return out
+
+
+def test_a_bundle_without_the_public_mark_leaves_visibility_unknown(stores, image, tmp_path):
+    """Unknown stays unknown: the repository is not marked public, so the probe still runs for
+    what is cached through it later (Access.learn), and online each client is checked upstream."""
+    _, bundle, _ = exported(stores, image, tmp_path)
+    target = stores("target")
+    import_bundle(target, unmarked(bundle, tmp_path))
+    assert target.visibility(REGISTRY, "test/multi") is None
+    assert target.visibility_checked(REGISTRY, "test/multi") is None, "nothing spares the probe"
+    assert target.imported(REGISTRY, "test/multi"), "offline, the operator's import serves it"
+    assert target.get_tag(REGISTRY, "test/multi", "1").digest == image.index_digest
+
+
+def test_a_marked_public_bundle_makes_an_unknown_repository_public(stores, image, tmp_path):
+    _, bundle, _ = exported(stores, image, tmp_path)
+    target = stores("target")
+    import_bundle(target, bundle)
+    assert target.visibility(REGISTRY, "test/multi") is True and not target.imported(REGISTRY, "test/multi")
+
+
+def test_an_unknown_visibility_is_exported_unmarked(stores, image, tmp_path):
+    _, bundle, _ = exported(stores, image, tmp_path)
+    middle = stores("middle")
+    import_bundle(middle, unmarked(bundle, tmp_path))
+    again = tmp_path / "again.tar"
+    export(middle, [image_from_store(middle, REGISTRY, "test/multi", "1")], again)
+    with tarfile.open(again) as tar:
+        (entry,) = json.load(tar.extractfile("index.json"))["manifests"]
+    assert "io.hubcache.public" not in entry["annotations"], "never exported as public on trust"
+
+
 def test_a_bundle_never_opens_a_repository_known_private(stores, image, tmp_path):
     target = stores("target")
     store_image(target, image, REGISTRY, "test/multi", "1", public=False)

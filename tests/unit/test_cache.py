@@ -36,6 +36,8 @@ BLOB_DIGEST = digest_of(BLOB)
 OCI_INDEX = "application/vnd.oci.image.index.v1+json"
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 DOCKER_V2 = "application/vnd.docker.distribution.manifest.v2+json"
+DOCKER_LIST = "application/vnd.docker.distribution.manifest.list.v2+json"
+DOCKER_ACCEPT = ", ".join([DOCKER_V2, DOCKER_LIST, OCI_INDEX, OCI_MANIFEST])  # what dockerd asks a manifest with
 MANIFEST = json.dumps({"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": []}).encode()
 MANIFEST_DIGEST = digest_of(MANIFEST)
 MANIFEST2 = json.dumps({"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": [{}]}).encode()
@@ -168,6 +170,8 @@ async def env(tmp_path):
 
 
 def flow(path: str, method: str = "GET", host: str = HUB, headers: dict | None = None) -> http.HTTPFlow:
+    if "/manifests/" in path:
+        headers = {"Accept": DOCKER_ACCEPT, **(headers or {})}  # as dockerd asks, unless told
     req = tutils.treq(
         host=host,
         port=443,
@@ -711,7 +715,7 @@ class TestManifestByTag:
         env.store.set_tag("docker.io", REPO, "3.20", MANIFEST_DIGEST, checked=1000.0)  # long ago
         before = time.time()
         env.answers.append(manifest_response(200, headers={"Docker-Content-Digest": MANIFEST_DIGEST}))
-        f = flow(manifest_path("3.20"), headers={"Accept": OCI_INDEX, "Authorization": "Bearer t"})
+        f = flow(manifest_path("3.20"), headers={"Authorization": "Bearer t"})
         await env.addons.request(f)
         assert env.sent == [("HEAD", f"https://{HUB}{manifest_path('3.20')}")]
         assert f.response.status_code == 200
@@ -780,6 +784,40 @@ class TestManifestByTag:
         entry = env.journal()[-1]
         assert entry["outcome"] == f"stale: {reason}"
         assert (entry["reference"], entry["digest"]) == ("3.20", MANIFEST_DIGEST)
+
+    async def test_an_accept_without_indexes_cannot_repoint_a_multi_platform_tag(self, env, monkeypatch):
+        """A client asking with one manifest type only gets one platform's manifest from upstream
+        (the registry's answer to a client that takes no index): the tag learned from it is for
+        clients like it, never what dockerd (or another node of the fleet) is served."""
+        platform = json.dumps({"schemaVersion": 2, "mediaType": DOCKER_V2, "config": {}, "layers": []}).encode()
+        platform_digest = digest_of(platform)
+        published = []
+        monkeypatch.setattr(env.addons.fleet, "publish_manifest", lambda digest, media_type, body, tag: published.append((digest, tag)))
+        env.tctx.configure(env.cache, tag_freshness=3600)
+        answer = {"Content-Type": DOCKER_V2, "Docker-Content-Digest": platform_digest}
+        await asked(env, flow(manifest_path("3.20"), "HEAD", headers={"Accept": f"{DOCKER_V2}, {OCI_INDEX}"}), Upstream(200, answer))
+        await asked(env, flow(manifest_path("3.20"), headers={"Accept": DOCKER_V2}), Upstream(200, answer, platform))
+        assert published == [(platform_digest, None)], "a platform's manifest is shared, never as the tag"
+
+        docker = await asked(env, flow(manifest_path("3.20")), Upstream(200, {"Content-Type": OCI_INDEX, "Docker-Content-Digest": MANIFEST_DIGEST}, MANIFEST))
+        assert docker.response.content == MANIFEST, (docker.response.content, "before: the platform's manifest, from the cache")
+        assert published[-1] == (MANIFEST_DIGEST, ("docker.io", REPO, "3.20"))
+        assert env.store.get_tag("docker.io", REPO, "3.20").digest == MANIFEST_DIGEST
+
+        fetched = len(env.fetched)
+        for accept, body in ((DOCKER_ACCEPT, MANIFEST), (DOCKER_V2, platform), (f"{OCI_INDEX}, {DOCKER_V2}", platform)):
+            f = flow(manifest_path("3.20"), headers={"Accept": accept})
+            await env.addons.request(f)
+            assert (f.response.status_code, f.response.content) == (200, body), accept
+        assert len(env.fetched) == fetched and env.sent == [], "each kind of client from the cache"
+
+    async def test_a_single_platform_tag_serves_every_client_that_takes_its_type(self, env):
+        platform = json.dumps({"schemaVersion": 2, "mediaType": DOCKER_V2, "config": {}, "layers": []}).encode()
+        await fill_manifest(env, "3.20", platform, ctype=DOCKER_V2)
+        env.tctx.configure(env.cache, tag_freshness=3600)
+        f = flow(manifest_path("3.20"), headers={"Accept": DOCKER_V2})
+        await env.addons.request(f)
+        assert f.response.content == platform and env.sent == [] and len(env.fetched) == 1
 
     async def test_accept_excluding_the_cached_type_goes_upstream_without_revalidating(self, env):
         await fill_manifest(env, "3.20", MANIFEST)
@@ -928,29 +966,29 @@ class TestTokens:
         f = flow(TOKEN_PATH, host="auth.docker.io")
         await env.addons.request(f)
         assert f.response.status_code == 200
-        assert f.response.json()["token"] == protocol.LOCAL_TOKEN
+        assert f.response.json()["token"].startswith("hubcache-local.")
 
     async def test_offline_nothing_is_asked(self, env):
         env.tctx.configure(env.cache, offline=True)
         f = flow(TOKEN_PATH, host="auth.docker.io")
         await env.addons.request(f)
-        assert f.response.json()["token"] == protocol.LOCAL_TOKEN and env.sent == []
+        assert f.response.json()["token"].startswith("hubcache-local.") and env.sent == []
 
     async def test_a_local_token_pulls_cached_public_content_without_asking_upstream(self, env):
         await fill_manifest(env, "1", MANIFEST)
         await fill_blob(env)
-        local = {"Authorization": f"Bearer {protocol.LOCAL_TOKEN}"}
+        local = {"Authorization": f"Bearer {await local_token(env)}"}
         tag = flow(manifest_path("1"), headers=local)
         await env.addons.request(tag)
         assert tag.response.status_code == 200 and tag.response.content == MANIFEST
         blob = flow(blob_path(), headers=local)
         await env.addons.request(blob)
         assert blob.response.status_code == 307
-        assert env.sent == [], "never a revalidation or an access check with a token upstream never issued"
+        assert env.sent == [("GET", f"https://auth.docker.io{TOKEN_PATH}")], "never a revalidation or an access check with a token upstream never issued"
         assert env.journal()[-1]["outcome"].startswith("stale: no token")
 
     async def test_a_local_token_gets_a_clear_answer_for_what_is_missing_or_private(self, env):
-        local = {"Authorization": f"Bearer {protocol.LOCAL_TOKEN}"}
+        local = {"Authorization": f"Bearer {await local_token(env)}"}
         for path in (manifest_path("missing"), blob_path()):
             f = flow(path, headers=local)
             await env.addons.request(f)
@@ -960,7 +998,52 @@ class TestTokens:
         f = flow(blob_path(), headers=local)
         await env.addons.request(f)
         assert f.response.status_code == 503
-        assert env.sent == [] and len(env.fetched) == 1, "only the fill that cached it"
+        assert len(env.sent) == 1 and len(env.fetched) == 1, "only the token request and the fill that cached it"
+
+    @pytest.mark.parametrize(
+        "token",
+        [
+            "hubcache-local",  # the word every local token used to be
+            f"hubcache-local.{int(time.time() * 1000)}.{'0' * 64}.auth.docker.io",  # a signature hubcache never made
+            f"hubcache-local.{int(time.time() * 1000)}.\u00e9{'0' * 63}.auth.docker.io",  # and not even ASCII
+            "expired",
+            "for another registry",
+        ],
+    )
+    async def test_a_token_hubcache_did_not_issue_for_this_outage_is_an_ordinary_credential(self, env, token):
+        """It skips nothing: a public repository due for its visibility check is probed, and the
+        client's own credentials are asked about (here upstream says the repository went private)."""
+        await fill_blob(env)
+        if token == "expired":
+            token = env.cache.tokens.issue("auth.docker.io", now=time.time() - protocol.LOCAL_TOKEN_SECONDS - 1)
+        elif token == "for another registry":
+            token = env.cache.tokens.issue("auth.example.test")  # another registry's token host is down
+        env.tctx.configure(env.access, visibility_check_seconds=0)
+        env.fetches.append(Upstream(401, {"Content-Length": "0"}))  # the anonymous probe: private now
+        env.answers.append(upstream_response(401))  # the client's own HEAD
+        f = flow(blob_path(), headers={"Authorization": f"Bearer {token}"})
+        await env.addons.request(f)
+        assert f.response.status_code == 401, "before: served from the cache on the word alone"
+        assert env.store.visibility("docker.io", REPO) is False
+        assert env.sent == [("HEAD", f"https://{HUB}{blob_path()}")]
+
+    async def test_a_local_token_counts_no_more_once_the_token_host_answers_again(self, env):
+        local = {"Authorization": f"Bearer {await local_token(env)}"}
+        missing = flow(manifest_path("missing"), headers=local)
+        await env.addons.request(missing)
+        assert missing.response.status_code == 503, "while the token host is down: answered at once"
+        env.answers.append(tutils.tresp(status_code=200, content=b'{"token": "upstream"}'))
+        await env.addons.request(flow(TOKEN_PATH, host="auth.docker.io"))
+        again = await asked(env, flow(manifest_path("missing"), headers=local), Upstream(401, {"Content-Length": "0"}))
+        assert again.response.status_code == 401, "upstream's refusal: the client asks the token host again"
+
+
+async def local_token(env: Env) -> str:
+    """A token hubcache issues while Docker Hub's token host cannot answer."""
+    env.answers.append("connection refused")
+    f = flow(TOKEN_PATH, host="auth.docker.io")
+    await env.addons.request(f)
+    return f.response.json()["token"]
 
 
 class TestNegativeCache:
@@ -1122,6 +1205,24 @@ class TestAccess:
         g = flow(blob_path())
         await env.addons.request(g)
         assert g.response.status_code == 307
+        assert env.sent == []
+
+    async def test_offline_unknown_visibility_is_served_only_where_an_operator_imported_it(self, env):
+        await fill_blob(env)
+        for repository in ("library/imported", "library/unknown"):
+            env.store.link("docker.io", repository, BLOB_DIGEST)
+        env.store.note_imported("docker.io", "library/imported")
+        env.tctx.configure(env.cache, offline=True)
+        unknown = flow(f"/v2/library/unknown/blobs/{BLOB_DIGEST}")
+        await env.addons.request(unknown)
+        assert unknown.response.status_code == 401 and "may be private" in unknown.response.text
+        imported = flow(f"/v2/library/imported/blobs/{BLOB_DIGEST}")
+        await env.addons.request(imported)
+        assert imported.response.status_code == 307
+        env.store.set_visibility("docker.io", "library/imported", False)
+        learned = flow(f"/v2/library/imported/blobs/{BLOB_DIGEST}")
+        await env.addons.request(learned)
+        assert learned.response.status_code == 401, "what upstream said private stays private"
         assert env.sent == []
 
     @pytest.mark.parametrize("public", [True, False])
@@ -1370,7 +1471,7 @@ class TestWhileTheRegistryIsDown:
     async def test_a_token_for_cached_repositories_is_local_at_once(self, env, breaker):
         f = flow(TOKEN_PATH, host="auth.docker.io")
         await env.addons.request(f)
-        assert f.response.json()["token"] == protocol.LOCAL_TOKEN and env.sent == []
+        assert f.response.json()["token"].startswith("hubcache-local.") and env.sent == []
 
     async def test_a_token_for_a_repository_the_cache_holds_nothing_of_is_asked_as_a_miss(self, env, breaker):
         env.answers.append(tutils.tresp(status_code=200, content=b'{"token": "upstream"}'))

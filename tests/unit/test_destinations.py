@@ -45,6 +45,11 @@ def connect(host: str, port: int) -> http.HTTPFlow:
         ("0.0.0.0", "loopback"),
         ("169.254.169.254", "link-local"),
         ("fe80::1", "link-local"),
+        ("fd00:ec2::254", "cloud metadata"),
+        ("100.100.100.200", "cloud metadata"),
+        ("168.63.129.16", "cloud metadata"),
+        ("192.0.0.192", "cloud metadata"),
+        ("::ffff:100.100.100.200", "cloud metadata"),
     ],
 )
 async def test_serving_a_network_refuses_local_destinations(guard, host, why):
@@ -109,6 +114,25 @@ async def test_loopback_is_allowed_on_loopback_but_never_hubcaches_own_listeners
     assert await destinations.check("127.0.0.1", 6379) == "127.0.0.1"
     with pytest.raises(Refused, match="own listener"):
         await destinations.check("127.0.0.1", 3129)
+
+
+@pytest.mark.parametrize(
+    "mode", [["regular", "regular@0.0.0.0:3128"], ["regular", "socks5@0.0.0.0:1080"], ["socks5@[::]:1080"], ["regular@192.0.2.1:3128"]]
+)
+async def test_a_listener_added_with_mode_that_serves_a_network_refuses_local_destinations(guard, mode):
+    tctx, destinations, _ = guard
+    tctx.configure(destinations, listen_host="127.0.0.1", mode=mode)
+    for host, why in (("127.0.0.1", "loopback"), ("169.254.169.254", "link-local"), ("fd00:ec2::254", "cloud metadata")):
+        with pytest.raises(Refused, match=why):
+            await destinations.check(host, 80)
+
+
+@pytest.mark.parametrize("mode", [["regular"], ["regular@127.0.0.2:3128", "socks5@1080", "socks5@localhost:1081", "regular@[::1]:3130"]])
+async def test_listeners_on_loopback_only_leave_local_destinations_open(guard, mode):
+    tctx, destinations, _ = guard
+    tctx.configure(destinations, listen_host="127.0.0.1", mode=mode)
+    assert await destinations.check("127.0.0.1", 6379) == "127.0.0.1"
+    assert await destinations.check("100.100.100.200", 80) == "100.100.100.200"
 
 
 async def test_names_hubcache_routes_itself_are_not_judged(guard):

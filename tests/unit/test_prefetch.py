@@ -50,6 +50,25 @@ def test_a_redirect_to_another_host_drops_the_credentials(tmp_path):
     assert opener.opened == [("https://registry.example/v2/x/blobs/sha256:0", "Bearer t"), ("https://cdn.example/blob?sig=1", None)]
 
 
+@pytest.mark.parametrize(
+    "location",
+    ["http://registry.example/v2/x/blobs/sha256:0", "https://registry.example:8443/blob", "//registry.example:80/blob"],
+)
+def test_a_redirect_to_another_scheme_or_port_of_the_same_host_drops_the_credentials(tmp_path, location):
+    opener = Redirecting(location)
+    with client(opener)._follow("https://registry.example/v2/x/blobs/sha256:0", {"Authorization": "Bearer t"}) as r:
+        assert r.read() == b"blob"
+    assert [authorization for _, authorization in opener.opened] == ["Bearer t", None]
+
+
+@pytest.mark.parametrize("location", ["/v2/y/blobs/sha256:0", "https://REGISTRY.example:443/v2/y/blobs/sha256:0"])
+def test_a_redirect_within_the_origin_keeps_the_credentials(tmp_path, location):
+    opener = Redirecting(location)
+    with client(opener)._follow("https://registry.example/v2/x/blobs/sha256:0", {"Authorization": "Bearer t"}) as r:
+        assert r.read() == b"blob"
+    assert [authorization for _, authorization in opener.opened] == ["Bearer t", "Bearer t"]
+
+
 
 # logins: where they come from, and where they are presented
 

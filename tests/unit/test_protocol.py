@@ -257,6 +257,26 @@ class TestAccepts:
         assert not protocol.accepts(headers, OCI_INDEX)
 
 
+DOCKER_LIST = "application/vnd.docker.distribution.manifest.list.v2+json"
+
+
+@pytest.mark.parametrize(
+    "accept, takes",
+    [
+        ([f"{DOCKER_V2}, {DOCKER_LIST}, {OCI_INDEX}"], True),  # dockerd
+        ([DOCKER_LIST, f"{OCI_INDEX};q=0.5"], True),
+        ([], False),  # the registry answers no Accept with one platform's manifest
+        (["*/*"], False),
+        (["application/*"], False),
+        ([DOCKER_V2], False),
+        ([f"{DOCKER_V2}, {OCI_INDEX}"], False),  # one index type: the other kind of index is never given
+        ([f"{DOCKER_LIST}, {OCI_INDEX};q=0"], False),
+    ],
+)
+def test_takes_indexes_only_with_every_index_type_named(accept, takes):
+    assert protocol.takes_indexes(accept) is takes
+
+
 class TestParseRange:
     def test_no_header(self):
         assert protocol.parse_range(None, 10) is None

@@ -157,6 +157,19 @@ class TestUpstreamCredentials:
         credentials.requestheaders(f)
         assert f.request.headers["authorization"] == BASIC
 
+    @pytest.mark.parametrize(
+        "path", ["/v2/", "/v2/_catalog", "/v2/_catalog?n=1000", "/v2/org/app/tags/list", "/v2/org/app/blobs/uploads/", "/v2/Org/app/manifests/1"]
+    )
+    def test_basic_goes_to_pull_endpoints_only(self, credentials, path):
+        challenged(credentials, "https://ghcr.io/v2/", 'Basic realm="registry"')
+        f = flow(f"https://ghcr.io{path}")
+        credentials.requestheaders(f)
+        assert "authorization" not in f.request.headers, "a catalog or tag list would list what the account sees"
+        for pull in ("/v2/org/app/manifests/1", f"/v2/org/app/blobs/sha256:{'a' * 64}", f"/v2/org/app/referrers/sha256:{'a' * 64}"):
+            f = flow(f"https://ghcr.io{pull}", method="HEAD")
+            credentials.requestheaders(f)
+            assert f.request.headers["authorization"] == BASIC, pull
+
     def test_registries_without_credentials_and_other_realms_get_nothing(self, credentials):
         challenged(credentials, "https://quay.io/v2/", 'Bearer realm="https://quay.io/v2/auth"')
         challenged(credentials, "https://example.com/v2/", 'Bearer realm="https://example.com/token"')

@@ -6,7 +6,7 @@ import diskcache
 import pytest
 
 from hubcache.protocol import digest_of
-from hubcache.store import Store
+from hubcache.store import Store, TagEntry, TagKind
 
 BLOB = os.urandom(200_000)  # large enough that diskcache keeps it in a file
 BLOB_DIGEST = digest_of(BLOB)
@@ -77,6 +77,25 @@ class TestTags:
         second = store.get_tag("r", "n", "t")
         assert second.digest == MANIFEST_DIGEST
         assert second.checked >= before
+
+
+    def test_each_kind_of_client_has_its_own_entry(self, store):
+        store.set_tag("r", "n", "t", MANIFEST_DIGEST)
+        store.set_tag("r", "n", "t", "sha256:" + "1" * 64, kind=TagKind.SINGLE)
+        assert store.get_tag("r", "n", "t").digest == MANIFEST_DIGEST, "a single manifest never re-points the tag"
+        assert store.get_tag("r", "n", "t", TagKind.SINGLE).digest == "sha256:" + "1" * 64
+        assert [key for key, _ in store.tags()] == [("r", "n", "t")] and store.summary().tags == 1
+        assert store.delete_tag("r", "n", "t") and store.get_tag("r", "n", "t", TagKind.SINGLE) is None
+
+    def test_a_tag_of_a_store_from_before_kinds_reads_as_what_it_names(self, tmp_path):
+        with diskcache.Cache(str(tmp_path / "cache" / "content")) as old:
+            old.set(("tag", "docker.io", "library/alpine", "3"), (MANIFEST_DIGEST, 1000.0))
+        store = Store(tmp_path / "cache")
+        try:
+            assert store.get_tag("docker.io", "library/alpine", "3") == TagEntry(MANIFEST_DIGEST, 1000.0)
+            assert store.get_tag("docker.io", "library/alpine", "3", TagKind.SINGLE) is None
+        finally:
+            store.close()
 
 
 class TestBlobs:
