@@ -8,6 +8,7 @@ from mitmproxy import http
 
 from . import protocol, upstream
 from .hosts import Interception
+from .routes import route_of
 
 # The query of a token request made with the account's credentials keeps only these (and its scopes).
 TOKEN_QUERY = ("service", "client_id", "account")
@@ -43,7 +44,7 @@ class UpstreamCredentials:
             request.query = [(k, v) for k, v in request.query.items(multi=True) if k in TOKEN_QUERY] + [
                 ("scope", scope) for scope in scopes
             ]
-        elif host in self._basic and _is_pull(host, request.path):
+        elif host in self._basic and (route := route_of(flow)) and route.kind in protocol.PULLS:
             registry = host
         own = self.hosts.settings.get(registry or "")
         if own and own.credentials:
@@ -64,16 +65,6 @@ class UpstreamCredentials:
             self._realms[(realm.hostname.lower(), port, realm.path or "/")] = host
         elif scheme == "basic":
             self._basic.add(host)
-
-
-def _is_pull(host: str, path: str) -> bool:
-    """Whether a registry API request is a pull (a manifest, a blob, referrers): the version check,
-    the catalog and tag lists are nothing the account needs to be presented for."""
-    try:
-        kind = protocol.parse_route(host, path).kind
-    except protocol.BadRequest:
-        return False
-    return kind in (protocol.Kind.MANIFEST, protocol.Kind.BLOB, protocol.Kind.REFERRERS)
 
 
 def pull_scopes(requested: list[str]) -> list[str]:

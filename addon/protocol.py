@@ -48,6 +48,7 @@ class Kind(Enum):
 
 
 _SEGMENT = {Kind.MANIFEST: "manifests", Kind.BLOB: "blobs", Kind.REFERRERS: "referrers"}
+PULLS = frozenset(_SEGMENT)  # the kinds a pull asks for: what the account's credentials are for
 
 
 @dataclass(frozen=True)

@@ -6,7 +6,9 @@ by `protocol.parse_route`; a target that is not exactly the canonical form of wh
 answered 400 before anything else happens: nothing is asked of upstream, no state is touched.
 Otherwise the route is noted on the flow (`Mark.ROUTE`) for the addons after this one, which
 decide only on it, and the request's target is rewritten to the route's own: a request that
-passes through to upstream carries what hubcache parsed, not what the client wrote.
+passes through to upstream carries what hubcache parsed, not what the client wrote. It runs as
+soon as the request's head is in (`requestheaders`, after the mirror routed it), so that the
+addons deciding there (credentials, bodies) decide on the route too.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ class Routes:
     def __init__(self, hosts: Interception) -> None:
         self.hosts = hosts
 
-    def request(self, flow: http.HTTPFlow) -> None:
+    def requestheaders(self, flow: http.HTTPFlow) -> None:
         if flow.response or flow.error or not flow.live or upstream.is_subrequest(flow):
             return
         if (host := self.hosts.registry(flow)) is None:

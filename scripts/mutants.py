@@ -923,7 +923,7 @@ MUTANTS: list[Mutant] = [
     mutant(
         "account-basic-beyond-pull-endpoints",
         "the configured account's Basic credentials go to pull endpoints only, never the catalog or tag lists",
-        Edit("elif host in self._basic and _is_pull(host, request.path):", "elif host in self._basic:"),
+        Edit("elif host in self._basic and (route := route_of(flow)) and route.kind in protocol.PULLS:", "elif host in self._basic:"),
         ["test_basic_goes_to_pull_endpoints_only"],
         UNIT,
     ),

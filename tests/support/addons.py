@@ -50,7 +50,7 @@ class CacheAddons:
 
     async def request(self, flow) -> None:
         """The request hook of the data path, as mitmproxy runs it: the route is parsed, then the cache acts."""
-        self.routes.request(flow)
+        self.routes.requestheaders(flow)
         await self.cache.request(flow)
 
     @property

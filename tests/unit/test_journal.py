@@ -113,7 +113,7 @@ async def refused(addons: tuple[Routes, ImagePolicy], name: str) -> None:
     routes, addon = addons
     f = tflow.tflow(req=tutils.treq(host=HUB, port=443, scheme=b"https", path=f"/v2/{name}/manifests/1".encode(), content=b""))
     f.client_conn.sni = HUB
-    routes.request(f)
+    routes.requestheaders(f)
     await addon.request(f)
     assert isinstance(f.response, http.Response) and f.response.status_code == 403
 

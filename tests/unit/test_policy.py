@@ -43,7 +43,7 @@ async def asked(addons: tuple[Routes, ImagePolicy], path: str, host: str = HUB) 
     """The request as mitmproxy hooks it: parsed to its route, then judged."""
     routes, policy = addons
     f = flow(path, host)
-    routes.request(f)
+    routes.requestheaders(f)
     await policy.request(f)
     return f
 
@@ -100,7 +100,7 @@ async def test_only_registry_pulls_are_judged(policy):
     spoofed = flow("/v2/library/alpine/manifests/1")
     spoofed.client_conn.sni = "example.com"  # a tunnel elsewhere that names the registry in Host
     routes, judge = addon
-    routes.request(spoofed)
+    routes.requestheaders(spoofed)
     await judge.request(spoofed)
     assert spoofed.response is None
     assert (await asked(addon, "/v2/library/alpine/manifests/1")).response.status_code == 403

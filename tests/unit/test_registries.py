@@ -12,6 +12,7 @@ from hubcache.credentials import UpstreamCredentials
 from hubcache.flowdata import Mark
 from hubcache.hosts import Interception
 from hubcache.registries import DEFAULT_REGISTRIES, parse
+from hubcache.routes import Routes
 
 BASIC = "Basic " + base64.b64encode(b"bot:t0ken").decode()
 
@@ -73,14 +74,29 @@ def challenged(credentials: UpstreamCredentials, url: str, challenge: str) -> No
     credentials.response(f)
 
 
+class AfterRoutes:
+    """The credentials addon as mitmproxy runs it: after Routes parsed the request."""
+
+    def __init__(self, routes: Routes, credentials: UpstreamCredentials) -> None:
+        self.routes, self.credentials = routes, credentials
+
+    def requestheaders(self, f: http.HTTPFlow) -> None:
+        self.routes.requestheaders(f)
+        self.credentials.requestheaders(f)
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.credentials, name)
+
+
 class TestUpstreamCredentials:
     @pytest.fixture
     def credentials(self, secret_file):
         hosts = Interception()
         credentials = UpstreamCredentials(hosts)
-        with taddons.context(hosts, credentials) as tctx:
+        routes = Routes(hosts)
+        with taddons.context(hosts, routes, credentials) as tctx:
             tctx.configure(hosts, registry_settings=[f"ghcr.io:credentials=@{secret_file}", "quay.io:tag_freshness=5"])
-            yield credentials
+            yield AfterRoutes(routes, credentials)
 
     def test_token_requests_to_the_realm_carry_them(self, credentials):
         token_url = "https://ghcr.io/token?scope=repository:org/app:pull&service=ghcr.io"

@@ -38,7 +38,7 @@ def routes():
 
 def test_a_registry_request_is_noted_with_its_route_and_its_target_rebuilt(routes):
     f = flow(f"/v2/library/alpine/referrers/{DIGEST}?ns=docker.io&artifactType=application%2Fvnd.dev.sig%2Bjson")
-    routes.request(f)
+    routes.requestheaders(f)
     assert f.response is None
     assert route_of(f) == Route(Kind.REFERRERS, "docker.io", "library/alpine", DIGEST)
     assert route_of(f).artifact_type == "application/vnd.dev.sig+json"
@@ -48,7 +48,7 @@ def test_a_registry_request_is_noted_with_its_route_and_its_target_rebuilt(route
 @pytest.mark.parametrize("path", ["/v2/library/alpine/manifests/3.20#/../../python/manifests/3", "/v2/library/%61lpine/manifests/1", "/v2/library/alpine/tags/list/.."])
 def test_an_unclean_target_is_answered_400_and_noted_as_nothing(routes, path):
     f = flow(path)
-    routes.request(f)
+    routes.requestheaders(f)
     assert f.response.status_code == 400
     assert json.loads(f.response.content)["errors"][0]["code"] == "NAME_INVALID"
     assert route_of(f) is None
@@ -56,19 +56,19 @@ def test_an_unclean_target_is_answered_400_and_noted_as_nothing(routes, path):
 
 def test_a_request_that_is_not_verifiably_a_registrys_is_left_alone(routes):
     f = flow("/v2/library/alpine/manifests/1#x", sni="example.com")  # TLS to another name
-    routes.request(f)
+    routes.requestheaders(f)
     assert f.response is None and route_of(f) is None and f.request.path.endswith("#x")
 
 
 def test_a_pass_through_keeps_its_path(routes):
     f = flow("/v2/library/alpine/blobs/uploads/1234?_state=abc")
-    routes.request(f)
+    routes.requestheaders(f)
     assert route_of(f) == Route(Kind.OTHER, "docker.io") and f.request.path == "/v2/library/alpine/blobs/uploads/1234?_state=abc"
 
 
 def test_a_routed_flow_can_still_be_saved_by_mitmproxy(routes):
     f = flow(f"/v2/library/alpine/manifests/{DIGEST}")
-    routes.request(f)
+    routes.requestheaders(f)
     saved = io.BytesIO()
     flowio.FlowWriter(saved).add(f)
     [loaded] = flowio.FlowReader(io.BytesIO(saved.getvalue())).stream()
