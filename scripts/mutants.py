@@ -502,6 +502,28 @@ MUTANTS: list[Mutant] = [
         ["test_huge_manifest_is_not_held_in_memory", "test_a_manifest_limit_counts_the_bytes_read"],
         UNIT,
     ),
+    # -- slow clients and hostile bundles cost bounded time, memory and disk (blob server, import)
+    mutant(
+        "blob-head-unbounded",
+        "a blob server client has blob_head_timeout seconds for its TLS handshake and request head, however steadily it trickles them",
+        Edit("with self.deadlines.watch(request, self.head_timeout, HEAD):", "with self.deadlines.watch(request, 1e9, HEAD):"),
+        ["test_a_head_sent_slowly_is_cut_however_steady"],
+        INTEGRATION,
+    ),
+    mutant(
+        "blob-slow-heads-hold-slots",
+        "connections still sending their request heads never keep a normal client of the blob server waiting",
+        Edit("max_connections = 1024", "max_connections = 256"),
+        ["test_slow_clients_leave_a_normal_client_its_blob"],
+        INTEGRATION,
+    ),
+    mutant(
+        "blob-slow-reader-unbounded",
+        "a blob server client must read each part of its blob at blob_min_rate bytes per second",
+        Edit('self._expect(self._write_time(count), f"read {count} bytes at {self.server.min_rate} bytes/s")', 'self._expect(None, "")'),
+        ["test_a_reader_slower_than_the_minimum_rate_is_cut"],
+        INTEGRATION,
+    ),
 ]
 
 
