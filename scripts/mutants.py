@@ -524,6 +524,34 @@ MUTANTS: list[Mutant] = [
         ["test_a_reader_slower_than_the_minimum_rate_is_cut"],
         INTEGRATION,
     ),
+    mutant(
+        "import-free-space-unchecked",
+        "hubcache import refuses a bundle whose blobs would not fit in the cache folder's free space, before reading any",
+        Edit("if needed + FREE_SPACE_RESERVE > free:", "if False:"),
+        ["test_a_bomb_is_refused_before_a_byte_of_it_is_written", "test_a_bundle_that_fits_in_the_free_space_imports"],
+        UNIT,
+    ),
+    mutant(
+        "import-member-larger-than-declared",
+        "hubcache import refuses, unread, a blob member larger than its descriptor names",
+        Edit("if member.size != blob.size:", "if False:"),
+        ["test_a_member_larger_than_its_descriptor_is_refused_unread"],
+        UNIT,
+    ),
+    mutant(
+        "import-undeclared-member",
+        "hubcache import refuses a blob member no manifest of the bundle names",
+        Edit("if digest not in named:", "if False:"),
+        ["test_a_flood_of_json_blobs_no_manifest_names_is_refused_in_bounded_memory"],
+        UNIT,
+    ),
+    mutant(
+        "import-leaves-its-files",
+        "a failed import removes every file it wrote",
+        Edit("for writer in self.writers.values():", "for writer in []:"),
+        ["test_a_corrupt_blob_is_refused_and_nothing_changes", "test_a_flood_of_json_blobs_no_manifest_names_is_refused_in_bounded_memory"],
+        UNIT,
+    ),
 ]
 
 
