@@ -11,7 +11,10 @@ that import links them to their subject again: the referrers API lists them, and
 resolve.
 
 Import is all-or-nothing: every blob is hashed and every manifest walked before anything is
-committed, so a corrupt or truncated file leaves the store as it was.
+committed, so a corrupt or truncated file leaves the store as it was. A hostile file costs
+nothing: its blobs must fit in the free space by their declared sizes before any is read, a
+member no manifest names (or larger than its descriptor says) is refused unread, and no blob is
+held in memory but the one manifest being read.
 """
 
 from __future__ import annotations
