@@ -353,16 +353,15 @@ class _BundleReader:
             )
         if match["digest"] and match["digest"] != top.digest:
             raise BundleError(f"{name} names a digest other than its entry's {top.digest}")
-        media_type, body = self._manifest(top, name)
+        media_type, refs = self._parsed(top, name)
         image = Image(canonical_registry(match["registry"]), match["repository"], match["tag"] or top.digest, top.digest, media_type)
-        refs = self._references(name, body, media_type)
         if not image.is_index:
             image.manifests[top.digest] = PlatformManifest(top.digest, media_type, "", self._blobs(name, refs))
             return image
         for child in refs.children:
             if child.digest in self.members or self.store.get_manifest(child.digest):
-                child_type, child_body = self._manifest(child, name)
-                blobs = self._blobs(name, self._references(name, child_body, child_type))
+                child_type, child_refs = self._parsed(child, name)
+                blobs = self._blobs(name, child_refs)
                 image.manifests[child.digest] = PlatformManifest(child.digest, child_type, child.platform, blobs)
         if not image.manifests:
             raise BundleError(f"{name}: none of its platform manifests is in the file")
@@ -413,6 +412,11 @@ class _BundleReader:
             raise BundleError(f"{name}: manifest {descriptor.digest} has no media type")
         self.media_types[descriptor.digest] = media_type
         return media_type, body
+
+    def _parsed(self, descriptor: manifests.Descriptor, name: str) -> tuple[str, manifests.References]:
+        """The manifest's media type and what it names; its body is not kept."""
+        media_type, body = self._manifest(descriptor, name)
+        return media_type, self._references(name, body, media_type)
 
     @staticmethod
     def _references(name: str, body: bytes, media_type: str) -> manifests.References:
