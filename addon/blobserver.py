@@ -10,6 +10,10 @@ two listeners (see `blobhost.py` for which):
   proxy loopback), and the bytes go from the page cache to the socket with sendfile(2).
 
 URLs are signed by the proxy (HMAC, expiring), so the server answers only what the proxy allowed.
+A blob in the store is sent with `Range` support. A blob still being filled from upstream is sent
+as its temporary file grows, and its last byte is held back until the fill verified and
+committed it: a client never completes a body whose digest is wrong; if the fill fails, the
+connection is cut and the client retries.
 
 Slow clients are cut, so that they cannot hold the server's threads: a client has `head_timeout`
 seconds from its connection (or the end of its previous answer) for its TLS handshake and request
@@ -17,10 +21,6 @@ head, whichever pace it sends them at, and must read every part of its answer at
 bytes per second (plus a few seconds' grace); only the waits of the server itself (for a fill)
 set it no deadline. A connection only holds one of the `max_transfers` slots while it is being
 answered, so connections still sending their request heads never keep another client waiting.
-A blob in the store is sent with `Range` support. A blob still being filled from upstream is sent
-as its temporary file grows, and its last byte is held back until the fill verified and
-committed it: a client never completes a body whose digest is wrong; if the fill fails, the
-connection is cut and the client retries.
 
 Run by the proxy as `python -m hubcache.blobserver`; it prints its ports, then a line
 `sent <tag> <bytes>` for every finished transfer whose URL carried a tag (for the proxy's metrics
@@ -198,7 +198,8 @@ class _Handler(BaseHTTPRequestHandler):
                         self._copy(blob, digest, first, last + 1, size, growing)
                 except (_Cut, OSError) as e:
                     watched = self._watched()
-                    logger.info(f"blob {digest}: transfer cut: {f'the client did not {watched.task} in time' if watched and watched.cut else e}")
+                    why = f"the client did not {watched.task} in time" if watched and watched.cut else e
+                    logger.info(f"blob {digest}: transfer cut: {why}")
                     self.close_connection = True
                 finally:
                     if self._tag:

@@ -42,10 +42,12 @@ class Watched:
     def expect(self, seconds: float | None, task: str) -> None:
         """The client must finish `task` (send a head, read some bytes) within `seconds`; None:
         the server itself is busy, nothing is asked of the client."""
-        with self._deadlines.changed:
+        deadlines = self._deadlines
+        with deadlines.changed:
             self.deadline = None if seconds is None else time.monotonic() + seconds
             self.task = task
-            self._deadlines.changed.notify()
+            if self.deadline is not None and (deadlines.wake_at is None or self.deadline < deadlines.wake_at):
+                deadlines.changed.notify()  # due before the watcher would look again
 
 
 class Deadlines:
@@ -54,6 +56,7 @@ class Deadlines:
 
     def __init__(self) -> None:
         self.changed = threading.Condition()
+        self.wake_at: float | None = None  # when the watcher looks next (monotonic; None: when told)
         self._watched: set[Watched] = set()
         self._current = threading.local()
         threading.Thread(target=self._run, daemon=True, name="deadlines").start()
@@ -85,7 +88,8 @@ class Deadlines:
                 for watched in [w for w in self._watched if w.deadline is not None and w.deadline <= now]:
                     _cut(watched)
                 pending = [w.deadline for w in self._watched if w.deadline is not None]
-                self.changed.wait(min(pending) - now if pending else None)
+                self.wake_at = min(pending) if pending else None
+                self.changed.wait(self.wake_at - now if self.wake_at is not None else None)
 
 
 def _cut(watched: Watched) -> None:
