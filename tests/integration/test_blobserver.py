@@ -273,8 +273,8 @@ def test_slow_clients_leave_a_normal_client_its_blob(blobs):
     ctx.options.update(blob_head_timeout=120)  # none is cut meanwhile: the test is that none needs to be
     put(blobs.store)
     head = f"GET {path_of(blobs)} HTTP/1.1\r\nHost: {BLOB_HOST}\r\n\r\n".encode()
-    hello = SlowClients(lambda: socket.create_connection(blobs.host.address, timeout=10), client_hello(), 44, 2.0, 40.0)
-    heads = SlowClients(lambda: tls_client(blobs), head, 256, 2.0, 40.0)
+    hello = SlowClients(lambda: socket.create_connection(blobs.host.address, timeout=10), client_hello(), 44, 2.0, 60.0)
+    heads = SlowClients(lambda: tls_client(blobs), head, 256, 2.0, 60.0)
     with heads:
         assert heads.ready.wait(60)
         with hello:
@@ -304,7 +304,7 @@ def slow_opening(blobs: Blobs, transport: str):
 def test_a_head_sent_slowly_is_cut_however_steady(blobs, transport):
     """Clients that keep sending a byte every half second (never idle) are cut once their head
     is not in after blob_head_timeout; a normal client is served meanwhile and after."""
-    ctx.options.update(blob_head_timeout=2)
+    ctx.options.update(blob_head_timeout=4)
     put(blobs.store)
     connect, opening = slow_opening(blobs, transport)
     with SlowClients(connect, opening, 5, 0.5, 60.0) as slow:

@@ -49,10 +49,6 @@ class SlowClients:
         self._stop.set()
         self._thread.join(30)
 
-    def cut_count(self) -> int:
-        with self._lock:
-            return self.cut
-
     def cut_after_next_round(self, timeout: float) -> int | None:
         """The number of connections cut, once a round that starts now has looked at every one
         (None: they stopped before one did)."""
