@@ -39,7 +39,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
-from mitmproxy import ctx, http
+from mitmproxy import ctx, exceptions, http
 from mitmproxy.addonmanager import Loader
 from mitmproxy.proxy import server_hooks
 
@@ -80,6 +80,20 @@ class BlobHost:
             "(loopback when the proxy listens on loopback only).",
             choices=("auto", "loopback", "https"),
         )
+        loader.add_option(
+            "blob_head_timeout",
+            int,
+            int(blobserver.HEAD_TIMEOUT),
+            "Seconds a client of the blob server has, from its connection (or the end of its "
+            "previous answer), for its TLS handshake and request head, however slowly it sends them.",
+        )
+        loader.add_option(
+            "blob_min_rate",
+            int,
+            blobserver.MIN_RATE,
+            "Bytes per second a client of the blob server must read its blob at (each part of it, "
+            f"with {blobserver.GRACE:g}s of grace); a slower one is cut and may resume with a Range.",
+        )
 
     @property
     def restarting(self) -> bool:
@@ -109,8 +123,11 @@ class BlobHost:
         self._start()
 
     def configure(self, updated: set[str]) -> None:
+        for name in ("blob_head_timeout", "blob_min_rate"):
+            if name in updated and getattr(ctx.options, name) < 1:
+                raise exceptions.OptionsError(f"{name} must be 1 or more")
         moved = "cache_dir" in updated and self._cache_dir != self._wanted_dir().resolve()
-        if self._proc and (moved or "client_idle_timeout" in updated):
+        if self._proc and (moved or updated & {"client_idle_timeout", "blob_head_timeout", "blob_min_rate"}):
             self._start()
 
     def done(self) -> None:
@@ -168,6 +185,8 @@ class BlobHost:
                 "--cache-dir", str(self._cache_dir),
                 "--credentials-fd", str(credentials),
                 "--idle-timeout", str(ctx.options.client_idle_timeout),
+                "--head-timeout", str(ctx.options.blob_head_timeout),
+                "--min-rate", str(ctx.options.blob_min_rate),
             ]
             if self.mirror_tls:
                 address, pem = self.mirror_tls

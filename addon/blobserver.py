@@ -15,6 +15,13 @@ as its temporary file grows, and its last byte is held back until the fill verif
 committed it: a client never completes a body whose digest is wrong; if the fill fails, the
 connection is cut and the client retries.
 
+Slow clients are cut, so that they cannot hold the server's threads: a client has `head_timeout`
+seconds from its connection (or the end of its previous answer) for its TLS handshake and request
+head, whichever pace it sends them at, and must read every part of its answer at `min_rate`
+bytes per second (plus a few seconds' grace); only the waits of the server itself (for a fill)
+set it no deadline. A connection only holds one of the `max_transfers` slots while it is being
+answered, so connections still sending their request heads never keep another client waiting.
+
 Run by the proxy as `python -m hubcache.blobserver`; it prints its ports, then a line
 `sent <tag> <bytes>` for every finished transfer whose URL carried a tag (for the proxy's metrics
 and pull log), and exits when the proxy closes its stdin (or dies).
@@ -28,6 +35,7 @@ import hmac
 import logging
 import os
 import re
+import resource
 import socket
 import ssl
 import sys
@@ -40,7 +48,7 @@ from typing import Any, BinaryIO
 from urllib.parse import parse_qs, urlencode, urlsplit
 
 from . import protocol
-from .listeners import BoundedThreads
+from .listeners import HEAD, BoundedThreads, Watched
 from .store import Store
 
 logger = logging.getLogger(__name__)
@@ -52,6 +60,9 @@ CHUNK = 4 * 1024 * 1024  # large TLS writes: fewer records, fewer syscalls
 POLL = 0.02  # seconds between looks at a growing fill
 COMMIT_WAIT = 10.0
 MAX_CONNECT_HEAD = 8192
+HEAD_TIMEOUT = 10.0  # default seconds for a TLS handshake and a request head
+MIN_RATE = 16 * 1024  # default bytes per second a client must read its answer at
+GRACE = 5.0  # seconds every write to a client may take besides its size at the minimum rate
 _FILL_NAME = re.compile(r"[0-9]+/[A-Za-z0-9_]+/fill-[A-Za-z0-9_]+")
 
 
@@ -91,9 +102,33 @@ def _report(tag: str, sent: int) -> None:
 class _Handler(BaseHTTPRequestHandler):
     store: Store
     secret: bytes
+    server: _PlainServer
     protocol_version = "HTTP/1.1"
     _tag = ""  # of the request being answered
     _sent = 0  # bytes of its body sent so far
+
+    def handle_one_request(self) -> None:
+        super().handle_one_request()
+        self._expect(self.server.head_timeout, HEAD)  # the next request, on a kept connection
+
+    def parse_request(self) -> bool:
+        parsed = super().parse_request()
+        if parsed:
+            self._expect(None, "")  # the head is in: what follows is the server's work first
+        return parsed
+
+    def _expect(self, seconds: float | None, task: str) -> None:
+        """The client's next deadline (see `Watched.expect`)."""
+        if watched := self._watched():
+            watched.expect(seconds, task)
+
+    def _watched(self) -> Watched | None:
+        deadlines = self.server.deadlines
+        return deadlines.current() if deadlines else None
+
+    def _write_time(self, count: int) -> float:
+        """Seconds a client may take to read `count` bytes."""
+        return GRACE + count / self.server.min_rate
 
     def do_GET(self) -> None:
         self._serve(send_body=True)
@@ -151,20 +186,24 @@ class _Handler(BaseHTTPRequestHandler):
             if span is not None:
                 headers["Content-Range"] = f"bytes {first}-{last}/{size}"
                 headers["Content-Length"] = str(last - first + 1)
-            self.send_response(status)
-            for name, value in headers.items():
-                self.send_header(name, value)
-            self.end_headers()
-            self._sent = 0
-            try:
-                if send_body:
-                    self._copy(blob, digest, first, last + 1, size, growing)
-            except (_Cut, OSError) as e:
-                logger.info(f"blob {digest}: transfer cut: {e}")
-                self.close_connection = True
-            finally:
-                if self._tag:
-                    _report(self._tag, self._sent)
+            with self.server.transfers:
+                self._expect(GRACE, "read the answer's head")
+                self.send_response(status)
+                for name, value in headers.items():
+                    self.send_header(name, value)
+                self.end_headers()
+                self._sent = 0
+                try:
+                    if send_body:
+                        self._copy(blob, digest, first, last + 1, size, growing)
+                except (_Cut, OSError) as e:
+                    watched = self._watched()
+                    why = f"the client did not {watched.task} in time" if watched and watched.cut else e
+                    logger.info(f"blob {digest}: transfer cut: {why}")
+                    self.close_connection = True
+                finally:
+                    if self._tag:
+                        _report(self._tag, self._sent)
 
     def _copy(self, blob: BinaryIO, digest: str, start: int, end: int, size: int, growing: bool) -> None:
         fd = blob.fileno()
@@ -185,9 +224,12 @@ class _Handler(BaseHTTPRequestHandler):
                     if os.fstat(fd).st_nlink == 0:
                         raise _Cut("the fill failed and was discarded")
                     else:
+                        self._expect(None, "")  # waiting for upstream, not for the client
                         time.sleep(POLL)
                     continue
-            sent = self._send_span(blob, position, min(CHUNK, limit - position))
+            count = min(CHUNK, limit - position)
+            self._expect(self._write_time(count), f"read {count} bytes at {self.server.min_rate} bytes/s")
+            sent = self._send_span(blob, position, count)
             if not sent:
                 raise _Cut("the file is shorter than its size")
             position += sent
@@ -203,6 +245,7 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _error(self, status: int, code: str, message: str, extra: dict | None = None) -> None:
         body = protocol.error_body(code, message)
+        self._expect(self._write_time(len(body)), "read the answer")
         self.send_response(status)
         for name, value in {**protocol.error_headers(len(body)), **(extra or {})}.items():
             self.send_header(name, value)
@@ -218,7 +261,15 @@ class _Handler(BaseHTTPRequestHandler):
 
 class _PlainServer(BoundedThreads, HTTPServer):
     request_queue_size = 128  # many clients start their layers at once
-    max_connections = 256
+    # Connections cost a thread each; answers being sent cost memory (a TLS chunk) and the disk.
+    max_connections = 1024
+    max_transfers = 256
+    head_timeout: float | None = HEAD_TIMEOUT
+    min_rate = MIN_RATE
+
+    def server_activate(self) -> None:
+        self.transfers = threading.BoundedSemaphore(self.max_transfers)
+        super().server_activate()
 
     def handle_error(self, request: socket.socket | tuple[bytes, socket.socket], client_address: Any) -> None:
         logger.info(f"blob server: connection from {client_address[0]} failed: {sys.exc_info()[1]}")
@@ -264,9 +315,12 @@ def main() -> None:
         "--credentials-fd", required=True, type=int, help="a file descriptor holding the PEM certificate and key for " + BLOB_HOST
     )
     parser.add_argument("--idle-timeout", type=float, default=60.0, help="seconds an idle connection is kept")
+    parser.add_argument("--head-timeout", type=float, default=HEAD_TIMEOUT, help="seconds for a TLS handshake and a request head")
+    parser.add_argument("--min-rate", type=int, default=MIN_RATE, help="bytes per second a client must read its answer at")
     parser.add_argument("--mirror-address", help="also serve HTTPS on this address (a mirror's clients on other machines)")
     parser.add_argument("--mirror-credentials-fd", type=int, help="a file descriptor holding the mirror's PEM certificate and key")
     args = parser.parse_args()
+    _allow_files(4 * _PlainServer.max_connections)  # a socket, its watched copy, a blob, per connection
     secret = bytes.fromhex(os.environ.pop(SECRET_ENV))
     logging.basicConfig(level=logging.WARNING, format="hubcache blob server: %(message)s")
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
@@ -286,12 +340,22 @@ def main() -> None:
         servers.append(type("_MirrorServer", (_TLSServer,), {"address_family": family})((args.mirror_address, 0), handler, mirror_context))
     for server in servers:
         server.idle_timeout = args.idle_timeout
+        server.head_timeout = args.head_timeout
+        server.min_rate = args.min_rate
     for server in servers[1:]:
         threading.Thread(target=server.serve_forever, daemon=True).start()
     threading.Thread(target=_exit_with_parent, daemon=True).start()
     mirror_port = servers[3].server_address[1] if len(servers) > 3 else 0
     print(tls.server_address[1], plain.server_address[1], tunnel.server_address[1], mirror_port, flush=True)
     tls.serve_forever()
+
+
+def _allow_files(wanted: int) -> None:
+    """Raise the process's soft limit of open files towards `wanted` (many systems start services
+    with 1024), within the hard limit."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (wanted if hard == resource.RLIM_INFINITY else min(wanted, hard), hard))
 
 
 def _exit_with_parent() -> None:

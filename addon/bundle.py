@@ -11,7 +11,10 @@ that import links them to their subject again: the referrers API lists them, and
 resolve.
 
 Import is all-or-nothing: every blob is hashed and every manifest walked before anything is
-committed, so a corrupt or truncated file leaves the store as it was.
+committed, so a corrupt or truncated file leaves the store as it was. A hostile file costs
+nothing: its blobs must fit in the free space by their declared sizes before any is read, a
+member no manifest names (or larger than its descriptor says) is refused unread, and no blob is
+held in memory but the one manifest being read.
 """
 
 from __future__ import annotations
@@ -20,9 +23,13 @@ import io
 import json
 import os
 import re
+import shutil
 import tarfile
-from collections.abc import Buffer, Callable
+import zlib
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
+from lzma import LZMAError
 from pathlib import Path
 from typing import BinaryIO
 
@@ -50,6 +57,10 @@ _BLOB_PATH = re.compile(r"blobs/(sha256|sha512)/([a-f0-9]+)")
 _REFERENCE = re.compile(r"(?P<registry>[^/]+)/(?P<repository>[^:@]+)(?::(?P<tag>[^@]+)|@(?P<digest>.+))")
 
 OnBytes = Callable[[int], None]  # called with the number of bytes just handled
+FreeSpace = Callable[[Path], int]  # the bytes free in a folder
+MAX_MEMBERS = 100_000  # a bundle's members are listed in memory before any is read
+FREE_SPACE_RESERVE = 64 * 1024 * 1024  # left free for the index and the proxy's fills
+CHUNK = 1 << 20
 
 
 class BundleError(Exception):
@@ -180,14 +191,37 @@ class _HashingReader:
 # import
 
 
-def import_bundle(store: Store, path: Path, cache_dir: Path | None = None, progress: OnBytes | None = None) -> BundleSummary:
+def _free_space(folder: Path) -> int:
+    return shutil.disk_usage(folder).free
+
+
+@contextmanager
+def _reading(path: Path) -> Iterator[None]:
+    """A member that cannot be read (a truncated or corrupt file) is the bundle's fault."""
+    try:
+        yield
+    except (tarfile.TarError, EOFError, LZMAError, zlib.error) as e:
+        raise BundleError(f"{path}: not a readable tar file ({e})") from None
+
+
+
+def import_bundle(
+    store: Store,
+    path: Path,
+    cache_dir: Path | None = None,
+    progress: OnBytes | None = None,
+    free_space: FreeSpace = _free_space,
+) -> BundleSummary:
     """Load a bundle into `store`: all of it after every digest verified, or nothing. With
-    `cache_dir`, a recording named in the bundle is created (or updated) there too."""
-    reader = _BundleReader(store, progress)
+    `cache_dir`, a recording named in the bundle is created (or updated) there too. `progress`
+    is called with the bytes of every member read; `free_space` tells the bytes free in a folder."""
+    reader = _BundleReader(store, progress, free_space)
     recording = None
     try:
         reader.read(path)
-        images = reader.walk()
+        with _reading(path):
+            images = reader.walk()
+            reader.load()
         if reader.recording and cache_dir is not None:
             try:
                 recording = Recording.open(cache_dir, reader.recording)
@@ -203,68 +237,89 @@ def import_bundle(store: Store, path: Path, cache_dir: Path | None = None, progr
 
 
 class _BundleReader:
-    def __init__(self, store: Store, progress: OnBytes | None):
+    """Reads a bundle in three steps, writing nothing the bundle did not declare:
+    - `read` lists its members (headers only) and reads index.json;
+    - `walk` reads the manifests the index names, one at a time (each checked against the size
+      its descriptor names, kept in a temporary file, not in memory), and learns every blob they
+      name;
+    - `load` refuses any member no manifest names, then writes the blobs, each verified.
+    Every member must have the size its descriptor names, so the sizes in the members' headers,
+    checked against the free space before anything is read, are the declared ones."""
+
+    def __init__(self, store: Store, progress: OnBytes | None, free_space: FreeSpace):
         self.store = store
         self.progress = progress
+        self.free_space = free_space
+        self.tar: tarfile.TarFile | None = None
         self.index: dict | None = None
         self.recording = ""
-        self.writers: dict[str, BlobWriter] = {}  # every blob of the file, verified, uncommitted
-        self.carried: set[str] = set()  # the digests of every blob the file carries
-        self.documents: dict[str, bytes] = {}  # the blobs that may be manifests (small JSON)
-        self.needed_blobs: dict[str, int] = {}
-        self.manifests: dict[str, tuple[str, bytes]] = {}  # digest -> (media type, body)
+        self.members: dict[str, tarfile.TarInfo] = {}  # by digest: the blobs of the file (manifests too)
+        self.writers: dict[str, BlobWriter] = {}  # verified, uncommitted: the manifests read, the blobs loaded
+        self.media_types: dict[str, str] = {}  # of the manifests read from the file
+        self.needed_blobs: dict[str, int] = {}  # named by a manifest, with their sizes
         self.private: set[str] = set()  # names of the images the bundle marks private
         self.public: set[str] = set()  # and public; any other image's visibility is unknown
 
     def read(self, path: Path) -> None:
         try:
-            with open(path, "rb") as raw, tarfile.open(fileobj=_CountingReader(raw, self.progress), mode="r|*") as tar:
-                for member in tar:
-                    self._read_member(tar, member)
+            self.tar = tarfile.open(path, mode="r:*")  # noqa: SIM115 (closed by discard); gz, bz2, xz: decompressed as read
+            with _reading(path):
+                index = self._scan(path)
+                if index is None:
+                    raise BundleError(f"{path}: no index.json; not an OCI image layout")
+                document = self._read(index, MAX_MANIFEST + 1)
         except FileNotFoundError:
             raise BundleError(f"{path}: no such file") from None
-        except (tarfile.TarError, EOFError, OSError) as e:
-            raise BundleError(f"{path}: not a readable tar file ({e}); nothing was imported") from None
-        if self.index is None:
-            raise BundleError(f"{path}: no index.json; not an OCI image layout")
+        except (tarfile.TarError, OSError) as e:
+            raise BundleError(f"{path}: not a readable tar file ({e})") from None
+        try:
+            self.index = json.loads(document)
+            self.recording = str(self.index.get("annotations", {}).get(RECORDING, ""))
+        except (ValueError, AttributeError):
+            raise BundleError("index.json is not a JSON object") from None
 
-    def _read_member(self, tar: tarfile.TarFile, member: tarfile.TarInfo) -> None:
-        name = member.name.removeprefix("./")
-        if not member.isfile():
-            return
-        f = tar.extractfile(member)
+    def _scan(self, path: Path) -> tarfile.TarInfo | None:
+        """Note every blob member (by header, its data unread) and return index.json's. A file whose
+        blobs could not fit in the cache is refused at the first header that says so."""
+        assert self.tar
+        index, count, new_bytes = None, 0, 0
+        while (member := self.tar.next()) is not None:
+            count += 1
+            if count > MAX_MEMBERS:
+                raise BundleError(f"{path}: more than {MAX_MEMBERS} members; not a bundle hubcache reads")
+            name = member.name.removeprefix("./")
+            if not member.isfile():
+                continue
+            if name == "index.json":
+                index = index or member
+                continue
+            match = _BLOB_PATH.fullmatch(name)
+            if not match:
+                continue  # not part of the layout
+            digest = f"{match[1]}:{match[2]}"
+            if not DIGEST_RE.fullmatch(digest):
+                raise BundleError(f"{name}: not a valid digest")
+            if digest in self.members:
+                continue
+            self.members[digest] = member
+            if not self.store.has_blob(digest):
+                new_bytes += member.size
+                self._check_room(new_bytes, f"{path}: its blobs")
+        return index
+
+    def _check_room(self, needed: int, what: str) -> None:
+        free = self.free_space(self.store.directory)
+        if needed + FREE_SPACE_RESERVE > free:
+            raise BundleError(f"{what} take {needed} bytes; the cache folder has {free} bytes free ({FREE_SPACE_RESERVE} kept)")
+
+    def _read(self, member: tarfile.TarInfo, limit: int) -> bytes:
+        assert self.tar
+        f = self.tar.extractfile(member)
         assert f is not None
-        if name == "index.json":
-            try:
-                self.index = json.loads(f.read(MAX_MANIFEST + 1))
-                self.recording = str(self.index.get("annotations", {}).get(RECORDING, ""))
-            except (ValueError, AttributeError):
-                raise BundleError("index.json is not a JSON object") from None
-            return
-        match = _BLOB_PATH.fullmatch(name)
-        if not match:
-            return  # not part of the layout
-        digest = f"{match[1]}:{match[2]}"
-        if not DIGEST_RE.fullmatch(digest):
-            raise BundleError(f"{name}: not a valid digest")
-        if digest in self.writers:
-            return
-        writer = self.store.blob_writer(digest)
-        self.writers[digest] = writer
-        self.carried.add(digest)
-        keep = member.size <= MAX_MANIFEST
-        kept = []
-        while chunk := f.read(1 << 20):
-            writer.write(chunk)
-            if keep:
-                kept.append(chunk)
-        writer.close()
-        if writer.write_error:
-            raise BundleError(f"cannot write to the cache: {writer.write_error}")
-        if not writer.verified(member.size):
-            raise BundleError(f"{name}: its bytes hash to {writer.computed_digest}; the file is corrupt")
-        if keep and kept and kept[0][:1] == b"{":
-            self.documents[digest] = b"".join(kept)
+        data = f.read(limit)
+        if self.progress:
+            self.progress(len(data))
+        return data
 
     def walk(self) -> list[Image]:
         """Check that every image the index names is complete, and describe it."""
@@ -303,16 +358,15 @@ class _BundleReader:
             )
         if match["digest"] and match["digest"] != top.digest:
             raise BundleError(f"{name} names a digest other than its entry's {top.digest}")
-        media_type, body = self._manifest(top, name)
+        media_type, refs = self._parsed(top, name)
         image = Image(canonical_registry(match["registry"]), match["repository"], match["tag"] or top.digest, top.digest, media_type)
-        refs = self._references(name, body, media_type)
         if not image.is_index:
             image.manifests[top.digest] = PlatformManifest(top.digest, media_type, "", self._blobs(name, refs))
             return image
         for child in refs.children:
-            if child.digest in self.documents or self.store.get_manifest(child.digest):
-                child_type, child_body = self._manifest(child, name)
-                blobs = self._blobs(name, self._references(name, child_body, child_type))
+            if child.digest in self.members or self.store.get_manifest(child.digest):
+                child_type, child_refs = self._parsed(child, name)
+                blobs = self._blobs(name, child_refs)
                 image.manifests[child.digest] = PlatformManifest(child.digest, child_type, child.platform, blobs)
         if not image.manifests:
             raise BundleError(f"{name}: none of its platform manifests is in the file")
@@ -343,19 +397,31 @@ class _BundleReader:
             image.referrers[descriptor.digest] = Referrer(descriptor.digest, media_type, subject, artifact_type, tag, blobs)
 
     def _manifest(self, descriptor: manifests.Descriptor, name: str) -> tuple[str, bytes]:
-        body = self.documents.get(descriptor.digest)
-        if body is None:
+        """The manifest's media type and body: read from the file (and kept there, in a
+        temporary file) or held by the store already."""
+        member = self.members.get(descriptor.digest)
+        if member is None:
             held = self.store.get_manifest(descriptor.digest)
             if held is None:
                 raise BundleError(f"{name}: manifest {descriptor.digest} is missing from the file")
             return held.media_type, held.body
-        if len(body) != descriptor.size:
-            raise BundleError(f"{name}: manifest {descriptor.digest} has {len(body)} bytes, not {descriptor.size}")
+        if member.size != descriptor.size:
+            raise BundleError(f"{name}: manifest {descriptor.digest} has {member.size} bytes, not {descriptor.size}")
+        if member.size > MAX_MANIFEST:
+            raise BundleError(f"{name}: manifest {descriptor.digest} has {member.size} bytes, more than a manifest may")
+        if descriptor.digest not in self.writers:
+            self._load(descriptor.digest, member)
+        body = self._body(descriptor.digest)
         media_type = manifest_media_type(body, descriptor.media_type)
         if media_type == "application/json":
             raise BundleError(f"{name}: manifest {descriptor.digest} has no media type")
-        self.manifests[descriptor.digest] = (media_type, body)
+        self.media_types[descriptor.digest] = media_type
         return media_type, body
+
+    def _parsed(self, descriptor: manifests.Descriptor, name: str) -> tuple[str, manifests.References]:
+        """The manifest's media type and what it names; its body is not kept."""
+        media_type, body = self._manifest(descriptor, name)
+        return media_type, self._references(name, body, media_type)
 
     @staticmethod
     def _references(name: str, body: bytes, media_type: str) -> manifests.References:
@@ -366,28 +432,67 @@ class _BundleReader:
 
     def _blobs(self, name: str, refs: manifests.References) -> list[manifests.Descriptor]:
         for blob in refs.blobs:
-            writer = self.writers.get(blob.digest)
-            if writer is not None:
-                if writer.size != blob.size:
-                    raise BundleError(f"{name}: blob {blob.digest} has {writer.size} bytes, not {blob.size}")
+            member = self.members.get(blob.digest)
+            if member is not None:
+                if member.size != blob.size:
+                    raise BundleError(f"{name}: blob {blob.digest} has {member.size} bytes, not {blob.size}")
                 self.needed_blobs[blob.digest] = blob.size
             elif not self.store.has_blob(blob.digest):
                 raise BundleError(f"{name}: blob {blob.digest} is missing from the file")
         return list(refs.blobs)
 
+    def load(self) -> None:
+        """Write the blobs the manifests name, once the file proved to carry nothing else (`_scan`
+        checked the room for them)."""
+        named = self.needed_blobs.keys() | self.media_types.keys()
+        for digest, member in self.members.items():
+            if digest not in named:
+                raise BundleError(f"{member.name}: no manifest of the bundle names this blob")
+        new = [d for d in self.needed_blobs if d not in self.writers and not self.store.has_blob(d)]
+        for digest in sorted(new, key=lambda d: self.members[d].offset_data):  # forward only in the file
+            self._load(digest, self.members[digest])
+
+    def _load(self, digest: str, member: tarfile.TarInfo) -> None:
+        """Copy a member (whose size is the one its descriptor names) to a temporary file and
+        verify it."""
+        assert self.tar
+        f = self.tar.extractfile(member)
+        assert f is not None
+        writer = self.writers[digest] = self.store.blob_writer(digest)
+        remaining = member.size
+        while remaining and (chunk := f.read(min(CHUNK, remaining))):
+            writer.write(chunk)
+            remaining -= len(chunk)
+            if self.progress:
+                self.progress(len(chunk))
+        writer.close()
+        if writer.write_error:
+            raise BundleError(f"cannot write to the cache: {writer.write_error}")
+        if not writer.verified(member.size):
+            raise BundleError(f"{member.name}: its bytes hash to {writer.computed_digest}; the file is corrupt")
+
+    def _body(self, digest: str) -> bytes:
+        """A manifest read from the file: from its temporary file, or from the store once committed."""
+        writer = self.writers.get(digest)
+        blob = open(writer.path, "rb") if writer else self.store.open_blob(digest)  # noqa: SIM115 (closed below)
+        assert blob is not None  # committed by this import
+        with blob:
+            return blob.read(MAX_MANIFEST + 1)
+
     def commit(self, images: list[Image]) -> BundleSummary:
         summary = BundleSummary(images=[i.name for i in images])
         for digest, size in self.needed_blobs.items():
-            writer = self.writers.pop(digest)
-            if self.store.has_blob(digest):
-                writer.discard()
+            writer = self.writers.pop(digest, None)  # none: held already, so not loaded
+            if writer is None or self.store.has_blob(digest):
+                if writer:
+                    writer.discard()
                 summary.already_held += 1
                 continue
             writer.commit()
             summary.blobs += 1
             summary.bytes += size
-        for digest, (media_type, body) in self.manifests.items():
-            self.store.put_manifest(digest, media_type, body)
+        for digest, media_type in self.media_types.items():
+            self.store.put_manifest(digest, media_type, self._body(digest))
             summary.manifests += 1
         private = {(i.registry, i.repository) for i in images if i.name in self.private}
         public = {(i.registry, i.repository) for i in images if i.name in self.public} - private
@@ -396,7 +501,7 @@ class _BundleReader:
             for digest in [*image.manifest_digests(), *image.blobs()]:
                 # A bundle vouches only for what it carries: a digest the store holds for another
                 # repository is not opened to this one by being named here.
-                if digest in self.carried or self.store.linked(*repository, digest):
+                if digest in self.members or self.store.linked(*repository, digest):
                     self.store.link(*repository, digest)
             known = self.store.visibility(*repository)
             if repository in private and known is not False:
@@ -413,7 +518,7 @@ class _BundleReader:
             for r in image.referrers.values():
                 if r.tag:
                     self.store.set_tag(image.registry, image.repository, r.tag, r.digest, checked=0)
-                media_type, body = self.manifests.get(r.digest) or self._held(r.digest)
+                media_type, body = (self.media_types[r.digest], self._body(r.digest)) if r.digest in self.media_types else self._held(r.digest)
                 if found := manifests.referrer(r.digest, media_type, body):
                     self.store.add_referrers(image.registry, image.repository, found[0], [found[1]])
         return summary
@@ -427,17 +532,5 @@ class _BundleReader:
         for writer in self.writers.values():
             writer.discard()
         self.writers.clear()
-
-
-class _CountingReader(io.RawIOBase):
-    def __init__(self, f: io.BufferedIOBase, progress: OnBytes | None):
-        self.f, self.progress = f, progress
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, buffer: Buffer) -> int:
-        n = self.f.readinto(buffer)
-        if self.progress and n:
-            self.progress(n)
-        return n
+        if self.tar:
+            self.tar.close()

@@ -4,25 +4,122 @@ Each connection is served in a thread of its own, up to a bound: past it, new co
 in the listen queue until one ends. A connection that sends nothing (or reads nothing) for
 `idle_timeout` seconds is dropped, so a client cannot hold threads by opening connections and
 going quiet, and a TLS handshake that never finishes holds its thread no longer either.
+
+An idle timeout alone is reset by every byte: a client sending one byte a minute keeps its thread
+for ever. A server with `head_timeout` set also gives each connection deadlines (`Deadlines`):
+from its accept (or the end of its previous answer) the client has `head_timeout` seconds to
+finish its TLS handshake and its request head, and the server sets further deadlines as it
+answers (see `Watched.expect`). A connection past its deadline is cut, whatever its thread waits in.
 """
 
 from __future__ import annotations
 
+import logging
 import socket
 import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from socketserver import ThreadingMixIn
 from typing import Any
 
+logger = logging.getLogger(__name__)
+
+HEAD = "finish its request head"  # what a client is given `head_timeout` for
+
+
+class Watched:
+    """One connection under `Deadlines`."""
+
+    def __init__(self, deadlines: Deadlines, sock: socket.socket, peer: str):
+        self._deadlines = deadlines
+        self.sock = sock  # a duplicate of the connection's socket: valid until unwatched
+        self.peer = peer
+        self.deadline: float | None = None  # monotonic
+        self.task = ""
+        self.cut = False
+
+    def expect(self, seconds: float | None, task: str) -> None:
+        """The client must finish `task` (send a head, read some bytes) within `seconds`; None:
+        the server itself is busy, nothing is asked of the client."""
+        deadlines = self._deadlines
+        with deadlines.changed:
+            self.deadline = None if seconds is None else time.monotonic() + seconds
+            self.task = task
+            if self.deadline is not None and (deadlines.wake_at is None or self.deadline < deadlines.wake_at):
+                deadlines.changed.notify()  # due before the watcher would look again
+
+
+class Deadlines:
+    """Cuts connections whose client missed its deadline: a shutdown(2) wakes the connection's
+    thread from any read, write, sendfile or TLS handshake, which then fails and ends."""
+
+    def __init__(self) -> None:
+        self.changed = threading.Condition()
+        self.wake_at: float | None = None  # when the watcher looks next (monotonic; None: when told)
+        self._watched: set[Watched] = set()
+        self._current = threading.local()
+        threading.Thread(target=self._run, daemon=True, name="deadlines").start()
+
+    @contextmanager
+    def watch(self, sock: socket.socket, seconds: float, task: str) -> Iterator[Watched]:
+        """Watch the connection on `sock` while the block runs in its thread (see `current`)."""
+        watched = Watched(self, sock.dup(), _peer(sock))
+        with self.changed:
+            self._watched.add(watched)
+        watched.expect(seconds, task)
+        self._current.watched = watched
+        try:
+            yield watched
+        finally:
+            self._current.watched = None
+            with self.changed:
+                self._watched.discard(watched)
+                watched.sock.close()  # under the lock: never shut down after its number is reused
+
+    def current(self) -> Watched | None:
+        """The connection this thread serves."""
+        return getattr(self._current, "watched", None)
+
+    def _run(self) -> None:
+        with self.changed:
+            while True:
+                now = time.monotonic()
+                for watched in [w for w in self._watched if w.deadline is not None and w.deadline <= now]:
+                    _cut(watched)
+                pending = [w.deadline for w in self._watched if w.deadline is not None]
+                self.wake_at = min(pending) if pending else None
+                self.changed.wait(self.wake_at - now if self.wake_at is not None else None)
+
+
+def _cut(watched: Watched) -> None:
+    logger.info(f"connection from {watched.peer} cut: it did not {watched.task} in time")
+    watched.deadline, watched.cut = None, True
+    try:
+        watched.sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass  # already closed by the client
+
+
+def _peer(sock: socket.socket) -> str:
+    try:
+        return str(sock.getpeername()[0])
+    except OSError:
+        return "a client"
+
 
 class BoundedThreads(ThreadingMixIn):
-    """Mix in before a `socketserver` server class; set `max_connections` and `idle_timeout`."""
+    """Mix in before a `socketserver` server class; set `max_connections` and `idle_timeout`, and
+    `head_timeout` for deadlines."""
 
     daemon_threads = True
     max_connections = 64
     idle_timeout: float | None = 60.0
+    head_timeout: float | None = None
 
     def server_activate(self) -> None:
         self._slots = threading.BoundedSemaphore(self.max_connections)
+        self.deadlines = Deadlines() if self.head_timeout is not None else None
         super().server_activate()  # type: ignore[misc]
 
     def process_request(self, request: socket.socket | tuple[bytes, socket.socket], client_address: Any) -> None:
@@ -37,6 +134,9 @@ class BoundedThreads(ThreadingMixIn):
         try:
             if isinstance(request, socket.socket):
                 request.settimeout(self.idle_timeout)
+                if self.deadlines is not None and self.head_timeout is not None:
+                    with self.deadlines.watch(request, self.head_timeout, HEAD):
+                        return super().process_request_thread(request, client_address)
             super().process_request_thread(request, client_address)
         finally:
             self._slots.release()

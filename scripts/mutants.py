@@ -1024,6 +1024,56 @@ MUTANTS: list[Mutant] = [
         ["test_a_tag_of_a_store_from_before_kinds_reads_as_what_it_names"],
         UNIT,
     ),
+    # -- slow clients and hostile bundles cost bounded time, memory and disk (blob server, import)
+    mutant(
+        "blob-head-unbounded",
+        "a blob server client has blob_head_timeout seconds for its TLS handshake and request head, however steadily it trickles them",
+        Edit("with self.deadlines.watch(request, self.head_timeout, HEAD):", "with self.deadlines.watch(request, 1e9, HEAD):"),
+        ["test_a_head_sent_slowly_is_cut_however_steady"],
+        INTEGRATION,
+    ),
+    mutant(
+        "blob-slow-heads-hold-slots",
+        "connections still sending their request heads never keep a normal client of the blob server waiting",
+        Edit("max_connections = 1024", "max_connections = 256"),
+        ["test_slow_clients_leave_a_normal_client_its_blob"],
+        INTEGRATION,
+    ),
+    mutant(
+        "blob-slow-reader-unbounded",
+        "a blob server client must read each part of its blob at blob_min_rate bytes per second",
+        Edit('self._expect(self._write_time(count), f"read {count} bytes at {self.server.min_rate} bytes/s")', 'self._expect(None, "")'),
+        ["test_a_reader_slower_than_the_minimum_rate_is_cut"],
+        INTEGRATION,
+    ),
+    mutant(
+        "import-free-space-unchecked",
+        "hubcache import refuses a bundle whose blobs would not fit in the cache folder's free space, before reading any",
+        Edit("if needed + FREE_SPACE_RESERVE > free:", "if False:"),
+        ["test_a_bomb_is_refused_before_a_byte_of_it_is_written", "test_a_bundle_that_fits_in_the_free_space_imports"],
+        UNIT,
+    ),
+    mutant(
+        "import-member-larger-than-declared",
+        "hubcache import refuses, unread, a blob member larger than its descriptor names",
+        Edit("if member.size != blob.size:", "if False:"),
+        ["test_a_member_larger_than_its_descriptor_is_refused_unread"],
+        UNIT,
+    ),
+    mutant(
+        "import-undeclared-member",
+        "hubcache import refuses a blob member no manifest of the bundle names",
+        Edit("if digest not in named:", "if False:"),
+        ["test_a_flood_of_json_blobs_no_manifest_names_is_refused_in_bounded_memory"],
+        UNIT,
+    ),
+    mutant(
+        "import-leaves-its-files",
+        "a failed import removes every file it wrote",
+        Edit("for writer in self.writers.values():", "for writer in []:"),
+        ["test_a_corrupt_blob_is_refused_and_nothing_changes", "test_a_flood_of_json_blobs_no_manifest_names_is_refused_in_bounded_memory"],
+        UNIT,
+    ),
 ]
 
 

@@ -197,7 +197,9 @@ def import_command(cache_dir: Path | None, config_file: Path | None, bundle: Pat
     registry/repository:tag) into the cache, verifying every digest first.
 
     Nothing is stored unless all of it verifies: a corrupt or truncated file is refused and leaves
-    the cache as it was. A recording carried in the bundle is created in the cache as well.
+    the cache as it was. So is a file whose blobs would not fit in the cache folder's free space
+    (refused before any is read), or that carries a blob its manifests do not name or with another
+    size. A recording carried in the bundle is created in the cache as well.
 
     \b
     Examples:

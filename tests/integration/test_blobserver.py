@@ -26,6 +26,7 @@ from hubcache.options import SharedOptions
 from hubcache.protocol import digest_of
 from hubcache.storage import CacheFolder
 from hubcache.store import Store
+from support.slowclients import SlowClients, client_hello
 
 BLOB = os.urandom(3 * 1024 * 1024 + 17)
 DIGEST = digest_of(BLOB)
@@ -257,3 +258,88 @@ def test_the_connect_listener_tunnels_to_the_blob_host_only(blobs, target):
     sock, answer = tunnel(blobs, target)
     with sock:
         assert answer.startswith(b"HTTP/1.1 403 "), answer
+
+
+
+def tls_client(blobs: Blobs) -> socket.socket:
+    context = ssl.create_default_context(cafile=str(blobs.ca))
+    return context.wrap_socket(socket.create_connection(blobs.host.address, timeout=10), server_hostname=BLOB_HOST)
+
+
+def test_slow_clients_leave_a_normal_client_its_blob(blobs):
+    """300 slow clients on the HTTPS listener, a byte every 2 s (half of them trickle a TLS
+    ClientHello, half a request head after their handshake), do not keep a normal client waiting:
+    it gets its blob while every one of them still holds its connection."""
+    ctx.options.update(blob_head_timeout=120)  # none is cut meanwhile: the test is that none needs to be
+    put(blobs.store)
+    head = f"GET {path_of(blobs)} HTTP/1.1\r\nHost: {BLOB_HOST}\r\n\r\n".encode()
+    hello = SlowClients(lambda: socket.create_connection(blobs.host.address, timeout=10), client_hello(), 44, 2.0, 60.0)
+    heads = SlowClients(lambda: tls_client(blobs), head, 256, 2.0, 60.0)
+    with heads:
+        assert heads.ready.wait(60)
+        with hello:
+            assert hello.ready.wait(60)
+            status, _, body = get(blobs, path_of(blobs))
+            cut = [slow.cut_after_next_round(10) for slow in (heads, hello)]
+    assert (status, body) == (200, BLOB)
+    assert cut == [0, 0], "the normal client was served only once slow clients went away"
+
+
+def slow_opening(blobs: Blobs, transport: str):
+    """How a slow client of `transport` connects, and the bytes it then trickles."""
+    head = f"GET {path_of(blobs)} HTTP/1.1\r\nHost: {BLOB_HOST}\r\nUser-Agent: {'slow ' * 50}\r\n\r\n".encode()
+    match transport:
+        case "tls-hello":
+            return lambda: socket.create_connection(blobs.host.address, timeout=10), client_hello()
+        case "tls-head":
+            return lambda: tls_client(blobs), head
+        case "plain-head":
+            return lambda: socket.create_connection(("127.0.0.1", blobs.host.loopback_port), timeout=10), head
+        case _:
+            connect = f"CONNECT {BLOB_HOST}:443 HTTP/1.1\r\nHost: {BLOB_HOST}:443\r\nX-Slow: {'slow ' * 50}\r\n\r\n".encode()
+            return lambda: socket.create_connection(("127.0.0.1", blobs.host.tunnel_port), timeout=10), connect
+
+
+@pytest.mark.parametrize("transport", ["tls-hello", "tls-head", "plain-head", "tunnel-head"])
+def test_a_head_sent_slowly_is_cut_however_steady(blobs, transport):
+    """Clients that keep sending a byte every half second (never idle) are cut once their head
+    is not in after blob_head_timeout; a normal client is served meanwhile and after."""
+    ctx.options.update(blob_head_timeout=4)
+    put(blobs.store)
+    connect, opening = slow_opening(blobs, transport)
+    with SlowClients(connect, opening, 5, 0.5, 60.0) as slow:
+        assert slow.ready.wait(30)
+        assert get(blobs, path_of(blobs), transport=transport.split("-")[0])[::2] == (200, BLOB)
+        assert slow.all_cut.wait(30), "every slow client is cut"
+    assert get(blobs, path_of(blobs), transport=transport.split("-")[0])[::2] == (200, BLOB)
+
+
+BIG = os.urandom(16 * 1024 * 1024)
+
+
+@pytest.mark.parametrize("transport", ["tls", "plain"])
+def test_a_reader_slower_than_the_minimum_rate_is_cut(blobs, transport):
+    """A client that stops reading its blob is cut (and its slot freed) once a part of the blob
+    takes longer than blob_min_rate allows; a client reading at full speed gets it whole."""
+    ctx.options.update(blob_min_rate=1024 * 1024)
+    put(blobs.store, BIG, digest_of(BIG))
+    ended = threading.Event()
+    sent = []
+    blobs.host.on_sent.append(lambda tag, count: (sent.append(count), ended.set()))
+    path = path_of(blobs, digest_of(BIG), tag="stalled")
+    if transport == "plain":
+        sock = socket.create_connection(("127.0.0.1", blobs.host.loopback_port), timeout=20)
+    else:
+        sock = tls_client(blobs)
+    with sock:
+        sock.sendall(f"GET {path} HTTP/1.1\r\nHost: {BLOB_HOST}\r\n\r\n".encode())
+        assert sock.recv(4096).startswith(b"HTTP/1.1 200 ")
+        assert ended.wait(30), "the transfer is cut"
+        received = 0
+        try:
+            while data := sock.recv(1 << 20):
+                received += len(data)
+        except OSError:
+            pass
+    assert sent[0] < len(BIG) and received < len(BIG)
+    assert get(blobs, path_of(blobs, digest_of(BIG)), transport=transport)[::2] == (200, BIG)

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import bz2
 import io
 import json
 import os
 import tarfile
+import tracemalloc
 
 import pytest
 
@@ -13,6 +15,7 @@ from hubcache.bundle import BundleError, export, import_bundle
 from hubcache.manifests import Descriptor
 from hubcache.recording import Recording, image_from_store
 from hubcache.store import Store
+from support.bundles import bomb, json_flood
 from support.fill import store_image
 from support.images import build_image
 
@@ -76,7 +79,8 @@ def test_export_import_round_trip(stores, image, tmp_path):
     result = import_bundle(target, bundle, cache_dir=target.directory, progress=progress.append)
     assert result.images == [f"{REGISTRY}/test/multi:1"]
     assert (result.manifests, result.blobs, result.already_held) == (len(manifests), len(blobs), 0)
-    assert sum(progress) == bundle.stat().st_size
+    with tarfile.open(bundle) as tar:
+        assert sum(progress) == sum(m.size for m in tar if m.name != "oci-layout"), "each member of the layout is read once"
     assert target.get_tag(REGISTRY, "test/multi", "1").digest == image.index_digest
     assert target.get_tag(REGISTRY, "test/multi", "1").checked == 0, "an imported tag was never confirmed upstream"
     assert all(target.get_manifest(d) for d in manifests)
@@ -312,3 +316,83 @@ def test_a_bundle_never_opens_a_repository_known_private(stores, image, tmp_path
     _, bundle, _ = exported(stores, image, tmp_path)  # marked public
     import_bundle(target, bundle)
     assert target.visibility(REGISTRY, "test/multi") is False
+
+
+# hostile bundles: a bomb, floods, and members larger than declared cost nothing
+
+
+MiB = 1024 * 1024
+
+
+def room(free: int):
+    """A free-space function for import_bundle: `free` bytes, whatever the disk really has."""
+    return lambda folder: free
+
+
+def test_a_bomb_is_refused_before_a_byte_of_it_is_written(stores, tmp_path):
+    """A few hundred bytes of bz2 that inflate to 256 MiB of zeros, under their true digest and
+    declared with their true size: more than the cache folder has room for, so refused at its
+    header; nothing of it is read or written."""
+    path = tmp_path / "bomb.tar.bz2"
+    layer = bomb(path, 256 * MiB)
+    assert path.stat().st_size < 4096
+    target = stores("target")
+    progress = []
+    with pytest.raises(BundleError, match=r"its blobs take \d+ bytes; the cache folder has 100663296 bytes free"):
+        import_bundle(target, path, cache_dir=target.directory, progress=progress.append, free_space=room(96 * MiB))
+    assert sum(progress) == 0, "no member was read"
+    assert not target.has_blob(layer) and temp_files(target) == []
+
+
+def test_a_bundle_that_fits_in_the_free_space_imports(stores, tmp_path):
+    """The same kind of file is a valid image: it loads when the folder has room for it (and 64
+    MiB to spare), and is refused when it lacks a MiB."""
+    path = tmp_path / "zeros.tar.bz2"
+    layer = bomb(path, 16 * MiB)
+    target = stores("target")
+    with pytest.raises(BundleError, match="the cache folder has"):
+        import_bundle(target, path, free_space=room(64 * MiB + 15 * MiB))
+    assert temp_files(target) == []
+    import_bundle(target, path, free_space=room(64 * MiB + 17 * MiB))
+    assert target.has_blob(layer)
+
+
+def test_a_member_larger_than_its_descriptor_is_refused_unread(stores, tmp_path):
+    path = tmp_path / "bomb.tar.bz2"
+    layer = bomb(path, 16 * MiB, declared=1000)
+    target = stores("target")
+    progress = []
+    with pytest.raises(BundleError, match=f"blob {layer} has 16777216 bytes, not 1000"):
+        import_bundle(target, path, progress=progress.append)
+    assert sum(progress) < 4096, "the member was never read"
+    assert not target.has_blob(layer) and temp_files(target) == []
+
+
+def test_a_flood_of_json_blobs_no_manifest_names_is_refused_in_bounded_memory(stores, tmp_path):
+    """10 000 small JSON blobs beside a valid image: refused with one line, none of them read,
+    memory bounded (no blob kept), the store unchanged."""
+    path = tmp_path / "flood.tar.gz"
+    json_flood(path, 10_000, 16 * 1024)
+    target = stores("target")
+    tracemalloc.start()
+    try:
+        with pytest.raises(BundleError, match=r"^blobs/sha256/[0-9a-f]{64}: no manifest of the bundle names this blob$"):
+            import_bundle(target, path, cache_dir=target.directory)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 32 * MiB, f"{peak} bytes allocated at the peak"  # the 10 000 blobs alone are 160 MiB
+    assert target.get_tag(REGISTRY, "evil/flood", "1") is None and target.manifest_digests() == []
+    assert temp_files(target) == [] and not (target.directory / "recordings").exists()
+
+
+def test_a_compressed_bundle_imports(stores, image, tmp_path):
+    """The legitimate path: a bundle compressed with bz2 (as people carry them) loads whole."""
+    _, bundle, _ = exported(stores, image, tmp_path)
+    compressed = tmp_path / "bundle.tar.bz2"
+    compressed.write_bytes(bz2.compress(bundle.read_bytes()))
+    target = stores("target")
+    result = import_bundle(target, compressed)
+    manifests, blobs = everything(image)
+    assert (result.manifests, result.blobs) == (len(manifests), len(blobs))
+    assert all(target.has_blob(d) for d in blobs)
