@@ -67,6 +67,8 @@ def test_an_anonymous_client_gets_nothing_alice_cached(hubcache, dockerhub, secr
         answer = get(proxy, path, anonymous)
         assert answer.status in (401, 403, 404), (what, answer.status)
         assert answer.json()["errors"], what
+        head = proxied.request(proxy.port, HUB, path, ca=proxy.ca_cert, headers=anonymous, method="HEAD")
+        assert head.status in (401, 403, 404), ("HEAD", what, head.status)
     # Alice still gets everything, from the cache.
     dockerhub.reset()
     pull_as_alice(proxy, secret)

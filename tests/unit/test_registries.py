@@ -144,9 +144,19 @@ class TestUpstreamCredentials:
         credentials.requestheaders(f)
         assert f.request.headers["authorization"] == "Basic b3duOnVzZXI="
 
-    def test_the_anonymous_probe_stays_anonymous(self, credentials):
-        challenged(credentials, "https://ghcr.io/v2/", 'Bearer realm="https://ghcr.io/token"')
-        probe = flow("https://ghcr.io/token?scope=x")
+    @pytest.mark.parametrize(
+        "challenge, url",
+        [
+            ('Bearer realm="https://ghcr.io/token"', "https://ghcr.io/token?service=ghcr.io&scope=repository:org/app:pull"),
+            ('Basic realm="registry"', "https://ghcr.io/v2/org/app/manifests/1"),
+        ],
+    )
+    def test_the_anonymous_probe_stays_anonymous(self, credentials, challenge, url):
+        challenged(credentials, "https://ghcr.io/v2/", challenge)
+        pull = flow(url)
+        credentials.requestheaders(pull)
+        assert pull.request.headers["authorization"] == BASIC, "a client's pull gets the account"
+        probe = flow(url)
         probe.metadata[Mark.SUBREQUEST] = True
         credentials.requestheaders(probe)
         assert "authorization" not in probe.request.headers
