@@ -526,7 +526,10 @@ MUTANTS: list[Mutant] = [
     mutant(
         "anonymous-probe-gets-account-credentials",
         "the anonymous visibility probe stays anonymous, even where registry_settings has credentials",
-        Edit('if flow.response or "authorization" in request.headers or upstream.is_subrequest(flow):', 'if flow.response or "authorization" in request.headers:'),
+        Edit(
+            'if flow.response or "authorization" in request.headers or upstream.is_subrequest(flow):',
+            'if flow.response or "authorization" in request.headers:',
+        ),
         ["test_the_anonymous_probe_stays_anonymous"],
         UNIT,
     ),
@@ -547,7 +550,10 @@ MUTANTS: list[Mutant] = [
     mutant(
         "private-blob-head-unchecked",
         "a HEAD of a private repository's cached blob is answered only after the client's access check",
-        Edit('elif await self.access.permit(flow, route, digest, store):\n    self.metrics.hit("blob")\n    answers.answer(flow, 200', 'elif True:\n    self.metrics.hit("blob")\n    answers.answer(flow, 200'),
+        Edit(
+            'elif await self.access.permit(flow, route, digest, store):\n    self.metrics.hit("blob")\n    answers.answer(flow, 200',
+            'elif True:\n    self.metrics.hit("blob")\n    answers.answer(flow, 200',
+        ),
         ["test_an_anonymous_client_gets_nothing_alice_cached"],
         INTEGRATION,
     ),
@@ -579,7 +585,10 @@ MUTANTS: list[Mutant] = [
     mutant(
         "accept-ignored-by-digest",
         "a manifest by digest is served from the cache only in a type the client's Accept names",
-        Edit("if not cached or not protocol.accepts(accept, cached.media_type):\n    await self.misses.ask(flow, route)\nelif", "if not cached:\n    await self.misses.ask(flow, route)\nelif"),
+        Edit(
+            "if not cached or not protocol.accepts(accept, cached.media_type):\n    await self.misses.ask(flow, route)\nelif",
+            "if not cached:\n    await self.misses.ask(flow, route)\nelif",
+        ),
         ["test_accept_excluding_the_stored_type_is_not_answered"],
         UNIT,
     ),
@@ -607,7 +616,10 @@ MUTANTS: list[Mutant] = [
     mutant(
         "status-names-unknown-visibility",
         "the status page names a repository only once it is known to be public",
-        Edit("return store is not None and store.visibility(registry, repository) is True", "return store is not None and store.visibility(registry, repository) is not False"),
+        Edit(
+            "return store is not None and store.visibility(registry, repository) is True",
+            "return store is not None and store.visibility(registry, repository) is not False",
+        ),
         ["test_only_repositories_known_to_be_public_are_named"],
         UNIT,
     ),
@@ -621,7 +633,10 @@ MUTANTS: list[Mutant] = [
     mutant(
         "negative-cache-shared-between-credentials",
         "upstream's 404 is remembered per client credentials: what one account cannot see, another may",
-        Edit("return (token_key(flow), route.kind.value, route.registry, route.name, route.reference)", 'return ("", route.kind.value, route.registry, route.name, route.reference)'),
+        Edit(
+            "return (token_key(flow), route.kind.value, route.registry, route.name, route.reference)",
+            'return ("", route.kind.value, route.registry, route.name, route.reference)',
+        ),
         ["test_a_404_is_remembered_for_the_same_client"],
         UNIT,
     ),
