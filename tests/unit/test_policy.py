@@ -64,6 +64,7 @@ async def test_deny(policy, deny, path, refused):
     if not refused:
         assert f.response is None
         return
+    assert f.response is not None, "not refused"
     assert f.response.status_code == 403
     [error] = json.loads(f.response.content)["errors"]
     assert error["code"] == "DENIED" and repr(deny[0]) in error["message"]
