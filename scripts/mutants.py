@@ -657,6 +657,67 @@ MUTANTS: list[Mutant] = [
         ["test_a_redirect_to_plain_http_is_left_to_the_client"],
         UNIT,
     ),
+    # README's "How it works" and "When upstream is down", read for promises without a mutant
+    mutant(
+        "manifest-miss-unreachable-said-missing",
+        "a manifest miss upstream cannot answer gets a registry 502 UNAVAILABLE, not a claim that it does not exist",
+        Edit(
+            'answers.error(flow, 502, "UNAVAILABLE", f"{route.registry} cannot be reached: {e}")',
+            'answers.error(flow, 404, "MANIFEST_UNKNOWN", f"{route.registry} cannot be reached: {e}")',
+        ),
+        ["test_unreachable_upstream_is_a_registry_error"],
+        UNIT,
+    ),
+    mutant(
+        "token-host-down-no-local-token",
+        "a token host that refuses, fails or stays silent gets the client a token issued by hubcache",
+        Edit(
+            'logger.log(circuits.level(str(e), logging.INFO), f"{host}: {e}; token answered by hubcache (cached public content only)")',
+            'logger.log(circuits.level(str(e), logging.INFO), f"{host}: {e}; token answered by hubcache (cached public content only)")\nreturn',
+        ),
+        ["test_a_token_host_that_cannot_answer_gets_a_local_token"],
+        UNIT,
+    ),
+    mutant(
+        "stale-tag-not-served-when-upstream-fails",
+        "a tag upstream cannot revalidate (unreachable, 5xx, 429) is served from its last known manifest",
+        Edit(
+            "except upstream.UpstreamError as e:\n    await self._serve_stale(flow, route, cached, str(e))\n    return",
+            "except upstream.UpstreamError as e:\n    await self.misses.ask(flow, route)\n    return",
+        ),
+        ["test_upstream_failure_serves_stale"],
+        UNIT,
+    ),
+    mutant(
+        "offline-push-passes",
+        "offline, pushes and other methods get 405 UNSUPPORTED",
+        Edit('if ctx.options.offline and (route.kind is Kind.OTHER or flow.request.method not in ("GET", "HEAD")):', "if False:"),
+        ["test_pushes_are_refused"],
+        UNIT,
+    ),
+    mutant(
+        "circuit-never-opens",
+        "after a host's first failure, requests to it are not attempted until it answers again",
+        Edit(
+            "if circuit is None or (self._probing.get(host) and client.sni == self._probing[host]):\n    return None",
+            "if True:\n    return None",
+        ),
+        [
+            "test_the_first_failure_opens_the_circuit_and_later_connections_are_not_attempted",
+            "test_hubcaches_own_request_to_a_host_that_is_down_is_not_started",
+        ],
+        UNIT,
+    ),
+    mutant(
+        "circuit-refuses-its-probe",
+        "while a host is down, its background probe still connects",
+        Edit(
+            "if circuit is None or (self._probing.get(host) and client.sni == self._probing[host]):\n    return None",
+            "if circuit is None:\n    return None",
+        ),
+        ["test_only_the_probe_connects_while_the_host_is_down"],
+        UNIT,
+    ),
 ]
 
 
