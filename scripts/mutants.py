@@ -718,6 +718,58 @@ MUTANTS: list[Mutant] = [
         ["test_only_the_probe_connects_while_the_host_is_down"],
         UNIT,
     ),
+    # README's "Security model": destinations and which images
+    mutant(
+        "destination-link-local-reachable",
+        "a proxy serving a network refuses link-local destinations (the cloud's metadata service)",
+        Edit('if address.is_link_local:\n    return "a link-local address"', 'if False:\n    return "a link-local address"'),
+        [
+            "test_serving_a_network_refuses_local_destinations[169.254.169.254-link-local]",
+            "test_serving_a_network_refuses_local_destinations[fe80::1-link-local]",
+        ],
+        UNIT,
+    ),
+    mutant(
+        "destination-mapped-loopback-reachable",
+        "an IPv4 loopback address written as IPv6 (::ffff:127.0.0.1) is loopback too",
+        Edit(
+            "if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:\n    address = address.ipv4_mapped",
+            "if False:\n    address = address.ipv4_mapped",
+        ),
+        ["test_serving_a_network_refuses_local_destinations[::ffff:127.0.0.1-loopback]"],
+        UNIT,
+    ),
+    mutant(
+        "destination-own-address-reachable",
+        "a proxy serving a network refuses the addresses of this host's own interfaces",
+        Edit('if _is_own(address):\n    return "an address of this host"', 'if False:\n    return "an address of this host"'),
+        ["test_an_address_of_this_host_is_local"],
+        UNIT,
+    ),
+    mutant(
+        "destination-exceptions-ignored",
+        "local_destinations_allowed lets the operator's exceptions through",
+        Edit("return any(address in network and allowed in (None, port) for network, allowed in self._allowed)", "return False"),
+        ["test_exceptions_the_operator_listed"],
+        UNIT,
+    ),
+    mutant(
+        "policy-allow-list-ignored",
+        "with allow_images set, a repository it does not name is refused",
+        Edit("if allowed and not any(_matches(pattern, route, tagless=True) for pattern in allowed):", "if False:"),
+        ["test_allow_names_what_may_be_pulled_and_deny_wins"],
+        UNIT,
+    ),
+    mutant(
+        "policy-tag-pattern-covers-digests",
+        "a deny_images pattern with a tag says nothing of requests by digest",
+        Edit(
+            "if route.kind is Kind.MANIFEST and not route.by_digest:\n    return fnmatchcase(route.reference, tag)\nreturn tagless",
+            "if route.kind is Kind.MANIFEST and not route.by_digest:\n    return fnmatchcase(route.reference, tag)\nreturn True",
+        ),
+        ["test_deny"],
+        UNIT,
+    ),
 ]
 
 
