@@ -770,6 +770,49 @@ MUTANTS: list[Mutant] = [
         ["test_deny"],
         UNIT,
     ),
+    # README's "Eviction and integrity"
+    mutant(
+        "evict-most-recently-used-first",
+        "eviction takes the least recently used blobs first",
+        Edit('ORDER BY access_time"', 'ORDER BY access_time DESC"', files="addon/**/store.py"),
+        ["test_prune_keeps_the_tag_index_consistent", "test_a_read_makes_a_blob_recently_used"],
+        UNIT,
+    ),
+    mutant(
+        "evict-past-the-limit",
+        "cache_size_limit evicts only until the store is under the limit",
+        Edit("if expired or (limit is not None and total > limit):", "if expired or limit is not None:"),
+        ["test_least_recently_used_go_first_until_under_the_limit"],
+        UNIT,
+    ),
+    mutant(
+        "expiry-drops-recently-used",
+        "expire_unused_days drops only blobs nobody pulled for that long",
+        Edit("expired = max_unused is not None and now - blob.used > max_unused", "expired = max_unused is not None"),
+        ["test_expiry_drops_only_what_went_unused"],
+        UNIT,
+    ),
+    mutant(
+        "evict-leaves-broken-manifests",
+        "a manifest that lost a blob is dropped with every tag that led to it",
+        Edit("if chosen:\n    _drop_incomplete(", "if False:\n    _drop_incomplete("),
+        ["test_prune_keeps_the_tag_index_consistent"],
+        UNIT,
+    ),
+    mutant(
+        "evict-keeps-tag-of-broken-index",
+        "a tag naming an index whose platform manifest was dropped is dropped too",
+        Edit("broken = dropped | {d for d, children in indexes.items() if children & dropped}", "broken = dropped"),
+        ["test_prune_keeps_the_tag_index_consistent"],
+        UNIT,
+    ),
+    mutant(
+        "verify-keeps-rotten-blob",
+        "hubcache verify re-hashes every blob and drops what does not match",
+        Edit("if hash_digest(h) != entry.digest:\n    store.delete_blob(entry.digest)", "if False:\n    store.delete_blob(entry.digest)"),
+        ["test_verify_drops_what_rotted"],
+        UNIT,
+    ),
 ]
 
 
