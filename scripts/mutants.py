@@ -813,6 +813,41 @@ MUTANTS: list[Mutant] = [
         ["test_verify_drops_what_rotted"],
         UNIT,
     ),
+    # README's "Registries" (credentials) and "Running a fleet"
+    mutant(
+        "account-replaces-clients-credentials",
+        "clients that bring their own credentials keep them",
+        Edit(
+            'if flow.response or "authorization" in request.headers or upstream.is_subrequest(flow):',
+            "if flow.response or upstream.is_subrequest(flow):",
+        ),
+        ["test_a_client_with_its_own_credentials_keeps_them"],
+        UNIT,
+    ),
+    mutant(
+        "account-realm-learned-over-http",
+        "the configured account goes only to a token realm the registry named over https",
+        Edit('if scheme == "bearer" and realm.scheme == "https" and realm.hostname:', 'if scheme == "bearer" and realm.hostname:'),
+        ["test_a_realm_named_over_plain_http_is_not_learned"],
+        UNIT,
+    ),
+    mutant(
+        "account-token-query-kept",
+        "a token request made with the account keeps only service, client_id, account and its pull scopes",
+        Edit(
+            "request.query = [(k, v) for k, v in request.query.items(multi=True) if k in TOKEN_QUERY] + [",
+            'request.query = [(k, v) for k, v in request.query.items(multi=True) if k != "scope"] + [',
+        ),
+        ["test_a_token_asked_with_them_is_for_pull_only"],
+        UNIT,
+    ),
+    mutant(
+        "fleet-corrupt-blob-left-in-the-bucket",
+        "a blob from the shared store that fails its check is removed from the bucket, so the next pull fetches it from upstream",
+        Edit("await self._use(lambda store: store.delete_blob(digest))", "return"),
+        ["test_after_a_corrupt_blob_in_the_shared_store_the_next_pull_gets_it_from_upstream"],
+        INTEGRATION,
+    ),
 ]
 
 

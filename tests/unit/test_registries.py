@@ -138,9 +138,15 @@ class TestUpstreamCredentials:
             credentials.requestheaders(f)
             assert "authorization" not in f.request.headers, variant
 
+    def test_a_realm_named_over_plain_http_is_not_learned(self, credentials):
+        challenged(credentials, "https://ghcr.io/v2/", 'Bearer realm="http://ghcr.io/token"')
+        f = flow("https://ghcr.io/token?service=ghcr.io&scope=repository:org/app:pull")
+        credentials.requestheaders(f)
+        assert "authorization" not in f.request.headers, "the account goes only to a realm named over https"
+
     def test_a_client_with_its_own_credentials_keeps_them(self, credentials):
         challenged(credentials, "https://ghcr.io/v2/", 'Bearer realm="https://ghcr.io/token"')
-        f = flow("https://ghcr.io/token?scope=x", {"Authorization": "Basic b3duOnVzZXI="})
+        f = flow("https://ghcr.io/token?scope=repository:org/app:pull", {"Authorization": "Basic b3duOnVzZXI="})
         credentials.requestheaders(f)
         assert f.request.headers["authorization"] == "Basic b3duOnVzZXI="
 
