@@ -848,6 +848,31 @@ MUTANTS: list[Mutant] = [
         ["test_after_a_corrupt_blob_in_the_shared_store_the_next_pull_gets_it_from_upstream"],
         INTEGRATION,
     ),
+    # README's "Private images" and "Recordings"
+    mutant(
+        "access-yes-shared-between-clients",
+        "upstream's yes is remembered for the token it was given to, not for every client",
+        Edit("key = (token_key(flow), route.registry, route.name)", 'key = ("", route.registry, route.name)'),
+        ["test_private_content_is_checked_with_the_clients_own_credentials"],
+        UNIT,
+    ),
+    mutant(
+        "recording-name-unchecked",
+        "a recording's name cannot leave the recordings folder",
+        Edit("if not RECORDING_NAME_RE.fullmatch(name):\n    raise RecordingError(", "if False:\n    raise RecordingError("),
+        ["test_a_bad_recording_name_is_refused"],
+        UNIT,
+    ),
+    mutant(
+        "recording-pins-only-blobs",
+        "a recording refers to its manifests as well as its blobs (it pins them, and reports them missing)",
+        Edit(
+            "return {d for image in self.images.values() for d in [*image.manifest_digests(), *image.blobs()]}",
+            "return {d for image in self.images.values() for d in image.blobs()}",
+        ),
+        ["test_the_file_round_trips_and_reports_what_the_store_lacks"],
+        UNIT,
+    ),
 ]
 
 
