@@ -873,6 +873,56 @@ MUTANTS: list[Mutant] = [
         ["test_the_file_round_trips_and_reports_what_the_store_lacks"],
         UNIT,
     ),
+    # README's "How it works": what a hit is answered with
+    mutant(
+        "manifest-served-with-another-type",
+        "a manifest from the store is served with its own media type",
+        Edit('"Content-Type": media_type,', '"Content-Type": "application/json",', files="addon/**/protocol.py"),
+        ["test_miss_is_stored_then_served"],
+        UNIT,
+    ),
+    mutant(
+        "range-end-past-the-blob",
+        "a Range past the blob's end is answered up to its last byte (an exact 206)",
+        Edit("end = min(int(last), size - 1) if last else size - 1", "end = int(last) if last else size - 1"),
+        ["TestParseRange::test_satisfiable"],
+        UNIT,
+    ),
+    mutant(
+        "range-suffix-is-the-whole-blob",
+        "a suffix Range (bytes=-N) gets the blob's last N bytes",
+        Edit("return max(0, size - n), size - 1", "return 0, size - 1"),
+        ["TestParseRange::test_satisfiable"],
+        UNIT,
+    ),
+    mutant(
+        "range-reversed-accepted",
+        "a Range that ends before it starts is unsatisfiable (416)",
+        Edit("if start >= size or (last and int(last) < start):", "if start >= size:"),
+        ["TestParseRange::test_unsatisfiable_or_unsupported"],
+        UNIT,
+    ),
+    mutant(
+        "bad-repository-name-routed",
+        "a malformed repository name gets a registry 400 NAME_INVALID, never a route into the store",
+        Edit("if not NAME_RE.fullmatch(name) or len(name) > MAX_NAME_LENGTH:", "if len(name) > MAX_NAME_LENGTH:"),
+        ["test_bad_name"],
+        UNIT,
+    ),
+    mutant(
+        "bad-blob-digest-routed",
+        "a blob digest of the wrong length or an unknown algorithm is a registry error, never a route into the store",
+        Edit("if kind is not Kind.MANIFEST or \":\" in reference:\n    check_digest(reference)", "if False:\n    check_digest(reference)"),
+        ["test_bad_blob_digest", "test_unknown_algorithm"],
+        UNIT,
+    ),
+    mutant(
+        "bad-tag-routed",
+        "a malformed tag is a registry 400, never a route into the store",
+        Edit("elif not TAG_RE.fullmatch(reference):", "elif False:"),
+        ["test_bad_tag"],
+        UNIT,
+    ),
 ]
 
 
