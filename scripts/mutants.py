@@ -912,7 +912,7 @@ MUTANTS: list[Mutant] = [
     mutant(
         "bad-blob-digest-routed",
         "a blob digest of the wrong length or an unknown algorithm is a registry error, never a route into the store",
-        Edit("if kind is not Kind.MANIFEST or \":\" in reference:\n    check_digest(reference)", "if False:\n    check_digest(reference)"),
+        Edit('if kind is not Kind.MANIFEST or ":" in reference:\n    check_digest(reference)', "if False:\n    check_digest(reference)"),
         ["test_bad_blob_digest", "test_unknown_algorithm"],
         UNIT,
     ),
