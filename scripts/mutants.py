@@ -16,28 +16,45 @@ Guard tests are named by function name (`test_x`), optionally with its class and
 (`TestBlobs::test_x`, `test_x[param]`), and matched against the node ids collected from the
 copy's tests/ folder, so they survive test files moving or being renamed.
 
+A mutant is KILLED only when each of its guard tests, alone, fails an assertion of its own (an
+AssertionError or pytest.fail in the test's call, as a plugin loaded into pytest records). A
+guard that errs instead (any other exception, a fixture or teardown failing, a timeout, a crash)
+makes the mutant an `error`, unless the mutant declares `hang=True` (a timeout is then how it is
+noticed); a guard that passes while another kills makes it `padded` (the list names a test that
+does not hold the guarantee); none killing it, SURVIVED. All but killed fail the check. A mutant
+that ends in an error is run once more (a test server's hiccup under load is not its doing), and
+so is a guard that does not pass on the unmutated copy; the second run's outcome counts.
+
 The copy's addon/ is imported as `hubcache` (a `hubcache` symlink on PYTHONPATH, ahead of the
 venv's editable install), in pytest and in every process the tests start (mitmdump, the blob
-server): each run checks that it is.
+server): each run checks that it is. Mutants run in parallel (--jobs, one per core), each in a
+copy of its own. The output of every run (the diff, pytest's output, each test's outcome) is kept
+in a folder (.mutants/<time>/ unless --out), printed at the start, to audit why a mutant died.
 
-Usage: scripts/mutants [--list] [--each] [--no-baseline] [--rev REV | --worktree] [NAME...]
-(see --help). Before the mutants, every guard test runs once on the unmutated copy: one that
-fails there cannot tell a mutant from the real code, so it is left out and reported.
+Usage: scripts/mutants [--list] [--first] [--jobs N] [--no-baseline] [--rev REV | --worktree]
+[NAME...] (see --help). Before the mutants, every guard test runs once on the unmutated copy: one
+that does not pass there (twice) cannot tell a mutant from the real code, so it is left out,
+reported, and fails the check.
 """
 
 from __future__ import annotations
 
 import argparse
+import difflib
 import fnmatch
+import json
 import os
+import queue
 import re
 import shutil
 import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
-from dataclasses import dataclass, field
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -64,15 +81,22 @@ class Mutant:
     guarantee: str
     edits: tuple[Edit, ...]
     tests: tuple[str, ...]  # guard tests: function names, optionally Class:: and [params]
-    timeout: int = DEFAULT_TIMEOUT  # for the whole test run
+    timeout: int = DEFAULT_TIMEOUT  # for the test run of one guard
     test_timeout: int = TEST_TIMEOUT  # for one test (a mutant may make a test hang)
+    hang: bool = False  # a guard timing out kills this mutant: hanging is its expected symptom
 
 
 def mutant(
-    name: str, guarantee: str, edits: Edit | list[Edit], tests: list[str], timeout: int = DEFAULT_TIMEOUT, test_timeout: int = TEST_TIMEOUT
+    name: str,
+    guarantee: str,
+    edits: Edit | list[Edit],
+    tests: list[str],
+    timeout: int = DEFAULT_TIMEOUT,
+    test_timeout: int = TEST_TIMEOUT,
+    hang: bool = False,
 ) -> Mutant:
     patches = tuple(edits) if isinstance(edits, list) else (edits,)
-    return Mutant(name, guarantee, patches, tuple(tests), timeout, min(test_timeout, timeout))
+    return Mutant(name, guarantee, patches, tuple(tests), timeout, min(test_timeout, timeout), hang)
 
 
 # The mutants. Unit tests first where they guard a guarantee; integration tests where only they
@@ -133,10 +157,7 @@ MUTANTS: list[Mutant] = [
         "fetch-skips-server-connect",
         "a fill's connection goes where mitmproxy's server_connect hook says (upstream_map, connect_addr)",
         Edit("await hooks.handle_lifecycle(server_hooks.ServerConnectHook(data))", "pass"),
-        [
-            "test_the_body_arrives_off_the_event_loop_with_every_hook_in_order",
-            "test_an_upstream_proxy_carries_it_with_its_credentials_to_the_mapped_address",
-        ],
+        ["test_the_body_arrives_off_the_event_loop_with_every_hook_in_order"],
         UNIT,
     ),
     mutant(
@@ -194,7 +215,7 @@ MUTANTS: list[Mutant] = [
         "redirect-unlocks-private",
         "only upstream's final 200 lets a client have cached content (a redirect unlocks nothing)",
         Edit("if answer.status_code != 200:", "if answer.status_code >= 400:", files="addon/**/access.py"),
-        ["test_only_upstreams_final_200_lets_a_client_have_private_content", "test_a_registry_that_redirects_everything_unlocks_nothing"],
+        ["test_only_upstreams_final_200_lets_a_client_have_private_content"],
         INTEGRATION,
     ),
     mutant(
@@ -204,22 +225,14 @@ MUTANTS: list[Mutant] = [
             "elif (state is State.CACHED or state.has_body) and not await self.access.permit(flow, route, route.reference, store):",
             "elif False:",
         ),
-        [
-            "test_a_client_joining_a_fill_of_a_private_repository_is_checked_first",
-            "test_private_content_is_checked_with_the_clients_own_credentials",
-            "test_an_anonymous_client_gets_nothing_alice_cached",
-        ],
+        ["test_a_client_joining_a_fill_of_a_private_repository_is_checked_first"],
         INTEGRATION,
     ),
     mutant(
         "access-yes-remembered-forever",
         "upstream's yes to a client is remembered only for access_check_seconds",
         Edit("self._allowed[key] = time.monotonic() + ctx.options.access_check_seconds", "self._allowed[key] = time.monotonic() + 10**9"),
-        [
-            "test_upstreams_yes_is_remembered_for_access_check_seconds_and_asked_again_after",
-            "test_private_content_is_checked_with_the_clients_own_credentials",
-            "test_an_anonymous_client_gets_nothing_alice_cached",
-        ],
+        ["test_upstreams_yes_is_remembered_for_access_check_seconds_and_asked_again_after"],
         INTEGRATION,
     ),
     mutant(
@@ -250,10 +263,7 @@ MUTANTS: list[Mutant] = [
         "fleet-shared-blob-served-unchecked",
         "a blob from the fleet's shared store is served only once upstream confirmed the client's access",
         Edit("await self.access.refusal(like, route, route.reference, ", "None and await self.access.refusal(like, route, route.reference, "),
-        [
-            "test_a_private_blob_one_node_cached_reaches_only_clients_upstream_allows",
-            "test_a_blob_one_node_fetched_comes_to_the_other_from_the_shared_store",
-        ],
+        ["test_a_private_blob_one_node_cached_reaches_only_clients_upstream_allows"],
         INTEGRATION,
     ),
     mutant(
@@ -370,11 +380,7 @@ MUTANTS: list[Mutant] = [
         "evict-in-use-window-zero",
         "the running proxy's eviction spares blobs used in the last ten minutes (IN_USE)",
         Edit("IN_USE = 600.0", "IN_USE = 0.0"),
-        [
-            "test_the_running_proxy_spares_blobs_used_in_the_last_ten_minutes",
-            "test_the_addon_evicts_with_its_options",
-            "test_recently_used_blobs_are_in_use",
-        ],
+        ["test_the_running_proxy_spares_blobs_used_in_the_last_ten_minutes"],
         UNIT,
     ),
     # -- the trust boundary
@@ -508,6 +514,423 @@ MUTANTS: list[Mutant] = [
         "hubcache's own answers from upstream are read up to 4 MiB, counted as the bytes arrive",
         Edit("if self.size > MAX_ANSWER:", "if False:"),
         ["test_huge_manifest_is_not_held_in_memory", "test_a_manifest_limit_counts_the_bytes_read"],
+        UNIT,
+    ),
+    # -- the mutation check's own round: guarantees that had tests but no mutant, and promises
+    # of README read from outside the tests (the visibility probe, HEAD of private blobs,
+    # redirects, Basic-auth registries, the blob URL, the mirror's policy, Accept, the status page)
+    mutant(
+        "anonymous-probe-gets-account-credentials",
+        "the anonymous visibility probe stays anonymous, even where registry_settings has credentials",
+        Edit(
+            'if flow.response or "authorization" in request.headers or upstream.is_subrequest(flow):',
+            'if flow.response or "authorization" in request.headers:',
+        ),
+        ["test_the_anonymous_probe_stays_anonymous"],
+        UNIT,
+    ),
+    mutant(
+        "probe-carries-client-credentials",
+        "the visibility probe asks without the client's credentials",
+        Edit('request.method = "HEAD"\nrequest.headers.pop("authorization", None)', 'request.method = "HEAD"', files="addon/**/access.py"),
+        ["test_the_first_manifest_of_a_repository_probes_its_visibility"],
+        UNIT,
+    ),
+    mutant(
+        "probe-no-anonymous-token-counts-public",
+        "a registry that answers anonymous clients with Basic auth, or refuses them a token, is private",
+        Edit("if token is None:\n    return False", "if token is None:\n    return True", files="addon/**/access.py"),
+        ["test_a_registry_that_lets_no_anonymous_client_in_is_private"],
+        UNIT,
+    ),
+    mutant(
+        "private-blob-head-unchecked",
+        "a HEAD of a private repository's cached blob is answered only after the client's access check",
+        Edit(
+            'elif await self.access.permit(flow, route, digest, store):\n    self.metrics.hit("blob")\n    answers.answer(flow, 200',
+            'elif True:\n    self.metrics.hit("blob")\n    answers.answer(flow, 200',
+        ),
+        ["test_an_anonymous_client_gets_nothing_alice_cached"],
+        INTEGRATION,
+    ),
+    mutant(
+        "blob-url-signature-omits-expires",
+        "a blob URL's expiry is signed: a client cannot extend it",
+        Edit('message = f"{digest}|{expires}|{fill}|{size}|{tag}".encode()', 'message = f"{digest}|{fill}|{size}|{tag}".encode()'),
+        ["test_only_urls_the_proxy_signed_are_served"],
+        UNIT,
+    ),
+    mutant(
+        "blob-url-lives-too-long",
+        "a signed blob URL is valid for 10 minutes",
+        Edit("URL_TTL = 600", "URL_TTL = 6000"),
+        ["test_an_expired_url_is_refused"],
+        UNIT,
+    ),
+    mutant(
+        "mirror-skips-image-policy",
+        "deny_images and allow_images hold for the mirror's clients too",
+        Edit(
+            "if flow.response or flow.error or upstream.is_subrequest(flow):",
+            'if flow.response or flow.error or upstream.is_subrequest(flow) or flow.metadata.get("hubcache_mirror"):',
+            files="addon/**/policy.py",
+        ),
+        ["test_the_image_policy_holds_through_the_mirror"],
+        INTEGRATION,
+    ),
+    mutant(
+        "accept-ignored-by-digest",
+        "a manifest by digest is served from the cache only in a type the client's Accept names",
+        Edit(
+            "if not cached or not protocol.accepts(accept, cached.media_type):\n    await self.misses.ask(flow, route)\nelif",
+            "if not cached:\n    await self.misses.ask(flow, route)\nelif",
+        ),
+        ["test_accept_excluding_the_stored_type_is_not_answered"],
+        UNIT,
+    ),
+    mutant(
+        "accept-ignored-by-tag",
+        "a manifest by tag is served from the cache only in a type the client's Accept names",
+        Edit("if not entry or not cached or not protocol.accepts(accept, cached.media_type):", "if not entry or not cached:"),
+        ["test_accept_excluding_the_cached_type_goes_upstream_without_revalidating"],
+        UNIT,
+    ),
+    mutant(
+        "accept-ignored-on-moved-tag",
+        "a tag that moved to a known manifest is served from the cache only if the client's Accept names its type",
+        Edit('if moved and protocol.accepts(flow.request.headers.get_all("accept"), moved.media_type):', "if moved:"),
+        ["test_tag_moved_to_a_known_manifest_of_a_type_the_client_refuses_goes_upstream"],
+        UNIT,
+    ),
+    mutant(
+        "referrers-served-unchecked",
+        "a private repository's cached referrers go only to a client upstream allows",
+        Edit("if not await self.access.permit(flow, route, route.reference, store):\n    return\nwanted =", "if False:\n    return\nwanted ="),
+        ["test_a_private_repositorys_referrers_need_the_clients_access"],
+        UNIT,
+    ),
+    mutant(
+        "status-names-unknown-visibility",
+        "the status page names a repository only once it is known to be public",
+        Edit(
+            "return store is not None and store.visibility(registry, repository) is True",
+            "return store is not None and store.visibility(registry, repository) is not False",
+        ),
+        ["test_only_repositories_known_to_be_public_are_named"],
+        UNIT,
+    ),
+    mutant(
+        "status-names-private",
+        "the status page shows private repositories as (private) unless status_private is on",
+        Edit("if ctx.options.status_private:\n    return True", "if True:\n    return True", files="addon/**/statuspage.py"),
+        ["test_only_repositories_known_to_be_public_are_named", "test_the_status_page_names_no_private_repository"],
+        INTEGRATION,
+    ),
+    mutant(
+        "negative-cache-shared-between-credentials",
+        "upstream's 404 is remembered per client credentials: what one account cannot see, another may",
+        Edit(
+            "return (token_key(flow), route.kind.value, route.registry, route.name, route.reference)",
+            'return ("", route.kind.value, route.registry, route.name, route.reference)',
+        ),
+        ["test_a_404_is_remembered_for_the_same_client"],
+        UNIT,
+    ),
+    mutant(
+        "free-space-reserve-ignored",
+        "a fill leaves 64 MiB of the cache folder's disk free",
+        Edit("if free - promised < (size or 0) + FREE_SPACE_RESERVE:", "if free - promised < (size or 0):"),
+        ["test_the_free_space_reserve_is_never_filled"],
+        UNIT,
+    ),
+    mutant(
+        "redirect-keeps-credentials-across-scheme-or-port",
+        "credentials stay with their origin: a redirect to another port or to plain HTTP of the same host drops them",
+        Edit(
+            "if (target.scheme, target.host.lower(), target.port) != (request.scheme, request.host.lower(), request.port):",
+            "if target.host.lower() != request.host.lower():",
+        ),
+        ["test_credentials_stay_with_the_origin_they_were_given_to"],
+        UNIT,
+    ),
+    mutant(
+        "access-check-follows-plain-http",
+        "hubcache's own requests (the access check) follow redirects only to https",
+        Edit('if request.scheme != "https":\n    break', "if False:\n    break"),
+        ["test_a_redirect_to_plain_http_is_the_answer_not_followed"],
+        UNIT,
+    ),
+    mutant(
+        "manifest-redirect-to-plain-http-followed",
+        "a manifest miss redirected to plain HTTP is left to the client, never fetched and cached",
+        Edit('if request.scheme != "https":\n    return  # a manifest from plain HTTP', "if False:\n    return  # a manifest from plain HTTP"),
+        ["test_a_redirect_to_plain_http_is_left_to_the_client"],
+        UNIT,
+    ),
+    # README's "How it works" and "When upstream is down", read for promises without a mutant
+    mutant(
+        "manifest-miss-unreachable-said-missing",
+        "a manifest miss upstream cannot answer gets a registry 502 UNAVAILABLE, not a claim that it does not exist",
+        Edit(
+            'answers.error(flow, 502, "UNAVAILABLE", f"{route.registry} cannot be reached: {e}")',
+            'answers.error(flow, 404, "MANIFEST_UNKNOWN", f"{route.registry} cannot be reached: {e}")',
+        ),
+        ["test_unreachable_upstream_is_a_registry_error"],
+        UNIT,
+    ),
+    mutant(
+        "token-host-down-no-local-token",
+        "a token host that refuses, fails or stays silent gets the client a token issued by hubcache",
+        Edit(
+            'logger.log(circuits.level(str(e), logging.INFO), f"{host}: {e}; token answered by hubcache (cached public content only)")',
+            'logger.log(circuits.level(str(e), logging.INFO), f"{host}: {e}; token answered by hubcache (cached public content only)")\nreturn',
+        ),
+        ["test_a_token_host_that_cannot_answer_gets_a_local_token"],
+        UNIT,
+    ),
+    mutant(
+        "stale-tag-not-served-when-upstream-fails",
+        "a tag upstream cannot revalidate (unreachable, 5xx, 429) is served from its last known manifest",
+        Edit(
+            "except upstream.UpstreamError as e:\n    await self._serve_stale(flow, route, cached, str(e))\n    return",
+            "except upstream.UpstreamError as e:\n    await self.misses.ask(flow, route)\n    return",
+        ),
+        ["test_upstream_failure_serves_stale"],
+        UNIT,
+    ),
+    mutant(
+        "offline-push-passes",
+        "offline, pushes and other methods get 405 UNSUPPORTED",
+        Edit('if ctx.options.offline and (route.kind is Kind.OTHER or flow.request.method not in ("GET", "HEAD")):', "if False:"),
+        ["test_pushes_are_refused"],
+        UNIT,
+    ),
+    mutant(
+        "circuit-never-opens",
+        "after a host's first failure, requests to it are not attempted until it answers again",
+        Edit(
+            "if circuit is None or (self._probing.get(host) and client.sni == self._probing[host]):\n    return None",
+            "if True:\n    return None",
+        ),
+        [
+            "test_the_first_failure_opens_the_circuit_and_later_connections_are_not_attempted",
+            "test_hubcaches_own_request_to_a_host_that_is_down_is_not_started",
+        ],
+        UNIT,
+    ),
+    mutant(
+        "circuit-refuses-its-probe",
+        "while a host is down, its background probe still connects",
+        Edit(
+            "if circuit is None or (self._probing.get(host) and client.sni == self._probing[host]):\n    return None",
+            "if circuit is None:\n    return None",
+        ),
+        ["test_only_the_probe_connects_while_the_host_is_down"],
+        UNIT,
+    ),
+    # README's "Security model": destinations and which images
+    mutant(
+        "destination-link-local-reachable",
+        "a proxy serving a network refuses link-local destinations (the cloud's metadata service)",
+        Edit('if address.is_link_local:\n    return "a link-local address"', 'if False:\n    return "a link-local address"'),
+        [
+            "test_serving_a_network_refuses_local_destinations[169.254.169.254-link-local]",
+            "test_serving_a_network_refuses_local_destinations[fe80::1-link-local]",
+        ],
+        UNIT,
+    ),
+    mutant(
+        "destination-mapped-loopback-reachable",
+        "an IPv4 loopback address written as IPv6 (::ffff:127.0.0.1) is loopback too",
+        Edit(
+            "if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:\n    address = address.ipv4_mapped",
+            "if False:\n    address = address.ipv4_mapped",
+        ),
+        ["test_serving_a_network_refuses_local_destinations[::ffff:127.0.0.1-loopback]"],
+        UNIT,
+    ),
+    mutant(
+        "destination-own-address-reachable",
+        "a proxy serving a network refuses the addresses of this host's own interfaces",
+        Edit('if _is_own(address):\n    return "an address of this host"', 'if False:\n    return "an address of this host"'),
+        ["test_an_address_of_this_host_is_local"],
+        UNIT,
+    ),
+    mutant(
+        "destination-exceptions-ignored",
+        "local_destinations_allowed lets the operator's exceptions through",
+        Edit("return any(address in network and allowed in (None, port) for network, allowed in self._allowed)", "return False"),
+        ["test_exceptions_the_operator_listed"],
+        UNIT,
+    ),
+    mutant(
+        "policy-allow-list-ignored",
+        "with allow_images set, a repository it does not name is refused",
+        Edit("if allowed and not any(_matches(pattern, route, tagless=True) for pattern in allowed):", "if False:"),
+        ["test_allow_names_what_may_be_pulled_and_deny_wins"],
+        UNIT,
+    ),
+    mutant(
+        "policy-tag-pattern-covers-digests",
+        "a deny_images pattern with a tag says nothing of requests by digest",
+        Edit(
+            "if route.kind is Kind.MANIFEST and not route.by_digest:\n    return fnmatchcase(route.reference, tag)\nreturn tagless",
+            "if route.kind is Kind.MANIFEST and not route.by_digest:\n    return fnmatchcase(route.reference, tag)\nreturn True",
+        ),
+        ["test_deny"],
+        UNIT,
+    ),
+    # README's "Eviction and integrity"
+    mutant(
+        "evict-most-recently-used-first",
+        "eviction takes the least recently used blobs first",
+        Edit('ORDER BY access_time"', 'ORDER BY access_time DESC"', files="addon/**/store.py"),
+        ["test_prune_keeps_the_tag_index_consistent", "test_a_read_makes_a_blob_recently_used"],
+        UNIT,
+    ),
+    mutant(
+        "evict-past-the-limit",
+        "cache_size_limit evicts only until the store is under the limit",
+        Edit("if expired or (limit is not None and total > limit):", "if expired or limit is not None:"),
+        ["test_least_recently_used_go_first_until_under_the_limit"],
+        UNIT,
+    ),
+    mutant(
+        "expiry-drops-recently-used",
+        "expire_unused_days drops only blobs nobody pulled for that long",
+        Edit("expired = max_unused is not None and now - blob.used > max_unused", "expired = max_unused is not None"),
+        ["test_expiry_drops_only_what_went_unused"],
+        UNIT,
+    ),
+    mutant(
+        "evict-leaves-broken-manifests",
+        "a manifest that lost a blob is dropped with every tag that led to it",
+        Edit("if chosen:\n    _drop_incomplete(", "if False:\n    _drop_incomplete("),
+        ["test_prune_keeps_the_tag_index_consistent"],
+        UNIT,
+    ),
+    mutant(
+        "evict-keeps-tag-of-broken-index",
+        "a tag naming an index whose platform manifest was dropped is dropped too",
+        Edit("broken = dropped | {d for d, children in indexes.items() if children & dropped}", "broken = dropped"),
+        ["test_prune_keeps_the_tag_index_consistent"],
+        UNIT,
+    ),
+    mutant(
+        "verify-keeps-rotten-blob",
+        "hubcache verify re-hashes every blob and drops what does not match",
+        Edit("if hash_digest(h) != entry.digest:\n    store.delete_blob(entry.digest)", "if False:\n    store.delete_blob(entry.digest)"),
+        ["test_verify_drops_what_rotted"],
+        UNIT,
+    ),
+    # README's "Registries" (credentials) and "Running a fleet"
+    mutant(
+        "account-replaces-clients-credentials",
+        "clients that bring their own credentials keep them",
+        Edit(
+            'if flow.response or "authorization" in request.headers or upstream.is_subrequest(flow):',
+            "if flow.response or upstream.is_subrequest(flow):",
+        ),
+        ["test_a_client_with_its_own_credentials_keeps_them"],
+        UNIT,
+    ),
+    mutant(
+        "account-realm-learned-over-http",
+        "the configured account goes only to a token realm the registry named over https",
+        Edit('if scheme == "bearer" and realm.scheme == "https" and realm.hostname:', 'if scheme == "bearer" and realm.hostname:'),
+        ["test_a_realm_named_over_plain_http_is_not_learned"],
+        UNIT,
+    ),
+    mutant(
+        "account-token-query-kept",
+        "a token request made with the account keeps only service, client_id, account and its pull scopes",
+        Edit(
+            "request.query = [(k, v) for k, v in request.query.items(multi=True) if k in TOKEN_QUERY] + [",
+            'request.query = [(k, v) for k, v in request.query.items(multi=True) if k != "scope"] + [',
+        ),
+        ["test_a_token_asked_with_them_is_for_pull_only"],
+        UNIT,
+    ),
+    mutant(
+        "fleet-corrupt-blob-left-in-the-bucket",
+        "a blob from the shared store that fails its check is removed from the bucket, so the next pull fetches it from upstream",
+        Edit("await self._use(lambda store: store.delete_blob(digest))", "return"),
+        ["test_after_a_corrupt_blob_in_the_shared_store_the_next_pull_gets_it_from_upstream"],
+        INTEGRATION,
+    ),
+    # README's "Private images" and "Recordings"
+    mutant(
+        "access-yes-shared-between-clients",
+        "upstream's yes is remembered for the token it was given to, not for every client",
+        Edit("key = (token_key(flow), route.registry, route.name)", 'key = ("", route.registry, route.name)'),
+        ["test_private_content_is_checked_with_the_clients_own_credentials"],
+        UNIT,
+    ),
+    mutant(
+        "recording-name-unchecked",
+        "a recording's name cannot leave the recordings folder",
+        Edit("if not RECORDING_NAME_RE.fullmatch(name):\n    raise RecordingError(", "if False:\n    raise RecordingError("),
+        ["test_a_bad_recording_name_is_refused"],
+        UNIT,
+    ),
+    mutant(
+        "recording-pins-only-blobs",
+        "a recording refers to its manifests as well as its blobs (it pins them, and reports them missing)",
+        Edit(
+            "return {d for image in self.images.values() for d in [*image.manifest_digests(), *image.blobs()]}",
+            "return {d for image in self.images.values() for d in image.blobs()}",
+        ),
+        ["test_the_file_round_trips_and_reports_what_the_store_lacks"],
+        UNIT,
+    ),
+    # README's "How it works": what a hit is answered with
+    mutant(
+        "manifest-served-with-another-type",
+        "a manifest from the store is served with its own media type",
+        Edit('"Content-Type": media_type,', '"Content-Type": "application/json",', files="addon/**/protocol.py"),
+        ["test_miss_is_stored_then_served"],
+        UNIT,
+    ),
+    mutant(
+        "range-end-past-the-blob",
+        "a Range past the blob's end is answered up to its last byte (an exact 206)",
+        Edit("end = min(int(last), size - 1) if last else size - 1", "end = int(last) if last else size - 1"),
+        ["TestParseRange::test_satisfiable"],
+        UNIT,
+    ),
+    mutant(
+        "range-suffix-is-the-whole-blob",
+        "a suffix Range (bytes=-N) gets the blob's last N bytes",
+        Edit("return max(0, size - n), size - 1", "return 0, size - 1"),
+        ["TestParseRange::test_satisfiable"],
+        UNIT,
+    ),
+    mutant(
+        "range-reversed-accepted",
+        "a Range that ends before it starts is unsatisfiable (416)",
+        Edit("if start >= size or (last and int(last) < start):", "if start >= size:"),
+        ["TestParseRange::test_unsatisfiable_or_unsupported"],
+        UNIT,
+    ),
+    mutant(
+        "bad-repository-name-routed",
+        "a malformed repository name gets a registry 400 NAME_INVALID, never a route into the store",
+        Edit("if not NAME_RE.fullmatch(name) or len(name) > MAX_NAME_LENGTH:", "if len(name) > MAX_NAME_LENGTH:"),
+        ["test_bad_name"],
+        UNIT,
+    ),
+    mutant(
+        "bad-blob-digest-routed",
+        "a blob digest of the wrong length or an unknown algorithm is a registry error, never a route into the store",
+        Edit('if kind is not Kind.MANIFEST or ":" in reference:\n    check_digest(reference)', "if False:\n    check_digest(reference)"),
+        ["test_bad_blob_digest", "test_unknown_algorithm"],
+        UNIT,
+    ),
+    mutant(
+        "bad-tag-routed",
+        "a malformed tag is a registry 400, never a route into the store",
+        Edit("elif not TAG_RE.fullmatch(reference):", "elif False:"),
+        ["test_bad_tag"],
         UNIT,
     ),
     # -- canonical requests: decide only on what was parsed, send upstream only what was rebuilt
@@ -1150,11 +1573,11 @@ def collect(tree: Path, env: dict[str, str], python: str) -> list[str]:
     return ids
 
 
-def select(ids: list[str], guards: tuple[str, ...]) -> list[str]:
+def select(ids: list[str], guards: tuple[str, ...]) -> dict[str, list[str]]:
     """The node ids each guard names; raises Stale for a guard that names none. A guard without
     parameters names the function, so all its parametrizations run (their ids may change from
     one import to the next, e.g. when they carry a random digest)."""
-    chosen: list[str] = []
+    chosen: dict[str, list[str]] = {}
     for guard in guards:
         if "[" in guard:
             matched = [node for node in ids if node.endswith("::" + guard)]
@@ -1162,17 +1585,30 @@ def select(ids: list[str], guards: tuple[str, ...]) -> list[str]:
             matched = list(dict.fromkeys(node.partition("[")[0] for node in ids if node.partition("[")[0].endswith("::" + guard)))
         if not matched:
             raise Stale(f"guard test {guard!r} not found")
-        chosen += [node for node in matched if node not in chosen]
+        chosen[guard] = matched
     return chosen
+
+
+def _of(node: str, run: str) -> bool:
+    """Whether the test `node` (as pytest reports it) is the node id `run` (as given to pytest)."""
+    return node == run or ("[" not in run and node.partition("[")[0] == run)
 
 
 # -- the scratch copy
 
 
 CHECK_PLUGIN = '''\
-"""Loaded by scripts/mutants into each test run: the hubcache imported must be the copy's."""
+"""Loaded by scripts/mutants into each test run. The hubcache imported must be the copy's. Each
+test phase that did not simply pass is written to $HUBCACHE_MUTANTS_OUTCOMES, one JSON line with
+its kind: only a test's own failed assertion (AssertionError or pytest.fail) can kill a mutant;
+an exception of any other type, a fixture's failure or a timeout is not that."""
+import json
 import os
 from pathlib import Path
+
+import pytest
+
+TIMEOUT = "from pytest-timeout"  # in the message of pytest-timeout's pytest.fail
 
 
 def pytest_configure(config):
@@ -1182,6 +1618,31 @@ def pytest_configure(config):
     found = Path(hubcache.__file__).resolve().parent
     if found != expected:
         raise RuntimeError(f"hubcache imported from {found}, not from the mutated copy {expected}")
+
+
+def _kind(exc):
+    if isinstance(exc, BaseExceptionGroup):
+        kinds = {_kind(e) for e in exc.exceptions}
+        return kinds.pop() if len(kinds) == 1 else "error"
+    if isinstance(exc, pytest.fail.Exception):
+        return "timeout" if TIMEOUT in str(exc) else "assertion"
+    return "assertion" if isinstance(exc, AssertionError) else "error"
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    report = (yield).get_result()
+    if report.passed and report.when != "call":
+        return
+    kind, message = report.outcome, ""
+    if report.failed:
+        kind = _kind(call.excinfo.value) if call.excinfo else "error"
+        message = call.excinfo.exconly()[:400] if call.excinfo else report.longreprtext[-400:]
+        if report.when != "call" and kind == "assertion":
+            kind = "error"  # a fixture's assertion is not the test's
+    record = {"node": item.nodeid, "when": report.when, "kind": kind, "message": message}
+    with open(os.environ["HUBCACHE_MUTANTS_OUTCOMES"], "a") as f:
+        f.write(json.dumps(record) + "\\n")
 '''
 
 CHECK_SCRIPT = '''\
@@ -1195,7 +1656,8 @@ os._exit(0)
 
 
 class Scratch:
-    """A temporary folder holding the unmutated copy (`base`) and one mutated copy at a time."""
+    """A temporary folder holding the unmutated copy (`base`) and, per job slot, one copy at a
+    time to run tests in (each slot with its own `hubcache` symlink on PYTHONPATH)."""
 
     def __init__(self, rev: str | None, keep: bool):
         self.dir = Path(tempfile.mkdtemp(prefix="hubcache-mutants-"))
@@ -1212,31 +1674,32 @@ class Scratch:
         else:
             archive = subprocess.run(["git", "-C", str(ROOT), "archive", rev], capture_output=True, check=True).stdout
             subprocess.run(["tar", "-x", "-C", str(self.base)], input=archive, check=True)
-        self.path = self.dir / "path"  # on PYTHONPATH: `hubcache` (a symlink) and the check plugin
-        self.path.mkdir()
-        (self.path / "hubcache_mutants_check.py").write_text(CHECK_PLUGIN)
         (self.dir / "check_script.py").write_text(CHECK_SCRIPT)
 
-    def env(self, tree: Path) -> dict[str, str]:
-        """The environment of a test run of `tree`: its addon/ imported as hubcache, in pytest
-        and in every process the tests start."""
-        link = self.path / "hubcache"
-        if link.is_symlink() or link.exists():
-            link.unlink()
-        link.symlink_to(tree / "addon", target_is_directory=True)
-        env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(self.path), env.get("PYTHONPATH", "")]))
-        env["HUBCACHE_MUTANTS_ADDON"] = str(tree / "addon")
-        env.setdefault("HUBCACHE_SWIFT_VENV", str(ROOT / ".venv-swift"))  # Swift is not copied
-        env.pop("PYTEST_ADDOPTS", None)
-        return env
-
-    def mutated_copy(self) -> Path:
-        tree = self.dir / "mutant"
+    def copy(self, slot: int) -> Path:
+        """A fresh copy of `base` for job slot `slot` (replacing its last one)."""
+        tree = self.dir / f"slot{slot}" / "tree"
         if tree.exists():
             shutil.rmtree(tree)
         shutil.copytree(self.base, tree, symlinks=True)
         return tree
+
+    def env(self, tree: Path) -> dict[str, str]:
+        """The environment of a test run of `tree`: its addon/ imported as hubcache, in pytest
+        and in every process the tests start."""
+        path = tree.parent / "path"  # on PYTHONPATH: `hubcache` (a symlink) and the check plugin
+        path.mkdir(exist_ok=True)
+        (path / "hubcache_mutants_check.py").write_text(CHECK_PLUGIN)
+        link = path / "hubcache"
+        if link.is_symlink() or link.exists():
+            link.unlink()
+        link.symlink_to(tree / "addon", target_is_directory=True)
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(path), env.get("PYTHONPATH", "")]))
+        env["HUBCACHE_MUTANTS_ADDON"] = str(tree / "addon")
+        env.setdefault("HUBCACHE_SWIFT_VENV", str(ROOT / ".venv-swift"))  # Swift is not copied
+        env.pop("PYTEST_ADDOPTS", None)
+        return env
 
     def close(self) -> None:
         if self.keep:
@@ -1245,14 +1708,14 @@ class Scratch:
             shutil.rmtree(self.dir, ignore_errors=True)
 
 
-def check_subprocesses(scratch: Scratch, tree: Path, python: str) -> None:
+def check_subprocesses(scratch: Scratch, python: str) -> None:
     """mitmdump, started the way the tests start it, must import the copy's hubcache too."""
     mitmdump = Path(python).with_name("mitmdump")
-    env = scratch.env(tree)
+    tree = scratch.copy(0)
     proc = subprocess.run(
         [str(mitmdump), "-n", "-q", "-s", str(scratch.dir / "check_script.py")],
         cwd=tree,
-        env=env,
+        env=scratch.env(tree),
         capture_output=True,
         text=True,
         timeout=60,
@@ -1266,23 +1729,59 @@ def check_subprocesses(scratch: Scratch, tree: Path, python: str) -> None:
 
 
 @dataclass
-class Outcome:
-    status: str  # killed, SURVIVED, stale
-    seconds: float
-    detail: str = ""
-    log: str = field(default="", repr=False)
+class Result:
+    """One test run: pytest's exit status (None after a timeout of the run) and each test's kind
+    (passed, skipped, assertion, timeout, error) with its message."""
+
+    status: int | None
+    tests: dict[str, tuple[str, str]]
+
+    def kind(self, run: str, stopped_early: bool) -> tuple[str, str]:
+        """The kind of the node id `run` (all its parametrizations): a test without a result is an
+        error (a crash), a timeout if the run timed out, or not run after pytest -x stopped."""
+        found = [kind for node, kind in self.tests.items() if _of(node, run)]
+        if not found:
+            if self.status is None:
+                return "timeout", "the run timed out before it had a result"
+            if stopped_early:
+                return "not run", ""
+            return "error", f"no result (pytest exit status {self.status}: a crash, or it was not collected)"
+        for wanted in ("error", "timeout", "assertion", "passed", "skipped"):
+            for kind, message in found:
+                if kind == wanted:
+                    return kind, message
+        return found[0]
 
 
-def run_tests(
-    tree: Path, env: dict[str, str], python: str, nodes: list[str], timeout: int, test_timeout: int, each: bool = False
-) -> tuple[int | None, str]:
-    """Run `nodes` in `tree`, stopping at the first failure unless `each`. Returns pytest's exit
-    status (None after a timeout) and its output."""
+def _read_outcomes(path: Path) -> dict[str, tuple[str, str]]:
+    """Each test's kind from the plugin's lines: the call's, unless setup failed or skipped, or
+    teardown failed after a call that passed."""
+    phases: dict[str, dict[str, tuple[str, str]]] = {}
+    if path.exists():
+        for line in path.read_text().splitlines():
+            record = json.loads(line)
+            phases.setdefault(record["node"], {})[record["when"]] = (record["kind"], record["message"])
+    kinds = {}
+    for node, by_phase in phases.items():
+        call = by_phase.get("call") or by_phase.get("setup") or ("error", "no call")
+        teardown = by_phase.get("teardown")
+        if teardown and call[0] in ("passed", "skipped"):
+            call = ("error" if teardown[0] != "timeout" else "timeout", "teardown: " + teardown[1])
+        kinds[node] = call
+    return kinds
+
+
+def run_tests(tree: Path, env: dict[str, str], python: str, nodes: list[str], timeout: int, test_timeout: int, log: Path, first: bool) -> Result:
+    """Run `nodes` in `tree` (stopping at the first failure if `first`), the output going to `log`
+    and each test's outcome next to it."""
+    outcomes = log.with_suffix(".outcomes.jsonl")
+    outcomes.unlink(missing_ok=True)
+    env = {**env, "HUBCACHE_MUTANTS_OUTCOMES": str(outcomes)}
     args = [
         python,
         "-m",
         "pytest",
-        *([] if each else ["-x"]),
+        *(["-x"] if first else []),
         "-q",
         "--no-header",
         "-rfE",
@@ -1293,27 +1792,28 @@ def run_tests(
         f"--timeout={test_timeout}",
         *nodes,
     ]
-    proc = subprocess.Popen(args, cwd=tree, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    try:
-        out, _ = proc.communicate(timeout=timeout)
-        return proc.returncode, out
-    except subprocess.TimeoutExpired:
-        pass
-    # Timed out. The processes the tests started run in sessions of their own: note them now,
-    # while they are still pytest's descendants, to end them if pytest cannot.
-    started = _descendants(proc.pid)
-    os.killpg(proc.pid, signal.SIGINT)  # pytest then tears its fixtures down, stopping them
-    try:
-        out, _ = proc.communicate(timeout=60)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, _ = proc.communicate()
-    for pid in started:
+    with log.open("w") as out:
+        proc = subprocess.Popen(args, cwd=tree, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
         try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
+            proc.wait(timeout=timeout)
+            return Result(proc.returncode, _read_outcomes(outcomes))
+        except subprocess.TimeoutExpired:
             pass
-    return None, out
+        # Timed out. The processes the tests started run in sessions of their own: note them now,
+        # while they are still pytest's descendants, to end them if pytest cannot.
+        started = _descendants(proc.pid)
+        os.killpg(proc.pid, signal.SIGINT)  # pytest then tears its fixtures down, stopping them
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        for pid in started:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+    return Result(None, _read_outcomes(outcomes))
 
 
 def _descendants(root: int) -> list[int]:
@@ -1333,71 +1833,117 @@ def _descendants(root: int) -> list[int]:
     return found
 
 
-def failed_tests(output: str) -> str:
-    nodes = re.findall(r"^(?:FAILED|ERROR) ([^\s\[]+)", output, re.MULTILINE)
-    return ", ".join(dict.fromkeys(node.rpartition("::")[2] for node in nodes))
+@dataclass
+class Outcome:
+    status: str  # killed, SURVIVED, padded, error, stale
+    seconds: float
+    detail: str = ""
 
 
-def run_mutant(scratch: Scratch, m: Mutant, ids: list[str], python: str, broken: set[str], each: bool = False) -> Outcome:
+def _diff(base: Path, tree: Path, places: list[str]) -> str:
+    files = dict.fromkeys(place.rpartition(":")[0] for place in places)
+    lines: list[str] = []
+    for name in files:
+        old, new = (base / name).read_text().splitlines(keepends=True), (tree / name).read_text().splitlines(keepends=True)
+        lines += difflib.unified_diff(old, new, f"a/{name}", f"b/{name}")
+    return "".join(lines)
+
+
+def run_mutant(
+    scratch: Scratch, slot: int, m: Mutant, ids: list[str], python: str, broken: set[str], out: Path, first: bool, run: str = ""
+) -> Outcome:
     """Apply `m` to a fresh copy and run its guard tests (those in `broken`, which fail
-    unmutated, excepted)."""
+    unmutated, excepted). Killed only when every guard (with --first: one guard, and no other
+    before it) fails on an assertion of its own; with `m.hang`, a guard timing out kills it too.
+    `run` names this run's files in `out` apart from another run's of the same mutant."""
     started = time.monotonic()
     try:
-        nodes = [node for node in select(ids, m.tests) if node.partition("[")[0] not in broken]
-        if not nodes:
+        guards = {guard: [n for n in nodes if n.partition("[")[0] not in broken] for guard, nodes in select(ids, m.tests).items()}
+        guards = {guard: nodes for guard, nodes in guards.items() if nodes}
+        if not guards:
             raise Stale("every guard test fails on the unmutated code")
-        tree = scratch.mutated_copy()
+        tree = scratch.copy(slot)
         places = apply(tree, m)
     except Stale as e:
         return Outcome("stale", time.monotonic() - started, str(e))
-    timeout = m.timeout * (len(nodes) if each else 1)
-    status, output = run_tests(tree, scratch.env(tree), python, nodes, timeout, m.test_timeout, each)
+    (out / f"{m.name}.diff").write_text(_diff(scratch.base, tree, places))
+    nodes = list(dict.fromkeys(n for ns in guards.values() for n in ns))
+    timeout = m.timeout * (1 if first else len(guards))
+    result = run_tests(tree, scratch.env(tree), python, nodes, timeout, m.test_timeout, out / f"{m.name}{run}.log", first)
+    stopped_early = first and result.status == 1
+    verdicts: dict[str, tuple[str, str]] = {}
+    for guard, guard_nodes in guards.items():
+        kinds = [result.kind(node, stopped_early) for node in guard_nodes]
+        for wanted in ("error", "timeout", "assertion", "passed", "skipped", "not run"):
+            if any(kind == wanted for kind, _ in kinds):
+                verdicts[guard] = next((kind, message) for kind, message in kinds if kind == wanted)
+                break
+        if verdicts[guard][0] == "timeout":
+            verdicts[guard] = ("assertion", "hung (expected)") if m.hang else ("error", verdicts[guard][1])
     seconds = time.monotonic() - started
     where = " ".join(places)
-    if status == 0:
-        return Outcome("SURVIVED", seconds, f"{where}: {len(nodes)} guard tests passed", output)
-    if status == 1:
-        killers = failed_tests(output) or "failed"
-        if each:  # every guard ran: say which did not notice
-            names = killers.split(", ")
-            passed = [n for n in nodes if n.rpartition("::")[2].partition("[")[0] not in names]
-            killers += f" (still passing: {', '.join(n.rpartition('::')[2] for n in passed)})" if passed else " (every guard)"
-        return Outcome("killed", seconds, f"{where}: {killers}", output)
-    if status is None:
-        return Outcome("killed", seconds, f"{where}: timed out after {timeout}s", output)
-    # 2: interrupted or a collection error, 3: internal error, 4: usage error, 5: no tests.
-    return Outcome("stale", seconds, f"{where}: pytest exit status {status}, not a test failure", output)
+    killers = [g for g, (kind, _) in verdicts.items() if kind == "assertion"]
+    errors = [f"{g}: {message.splitlines()[0] if message else kind}" for g, (kind, message) in verdicts.items() if kind == "error"]
+    passing = [f"{g} ({kind})" for g, (kind, _) in verdicts.items() if kind in ("passed", "skipped")]
+    if errors:
+        return Outcome("error", seconds, f"{where}: {'; '.join(errors)}")
+    if not killers:
+        return Outcome("SURVIVED", seconds, f"{where}: {len(guards)} guard tests passed")
+    if passing:
+        return Outcome("padded", seconds, f"{where}: killed by {', '.join(killers)}; not by {', '.join(passing)}")
+    return Outcome("killed", seconds, f"{where}: {', '.join(killers)}")
 
 
-def baseline(scratch: Scratch, chosen: list[Mutant], ids: list[str], python: str) -> set[str]:
-    """Run every guard test of `chosen` on the unmutated copy; returns those that fail there
-    (function-level node ids): they cannot tell a mutant from the real code."""
+def baseline(scratch: Scratch, chosen: list[Mutant], ids: list[str], python: str, jobs: int, out: Path) -> set[str]:
+    """Run every guard test of `chosen` on the unmutated copy, split by file over `jobs` runs at
+    once; returns those that do not pass there (function-level node ids): they cannot tell a
+    mutant from the real code."""
     nodes: list[str] = []
     for m in chosen:
         try:
-            nodes += [n for n in select(ids, m.tests) if n not in nodes]
+            nodes += [n for ns in select(ids, m.tests).values() for n in ns if n not in nodes]
         except Stale:
             pass  # reported with the mutant
+    by_file: dict[str, list[str]] = {}
+    for node in nodes:
+        by_file.setdefault(node.partition("::")[0], []).append(node)
+    chunks: list[list[str]] = [[] for _ in range(jobs)]
+    for group in sorted(by_file.values(), key=len, reverse=True):
+        min(chunks, key=len).extend(group)
+    chunks = [chunk for chunk in chunks if chunk]
     started = time.monotonic()
-    status, output = run_tests(scratch.base, scratch.env(scratch.base), python, nodes, 60 * 60, TEST_TIMEOUT, each=True)
+
+    def run(slot: int) -> Result:
+        tree = scratch.copy(slot)
+        return run_tests(tree, scratch.env(tree), python, chunks[slot], 60 * 60, TEST_TIMEOUT, out / f"baseline-{slot}.log", first=False)
+
+    with ThreadPoolExecutor(len(chunks)) as pool:
+        results = list(pool.map(run, range(len(chunks))))
+    failing = [node for chunk, result in zip(chunks, results, strict=True) for node in chunk if result.kind(node, False)[0] != "passed"]
+    broken: dict[str, str] = {}
+    if failing:  # once more, alone: a test server's hiccup under load is not a broken guard
+        tree = scratch.copy(0)
+        again = run_tests(tree, scratch.env(tree), python, failing, 60 * 60, TEST_TIMEOUT, out / "baseline-again.log", first=False)
+        for node in failing:
+            kind, message = again.kind(node, stopped_early=False)
+            if kind != "passed":
+                broken[node.partition("[")[0]] = f"{kind}: {message.splitlines()[0] if message else ''}"
+            else:
+                print(f"baseline: {node} passed only on its second run (see baseline-*.log)")
     seconds = time.monotonic() - started
-    broken = {node.partition("[")[0] for node in re.findall(r"^(?:FAILED|ERROR) (\S+)", output, re.MULTILINE)}
-    if status == 0:
+    if not broken:
         print(f"baseline: {len(nodes)} guard tests pass on the unmutated code ({seconds:.0f}s)", flush=True)
-    elif status == 1 and broken:
-        print(f"baseline: {len(broken)} of {len(nodes)} guard tests FAIL on the unmutated code ({seconds:.0f}s); left out below:")
-        for node in sorted(broken):
-            print(f"    {node}")
     else:
-        print(output[-5000:])
-        sys.exit(f"mutants: the baseline run did not complete (pytest exit {status}, {seconds:.0f}s)")
-    return broken
+        print(f"baseline: {len(broken)} of {len(nodes)} guard tests do not pass on the unmutated code ({seconds:.0f}s); left out below:")
+        for node, why in sorted(broken.items()):
+            print(f"    {node}: {why}")
+    return set(broken)
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(
         prog="scripts/mutants",
-        description="Apply each mutant (a patch breaking one guarantee) to a scratch copy and check its guard tests fail.",
+        description="Apply each mutant (a patch breaking one guarantee) to a scratch copy; each of its guard tests must fail an assertion.",
     )
     parser.add_argument("names", nargs="*", metavar="NAME", help="run only these mutants (shell patterns allowed)")
     parser.add_argument("--list", action="store_true", help="list the mutants, their guarantees and guard tests")
@@ -1405,9 +1951,12 @@ def main() -> int:
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--rev", default="HEAD", help="the commit to copy (default HEAD)")
     source.add_argument("--worktree", action="store_true", help="copy the working tree's tracked files instead")
-    parser.add_argument("--each", action="store_true", help="run every guard test of a mutant, not only up to the first failure")
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--first", action="store_true", help="stop at a mutant's first failing test (faster; does not check each guard)")
+    mode.add_argument("--each", action="store_true", help="every guard of a mutant must kill it alone (the default)")
+    parser.add_argument("-j", "--jobs", type=int, default=os.cpu_count() or 1, help="mutants tested at once (default: one per core)")
+    parser.add_argument("--out", type=Path, help="the folder for every run's output (default .mutants/<time> in the checkout)")
     parser.add_argument("--keep", action="store_true", help="keep the scratch folder")
-    parser.add_argument("-v", "--verbose", action="store_true", help="print the test output of survivors and stale runs")
     args = parser.parse_args()
 
     chosen = [m for m in MUTANTS if not args.names or any(fnmatch.fnmatchcase(m.name, n) for n in args.names)]
@@ -1418,31 +1967,53 @@ def main() -> int:
             print(f"{m.name}: {m.guarantee}")
             for edit in m.edits:
                 print(f"    in {edit.files}: {edit.find.strip()!r} -> {edit.replace.strip()!r}")
-            print(f"    guarded by: {', '.join(m.tests)}")
+            print(f"    guarded by: {', '.join(m.tests)}{' (a hang kills it)' if m.hang else ''}")
         return 0
 
+    out = args.out or ROOT / ".mutants" / time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    out.mkdir(parents=True, exist_ok=True)
+    print(f"mutants: the output of every run goes to {out}", flush=True)
     python = sys.executable  # the project's venv Python (scripts/mutants runs this file with it)
     started = time.monotonic()
     scratch = Scratch(None if args.worktree else args.rev, args.keep)
+    counts = dict.fromkeys(("killed", "SURVIVED", "padded", "error", "stale"), 0)
+    printing = threading.Lock()
+    summary = (out / "summary.txt").open("w")
     try:
-        check_subprocesses(scratch, scratch.base, python)
-        ids = collect(scratch.base, scratch.env(scratch.base), python)
-        broken = set() if args.no_baseline else baseline(scratch, chosen, ids, python)
-        counts = {"killed": 0, "SURVIVED": 0, "stale": 0}
+        check_subprocesses(scratch, python)
+        ids = collect(scratch.base, scratch.env(scratch.copy(0)), python)
+        broken = set() if args.no_baseline else baseline(scratch, chosen, ids, python, args.jobs, out)
         width = max(len(m.name) for m in chosen)
-        for m in chosen:
-            outcome = run_mutant(scratch, m, ids, python, broken, args.each)
-            counts[outcome.status] += 1
-            print(f"{outcome.status:<8} {m.name:<{width}} {outcome.seconds:6.1f}s  {outcome.detail}", flush=True)
-            if args.verbose and outcome.status != "killed" and outcome.log:
-                print(outcome.log[-5000:])
+        slots: queue.Queue[int] = queue.Queue()
+        for slot in range(args.jobs):
+            slots.put(slot)
+
+        def one(m: Mutant) -> None:
+            slot = slots.get()
+            try:
+                outcome = run_mutant(scratch, slot, m, ids, python, broken, out, args.first)
+                if outcome.status == "error":  # once more: a test server's hiccup under load is not the mutant's doing
+                    first_try = outcome.detail
+                    outcome = run_mutant(scratch, slot, m, ids, python, broken, out, args.first, run=".again")
+                    outcome.detail += f" (second run; the first: {first_try})" if outcome.status != "error" else " (twice)"
+            finally:
+                slots.put(slot)
+            line = f"{outcome.status:<8} {m.name:<{width}} {outcome.seconds:6.1f}s  {outcome.detail}"
+            with printing:
+                counts[outcome.status] += 1
+                print(line, flush=True)
+                summary.write(line + "\n")
+
+        with ThreadPoolExecutor(args.jobs) as pool:
+            list(pool.map(one, chosen))
     finally:
+        summary.close()
         scratch.close()
     total = time.monotonic() - started
-    print(f"total {total:.0f}s", file=sys.stderr)
-    stale = f", {counts['stale']} stale" if counts["stale"] else ""
-    print(f"mutants: {counts['killed']} killed, {counts['SURVIVED']} survived{stale}")
-    return 1 if counts["SURVIVED"] or counts["stale"] or broken else 0
+    print(f"total {total:.0f}s on {args.jobs} jobs; the output of every run: {out}", file=sys.stderr)
+    extra = "".join(f", {counts[k]} {label}" for k, label in (("padded", "padded"), ("error", "errors"), ("stale", "stale")) if counts[k])
+    print(f"mutants: {counts['killed']} killed, {counts['SURVIVED']} survived{extra}")
+    return 1 if counts["killed"] != len(chosen) or broken else 0
 
 
 if __name__ == "__main__":

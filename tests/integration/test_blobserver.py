@@ -5,6 +5,7 @@ from __future__ import annotations
 import http.client
 import json
 import os
+import re
 import socket
 import ssl
 import threading
@@ -72,10 +73,38 @@ def tunnel(blobs: Blobs, target: str = f"{BLOB_HOST}:443") -> tuple[socket.socke
     return sock, answer
 
 
-def get(blobs: Blobs, path: str, headers: dict | None = None, method: str = "GET", transport: str = "tls", answered: threading.Event | None = None):
+class Received:
+    """The body bytes a client has had so far, to wait on."""
+
+    def __init__(self) -> None:
+        self.body = bytearray()
+        self._grew = threading.Condition()
+
+    def add(self, data: bytes) -> None:
+        with self._grew:
+            self.body += data
+            self._grew.notify_all()
+
+    def at_least(self, size: int, timeout: float = 20) -> int:
+        """Wait until the client has `size` bytes or more; returns how many it has then."""
+        with self._grew:
+            assert self._grew.wait_for(lambda: len(self.body) >= size, timeout), f"the client has only {len(self.body)} of {size} bytes"
+            return len(self.body)
+
+
+def get(
+    blobs: Blobs,
+    path: str,
+    headers: dict | None = None,
+    method: str = "GET",
+    transport: str = "tls",
+    answered: threading.Event | None = None,
+    received: Received | None = None,
+):
     """A request to the blob server as a client reaches it: TLS for BLOB_HOST trusting the CA
     (directly, or through a CONNECT as in upstream proxy mode), or plain HTTP on its loopback port.
-    `answered` is set once the response's headers came (the server has the blob open)."""
+    `answered` is set once the response's headers came (the server has the blob open); `received`
+    gets the body's bytes as they come."""
     if transport == "plain":
         conn: http.client.HTTPConnection = http.client.HTTPConnection("127.0.0.1", blobs.host.loopback_port, timeout=20)
     else:
@@ -93,7 +122,11 @@ def get(blobs: Blobs, path: str, headers: dict | None = None, method: str = "GET
         if answered:
             answered.set()
         try:
-            return response.status, response.headers, response.read()
+            if received is None:
+                return response.status, response.headers, response.read()
+            while data := response.read1(65536):
+                received.add(data)
+            return response.status, response.headers, bytes(received.body)
         except http.client.IncompleteRead as e:
             return response.status, response.headers, e
     finally:
@@ -138,6 +171,7 @@ def test_a_cached_blob_with_ranges(blobs, transport):
         lambda p: p.replace(DIGEST[7:15], "00000000"),
         lambda p: p.split("?")[0],
         lambda p: p + "&fill=1/tmpx/fill-y&size=5",
+        lambda p: re.sub(r"expires=(\d+)", lambda m: f"expires={int(m.group(1)) + 86400}", p),  # a longer life
     ],
 )
 def test_only_urls_the_proxy_signed_are_served(blobs, mangle):
@@ -148,8 +182,10 @@ def test_only_urls_the_proxy_signed_are_served(blobs, mangle):
 
 
 def test_an_expired_url_is_refused(blobs):
+    """README: URLs are signed for 10 minutes."""
     put(blobs.store)
-    old = blobserver.signed_path(blobs.secret, DIGEST, now=time.time() - blobserver.URL_TTL - 5)
+    assert get(blobs, blobserver.signed_path(blobs.secret, DIGEST, now=time.time() - 540))[0] == 200
+    old = blobserver.signed_path(blobs.secret, DIGEST, now=time.time() - 660)
     assert get(blobs, old)[0] == 403
 
 
@@ -174,15 +210,17 @@ def in_background(fn, *args):
 
 @TRANSPORTS
 def test_a_growing_fill_is_streamed_and_its_end_waits_for_the_commit(blobs, transport):
-    writer, path = start_fill(blobs, len(BLOB) // 2)
-    answered = threading.Event()
-    thread, result = in_background(lambda: get(blobs, path, transport=transport, answered=answered))
-    assert answered.wait(20)
-    assert thread.is_alive(), "the client waits for the rest"
-    writer.write(BLOB[len(BLOB) // 2 :])
+    half = len(BLOB) // 2
+    writer, path = start_fill(blobs, half)
+    received = Received()
+    thread, result = in_background(lambda: get(blobs, path, transport=transport, received=received))
+    assert received.at_least(half) == half, "the blob server sends what the fill has, and nothing else"
+    writer.write(BLOB[half:])
     writer.close()  # every byte is on disk, but the digest is not confirmed yet
-    time.sleep(0.3)
-    assert thread.is_alive(), "the last byte waits for the commit"
+    # The server sends the bytes up to the last one in the same writes as the last: had it sent
+    # the last byte, the client would have it with the one before.
+    assert received.at_least(len(BLOB) - 1) == len(BLOB) - 1, "the blob server sent the last byte before the commit"
+    assert thread.is_alive()
     writer.commit()
     thread.join(10)
     status, _, body = result["value"]
@@ -191,8 +229,9 @@ def test_a_growing_fill_is_streamed_and_its_end_waits_for_the_commit(blobs, tran
 
 def test_a_range_of_a_growing_fill(blobs):
     writer, path = start_fill(blobs, 1000)
-    thread, result = in_background(get, blobs, path, {"Range": "bytes=2000000-"})
-    time.sleep(0.2)
+    answered = threading.Event()
+    thread, result = in_background(lambda: get(blobs, path, {"Range": "bytes=2000000-"}, answered=answered))
+    assert answered.wait(20), "the server answers a range the fill does not have yet"
     writer.write(BLOB[1000:])
     writer.commit()
     thread.join(10)

@@ -216,6 +216,18 @@ def test_a_public_request_hidden_in_a_private_target_is_refused_by_the_mirror(hu
     assert mirror_get(proxy, "/v2/library/multi/manifests/1", public)[0] == 200
 
 
+def test_the_image_policy_holds_through_the_mirror(hubcache, dockerhub, multi_image):
+    proxy = start_mirror(hubcache, deny_images=["docker.io/library/multi"])
+    amd64 = multi_image.platform("linux/amd64")
+    token = mirror_token(proxy, repository="library/multi")
+    for path in ("/v2/library/multi/manifests/1", f"/v2/library/multi/blobs/{amd64.layers[0].digest}"):
+        status, _, body = mirror_get(proxy, path, token)
+        assert status == 403, (path, status)
+        [error] = json.loads(body)["errors"]
+        assert error["code"] == "DENIED" and "deny_images" in error["message"], error
+    assert [r for r in dockerhub.requests() if "/v2/library/multi/" in r.path] == [], "a refused pull goes nowhere"
+
+
 def test_registry_settings_credentials_apply_to_mirror_clients_that_bring_none(hubcache, dockerhub, secret, tmp_path):
     ref = f"docker://docker.io/{SECRET}:1"
     plain = start_mirror(hubcache, workdir=tmp_path / "plain")

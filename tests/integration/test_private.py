@@ -67,6 +67,8 @@ def test_an_anonymous_client_gets_nothing_alice_cached(hubcache, dockerhub, secr
         answer = get(proxy, path, anonymous)
         assert answer.status in (401, 403, 404), (what, answer.status)
         assert answer.json()["errors"], what
+        head = proxied.request(proxy.port, HUB, path, ca=proxy.ca_cert, headers=anonymous, method="HEAD")
+        assert head.status in (401, 403, 404), ("HEAD", what, head.status)
     # Alice still gets everything, from the cache.
     dockerhub.reset()
     pull_as_alice(proxy, secret)
@@ -112,16 +114,12 @@ def test_upstreams_yes_is_remembered_for_access_check_seconds_and_asked_again_af
     """Within `access_check_seconds` of upstream's yes to a token, cached content is served to it
     without asking upstream, even once upstream would refuse it; past that, upstream is asked again
     and its no is what the client gets."""
-    window = 8
+    window = 10
     proxy = hubcache(access_check_seconds=window)
     pull_as_alice(proxy, secret)
     layer = secret.platform("linux/amd64").layers[0]
     path = f"/v2/{REPO}/blobs/{layer.digest}"
-    dockerhub.token_ttl = 2
-    try:
-        alice = token(proxy, ALICE)  # a token upstream refuses after 2 s
-    finally:
-        dockerhub.token_ttl = 300
+    alice = token(proxy, ALICE)
     dockerhub.reset()
 
     def checks() -> int:
@@ -135,11 +133,10 @@ def test_upstreams_yes_is_remembered_for_access_check_seconds_and_asked_again_af
     assert get(proxy, path, alice).status == 200 and checks() == 1
 
     bearer = alice["Authorization"].removeprefix("Bearer ")
-    deadline = time.monotonic() + 30
-    while dockerhub.grants(bearer, REPO):
-        assert time.monotonic() < deadline, "the token never expired upstream"
-        time.sleep(0.1)
+    dockerhub.revoke(bearer)
+    assert not dockerhub.grants(bearer, REPO)
     answer = get(proxy, path, alice)
+    # Two requests take far less than the window; past it, this answer would teach nothing.
     assert time.monotonic() < asked + window, "the machine stalled past the window: nothing learnt"
     assert answer.status == 200 and checks() == 1, "upstream's yes was not remembered"
 

@@ -426,16 +426,20 @@ def test_release_by_a_non_owner_leaves_the_lock(redis, lock_url):
     assert redis.client().exists(f"hubcache:lock:{digest}") == 0
 
 
-def test_lock_expires_after_its_ttl_and_refresh_keeps_it(lock_url):
+def test_lock_expires_after_its_ttl_and_refresh_keeps_it(redis, lock_url):
     digest = digest_of(uuid.uuid4().bytes)
+    key = f"hubcache:lock:{digest}"
     a, b = FleetLock(lock_url), FleetLock(lock_url)
-    assert a.acquire(digest, 0.3)
-    assert a.refresh(digest, 30) is True
-    time.sleep(0.5)
-    assert b.acquire(digest, 0.3) is False  # refreshed: still a's
+    assert a.acquire(digest, 30)
+    assert a.refresh(digest, 300) is True
+    assert redis.client().pttl(key) > 30_000, "a refresh gives the lock its time to live anew"
+    assert b.acquire(digest, 30) is False  # still a's
     a.release(digest)
     assert b.acquire(digest, 0.3) is True
-    time.sleep(0.5)
+    deadline = time.monotonic() + 30
+    while redis.client().exists(key):
+        assert time.monotonic() < deadline, "the lock outlived its time to live"
+        time.sleep(0.05)
     assert b.refresh(digest, 30) is False  # expired: no longer b's
     assert a.acquire(digest, 30) is True
     # b's late release must not free a's lock.

@@ -294,6 +294,11 @@ class DockerHubDouble:
         grant = self._grant(token)
         return grant is not None and repository in grant.repos
 
+    def revoke(self, token: str) -> None:
+        """Upstream refuses ``token`` from now on, as if it had expired."""
+        with self._lock:
+            self._tokens.pop(token, None)
+
     @property
     def manifest_gets(self) -> int:
         """Manifest GETs counted against the rate limit so far (those answered 429 excluded)."""

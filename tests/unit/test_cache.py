@@ -535,6 +535,14 @@ class TestBlobFill:
         await env.settle()
         assert env.store.has_blob(BLOB_DIGEST)
 
+    async def test_the_free_space_reserve_is_never_filled(self, env, monkeypatch):
+        free = 64 * 1024 * 1024 + len(BLOB) - 1  # room for the blob, but not with the reserve left free
+        monkeypatch.setattr("hubcache.blob_requests.shutil.disk_usage", lambda path: shutil._ntuple_diskusage(10**12, 10**12 - free, free))
+        env.fetches.append(sized())
+        f = flow(blob_path())
+        await env.addons.request(f)
+        assert f.response is None, "passed through: the reserve stays free for the index and other fills"
+
     async def test_an_unusable_cache_folder_passes_the_request_through(self, env, monkeypatch):
         def no_space(digest):
             raise OSError(28, "No space left on device")
@@ -742,6 +750,15 @@ class TestManifestByTag:
         assert f.response.content == MANIFEST2
         assert env.store.get_tag("docker.io", REPO, "3.20").digest == MANIFEST2_DIGEST
 
+    async def test_tag_moved_to_a_known_manifest_of_a_type_the_client_refuses_goes_upstream(self, env):
+        image = json.dumps({"schemaVersion": 2, "mediaType": OCI_MANIFEST, "config": {}, "layers": []}).encode()
+        await fill_manifest(env, "3.20", MANIFEST)
+        await fill_manifest(env, digest_of(image), image, ctype=OCI_MANIFEST)
+        env.answers.append(manifest_response(200, headers={"Docker-Content-Digest": digest_of(image)}))
+        f = await asked(env, flow(manifest_path("3.20"), headers={"Accept": OCI_INDEX}), Upstream(404, {}))
+        assert f.response.content != image, "a manifest the client's Accept excludes is never served"
+        assert env.fetched[-1].headers["accept"] == OCI_INDEX, "the client's request went upstream"
+
     async def test_tag_moved_to_an_unknown_manifest_goes_upstream(self, env):
         await fill_manifest(env, "3.20", MANIFEST)
         env.answers.append(manifest_response(200, headers={"Docker-Content-Digest": MANIFEST2_DIGEST}))
@@ -873,6 +890,18 @@ class TestManifestRedirect:
         assert f.response.headers["Location"] == "https://mirror.example/v2/alpine/manifests/3.20"
         assert env.store.get_tag("docker.io", REPO, "3.20") is None
 
+    async def test_a_redirect_to_plain_http_is_left_to_the_client(self, env):
+        plain = "http://mirror.example/v2/alpine/manifests/3.20"
+        env.fetches.append(Upstream(307, {"Location": plain}))
+        f = flow(manifest_path("3.20"), headers={"Authorization": "Bearer for-the-registry"})
+        await env.addons.request(f)
+        env.cache.responseheaders(f)
+        env.fetches.append(Upstream(200, {"Content-Type": OCI_INDEX, "Docker-Content-Digest": MANIFEST_DIGEST}, MANIFEST))
+        await env.cache.response(f)
+        assert f.response.status_code == 307 and f.response.headers["Location"] == plain
+        assert [r.url for r in env.fetched] == [f"https://{HUB}{manifest_path('3.20')}"], "nothing is fetched over plain HTTP"
+        assert env.store.get_tag("docker.io", REPO, "3.20") is None
+
 
 class TestOffline:
     async def test_head_by_tag_teaches_the_tag_for_later_offline_use(self, env):
@@ -918,6 +947,7 @@ class TestOffline:
         env.tctx.configure(env.cache, offline=True)
         f = flow("/v2/library/alpine/blobs/uploads/", method="POST")
         await env.addons.request(f)
+        assert f.response is not None, "a push passed through offline"
         assert f.response.status_code == 405
         assert f.response.json()["errors"][0]["code"] == "UNSUPPORTED"
 
@@ -965,6 +995,7 @@ class TestTokens:
         env.answers.append(failure if isinstance(failure, str) else upstream_response(failure))
         f = flow(TOKEN_PATH, host="auth.docker.io")
         await env.addons.request(f)
+        assert f.response is not None, "the client was left to the token host that cannot answer"
         assert f.response.status_code == 200
         assert f.response.json()["token"].startswith("hubcache-local.")
 
@@ -1247,6 +1278,26 @@ class TestAccess:
         assert anonymous.headers["authorization"] == "Bearer anon"
         assert env.store.linked("docker.io", "library/new", MANIFEST_DIGEST)
 
+    @pytest.mark.parametrize(
+        "probe",
+        [
+            [Upstream(401, {"WWW-Authenticate": 'Basic realm="registry"', "Content-Length": "0"})],
+            [
+                Upstream(401, {"WWW-Authenticate": 'Bearer realm="https://auth.docker.io/token",service="registry.docker.io"', "Content-Length": "0"}),
+                Upstream(401, {"Content-Length": "0"}),
+            ],
+        ],
+        ids=["basic-auth", "no-anonymous-token"],
+    )
+    async def test_a_registry_that_lets_no_anonymous_client_in_is_private(self, env, probe):
+        f = flow("/v2/library/new/manifests/1", headers={"Authorization": "Bearer alice"})
+        env.fetches.append(Upstream(200, {"Content-Type": OCI_INDEX}, MANIFEST))
+        await env.addons.request(f)
+        env.fetches += probe
+        env.cache.responseheaders(f)
+        await env.cache.response(f)
+        assert env.store.visibility("docker.io", "library/new") is False
+        assert len(env.fetched) == 1 + len(probe)
 
 SBOM_TYPE = "application/spdx+json"
 SIG_TYPE = "application/vnd.dev.cosign.artifact.sig.v1+json"

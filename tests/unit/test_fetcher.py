@@ -176,9 +176,17 @@ def fill_flow(path: str) -> http.HTTPFlow:
     return flow
 
 
+async def answered(flow: http.HTTPFlow, idle: float = 10) -> http.Response:
+    """The fill's answer; getting none (it went elsewhere, or never came) fails the test."""
+    try:
+        return await upstream.Upstream().run(flow, idle)
+    except upstream.UpstreamError as e:
+        pytest.fail(f"the fill had no answer: {e}")
+
+
 async def test_the_body_arrives_off_the_event_loop_with_every_hook_in_order(tctx, hooks, server):
     flow = fill_flow("/blob")
-    response = await upstream.Upstream().run(flow, 10)
+    response = await answered(flow)
     assert response.status_code == 200
     assert hooks.body == BODY
     assert hooks.chunks[-1][0] == b"", "the end is signalled to the stream callable, as mitmproxy's core does"
@@ -292,7 +300,7 @@ async def test_an_upstream_proxy_carries_it_with_its_credentials_to_the_mapped_a
     try:
         tctx.master.addons.add(UpstreamAuth())
         tctx.options.update(mode=[f"upstream:http://127.0.0.1:{proxy.server_address[1]}"], upstream_auth="user:secret")
-        assert (await upstream.Upstream().run(fill_flow("/blob"), 10)).status_code == 200
+        assert (await answered(fill_flow("/blob"))).status_code == 200
         assert hooks.body == BODY
         (head,) = proxy.heads
         port = server.server_address[1]

@@ -71,8 +71,10 @@ def test_unknown_size_verifies_by_digest(store):
         (CHUNKS[:2], len(BLOB)),  # short
     ],
 )
-def test_a_body_that_does_not_verify_is_never_stored(store, chunks, size):
+def test_a_body_that_does_not_verify_is_never_stored(store, chunks, size, monkeypatch):
     fill = fill_with(store, chunks, size)
+    # The store refuses such bytes too (test_store.py): the fill must not even ask it to commit them.
+    monkeypatch.setattr(fill.writer, "commit", lambda: pytest.fail("the fill asked the store to commit bytes that did not verify"))
     assert not fill.finish() and fill.state is State.REJECTED
     fill.discard()
     assert not store.has_blob(DIGEST) and temp_files(store) == []

@@ -47,6 +47,7 @@ def assert_unknown_name(mirror, path: str) -> None:
     """The mirror answers the request itself with the registry error, and it is no registry's."""
     flow = mirror_flow(path)
     mirror.requestheaders(flow)
+    assert flow.response is not None, "the mirror let the request through"
     assert flow.response.status_code == 404 and error_code(flow) == "NAME_UNKNOWN"
     assert mirror.hosts.destination(flow) is None
 
@@ -185,6 +186,7 @@ class TestTokens:
             self.challenge_from_docker_hub(mirror)
         flow = mirror_flow(path)
         mirror.requestheaders(flow)
+        assert flow.response is not None, f"relayed to {flow.request.url}"
         assert flow.response.status_code == 404
 
 

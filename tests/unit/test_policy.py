@@ -48,6 +48,11 @@ async def asked(addons: tuple[Routes, ImagePolicy], path: str, host: str = HUB) 
     return f
 
 
+def refused_by(f: http.HTTPFlow) -> int | None:
+    """The status of the policy's own answer; None when it let the request through."""
+    return f.response.status_code if f.response else None
+
+
 @pytest.mark.parametrize(
     "deny, path, refused",
     [
@@ -69,6 +74,7 @@ async def test_deny(policy, deny, path, refused):
     if not refused:
         assert f.response is None
         return
+    assert f.response is not None, "not refused"
     assert f.response.status_code == 403
     [error] = json.loads(f.response.content)["errors"]
     assert error["code"] == "DENIED" and repr(deny[0]) in error["message"]
@@ -84,11 +90,11 @@ async def test_allow_names_what_may_be_pulled_and_deny_wins(policy):
     assert (await asked(addon, f"/v2/library/alpine/blobs/{DIGEST}")).response is None
     assert (await asked(addon, "/v2/acme/app/manifests/1.2", host="ghcr.io")).response is None
     assert (await asked(addon, f"/v2/acme/app/manifests/{DIGEST}", host="ghcr.io")).response is None  # its repository is allowed
-    assert (await asked(addon, "/v2/acme/app/manifests/2.0", host="ghcr.io")).response.status_code == 403
+    assert refused_by(await asked(addon, "/v2/acme/app/manifests/2.0", host="ghcr.io")) == 403
     refused = await asked(addon, "/v2/evil/app/manifests/1")
-    assert refused.response.status_code == 403 and "allow_images" in refused.response.text
+    assert refused_by(refused) == 403 and "allow_images" in refused.response.text
     tctx.options.update(deny_images=["docker.io/library/alpine"])
-    assert (await asked(addon, "/v2/library/alpine/manifests/3.20")).response.status_code == 403
+    assert refused_by(await asked(addon, "/v2/library/alpine/manifests/3.20")) == 403
 
 
 async def test_only_registry_pulls_are_judged(policy):

@@ -154,15 +154,31 @@ class TestUpstreamCredentials:
             credentials.requestheaders(f)
             assert "authorization" not in f.request.headers, variant
 
+    def test_a_realm_named_over_plain_http_is_not_learned(self, credentials):
+        challenged(credentials, "https://ghcr.io/v2/", 'Bearer realm="http://ghcr.io/token"')
+        f = flow("https://ghcr.io/token?service=ghcr.io&scope=repository:org/app:pull")
+        credentials.requestheaders(f)
+        assert "authorization" not in f.request.headers, "the account goes only to a realm named over https"
+
     def test_a_client_with_its_own_credentials_keeps_them(self, credentials):
         challenged(credentials, "https://ghcr.io/v2/", 'Bearer realm="https://ghcr.io/token"')
-        f = flow("https://ghcr.io/token?scope=x", {"Authorization": "Basic b3duOnVzZXI="})
+        f = flow("https://ghcr.io/token?scope=repository:org/app:pull", {"Authorization": "Basic b3duOnVzZXI="})
         credentials.requestheaders(f)
         assert f.request.headers["authorization"] == "Basic b3duOnVzZXI="
 
-    def test_the_anonymous_probe_stays_anonymous(self, credentials):
-        challenged(credentials, "https://ghcr.io/v2/", 'Bearer realm="https://ghcr.io/token"')
-        probe = flow("https://ghcr.io/token?scope=x")
+    @pytest.mark.parametrize(
+        "challenge, url",
+        [
+            ('Bearer realm="https://ghcr.io/token"', "https://ghcr.io/token?service=ghcr.io&scope=repository:org/app:pull"),
+            ('Basic realm="registry"', "https://ghcr.io/v2/org/app/manifests/1"),
+        ],
+    )
+    def test_the_anonymous_probe_stays_anonymous(self, credentials, challenge, url):
+        challenged(credentials, "https://ghcr.io/v2/", challenge)
+        pull = flow(url)
+        credentials.requestheaders(pull)
+        assert pull.request.headers["authorization"] == BASIC, "a client's pull gets the account"
+        probe = flow(url)
         probe.metadata[Mark.SUBREQUEST] = True
         credentials.requestheaders(probe)
         assert "authorization" not in probe.request.headers

@@ -1,0 +1,35 @@
+"""The status page's data (addon/statuspage.py): which repositories it may name, with taddons."""
+
+from __future__ import annotations
+
+from mitmproxy.test import taddons
+
+from hubcache.hosts import Interception
+from hubcache.metrics import Metrics
+from hubcache.options import SharedOptions
+from hubcache.pulls import PullLog
+from hubcache.statuspage import PRIVATE, StatusPage
+from hubcache.storage import CacheFolder
+
+
+def test_only_repositories_known_to_be_public_are_named(tmp_path):
+    """README: private repositories, and those whose visibility is not known yet, are shown as
+    (private) unless status_private is on."""
+    hosts = Interception()
+    folder = CacheFolder()
+    page = StatusPage(folder, Metrics(hosts), PullLog())
+    with taddons.context(SharedOptions(), folder, hosts, page) as tctx:
+        tctx.options.update(cache_dir=str(tmp_path))
+        assert folder.store and folder.journal
+        folder.store.set_visibility("docker.io", "library/public", True)
+        folder.store.set_visibility("docker.io", "acme/private", False)
+        for repository in ("library/public", "acme/private", "acme/unknown"):
+            folder.journal.record(registry="docker.io", repository=repository, reference="1", outcome="filled", kind="manifest")
+
+        def named() -> list[str]:
+            return [entry["repository"] for entry in page.status()["recent_misses"]]
+
+        assert named() == [PRIVATE, PRIVATE, "library/public"], "newest first; the unknown one is not named"
+        tctx.options.update(status_private=True)
+        assert named() == ["acme/unknown", "acme/private", "library/public"]
+        folder.done()
