@@ -16,6 +16,7 @@ class Mark(StrEnum):
     RELAYED = "hubcache_relayed"  # the client got the answer to hubcache's own request of it
     PASSED = "hubcache_passed"  # on a client's blob request passed upstream: the body bytes relayed
     ROUTE = "hubcache_route"  # on a client's registry request: the Route it was parsed to (routes.py)
+    WATCH = "hubcache_watch"  # on a request of the watch's own pulls through the proxy (watch.py)
     MIRROR = "hubcache_mirror"  # on a mirror request routed to a registry: the mirror's URL as its client dialled it
 
 

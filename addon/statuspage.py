@@ -36,6 +36,7 @@ from .protocol import ImageReference
 from .pulls import PullLog
 from .storage import CacheFolder
 from .store import Summary
+from .watch import Watch
 
 logger = logging.getLogger(__name__)
 
@@ -55,8 +56,9 @@ class _QuietHandler(WSGIRequestHandler):
 
 
 class StatusPage:
-    def __init__(self, folder: CacheFolder, metrics: Metrics, pulls: PullLog):
+    def __init__(self, folder: CacheFolder, metrics: Metrics, pulls: PullLog, watch: Watch):
         self.folder = folder
+        self.watch = watch
         self.metrics = metrics
         self.pulls = pulls
         self.summary = Summary()
@@ -186,6 +188,7 @@ class StatusPage:
                 for p in recent
             ],
             "recent_misses": self._recent_misses(),
+            "watch": self.watch.snapshot(),
             "upstream": [
                 {"host": host, **asdict(health), "up": up.get(host), "ratelimit_remaining": ratelimits.get(host)}
                 for host, health in sorted(self.metrics.upstream_health().items())
