@@ -1,0 +1,116 @@
+"""Keep fresh, with the real pieces: the distribution registry as upstream (its access log says
+what hubcache asked of it), a real hubcache process with a short `watch_interval`, and skopeo.
+
+A watched tag retagged upstream is fetched by the watch within an interval, and then pulled with
+upstream gone, 0 bytes from upstream; an unchanged tag costs upstream one HEAD per interval and
+nothing else; the watch pauses while upstream is down and resumes once it is back; a pattern picks
+up a tag pushed later."""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import time
+import urllib.request
+import uuid
+
+import pytest
+
+from support.clients import skopeo_copy
+from support.images import build_image
+from support.registry import REGISTRY_NAME, push
+
+from .test_airgap import hubcache_cli
+
+INTERVAL = 2  # seconds: short, so that a test waits a few rounds at most
+DEADLINE = 90.0  # seconds any awaited event may take on a loaded machine
+
+
+def wait_for(condition, what: str, proxy, timeout: float = DEADLINE):
+    deadline = time.monotonic() + timeout
+    while not (found := condition()):
+        assert time.monotonic() < deadline, f"{what} did not happen\n{proxy.log_text()[-4000:]}"
+        time.sleep(0.1)
+    return found
+
+
+def checks(proxy) -> float:
+    with urllib.request.urlopen(proxy.status_url + "metrics", timeout=10) as answer:
+        found = re.search(r'^hubcache_watch_checks_total\{registry="' + re.escape(REGISTRY_NAME) + r'"\} (\S+)$', answer.read().decode(), re.M)
+    return float(found.group(1)) if found else 0.0
+
+
+def metric(proxy, name: str) -> float:
+    with urllib.request.urlopen(proxy.status_url + "metrics", timeout=10) as answer:
+        found = re.search(rf"^{name}\{{[^}}]*\}} (\S+)$", answer.read().decode(), re.M)
+    return float(found.group(1)) if found else 0.0
+
+
+@pytest.fixture
+def images(layouts):
+    """Two different small single-platform images, to push one after the other under one tag."""
+    return [build_image(layouts / f"watch{n}", "1", [300_000, 200_000], seed=f"watch{n}") for n in (1, 2)]
+
+
+def test_a_retagged_image_is_fetched_before_anyone_asks_and_upstream_sees_heads_only_meanwhile(
+    registry, hubcache, images, tmp_path
+):
+    repository = f"watch/retag{uuid.uuid4().hex[:8]}"
+    ref = f"{REGISTRY_NAME}/{repository}:1"
+    first, second = images
+    push(registry, f"{repository}:1", first)
+    proxy = hubcache(watch=[ref], watch_interval=INTERVAL)
+    wait_for(lambda: f"watch: {ref} is now {first.top.digest}" in proxy.log_text(), "the first fetch", proxy)
+
+    # Unchanged: each round is one HEAD upstream, and nothing else.
+    registry.settle()
+    registry.reset_requests()
+    before = checks(proxy)
+    wait_for(lambda: checks(proxy) >= before + 3, "three more checks", proxy)
+    registry.settle()
+    asked = [(r.method, r.path) for r in registry.requests()]
+    assert asked and set(asked) == {("HEAD", f"/v2/{repository}/manifests/1")}, asked
+
+    # Retagged upstream: fetched within an interval or so, by the watch, through the fill path.
+    registry.reset_requests()
+    push(registry, f"{repository}:1", second)
+    pushed = time.monotonic()
+    wait_for(lambda: f"watch: {ref} is now {second.top.digest}" in proxy.log_text(), "the fetch of the new digest", proxy)
+    assert time.monotonic() - pushed < DEADLINE
+    wait_for(lambda: re.search(rf"pull {re.escape(REGISTRY_NAME)}/{repository}@{second.top.digest} by watch: 3 blobs", proxy.log_text()), "the watch's pull line", proxy)
+    registry.settle()
+    gets = sorted(r.path for r in registry.requests() if r.method == "GET")
+    wanted = [second.top.digest] + [blob.digest for blob in second.platforms[0].blobs[1:]]
+    assert gets == sorted(f"/v2/{repository}/{'manifests' if d == second.top.digest else 'blobs'}/{d}" for d in wanted), gets
+    assert metric(proxy, "hubcache_watch_fetched_bytes_total") > 500_000
+
+    # Upstream gone: the first pull after the change is a hit, 0 bytes from upstream.
+    registry.stop()
+    out = tmp_path / "pulled"
+    pulled = skopeo_copy(f"docker://{ref}", out, proxy=proxy.url, ca_bundle=proxy.client_bundle)
+    assert pulled.returncode == 0, pulled.stderr + proxy.log_text()[-3000:]
+    assert "sha256:" + hashlib.sha256((out / "manifest.json").read_bytes()).hexdigest() == second.top.digest
+    wait_for(lambda: re.search(rf"pull {re.escape(ref)} by 127\.0\.0\.1: 3 blobs, .* from cache, 0 B from upstream", proxy.log_text()), "a pull served from the cache alone", proxy)
+
+    # While upstream is down the watch pauses; once it is back, it checks again.
+    wait_for(lambda: f"watch: {REGISTRY_NAME} paused (upstream down)" in proxy.log_text(), "the pause", proxy)
+    registry.start()
+    wait_for(lambda: f"watch: {REGISTRY_NAME} is checked again" in proxy.log_text(), "the resumption", proxy)
+    resumed = checks(proxy)
+    wait_for(lambda: checks(proxy) > resumed, "a check after the outage", proxy)
+
+    listed = hubcache_cli("watch", "--cache-dir", proxy.cache_dir, cwd=tmp_path)
+    assert listed.returncode == 0, listed.stderr
+    assert repository in listed.stdout and second.top.digest[:19] in listed.stdout, listed.stdout
+
+
+def test_a_pattern_picks_up_a_tag_pushed_later(registry, hubcache, images):
+    repository = f"watch/pattern{uuid.uuid4().hex[:8]}"
+    first, second = images
+    push(registry, f"{repository}:v1", first)
+    push(registry, f"{repository}:other", first)
+    proxy = hubcache(watch=[f"{REGISTRY_NAME}/{repository}:v*"], watch_interval=INTERVAL)
+    wait_for(lambda: f"watch: {REGISTRY_NAME}/{repository}:v1 is now {first.top.digest}" in proxy.log_text(), "v1 fetched", proxy)
+    push(registry, f"{repository}:v2", second)
+    wait_for(lambda: f"watch: {REGISTRY_NAME}/{repository}:v2 is now {second.top.digest}" in proxy.log_text(), "v2 fetched", proxy)
+    assert f"{repository}:other" not in proxy.log_text()
