@@ -240,6 +240,7 @@ class Watch:
         self._tokens: dict[tuple[str, str], str] = {}  # (host, repository) -> Authorization, for one round
         self._limited: set[str] = set()  # registries that said few pulls are left (said once)
         self._paused: dict[str, str] = {}  # by registry: why it is paused (said once)
+        self._stored: int | None = None  # bytes of blobs in the store, when cache_size_limit is set
 
     def load(self, loader: Loader) -> None:
         loader.add_option(
@@ -300,7 +301,10 @@ class Watch:
     async def _loop(self) -> None:
         while True:
             if self.entries:
-                await self.round()
+                try:
+                    await self.round()
+                except Exception as e:  # a store that failed mid-round: the next round tries again
+                    logger.error(f"hubcache: watch: round abandoned: {e}")
             await asyncio.sleep(next_round(ctx.options.watch_interval))
 
     async def round(self) -> None:
@@ -308,6 +312,9 @@ class Watch:
         a time."""
         self._tokens.clear()
         self._limited.clear()
+        self._stored = None
+        if self.upkeep.limit and (store := self.folder.store):
+            self._stored = (await asyncio.to_thread(store.summary)).blob_bytes
         by_registry: dict[str, list[Watched]] = {}
         for entry in self.entries:
             by_registry.setdefault(entry.registry, []).append(entry)
@@ -316,28 +323,37 @@ class Watch:
 
     async def _registry_round(self, registry: str, entries: list[Watched]) -> None:
         for entry in entries:
-            if reason := await self._pause_reason(entry.image("latest").host):
-                self._pause(registry, entry, reason)
+            if not self._may_ask(entry):
                 continue
-            if self._paused.pop(registry, None):
-                logger.info(f"hubcache: watch: {registry} is checked again")
             if not await self.fleet.claim_watch(str(entry), ctx.options.watch_interval * (1 - JITTER)):
                 self._set_all(entry, "checked by another node")
                 continue
             try:
                 tags = await self._tags(entry) if entry.pattern else [entry.tag]
-                for tag in tags:
-                    await self._check(entry, tag)
             except WatchError as e:
                 self._set_all(entry, f"failed: {e}")
                 logger.warning(f"hubcache: watch: {e}")
+                continue
+            for tag in tags:
+                if not self._may_ask(entry):
+                    break
+                try:
+                    await self._check(entry, tag)
+                except WatchError as e:
+                    self.states[str(entry.image(tag))].state = f"failed: {e}"
+                    logger.warning(f"hubcache: watch: {e}")
 
-    async def _pause_reason(self, host: str) -> str | None:
-        stored = None
-        limit = self.upkeep.limit
-        if limit and (store := self.folder.store):
-            stored = (await asyncio.to_thread(store.summary)).blob_bytes
-        return pause_reason(ctx.options.offline, self.circuits.down(host) is not None, stored, limit)
+    def _may_ask(self, entry: Watched) -> bool:
+        """Whether the entry's registry may be asked now; if not, the entry says why (and the log
+        once)."""
+        host = entry.image("latest").host
+        reason = pause_reason(ctx.options.offline, self.circuits.down(host) is not None, self._stored, self.upkeep.limit)
+        if reason:
+            self._pause(entry.registry, entry, reason)
+            return False
+        if self._paused.pop(entry.registry, None):
+            logger.info(f"hubcache: watch: {entry.registry} is checked again")
+        return True
 
     def _pause(self, registry: str, entry: Watched, reason: str) -> None:
         if self._paused.get(registry) != reason:
@@ -386,6 +402,8 @@ class Watch:
         known.state = "fetching"
         fetched = await self._fetch(entry, image, digest)
         known.digest, known.changed, known.state = digest, time.time(), "fetched"
+        if self._stored is not None:
+            self._stored += fetched
         self.metrics.watch_success.labels(image.registry).set(time.time())
         logger.info(f"hubcache: watch: {image} is now {digest}; fetched {units.size(fetched)}")
 

@@ -3,6 +3,7 @@ upstream. The real registry, retagged under a running proxy, is in tests/integra
 
 from __future__ import annotations
 
+import hashlib
 import random
 
 import pytest
@@ -228,3 +229,28 @@ def test_the_watchs_mark_needs_the_secret_and_never_travels(env):
     watch.requestheaders(own)
     assert Mark.WATCH not in guessed.metadata and own.metadata[Mark.WATCH]
     assert "hubcache-watch" not in guessed.request.headers and "hubcache-watch" not in own.request.headers
+
+
+async def test_nothing_is_asked_while_the_store_is_in_the_last_tenth_of_its_limit(env):
+    watch, fake, _, _ = env
+    writer = watch.folder.store.blob_writer("sha256:" + hashlib.sha256(b"x" * 95).hexdigest())
+    writer.write(b"x" * 95)
+    writer.commit()
+    watch.upkeep.limit = 100
+    await watch.round()
+    assert fake.sent == []
+    assert watch.states[f"docker.io/{REPO}:3.12"].state == "paused: store nearly full"
+
+
+def test_the_config_file_takes_a_watch_list(tmp_path):
+    from mitmproxy.addons.proxyserver import Proxyserver
+
+    from hubcache.addons import make_addons
+    from hubcache.cli.config import config_settings
+
+    config = tmp_path / "config.yaml"
+    config.write_text("watch:\n  - python:3.12\n  - ghcr.io/org/base:latest@linux/amd64,linux/arm64\nwatch_interval: 600\n")
+    with taddons.context(Proxyserver(), *make_addons()) as tctx:
+        tctx.options.set(*config_settings(config))
+        assert tctx.options.watch == ["python:3.12", "ghcr.io/org/base:latest@linux/amd64,linux/arm64"]
+        assert tctx.options.watch_interval == 600
