@@ -114,3 +114,25 @@ def test_a_pattern_picks_up_a_tag_pushed_later(registry, hubcache, images):
     push(registry, f"{repository}:v2", second)
     wait_for(lambda: f"watch: {REGISTRY_NAME}/{repository}:v2 is now {second.top.digest}" in proxy.log_text(), "v2 fetched", proxy)
     assert f"{repository}:other" not in proxy.log_text()
+
+
+def test_only_the_listed_platforms_are_fetched(registry, hubcache, multi_image):
+    """An index watched for one platform: upstream sees the watch's HEAD, then GETs of the index,
+    that platform's manifest and its blobs, and nothing of the other platform (and, the first time
+    hubcache meets the repository, its anonymous HEAD that learns whether it is public: access.py)."""
+    repository = f"watch/multi{uuid.uuid4().hex[:8]}"
+    push(registry, f"{repository}:1", multi_image)
+    registry.settle()
+    registry.reset_requests()
+    ref = f"{REGISTRY_NAME}/{repository}:1"
+    arm = multi_image.platform("linux/arm64/v8")
+    proxy = hubcache(watch=[f"{ref}@linux/arm64"], watch_interval=3600)
+    wait_for(lambda: f"watch: {ref} is now {multi_image.index_digest}" in proxy.log_text(), "the fetch", proxy)
+    registry.settle()
+    asked = sorted((r.method, r.path) for r in registry.requests())
+    probes = [(m, p) for m, p in asked if m == "HEAD" and p != f"/v2/{repository}/manifests/1"]
+    assert len(probes) == 1 and probes[0][1].partition("/manifests/")[2] in (multi_image.index_digest, arm.manifest.digest)
+    wanted = [("HEAD", f"/v2/{repository}/manifests/1"), *probes]
+    wanted += [("GET", f"/v2/{repository}/manifests/{d}") for d in (multi_image.index_digest, arm.manifest.digest)]
+    wanted += [("GET", f"/v2/{repository}/blobs/{blob.digest}") for blob in arm.blobs[1:]]
+    assert asked == sorted(wanted), asked
