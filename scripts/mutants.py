@@ -563,6 +563,70 @@ MUTANTS: list[Mutant] = [
         ["test_a_registry_request_is_noted_with_its_route_and_its_target_rebuilt", "test_deny"],
         UNIT,
     ),
+    # -- keep fresh (watch.py)
+    mutant(
+        "watch-fetches-unchanged",
+        "a watched tag whose digest upstream is the cached one costs one HEAD and nothing else",
+        Edit("return cached != upstream_digest", "return True"),
+        ["test_an_unchanged_tag_costs_one_head_and_fetches_nothing", "test_only_a_moved_or_unknown_tag_is_fetched"],
+        UNIT,
+    ),
+    mutant(
+        "watch-asks-while-circuit-open",
+        "the watch asks nothing of a registry while its circuit is open",
+        Edit("pause_reason(ctx.options.offline, self.circuits.down(host) is not None,", "pause_reason(ctx.options.offline, False,"),
+        ["test_nothing_is_asked_while_the_registrys_circuit_is_open"],
+        UNIT,
+    ),
+    mutant(
+        "watch-asks-offline",
+        "the watch asks nothing of upstream in offline mode",
+        Edit('if offline:\n        return "offline"', "if False:\n        return \"offline\""),
+        ["test_nothing_is_asked_offline", "test_pauses"],
+        UNIT,
+    ),
+    mutant(
+        "watch-fills-a-full-store",
+        "the watch fetches nothing while the store is in the last tenth of cache_size_limit",
+        Edit("if limit and stored is not None and stored >= limit * (1 - STORE_RESERVE):", "if False:"),
+        ["test_nothing_is_asked_while_the_store_is_in_the_last_tenth_of_its_limit", "test_pauses"],
+        UNIT,
+    ),
+    mutant(
+        "watch-spends-the-last-pulls",
+        "the watch fetches nothing from a registry that says few pulls are left",
+        Edit("if (left := pulls_left(answer)) and low(left):", "if False:"),
+        ["test_few_pulls_left_leaves_a_moved_tag_for_the_next_interval"],
+        UNIT,
+    ),
+    mutant(
+        "watch-every-node-checks",
+        "in a fleet with a lock, one node checks each watched entry per interval",
+        Edit('return bool(await _in_thread(self.lock.acquire, f"watch:{entry}", ttl))', "return True"),
+        ["test_in_a_fleet_one_node_checks_each_entry_per_interval"],
+        UNIT,
+    ),
+    mutant(
+        "watch-mark-without-secret",
+        "only the watch's own pulls, with this process's secret, are counted as the watch's",
+        Edit("secrets.compare_digest(claimed, self.secret)", "claimed is not None"),
+        ["test_the_watchs_mark_needs_the_secret_and_never_travels"],
+        UNIT,
+    ),
+    mutant(
+        "watch-fetches-every-platform",
+        "a watch entry's platforms are the only ones fetched",
+        Edit("return prefetch.prefetch(self, client, pinned, list(entry.platforms), throttle, referrers=False)", "return prefetch.prefetch(self, client, pinned, [], throttle, referrers=False)"),
+        ["test_only_the_listed_platforms_are_fetched"],
+        INTEGRATION,
+    ),
+    mutant(
+        "watch-retag-not-pointed",
+        "after a watch fetch, the tag points at the new digest: the first pull after a change is a hit",
+        Edit("await self.folder.note(store.set_tag, image.registry, image.repository, image.reference, digest)", "pass"),
+        ["test_a_retagged_image_is_fetched_before_anyone_asks_and_upstream_sees_heads_only_meanwhile"],
+        INTEGRATION,
+    ),
 ]
 
 

@@ -254,3 +254,27 @@ def test_the_config_file_takes_a_watch_list(tmp_path):
         tctx.options.set(*config_settings(config))
         assert tctx.options.watch == ["python:3.12", "ghcr.io/org/base:latest@linux/amd64,linux/arm64"]
         assert tctx.options.watch_interval == 600
+
+
+class FakeLock:
+    """The fleet lock as Redis holds it: the first to ask for a key has it."""
+
+    def __init__(self) -> None:
+        self.held: set[str] = set()
+
+    def acquire(self, key: str, ttl: float) -> bool:
+        if key in self.held:
+            return False
+        self.held.add(key)
+        return True
+
+
+async def test_in_a_fleet_one_node_checks_each_entry_per_interval(env):
+    watch, fake, _, _ = env
+    lock = FakeLock()
+    watch.fleet.store, watch.fleet.lock = object(), lock  # fleet mode, as far as claim_watch sees it
+    fake.answers += [answer(digest=NEW)]
+    await watch.round()
+    await watch.round()  # as another node would in the same interval: the lock is held
+    assert len(fake.sent) == 1 and lock.held == {"watch:docker.io/library/python:3.12"}
+    assert watch.states[f"docker.io/{REPO}:3.12"].state == "checked by another node"
