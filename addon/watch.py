@@ -138,8 +138,9 @@ def needs_fetch(cached: str | None, upstream_digest: str) -> bool:
 
 def expand(pattern: str, tags: Sequence[str], limit: int) -> list[str]:
     """The tags of a repository that `pattern` matches, the registry's last `limit` (registries
-    list tags in lexical order, so the last are usually the newest versions), newest first."""
-    matching = [t for t in tags if isinstance(t, str) and fnmatch.fnmatchcase(t, pattern)]
+    list tags in lexical order, so the last are usually the newest versions), newest first. Only
+    valid tags: each becomes the path of a request upstream."""
+    matching = [t for t in tags if isinstance(t, str) and protocol.TAG_RE.fullmatch(t) and fnmatch.fnmatchcase(t, pattern)]
     return list(reversed(matching[-limit:])) if limit else []
 
 

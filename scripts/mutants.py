@@ -627,6 +627,20 @@ MUTANTS: list[Mutant] = [
         ["test_a_retagged_image_is_fetched_before_anyone_asks_and_upstream_sees_heads_only_meanwhile"],
         INTEGRATION,
     ),
+    mutant(
+        "watch-listed-tag-unchecked",
+        "a name upstream lists in tags/list becomes a request only if it is a valid tag",
+        Edit("isinstance(t, str) and protocol.TAG_RE.fullmatch(t) and fnmatch", "isinstance(t, str) and fnmatch"),
+        ["test_a_listed_name_that_is_no_tag_never_becomes_a_request"],
+        UNIT,
+    ),
+    mutant(
+        "watch-rate-uncapped",
+        "watch_rate caps the bytes per second of a watch fetch",
+        Edit("wait = self._free_at - now - 1.0", "wait = 0.0"),
+        ["test_watch_rate_caps_the_bytes_per_second"],
+        UNIT,
+    ),
 ]
 
 

@@ -18,7 +18,7 @@ from hubcache.metrics import Metrics
 from hubcache.options import SharedOptions
 from hubcache.storage import CacheFolder
 from hubcache.upkeep import Upkeep
-from hubcache.watch import JITTER, Watch, Watched, expand, low, needs_fetch, next_round, parse_entries, pause_reason, pulls_left
+from hubcache.watch import JITTER, Throttle, Watch, Watched, expand, low, needs_fetch, next_round, parse_entries, pause_reason, pulls_left
 
 OLD = "sha256:" + "1" * 64
 NEW = "sha256:" + "2" * 64
@@ -127,6 +127,11 @@ def test_a_pattern_expands_to_the_newest_tags_the_registry_lists_capped():
     assert expand("*", ["a"], 10) == ["a"]
 
 
+def test_a_listed_name_that_is_no_tag_never_becomes_a_request():
+    hostile = ["1/../../../v2/other/manifests/x", "1?x=y", "1#", "1 2", "-1", "a" * 129, "1"]
+    assert expand("1*", hostile, 10) == ["1"]
+
+
 def test_pauses():
     assert pause_reason(True, False, None, None) == "offline"
     assert pause_reason(False, True, None, None) == "upstream down"
@@ -193,6 +198,20 @@ async def test_nothing_is_asked_offline(env):
     tctx.options.update(offline=True)
     await watch.round()
     assert fake.sent == []
+
+
+def test_watch_rate_caps_the_bytes_per_second(monkeypatch):
+    from hubcache import watch as module
+
+    clock = [100.0]
+    waits: list[float] = []
+    monkeypatch.setattr(module.time, "monotonic", lambda: clock[0])
+    monkeypatch.setattr(module.time, "sleep", waits.append)
+    throttle = Throttle(1_000_000, [])
+    for _ in range(5):
+        throttle.advance("blob", 1_000_000)  # five seconds' worth at once
+    assert waits == [1.0, 2.0, 3.0, 4.0] and throttle.bytes == 5_000_000  # the first second goes at once
+    assert Throttle(0, []).advance("blob", 10**9) is None and len(waits) == 4  # no cap, no wait
 
 
 async def test_few_pulls_left_leaves_a_moved_tag_for_the_next_interval(env, caplog):
