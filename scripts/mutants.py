@@ -603,8 +603,8 @@ MUTANTS: list[Mutant] = [
         "watch-every-node-checks",
         "in a fleet with a lock, one node checks each watched entry per interval",
         Edit('return bool(await _in_thread(self.lock.acquire, f"watch:{entry}", ttl))', "return True"),
-        ["test_in_a_fleet_one_node_checks_each_entry_per_interval"],
-        UNIT,
+        ["test_in_a_fleet_one_node_checks_each_entry_per_interval", "test_two_fleet_nodes_check_a_watched_tag_once_between_them"],
+        INTEGRATION,
     ),
     mutant(
         "watch-mark-without-secret",

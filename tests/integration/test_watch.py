@@ -9,6 +9,7 @@ up a tag pushed later."""
 from __future__ import annotations
 
 import hashlib
+import json
 import re
 import time
 import urllib.request
@@ -21,6 +22,7 @@ from support.images import build_image
 from support.registry import REGISTRY_NAME, push
 
 from .test_airgap import hubcache_cli
+from .test_fleet import bucket, node  # noqa: F401 (its fixtures: nodes sharing a bucket)
 
 INTERVAL = 2  # seconds: short, so that a test waits a few rounds at most
 DEADLINE = 90.0  # seconds any awaited event may take on a loaded machine
@@ -99,6 +101,10 @@ def test_a_retagged_image_is_fetched_before_anyone_asks_and_upstream_sees_heads_
     resumed = checks(proxy)
     wait_for(lambda: checks(proxy) > resumed, "a check after the outage", proxy)
 
+    with urllib.request.urlopen(proxy.status_url + "status.json", timeout=10) as answer:
+        shown = {w["image"]: w for w in json.load(answer)["watch"]}
+    assert shown[ref]["digest"] == second.top.digest and shown[ref]["changed"] > 0, shown
+
     listed = hubcache_cli("watch", "--cache-dir", proxy.cache_dir, cwd=tmp_path)
     assert listed.returncode == 0, listed.stderr
     assert repository in listed.stdout and second.top.digest[:19] in listed.stdout, listed.stdout
@@ -136,3 +142,20 @@ def test_only_the_listed_platforms_are_fetched(registry, hubcache, multi_image):
     wanted += [("GET", f"/v2/{repository}/manifests/{d}") for d in (multi_image.index_digest, arm.manifest.digest)]
     wanted += [("GET", f"/v2/{repository}/blobs/{blob.digest}") for blob in arm.blobs[1:]]
     assert asked == sorted(wanted), asked
+
+
+def test_two_fleet_nodes_check_a_watched_tag_once_between_them(registry, node, redis, images):  # noqa: F811
+    """Node a checks and fetches; node b, started in the same interval, finds the lock taken and
+    asks upstream nothing: the registry sees one HEAD of the tag for the two of them."""
+    repository = f"watch/fleet{uuid.uuid4().hex[:8]}"
+    ref = f"{REGISTRY_NAME}/{repository}:1"
+    push(registry, f"{repository}:1", images[0])
+    options = {"watch": [ref], "watch_interval": 3600, "fleet_lock": redis.start().url}
+    a = node("a", **options)
+    wait_for(lambda: f"watch: {ref} is now {images[0].top.digest}" in a.log_text(), "node a's fetch", a)
+    b = node("b", **options)
+    state = b.cache_dir / "watch.json"
+    wait_for(lambda: state.exists() and "checked by another node" in state.read_text(), "node b's round", b)
+    registry.settle()
+    heads = [r for r in registry.requests() if r.method == "HEAD" and r.path == f"/v2/{repository}/manifests/1"]
+    assert len(heads) == 1, heads
