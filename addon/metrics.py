@@ -110,6 +110,18 @@ class Metrics:
             ["registry"],
             registry=r,
         )
+        self.watch_served_first = Counter(
+            "hubcache_watch_served_first",
+            "Pulls (tag requests) answered from the cache with a digest the watch fetched before anyone asked, by registry.",
+            ["registry"],
+            registry=r,
+        )
+        self.pulls_saved = Counter(
+            "hubcache_upstream_pulls_saved",
+            "Manifest GETs of clients answered from the cache: pulls upstream did not count (Docker Hub counts manifest GETs), by registry.",
+            ["registry"],
+            registry=r,
+        )
         self.history: deque[Sample] = deque(maxlen=HISTORY)
         self.health: dict[str, Health] = {}
         self._lock = threading.Lock()  # the status page reads from its own threads

@@ -45,6 +45,7 @@ from mitmproxy.addonmanager import Loader
 from . import prefetch, protocol, units, upstream
 from .flowdata import Mark
 from .protocol import ImageReference, Kind, Route
+from .routes import route_of
 
 if TYPE_CHECKING:
     from .circuits import Circuits
@@ -242,6 +243,7 @@ class Watch:
         self._limited: set[str] = set()  # registries that said few pulls are left (said once)
         self._paused: dict[str, str] = {}  # by registry: why it is paused (said once)
         self._stored: int | None = None  # bytes of blobs in the store, when cache_size_limit is set
+        self._first: set[str] = set()  # the digests the watch fetched that watched tags name now
 
     def load(self, loader: Loader) -> None:
         loader.add_option(
@@ -296,6 +298,14 @@ class Watch:
         # never travels further, and a client that guesses no secret only loses the header.
         if (claimed := flow.request.headers.pop(HEADER, None)) is not None and secrets.compare_digest(claimed, self.secret):
             flow.metadata[Mark.WATCH] = True
+
+    def response(self, flow: http.HTTPFlow) -> None:
+        """Count a client's tag request answered from the cache with a digest the watch fetched."""
+        if not flow.metadata.get(Mark.ANSWERED) or flow.metadata.get(Mark.WATCH) or not flow.response or flow.response.status_code != 200:
+            return
+        route = route_of(flow)
+        if route and route.kind is Kind.MANIFEST and not route.by_digest and flow.response.headers.get("docker-content-digest") in self._first:
+            self.metrics.watch_served_first.labels(route.registry).inc()
 
     # the rounds
 
@@ -402,6 +412,8 @@ class Watch:
             return
         known.state = "fetching"
         fetched = await self._fetch(entry, image, digest)
+        self._first.discard(known.digest)
+        self._first.add(digest)
         known.digest, known.changed, known.state = digest, time.time(), "fetched"
         if self._stored is not None:
             self._stored += fetched

@@ -641,6 +641,13 @@ MUTANTS: list[Mutant] = [
         ["test_watch_rate_caps_the_bytes_per_second"],
         UNIT,
     ),
+    mutant(
+        "watch-counts-its-own-pulls",
+        "pulls served from content the watch fetched first count clients' tag requests, not the watch's own",
+        Edit("if not flow.metadata.get(Mark.ANSWERED) or flow.metadata.get(Mark.WATCH) or", "if not flow.metadata.get(Mark.ANSWERED) or"),
+        ["test_a_client_pull_of_a_digest_the_watch_fetched_is_counted_once_per_tag_request"],
+        UNIT,
+    ),
 ]
 
 

@@ -93,6 +93,8 @@ def test_a_retagged_image_is_fetched_before_anyone_asks_and_upstream_sees_heads_
     assert pulled.returncode == 0, pulled.stderr + proxy.log_text()[-3000:]
     assert "sha256:" + hashlib.sha256((out / "manifest.json").read_bytes()).hexdigest() == second.top.digest
     wait_for(lambda: re.search(rf"pull {re.escape(ref)} by 127\.0\.0\.1: 3 blobs, .* from cache, 0 B from upstream", proxy.log_text()), "a pull served from the cache alone", proxy)
+    assert metric(proxy, "hubcache_watch_served_first_total") == 1, "skopeo's one tag request"
+    assert metric(proxy, "hubcache_upstream_pulls_saved_total") >= 1
 
     # While upstream is down the watch pauses; once it is back, it checks again.
     wait_for(lambda: f"watch: {REGISTRY_NAME} paused (upstream down)" in proxy.log_text(), "the pause", proxy)
@@ -104,6 +106,8 @@ def test_a_retagged_image_is_fetched_before_anyone_asks_and_upstream_sees_heads_
     with urllib.request.urlopen(proxy.status_url + "status.json", timeout=10) as answer:
         shown = {w["image"]: w for w in json.load(answer)["watch"]}
     assert shown[ref]["digest"] == second.top.digest and shown[ref]["changed"] > 0, shown
+    with urllib.request.urlopen(proxy.status_url + "status.json", timeout=10) as answer:
+        assert json.load(answer)["watch_served_first"] == 1
 
     listed = hubcache_cli("watch", "--cache-dir", proxy.cache_dir, cwd=tmp_path)
     assert listed.returncode == 0, listed.stderr

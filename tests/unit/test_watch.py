@@ -297,3 +297,25 @@ async def test_in_a_fleet_one_node_checks_each_entry_per_interval(env):
     await watch.round()  # as another node would in the same interval: the lock is held
     assert len(fake.sent) == 1 and lock.held == {"watch:docker.io/library/python:3.12"}
     assert watch.states[f"docker.io/{REPO}:3.12"].state == "checked by another node"
+
+
+def test_a_client_pull_of_a_digest_the_watch_fetched_is_counted_once_per_tag_request(env):
+    from mitmproxy.test import tflow
+
+    from hubcache.flowdata import Mark
+
+    watch = env[0]
+    watch._first = {NEW}
+
+    def answered(reference: str, digest: str = NEW, *marks: Mark) -> http.HTTPFlow:
+        flow = tflow.tflow(resp=True)
+        flow.response.headers["docker-content-digest"] = digest
+        flow.metadata[Mark.ANSWERED] = True
+        flow.metadata[Mark.ROUTE] = ["manifest", "docker.io", REPO, reference, ""]
+        for mark in marks:
+            flow.metadata[mark] = True
+        return flow
+
+    for flow in (answered("3.12"), answered("3.12", OLD), answered(NEW), answered("3.12", NEW, Mark.WATCH)):
+        watch.response(flow)
+    assert watch.metrics.registry.get_sample_value("hubcache_watch_served_first_total", {"registry": "docker.io"}) == 1
