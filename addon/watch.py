@@ -41,6 +41,7 @@ from typing import TYPE_CHECKING
 
 from mitmproxy import connection, ctx, exceptions, http
 from mitmproxy.addonmanager import Loader
+from mitmproxy.net.http import url
 
 from . import prefetch, protocol, units, upstream
 from .flowdata import Mark
@@ -240,7 +241,8 @@ class Watch:
         self.secret = secrets.token_hex(16)
         self._task: asyncio.Task | None = None
         self._tokens: dict[tuple[str, str], str] = {}  # (host, repository) -> Authorization, for one round
-        self._limited: set[str] = set()  # registries that said few pulls are left (said once)
+        self._limited: set[str] = set()  # registries that said few pulls are left, this round
+        self._said_limited: set[str] = set()  # ... and said so in the log, until they have pulls again
         self._paused: dict[str, str] = {}  # by registry: why it is paused (said once)
         self._stored: int | None = None  # bytes of blobs in the store, when cache_size_limit is set
         self._first: set[str] = set()  # the digests the watch fetched that watched tags name now
@@ -401,12 +403,17 @@ class Watch:
             known.digest, known.state = digest, "current"
             self.metrics.watch_success.labels(image.registry).set(time.time())
             return
-        if (left := pulls_left(answer)) and low(left):
+        left = pulls_left(answer)
+        if left and low(left):
             known.state = "waiting: rate limit"
-            if image.registry not in self._limited:
-                self._limited.add(image.registry)
-                logger.warning(f"hubcache: watch: {image.registry} has {left[0]} pulls left; watch fetches wait for the next interval")
+            self._limited.add(image.registry)
+            if image.registry not in self._said_limited:
+                self._said_limited.add(image.registry)
+                logger.warning(f"hubcache: watch: {image.registry} has {left[0]} pulls left; watch fetches wait until it has more")
             return
+        if left and image.registry in self._said_limited:
+            self._said_limited.discard(image.registry)
+            logger.info(f"hubcache: watch: {image.registry} has {left[0]} pulls left; watch fetches resume")
         if image.registry in self._limited:
             known.state = "waiting: rate limit"
             return
@@ -470,10 +477,10 @@ class Watch:
     async def _ask(self, image: ImageReference, make: Callable[[http.HTTPFlow], http.Request]) -> http.Response:
         """The answer of the registry of `image` to the request `make` builds, with a token (or
         the configured login) when the registry asks for one; WatchError when there is none."""
-        like = _like(image.host)
         key = (image.host, image.repository)
         try:
             for _ in range(2):
+                like = _like(image.host)  # each request its own connection: one is never reused for another host
                 request = make(like)
                 request.headers["accept"] = prefetch.RegistryClient.ACCEPT
                 if authorization := self._tokens.get(key):
@@ -481,27 +488,28 @@ class Watch:
                 answer = upstream.available(await self.upstream.send(like, request, TIMEOUT))
                 if answer.status_code != 401 or authorization:
                     return answer
-                self._tokens[key] = await self._authorization(like, image, answer.headers.get("www-authenticate", ""))
+                self._tokens[key] = await self._authorization(image, answer.headers.get("www-authenticate", ""))
         except upstream.UpstreamError as e:
             raise WatchError(f"{image}: {e}") from None
         return answer
 
-    async def _authorization(self, like: http.HTTPFlow, image: ImageReference, challenge: str) -> str:
+    async def _authorization(self, image: ImageReference, challenge: str) -> str:
         """What the registry's challenge asks for: a pull token from its realm (asked with the
         registry's configured login, if any), or the login itself for Basic."""
         own = self.hosts.settings.get(image.host)
         login = own.basic if own and own.credentials else None
-        url = protocol.token_request(challenge, image.repository)
-        if url is None:
+        realm = protocol.token_request(challenge, image.repository)
+        if realm is None:
             if protocol.challenge(challenge)[0] == "basic" and login:
                 return login
             raise WatchError(f"{image}: the registry wants credentials and registry_settings has none for {image.host}")
-        request = http.Request.make("GET", url)
+        request = http.Request.make("GET", realm)
         if not request.scheme == "https":
             raise WatchError(f"{image}: the registry's token realm is not https")
+        request.host_header = url.hostport(request.scheme, request.host, request.port)
         if login:
             request.headers["authorization"] = login
-        answer = upstream.available(await self.upstream.send(like, request, TIMEOUT, follow=True))
+        answer = upstream.available(await self.upstream.send(_like(request.host), request, TIMEOUT, follow=True))
         token = protocol.token_of(answer.content or b"") if answer.status_code == 200 else None
         if not token:
             raise WatchError(f"{image}: the token service answered {answer.status_code}, with no token")
@@ -539,9 +547,9 @@ def _write(path: Path, text: str) -> None:
 
 def _plain(like: http.HTTPFlow, target: str) -> http.Request:
     """A GET of `target` (built by the watch from a checked name) on the host `like` stands for."""
-    host = like.request.host
-    request = http.Request.make("GET", f"https://{host}{target}")
-    request.host_header = host
+    authority = url.hostport("https", like.request.host, like.request.port)
+    request = http.Request.make("GET", f"https://{authority}{target}")
+    request.host_header = authority
     return request
 
 

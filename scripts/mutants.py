@@ -595,8 +595,8 @@ MUTANTS: list[Mutant] = [
     mutant(
         "watch-spends-the-last-pulls",
         "the watch fetches nothing from a registry that says few pulls are left",
-        Edit("if (left := pulls_left(answer)) and low(left):", "if False:"),
-        ["test_few_pulls_left_leaves_a_moved_tag_for_the_next_interval"],
+        Edit("if left and low(left):", "if False:"),
+        ["test_few_pulls_left_leaves_a_moved_tag_for_later_and_says_so_once"],
         UNIT,
     ),
     mutant(

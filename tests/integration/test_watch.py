@@ -36,9 +36,9 @@ def wait_for(condition, what: str, proxy, timeout: float = DEADLINE):
     return found
 
 
-def checks(proxy) -> float:
+def checks(proxy, registry: str = REGISTRY_NAME) -> float:
     with urllib.request.urlopen(proxy.status_url + "metrics", timeout=10) as answer:
-        found = re.search(r'^hubcache_watch_checks_total\{registry="' + re.escape(REGISTRY_NAME) + r'"\} (\S+)$', answer.read().decode(), re.M)
+        found = re.search(r'^hubcache_watch_checks_total\{registry="' + re.escape(registry) + r'"\} (\S+)$', answer.read().decode(), re.M)
     return float(found.group(1)) if found else 0.0
 
 
@@ -163,3 +163,40 @@ def test_two_fleet_nodes_check_a_watched_tag_once_between_them(registry, node, r
     registry.settle()
     heads = [r for r in registry.requests() if r.method == "HEAD" and r.path == f"/v2/{repository}/manifests/1"]
     assert len(heads) == 1, heads
+
+
+def test_docker_hub_heads_cost_no_pulls_and_few_pulls_left_hold_the_fetch(registry, dockerhub, hubcache, images, tmp_path):
+    """A private repository on the Docker Hub double, watched with the registry_settings login:
+    the watch's HEADs (with a token the login asked for) cost no pull; with no pulls left, a moved
+    tag waits (said once) and is fetched once pulls are back."""
+    name = f"library/watchhub{uuid.uuid4().hex[:8]}"
+    ref = f"docker.io/{name}:1"
+    first, second = images
+    push(registry, f"{name}:1", first)
+    dockerhub.private_repos[name] = ("alice", "s3cret")
+    login = tmp_path / "alice.login"
+    login.write_text("alice:s3cret\n")
+    try:
+        proxy = hubcache(watch=[ref], watch_interval=INTERVAL, registry_settings=[f"registry-1.docker.io:credentials=@{login}"])
+        wait_for(lambda: f"watch: {ref} is now {first.top.digest}" in proxy.log_text(), "the first fetch", proxy)
+        assert any(r.kind == "token" and r.had_authorization for r in dockerhub.requests()), "the login went to the token realm"
+        pulls = dockerhub.manifest_gets
+        assert pulls == 1, "the manifest, by digest"
+        before = checks(proxy, "docker.io")
+        wait_for(lambda: checks(proxy, "docker.io") >= before + 3, "three more checks", proxy)
+        assert dockerhub.manifest_gets == pulls, "HEADs are free"
+
+        dockerhub.rate_limit = pulls  # none left
+        push(registry, f"{name}:1", second)
+        said = "watch: docker.io has 0 pulls left; watch fetches wait until it has more"
+        wait_for(lambda: said in proxy.log_text(), "the rate-limit note", proxy)
+        held = checks(proxy, "docker.io")
+        wait_for(lambda: checks(proxy, "docker.io") >= held + 2, "two more checks", proxy)
+        assert proxy.log_text().count(said) == 1 and dockerhub.manifest_gets == pulls
+        assert f"is now {second.top.digest}" not in proxy.log_text()
+
+        dockerhub.rate_limit = 100
+        wait_for(lambda: f"watch: {ref} is now {second.top.digest}" in proxy.log_text(), "the fetch once pulls are back", proxy)
+        assert dockerhub.manifest_gets == pulls + 1
+    finally:
+        del dockerhub.private_repos[name]

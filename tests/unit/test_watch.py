@@ -180,7 +180,7 @@ async def test_a_registry_that_asks_for_a_token_gets_one_and_the_head_is_repeate
     await watch.round()
     first, token, again = fake.sent
     assert first.method == "HEAD" and "authorization" not in first.headers
-    assert token.host == "auth.docker.io" and token.query["scope"] == f"repository:{REPO}:pull"
+    assert token.host == token.host_header == "auth.docker.io" and token.query["scope"] == f"repository:{REPO}:pull"
     assert again.method == "HEAD" and again.headers["authorization"] == "Bearer t0k"
     assert fetched == [(f"docker.io/{REPO}:3.12", NEW)]
 
@@ -214,16 +214,19 @@ def test_watch_rate_caps_the_bytes_per_second(monkeypatch):
     assert Throttle(0, []).advance("blob", 10**9) is None and len(waits) == 4  # no cap, no wait
 
 
-async def test_few_pulls_left_leaves_a_moved_tag_for_the_next_interval(env, caplog):
-    watch, fake, fetched, _ = env
-    tctx = env[3]
+async def test_few_pulls_left_leaves_a_moved_tag_for_later_and_says_so_once(env, caplog):
+    watch, fake, fetched, tctx = env
     tctx.options.update(watch=["python:3.12", "python:3.13"])
-    fake.answers += [answer(**{"ratelimit-remaining": "3;w=21600", "ratelimit-limit": "100;w=21600"}) for _ in range(2)]
+    few = {"ratelimit-remaining": "3;w=21600", "ratelimit-limit": "100;w=21600"}
+    fake.answers += [answer(**few) for _ in range(4)]
     await watch.round()
-    assert len(fake.sent) == 2 and fetched == []
-    assert [r.message for r in caplog.records].count(
-        "hubcache: watch: docker.io has 3 pulls left; watch fetches wait for the next interval"
-    ) == 1
+    await watch.round()
+    assert len(fake.sent) == 4 and fetched == []
+    said = [r.message for r in caplog.records]
+    assert said.count("hubcache: watch: docker.io has 3 pulls left; watch fetches wait until it has more") == 1
+    fake.answers += [answer(**{"ratelimit-remaining": "90;w=21600", "ratelimit-limit": "100;w=21600"}) for _ in range(2)]
+    await watch.round()
+    assert len(fetched) == 2
 
 
 async def test_a_pattern_is_expanded_through_tags_list(env):
