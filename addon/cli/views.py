@@ -235,7 +235,13 @@ def misses_command(
 @click.option("--json", "as_json", is_flag=True, help="Print the watched tags as a JSON list.")
 def watch_command(cache_dir: Path | None, config_file: Path | None, as_json: bool) -> None:
     """Show the watched images (option `watch`) as the proxy's last round left them: each tag's
-    digest upstream, when it was last checked and last changed, and its state."""
+    digest upstream, when it was last checked and last changed, and its state.
+
+    \b
+    Examples:
+      hubcache watch
+      hubcache watch --config /etc/hubcache/config.yaml --json
+    """
     from ..progress import console
     from ..watch import STATE_FILE, read_state
 
