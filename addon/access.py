@@ -24,6 +24,7 @@ import asyncio
 import hashlib
 import logging
 import time
+from collections import OrderedDict
 from dataclasses import dataclass, field
 
 from mitmproxy import ctx, exceptions, http
@@ -34,6 +35,8 @@ from .protocol import Kind, Route
 from .store import Store
 
 logger = logging.getLogger(__name__)
+
+MAX_ALLOWED = 10_000  # upstream's yeses remembered at once (per token and repository)
 
 
 @dataclass(frozen=True)
@@ -49,7 +52,8 @@ class Refusal:
 class Access:
     def __init__(self, out: upstream.Upstream | None = None) -> None:
         self.upstream = out or upstream.Upstream()
-        self._allowed: dict[tuple[str, str, str], float] = {}  # (token hash, registry, repo) -> until
+        # (token hash, registry, repo) -> until, oldest first: bounded, however many tokens clients try
+        self._allowed: OrderedDict[tuple[str, str, str], float] = OrderedDict()
 
     def load(self, loader: Loader) -> None:
         loader.add_option(
@@ -126,12 +130,24 @@ class Access:
                 f"{route.image}: upstream refused these credentials",
                 {"WWW-Authenticate": challenge} if challenge else {},
             )
-        self._allowed[key] = time.monotonic() + ctx.options.access_check_seconds
+        self._allow(key)
         try:
             await asyncio.to_thread(store.link, route.registry, route.name, digest)
         except OSError as e:
             logger.warning(f"hubcache: not noted in the cache: {e.strerror or e}")
         return None
+
+    def _allow(self, key: tuple[str, str, str]) -> None:
+        """Remember upstream's yes for `access_check_seconds`; what expired is forgotten, and the
+        oldest yes once MAX_ALLOWED are remembered."""
+        now = time.monotonic()
+        self._allowed.pop(key, None)
+        self._allowed[key] = now + ctx.options.access_check_seconds
+        while self._allowed:
+            oldest, until = next(iter(self._allowed.items()))
+            if until > now and len(self._allowed) <= MAX_ALLOWED:
+                break
+            del self._allowed[oldest]
 
     async def learn(self, flow: http.HTTPFlow, route: Route, store: Store) -> None:
         """After a manifest was cached: probe whether an anonymous client may pull it, unless

@@ -65,9 +65,9 @@ def make_addons() -> list:
         watch,  # before Routes: it takes its mark off the watch's own requests first
         Routes(interception),  # before any addon that acts on a registry request
         UpstreamCredentials(interception),
-        Passthrough(interception),
         BoundedAnswers(),
         blobs,
+        Passthrough(interception),  # after every addon that answers in requestheaders
         access,
         metrics,
         pulls,

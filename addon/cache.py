@@ -18,6 +18,7 @@ With `offline` set, nothing goes upstream: what the store lacks is answered with
 
 from __future__ import annotations
 
+import asyncio
 import logging
 
 from mitmproxy import ctx, http
@@ -25,11 +26,13 @@ from mitmproxy.addonmanager import Loader
 
 from . import answers, circuits, protocol, upstream
 from .blob_requests import BlobRequests
+from .credentials import pull_scopes
 from .flowdata import Mark
 from .hosts import Interception
 from .manifest_requests import ManifestRequests
 from .misses import Misses
 from .protocol import Kind, Route
+from .registries import AUTH_HOSTS
 from .routes import route_of
 from .storage import CacheFolder
 
@@ -93,7 +96,13 @@ class RegistryCache:
             flow.response = upstream.available(await self.upstream.send(flow, request, ctx.options.revalidate_timeout))
         except upstream.UpstreamError as e:
             logger.log(circuits.level(str(e)), f"{route.registry}: {e}; answering /v2/ from the cache")
-            answers.ping(flow)
+            breaker = ctx.master.addons.get("circuits")
+            if breaker and (challenge := breaker.challenges.get(route.registry)):
+                # The registry's own challenge: the client asks for a token, which goes upstream
+                # as soon as the token host is back (see _token), so its next pull can be cold.
+                answers.error(flow, 401, "UNAUTHORIZED", "authentication required", {"WWW-Authenticate": challenge})
+            else:
+                answers.ping(flow)
 
     async def _token(self, flow: http.HTTPFlow, host: str) -> None:
         """A token request to a registry's token host (Docker Hub's auth.docker.io): relayed by
@@ -102,6 +111,13 @@ class RegistryCache:
         flow and pull what the cache may give it without upstream's say: public content."""
         if flow.request.method not in ("GET", "POST"):
             return
+        breaker = ctx.master.addons.get("circuits")
+        cold = await self._for_uncached(flow, host)
+        if breaker and not cold and any(breaker.down(r) for r in self._served_by(host)):
+            # The registry is down: a local token serves all the cache may give for these
+            # repositories, and nothing else could be pulled anyway.
+            answers.local_token(flow)
+            return
         if not ctx.options.offline:
             try:
                 request = upstream.token_request_for(flow)
@@ -109,12 +125,34 @@ class RegistryCache:
                 answers.error(flow, e.status, e.code, e.message)
                 return
             try:
-                flow.response = upstream.available(await self.upstream.send(flow, request, ctx.options.revalidate_timeout))
+                flow.response = upstream.available(await self.upstream.send(flow, request, ctx.options.revalidate_timeout, miss=cold))
                 flow.metadata[Mark.RELAYED] = True
                 return
             except upstream.UpstreamError as e:
                 logger.log(circuits.level(str(e), logging.INFO), f"{host}: {e}; token answered by hubcache (cached public content only)")
         answers.local_token(flow)
+
+    def _served_by(self, token_host: str) -> list[str]:
+        """The registries whose token host `token_host` is."""
+        return [r for r, t in AUTH_HOSTS.items() if t == token_host and self.hosts.is_registry(r)]
+
+    async def _for_uncached(self, flow: http.HTTPFlow, host: str) -> bool:
+        """Whether a token request names a repository the cache holds nothing of: a local token
+        could not pull it, so only the token host can answer."""
+        store = self.folder.store
+        request = flow.request
+        scopes = request.query.get_all("scope")
+        if request.method == "POST" and request.urlencoded_form:
+            scopes = request.urlencoded_form.get_all("scope")
+        names = [scope.split(":")[1] for scope in pull_scopes(scopes)]
+        registries = {protocol.canonical_registry(r) for r in self._served_by(host)}
+        if store is None or not names or not registries:
+            return False
+        for name in names:
+            known = [await asyncio.to_thread(store.visibility, r, name) for r in registries]
+            if all(v is None for v in known):
+                return True
+        return False
 
     # the answers upstream gives to what hubcache followed
 

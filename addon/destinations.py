@@ -130,7 +130,7 @@ class Destinations:
         as named). Behind an upstream proxy, that proxy resolves names: only literal addresses
         and `localhost` are judged."""
         name = host.lower().strip("[]")
-        if name == BLOB_HOST or name in self.override.map:
+        if name == BLOB_HOST or self.override.maps(name, port):
             return None
         addresses = _literal(name)
         if addresses is None:

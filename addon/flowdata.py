@@ -11,6 +11,7 @@ class Mark(StrEnum):
 
     SUBREQUEST = "hubcache_subrequest"  # hubcache's own request upstream (upstream.subrequest)
     UNREAD = "hubcache_unread"  # on hubcache's own request: why its answer was not read (too large...)
+    MISS = "hubcache_miss"  # on hubcache's own request: what it asks, only upstream can give the client
     FILL = "hubcache_fill"  # on hubcache's own blob request: the digest of the fill it feeds
     ANSWERED = "hubcache_answered"  # hubcache answered the client's request itself
     RELAYED = "hubcache_relayed"  # the client got the answer to hubcache's own request of it
@@ -18,6 +19,7 @@ class Mark(StrEnum):
     ROUTE = "hubcache_route"  # on a client's registry request: the Route it was parsed to (routes.py)
     WATCH = "hubcache_watch"  # on a request of the watch's own pulls through the proxy (watch.py)
     MIRROR = "hubcache_mirror"  # on a mirror request routed to a registry: the mirror's URL as its client dialled it
+    NO_BODY = "hubcache_no_body"  # a request hubcache answers itself: a body on it is refused (bodies.py)
 
 
 class Source(StrEnum):

@@ -10,9 +10,12 @@ A request counts as traffic of a registry (or token) host only when every name o
 destination mitmproxy connects to (the CONNECT target), the SNI the client's TLS named (hubcache
 intercepted TLS for that name) and the `Host`/`:authority` header the client wrote. Upstream
 answers to such a request come over TLS verified for that name, so they are evidence about that
-registry. Anything else (plain HTTP, a `Host` header that names a registry while the request goes
-elsewhere, TLS to another name) is relayed untouched and never reaches the store, the access
-table, the journal, the metrics' labels or the configured credentials.
+registry. A registry or token host is intercepted on its own port only (`OWN_PORT`, https's):
+`registry-1.docker.io:1` is another server that happens to share the name, so a tunnel to it is
+an ordinary tunnel. Anything else (plain HTTP, a `Host` header that names a registry while the
+request goes elsewhere, TLS to another name or port) is relayed untouched and never reaches the
+store, the access table, the journal, the metrics' labels, the circuits or the configured
+credentials.
 """
 
 from __future__ import annotations
@@ -23,13 +26,18 @@ from collections.abc import Sequence
 from mitmproxy import connection, ctx, exceptions, http, tls
 from mitmproxy.addonmanager import Loader
 from mitmproxy.net.http import url
-from mitmproxy.proxy import server_hooks
+from mitmproxy.proxy import layer, server_hooks
 
-from . import registries, upstream
+from . import bodies, registries, upstream
 from .flowdata import Mark
 from .registries import AUTH_HOSTS, DEFAULT_REGISTRIES, Settings
 
 logger = logging.getLogger(__name__)
+
+# The port a registry and its token host are intercepted on. Every registry hubcache knows serves
+# its API on https's port; `upstream_map` sends a name elsewhere without changing the port clients
+# use (tests point registries at local servers that way).
+OWN_PORT = 443
 
 
 class Interception:
@@ -95,7 +103,7 @@ class Interception:
         or None: see the module's docstring. hubcache's own requests go where they say."""
         request = flow.request
         host = request.host.lower()
-        if request.scheme != "https" or not self.intercepts(host):
+        if request.scheme != "https" or request.port != OWN_PORT or not self.intercepts(host):
             return None
         if upstream.is_subrequest(flow):
             return host
@@ -130,13 +138,14 @@ class Interception:
         return own.tag_freshness if own and own.tag_freshness is not None else ctx.options.tag_freshness
 
     def tls_clienthello(self, data: tls.ClientHelloData) -> None:
-        # Intercept only TLS whose SNI names the host the tunnel goes to: a registry's name in the
-        # SNI of a tunnel to elsewhere gets no certificate for that name from hubcache.
+        # Intercept only TLS whose SNI names the host the tunnel goes to, on its own port: a
+        # registry's name in the SNI of a tunnel to elsewhere gets no certificate for that name
+        # from hubcache, and a tunnel to another port of it is the client's business.
         if self.is_mirror(data.context.client):
             return  # the mirror's own TLS (mirror.py)
         sni = (data.client_hello.sni or "").lower()
-        target = data.context.server.address[0].lower() if data.context.server.address else ""
-        if not (sni and sni == target and self.intercepts(sni)):
+        target, port = data.context.server.address or ("", 0)
+        if not (sni and sni == target.lower() and port == OWN_PORT and self.intercepts(sni)):
             data.ignore_connection = True
 
 
@@ -144,9 +153,10 @@ class UpstreamOverride:
     """Connects chosen upstream host names to other addresses (option `upstream_map`).
 
     For pointing a registry name at an internal mirror, or at a test server, without touching
-    DNS or /etc/hosts. TLS still verifies the original name. Behind an upstream proxy
-    (`--mode upstream:...`) the connection opened is the one to that proxy, so the map rewrites
-    the target of the CONNECT sent through it instead.
+    DNS or /etc/hosts. TLS still verifies the original name. Only connections to the name's own
+    port (`OWN_PORT`) are sent elsewhere: another port of the name is an ordinary destination.
+    Behind an upstream proxy (`--mode upstream:...`) the connection opened is the one to that
+    proxy, so the map rewrites the target of the CONNECT sent through it instead.
     """
 
     def __init__(self) -> None:
@@ -157,7 +167,7 @@ class UpstreamOverride:
             "upstream_map",
             Sequence[str],
             [],
-            "Connect upstream host names elsewhere: HOST=ADDRESS:PORT, e.g. "
+            "Connect upstream host names (their port 443) elsewhere: HOST=ADDRESS:PORT, e.g. "
             "registry-1.docker.io=10.0.0.5:443. TLS still verifies HOST.",
         )
 
@@ -174,12 +184,16 @@ class UpstreamOverride:
                 mapping[host.lower()] = (address.strip("[]"), int(port))
             self.map = mapping
 
+    def maps(self, host: str, port: int) -> tuple[str, int] | None:
+        """Where a connection to host:port goes instead, if the map sends it elsewhere."""
+        return self.map.get(host.lower()) if port == OWN_PORT else None
+
     def server_connect(self, data: server_hooks.ServerConnectionHookData) -> None:
-        if data.server.address and (target := self.map.get(data.server.address[0].lower())):
+        if data.server.address and (target := self.maps(*data.server.address)):
             data.server.address = target
 
     def http_connect_upstream(self, flow: http.HTTPFlow) -> None:
-        if target := self.map.get(flow.request.host.lower()):
+        if target := self.maps(flow.request.host, flow.request.port):
             host, port = target
             flow.request.host, flow.request.port = target
             # The CONNECT line is written from the authority, which must bracket an IPv6 literal.
@@ -191,28 +205,38 @@ class UpstreamOverride:
 
 class Passthrough:
     """What hubcache does not answer passes through as it comes: request and response bodies are
-    streamed, never held whole in the proxy's memory (whatever Content-Length or chunking say).
+    streamed, never held whole in the proxy's memory (whatever Content-Length, chunking or HTTP/2
+    framing say).
 
     The exception is a request hubcache answers itself (a pull from a registry, anything to a
-    registry while offline, a token request): it needs the whole request before it answers. A
-    pull carries no body, and a token request a small form, so anything more is refused by
-    closing the connection."""
+    registry while offline, a token request, whatever an earlier addon answered already): it
+    takes no body, and one that comes anyway is refused before it is read (bodies.py). A token
+    request may bring a small form of announced length, read whole."""
 
     def __init__(self, hosts: Interception):
         self.hosts = hosts
 
+    def next_layer(self, nextlayer: layer.NextLayer) -> None:
+        # mitmproxy's own choice first (its addon runs after hubcache's), then the guard on it.
+        if nextlayer.layer is None:
+            ctx.master.addons.get("nextlayer").next_layer(nextlayer)
+        bodies.guard(nextlayer.layer)
+
     def requestheaders(self, flow: http.HTTPFlow) -> None:
         request = flow.request
-        if flow.response or upstream.is_subrequest(flow) or not _announces_body(request):
+        if upstream.is_subrequest(flow):
+            return
+        if flow.response:
+            bodies.takes_none(flow)  # answered already (the mirror's early answers, refusals)
             return
         host = self.hosts.destination(flow)
         token_host = host is not None and not self.hosts.is_registry(host)
         if host and (token_host or request.method in ("GET", "HEAD") or ctx.options.offline):
             if token_host and request.method == "POST" and _body_size(request) <= MAX_FORM:
-                return  # a token form (containerd's): read whole
-            logger.info(f"hubcache: refused a {request.method} with a body to {host} from {flow.client_conn.peername[0]}")
-            flow.kill()
+                return  # a token form (containerd's): read whole, no longer than it said
+            bodies.takes_none(flow)
             return
+        # Also when the headers announce no body: over HTTP/2 one may come without a length.
         request.stream = True
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:
@@ -224,11 +248,6 @@ class Passthrough:
 
 
 MAX_FORM = 64 * 1024  # a token request's form: credentials and scopes
-
-
-def _announces_body(request: http.Request) -> bool:
-    length = request.headers.get("content-length", "0").strip()
-    return "transfer-encoding" in request.headers or length != "0"
 
 
 def _body_size(request: http.Request) -> float:

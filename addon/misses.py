@@ -88,9 +88,10 @@ class Misses:
             await self._relay(flow, route, fallback)
 
     async def _relay(self, flow: http.HTTPFlow, route: Route, fallback: Fallback | None) -> None:
+        ask = upstream.subrequest(flow, upstream.request_for(flow, route, flow.request.method))
+        ask.metadata[Mark.MISS] = fallback is None  # a tag the cache holds is served instead
         try:
-            request = upstream.request_for(flow, route, flow.request.method)
-            answer = await self.upstream.run(upstream.subrequest(flow, request), ctx.options.fill_timeout)
+            answer = await self.upstream.run(ask, ctx.options.fill_timeout)
         except upstream.Unreadable as e:
             answers.error(flow, 502, "MANIFEST_INVALID", f"{route.image}: {e}")
             await self.folder.journal_miss(route, f"rejected: {e}")

@@ -97,9 +97,10 @@ def canonical_registry(host: str) -> str:
 
 # What no canonical target holds: a fragment (no client that follows RFC 9110 sends one),
 # percent-encoding (names, tags and digests never need it; a registry decodes it before it routes),
-# and empty or dot segments (a registry cleans them, and then routes elsewhere).
+# a backslash (some servers read it as a slash), and empty or dot segments (a registry cleans
+# them, and then routes elsewhere).
 _UNCLEAN = re.compile(r"[#%\\]|//|/\.{1,2}(?:/|$)")
-MEDIA_TYPE_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9!#$&^_.+-]{0,126}/[A-Za-z0-9][A-Za-z0-9!#$&^_.+-]{0,126}")
+_MEDIA_TYPE_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9!#$&^_.+-]{0,126}/[A-Za-z0-9][A-Za-z0-9!#$&^_.+-]{0,126}")
 
 
 def parse_route(host: str, target: str) -> Route:
@@ -162,7 +163,7 @@ def _with_query(route: Route, query: str | None) -> Route:
         seen.add(key)
         if key == "ns" and canonical_registry(value) == route.registry:
             continue
-        if key == "artifactType" and route.kind is Kind.REFERRERS and MEDIA_TYPE_RE.fullmatch(value):
+        if key == "artifactType" and route.kind is Kind.REFERRERS and _MEDIA_TYPE_RE.fullmatch(value):
             artifact_type = value
             continue
         raise BadRequest(400, "UNSUPPORTED", f"this endpoint takes no query parameter {key}={value[:100]!r}")

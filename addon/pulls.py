@@ -9,6 +9,9 @@ reports a finished transfer (the tag in each signed URL names the pull), so a pu
 its slowest layer. Two clients on one address pulling one repository at the same time count as one
 pull.
 
+The status page's most pulled images count the pulls that were served a manifest (a name nobody
+has, or a blob upstream refused, counts for nothing), and only the most pulled POPULAR are kept.
+
 These lines are what the log holds by default, with warnings and errors: mitmproxy's own line per
 connection and per request come back with option `flow_lines`.
 """
@@ -37,6 +40,7 @@ FLOW_LOGGERS = ("mitmproxy.proxy", "mitmproxy.addons.clientplayback")
 QUIET = 5.0  # seconds without a request or a transfer that end a pull
 ABANDONED = 600.0  # a transfer never reported (the client did not follow the URL) stops counting
 RECENT = 50  # finished pulls kept for the status page
+POPULAR = 1000  # images counted for the most pulled (twice as many before the least pulled go)
 
 
 @dataclass
@@ -49,6 +53,7 @@ class Pull:
     begun: float = field(default_factory=time.monotonic)
     transfers: set[str] = field(default_factory=set)  # tags of the blob URLs not reported yet
     blobs: int = 0
+    manifests: int = 0  # manifests served (a 200): a pull of an image, not of a name nobody has
     from_cache: int = 0
     from_shared: int = 0  # fleet mode: the shared store
     from_upstream: int = 0
@@ -72,7 +77,7 @@ class PullLog:
         self._ids = itertools.count(1)
         self._lock = threading.Lock()  # the status page reads from its own threads
         self.recent: deque[Pull] = deque(maxlen=RECENT)
-        self.popular: Counter[str] = Counter()  # pulls per image
+        self.popular: Counter[str] = Counter()  # pulls per image served, the most pulled kept
         self._loop: asyncio.AbstractEventLoop | None = None
         self._task: asyncio.Task | None = None
         self._flow_lines_set = False
@@ -121,6 +126,7 @@ class PullLog:
         if current and not route.by_digest and current.blobs and not current.transfers:
             self._finish(current)  # a tag asked for again after whole blobs: the next pull
         pull = self._pull(flow, route)
+        pull.manifests += 1
         self._add(pull, source, size)
 
     def transfer(self, flow: http.HTTPFlow, route: Route, source: Source) -> str:
@@ -203,7 +209,10 @@ class PullLog:
         logger.info(pull.line())
         with self._lock:
             self.recent.append(pull)
-            self.popular[pull.image] += 1
+            if pull.manifests:
+                self.popular[pull.image] += 1
+                if len(self.popular) > 2 * POPULAR:
+                    self.popular = Counter(dict(self.popular.most_common(POPULAR)))
 
     def snapshot(self) -> tuple[list[Pull], list[tuple[str, int]]]:
         """The recent pulls, newest first, and the most pulled images."""

@@ -1,4 +1,9 @@
-"""The `record` option: every manifest served to a client (hit or miss) goes into a named recording."""
+"""The `record` option: every manifest served to a client (hit or miss) goes into a named recording.
+
+What clients pull is listed, not pinned: eviction may drop it like any other content, so clients
+cannot choose what the disk keeps past `cache_size_limit`. `record_pins` pins it as well: for a
+proxy whose clients the operator trusts with that, and for `hubcache prefetch --record`, whose
+client is the operator."""
 
 from __future__ import annotations
 
@@ -31,6 +36,14 @@ class Recorder:
             "",
             "Name of a recording to add every pulled image to: its reference, digest, platform "
             "manifests and blobs, kept in <cache_dir>/recordings/<name>.yaml. Empty records nothing.",
+        )
+        loader.add_option(
+            "record_pins",
+            bool,
+            False,
+            "Pin what record adds, so eviction (cache_size_limit, expire_unused_days) never drops it: "
+            "only where every client may decide what the disk keeps (prefetch --record sets it). "
+            "Off, what clients pull is recorded but may be evicted.",
         )
 
     def configure(self, updated: set[str]) -> None:
@@ -70,7 +83,7 @@ class Recorder:
             return
         with self._lock:
             changed = recording.note_manifest(
-                store, route.registry, route.name, route.reference, digest, media_type, body
+                store, route.registry, route.name, route.reference, digest, media_type, body, ctx.options.record_pins
             )
             if changed:
                 try:

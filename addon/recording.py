@@ -21,7 +21,7 @@ import yaml
 from . import manifests
 from .manifests import Descriptor
 from .protocol import DIGEST_RE
-from .store import Store
+from .store import PRIVATE_FILE, Store, private_dirs
 
 RECORDING_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
 REFERRER_TAG_RE = re.compile(r"(?P<algorithm>sha256|sha512)-(?P<hex>[a-f0-9]+)\.(?:sig|att|sbom)")
@@ -69,6 +69,7 @@ class Image:
     media_type: str
     manifests: dict[str, PlatformManifest] = field(default_factory=dict)
     referrers: dict[str, Referrer] = field(default_factory=dict)
+    pinned: bool = True  # eviction never drops it: the operator recorded it (prefetch, import)
 
     @property
     def name(self) -> str:
@@ -113,10 +114,11 @@ def names(cache_dir: str | os.PathLike) -> list[str]:
 
 
 def pinned(cache_dir: str | os.PathLike) -> set[str]:
-    """Every digest some recording refers to: content that must never be evicted. Raises
-    RecordingError if a recording cannot be read (then nothing may be evicted safely)."""
+    """Every digest a pinned image of some recording refers to: content that must never be
+    evicted. Raises RecordingError if a recording cannot be read (then nothing may be evicted
+    safely)."""
     folder = recordings_dir(cache_dir)
-    return {d for name in names(cache_dir) for d in Recording.load(folder / f"{name}.yaml").digests()}
+    return {d for name in names(cache_dir) for d in Recording.load(folder / f"{name}.yaml").digests(pinned_only=True)}
 
 
 class Recording:
@@ -139,7 +141,8 @@ class Recording:
             images = {}
             for ref, entry in (data.get("images") or {}).items():
                 image = Image(
-                    entry["registry"], entry["repository"], entry["reference"], entry["digest"], entry["media_type"]
+                    entry["registry"], entry["repository"], entry["reference"], entry["digest"], entry["media_type"],
+                    pinned=entry.get("pinned", True) is not False,  # a file from before pins were chosen pinned all
                 )
                 for m in entry.get("manifests") or []:
                     blobs = [Descriptor(b["digest"], int(b["size"]), b.get("media_type", "")) for b in m["blobs"]]
@@ -165,10 +168,10 @@ class Recording:
             "updated": _now(),
             "images": {ref: _image_dict(image) for ref, image in sorted(self.images.items())},
         }
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        private_dirs(self.path.parent.parent, Path(self.path.parent.name))
         tmp = self.path.with_name(f".{self.name}.{os.getpid()}.{threading.get_ident()}.tmp")
         try:
-            with open(tmp, "w") as f:
+            with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, PRIVATE_FILE), "w") as f:
                 f.write(f"# hubcache recording {self.name!r}: every image below, by digest.\n")
                 yaml.safe_dump(data, f, sort_keys=False, width=200)
             os.replace(tmp, self.path)
@@ -185,12 +188,14 @@ class Recording:
         digest: str,
         media_type: str,
         body: bytes | None,
+        pin: bool = True,
     ) -> bool:
         """Record a manifest a client was served (`body` is None for a HEAD). A digest that an
         image already recorded in this repository resolved to (dockerd resolves a tag with HEAD,
         then fetches by digest) or lists as a platform belongs to that image; anything else is an
-        image of its own. Returns whether the recording changed."""
-        if (owner := self._subject_of(store, registry, repository, reference, digest, media_type, body)) is not None:
+        image of its own. `pin`: the operator chose it (the image is pinned); a client's pull
+        (`pin` false) never changes a pinned image. Returns whether the recording changed."""
+        if (owner := self._subject_of(store, registry, repository, reference, digest, media_type, body, pin)) is not None:
             return owner
         blobs: list[Descriptor] = []
         if body is not None and not manifests.is_index(media_type):
@@ -200,7 +205,7 @@ class Recording:
                 return False
         if DIGEST_RE.fullmatch(reference):
             for image in self.images.values():
-                if (image.registry, image.repository) != (registry, repository):
+                if (image.registry, image.repository) != (registry, repository) or (image.pinned and not pin):
                     continue
                 if image.digest == digest:
                     if image.is_index or digest in image.manifests or body is None:
@@ -213,17 +218,21 @@ class Recording:
                         return False
                     image.manifests[digest] = PlatformManifest(digest, media_type, platform, blobs)
                     return True
-        image = Image(registry, repository, reference, digest, media_type)
+        image = Image(registry, repository, reference, digest, media_type, pinned=pin)
         previous = self.images.get(image.name)
-        if previous and previous.digest == digest and (previous.manifests or body is None or image.is_index):
+        if previous and previous.pinned and not pin:
             return False
+        if previous and previous.digest == digest and (previous.manifests or body is None or image.is_index):
+            changed = pin and not previous.pinned
+            previous.pinned |= pin
+            return changed
         if body is not None and not image.is_index:
             image.manifests[digest] = PlatformManifest(digest, media_type, "", blobs)
         self.images[image.name] = image
         return True
 
     def _subject_of(
-        self, store: Store, registry: str, repository: str, reference: str, digest: str, media_type: str, body: bytes | None
+        self, store: Store, registry: str, repository: str, reference: str, digest: str, media_type: str, body: bytes | None, pin: bool
     ) -> bool | None:
         """Note a referrer of an image already recorded here (a manifest naming its `subject`, or a
         tag of the tag schema) on that image; None when the manifest is no such referrer."""
@@ -238,7 +247,7 @@ class Recording:
         )
         if owner is None:
             return None
-        if body is None:
+        if body is None or (owner.pinned and not pin):
             return False  # a HEAD: the GET that follows brings the body
         previous = owner.referrers.get(digest)
         tag = reference if tag_subject else (previous.tag if previous else "")
@@ -252,9 +261,10 @@ class Recording:
         owner.referrers[digest] = Referrer(digest, media_type, subject, artifact_type, tag, blobs)
         return True
 
-    def digests(self) -> set[str]:
-        """Every manifest and blob digest the recording refers to."""
-        return {d for image in self.images.values() for d in [*image.manifest_digests(), *image.blobs()]}
+    def digests(self, pinned_only: bool = False) -> set[str]:
+        """Every manifest and blob digest the recording refers to (of its pinned images only)."""
+        images = [i for i in self.images.values() if i.pinned or not pinned_only]
+        return {d for image in images for d in [*image.manifest_digests(), *image.blobs()]}
 
     def missing(self, store: Store) -> list[str]:
         """The digests the recording needs that the store does not hold."""
@@ -345,6 +355,7 @@ def _image_dict(image: Image) -> dict:
             for m in image.manifests.values()
         ],
         **({"referrers": [_referrer_dict(r) for r in image.referrers.values()]} if image.referrers else {}),
+        **({} if image.pinned else {"pinned": False}),
     }
 
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import os
 import sqlite3
 import threading
 from collections.abc import Iterable
@@ -201,15 +200,7 @@ class StatusPage:
         journal = self.folder.journal
         if journal is None:
             return []
-        try:
-            with open(journal.path, "rb") as f:
-                size = os.fstat(f.fileno()).st_size
-                f.seek(max(0, size - JOURNAL_TAIL))
-                lines = f.read().splitlines()
-        except FileNotFoundError:
-            return []
-        if size > JOURNAL_TAIL:
-            lines = lines[1:]  # read from the middle of a line
+        lines = journal.tail(JOURNAL_TAIL)
         entries = []
         for line in lines[-RECENT_MISSES:]:
             try:

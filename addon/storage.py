@@ -16,6 +16,7 @@ from mitmproxy.addonmanager import Loader
 from .journal import MissJournal
 from .protocol import Route
 from .store import Store
+from .units import DAY, parse_size
 
 logger = logging.getLogger(__name__)
 
@@ -32,17 +33,58 @@ class CacheFolder:
             "cache",
             "Folder of the content store (diskcache) and the miss journal (misses.jsonl).",
         )
+        loader.add_option(
+            "journal_size",
+            str,
+            "8MiB",
+            "Size at which the miss journal is rotated (to misses.<time>.<pid>.jsonl), e.g. 8MiB.",
+        )
+        loader.add_option(
+            "journal_rotate_days",
+            int,
+            1,
+            "Days after its first line the miss journal is rotated; 0: by size only.",
+        )
+        loader.add_option(
+            "journal_keep",
+            int,
+            7,
+            "Rotated miss journals kept (the oldest beyond are deleted), so the journal takes at "
+            "most journal_size times journal_keep + 1 on disk.",
+        )
+        loader.add_option(
+            "journal_repeat_seconds",
+            int,
+            60,
+            "Seconds within which a miss identical to one journalled (same request, same outcome: a "
+            "client repeating a refused or negatively cached request) is not journalled again; 0 "
+            "journals every one.",
+        )
 
     def configure(self, updated: set[str]) -> None:
+        if "journal_size" in updated:
+            try:
+                size = parse_size(ctx.options.journal_size)
+            except ValueError as e:
+                raise exceptions.OptionsError(f"journal_size: {e}") from e
+            if size < 1:
+                raise exceptions.OptionsError("journal_size must be at least 1 byte")
+        for name in ("journal_rotate_days", "journal_keep", "journal_repeat_seconds"):
+            if name in updated and getattr(ctx.options, name) < 0:
+                raise exceptions.OptionsError(f"{name} must be 0 or more")
         if "cache_dir" in updated:
             directory = Path(ctx.options.cache_dir).expanduser()
             if not self.store or self.store.directory != directory:
                 self._open(directory)
+        if self.journal:
+            self.journal.max_bytes = parse_size(ctx.options.journal_size)
+            self.journal.max_age = ctx.options.journal_rotate_days * DAY
+            self.journal.keep = ctx.options.journal_keep
+            self.journal.repeat_seconds = ctx.options.journal_repeat_seconds
 
     def _open(self, directory: Path) -> None:
         try:
-            directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-            store = Store(directory)
+            store = Store(directory)  # makes the folder, private
         except OSError as e:
             raise exceptions.OptionsError(f"cache_dir: cannot use {directory}: {e.strerror or e}") from e
         self.done()

@@ -5,6 +5,9 @@ Guarantees:
 - A blob is written to a private temporary file in the same folder and committed by rename:
   never copied, never partially visible, even to another process sharing the folder.
 - Safe across threads and processes (diskcache keeps the index in SQLite).
+- Private: the folder and every folder in it are 0700, every file 0600, whoever creates them (the
+  proxy, the blob server or any command); a folder found open to others is tightened, with what
+  it holds, and says so in one line.
 - Storage knows nothing of HTTP.
 """
 
@@ -14,6 +17,7 @@ import logging
 import os
 import shutil
 import sqlite3
+import stat
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -30,6 +34,8 @@ from .protocol import digest_of, hash_digest, hasher
 logger = logging.getLogger(__name__)
 
 UNLIMITED = 2**62
+PRIVATE_DIR = 0o700
+PRIVATE_FILE = 0o600
 _LIVE_TEMP_DIRS: set[Path] = set()  # temporary folders of the stores open in this process
 
 
@@ -72,15 +78,24 @@ def _as_os_error() -> Iterator[None]:
 
 
 class _ContentDisk(diskcache.Disk):
-    """diskcache's Disk, but a verified blob file is renamed into the cache, not copied."""
+    """diskcache's Disk, but a verified blob file is renamed into the cache, not copied, and
+    every folder and file it makes is private."""
+
+    def filename(self, key: Any = UNKNOWN, value: Any = UNKNOWN) -> tuple[str, str]:
+        filename, full_path = super().filename(key, value)
+        # diskcache makes the two levels of folders with the umask: make them first.
+        private_dirs(Path(self._directory), Path(filename).parent)
+        return filename, full_path
 
     def store(self, value: Any, read: bool, key: Any = UNKNOWN) -> tuple[int, int, str | None, Any]:
         if isinstance(value, _VerifiedFile):
             filename, full_path = self.filename(key, value)
-            os.makedirs(os.path.dirname(full_path), exist_ok=True)
-            os.replace(value.path, full_path)
+            os.replace(value.path, full_path)  # a temporary file: 0600 already
             return value.size, MODE_BINARY, filename, None
-        return super().store(value, read, key)
+        size, mode, filename, db_value = super().store(value, read, key)
+        if filename is not None:
+            os.chmod(os.path.join(self._directory, filename), PRIVATE_FILE)
+        return size, mode, filename, db_value
 
 
 @dataclass(frozen=True)
@@ -116,17 +131,21 @@ class Store:
     def __init__(self, directory: str | os.PathLike, size_limit: int = UNLIMITED):
         self.directory = Path(directory)
         # Readable by the service's user only: it holds private images and the miss journal.
-        self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        private_folder(self.directory)
         self._tmp_root = self.directory / "tmp"
         self._clean_dead_temp_dirs()
         pid_dir = self._tmp_root / str(os.getpid())
-        pid_dir.mkdir(parents=True, exist_ok=True)
+        private_dirs(self.directory, pid_dir.relative_to(self.directory))
         # One folder per instance: closing one store must not delete the fills of another store
         # on the same folder in this process (reconfiguring opens the new before closing the old).
         self._tmp = Path(tempfile.mkdtemp(dir=pid_dir))
         _LIVE_TEMP_DIRS.add(self._tmp.resolve())
+        content = self.directory / "content"
+        private_dirs(self.directory, Path("content"))
+        # SQLite gives its -wal and -shm files the mode of the database: make it private first.
+        os.close(os.open(content / "cache.db", os.O_RDONLY | os.O_CREAT, PRIVATE_FILE))
         self._cache = _Index(
-            str(self.directory / "content"),
+            str(content),
             disk=_ContentDisk,
             size_limit=size_limit,
             eviction_policy="least-recently-used",
@@ -320,6 +339,46 @@ class Store:
 
     def linked(self, registry: str, name: str, digest: str) -> bool:
         return bool(self._lookup(self._cache.__contains__, ("link", registry, name, digest)))
+
+
+def private_folder(directory: Path) -> None:
+    """Make the cache folder, or tighten it (and everything in it) if others may read it."""
+    directory.mkdir(mode=PRIVATE_DIR, parents=True, exist_ok=True)
+    mode = directory.stat().st_mode & 0o777
+    if not mode & 0o077:
+        return
+    try:
+        os.chmod(directory, PRIVATE_DIR)  # first: it alone closes what it holds to others
+    except PermissionError as e:
+        logger.warning(f"hubcache: the cache folder {directory} is open to other users (mode {mode:o}) and cannot be made private: {e.strerror}")
+        return
+    tightened = 0
+    for root, dirs, files in os.walk(directory):
+        for name, private in [*((d, PRIVATE_DIR) for d in dirs), *((f, PRIVATE_FILE) for f in files)]:
+            path = os.path.join(root, name)
+            try:
+                found = os.lstat(path).st_mode
+                if found & 0o077 and not stat.S_ISLNK(found):
+                    os.chmod(path, private)
+                    tightened += 1
+            except FileNotFoundError:
+                continue  # another process's temporary file, gone meanwhile
+    logger.warning(
+        f"hubcache: the cache folder {directory} was open to other users (mode {mode:o}): made it private (0700), "
+        f"and {tightened} folders and files in it (0700/0600)"
+    )
+
+
+def private_dirs(root: Path, relative: Path) -> None:
+    """Make `root` and each missing folder of `relative` under it, readable by the owner only."""
+    root.mkdir(mode=PRIVATE_DIR, parents=True, exist_ok=True)
+    path = root
+    for part in relative.parts:
+        path = path / part
+        try:
+            path.mkdir(mode=PRIVATE_DIR)
+        except FileExistsError:
+            pass
 
 
 class BlobWriter:

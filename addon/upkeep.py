@@ -1,7 +1,7 @@
 """Keeping the store in shape: eviction by size and by age, and re-verification.
 
 - Blobs are evicted least recently used first once the store is over `cache_size_limit`, and any
-  blob unused for `expire_unused_days` goes too. Content a recording refers to is never evicted,
+  blob unused for `expire_unused_days` goes too. Content a recording pins is never evicted,
   nor is a blob used in the last few minutes (a client may have just been sent to it; one
   already reading it keeps its open file either way).
 - Eviction keeps the tag index consistent: a manifest that lost a blob is dropped, and so is
@@ -108,13 +108,13 @@ class Removed:
     manifests: list[str] = field(default_factory=list)
     blobs: list[str] = field(default_factory=list)
     bytes: int = 0
-    kept: list[str] = field(default_factory=list)  # manifests still needed by another tag or a recording
+    kept: list[str] = field(default_factory=list)  # manifests still needed by another tag or pinned by a recording
     missing: list[str] = field(default_factory=list)  # images named that the cache does not hold
 
 
 def remove(store: Store, cache_dir: Path, images: list[ImageReference], dry_run: bool = False) -> Removed:
     """Remove images from the cache: their tags (a digest: every tag that names it), the manifests
-    no remaining tag or recording needs, and the blobs no remaining manifest uses. A running
+    no remaining tag needs and no recording pins, and the blobs no remaining manifest uses. A running
     proxy's transfers keep the files they opened; its next pull of the image fills it again.
     Raises RecordingError when a recording cannot be read (then nothing can be removed safely)."""
     result = Removed()
@@ -238,13 +238,13 @@ class Upkeep:
             str,
             "",
             "Largest size of the store's blobs, e.g. 50GB or 500MiB; the least recently used are "
-            "evicted (never what a recording refers to). Empty: no limit.",
+            "evicted (never what a recording pins). Empty: no limit.",
         )
         loader.add_option(
             "expire_unused_days",
             int,
             0,
-            "Days a blob may go unused before it is dropped (never what a recording refers to). "
+            "Days a blob may go unused before it is dropped (never what a recording pins). "
             "0: blobs do not expire.",
         )
 

@@ -118,6 +118,12 @@ def token_request_for(like: http.HTTPFlow) -> http.Request:
     return request
 
 
+def only_upstream(flow: http.HTTPFlow) -> bool:
+    """Whether hubcache's own request is for something only upstream can give the client (a
+    miss, Mark.MISS, or a blob fill): then a host that is down is worth a probe at once."""
+    return bool(flow.metadata.get(Mark.MISS) or flow.metadata.get(Mark.FILL))
+
+
 def subrequest(like: http.HTTPFlow, request: http.Request) -> http.HTTPFlow:
     """A flow of hubcache's own for `request`, on the connections of the client flow `like`."""
     flow = http.HTTPFlow(like.client_conn, like.server_conn)
@@ -191,11 +197,14 @@ class Upstream:
     """The one way out for hubcache's own requests. The addons that send them are given an
     instance (tests give them a fake one instead)."""
 
-    async def send(self, like: http.HTTPFlow, request: http.Request, timeout: float, follow: bool = False) -> http.Response:
+    async def send(self, like: http.HTTPFlow, request: http.Request, timeout: float, follow: bool = False, miss: bool = False) -> http.Response:
         """Send `request` (see request_for) upstream for the client flow `like`, and return the
         response; UpstreamError when there is none. With `follow`, redirects to https URLs are
-        followed and the final answer returned (a redirect elsewhere is the answer)."""
-        answer = await self.run(subrequest(like, request), timeout)
+        followed and the final answer returned (a redirect elsewhere is the answer). With `miss`,
+        only upstream can answer it (see `only_upstream`)."""
+        flow = subrequest(like, request)
+        flow.metadata[Mark.MISS] = miss
+        answer = await self.run(flow, timeout)
         for _ in range(MAX_REDIRECTS if follow else 0):
             if answer.status_code not in protocol.REDIRECTS or not (location := answer.headers.get("location")):
                 break
@@ -210,8 +219,12 @@ class Upstream:
         It is cut when nothing happened for `idle_timeout` seconds: no answer at all, or (with
         `progress`, the time of the last bytes received) a body that stopped growing."""
         circuits = ctx.master.addons.get("circuits")
-        if circuits and (refused := circuits.refusal(flow.request.host, flow.client_conn)):
-            raise Unreachable(refused)  # the host is down: not waited for (see circuits.py)
+        request = flow.request
+        if circuits and (refused := circuits.refusal(request.host, request.port, flow.client_conn)):
+            # The host is down: not waited for, unless only upstream can answer this; then it is
+            # worth one probe (see circuits.py).
+            if not (only_upstream(flow) and await circuits.attempt(request.host, request.port)):
+                raise Unreachable(refused)
         exchange = _start(flow, idle_timeout)
         task = exchange.task
         started = time.monotonic()
@@ -225,13 +238,16 @@ class Upstream:
                 exchange.cancel("hubcache: upstream stopped answering")
                 reason = f"upstream sent nothing for {idle_timeout:g}s"
                 if circuits:
-                    circuits.failed(flow.request.host, reason, flow.request.url)
+                    circuits.failed(request, reason)
                 raise Silent(reason)
         if reason := flow.metadata.get(Mark.UNREAD):
             raise Unreadable(reason)
         if flow.response is not None and not flow.error:
             return flow.response
-        raise Unreachable(flow.error.msg if flow.error else "no response")
+        reason = flow.error.msg if flow.error else "no response"
+        if circuits:
+            circuits.failed(request, reason)
+        raise Unreachable(reason)
 
 
 def redirected(request: http.Request, location: str) -> http.Request:

@@ -71,8 +71,7 @@ def open_store(cache_dir: Path | None, config_file: Path | None) -> Iterator[tup
 
     folder = cache_folder(cache_dir, config_file)
     try:
-        folder.mkdir(parents=True, exist_ok=True)
-        store = Store(folder)
+        store = Store(folder)  # makes the folder, private
     except OSError as e:
         raise click.ClickException(f"cannot use the cache folder {folder}: {e.strerror or e}") from e
     try:

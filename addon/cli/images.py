@@ -93,7 +93,8 @@ def prefetch(
         raise click.ClickException(str(e)) from e
     for note in dict.fromkeys(filter(None, map(logins.unsupported, parsed))):
         click.echo(f"Warning: {note}", err=True)
-    options = proxy_settings(cache_dir, config_file, confdir, record, settings)
+    # What the operator names is pinned in the recording: eviction never drops it.
+    options = [*proxy_settings(cache_dir, config_file, confdir, record, settings), "record_pins=true"]
     ca_cert = make_ca(confdir)
     results = []
     try:
@@ -249,11 +250,12 @@ def recordings(cache_dir: Path | None, config_file: Path | None, name: str | Non
             console.print(table if table.rows else f"no recordings in {folder}")
             return
         r = _recording(folder, name)
-        table = Table("image", "digest", "platforms", "referrers", "blobs", "size", title=f"recording {name} ({r.path})")
+        table = Table("image", "digest", "platforms", "referrers", "blobs", "size", "pinned", title=f"recording {name} ({r.path})")
         for ref, image in sorted(r.images.items()):
             platforms = ", ".join(m.platform or "(single)" for m in image.manifests.values())
             blobs = image.blobs()
-            table.add_row(ref, image.digest, platforms, str(len(image.referrers)), str(len(blobs)), size(sum(blobs.values())))
+            pinned = "yes" if image.pinned else "no"
+            table.add_row(ref, image.digest, platforms, str(len(image.referrers)), str(len(blobs)), size(sum(blobs.values())), pinned)
         console.print(table)
         missing = r.missing(store)
         state = f"{len(missing)} items missing from the cache:" if missing else "everything is in the cache"

@@ -10,6 +10,7 @@ from collections.abc import Callable
 
 import pytest
 
+from hubcache.circuits import PROBE_AGENT
 from support.clients import Dockerd, pulled_blobs, skopeo_copy
 from support.dockerhub import ALL_HOSTS, AUTH_HOST
 from support.procs import free_port
@@ -82,9 +83,9 @@ def test_a_cached_image_pulls_through_an_outage(hubcache, dockerhub, registry, m
     second = pull(proxy, tmp_path / "second")
     in_second = [r for r in dockerhub.begun()[second_begun:] if not _probe(r)]
     print(f"\n{outage}: warm {warm:.2f}s; in the outage, first pull {first:.2f}s, second {second:.2f}s")
-    assert not any(kind == "cdn" for _, _, kind in in_first + in_second), "a cached blob needs no CDN"
+    assert not any(kind == "cdn" for _, _, kind, _ in in_first + in_second), "a cached blob needs no CDN"
     # The first pull waits on a hanging host once; the second on none.
-    waited = [host for host, _, kind in in_first if kind in hanging]
+    waited = [host for host, _, kind, _ in in_first if kind in hanging]
     assert all(waited.count(host) == 1 for host in waited), in_first
     assert not [r for r in in_second if r[2] in hanging], "the second pull waited on a host known to be down"
     if hanging:
@@ -94,10 +95,9 @@ def test_a_cached_image_pulls_through_an_outage(hubcache, dockerhub, registry, m
         assert log.count("serving the cached") + log.count("answering /v2/ from the cache") <= 1, log[-3000:]
 
 
-def _probe(request: tuple[str, str, str]) -> bool:
-    """hubcache's background probe of a host that is down: a HEAD of what failed."""
-    _, method, kind = request
-    return method == "HEAD" and kind in ("ping", "token")
+def _probe(request: tuple[str, str, str, str]) -> bool:
+    """hubcache's probe of a host that is down (circuits.py says what it is by its User-Agent)."""
+    return request[3] == PROBE_AGENT
 
 
 def test_recovery_is_noticed_without_a_restart(hubcache, dockerhub, multi_image, tmp_path):

@@ -202,7 +202,7 @@ class DockerHubDouble:
         self._refresh_tokens: dict[str, tuple[str, str]] = {}
         self._blob_repos: dict[str, str] = {}
         self._log: list[RequestRecord] = []
-        self._begun: list[tuple[str, str, str]] = []
+        self._begun: list[tuple[str, str, str, str]] = []
         self._epoch = time.monotonic()  # requests that began earlier are not logged (see reset)
         self._manifest_gets = 0
         self._fail: dict[str, collections.deque[int]] = collections.defaultdict(collections.deque)
@@ -394,13 +394,13 @@ class DockerHubDouble:
             released = self._released
         return released.wait(seconds)
 
-    def _begin(self, host: str, method: str, kind: str) -> None:
+    def _begin(self, host: str, method: str, kind: str, agent: str) -> None:
         with self._lock:
-            self._begun.append((host, method, kind))
+            self._begun.append((host, method, kind, agent))
 
-    def begun(self) -> list[tuple[str, str, str]]:
-        """(host, method, kind) of every request begun since the last reset, answered or not
-        (a hung request is in `requests()` only once it is answered)."""
+    def begun(self) -> list[tuple[str, str, str, str]]:
+        """(host, method, kind, User-Agent) of every request begun since the last reset, answered
+        or not (a hung request is in `requests()` only once it is answered)."""
         with self._lock:
             return list(self._begun)
 
@@ -605,7 +605,7 @@ class _Handler(BaseHTTPRequestHandler):
         self._started = time.monotonic()
         self._body_read = False
         kind = self._classify()
-        self.hub._begin(self._host, self.command, kind)
+        self.hub._begin(self._host, self.command, kind, self.headers.get("User-Agent", ""))
         try:
             hang, fail = self.hub._take_fault(kind)
             if hang and self.hub._hold(hang):

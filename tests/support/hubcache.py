@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-import json
 import re
 import sys
 import threading
 import time
 import urllib.request
 from pathlib import Path
+
+from hubcache.journal import MissJournal
 
 from .dockerhub import ALL_HOSTS as DOCKER_HUB_HOSTS
 from .dockerhub import DockerHubDouble
@@ -113,10 +114,7 @@ class Hubcache:
             while (fills := self._fills_in_progress()) not in (0, None):
                 assert time.monotonic() < deadline, f"{fills} fills still in progress after {timeout}s"
                 time.sleep(0.05)
-        path = self.cache_dir / "misses.jsonl"
-        if not path.exists():
-            return []
-        return [json.loads(line) for line in path.read_text().splitlines() if line]
+        return MissJournal(self.cache_dir / "misses.jsonl").entries()  # across its rotations
 
     def _fills_in_progress(self) -> int | None:
         """hubcache_fills_in_progress from /metrics; None without a status listener."""

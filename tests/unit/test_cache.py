@@ -13,10 +13,12 @@ from mitmproxy import exceptions, http
 from mitmproxy.addons.proxyserver import Proxyserver
 from mitmproxy.test import taddons, tflow, tutils
 
+from hubcache import access as access_module
 from hubcache import protocol, upstream
 from hubcache.access import Access
 from hubcache.blobserver import BLOB_HOST
 from hubcache.cache import RegistryCache
+from hubcache.circuits import Circuits
 from hubcache.flowdata import Mark
 from hubcache.hosts import Interception
 from hubcache.journal import MissJournal
@@ -62,13 +64,15 @@ class FakeUpstream(upstream.Upstream):
         self.replies: list = []
         self.sent: list = []  # (method, url) of every request sent with send()
         self.sent_requests: list = []  # and the request itself
+        self.sent_as_miss: list[bool] = []  # whether each was sent as only upstream's to answer
         self.fetches: list = []
         self.fetched: list = []  # the request of every run()
         self.on_headers: list = []  # the responseheaders hooks, in addon order
 
-    async def send(self, like: http.HTTPFlow, request: http.Request, timeout: float, follow: bool = False) -> http.Response:
+    async def send(self, like: http.HTTPFlow, request: http.Request, timeout: float, follow: bool = False, miss: bool = False) -> http.Response:
         self.sent.append((request.method, request.url))
         self.sent_requests.append(request)
+        self.sent_as_miss.append(miss)
         assert self.replies, f"unexpected upstream {request.method} {request.url}"
         return _answer(self.replies.pop(0))
 
@@ -1020,6 +1024,31 @@ class TestAccess:
         assert stranger.response.status_code == 401
         assert stranger.response.headers["WWW-Authenticate"] == challenge
 
+    async def test_the_yeses_remembered_are_bounded_however_many_tokens_clients_try(self, env, monkeypatch):
+        monkeypatch.setattr(access_module, "MAX_ALLOWED", 50)
+        await self.cached_private_blob(env)
+        for n in range(120):  # a registry that says yes to any token
+            env.answers.append(upstream_response(200))
+            f = flow(blob_path(), headers={"Authorization": f"Bearer invented-{n}"})
+            await env.addons.request(f)
+            assert f.response.status_code == 307
+        assert len(env.access._allowed) == 50
+        last = flow(blob_path(), headers={"Authorization": "Bearer invented-119"})
+        await env.addons.request(last)
+        assert last.response.status_code == 307 and len(env.sent) == 120, "the newest yes is remembered"
+        env.answers.append(upstream_response(200))
+        first = flow(blob_path(), headers={"Authorization": "Bearer invented-0"})
+        await env.addons.request(first)
+        assert first.response.status_code == 307 and len(env.sent) == 121, "the oldest was forgotten: asked again"
+
+    async def test_an_expired_yes_is_forgotten(self, env):
+        await self.cached_private_blob(env)
+        env.tctx.configure(env.access, access_check_seconds=0)
+        for n in range(20):
+            env.answers.append(upstream_response(200))
+            await env.addons.request(flow(blob_path(), headers={"Authorization": f"Bearer invented-{n}"}))
+        assert len(env.access._allowed) <= 1
+
     @pytest.mark.parametrize("answer", [302, 204], ids=["a redirect upstream ended on", "another 2xx"])
     async def test_only_upstreams_final_200_lets_a_client_have_private_content(self, env, answer):
         await self.cached_private_blob(env)
@@ -1315,3 +1344,44 @@ class TestRedirected:
         assert same.url == f"https://{HUB}{manifest_path('1')}" and same.headers["authorization"] == "Bearer t"
         cdn = upstream.redirected(self.request(), f"https://{CDN}/data?verify=1")
         assert cdn.host == CDN and "authorization" not in cdn.headers
+class TestWhileTheRegistryIsDown:
+    """With Docker Hub's circuit open (circuits.py): a pull of cached content stays local, and a
+    pull of something new reaches the token host as soon as it answers again."""
+
+    CHALLENGE = 'Bearer realm="https://auth.docker.io/token",service="registry.docker.io"'
+
+    @pytest.fixture
+    def breaker(self, env):
+        breaker = Circuits(env.hosts, env.addons.metrics, env.addons.upstream)
+        env.tctx.master.addons.add(breaker)
+        ping = tflow.tflow(req=tutils.treq(scheme=b"https", host=HUB, port=443, path=b"/v2/"), resp=upstream_response(401, {"WWW-Authenticate": self.CHALLENGE}))
+        ping.metadata[Mark.SUBREQUEST] = True
+        breaker.response(ping)  # the registry's own challenge, learned as it passed
+        breaker.failed(http.Request.make("GET", f"https://{HUB}/v2/"), "connection refused")
+        return breaker
+
+    async def test_v2_answers_with_the_registrys_own_challenge(self, env, breaker):
+        env.answers.append(f"hubcache: {HUB} is down (connection refused); not waited for")
+        f = flow("/v2/")
+        await env.addons.request(f)
+        assert f.response.status_code == 401
+        assert f.response.headers["WWW-Authenticate"] == self.CHALLENGE
+
+    async def test_a_token_for_cached_repositories_is_local_at_once(self, env, breaker):
+        f = flow(TOKEN_PATH, host="auth.docker.io")
+        await env.addons.request(f)
+        assert f.response.json()["token"] == protocol.LOCAL_TOKEN and env.sent == []
+
+    async def test_a_token_for_a_repository_the_cache_holds_nothing_of_is_asked_as_a_miss(self, env, breaker):
+        env.answers.append(tutils.tresp(status_code=200, content=b'{"token": "upstream"}'))
+        f = flow("/token?service=registry.docker.io&scope=repository:library/new:pull", host="auth.docker.io")
+        await env.addons.request(f)
+        assert f.response.json() == {"token": "upstream"}
+        assert env.addons.upstream.sent_as_miss == [True]
+
+    async def test_a_token_form_names_its_repositories_too(self, env, breaker):
+        env.answers.append(tutils.tresp(status_code=200, content=b'{"token": "upstream"}'))
+        f = flow("/token", method="POST", host="auth.docker.io", headers={"content-type": "application/x-www-form-urlencoded"})
+        f.request.content = b"grant_type=password&service=registry.docker.io&scope=repository%3Alibrary%2Fnew%3Apull"
+        await env.addons.request(f)
+        assert env.addons.upstream.sent_as_miss == [True]

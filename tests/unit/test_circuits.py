@@ -3,18 +3,20 @@ The real outages are in tests/integration/test_resilience.py."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 
 import pytest
-from mitmproxy import connection
+from mitmproxy import connection, http
 from mitmproxy.proxy import server_hooks
 from mitmproxy.test import taddons, tflow, tutils
 
 from hubcache import upstream
-from hubcache.circuits import FIRST_RETRY, Circuits, level
+from hubcache.circuits import FIRST_RETRY, TRIAL_INTERVAL, Circuits, level
 from hubcache.flowdata import Mark
 from hubcache.hosts import Interception
 from hubcache.metrics import Metrics
+from hubcache.options import SharedOptions
 
 HUB = "registry-1.docker.io"
 
@@ -24,12 +26,18 @@ def circuits():
     hosts = Interception()
     metrics = Metrics(hosts)
     circuits = Circuits(hosts, metrics)
-    with taddons.context(hosts, circuits):
+    with taddons.context(SharedOptions(), hosts, circuits) as tctx:
+        tctx.options.revalidate_timeout = 3
         yield circuits, metrics
 
 
-def connecting(host: str, sni: str | None = None) -> server_hooks.ServerConnectionHookData:
-    server = connection.Server(address=(host, 443))
+def own(url: str, method: str = "GET") -> http.Request:
+    """hubcache's own request for `url`."""
+    return http.Request.make(method, url)
+
+
+def connecting(host: str, sni: str | None = None, port: int = 443) -> server_hooks.ServerConnectionHookData:
+    server = connection.Server(address=(host, port))
     server.sni = host
     client = tflow.tclient_conn()
     client.sni = sni
@@ -43,21 +51,61 @@ def up(metrics: Metrics, host: str) -> float | None:
 def test_the_first_failure_opens_the_circuit_and_later_connections_are_not_attempted(circuits, caplog):
     breaker, metrics = circuits
     caplog.set_level(logging.WARNING)
-    failing = connecting(HUB)
-    failing.server.error = "[Errno 111] Connect call failed"
-    breaker.server_connect_error(failing)
+    breaker.failed(own(f"https://{HUB}/v2/library/alpine/manifests/1"), "[Errno 111] Connect call failed")
     assert breaker.down(HUB) and up(metrics, HUB) == 0
     later = connecting(HUB)
     breaker.server_connect(later)
     assert later.server.error.startswith(f"hubcache: {HUB} is down")
-    breaker.server_connect_error(later)  # its own refusal is not a second failure
+    breaker.failed(own(f"https://{HUB}/v2/"), later.server.error)  # its own refusal is not a second failure
     assert [r.message for r in caplog.records].count(f"hubcache: {HUB} is down ([Errno 111] Connect call failed); answering from the cache without waiting for it") == 1
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        f"https://{HUB}:1/v2/library/alpine/manifests/1",  # another port of the name
+        f"https://{HUB}:8443/v2/",
+        f"https://{HUB}/anything",  # not the registry API
+        f"http://{HUB}/v2/",
+        "https://auth.docker.io/hang-here?scope=x",  # not the realm a registry named
+        "https://auth.docker.io:444/token",
+        "https://example.com/v2/",
+    ],
+)
+def test_only_a_canonical_request_opens_a_circuit(circuits, url):
+    breaker, _ = circuits
+    breaker.failed(own(url), "[Errno 111] Connect call failed")
+    assert breaker.open == {}
+
+
+def test_circuits_are_keyed_by_host_and_port(circuits):
+    breaker, _ = circuits
+    breaker.failed(own(f"https://{HUB}/v2/"), "refused")
+    assert list(breaker.open) == [(HUB, 443)]
+    other_port = connecting(HUB, port=1)
+    breaker.server_connect(other_port)
+    assert other_port.server.error is None
+    answered_elsewhere = tflow.tflow(req=tutils.treq(host=HUB, port=1), resp=tutils.tresp(status_code=200))
+    breaker.response(answered_elsewhere)
+    assert breaker.down(HUB), "an answer from another port says nothing of this one"
+
+
+def test_the_token_realm_is_learned_from_the_registrys_challenge(circuits):
+    breaker, _ = circuits
+    challenge = 'Bearer realm="https://auth.docker.io/other-token",service="registry.docker.io"'
+    f = tflow.tflow(req=tutils.treq(scheme=b"https", host=HUB, port=443, path=b"/v2/"), resp=tutils.tresp(status_code=401, headers=http.Headers(www_authenticate=challenge)))
+    f.metadata[Mark.SUBREQUEST] = True
+    breaker.response(f)
+    breaker.failed(own("https://auth.docker.io/token"), "refused")
+    assert breaker.open == {}
+    breaker.failed(own("https://auth.docker.io/other-token?scope=repository:a/b:pull"), "refused")
+    assert breaker.down("auth.docker.io").probe == "https://auth.docker.io/other-token"
 
 
 def test_any_answer_closes_it(circuits, caplog):
     breaker, metrics = circuits
     caplog.set_level(logging.WARNING)
-    breaker.failed(HUB, "upstream sent nothing for 3s")
+    breaker.failed(own(f"https://{HUB}/v2/"), "upstream sent nothing for 3s")
     f = tflow.tflow(req=tutils.treq(host=HUB, port=443), resp=tutils.tresp(status_code=401))
     breaker.response(f)
     assert breaker.down(HUB) is None and up(metrics, HUB) == 1
@@ -69,7 +117,7 @@ def test_any_answer_closes_it(circuits, caplog):
 
 def test_hubcaches_own_answers_and_5xx_do_not_close_it(circuits):
     breaker, _ = circuits
-    breaker.failed(HUB, "refused")
+    breaker.failed(own(f"https://{HUB}/v2/"), "refused")
     answered = tflow.tflow(req=tutils.treq(host=HUB, port=443), resp=tutils.tresp(status_code=200))
     answered.metadata[Mark.ANSWERED] = True
     breaker.response(answered)
@@ -80,8 +128,8 @@ def test_hubcaches_own_answers_and_5xx_do_not_close_it(circuits):
 
 def test_only_the_probe_connects_while_the_host_is_down(circuits):
     breaker, _ = circuits
-    breaker.failed(HUB, "refused")
-    breaker._probing[HUB] = "probe-1.hubcache.invalid"
+    breaker.failed(own(f"https://{HUB}/v2/"), "refused")
+    breaker._probing[(HUB, 443)] = "probe-1.hubcache.invalid"
     probe, client = connecting(HUB, sni="probe-1.hubcache.invalid"), connecting(HUB, sni=HUB)
     breaker.server_connect(probe)
     breaker.server_connect(client)
@@ -90,26 +138,91 @@ def test_only_the_probe_connects_while_the_host_is_down(circuits):
 
 def test_hosts_hubcache_does_not_intercept_have_no_circuit(circuits):
     breaker, metrics = circuits
-    breaker.failed("example.com", "refused")
-    breaker.failed("production.cloudflare.docker.com", "refused")
+    breaker.failed(own("https://example.com/v2/"), "refused")
+    breaker.failed(own("https://production.cloudflare.docker.com/v2/"), "refused")
     assert breaker.open == {} and up(metrics, "example.com") is None
 
 
-async def test_a_probe_that_fails_doubles_the_wait(circuits):
-    breaker, _ = circuits
-    breaker.failed(HUB, "refused", f"https://{HUB}/v2/library/alpine/manifests/1")
-    circuit = breaker.down(HUB)
-    probed = []
+class Probed(upstream.Upstream):
+    """An upstream that records what it is asked; `answer` None refuses."""
 
-    class Refusing(upstream.Upstream):
-        async def run(self, flow, idle_timeout, progress=None):
-            probed.append((flow.request.method, flow.request.url, flow.request.headers.get("authorization")))
+    def __init__(self, answer: int | None = None):
+        self.answer = answer
+        self.probed: list[tuple[str, str, str | None]] = []
+        self.release = asyncio.Event()
+        self.release.set()
+        self.asked = asyncio.Event()
+
+    async def run(self, flow, idle_timeout, progress=None):
+        self.probed.append((flow.request.method, flow.request.url, flow.request.headers.get("authorization")))
+        self.asked.set()
+        await self.release.wait()
+        if self.answer is None:
             raise upstream.Unreachable("connection refused")
+        return http.Response.make(self.answer)
 
-    breaker.upstream = Refusing()
-    await breaker._probe(HUB, circuit)
-    assert probed == [("HEAD", f"https://{HUB}/v2/library/alpine/manifests/1", None)]
+
+async def test_a_probe_asks_the_host_itself_and_one_that_fails_doubles_the_wait(circuits):
+    breaker, _ = circuits
+    breaker.failed(own(f"https://{HUB}/v2/library/alpine/manifests/1", "HEAD"), "refused")
+    circuit = breaker.down(HUB)
+    breaker.upstream = refusing = Probed()
+    await breaker._probe((HUB, 443), circuit)
+    assert refusing.probed == [("GET", f"https://{HUB}/v2/", None)], "never a replay of what failed"
     assert circuit.backoff == 2 * FIRST_RETRY and breaker.down(HUB)
+
+
+async def test_the_backoff_stops_at_upstream_retry_max(circuits):
+    breaker, _ = circuits
+    ctx_options().upstream_retry_max = 5
+    breaker.failed(own(f"https://{HUB}/v2/"), "refused")
+    circuit = breaker.down(HUB)
+    breaker.upstream = Probed()
+    for _ in range(4):
+        await breaker._probe((HUB, 443), circuit)
+    assert circuit.backoff == 5
+
+
+def ctx_options():
+    from mitmproxy import ctx
+
+    return ctx.options
+
+
+async def test_a_request_only_upstream_can_answer_starts_one_probe_and_all_wait_for_it(circuits):
+    breaker, _ = circuits
+    breaker.failed(own(f"https://{HUB}/v2/"), "refused")
+    breaker.upstream = back = Probed(401)
+    back.release.clear()
+    waiting = [asyncio.create_task(breaker.attempt(HUB, 443)) for _ in range(5)]
+    await asyncio.wait_for(back.asked.wait(), 5)
+    await asyncio.sleep(0.01)  # let any second probe start, if there were one
+    assert len(back.probed) == 1 and not any(w.done() for w in waiting), "one probe in flight, all wait for it"
+    back.release.set()
+    assert await asyncio.gather(*waiting) == [True] * 5
+    assert breaker.down(HUB) is None
+
+
+async def test_while_upstream_stays_down_a_probe_is_started_at_most_once_a_second(circuits):
+    breaker, _ = circuits
+    breaker.failed(own(f"https://{HUB}/v2/"), "refused")
+    breaker.upstream = down = Probed()
+    assert await breaker.attempt(HUB, 443) is False
+    assert await breaker.attempt(HUB, 443) is False
+    assert len(down.probed) == 1
+    breaker.down(HUB).probed_at -= TRIAL_INTERVAL
+    assert await breaker.attempt(HUB, 443) is False
+    assert len(down.probed) == 2
+
+
+async def test_the_wait_for_a_probe_is_bounded_by_revalidate_timeout(circuits):
+    breaker, _ = circuits
+    ctx_options().revalidate_timeout = 0  # a probe that never ends is not waited for past it
+    breaker.failed(own(f"https://{HUB}/v2/"), "refused")
+    breaker.upstream = hanging = Probed(200)
+    hanging.release.clear()
+    assert await breaker.attempt(HUB, 443) is False
+    hanging.release.set()
 
 
 def test_a_request_not_attempted_is_logged_below_the_down_line():
@@ -119,8 +232,37 @@ def test_a_request_not_attempted_is_logged_below_the_down_line():
 
 async def test_hubcaches_own_request_to_a_host_that_is_down_is_not_started(circuits):
     breaker, _ = circuits
-    breaker.failed(HUB, "refused")
+    breaker.failed(own(f"https://{HUB}/v2/"), "refused")
+    breaker.upstream = Probed()
     flow = upstream.subrequest(tflow.tflow(), tutils.treq(host=HUB, port=443, scheme=b"https"))
     with pytest.raises(upstream.Unreachable) as refused:
         await upstream.Upstream().run(flow, 30)
     assert str(refused.value) == f"hubcache: {HUB} is down (refused); not waited for"
+    assert breaker.upstream.probed == [], "a request the cache could answer does not probe"
+
+
+async def test_a_miss_to_a_host_that_is_down_waits_for_the_probe_and_goes_upstream_when_it_is_back(circuits):
+    breaker, _ = circuits
+    breaker.failed(own(f"https://{HUB}/v2/"), "refused")
+    breaker.upstream = Probed(401)
+    flow = upstream.subrequest(tflow.tflow(), tutils.treq(host=HUB, port=443, scheme=b"https"))
+    flow.metadata[Mark.MISS] = True
+    sent = []
+
+    class Sent(Exception):
+        pass
+
+    def start(f, timeout):
+        sent.append(f.request.url)
+        raise Sent
+
+    import hubcache.upstream as module
+
+    original = module._start
+    module._start = start
+    try:
+        with pytest.raises(Sent):
+            await upstream.Upstream().run(flow, 30)
+    finally:
+        module._start = original
+    assert breaker.upstream.probed == [("GET", f"https://{HUB}/v2/", None)] and sent == [flow.request.url]

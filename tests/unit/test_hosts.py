@@ -7,8 +7,10 @@ from mitmproxy.proxy.layers.http._hooks import HttpConnectUpstreamHook
 from mitmproxy.proxy.layers.http._upstream_proxy import HttpUpstreamProxy
 from mitmproxy.test import taddons, tflow, tutils
 
+from hubcache import bodies
 from hubcache.blobserver import BLOB_HOST
-from hubcache.hosts import Interception, Passthrough, UpstreamOverride
+from hubcache.flowdata import Mark
+from hubcache.hosts import MAX_FORM, Interception, Passthrough, UpstreamOverride
 
 
 def client_hello(sni: str | None) -> tls.ClientHello:
@@ -74,6 +76,25 @@ class TestInterception:
                 i.tls_clienthello(data)
                 assert data.ignore_connection, target
 
+    @pytest.mark.parametrize("port", [1, 80, 444, 5000, 8443])
+    def test_another_port_of_a_registry_is_an_ordinary_tunnel(self, port):
+        i = Interception()
+        with taddons.context(i) as tctx:
+            for host in ("registry-1.docker.io", "auth.docker.io"):
+                data = hello_data(tctx, host, (host, port))
+                i.tls_clienthello(data)
+                assert data.ignore_connection, (host, port)
+
+    @pytest.mark.parametrize("port, expected", [(443, "registry-1.docker.io"), (1, None), (8443, None)])
+    def test_a_request_is_a_registrys_on_its_own_port_only(self, port, expected):
+        i = Interception()
+        with taddons.context(i):
+            flow = tflow.tflow(req=tutils.treq(scheme=b"https", host="registry-1.docker.io", port=port, authority=b""))
+            flow.client_conn.sni = "registry-1.docker.io"
+            flow.request.headers["host"] = "registry-1.docker.io" if port == 443 else f"registry-1.docker.io:{port}"
+            assert i.destination(flow) == expected
+            assert i.registry(flow) == expected
+
     def test_clienthello_of_another_host_is_tunnelled(self):
         i = Interception()
         with taddons.context(i) as tctx:
@@ -137,6 +158,14 @@ class TestUpstreamOverride:
             u.server_connect(data)
             assert data.server.address == ("127.0.0.1", 5000)
 
+    def test_another_port_of_a_mapped_name_is_not_mapped(self):
+        u = UpstreamOverride()
+        with taddons.context(u) as tctx:
+            tctx.configure(u, upstream_map=["registry-1.docker.io=127.0.0.1:5000"])
+            data = connect_data(("registry-1.docker.io", 1))
+            u.server_connect(data)
+            assert data.server.address == ("registry-1.docker.io", 1)
+
     def test_leaves_other_servers_alone(self):
         u = UpstreamOverride()
         with taddons.context(u) as tctx:
@@ -194,33 +223,79 @@ def request_flow(method: str, host: str, headers: dict, scheme: str = "https") -
 
 
 @pytest.mark.parametrize(
-    "method, host, headers, streamed",
+    "method, host, headers",
     [
-        ("PUT", "example.com", {"content_length": "1000000000"}, True),
-        ("POST", "example.com", {"transfer_encoding": "chunked"}, True),
-        ("PATCH", "registry-1.docker.io", {"content_length": "5"}, True),  # a push: relayed as it comes
-        ("GET", "example.com", {}, False),
-        ("POST", "registry-1.docker.io", {"content_length": "0"}, False),
+        ("PUT", "example.com", {"content_length": "1000000000"}),
+        ("POST", "example.com", {"transfer_encoding": "chunked"}),
+        ("GET", "example.com", {}),
+        ("PATCH", "registry-1.docker.io", {"content_length": "5"}),  # a push: relayed as it comes
+        ("PUT", "registry-1.docker.io", {}),  # a push over HTTP/2 need not say it has a body
+        ("POST", "registry-1.docker.io", {"content_length": "0"}),
     ],
 )
-def test_request_bodies_are_streamed(method, host, headers, streamed):
+def test_what_hubcache_passes_through_is_streamed_whatever_the_headers_say(method, host, headers):
     hosts = Interception()
     passthrough = Passthrough(hosts)
     with taddons.context(hosts, passthrough) as tctx:
         tctx.options.add_option("offline", bool, False, "declared by the cache")
         f = request_flow(method, host, headers)
         passthrough.requestheaders(f)
-        assert bool(f.request.stream) is streamed and not f.error
+        assert f.request.stream is True and not f.error
+        assert Mark.NO_BODY not in f.metadata
 
 
-def test_a_pull_with_a_body_is_refused():
-    """hubcache answers pulls itself after reading the whole request: one with a body is cut."""
+@pytest.mark.parametrize(
+    "method, host, headers, offline",
+    [
+        ("GET", "registry-1.docker.io", {"content_length": "1000000000"}, False),
+        ("GET", "registry-1.docker.io", {"transfer_encoding": "chunked"}, False),
+        ("GET", "registry-1.docker.io", {}, False),  # over HTTP/2 a body may follow unannounced
+        ("HEAD", "registry-1.docker.io", {"content_length": "0"}, False),
+        ("PUT", "registry-1.docker.io", {"transfer_encoding": "chunked"}, True),  # offline: hubcache answers
+        ("POST", "auth.docker.io", {"transfer_encoding": "chunked"}, False),
+        ("POST", "auth.docker.io", {"content_length": str(MAX_FORM + 1)}, False),
+        ("POST", "auth.docker.io", {}, False),  # HTTP/2 without a length: not a form of known size
+        ("GET", "auth.docker.io", {"content_length": "10"}, False),
+    ],
+)
+def test_what_hubcache_answers_itself_takes_no_body(method, host, headers, offline):
+    hosts = Interception()
+    passthrough = Passthrough(hosts)
+    with taddons.context(hosts, passthrough) as tctx:
+        tctx.options.add_option("offline", bool, offline, "declared by the cache")
+        f = request_flow(method, host, {**headers, "expect": "100-continue"})
+        passthrough.requestheaders(f)
+        assert f.metadata[Mark.NO_BODY] is True and not f.request.stream and not f.error
+        assert "expect" not in f.request.headers, "a 100 Continue would invite the body"
+
+
+def test_a_token_form_of_announced_size_is_read_whole():
+    hosts = Interception()
+    passthrough = Passthrough(hosts)
+    with taddons.context(hosts, passthrough) as tctx:
+        tctx.options.add_option("offline", bool, False, "declared by the cache")
+        f = request_flow("POST", "auth.docker.io", {"content_length": str(MAX_FORM)})
+        passthrough.requestheaders(f)
+        assert Mark.NO_BODY not in f.metadata and not f.request.stream
+
+
+def test_a_request_answered_in_requestheaders_takes_no_body():
+    """The mirror's early answers (and any other addon's) come before Passthrough looks."""
     hosts = Interception()
     passthrough = Passthrough(hosts)
     with taddons.context(hosts, passthrough):
-        f = request_flow("GET", "registry-1.docker.io", {"content_length": "1000000000"})
+        f = request_flow("POST", "example.com", {"transfer_encoding": "chunked"})
+        f.response = http.Response.make(404, b"{}")
         passthrough.requestheaders(f)
-        assert f.error and not f.request.stream
+        assert f.metadata[Mark.NO_BODY] is True and not f.request.stream
+
+
+@pytest.mark.parametrize(
+    "headers, announced",
+    [({}, False), ({"content_length": "0"}, False), ({"content_length": " 0 "}, False), ({"content_length": "1"}, True), ({"transfer_encoding": "chunked"}, True), ({"content_length": "x"}, True)],
+)
+def test_which_headers_announce_a_body(headers, announced):
+    assert bodies.announces_body(tutils.treq(headers=http.Headers(**headers), content=None)) is announced
 
 
 def test_upstream_answers_are_streamed_and_hubcaches_own_are_not():

@@ -115,3 +115,23 @@ def test_counters_carry_no_created_series():
     text = generate_latest(metrics.registry).decode()
     assert 'hubcache_requests_total{kind="blob",result="hit"} 1.0' in text
     assert "_created" not in text
+
+
+def test_names_a_client_invents_never_reach_the_most_pulled():
+    """Blobs upstream refused (404s passed through) are no pull of an image."""
+    log = PullLog()
+    for n in range(3 * pulls.POPULAR):
+        log.passed(client(), Route(Kind.BLOB, REGISTRY, f"invented/name-{n}", f"sha256:{n:064x}"), 120)
+    log.done()
+    assert log.snapshot()[1] == [] and len(log.popular) == 0
+
+
+def test_the_most_pulled_are_bounded_and_keep_the_most_pulled(monkeypatch):
+    monkeypatch.setattr(pulls, "POPULAR", 10)
+    log = PullLog()
+    for n in range(100):
+        for name in ("library/alpine", f"org/image-{n}"):
+            log.manifest(client(), Route(Kind.MANIFEST, REGISTRY, name, "1"), Source.CACHE, 500)
+            log.done()
+    assert len(log.popular) <= 20
+    assert log.snapshot()[1][0] == ("docker.io/library/alpine:1", 100)

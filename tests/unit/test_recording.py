@@ -8,8 +8,10 @@ from mitmproxy import exceptions, http
 from mitmproxy.addons.proxyserver import Proxyserver
 from mitmproxy.test import taddons, tflow, tutils
 
+from hubcache import upkeep
 from hubcache.recorder import Recorder
-from hubcache.recording import Recording, RecordingError, image_from_store, names
+from hubcache.recording import Recording, RecordingError, image_from_store, names, pinned
+from hubcache.upkeep import Upkeep
 from support.addons import CacheAddons
 from support.fill import store_image
 from support.images import build_image
@@ -164,3 +166,126 @@ def test_referrers_are_noted_on_their_image_and_survive_a_reload(tmp_path):
         digest(sig): (digest(image), "", sig_tag),
     }
     assert sbom_layer["digest"] in loaded.blobs() and digest(sbom) in loaded.manifest_digests()
+
+
+# What a recording pins: what the operator recorded, not what any client pulled
+
+
+async def evict_to(tctx, upkeep_addon: Upkeep, limit: str) -> None:
+    tctx.configure(upkeep_addon, cache_size_limit=limit)
+    assert await upkeep_addon.evict() is not None
+
+
+@pytest.fixture
+def upkeep_addon(env, monkeypatch):
+    monkeypatch.setattr(upkeep, "IN_USE", 0)  # the test's blobs were stored just now
+    tctx, _, recorder = env
+    addon = Upkeep(recorder.folder)
+    tctx.master.addons.add(addon)
+    return addon
+
+
+async def test_what_clients_pull_is_recorded_but_evicted_past_the_limit(env, image, tmp_path, upkeep_addon):
+    tctx, cache, recorder = env
+    tctx.configure(recorder, record="ci")
+    amd64 = image.platform("linux/amd64")
+    await pull(cache, recorder, "/v2/library/rec/manifests/1")
+    await pull(cache, recorder, f"/v2/library/rec/manifests/{amd64.manifest.digest}")
+    recording = Recording.open(tmp_path, "ci")
+    assert not recording.images["docker.io/library/rec:1"].pinned
+    assert "pinned: false" in recording.path.read_text()
+    assert pinned(tmp_path) == set()
+    await evict_to(tctx, upkeep_addon, "1")
+    store = recorder.folder.store
+    assert store.blob_entries() == [], "cache_size_limit holds: nothing a client pulled is pinned"
+    assert set(Recording.open(tmp_path, "ci").missing(store)) >= set(recording.images["docker.io/library/rec:1"].blobs())
+
+
+async def test_record_pins_pins_what_is_recorded(env, image, tmp_path, upkeep_addon):
+    tctx, cache, recorder = env
+    tctx.configure(recorder, record="lab", record_pins=True)
+    amd64 = image.platform("linux/amd64")
+    await pull(cache, recorder, "/v2/library/rec/manifests/1")
+    await pull(cache, recorder, f"/v2/library/rec/manifests/{amd64.manifest.digest}")
+    recording = Recording.open(tmp_path, "lab")
+    assert recording.images["docker.io/library/rec:1"].pinned
+    await evict_to(tctx, upkeep_addon, "1")
+    kept = {b.digest for b in recorder.folder.store.blob_entries()}
+    assert kept == set(recording.images["docker.io/library/rec:1"].blobs())
+
+
+async def test_a_clients_pull_never_changes_a_pinned_image(env, image, tmp_path):
+    tctx, cache, recorder = env
+    tctx.configure(recorder, record="lab", record_pins=True)
+    amd64, arm64 = image.platform("linux/amd64"), image.platform("linux/arm64/v8")
+    await pull(cache, recorder, "/v2/library/rec/manifests/1")
+    await pull(cache, recorder, f"/v2/library/rec/manifests/{amd64.manifest.digest}")
+    tctx.configure(recorder, record_pins=False)
+    await pull(cache, recorder, "/v2/library/rec/manifests/1")
+    await pull(cache, recorder, f"/v2/library/rec/manifests/{arm64.manifest.digest}")
+    recording = Recording.open(tmp_path, "lab")
+    operator = recording.images["docker.io/library/rec:1"]
+    assert operator.pinned and list(operator.manifests) == [amd64.manifest.digest]
+    client = recording.images[f"docker.io/library/rec@{arm64.manifest.digest}"]
+    assert not client.pinned
+    assert pinned(tmp_path) == recording.digests(pinned_only=True) == {*operator.manifest_digests(), *operator.blobs()}
+    assert arm64.layers[0].digest not in pinned(tmp_path)
+
+
+def test_an_image_a_client_pulled_is_pinned_once_the_operator_records_it(tmp_path, image):
+    from hubcache.store import Store
+
+    store = Store(tmp_path / "store")
+    try:
+        store_image(store, image, "docker.io", "library/rec", "1")
+        recording = Recording.open(tmp_path, "lab")
+        assert recording.note_manifest(store, "docker.io", "library/rec", "1", image.index_digest, image.top.media_type, None, pin=False)
+        assert pinned(tmp_path) == set()
+        assert recording.note_manifest(store, "docker.io", "library/rec", "1", image.index_digest, image.top.media_type, None, pin=True)
+        assert recording.images["docker.io/library/rec:1"].pinned
+    finally:
+        store.close()
+
+
+def test_a_client_pulling_a_moved_tag_leaves_the_pinned_image(tmp_path, image):
+    from hubcache.store import Store
+
+    store = Store(tmp_path / "store")
+    try:
+        recording = Recording.open(tmp_path, "lab")
+        assert recording.note_manifest(store, "docker.io", "library/rec", "1", image.index_digest, image.top.media_type, None, pin=True)
+        moved = "sha256:" + "b" * 64
+        assert not recording.note_manifest(store, "docker.io", "library/rec", "1", moved, image.top.media_type, None, pin=False)
+        assert recording.images["docker.io/library/rec:1"].digest == image.index_digest
+    finally:
+        store.close()
+
+
+def test_a_recording_from_before_pins_pins_everything(tmp_path):
+    (tmp_path / "recordings").mkdir()
+    digest = "sha256:" + "a" * 64
+    entry = {"registry": "docker.io", "repository": "library/old", "reference": "1", "digest": digest,
+             "media_type": "application/vnd.oci.image.manifest.v1+json", "manifests": []}
+    (tmp_path / "recordings" / "old.yaml").write_text(yaml.safe_dump({"name": "old", "images": {"docker.io/library/old:1": entry}}))
+    assert pinned(tmp_path) == {digest}
+
+
+def test_what_import_brings_is_pinned(tmp_path, image):
+    from hubcache.bundle import export, import_bundle
+    from hubcache.store import Store
+
+    store = Store(tmp_path / "connected")
+    try:
+        store_image(store, image, "docker.io", "library/rec", "1")
+        carried = image_from_store(store, "docker.io", "library/rec", "1")
+        export(store, [carried], tmp_path / "lab.tar", "lab")
+    finally:
+        store.close()
+    site = tmp_path / "site"
+    store = Store(site)
+    try:
+        import_bundle(store, tmp_path / "lab.tar", site)
+    finally:
+        store.close()
+    assert Recording.open(site, "lab").images["docker.io/library/rec:1"].pinned
+    assert pinned(site) == {*carried.manifest_digests(), *carried.blobs()}

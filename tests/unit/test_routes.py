@@ -6,10 +6,14 @@ import io
 import json
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from mitmproxy import http
 from mitmproxy.io import io as flowio
+from mitmproxy.net.http import http1
 from mitmproxy.test import taddons, tflow, tutils
 
+from hubcache import protocol
 from hubcache.hosts import Interception
 from hubcache.protocol import Kind, Route
 from hubcache.routes import Routes, route_of
@@ -69,3 +73,26 @@ def test_a_routed_flow_can_still_be_saved_by_mitmproxy(routes):
     flowio.FlowWriter(saved).add(f)
     [loaded] = flowio.FlowReader(io.BytesIO(saved.getvalue())).stream()
     assert route_of(loaded) == route_of(f)
+
+
+# Where hubcache's parser meets mitmproxy's: the target Routes judges must be, byte for byte, the
+# one the client sent and the one mitmproxy would forward. mitmproxy must not clean or decode it.
+targets = st.text(alphabet=st.characters(min_codepoint=0x21, max_codepoint=0x7E), max_size=120).map(lambda t: "/" + t)
+
+
+@given(target=targets)
+@settings(max_examples=1500, deadline=None)
+def test_mitmproxy_reads_the_request_target_as_sent(target):
+    origin = http1.read_request_head([f"GET {target} HTTP/1.1\r\n".encode(), f"Host: {HUB}\r\n".encode()])
+    assert origin.path == target
+    try:
+        absolute = http1.read_request_head([f"GET https://{HUB}{target} HTTP/1.1\r\n".encode(), f"Host: {HUB}\r\n".encode()])
+    except ValueError:
+        return  # not a request mitmproxy takes: it never reaches an addon
+    assert (absolute.host, absolute.port, absolute.path) == (HUB, 443, target)
+    try:
+        route = protocol.parse_route(HUB, target)
+    except protocol.BadRequest:
+        return
+    if route.kind is not Kind.OTHER:
+        assert route.target.partition("?")[0] == target.partition("?")[0], "a clean target is its route's own"

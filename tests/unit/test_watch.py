@@ -187,7 +187,7 @@ async def test_a_registry_that_asks_for_a_token_gets_one_and_the_head_is_repeate
 
 async def test_nothing_is_asked_while_the_registrys_circuit_is_open(env):
     watch, fake, fetched, _ = env
-    watch.circuits.failed("registry-1.docker.io", "refused")
+    watch.circuits.failed(http.Request.make("HEAD", f"https://registry-1.docker.io/v2/{REPO}/manifests/3.12"), "refused")
     await watch.round()
     assert fake.sent == [] and fetched == []
     assert watch.states[f"docker.io/{REPO}:3.12"].state == "paused: upstream down"
