@@ -15,7 +15,7 @@ Polite by construction: one registry's watched images are checked and fetched on
 `watch_rate` caps the bytes per second of a fetch; nothing is asked of a registry while its circuit
 is open (circuits.py), in offline mode, or while the store is within the last tenth of its
 `cache_size_limit`; when upstream says few pulls are left (`ratelimit-remaining`), the watch
-fetches nothing from that registry until the next interval and says so once. In fleet mode with a
+fetches nothing from that registry until it has more, and says so once. In fleet mode with a
 `fleet_lock`, one node checks each watched entry per interval; the others find the result in the
 shared store.
 
@@ -298,7 +298,8 @@ class Watch:
     def requestheaders(self, flow: http.HTTPFlow) -> None:
         # The watch's own pulls through the proxy say so with this process's secret; the header
         # never travels further, and a client that guesses no secret only loses the header.
-        if (claimed := flow.request.headers.pop(HEADER, None)) is not None and secrets.compare_digest(claimed, self.secret):
+        claimed = flow.request.headers.pop(HEADER, None)
+        if claimed is not None and secrets.compare_digest(claimed.encode("utf-8", "surrogateescape"), self.secret.encode()):
             flow.metadata[Mark.WATCH] = True
 
     def response(self, flow: http.HTTPFlow) -> None:

@@ -958,7 +958,7 @@ MUTANTS: list[Mutant] = [
     mutant(
         "watch-mark-without-secret",
         "only the watch's own pulls, with this process's secret, are counted as the watch's",
-        Edit("secrets.compare_digest(claimed, self.secret)", "claimed is not None"),
+        Edit('secrets.compare_digest(claimed.encode("utf-8", "surrogateescape"), self.secret.encode())', "True"),
         ["test_the_watchs_mark_needs_the_secret_and_never_travels"],
         UNIT,
     ),

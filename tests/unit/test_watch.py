@@ -244,13 +244,14 @@ def test_the_watchs_mark_needs_the_secret_and_never_travels(env):
     from hubcache.flowdata import Mark
 
     watch = env[0]
-    guessed, own = tflow.tflow(), tflow.tflow()
+    guessed, odd, own = tflow.tflow(), tflow.tflow(), tflow.tflow()
     guessed.request.headers["hubcache-watch"] = "guess"
+    odd.request.headers["hubcache-watch"] = "é\udcff" + watch.secret
     own.request.headers["hubcache-watch"] = watch.secret
-    watch.requestheaders(guessed)
-    watch.requestheaders(own)
-    assert Mark.WATCH not in guessed.metadata and own.metadata[Mark.WATCH]
-    assert "hubcache-watch" not in guessed.request.headers and "hubcache-watch" not in own.request.headers
+    for flow in (guessed, odd, own):
+        watch.requestheaders(flow)
+        assert "hubcache-watch" not in flow.request.headers
+    assert Mark.WATCH not in guessed.metadata and Mark.WATCH not in odd.metadata and own.metadata[Mark.WATCH]
 
 
 async def test_nothing_is_asked_while_the_store_is_in_the_last_tenth_of_its_limit(env):
