@@ -29,6 +29,7 @@ import asyncio
 import fnmatch
 import json
 import logging
+import os
 import random
 import re
 import secrets
@@ -47,6 +48,7 @@ from . import prefetch, protocol, units, upstream
 from .flowdata import Mark
 from .protocol import ImageReference, Kind, Route
 from .routes import route_of
+from .store import PRIVATE_FILE
 
 if TYPE_CHECKING:
     from .circuits import Circuits
@@ -541,8 +543,10 @@ def read_state(folder: Path) -> dict | None:
 
 
 def _write(path: Path, text: str) -> None:
+    """Whole or not at all, and private like everything in the cache folder (it names images)."""
     temporary = path.with_suffix(".tmp")
-    temporary.write_text(text)
+    with open(os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, PRIVATE_FILE), "w") as f:
+        f.write(text)
     temporary.replace(path)
 
 

@@ -18,7 +18,7 @@ from hubcache.metrics import Metrics
 from hubcache.options import SharedOptions
 from hubcache.storage import CacheFolder
 from hubcache.upkeep import Upkeep
-from hubcache.watch import JITTER, Throttle, Watch, Watched, expand, low, needs_fetch, next_round, parse_entries, pause_reason, pulls_left
+from hubcache.watch import JITTER, Throttle, Watch, Watched, expand, low, needs_fetch, next_round, parse_entries, pause_reason, pulls_left, read_state
 
 OLD = "sha256:" + "1" * 64
 NEW = "sha256:" + "2" * 64
@@ -166,6 +166,8 @@ async def test_a_moved_tag_is_fetched_at_the_digest_upstream_named(env):
     fake.answers.append(answer(digest=NEW))
     await watch.round()
     assert fetched == [(f"docker.io/{REPO}:3.12", NEW)]
+    written = watch.folder.store.directory / "watch.json"
+    assert read_state(written.parent)["tags"][0]["digest"] == NEW and written.stat().st_mode & 0o777 == 0o600
     assert watch.metrics.registry.get_sample_value("hubcache_watch_checks_total", {"registry": "docker.io"}) == 1
 
 
