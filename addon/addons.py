@@ -22,6 +22,7 @@ from .statuspage import StatusPage
 from .storage import CacheFolder
 from .upkeep import Upkeep
 from .upstream import BoundedAnswers, Upstream
+from .watch import Watch
 
 
 def make_addons() -> list:
@@ -47,17 +48,21 @@ def make_addons() -> list:
         BlobRequests(folder, misses, blobs, access, metrics, pulls, fleet, out),
         out,
     )
-    status = StatusPage(folder, metrics, pulls)
+    circuits = Circuits(interception, metrics, out)
+    upkeep = Upkeep(folder)
+    watch = Watch(interception, folder, circuits, fleet, upkeep, metrics, out)
+    status = StatusPage(folder, metrics, pulls, watch)
     mirror = Mirror(interception, blobs)
     destinations.own_ports.append(status.ports)
     return [
         SharedOptions(),
         folder,
         destinations,
-        Circuits(interception, metrics, out),
+        circuits,
         interception,
         mirror,
         override,
+        watch,  # before Routes: it takes its mark off the watch's own requests first
         Routes(interception),  # before any addon that acts on a registry request
         UpstreamCredentials(interception),
         BoundedAnswers(),
@@ -72,6 +77,6 @@ def make_addons() -> list:
         cache,
         MirrorChallenges(mirror),
         Recorder(folder),
-        Upkeep(folder),
+        upkeep,
         status,
     ]

@@ -191,6 +191,14 @@ class Fleet:
         self._refreshers[digest] = self._spawn(self._refresh(digest))
         return True
 
+    async def claim_watch(self, entry: str, ttl: float) -> bool:
+        """Whether this node checks the watched `entry` this interval (watch.py): it took the lock,
+        which lapses after `ttl` (never released, so no other node checks it again before), or
+        there is no lock to take."""
+        if self.lock is None or not self.usable:
+            return True
+        return bool(await _in_thread(self.lock.acquire, f"watch:{entry}", ttl))
+
     async def await_blob(self, digest: str) -> SharedBlob | None:
         """The blob another node is fetching, once it is in the shared store; None when the store
         failed or the lock is gone without the blob. The wait lasts while the lock is held, which

@@ -18,6 +18,7 @@ class Mark(StrEnum):
     PASSED = "hubcache_passed"  # on a client's blob request passed upstream: the body bytes relayed
     ROUTE = "hubcache_route"  # on a client's registry request: the Route it was parsed to (routes.py)
     LOCAL_TOKEN = "hubcache_local_token"  # on a client's registry request: it holds a local token hubcache honours
+    WATCH = "hubcache_watch"  # on a request of the watch's own pulls through the proxy (watch.py)
     MIRROR = "hubcache_mirror"  # on a mirror request routed to a registry: the mirror's URL as its client dialled it
     NO_BODY = "hubcache_no_body"  # a request hubcache answers itself: a body on it is refused (bodies.py)
 

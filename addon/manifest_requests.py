@@ -157,6 +157,8 @@ class ManifestRequests:
         """Answer from the store: a hit."""
         size = answers.manifest(flow, manifest)
         self.metrics.hit("manifest")
+        if flow.request.method == "GET" and not flow.metadata.get(Mark.WATCH):
+            self.metrics.pulls_saved.labels(route.registry).inc()
         self.metrics.sent(Source.CACHE, size)
         self.pulls.manifest(flow, route, Source.CACHE, size)
 

@@ -98,6 +98,30 @@ class Metrics:
         )
         self.store_bytes = Gauge("hubcache_store_bytes", "Total size of the blobs in the store.", registry=r)
         self.store_entries = Gauge("hubcache_store_entries", "Entries in the store, by type.", ["type"], registry=r)
+        self.watch_checks = Counter(
+            "hubcache_watch_checks", "Watched tags checked upstream with a HEAD (watch), by registry.", ["registry"], registry=r
+        )
+        self.watch_fetched = Counter(
+            "hubcache_watch_fetched_bytes", "Bytes the watch fetched from upstream for tags that changed, by registry.", ["registry"], registry=r
+        )
+        self.watch_success = Gauge(
+            "hubcache_watch_last_success_timestamp_seconds",
+            "When a watched tag of the registry was last found current or fetched (Unix time).",
+            ["registry"],
+            registry=r,
+        )
+        self.watch_served_first = Counter(
+            "hubcache_watch_served_first",
+            "Pulls (tag requests) answered from the cache with a digest the watch fetched before anyone asked, by registry.",
+            ["registry"],
+            registry=r,
+        )
+        self.pulls_saved = Counter(
+            "hubcache_upstream_pulls_saved",
+            "Manifest GETs of clients answered from the cache: pulls upstream did not count (Docker Hub counts manifest GETs), by registry.",
+            ["registry"],
+            registry=r,
+        )
         self.history: deque[Sample] = deque(maxlen=HISTORY)
         self.health: dict[str, Health] = {}
         self._lock = threading.Lock()  # the status page reads from its own threads

@@ -159,6 +159,16 @@ class _Started:
         self.event.set()
 
 
+class Cache(Protocol):
+    """Where prefetch pulls to: a proxy's registries and its store (LocalProxy, or the watch of a
+    running proxy)."""
+
+    @property
+    def hosts(self) -> Interception | None: ...
+    @property
+    def folder(self) -> CacheFolder | None: ...
+
+
 class RegistryClient:
     """Just enough of a registry client to pull through a proxy: Bearer tokens (anonymous, or
     asked for with the image's login as Basic), Basic where the registry asks for it, redirects
@@ -166,7 +176,7 @@ class RegistryClient:
 
     ACCEPT = ", ".join(sorted(MANIFEST_MEDIA_TYPES))
 
-    def __init__(self, proxy_url: str, ca_file: Path, timeout: float = 60, logins: Logins | None = None):
+    def __init__(self, proxy_url: str, ca_file: Path, timeout: float = 60, logins: Logins | None = None, headers: dict[str, str] | None = None):
         context = ssl.create_default_context()
         context.load_verify_locations(cafile=str(ca_file))
         self._opener = urllib.request.build_opener(
@@ -177,6 +187,7 @@ class RegistryClient:
         )
         self.timeout = timeout
         self.logins = logins or Logins()
+        self.headers = headers or {}  # for the proxy: they stay with the registry's host, like credentials
         self._tokens: dict[tuple[str, str], str] = {}  # (host, repository) -> Authorization
         self._lock = threading.Lock()
 
@@ -221,13 +232,13 @@ class RegistryClient:
         url = f"https://{image.host}{path}"
         key = (image.host, image.repository)
         try:
-            return self._follow(url, {**headers, **self._auth(key)})
+            return self._follow(url, {**self.headers, **headers, **self._auth(key)})
         except urllib.error.HTTPError as e:
             if e.code != 401 or key in self._tokens:
                 raise (NotFound if e.code == 404 else PrefetchError)(f"{image}: {_describe(e)}") from None
             self._token(image, e.headers.get("WWW-Authenticate", ""))
         try:
-            return self._follow(url, {**headers, **self._auth(key)})
+            return self._follow(url, {**self.headers, **headers, **self._auth(key)})
         except urllib.error.HTTPError as e:
             hint = ""
             if e.code in (401, 403) and self.logins.find(image) is None:
@@ -254,7 +265,7 @@ class RegistryClient:
                     # urllib would open file:, ftp: and data: URLs too: a registry may not send us there.
                     raise PrefetchError(f"refusing a redirect to {url[:200]!r}: not an http(s) URL") from None
                 if _origin(url) != origin:
-                    headers = {k: v for k, v in headers.items() if k != "Authorization"}
+                    headers = {k: v for k, v in headers.items() if k != "Authorization" and k not in self.headers}
         raise PrefetchError(f"too many redirects at {url}")
 
     def _token(self, image: ImageReference, challenge: str) -> None:
@@ -338,7 +349,7 @@ def find_referrers(client: RegistryClient, image: ImageReference, subjects: list
 
 
 def prefetch(
-    proxy: LocalProxy, client: RegistryClient, text: str, platforms: list[str], progress: PullProgress, referrers: bool = True
+    proxy: Cache, client: RegistryClient, text: str, platforms: list[str], progress: PullProgress, referrers: bool = True
 ) -> Result:
     """Pull one image (the chosen platforms, and its referrers unless told not to) through
     `proxy`, so that the cache holds all of it."""

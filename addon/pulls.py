@@ -30,7 +30,7 @@ from mitmproxy import ctx, http
 from mitmproxy.addonmanager import Loader
 
 from . import units
-from .flowdata import Source
+from .flowdata import Mark, Source
 from .protocol import Kind, Route
 
 logger = logging.getLogger(__name__)
@@ -164,7 +164,10 @@ class PullLog:
 
     @staticmethod
     def _key(flow: http.HTTPFlow, route: Route) -> tuple[str, str, str]:
-        client = flow.client_conn.peername[0] if flow.client_conn.peername else "?"
+        if flow.metadata.get(Mark.WATCH):
+            client = "watch"
+        else:
+            client = flow.client_conn.peername[0] if flow.client_conn.peername else "?"
         return client, route.registry, route.name
 
     def _pull(self, flow: http.HTTPFlow, route: Route) -> Pull:

@@ -35,6 +35,7 @@ from .protocol import ImageReference
 from .pulls import PullLog
 from .storage import CacheFolder
 from .store import Summary
+from .watch import Watch
 
 logger = logging.getLogger(__name__)
 
@@ -54,8 +55,9 @@ class _QuietHandler(WSGIRequestHandler):
 
 
 class StatusPage:
-    def __init__(self, folder: CacheFolder, metrics: Metrics, pulls: PullLog):
+    def __init__(self, folder: CacheFolder, metrics: Metrics, pulls: PullLog, watch: Watch):
         self.folder = folder
+        self.watch = watch
         self.metrics = metrics
         self.pulls = pulls
         self.summary = Summary()
@@ -164,6 +166,7 @@ class StatusPage:
         served = _values(self.metrics.served, "source")
         ratelimits = _values(self.metrics.ratelimit_remaining, "host")
         up = {host: bool(value) for host, value in _values(self.metrics.upstream_up, "host").items()}
+        saved = {ImageReference(registry, "", "").host: n for registry, n in _values(self.metrics.pulls_saved, "registry").items()}
         return {
             "store": asdict(self.summary),
             "requests": {"hits": hits, "misses": misses, "hit_ratio": hits / (hits + misses) if hits + misses else None},
@@ -185,8 +188,10 @@ class StatusPage:
                 for p in recent
             ],
             "recent_misses": self._recent_misses(),
+            "watch": self.watch.snapshot(),
+            "watch_served_first": sum(_values(self.metrics.watch_served_first, "registry").values()),
             "upstream": [
-                {"host": host, **asdict(health), "up": up.get(host), "ratelimit_remaining": ratelimits.get(host)}
+                {"host": host, **asdict(health), "up": up.get(host), "ratelimit_remaining": ratelimits.get(host), "pulls_saved": saved.get(host, 0)}
                 for host, health in sorted(self.metrics.upstream_health().items())
             ],
         }

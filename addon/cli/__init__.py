@@ -5,7 +5,7 @@ One module per group of commands, each registered here:
 - `proxy`: run, options (and what prefetch shares with run: the proxy's options, the CA)
 - `clients`: ca, setup
 - `images`: prefetch, export, import, recordings
-- `views`: stats, ls, misses
+- `views`: stats, ls, misses, watch
 - `upkeep`: prune, rm, verify
 - `config`: the shared --cache-dir and --config options, and the cache folder they name
 
@@ -41,6 +41,7 @@ for command in (
     views.stats_command,
     views.ls_command,
     views.misses_command,
+    views.watch_command,
     upkeep.prune_command,
     upkeep.rm_command,
     upkeep.verify_command,

@@ -1,5 +1,5 @@
 """Operators' views of the cache: `hubcache stats` (what it holds), `hubcache ls` (the cached
-images) and `hubcache misses` (the miss journal). They only read, and never create a cache
+images) and `hubcache misses` (the miss journal), `hubcache watch` (the watched images). They only read, and never create a cache
 folder; each prints a rich table, or JSON with --json."""
 
 from __future__ import annotations
@@ -226,6 +226,51 @@ def misses_command(
         image = f"{e.get('registry')}/{e.get('repository')}{sep}{reference[:19] if sep == '@' else reference}"
         shown = size(e["bytes"]) if isinstance(e.get("bytes"), int) else ""
         table.add_row(_local(when.timestamp(), "%Y-%m-%d %H:%M:%S") if when else "?", str(e.get("kind") or ""), image, shown, str(e.get("outcome")))
+    console.print(table)
+
+
+@click.command("watch")
+@cache_dir_option
+@config_option
+@click.option("--json", "as_json", is_flag=True, help="Print the watched tags as a JSON list.")
+def watch_command(cache_dir: Path | None, config_file: Path | None, as_json: bool) -> None:
+    """Show the watched images (option `watch`) as the proxy's last round left them: each tag's
+    digest upstream, when it was last checked and last changed, and its state.
+
+    \b
+    Examples:
+      hubcache watch
+      hubcache watch --config /etc/hubcache/config.yaml --json
+    """
+    from ..progress import console
+    from ..watch import STATE_FILE, read_state
+
+    folder = cache_folder(cache_dir, config_file)
+    if not folder.is_dir():
+        raise click.ClickException(no_folder(folder))
+    try:
+        state = read_state(folder)
+    except (OSError, ValueError) as e:
+        raise click.ClickException(f"cannot read {folder / STATE_FILE}: {e}") from e
+    tags = state.get("tags", []) if state else []
+    if as_json:
+        click.echo(_json(tags))
+        return
+    if not tags:
+        click.echo(f"nothing watched yet in {folder} (option watch; a running proxy writes {STATE_FILE} after each round)")
+        return
+    from rich.table import Table
+
+    table = Table("image", "digest", "last check", "last change", "state")
+    for t in tags:
+        checked, changed = t.get("checked") or 0, t.get("changed") or 0
+        table.add_row(
+            str(t.get("image")),
+            str(t.get("digest") or "-")[:19],
+            _local(checked, "%Y-%m-%d %H:%M:%S") if checked else "-",
+            _local(changed, "%Y-%m-%d %H:%M:%S") if changed else "-",
+            str(t.get("state")),
+        )
     console.print(table)
 
 

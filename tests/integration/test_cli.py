@@ -102,7 +102,7 @@ def test_every_subcommand_has_help_with_examples():
     for command in sorted(main.commands):
         result = subprocess.run([HUBCACHE, command, "--help"], capture_output=True, text=True, check=True)
         assert "Examples:" in result.stdout, command
-    for command in ("run", "prefetch", "export", "import", "recordings", "prune", "verify", "stats", "ls", "misses"):
+    for command in ("run", "prefetch", "export", "import", "recordings", "prune", "verify", "stats", "ls", "misses", "watch"):
         assert "--cache-dir" in subprocess.run([HUBCACHE, command, "--help"], capture_output=True, text=True).stdout, command
 
 

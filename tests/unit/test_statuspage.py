@@ -4,12 +4,17 @@ from __future__ import annotations
 
 from mitmproxy.test import taddons
 
+from hubcache.circuits import Circuits
+from hubcache.fleet import Fleet
 from hubcache.hosts import Interception
 from hubcache.metrics import Metrics
 from hubcache.options import SharedOptions
 from hubcache.pulls import PullLog
 from hubcache.statuspage import PRIVATE, StatusPage
 from hubcache.storage import CacheFolder
+from hubcache.upkeep import Upkeep
+from hubcache.upstream import Upstream
+from hubcache.watch import Watch
 
 
 def test_only_repositories_known_to_be_public_are_named(tmp_path):
@@ -17,7 +22,8 @@ def test_only_repositories_known_to_be_public_are_named(tmp_path):
     (private) unless status_private is on."""
     hosts = Interception()
     folder = CacheFolder()
-    page = StatusPage(folder, Metrics(hosts), PullLog())
+    metrics = Metrics(hosts)
+    page = StatusPage(folder, metrics, PullLog(), Watch(hosts, folder, Circuits(hosts, metrics), Fleet(), Upkeep(folder), metrics, Upstream()))
     with taddons.context(SharedOptions(), folder, hosts, page) as tctx:
         tctx.options.update(cache_dir=str(tmp_path))
         assert folder.store and folder.journal
