@@ -98,7 +98,7 @@ def test_a_silent_upstream_is_given_up_after_fill_timeout(hubcache, dockerhub, m
         )
     except TimeoutError:
         pytest.fail("hubcache never gave up on the silent upstream")
-    assert "cdn" in [kind for _, _, kind in dockerhub.begun()] and dockerhub.requests(kind="cdn") == [], (
+    assert "cdn" in [begun[2] for begun in dockerhub.begun()] and dockerhub.requests(kind="cdn") == [], (
         "the answer came while upstream still held the request: hubcache gave up on its own"
     )
     assert answer.status == 502

@@ -105,10 +105,10 @@ def test_the_first_cold_pull_after_an_outage_succeeds_and_is_cached(hubcache, do
     assert f"{HUB} is back" in proxy.log_text()
 
 
-def hammer(proxy, ports: list[int], stop: threading.Event, tmp_path: Path, rounds: int = 20) -> list[int]:
+def hammer(proxy, ports: list[int], stop: threading.Event, codes: list[int], rounds: int = 20) -> None:
     """curl's requests for a manifest on other ports of Docker Hub's registry name, round after
-    round until `stop` (at most `rounds`): their HTTP status, 0 for none."""
-    codes = []
+    round until `stop` (at most `rounds`): each one's HTTP status (0 for none) added to `codes`
+    as it comes."""
     for _ in range(rounds):
         if stop.is_set():
             break
@@ -119,7 +119,6 @@ def hammer(proxy, ports: list[int], stop: threading.Event, tmp_path: Path, round
                 capture_output=True, text=True, timeout=30,
             )
             codes.append(int(done.stdout or 0))
-    return codes
 
 
 def test_a_client_hammering_other_ports_of_a_registrys_name_cannot_fail_another_clients_cold_pull(hubcache, dockerhub, multi_image, cold_images, tmp_path):
@@ -128,7 +127,7 @@ def test_a_client_hammering_other_ports_of_a_registrys_name_cannot_fail_another_
     ports = [1, closed, 8443]
     stop = threading.Event()
     codes: list[int] = []
-    attacker = threading.Thread(target=lambda: codes.extend(hammer(proxy, ports, stop, tmp_path)))
+    attacker = threading.Thread(target=hammer, args=(proxy, ports, stop, codes))
     attacker.start()
     try:
         # The attack runs before and during the cold pulls.
