@@ -288,7 +288,7 @@ MUTANTS: list[Mutant] = [
         "no-single-flight",
         "concurrent misses of one blob make one upstream fetch",
         Edit("leader = fill is None\nif fill is None:", "leader = True\nif True:"),
-        ["test_one_fetch_for_every_client_and_each_is_sent_to_the_growing_file", "test_sixteen_clients_at_once_make_one_upstream_fetch_per_blob"],
+        ["test_one_fetch_for_every_client_and_each_is_sent_to_the_growing_file"],
         INTEGRATION,
     ),
     # -- tag revalidation
@@ -417,7 +417,7 @@ MUTANTS: list[Mutant] = [
             "if not (sni and port == OWN_PORT and self.intercepts(sni)):",
             variants=(("if not (sni and sni == target and self.intercepts(sni)):", "if not (sni and self.intercepts(sni)):"),),
         ),
-        ["test_a_registry_sni_in_a_tunnel_to_elsewhere_is_tunnelled", "test_tls_to_another_host_with_the_registry_sni_is_not_intercepted"],
+        ["test_a_registry_sni_in_a_tunnel_to_elsewhere_is_tunnelled"],
         INTEGRATION,
     ),
     # -- the fleet lock
@@ -595,7 +595,7 @@ MUTANTS: list[Mutant] = [
     mutant(
         "accept-ignored-by-tag",
         "a manifest by tag is served from the cache only in a type the client's Accept names",
-        Edit("if not entry or not cached or not protocol.accepts(accept, cached.media_type):", "if not entry or not cached:"),
+        Edit("if entry and manifest and protocol.accepts(accept, manifest.media_type):", "if entry and manifest:"),
         ["test_accept_excluding_the_cached_type_goes_upstream_without_revalidating"],
         UNIT,
     ),
@@ -945,7 +945,6 @@ MUTANTS: list[Mutant] = [
         [
             "test_a_target_not_in_canonical_form_is_refused",
             "test_an_unclean_token_request_is_refused",
-            "test_a_hidden_public_request_never_reads_a_private_image",
         ],
         INTEGRATION,
     ),
