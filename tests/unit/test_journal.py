@@ -55,7 +55,9 @@ def test_the_journal_is_rotated_once_its_first_line_is_old(tmp_path):
     path.chmod(0o600)
     journal = MissJournal(path, max_age=86400, repeat_seconds=0)
     miss(journal, 1)
-    [rotated] = journal.rotations()
+    rotations = journal.rotations()
+    assert len(rotations) == 1, "a journal whose first line is two days old is rotated"
+    [rotated] = rotations
     assert [json.loads(line)["repository"] for line in rotated.read_text().splitlines()] == ["old", "invented/name-1"]
     miss(journal, 2)  # the new file is young: no rotation
     assert len(journal.rotations()) == 1
