@@ -595,7 +595,10 @@ MUTANTS: list[Mutant] = [
     mutant(
         "accept-ignored-by-tag",
         "a manifest by tag is served from the cache only in a type the client's Accept names",
-        Edit("if entry and manifest and protocol.accepts(accept, manifest.media_type):", "if entry and manifest:"),
+        [
+            Edit("if entry and manifest and protocol.accepts(accept, manifest.media_type):", "if entry and manifest:"),
+            Edit("if not entry or not cached or not protocol.accepts(accept, cached.media_type):", "if not entry or not cached:"),
+        ],
         ["test_accept_excluding_the_cached_type_goes_upstream_without_revalidating"],
         UNIT,
     ),

@@ -34,6 +34,7 @@ class FakeUpstream(upstream.Upstream):
 
     async def send(self, like: http.HTTPFlow, request: http.Request, timeout: float, follow: bool = False) -> http.Response:
         self.sent.append(request)
+        assert self.answers, f"the watch asked upstream unexpectedly: {request.method} {request.url}"
         return self.answers.pop(0)
 
 
