@@ -146,9 +146,13 @@ class RegistryCache:
         could not pull it, so only the token host can answer."""
         store = self.folder.store
         request = flow.request
-        scopes = request.query.get_all("scope")
-        if request.method == "POST" and request.urlencoded_form:
-            scopes = request.urlencoded_form.get_all("scope")
+        try:  # the same parse the relayed request is rebuilt from (upstream.token_request_for)
+            fields = protocol.token_target(request.path)[1]
+            if request.method == "POST" and (form := protocol.token_fields(request.get_text(strict=False) or "")):
+                fields = form
+        except protocol.BadRequest:
+            return False  # refused when it is relayed
+        scopes = [value for key, value in fields if key == "scope"]
         names = [scope.split(":")[1] for scope in pull_scopes(scopes)]
         registries = {protocol.canonical_registry(r) for r in self._served_by(host)}
         if store is None or not names or not registries:
