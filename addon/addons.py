@@ -1,28 +1,28 @@
 """The addon set: every hubcache addon, wired together in one place."""
 
-from .access import Access
-from .blob_requests import BlobRequests
-from .blobhost import BlobHost
-from .cache import RegistryCache
-from .circuits import Circuits
-from .credentials import UpstreamCredentials
-from .destinations import Destinations
-from .fleet import Fleet
-from .hosts import Interception, Passthrough, UpstreamOverride
-from .manifest_requests import ManifestRequests
-from .metrics import Metrics
-from .mirror import Mirror, MirrorChallenges
-from .misses import Misses
+from .blobserver.host import BlobHost
+from .cache.access import Access
+from .cache.blob_path import BlobRequests
+from .cache.hooks import RegistryCache
+from .cache.manifest_path import ManifestRequests
+from .cache.misses import Misses
+from .cache.policy import ImagePolicy
+from .cache.recorder import Recorder
+from .fleet.node import Fleet
+from .observe.metrics import Metrics
+from .observe.pull_log import PullLog
+from .observe.status_page import StatusPage
 from .options import SharedOptions
-from .policy import ImagePolicy
-from .pulls import PullLog
-from .recorder import Recorder
-from .routes import Routes
-from .statuspage import StatusPage
-from .storage import CacheFolder
-from .upkeep import Upkeep
-from .upstream import BoundedAnswers, Upstream
-from .watch import Watch
+from .prefetch.watch import Watch
+from .proxy.credentials import UpstreamCredentials
+from .proxy.destinations import Destinations
+from .proxy.interception import Interception, Passthrough, UpstreamOverride
+from .proxy.mirror import Mirror, MirrorChallenges
+from .proxy.routes import Routes
+from .storage.eviction import Upkeep
+from .storage.folder import CacheFolder
+from .upstream.circuits import Circuits
+from .upstream.client import BoundedAnswers, Upstream
 
 
 def make_addons() -> list:

@@ -431,7 +431,7 @@ MUTANTS: list[Mutant] = [
     mutant(
         "fleet-lock-not-exclusive",
         "the fleet lock is held by one node at a time (SET NX)",
-        Edit("nx=True", "nx=False", files="addon/**/shared.py"),
+        Edit("nx=True", "nx=False", files="addon/**/s3.py"),
         ["test_only_one_of_two_nodes_takes_the_lock"],
         INTEGRATION,
     ),
@@ -523,7 +523,7 @@ MUTANTS: list[Mutant] = [
         "anonymous-probe-gets-account-credentials",
         "the anonymous visibility probe stays anonymous, even where registry_settings has credentials",
         Edit(
-            'if flow.response or "authorization" in request.headers or upstream.is_subrequest(flow):',
+            'if flow.response or "authorization" in request.headers or is_subrequest(flow):',
             'if flow.response or "authorization" in request.headers:',
         ),
         ["test_the_anonymous_probe_stays_anonymous"],
@@ -575,8 +575,8 @@ MUTANTS: list[Mutant] = [
         "mirror-skips-image-policy",
         "deny_images and allow_images hold for the mirror's clients too",
         Edit(
-            "if flow.response or flow.error or upstream.is_subrequest(flow):",
-            'if flow.response or flow.error or upstream.is_subrequest(flow) or flow.metadata.get("hubcache_mirror"):',
+            "if flow.response or flow.error or is_subrequest(flow):",
+            'if flow.response or flow.error or is_subrequest(flow) or flow.metadata.get("hubcache_mirror"):',
             files="addon/**/policy.py",
         ),
         ["test_the_image_policy_holds_through_the_mirror"],
@@ -629,7 +629,7 @@ MUTANTS: list[Mutant] = [
     mutant(
         "status-names-private",
         "the status page shows private repositories as (private) unless status_private is on",
-        Edit("if ctx.options.status_private:\n    return True", "if True:\n    return True", files="addon/**/statuspage.py"),
+        Edit("if ctx.options.status_private:\n    return True", "if True:\n    return True", files="addon/**/status_page.py"),
         ["test_only_repositories_known_to_be_public_are_named", "test_the_status_page_names_no_private_repository"],
         INTEGRATION,
     ),
@@ -835,8 +835,8 @@ MUTANTS: list[Mutant] = [
         "account-replaces-clients-credentials",
         "clients that bring their own credentials keep them",
         Edit(
-            'if flow.response or "authorization" in request.headers or upstream.is_subrequest(flow):',
-            "if flow.response or upstream.is_subrequest(flow):",
+            'if flow.response or "authorization" in request.headers or is_subrequest(flow):',
+            "if flow.response or is_subrequest(flow):",
         ),
         ["test_a_client_with_its_own_credentials_keeps_them"],
         UNIT,
@@ -1100,7 +1100,7 @@ MUTANTS: list[Mutant] = [
             "def server_connect_error(self, data: server_hooks.ServerConnectionHookData) -> None:\n"
             '    self.failed(http.Request.make("GET", f"https://{_name(data.server)}/v2/"), data.server.error or "cannot connect")\n\n'
             "def response(self, flow: http.HTTPFlow) -> None:\n    # Only what came from upstream",
-            files="addon/circuits.py",
+            files="addon/upstream/circuits.py",
         ),
         ["test_a_client_hammering_other_ports_of_a_registrys_name_cannot_fail_another_clients_cold_pull"],
         INTEGRATION,
@@ -1742,9 +1742,9 @@ def pytest_runtest_makereport(item, call):
 CHECK_SCRIPT = '''\
 """Loaded by mitmdump as a script: prints where hubcache comes from, then ends mitmdump."""
 import os
-import hubcache.blobserver
+import hubcache.blobserver.server
 
-print("hubcache from", os.path.dirname(os.path.realpath(hubcache.blobserver.__file__)), flush=True)
+print("hubcache from", os.path.dirname(os.path.realpath(hubcache.blobserver.server.__file__)), flush=True)
 os._exit(0)
 '''
 

@@ -46,7 +46,7 @@ def ca_command(confdir: Path, install: bool) -> None:
     import shutil
     import subprocess
 
-    from ..clientsetup import SYSTEM_CA
+    from .client_setup import SYSTEM_CA
 
     ca_cert = _ca(confdir)
     click.echo(ca_cert, err=True)
@@ -106,8 +106,8 @@ def setup_command(
     import sys
     from urllib.parse import urlsplit
 
-    from .. import clientsetup
-    from ..registries import DEFAULT_REGISTRIES
+    from ..registry.settings import DEFAULT_REGISTRIES
+    from . import client_setup as clientsetup
 
     configured: dict[str, list[str]] = {}
     for setting in config_settings(config_file):
@@ -143,9 +143,9 @@ def setup_command(
 
 
 def _mirror_setup(client: str, listen: str, confdir: Path, configured: dict[str, list[str]]) -> None:
-    from .. import clientsetup
-    from ..mirror import parse_listen
-    from ..registries import DEFAULT_REGISTRIES
+    from ..proxy.mirror import parse_listen
+    from ..registry.settings import DEFAULT_REGISTRIES
+    from . import client_setup as clientsetup
 
     if client == "systemd":
         raise click.BadParameter("--mirror is for dockerd, containerd, podman and skopeo", param_hint="--mirror")

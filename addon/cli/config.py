@@ -16,7 +16,7 @@ import click
 import yaml
 
 if TYPE_CHECKING:
-    from ..store import Store
+    from ..storage.store import Store
 
 
 def cache_dir_option[F: Callable[..., Any]](command: F) -> F:
@@ -67,7 +67,7 @@ def cache_folder(cache_dir: Path | None, config_file: Path | None) -> Path:
 @contextmanager
 def open_store(cache_dir: Path | None, config_file: Path | None) -> Iterator[tuple[Store, Path]]:
     """The content store of the cache folder the options name (created if absent), and the folder."""
-    from ..store import Store
+    from ..storage.store import Store
 
     folder = cache_folder(cache_dir, config_file)
     try:

@@ -17,9 +17,9 @@ from .proxy import make_ca, proxy_options, proxy_settings
 if TYPE_CHECKING:
     from rich.table import Table
 
-    from ..prefetch import Result
-    from ..protocol import ImageReference
-    from ..recording import Recording
+    from ..prefetch.client import Result
+    from ..registry.protocol import ImageReference
+    from ..storage.recordings import Recording
 
 
 @click.command()
@@ -78,10 +78,11 @@ def prefetch(
       hubcache prefetch --record lab python:3.12-slim postgres:16
       hubcache prefetch --creds @~/.ghcr-token ghcr.io/org/private:2
     """
-    from .. import logins as lg
-    from .. import prefetch as pf
-    from ..progress import LayerBars, console
-    from ..protocol import ImageReference
+    from ..prefetch import client as pf
+    from ..prefetch import logins as lg
+    from ..registry.protocol import ImageReference
+    from .local_proxy import LocalProxy
+    from .progress import LayerBars, console
 
     parsed = []  # an image that does not parse is reported in the results
     for text in images:
@@ -98,7 +99,7 @@ def prefetch(
     ca_cert = make_ca(confdir)
     results = []
     try:
-        with pf.LocalProxy(options) as proxy, LayerBars() as bars:
+        with LocalProxy(options) as proxy, LayerBars() as bars:
             if proxy.options.offline:
                 raise click.ClickException("prefetch fetches from upstream; it cannot run with offline=true")
             client = pf.RegistryClient(proxy.url, ca_cert, logins=logins)
@@ -119,7 +120,7 @@ def prefetch(
 def _prefetch_table(results: list[Result]) -> Table:
     from rich.table import Table
 
-    from ..progress import size
+    from .progress import size
 
     table = Table("image", "digest", "platforms", "referrers", "fetched", "already cached", title="prefetch")
     for r in results:
@@ -157,9 +158,9 @@ def export_command(
       hubcache export --recording lab -o lab.tar
       hubcache export alpine:3.20 ghcr.io/org/app:1.4 -o images.tar
     """
-    from ..bundle import BundleError, export
-    from ..progress import ByteBar, count, size
-    from ..recording import image_from_store
+    from ..storage.bundle import BundleError, export
+    from ..storage.recordings import image_from_store
+    from .progress import ByteBar, count, size
 
     if bool(images) == bool(recording):
         raise click.UsageError("give either IMAGES or --recording NAME")
@@ -206,8 +207,8 @@ def import_command(cache_dir: Path | None, config_file: Path | None, bundle: Pat
       hubcache import lab.tar
       hubcache import --cache-dir /var/cache/hubcache lab.tar
     """
-    from ..bundle import BundleError, import_bundle
-    from ..progress import ByteBar, count, size
+    from ..storage.bundle import BundleError, import_bundle
+    from .progress import ByteBar, count, size
 
     with open_store(cache_dir, config_file) as (store, folder):
         try:
@@ -239,8 +240,8 @@ def recordings(cache_dir: Path | None, config_file: Path | None, name: str | Non
     """
     from rich.table import Table
 
-    from .. import recording as rec
-    from ..progress import console, size
+    from ..storage import recordings as rec
+    from .progress import console, size
 
     with open_store(cache_dir, config_file) as (store, folder):
         if name is None:
@@ -267,7 +268,7 @@ def recordings(cache_dir: Path | None, config_file: Path | None, name: str | Non
 
 
 def _recording(folder: Path, name: str) -> Recording:
-    from ..recording import Recording, RecordingError
+    from ..storage.recordings import Recording, RecordingError
 
     try:
         path = Recording.open(folder, name).path
@@ -279,7 +280,7 @@ def _recording(folder: Path, name: str) -> Recording:
 
 
 def _image_reference(text: str) -> ImageReference:
-    from ..protocol import ImageReference
+    from ..registry.protocol import ImageReference
 
     try:
         return ImageReference.parse(text)

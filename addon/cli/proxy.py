@@ -99,7 +99,7 @@ def run(
 
 def instructions(host: str, port: int, ca_cert: Path) -> str:
     """What `hubcache run` prints on start: how to point dockerd (and the others) at it."""
-    from .. import clientsetup
+    from . import client_setup as clientsetup
 
     proxy = clientsetup.proxy_url(host, port)
     return f"""\
@@ -151,8 +151,8 @@ def options_command(markdown: bool) -> None:
     from rich.markup import escape
     from rich.table import Table
 
-    from .. import reference
-    from ..progress import console
+    from . import options_table as reference
+    from .progress import console
 
     if markdown:
         click.echo(reference.markdown())

@@ -29,10 +29,10 @@ def prune_command(
       hubcache prune --unused-days 30
       hubcache prune --all
     """
-    from ..progress import count, size
-    from ..recording import RecordingError
+    from ..storage.eviction import parse_size, prune
+    from ..storage.recordings import RecordingError
     from ..units import DAY
-    from ..upkeep import parse_size, prune
+    from .progress import count, size
 
     if not (target or unused_days is not None or everything):
         raise click.UsageError("say what to free: --to SIZE, --unused-days N or --all")
@@ -67,10 +67,10 @@ def rm_command(cache_dir: Path | None, config_file: Path | None, dry_run: bool, 
       hubcache rm alpine:3.20 ghcr.io/acme/app:1
       hubcache rm --dry-run docker.io/library/nginx@sha256:0123...
     """
-    from ..progress import count, size
-    from ..protocol import ImageReference
-    from ..recording import RecordingError
-    from ..upkeep import remove
+    from ..registry.protocol import ImageReference
+    from ..storage.eviction import remove
+    from ..storage.recordings import RecordingError
+    from .progress import count, size
 
     try:
         references = [ImageReference.parse(text) for text in images]
@@ -112,8 +112,8 @@ def verify_command(cache_dir: Path | None, config_file: Path | None) -> None:
       hubcache verify
       hubcache verify --cache-dir /var/cache/hubcache
     """
-    from ..progress import ByteBar, count, size
-    from ..upkeep import verify
+    from ..storage.eviction import verify
+    from .progress import ByteBar, count, size
 
     with open_store(cache_dir, config_file) as (store, _):
         total = sum(b.size for b in store.blob_entries())

@@ -16,8 +16,8 @@ from .config import cache_dir_option, cache_folder, config_option, existing_stor
 if TYPE_CHECKING:
     from datetime import datetime
 
-    from ..journal import MissJournal
-    from ..recording import Image
+    from ..storage.journal import MissJournal
+    from ..storage.recordings import Image
 
 
 
@@ -36,8 +36,8 @@ def stats_command(cache_dir: Path | None, config_file: Path | None, as_json: boo
     """
     import shutil
 
-    from .. import recording as rec
-    from ..progress import console, size
+    from ..storage import recordings as rec
+    from .progress import console, size
 
     with existing_store(cache_dir, config_file) as (store, folder):
         summary = store.summary()
@@ -91,9 +91,9 @@ def ls_command(cache_dir: Path | None, config_file: Path | None, pattern: str | 
     """
     from fnmatch import fnmatchcase
 
-    from ..manifests import ManifestError
-    from ..progress import console, size
-    from ..recording import image_from_store
+    from ..registry.manifests import ManifestError
+    from ..storage.recordings import image_from_store
+    from .progress import console, size
 
     images = []
     with existing_store(cache_dir, config_file) as (store, folder):
@@ -188,8 +188,8 @@ def misses_command(
     from datetime import datetime
     from fnmatch import fnmatchcase
 
-    from ..progress import console, size
-    from ..protocol import canonical_registry
+    from ..registry.protocol import canonical_registry
+    from .progress import console, size
 
     after = _parse_since(since, datetime.now().astimezone()) if since else None
     folder = cache_folder(cache_dir, config_file)
@@ -242,8 +242,8 @@ def watch_command(cache_dir: Path | None, config_file: Path | None, as_json: boo
       hubcache watch
       hubcache watch --config /etc/hubcache/config.yaml --json
     """
-    from ..progress import console
-    from ..watch import STATE_FILE, read_state
+    from ..prefetch.watch import STATE_FILE, read_state
+    from .progress import console
 
     folder = cache_folder(cache_dir, config_file)
     if not folder.is_dir():
@@ -275,7 +275,7 @@ def watch_command(cache_dir: Path | None, config_file: Path | None, as_json: boo
 
 
 def _journal(folder: Path) -> MissJournal:
-    from ..journal import MissJournal
+    from ..storage.journal import MissJournal
 
     return MissJournal(folder / "misses.jsonl")
 

@@ -20,13 +20,13 @@ from mitmproxy.addons.tlsconfig import TlsConfig
 from mitmproxy.proxy import server_hooks
 from mitmproxy.test import taddons
 
-from hubcache import blobserver
-from hubcache.blobhost import BlobHost
-from hubcache.blobserver import BLOB_HOST
+from hubcache.blobserver import server as blobserver
+from hubcache.blobserver.host import BlobHost
+from hubcache.blobserver.server import BLOB_HOST
 from hubcache.options import SharedOptions
-from hubcache.protocol import digest_of
-from hubcache.storage import CacheFolder
-from hubcache.store import Store
+from hubcache.registry.protocol import digest_of
+from hubcache.storage.folder import CacheFolder
+from hubcache.storage.store import Store
 from support.slowclients import SlowClients, client_hello
 
 BLOB = os.urandom(3 * 1024 * 1024 + 17)

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from hubcache import bodies
+from hubcache.mitm import bodies
 from support.clients import skopeo_copy
 from support.procs import free_port
 from support.registry import REGISTRY_NAME

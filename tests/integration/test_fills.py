@@ -118,7 +118,7 @@ def blob_server_pids(cache_dir) -> list[int]:
                     argv = f.read().split(b"\0")
             except OSError:
                 continue
-            if b"hubcache.blobserver" in argv and wanted.encode() in argv:
+            if b"hubcache.blobserver.server" in argv and wanted.encode() in argv:
                 pids.append(int(entry))
     return pids
 

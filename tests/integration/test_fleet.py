@@ -18,8 +18,8 @@ from pathlib import Path
 import pytest
 from mitmproxy.test import taddons
 
-from hubcache.fleet import Fleet
-from hubcache.protocol import digest_of
+from hubcache.fleet.node import Fleet
+from hubcache.registry.protocol import digest_of
 from support import proxied
 from support.clients import pull, pulled_blobs, skopeo_copy
 from support.images import ImageInfo, build_image
@@ -40,7 +40,7 @@ def test_a_node_without_a_shared_store_never_loads_the_s3_client():
     script = """
 import asyncio, sys
 from mitmproxy.test import taddons
-from hubcache.fleet import Fleet
+from hubcache.fleet.node import Fleet
 
 async def main():
     fleet = Fleet()

@@ -16,7 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from hubcache.journal import MissJournal
+from hubcache.storage.journal import MissJournal
 from support.registry import REGISTRY_NAME
 
 NAMES = 10_000

@@ -17,8 +17,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from hubcache import protocol
-from hubcache.protocol import Kind
+from hubcache.registry import protocol
+from hubcache.registry.protocol import Kind
 from support.images import build_image
 from support.registry import REGISTRY_NAME, push
 

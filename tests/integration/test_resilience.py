@@ -10,7 +10,7 @@ from collections.abc import Callable
 
 import pytest
 
-from hubcache.circuits import PROBE_AGENT
+from hubcache.upstream.circuits import PROBE_AGENT
 from support.clients import Dockerd, pulled_blobs, skopeo_copy
 from support.dockerhub import ALL_HOSTS, AUTH_HOST
 from support.procs import free_port

@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 import s3transfer.utils
 
-from hubcache.protocol import digest_of
-from hubcache.shared import FleetLock, MiB, NotInSharedStore, SharedStore, SharedStoreError, SharedTag
+from hubcache.fleet.s3 import FleetLock, MiB, NotInSharedStore, SharedStore, SharedStoreError, SharedTag
+from hubcache.registry.protocol import digest_of
 
 MANIFEST_TYPE = "application/vnd.oci.image.manifest.v1+json"
 
@@ -334,7 +334,7 @@ def test_manifest_with_wrong_bytes_is_refused(swift, bucket, shared, caplog):
     store.put_manifest(digest, MANIFEST_TYPE, body)
     key = f"fleet/manifests/sha256/{digest.partition(':')[2]}"
     swift.client().put_object(Bucket=bucket, Key=key, Body=b'{"schemaVersion": 3}', ContentType=MANIFEST_TYPE)
-    with caplog.at_level(logging.WARNING, logger="hubcache.shared"):
+    with caplog.at_level(logging.WARNING, logger="hubcache.fleet.s3"):
         assert store.get_manifest(digest) is None
     assert f"manifest {digest} read back does not match its digest" in caplog.text
 
@@ -458,7 +458,7 @@ def test_redis_down_means_no_lock(redis, lock_url, caplog):
     lock = FleetLock(lock_url, timeout=1.0)
     redis.stop()
     try:
-        with caplog.at_level(logging.WARNING, logger="hubcache.shared"):
+        with caplog.at_level(logging.WARNING, logger="hubcache.fleet.s3"):
             with pytest.raises(SharedStoreError) as e:
                 lock.check()
             assert lock.acquire(digest, 30) is True

@@ -7,7 +7,7 @@ from __future__ import annotations
 import subprocess
 import sys
 
-from hubcache.store import Store
+from hubcache.storage.store import Store
 
 
 def dead_pid() -> int:

@@ -354,7 +354,7 @@ def _blob_server_pid(proxy) -> int:
                 cmdline = (entry / "cmdline").read_bytes()
             except OSError:
                 continue
-            if b"hubcache.blobserver" in cmdline and str(proxy.cache_dir).encode() in cmdline:
+            if b"hubcache.blobserver.server" in cmdline and str(proxy.cache_dir).encode() in cmdline:
                 return int(entry.name)
     raise AssertionError("no blob server process")
 

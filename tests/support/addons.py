@@ -5,20 +5,20 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from hubcache.access import Access
-from hubcache.blob_requests import BlobRequests
-from hubcache.blobhost import BlobHost
-from hubcache.cache import RegistryCache
-from hubcache.fleet import Fleet
-from hubcache.hosts import Interception
-from hubcache.manifest_requests import ManifestRequests
-from hubcache.metrics import Metrics
-from hubcache.misses import Misses
+from hubcache.blobserver.host import BlobHost
+from hubcache.cache.access import Access
+from hubcache.cache.blob_path import BlobRequests
+from hubcache.cache.hooks import RegistryCache
+from hubcache.cache.manifest_path import ManifestRequests
+from hubcache.cache.misses import Misses
+from hubcache.fleet.node import Fleet
+from hubcache.observe.metrics import Metrics
+from hubcache.observe.pull_log import PullLog
 from hubcache.options import SharedOptions
-from hubcache.pulls import PullLog
-from hubcache.routes import Routes
-from hubcache.storage import CacheFolder
-from hubcache.upstream import Upstream
+from hubcache.proxy.interception import Interception
+from hubcache.proxy.routes import Routes
+from hubcache.storage.folder import CacheFolder
+from hubcache.upstream.client import Upstream
 
 
 @dataclass

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from hubcache.store import Store
+from hubcache.storage.store import Store
 from support.images import ImageInfo
 
 

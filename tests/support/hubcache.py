@@ -9,7 +9,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-from hubcache.journal import MissJournal
+from hubcache.storage.journal import MissJournal
 
 from .dockerhub import ALL_HOSTS as DOCKER_HUB_HOSTS
 from .dockerhub import DockerHubDouble
@@ -137,7 +137,7 @@ class Hubcache:
         return self.proc.log_text() if self.proc else ""
 
     # Its processes: mitmdump, which answers the registry API, and the blob server it runs as a
-    # child process (`python -m hubcache.blobserver`), which streams every blob.
+    # child process (`python -m hubcache.blobserver.server`), which streams every blob.
 
     def blob_server_pid(self) -> int:
         """The pid of the blob server of this running proxy."""
@@ -148,7 +148,7 @@ class Hubcache:
                     argv = f.read().split(b"\0")
             except OSError:
                 continue
-            if b"hubcache.blobserver" in argv:
+            if b"hubcache.blobserver.server" in argv:
                 return pid
         raise AssertionError(f"mitmdump (pid {self.proc.pid}) runs no blob server")
 

@@ -17,8 +17,8 @@ from mitmproxy.proxy import commands, context, events, layer
 from mitmproxy.proxy.layers.http import HttpLayer, HTTPMode, HttpRequestHeadersHook, HttpRequestHook
 from mitmproxy.test import taddons, tflow
 
-from hubcache import bodies
-from hubcache.flowdata import Mark
+from hubcache.mitm import bodies
+from hubcache.mitm.flows import Mark
 
 HEAD = b"GET /v2/library/alpine/manifests/3.20 HTTP/1.1\r\nHost: registry-1.docker.io\r\n"
 

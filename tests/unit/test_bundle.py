@@ -11,10 +11,10 @@ import tracemalloc
 
 import pytest
 
-from hubcache.bundle import BundleError, export, import_bundle
-from hubcache.manifests import Descriptor
-from hubcache.recording import Recording, image_from_store
-from hubcache.store import Store
+from hubcache.registry.manifests import Descriptor
+from hubcache.storage.bundle import BundleError, export, import_bundle
+from hubcache.storage.recordings import Recording, image_from_store
+from hubcache.storage.store import Store
 from support.bundles import bomb, json_flood
 from support.fill import store_image
 from support.images import build_image

@@ -13,17 +13,18 @@ from mitmproxy import exceptions, http
 from mitmproxy.addons.proxyserver import Proxyserver
 from mitmproxy.test import taddons, tflow, tutils
 
-from hubcache import access as access_module
-from hubcache import protocol, upstream
-from hubcache.access import Access
-from hubcache.blobserver import BLOB_HOST
-from hubcache.cache import RegistryCache
-from hubcache.circuits import Circuits
-from hubcache.flowdata import Mark
-from hubcache.hosts import Interception
-from hubcache.journal import MissJournal
-from hubcache.protocol import digest_of
-from hubcache.store import Store
+from hubcache.blobserver.server import BLOB_HOST
+from hubcache.cache import access as access_module
+from hubcache.cache.access import Access
+from hubcache.cache.hooks import RegistryCache
+from hubcache.mitm.flows import Mark
+from hubcache.proxy.interception import Interception
+from hubcache.registry import protocol
+from hubcache.registry.protocol import digest_of
+from hubcache.storage.journal import MissJournal
+from hubcache.storage.store import Store
+from hubcache.upstream import client as upstream
+from hubcache.upstream.circuits import Circuits
 from support.addons import CacheAddons
 
 HUB = "registry-1.docker.io"
@@ -507,7 +508,7 @@ class TestBlobFill:
         assert "not noted in the cache: cache index: attempt to write a readonly database" in caplog.text
 
     async def test_a_full_disk_passes_the_request_through(self, env, monkeypatch):
-        monkeypatch.setattr("hubcache.blob_requests.shutil.disk_usage", lambda path: shutil._ntuple_diskusage(10**9, 10**9 - 1000, 1000))
+        monkeypatch.setattr("hubcache.cache.blob_path.shutil.disk_usage", lambda path: shutil._ntuple_diskusage(10**9, 10**9 - 1000, 1000))
         env.fetches.append(sized())
         f = flow(blob_path())
         await env.addons.request(f)
@@ -521,7 +522,7 @@ class TestBlobFill:
     async def test_room_promised_to_a_fill_under_way_is_not_given_twice(self, env, monkeypatch):
         reserve = 64 * 1024 * 1024
         free = reserve + len(BLOB) + 1000  # room for one such blob, not two
-        monkeypatch.setattr("hubcache.blob_requests.shutil.disk_usage", lambda path: shutil._ntuple_diskusage(10**12, 10**12 - free, free))
+        monkeypatch.setattr("hubcache.cache.blob_path.shutil.disk_usage", lambda path: shutil._ntuple_diskusage(10**12, 10**12 - free, free))
         more = asyncio.Event()
         other = os.urandom(len(BLOB))
         env.fetches += [sized(mid_body=more), sized(other)]
@@ -537,7 +538,7 @@ class TestBlobFill:
 
     async def test_the_free_space_reserve_is_never_filled(self, env, monkeypatch):
         free = 64 * 1024 * 1024 + len(BLOB) - 1  # room for the blob, but not with the reserve left free
-        monkeypatch.setattr("hubcache.blob_requests.shutil.disk_usage", lambda path: shutil._ntuple_diskusage(10**12, 10**12 - free, free))
+        monkeypatch.setattr("hubcache.cache.blob_path.shutil.disk_usage", lambda path: shutil._ntuple_diskusage(10**12, 10**12 - free, free))
         env.fetches.append(sized())
         f = flow(blob_path())
         await env.addons.request(f)

@@ -11,12 +11,12 @@ from mitmproxy import connection, http
 from mitmproxy.proxy import server_hooks
 from mitmproxy.test import taddons, tflow, tutils
 
-from hubcache import upstream
-from hubcache.circuits import FIRST_RETRY, TRIAL_INTERVAL, Circuits, level
-from hubcache.flowdata import Mark
-from hubcache.hosts import Interception
-from hubcache.metrics import Metrics
+from hubcache.mitm.flows import Mark
+from hubcache.observe.metrics import Metrics
 from hubcache.options import SharedOptions
+from hubcache.proxy.interception import Interception
+from hubcache.upstream import client as upstream
+from hubcache.upstream.circuits import FIRST_RETRY, TRIAL_INTERVAL, Circuits, level
 
 HUB = "registry-1.docker.io"
 
@@ -256,7 +256,7 @@ async def test_a_miss_to_a_host_that_is_down_waits_for_the_probe_and_goes_upstre
         sent.append(f.request.url)
         raise Sent
 
-    import hubcache.upstream as module
+    import hubcache.upstream.client as module
 
     original = module._start
     module._start = start

@@ -15,12 +15,12 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from hubcache import clientsetup
+from hubcache.cli import client_setup as clientsetup
 from hubcache.cli import main
 from hubcache.cli.proxy import instructions
-from hubcache.protocol import digest_of
-from hubcache.recording import Recording
-from hubcache.store import Store
+from hubcache.registry.protocol import digest_of
+from hubcache.storage.recordings import Recording
+from hubcache.storage.store import Store
 from support.fill import store_image
 from support.images import build_image
 from support.setupscript import parse

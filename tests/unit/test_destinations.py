@@ -12,10 +12,10 @@ from mitmproxy.addons.proxyserver import Proxyserver
 from mitmproxy.proxy import server_hooks
 from mitmproxy.test import taddons, tflow, tutils
 
-from hubcache.blobhost import BlobHost
-from hubcache.blobserver import BLOB_HOST
-from hubcache.destinations import Destinations, Refused
-from hubcache.hosts import UpstreamOverride
+from hubcache.blobserver.host import BlobHost
+from hubcache.blobserver.server import BLOB_HOST
+from hubcache.proxy.destinations import Destinations, Refused
+from hubcache.proxy.interception import UpstreamOverride
 
 
 @pytest.fixture

@@ -22,9 +22,9 @@ from mitmproxy.addons.upstream_auth import UpstreamAuth
 from mitmproxy.test import taddons, tflow
 from tests.support.pki import TestCA
 
-from hubcache import upstream
-from hubcache.flowdata import Mark
-from hubcache.hosts import UpstreamOverride
+from hubcache.mitm.flows import Mark
+from hubcache.proxy.interception import UpstreamOverride
+from hubcache.upstream import client as upstream
 
 BODY = os.urandom(3 * 1024 * 1024 + 17)  # more than one chunk
 HOST = "registry.test"  # resolved by upstream_map only

@@ -4,9 +4,9 @@ import os
 
 import pytest
 
-from hubcache.fill import Fill, State
-from hubcache.protocol import Kind, Route, digest_of
-from hubcache.store import Store
+from hubcache.cache.fills import Fill, State
+from hubcache.registry.protocol import Kind, Route, digest_of
+from hubcache.storage.store import Store
 
 BLOB = os.urandom(300_000)
 DIGEST = digest_of(BLOB)

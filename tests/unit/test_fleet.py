@@ -8,7 +8,7 @@ import pytest
 from mitmproxy import exceptions
 from mitmproxy.test import taddons
 
-from hubcache.fleet import Fleet
+from hubcache.fleet.node import Fleet
 
 
 @pytest.mark.parametrize(

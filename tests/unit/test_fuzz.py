@@ -18,9 +18,10 @@ from mitmproxy import http
 from mitmproxy.addons.proxyserver import Proxyserver
 from mitmproxy.test import taddons, tflow, tutils
 
-from hubcache import protocol, upstream
-from hubcache.protocol import BadRequest, Kind, Route, digest_of
-from hubcache.store import Store
+from hubcache.registry import protocol
+from hubcache.registry.protocol import BadRequest, Kind, Route, digest_of
+from hubcache.storage.store import Store
+from hubcache.upstream import client as upstream
 from support.addons import CacheAddons
 
 HUB = "registry-1.docker.io"

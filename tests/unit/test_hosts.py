@@ -7,10 +7,10 @@ from mitmproxy.proxy.layers.http._hooks import HttpConnectUpstreamHook
 from mitmproxy.proxy.layers.http._upstream_proxy import HttpUpstreamProxy
 from mitmproxy.test import taddons, tflow, tutils
 
-from hubcache import bodies
-from hubcache.blobserver import BLOB_HOST
-from hubcache.flowdata import Mark
-from hubcache.hosts import MAX_FORM, Interception, Passthrough, UpstreamOverride
+from hubcache.blobserver.server import BLOB_HOST
+from hubcache.mitm import bodies
+from hubcache.mitm.flows import Mark
+from hubcache.proxy.interception import MAX_FORM, Interception, Passthrough, UpstreamOverride
 
 
 def client_hello(sni: str | None) -> tls.ClientHello:

@@ -13,16 +13,16 @@ from click.testing import CliRunner
 from mitmproxy import exceptions, http
 from mitmproxy.test import taddons, tflow, tutils
 
-from hubcache import journal as journal_module
+from hubcache.cache.policy import ImagePolicy
 from hubcache.cli import main
-from hubcache.hosts import Interception
-from hubcache.journal import MissJournal
-from hubcache.metrics import Metrics
+from hubcache.observe.metrics import Metrics
 from hubcache.options import SharedOptions
-from hubcache.policy import ImagePolicy
-from hubcache.routes import Routes
-from hubcache.storage import CacheFolder
-from hubcache.store import Store
+from hubcache.proxy.interception import Interception
+from hubcache.proxy.routes import Routes
+from hubcache.storage import journal as journal_module
+from hubcache.storage.folder import CacheFolder
+from hubcache.storage.journal import MissJournal
+from hubcache.storage.store import Store
 
 HUB = "registry-1.docker.io"
 

@@ -7,7 +7,7 @@ import socket
 import threading
 from http.server import BaseHTTPRequestHandler, HTTPServer
 
-from hubcache.listeners import BoundedThreads
+from hubcache.blobserver.listeners import BoundedThreads
 
 
 class _Echo(BaseHTTPRequestHandler):

@@ -4,8 +4,8 @@ import json
 
 import pytest
 
-from hubcache import manifests
-from hubcache.prefetch import matches
+from hubcache.prefetch.client import matches
+from hubcache.registry import manifests
 
 D1, D2, D3 = ("sha256:" + c * 64 for c in "123")
 INDEX = "application/vnd.oci.image.index.v1+json"

@@ -9,9 +9,9 @@ from mitmproxy import exceptions
 from mitmproxy.proxy import mode_specs
 from mitmproxy.test import taddons, tflow
 
-from hubcache.blobhost import BlobHost
-from hubcache.hosts import Interception
-from hubcache.mirror import Mirror, MirrorChallenges, spec
+from hubcache.blobserver.host import BlobHost
+from hubcache.proxy.interception import Interception
+from hubcache.proxy.mirror import Mirror, MirrorChallenges, spec
 
 LISTEN = "127.0.0.1:5443"
 SPEC = spec(("127.0.0.1", 5443))

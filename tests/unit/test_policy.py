@@ -8,13 +8,13 @@ import pytest
 from mitmproxy import exceptions, http
 from mitmproxy.test import taddons, tflow, tutils
 
-from hubcache.hosts import Interception
-from hubcache.journal import MissJournal
-from hubcache.metrics import Metrics
+from hubcache.cache.policy import ImagePolicy
+from hubcache.observe.metrics import Metrics
 from hubcache.options import SharedOptions
-from hubcache.policy import ImagePolicy
-from hubcache.routes import Routes
-from hubcache.storage import CacheFolder
+from hubcache.proxy.interception import Interception
+from hubcache.proxy.routes import Routes
+from hubcache.storage.folder import CacheFolder
+from hubcache.storage.journal import MissJournal
 
 HUB = "registry-1.docker.io"
 DIGEST = "sha256:" + "a" * 64

@@ -10,7 +10,7 @@ from pathlib import Path
 import certifi
 import pytest
 
-from hubcache.prefetch import PrefetchError, RegistryClient
+from hubcache.prefetch.client import PrefetchError, RegistryClient
 
 
 class Redirecting:
@@ -75,8 +75,8 @@ def test_a_redirect_within_the_origin_keeps_the_credentials(tmp_path, location):
 import base64  # noqa: E402
 import json  # noqa: E402
 
-from hubcache import logins  # noqa: E402
-from hubcache.protocol import ImageReference  # noqa: E402
+from hubcache.prefetch import logins  # noqa: E402
+from hubcache.registry.protocol import ImageReference  # noqa: E402
 
 GHCR = ImageReference.parse("ghcr.io/org/app:1")
 HUB = ImageReference.parse("alice/private:1")

@@ -13,11 +13,11 @@ from click.testing import CliRunner
 from mitmproxy.test import taddons
 
 from hubcache.cli import main
-from hubcache.journal import MissJournal
-from hubcache.protocol import digest_of
-from hubcache.recording import Recording
-from hubcache.storage import CacheFolder
-from hubcache.store import Store
+from hubcache.registry.protocol import digest_of
+from hubcache.storage.folder import CacheFolder
+from hubcache.storage.journal import MissJournal
+from hubcache.storage.recordings import Recording
+from hubcache.storage.store import Store
 from support.fill import store_image
 from support.images import build_image
 

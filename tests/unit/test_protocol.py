@@ -3,8 +3,8 @@ import json
 
 import pytest
 
-from hubcache import protocol
-from hubcache.protocol import BadRequest, ImageReference, Kind, Route
+from hubcache.registry import protocol
+from hubcache.registry.protocol import BadRequest, ImageReference, Kind, Route
 
 DIGEST = "sha256:" + "a" * 64
 DIGEST512 = "sha512:" + "b" * 128

@@ -7,10 +7,10 @@ import logging
 
 from mitmproxy.test import tflow
 
-from hubcache import pulls
-from hubcache.flowdata import Source
-from hubcache.protocol import Kind, Route
-from hubcache.pulls import PullLog
+from hubcache.mitm.flows import Source
+from hubcache.observe import pull_log as pulls
+from hubcache.observe.pull_log import PullLog
+from hubcache.registry.protocol import Kind, Route
 
 REGISTRY, REPO = "docker.io", "library/alpine"
 
@@ -37,7 +37,7 @@ async def test_a_pull_is_one_line_with_its_bytes_by_source(monkeypatch, caplog):
     monkeypatch.setattr(pulls, "QUIET", 0.2)
     log = PullLog()
     log.running()
-    caplog.set_level(logging.INFO, logger="hubcache.pulls")
+    caplog.set_level(logging.INFO, logger="hubcache.observe.pull_log")
     f = client()
     log.manifest(f, manifest("3.20"), Source.CACHE, 500)
     cached, streamed = log.transfer(f, blob(1), Source.CACHE), log.transfer(f, blob(2), Source.UPSTREAM)
@@ -56,7 +56,7 @@ async def test_a_pull_is_one_line_with_its_bytes_by_source(monkeypatch, caplog):
 async def test_the_tag_asked_again_after_its_blobs_is_the_next_pull(caplog):
     log = PullLog()
     log.running()
-    caplog.set_level(logging.INFO, logger="hubcache.pulls")
+    caplog.set_level(logging.INFO, logger="hubcache.observe.pull_log")
     f = client()
     for _ in range(2):
         log.manifest(f, manifest("3.20"), Source.CACHE, 500)
@@ -107,8 +107,8 @@ def test_the_log_holds_pulls_unless_flow_lines_are_asked_for():
 def test_counters_carry_no_created_series():
     from prometheus_client import generate_latest
 
-    from hubcache.hosts import Interception
-    from hubcache.metrics import Metrics
+    from hubcache.observe.metrics import Metrics
+    from hubcache.proxy.interception import Interception
 
     metrics = Metrics(Interception())
     metrics.hit("blob")

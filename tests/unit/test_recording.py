@@ -8,10 +8,10 @@ from mitmproxy import exceptions, http
 from mitmproxy.addons.proxyserver import Proxyserver
 from mitmproxy.test import taddons, tflow, tutils
 
-from hubcache import upkeep
-from hubcache.recorder import Recorder
-from hubcache.recording import Recording, RecordingError, image_from_store, names, pinned
-from hubcache.upkeep import Upkeep
+from hubcache.cache.recorder import Recorder
+from hubcache.storage import eviction as upkeep
+from hubcache.storage.eviction import Upkeep
+from hubcache.storage.recordings import Recording, RecordingError, image_from_store, names, pinned
 from support.addons import CacheAddons
 from support.fill import store_image
 from support.images import build_image
@@ -107,7 +107,7 @@ async def test_a_bad_recording_name_is_refused(env):
 
 
 def test_the_file_round_trips_and_reports_what_the_store_lacks(tmp_path, image):
-    from hubcache.store import Store
+    from hubcache.storage.store import Store
 
     store = Store(tmp_path / "store")
     try:
@@ -138,7 +138,7 @@ def test_referrers_are_noted_on_their_image_and_survive_a_reload(tmp_path):
     import hashlib
     import json
 
-    from hubcache.store import Store
+    from hubcache.storage.store import Store
 
     def digest(body: bytes) -> str:
         return "sha256:" + hashlib.sha256(body).hexdigest()
@@ -233,7 +233,7 @@ async def test_a_clients_pull_never_changes_a_pinned_image(env, image, tmp_path)
 
 
 def test_an_image_a_client_pulled_is_pinned_once_the_operator_records_it(tmp_path, image):
-    from hubcache.store import Store
+    from hubcache.storage.store import Store
 
     store = Store(tmp_path / "store")
     try:
@@ -248,7 +248,7 @@ def test_an_image_a_client_pulled_is_pinned_once_the_operator_records_it(tmp_pat
 
 
 def test_a_client_pulling_a_moved_tag_leaves_the_pinned_image(tmp_path, image):
-    from hubcache.store import Store
+    from hubcache.storage.store import Store
 
     store = Store(tmp_path / "store")
     try:
@@ -271,8 +271,8 @@ def test_a_recording_from_before_pins_pins_everything(tmp_path):
 
 
 def test_what_import_brings_is_pinned(tmp_path, image):
-    from hubcache.bundle import export, import_bundle
-    from hubcache.store import Store
+    from hubcache.storage.bundle import export, import_bundle
+    from hubcache.storage.store import Store
 
     store = Store(tmp_path / "connected")
     try:

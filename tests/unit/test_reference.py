@@ -6,8 +6,8 @@ from pathlib import Path
 
 from click.testing import CliRunner
 
-from hubcache import reference
 from hubcache.cli import main
+from hubcache.cli import options_table as reference
 
 README = Path(__file__).resolve().parents[2] / "README.md"
 

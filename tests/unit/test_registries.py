@@ -8,11 +8,11 @@ import pytest
 from mitmproxy import exceptions, http
 from mitmproxy.test import taddons, tflow, tutils
 
-from hubcache.credentials import UpstreamCredentials
-from hubcache.flowdata import Mark
-from hubcache.hosts import Interception
-from hubcache.registries import DEFAULT_REGISTRIES, parse
-from hubcache.routes import Routes
+from hubcache.mitm.flows import Mark
+from hubcache.proxy.credentials import UpstreamCredentials
+from hubcache.proxy.interception import Interception
+from hubcache.proxy.routes import Routes
+from hubcache.registry.settings import DEFAULT_REGISTRIES, parse
 
 BASIC = "Basic " + base64.b64encode(b"bot:t0ken").decode()
 

@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import pytest
 
-from hubcache.protocol import digest_of
-from hubcache.shared import FleetLock, SharedStore, SharedStoreError
+from hubcache.fleet.s3 import FleetLock, SharedStore, SharedStoreError
+from hubcache.registry.protocol import digest_of
 from support.procs import free_port
 
 MANIFEST_TYPE = "application/vnd.oci.image.manifest.v1+json"

@@ -4,17 +4,17 @@ from __future__ import annotations
 
 from mitmproxy.test import taddons
 
-from hubcache.circuits import Circuits
-from hubcache.fleet import Fleet
-from hubcache.hosts import Interception
-from hubcache.metrics import Metrics
+from hubcache.fleet.node import Fleet
+from hubcache.observe.metrics import Metrics
+from hubcache.observe.pull_log import PullLog
+from hubcache.observe.status_page import PRIVATE, StatusPage
 from hubcache.options import SharedOptions
-from hubcache.pulls import PullLog
-from hubcache.statuspage import PRIVATE, StatusPage
-from hubcache.storage import CacheFolder
-from hubcache.upkeep import Upkeep
-from hubcache.upstream import Upstream
-from hubcache.watch import Watch
+from hubcache.prefetch.watch import Watch
+from hubcache.proxy.interception import Interception
+from hubcache.storage.eviction import Upkeep
+from hubcache.storage.folder import CacheFolder
+from hubcache.upstream.circuits import Circuits
+from hubcache.upstream.client import Upstream
 
 
 def test_only_repositories_known_to_be_public_are_named(tmp_path):

@@ -5,8 +5,8 @@ import time
 import diskcache
 import pytest
 
-from hubcache.protocol import digest_of
-from hubcache.store import Store, TagEntry, TagKind
+from hubcache.registry.protocol import digest_of
+from hubcache.storage.store import Store, TagEntry, TagKind
 
 BLOB = os.urandom(200_000)  # large enough that diskcache keeps it in a file
 BLOB_DIGEST = digest_of(BLOB)

@@ -9,10 +9,10 @@ from mitmproxy import exceptions
 from mitmproxy.addons.proxyserver import Proxyserver
 from mitmproxy.test import taddons
 
-from hubcache.protocol import ImageReference
-from hubcache.recording import Recording, image_from_store
-from hubcache.store import BlobEntry, Store
-from hubcache.upkeep import Upkeep, choose, parse_size, prune, remove, verify
+from hubcache.registry.protocol import ImageReference
+from hubcache.storage.eviction import Upkeep, choose, parse_size, prune, remove, verify
+from hubcache.storage.recordings import Recording, image_from_store
+from hubcache.storage.store import BlobEntry, Store
 from support.addons import CacheAddons
 from support.fill import store_image
 from support.images import build_image
@@ -167,7 +167,7 @@ async def test_the_addon_evicts_with_its_options(upkeep, images, monkeypatch):
     store_image(store, one, REGISTRY, "one", "1")
     assert await addon.evict() is None, "no limit set: nothing to do"
     tctx.configure(addon, cache_size_limit="1MB")
-    monkeypatch.setattr("hubcache.upkeep.IN_USE", 0.0)
+    monkeypatch.setattr("hubcache.storage.eviction.IN_USE", 0.0)
     result = await addon.evict()
     assert result.remaining <= 1_000_000 and result.blobs > 0
 

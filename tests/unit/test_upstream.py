@@ -6,7 +6,7 @@ import pytest
 from mitmproxy import http
 from mitmproxy.test import tflow
 
-from hubcache import upstream
+from hubcache.upstream import client as upstream
 
 URL = "https://registry.example/v2/acme/app/manifests/1"
 

@@ -10,15 +10,28 @@ import pytest
 from mitmproxy import exceptions, http
 from mitmproxy.test import taddons
 
-from hubcache import upstream
-from hubcache.circuits import Circuits
-from hubcache.fleet import Fleet
-from hubcache.hosts import Interception
-from hubcache.metrics import Metrics
+from hubcache.fleet.node import Fleet
+from hubcache.observe.metrics import Metrics
 from hubcache.options import SharedOptions
-from hubcache.storage import CacheFolder
-from hubcache.upkeep import Upkeep
-from hubcache.watch import JITTER, Throttle, Watch, Watched, expand, low, needs_fetch, next_round, parse_entries, pause_reason, pulls_left, read_state
+from hubcache.prefetch.watch import (
+    JITTER,
+    Throttle,
+    Watch,
+    Watched,
+    expand,
+    low,
+    needs_fetch,
+    next_round,
+    parse_entries,
+    pause_reason,
+    pulls_left,
+    read_state,
+)
+from hubcache.proxy.interception import Interception
+from hubcache.storage.eviction import Upkeep
+from hubcache.storage.folder import CacheFolder
+from hubcache.upstream import client as upstream
+from hubcache.upstream.circuits import Circuits
 
 OLD = "sha256:" + "1" * 64
 NEW = "sha256:" + "2" * 64
@@ -204,7 +217,7 @@ async def test_nothing_is_asked_offline(env):
 
 
 def test_watch_rate_caps_the_bytes_per_second(monkeypatch):
-    from hubcache import watch as module
+    from hubcache.prefetch import watch as module
 
     clock = [100.0]
     waits: list[float] = []
@@ -244,7 +257,7 @@ async def test_a_pattern_is_expanded_through_tags_list(env):
 def test_the_watchs_mark_needs_the_secret_and_never_travels(env):
     from mitmproxy.test import tflow
 
-    from hubcache.flowdata import Mark
+    from hubcache.mitm.flows import Mark
 
     watch = env[0]
     guessed, odd, own = tflow.tflow(), tflow.tflow(), tflow.tflow()
@@ -309,7 +322,7 @@ async def test_in_a_fleet_one_node_checks_each_entry_per_interval(env):
 def test_a_client_pull_of_a_digest_the_watch_fetched_is_counted_once_per_tag_request(env):
     from mitmproxy.test import tflow
 
-    from hubcache.flowdata import Mark
+    from hubcache.mitm.flows import Mark
 
     watch = env[0]
     watch._first = {NEW}

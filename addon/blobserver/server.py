@@ -1,0 +1,367 @@
+"""The blob server: a process of its own that sends blobs to clients.
+
+Clients reach it by a 307 from the registry API, as Docker Hub sends them to its CDN, on one of
+two listeners (see `blobhost.py` for which):
+- HTTPS for `blobs.hubcache.invalid`: clients connect through the proxy, which relays the TLS
+  connection as raw bytes, so the bulk of every blob crosses mitmproxy without its TLS and HTTP
+  layers, and the encryption runs on another core. (In upstream proxy mode the proxy reaches it
+  with an HTTP CONNECT, on a third listener.)
+- plain HTTP on 127.0.0.1, for clients on this machine: they connect directly (Go clients never
+  proxy loopback), and the bytes go from the page cache to the socket with sendfile(2).
+
+URLs are signed by the proxy (HMAC, expiring), so the server answers only what the proxy allowed.
+A blob in the store is sent with `Range` support. A blob still being filled from upstream is sent
+as its temporary file grows, and its last byte is held back until the fill verified and
+committed it: a client never completes a body whose digest is wrong; if the fill fails, the
+connection is cut and the client retries.
+
+Slow clients are cut, so that they cannot hold the server's threads: a client has `head_timeout`
+seconds from its connection (or the end of its previous answer) for its TLS handshake and request
+head, whichever pace it sends them at, and must read every part of its answer at `min_rate`
+bytes per second (plus a few seconds' grace); only the waits of the server itself (for a fill)
+set it no deadline. A connection only holds one of the `max_transfers` slots while it is being
+answered, so connections still sending their request heads never keep another client waiting.
+
+Run by the proxy as `python -m hubcache.blobserver.server`; it prints its ports, then a line
+`sent <tag> <bytes>` for every finished transfer whose URL carried a tag (for the proxy's metrics
+and pull log), and exits when the proxy closes its stdin (or dies).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import hmac
+import logging
+import os
+import re
+import resource
+import socket
+import ssl
+import sys
+import threading
+import time
+from http import HTTPStatus
+from http.server import BaseHTTPRequestHandler, HTTPServer
+from pathlib import Path
+from typing import Any, BinaryIO
+from urllib.parse import parse_qs, urlencode, urlsplit
+
+from ..registry import protocol
+from ..storage.store import Store
+from .listeners import HEAD, BoundedThreads, Watched
+
+logger = logging.getLogger(__name__)
+
+BLOB_HOST = "blobs.hubcache.invalid"  # never resolved: the proxy routes it (RFC 2606 name)
+SECRET_ENV = "HUBCACHE_BLOB_SECRET"
+URL_TTL = 600  # seconds a signed URL stays valid, like a CDN's
+CHUNK = 4 * 1024 * 1024  # large TLS writes: fewer records, fewer syscalls
+POLL = 0.02  # seconds between looks at a growing fill
+COMMIT_WAIT = 10.0
+MAX_CONNECT_HEAD = 8192
+HEAD_TIMEOUT = 10.0  # default seconds for a TLS handshake and a request head
+MIN_RATE = 16 * 1024  # default bytes per second a client must read its answer at
+GRACE = 5.0  # seconds every write to a client may take besides its size at the minimum rate
+_FILL_NAME = re.compile(r"[0-9]+/[A-Za-z0-9_]+/fill-[A-Za-z0-9_]+")
+
+
+class _Cut(Exception):
+    """The body cannot be completed: drop the connection so the client sees a broken transfer."""
+
+
+def sign(secret: bytes, digest: str, expires: int, fill: str = "", size: int = 0, tag: str = "") -> str:
+    message = f"{digest}|{expires}|{fill}|{size}|{tag}".encode()
+    return hmac.new(secret, message, hashlib.sha256).hexdigest()
+
+
+def signed_path(
+    secret: bytes, digest: str, fill: str = "", size: int = 0, tag: str = "", now: float | None = None
+) -> str:
+    """The path and query of a URL for `digest`; with `fill`, the temporary file (relative to the
+    store's tmp folder) of a fill in progress and the blob's size; with `tag`, the name under
+    which its transfers are reported."""
+    expires = int((now or time.time()) + URL_TTL)
+    query: dict[str, object] = {"expires": expires, "signature": sign(secret, digest, expires, fill, size, tag)}
+    if fill:
+        query.update(fill=fill, size=size)
+    if tag:
+        query["tag"] = tag
+    return f"/blobs/{digest}?{urlencode(query)}"
+
+
+_report_lock = threading.Lock()
+
+
+def _report(tag: str, sent: int) -> None:
+    with _report_lock:
+        sys.stdout.write(f"sent {tag} {sent}\n")
+        sys.stdout.flush()
+
+
+class _Handler(BaseHTTPRequestHandler):
+    store: Store
+    secret: bytes
+    server: _PlainServer
+    protocol_version = "HTTP/1.1"
+    _tag = ""  # of the request being answered
+    _sent = 0  # bytes of its body sent so far
+
+    def handle_one_request(self) -> None:
+        super().handle_one_request()
+        self._expect(self.server.head_timeout, HEAD)  # the next request, on a kept connection
+
+    def parse_request(self) -> bool:
+        parsed = super().parse_request()
+        if parsed:
+            self._expect(None, "")  # the head is in: what follows is the server's work first
+        return parsed
+
+    def _expect(self, seconds: float | None, task: str) -> None:
+        """The client's next deadline (see `Watched.expect`)."""
+        if watched := self._watched():
+            watched.expect(seconds, task)
+
+    def _watched(self) -> Watched | None:
+        deadlines = self.server.deadlines
+        return deadlines.current() if deadlines else None
+
+    def _write_time(self, count: int) -> float:
+        """Seconds a client may take to read `count` bytes."""
+        return GRACE + count / self.server.min_rate
+
+    def do_GET(self) -> None:
+        self._serve(send_body=True)
+
+    def do_HEAD(self) -> None:
+        self._serve(send_body=False)
+
+    def _serve(self, send_body: bool) -> None:
+        url = urlsplit(self.path)
+        query = {k: v[-1] for k, v in parse_qs(url.query).items()}
+        digest = url.path.removeprefix("/blobs/")
+        fill, size, expires = query.get("fill", ""), query.get("size", "0"), query.get("expires", "")
+        tag = query.get("tag", "")
+        self._tag = ""  # reported once the URL proved valid
+        if not (
+            protocol.DIGEST_RE.fullmatch(digest)
+            and expires.isdigit()
+            and size.isdigit()
+            and int(expires) >= time.time()
+            and hmac.compare_digest(
+                sign(self.secret, digest, int(expires), fill, int(size), tag), query.get("signature", "")
+            )
+        ):
+            return self._error(403, "DENIED", "this blob URL is not valid (or has expired): ask the registry again")
+        self._tag = tag
+        blob = self.store.open_blob(digest)
+        if blob is None and fill and _FILL_NAME.fullmatch(fill):
+            try:
+                blob = open(self.store.directory / "tmp" / fill, "rb")  # noqa: SIM115 (_send closes it)
+            except FileNotFoundError:
+                blob = self._committed(digest)
+            else:
+                return self._send(blob, digest, int(size), send_body, growing=True)
+        if blob is None:
+            return self._error(404, "BLOB_UNKNOWN", f"blob {digest} is not in the cache")
+        self._send(blob, digest, os.fstat(blob.fileno()).st_size, send_body, growing=False)
+
+    def _committed(self, digest: str) -> BinaryIO | None:
+        """The blob of a fill whose file is gone: committed, or failed. A commit moves the file
+        before it enters the store's index, so give the index a moment."""
+        deadline = time.monotonic() + COMMIT_WAIT
+        while (blob := self.store.open_blob(digest)) is None and time.monotonic() < deadline:
+            time.sleep(POLL)
+        return blob
+
+    def _send(self, blob: BinaryIO, digest: str, size: int, send_body: bool, growing: bool) -> None:
+        with blob:
+            try:
+                span = protocol.parse_range(self.headers.get("Range"), size)
+            except protocol.BadRequest as e:
+                return self._error(e.status, e.code, e.message, {"Content-Range": f"bytes */{size}"})
+            headers = protocol.blob_headers(digest, size)
+            first, last = span or (0, size - 1)
+            status = HTTPStatus.OK if span is None else HTTPStatus.PARTIAL_CONTENT
+            if span is not None:
+                headers["Content-Range"] = f"bytes {first}-{last}/{size}"
+                headers["Content-Length"] = str(last - first + 1)
+            with self.server.transfers:
+                self._expect(GRACE, "read the answer's head")
+                self.send_response(status)
+                for name, value in headers.items():
+                    self.send_header(name, value)
+                self.end_headers()
+                self._sent = 0
+                try:
+                    if send_body:
+                        self._copy(blob, digest, first, last + 1, size, growing)
+                except (_Cut, OSError) as e:
+                    watched = self._watched()
+                    why = f"the client did not {watched.task} in time" if watched and watched.cut else e
+                    logger.info(f"blob {digest}: transfer cut: {why}")
+                    self.close_connection = True
+                finally:
+                    if self._tag:
+                        _report(self._tag, self._sent)
+
+    def _copy(self, blob: BinaryIO, digest: str, start: int, end: int, size: int, growing: bool) -> None:
+        fd = blob.fileno()
+        position = start
+        while position < end:
+            limit = end
+            if growing:
+                # Everything written so far, except the blob's last byte until the fill committed.
+                limit = min(end, os.fstat(fd).st_size, size - 1)
+                if position >= limit:
+                    if self.store.has_blob(digest) and (committed := self.store.open_blob(digest)):
+                        # Verified and committed: by this fill (its file moved there), or by
+                        # another proxy's fill of the same blob on this folder. The rest comes
+                        # from the store's copy, which is whole.
+                        with committed:
+                            self._copy(committed, digest, position, end, size, growing=False)
+                        return
+                    if os.fstat(fd).st_nlink == 0:
+                        raise _Cut("the fill failed and was discarded")
+                    else:
+                        self._expect(None, "")  # waiting for upstream, not for the client
+                        time.sleep(POLL)
+                    continue
+            count = min(CHUNK, limit - position)
+            self._expect(self._write_time(count), f"read {count} bytes at {self.server.min_rate} bytes/s")
+            sent = self._send_span(blob, position, count)
+            if not sent:
+                raise _Cut("the file is shorter than its size")
+            position += sent
+            self._sent += sent
+
+    def _send_span(self, blob: BinaryIO, offset: int, count: int) -> int:
+        if isinstance(self.connection, ssl.SSLSocket):
+            data = os.pread(blob.fileno(), count, offset)
+            self.wfile.write(data)
+            return len(data)
+        self.wfile.flush()
+        return self.connection.sendfile(blob, offset, count)
+
+    def _error(self, status: int, code: str, message: str, extra: dict | None = None) -> None:
+        body = protocol.error_body(code, message)
+        self._expect(self._write_time(len(body)), "read the answer")
+        self.send_response(status)
+        for name, value in {**protocol.error_headers(len(body)), **(extra or {})}.items():
+            self.send_header(name, value)
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(body)
+        if self._tag:
+            _report(self._tag, 0)
+
+    def log_message(self, format: str, *args: Any) -> None:
+        logger.debug("blob server: " + format % args)
+
+
+class _PlainServer(BoundedThreads, HTTPServer):
+    request_queue_size = 128  # many clients start their layers at once
+    # Connections cost a thread each; answers being sent cost memory (a TLS chunk) and the disk.
+    max_connections = 1024
+    max_transfers = 256
+    head_timeout: float | None = HEAD_TIMEOUT
+    min_rate = MIN_RATE
+
+    def server_activate(self) -> None:
+        self.transfers = threading.BoundedSemaphore(self.max_transfers)
+        super().server_activate()
+
+    def handle_error(self, request: socket.socket | tuple[bytes, socket.socket], client_address: Any) -> None:
+        logger.info(f"blob server: connection from {client_address[0]} failed: {sys.exc_info()[1]}")
+
+
+class _TLSServer(_PlainServer):
+    def __init__(self, address: tuple[str, int], handler: type[BaseHTTPRequestHandler], context: ssl.SSLContext) -> None:
+        super().__init__(address, handler)
+        self.context = context
+
+    def finish_request(self, request: socket.socket | tuple[bytes, socket.socket], client_address: Any) -> None:
+        assert isinstance(request, socket.socket)  # a TCP server's requests are sockets (the base class types UDP's too)
+        # The handshake runs in the connection's own thread, never in the accepting one.
+        with self.context.wrap_socket(request, server_side=True) as tls:
+            super().finish_request(tls, client_address)
+
+
+class _TunnelServer(_TLSServer):
+    """The HTTPS listener behind an HTTP CONNECT: in upstream proxy mode, mitmproxy opens every
+    client tunnel through an upstream proxy, and the proxy names this listener as that proxy for
+    the blob host's tunnels (see `BlobHost.http_connect`)."""
+
+    def finish_request(self, request: socket.socket | tuple[bytes, socket.socket], client_address: Any) -> None:
+        assert isinstance(request, socket.socket)  # a TCP server's requests are sockets (the base class types UDP's too)
+        head = b""
+        while not head.endswith(b"\r\n\r\n"):
+            byte = request.recv(1)
+            if not byte or len(head) > MAX_CONNECT_HEAD:
+                return
+            head += byte
+        target = head.split(b" ", 2)[1] if head.startswith(b"CONNECT ") else b""
+        if target.split(b":")[0].decode(errors="replace").lower() != BLOB_HOST:
+            request.sendall(b"HTTP/1.1 403 Forbidden\r\nContent-Length: 0\r\n\r\n")
+            return
+        request.sendall(b"HTTP/1.1 200 Connection established\r\n\r\n")
+        super().finish_request(request, client_address)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="hubcache's blob server (started by the proxy)")
+    parser.add_argument("--cache-dir", required=True, type=Path)
+    parser.add_argument(
+        "--credentials-fd", required=True, type=int, help="a file descriptor holding the PEM certificate and key for " + BLOB_HOST
+    )
+    parser.add_argument("--idle-timeout", type=float, default=60.0, help="seconds an idle connection is kept")
+    parser.add_argument("--head-timeout", type=float, default=HEAD_TIMEOUT, help="seconds for a TLS handshake and a request head")
+    parser.add_argument("--min-rate", type=int, default=MIN_RATE, help="bytes per second a client must read its answer at")
+    parser.add_argument("--mirror-address", help="also serve HTTPS on this address (a mirror's clients on other machines)")
+    parser.add_argument("--mirror-credentials-fd", type=int, help="a file descriptor holding the mirror's PEM certificate and key")
+    args = parser.parse_args()
+    _allow_files(4 * _PlainServer.max_connections)  # a socket, its watched copy, a blob, per connection
+    secret = bytes.fromhex(os.environ.pop(SECRET_ENV))
+    logging.basicConfig(level=logging.WARNING, format="hubcache blob server: %(message)s")
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(f"/proc/self/fd/{args.credentials_fd}")
+    os.close(args.credentials_fd)
+    store = Store(args.cache_dir)
+    handler = type("Handler", (_Handler,), {"store": store, "secret": secret})
+    tls = _TLSServer(("127.0.0.1", 0), handler, context)
+    plain = _PlainServer(("127.0.0.1", 0), handler)
+    tunnel = _TunnelServer(("127.0.0.1", 0), handler, context)
+    servers: list[_PlainServer] = [tls, plain, tunnel]
+    if args.mirror_address and args.mirror_credentials_fd is not None:
+        mirror_context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        mirror_context.load_cert_chain(f"/proc/self/fd/{args.mirror_credentials_fd}")
+        os.close(args.mirror_credentials_fd)
+        family = socket.AF_INET6 if ":" in args.mirror_address else socket.AF_INET
+        servers.append(type("_MirrorServer", (_TLSServer,), {"address_family": family})((args.mirror_address, 0), handler, mirror_context))
+    for server in servers:
+        server.idle_timeout = args.idle_timeout
+        server.head_timeout = args.head_timeout
+        server.min_rate = args.min_rate
+    for server in servers[1:]:
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+    threading.Thread(target=_exit_with_parent, daemon=True).start()
+    mirror_port = servers[3].server_address[1] if len(servers) > 3 else 0
+    print(tls.server_address[1], plain.server_address[1], tunnel.server_address[1], mirror_port, flush=True)
+    tls.serve_forever()
+
+
+def _allow_files(wanted: int) -> None:
+    """Raise the process's soft limit of open files towards `wanted` (many systems start services
+    with 1024), within the hard limit."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (wanted if hard == resource.RLIM_INFINITY else min(wanted, hard), hard))
+
+
+def _exit_with_parent() -> None:
+    sys.stdin.buffer.read()  # returns at EOF: the proxy closed the pipe or died
+    os._exit(0)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,189 @@
+"""The registry cache's hooks: which requests it answers, and where each goes.
+
+The data path, hook by hook:
+- request: only a request that verifiably goes to a registry, parsed to its route by `Routes`
+  (routes.py), is handled; a token request to its token host is relayed, or answered with a
+  local token when the token host cannot answer. The route decides where the request goes:
+  manifests, tags and referrers to `ManifestRequests` (manifest_requests.py), blobs to `BlobRequests`
+  (blob_requests.py), the /v2/ version check answered here. What the store cannot answer goes
+  upstream through `Misses` (misses.py) and is followed to the response hook.
+- responseheaders: the body of hubcache's own blob request goes into its fill; a blob passed
+  through is relayed as it comes.
+- response: a manifest from upstream is verified and stored; a blob passed through is
+  journalled.
+- error: a request followed upstream that broke is journalled.
+
+With `offline` set, nothing goes upstream: what the store lacks is answered with a registry 404.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from mitmproxy import ctx, http
+from mitmproxy.addonmanager import Loader
+
+from ..mitm import answers
+from ..mitm.flows import Mark, is_subrequest
+from ..proxy.credentials import pull_scopes
+from ..proxy.interception import Interception
+from ..proxy.routes import route_of
+from ..registry import protocol
+from ..registry.protocol import Kind, Route
+from ..registry.settings import AUTH_HOSTS
+from ..storage.folder import CacheFolder
+from ..upstream import circuits
+from ..upstream import client as upstream
+from .blob_path import BlobRequests
+from .local_tokens import LocalTokens
+from .manifest_path import ManifestRequests
+from .misses import Misses
+
+logger = logging.getLogger(__name__)
+
+
+class RegistryCache:
+    def __init__(
+        self,
+        hosts: Interception,
+        folder: CacheFolder,
+        misses: Misses,
+        manifests: ManifestRequests,
+        blobs: BlobRequests,
+        out: upstream.Upstream,
+    ):
+        self.hosts = hosts
+        self.upstream = out
+        self.folder = folder
+        self.misses = misses
+        self.manifests = manifests
+        self.blobs = blobs
+        self.tokens = LocalTokens()
+
+    def load(self, loader: Loader) -> None:
+        # A hit must never wait for (or fail on) an upstream connection.
+        if not loader.master.options.has_changed("connection_strategy"):
+            loader.master.options.connection_strategy = "lazy"
+
+    # request -> route
+
+    async def request(self, flow: http.HTTPFlow) -> None:
+        if flow.response or flow.error or not flow.live or is_subrequest(flow):
+            return
+        route = route_of(flow)
+        if route is None:
+            if self.hosts.registry(flow) is None and (token_host := self.hosts.destination(flow)):
+                await self._token(flow, token_host)
+            return
+        if self.tokens.honoured(flow.request.headers.get("authorization", ""), flow.request.host):
+            flow.metadata[Mark.LOCAL_TOKEN] = True
+        if ctx.options.offline and (route.kind is Kind.OTHER or flow.request.method not in ("GET", "HEAD")):
+            answers.error(flow, 405, "UNSUPPORTED", "hubcache is offline: only pulls are served")
+            return
+        if flow.request.method not in ("GET", "HEAD"):
+            return  # pushes and everything else pass through untouched
+        if route.kind is Kind.PING:
+            await self._ping(flow, route)
+        elif route.kind is Kind.MANIFEST:
+            await self.manifests.handle(flow, route)
+        elif route.kind is Kind.BLOB:
+            await self.blobs.handle(flow, route)
+        elif route.kind is Kind.REFERRERS:
+            await self.manifests.referrers(flow, route)
+
+    async def _ping(self, flow: http.HTTPFlow, route: Route) -> None:
+        """Relay the version check, but answer it locally when upstream fails: clients ping
+        before every pull, and what the cache holds must stay pullable while upstream is down."""
+        if ctx.options.offline:
+            answers.ping(flow)
+            return
+        try:
+            request = upstream.request_for(flow, route, flow.request.method)
+            flow.response = upstream.available(await self.upstream.send(flow, request, ctx.options.revalidate_timeout))
+        except upstream.UpstreamError as e:
+            logger.log(circuits.level(str(e)), f"{route.registry}: {e}; answering /v2/ from the cache")
+            breaker = ctx.master.addons.get("circuits")
+            if breaker and (challenge := breaker.challenges.get(route.registry)):
+                # The registry's own challenge: the client asks for a token, which goes upstream
+                # as soon as the token host is back (see _token), so its next pull can be cold.
+                answers.error(flow, 401, "UNAUTHORIZED", "authentication required", {"WWW-Authenticate": challenge})
+            else:
+                answers.ping(flow)
+
+    async def _token(self, flow: http.HTTPFlow, host: str) -> None:
+        """A token request to a registry's token host (Docker Hub's auth.docker.io): relayed by
+        hubcache, and answered with a local token when the token host cannot answer (offline,
+        down, 5xx, 429, silent past `revalidate_timeout`), so a client can still finish its auth
+        flow and pull what the cache may give it without upstream's say: public content."""
+        if flow.request.method not in ("GET", "POST"):
+            return
+        breaker = ctx.master.addons.get("circuits")
+        cold = await self._for_uncached(flow, host)
+        if breaker and not cold and any(breaker.down(r) for r in self._served_by(host)):
+            # The registry is down: a local token serves all the cache may give for these
+            # repositories, and nothing else could be pulled anyway.
+            answers.local_token(flow, self.tokens.issue(host))
+            return
+        if not ctx.options.offline:
+            try:
+                request = upstream.token_request_for(flow)
+            except protocol.BadRequest as e:
+                answers.error(flow, e.status, e.code, e.message)
+                return
+            try:
+                flow.response = upstream.available(await self.upstream.send(flow, request, ctx.options.revalidate_timeout, miss=cold))
+                flow.metadata[Mark.RELAYED] = True
+                self.tokens.answered(host)
+                return
+            except upstream.UpstreamError as e:
+                logger.log(circuits.level(str(e), logging.INFO), f"{host}: {e}; token answered by hubcache (cached public content only)")
+        answers.local_token(flow, self.tokens.issue(host))
+
+    def _served_by(self, token_host: str) -> list[str]:
+        """The registries whose token host `token_host` is."""
+        return [r for r, t in AUTH_HOSTS.items() if t == token_host and self.hosts.is_registry(r)]
+
+    async def _for_uncached(self, flow: http.HTTPFlow, host: str) -> bool:
+        """Whether a token request names a repository the cache holds nothing of: a local token
+        could not pull it, so only the token host can answer."""
+        store = self.folder.store
+        request = flow.request
+        try:  # the same parse the relayed request is rebuilt from (upstream.token_request_for)
+            fields = protocol.token_target(request.path)[1]
+            if request.method == "POST" and (form := protocol.token_fields(request.get_text(strict=False) or "")):
+                fields = form
+        except protocol.BadRequest:
+            return False  # refused when it is relayed
+        scopes = [value for key, value in fields if key == "scope"]
+        names = [scope.split(":")[1] for scope in pull_scopes(scopes)]
+        registries = {protocol.canonical_registry(r) for r in self._served_by(host)}
+        if store is None or not names or not registries:
+            return False
+        for name in names:
+            known = [await asyncio.to_thread(store.visibility, r, name) for r in registries]
+            if all(v is None for v in known):
+                return True
+        return False
+
+    # the answers upstream gives to what hubcache followed
+
+    def responseheaders(self, flow: http.HTTPFlow) -> None:
+        if self.blobs.responseheaders(flow):
+            return
+        if (pending := self.misses.peek(flow)) and pending.route.kind is Kind.BLOB:
+            self.blobs.relay(flow)
+
+    async def response(self, flow: http.HTTPFlow) -> None:
+        if (pending := self.misses.take(flow)) is None:
+            return
+        if pending.route.kind is Kind.BLOB:
+            await self.blobs.passed(flow, pending.route)
+        else:
+            await self.manifests.finish(flow, pending)
+
+    async def error(self, flow: http.HTTPFlow) -> None:
+        if (pending := self.misses.take(flow)) is None:
+            return
+        reason = flow.error.msg if flow.error else "unknown error"
+        await self.folder.journal_miss(pending.route, f"failed: {reason}")

@@ -1,0 +1,133 @@
+"""What the store cannot answer: the client's own request goes upstream, asked by hubcache, and
+its answer is followed to the response hook like a client's own (`Pending`). A 404 that upstream
+gave the same client lately is answered at once (option `negative_cache_seconds`)."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+from mitmproxy import ctx, exceptions, http
+from mitmproxy.addonmanager import Loader
+
+from ..mitm import answers
+from ..mitm.flows import Mark
+from ..observe.metrics import Metrics
+from ..registry.protocol import Kind, Route
+from ..storage.folder import CacheFolder
+from ..upstream import client as upstream
+from .access import holds_local_token, token_key
+
+logger = logging.getLogger(__name__)
+
+MAX_ABSENT = 10_000  # 404s remembered at once (see note_absent)
+
+Fallback = Callable[[str], Awaitable[None]]  # answers from the cache instead, given why upstream did not
+
+
+@dataclass
+class Pending:
+    """A request the store could not answer, followed until its response is complete."""
+
+    route: Route
+    fallback: Fallback | None = None  # a tag's cached manifest, served if upstream fails
+
+
+class Misses:
+    def __init__(self, folder: CacheFolder, metrics: Metrics, out: upstream.Upstream):
+        self.folder = folder
+        self.upstream = out
+        self.metrics = metrics
+        self._pending: dict[str, Pending] = {}  # by flow id
+        self._absent: dict[tuple[str, str, str, str, str], tuple[float, float]] = {}  # -> (until, noted)
+
+    def load(self, loader: Loader) -> None:
+        loader.add_option(
+            "negative_cache_seconds",
+            int,
+            10,
+            "Seconds an upstream 404 for a tag, manifest or blob is remembered (per client "
+            "credentials) and answered without asking again; 0 remembers nothing.",
+        )
+
+    def configure(self, updated: set[str]) -> None:
+        if "negative_cache_seconds" in updated and ctx.options.negative_cache_seconds < 0:
+            raise exceptions.OptionsError("negative_cache_seconds must be 0 or more seconds")
+
+    def follow(self, flow: http.HTTPFlow, route: Route, fallback: Fallback | None = None) -> None:
+        """Follow the client's request upstream to its response (a blob passed through, say)."""
+        self._pending[flow.id] = Pending(route, fallback)
+
+    def peek(self, flow: http.HTTPFlow) -> Pending | None:
+        return self._pending.get(flow.id)
+
+    def take(self, flow: http.HTTPFlow) -> Pending | None:
+        """The request followed for this flow, once its response (or error) came."""
+        return self._pending.pop(flow.id, None)
+
+    async def ask(self, flow: http.HTTPFlow, route: Route, fallback: Fallback | None = None) -> None:
+        """The store cannot answer: hubcache asks upstream with the client's request, and the
+        answer is followed to the response hook. If upstream cannot be reached, `fallback`
+        answers, else the client gets a registry error at once (not the proxy's HTML error page).
+        Offline, with a local token (upstream cannot be asked for it), or after a recent 404 for
+        this client, the client is told at once instead."""
+        self.metrics.miss(route.kind.value)
+        code = "BLOB_UNKNOWN" if route.kind is Kind.BLOB else "MANIFEST_UNKNOWN"
+        if (ago := self.absent_for(flow, route)) is not None:
+            answers.error(flow, 404, code, f"{route.image}: upstream answered 404 {ago:.0f}s ago")
+            await self.folder.journal_miss(route, "missing: upstream answered 404 lately")
+        elif ctx.options.offline:
+            what = f"blob {route.reference} of {route.registry}/{route.name}" if route.kind is Kind.BLOB else route.image
+            answers.error(flow, 404, code, f"{what} is not in the offline cache")
+            await self.folder.journal_miss(route, "missing: offline")
+        elif fallback is None and holds_local_token(flow):
+            answers.error(flow, 503, "UNAVAILABLE", f"{route.image} is not cached, and the registry's token service cannot be reached to fetch it")
+            await self.folder.journal_miss(route, "failed: no token from the registry's token service")
+        else:
+            await self._relay(flow, route, fallback)
+
+    async def _relay(self, flow: http.HTTPFlow, route: Route, fallback: Fallback | None) -> None:
+        ask = upstream.subrequest(flow, upstream.request_for(flow, route, flow.request.method))
+        ask.metadata[Mark.MISS] = fallback is None  # a tag the cache holds is served instead
+        try:
+            answer = await self.upstream.run(ask, ctx.options.fill_timeout)
+        except upstream.Unreadable as e:
+            answers.error(flow, 502, "MANIFEST_INVALID", f"{route.image}: {e}")
+            await self.folder.journal_miss(route, f"rejected: {e}")
+        except upstream.UpstreamError as e:
+            if fallback:
+                await fallback(str(e))
+            else:
+                answers.error(flow, 502, "UNAVAILABLE", f"{route.registry} cannot be reached: {e}")
+                await self.folder.journal_miss(route, f"failed: {e}")
+        else:
+            self.follow(flow, route, fallback)
+            flow.metadata[Mark.RELAYED] = True
+            flow.response = answer
+
+    # what upstream said is not there (negative caching)
+
+    def note_absent(self, flow: http.HTTPFlow, route: Route) -> None:
+        """Upstream answered 404: the same client asking again within `negative_cache_seconds`
+        is answered at once (a crash-looping deployment must not spend the rate limit)."""
+        if not ctx.options.negative_cache_seconds:
+            return
+        now = time.monotonic()
+        if len(self._absent) >= MAX_ABSENT:
+            self._absent = {key: until for key, until in self._absent.items() if until[0] > now}
+            if len(self._absent) >= MAX_ABSENT:
+                self._absent.pop(next(iter(self._absent)))
+        self._absent[_absent_key(flow, route)] = (now + ctx.options.negative_cache_seconds, now)
+
+    def absent_for(self, flow: http.HTTPFlow, route: Route) -> float | None:
+        """Seconds since upstream answered 404 to this client for this, if it is remembered."""
+        until, noted = self._absent.get(_absent_key(flow, route), (0.0, 0.0))
+        now = time.monotonic()
+        return now - noted if until > now else None
+
+
+def _absent_key(flow: http.HTTPFlow, route: Route) -> tuple[str, str, str, str, str]:
+    # Per client credentials: what one account cannot see, another may.
+    return (token_key(flow), route.kind.value, route.registry, route.name, route.reference)

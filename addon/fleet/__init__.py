@@ -1,0 +1,1 @@
+"""Several nodes sharing one S3 store and a lock."""

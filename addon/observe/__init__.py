@@ -1,0 +1,1 @@
+"""What operators see: Prometheus metrics, the pull log, the status page."""
