@@ -25,7 +25,7 @@ from support.fill import store_image
 from support.images import build_image
 from support.setupscript import parse
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,7 @@ from click.testing import CliRunner
 from hubcache.cli import main
 from hubcache.cli import options_table as reference
 
-README = Path(__file__).resolve().parents[2] / "README.md"
+README = Path(__file__).resolve().parents[3] / "README.md"
 
 
 def test_every_hubcache_option_is_described_and_no_mitmproxy_one():
