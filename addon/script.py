@@ -4,7 +4,7 @@ mitmproxy loads this file by path; the addons come from the installed `hubcache`
 (`pip install .`, or `pip install -e .` in a checkout)."""
 
 try:
-    from .addons import make_addons
+    from hubcache.addons import make_addons
 except ModuleNotFoundError as e:
     if e.name != "hubcache":
         raise
