@@ -12,7 +12,7 @@ from .fleet.node import Fleet
 from .observe.metrics import Metrics
 from .observe.pull_log import PullLog
 from .observe.status_page import StatusPage
-from .options import SharedOptions
+from .options import CommonOptions
 from .prefetch.watch import Watch
 from .proxy.credentials import UpstreamCredentials
 from .proxy.destinations import Destinations
@@ -55,7 +55,7 @@ def make_addons() -> list:
     mirror = Mirror(interception, blobs)
     destinations.own_ports.append(status.ports)
     return [
-        SharedOptions(),
+        CommonOptions(),
         folder,
         destinations,
         circuits,

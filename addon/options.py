@@ -7,7 +7,7 @@ from mitmproxy import ctx, exceptions
 from mitmproxy.addonmanager import Loader
 
 
-class SharedOptions:
+class CommonOptions:
     def load(self, loader: Loader) -> None:
         loader.add_option(
             "offline",

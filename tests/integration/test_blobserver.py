@@ -23,7 +23,7 @@ from mitmproxy.test import taddons
 from hubcache.blobserver import server as blobserver
 from hubcache.blobserver.host import BlobHost
 from hubcache.blobserver.server import BLOB_HOST
-from hubcache.options import SharedOptions
+from hubcache.options import CommonOptions
 from hubcache.registry.protocol import digest_of
 from hubcache.storage.folder import CacheFolder
 from hubcache.storage.store import Store
@@ -49,7 +49,7 @@ async def blobs(tmp_path):
     host = BlobHost()
     folder = CacheFolder()
     tlsconfig = TlsConfig()
-    with taddons.context(Proxyserver(), tlsconfig, SharedOptions(), folder, host) as tctx:
+    with taddons.context(Proxyserver(), tlsconfig, CommonOptions(), folder, host) as tctx:
         tctx.configure(tlsconfig, confdir=str(tmp_path / "conf"))
         tctx.options.update(cache_dir=str(tmp_path / "cache"))
         host.running()

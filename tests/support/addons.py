@@ -14,7 +14,7 @@ from hubcache.cache.misses import Misses
 from hubcache.fleet.node import Fleet
 from hubcache.observe.metrics import Metrics
 from hubcache.observe.pull_log import PullLog
-from hubcache.options import SharedOptions
+from hubcache.options import CommonOptions
 from hubcache.proxy.interception import Interception
 from hubcache.proxy.routes import Routes
 from hubcache.storage.folder import CacheFolder
@@ -31,7 +31,7 @@ class CacheAddons:
     fleet: Fleet = field(default_factory=Fleet)
 
     def __post_init__(self) -> None:
-        self.options = SharedOptions()
+        self.options = CommonOptions()
         self.routes = Routes(self.hosts)
         self.access = Access(self.upstream)
         self.metrics = Metrics(self.hosts)

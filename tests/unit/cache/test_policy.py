@@ -10,7 +10,7 @@ from mitmproxy.test import taddons, tflow, tutils
 
 from hubcache.cache.policy import ImagePolicy
 from hubcache.observe.metrics import Metrics
-from hubcache.options import SharedOptions
+from hubcache.options import CommonOptions
 from hubcache.proxy.interception import Interception
 from hubcache.proxy.routes import Routes
 from hubcache.storage.folder import CacheFolder
@@ -27,7 +27,7 @@ def policy(tmp_path):
     metrics = Metrics(hosts)
     addon = ImagePolicy(folder, metrics)
     routes = Routes(hosts)
-    with taddons.context(SharedOptions(), folder, hosts, routes, addon) as tctx:
+    with taddons.context(CommonOptions(), folder, hosts, routes, addon) as tctx:
         tctx.options.update(cache_dir=str(tmp_path))
         yield tctx, (routes, addon), metrics
         folder.done()

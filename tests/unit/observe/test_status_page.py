@@ -8,7 +8,7 @@ from hubcache.fleet.node import Fleet
 from hubcache.observe.metrics import Metrics
 from hubcache.observe.pull_log import PullLog
 from hubcache.observe.status_page import PRIVATE, StatusPage
-from hubcache.options import SharedOptions
+from hubcache.options import CommonOptions
 from hubcache.prefetch.watch import Watch
 from hubcache.proxy.interception import Interception
 from hubcache.storage.eviction import Upkeep
@@ -24,7 +24,7 @@ def test_only_repositories_known_to_be_public_are_named(tmp_path):
     folder = CacheFolder()
     metrics = Metrics(hosts)
     page = StatusPage(folder, metrics, PullLog(), Watch(hosts, folder, Circuits(hosts, metrics), Fleet(), Upkeep(folder), metrics, Upstream()))
-    with taddons.context(SharedOptions(), folder, hosts, page) as tctx:
+    with taddons.context(CommonOptions(), folder, hosts, page) as tctx:
         tctx.options.update(cache_dir=str(tmp_path))
         assert folder.store and folder.journal
         folder.store.set_visibility("docker.io", "library/public", True)

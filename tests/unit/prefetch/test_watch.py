@@ -12,7 +12,7 @@ from mitmproxy.test import taddons
 
 from hubcache.fleet.node import Fleet
 from hubcache.observe.metrics import Metrics
-from hubcache.options import SharedOptions
+from hubcache.options import CommonOptions
 from hubcache.prefetch.watch import (
     JITTER,
     Throttle,
@@ -70,7 +70,7 @@ def env(tmp_path):
         return 0
 
     watch._fetch = fetch
-    with taddons.context(SharedOptions(), hosts, folder, circuits, watch) as tctx:
+    with taddons.context(CommonOptions(), hosts, folder, circuits, watch) as tctx:
         tctx.options.update(cache_dir=str(tmp_path), watch=["python:3.12"])
         yield watch, fake, fetched, tctx
         folder.done()

@@ -16,7 +16,7 @@ from mitmproxy.test import taddons, tflow, tutils
 from hubcache.cache.policy import ImagePolicy
 from hubcache.cli import main
 from hubcache.observe.metrics import Metrics
-from hubcache.options import SharedOptions
+from hubcache.options import CommonOptions
 from hubcache.proxy.interception import Interception
 from hubcache.proxy.routes import Routes
 from hubcache.storage import journal as journal_module
@@ -104,7 +104,7 @@ def policy(tmp_path):
     folder = CacheFolder()
     addon = ImagePolicy(folder, Metrics(hosts))
     routes = Routes(hosts)
-    with taddons.context(SharedOptions(), folder, hosts, routes, addon) as tctx:
+    with taddons.context(CommonOptions(), folder, hosts, routes, addon) as tctx:
         tctx.options.update(cache_dir=str(tmp_path), deny_images=["docker.io/*"])
         yield tctx, (routes, addon), folder
         folder.done()

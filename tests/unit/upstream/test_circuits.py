@@ -13,7 +13,7 @@ from mitmproxy.test import taddons, tflow, tutils
 
 from hubcache.mitm.flows import Mark
 from hubcache.observe.metrics import Metrics
-from hubcache.options import SharedOptions
+from hubcache.options import CommonOptions
 from hubcache.proxy.interception import Interception
 from hubcache.upstream import client as upstream
 from hubcache.upstream.circuits import FIRST_RETRY, TRIAL_INTERVAL, Circuits, level
@@ -26,7 +26,7 @@ def circuits():
     hosts = Interception()
     metrics = Metrics(hosts)
     circuits = Circuits(hosts, metrics)
-    with taddons.context(SharedOptions(), hosts, circuits) as tctx:
+    with taddons.context(CommonOptions(), hosts, circuits) as tctx:
         tctx.options.revalidate_timeout = 3
         yield circuits, metrics
 
