@@ -19,16 +19,29 @@ find_python() {
     return 1
 }
 
+# Runs pip with its output (setuptools' warnings included) in the log file $1, so the first screen
+# is hubcache's own; the log's path is printed only when the install fails.
+pip_logged() {  # $1: the log file, then pip's arguments
+    local log="$1"
+    shift
+    if ! "$(dirname "$log")/bin/pip" "$@" >>"$log" 2>&1; then
+        echo "hubcache: pip install failed; its log: $log" >&2
+        return 1
+    fi
+}
+
 ensure_venv() {  # $1: pip extras, e.g. "[test]"
-    local extras="${1:-}" stamp
+    local extras="${1:-}" stamp log="$VENV/pip-install.log"
     if [ ! -x "$VENV/bin/python" ]; then
         "$(find_python)" -m venv "$VENV"
     fi
     # Reinstall only when pyproject.toml changed: the stamp holds its hash and the extras.
     stamp="$(sha256sum "$ROOT/pyproject.toml" | cut -d' ' -f1)$extras"
     if [ "$(cat "$VENV/.hubcache-stamp" 2>/dev/null)" != "$stamp" ]; then
-        "$VENV/bin/pip" install --quiet --upgrade pip
-        "$VENV/bin/pip" install --quiet -e "$ROOT$extras"
+        echo "hubcache: setting up $VENV" >&2
+        : >"$log"
+        pip_logged "$log" install --upgrade pip
+        pip_logged "$log" install -e "$ROOT$extras"
         echo "$stamp" >"$VENV/.hubcache-stamp"
     fi
 }
@@ -39,8 +52,9 @@ SWIFT_VERSION=2.38.3
 ensure_swift_venv() {  # OpenStack Swift for the shared-store tests, apart from the project's venv
     if [ "$(cat "$SWIFT_VENV/.hubcache-stamp" 2>/dev/null)" != "$SWIFT_VERSION" ]; then
         [ -x "$SWIFT_VENV/bin/python" ] || "$(find_python)" -m venv "$SWIFT_VENV"
-        "$SWIFT_VENV/bin/pip" install --quiet --upgrade pip
-        "$SWIFT_VENV/bin/pip" install --quiet "swift==$SWIFT_VERSION"
+        : >"$SWIFT_VENV/pip-install.log"
+        pip_logged "$SWIFT_VENV/pip-install.log" install --upgrade pip
+        pip_logged "$SWIFT_VENV/pip-install.log" install "swift==$SWIFT_VERSION"
         echo "$SWIFT_VERSION" >"$SWIFT_VENV/.hubcache-stamp"
     fi
 }

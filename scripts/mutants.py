@@ -1,6 +1,6 @@
 """The mutation check: every guarantee hubcache makes has a test that fails when it breaks.
 
-Each mutant below is one small, hand-written patch that breaks one guarantee of README. It is
+Each mutant below is one small, hand-written patch that breaks one guarantee of the docs. It is
 applied alone to a scratch copy of the checkout (never to the checkout itself) and the tests that
 guard that guarantee run against the copy: they must fail. A mutant whose tests still pass has
 SURVIVED: a guarantee without a test that holds it.
@@ -517,7 +517,7 @@ MUTANTS: list[Mutant] = [
         UNIT,
     ),
     # -- the mutation check's own round: guarantees that had tests but no mutant, and promises
-    # of README read from outside the tests (the visibility probe, HEAD of private blobs,
+    # of the docs read from outside the tests (the visibility probe, HEAD of private blobs,
     # redirects, Basic-auth registries, the blob URL, the mirror's policy, Accept, the status page)
     mutant(
         "anonymous-probe-gets-account-credentials",
@@ -674,7 +674,7 @@ MUTANTS: list[Mutant] = [
         ["test_a_redirect_to_plain_http_is_left_to_the_client"],
         UNIT,
     ),
-    # README's "How it works" and "When upstream is down", read for promises without a mutant
+    # docs/how-it-works.md (with "When upstream is down"), read for promises without a mutant
     mutant(
         "manifest-miss-unreachable-said-missing",
         "a manifest miss upstream cannot answer gets a registry 502 UNAVAILABLE, not a claim that it does not exist",
@@ -735,7 +735,7 @@ MUTANTS: list[Mutant] = [
         ["test_only_the_probe_connects_while_the_host_is_down"],
         UNIT,
     ),
-    # README's "Security model": destinations and which images
+    # docs/security.md: destinations and which images
     mutant(
         "destination-link-local-reachable",
         "a proxy serving a network refuses link-local destinations (the cloud's metadata service)",
@@ -787,7 +787,7 @@ MUTANTS: list[Mutant] = [
         ["test_deny"],
         UNIT,
     ),
-    # README's "Eviction and integrity"
+    # docs/operating.md, "Eviction and integrity"
     mutant(
         "evict-most-recently-used-first",
         "eviction takes the least recently used blobs first",
@@ -830,7 +830,7 @@ MUTANTS: list[Mutant] = [
         ["test_verify_drops_what_rotted"],
         UNIT,
     ),
-    # README's "Registries" (credentials) and "Running a fleet"
+    # docs/options.md, "Registries" (credentials), and docs/fleet.md
     mutant(
         "account-replaces-clients-credentials",
         "clients that bring their own credentials keep them",
@@ -865,7 +865,7 @@ MUTANTS: list[Mutant] = [
         ["test_after_a_corrupt_blob_in_the_shared_store_the_next_pull_gets_it_from_upstream"],
         INTEGRATION,
     ),
-    # README's "Private images" and "Recordings"
+    # docs/security.md, "Private images", and docs/airgap.md, "Recordings"
     mutant(
         "access-yes-shared-between-clients",
         "upstream's yes is remembered for the token it was given to, not for every client",
@@ -890,7 +890,7 @@ MUTANTS: list[Mutant] = [
         ["test_the_file_round_trips_and_reports_what_the_store_lacks"],
         UNIT,
     ),
-    # README's "How it works": what a hit is answered with
+    # docs/how-it-works.md: what a hit is answered with
     mutant(
         "manifest-served-with-another-type",
         "a manifest from the store is served with its own media type",

@@ -1,25 +1,7 @@
-"""Runs the blob server process (`addon/blobserver.py`) beside the proxy and sends clients to it.
-
-Blob GETs are answered with a 307 to a signed URL on the blob server, one of:
-- `http://127.0.0.1:<port>/blobs/<digest>?<signature>` when the proxy listens on loopback only, so
-  every client runs on this machine: the client connects directly (Go never proxies loopback),
-  and the blob leaves the page cache by sendfile(2). This is as fast as pulling from a registry
-  on the same machine, and the bytes never leave the host.
-- `https://blobs.hubcache.invalid/blobs/<digest>?<signature>` otherwise: clients open it through
-  the proxy like any host; it is not intercepted (mitmproxy relays it as raw TCP) and
-  `server_connect` routes it to the blob server on loopback, never through an upstream proxy (in
-  upstream proxy mode, `http_connect` names the blob server itself as the tunnel's proxy). Its
-  certificate comes from mitmproxy's CA, which clients trust.
-The option `blob_urls` chooses (`auto`, `loopback`, `https`).
-
-A client that sends a loopback URL back through the proxy (a Python client with `HTTP_PROXY` set
-proxies even loopback) is redirected to the same signed path on the blob host, so the bytes still
-bypass mitmproxy's HTTP layer and the proxy's memory stays flat.
-
-The blob server's TLS key is its own: a fresh key, certified by mitmproxy's CA, handed to the
-process in an anonymous memory file (memfd). No key is ever written to disk, so none is left
-behind by any exit; the CA's key never leaves mitmproxy's confdir.
-"""
+"""Runs the blob server process (`server.py`) beside the proxy and sends clients to it: a 307 to a
+signed URL, on loopback (`http://127.0.0.1:PORT/...`) or through the proxy
+(`https://blobs.hubcache.invalid/...`, routed here, never intercepted), as `blob_urls` chooses. The
+server's TLS key is its own, certified by mitmproxy's CA and handed over in memory only."""
 
 from __future__ import annotations
 

@@ -1,16 +1,6 @@
-"""Threaded HTTP servers for hubcache's own listeners (the blob server, the status page).
-
-Each connection is served in a thread of its own, up to a bound: past it, new connections wait
-in the listen queue until one ends. A connection that sends nothing (or reads nothing) for
-`idle_timeout` seconds is dropped, so a client cannot hold threads by opening connections and
-going quiet, and a TLS handshake that never finishes holds its thread no longer either.
-
-An idle timeout alone is reset by every byte: a client sending one byte a minute keeps its thread
-for ever. A server with `head_timeout` set also gives each connection deadlines (`Deadlines`):
-from its accept (or the end of its previous answer) the client has `head_timeout` seconds to
-finish its TLS handshake and its request head, and the server sets further deadlines as it
-answers (see `Watched.expect`). A connection past its deadline is cut, whatever its thread waits in.
-"""
+"""Threaded HTTP servers for hubcache's own listeners (the blob server, the status page): a bounded
+number of connections, an idle timeout, and with `head_timeout` deadlines (`Deadlines`) that no slow
+trickle of bytes resets."""
 
 from __future__ import annotations
 

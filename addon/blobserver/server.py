@@ -1,31 +1,9 @@
-"""The blob server: a process of its own that sends blobs to clients.
-
-Clients reach it by a 307 from the registry API, as Docker Hub sends them to its CDN, on one of
-two listeners (see `blobhost.py` for which):
-- HTTPS for `blobs.hubcache.invalid`: clients connect through the proxy, which relays the TLS
-  connection as raw bytes, so the bulk of every blob crosses mitmproxy without its TLS and HTTP
-  layers, and the encryption runs on another core. (In upstream proxy mode the proxy reaches it
-  with an HTTP CONNECT, on a third listener.)
-- plain HTTP on 127.0.0.1, for clients on this machine: they connect directly (Go clients never
-  proxy loopback), and the bytes go from the page cache to the socket with sendfile(2).
-
-URLs are signed by the proxy (HMAC, expiring), so the server answers only what the proxy allowed.
-A blob in the store is sent with `Range` support. A blob still being filled from upstream is sent
-as its temporary file grows, and its last byte is held back until the fill verified and
-committed it: a client never completes a body whose digest is wrong; if the fill fails, the
-connection is cut and the client retries.
-
-Slow clients are cut, so that they cannot hold the server's threads: a client has `head_timeout`
-seconds from its connection (or the end of its previous answer) for its TLS handshake and request
-head, whichever pace it sends them at, and must read every part of its answer at `min_rate`
-bytes per second (plus a few seconds' grace); only the waits of the server itself (for a fill)
-set it no deadline. A connection only holds one of the `max_transfers` slots while it is being
-answered, so connections still sending their request heads never keep another client waiting.
+"""The blob server: a process of its own that sends blobs to clients, from the store or from a fill
+as its file grows (the last byte held back until the fill verified), by URLs the proxy signed.
 
 Run by the proxy as `python -m hubcache.blobserver.server`; it prints its ports, then a line
 `sent <tag> <bytes>` for every finished transfer whose URL carried a tag (for the proxy's metrics
-and pull log), and exits when the proxy closes its stdin (or dies).
-"""
+and pull log), and exits when the proxy closes its stdin (or dies)."""
 
 from __future__ import annotations
 

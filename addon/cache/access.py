@@ -1,24 +1,8 @@
 """Private images stay private: cached content is served only to clients upstream would serve it to.
 
-The cache knows two things per repository: whether it is public (an anonymous client may pull
-it; learned by an anonymous probe when its first manifest is cached, and probed again once it is
-`visibility_check_seconds` old), and which digests belong to it (every manifest and blob cached
-or confirmed through it: a blob is shared by digest only where upstream linked it to the
-repository asked for, so a known digest cannot be pulled through another repository's name).
-
-- Public repository, digest known in it: served to anyone, no round trip.
-- Anything else (private or not yet probed, or a digest not yet known in the repository): the
-  client's own request is sent upstream as a HEAD with its own credentials (free under Docker
-  Hub's rate limit), following redirects to https URLs. Only a final 200 counts as "may read":
-  served from the cache, and the answer is remembered for that token and repository for
-  `access_check_seconds`. Otherwise the client gets upstream's refusal (401, 403, 404). If
-  upstream cannot answer, private content is refused (503), never served on trust; content of a
-  repository that was public when last probed is served.
-- Offline, nothing can be checked: public content is served; private content only with
-  `offline_private=true` (for a site where every client may pull everything it caches). Content
-  of a repository whose visibility is unknown is served offline only where an operator imported
-  it from a bundle that did not say (bundle.py): importing it was the choice to serve it.
-"""
+Per repository, whether it is public (an anonymous probe) and which digests belong to it; anything
+but a known digest of a public repository is checked upstream with the client's own credentials.
+docs/security.md ("Private images") has the rules."""
 
 from __future__ import annotations
 

@@ -1,12 +1,5 @@
-"""Blob requests: answered from the store through the blob server, or filled once from the fleet's
-shared store or upstream while every client asking meanwhile shares the fill.
-
-A blob GET is answered with a 307 to hubcache's blob server (`blobhost.py`), which sends the blob
-from the store. On a miss, one fill (`fill.py`) starts; the clients wait for its answer and then
-follow it: the blob server streams the fill's file as it grows, and a fill that does not verify
-is discarded (which cuts those transfers). A client the fill cannot serve (the cache folder is
-full, upstream refused hubcache) asks upstream itself, through `Misses`.
-"""
+"""Blob requests: a 307 to the blob server for a blob in the store, else one fill (`fills.py`) from
+the fleet's shared store or upstream that every client asking meanwhile shares."""
 
 from __future__ import annotations
 

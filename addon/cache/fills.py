@@ -1,11 +1,6 @@
-"""A fill: one upstream fetch of a blob into the store, shared by every client that wants it meanwhile.
-
-hubcache fetches the blob itself (not on any client's connection), so a client that disconnects
-never aborts what the others wait for. The body arrives through `sink`, the stream callable of
-hubcache's own upstream request (called on the fetch thread, `fetcher.py`, or on mitmproxy's event
-loop when the request went through its core); a writer thread hashes it and appends it to the
-fill's temporary file. The blob server streams that file to clients as it grows.
-"""
+"""A fill: one upstream fetch of a blob into the store, shared by every client that wants it
+meanwhile, and never aborted by a client that leaves. Its body is hashed into a temporary file that
+the blob server streams as it grows; it is committed only if it verifies."""
 
 from __future__ import annotations
 

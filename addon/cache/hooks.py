@@ -1,20 +1,7 @@
-"""The registry cache's hooks: which requests it answers, and where each goes.
-
-The data path, hook by hook:
-- request: only a request that verifiably goes to a registry, parsed to its route by `Routes`
-  (routes.py), is handled; a token request to its token host is relayed, or answered with a
-  local token when the token host cannot answer. The route decides where the request goes:
-  manifests, tags and referrers to `ManifestRequests` (manifest_requests.py), blobs to `BlobRequests`
-  (blob_requests.py), the /v2/ version check answered here. What the store cannot answer goes
-  upstream through `Misses` (misses.py) and is followed to the response hook.
-- responseheaders: the body of hubcache's own blob request goes into its fill; a blob passed
-  through is relayed as it comes.
-- response: a manifest from upstream is verified and stored; a blob passed through is
-  journalled.
-- error: a request followed upstream that broke is journalled.
-
-With `offline` set, nothing goes upstream: what the store lacks is answered with a registry 404.
-"""
+"""The registry cache's hooks: each registry request's route to the path that answers it (manifests,
+tags and referrers to `ManifestRequests`, blobs to `BlobRequests`, the /v2/ check here), token
+requests relayed or answered with a local token, and upstream's answers followed to the response and
+error hooks. With `offline`, nothing goes upstream."""
 
 from __future__ import annotations
 

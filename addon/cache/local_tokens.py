@@ -1,16 +1,6 @@
-"""Local tokens: what hubcache hands a client as its registry token when the registry's token host
-cannot answer (cache.py), so the client can finish its auth flow and pull cached public content.
-
-A request carrying a local token is answered from the cache without asking upstream (which would
-not know the token), so the token must be hubcache's own and the outage real:
-- it is signed: an HMAC, keyed by a secret this process draws at start and never writes down,
-  over when it was issued and the token host it stands in for;
-- it counts only at a registry whose token host that is, for `LOCAL_TOKEN_SECONDS` (the lifetime
-  the client is told), and only until that token host answers a token request again.
-
-Anything else, the bare word `hubcache-local` included, is an ordinary credential: it goes
-upstream like any other, which refuses it, and the client asks for a token again.
-"""
+"""Local tokens: what hubcache hands a client as its registry token while the registry's token host
+cannot answer. Signed with a secret of this process, counted only at that token host's registries
+and only until it answers again; anything else is an ordinary credential, sent upstream."""
 
 from __future__ import annotations
 

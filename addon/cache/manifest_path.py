@@ -1,20 +1,6 @@
-"""Manifest requests, by tag or by digest: answered from the store, or asked upstream and stored
-once verified.
-
-- By digest: from the store (or the fleet's shared store), else upstream.
-- By tag: the tag's cached digest is revalidated with an upstream HEAD (free under Docker Hub's
-  rate limit) unless fresh (`tag_freshness`); a moved tag is fetched anew. When upstream fails,
-  the last known digest is served (stale), so what the cache holds stays pullable. A tag is kept
-  per kind of client (store.TagKind): what it names, learned only from clients that take every
-  index type, and what upstream gives a client that takes none (one platform's manifest), so
-  a client's `Accept` never re-points a multi-platform tag for the others.
-- Upstream's manifest is verified against the digest asked for (or the one upstream claims) and
-  stored with its tag; then the repository's visibility is learned (access.py).
-- Referrers (OCI 1.1, `/v2/<name>/referrers/<digest>`): relayed, and what upstream lists is noted
-  with every stored manifest that names a subject, so that offline, or with upstream down, the
-  list comes from the cache (filtered by `artifactType` if asked, saying so). With nothing noted,
-  the answer is a 404, on which clients fall back to the tag schema (`sha256-<hex>.sig`).
-"""
+"""Manifest requests, by tag or by digest, and referrers: answered from the store, or asked upstream
+and stored once verified. A tag is revalidated with an upstream HEAD (unless `tag_freshness` says it
+is fresh) and kept per kind of client (`store.TagKind`), so no `Accept` re-points it for the others."""
 
 from __future__ import annotations
 

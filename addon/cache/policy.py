@@ -1,13 +1,6 @@
-"""Which images may be pulled through hubcache: options `deny_images` and `allow_images`.
-
-Each is a list of glob patterns over `registry/repository[:tag]`, with the registry as hubcache
-names it (`docker.io`, `ghcr.io`, `localhost:5000`): `docker.io/library/*`, `ghcr.io/acme/*:dev-*`,
-`*:latest`. A pattern without a tag covers every request of a repository (tags, digests, blobs);
-one with a tag covers the tags it names, and says nothing of requests by digest. A pull a rule
-refuses gets a registry `403 DENIED` naming the rule, on every way in, online and offline; the
-refusal is journalled and counted (`hubcache_denied_total`). `deny_images` wins over
-`allow_images`; with `allow_images` set, a repository it does not name is refused.
-"""
+"""Which images may be pulled through hubcache: options `deny_images` and `allow_images` (glob
+patterns over `registry/repository[:tag]`); a refused pull gets a registry `403 DENIED` naming the
+rule, on every way in."""
 
 from __future__ import annotations
 

@@ -1,9 +1,5 @@
-"""The `record` option: every manifest served to a client (hit or miss) goes into a named recording.
-
-What clients pull is listed, not pinned: eviction may drop it like any other content, so clients
-cannot choose what the disk keeps past `cache_size_limit`. `record_pins` pins it as well: for a
-proxy whose clients the operator trusts with that, and for `hubcache prefetch --record`, whose
-client is the operator."""
+"""The `record` option: every manifest served to a client (hit or miss) goes into a named recording;
+listed, not pinned, unless `record_pins`."""
 
 from __future__ import annotations
 

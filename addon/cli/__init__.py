@@ -1,17 +1,7 @@
-"""The `hubcache` command line (click; tables and bars with rich).
-
-One module per group of commands, each registered here:
-
-- `proxy`: run, options (and what prefetch shares with run: the proxy's options, the CA)
-- `clients`: ca, setup
-- `images`: prefetch, export, import, recordings
-- `views`: stats, ls, misses, watch
-- `upkeep`: prune, rm, verify
-- `config`: the shared --cache-dir and --config options, and the cache folder they name
-
-Commands import the rest of hubcache (mitmproxy, the store) only when they run, so `--help` stays
-quick. Errors are `click.ClickException`s: one line on stderr and a non-zero exit status.
-"""
+"""The `hubcache` command line (click; tables and bars with rich): one module per group of commands,
+each registered here (docs/architecture.md lists them). Commands import the rest of hubcache only
+when they run, so `--help` stays quick; errors are `click.ClickException`s: one line on stderr and a
+non-zero exit status."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
-"""Pointing clients at the proxy: `hubcache ca` (the CA they must trust) and `hubcache setup
-CLIENT` (the files, environment and commands for dockerd, containerd, podman, skopeo, or a
-systemd unit for hubcache itself). The texts themselves come from `clientsetup`."""
+"""Pointing clients at the proxy: `hubcache ca` (the CA they must trust) and `hubcache setup CLIENT`
+(the files, environment and commands for dockerd, containerd, podman, skopeo, or a systemd unit for
+hubcache itself). The texts themselves come from `client_setup`."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """The configuration reference, read from the options hubcache's addons declare (never copied by
-hand): `hubcache options` prints it, and the README carries it between two markers, checked by a
-test."""
+hand): `hubcache options` prints it, and docs/options.md carries it between two markers, checked by
+a test."""
 
 from __future__ import annotations
 

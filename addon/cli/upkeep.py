@@ -1,6 +1,6 @@
 """Keeping the store in shape from the command line: `hubcache prune` (free space now), `hubcache
-rm` (remove images), and `hubcache verify` (re-hash everything, drop what does not match). The
-work is `upkeep`'s."""
+rm` (remove images), and `hubcache verify` (re-hash everything, drop what does not match). The work
+is `storage.eviction`'s."""
 
 from __future__ import annotations
 

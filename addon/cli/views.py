@@ -1,6 +1,6 @@
 """Operators' views of the cache: `hubcache stats` (what it holds), `hubcache ls` (the cached
-images) and `hubcache misses` (the miss journal), `hubcache watch` (the watched images). They only read, and never create a cache
-folder; each prints a rich table, or JSON with --json."""
+images), `hubcache misses` (the miss journal) and `hubcache watch` (the watched images). They only
+read, and never create a cache folder; each prints a rich table, or JSON with --json."""
 
 from __future__ import annotations
 

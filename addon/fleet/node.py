@@ -1,24 +1,7 @@
-"""Fleet mode: several hubcache nodes behind a load balancer share one S3 bucket (`shared.py`).
-
-Each node's content store stays its local tier: hits are served from it as before. A local miss
-looks in the shared store before upstream, and what a node fetches from upstream (blobs once
-verified and committed, manifests, tags) is put to the shared store in the background.
-
-With `fleet_lock`, the node that misses a blob first takes a Redis lock on its digest and fetches it
-from upstream; the others wait for it to appear in the shared store and fill from there. The race: a
-node that finds neither the object nor the lock (Redis down, a lock that lapsed because its holder
-stalled, the store skipped after a failure) fetches from upstream too. That duplicate fetch brings
-identical bytes, and content-addressed puts of one digest are idempotent; nothing is put before its
-digest verified, and S3 shows a key whole or not at all, so no node ever reads a corrupt or partial
-object.
-
-The shared store is a tier, not a dependency: when it fails at run time, one warning line says so,
-the node skips it for `shared_store_retry` seconds at a time (serving its local tier and upstream;
-what it fetches meanwhile stays local), and one line says when it is back. Every call to S3 or Redis
-runs in a daemon thread of its own, never on the event loop nor in the thread pool the local tier
-uses: a slow or hung store (or a long upload at exit) delays neither local hits nor the end of the
-process.
-"""
+"""Fleet mode, one node's part: a local miss looks in the shared store (`s3.py`) before upstream,
+what the node fetched is put there in the background, and `fleet_lock` lets one node fetch a blob
+while the others wait for it there. The store is a tier, not a dependency: while it fails, the node
+skips it. docs/fleet.md has the whole."""
 
 from __future__ import annotations
 

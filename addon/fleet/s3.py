@@ -1,24 +1,7 @@
-"""The shared tier of fleet mode: many hubcache nodes keep blobs, manifests, tags and recordings
-in one S3 bucket, and take a Redis lock so that one node at a time fills a digest.
-
-Layout under `s3://<bucket>/<prefix>/`:
-    blobs/<alg>/<hex>                  the blob's bytes
-    manifests/<alg>/<hex>              the manifest's exact bytes, its media type as Content-Type
-    tags/<registry>/<repository>/<tag> JSON: digest, media type, when upstream last confirmed it
-    recordings/<name>.yaml             a recording, as in the cache folder
-
-Guarantees:
-- A key shows either nothing or a whole object. A single PUT and a multipart upload (visible
-  only once completed) are atomic in S3, so a put that dies midway, on either side, leaves no
-  object under the final key; boto3 aborts the parts of a multipart upload that failed.
-- Objects are keyed by digest, so concurrent puts of one digest by several nodes write the same
-  bytes and any of them may win.
-- Manifests read back are hashed again and refused when they do not match their digest. Blobs
-  are streamed, never held in memory: the reader hashes them while streaming.
-- Every failure of the store is a SharedStoreError (an OSError) whose text is one line naming
-  the endpoint, the operation and the reason, never a traceback.
-- Storage knows nothing of HTTP clients: a missing object is None (or NotInSharedStore).
-"""
+"""The shared tier of fleet mode: blobs, manifests, tags and recordings in one S3 bucket
+(`SharedStore`), and a Redis lock so that one node at a time fills a digest (`FleetLock`). A key
+shows nothing or a whole object; what is read back is verified; every failure is one
+`SharedStoreError` line. The bucket's layout is in docs/fleet.md."""
 
 from __future__ import annotations
 

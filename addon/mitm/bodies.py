@@ -1,23 +1,7 @@
-"""Request bodies on requests hubcache answers itself: there are none.
-
-The pull API (GET and HEAD of a registry), anything to a registry while offline, a token request
-beyond its small form, and every request hubcache answers already in `requestheaders` (the
-mirror's early answers, refusals) take no body. `Passthrough` (hosts.py) marks such a request
-(`takes_none`); if it comes with a body anyway (any length, chunked, or HTTP/2 DATA with no
-content-length), the client gets `413` with the registry error at once, before a byte of the body
-is kept, and its connection is closed. So the proxy's memory does not depend on what a client
-sends. Everything hubcache passes through (pushes, other hosts) is streamed instead.
-
-The close lingers: what still arrives is dropped as it comes for LINGER seconds at most (a client
-that read the answer stops sending and closes first), then the connection is closed. Closing a
-socket with unread data in it resets the connection, and a client still sending when told of
-the reset may never read the answer that came before it.
-
-mitmproxy's hooks cannot do this: after `requestheaders` a body is either streamed upstream or
-read whole before any answer goes out, and only its HTTP layer knows whether an HTTP/2 request
-has a body at all (END_STREAM on the HEADERS frame; the headers need not say). So hubcache gives
-mitmproxy's HTTP layers streams of its own (`guard`, from the `next_layer` hook) that do it.
-"""
+"""Request bodies on requests hubcache answers itself: there are none. Such a request that comes
+with a body gets `413` at once, before a byte of it is kept, and its connection is closed after a
+short linger. mitmproxy's hooks cannot refuse a body unread (only its HTTP layer knows whether an
+HTTP/2 request has one), so `guard` gives its HTTP layers streams of hubcache's own."""
 
 from __future__ import annotations
 

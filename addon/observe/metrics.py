@@ -1,12 +1,6 @@
 """What the cache does, counted: Prometheus metrics (prometheus-client) and the figures of the
-status page.
-
-The cache reports its hits, misses and fills; the blob server reports every transfer it finished
-(through `BlobHost`); upstream answers are seen here, in the `response` and `error` hooks, for
-client requests and hubcache's own alike. The status listener (`statuspage.py`) refreshes the
-store's figures and samples the history. Every counter lives in this addon's own registry, so
-two proxies in one process never mix their figures.
-"""
+status page, from the cache's reports, the blob server's transfers and upstream's answers. Every
+counter lives in this addon's own registry, so two proxies in one process never mix figures."""
 
 from __future__ import annotations
 

@@ -1,20 +1,7 @@
-"""One log line per pull: the image, the bytes that came from the cache and from upstream, and how long
-it took.
-
-A registry pull is many requests (a tag, manifests, a config and layers, over several connections),
-so a pull is followed by client address and repository: it starts with its first manifest request
-and ends once none of its blob transfers is under way and nothing has happened for `QUIET` seconds,
-or when the tag is asked for again after its blobs came. Blob bytes are counted when the blob server
-reports a finished transfer (the tag in each signed URL names the pull), so a pull lasts as long as
-its slowest layer. Two clients on one address pulling one repository at the same time count as one
-pull.
-
-The status page's most pulled images count the pulls that were served a manifest (a name nobody
-has, or a blob upstream refused, counts for nothing), and only the most pulled POPULAR are kept.
-
-These lines are what the log holds by default, with warnings and errors: mitmproxy's own line per
-connection and per request come back with option `flow_lines`.
-"""
+"""One log line per pull: the image, the bytes from the cache and from upstream, and how long it
+took. A pull is followed by client address and repository, from its first manifest request until its
+blob transfers ended and `QUIET` seconds passed; the status page's most pulled images come from here
+too."""
 
 from __future__ import annotations
 

@@ -1,14 +1,6 @@
-"""The status listener: Prometheus metrics at /metrics, and a status page for people at /.
-
-It listens on an address of its own (option `status_listen`), not on the proxy port: Prometheus
-scrapes it directly, and a browser opens it without any proxy settings. The page (`status.html`)
-draws itself from /status.json: store size, hit ratio over the last hour, top images, recent
-pulls and misses, and what each upstream host last answered. It is served from threads of its own,
-so a slow reader never holds up the proxy.
-
-Whoever reaches the listener is not asked who they are, so images of repositories not known to be
-public are shown as "(private)" unless `status_private` is on.
-"""
+"""The status listener (option `status_listen`), apart from the proxy port: Prometheus metrics at
+/metrics, and a status page for people at / that draws itself from /status.json. Images of
+repositories not known to be public are shown as "(private)" unless `status_private` is on."""
 
 from __future__ import annotations
 

@@ -1,10 +1,6 @@
-"""Prefetch: fill the cache online without a container engine.
-
-hubcache starts inside this process on an ephemeral loopback port, and a small registry client
-pulls through it exactly as dockerd would (token flow, redirects, every manifest and blob), so
-the cache fills by its normal verified path and every mitmproxy option (upstream proxy, trusted
-CA, `upstream_map`, `record`) applies unchanged. The client reads and discards the bytes.
-"""
+"""Prefetch: fill the cache online without a container engine. A small registry client pulls through
+a hubcache on a loopback port exactly as dockerd would (token flow, redirects, every manifest and
+blob), so the cache fills by its normal verified path; the bytes are discarded."""
 
 from __future__ import annotations
 

@@ -1,21 +1,6 @@
-"""Registry logins for `hubcache prefetch`, kept the way container engines keep them.
-
-Where a login comes from, first match wins:
-1. `--creds SOURCE` or `--creds REGISTRY=SOURCE`: `USER:SECRET` read from `@FILE` or `env:NAME`
-   (`registries.read_credentials`), never given inline. A bare SOURCE is for the one registry
-   of the images named; with images of several registries, name the registry.
-2. podman/skopeo's `auth.json`: `--authfile`, else `$REGISTRY_AUTH_FILE`, else
-   `$XDG_RUNTIME_DIR/containers/auth.json`, else `~/.config/containers/auth.json`.
-3. docker's `config.json` (`$DOCKER_CONFIG/config.json`, else `~/.docker/config.json`).
-
-Both files hold `auths: {KEY: {auth: base64(USER:SECRET)}}`; KEY is a registry
-(`ghcr.io`, docker's `https://index.docker.io/v1/`) or a registry and namespace
-(`quay.io/org`), and the longest key that covers the repository wins, as in podman. Logins kept
-in a credential helper (`credsStore`, `credHelpers`) cannot be read here: that is reported in one
-line. Nothing here sends anything; `prefetch.RegistryClient` presents a login to the registry's
-own token realm (or as Basic when the registry asks for Basic), never across a redirect to another
-scheme, host or port.
-"""
+"""Registry logins for `hubcache prefetch`, found the way container engines keep them: `--creds`,
+then podman/skopeo's `auth.json`, then docker's `config.json` (the longest key covering the
+repository wins). Nothing here sends anything; docs/airgap.md lists where each is looked for."""
 
 from __future__ import annotations
 

@@ -1,27 +1,7 @@
-"""Keep fresh: watched images are fetched when upstream changes them, before anyone asks.
-
-Every `watch_interval` (jittered by a tenth, so that restarts and fleets spread out) each watched
-tag is asked upstream with one manifest `HEAD`, built from the watched reference alone (a
-`protocol.Route`), through `upstream.Upstream` like every request of hubcache's own; a `HEAD` is
-free under Docker Hub's rate limit. Credentials are those of `registry_settings`, presented to the
-token realm the registry's own 401 named, as `credentials.UpstreamCredentials` presents them for
-clients. Only when the digest differs from the tag the cache holds is anything fetched: the
-manifest by its digest, the chosen platforms' manifests and their blobs, pulled through the
-running proxy by the prefetch client (prefetch.py) exactly as a client's miss would be (the same
-verified fills, single flight with clients, in the pull log "by watch"); the tag is then pointed at
-the verified digest, here and in the fleet's shared store.
-
-Polite by construction: one registry's watched images are checked and fetched one at a time; a
-`watch_rate` caps the bytes per second of a fetch; nothing is asked of a registry while its circuit
-is open (circuits.py), in offline mode, or while the store is within the last tenth of its
-`cache_size_limit`; when upstream says few pulls are left (`ratelimit-remaining`), the watch
-fetches nothing from that registry until it has more, and says so once. In fleet mode with a
-`fleet_lock`, one node checks each watched entry per interval; the others find the result in the
-shared store.
-
-What the watch knows is written to `watch.json` in the cache folder after every round, for
-`hubcache watch`; the status page and the metrics show the same.
-"""
+"""Keep fresh: every `watch_interval` each watched tag is asked upstream with one manifest `HEAD`,
+and a tag that moved is fetched through the running proxy (the prefetch client) before anyone asks,
+politely (one at a time per registry, `watch_rate`, not while its circuit is open or pulls run
+short). `watch.json` in the cache folder holds what it knows."""
 
 from __future__ import annotations
 

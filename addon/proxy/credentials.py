@@ -1,4 +1,5 @@
-"""Presents the credentials of `registry_settings` (registries.py) upstream, for clients that bring none."""
+"""Presents the credentials of `registry_settings` (`registry.settings`) upstream, for clients that
+bring none."""
 
 from __future__ import annotations
 

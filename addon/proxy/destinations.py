@@ -1,27 +1,7 @@
 """Where clients of the proxy may go: never to hubcache's own listeners, and, when the proxy serves
-a network, not to this host's loopback, link-local or own addresses, nor a cloud's metadata
-addresses either.
-
-A client names a destination in a CONNECT or an absolute-form URL; mitmproxy would connect to it
-from this host, so a proxy open to a network would otherwise hand every client the host's
-loopback services (Redis, the status page, the blob server's ports) and a cloud's metadata
-service (169.254.169.254, fd00:ec2::254, 100.100.100.200, ...). The check is made on the
-addresses the name resolves to (with the system's resolver, as mitmproxy would), and the
-connection is then made to the address that was checked, so a name that resolves elsewhere a
-moment later (DNS rebinding) changes nothing.
-
-- hubcache's own listeners (the proxy's, the status page's, the blob server's) on a local
-  address: always refused. (A blob URL of hubcache's that a client sends through the proxy is
-  redirected to the blob host instead, by `BlobHost`.)
-- loopback, link-local, cloud metadata and this host's addresses: refused with
-  `local_destinations=refuse`, or with `auto` (the default) when any listener of `mode` (the
-  `--listen-host` default, or an address of its own: `regular@0.0.0.0:3128`, `socks5@...`) takes
-  clients beyond loopback; `local_destinations_allowed` lists exceptions.
-- Names routed by hubcache itself (`upstream_map`, the blob host) and the upstream proxies of
-  `--mode upstream:` are the operator's choice and hubcache's own, and are not checked.
-
-Refusals are a 403 with one readable line, to the client and in the log.
-"""
+a network (`local_destinations`), not to this host's loopback, link-local or own addresses, nor a
+cloud's metadata addresses. The check is made on the addresses a name resolves to, and the
+connection goes to the address checked."""
 
 from __future__ import annotations
 

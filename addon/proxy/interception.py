@@ -1,22 +1,6 @@
-"""Which connections hubcache intercepts, which requests it treats as registry traffic, and where
-upstream connections go.
-
-Only registry traffic is intercepted: the registries' API hosts and their token hosts. Every other
-TLS connection is tunnelled untouched, so hubcache never sees or breaks anything else (blob
-hosts too: hubcache follows a registry's blob redirects itself, and its own blob server is
-reached through a tunnel).
-
-A request counts as traffic of a registry (or token) host only when every name on it agrees: the
-destination mitmproxy connects to (the CONNECT target), the SNI the client's TLS named (hubcache
-intercepted TLS for that name) and the `Host`/`:authority` header the client wrote. Upstream
-answers to such a request come over TLS verified for that name, so they are evidence about that
-registry. A registry or token host is intercepted on its own port only (`OWN_PORT`, https's):
-`registry-1.docker.io:1` is another server that happens to share the name, so a tunnel to it is
-an ordinary tunnel. Anything else (plain HTTP, a `Host` header that names a registry while the
-request goes elsewhere, TLS to another name or port) is relayed untouched and never reaches the
-store, the access table, the journal, the metrics' labels, the circuits or the configured
-credentials.
-"""
+"""Which connections hubcache intercepts (the registries' API hosts and their token hosts, on their
+own port), which requests it treats as a registry's (the CONNECT target, the SNI and the `Host`
+agree), and where upstream connections go (`upstream_map`). Everything else is relayed untouched."""
 
 from __future__ import annotations
 

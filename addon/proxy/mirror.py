@@ -1,33 +1,7 @@
-"""The mirror endpoint (option `mirror_listen`): a registry in origin form (`/v2/...`), for
-engines pointed at hubcache as a registry mirror (dockerd `registry-mirrors`, containerd
-`hosts.toml`, podman and skopeo `registries.conf`) instead of through HTTPS_PROXY.
-
-The endpoint is one more mitmproxy listener, a reverse-proxy mode
-(`reverse:https://registry-1.docker.io@ADDRESS:PORT`) added to the `mode` option. Its requests
-take the proxy path's data path (the cache, access checks, credentials, recordings, metrics,
-pull log) once `Mirror` has re-targeted them, before any other addon looks, to the registry they
-are for:
-
-- A request is a mirror request because it came in on the mirror's listener
-  (`client_conn.proxy_mode`, set by mitmproxy), never because of anything the client wrote.
-- The registry is Docker Hub, unless containerd's `?ns=REGISTRY` names another, or (for podman
-  and skopeo, which name none) the path's first name is a registry's: a mirror location
-  `HOST:PORT/ghcr.io` makes requests `/v2/ghcr.io/...`. Only registries hubcache caches
-  (`registries`, `registry_settings`) are served, anything else is a registry error, never a
-  relay. The request then goes to that registry over https, port 443 (so
-  `upstream_map` and the upstream proxy settings apply), whatever host, URL or `ns` it named.
-- Tokens: a registry's Bearer challenge sends clients to its token realm, which a mirror client
-  may not reach. `MirrorChallenges` rewrites the realm to `/hubcache/token/HOST[:PORT]/PATH` on the
-  mirror itself, and only realms learned that way (from a registry's own answer) are relayed
-  there; a token host that cannot answer is answered with a local token, as on the proxy path.
-- TLS: the listener's certificate names `localhost`, `127.0.0.1`, `::1`, this machine's host name,
-  the listen address and `mirror_names`, issued from hubcache's CA; or the operator's
-  (`mirror_cert`, `mirror_key`). Clients trust it per host (certs.d), not system-wide. Plain
-  HTTP on the same port only with `mirror_plain_http`.
-- Blobs: the 307 to the blob server names its loopback URL when the mirror listens on loopback;
-  otherwise an HTTPS listener of the blob server on the mirror's address, with the mirror's
-  certificate, so clients on other machines fetch blobs off mitmproxy's data path too.
-"""
+"""The mirror endpoint (option `mirror_listen`): a registry in origin form (`/v2/...`), one more
+mitmproxy listener (a reverse mode added to `mode`), for engines pointed at hubcache as a registry
+mirror. `Mirror` re-targets each request, by the listener it came in on, to the registry it is for;
+`MirrorChallenges` points token challenges at the mirror."""
 
 from __future__ import annotations
 

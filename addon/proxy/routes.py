@@ -1,15 +1,6 @@
-"""Canonicalize, then act: every registry request is parsed once, here, into its `Route`.
-
-A request that verifiably goes to a registry (proxy or mirror, `Interception.registry`) is parsed
-by `protocol.parse_route`; a target that is not exactly the canonical form of what it parses to
-(a `#` or `%23`, dot or empty segments, percent-encoding, a query its endpoint does not take) is
-answered 400 before anything else happens: nothing is asked of upstream, no state is touched.
-Otherwise the route is noted on the flow (`Mark.ROUTE`) for the addons after this one, which
-decide only on it, and the request's target is rewritten to the route's own: a request that
-passes through to upstream carries what hubcache parsed, not what the client wrote. It runs as
-soon as the request's head is in (`requestheaders`, after the mirror routed it), so that the
-addons deciding there (credentials, bodies) decide on the route too.
-"""
+"""Canonicalize, then act: every registry request is parsed once, here, into its `Route`, noted on
+the flow for the addons after this one; a target that is not the canonical form of what it parses to
+is answered 400 before anything else happens. Runs at `requestheaders`, after the mirror."""
 
 from __future__ import annotations
 

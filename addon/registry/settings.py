@@ -1,20 +1,7 @@
 """The registries hubcache caches out of the box, and per-registry settings (option
-`registry_settings`, declared with the registries in `hosts.py`): how fresh a tag may be, and the
-credentials hubcache presents upstream (credentials.py presents them).
-
-Each entry is `HOST[:KEY=VALUE[,KEY=VALUE...]]`, and naming a host here also caches it:
-- `tag_freshness=SECONDS`: overrides the `tag_freshness` option for this registry.
-- `credentials=@FILE` or `credentials=env:NAME`: `USER:SECRET` (a password or an access token)
-  read from a file or an environment variable, never from the option itself, so it does not end
-  up in process listings or shell history.
-
-Credentials are presented where a client presented none, on pulls only: on the registry's token
-requests (the realm its own 401 challenges name, learned as they pass), narrowed to `pull`, and on
-its pull requests (manifests, blobs, referrers; never its catalog or tag lists) when it asks for
-Basic authentication. So anonymous clients pull as that account:
-with its rate limit, and with its access to private repositories, which every client of the
-proxy then shares.
-"""
+`registry_settings`, declared in `proxy.interception`): `tag_freshness`, and the credentials
+hubcache presents upstream (read from `@FILE` or `env:NAME`, never inline; presented by
+`proxy.credentials`)."""
 
 from __future__ import annotations
 

@@ -1,21 +1,6 @@
-"""Bundles: images carried across an air gap as one OCI image layout in a tar file.
-
-The file is a standard OCI image layout (`oci-layout`, `index.json`, `blobs/<alg>/<hex>`), so
-skopeo, podman, crane and containerd read it too (`skopeo copy oci-archive:FILE:REF ...`). Each
-entry of `index.json` names its image in full (`registry/repository:tag`) in the annotations
-`org.opencontainers.image.ref.name` and `io.containerd.image.name`; the name of the recording it
-came from, if any, is the index's own annotation `io.hubcache.recording`. An image's referrers
-(signatures, SBOMs) are carried as blobs of the layout and listed in its entry's annotation
-`io.hubcache.referrers` (JSON: digest, mediaType, size, subject, and the tag-schema tag if any), so
-that import links them to their subject again: the referrers API lists them, and their tags
-resolve.
-
-Import is all-or-nothing: every blob is hashed and every manifest walked before anything is
-committed, so a corrupt or truncated file leaves the store as it was. A hostile file costs
-nothing: its blobs must fit in the free space by their declared sizes before any is read, a
-member no manifest names (or larger than its descriptor says) is refused unread, and no blob is
-held in memory but the one manifest being read.
-"""
+"""Bundles: images carried across an air gap as one OCI image layout in a tar file, which other
+tools read too. Import is all-or-nothing, and a hostile file costs nothing: sizes are checked
+against free space before any blob is read, and only one manifest is held in memory."""
 
 from __future__ import annotations
 

@@ -1,16 +1,6 @@
-"""Keeping the store in shape: eviction by size and by age, and re-verification.
-
-- Blobs are evicted least recently used first once the store is over `cache_size_limit`, and any
-  blob unused for `expire_unused_days` goes too. Content a recording pins is never evicted,
-  nor is a blob used in the last few minutes (a client may have just been sent to it; one
-  already reading it keeps its open file either way).
-- Eviction keeps the tag index consistent: a manifest that lost a blob is dropped, and so is
-  every tag that led to it, so that the tag is fetched again rather than half-served.
-- `verify` re-hashes everything and drops what does not match.
-
-The `Upkeep` addon evicts every EVICT_INTERVAL seconds in a worker thread; `hubcache prune` and
-`hubcache verify` run the same functions on request.
-"""
+"""Keeping the store in shape: eviction by size and by age (never what a recording pins, nor a blob
+used lately), the tag index kept consistent, and re-verification. The `Upkeep` addon evicts every
+EVICT_INTERVAL seconds; `hubcache prune`, `rm` and `verify` run the same functions."""
 
 from __future__ import annotations
 

@@ -1,17 +1,6 @@
-"""The miss journal: one JSON object per line, appended for every request the store could not answer.
-
-Each line holds: time (UTC, ISO 8601), registry, repository, reference, digest, bytes, and what
-happened (`outcome`), e.g. "filled", "passed", "stale", "failed: <reason>". Credentials are never
-written; the files are readable by their owner only (they name private repositories). A line is
-written with a single `write` on a file opened for appending, so concurrent writers (threads or
-processes) never interleave within a line.
-
-Bounded whatever clients ask: a line identical to one written less than `repeat_seconds` ago (a
-client repeating a request hubcache refuses or answers from its negative cache) is not written
-again; the file is rotated once it holds `max_bytes`, or once its first line is `max_age` seconds
-old, to `misses.<UTC time>.<pid>.jsonl`, and only the newest `keep` rotations are kept. Readers
-read the rotations, oldest first, then the current file.
-"""
+"""The miss journal: one JSON object per line, appended for every request the store could not
+answer, with what happened (`outcome`). Bounded whatever clients ask: repeats held back, the file
+rotated by size and age, only the newest rotations kept."""
 
 from __future__ import annotations
 

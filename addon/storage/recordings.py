@@ -1,11 +1,6 @@
-"""Recordings: what a set of pulls needed, by digest, kept as a readable YAML file (a lock file for images).
-
-A recording maps each image reference to the digest it resolved to, the platform manifests that
-were pulled, and their config and layer blobs, and the image's referrers that were pulled
-(signatures, SBOMs, attestations: found by the referrers API, or by a tag of cosign's tag schema
-`sha256-<hex>.sig|.att|.sbom`), each with its subject and blobs. Files live in `<cache_dir>/recordings/<name>.yaml`.
-Nothing here knows HTTP; the `Recorder` addon feeds it what the cache served.
-"""
+"""Recordings: what a set of pulls needed, by digest, kept as a readable YAML file (a lock file for
+images) in `<cache_dir>/recordings/<name>.yaml`. Nothing here knows HTTP; the `Recorder` addon feeds
+it what the cache served."""
 
 from __future__ import annotations
 

@@ -1,15 +1,6 @@
 """The content store: blobs and manifests by digest, and the tag index, in one diskcache folder.
-
-Guarantees:
-- Nothing is visible under a digest before its bytes were hashed and matched that digest.
-- A blob is written to a private temporary file in the same folder and committed by rename:
-  never copied, never partially visible, even to another process sharing the folder.
-- Safe across threads and processes (diskcache keeps the index in SQLite).
-- Private: the folder and every folder in it are 0700, every file 0600, whoever creates them (the
-  proxy, the blob server or any command); a folder found open to others is tightened, with what
-  it holds, and says so in one line.
-- Storage knows nothing of HTTP.
-"""
+Nothing is visible under a digest before it verified (a blob is committed by rename), it is safe
+across threads and processes, its files are its owner's only, and it knows nothing of HTTP."""
 
 from __future__ import annotations
 

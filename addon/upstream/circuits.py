@@ -1,29 +1,6 @@
-"""A circuit breaker per upstream host: an outage costs one wait, not one per request, and a miss
-is worth one try.
-
-A circuit belongs to one canonical host and port: a registry or its token host on the port it is
-intercepted on (hosts.py). Only hubcache's own requests for a canonical route open one (a
-registry's API under `/v2/`, or the token realm a registry's own challenge named): a request to
-another port of the name, or to a path a client made up, never reaches it, so no client can make
-a registry look down to the others. The first time such a request fails (refused, unresolvable,
-or silent past its limit), the circuit opens: hubcache stops connecting to the host, so every
-request that would have waited on it is answered at once from what the cache holds (a tag from
-its last known digest, public content, a local token, the registry's challenge for `/v2/`).
-
-Probes ask the host itself, never a replay of what failed: `GET /v2/` of a registry, `GET` of the
-realm of a token host, without credentials. One runs in the background, first after `FIRST_RETRY`
-seconds and then twice as long each time the host is still down, up to `upstream_retry_max`. And a
-request only upstream can answer (an uncached manifest or blob, a tag resolved for the first time)
-starts one at once, half-open: one in flight
-per host, at most one every `TRIAL_INTERVAL`, and every such request waits for its outcome, up to
-`revalidate_timeout`. So the first cold pull after an outage goes upstream, and requests the cache
-can answer never wait. Any answer from the host, to a probe or to anything else, closes the circuit.
-One log line says when a host goes down and one when it is back; `hubcache_upstream_up{host}` and
-the status page show the state.
-
-Only the hosts hubcache intercepts (registries and their token hosts) have circuits: others are
-the clients' business, and their names are the clients' to choose.
-"""
+"""A circuit breaker per upstream host and port: an outage costs one wait, not one per request, and
+a miss is worth one try. Only hubcache's own requests for a canonical route open one; probes run in
+the background with backoff, and a request only upstream can answer probes at once."""
 
 from __future__ import annotations
 

@@ -1,15 +1,7 @@
-"""Requests that hubcache itself sends upstream (blob fills, tag revalidation, registry pings).
-
-They run through mitmproxy's own proxy core, exactly like a client replay: the same upstream TLS
-verification (`ssl_verify_upstream_trusted_ca`, `ssl_insecure`), upstream proxy mode, name
-resolution, `upstream_map` and hooks as the client's own traffic. A user who configured mitmproxy
-configured these requests too. A blob fill's request runs the same hooks but moves its bytes on a
-thread of its own (`fetcher.py`), off the event loop every client shares.
-
-Their answers are read whole only up to `MAX_ANSWER` bytes, counted as they arrive (whatever
-Content-Length, chunking or a content encoding claim); a blob fill streams its body to its file
-instead (`fill.py`). No answer is an `UpstreamError`, never a value in place of a response.
-"""
+"""Requests that hubcache itself sends upstream (fills, revalidation, access checks, tokens, pings),
+run through mitmproxy's own proxy core, so its upstream TLS, proxy and `upstream_map` settings
+apply. Answers are read only up to `MAX_ANSWER` bytes; no answer is an `UpstreamError`, never a
+value in place of a response."""
 
 from __future__ import annotations
 

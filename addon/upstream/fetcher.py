@@ -1,19 +1,6 @@
-"""A blob fill's upstream request, with its bytes on a thread of their own.
-
-mitmproxy's proxy core reads a response on its one event loop: every TLS record and body chunk of
-a large blob costs that loop Python work the clients then wait behind. A fill's request (and the
-redirects it follows) runs here instead: mitmproxy's addons still decide and see everything, in
-the order its core runs them (`requestheaders`, `request`, `server_connect` with `upstream_map`,
-`connect_addr` and its loop guard, `http_connect_upstream` for the upstream proxy and
-`upstream_auth`, `tls_start_server` for the TLS settings, `responseheaders`, `response` or
-`error`), while the connection, TLS (on the connection object `tls_start_server` made, so the
-same CAs, `ssl_insecure`, client certificates, versions and ciphers) and the body run on a
-thread. The body goes to the stream callable the `responseheaders` hook set (the fill's writer),
-called on that thread.
-
-Not handled here (`handles` says so), and sent through mitmproxy's core instead: an upstream
-proxy reached over TLS, and plain-HTTP requests.
-"""
+"""A blob fill's upstream request, with its bytes on a thread of their own, off the event loop every
+client shares. mitmproxy's addons still decide and see everything, hooks run in its core's order; an
+upstream proxy over TLS and plain HTTP go through the core instead (`handles`)."""
 
 from __future__ import annotations
 

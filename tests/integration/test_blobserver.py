@@ -182,7 +182,7 @@ def test_only_urls_the_proxy_signed_are_served(blobs, mangle):
 
 
 def test_an_expired_url_is_refused(blobs):
-    """README: URLs are signed for 10 minutes."""
+    """docs/how-it-works.md: URLs are signed for 10 minutes."""
     put(blobs.store)
     assert get(blobs, blobserver.signed_path(blobs.secret, DIGEST, now=time.time() - 540))[0] == 200
     old = blobserver.signed_path(blobs.secret, DIGEST, now=time.time() - 660)

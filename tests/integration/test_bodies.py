@@ -1,7 +1,7 @@
-"""Request bodies, attacked the way a client of the proxy port or of the mirror could (see README,
-"Security model"): uploads of a few GiB, over HTTP/2 without a length and chunked over HTTP/1.1,
-to requests hubcache answers itself are refused at once, with mitmdump's memory watched; the
-legitimate pull and push around them still work."""
+"""Request bodies, attacked the way a client of the proxy port or of the mirror could (see
+docs/security.md, "Request bodies"): uploads of a few GiB, over HTTP/2 without a length and chunked
+over HTTP/1.1, to requests hubcache answers itself are refused at once, with mitmdump's memory
+watched; the legitimate pull and push around them still work."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Canonicalize, then act (README, "Security model"): attacks that hide one request inside another's
+"""Canonicalize, then act (docs/security.md): attacks that hide one request inside another's
 target, the way a client of the proxy port could, against upstreams that clean paths the way the
 distribution registry does (Debian's docker-registry itself, and the Docker Hub double, which
 redirects an unclean path to its cleaned form as the registry's router does). Each attack is

@@ -257,7 +257,7 @@ def test_eight_clients_on_two_nodes_pull_one_cold_image(lock, node, registry, re
     )
     assert set(per_blob) == digests
     if lock == "redis":
-        # README: with the lock, upstream serves the image once (1.00x): the node that took a
+        # docs/fleet.md: with the lock, upstream serves the image once (1.00x): the node that took a
         # blob's lock fetches it, the other waits and fills from the shared store.
         assert per_blob == Counter(dict.fromkeys(digests, 1)) and fetched == image_size(image)
         outcomes = [journal_outcomes(p, digests) for p in (a, b)]

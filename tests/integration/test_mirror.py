@@ -196,7 +196,7 @@ def test_a_private_image_alice_filled_through_the_mirror_is_refused_to_anonymous
 
 def test_a_public_request_hidden_in_a_private_target_is_refused_by_the_mirror(hubcache, dockerhub, secret):
     """Canonicalize, then act: through the mirror too, a target the registry would clean into a
-    public image's never reads the private one alice cached (README, "Security model")."""
+    public image's never reads the private one alice cached (docs/security.md)."""
     proxy = start_mirror(hubcache)
     index = f"/v2/{SECRET}/manifests/{secret.index_digest}"
     assert mirror_get(proxy, index, mirror_token(proxy, ("alice", "s3cret")))[0] == 200

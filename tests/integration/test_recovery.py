@@ -1,6 +1,6 @@
-"""After an outage, the first cold pull goes upstream (README, "When upstream is down"), through
-the proxy and through the mirror, and no client of a registry's name on another port can make
-that registry look down to the others (README, "Security model"). Real skopeo through a real
+"""After an outage, the first cold pull goes upstream (docs/how-it-works.md, "When upstream is
+down"), through the proxy and through the mirror, and no client of a registry's name on another port
+can make that registry look down to the others (docs/security.md). Real skopeo through a real
 hubcache, against the Docker Hub double with every Docker Hub host hanging for the outage."""
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
-"""A cached image pulls whatever part of upstream is down (README, "When upstream is down"): real
-skopeo and dockerd through hubcache, against the Docker Hub double with its fault switches, or
-with its names sent to a closed port or to no address at all."""
+"""A cached image pulls whatever part of upstream is down (docs/how-it-works.md, "When upstream is
+down"): real skopeo and dockerd through hubcache, against the Docker Hub double with its fault
+switches, or with its names sent to a closed port or to no address at all."""
 
 from __future__ import annotations
 

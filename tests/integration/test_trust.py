@@ -1,6 +1,6 @@
-"""The trust boundary, attacked the way a client of the proxy port could (see README, "Security
-model"): every attack runs through a real hubcache with curl or skopeo, against hostile servers
-on loopback, and each test also checks that the legitimate pull still works."""
+"""The trust boundary, attacked the way a client of the proxy port could (see docs/security.md):
+every attack runs through a real hubcache with curl or skopeo, against hostile servers on loopback,
+and each test also checks that the legitimate pull still works."""
 
 from __future__ import annotations
 

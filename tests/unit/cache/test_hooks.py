@@ -1395,7 +1395,7 @@ UNCLEAN = {
 
 
 class TestCanonicalRequests:
-    """Canonicalize, then act (README, "Security model"): hubcache acts only on the route it parsed,
+    """Canonicalize, then act (docs/security.md): hubcache acts only on the route it parsed,
     and sends upstream only what it rebuilt from it."""
 
     PRIVATE = "acme/secret"

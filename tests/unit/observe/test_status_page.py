@@ -18,7 +18,7 @@ from hubcache.upstream.client import Upstream
 
 
 def test_only_repositories_known_to_be_public_are_named(tmp_path):
-    """README: private repositories, and those whose visibility is not known yet, are shown as
+    """docs/operating.md: private repositories, and those whose visibility is not known yet, are shown as
     (private) unless status_private is on."""
     hosts = Interception()
     folder = CacheFolder()
