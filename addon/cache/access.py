@@ -203,7 +203,7 @@ def _what_the_cache_knows(store: Store, route: Route, digest: str) -> tuple[bool
 
 def holds_local_token(flow: http.HTTPFlow) -> bool:
     """The client holds a token hubcache issued because the token host could not, and that host is
-    still down (checked by the cache, localtokens.py)."""
+    still down (checked by the cache, cache/local_tokens.py)."""
     return bool(flow.metadata.get(Mark.LOCAL_TOKEN))
 
 

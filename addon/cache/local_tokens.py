@@ -33,7 +33,7 @@ class LocalTokens:
     def honoured(self, authorization: str, registry: str) -> bool:
         """Whether `authorization` holds a local token of this process, for the token host of the
         registry API host `registry`, that still stands in for it. (A registry that serves its
-        own tokens is relayed, never answered with a local token: cache.py.)"""
+        own tokens is relayed, never answered with a local token: cache/hooks.py.)"""
         scheme, _, token = authorization.strip().partition(" ")
         prefix, _, rest = token.partition(".")
         issued_text, _, rest = rest.partition(".")

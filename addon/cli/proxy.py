@@ -138,7 +138,7 @@ def _mitmdump_with_hubcache(args: list[str]) -> None:
 
 
 @click.command("options")
-@click.option("--markdown", is_flag=True, help="Print the table the README carries.")
+@click.option("--markdown", is_flag=True, help="Print the table docs/options.md carries.")
 def options_command(markdown: bool) -> None:
     """List every hubcache option: name, type, default and meaning. Set them with
     `hubcache run --set NAME=VALUE`, `mitmdump --set NAME=VALUE` or in a --config file.

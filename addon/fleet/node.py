@@ -175,7 +175,7 @@ class Fleet:
         return True
 
     async def claim_watch(self, entry: str, ttl: float) -> bool:
-        """Whether this node checks the watched `entry` this interval (watch.py): it took the lock,
+        """Whether this node checks the watched `entry` this interval (prefetch/watch.py): it took the lock,
         which lapses after `ttl` (never released, so no other node checks it again before), or
         there is no lock to take."""
         if self.lock is None or not self.usable:

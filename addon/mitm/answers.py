@@ -46,6 +46,6 @@ def blob_redirect(flow: http.HTTPFlow, digest: str, url: str) -> None:
 
 
 def local_token(flow: http.HTTPFlow, token: str) -> None:
-    """A token of hubcache's own, for a client whose token host cannot answer (localtokens.py)."""
+    """A token of hubcache's own, for a client whose token host cannot answer (cache/local_tokens.py)."""
     body = protocol.local_token_answer(token, time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
     answer(flow, 200, body, {"Content-Type": "application/json", "Content-Length": str(len(body))})

@@ -20,11 +20,11 @@ class Mark(StrEnum):
     ANSWERED = "hubcache_answered"  # hubcache answered the client's request itself
     RELAYED = "hubcache_relayed"  # the client got the answer to hubcache's own request of it
     PASSED = "hubcache_passed"  # on a client's blob request passed upstream: the body bytes relayed
-    ROUTE = "hubcache_route"  # on a client's registry request: the Route it was parsed to (routes.py)
+    ROUTE = "hubcache_route"  # on a client's registry request: the Route it was parsed to (proxy/routes.py)
     LOCAL_TOKEN = "hubcache_local_token"  # on a client's registry request: it holds a local token hubcache honours
-    WATCH = "hubcache_watch"  # on a request of the watch's own pulls through the proxy (watch.py)
+    WATCH = "hubcache_watch"  # on a request of the watch's own pulls through the proxy (prefetch/watch.py)
     MIRROR = "hubcache_mirror"  # on a mirror request routed to a registry: the mirror's URL as its client dialled it
-    NO_BODY = "hubcache_no_body"  # a request hubcache answers itself: a body on it is refused (bodies.py)
+    NO_BODY = "hubcache_no_body"  # a request hubcache answers itself: a body on it is refused (mitm/bodies.py)
 
 
 class Source(StrEnum):

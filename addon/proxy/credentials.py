@@ -31,7 +31,7 @@ class UpstreamCredentials:
 
     def requestheaders(self, flow: http.HTTPFlow) -> None:
         # hubcache's own requests copy a client's headers, except the anonymous probe of a
-        # repository's visibility (access.py), which must stay anonymous.
+        # repository's visibility (cache/access.py), which must stay anonymous.
         request = flow.request
         if flow.response or "authorization" in request.headers or is_subrequest(flow):
             return

@@ -33,7 +33,7 @@ class Interception:
         self.settings: dict[str, Settings] = {}  # by registry host
         self._registries: set[str] = set(DEFAULT_REGISTRIES)
         self._intercepted = self._registries | {AUTH_HOSTS[h] for h in self._registries if h in AUTH_HOSTS}
-        self.mirror_spec: str | None = None  # the mode of the mirror's listener (mirror.py), if any
+        self.mirror_spec: str | None = None  # the mode of the mirror's listener (proxy/mirror.py), if any
 
     def load(self, loader: Loader) -> None:
         loader.add_option(
@@ -127,7 +127,7 @@ class Interception:
         # registry's name in the SNI of a tunnel to elsewhere gets no certificate for that name
         # from hubcache, and a tunnel to another port of it is the client's business.
         if self.is_mirror(data.context.client):
-            return  # the mirror's own TLS (mirror.py)
+            return  # the mirror's own TLS (proxy/mirror.py)
         sni = (data.client_hello.sni or "").lower()
         target, port = data.context.server.address or ("", 0)
         if not (sni and sni == target.lower() and port == OWN_PORT and self.intercepts(sni)):
@@ -195,7 +195,7 @@ class Passthrough:
 
     The exception is a request hubcache answers itself (a pull from a registry, anything to a
     registry while offline, a token request, whatever an earlier addon answered already): it
-    takes no body, and one that comes anyway is refused before it is read (bodies.py). A token
+    takes no body, and one that comes anyway is refused before it is read (mitm/bodies.py). A token
     request may bring a small form of announced length, read whole."""
 
     def __init__(self, hosts: Interception):

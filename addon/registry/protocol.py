@@ -280,7 +280,7 @@ def token_fields(text: str) -> list[tuple[str, str]]:
 
 
 # How long a token hubcache hands a client when it answers the token request itself (offline, or
-# while the token host is down; localtokens.py) is good for: clients ask again soon, so a token
+# while the token host is down; cache/local_tokens.py) is good for: clients ask again soon, so a token
 # host that came back is used again.
 LOCAL_TOKEN_SECONDS = 60
 

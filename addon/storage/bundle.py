@@ -495,7 +495,7 @@ class _BundleReader:
                 self.store.set_visibility(*repository, True)  # never more open than the store knows
             elif repository not in public and known is None:
                 # No mark (a skopeo or crane archive): unknown stays unknown, so upstream is still
-                # asked online; offline, whoever imported it chose to serve it (access.py).
+                # asked online; offline, whoever imported it chose to serve it (cache/access.py).
                 self.store.note_imported(*repository)
             if not DIGEST_RE.fullmatch(image.reference):
                 # Never confirmed by upstream here: online, the tag is revalidated on first use.

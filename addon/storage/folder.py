@@ -1,5 +1,5 @@
-"""The cache folder (option `cache_dir`): the content store (`store.py`) and the miss journal
-(`journal.py`). `CacheFolder` is their one owner; the cache, upkeep, the recorder and the status
+"""The cache folder (option `cache_dir`): the content store (`storage/store.py`) and the miss journal
+(`storage/journal.py`). `CacheFolder` is their one owner; the cache, upkeep, the recorder and the status
 page take them from it."""
 
 from __future__ import annotations

@@ -326,7 +326,7 @@ class Store:
         """The referrers of `subject` noted so far; None if none ever were."""
         return self._lookup(self._cache.get, ("referrers", registry, name, subject))
 
-    # Repositories: who may pull what (see access.py)
+    # Repositories: who may pull what (see cache/access.py)
 
     def set_visibility(self, registry: str, name: str, public: bool) -> None:
         self._cache.set(("repository", registry, name), (public, time.time()))
@@ -342,7 +342,7 @@ class Store:
 
     def note_imported(self, registry: str, name: str) -> None:
         """An operator imported images of this repository from a bundle that did not say whether it
-        is public: offline, they chose to serve it (access.py); its visibility stays unknown."""
+        is public: offline, they chose to serve it (cache/access.py); its visibility stays unknown."""
         self._cache.set(("imported", registry, name), True)
 
     def imported(self, registry: str, name: str) -> bool:

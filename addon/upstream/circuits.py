@@ -175,7 +175,7 @@ class Circuits:
             relayed = (realm.port or OWN_PORT) == OWN_PORT and self.hosts.intercepts(host) and not self.hosts.is_registry(host)
         except ValueError:
             return  # not a URL anyone could be sent to
-        if relayed:  # a token host hubcache relays (cache.py), and answers for while it is down
+        if relayed:  # a token host hubcache relays (cache/hooks.py), and answers for while it is down
             self.realms[(host, OWN_PORT)] = realm.path or "/"
             if path in ("/v2", "/v2/"):
                 self.challenges[protocol.canonical_registry(registry)] = challenge

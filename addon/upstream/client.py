@@ -32,7 +32,7 @@ class UpstreamError(Exception):
 
 
 class Unreachable(UpstreamError):
-    """No answer: the connection failed or broke, or the host is known to be down (circuits.py)."""
+    """No answer: the connection failed or broke, or the host is known to be down (upstream/circuits.py)."""
 
 
 class Silent(UpstreamError):
@@ -71,7 +71,7 @@ FORWARDED = ("accept", "authorization", "user-agent")
 
 def request_for(like: http.HTTPFlow, route: Route, method: str) -> http.Request:
     """The request hubcache sends upstream for a client's request of `route`, built from the parse
-    alone: https to the host and port the request verifiably goes to (routes.py, hosts.py), the
+    alone: https to the host and port the request verifiably goes to (proxy/routes.py, proxy/interception.py), the
     route's canonical target, and only the FORWARDED headers. Never the client's own target,
     query or body."""
     client = like.request
@@ -211,7 +211,7 @@ class Upstream:
         request = flow.request
         if circuits and (refused := circuits.refusal(request.host, request.port, flow.client_conn)):
             # The host is down: not waited for, unless only upstream can answer this; then it is
-            # worth one probe (see circuits.py).
+            # worth one probe (see upstream/circuits.py).
             if not (only_upstream(flow) and await circuits.attempt(request.host, request.port)):
                 raise Unreachable(refused)
         exchange = _start(flow, idle_timeout)
@@ -277,7 +277,7 @@ class _Replay:
 
 
 def _start(flow: http.HTTPFlow, idle_timeout: float) -> _Replay | fetcher.Exchange:
-    """A blob fill's bytes run on a thread of their own (fetcher.py) wherever it can carry them."""
+    """A blob fill's bytes run on a thread of their own (upstream/fetcher.py) wherever it can carry them."""
     if flow.metadata.get(Mark.FILL) and fetcher.handles(flow):
         return fetcher.Exchange(flow, idle_timeout)
     return _Replay(flow)

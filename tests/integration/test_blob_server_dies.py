@@ -1,5 +1,5 @@
 """The blob server process dies under a running proxy (killed, out of memory): what the cache holds
-stays pullable. blobhost.py runs it as a child of mitmdump and sends every blob GET to it."""
+stays pullable. blobserver/host.py runs it as a child of mitmdump and sends every blob GET to it."""
 
 from __future__ import annotations
 

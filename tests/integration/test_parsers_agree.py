@@ -62,7 +62,7 @@ def upstream(registry, multi_image, tmp_path_factory):
 
 
 def spelled(route: protocol.Route) -> str:
-    """The one spelling of what hubcache parsed, written out here (not taken from protocol.py)."""
+    """The one spelling of what hubcache parsed, written out here (not taken from registry/protocol.py)."""
     if route.kind is Kind.PING:
         return "/v2/"
     segment = {Kind.MANIFEST: "manifests", Kind.BLOB: "blobs", Kind.REFERRERS: "referrers"}[route.kind]

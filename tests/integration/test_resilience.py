@@ -96,7 +96,7 @@ def test_a_cached_image_pulls_through_an_outage(hubcache, dockerhub, registry, m
 
 
 def _probe(request: tuple[str, str, str, str]) -> bool:
-    """hubcache's probe of a host that is down (circuits.py says what it is by its User-Agent)."""
+    """hubcache's probe of a host that is down (upstream/circuits.py says what it is by its User-Agent)."""
     return request[3] == PROBE_AGENT
 
 

@@ -1,5 +1,5 @@
 """Two proxies on one cache folder (two instances behind one port, or a restart that overlaps the
-old process): hubcache allows it, its store being safe across processes (store.py). A proxy that
+old process): hubcache allows it, its store being safe across processes (storage/store.py). A proxy that
 starts leaves the other's fills in progress alone, each serves what the other filled, the journal
 keeps one line per fill, and one stopping leaves the other serving."""
 

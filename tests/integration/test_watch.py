@@ -129,7 +129,7 @@ def test_a_pattern_picks_up_a_tag_pushed_later(registry, hubcache, images):
 def test_only_the_listed_platforms_are_fetched(registry, hubcache, multi_image):
     """An index watched for one platform: upstream sees the watch's HEAD, then GETs of the index,
     that platform's manifest and its blobs, and nothing of the other platform (and, the first time
-    hubcache meets the repository, its anonymous HEAD that learns whether it is public: access.py)."""
+    hubcache meets the repository, its anonymous HEAD that learns whether it is public: cache/access.py)."""
     repository = f"watch/multi{uuid.uuid4().hex[:8]}"
     push(registry, f"{repository}:1", multi_image)
     registry.settle()

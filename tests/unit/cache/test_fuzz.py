@@ -1,6 +1,6 @@
 """Generated bad input (hypothesis): the router, the request hook and the store answer every request
 with a registry error or a pass, never crash, and never write outside the cache folder. The router
-is checked against the distribution spec's grammar written out here (not protocol.py's), and every
+is checked against the distribution spec's grammar written out here (not registry/protocol.py's), and every
 answer against the one the request calls for."""
 
 from __future__ import annotations

@@ -1498,7 +1498,7 @@ class TestRedirected:
         cdn = upstream.redirected(self.request(), f"https://{CDN}/data?verify=1")
         assert cdn.host == CDN and "authorization" not in cdn.headers
 class TestWhileTheRegistryIsDown:
-    """With Docker Hub's circuit open (circuits.py): a pull of cached content stays local, and a
+    """With Docker Hub's circuit open (upstream/circuits.py): a pull of cached content stays local, and a
     pull of something new reaches the token host as soon as it answers again."""
 
     CHALLENGE = 'Bearer realm="https://auth.docker.io/token",service="registry.docker.io"'

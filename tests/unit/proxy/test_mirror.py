@@ -1,4 +1,4 @@
-"""The mirror endpoint's decisions (mirror.py): its option, which registry a request is for, where
+"""The mirror endpoint's decisions (proxy/mirror.py): its option, which registry a request is for, where
 it is sent, and which token realms it relays to."""
 
 import json

@@ -1,4 +1,4 @@
-"""A fill's request off the event loop (fetcher.py), against a real TLS server on loopback: the
+"""A fill's request off the event loop (upstream/fetcher.py), against a real TLS server on loopback: the
 bytes arrive on another thread, mitmproxy's hooks decide and see the exchange in its core's order,
 its TLS settings hold, and every way the answer can break ends as the same UpstreamError."""
 
@@ -238,7 +238,7 @@ async def test_an_untrusted_upstream_certificate_is_refused(tctx, hooks, tmp_pat
     with pytest.raises(upstream.Unreachable, match="certificate verify failed"):
         await upstream.Upstream().run(fill_flow("/blob"), 10)
     assert hooks.chunks == []
-    # The connection opened: a TLS failure is not the host being down (circuits.py).
+    # The connection opened: a TLS failure is not the host being down (upstream/circuits.py).
     assert "server_connect_error" not in hooks.seen and hooks.seen[-1] == "error"
 
 
