@@ -253,8 +253,8 @@ MUTANTS: list[Mutant] = [
         "local-token-serves-private",
         "a client holding hubcache's local token gets only public content",
         Edit(
-            "if known and public is True:\n    return None\nreturn Refusal(503",
-            "if known:\n    return None\nreturn Refusal(503",
+            "if known and public is True:\n    return None\nreturn Refusal(ErrorCode.UNAVAILABLE",
+            "if known:\n    return None\nreturn Refusal(ErrorCode.UNAVAILABLE",
         ),
         ["test_a_local_token_gets_a_clear_answer_for_what_is_missing_or_private"],
         UNIT,
@@ -679,8 +679,8 @@ MUTANTS: list[Mutant] = [
         "manifest-miss-unreachable-said-missing",
         "a manifest miss upstream cannot answer gets a registry 502 UNAVAILABLE, not a claim that it does not exist",
         Edit(
-            'answers.error(flow, 502, "UNAVAILABLE", f"{route.registry} cannot be reached: {e}")',
-            'answers.error(flow, 404, "MANIFEST_UNKNOWN", f"{route.registry} cannot be reached: {e}")',
+            'answers.error(flow, ErrorCode.UPSTREAM_FAILED, f"{route.registry} cannot be reached: {e}")',
+            'answers.error(flow, ErrorCode.MANIFEST_UNKNOWN, f"{route.registry} cannot be reached: {e}")',
         ),
         ["test_unreachable_upstream_is_a_registry_error"],
         UNIT,
@@ -954,7 +954,7 @@ MUTANTS: list[Mutant] = [
     mutant(
         "route-takes-any-query",
         "a pull endpoint takes no query parameter but containerd's ns naming its registry (and the referrers filter)",
-        Edit("raise BadRequest(400, \"UNSUPPORTED\", f\"this endpoint takes no query parameter {key}={value[:100]!r}\")", "continue"),
+        Edit("raise BadRequest(ErrorCode.UNSUPPORTED_REQUEST, f\"this endpoint takes no query parameter {key}={value[:100]!r}\")", "continue"),
         ["test_a_query_the_endpoint_does_not_take_is_refused", "test_the_router_classifies_or_refuses"],
         UNIT,
     ),

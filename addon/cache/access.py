@@ -35,7 +35,7 @@ from mitmproxy.addonmanager import Loader
 from ..mitm import answers
 from ..mitm.flows import Mark
 from ..registry import protocol
-from ..registry.protocol import Kind, Route
+from ..registry.protocol import ErrorCode, Kind, Route
 from ..storage.store import Store
 from ..upstream import circuits
 from ..upstream import client as upstream
@@ -49,8 +49,7 @@ MAX_ALLOWED = 10_000  # upstream's yeses remembered at once (per token and repos
 class Refusal:
     """A registry error for a client that may not have cached content."""
 
-    status: int
-    code: str
+    code: ErrorCode
     message: str
     headers: dict[str, str] = field(default_factory=dict)
 
@@ -93,7 +92,7 @@ class Access:
         """Whether the client may have `digest` from the cache; if not, its answer is the refusal."""
         refusal = await self.refusal(flow, route, digest, store)
         if refusal is not None:
-            answers.error(flow, refusal.status, refusal.code, refusal.message, refusal.headers)
+            answers.error(flow, refusal.code, refusal.message, refusal.headers)
         return refusal is None
 
     async def refusal(self, flow: http.HTTPFlow, route: Route, digest: str, store: Store) -> Refusal | None:
@@ -106,12 +105,12 @@ class Access:
             if known and public is None and await asyncio.to_thread(store.imported, route.registry, route.name):
                 return None  # imported from a bundle that did not say: the operator chose to serve it
             why = "was never pulled through this repository" if not known else "may be private" if public is None else "is private"
-            return Refusal(401, "UNAUTHORIZED", f"{route.image} {why}; offline, hubcache cannot check credentials")
+            return Refusal(ErrorCode.UNAUTHORIZED, f"{route.image} {why}; offline, hubcache cannot check credentials")
         if holds_local_token(flow):
             # hubcache issued this token while the token host was down: upstream cannot be asked.
             if known and public is True:
                 return None
-            return Refusal(503, "UNAVAILABLE", f"{route.image}: the registry's token service is down, so access cannot be checked")
+            return Refusal(ErrorCode.UNAVAILABLE, f"{route.image}: the registry's token service is down, so access cannot be checked")
         if public is True and time.time() - (checked or 0) >= ctx.options.visibility_check_seconds:
             public = await self.probe(flow, route, store) is not False  # unknown: as last seen
         key = (token_key(flow), route.registry, route.name)
@@ -126,15 +125,14 @@ class Access:
                 logger.log(circuits.level(reason), f"{route.image}: access not confirmed ({reason}); served, as the repository is public")
                 return None
             logger.warning(f"{route.image}: access not confirmed ({reason}); not served")
-            return Refusal(503, "UNAVAILABLE", f"{route.image}: upstream cannot confirm access ({reason})")
+            return Refusal(ErrorCode.UNAVAILABLE, f"{route.image}: upstream cannot confirm access ({reason})")
         if answer.status_code != 200:
             logger.info(f"{route.image}: upstream refused this client ({answer.status_code}); not served")
-            status = answer.status_code if 400 <= answer.status_code < 500 else 403
-            code = {401: "UNAUTHORIZED", 404: "BLOB_UNKNOWN" if route.kind is Kind.BLOB else "MANIFEST_UNKNOWN"}
+            unknown = ErrorCode.BLOB_UNKNOWN if route.kind is Kind.BLOB else ErrorCode.MANIFEST_UNKNOWN
+            codes = {401: ErrorCode.UNAUTHORIZED, 404: unknown, 429: ErrorCode.TOOMANYREQUESTS}
             challenge = answer.headers.get("www-authenticate")
             return Refusal(
-                status,
-                code.get(status, "DENIED"),
+                codes.get(answer.status_code, ErrorCode.DENIED),
                 f"{route.image}: upstream refused these credentials",
                 {"WWW-Authenticate": challenge} if challenge else {},
             )

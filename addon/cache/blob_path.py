@@ -24,7 +24,7 @@ from ..mitm.flows import Mark, Source
 from ..observe.metrics import Metrics
 from ..observe.pull_log import PullLog
 from ..registry import protocol
-from ..registry.protocol import Route
+from ..registry.protocol import ErrorCode, Route
 from ..storage.folder import CacheFolder
 from ..upstream import client as upstream
 from .access import Access, holds_local_token
@@ -114,18 +114,18 @@ class BlobRequests:
                 self._send(flow, route, fill.source)
             case State.REJECTED:
                 why = fill.reason or f"upstream's copy of {route.reference} did not verify"
-                answers.error(flow, 502, "BLOB_UNKNOWN", f"{route.image}: {why}")
+                answers.error(flow, ErrorCode.UPSTREAM_FAILED, f"{route.image}: {why}")
             case State.REFUSED if leader:
                 assert fill.answer
                 flow.response = fill.answer.copy()  # 401, 404, 5xx...: upstream's own answer, for this client
             case State.FAILED if leader:
-                answers.error(flow, 502, "BLOB_UNKNOWN", f"{route.image}: {fill.reason}")
+                answers.error(flow, ErrorCode.UPSTREAM_FAILED, f"{route.image}: {fill.reason}")
 
     def _send(self, flow: http.HTTPFlow, route: Route, source: Source, fill: Fill | None = None) -> None:
         """Send the client to the blob server: for the blob in the store, or for the file of a
         fill in progress. `source` says where its bytes came from, for the pull log and metrics."""
         if self.blobs.restarting:
-            answers.error(flow, 503, "UNAVAILABLE", "hubcache's blob server is starting again: retry in a moment")
+            answers.error(flow, ErrorCode.UNAVAILABLE, "hubcache's blob server is starting again: retry in a moment")
             return
         tag = self.pulls.transfer(flow, route, source)
         if fill is not None:

@@ -30,7 +30,7 @@ from ..proxy.credentials import pull_scopes
 from ..proxy.interception import Interception
 from ..proxy.routes import route_of
 from ..registry import protocol
-from ..registry.protocol import Kind, Route
+from ..registry.protocol import ErrorCode, Kind, Route
 from ..registry.settings import AUTH_HOSTS
 from ..storage.folder import CacheFolder
 from ..upstream import circuits
@@ -79,7 +79,7 @@ class RegistryCache:
         if self.tokens.honoured(flow.request.headers.get("authorization", ""), flow.request.host):
             flow.metadata[Mark.LOCAL_TOKEN] = True
         if ctx.options.offline and (route.kind is Kind.OTHER or flow.request.method not in ("GET", "HEAD")):
-            answers.error(flow, 405, "UNSUPPORTED", "hubcache is offline: only pulls are served")
+            answers.error(flow, ErrorCode.UNSUPPORTED, "hubcache is offline: only pulls are served")
             return
         if flow.request.method not in ("GET", "HEAD"):
             return  # pushes and everything else pass through untouched
@@ -107,7 +107,7 @@ class RegistryCache:
             if breaker and (challenge := breaker.challenges.get(route.registry)):
                 # The registry's own challenge: the client asks for a token, which goes upstream
                 # as soon as the token host is back (see _token), so its next pull can be cold.
-                answers.error(flow, 401, "UNAUTHORIZED", "authentication required", {"WWW-Authenticate": challenge})
+                answers.error(flow, ErrorCode.UNAUTHORIZED, "authentication required", {"WWW-Authenticate": challenge})
             else:
                 answers.ping(flow)
 
@@ -129,7 +129,7 @@ class RegistryCache:
             try:
                 request = upstream.token_request_for(flow)
             except protocol.BadRequest as e:
-                answers.error(flow, e.status, e.code, e.message)
+                answers.error(flow, e.code, e.message)
                 return
             try:
                 flow.response = upstream.available(await self.upstream.send(flow, request, ctx.options.revalidate_timeout, miss=cold))

@@ -33,7 +33,7 @@ from ..observe.metrics import Metrics
 from ..observe.pull_log import PullLog
 from ..proxy.interception import Interception
 from ..registry import manifests, protocol
-from ..registry.protocol import Route
+from ..registry.protocol import ErrorCode, Route
 from ..storage.folder import CacheFolder
 from ..storage.store import Manifest, Store, TagEntry, TagKind
 from ..upstream import circuits
@@ -116,7 +116,8 @@ class ManifestRequests:
                 return
         known = await asyncio.to_thread(store.referrers, route.registry, route.name, route.reference)
         if known is None:
-            answers.error(flow, 404, "MANIFEST_UNKNOWN", f"{route.registry}/{route.name}: no referrers of {route.reference} in the cache ({reason})")
+            message = f"{route.registry}/{route.name}: no referrers of {route.reference} in the cache ({reason})"
+            answers.error(flow, ErrorCode.MANIFEST_UNKNOWN, message)
             return
         if not await self.access.permit(flow, route, route.reference, store):
             return
@@ -209,7 +210,7 @@ class ManifestRequests:
             await self._follow_redirects(flow)
         except upstream.Renamed as e:
             logger.warning(f"{route.image}: {e}")
-            answers.error(flow, 502, "MANIFEST_UNKNOWN", f"{route.image}: {e}")
+            answers.error(flow, ErrorCode.UPSTREAM_FAILED, f"{route.image}: {e}")
             await self.folder.journal_miss(route, f"rejected: {e}")
             return
         store = self.folder.store
@@ -244,7 +245,7 @@ class ManifestRequests:
         digest = protocol.digest_of(body, algorithm)
         if claimed and claimed.startswith(f"{algorithm}:") and claimed != digest:
             logger.warning(f"{route.image}: upstream manifest hashes to {digest}, not {claimed}")
-            answers.error(flow, 502, "MANIFEST_INVALID", f"upstream sent a manifest that does not match {claimed}")
+            answers.error(flow, ErrorCode.UPSTREAM_MANIFEST_INVALID, f"upstream sent a manifest that does not match {claimed}")
             await self.folder.journal_miss(route, "rejected: digest mismatch", digest=digest, size=len(body))
             return
         media_type = protocol.manifest_media_type(body, response.headers.get("content-type", ""))

@@ -15,7 +15,7 @@ from mitmproxy.addonmanager import Loader
 from ..mitm import answers
 from ..mitm.flows import Mark
 from ..observe.metrics import Metrics
-from ..registry.protocol import Kind, Route
+from ..registry.protocol import ErrorCode, Kind, Route
 from ..storage.folder import CacheFolder
 from ..upstream import client as upstream
 from .access import holds_local_token, token_key
@@ -74,16 +74,16 @@ class Misses:
         Offline, with a local token (upstream cannot be asked for it), or after a recent 404 for
         this client, the client is told at once instead."""
         self.metrics.miss(route.kind.value)
-        code = "BLOB_UNKNOWN" if route.kind is Kind.BLOB else "MANIFEST_UNKNOWN"
+        code = ErrorCode.BLOB_UNKNOWN if route.kind is Kind.BLOB else ErrorCode.MANIFEST_UNKNOWN
         if (ago := self.absent_for(flow, route)) is not None:
-            answers.error(flow, 404, code, f"{route.image}: upstream answered 404 {ago:.0f}s ago")
+            answers.error(flow, code, f"{route.image}: upstream answered 404 {ago:.0f}s ago")
             await self.folder.journal_miss(route, "missing: upstream answered 404 lately")
         elif ctx.options.offline:
             what = f"blob {route.reference} of {route.registry}/{route.name}" if route.kind is Kind.BLOB else route.image
-            answers.error(flow, 404, code, f"{what} is not in the offline cache")
+            answers.error(flow, code, f"{what} is not in the offline cache")
             await self.folder.journal_miss(route, "missing: offline")
         elif fallback is None and holds_local_token(flow):
-            answers.error(flow, 503, "UNAVAILABLE", f"{route.image} is not cached, and the registry's token service cannot be reached to fetch it")
+            answers.error(flow, ErrorCode.UNAVAILABLE, f"{route.image} is not cached, and the registry's token service cannot be reached to fetch it")
             await self.folder.journal_miss(route, "failed: no token from the registry's token service")
         else:
             await self._relay(flow, route, fallback)
@@ -94,13 +94,14 @@ class Misses:
         try:
             answer = await self.upstream.run(ask, ctx.options.fill_timeout)
         except upstream.Unreadable as e:
-            answers.error(flow, 502, "MANIFEST_INVALID", f"{route.image}: {e}")
+            bad = ErrorCode.UPSTREAM_FAILED if route.kind is Kind.BLOB else ErrorCode.UPSTREAM_MANIFEST_INVALID
+            answers.error(flow, bad, f"{route.image}: {e}")
             await self.folder.journal_miss(route, f"rejected: {e}")
         except upstream.UpstreamError as e:
             if fallback:
                 await fallback(str(e))
             else:
-                answers.error(flow, 502, "UNAVAILABLE", f"{route.registry} cannot be reached: {e}")
+                answers.error(flow, ErrorCode.UPSTREAM_FAILED, f"{route.registry} cannot be reached: {e}")
                 await self.folder.journal_miss(route, f"failed: {e}")
         else:
             self.follow(flow, route, fallback)

@@ -20,10 +20,10 @@ def answer(flow: http.HTTPFlow, status: int, body: bytes, headers: dict[str, str
     flow.response.headers["Content-Length"] = headers["Content-Length"]
 
 
-def error(flow: http.HTTPFlow, status: int, code: str, message: str, extra: dict[str, str] | None = None) -> None:
-    """A registry error (`{"errors": [...]}`), as a client of the registry expects it."""
+def error(flow: http.HTTPFlow, code: protocol.ErrorCode, message: str, extra: dict[str, str] | None = None) -> None:
+    """A registry error (`{"errors": [...]}`) with its code's status, as a client of the registry expects it."""
     body = protocol.error_body(code, message)
-    answer(flow, status, body if flow.request.method != "HEAD" else b"", {**protocol.error_headers(len(body)), **(extra or {})})
+    answer(flow, code.status, body if flow.request.method != "HEAD" else b"", {**protocol.error_headers(len(body)), **(extra or {})})
 
 
 def ping(flow: http.HTTPFlow) -> None:

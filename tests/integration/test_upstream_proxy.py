@@ -135,7 +135,7 @@ def test_corporate_proxy_gone_hits_are_served_and_misses_are_answered_at_once(
         proxy.port, REGISTRY_NAME, f"/v2/test/multi/blobs/{arm64.layers[0].digest}", ca=proxy.ca_cert, timeout=30
     )
     assert blob.status == 502, blob.body[:300]
-    assert blob.json()["errors"][0]["code"] == "BLOB_UNKNOWN"
+    assert blob.json()["errors"][0]["code"] == "UNAVAILABLE"
 
     # mitmproxy itself answers a client request it cannot connect upstream for (see below).
     manifest = proxied.request(proxy.port, REGISTRY_NAME, "/v2/test/other/manifests/1", ca=proxy.ca_cert, timeout=30)

@@ -120,7 +120,7 @@ def test_the_router_classifies_or_refuses(host, path):
     try:
         route: Route | tuple[int, str] = protocol.parse_route(host, path)
     except BadRequest as e:
-        route = (e.status, e.code)
+        route = (e.code.status, e.code.code)
     assert route == expected_route(host, path)
 
 
@@ -135,7 +135,7 @@ def test_ranges_are_satisfied_or_refused(header, size):
     try:
         span = protocol.parse_range(header, size)
     except BadRequest as e:
-        assert e.status == 416
+        assert e.code.status == 416
         return
     if span is not None:
         first, last = span
@@ -161,7 +161,7 @@ def proxy_env(tmp_path_factory):
 
         @staticmethod
         def refusal() -> http.Response:
-            body = protocol.error_body("NAME_UNKNOWN", "the fuzzing upstream knows nothing")
+            body = protocol.error_body(protocol.ErrorCode.NAME_UNKNOWN, "the fuzzing upstream knows nothing")
             return http.Response.make(404, body, {"Content-Type": "application/json"})
 
     addons = CacheAddons(upstream=Refusing())

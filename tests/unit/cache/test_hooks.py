@@ -382,7 +382,7 @@ class TestBlobFill:
             assert "fill" in location(f)[1]
         else:  # the fill had ended when the client looked
             assert f.response.status_code == 502, f.response
-            assert json.loads(f.response.content)["errors"][0]["code"] == "BLOB_UNKNOWN"
+            assert json.loads(f.response.content)["errors"][0]["code"] == "UNAVAILABLE"
         await env.settle()
         assert not env.store.has_blob(BLOB_DIGEST)
         assert env.temp_files() == []
