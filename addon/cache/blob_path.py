@@ -60,8 +60,7 @@ class BlobRequests:
         self.tasks: set[asyncio.Task] = set()
 
     async def handle(self, flow: http.HTTPFlow, route: Route) -> None:
-        store = self.folder.store
-        assert store
+        store = self.folder.open_store()
         digest = route.reference
         if flow.request.method == "HEAD":
             size = await asyncio.to_thread(store.blob_size, digest)
@@ -92,8 +91,7 @@ class BlobRequests:
     async def _follow(self, flow: http.HTTPFlow, route: Route, fill: Fill, leader: bool) -> None:
         """Answer a client from its fill, once the fill is answered. A follower of a fill that got
         no blob asks upstream itself, with its own credentials: its request passes through."""
-        store = self.folder.store
-        assert store
+        store = self.folder.open_store()
         state = fill.state
         if leader and state.has_body:
             # Upstream served it through this repository, to this client.
@@ -150,8 +148,7 @@ class BlobRequests:
         return fill
 
     async def _fill(self, like: http.HTTPFlow, request: http.Request, fill: Fill) -> None:
-        store = self.folder.store
-        assert store
+        store = self.folder.open_store()
         route = fill.route
         try:
             # A fill that finished while this one was being decided on has left its blob.
@@ -221,8 +218,7 @@ class BlobRequests:
     async def _fill_from_fleet(self, like: http.HTTPFlow, fill: Fill) -> bool:
         """Feed the fill from the shared store when another node has fetched the blob, or is
         fetching it (then wait for it there). False: this node fetches it from upstream."""
-        store = self.folder.store
-        assert store
+        store = self.folder.open_store()
         route = fill.route
         blob = await self.fleet.open_blob(route.reference)
         if blob is None:
@@ -247,9 +243,9 @@ class BlobRequests:
         return True
 
     async def _finish_fill(self, fill: Fill) -> None:
-        route, writer, store = fill.route, fill.writer, self.folder.store
+        route, writer, store = fill.route, fill.writer, self.folder.open_store()
         source = "upstream" if fill.source is Source.UPSTREAM else "the shared store"
-        assert writer and store
+        assert writer
         try:
             committed = await asyncio.to_thread(fill.finish)
         except (OSError, ValueError) as e:

@@ -66,8 +66,7 @@ class ManifestRequests:
         self.fleet = fleet
 
     async def handle(self, flow: http.HTTPFlow, route: Route) -> None:
-        store = self.folder.store
-        assert store
+        store = self.folder.open_store()
         accept = flow.request.headers.get_all("accept")
         if route.by_digest:
             cached = await asyncio.to_thread(store.get_manifest, route.reference)
@@ -99,8 +98,7 @@ class ManifestRequests:
     async def referrers(self, flow: http.HTTPFlow, route: Route) -> None:
         """The manifests that name `route.reference` as their subject: upstream's list, else the
         cache's."""
-        store = self.folder.store
-        assert store
+        store = self.folder.open_store()
         reason = "offline" if ctx.options.offline else "no token from the registry's token service"
         if not ctx.options.offline and not holds_local_token(flow):
             try:
@@ -133,8 +131,7 @@ class ManifestRequests:
 
     async def _revalidate(self, flow: http.HTTPFlow, route: Route, cached: Manifest) -> None:
         """Ask upstream (HEAD) what the tag names now."""
-        store = self.folder.store
-        assert store
+        store = self.folder.open_store()
         try:
             answer = upstream.available(await self.upstream.send(flow, upstream.request_for(flow, route, "HEAD"), ctx.options.revalidate_timeout))
         except upstream.UpstreamError as e:
@@ -167,8 +164,7 @@ class ManifestRequests:
         self.pulls.manifest(flow, route, Source.CACHE, size)
 
     async def _serve_stale(self, flow: http.HTTPFlow, route: Route, cached: Manifest, reason: str, level: int | None = None) -> None:
-        store = self.folder.store
-        assert store
+        store = self.folder.open_store()
         if not await self.access.permit(flow, route, cached.digest, store):
             return
         logger.log(level or circuits.level(reason), f"{route.image}: {reason}; serving the cached {cached.digest}")
@@ -178,8 +174,7 @@ class ManifestRequests:
     async def _from_fleet(self, route: Route, digest: str) -> Manifest | None:
         """A manifest another node fetched (verified again on the way), kept in the local tier.
         Serving it still needs the client's access confirmed (Access.permit)."""
-        store = self.folder.store
-        assert store
+        store = self.folder.open_store()
         manifest = await self.fleet.get_manifest(digest)
         if manifest is not None:
             await self.folder.note(store.put_manifest, manifest.digest, manifest.media_type, manifest.body)
@@ -190,8 +185,7 @@ class ManifestRequests:
         """A tag another node learned, kept in the local tier as it was confirmed there: it is
         revalidated like a tag this node learned, which costs upstream a HEAD instead of a GET,
         and when upstream is unreachable (or hubcache offline) it is what the tag resolves to."""
-        store = self.folder.store
-        assert store
+        store = self.folder.open_store()
         shared = await self.fleet.get_tag(route.registry, route.name, route.reference)
         if shared is None:
             return None
@@ -213,8 +207,8 @@ class ManifestRequests:
             answers.error(flow, ErrorCode.UPSTREAM_FAILED, f"{route.image}: {e}")
             await self.folder.journal_miss(route, f"rejected: {e}")
             return
-        store = self.folder.store
-        assert flow.response and store
+        store = self.folder.open_store()
+        assert flow.response
         response = flow.response
         if pending.fallback:
             try:

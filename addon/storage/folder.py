@@ -21,10 +21,21 @@ from .store import Store
 logger = logging.getLogger(__name__)
 
 
+class FolderClosed(RuntimeError):
+    """The cache folder is not open: hubcache is not yet configured, or shutting down."""
+
+
 class CacheFolder:
     def __init__(self) -> None:
-        self.store: Store | None = None
+        self.store: Store | None = None  # None until `cache_dir` is configured, and after done
         self.journal: MissJournal | None = None
+
+    def open_store(self) -> Store:
+        """The content store, for code that only runs while hubcache serves (a method: mitmproxy
+        reads every attribute of an addon when it is added, before the folder is open)."""
+        if self.store is None:
+            raise FolderClosed("the cache folder is not open")
+        return self.store
 
     def load(self, loader: Loader) -> None:
         loader.add_option(
@@ -108,7 +119,8 @@ class CacheFolder:
 
     async def journal_miss(self, route: Route, outcome: str, digest: str | None = None, size: int | None = None) -> None:
         """One line in the miss journal for a request the store could not answer."""
-        assert self.journal
+        if self.journal is None:
+            raise FolderClosed("the cache folder is not open")
         await asyncio.to_thread(
             self.journal.record,
             kind=route.kind.value,
