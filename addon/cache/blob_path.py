@@ -26,6 +26,7 @@ from ..observe.pull_log import PullLog
 from ..registry import protocol
 from ..registry.protocol import ErrorCode, Route
 from ..storage.folder import CacheFolder
+from ..storage.journal import Outcome
 from ..upstream import client as upstream
 from .access import Access, holds_local_token
 from .fills import Fill, State
@@ -188,7 +189,7 @@ class BlobRequests:
                     return  # its clients went upstream themselves, and journal that
                 fill.fail(str(e))
                 logger.warning(f"{route.image}: not fetched: {e}")
-                await self.folder.journal_miss(route, f"failed: {e}")
+                await self.folder.journal_miss(route, Outcome.FAILED, str(e))
                 return
             if fill.state is State.UNUSABLE:
                 return
@@ -199,7 +200,7 @@ class BlobRequests:
                 except upstream.Renamed as e:
                     fill.fail(str(e))
                     logger.warning(f"{route.image}: not fetched: {e}")
-                    await self.folder.journal_miss(route, f"failed: {e}")
+                    await self.folder.journal_miss(route, Outcome.FAILED, str(e))
                     return
                 continue
             if fill.state is State.DECIDING:
@@ -208,12 +209,12 @@ class BlobRequests:
                 if answer.status_code == 404:
                     self.misses.note_absent(like, route)
                 fill.refused(redirect if redirect and answer.status_code in (401, 403) else answer)
-                await self.folder.journal_miss(route, f"passed: upstream answered {answer.status_code}")
+                await self.folder.journal_miss(route, Outcome.PASSED, f"upstream answered {answer.status_code}")
                 return
             await self._finish_fill(fill)
             return
         fill.fail("too many redirects")
-        await self.folder.journal_miss(route, "failed: too many redirects")
+        await self.folder.journal_miss(route, Outcome.FAILED, "too many redirects")
 
     async def _fill_from_fleet(self, like: http.HTTPFlow, fill: Fill) -> bool:
         """Feed the fill from the shared store when another node has fetched the blob, or is
@@ -251,23 +252,23 @@ class BlobRequests:
         except (OSError, ValueError) as e:
             fill.fail(str(e))
             logger.warning(f"{route.image}: fetched but not cached: {e}")
-            await self.folder.journal_miss(route, f"failed: not stored: {e}", size=writer.size)
+            await self.folder.journal_miss(route, Outcome.FAILED, f"not stored: {e}", size=writer.size)
             return
         if committed and fill.source is Source.UPSTREAM:
             logger.info(f"{route.image}: cached {writer.size} bytes")
-            await self.folder.journal_miss(route, "filled", size=writer.size)
+            await self.folder.journal_miss(route, Outcome.FILLED, None, size=writer.size)
             self.fleet.publish_blob(route.reference, store)
         elif committed:
             logger.info(f"{route.image}: cached {writer.size} bytes from {source}")
-            await self.folder.journal_miss(route, f"filled from {source}", size=writer.size)
+            await self.folder.journal_miss(route, Outcome.FILLED, f"from {source}", size=writer.size)
         elif writer.write_error:
             reason = writer.write_error.strerror or str(writer.write_error)
             logger.warning(f"{route.image}: not cached: {reason}")
-            await self.folder.journal_miss(route, f"failed: not stored: {reason}", size=writer.size)
+            await self.folder.journal_miss(route, Outcome.FAILED, f"not stored: {reason}", size=writer.size)
         else:
             got = f"{writer.size} bytes hashing to {writer.computed_digest}"
             logger.warning(f"{route.image}: {source} sent {got}; not stored, transfers cut")
-            await self.folder.journal_miss(route, f"rejected: {got}", size=writer.size)
+            await self.folder.journal_miss(route, Outcome.REJECTED, got, size=writer.size)
             if fill.source is Source.SHARED:
                 await self.fleet.discard_blob(route.reference)
 
@@ -303,7 +304,7 @@ class BlobRequests:
     async def passed(self, flow: http.HTTPFlow, route: Route) -> None:
         assert flow.response
         self.pulls.passed(flow, route, flow.metadata.get(Mark.PASSED, 0))
-        await self.folder.journal_miss(route, f"passed: upstream answered {flow.response.status_code}")
+        await self.folder.journal_miss(route, Outcome.PASSED, f"upstream answered {flow.response.status_code}")
 
     def _no_room(self, fill: Fill, size: int | None) -> str:
         """Why the cache folder cannot take the blob now (an operator's line), or ''. The fills

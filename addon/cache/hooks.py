@@ -33,6 +33,7 @@ from ..registry import protocol
 from ..registry.protocol import ErrorCode, Kind, Route
 from ..registry.settings import AUTH_HOSTS
 from ..storage.folder import CacheFolder
+from ..storage.journal import Outcome
 from ..upstream import circuits
 from ..upstream import client as upstream
 from .blob_path import BlobRequests
@@ -186,4 +187,4 @@ class RegistryCache:
         if (pending := self.misses.take(flow)) is None:
             return
         reason = flow.error.msg if flow.error else "unknown error"
-        await self.folder.journal_miss(pending.route, f"failed: {reason}")
+        await self.folder.journal_miss(pending.route, Outcome.FAILED, reason)

@@ -35,6 +35,7 @@ from ..proxy.interception import Interception
 from ..registry import manifests, protocol
 from ..registry.protocol import ErrorCode, Route
 from ..storage.folder import CacheFolder
+from ..storage.journal import Outcome
 from ..storage.store import Manifest, Store, TagEntry, TagKind
 from ..upstream import circuits
 from ..upstream import client as upstream
@@ -169,7 +170,7 @@ class ManifestRequests:
             return
         logger.log(level or circuits.level(reason), f"{route.image}: {reason}; serving the cached {cached.digest}")
         self._serve(flow, route, cached)
-        await self.folder.journal_miss(route, f"stale: {reason}", digest=cached.digest)
+        await self.folder.journal_miss(route, Outcome.STALE, reason, digest=cached.digest)
 
     async def _from_fleet(self, route: Route, digest: str) -> Manifest | None:
         """A manifest another node fetched (verified again on the way), kept in the local tier.
@@ -178,7 +179,7 @@ class ManifestRequests:
         manifest = await self.fleet.get_manifest(digest)
         if manifest is not None:
             await self.folder.note(store.put_manifest, manifest.digest, manifest.media_type, manifest.body)
-            await self.folder.journal_miss(route, "filled from the shared store", digest=digest, size=len(manifest.body))
+            await self.folder.journal_miss(route, Outcome.FILLED, "from the shared store", digest=digest, size=len(manifest.body))
         return manifest
 
     async def _tag_from_fleet(self, route: Route) -> TagEntry | None:
@@ -205,7 +206,7 @@ class ManifestRequests:
         except upstream.Renamed as e:
             logger.warning(f"{route.image}: {e}")
             answers.error(flow, ErrorCode.UPSTREAM_FAILED, f"{route.image}: {e}")
-            await self.folder.journal_miss(route, f"rejected: {e}")
+            await self.folder.journal_miss(route, Outcome.REJECTED, str(e))
             return
         store = self.folder.open_store()
         assert flow.response
@@ -232,7 +233,7 @@ class ManifestRequests:
             self.misses.note_absent(flow, route)
         if flow.request.method != "GET" or response.status_code != 200 or response.raw_content is None:
             if response.status_code != 401:
-                await self.folder.journal_miss(route, f"passed: upstream answered {response.status_code}")
+                await self.folder.journal_miss(route, Outcome.PASSED, f"upstream answered {response.status_code}")
             return
         body = response.content or b""
         algorithm = route.reference.partition(":")[0] if route.by_digest else "sha256"
@@ -240,7 +241,7 @@ class ManifestRequests:
         if claimed and claimed.startswith(f"{algorithm}:") and claimed != digest:
             logger.warning(f"{route.image}: upstream manifest hashes to {digest}, not {claimed}")
             answers.error(flow, ErrorCode.UPSTREAM_MANIFEST_INVALID, f"upstream sent a manifest that does not match {claimed}")
-            await self.folder.journal_miss(route, "rejected: digest mismatch", digest=digest, size=len(body))
+            await self.folder.journal_miss(route, Outcome.REJECTED, "digest mismatch", digest=digest, size=len(body))
             return
         media_type = protocol.manifest_media_type(body, response.headers.get("content-type", ""))
         try:
@@ -250,12 +251,12 @@ class ManifestRequests:
                 await asyncio.to_thread(store.set_tag, route.registry, route.name, route.reference, digest, kind=kind)
         except OSError as e:
             logger.warning(f"{route.image}: served but not cached: {e.strerror or e}")
-            await self.folder.journal_miss(route, f"passed: not stored: {e.strerror or e}", digest=digest)
+            await self.folder.journal_miss(route, Outcome.PASSED, f"not stored: {e.strerror or e}", digest=digest)
             return
         if referrer := manifests.referrer(digest, media_type, body):
             subject, entry = referrer
             await self.folder.note(store.add_referrers, route.registry, route.name, subject, [entry])
-        await self.folder.journal_miss(route, "filled", digest=digest, size=len(body))
+        await self.folder.journal_miss(route, Outcome.FILLED, None, digest=digest, size=len(body))
         # The shared store keeps what tags name: a tag learned for a client that takes no index stays here.
         tag = None if route.by_digest or kind is not TagKind.INDEX else (route.registry, route.name, route.reference)
         self.fleet.publish_manifest(digest, media_type, body, tag)

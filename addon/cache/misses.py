@@ -17,6 +17,7 @@ from ..mitm.flows import Mark
 from ..observe.metrics import Metrics
 from ..registry.protocol import ErrorCode, Kind, Route
 from ..storage.folder import CacheFolder
+from ..storage.journal import Outcome
 from ..upstream import client as upstream
 from .access import holds_local_token, token_key
 
@@ -77,14 +78,14 @@ class Misses:
         code = ErrorCode.BLOB_UNKNOWN if route.kind is Kind.BLOB else ErrorCode.MANIFEST_UNKNOWN
         if (ago := self.absent_for(flow, route)) is not None:
             answers.error(flow, code, f"{route.image}: upstream answered 404 {ago:.0f}s ago")
-            await self.folder.journal_miss(route, "missing: upstream answered 404 lately")
+            await self.folder.journal_miss(route, Outcome.MISSING, "upstream answered 404 lately")
         elif ctx.options.offline:
             what = f"blob {route.reference} of {route.registry}/{route.name}" if route.kind is Kind.BLOB else route.image
             answers.error(flow, code, f"{what} is not in the offline cache")
-            await self.folder.journal_miss(route, "missing: offline")
+            await self.folder.journal_miss(route, Outcome.MISSING, "offline")
         elif fallback is None and holds_local_token(flow):
             answers.error(flow, ErrorCode.UNAVAILABLE, f"{route.image} is not cached, and the registry's token service cannot be reached to fetch it")
-            await self.folder.journal_miss(route, "failed: no token from the registry's token service")
+            await self.folder.journal_miss(route, Outcome.FAILED, "no token from the registry's token service")
         else:
             await self._relay(flow, route, fallback)
 
@@ -96,13 +97,13 @@ class Misses:
         except upstream.Unreadable as e:
             bad = ErrorCode.UPSTREAM_FAILED if route.kind is Kind.BLOB else ErrorCode.UPSTREAM_MANIFEST_INVALID
             answers.error(flow, bad, f"{route.image}: {e}")
-            await self.folder.journal_miss(route, f"rejected: {e}")
+            await self.folder.journal_miss(route, Outcome.REJECTED, str(e))
         except upstream.UpstreamError as e:
             if fallback:
                 await fallback(str(e))
             else:
                 answers.error(flow, ErrorCode.UPSTREAM_FAILED, f"{route.registry} cannot be reached: {e}")
-                await self.folder.journal_miss(route, f"failed: {e}")
+                await self.folder.journal_miss(route, Outcome.FAILED, str(e))
         else:
             self.follow(flow, route, fallback)
             flow.metadata[Mark.RELAYED] = True

@@ -25,6 +25,7 @@ from ..observe.metrics import Metrics
 from ..proxy.routes import route_of
 from ..registry.protocol import ErrorCode, Kind, Route
 from ..storage.folder import CacheFolder
+from ..storage.journal import Outcome
 
 logger = logging.getLogger(__name__)
 
@@ -72,7 +73,7 @@ class ImagePolicy:
         logger.info(f"{route.image}: refused by {rule}")
         answers.error(flow, ErrorCode.DENIED, f"{route.image} is refused by {rule}")
         self.metrics.denied.labels(rule).inc()
-        await self.folder.journal_miss(route, f"denied: {rule}")
+        await self.folder.journal_miss(route, Outcome.DENIED, rule)
 
     @staticmethod
     def refusal(route: Route) -> str | None:

@@ -15,7 +15,7 @@ from mitmproxy.addonmanager import Loader
 
 from ..registry.protocol import Route
 from ..units import DAY, parse_size
-from .journal import MissJournal
+from .journal import MissJournal, Outcome
 from .store import Store
 
 logger = logging.getLogger(__name__)
@@ -117,7 +117,7 @@ class CacheFolder:
         except OSError as e:
             logger.warning(f"hubcache: not noted in the cache: {e.strerror or e}")
 
-    async def journal_miss(self, route: Route, outcome: str, digest: str | None = None, size: int | None = None) -> None:
+    async def journal_miss(self, route: Route, outcome: Outcome, reason: str | None, digest: str | None = None, size: int | None = None) -> None:
         """One line in the miss journal for a request the store could not answer."""
         if self.journal is None:
             raise FolderClosed("the cache folder is not open")
@@ -130,4 +130,5 @@ class CacheFolder:
             digest=digest or (route.reference if route.by_digest else None),
             size=size,
             outcome=outcome,
+            reason=reason,
         )

@@ -369,9 +369,9 @@ class TestBlobFill:
     @pytest.mark.parametrize(
         "answer, outcome",
         [
-            (sized(BLOB[:-1] + bytes([BLOB[-1] ^ 1])), f"rejected: {len(BLOB)} bytes hashing to"),
-            (Upstream(200, {"Content-Length": str(len(BLOB))}, BLOB[:70000]), "rejected: 70000 bytes"),
-            (sized(broken="connection reset by peer"), "failed: connection reset by peer"),
+            (sized(BLOB[:-1] + bytes([BLOB[-1] ^ 1])), ("rejected", f"{len(BLOB)} bytes hashing to")),
+            (Upstream(200, {"Content-Length": str(len(BLOB))}, BLOB[:70000]), ("rejected", "70000 bytes")),
+            (sized(broken="connection reset by peer"), ("failed", "connection reset by peer")),
         ],
     )
     async def test_a_bad_transfer_is_never_stored(self, env, answer, outcome):
@@ -386,7 +386,8 @@ class TestBlobFill:
         await env.settle()
         assert not env.store.has_blob(BLOB_DIGEST)
         assert env.temp_files() == []
-        assert env.journal()[0]["outcome"].startswith(outcome)
+        entry = env.journal()[0]
+        assert entry["outcome"] == outcome[0] and entry["reason"].startswith(outcome[1])
 
     async def test_a_fill_that_ended_while_a_request_was_deciding_is_not_repeated(self, env, monkeypatch):
         await fill_blob(env)
@@ -405,7 +406,7 @@ class TestBlobFill:
         assert f.response.status_code == 401
         assert f.response.headers["WWW-Authenticate"] == challenge
         await env.settle()
-        assert env.journal()[0]["outcome"] == "passed: upstream answered 401"
+        assert (env.journal()[0]["outcome"], env.journal()[0]["reason"]) == ("passed", "upstream answered 401")
         assert env.temp_files() == []
 
     async def test_a_client_waiting_on_a_refused_fill_asks_upstream_itself(self, env):
@@ -457,7 +458,7 @@ class TestBlobFill:
         assert f.response.status_code == 502
         assert "upstream sent nothing for 60s" in f.response.text
         await env.settle()
-        assert env.journal()[0]["outcome"] == "failed: upstream sent nothing for 60s"
+        assert (env.journal()[0]["outcome"], env.journal()[0]["reason"]) == ("failed", "upstream sent nothing for 60s")
 
     async def test_no_size_from_upstream_sends_the_blob_once_whole(self, env):
         env.fetches.append(Upstream(200, {}, BLOB))
@@ -485,14 +486,14 @@ class TestBlobFill:
         assert encoding in f.response.json()["errors"][0]["message"]
         await env.settle()
         assert not env.store.has_blob(BLOB_DIGEST)
-        outcome = env.journal()[0]["outcome"]
-        assert outcome.startswith("failed: upstream's") and encoding in outcome
+        entry = env.journal()[0]
+        assert entry["outcome"] == "failed" and entry["reason"].startswith("upstream's") and encoding in entry["reason"]
 
     async def test_head_miss_is_passed(self, env):
         f = await asked(env, flow(blob_path(), "HEAD"), Upstream(200, {"Content-Length": str(len(BLOB))}))
         assert f.response.status_code == 200
         assert not env.store.has_blob(BLOB_DIGEST)
-        assert env.journal()[0]["outcome"] == "passed: upstream answered 200"
+        assert (env.journal()[0]["outcome"], env.journal()[0]["reason"]) == ("passed", "upstream answered 200")
         assert [r.method for r in env.fetched] == ["HEAD"]
 
     async def test_an_index_that_cannot_be_written_costs_only_the_note(self, env, monkeypatch, caplog):
@@ -516,7 +517,7 @@ class TestBlobFill:
         await env.settle()
         f.response = upstream_response(200)
         await env.cache.response(f)
-        assert env.journal()[0]["outcome"] == "passed: upstream answered 200"
+        assert (env.journal()[0]["outcome"], env.journal()[0]["reason"]) == ("passed", "upstream answered 200")
         assert not env.store.has_blob(BLOB_DIGEST) and env.temp_files() == []
 
     async def test_room_promised_to_a_fill_under_way_is_not_given_twice(self, env, monkeypatch):
@@ -554,7 +555,7 @@ class TestBlobFill:
         assert f.response is None and env.fetched == []
         f.response = upstream_response(200)
         await env.cache.response(f)
-        assert env.journal()[0]["outcome"] == "passed: upstream answered 200"
+        assert (env.journal()[0]["outcome"], env.journal()[0]["reason"]) == ("passed", "upstream answered 200")
 
 
 def manifest_response(status: int, body: bytes = b"", headers: dict | None = None) -> http.Response:
@@ -624,7 +625,7 @@ class TestManifestByDigest:
         assert error["code"] == "MANIFEST_INVALID"
         assert env.store.get_manifest(MANIFEST_DIGEST) is None
         assert env.store.get_manifest(MANIFEST2_DIGEST) is None
-        assert env.journal()[0]["outcome"] == "rejected: digest mismatch"
+        assert (env.journal()[0]["outcome"], env.journal()[0]["reason"]) == ("rejected", "digest mismatch")
 
     async def test_accept_excluding_the_stored_type_is_not_answered(self, env):
         await fill_manifest(env, MANIFEST_DIGEST, MANIFEST)
@@ -636,7 +637,7 @@ class TestManifestByDigest:
         f = await asked(env, flow(manifest_path(MANIFEST_DIGEST)), Upstream(404, {}, b'{"errors":[{"code":"MANIFEST_UNKNOWN"}]}'))
         assert f.response.status_code == 404
         assert env.store.get_manifest(MANIFEST_DIGEST) is None
-        assert env.journal()[0]["outcome"] == "passed: upstream answered 404"
+        assert (env.journal()[0]["outcome"], env.journal()[0]["reason"]) == ("passed", "upstream answered 404")
 
     async def test_huge_manifest_is_not_held_in_memory(self, env):
         env.fetches.append(Upstream(200, {"Content-Length": str(5 * 1024 * 1024)}, b"x" * 5 * 1024 * 1024))
@@ -644,7 +645,7 @@ class TestManifestByDigest:
         await env.addons.request(f)
         assert f.response.status_code == 502
         assert json.loads(f.response.content)["errors"][0]["code"] == "MANIFEST_INVALID"
-        assert env.journal()[0]["outcome"] == f"rejected: upstream's answer is larger than {upstream.MAX_ANSWER} bytes"
+        assert (env.journal()[0]["outcome"], env.journal()[0]["reason"]) == ("rejected", f"upstream's answer is larger than {upstream.MAX_ANSWER} bytes")
 
     @pytest.mark.parametrize(
         "headers, body",
@@ -672,7 +673,7 @@ class TestManifestByDigest:
         assert f.response.status_code == 502
         if method == "GET":
             assert json.loads(f.response.content)["errors"][0]["code"] == "UNAVAILABLE"
-        assert env.journal()[0]["outcome"] == "failed: connection refused"
+        assert (env.journal()[0]["outcome"], env.journal()[0]["reason"]) == ("failed", "connection refused")
 
 
 class TestManifestByTag:
@@ -774,7 +775,7 @@ class TestManifestByTag:
         f = await asked(env, flow(manifest_path("3.20")), Upstream(503, {}, b"busy"))
         assert f.response.status_code == 200
         assert f.response.content == MANIFEST
-        assert env.journal()[-1]["outcome"] == "stale: upstream answered 503"
+        assert (env.journal()[-1]["outcome"], env.journal()[-1]["reason"]) == ("stale", "upstream answered 503")
 
     @pytest.mark.parametrize("status", [401, 404])
     async def test_refused_revalidation_passes_upstreams_answer(self, env, status):
@@ -800,7 +801,7 @@ class TestManifestByTag:
         assert f.response.content == MANIFEST
         assert f.response.headers["Docker-Content-Digest"] == MANIFEST_DIGEST
         entry = env.journal()[-1]
-        assert entry["outcome"] == f"stale: {reason}"
+        assert (entry["outcome"], entry["reason"]) == ("stale", reason)
         assert (entry["reference"], entry["digest"]) == ("3.20", MANIFEST_DIGEST)
 
     async def test_an_accept_without_indexes_cannot_repoint_a_multi_platform_tag(self, env, monkeypatch):
@@ -941,7 +942,7 @@ class TestOffline:
         error = f.response.json()["errors"][0]
         assert f.response.status_code == 404 and error["code"] == code
         assert named in error["message"] and "not in the offline cache" in error["message"]
-        assert env.journal()[-1]["outcome"] == "missing: offline"
+        assert (env.journal()[-1]["outcome"], env.journal()[-1]["reason"]) == ("missing", "offline")
         assert env.sent == []
 
     async def test_pushes_are_refused(self, env):
@@ -1017,7 +1018,8 @@ class TestTokens:
         await env.addons.request(blob)
         assert blob.response.status_code == 307
         assert env.sent == [("GET", f"https://auth.docker.io{TOKEN_PATH}")], "never a revalidation or an access check with a token upstream never issued"
-        assert env.journal()[-1]["outcome"].startswith("stale: no token")
+        entry = env.journal()[-1]
+        assert entry["outcome"] == "stale" and entry["reason"].startswith("no token")
 
     async def test_a_local_token_gets_a_clear_answer_for_what_is_missing_or_private(self, env):
         local = {"Authorization": f"Bearer {await local_token(env)}"}
@@ -1086,7 +1088,7 @@ class TestNegativeCache:
         await env.addons.request(again)
         assert again.response.status_code == 404 and "404" in again.response.json()["errors"][0]["message"]
         assert len(env.fetched) == 1, "answered without asking upstream again"
-        assert env.journal()[-1]["outcome"] == "missing: upstream answered 404 lately"
+        assert (env.journal()[-1]["outcome"], env.journal()[-1]["reason"]) == ("missing", "upstream answered 404 lately")
         other = await asked(env, flow(manifest_path("nope"), headers={"Authorization": "Bearer b"}), Upstream(404, {}))
         assert other.response.status_code == 404 and len(env.fetched) == 2, "another client's credentials ask again"
 
@@ -1453,7 +1455,8 @@ class TestCanonicalRequests:
         assert f.response.status_code == 502
         assert env.store.get_tag("docker.io", REPO, "3.21") is None
         assert len(env.fetched) == 1, "the redirect was not followed"
-        assert env.journal()[-1]["outcome"].startswith("rejected: upstream redirected")
+        entry = env.journal()[-1]
+        assert entry["outcome"] == "rejected" and entry["reason"].startswith("upstream redirected")
 
     async def test_a_redirect_that_renames_a_blob_fails_its_fill(self, env):
         other = "sha256:" + "e" * 64
