@@ -30,7 +30,7 @@ from support.clients import Dockerd, pulled_blobs
 from support.containerd import Containerd
 from support.images import build_image
 from support.procs import free_port
-from support.registry import REGISTRY_NAME, push
+from support.registry import REGISTRY_NAME, private_repository, push
 from support.setupscript import parse
 
 HUB_REF = "docker://docker.io/library/multi:1"
@@ -146,10 +146,8 @@ ACCEPT = "application/vnd.oci.image.index.v1+json, application/vnd.oci.image.man
 
 @pytest.fixture
 def secret(registry, dockerhub, multi_image):
-    push(registry, f"{SECRET}:1", multi_image)
-    dockerhub.private_repos[SECRET] = ("alice", "s3cret")
-    yield multi_image
-    del dockerhub.private_repos[SECRET]
+    with private_repository(registry, dockerhub, SECRET, multi_image) as image:
+        yield image
 
 
 def mirror_token(proxy, credentials: tuple[str, str] | None = None, repository: str = SECRET) -> dict[str, str]:
