@@ -20,9 +20,11 @@ from mitmproxy import ctx, http
 from ..blobserver.host import BlobHost
 from ..fleet.node import Fleet
 from ..mitm import answers
+from ..mitm.answers import Decision, PassThrough, RegistryError, Relay, Serve
 from ..mitm.flows import Mark, Source
 from ..observe.metrics import Metrics
 from ..observe.pull_log import PullLog
+from ..proxy.routes import route_of
 from ..registry import protocol
 from ..registry.protocol import ErrorCode, Route
 from ..storage.folder import CacheFolder
@@ -60,36 +62,43 @@ class BlobRequests:
         self.fills: dict[str, Fill] = {}  # by digest: the fills in progress
         self.tasks: set[asyncio.Task] = set()
 
-    async def handle(self, flow: http.HTTPFlow, route: Route) -> None:
+    async def handle(self, flow: http.HTTPFlow, route: Route) -> Decision:
         store = self.folder.open_store()
         digest = route.reference
         if flow.request.method == "HEAD":
             size = await asyncio.to_thread(store.blob_size, digest)
             if size is None:
-                await self.misses.ask(flow, route)
-            elif await self.access.permit(flow, route, digest, store):
-                self.metrics.hit("blob")
-                answers.answer(flow, 200, b"", protocol.blob_headers(digest, size))
-            return
+                return await self._ask(flow, route)
+            if refused := await self.access.refusal(flow, route, digest, store):
+                return refused
+            self.metrics.hit("blob")
+            return Serve(200, b"", protocol.blob_headers(digest, size))
         fill = self.fills.get(digest)
         if fill is None:
             if await asyncio.to_thread(store.has_blob, digest):
-                if await self.access.permit(flow, route, digest, store):
-                    self.metrics.hit("blob")
-                    self._send(flow, route, Source.CACHE)
-                return
+                if refused := await self.access.refusal(flow, route, digest, store):
+                    return refused
+                self.metrics.hit("blob")
+                return self._send(flow, route, Source.CACHE)
             if ctx.options.offline or holds_local_token(flow) or self.misses.absent_for(flow, route) is not None:
-                await self.misses.ask(flow, route)  # answered at once: nothing is asked upstream
-                return
+                return await self.misses.ask(flow, route)  # answered at once: nothing is asked upstream
             fill = self.fills.get(digest)  # another client may have started one meanwhile
         leader = fill is None
         if fill is None:
             fill = self._start_fill(flow, route)
         self.metrics.miss("blob")
         await fill.answered.wait()
-        await self._follow(flow, route, fill, leader)
+        return await self._follow(flow, route, fill, leader)
 
-    async def _follow(self, flow: http.HTTPFlow, route: Route, fill: Fill, leader: bool) -> None:
+    async def _ask(self, flow: http.HTTPFlow, route: Route) -> Decision:
+        """A blob HEAD the store cannot answer: upstream's answer, relayed and journalled."""
+        decision = await self.misses.ask(flow, route)
+        if isinstance(decision, Relay):
+            self.pulls.passed(flow, route, 0)  # a HEAD: no body
+            await self.folder.journal_miss(route, Outcome.PASSED, f"upstream answered {decision.response.status_code}")
+        return decision
+
+    async def _follow(self, flow: http.HTTPFlow, route: Route, fill: Fill, leader: bool) -> Decision:
         """Answer a client from its fill, once the fill is answered. A follower of a fill that got
         no blob asks upstream itself, with its own credentials: its request passes through."""
         store = self.folder.open_store()
@@ -97,42 +106,45 @@ class BlobRequests:
         if leader and state.has_body:
             # Upstream served it through this repository, to this client.
             await self.folder.note(store.link, route.registry, route.name, route.reference)
-        elif (state is State.CACHED or state.has_body) and not await self.access.permit(flow, route, route.reference, store):
-            return  # another client's fill, or a blob cached meanwhile: this client must be allowed it
+        elif (state is State.CACHED or state.has_body) and (refused := await self.access.refusal(flow, route, route.reference, store)):
+            return refused  # another client's fill, or a blob cached meanwhile: this client must be allowed it
         if fill.state is State.STREAMING and fill.size is None:
             await fill.done.wait()  # no size from upstream: send the blob once it is whole
         match fill.state:
             case State.CACHED:
-                self._send(flow, route, Source.CACHE)
+                return self._send(flow, route, Source.CACHE)
             case State.UNUSABLE:
                 logger.warning(f"{route.image}: passed through, {fill.reason}")
-                self.misses.follow(flow, route)
+                flow.metadata[Mark.PASSED] = 0  # followed: relayed as it comes, and journalled (below)
+                return PassThrough()
             case State.STREAMING:
-                self._send(flow, route, fill.source, fill)
+                return self._send(flow, route, fill.source, fill)
             case State.COMMITTED:
-                self._send(flow, route, fill.source)
+                return self._send(flow, route, fill.source)
             case State.REJECTED:
                 why = fill.reason or f"upstream's copy of {route.reference} did not verify"
-                answers.error(flow, ErrorCode.UPSTREAM_FAILED, f"{route.image}: {why}")
+                return RegistryError(ErrorCode.UPSTREAM_FAILED, f"{route.image}: {why}")
             case State.REFUSED if leader:
                 assert fill.answer
-                flow.response = fill.answer.copy()  # 401, 404, 5xx...: upstream's own answer, for this client
+                return Relay(fill.answer.copy(), counted=False)  # 401, 404, 5xx...: upstream's own answer, for this client
             case State.FAILED if leader:
-                answers.error(flow, ErrorCode.UPSTREAM_FAILED, f"{route.image}: {fill.reason}")
+                return RegistryError(ErrorCode.UPSTREAM_FAILED, f"{route.image}: {fill.reason}")
+            case State.REFUSED | State.FAILED:
+                return PassThrough()  # upstream refused or failed the client that asked first: this one asks itself
+        raise AssertionError(f"a fill's clients follow it once it is answered, not while {fill.state.value}")
 
-    def _send(self, flow: http.HTTPFlow, route: Route, source: Source, fill: Fill | None = None) -> None:
+    def _send(self, flow: http.HTTPFlow, route: Route, source: Source, fill: Fill | None = None) -> Decision:
         """Send the client to the blob server: for the blob in the store, or for the file of a
         fill in progress. `source` says where its bytes came from, for the pull log and metrics."""
         if self.blobs.restarting:
-            answers.error(flow, ErrorCode.UNAVAILABLE, "hubcache's blob server is starting again: retry in a moment")
-            return
+            return RegistryError(ErrorCode.UNAVAILABLE, "hubcache's blob server is starting again: retry in a moment")
         tag = self.pulls.transfer(flow, route, source)
         if fill is not None:
             assert fill.size is not None
             url = self.blobs.url(route.reference, fill.name, fill.size, tag)
         else:
             url = self.blobs.url(route.reference, tag=tag)
-        answers.blob_redirect(flow, route.reference, url)
+        return answers.blob_redirect(route.reference, url)
 
     # a fill's life
 
@@ -296,15 +308,20 @@ class BlobRequests:
 
     @staticmethod
     def relay(flow: http.HTTPFlow) -> None:
-        """A blob the cache could not take is relayed as it comes, never held whole."""
-        assert flow.response
-        flow.metadata[Mark.PASSED] = 0
-        flow.response.stream = lambda data: _counted(flow, data)
+        """A blob passed through (the cache could not take it) is relayed as it comes, never held whole."""
+        if Mark.PASSED in flow.metadata and flow.response:
+            flow.response.stream = lambda data: _counted(flow, data)
 
-    async def passed(self, flow: http.HTTPFlow, route: Route) -> None:
-        assert flow.response
-        self.pulls.passed(flow, route, flow.metadata.get(Mark.PASSED, 0))
-        await self.folder.journal_miss(route, Outcome.PASSED, f"upstream answered {flow.response.status_code}")
+    async def passed(self, flow: http.HTTPFlow) -> None:
+        """The answer to a blob request passed through: in the pull log and the journal."""
+        route = route_of(flow)
+        if Mark.PASSED not in flow.metadata or route is None:
+            return
+        if flow.response:
+            self.pulls.passed(flow, route, flow.metadata[Mark.PASSED])
+            await self.folder.journal_miss(route, Outcome.PASSED, f"upstream answered {flow.response.status_code}")
+        else:
+            await self.folder.journal_miss(route, Outcome.FAILED, flow.error.msg if flow.error else "unknown error")
 
     def _no_room(self, fill: Fill, size: int | None) -> str:
         """Why the cache folder cannot take the blob now (an operator's line), or ''. The fills

@@ -178,15 +178,13 @@ class TestAccess:
     async def test_the_first_manifest_of_a_repository_probes_its_visibility(self, env, public):
         challenge = 'Bearer realm="https://auth.docker.io/token",service="registry.docker.io"'
         f = flow("/v2/library/new/manifests/1", headers={"Authorization": "Bearer alice"})
-        env.fetches.append(Upstream(200, {"Content-Type": OCI_INDEX}, MANIFEST))
-        await env.addons.request(f)
         env.fetches += [
+            Upstream(200, {"Content-Type": OCI_INDEX}, MANIFEST),
             Upstream(401, {"WWW-Authenticate": challenge, "Content-Length": "0"}),
             Upstream(200, {"Content-Length": "17"}, b'{"token":"anon"}\n'),
             Upstream(200 if public else 401, {"Content-Length": "0"}),
         ]
-        env.cache.responseheaders(f)
-        await env.cache.response(f)
+        await env.addons.request(f)
         assert env.store.visibility("docker.io", "library/new") is public
         asked_for, head, token, anonymous = env.fetched
         assert asked_for.headers["authorization"] == "Bearer alice"
@@ -209,10 +207,7 @@ class TestAccess:
     )
     async def test_a_registry_that_lets_no_anonymous_client_in_is_private(self, env, probe):
         f = flow("/v2/library/new/manifests/1", headers={"Authorization": "Bearer alice"})
-        env.fetches.append(Upstream(200, {"Content-Type": OCI_INDEX}, MANIFEST))
+        env.fetches += [Upstream(200, {"Content-Type": OCI_INDEX}, MANIFEST), *probe]
         await env.addons.request(f)
-        env.fetches += probe
-        env.cache.responseheaders(f)
-        await env.cache.response(f)
         assert env.store.visibility("docker.io", "library/new") is False
         assert len(env.fetched) == 1 + len(probe)

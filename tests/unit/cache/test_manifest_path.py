@@ -322,12 +322,9 @@ class TestManifestRedirect:
     """registry.k8s.io redirects manifest requests to another host (its Artifact Registry)."""
 
     async def redirected(self, env: Env, answer: Upstream) -> http.HTTPFlow:
-        env.fetches.append(Upstream(307, {"Location": "https://mirror.example/v2/alpine/manifests/3.20"}))
+        env.fetches += [Upstream(307, {"Location": "https://mirror.example/v2/alpine/manifests/3.20"}), answer]
         f = flow(manifest_path("3.20"), headers={"Authorization": "Bearer for-the-registry"})
         await env.addons.request(f)
-        env.cache.responseheaders(f)
-        env.fetches.append(answer)
-        await env.cache.response(f)
         return f
 
     async def test_it_is_followed_and_cached_under_the_registry(self, env):
@@ -346,12 +343,9 @@ class TestManifestRedirect:
 
     async def test_a_redirect_to_plain_http_is_left_to_the_client(self, env):
         plain = "http://mirror.example/v2/alpine/manifests/3.20"
-        env.fetches.append(Upstream(307, {"Location": plain}))
+        env.fetches += [Upstream(307, {"Location": plain}), Upstream(200, {"Content-Type": OCI_INDEX, "Docker-Content-Digest": MANIFEST_DIGEST}, MANIFEST)]
         f = flow(manifest_path("3.20"), headers={"Authorization": "Bearer for-the-registry"})
         await env.addons.request(f)
-        env.cache.responseheaders(f)
-        env.fetches.append(Upstream(200, {"Content-Type": OCI_INDEX, "Docker-Content-Digest": MANIFEST_DIGEST}, MANIFEST))
-        await env.cache.response(f)
         assert f.response.status_code == 307 and f.response.headers["Location"] == plain
         assert [r.url for r in env.fetched] == [f"https://{HUB}{manifest_path('3.20')}"], "nothing is fetched over plain HTTP"
         assert env.store.get_tag("docker.io", REPO, "3.20") is None
