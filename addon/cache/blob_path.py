@@ -1,8 +1,8 @@
 """Blob requests: answered from the store through the blob server, or filled once from the fleet's
 shared store or upstream while every client asking meanwhile shares the fill.
 
-A blob GET is answered with a 307 to hubcache's blob server (`blobhost.py`), which sends the blob
-from the store. On a miss, one fill (`fill.py`) starts; the clients wait for its answer and then
+A blob GET is answered with a 307 to hubcache's blob server (`blobserver/`), which sends the blob
+from the store. On a miss, one fill (`fills.py`) starts; the clients wait for its answer and then
 follow it: the blob server streams the fill's file as it grows, and a fill that does not verify
 is discarded (which cuts those transfers). A client the fill cannot serve (the cache folder is
 full, upstream refused hubcache) asks upstream itself, through `Misses`.
@@ -12,13 +12,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
-import shutil
 
 from mitmproxy import ctx, http
 
 from ..blobserver.host import BlobHost
-from ..fleet.node import Fleet
 from ..mitm import answers
 from ..mitm.answers import Decision, PassThrough, RegistryError, Relay, Serve
 from ..mitm.flows import Mark, Source
@@ -29,38 +26,21 @@ from ..registry import protocol
 from ..registry.protocol import ErrorCode, Route
 from ..storage.folder import CacheFolder
 from ..storage.journal import Outcome
-from ..upstream import client as upstream
 from .access import Access, holds_local_token
-from .fills import Fill, State
+from .fills import Fill, Fills, State
 from .misses import Misses
 
 logger = logging.getLogger(__name__)
 
-FREE_SPACE_RESERVE = 64 * 1024 * 1024  # left free for the index and other fills
-
-
 class BlobRequests:
-    def __init__(
-        self,
-        folder: CacheFolder,
-        misses: Misses,
-        blobs: BlobHost,
-        access: Access,
-        metrics: Metrics,
-        pulls: PullLog,
-        fleet: Fleet,
-        out: upstream.Upstream,
-    ):
+    def __init__(self, folder: CacheFolder, misses: Misses, blobs: BlobHost, access: Access, metrics: Metrics, pulls: PullLog, fills: Fills):
         self.folder = folder
-        self.upstream = out
         self.misses = misses
         self.blobs = blobs
         self.access = access
         self.metrics = metrics
         self.pulls = pulls
-        self.fleet = fleet
-        self.fills: dict[str, Fill] = {}  # by digest: the fills in progress
-        self.tasks: set[asyncio.Task] = set()
+        self.fills = fills
 
     async def handle(self, flow: http.HTTPFlow, route: Route) -> Decision:
         store = self.folder.open_store()
@@ -85,7 +65,7 @@ class BlobRequests:
             fill = self.fills.get(digest)  # another client may have started one meanwhile
         leader = fill is None
         if fill is None:
-            fill = self._start_fill(flow, route)
+            fill = self.fills.start(flow, route)
         self.metrics.miss("blob")
         await fill.answered.wait()
         return await self._follow(flow, route, fill, leader)
@@ -146,165 +126,7 @@ class BlobRequests:
             url = self.blobs.url(route.reference, tag=tag)
         return answers.blob_redirect(route.reference, url)
 
-    # a fill's life
-
-    def _start_fill(self, like: http.HTTPFlow, route: Route) -> Fill:
-        """Fetch the blob from upstream, with the credentials of the client that asked first.
-        The fill is registered before anything is awaited, so every later request joins it."""
-        fill = self.fills[route.reference] = Fill(route)
-        self.metrics.fills.set(len(self.fills))
-        # The whole blob, whatever range the client asked: the digest covers all of its bytes.
-        request = upstream.request_for(like, route, "GET")
-        task = asyncio.create_task(self._fill(like, request, fill))
-        self.tasks.add(task)
-        task.add_done_callback(self.tasks.discard)
-        return fill
-
-    async def _fill(self, like: http.HTTPFlow, request: http.Request, fill: Fill) -> None:
-        store = self.folder.open_store()
-        route = fill.route
-        try:
-            # A fill that finished while this one was being decided on has left its blob.
-            if await asyncio.to_thread(store.has_blob, route.reference):
-                fill.found_cached()
-                return
-            try:
-                fill.writer = await asyncio.to_thread(store.blob_writer, route.reference)
-            except OSError as e:
-                fill.unusable(f"the cache folder is unusable: {e.strerror or e}")
-                return
-            if not await self._fill_from_fleet(like, fill):
-                await self._fill_from_upstream(like, request, fill)
-        finally:
-            if fill.state is State.DECIDING:  # an error nobody expected: its clients must not wait forever
-                fill.fail("hubcache could not fetch it")
-            if self.fills.get(route.reference) is fill:
-                del self.fills[route.reference]
-            if fill.writer and fill.source is Source.UPSTREAM:
-                self.metrics.fetched.inc(fill.writer.size)
-            await asyncio.to_thread(fill.discard)
-            self.metrics.fills.set(len(self.fills))  # in progress until its temporary file is gone
-            if fill.state is not State.COMMITTED:
-                self.fleet.release(route.reference)  # a committed fill frees it once shared
-            fill.done.set()
-
-    async def _fill_from_upstream(self, like: http.HTTPFlow, request: http.Request, fill: Fill) -> None:
-        route = fill.route
-        redirect: http.Response | None = None
-        for _ in range(upstream.MAX_REDIRECTS + 1):
-            flow = upstream.subrequest(like, request)
-            flow.metadata[Mark.FILL] = route.reference
-            try:
-                answer = await self.upstream.run(flow, ctx.options.fill_timeout, lambda: fill.progress)
-            except upstream.UpstreamError as e:
-                if fill.state is State.UNUSABLE:
-                    return  # its clients went upstream themselves, and journal that
-                fill.fail(str(e))
-                logger.warning(f"{route.image}: not fetched: {e}")
-                await self.folder.journal_miss(route, Outcome.FAILED, str(e))
-                return
-            if fill.state is State.UNUSABLE:
-                return
-            location = answer.headers.get("location")
-            if fill.state is State.DECIDING and answer.status_code in protocol.REDIRECTS and location:
-                try:
-                    request, redirect = upstream.redirected(request, location), answer
-                except upstream.Renamed as e:
-                    fill.fail(str(e))
-                    logger.warning(f"{route.image}: not fetched: {e}")
-                    await self.folder.journal_miss(route, Outcome.FAILED, str(e))
-                    return
-                continue
-            if fill.state is State.DECIDING:
-                # A host that refuses hubcache without the registry's credentials may accept the
-                # client: it gets the redirect and follows it itself (uncached).
-                if answer.status_code == 404:
-                    self.misses.note_absent(like, route)
-                fill.refused(redirect if redirect and answer.status_code in (401, 403) else answer)
-                await self.folder.journal_miss(route, Outcome.PASSED, f"upstream answered {answer.status_code}")
-                return
-            await self._finish_fill(fill)
-            return
-        fill.fail("too many redirects")
-        await self.folder.journal_miss(route, Outcome.FAILED, "too many redirects")
-
-    async def _fill_from_fleet(self, like: http.HTTPFlow, fill: Fill) -> bool:
-        """Feed the fill from the shared store when another node has fetched the blob, or is
-        fetching it (then wait for it there). False: this node fetches it from upstream."""
-        store = self.folder.open_store()
-        route = fill.route
-        blob = await self.fleet.open_blob(route.reference)
-        if blob is None:
-            if not await self.fleet.claim(route.reference):
-                blob = await self.fleet.await_blob(route.reference)
-            elif self.fleet.lock is not None and (blob := await self.fleet.open_blob(route.reference)) is not None:
-                # Its holder put it and let go between this node's look and its lock.
-                self.fleet.release(route.reference)
-        if blob is None:
-            return False
-        with blob:
-            # Only upstream knows whether this client may have it; if not, upstream tells it so.
-            if await self.access.refusal(like, route, route.reference, store) is not None:
-                return False
-            if reason := self._no_room(fill, blob.size):
-                fill.unusable(reason)
-                return True
-            fill.source = Source.SHARED
-            fill.start_streaming(blob.size)
-            await self.fleet.pour(blob, fill.sink)
-        await self._finish_fill(fill)
-        return True
-
-    async def _finish_fill(self, fill: Fill) -> None:
-        route, writer, store = fill.route, fill.writer, self.folder.open_store()
-        source = "upstream" if fill.source is Source.UPSTREAM else "the shared store"
-        assert writer
-        try:
-            committed = await asyncio.to_thread(fill.finish)
-        except (OSError, ValueError) as e:
-            fill.fail(str(e))
-            logger.warning(f"{route.image}: fetched but not cached: {e}")
-            await self.folder.journal_miss(route, Outcome.FAILED, f"not stored: {e}", size=writer.size)
-            return
-        if committed and fill.source is Source.UPSTREAM:
-            logger.info(f"{route.image}: cached {writer.size} bytes")
-            await self.folder.journal_miss(route, Outcome.FILLED, None, size=writer.size)
-            self.fleet.publish_blob(route.reference, store)
-        elif committed:
-            logger.info(f"{route.image}: cached {writer.size} bytes from {source}")
-            await self.folder.journal_miss(route, Outcome.FILLED, f"from {source}", size=writer.size)
-        elif writer.write_error:
-            reason = writer.write_error.strerror or str(writer.write_error)
-            logger.warning(f"{route.image}: not cached: {reason}")
-            await self.folder.journal_miss(route, Outcome.FAILED, f"not stored: {reason}", size=writer.size)
-        else:
-            got = f"{writer.size} bytes hashing to {writer.computed_digest}"
-            logger.warning(f"{route.image}: {source} sent {got}; not stored, transfers cut")
-            await self.folder.journal_miss(route, Outcome.REJECTED, got, size=writer.size)
-            if fill.source is Source.SHARED:
-                await self.fleet.discard_blob(route.reference)
-
-    # hooks' share: where a fill's body goes, and a blob passed through
-
-    def responseheaders(self, flow: http.HTTPFlow) -> bool:
-        """Upstream's answer to a fill's request: its body goes to the fill's file. Returns
-        whether the flow was a fill's."""
-        assert flow.response
-        if not (digest := flow.metadata.get(Mark.FILL)):
-            return False
-        response = flow.response
-        fill = self.fills.get(digest)
-        identity = response.headers.get("content-encoding", "identity").lower() == "identity"
-        if fill and response.status_code == 200 and identity and fill.state is State.DECIDING:
-            length = response.headers.get("content-length", "")
-            size = int(length) if length.isdigit() else None
-            if reason := self._no_room(fill, size):
-                fill.unusable(reason)
-                flow.kill()  # the clients fetch it themselves; this copy has nowhere to go
-                return True
-            fill.start_streaming(size)
-            response.stream = fill.sink
-        return True
+    # a blob passed through
 
     @staticmethod
     def relay(flow: http.HTTPFlow) -> None:
@@ -322,21 +144,6 @@ class BlobRequests:
             await self.folder.journal_miss(route, Outcome.PASSED, f"upstream answered {flow.response.status_code}")
         else:
             await self.folder.journal_miss(route, Outcome.FAILED, flow.error.msg if flow.error else "unknown error")
-
-    def _no_room(self, fill: Fill, size: int | None) -> str:
-        """Why the cache folder cannot take the blob now (an operator's line), or ''. The fills
-        under way will take their remaining bytes too."""
-        assert fill.writer
-        try:
-            free = shutil.disk_usage(os.path.dirname(fill.writer.path)).free
-        except OSError as e:
-            return f"the cache folder is unusable: {e.strerror or e}"
-        promised = sum(
-            f.size - f.writer.size for f in self.fills.values() if f.state is State.STREAMING and f.size and f.writer
-        )
-        if free - promised < (size or 0) + FREE_SPACE_RESERVE:
-            return f"the cache folder has {free} bytes free ({promised} promised to fills under way), too few for {size or 'a'} bytes"
-        return ""
 
 
 def _counted(flow: http.HTTPFlow, data: bytes) -> bytes:

@@ -169,7 +169,7 @@ class RegistryCache:
     # a blob passed through: its body, and its end
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:
-        if not self.blobs.responseheaders(flow):
+        if not self.blobs.fills.responseheaders(flow):
             self.blobs.relay(flow)
 
     async def response(self, flow: http.HTTPFlow) -> None:

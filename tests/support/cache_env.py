@@ -138,7 +138,7 @@ class Env:
         """Wait for the fills running in the background."""
         # Awaiting only finished tasks would never yield to the loop, so their done-callbacks
         # (which drop them from the task set) would never run: wait for the unfinished ones, then yield.
-        while pending := [task for task in self.addons.blobs.tasks if not task.done()]:
+        while pending := [task for task in self.addons.fills.tasks if not task.done()]:
             await asyncio.gather(*pending)
         await asyncio.sleep(0)
 

@@ -72,7 +72,7 @@ class TestBlobFill:
             assert blob.read() == BLOB
         [entry] = env.journal()
         assert (entry["outcome"], entry["kind"], entry["repository"], entry["bytes"]) == ("filled", "blob", REPO, len(BLOB))
-        assert env.temp_files() == [] and env.addons.blobs.fills == {}
+        assert env.temp_files() == [] and env.addons.fills.under_way == {}
 
     @pytest.mark.parametrize(
         "answer, outcome",
@@ -217,7 +217,7 @@ class TestBlobFill:
         assert "not noted in the cache: cache index: attempt to write a readonly database" in caplog.text
 
     async def test_a_full_disk_passes_the_request_through(self, env, monkeypatch):
-        monkeypatch.setattr("hubcache.cache.blob_path.shutil.disk_usage", lambda path: shutil._ntuple_diskusage(10**9, 10**9 - 1000, 1000))
+        monkeypatch.setattr("hubcache.cache.fills.shutil.disk_usage", lambda path: shutil._ntuple_diskusage(10**9, 10**9 - 1000, 1000))
         env.fetches.append(sized())
         f = flow(blob_path())
         await env.addons.request(f)
@@ -231,7 +231,7 @@ class TestBlobFill:
     async def test_room_promised_to_a_fill_under_way_is_not_given_twice(self, env, monkeypatch):
         reserve = 64 * 1024 * 1024
         free = reserve + len(BLOB) + 1000  # room for one such blob, not two
-        monkeypatch.setattr("hubcache.cache.blob_path.shutil.disk_usage", lambda path: shutil._ntuple_diskusage(10**12, 10**12 - free, free))
+        monkeypatch.setattr("hubcache.cache.fills.shutil.disk_usage", lambda path: shutil._ntuple_diskusage(10**12, 10**12 - free, free))
         more = asyncio.Event()
         other = os.urandom(len(BLOB))
         env.fetches += [sized(mid_body=more), sized(other)]
@@ -247,7 +247,7 @@ class TestBlobFill:
 
     async def test_the_free_space_reserve_is_never_filled(self, env, monkeypatch):
         free = 64 * 1024 * 1024 + len(BLOB) - 1  # room for the blob, but not with the reserve left free
-        monkeypatch.setattr("hubcache.cache.blob_path.shutil.disk_usage", lambda path: shutil._ntuple_diskusage(10**12, 10**12 - free, free))
+        monkeypatch.setattr("hubcache.cache.fills.shutil.disk_usage", lambda path: shutil._ntuple_diskusage(10**12, 10**12 - free, free))
         env.fetches.append(sized())
         f = flow(blob_path())
         await env.addons.request(f)

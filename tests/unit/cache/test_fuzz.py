@@ -216,8 +216,8 @@ def test_every_request_gets_a_registry_answer_or_passes(proxy_env, method, path,
     f = tflow.tflow(req=req)
     f.client_conn.sni = HUB  # the client's TLS, intercepted for the registry it goes to
     loop.run_until_complete(addons.request(f))
-    while addons.blobs.tasks:
-        loop.run_until_complete(asyncio.gather(*addons.blobs.tasks))
+    while addons.fills.tasks:
+        loop.run_until_complete(asyncio.gather(*addons.fills.tasks))
     status, codes = expected_answer(method, path, offline)
     route = expected_route(HUB, path)
     assert (f.response.status_code if f.response else None) == status, (method, path, offline)
