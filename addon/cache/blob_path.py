@@ -5,7 +5,7 @@ A blob GET is answered with a 307 to hubcache's blob server (`blobserver/`), whi
 from the store. On a miss, one fill (`fills.py`) starts; the clients wait for its answer and then
 follow it: the blob server streams the fill's file as it grows, and a fill that does not verify
 is discarded (which cuts those transfers). A client the fill cannot serve (the cache folder is
-full, upstream refused hubcache) asks upstream itself, through `Misses`.
+full, upstream refused hubcache) asks upstream itself: its request passes through.
 """
 
 from __future__ import annotations
