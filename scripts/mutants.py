@@ -1594,6 +1594,34 @@ MUTANTS: list[Mutant] = [
         ["test_a_client_pull_of_a_digest_the_watch_fetched_is_counted_once_per_tag_request"],
         UNIT,
     ),
+    # The data path's decisions, error codes and journal outcomes
+    mutant(
+        "failed-fill-said-unknown",
+        "a blob fill upstream failed answers its client 502 UNAVAILABLE, not a claim that the blob does not exist",
+        Edit(
+            'return RegistryError(ErrorCode.UPSTREAM_FAILED, f"{route.image}: {fill.reason}")',
+            'return RegistryError(ErrorCode.BLOB_UNKNOWN, f"{route.image}: {fill.reason}")',
+        ),
+        ["test_silent_upstream_fails_the_fill"],
+        UNIT,
+    ),
+    mutant(
+        "access-refusal-keeps-upstreams-status",
+        "upstream refusing a client's access check is a registry error whose status is its code's (a 4xx other than 401 and 404 is 403 DENIED)",
+        Edit(
+            "codes.get(answer.status_code, ErrorCode.DENIED)",
+            "codes.get(answer.status_code, ErrorCode.UNSUPPORTED_REQUEST)",
+        ),
+        ["test_upstreams_refusal_is_a_registry_error_whose_status_is_its_codes"],
+        UNIT,
+    ),
+    mutant(
+        "journal-outcome-as-free-text",
+        "a journal line's outcome is one of Outcome's words, its reason a field of its own",
+        Edit('"outcome": outcome.value,', '"outcome": f"{outcome.value}: {reason}" if reason else outcome.value,'),
+        ["test_a_404_is_remembered_for_the_same_client", "test_silent_upstream_fails_the_fill"],
+        UNIT,
+    ),
 ]
 
 

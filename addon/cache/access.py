@@ -112,7 +112,7 @@ class Access:
         if answer.status_code != 200:
             logger.info(f"{route.image}: upstream refused this client ({answer.status_code}); not served")
             unknown = ErrorCode.BLOB_UNKNOWN if route.kind is Kind.BLOB else ErrorCode.MANIFEST_UNKNOWN
-            codes = {401: ErrorCode.UNAUTHORIZED, 404: unknown, 429: ErrorCode.TOOMANYREQUESTS}
+            codes = {401: ErrorCode.UNAUTHORIZED, 404: unknown}  # 429 and 5xx: upstream.available raised
             challenge = answer.headers.get("www-authenticate")
             return RegistryError(
                 codes.get(answer.status_code, ErrorCode.DENIED),

@@ -95,7 +95,6 @@ class ErrorCode(Enum):
     NAME_UNKNOWN = ("NAME_UNKNOWN", 404)
     UNAUTHORIZED = ("UNAUTHORIZED", 401)
     DENIED = ("DENIED", 403)
-    TOOMANYREQUESTS = ("TOOMANYREQUESTS", 429)
     RANGE_INVALID = ("RANGE_INVALID", 416)
     UNSUPPORTED = ("UNSUPPORTED", 405)  # a method or operation hubcache does not serve
     UNSUPPORTED_REQUEST = ("UNSUPPORTED", 400)  # an invalid set of parameters

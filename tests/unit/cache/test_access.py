@@ -90,6 +90,17 @@ class TestAccess:
         assert f.response.status_code == 403
         assert json.loads(f.response.content)["errors"][0]["code"] == "DENIED"
 
+    @pytest.mark.parametrize(
+        "answer, status, code",
+        [(401, 401, "UNAUTHORIZED"), (403, 403, "DENIED"), (404, 404, "BLOB_UNKNOWN"), (410, 403, "DENIED"), (429, 503, "UNAVAILABLE"), (500, 503, "UNAVAILABLE")],
+    )
+    async def test_upstreams_refusal_is_a_registry_error_whose_status_is_its_codes(self, env, answer, status, code):
+        await self.cached_private_blob(env)
+        env.answers.append(upstream_response(answer))
+        f = flow(blob_path(), headers={"Authorization": "Bearer mallory"})
+        await env.addons.request(f)
+        assert (f.response.status_code, json.loads(f.response.content)["errors"][0]["code"]) == (status, code)
+
     async def test_a_client_joining_a_fill_of_a_private_repository_is_checked_first(self, env):
         env.store.set_visibility("docker.io", REPO, False)
         more = asyncio.Event()

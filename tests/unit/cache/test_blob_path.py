@@ -164,6 +164,7 @@ class TestBlobFill:
         f = flow(blob_path())
         await env.addons.request(f)
         assert f.response.status_code == 502
+        assert json.loads(f.response.content)["errors"][0]["code"] == "UNAVAILABLE", "upstream failed: not a claim the blob is unknown"
         assert "upstream sent nothing for 60s" in f.response.text
         await env.settle()
         assert (env.journal()[0]["outcome"], env.journal()[0]["reason"]) == ("failed", "upstream sent nothing for 60s")
