@@ -3,6 +3,7 @@
 from .blobserver.host import BlobHost
 from .cache.access import Access
 from .cache.blob_path import BlobRequests
+from .cache.fills import Fills
 from .cache.hooks import RegistryCache
 from .cache.manifest_path import ManifestRequests
 from .cache.misses import Misses
@@ -45,7 +46,7 @@ def make_addons() -> list:
         folder,
         misses,
         ManifestRequests(interception, folder, misses, access, metrics, pulls, fleet, out),
-        BlobRequests(folder, misses, blobs, access, metrics, pulls, fleet, out),
+        BlobRequests(folder, misses, blobs, access, metrics, pulls, Fills(folder, misses, access, metrics, fleet, out)),
         out,
     )
     circuits = Circuits(interception, metrics, out)

@@ -222,7 +222,7 @@ MUTANTS: list[Mutant] = [
         "follower-joins-fill-unchecked",
         "a client joining another client's fill is served only after its own access check",
         Edit(
-            "elif (state is State.CACHED or state.has_body) and not await self.access.permit(flow, route, route.reference, store):",
+            "elif (state is State.CACHED or state.has_body) and (refused := await self.access.refusal(flow, route, route.reference, store)):",
             "elif False:",
         ),
         ["test_a_client_joining_a_fill_of_a_private_repository_is_checked_first"],
@@ -253,8 +253,8 @@ MUTANTS: list[Mutant] = [
         "local-token-serves-private",
         "a client holding hubcache's local token gets only public content",
         Edit(
-            "if known and public is True:\n    return None\nreturn Refusal(503",
-            "if known:\n    return None\nreturn Refusal(503",
+            "if known and public is True:\n    return None\nreturn RegistryError(ErrorCode.UNAVAILABLE",
+            "if known:\n    return None\nreturn RegistryError(ErrorCode.UNAVAILABLE",
         ),
         ["test_a_local_token_gets_a_clear_answer_for_what_is_missing_or_private"],
         UNIT,
@@ -339,14 +339,14 @@ MUTANTS: list[Mutant] = [
     mutant(
         "offline-miss-asks-upstream",
         "offline, what the store lacks is answered at once with a 404, never asked upstream",
-        Edit("elif ctx.options.offline:\n    what = ", "elif False:\n    what = "),
+        Edit("if ctx.options.offline:\n    what = ", "if False:\n    what = "),
         ["test_missing_content_is_a_clear_404_and_a_journal_line", "test_a_missing_image_fails_fast_with_a_clear_message"],
         INTEGRATION,
     ),
     mutant(
         "offline-ping-relayed",
         "offline, /v2/ is answered locally",
-        Edit("if ctx.options.offline:\n    answers.ping(flow)", "if False:\n    answers.ping(flow)"),
+        Edit("if ctx.options.offline:\n    return answers.version_check()", "if False:\n    return answers.version_check()"),
         ["test_ping_and_token_are_answered_locally"],
         INTEGRATION,
     ),
@@ -551,8 +551,8 @@ MUTANTS: list[Mutant] = [
         "private-blob-head-unchecked",
         "a HEAD of a private repository's cached blob is answered only after the client's access check",
         Edit(
-            'elif await self.access.permit(flow, route, digest, store):\n    self.metrics.hit("blob")\n    answers.answer(flow, 200',
-            'elif True:\n    self.metrics.hit("blob")\n    answers.answer(flow, 200',
+            'if refused := await self.access.refusal(flow, route, digest, store):\n    return refused\nself.metrics.hit("blob")\nreturn Serve(200',
+            'self.metrics.hit("blob")\nreturn Serve(200',
         ),
         ["test_an_anonymous_client_gets_nothing_alice_cached"],
         INTEGRATION,
@@ -586,8 +586,8 @@ MUTANTS: list[Mutant] = [
         "accept-ignored-by-digest",
         "a manifest by digest is served from the cache only in a type the client's Accept names",
         Edit(
-            "if not cached or not protocol.accepts(accept, cached.media_type):\n    await self.misses.ask(flow, route)\nelif",
-            "if not cached:\n    await self.misses.ask(flow, route)\nelif",
+            "if not cached or not protocol.accepts(accept, cached.media_type):\n    return await self._ask(flow, route)\nif refused",
+            "if not cached:\n    return await self._ask(flow, route)\nif refused",
         ),
         ["test_accept_excluding_the_stored_type_is_not_answered"],
         UNIT,
@@ -612,7 +612,7 @@ MUTANTS: list[Mutant] = [
     mutant(
         "referrers-served-unchecked",
         "a private repository's cached referrers go only to a client upstream allows",
-        Edit("if not await self.access.permit(flow, route, route.reference, store):\n    return\nwanted =", "if False:\n    return\nwanted ="),
+        Edit("if refused := await self.access.refusal(flow, route, route.reference, store):\n    return refused\nwanted =", "wanted ="),
         ["test_a_private_repositorys_referrers_need_the_clients_access"],
         UNIT,
     ),
@@ -670,7 +670,10 @@ MUTANTS: list[Mutant] = [
     mutant(
         "manifest-redirect-to-plain-http-followed",
         "a manifest miss redirected to plain HTTP is left to the client, never fetched and cached",
-        Edit('if request.scheme != "https":\n    return  # a manifest from plain HTTP', "if False:\n    return  # a manifest from plain HTTP"),
+        Edit(
+            'if request.scheme != "https":\n    return response  # a manifest from plain HTTP',
+            "if False:\n    return response  # a manifest from plain HTTP",
+        ),
         ["test_a_redirect_to_plain_http_is_left_to_the_client"],
         UNIT,
     ),
@@ -679,8 +682,8 @@ MUTANTS: list[Mutant] = [
         "manifest-miss-unreachable-said-missing",
         "a manifest miss upstream cannot answer gets a registry 502 UNAVAILABLE, not a claim that it does not exist",
         Edit(
-            'answers.error(flow, 502, "UNAVAILABLE", f"{route.registry} cannot be reached: {e}")',
-            'answers.error(flow, 404, "MANIFEST_UNKNOWN", f"{route.registry} cannot be reached: {e}")',
+            'return RegistryError(ErrorCode.UPSTREAM_FAILED, f"{route.registry} cannot be reached: {e}")',
+            'return RegistryError(ErrorCode.MANIFEST_UNKNOWN, f"{route.registry} cannot be reached: {e}")',
         ),
         ["test_unreachable_upstream_is_a_registry_error"],
         UNIT,
@@ -699,8 +702,8 @@ MUTANTS: list[Mutant] = [
         "stale-tag-not-served-when-upstream-fails",
         "a tag upstream cannot revalidate (unreachable, 5xx, 429) is served from its last known manifest",
         Edit(
-            "except upstream.UpstreamError as e:\n    await self._serve_stale(flow, route, cached, str(e))\n    return",
-            "except upstream.UpstreamError as e:\n    await self.misses.ask(flow, route)\n    return",
+            "except upstream.UpstreamError as e:\n    return await self._serve_stale(flow, route, cached, str(e))\ncurrent =",
+            "except upstream.UpstreamError as e:\n    return await self._ask(flow, route)\ncurrent =",
         ),
         ["test_upstream_failure_serves_stale"],
         UNIT,
@@ -954,7 +957,7 @@ MUTANTS: list[Mutant] = [
     mutant(
         "route-takes-any-query",
         "a pull endpoint takes no query parameter but containerd's ns naming its registry (and the referrers filter)",
-        Edit("raise BadRequest(400, \"UNSUPPORTED\", f\"this endpoint takes no query parameter {key}={value[:100]!r}\")", "continue"),
+        Edit("raise BadRequest(ErrorCode.UNSUPPORTED_REQUEST, f\"this endpoint takes no query parameter {key}={value[:100]!r}\")", "continue"),
         ["test_a_query_the_endpoint_does_not_take_is_refused", "test_the_router_classifies_or_refuses"],
         UNIT,
     ),
@@ -1591,6 +1594,34 @@ MUTANTS: list[Mutant] = [
         ["test_a_client_pull_of_a_digest_the_watch_fetched_is_counted_once_per_tag_request"],
         UNIT,
     ),
+    # The data path's decisions, error codes and journal outcomes
+    mutant(
+        "failed-fill-said-unknown",
+        "a blob fill upstream failed answers its client 502 UNAVAILABLE, not a claim that the blob does not exist",
+        Edit(
+            'return RegistryError(ErrorCode.UPSTREAM_FAILED, f"{route.image}: {fill.reason}")',
+            'return RegistryError(ErrorCode.BLOB_UNKNOWN, f"{route.image}: {fill.reason}")',
+        ),
+        ["test_silent_upstream_fails_the_fill"],
+        UNIT,
+    ),
+    mutant(
+        "access-refusal-keeps-upstreams-status",
+        "upstream refusing a client's access check is a registry error whose status is its code's (a 4xx other than 401 and 404 is 403 DENIED)",
+        Edit(
+            "codes.get(answer.status_code, ErrorCode.DENIED)",
+            "codes.get(answer.status_code, ErrorCode.UNSUPPORTED_REQUEST)",
+        ),
+        ["test_upstreams_refusal_is_a_registry_error_whose_status_is_its_codes"],
+        UNIT,
+    ),
+    mutant(
+        "journal-outcome-as-free-text",
+        "a journal line's outcome is one of Outcome's words, its reason a field of its own",
+        Edit('"outcome": outcome.value,', '"outcome": f"{outcome.value}: {reason}" if reason else outcome.value,'),
+        ["test_a_404_is_remembered_for_the_same_client", "test_silent_upstream_fails_the_fill"],
+        UNIT,
+    ),
 ]
 
 
@@ -1744,7 +1775,7 @@ CHECK_SCRIPT = '''\
 import os
 import hubcache.blobserver.server
 
-print("hubcache from", os.path.dirname(os.path.realpath(hubcache.blobserver.server.__file__)), flush=True)
+print("hubcache from", os.path.dirname(os.path.realpath(hubcache.__file__)), flush=True)
 os._exit(0)
 '''
 

@@ -130,7 +130,7 @@ class _Handler(BaseHTTPRequestHandler):
                 sign(self.secret, digest, int(expires), fill, int(size), tag), query.get("signature", "")
             )
         ):
-            return self._error(403, "DENIED", "this blob URL is not valid (or has expired): ask the registry again")
+            return self._error(protocol.ErrorCode.DENIED, "this blob URL is not valid (or has expired): ask the registry again")
         self._tag = tag
         blob = self.store.open_blob(digest)
         if blob is None and fill and _FILL_NAME.fullmatch(fill):
@@ -141,7 +141,7 @@ class _Handler(BaseHTTPRequestHandler):
             else:
                 return self._send(blob, digest, int(size), send_body, growing=True)
         if blob is None:
-            return self._error(404, "BLOB_UNKNOWN", f"blob {digest} is not in the cache")
+            return self._error(protocol.ErrorCode.BLOB_UNKNOWN, f"blob {digest} is not in the cache")
         self._send(blob, digest, os.fstat(blob.fileno()).st_size, send_body, growing=False)
 
     def _committed(self, digest: str) -> BinaryIO | None:
@@ -157,7 +157,7 @@ class _Handler(BaseHTTPRequestHandler):
             try:
                 span = protocol.parse_range(self.headers.get("Range"), size)
             except protocol.BadRequest as e:
-                return self._error(e.status, e.code, e.message, {"Content-Range": f"bytes */{size}"})
+                return self._error(e.code, e.message, {"Content-Range": f"bytes */{size}"})
             headers = protocol.blob_headers(digest, size)
             first, last = span or (0, size - 1)
             status = HTTPStatus.OK if span is None else HTTPStatus.PARTIAL_CONTENT
@@ -221,10 +221,10 @@ class _Handler(BaseHTTPRequestHandler):
         self.wfile.flush()
         return self.connection.sendfile(blob, offset, count)
 
-    def _error(self, status: int, code: str, message: str, extra: dict | None = None) -> None:
+    def _error(self, code: protocol.ErrorCode, message: str, extra: dict | None = None) -> None:
         body = protocol.error_body(code, message)
         self._expect(self._write_time(len(body)), "read the answer")
-        self.send_response(status)
+        self.send_response(code.status)
         for name, value in {**protocol.error_headers(len(body)), **(extra or {})}.items():
             self.send_header(name, value)
         self.end_headers()

@@ -11,15 +11,14 @@ import hashlib
 import logging
 import time
 from collections import OrderedDict
-from dataclasses import dataclass, field
 
 from mitmproxy import ctx, exceptions, http
 from mitmproxy.addonmanager import Loader
 
-from ..mitm import answers
+from ..mitm.answers import RegistryError
 from ..mitm.flows import Mark
 from ..registry import protocol
-from ..registry.protocol import Kind, Route
+from ..registry.protocol import ErrorCode, Kind, Route
 from ..storage.store import Store
 from ..upstream import circuits
 from ..upstream import client as upstream
@@ -27,16 +26,6 @@ from ..upstream import client as upstream
 logger = logging.getLogger(__name__)
 
 MAX_ALLOWED = 10_000  # upstream's yeses remembered at once (per token and repository)
-
-
-@dataclass(frozen=True)
-class Refusal:
-    """A registry error for a client that may not have cached content."""
-
-    status: int
-    code: str
-    message: str
-    headers: dict[str, str] = field(default_factory=dict)
 
 
 class Access:
@@ -73,14 +62,7 @@ class Access:
             if name in updated and getattr(ctx.options, name) < 0:
                 raise exceptions.OptionsError(f"{name} must be 0 or more seconds")
 
-    async def permit(self, flow: http.HTTPFlow, route: Route, digest: str, store: Store) -> bool:
-        """Whether the client may have `digest` from the cache; if not, its answer is the refusal."""
-        refusal = await self.refusal(flow, route, digest, store)
-        if refusal is not None:
-            answers.error(flow, refusal.status, refusal.code, refusal.message, refusal.headers)
-        return refusal is None
-
-    async def refusal(self, flow: http.HTTPFlow, route: Route, digest: str, store: Store) -> Refusal | None:
+    async def refusal(self, flow: http.HTTPFlow, route: Route, digest: str, store: Store) -> RegistryError | None:
         """None if the client may have `digest` of `route`'s repository from the cache, else the
         registry error it gets instead. A tag's digest counts as known in its repository."""
         public, checked, known = await asyncio.to_thread(_what_the_cache_knows, store, route, digest)
@@ -90,12 +72,12 @@ class Access:
             if known and public is None and await asyncio.to_thread(store.imported, route.registry, route.name):
                 return None  # imported from a bundle that did not say: the operator chose to serve it
             why = "was never pulled through this repository" if not known else "may be private" if public is None else "is private"
-            return Refusal(401, "UNAUTHORIZED", f"{route.image} {why}; offline, hubcache cannot check credentials")
+            return RegistryError(ErrorCode.UNAUTHORIZED, f"{route.image} {why}; offline, hubcache cannot check credentials")
         if holds_local_token(flow):
             # hubcache issued this token while the token host was down: upstream cannot be asked.
             if known and public is True:
                 return None
-            return Refusal(503, "UNAVAILABLE", f"{route.image}: the registry's token service is down, so access cannot be checked")
+            return RegistryError(ErrorCode.UNAVAILABLE, f"{route.image}: the registry's token service is down, so access cannot be checked")
         if public is True and time.time() - (checked or 0) >= ctx.options.visibility_check_seconds:
             public = await self.probe(flow, route, store) is not False  # unknown: as last seen
         key = (token_key(flow), route.registry, route.name)
@@ -110,15 +92,14 @@ class Access:
                 logger.log(circuits.level(reason), f"{route.image}: access not confirmed ({reason}); served, as the repository is public")
                 return None
             logger.warning(f"{route.image}: access not confirmed ({reason}); not served")
-            return Refusal(503, "UNAVAILABLE", f"{route.image}: upstream cannot confirm access ({reason})")
+            return RegistryError(ErrorCode.UNAVAILABLE, f"{route.image}: upstream cannot confirm access ({reason})")
         if answer.status_code != 200:
             logger.info(f"{route.image}: upstream refused this client ({answer.status_code}); not served")
-            status = answer.status_code if 400 <= answer.status_code < 500 else 403
-            code = {401: "UNAUTHORIZED", 404: "BLOB_UNKNOWN" if route.kind is Kind.BLOB else "MANIFEST_UNKNOWN"}
+            unknown = ErrorCode.BLOB_UNKNOWN if route.kind is Kind.BLOB else ErrorCode.MANIFEST_UNKNOWN
+            codes = {401: ErrorCode.UNAUTHORIZED, 404: unknown}  # 429 and 5xx: upstream.available raised
             challenge = answer.headers.get("www-authenticate")
-            return Refusal(
-                status,
-                code.get(status, "DENIED"),
+            return RegistryError(
+                codes.get(answer.status_code, ErrorCode.DENIED),
                 f"{route.image}: upstream refused these credentials",
                 {"WWW-Authenticate": challenge} if challenge else {},
             )

@@ -1,27 +1,42 @@
-"""A fill: one upstream fetch of a blob into the store, shared by every client that wants it
-meanwhile, and never aborted by a client that leaves. Its body is hashed into a temporary file that
-the blob server streams as it grows; it is committed only if it verifies."""
+"""Fills: one fetch of a blob into the store (from the fleet's shared store or upstream), shared by
+every client that wants it meanwhile and never aborted by a client that leaves; `Fills` owns each
+one's life. The body goes into a temporary file that the blob server streams as it grows; it is
+committed only if it verifies."""
 
 from __future__ import annotations
 
 import asyncio
+import logging
+import os
 import queue
+import shutil
 import threading
 import time
 from enum import Enum
 from pathlib import Path
 
-from mitmproxy import http
+from mitmproxy import ctx, http
 
-from ..mitm.flows import Source
+from ..fleet.node import Fleet
+from ..mitm.flows import Mark, Source
+from ..observe.metrics import Metrics
+from ..registry import protocol
 from ..registry.protocol import Route
+from ..storage.folder import CacheFolder
+from ..storage.journal import Outcome
 from ..storage.store import BlobWriter
+from ..upstream import client as upstream
+from .access import Access
+from .misses import Misses
+
+logger = logging.getLogger(__name__)
 
 _END = None
 # Chunks waiting for the writer thread (up to fetcher.CHUNK bytes each). Nothing reads hubcache's
 # own request, so upstream is read as fast as it sends: when the disk falls behind, the reader
 # waits here (backpressure) rather than the proxy's memory growing with the blob.
 QUEUED_CHUNKS = 16
+FREE_SPACE_RESERVE = 64 * 1024 * 1024  # left free for the index and other fills
 
 
 class State(Enum):
@@ -129,3 +144,188 @@ class Fill:
             self._thread.join()
         if self.writer and self.state is not State.COMMITTED:
             self.writer.discard()
+
+
+class Fills:
+    """The fills under way, by digest, and each one's life: deciding (the store, the fleet's shared
+    store, upstream), the free space promised across fills, the body's verification and commit,
+    and its journal line. `BlobRequests` starts one per missing blob and follows it."""
+
+    def __init__(self, folder: CacheFolder, misses: Misses, access: Access, metrics: Metrics, fleet: Fleet, out: upstream.Upstream):
+        self.folder = folder
+        self.upstream = out
+        self.misses = misses
+        self.access = access
+        self.metrics = metrics
+        self.fleet = fleet
+        self.under_way: dict[str, Fill] = {}  # by digest
+        self.tasks: set[asyncio.Task] = set()
+
+    def get(self, digest: str) -> Fill | None:
+        """The fill of `digest` under way, if there is one."""
+        return self.under_way.get(digest)
+
+    def start(self, like: http.HTTPFlow, route: Route) -> Fill:
+        """Fetch the blob from upstream, with the credentials of the client that asked first.
+        The fill is registered before anything is awaited, so every later request joins it."""
+        fill = self.under_way[route.reference] = Fill(route)
+        self.metrics.fills.set(len(self.under_way))
+        # The whole blob, whatever range the client asked: the digest covers all of its bytes.
+        request = upstream.request_for(like, route, "GET")
+        task = asyncio.create_task(self._fill(like, request, fill))
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+        return fill
+
+    async def _fill(self, like: http.HTTPFlow, request: http.Request, fill: Fill) -> None:
+        store = self.folder.open_store()
+        route = fill.route
+        try:
+            # A fill that finished while this one was being decided on has left its blob.
+            if await asyncio.to_thread(store.has_blob, route.reference):
+                fill.found_cached()
+                return
+            try:
+                fill.writer = await asyncio.to_thread(store.blob_writer, route.reference)
+            except OSError as e:
+                fill.unusable(f"the cache folder is unusable: {e.strerror or e}")
+                return
+            if not await self._fill_from_fleet(like, fill):
+                await self._fill_from_upstream(like, request, fill)
+        finally:
+            if fill.state is State.DECIDING:  # an error nobody expected: its clients must not wait forever
+                fill.fail("hubcache could not fetch it")
+            if self.under_way.get(route.reference) is fill:
+                del self.under_way[route.reference]
+            if fill.writer and fill.source is Source.UPSTREAM:
+                self.metrics.fetched.inc(fill.writer.size)
+            await asyncio.to_thread(fill.discard)
+            self.metrics.fills.set(len(self.under_way))  # in progress until its temporary file is gone
+            if fill.state is not State.COMMITTED:
+                self.fleet.release(route.reference)  # a committed fill frees it once shared
+            fill.done.set()
+
+    async def _fill_from_upstream(self, like: http.HTTPFlow, request: http.Request, fill: Fill) -> None:
+        route = fill.route
+        redirect: http.Response | None = None
+        for _ in range(upstream.MAX_REDIRECTS + 1):
+            flow = upstream.subrequest(like, request)
+            flow.metadata[Mark.FILL] = route.reference
+            try:
+                answer = await self.upstream.run(flow, ctx.options.fill_timeout, lambda: fill.progress)
+            except upstream.UpstreamError as e:
+                if fill.state is State.UNUSABLE:
+                    return  # its clients went upstream themselves, and journal that
+                fill.fail(str(e))
+                logger.warning(f"{route.image}: not fetched: {e}")
+                await self.folder.journal_miss(route, Outcome.FAILED, str(e))
+                return
+            if fill.state is State.UNUSABLE:
+                return
+            location = answer.headers.get("location")
+            if fill.state is State.DECIDING and answer.status_code in protocol.REDIRECTS and location:
+                try:
+                    request, redirect = upstream.redirected(request, location), answer
+                except upstream.Renamed as e:
+                    fill.fail(str(e))
+                    logger.warning(f"{route.image}: not fetched: {e}")
+                    await self.folder.journal_miss(route, Outcome.FAILED, str(e))
+                    return
+                continue
+            if fill.state is State.DECIDING:
+                # A host that refuses hubcache without the registry's credentials may accept the
+                # client: it gets the redirect and follows it itself (uncached).
+                if answer.status_code == 404:
+                    self.misses.note_absent(like, route)
+                fill.refused(redirect if redirect and answer.status_code in (401, 403) else answer)
+                await self.folder.journal_miss(route, Outcome.PASSED, f"upstream answered {answer.status_code}")
+                return
+            await self._finish_fill(fill)
+            return
+        fill.fail("too many redirects")
+        await self.folder.journal_miss(route, Outcome.FAILED, "too many redirects")
+
+    async def _fill_from_fleet(self, like: http.HTTPFlow, fill: Fill) -> bool:
+        """Feed the fill from the shared store when another node has fetched the blob, or is
+        fetching it (then wait for it there). False: this node fetches it from upstream."""
+        store = self.folder.open_store()
+        route = fill.route
+        blob = await self.fleet.blob_or_claim(route.reference)
+        if blob is None:
+            return False
+        with blob:
+            # Only upstream knows whether this client may have it; if not, upstream tells it so.
+            if await self.access.refusal(like, route, route.reference, store) is not None:
+                return False
+            if reason := self._no_room(fill, blob.size):
+                fill.unusable(reason)
+                return True
+            fill.source = Source.SHARED
+            fill.start_streaming(blob.size)
+            await self.fleet.pour(blob, fill.sink)
+        await self._finish_fill(fill)
+        return True
+
+    async def _finish_fill(self, fill: Fill) -> None:
+        route, writer, store = fill.route, fill.writer, self.folder.open_store()
+        source = "upstream" if fill.source is Source.UPSTREAM else "the shared store"
+        assert writer
+        try:
+            committed = await asyncio.to_thread(fill.finish)
+        except (OSError, ValueError) as e:
+            fill.fail(str(e))
+            logger.warning(f"{route.image}: fetched but not cached: {e}")
+            await self.folder.journal_miss(route, Outcome.FAILED, f"not stored: {e}", size=writer.size)
+            return
+        if committed and fill.source is Source.UPSTREAM:
+            logger.info(f"{route.image}: cached {writer.size} bytes")
+            await self.folder.journal_miss(route, Outcome.FILLED, None, size=writer.size)
+            self.fleet.publish_blob(route.reference, store)
+        elif committed:
+            logger.info(f"{route.image}: cached {writer.size} bytes from {source}")
+            await self.folder.journal_miss(route, Outcome.FILLED, f"from {source}", size=writer.size)
+        elif writer.write_error:
+            reason = writer.write_error.strerror or str(writer.write_error)
+            logger.warning(f"{route.image}: not cached: {reason}")
+            await self.folder.journal_miss(route, Outcome.FAILED, f"not stored: {reason}", size=writer.size)
+        else:
+            got = f"{writer.size} bytes hashing to {writer.computed_digest}"
+            logger.warning(f"{route.image}: {source} sent {got}; not stored, transfers cut")
+            await self.folder.journal_miss(route, Outcome.REJECTED, got, size=writer.size)
+            if fill.source is Source.SHARED:
+                await self.fleet.discard_blob(route.reference)
+
+    def responseheaders(self, flow: http.HTTPFlow) -> bool:
+        """Upstream's answer to a fill's request: its body goes to the fill's file. Returns
+        whether the flow was a fill's."""
+        assert flow.response
+        if not (digest := flow.metadata.get(Mark.FILL)):
+            return False
+        response = flow.response
+        fill = self.under_way.get(digest)
+        identity = response.headers.get("content-encoding", "identity").lower() == "identity"
+        if fill and response.status_code == 200 and identity and fill.state is State.DECIDING:
+            length = response.headers.get("content-length", "")
+            size = int(length) if length.isdigit() else None
+            if reason := self._no_room(fill, size):
+                fill.unusable(reason)
+                flow.kill()  # the clients fetch it themselves; this copy has nowhere to go
+                return True
+            fill.start_streaming(size)
+            response.stream = fill.sink
+        return True
+
+    def _no_room(self, fill: Fill, size: int | None) -> str:
+        """Why the cache folder cannot take the blob now (an operator's line), or ''. The fills
+        under way will take their remaining bytes too."""
+        assert fill.writer
+        try:
+            free = shutil.disk_usage(os.path.dirname(fill.writer.path)).free
+        except OSError as e:
+            return f"the cache folder is unusable: {e.strerror or e}"
+        promised = sum(
+            f.size - f.writer.size for f in self.under_way.values() if f.state is State.STREAMING and f.size and f.writer
+        )
+        if free - promised < (size or 0) + FREE_SPACE_RESERVE:
+            return f"the cache folder has {free} bytes free ({promised} promised to fills under way), too few for {size or 'a'} bytes"
+        return ""

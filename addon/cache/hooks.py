@@ -1,7 +1,8 @@
 """The registry cache's hooks: each registry request's route to the path that answers it (manifests,
 tags and referrers to `ManifestRequests`, blobs to `BlobRequests`, the /v2/ check here), token
 requests relayed or answered with a local token, and upstream's answers followed to the response and
-error hooks. With `offline`, nothing goes upstream."""
+error hooks. Each path returns a decision (`answers.Decision`) and `answers.give` writes it: the
+one place a client's answer is written. With `offline`, nothing goes upstream."""
 
 from __future__ import annotations
 
@@ -12,12 +13,13 @@ from mitmproxy import ctx, http
 from mitmproxy.addonmanager import Loader
 
 from ..mitm import answers
+from ..mitm.answers import Decision, PassThrough, RegistryError, Relay
 from ..mitm.flows import Mark, is_subrequest
 from ..proxy.credentials import pull_scopes
 from ..proxy.interception import Interception
 from ..proxy.routes import route_of
 from ..registry import protocol
-from ..registry.protocol import Kind, Route
+from ..registry.protocol import ErrorCode, Kind, Route
 from ..registry.settings import AUTH_HOSTS
 from ..storage.folder import CacheFolder
 from ..upstream import circuits
@@ -58,74 +60,74 @@ class RegistryCache:
     async def request(self, flow: http.HTTPFlow) -> None:
         if flow.response or flow.error or not flow.live or is_subrequest(flow):
             return
+        answers.give(flow, await self._decide(flow))
+
+    async def _decide(self, flow: http.HTTPFlow) -> Decision:
         route = route_of(flow)
         if route is None:
             if self.hosts.registry(flow) is None and (token_host := self.hosts.destination(flow)):
-                await self._token(flow, token_host)
-            return
+                return await self._token(flow, token_host)
+            return PassThrough()
         if self.tokens.honoured(flow.request.headers.get("authorization", ""), flow.request.host):
             flow.metadata[Mark.LOCAL_TOKEN] = True
         if ctx.options.offline and (route.kind is Kind.OTHER or flow.request.method not in ("GET", "HEAD")):
-            answers.error(flow, 405, "UNSUPPORTED", "hubcache is offline: only pulls are served")
-            return
+            return RegistryError(ErrorCode.UNSUPPORTED, "hubcache is offline: only pulls are served")
         if flow.request.method not in ("GET", "HEAD"):
-            return  # pushes and everything else pass through untouched
-        if route.kind is Kind.PING:
-            await self._ping(flow, route)
-        elif route.kind is Kind.MANIFEST:
-            await self.manifests.handle(flow, route)
-        elif route.kind is Kind.BLOB:
-            await self.blobs.handle(flow, route)
-        elif route.kind is Kind.REFERRERS:
-            await self.manifests.referrers(flow, route)
+            return PassThrough()  # pushes and everything else pass through untouched
+        match route.kind:
+            case Kind.PING:
+                return await self._ping(flow, route)
+            case Kind.MANIFEST:
+                return await self.manifests.handle(flow, route)
+            case Kind.BLOB:
+                return await self.blobs.handle(flow, route)
+            case Kind.REFERRERS:
+                return await self.manifests.referrers(flow, route)
+            case Kind.OTHER:
+                return PassThrough()  # tag lists, the catalog: upstream's to answer
 
-    async def _ping(self, flow: http.HTTPFlow, route: Route) -> None:
+    async def _ping(self, flow: http.HTTPFlow, route: Route) -> Decision:
         """Relay the version check, but answer it locally when upstream fails: clients ping
         before every pull, and what the cache holds must stay pullable while upstream is down."""
         if ctx.options.offline:
-            answers.ping(flow)
-            return
+            return answers.version_check()
         try:
             request = upstream.request_for(flow, route, flow.request.method)
-            flow.response = upstream.available(await self.upstream.send(flow, request, ctx.options.revalidate_timeout))
+            return Relay(upstream.available(await self.upstream.send(flow, request, ctx.options.revalidate_timeout)), counted=False)
         except upstream.UpstreamError as e:
             logger.log(circuits.level(str(e)), f"{route.registry}: {e}; answering /v2/ from the cache")
             breaker = ctx.master.addons.get("circuits")
             if breaker and (challenge := breaker.challenges.get(route.registry)):
                 # The registry's own challenge: the client asks for a token, which goes upstream
                 # as soon as the token host is back (see _token), so its next pull can be cold.
-                answers.error(flow, 401, "UNAUTHORIZED", "authentication required", {"WWW-Authenticate": challenge})
-            else:
-                answers.ping(flow)
+                return RegistryError(ErrorCode.UNAUTHORIZED, "authentication required", {"WWW-Authenticate": challenge})
+            return answers.version_check()
 
-    async def _token(self, flow: http.HTTPFlow, host: str) -> None:
+    async def _token(self, flow: http.HTTPFlow, host: str) -> Decision:
         """A token request to a registry's token host (Docker Hub's auth.docker.io): relayed by
         hubcache, and answered with a local token when the token host cannot answer (offline,
         down, 5xx, 429, silent past `revalidate_timeout`), so a client can still finish its auth
         flow and pull what the cache may give it without upstream's say: public content."""
         if flow.request.method not in ("GET", "POST"):
-            return
+            return PassThrough()
         breaker = ctx.master.addons.get("circuits")
         cold = await self._for_uncached(flow, host)
         if breaker and not cold and any(breaker.down(r) for r in self._served_by(host)):
             # The registry is down: a local token serves all the cache may give for these
             # repositories, and nothing else could be pulled anyway.
-            answers.local_token(flow, self.tokens.issue(host))
-            return
+            return answers.local_token(self.tokens.issue(host))
         if not ctx.options.offline:
             try:
                 request = upstream.token_request_for(flow)
             except protocol.BadRequest as e:
-                answers.error(flow, e.status, e.code, e.message)
-                return
+                return RegistryError(e.code, e.message)
             try:
-                flow.response = upstream.available(await self.upstream.send(flow, request, ctx.options.revalidate_timeout, miss=cold))
-                flow.metadata[Mark.RELAYED] = True
+                answer = upstream.available(await self.upstream.send(flow, request, ctx.options.revalidate_timeout, miss=cold))
                 self.tokens.answered(host)
-                return
+                return Relay(answer)
             except upstream.UpstreamError as e:
                 logger.log(circuits.level(str(e), logging.INFO), f"{host}: {e}; token answered by hubcache (cached public content only)")
-        answers.local_token(flow, self.tokens.issue(host))
+        return answers.local_token(self.tokens.issue(host))
 
     def _served_by(self, token_host: str) -> list[str]:
         """The registries whose token host `token_host` is."""
@@ -153,24 +155,14 @@ class RegistryCache:
                 return True
         return False
 
-    # the answers upstream gives to what hubcache followed
+    # a blob passed through: its body, and its end
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:
-        if self.blobs.responseheaders(flow):
-            return
-        if (pending := self.misses.peek(flow)) and pending.route.kind is Kind.BLOB:
+        if not self.blobs.fills.responseheaders(flow):
             self.blobs.relay(flow)
 
     async def response(self, flow: http.HTTPFlow) -> None:
-        if (pending := self.misses.take(flow)) is None:
-            return
-        if pending.route.kind is Kind.BLOB:
-            await self.blobs.passed(flow, pending.route)
-        else:
-            await self.manifests.finish(flow, pending)
+        await self.blobs.passed(flow)
 
     async def error(self, flow: http.HTTPFlow) -> None:
-        if (pending := self.misses.take(flow)) is None:
-            return
-        reason = flow.error.msg if flow.error else "unknown error"
-        await self.folder.journal_miss(pending.route, f"failed: {reason}")
+        await self.blobs.passed(flow)

@@ -1,22 +1,21 @@
 """What the store cannot answer: the client's own request goes upstream, asked by hubcache, and
-its answer is followed to the response hook like a client's own (`Pending`). A 404 that upstream
-gave the same client lately is answered at once (option `negative_cache_seconds`)."""
+the caller gets upstream's answer to finish (verify and store a manifest, journal a blob). A 404
+that upstream gave the same client lately is answered at once (option `negative_cache_seconds`)."""
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 
 from mitmproxy import ctx, exceptions, http
 from mitmproxy.addonmanager import Loader
 
-from ..mitm import answers
+from ..mitm.answers import Decision, RegistryError, Relay
 from ..mitm.flows import Mark
 from ..observe.metrics import Metrics
-from ..registry.protocol import Kind, Route
+from ..registry.protocol import ErrorCode, Kind, Route
 from ..storage.folder import CacheFolder
+from ..storage.journal import Outcome
 from ..upstream import client as upstream
 from .access import holds_local_token, token_key
 
@@ -24,23 +23,12 @@ logger = logging.getLogger(__name__)
 
 MAX_ABSENT = 10_000  # 404s remembered at once (see note_absent)
 
-Fallback = Callable[[str], Awaitable[None]]  # answers from the cache instead, given why upstream did not
-
-
-@dataclass
-class Pending:
-    """A request the store could not answer, followed until its response is complete."""
-
-    route: Route
-    fallback: Fallback | None = None  # a tag's cached manifest, served if upstream fails
-
 
 class Misses:
     def __init__(self, folder: CacheFolder, metrics: Metrics, out: upstream.Upstream):
         self.folder = folder
         self.upstream = out
         self.metrics = metrics
-        self._pending: dict[str, Pending] = {}  # by flow id
         self._absent: dict[tuple[str, str, str, str, str], tuple[float, float]] = {}  # -> (until, noted)
 
     def load(self, loader: Loader) -> None:
@@ -56,56 +44,39 @@ class Misses:
         if "negative_cache_seconds" in updated and ctx.options.negative_cache_seconds < 0:
             raise exceptions.OptionsError("negative_cache_seconds must be 0 or more seconds")
 
-    def follow(self, flow: http.HTTPFlow, route: Route, fallback: Fallback | None = None) -> None:
-        """Follow the client's request upstream to its response (a blob passed through, say)."""
-        self._pending[flow.id] = Pending(route, fallback)
-
-    def peek(self, flow: http.HTTPFlow) -> Pending | None:
-        return self._pending.get(flow.id)
-
-    def take(self, flow: http.HTTPFlow) -> Pending | None:
-        """The request followed for this flow, once its response (or error) came."""
-        return self._pending.pop(flow.id, None)
-
-    async def ask(self, flow: http.HTTPFlow, route: Route, fallback: Fallback | None = None) -> None:
-        """The store cannot answer: hubcache asks upstream with the client's request, and the
-        answer is followed to the response hook. If upstream cannot be reached, `fallback`
-        answers, else the client gets a registry error at once (not the proxy's HTML error page).
+    async def ask(self, flow: http.HTTPFlow, route: Route, stale_ok: bool = False) -> Decision:
+        """The store cannot answer: hubcache asks upstream with the client's request, and upstream's
+        answer is the decision (Relay), for the caller to finish. If upstream cannot be reached,
+        the client gets a registry error (not the proxy's HTML error page), or, with `stale_ok` (a
+        tag the cache holds, served instead), the UpstreamError is raised to the caller.
         Offline, with a local token (upstream cannot be asked for it), or after a recent 404 for
         this client, the client is told at once instead."""
         self.metrics.miss(route.kind.value)
-        code = "BLOB_UNKNOWN" if route.kind is Kind.BLOB else "MANIFEST_UNKNOWN"
+        code = ErrorCode.BLOB_UNKNOWN if route.kind is Kind.BLOB else ErrorCode.MANIFEST_UNKNOWN
         if (ago := self.absent_for(flow, route)) is not None:
-            answers.error(flow, 404, code, f"{route.image}: upstream answered 404 {ago:.0f}s ago")
-            await self.folder.journal_miss(route, "missing: upstream answered 404 lately")
-        elif ctx.options.offline:
+            await self.folder.journal_miss(route, Outcome.MISSING, "upstream answered 404 lately")
+            return RegistryError(code, f"{route.image}: upstream answered 404 {ago:.0f}s ago")
+        if ctx.options.offline:
             what = f"blob {route.reference} of {route.registry}/{route.name}" if route.kind is Kind.BLOB else route.image
-            answers.error(flow, 404, code, f"{what} is not in the offline cache")
-            await self.folder.journal_miss(route, "missing: offline")
-        elif fallback is None and holds_local_token(flow):
-            answers.error(flow, 503, "UNAVAILABLE", f"{route.image} is not cached, and the registry's token service cannot be reached to fetch it")
-            await self.folder.journal_miss(route, "failed: no token from the registry's token service")
-        else:
-            await self._relay(flow, route, fallback)
-
-    async def _relay(self, flow: http.HTTPFlow, route: Route, fallback: Fallback | None) -> None:
+            await self.folder.journal_miss(route, Outcome.MISSING, "offline")
+            return RegistryError(code, f"{what} is not in the offline cache")
+        if not stale_ok and holds_local_token(flow):
+            await self.folder.journal_miss(route, Outcome.FAILED, "no token from the registry's token service")
+            why = "the registry's token service cannot be reached to fetch it"
+            return RegistryError(ErrorCode.UNAVAILABLE, f"{route.image} is not cached, and {why}")
         ask = upstream.subrequest(flow, upstream.request_for(flow, route, flow.request.method))
-        ask.metadata[Mark.MISS] = fallback is None  # a tag the cache holds is served instead
+        ask.metadata[Mark.MISS] = not stale_ok  # a tag the cache holds is served instead
         try:
-            answer = await self.upstream.run(ask, ctx.options.fill_timeout)
+            return Relay(await self.upstream.run(ask, ctx.options.fill_timeout))
         except upstream.Unreadable as e:
-            answers.error(flow, 502, "MANIFEST_INVALID", f"{route.image}: {e}")
-            await self.folder.journal_miss(route, f"rejected: {e}")
+            await self.folder.journal_miss(route, Outcome.REJECTED, str(e))
+            bad = ErrorCode.UPSTREAM_FAILED if route.kind is Kind.BLOB else ErrorCode.UPSTREAM_MANIFEST_INVALID
+            return RegistryError(bad, f"{route.image}: {e}")
         except upstream.UpstreamError as e:
-            if fallback:
-                await fallback(str(e))
-            else:
-                answers.error(flow, 502, "UNAVAILABLE", f"{route.registry} cannot be reached: {e}")
-                await self.folder.journal_miss(route, f"failed: {e}")
-        else:
-            self.follow(flow, route, fallback)
-            flow.metadata[Mark.RELAYED] = True
-            flow.response = answer
+            if stale_ok:
+                raise
+            await self.folder.journal_miss(route, Outcome.FAILED, str(e))
+            return RegistryError(ErrorCode.UPSTREAM_FAILED, f"{route.registry} cannot be reached: {e}")
 
     # what upstream said is not there (negative caching)
 

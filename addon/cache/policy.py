@@ -16,8 +16,9 @@ from ..mitm import answers
 from ..mitm.flows import is_subrequest
 from ..observe.metrics import Metrics
 from ..proxy.routes import route_of
-from ..registry.protocol import Kind, Route
+from ..registry.protocol import ErrorCode, Kind, Route
 from ..storage.folder import CacheFolder
+from ..storage.journal import Outcome
 
 logger = logging.getLogger(__name__)
 
@@ -63,9 +64,9 @@ class ImagePolicy:
         if route.kind not in (Kind.MANIFEST, Kind.BLOB, Kind.REFERRERS) or (rule := self.refusal(route)) is None:
             return
         logger.info(f"{route.image}: refused by {rule}")
-        answers.error(flow, 403, "DENIED", f"{route.image} is refused by {rule}")
+        answers.error(flow, ErrorCode.DENIED, f"{route.image} is refused by {rule}")
         self.metrics.denied.labels(rule).inc()
-        await self.folder.journal_miss(route, f"denied: {rule}")
+        await self.folder.journal_miss(route, Outcome.DENIED, rule)
 
     @staticmethod
     def refusal(route: Route) -> str | None:

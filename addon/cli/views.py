@@ -218,6 +218,8 @@ def misses_command(
         return
     from rich.table import Table
 
+    from ..storage.journal import outcome_text
+
     table = Table("time", "kind", "image", "size", "outcome")
     for e in chosen:
         when = _entry_time(e)
@@ -225,7 +227,7 @@ def misses_command(
         sep = "@" if ":" in reference else ":"
         image = f"{e.get('registry')}/{e.get('repository')}{sep}{reference[:19] if sep == '@' else reference}"
         shown = size(e["bytes"]) if isinstance(e.get("bytes"), int) else ""
-        table.add_row(_local(when.timestamp(), "%Y-%m-%d %H:%M:%S") if when else "?", str(e.get("kind") or ""), image, shown, str(e.get("outcome")))
+        table.add_row(_local(when.timestamp(), "%Y-%m-%d %H:%M:%S") if when else "?", str(e.get("kind") or ""), image, shown, outcome_text(e))
     console.print(table)
 
 

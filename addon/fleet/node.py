@@ -174,6 +174,19 @@ class Fleet:
         self._refreshers[digest] = self._spawn(self._refresh(digest))
         return True
 
+    async def blob_or_claim(self, digest: str) -> SharedBlob | None:
+        """The blob from the shared store when another node has fetched it, or is fetching it
+        (then waited for). None: this node fetches it from upstream, holding the claim (released
+        by release()) where there is a lock."""
+        blob = await self.open_blob(digest)
+        if blob is None:
+            if not await self.claim(digest):
+                blob = await self.await_blob(digest)
+            elif self.lock is not None and (blob := await self.open_blob(digest)) is not None:
+                # Its holder put it and let go between this node's look and its lock.
+                self.release(digest)
+        return blob
+
     async def claim_watch(self, entry: str, ttl: float) -> bool:
         """Whether this node checks the watched `entry` this interval (prefetch/watch.py): it took the lock,
         which lapses after `ttl` (never released, so no other node checks it again before), or

@@ -1,16 +1,70 @@
-"""The answers hubcache writes itself: registry errors, the /v2/ check, a manifest from the store,
-the redirect to the blob server, a local token. Each is marked `Mark.ANSWERED`, so that the
-addons counting upstream's answers (metrics, circuits) leave it alone."""
+"""The one writer of a client's answer. The data path decides (a `Decision`: hubcache's own answer,
+a registry error, upstream's answer relayed, or the request passed through) and `give` writes it;
+the addons outside the data path answer with `error` and `ping` directly. Each answer of
+hubcache's own is marked `Mark.ANSWERED`, so that the addons counting upstream's answers
+(metrics, circuits) leave it alone."""
 
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass, field
 
 from mitmproxy import http
 
 from ..registry import protocol
 from ..storage.store import Manifest
 from .flows import Mark
+
+
+@dataclass(frozen=True)
+class Serve:
+    """An answer of hubcache's own: a manifest from the store, the redirect to the blob server,
+    the /v2/ check, a local token..."""
+
+    status: int
+    body: bytes
+    headers: dict[str, str]
+
+
+@dataclass(frozen=True)
+class RegistryError:
+    """A registry error (`{"errors": [...]}`), with its code's status."""
+
+    code: protocol.ErrorCode
+    message: str
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Relay:
+    """Upstream's answer to hubcache's own request, given to the client as it came. `counted`:
+    that request was counted as upstream's answer, so the addons counting those skip this copy."""
+
+    response: http.Response
+    counted: bool = True
+
+
+@dataclass(frozen=True)
+class PassThrough:
+    """The client's own request goes upstream, and upstream's answer to it back to the client."""
+
+
+Decision = Serve | RegistryError | Relay | PassThrough
+
+
+def give(flow: http.HTTPFlow, decision: Decision) -> None:
+    """Write the client's answer as decided."""
+    match decision:
+        case Serve(status, body, headers):
+            answer(flow, status, body, headers)
+        case RegistryError(code, message, headers):
+            error(flow, code, message, headers)
+        case Relay(response, counted):
+            if counted:
+                flow.metadata[Mark.RELAYED] = True
+            flow.response = response
+        case PassThrough():
+            pass
 
 
 def answer(flow: http.HTTPFlow, status: int, body: bytes, headers: dict[str, str]) -> None:
@@ -20,32 +74,35 @@ def answer(flow: http.HTTPFlow, status: int, body: bytes, headers: dict[str, str
     flow.response.headers["Content-Length"] = headers["Content-Length"]
 
 
-def error(flow: http.HTTPFlow, status: int, code: str, message: str, extra: dict[str, str] | None = None) -> None:
-    """A registry error (`{"errors": [...]}`), as a client of the registry expects it."""
+def error(flow: http.HTTPFlow, code: protocol.ErrorCode, message: str, extra: dict[str, str] | None = None) -> None:
+    """A registry error (`{"errors": [...]}`) with its code's status, as a client of the registry expects it."""
     body = protocol.error_body(code, message)
-    answer(flow, status, body if flow.request.method != "HEAD" else b"", {**protocol.error_headers(len(body)), **(extra or {})})
+    answer(flow, code.status, body if flow.request.method != "HEAD" else b"", {**protocol.error_headers(len(body)), **(extra or {})})
 
 
 def ping(flow: http.HTTPFlow) -> None:
+    """The API version check (`/v2/`), answered by an addon outside the data path."""
+    give(flow, version_check())
+
+
+def version_check() -> Serve:
     """The API version check (`/v2/`): yes."""
-    answer(flow, 200, b"{}", {**protocol.API_VERSION_HEADERS, "Content-Type": "application/json", "Content-Length": "2"})
+    return Serve(200, b"{}", {**protocol.API_VERSION_HEADERS, "Content-Type": "application/json", "Content-Length": "2"})
 
 
-def manifest(flow: http.HTTPFlow, cached: Manifest) -> int:
-    """A manifest from the store; returns the bytes of body sent."""
+def manifest(cached: Manifest, method: str) -> Serve:
+    """A manifest from the store (its body only for a GET)."""
     headers = protocol.manifest_headers(cached.digest, cached.media_type, len(cached.body))
-    body = cached.body if flow.request.method == "GET" else b""
-    answer(flow, 200, body, headers)
-    return len(body)
+    return Serve(200, cached.body if method == "GET" else b"", headers)
 
 
-def blob_redirect(flow: http.HTTPFlow, digest: str, url: str) -> None:
+def blob_redirect(digest: str, url: str) -> Serve:
     """Send the client to the blob server for the blob's bytes."""
     headers = {**protocol.API_VERSION_HEADERS, "Location": url, "Docker-Content-Digest": digest, "Content-Length": "0"}
-    answer(flow, 307, b"", headers)
+    return Serve(307, b"", headers)
 
 
-def local_token(flow: http.HTTPFlow, token: str) -> None:
+def local_token(token: str) -> Serve:
     """A token of hubcache's own, for a client whose token host cannot answer (cache/local_tokens.py)."""
     body = protocol.local_token_answer(token, time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
-    answer(flow, 200, body, {"Content-Type": "application/json", "Content-Length": str(len(body))})
+    return Serve(200, body, {"Content-Type": "application/json", "Content-Length": str(len(body))})

@@ -21,6 +21,7 @@ from mitmproxy.proxy.layers.http import (
     SendHttp,
 )
 
+from ..registry.protocol import ErrorCode
 from . import answers
 from .flows import Mark
 
@@ -96,7 +97,7 @@ class _Stream(HttpStream):
         )
         # Whatever the client still sends is dropped as it comes, never kept.
         self.client_state = self.state_errored
-        answers.error(flow, 413, "UNSUPPORTED", "this request takes no body (hubcache refuses one and closes the connection)")
+        answers.error(flow, ErrorCode.BODY_UNSUPPORTED, "this request takes no body (hubcache refuses one and closes the connection)")
         assert flow.response
         if not (request.is_http2 or request.is_http3):
             flow.response.headers["Connection"] = "close"

@@ -274,7 +274,8 @@ def prefetch(
         result.error = str(e)
         return result
     result.image = str(image)
-    assert proxy.hosts and proxy.folder and proxy.folder.store
+    assert proxy.hosts and proxy.folder
+    store = proxy.folder.open_store()
     try:
         if not proxy.hosts.is_registry(image.host):
             raise PrefetchError(f"{image}: {image.host} is not one of the registries hubcache caches (option `registries`)")
@@ -298,7 +299,6 @@ def prefetch(
                 if not manifests.is_index(referrer_type):
                     for blob in _references(image, referrer_body, referrer_type).blobs:
                         blobs[blob.digest] = blob.size
-        store = proxy.folder.store
         missing = {d: s for d, s in blobs.items() if not store.has_blob(d)}
         result.held = len(blobs) - len(missing)
 

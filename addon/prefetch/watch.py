@@ -382,8 +382,7 @@ class Watch:
         if answer.status_code != 200 or not protocol.DIGEST_RE.fullmatch(digest):
             raise WatchError(f"{image}: upstream answered {answer.status_code} to a HEAD, with no digest")
         known.checked = time.time()
-        store = self.folder.store
-        assert store
+        store = self.folder.open_store()
         cached = await asyncio.to_thread(store.get_tag, image.registry, image.repository, tag)
         if not needs_fetch(cached.digest if cached else None, digest):
             known.digest, known.state = digest, "current"
@@ -427,8 +426,7 @@ class Watch:
         result = await asyncio.to_thread(pull)
         if result.error:
             raise WatchError(result.error)
-        store = self.folder.store
-        assert store
+        store = self.folder.open_store()
         await self.folder.note(store.set_tag, image.registry, image.repository, image.reference, digest)
         if manifest := await asyncio.to_thread(store.get_manifest, digest):
             self.fleet.publish_manifest(digest, manifest.media_type, manifest.body, (image.registry, image.repository, image.reference))

@@ -144,14 +144,14 @@ class Mirror:
             return
         request = flow.request
         if not flow.client_conn.tls_established and not ctx.options.mirror_plain_http:
-            answers.error(flow, 400, "UNSUPPORTED", "this registry mirror speaks HTTPS only (hubcache: mirror_plain_http is off)")
+            answers.error(flow, protocol.ErrorCode.UNSUPPORTED_REQUEST, "this registry mirror speaks HTTPS only (hubcache: mirror_plain_http is off)")
             return
         path, _, _ = request.path.partition("?")
         if path.startswith(TOKEN_PATH):
             self._to_realm(flow, path[len(TOKEN_PATH) :])
             return
         if not (path == "/v2" or path.startswith("/v2/")):
-            answers.error(flow, 404, "NAME_UNKNOWN", "this is a registry mirror: only /v2/ is served")
+            answers.error(flow, protocol.ErrorCode.NAME_UNKNOWN, "this is a registry mirror: only /v2/ is served")
             return
         namespace = request.query.get("ns")
         rest = None
@@ -163,7 +163,7 @@ class Mirror:
             answers.ping(flow)  # Docker Hub is not cached: the version check is this endpoint's own
             return
         if registry is None:
-            answers.error(flow, 404, "NAME_UNKNOWN", f"this mirror does not serve the registry {namespace!r}")
+            answers.error(flow, protocol.ErrorCode.NAME_UNKNOWN, f"this mirror does not serve the registry {namespace!r}")
             return
         if "ns" in request.query:
             del request.query["ns"]
@@ -184,7 +184,7 @@ class Mirror:
         port = int(port_text) if port_text.isdigit() else 443
         key = (host.lower(), port, "/" + realm_path if slash else "/")
         if key not in self.realms or flow.request.method not in ("GET", "POST"):
-            answers.error(flow, 404, "NAME_UNKNOWN", "not a token service this mirror knows")
+            answers.error(flow, protocol.ErrorCode.NAME_UNKNOWN, "not a token service this mirror knows")
             return
         self._retarget(flow, key[0], key[1], key[2])
 

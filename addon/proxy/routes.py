@@ -31,7 +31,7 @@ class Routes:
             route = protocol.parse_route(host, request.path)
         except protocol.BadRequest as e:
             logger.info(f"hubcache: refused {request.method} {request.path[:200]!r} to {host} from {_peer(flow)}: {e.message}")
-            answers.error(flow, e.status, e.code, e.message)
+            answers.error(flow, e.code, e.message)
             return
         # Plain values: flows are saved and replayed by mitmproxy (`-w`), which serializes metadata.
         flow.metadata[Mark.ROUTE] = [route.kind.value, route.registry, route.name, route.reference, route.artifact_type]

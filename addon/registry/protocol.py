@@ -82,12 +82,41 @@ class Route:
         return f"/v2/{self.name}/{_SEGMENT[self.kind]}/{self.reference}{query}"
 
 
+class ErrorCode(Enum):
+    """A registry error code (the OCI distribution spec's, and the distribution registry's
+    UNAVAILABLE and RANGE_INVALID) with the HTTP status it is answered with. Where one code
+    answers two situations of different status, each has its member."""
+
+    BLOB_UNKNOWN = ("BLOB_UNKNOWN", 404)
+    DIGEST_INVALID = ("DIGEST_INVALID", 400)
+    MANIFEST_INVALID = ("MANIFEST_INVALID", 400)
+    MANIFEST_UNKNOWN = ("MANIFEST_UNKNOWN", 404)
+    NAME_INVALID = ("NAME_INVALID", 400)
+    NAME_UNKNOWN = ("NAME_UNKNOWN", 404)
+    UNAUTHORIZED = ("UNAUTHORIZED", 401)
+    DENIED = ("DENIED", 403)
+    RANGE_INVALID = ("RANGE_INVALID", 416)
+    UNSUPPORTED = ("UNSUPPORTED", 405)  # a method or operation hubcache does not serve
+    UNSUPPORTED_REQUEST = ("UNSUPPORTED", 400)  # an invalid set of parameters
+    BODY_UNSUPPORTED = ("UNSUPPORTED", 413)  # a body on a request that takes none
+    UNAVAILABLE = ("UNAVAILABLE", 503)  # hubcache cannot answer now (its blob server, a token service)
+    UPSTREAM_FAILED = ("UNAVAILABLE", 502)  # upstream gave no usable answer: hubcache is the gateway
+    UPSTREAM_MANIFEST_INVALID = ("MANIFEST_INVALID", 502)  # upstream's manifest is unreadable or not what was asked
+
+    @property
+    def code(self) -> str:
+        return self.value[0]
+
+    @property
+    def status(self) -> int:
+        return self.value[1]
+
+
 class BadRequest(Exception):
     """A request the registry API would refuse; carries the registry error to answer with."""
 
-    def __init__(self, status: int, code: str, message: str):
+    def __init__(self, code: ErrorCode, message: str):
         super().__init__(message)
-        self.status = status
         self.code = code
         self.message = message
 
@@ -112,7 +141,7 @@ def parse_route(host: str, target: str) -> Route:
     registry = canonical_registry(host)
     path, question, query = target.partition("?")
     if not _clean(path):
-        raise BadRequest(400, "NAME_INVALID", f"request target {target[:200]!r} is not in canonical form")
+        raise BadRequest(ErrorCode.NAME_INVALID, f"request target {target[:200]!r} is not in canonical form")
     route = _route(registry, path)
     if route.kind is Kind.OTHER:
         return route  # passed through as the client sent it: hubcache decides nothing on it
@@ -138,11 +167,11 @@ def _route(registry: str, path: str) -> Route:
         if "/" in reference:
             continue  # e.g. a blob of repository "a/manifests/b"
         if not NAME_RE.fullmatch(name) or len(name) > MAX_NAME_LENGTH:
-            raise BadRequest(400, "NAME_INVALID", f"invalid repository name {name!r}")
+            raise BadRequest(ErrorCode.NAME_INVALID, f"invalid repository name {name!r}")
         if kind is not Kind.MANIFEST or ":" in reference:
             check_digest(reference)
         elif not TAG_RE.fullmatch(reference):
-            raise BadRequest(400, "MANIFEST_INVALID", f"invalid tag {reference!r}")
+            raise BadRequest(ErrorCode.MANIFEST_INVALID, f"invalid tag {reference!r}")
         return Route(kind, registry, name, reference)
     return Route(Kind.OTHER, registry)
 
@@ -155,19 +184,19 @@ def _with_query(route: Route, query: str | None) -> Route:
     try:
         pairs = parse_qsl(query, keep_blank_values=True, strict_parsing=bool(query), max_num_fields=4)
     except ValueError:
-        raise BadRequest(400, "UNSUPPORTED", f"unreadable query {query[:200]!r}") from None
+        raise BadRequest(ErrorCode.UNSUPPORTED_REQUEST, f"unreadable query {query[:200]!r}") from None
     artifact_type = ""
     seen: set[str] = set()
     for key, value in pairs:
         if key in seen:
-            raise BadRequest(400, "UNSUPPORTED", f"query parameter {key!r} given twice")
+            raise BadRequest(ErrorCode.UNSUPPORTED_REQUEST, f"query parameter {key!r} given twice")
         seen.add(key)
         if key == "ns" and canonical_registry(value) == route.registry:
             continue
         if key == "artifactType" and route.kind is Kind.REFERRERS and _MEDIA_TYPE_RE.fullmatch(value):
             artifact_type = value
             continue
-        raise BadRequest(400, "UNSUPPORTED", f"this endpoint takes no query parameter {key}={value[:100]!r}")
+        raise BadRequest(ErrorCode.UNSUPPORTED_REQUEST, f"this endpoint takes no query parameter {key}={value[:100]!r}")
     return Route(route.kind, route.registry, route.name, route.reference, artifact_type)
 
 
@@ -219,8 +248,8 @@ def check_digest(digest: str) -> None:
     if _ANY_DIGEST_RE.fullmatch(digest):
         algorithm = digest.partition(":")[0]
         if algorithm not in ("sha256", "sha512"):
-            raise BadRequest(400, "DIGEST_INVALID", f"unsupported digest algorithm {algorithm!r}")
-    raise BadRequest(400, "DIGEST_INVALID", f"invalid digest {digest!r}")
+            raise BadRequest(ErrorCode.DIGEST_INVALID, f"unsupported digest algorithm {algorithm!r}")
+    raise BadRequest(ErrorCode.DIGEST_INVALID, f"invalid digest {digest!r}")
 
 
 def hasher(digest: str) -> hashlib._Hash:
@@ -266,7 +295,7 @@ def token_target(target: str) -> tuple[str, list[tuple[str, str]]]:
     TOKEN_FIELDS are kept. BadRequest for anything else."""
     path, _, query = target.partition("?")
     if not _clean(path):
-        raise BadRequest(400, "UNSUPPORTED", f"token request target {target[:200]!r} is not in canonical form")
+        raise BadRequest(ErrorCode.UNSUPPORTED_REQUEST, f"token request target {target[:200]!r} is not in canonical form")
     return path, token_fields(query)
 
 
@@ -275,7 +304,7 @@ def token_fields(text: str) -> list[tuple[str, str]]:
     try:
         pairs = parse_qsl(text, keep_blank_values=True, max_num_fields=MAX_TOKEN_FIELDS)
     except ValueError:
-        raise BadRequest(400, "UNSUPPORTED", "unreadable token request") from None
+        raise BadRequest(ErrorCode.UNSUPPORTED_REQUEST, "unreadable token request") from None
     return [(k, v) for k, v in pairs if k in TOKEN_FIELDS]
 
 
@@ -384,28 +413,28 @@ def parse_range(header: str | None, size: int) -> tuple[int, int] | None:
     """The inclusive byte span a `Range` header asks for, or None for the whole blob.
 
     Only a single range is supported (what registry clients send); anything else, or a span
-    outside the blob, raises BadRequest(416).
+    outside the blob, raises BadRequest(RANGE_INVALID).
     """
     if header is None:
         return None
     m = _RANGE_RE.fullmatch(header.strip())
     if not m or (not m.group(1) and not m.group(2)):
-        raise BadRequest(416, "RANGE_INVALID", f"unsupported Range {header[:80]!r}")
+        raise BadRequest(ErrorCode.RANGE_INVALID, f"unsupported Range {header[:80]!r}")
     first, last = m.group(1), m.group(2)
     if not first:  # suffix range: the last N bytes
         n = int(last)
         if n == 0 or size == 0:
-            raise BadRequest(416, "RANGE_INVALID", f"unsatisfiable Range {header[:80]!r}")
+            raise BadRequest(ErrorCode.RANGE_INVALID, f"unsatisfiable Range {header[:80]!r}")
         return max(0, size - n), size - 1
     start = int(first)
     end = min(int(last), size - 1) if last else size - 1
     if start >= size or (last and int(last) < start):
-        raise BadRequest(416, "RANGE_INVALID", f"unsatisfiable Range {header[:80]!r}")
+        raise BadRequest(ErrorCode.RANGE_INVALID, f"unsatisfiable Range {header[:80]!r}")
     return start, end
 
 
-def error_body(code: str, message: str, detail: object = None) -> bytes:
-    return json.dumps({"errors": [{"code": code, "message": message, "detail": detail}]}).encode()
+def error_body(code: ErrorCode, message: str, detail: object = None) -> bytes:
+    return json.dumps({"errors": [{"code": code.code, "message": message, "detail": detail}]}).encode()
 
 
 def error_headers(size: int) -> dict[str, str]:

@@ -15,16 +15,27 @@ from mitmproxy.addonmanager import Loader
 
 from ..registry.protocol import Route
 from ..units import DAY, parse_size
-from .journal import MissJournal
+from .journal import MissJournal, Outcome
 from .store import Store
 
 logger = logging.getLogger(__name__)
 
 
+class FolderClosed(RuntimeError):
+    """The cache folder is not open: hubcache is not yet configured, or shutting down."""
+
+
 class CacheFolder:
     def __init__(self) -> None:
-        self.store: Store | None = None
+        self.store: Store | None = None  # None until `cache_dir` is configured, and after done
         self.journal: MissJournal | None = None
+
+    def open_store(self) -> Store:
+        """The content store, for code that only runs while hubcache serves (a method: mitmproxy
+        reads every attribute of an addon when it is added, before the folder is open)."""
+        if self.store is None:
+            raise FolderClosed("the cache folder is not open")
+        return self.store
 
     def load(self, loader: Loader) -> None:
         loader.add_option(
@@ -106,9 +117,10 @@ class CacheFolder:
         except OSError as e:
             logger.warning(f"hubcache: not noted in the cache: {e.strerror or e}")
 
-    async def journal_miss(self, route: Route, outcome: str, digest: str | None = None, size: int | None = None) -> None:
+    async def journal_miss(self, route: Route, outcome: Outcome, reason: str | None, digest: str | None = None, size: int | None = None) -> None:
         """One line in the miss journal for a request the store could not answer."""
-        assert self.journal
+        if self.journal is None:
+            raise FolderClosed("the cache folder is not open")
         await asyncio.to_thread(
             self.journal.record,
             kind=route.kind.value,
@@ -118,4 +130,5 @@ class CacheFolder:
             digest=digest or (route.reference if route.by_digest else None),
             size=size,
             outcome=outcome,
+            reason=reason,
         )

@@ -1,6 +1,6 @@
 """The miss journal: one JSON object per line, appended for every request the store could not
-answer, with what happened (`outcome`). Bounded whatever clients ask: repeats held back, the file
-rotated by size and age, only the newest rotations kept."""
+answer, with what happened (`outcome`, an `Outcome`) and why (`reason`). Bounded whatever clients
+ask: repeats held back, the file rotated by size and age, only the newest rotations kept."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import threading
 import time
 from collections import OrderedDict
 from datetime import UTC, datetime
+from enum import Enum
 from pathlib import Path
 
 logger = logging.getLogger(__name__)
@@ -20,6 +21,24 @@ MAX_AGE = 86400.0
 KEEP = 7
 REPEAT_SECONDS = 60.0
 MAX_REMEMBERED = 10_000  # lines remembered to hold back their repeats
+
+
+class Outcome(Enum):
+    """What became of a request the store could not answer."""
+
+    FILLED = "filled"  # fetched, verified and stored (from upstream, or from the fleet's shared store)
+    PASSED = "passed"  # upstream's answer went to the client, not stored (a refusal, a blob with no room)
+    STALE = "stale"  # upstream could not say what a tag names now: the cached manifest was served
+    FAILED = "failed"  # no answer: upstream unreachable, its body broke off, or it could not be stored
+    REJECTED = "rejected"  # upstream's answer did not verify: discarded
+    MISSING = "missing"  # answered 404 without asking upstream (offline, or a 404 remembered)
+    DENIED = "denied"  # refused by the image policy
+
+
+def outcome_text(entry: dict) -> str:
+    """A journal line's outcome and reason, as an operator reads them."""
+    reason = entry.get("reason")
+    return f"{entry.get('outcome')}: {reason}" if reason else str(entry.get("outcome"))
 
 
 class MissJournal:
@@ -47,12 +66,13 @@ class MissJournal:
         registry: str,
         repository: str,
         reference: str,
-        outcome: str,
+        outcome: Outcome,
+        reason: str | None = None,
         digest: str | None = None,
         size: int | None = None,
         kind: str = "",
     ) -> None:
-        what = (kind, registry, repository, reference, digest, size, outcome)
+        what = (kind, registry, repository, reference, digest, size, outcome, reason)
         entry = {
             "time": datetime.now(UTC).isoformat(timespec="milliseconds"),
             "kind": kind,
@@ -61,7 +81,8 @@ class MissJournal:
             "reference": reference,
             "digest": digest,
             "bytes": size,
-            "outcome": outcome,
+            "outcome": outcome.value,
+            "reason": reason,
         }
         line = (json.dumps(entry, separators=(",", ":")) + "\n").encode()
         try:

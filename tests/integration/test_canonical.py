@@ -13,11 +13,10 @@ import pytest
 from support import proxied
 from support.clients import skopeo_copy
 from support.images import build_image
-from support.registry import REGISTRY_NAME, push
+from support.registry import ALICE, REGISTRY_NAME, private_repository, push
 
 HUB = "registry-1.docker.io"
 SECRET = "library/vault"
-ALICE = ("alice", "s3cret")
 ACCEPT = "application/vnd.oci.image.index.v1+json, application/vnd.oci.image.manifest.v1+json"
 
 # From the end of `/v2/<a>/<b>/<manifests|blobs>/<reference>`, four segments up to /v2/: where a
@@ -41,10 +40,8 @@ def other_image(registry, tmp_path_factory):
 @pytest.fixture
 def vault(registry, dockerhub, multi_image):
     """A private Docker Hub repository (alice's), holding the two-platform image."""
-    push(registry, f"{SECRET}:1", multi_image)
-    dockerhub.private_repos[SECRET] = ALICE
-    yield multi_image
-    del dockerhub.private_repos[SECRET]
+    with private_repository(registry, dockerhub, SECRET, multi_image) as image:
+        yield image
 
 
 def hub_get(proxy, path: str, repository: str, credentials=None, **options) -> proxied.Answer:

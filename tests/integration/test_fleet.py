@@ -31,6 +31,7 @@ HUB = "registry-1.docker.io"
 ALICE = ("alice", "s3cret")
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 OUTAGE = "serving from the local cache and upstream"
+SHARED_FILL = ("filled", "from the shared store")  # a journal line's outcome and reason
 
 # --- a node without a shared store, in a fresh Python process -------------------------
 
@@ -179,8 +180,8 @@ def upstream_blob_bytes(registry, image: ImageInfo) -> tuple[int, Counter]:
     return sum(r.bytes for r in gets), Counter(r.reference for r in gets)
 
 
-def journal_outcomes(proxy, digests) -> dict[str, str]:
-    return {e["digest"]: e["outcome"] for e in proxy.journal() if e["kind"] == "blob" and e["digest"] in digests}
+def journal_outcomes(proxy, digests) -> dict[str, tuple[str, str | None]]:
+    return {e["digest"]: (e["outcome"], e["reason"]) for e in proxy.journal() if e["kind"] == "blob" and e["digest"] in digests}
 
 
 def test_a_blob_one_node_fetched_comes_to_the_other_from_the_shared_store(node, registry, layouts, swift, bucket, tmp_path):
@@ -201,7 +202,7 @@ def test_a_blob_one_node_fetched_comes_to_the_other_from_the_shared_store(node, 
     print(f"\nnode a from upstream {cold:.2f} s, then node b from the shared store {time.monotonic() - began:.2f} s")
     assert pulled_blobs(tmp_path / "via-b") == pulled_blobs(tmp_path / "via-a") == digests
     assert upstream_blob_bytes(registry, image)[0] == 0
-    assert journal_outcomes(b, digests) == dict.fromkeys(digests, "filled from the shared store")
+    assert journal_outcomes(b, digests) == dict.fromkeys(digests, SHARED_FILL)
     deadline = time.monotonic() + 30  # the pull's log line comes once it went quiet
     while "from the shared store, 0 B from upstream" not in b.log_text() and time.monotonic() < deadline:
         time.sleep(0.5)
@@ -217,8 +218,8 @@ def test_a_blob_one_node_fetched_comes_to_the_other_from_the_shared_store(node, 
     pull(c, f"{ref.rpartition(':')[0]}@{manifest}", tmp_path / "via-c")
     assert pulled_blobs(tmp_path / "via-c") == digests
     assert upstream_blob_bytes(registry, image)[0] == 0 and registry.manifest_gets() == []
-    outcomes = {e["digest"]: e["outcome"] for e in c.journal()}
-    assert outcomes == dict.fromkeys([manifest, *digests], "filled from the shared store")
+    outcomes = {e["digest"]: (e["outcome"], e["reason"]) for e in c.journal()}
+    assert outcomes == dict.fromkeys([manifest, *digests], SHARED_FILL)
 
 
 @pytest.mark.parametrize("lock", ["redis", "none"])
@@ -262,7 +263,8 @@ def test_eight_clients_on_two_nodes_pull_one_cold_image(lock, node, registry, re
         assert per_blob == Counter(dict.fromkeys(digests, 1)) and fetched == image_size(image)
         outcomes = [journal_outcomes(p, digests) for p in (a, b)]
         for digest in digests:
-            assert sorted(o[digest] for o in outcomes) == ["filled", "filled from the shared store"], outcomes
+            assert sorted(o[digest][1] or "" for o in outcomes) == ["", "from the shared store"], outcomes
+            assert {o[digest][0] for o in outcomes} == {"filled"}, outcomes
     else:
         # Without it, each node fetches a blob once at most (its clients share its fill): 2.00x at most.
         assert max(per_blob.values()) <= 2
@@ -302,7 +304,7 @@ def test_nodes_keep_serving_while_the_shared_store_is_down(node, registry, layou
     pull(b, ref3, tmp_path / "3b")
     assert upstream_blob_bytes(registry, image3)[0] == 0
     digests = {blob.digest for blob in blobs_of(image3)}
-    assert journal_outcomes(b, digests) == dict.fromkeys(digests, "filled from the shared store")
+    assert journal_outcomes(b, digests) == dict.fromkeys(digests, SHARED_FILL)
     assert "reachable again" in a.log_text()
 
 
@@ -341,7 +343,7 @@ def test_a_private_blob_one_node_cached_reaches_only_clients_upstream_allows(nod
             assert answer.status == 200 and digest_of(answer.body) == digest, (path, answer.status)
         # Both came from the shared store: upstream was asked only whether each client may have them.
         assert dockerhub.requests(kind="cdn") == [] and dockerhub.requests(kind="manifest", method="GET") == []
-        assert journal_outcomes(b, {layer.digest}) == {layer.digest: "filled from the shared store"}
+        assert journal_outcomes(b, {layer.digest}) == {layer.digest: SHARED_FILL}
         # Held by node B now, still not for the anonymous client.
         for path in paths.values():
             assert hub_get(b, path, anonymous).status in (401, 403, 404), path
@@ -383,8 +385,8 @@ def test_a_corrupt_blob_in_the_shared_store_is_never_served(node, registry, layo
     # the corrupt bytes whole (its transfer is cut, or it is told the blob is not there).
     if answer.status == 200 and answer.complete:
         assert digest_of(answer.body) == layer.digest
-    [outcome] = [e["outcome"] for e in b.journal() if e["digest"] == layer.digest]
-    assert outcome.startswith(f"rejected: {layer.size} bytes hashing to sha256:") and layer.digest not in outcome
+    [(outcome, reason)] = [(e["outcome"], e["reason"]) for e in b.journal() if e["digest"] == layer.digest]
+    assert outcome == "rejected" and reason.startswith(f"{layer.size} bytes hashing to sha256:") and layer.digest not in reason
     assert "the shared store sent" in b.log_text() and "not stored, transfers cut" in b.log_text()
     assert cache_stats(b)["blobs"] == 0
 

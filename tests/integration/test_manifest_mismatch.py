@@ -33,8 +33,8 @@ def test_a_tag_whose_manifest_does_not_match_fails_the_pull_and_stores_nothing(h
     refused = skopeo_copy(f"docker://{ref}", tmp_path / "refused", proxy=proxy.url, ca_bundle=proxy.client_bundle)
     assert refused.returncode != 0
     assert "reading manifest 1" in refused.stderr and "502 Bad Gateway" in refused.stderr, refused.stderr
-    journal = [(e["reference"], e["outcome"]) for e in proxy.journal()]
-    assert journal and set(journal) == {("1", "rejected: digest mismatch")}, journal
+    journal = [(e["reference"], e["outcome"], e["reason"]) for e in proxy.journal()]
+    assert journal and set(journal) == {("1", "rejected", "digest mismatch")}, journal
     assert stored(proxy) == {"blobs": 0, "manifests": 0, "tags": 0}
 
     dockerhub.reset()  # upstream serves the right bytes again
@@ -58,7 +58,7 @@ def test_a_manifest_by_digest_that_does_not_match_is_refused_then_fetched_whole(
     assert refused.status == 502
     assert refused.json()["errors"][0]["code"] == "MANIFEST_INVALID"
     assert digest in refused.json()["errors"][0]["message"]
-    assert [e["outcome"] for e in proxy.journal() if e["reference"] == digest] == ["rejected: digest mismatch"]
+    assert [(e["outcome"], e["reason"]) for e in proxy.journal() if e["reference"] == digest] == [("rejected", "digest mismatch")]
     assert stored(proxy)["manifests"] == 0
 
     # Upstream's next answer is right: served, stored, then served from the cache.

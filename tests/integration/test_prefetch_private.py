@@ -10,21 +10,17 @@ import uuid
 import pytest
 
 from support.clients import skopeo_copy
-from support.registry import push
+from support.registry import ALICE, private_repository
 
 from .test_airgap import hubcache_cli, proxy_settings
-
-ALICE = ("alice", "s3cret")
 
 
 @pytest.fixture
 def secret(registry, dockerhub, multi_image):
     name = f"library/private{uuid.uuid4().hex[:8]}"
     registry.start()
-    push(registry, f"{name}:1", multi_image)
-    dockerhub.private_repos[name] = ALICE
-    yield name
-    del dockerhub.private_repos[name]
+    with private_repository(registry, dockerhub, name, multi_image):
+        yield name
 
 
 def run(*args, cwd, home):

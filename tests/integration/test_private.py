@@ -10,20 +10,17 @@ import pytest
 
 from support import proxied
 from support.clients import skopeo_copy
-from support.registry import push
+from support.registry import ALICE, private_repository
 
 HUB = "registry-1.docker.io"
 REPO = "library/secret"
-ALICE = ("alice", "s3cret")
 ACCEPT = "application/vnd.oci.image.index.v1+json, application/vnd.oci.image.manifest.v1+json"
 
 
 @pytest.fixture
 def secret(registry, dockerhub, multi_image):
-    push(registry, f"{REPO}:1", multi_image)
-    dockerhub.private_repos[REPO] = ("alice", "s3cret")
-    yield multi_image
-    del dockerhub.private_repos[REPO]
+    with private_repository(registry, dockerhub, REPO, multi_image) as image:
+        yield image
 
 
 def token(proxy, credentials: tuple[str, str] | None = None) -> dict[str, str]:

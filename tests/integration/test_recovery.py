@@ -14,10 +14,9 @@ import pytest
 
 from support.clients import skopeo_copy
 from support.images import build_image
+from support.mirror import skopeo_via_mirror, wait_for_mirror
 from support.procs import free_port
 from support.registry import push
-
-from .test_mirror import skopeo_via_mirror, wait_for_mirror
 
 HUB = "registry-1.docker.io"
 LIMIT = 3  # revalidate_timeout

@@ -25,12 +25,11 @@ from support.clients import pulled_blobs, skopeo_copy
 from support.hostile import EVIL_DIGEST, EVIL_MANIFEST, Hostile
 from support.images import build_image
 from support.pki import TestCA
-from support.registry import REGISTRY_NAME, push
+from support.registry import ALICE, REGISTRY_NAME, private_repository, push
 
 HUB = "registry-1.docker.io"
 SECRET = "library/secret"
 ACCEPT = "application/vnd.oci.image.index.v1+json, application/vnd.oci.image.manifest.v1+json"
-ALICE = ("alice", "s3cret")
 
 
 @dataclass
@@ -78,10 +77,8 @@ def hostile():
 @pytest.fixture
 def secret(registry, dockerhub, multi_image):
     """A private Docker Hub repository (alice's), holding the two-platform image."""
-    push(registry, f"{SECRET}:1", multi_image)
-    dockerhub.private_repos[SECRET] = ALICE
-    yield multi_image
-    del dockerhub.private_repos[SECRET]
+    with private_repository(registry, dockerhub, SECRET, multi_image) as image:
+        yield image
 
 
 def hub_get(proxy, path: str, credentials=None, **options) -> proxied.Answer:

@@ -127,7 +127,7 @@ def test_corporate_proxy_gone_hits_are_served_and_misses_are_answered_at_once(
     # A hit: the tag cannot be revalidated, so its last digest is served, and every blob.
     pull(proxy, f"{REGISTRY_NAME}/test/multi:1", tmp_path / "warm")
     assert pulled_blobs(tmp_path / "warm") == blobs_of(multi_image)
-    assert any(e["outcome"].startswith("stale") for e in proxy.journal())
+    assert any(e["outcome"] == "stale" for e in proxy.journal())
 
     # Misses: a blob hubcache never fetched, and a repository it never saw (pushed or not, it
     # cannot be reached). Bounded by the request timeout: a hang fails the test.
@@ -135,12 +135,12 @@ def test_corporate_proxy_gone_hits_are_served_and_misses_are_answered_at_once(
         proxy.port, REGISTRY_NAME, f"/v2/test/multi/blobs/{arm64.layers[0].digest}", ca=proxy.ca_cert, timeout=30
     )
     assert blob.status == 502, blob.body[:300]
-    assert blob.json()["errors"][0]["code"] == "BLOB_UNKNOWN"
+    assert blob.json()["errors"][0]["code"] == "UNAVAILABLE"
 
     # mitmproxy itself answers a client request it cannot connect upstream for (see below).
     manifest = proxied.request(proxy.port, REGISTRY_NAME, "/v2/test/other/manifests/1", ca=proxy.ca_cert, timeout=30)
     assert manifest.status == 502, manifest.body[:300]
-    assert any(e["repository"] == "test/other" and e["outcome"].startswith("failed") for e in proxy.journal())
+    assert any(e["repository"] == "test/other" and e["outcome"] == "failed" for e in proxy.journal())
     registry.settle()
     assert registry.requests() == [], "nothing reached upstream around the corporate proxy"
 

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from hubcache.blobserver.host import BlobHost
 from hubcache.cache.access import Access
 from hubcache.cache.blob_path import BlobRequests
+from hubcache.cache.fills import Fills
 from hubcache.cache.hooks import RegistryCache
 from hubcache.cache.manifest_path import ManifestRequests
 from hubcache.cache.misses import Misses
@@ -39,9 +40,8 @@ class CacheAddons:
         self.manifests = ManifestRequests(
             self.hosts, self.folder, self.misses, self.access, self.metrics, self.pulls, self.fleet, self.upstream
         )
-        self.blobs = BlobRequests(
-            self.folder, self.misses, self.blobhost, self.access, self.metrics, self.pulls, self.fleet, self.upstream
-        )
+        self.fills = Fills(self.folder, self.misses, self.access, self.metrics, self.fleet, self.upstream)
+        self.blobs = BlobRequests(self.folder, self.misses, self.blobhost, self.access, self.metrics, self.pulls, self.fills)
         self.cache = RegistryCache(self.hosts, self.folder, self.misses, self.manifests, self.blobs, self.upstream)
 
     def addons(self) -> list:

@@ -11,6 +11,8 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -460,6 +462,20 @@ def push(registry: Registry, repo_tag: str, image: ImageInfo) -> ImageInfo:
     registry.push(image.layout_dir, image.ref, repo_tag)
     registry.reset_requests()
     return image
+
+
+ALICE = ("alice", "s3cret")  # the owner of the private repositories the tests make
+
+
+@contextmanager
+def private_repository(registry: Registry, dockerhub: Any, repository: str, image: ImageInfo) -> Iterator[ImageInfo]:
+    """`image` pushed as REPOSITORY:1 and private to ALICE on the Docker Hub double, until the end."""
+    push(registry, f"{repository}:1", image)
+    dockerhub.private_repos[repository] = ALICE
+    try:
+        yield image
+    finally:
+        del dockerhub.private_repos[repository]
 
 
 def _empty_dir(path: Path) -> Path:

@@ -68,3 +68,11 @@ def pytest_runtest_teardown(item, nextitem):
     # The last test's tear-down also ends the session's fixtures, the integration tests' included.
     with programs_refused(item) if nextitem is not None else contextlib.nullcontext():
         return (yield)
+
+
+@pytest.fixture
+def secret_file(tmp_path):
+    """The credentials file of a registry account (`registry_settings` credentials=@FILE)."""
+    path = tmp_path / "ghcr.credentials"
+    path.write_text("bot:t0ken\n")
+    return path

@@ -120,7 +120,7 @@ def test_the_router_classifies_or_refuses(host, path):
     try:
         route: Route | tuple[int, str] = protocol.parse_route(host, path)
     except BadRequest as e:
-        route = (e.status, e.code)
+        route = (e.code.status, e.code.code)
     assert route == expected_route(host, path)
 
 
@@ -135,7 +135,7 @@ def test_ranges_are_satisfied_or_refused(header, size):
     try:
         span = protocol.parse_range(header, size)
     except BadRequest as e:
-        assert e.status == 416
+        assert e.code.status == 416
         return
     if span is not None:
         first, last = span
@@ -161,7 +161,7 @@ def proxy_env(tmp_path_factory):
 
         @staticmethod
         def refusal() -> http.Response:
-            body = protocol.error_body("NAME_UNKNOWN", "the fuzzing upstream knows nothing")
+            body = protocol.error_body(protocol.ErrorCode.NAME_UNKNOWN, "the fuzzing upstream knows nothing")
             return http.Response.make(404, body, {"Content-Type": "application/json"})
 
     addons = CacheAddons(upstream=Refusing())
@@ -216,8 +216,8 @@ def test_every_request_gets_a_registry_answer_or_passes(proxy_env, method, path,
     f = tflow.tflow(req=req)
     f.client_conn.sni = HUB  # the client's TLS, intercepted for the registry it goes to
     loop.run_until_complete(addons.request(f))
-    while addons.blobs.tasks:
-        loop.run_until_complete(asyncio.gather(*addons.blobs.tasks))
+    while addons.fills.tasks:
+        loop.run_until_complete(asyncio.gather(*addons.fills.tasks))
     status, codes = expected_answer(method, path, offline)
     route = expected_route(HUB, path)
     assert (f.response.status_code if f.response else None) == status, (method, path, offline)

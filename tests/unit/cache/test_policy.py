@@ -80,7 +80,7 @@ async def test_deny(policy, deny, path, refused):
     assert error["code"] == "DENIED" and repr(deny[0]) in error["message"]
     assert metrics.registry.get_sample_value("hubcache_denied_total", {"rule": f"deny_images rule {deny[0]!r}"}) == 1
     [entry] = MissJournal(tctx.options.cache_dir + "/misses.jsonl").entries()
-    assert entry["outcome"] == f"denied: deny_images rule {deny[0]!r}"
+    assert (entry["outcome"], entry["reason"]) == ("denied", f"deny_images rule {deny[0]!r}")
 
 
 async def test_allow_names_what_may_be_pulled_and_deny_wins(policy):

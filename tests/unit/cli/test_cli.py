@@ -39,11 +39,11 @@ def single(tmp_path_factory):
     return build_image(tmp_path_factory.mktemp("single"), "1", [100_000], seed="ops-single", format="docker")
 
 
-def journal_line(when: datetime, kind: str, registry: str, repository: str, reference: str, outcome: str, size=None) -> str:
+def journal_line(when: datetime, kind: str, registry: str, repository: str, reference: str, outcome: str, size=None, reason=None) -> str:
     entry = {
         "time": when.isoformat(timespec="milliseconds"), "kind": kind, "registry": registry,
         "repository": repository, "reference": reference, "digest": reference if ":" in reference else None,
-        "bytes": size, "outcome": outcome,
+        "bytes": size, "outcome": outcome, "reason": reason,
     }
     return json.dumps(entry) + "\n"
 
@@ -73,7 +73,7 @@ def cache(tmp_path, multi, single, now):
         + journal_line(now - timedelta(minutes=10), "blob", "docker.io", "library/multi", amd64.layers[0].digest, "filled", 300_000)
         + "{torn line"  # a crash mid-write
         + "\n"
-        + journal_line(now - timedelta(minutes=5), "blob", "docker.io", "library/other", amd64.layers[1].digest, "failed: timeout", 20_000)
+        + journal_line(now - timedelta(minutes=5), "blob", "docker.io", "library/other", amd64.layers[1].digest, "failed", 20_000, "timeout")
     )
     return folder
 
@@ -194,20 +194,20 @@ def test_ls_table(cache, multi):
 def missed(cache, *args):
     result = invoke("misses", "--json", "--cache-dir", str(cache), *args)
     assert result.exit_code == 0, result.output
-    return [(e["repository"], e["outcome"]) for e in json.loads(result.stdout)]
+    return [(e["repository"], e["outcome"], e["reason"]) for e in json.loads(result.stdout)]
 
 
 def test_misses_newest_last_and_filters(cache):
     assert missed(cache) == [
-        ("org/single", "filled"), ("library/multi", "filled"), ("library/multi", "filled"), ("library/other", "failed: timeout")
+        ("org/single", "filled", None), ("library/multi", "filled", None), ("library/multi", "filled", None), ("library/other", "failed", "timeout")
     ]
-    assert missed(cache, "--since", "1h") == [("library/multi", "filled"), ("library/other", "failed: timeout")]
+    assert missed(cache, "--since", "1h") == [("library/multi", "filled", None), ("library/other", "failed", "timeout")]
     assert len(missed(cache, "--since", "1d")) == 3 and len(missed(cache, "--since", "1w")) == 4
-    assert missed(cache, "--registry", "ghcr.io") == [("org/single", "filled")]
+    assert missed(cache, "--registry", "ghcr.io") == [("org/single", "filled", None)]
     assert len(missed(cache, "--registry", "registry-1.docker.io")) == 3, "Docker Hub's API host names docker.io"
-    assert missed(cache, "--repository", "library/m*") == [("library/multi", "filled")] * 2
-    assert missed(cache, "--kind", "blob", "--limit", "1") == [("library/other", "failed: timeout")]
-    assert missed(cache, "--kind", "manifest", "--limit", "5") == [("org/single", "filled"), ("library/multi", "filled")]
+    assert missed(cache, "--repository", "library/m*") == [("library/multi", "filled", None)] * 2
+    assert missed(cache, "--kind", "blob", "--limit", "1") == [("library/other", "failed", "timeout")]
+    assert missed(cache, "--kind", "manifest", "--limit", "5") == [("org/single", "filled", None), ("library/multi", "filled", None)]
 
 
 def test_misses_since_an_iso_time(cache, now):

@@ -13,6 +13,7 @@ from hubcache.prefetch.watch import Watch
 from hubcache.proxy.interception import Interception
 from hubcache.storage.eviction import Upkeep
 from hubcache.storage.folder import CacheFolder
+from hubcache.storage.journal import Outcome
 from hubcache.upstream.circuits import Circuits
 from hubcache.upstream.client import Upstream
 
@@ -30,7 +31,7 @@ def test_only_repositories_known_to_be_public_are_named(tmp_path):
         folder.store.set_visibility("docker.io", "library/public", True)
         folder.store.set_visibility("docker.io", "acme/private", False)
         for repository in ("library/public", "acme/private", "acme/unknown"):
-            folder.journal.record(registry="docker.io", repository=repository, reference="1", outcome="filled", kind="manifest")
+            folder.journal.record(registry="docker.io", repository=repository, reference="1", outcome=Outcome.FILLED, kind="manifest")
 
         def named() -> list[str]:
             return [entry["repository"] for entry in page.status()["recent_misses"]]

@@ -62,7 +62,7 @@ class TestParseRoute:
     def test_a_query_the_endpoint_does_not_take_is_refused(self, path):
         with pytest.raises(BadRequest) as e:
             protocol.parse_route("registry-1.docker.io", path)
-        assert (e.value.status, e.value.code) == (400, "UNSUPPORTED")
+        assert (e.value.code.status, e.value.code.code) == (400, "UNSUPPORTED")
 
     @pytest.mark.parametrize(
         "path",
@@ -90,7 +90,7 @@ class TestParseRoute:
     def test_a_target_not_in_canonical_form_is_refused(self, path):
         with pytest.raises(BadRequest) as e:
             protocol.parse_route("registry-1.docker.io", path)
-        assert (e.value.status, e.value.code) == (400, "NAME_INVALID")
+        assert (e.value.code.status, e.value.code.code) == (400, "NAME_INVALID")
 
     @pytest.mark.parametrize(
         "path",
@@ -156,7 +156,7 @@ class TestParseRoute:
     def test_bad_name(self, name):
         with pytest.raises(BadRequest) as e:
             protocol.parse_route("ghcr.io", f"/v2/{name}/manifests/latest")
-        assert (e.value.status, e.value.code) == (400, "NAME_INVALID")
+        assert (e.value.code.status, e.value.code.code) == (400, "NAME_INVALID")
 
     def test_longest_name_is_accepted(self):
         name = "a" * 255
@@ -177,26 +177,26 @@ class TestParseRoute:
     def test_bad_blob_digest(self, digest):
         with pytest.raises(BadRequest) as e:
             protocol.parse_route("ghcr.io", f"/v2/a/blobs/{digest}")
-        assert (e.value.status, e.value.code) == (400, "DIGEST_INVALID")
+        assert (e.value.code.status, e.value.code.code) == (400, "DIGEST_INVALID")
         assert digest in e.value.message
 
     @pytest.mark.parametrize("digest", ["md5:" + "a" * 32, "sha384:" + "a" * 96])
     def test_unknown_algorithm(self, digest):
         with pytest.raises(BadRequest) as e:
             protocol.parse_route("ghcr.io", f"/v2/a/manifests/{digest}")
-        assert (e.value.status, e.value.code) == (400, "DIGEST_INVALID")
+        assert (e.value.code.status, e.value.code.code) == (400, "DIGEST_INVALID")
         assert "unsupported digest algorithm" in e.value.message
 
     def test_manifest_reference_with_colon_is_a_digest(self):
         with pytest.raises(BadRequest) as e:
             protocol.parse_route("ghcr.io", "/v2/a/manifests/sha256:abc")
-        assert e.value.code == "DIGEST_INVALID"
+        assert e.value.code.code == "DIGEST_INVALID"
 
     @pytest.mark.parametrize("tag", [".hidden", "-dash", "a" * 129, "tag+build", "t@x"])
     def test_bad_tag(self, tag):
         with pytest.raises(BadRequest) as e:
             protocol.parse_route("ghcr.io", f"/v2/a/manifests/{tag}")
-        assert (e.value.status, e.value.code) == (400, "MANIFEST_INVALID")
+        assert (e.value.code.status, e.value.code.code) == (400, "MANIFEST_INVALID")
 
     def test_longest_tag_is_accepted(self):
         tag = "_" + "a" * 127
@@ -318,7 +318,7 @@ class TestParseRange:
     def test_unsatisfiable_or_unsupported(self, header):
         with pytest.raises(BadRequest) as e:
             protocol.parse_range(header, 10)
-        assert (e.value.status, e.value.code) == (416, "RANGE_INVALID")
+        assert (e.value.code.status, e.value.code.code) == (416, "RANGE_INVALID")
 
     def test_empty_blob_has_no_satisfiable_range(self):
         for header in ("bytes=0-", "bytes=-1", "bytes=0-0"):
@@ -348,9 +348,9 @@ class TestManifestMediaType:
 
 
 def test_error_body_shape():
-    body = json.loads(protocol.error_body("BLOB_UNKNOWN", "no such blob"))
+    body = json.loads(protocol.error_body(protocol.ErrorCode.BLOB_UNKNOWN, "no such blob"))
     assert body == {"errors": [{"code": "BLOB_UNKNOWN", "message": "no such blob", "detail": None}]}
-    detail = json.loads(protocol.error_body("X", "m", {"digest": DIGEST}))["errors"][0]["detail"]
+    detail = json.loads(protocol.error_body(protocol.ErrorCode.DENIED, "m", {"digest": DIGEST}))["errors"][0]["detail"]
     assert detail == {"digest": DIGEST}
 
 
@@ -407,4 +407,4 @@ def test_paths_that_look_like_urls_are_refused(path):
     such target is parsed at all: one is unclean, the other takes a query no blob takes."""
     with pytest.raises(BadRequest) as e:
         protocol.parse_route("registry-1.docker.io", path)
-    assert e.value.status == 400
+    assert e.value.code.status == 400

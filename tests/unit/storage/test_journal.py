@@ -21,14 +21,14 @@ from hubcache.proxy.interception import Interception
 from hubcache.proxy.routes import Routes
 from hubcache.storage import journal as journal_module
 from hubcache.storage.folder import CacheFolder
-from hubcache.storage.journal import MissJournal
+from hubcache.storage.journal import MissJournal, Outcome
 from hubcache.storage.store import Store
 
 HUB = "registry-1.docker.io"
 
 
-def miss(journal: MissJournal, n: int, outcome: str = "denied: deny_images rule 'docker.io/*'") -> None:
-    journal.record(kind="manifest", registry="docker.io", repository=f"invented/name-{n}", reference="1", outcome=outcome)
+def miss(journal: MissJournal, n: int, outcome: Outcome = Outcome.DENIED, reason: str = "deny_images rule 'docker.io/*'") -> None:
+    journal.record(kind="manifest", registry="docker.io", repository=f"invented/name-{n}", reference="1", outcome=outcome, reason=reason)
 
 
 def on_disk(journal: MissJournal) -> int:
@@ -70,7 +70,7 @@ def test_a_repeated_line_is_written_once_per_window(tmp_path, monkeypatch):
     journal = MissJournal(tmp_path / "misses.jsonl", repeat_seconds=60)
     for _ in range(1000):
         miss(journal, 1)
-    miss(journal, 1, outcome="missing: upstream answered 404 lately")  # another outcome is news
+    miss(journal, 1, Outcome.MISSING, "upstream answered 404 lately")  # another outcome is news
     miss(journal, 2)
     assert len(journal.entries()) == 3
     clock[0] += 61

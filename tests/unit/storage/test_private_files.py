@@ -15,7 +15,7 @@ from mitmproxy.test import taddons
 from hubcache.cli import main
 from hubcache.registry.protocol import digest_of
 from hubcache.storage.folder import CacheFolder
-from hubcache.storage.journal import MissJournal
+from hubcache.storage.journal import MissJournal, Outcome
 from hubcache.storage.recordings import Recording
 from hubcache.storage.store import Store
 from support.fill import store_image
@@ -55,7 +55,7 @@ def fill(folder: Path, image) -> None:
         recording.save()
     finally:
         store.close()
-    MissJournal(folder / "misses.jsonl").record(registry="docker.io", repository="library/private", reference="1", outcome="filled")
+    MissJournal(folder / "misses.jsonl").record(registry="docker.io", repository="library/private", reference="1", outcome=Outcome.FILLED)
 
 
 def open_to_others(folder: Path) -> list[str]:
