@@ -1591,6 +1591,28 @@ MUTANTS: list[Mutant] = [
         ["test_a_client_pull_of_a_digest_the_watch_fetched_is_counted_once_per_tag_request"],
         UNIT,
     ),
+    # cold path
+    mutant(
+        "fill-queues-the-callers-buffer",
+        "a fill takes the bytes handed to its sink before returning: the caller may read into the same buffer again",
+        Edit("self._queue.put(bytes(data) if data else _END)", "self._queue.put(data if data else _END)"),
+        ["test_on_the_event_loop_the_writer_thread_takes_them_and_the_loop_may_reuse_its_buffer"],
+        UNIT,
+    ),
+    mutant(
+        "bounded-answer-keeps-views",
+        "an answer other than the blob is kept whole while the fetcher reads into its buffer again",
+        Edit("self.parts.append(bytes(data))", "self.parts.append(data)"),
+        ["test_a_large_answer_other_than_the_blob_is_read_whole_across_chunks"],
+        UNIT,
+    ),
+    mutant(
+        "fill-writes-after-discard",
+        "bytes that reach a discarded fill (its fetch thread still running) are dropped, never written",
+        Edit("if not self._discarded:", "if True:"),
+        ["test_bytes_after_a_discard_go_nowhere"],
+        UNIT,
+    ),
 ]
 
 

@@ -50,8 +50,10 @@ FLUSH = 0.05  # seconds: bytes are handed over no later than this after they cam
 MAX_HEAD = 64 * 1024  # a response head (status line and headers) larger than this is refused
 
 
-# Where body bytes go: the stream callable the `responseheaders` hook set (the fill's writer).
-Stream = Callable[[bytes | bytearray], object]
+# Where body bytes go: the stream callable the `responseheaders` hook set (the fill's writer). It
+# is handed a view of a buffer that is read into again once it returns: it takes the bytes (hashes
+# and writes them, or copies them) before returning.
+Stream = Callable[[bytes | memoryview], object]
 
 
 class Failed(Exception):
@@ -409,7 +411,8 @@ class _Connection:
         """Send the body to the stream callable in chunks of up to CHUNK bytes, each handed over
         within FLUSH seconds of its first byte (a stalled upstream leaves nothing held back);
         then b'' to it, as mitmproxy's core does at the end. A body framed by Content-Length is
-        read past h11, which would cost Python work per socket read."""
+        read past h11, which would cost Python work per socket read, and decrypted into one
+        buffer, reused chunk after chunk: no memory is allocated (and faulted in) per chunk."""
         assert self.response
         length = self.response.headers.get("content-length", "")
         if "transfer-encoding" in self.response.headers or not length.isdigit():
@@ -430,17 +433,16 @@ class _Connection:
             if left and isinstance(first := self._next(), h11.Data):  # what came with the head
                 stream(first.data)
                 left -= len(first.data)
+            buffer = memoryview(bytearray(min(CHUNK, left)))
             while left > 0:
-                # Decrypted straight into the chunk the writer gets: no copy in between.
-                chunk = bytearray(min(CHUNK, left))
-                view, got, deadline = memoryview(chunk), 0, None
-                while got < len(chunk) and (n := self._read_into(view[got:], deadline)) is not None:
+                # Decrypted straight into what the stream callable gets: no copy in between.
+                chunk, got, deadline = buffer[: min(len(buffer), left)], 0, None
+                while got < len(chunk) and (n := self._read_into(chunk[got:], deadline)) is not None:
                     if not n:
                         raise h11.RemoteProtocolError(f"the connection closed {left - got} bytes before the end of the body")
                     deadline = deadline or time.monotonic() + FLUSH
                     got += n
-                view.release()
-                stream(chunk if got == len(chunk) else chunk[:got])
+                stream(chunk[:got])
                 left -= got
         stream(b"")
         self.response.timestamp_end = time.time()
