@@ -163,7 +163,16 @@ MUTANTS: list[Mutant] = [
     mutant(
         "fetch-holds-bytes-while-upstream-pauses",
         "bytes of a fill that came are handed to its writer even while upstream sends nothing more",
-        Edit("data = self.sock.recv(READ_SIZE, socket.MSG_DONTWAIT if deadline is not None else 0)", "data = self.sock.recv(READ_SIZE)"),
+        Edit(
+            "data = self.sock.recv(READ_SIZE, socket.MSG_DONTWAIT if deadline is not None else 0)",
+            "data = self.sock.recv(READ_SIZE)",
+            variants=(
+                (
+                    "n = self.sock.recv_into(self._received, 0, socket.MSG_DONTWAIT if deadline is not None else 0)",
+                    "n = self.sock.recv_into(self._received)",
+                ),
+            ),
+        ),
         ["test_bytes_before_a_pause_are_handed_over_while_upstream_pauses"],
         UNIT,
     ),
