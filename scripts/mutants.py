@@ -163,7 +163,16 @@ MUTANTS: list[Mutant] = [
     mutant(
         "fetch-holds-bytes-while-upstream-pauses",
         "bytes of a fill that came are handed to its writer even while upstream sends nothing more",
-        Edit("data = self.sock.recv(READ_SIZE, socket.MSG_DONTWAIT if deadline is not None else 0)", "data = self.sock.recv(READ_SIZE)"),
+        Edit(
+            "data = self.sock.recv(READ_SIZE, socket.MSG_DONTWAIT if deadline is not None else 0)",
+            "data = self.sock.recv(READ_SIZE)",
+            variants=(
+                (
+                    "n = self.sock.recv_into(self._received, 0, socket.MSG_DONTWAIT if deadline is not None else 0)",
+                    "n = self.sock.recv_into(self._received)",
+                ),
+            ),
+        ),
         ["test_bytes_before_a_pause_are_handed_over_while_upstream_pauses"],
         UNIT,
     ),
@@ -1620,6 +1629,28 @@ MUTANTS: list[Mutant] = [
         "a journal line's outcome is one of Outcome's words, its reason a field of its own",
         Edit('"outcome": outcome.value,', '"outcome": f"{outcome.value}: {reason}" if reason else outcome.value,'),
         ["test_a_404_is_remembered_for_the_same_client", "test_silent_upstream_fails_the_fill"],
+        UNIT,
+    ),
+    # cold path
+    mutant(
+        "fill-queues-the-callers-buffer",
+        "a fill takes the bytes handed to its sink before returning: the caller may read into the same buffer again",
+        Edit("self._queue.put(bytes(data) if data else _END)", "self._queue.put(data if data else _END)"),
+        ["test_on_the_event_loop_the_writer_thread_takes_them_and_the_loop_may_reuse_its_buffer"],
+        UNIT,
+    ),
+    mutant(
+        "bounded-answer-keeps-views",
+        "an answer other than the blob is kept whole while the fetcher reads into its buffer again",
+        Edit("self.parts.append(bytes(data))", "self.parts.append(data)"),
+        ["test_a_large_answer_other_than_the_blob_is_read_whole_across_chunks"],
+        UNIT,
+    ),
+    mutant(
+        "fill-writes-after-discard",
+        "bytes that reach a discarded fill (its fetch thread still running) are dropped, never written",
+        Edit("if not self._discarded:", "if True:"),
+        ["test_bytes_after_a_discard_go_nowhere"],
         UNIT,
     ),
 ]

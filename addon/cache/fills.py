@@ -1,7 +1,9 @@
 """Fills: one fetch of a blob into the store (from the fleet's shared store or upstream), shared by
 every client that wants it meanwhile and never aborted by a client that leaves; `Fills` owns each
-one's life. The body goes into a temporary file that the blob server streams as it grows; it is
-committed only if it verifies."""
+one's life. The body goes into a temporary file that the blob server streams as it grows: on the
+fetch thread (or a shared store's pour) it is hashed and written right there, while the bytes are
+still in the CPU's cache; on mitmproxy's event loop a writer thread does it. It is committed only
+if it verifies."""
 
 from __future__ import annotations
 
@@ -32,9 +34,9 @@ from .misses import Misses
 logger = logging.getLogger(__name__)
 
 _END = None
-# Chunks waiting for the writer thread (up to fetcher.CHUNK bytes each). Nothing reads hubcache's
-# own request, so upstream is read as fast as it sends: when the disk falls behind, the reader
-# waits here (backpressure) rather than the proxy's memory growing with the blob.
+# Chunks from the event loop waiting for the writer thread. Nothing reads hubcache's own request,
+# so upstream is read as fast as it sends: when the disk falls behind, the loop's reading waits
+# here (backpressure) rather than the proxy's memory growing with the blob.
 QUEUED_CHUNKS = 16
 FREE_SPACE_RESERVE = 64 * 1024 * 1024  # left free for the index and other fills
 
@@ -69,8 +71,10 @@ class Fill:
         self.answered = asyncio.Event()  # set once the state is no longer DECIDING
         self.done = asyncio.Event()
         self.progress = time.monotonic()  # when the last bytes arrived
-        self._queue: queue.Queue[bytes | bytearray | None] = queue.Queue(QUEUED_CHUNKS)
+        self._queue: queue.Queue[bytes | None] = queue.Queue(QUEUED_CHUNKS)
         self._thread = threading.Thread(target=self._drain, name="hubcache fill", daemon=True)
+        self._lock = threading.Lock()  # a write on the caller's thread against discard
+        self._discarded = False
 
     @property
     def name(self) -> str:
@@ -85,14 +89,23 @@ class Fill:
 
     def start_streaming(self, size: int | None) -> None:
         self.size = size
-        self._thread.start()
         self._leave(State.STREAMING)
 
-    def sink(self, data: bytes | bytearray) -> list[bytes]:
-        """The stream callable: it only queues (and waits only when the writer is QUEUED_CHUNKS
-        behind, which holds the reading back)."""
+    def sink(self, data: bytes | bytearray | memoryview) -> list[bytes]:
+        """The stream callable. Off the event loop it hashes and writes `data` before it returns
+        (the caller may then read into the same buffer again; a disk that falls behind holds the
+        reading back). On the event loop it only queues for the writer thread, and waits only
+        when the writer is QUEUED_CHUNKS behind."""
         self.progress = time.monotonic()
-        self._queue.put(data if data else _END)
+        if self._thread.is_alive() or _on_event_loop():
+            if not self._thread.is_alive():
+                self._thread.start()
+            self._queue.put(bytes(data) if data else _END)  # mitmproxy's core hands over bytes: no copy
+        elif data:
+            assert self.writer
+            with self._lock:
+                if not self._discarded:  # cut: the fetch ends, and its last bytes have nowhere to go
+                    self.writer.write(data)
         return []  # nobody reads hubcache's own request
 
     def _drain(self) -> None:
@@ -103,7 +116,8 @@ class Fill:
     def finish(self) -> bool:
         """After the last byte (blocking): commit if size and digest verify. Returns whether it did."""
         assert self.writer and self.state is State.STREAMING
-        self._thread.join()
+        if self._thread.ident is not None:
+            self._thread.join()
         self.writer.close()
         if not self.writer.verified(self.size) or self.writer.write_error:
             self.state = State.REJECTED
@@ -142,8 +156,10 @@ class Fill:
         if self._thread.is_alive():
             self._queue.put(_END)
             self._thread.join()
-        if self.writer and self.state is not State.COMMITTED:
-            self.writer.discard()
+        with self._lock:
+            self._discarded = True
+            if self.writer and self.state is not State.COMMITTED:
+                self.writer.discard()
 
 
 class Fills:
@@ -329,3 +345,11 @@ class Fills:
         if free - promised < (size or 0) + FREE_SPACE_RESERVE:
             return f"the cache folder has {free} bytes free ({promised} promised to fills under way), too few for {size or 'a'} bytes"
         return ""
+
+
+def _on_event_loop() -> bool:
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return False
+    return True

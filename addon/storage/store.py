@@ -408,7 +408,7 @@ class BlobWriter:
         fd, self._path = tempfile.mkstemp(dir=store._tmp, prefix="fill-")
         self._file = os.fdopen(fd, "wb")
 
-    def write(self, data: bytes | bytearray) -> None:
+    def write(self, data: bytes | bytearray | memoryview) -> None:
         """Hash and keep `data`. A failed disk write (ENOSPC, read-only folder) stops the keeping,
         not the hashing: the bytes can still be verified for the client, just not stored."""
         self._hash.update(data)

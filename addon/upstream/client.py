@@ -146,13 +146,13 @@ class _Bounded:
         self.size = 0
         self.parts: list[bytes] = []
 
-    def __call__(self, data: bytes) -> list[bytes]:
+    def __call__(self, data: bytes | memoryview) -> list[bytes]:
         self.size += len(data)
         if self.size > MAX_ANSWER:
             self.flow.metadata[Mark.UNREAD] = f"upstream's answer is larger than {MAX_ANSWER} bytes"
             self.parts.clear()
         elif data:
-            self.parts.append(data)
+            self.parts.append(bytes(data))  # the fetcher reads into its buffer again (bytes from mitmproxy: no copy)
         return []  # nobody reads hubcache's own request
 
     def body(self) -> bytes:

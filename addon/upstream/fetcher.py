@@ -28,14 +28,19 @@ from OpenSSL import SSL
 
 logger = logging.getLogger(__name__)
 
-READ_SIZE = 65536  # one socket read; the TLS records it holds are decrypted together
+# One socket read, into a buffer the connection reuses: the TLS records it holds are decrypted
+# one by one from there. Larger reads mean fewer syscalls and fewer trips through the TLS library.
+READ_SIZE = 256 * 1024
+TLS_OUT = 16384  # what TLS has to send at once (the request, handshake messages): small
 CHUNK = 1024 * 1024  # body bytes handed to the fill's writer at once
 FLUSH = 0.05  # seconds: bytes are handed over no later than this after they came, for the clients streaming them
 MAX_HEAD = 64 * 1024  # a response head (status line and headers) larger than this is refused
 
 
-# Where body bytes go: the stream callable the `responseheaders` hook set (the fill's writer).
-Stream = Callable[[bytes | bytearray], object]
+# Where body bytes go: the stream callable the `responseheaders` hook set (the fill's writer). It
+# is handed a view of a buffer that is read into again once it returns: it takes the bytes (hashes
+# and writes them, or copies them) before returning.
+Stream = Callable[[bytes | memoryview], object]
 
 
 class Failed(Exception):
@@ -287,6 +292,7 @@ class _Connection:
         self.body: asyncio.Future[None] | None = None  # settled once the body is read
         self._go = threading.Event()
         self._stream: Stream | None = None
+        self._received = memoryview(bytearray(READ_SIZE))
 
     # TLS
 
@@ -303,7 +309,7 @@ class _Connection:
     def _flush(self) -> None:
         while True:
             try:
-                data = self.tls.bio_read(READ_SIZE)
+                data = self.tls.bio_read(TLS_OUT)
             except SSL.WantReadError:
                 return
             self.sock.sendall(data)
@@ -312,14 +318,14 @@ class _Connection:
         """One socket read into TLS. With a deadline, False when nothing arrived by then."""
         try:
             # One syscall when bytes are waiting, the common case of a fast transfer.
-            data = self.sock.recv(READ_SIZE, socket.MSG_DONTWAIT if deadline is not None else 0)
+            n = self.sock.recv_into(self._received, 0, socket.MSG_DONTWAIT if deadline is not None else 0)
         except BlockingIOError:
             assert deadline is not None
             if not select.select([self.sock], [], [], max(0.0, deadline - time.monotonic()))[0]:
                 return False
-            data = self.sock.recv(READ_SIZE)
-        if data:
-            self.tls.bio_write(data)
+            n = self.sock.recv_into(self._received)
+        if n:
+            self.tls.bio_write(self._received[:n])
         else:
             self.tls.bio_shutdown()  # TLS tells a clean end (close_notify) from a cut
         return True
@@ -392,7 +398,8 @@ class _Connection:
         """Send the body to the stream callable in chunks of up to CHUNK bytes, each handed over
         within FLUSH seconds of its first byte (a stalled upstream leaves nothing held back);
         then b'' to it, as mitmproxy's core does at the end. A body framed by Content-Length is
-        read past h11, which would cost Python work per socket read."""
+        read past h11, which would cost Python work per socket read, and decrypted into one
+        buffer, reused chunk after chunk: no memory is allocated (and faulted in) per chunk."""
         assert self.response
         length = self.response.headers.get("content-length", "")
         if "transfer-encoding" in self.response.headers or not length.isdigit():
@@ -413,17 +420,16 @@ class _Connection:
             if left and isinstance(first := self._next(), h11.Data):  # what came with the head
                 stream(first.data)
                 left -= len(first.data)
+            buffer = memoryview(bytearray(min(CHUNK, left)))
             while left > 0:
-                # Decrypted straight into the chunk the writer gets: no copy in between.
-                chunk = bytearray(min(CHUNK, left))
-                view, got, deadline = memoryview(chunk), 0, None
-                while got < len(chunk) and (n := self._read_into(view[got:], deadline)) is not None:
+                # Decrypted straight into what the stream callable gets: no copy in between.
+                chunk, got, deadline = buffer[: min(len(buffer), left)], 0, None
+                while got < len(chunk) and (n := self._read_into(chunk[got:], deadline)) is not None:
                     if not n:
                         raise h11.RemoteProtocolError(f"the connection closed {left - got} bytes before the end of the body")
                     deadline = deadline or time.monotonic() + FLUSH
                     got += n
-                view.release()
-                stream(chunk if got == len(chunk) else chunk[:got])
+                stream(chunk[:got])
                 left -= got
         stream(b"")
         self.response.timestamp_end = time.time()

@@ -1,6 +1,8 @@
-"""A fill: the body of hubcache's own upstream request, written and hashed off the event loop."""
+"""A fill: the body of hubcache's own upstream request, written and hashed off the event loop: on
+the caller's thread (the fetcher's), or on a writer thread when it comes on the event loop."""
 
 import os
+import threading
 
 import pytest
 
@@ -80,12 +82,66 @@ def test_a_body_that_does_not_verify_is_never_stored(store, chunks, size, monkey
     assert not store.has_blob(DIGEST) and temp_files(store) == []
 
 
-def test_discard_mid_body_stops_the_writer(store):
+def reused_buffer_chunks() -> tuple[bytearray, list[memoryview]]:
+    """BLOB's chunks as the fetcher hands them over: views of one buffer it reads into again."""
+    buffer = bytearray(65536)
+    return buffer, [memoryview(buffer)[: len(chunk)] for chunk in CHUNKS]
+
+
+def test_bytes_handed_over_in_one_reused_buffer_are_taken_before_sink_returns(store):
+    """Off the event loop (the fetch thread) the caller reads into its buffer again at once."""
+    buffer, views = reused_buffer_chunks()
+    fill = new_fill(store)
+    fill.start_streaming(len(BLOB))
+    for chunk, view in zip(CHUNKS, views, strict=True):
+        buffer[: len(chunk)] = chunk
+        fill.sink(view)
+        buffer[:] = bytes(len(buffer))  # the next read starts over the same bytes
+    fill.sink(b"")
+    assert not fill._thread.is_alive(), "written on the caller's thread"
+    assert fill.finish() and fill.state is State.COMMITTED
+    fill.discard()
+
+
+async def test_on_the_event_loop_the_writer_thread_takes_them_and_the_loop_may_reuse_its_buffer(store, monkeypatch):
+    buffer, views = reused_buffer_chunks()
+    fill = new_fill(store)
+    # The writer thread waits until every chunk was handed over: what it writes is what it kept.
+    handed_over, write = threading.Event(), fill.writer.write
+    monkeypatch.setattr(fill.writer, "write", lambda data: (handed_over.wait(10), write(data)))
+    fill.start_streaming(len(BLOB))
+    for chunk, view in zip(CHUNKS, views, strict=True):
+        buffer[: len(chunk)] = chunk
+        fill.sink(view)
+        buffer[:] = bytes(len(buffer))
+    assert fill._thread.is_alive(), "the event loop never writes to the disk itself"
+    fill.sink(b"")
+    handed_over.set()
+    assert fill.finish() and fill.state is State.COMMITTED
+    fill.discard()
+
+
+async def test_discard_mid_body_stops_the_writer(store):
+    fill = new_fill(store)
+    fill.start_streaming(len(BLOB))
+    fill.sink(CHUNKS[0])
+    assert fill._thread.is_alive()
+    fill.discard()
+    assert not fill._thread.is_alive() and temp_files(store) == []
+
+
+def test_bytes_after_a_discard_go_nowhere(store):
+    """A fill cut while its fetch thread still writes: the thread's last bytes are dropped."""
     fill = new_fill(store)
     fill.start_streaming(len(BLOB))
     fill.sink(CHUNKS[0])
     fill.discard()
-    assert not fill._thread.is_alive() and temp_files(store) == []
+    try:
+        fill.sink(CHUNKS[1])
+        fill.sink(b"")
+    except (OSError, ValueError) as e:
+        pytest.fail(f"a write after the discard reached the writer: {e}")
+    assert temp_files(store) == [] and not store.has_blob(DIGEST)
 
 
 def test_a_write_error_is_kept_not_raised(store, monkeypatch):

@@ -27,6 +27,7 @@ from hubcache.proxy.interception import UpstreamOverride
 from hubcache.upstream import client as upstream
 
 BODY = os.urandom(3 * 1024 * 1024 + 17)  # more than one chunk
+LARGE_ERROR = os.urandom(2 * 1024 * 1024 + 5)  # an answer other than the blob, more than one chunk
 HOST = "registry.test"  # resolved by upstream_map only
 PAUSE_AT = 300_000  # more than one socket read: the pause falls inside a chunk being gathered
 
@@ -61,6 +62,9 @@ class Handler(BaseHTTPRequestHandler):
             self.wfile.flush()
             self.release.wait(30)
             self.wfile.write(BODY[PAUSE_AT:])
+        elif self.path == "/large-error":
+            self._head(404, {"Content-Length": str(len(LARGE_ERROR))})
+            self.wfile.write(LARGE_ERROR)
         elif self.path == "/garbage":
             self.wfile.write(b"SSH-2.0-OpenSSH\r\n\r\n")
             self.close_connection = True
@@ -134,8 +138,9 @@ class Hooks:
         if flow.response.status_code == 200:
             flow.response.stream = self._take
 
-    def _take(self, data: bytes) -> list[bytes]:
-        self.chunks.append((data, threading.get_ident()))
+    def _take(self, data: bytes | memoryview) -> list[bytes]:
+        # Taken before returning, as every stream callable must: the fetcher reads into it again.
+        self.chunks.append((bytes(data), threading.get_ident()))
         if len(self.body) >= self.wanted:
             self.arrived.set()
         return []
@@ -217,6 +222,14 @@ async def test_an_answer_other_than_the_blob_is_read_whole(tctx, hooks):
     response = await upstream.Upstream().run(fill_flow("/missing"), 10)
     assert (response.status_code, response.content) == (404, b"not found")
     assert hooks.chunks == []
+
+
+async def test_a_large_answer_other_than_the_blob_is_read_whole_across_chunks(tctx, hooks):
+    """Its body is kept (upstream.BoundedAnswers) while the fetcher reads the next chunk into the
+    same buffer."""
+    response = await upstream.Upstream().run(fill_flow("/large-error"), 10)
+    assert response.status_code == 404
+    assert response.content == LARGE_ERROR
 
 
 async def test_a_body_cut_short_is_no_answer(tctx, hooks):
