@@ -17,7 +17,8 @@ moment later (DNS rebinding) changes nothing.
   `local_destinations=refuse`, or with `auto` (the default) when any listener of `mode` (the
   `--listen-host` default, or an address of its own: `regular@0.0.0.0:3128`, `socks5@...`) takes
   clients beyond loopback; `local_destinations_allowed` lists exceptions.
-- Names routed by hubcache itself (`upstream_map`, the blob host) and the upstream proxies of
+- Names routed by hubcache itself (`upstream_map`, the blob host, the blob server's `blob_listen`
+  listener, which its clients may reach directly anyway) and the upstream proxies of
   `--mode upstream:` are the operator's choice and hubcache's own, and are not checked.
 
 Refusals are a 403 with one readable line, to the client and in the log.
@@ -145,7 +146,7 @@ class Destinations:
         as named). Behind an upstream proxy, that proxy resolves names: only literal addresses
         and `localhost` are judged."""
         name = host.lower().strip("[]")
-        if name == BLOB_HOST or self.override.maps(name, port):
+        if name == BLOB_HOST or self.blobs.is_direct(name, port) or self.override.maps(name, port):
             return None
         addresses = _literal(name)
         if addresses is None:
