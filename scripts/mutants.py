@@ -1591,6 +1591,80 @@ MUTANTS: list[Mutant] = [
         ["test_a_client_pull_of_a_digest_the_watch_fetched_is_counted_once_per_tag_request"],
         UNIT,
     ),
+    # network serving
+    mutant(
+        "ktls-assumed-on-every-connection",
+        "a TLS body goes by sendfile(2) only on a connection whose sending OpenSSL gave the kernel (kTLS); else OpenSSL writes it",
+        Edit("""    except OSError:
+        return False
+    return True""", """    except OSError:
+        return True
+    return True"""),
+        ["test_a_socket_without_ktls_is_written_by_openssl", "test_a_cached_blob_with_ranges[tls]", "test_the_log_says_how_tls_is_sent"],
+        INTEGRATION,
+    ),
+    mutant(
+        "ktls-detected-without-the-kernel",
+        "kTLS is asked for and logged only where the kernel offers its tls ULP",
+        Edit('offered = "tls" in ulp_file.read_text().split()', 'offered = bool(ulp_file.read_text().split())'),
+        ["test_ktls_is_offered_only_by_a_kernel_listing_the_tls_ulp", "test_the_log_says_how_tls_is_sent"],
+        INTEGRATION,
+    ),
+    mutant(
+        "ktls-never-asked-for",
+        "where the kernel offers kTLS, OpenSSL is asked to use it",
+        Edit("        context.options |= ssl.OP_ENABLE_KTLS\n", ""),
+        ["test_the_context_asks_for_ktls_only_where_offered_and_hands_out_session_tickets"],
+        UNIT,
+    ),
+    mutant(
+        "tls-sessions-not-resumable",
+        "the blob server hands out TLS 1.3 session tickets, so a client's next connection resumes",
+        Edit("    context.num_tickets = TICKETS\n", "    context.num_tickets = 0\n"),
+        ["test_the_context_asks_for_ktls_only_where_offered_and_hands_out_session_tickets", "test_a_client_resumes_its_tls_session"],
+        INTEGRATION,
+    ),
+    mutant(
+        "direct-blob-url-refused-through-the-proxy",
+        "a client that sends a blob_listen URL through the proxy (no NO_PROXY) is relayed to it",
+        Edit("if name == BLOB_HOST or self.blobs.is_direct(name, port) or", "if name == BLOB_HOST or"),
+        ["test_the_blob_servers_listener_for_other_machines_is_reachable_alone",
+         "test_blob_urls_on_an_address_of_this_machine_still_serve_clients_through_the_proxy"],
+        INTEGRATION,
+    ),
+    mutant(
+        "direct-blob-url-opens-the-whole-address",
+        "only the blob_listen port of that address is relayed; the address's other ports stay refused",
+        Edit("return self.direct is not None and port == self.direct[1] and", "return self.direct is not None and"),
+        ["test_the_blob_servers_listener_for_other_machines_is_reachable_alone",
+         "test_blob_urls_on_an_address_of_this_machine_still_serve_clients_through_the_proxy"],
+        INTEGRATION,
+    ),
+    mutant(
+        "direct-blob-url-unsigned",
+        "the blob_listen listener serves only URLs the proxy signed",
+        Edit(
+            "and int(expires) >= time.time()\n            and hmac.compare_digest(",
+            "and int(expires) >= time.time()\n            and (lambda *_: True)(",
+        ),
+        ["test_a_listener_on_an_address_of_this_machine_serves_signed_urls_only",
+         "test_blob_urls_on_an_address_of_this_machine_still_serve_clients_through_the_proxy"],
+        INTEGRATION,
+    ),
+    mutant(
+        "no-proxy-not-printed",
+        "hubcache setup names the blob server's address in NO_PROXY, so clients fetch blobs directly",
+        Edit('no_proxy = direct[0] if direct else ""', 'no_proxy = ""'),
+        ["test_setup_names_the_blob_servers_address_in_no_proxy"],
+        UNIT,
+    ),
+    mutant(
+        "blob-listen-off-by-default-on-a-network-address",
+        "a proxy listening on one address beyond loopback sends blobs from that address, off mitmproxy's path",
+        Edit("    return host, 0\n", "    return None\n"),
+        ["test_direct_listen", "test_setup_names_the_blob_servers_address_in_no_proxy"],
+        UNIT,
+    ),
 ]
 
 

@@ -258,17 +258,8 @@ class BlobHost:
         logger.info(f"hubcache: blob server on 127.0.0.1:{ports[0]} (https) and :{ports[1]} (loopback http){also}; {how}")
 
     def _direct_listen(self) -> tuple[str, int] | None:
-        """Where the blob_listen listener goes (address, port; 0: any), if blob URLs are https and
-        there is an address of this machine for it."""
-        value = ctx.options.blob_listen
-        if self._loopback() or value == "relay":
-            return None
-        if value:
-            return parse_listen(value)
-        host = ctx.options.listen_host.strip("[]")
-        if host in LOOPBACK_HOSTS or host in ("", "0.0.0.0", "::"):
-            return None  # every address, or this machine's own clients only: no one address to name
-        return host, 0
+        """Where the blob_listen listener goes (address, port; 0: any), if blob URLs are https."""
+        return None if self._loopback() else direct_listen(ctx.options.blob_listen, ctx.options.listen_host)
 
     def _read_reports(self, proc: subprocess.Popen, reports: IO[bytes]) -> None:
         for line in reports:
@@ -312,18 +303,32 @@ class BlobHost:
             self._proc = None
 
 
+def direct_listen(blob_listen: str, listen_host: str) -> tuple[str, int] | None:
+    """Where clients on other machines fetch blobs directly (address, port; 0: any free one), from
+    the options `blob_listen` and `listen_host`; None: relayed through the proxy. (Also what
+    `hubcache setup` names in NO_PROXY.)"""
+    if blob_listen == "relay":
+        return None
+    if blob_listen:
+        return parse_listen(blob_listen)
+    host = listen_host.strip("[]")
+    if host in LOOPBACK_HOSTS or host in ("", "0.0.0.0", "::"):
+        return None  # every address, or this machine's own clients only: no one address to name
+    return host, 0
+
+
 def parse_listen(value: str) -> tuple[str, int]:
     """`ADDRESS[:PORT]` (IPv6 in brackets) -> (address, port; 0 if none); ValueError if it is not one."""
     if value.startswith("["):
-        address, _, rest = value[1:].partition("]")
-        port = rest.removeprefix(":") if rest.startswith(":") else ("" if not rest else "x")
+        address, bracket, rest = value[1:].partition("]")
+        port = rest[1:] if rest.startswith(":") else ("0" if bracket and not rest else "-")
     elif value.count(":") == 1:
         address, _, port = value.partition(":")
     else:
-        address, port = value, ""
-    if not address or any(c in address for c in "/@ []") or not (port == "" or (port.isdigit() and 0 < int(port) < 65536)):
+        address, port = value, "0"  # an IPv6 address without brackets, or a name: any port
+    if not address or any(c in address for c in "/@ []") or not (port.isdigit() and int(port) < 65536):
         raise ValueError(value)
-    return address, int(port or 0)
+    return address, int(port)
 
 
 def _url_host(address: str) -> str:
