@@ -160,7 +160,7 @@ async def test_behind_an_upstream_proxy_only_literals_are_judged(guard):
 async def test_the_blob_servers_listener_for_other_machines_is_reachable_alone(guard):
     """A client without NO_PROXY sends its blob URL on `blob_listen` through the proxy: relayed
     there, though the address is this host's; its other ports stay refused."""
-    tctx, destinations, _ = guard
+    _, destinations, _ = guard
     blobs = destinations.blobs
     blobs.direct = ("127.0.0.2", 5001)
     assert await destinations.check("127.0.0.2", 5001) is None
