@@ -393,7 +393,11 @@ def main() -> None:
     for address, port, fd in args.network:
         family = socket.AF_INET6 if ":" in address else socket.AF_INET
         network = type("_NetworkServer", (_TLSServer,), {"address_family": family})
-        servers.append(network((address, int(port)), handler, server_context(int(fd), ktls)))
+        try:
+            servers.append(network((address, int(port)), handler, server_context(int(fd), ktls)))
+        except OSError as e:
+            logger.error(f"cannot listen on {address}:{port} for clients on other machines: {e.strerror or e}")
+            sys.exit(2)
     for server in servers:
         server.idle_timeout = args.idle_timeout
         server.head_timeout = args.head_timeout
