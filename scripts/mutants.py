@@ -1625,6 +1625,13 @@ MUTANTS: list[Mutant] = [
         INTEGRATION,
     ),
     mutant(
+        "tls-server-cipher-order",
+        "the blob server takes the client's cipher order (AES-128-GCM for a Go client on AES hardware), not OpenSSL's AES-256 first",
+        Edit("    context.options &= ~ssl.OP_CIPHER_SERVER_PREFERENCE\n", ""),
+        ["test_the_client_chooses_the_cipher"],
+        UNIT,
+    ),
+    mutant(
         "direct-blob-url-refused-through-the-proxy",
         "a client that sends a blob_listen URL through the proxy (no NO_PROXY) is relayed to it",
         Edit("if name == BLOB_HOST or self.blobs.is_direct(name, port) or", "if name == BLOB_HOST or"),

@@ -7,6 +7,7 @@ import datetime
 import os
 import socket
 import ssl
+import threading
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -52,3 +53,25 @@ def test_a_socket_without_ktls_is_written_by_openssl():
     left, right = socket.socketpair()
     with left, right:
         assert not blobserver.kernel_tls(left), "no kernel TLS: sendfile(2) would send plaintext"
+
+
+def test_the_client_chooses_the_cipher():
+    """A Go client on AES hardware lists AES-128-GCM first; OpenSSL's own order would give it AES-256."""
+    server = blobserver.server_context(_credentials_fd(), ktls=False)
+    client = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    client.check_hostname, client.verify_mode = False, ssl.CERT_NONE
+    client.maximum_version = ssl.TLSVersion.TLSv1_2  # the one version whose order Python can set
+    client.set_ciphers("ECDHE-ECDSA-AES128-GCM-SHA256:ECDHE-ECDSA-AES256-GCM-SHA384")
+    left, right = socket.socketpair()
+    chosen: list[str] = []
+
+    def serve() -> None:
+        with server.wrap_socket(left, server_side=True) as tls:
+            chosen.append(tls.cipher()[0])
+
+    thread = threading.Thread(target=serve)
+    thread.start()
+    with client.wrap_socket(right) as tls:
+        tls.do_handshake()
+    thread.join(timeout=20)
+    assert chosen == ["ECDHE-ECDSA-AES128-GCM-SHA256"]
