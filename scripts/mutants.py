@@ -1825,7 +1825,7 @@ CHECK_SCRIPT = '''\
 import os
 import hubcache.blobserver.server
 
-print("hubcache from", os.path.dirname(os.path.realpath(hubcache.blobserver.server.__file__)), flush=True)
+print("hubcache from", os.path.dirname(os.path.realpath(hubcache.__file__)), flush=True)
 os._exit(0)
 '''
 
