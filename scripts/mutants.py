@@ -1595,11 +1595,7 @@ MUTANTS: list[Mutant] = [
     mutant(
         "ktls-assumed-on-every-connection",
         "a TLS body goes by sendfile(2) only on a connection whose sending OpenSSL gave the kernel (kTLS); else OpenSSL writes it",
-        Edit("""    except OSError:
-        return False
-    return True""", """    except OSError:
-        return True
-    return True"""),
+        Edit("and not kernel_tls(self.connection):", "and not True:"),
         ["test_a_socket_without_ktls_is_written_by_openssl", "test_a_cached_blob_with_ranges[tls]", "test_the_log_says_how_tls_is_sent"],
         INTEGRATION,
     ),
@@ -1613,21 +1609,21 @@ MUTANTS: list[Mutant] = [
     mutant(
         "ktls-never-asked-for",
         "where the kernel offers kTLS, OpenSSL is asked to use it",
-        Edit("        context.options |= ssl.OP_ENABLE_KTLS\n", ""),
+        Edit("context.options |= ssl.OP_ENABLE_KTLS", "context.options |= 0"),
         ["test_the_context_asks_for_ktls_only_where_offered_and_hands_out_session_tickets"],
         UNIT,
     ),
     mutant(
         "tls-sessions-not-resumable",
         "the blob server hands out TLS 1.3 session tickets, so a client's next connection resumes",
-        Edit("    context.num_tickets = TICKETS\n", "    context.num_tickets = 0\n"),
+        Edit("context.num_tickets = TICKETS", "context.num_tickets = 0"),
         ["test_the_context_asks_for_ktls_only_where_offered_and_hands_out_session_tickets", "test_a_client_resumes_its_tls_session"],
         INTEGRATION,
     ),
     mutant(
         "tls-server-cipher-order",
         "the blob server takes the client's cipher order (AES-128-GCM for a Go client on AES hardware), not OpenSSL's AES-256 first",
-        Edit("    context.options &= ~ssl.OP_CIPHER_SERVER_PREFERENCE\n", ""),
+        Edit("context.options &= ~ssl.OP_CIPHER_SERVER_PREFERENCE", "context.options &= ~0"),
         ["test_the_client_chooses_the_cipher"],
         UNIT,
     ),
@@ -1650,10 +1646,7 @@ MUTANTS: list[Mutant] = [
     mutant(
         "direct-blob-url-unsigned",
         "the blob_listen listener serves only URLs the proxy signed",
-        Edit(
-            "and int(expires) >= time.time()\n            and hmac.compare_digest(",
-            "and int(expires) >= time.time()\n            and (lambda *_: True)(",
-        ),
+        Edit("and hmac.compare_digest(", "and (lambda *_: True)("),
         ["test_a_listener_on_an_address_of_this_machine_serves_signed_urls_only",
          "test_blob_urls_on_an_address_of_this_machine_still_serve_clients_through_the_proxy"],
         INTEGRATION,
@@ -1668,7 +1661,7 @@ MUTANTS: list[Mutant] = [
     mutant(
         "blob-listen-off-by-default-on-a-network-address",
         "a proxy listening on one address beyond loopback sends blobs from that address, off mitmproxy's path",
-        Edit("    return host, 0\n", "    return None\n"),
+        Edit("return host, 0", "return None"),
         ["test_direct_listen", "test_setup_names_the_blob_servers_address_in_no_proxy"],
         UNIT,
     ),
