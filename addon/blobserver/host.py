@@ -84,8 +84,9 @@ class BlobHost:
             str,
             "auto",
             "Where blob GETs are redirected: 'loopback' (plain HTTP on 127.0.0.1, for clients on "
-            "this machine: fastest), 'https' (through the proxy, for clients anywhere), or 'auto' "
-            "(loopback when the proxy listens on loopback only).",
+            "this machine: fastest), 'https' (for clients anywhere: on blob_listen's address, which "
+            "clients reach directly, else through the proxy), or 'auto' (loopback when the proxy "
+            "listens on loopback only).",
             choices=("auto", "loopback", "https"),
         )
         loader.add_option(
