@@ -6,6 +6,12 @@ proxy and as a registry mirror (`hubcache-mirror`, which clients reach directly)
 through the distribution registry's own pull-through cache (`registry-proxy`, the seed system),
 cold and warm. Everything runs on loopback under a temporary folder and is stopped at the end.
 
+Clients on other machines are served as hubcache serves them, on an address of this machine
+other than 127.0.0.1 (no other is available here): HTTPS blob URLs on it that clients reach
+directly (`hubcache-https`, `blob_listen`), the same URLs relayed through the proxy
+(`hubcache-relay`, what a client without NO_PROXY gets), and a mirror listening on it
+(`hubcache-mirror-net`).
+
 Every pull gets a freshly started proxy process (a warm one finds the cache its cold run left),
 so the proxy's peak memory and CPU time belong to that pull alone. Ratios are taken pull by pull
 within one repetition, then the median of them is reported.
@@ -52,11 +58,16 @@ from support.registry import REGISTRY_BIN, SKOPEO_BIN, Registry  # noqa: E402
 
 REGISTRY_NAME = "registry.hubcache.test"  # the upstream's name behind the proxies, as in the tests
 MB = 1_000_000
+NETWORK_ADDRESS = "127.0.0.2"  # "another machine's view" of this one: an address other than the proxy's
+MIRROR_NETWORK_ADDRESS = "127.0.0.3"
 CLIENTS = ("skopeo", "docker")
 RATIOS = (
     ("hubcache warm", "registry-proxy warm"),
     ("hubcache cold", "registry-proxy cold"),
     ("hubcache-mirror warm", "registry-proxy warm"),
+    ("hubcache-https warm", "registry-proxy warm"),
+    ("hubcache-relay warm", "registry-proxy warm"),
+    ("hubcache-mirror-net warm", "registry-proxy warm"),
     ("hubcache-mirror cold", "registry-proxy cold"),
     ("hubcache cold", "mitmdump"),
     ("hubcache warm", "mitmdump"),
@@ -421,6 +432,54 @@ class HubcacheMirror(HubcacheProxy):
         return Route(f"127.0.0.1:{self.port}/{REGISTRY_NAME}", None, self.server.client_bundle)
 
 
+class HubcacheHttps(HubcacheProxy):
+    """hubcache as a proxy for clients on other machines: blob URLs are HTTPS on an address of this
+    machine (`blob_listen`), which Go clients reach directly (they never proxy a loopback address;
+    a network address needs NO_PROXY)."""
+
+    paths = ("hubcache-https cold", "hubcache-https warm")
+    blob_listen = NETWORK_ADDRESS
+
+    def __init__(self, bench: Bench) -> None:
+        options = {
+            "registries": [REGISTRY_NAME],
+            "upstream_map": [f"{REGISTRY_NAME}=127.0.0.1:{bench.upstream.port}"],
+            "blob_urls": "https",
+            "blob_listen": self.blob_listen,
+        }
+        self.server = Hubcache(bench.folder(self.paths[0].split()[0]), bench.ca.cert_path, options)
+
+
+class HubcacheRelay(HubcacheHttps):
+    """The same, with blob URLs relayed through the proxy as raw TCP (`blobs.hubcache.invalid`)."""
+
+    paths = ("hubcache-relay cold", "hubcache-relay warm")
+    blob_listen = "relay"
+
+
+class HubcacheMirrorNetwork(HubcacheMirror):
+    """hubcache's mirror endpoint on an address of this machine other than 127.0.0.1: blobs come
+    from the blob server's HTTPS listener on that address."""
+
+    paths = ("hubcache-mirror-net cold", "hubcache-mirror-net warm")
+
+    def __init__(self, bench: Bench) -> None:
+        self.port = free_port()
+        options = {
+            "registries": [REGISTRY_NAME],
+            "upstream_map": [f"{REGISTRY_NAME}=127.0.0.1:{bench.upstream.port}"],
+            "mirror_listen": f"{MIRROR_NETWORK_ADDRESS}:{self.port}",
+        }
+        self.server = Hubcache(bench.folder("hubcache-mirror-net"), bench.ca.cert_path, options)
+
+    def start(self) -> None:
+        self.server.start()
+        wait_for_port(MIRROR_NETWORK_ADDRESS, self.port)
+
+    def route(self) -> Route:
+        return Route(f"{MIRROR_NETWORK_ADDRESS}:{self.port}/{REGISTRY_NAME}", None, self.server.client_bundle)
+
+
 class RegistryProxy(ServerWay):
     """The distribution registry in proxy mode, a registry of its own that clients reach directly."""
 
@@ -458,6 +517,9 @@ WAYS: dict[str, type[Way]] = {
     "mitmdump": PlainMitmdump,
     "hubcache": HubcacheProxy,
     "hubcache-mirror": HubcacheMirror,
+    "hubcache-https": HubcacheHttps,
+    "hubcache-relay": HubcacheRelay,
+    "hubcache-mirror-net": HubcacheMirrorNetwork,
     "registry-proxy": RegistryProxy,
 }
 
@@ -507,7 +569,7 @@ def proxy_state(proxy: Proc | None) -> str:
 
 @dataclass(frozen=True)
 class Concurrent:
-    """N skopeo clients pulling the same image at once through a cold cache."""
+    """N skopeo clients pulling the same image at once through a cold cache, or a warm one."""
 
     path: str
     image: BenchImage
@@ -520,10 +582,20 @@ class Concurrent:
     upstream_bytes: int
 
 
-def measure_at_once(bench: Bench, way: Way, image: BenchImage, clients: int) -> tuple[Concurrent, list[str]]:
-    """`clients` skopeo pulls at once through the cold cache of `way`; the result and the errors."""
+def measure_at_once(bench: Bench, way: Way, image: BenchImage, clients: int, warm: bool = False) -> tuple[Concurrent, list[str]]:
+    """`clients` skopeo pulls at once through the cold cache of `way` (or, `warm`, through the
+    cache one pull filled, with a new proxy process); the result and the errors."""
     try:
         way.start()
+        if warm:
+            fill = SkopeoClient(bench.workdir / "fill")
+            fill.prepare(way.route())
+            fill.pull(image.ref(way.route().host), pull_timeout(image.bytes))
+            fill.close()
+            way.settle(image)
+            bench.upstream.settle()
+            way.stop()
+            way.start()
         assert way.proc is not None
         bench.upstream.reset_requests()
         with TreeMeter(way.proc.pid) as meter:
@@ -534,7 +606,7 @@ def measure_at_once(bench: Bench, way: Way, image: BenchImage, clients: int) -> 
         way.close()
     requests, nbytes = bench.served()
     result = Concurrent(
-        way.paths[0], image, clients, clients - len(errors), seconds, meter.peak_rss_mb, meter.cpu_seconds, requests, nbytes
+        way.paths[-1 if warm else 0], image, clients, clients - len(errors), seconds, meter.peak_rss_mb, meter.cpu_seconds, requests, nbytes
     )
     return result, errors
 
@@ -798,17 +870,19 @@ def concurrency_table(results: Results) -> Table | None:
     if not results.concurrent:
         return None
     columns = ["path", "image", "clients ok", "s", "MB/s (all clients)", "proxy RSS MiB", "proxy CPU s",
-               "upstream req", "upstream MB", "upstream / image"]
+               "CPU s / GiB", "upstream req", "upstream MB", "upstream / image"]
     rows = [
         [
             c.path, c.image.label, f"{c.succeeded}/{c.clients}", f"{c.seconds:.2f}",
             f"{c.clients * c.image.bytes / MB / c.seconds:.0f}", f"{c.rss_mb:.0f}", f"{c.cpu_seconds:.1f}",
+            f"{c.cpu_seconds / (c.succeeded * c.image.bytes / GIB):.2f}" if c.succeeded else "-",
             str(c.upstream_requests), f"{c.upstream_bytes / MB:.0f}", f"{c.upstream_bytes / c.image.bytes:.2f}",
         ]
         for c in results.concurrent
     ]
     clients = results.concurrent[0].clients
-    return Table(f"{clients} skopeo clients pulling one image at once through a cold cache (one run)", columns, rows, 2)
+    title = f"{clients} skopeo clients pulling one image at once through a cold cache, or a warm one (one run; CPU per GiB served)"
+    return Table(title, columns, rows, 2)
 
 
 def first_bytes_table(results: Results) -> Table | None:
@@ -878,6 +952,8 @@ def run(options: argparse.Namespace) -> Results:
                             measure_way(bench, results, run_index, client, image, way)
             for way in [w for w in ("hubcache", "registry-proxy") if w in options.ways and options.concurrency]:
                 measure_concurrent(bench, results, way, options.concurrency)
+            for way in [w for w in WARM_AT_ONCE if w in options.ways and options.concurrency]:
+                measure_concurrent(bench, results, way, options.concurrency, warm=True)
             for way in [w for w in ("hubcache", "registry-proxy") if w in options.ways and options.first_bytes]:
                 measure_first_bytes(bench, results, way)
     finally:
@@ -899,16 +975,19 @@ def measure_way(bench: Bench, results: Results, run_index: int, client: Client, 
         progress.print(f"[red]{results.errors[-1]}[/red]", highlight=False)
 
 
-def measure_concurrent(bench: Bench, results: Results, way: str, clients: int) -> None:
+WARM_AT_ONCE = ("hubcache", "hubcache-https", "hubcache-mirror-net", "registry-proxy")  # many clients, warm
+
+
+def measure_concurrent(bench: Bench, results: Results, way: str, clients: int, warm: bool = False) -> None:
     image = bench.images[0]  # the multi-layer one
     try:
-        result, errors = measure_at_once(bench, WAYS[way](bench), image, clients)
+        result, errors = measure_at_once(bench, WAYS[way](bench), image, clients, warm)
     except (BenchError, ProcError, RuntimeError, OSError) as e:
         errors = [first_line(e)]
     else:
         results.concurrent.append(result)
-        progress.print(f"[dim]{clients} clients at once, {way}: {result.seconds:.2f} s[/dim]", highlight=False)
-    results.errors += [f"{clients} clients at once, {way}: {e}" for e in sorted(set(errors))]
+        progress.print(f"[dim]{clients} clients at once, {result.path}: {result.seconds:.2f} s[/dim]", highlight=False)
+    results.errors += [f"{clients} clients at once, {way}{' warm' if warm else ''}: {e}" for e in sorted(set(errors))]
 
 
 def measure_first_bytes(bench: Bench, results: Results, way: str) -> None:

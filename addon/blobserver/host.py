@@ -1,5 +1,6 @@
 """Runs the blob server process (`server.py`) beside the proxy and sends clients to it: a 307 to a
-signed URL, on loopback (`http://127.0.0.1:PORT/...`) or through the proxy
+signed URL on loopback (`http://127.0.0.1:PORT/...`), on an address of this machine that clients
+on other machines reach directly (`blob_listen`), or through the proxy
 (`https://blobs.hubcache.invalid/...`, routed here, never intercepted), as `blob_urls` chooses. The
 server's TLS key is its own, certified by mitmproxy's CA and handed over in memory only."""
 
@@ -7,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime
+import ipaddress
 import logging
 import os
 import subprocess
@@ -44,6 +46,7 @@ class BlobHost:
         self.mirror_port: int | None = None  # the HTTPS listener for a mirror's clients on other machines
         # (address, PEM certificate and key) of that listener, set by the mirror when it needs one
         self.mirror_tls: tuple[str, bytes] | None = None
+        self.direct: tuple[str, int] | None = None  # (address as clients name it, port) of the blob_listen listener
         self._proc: subprocess.Popen | None = None
         self._cache_dir: Path | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -58,9 +61,19 @@ class BlobHost:
             str,
             "auto",
             "Where blob GETs are redirected: 'loopback' (plain HTTP on 127.0.0.1, for clients on "
-            "this machine: fastest), 'https' (through the proxy, for clients anywhere), or 'auto' "
-            "(loopback when the proxy listens on loopback only).",
+            "this machine: fastest), 'https' (for clients anywhere: on blob_listen's address, which "
+            "clients reach directly, else through the proxy), or 'auto' (loopback when the proxy "
+            "listens on loopback only).",
             choices=("auto", "loopback", "https"),
+        )
+        loader.add_option(
+            "blob_listen",
+            str,
+            "",
+            "ADDRESS[:PORT] of this machine where clients on other machines fetch blobs directly over "
+            "HTTPS when blob URLs are https (their NO_PROXY must name ADDRESS: see `hubcache setup`); "
+            "empty: the proxy's listen host when it is one address beyond loopback, any free port; "
+            "'relay': none, blobs are relayed through the proxy.",
         )
         loader.add_option(
             "blob_head_timeout",
@@ -92,7 +105,13 @@ class BlobHost:
         path = blobserver.signed_path(self.secret, digest, fill, size, tag)
         if self.loopback_port and self._loopback():
             return f"http://127.0.0.1:{self.loopback_port}{path}"
+        if self.direct:
+            return f"https://{_url_host(self.direct[0])}:{self.direct[1]}{path}"
         return f"https://{BLOB_HOST}{path}"
+
+    def is_direct(self, host: str, port: int) -> bool:
+        """Whether host:port names the blob_listen listener (a client sending its URL through the proxy)."""
+        return self.direct is not None and port == self.direct[1] and host.lower().strip("[]") == self.direct[0].lower()
 
     @staticmethod
     def _loopback() -> bool:
@@ -108,8 +127,16 @@ class BlobHost:
         for name in ("blob_head_timeout", "blob_min_rate"):
             if name in updated and getattr(ctx.options, name) < 1:
                 raise exceptions.OptionsError(f"{name} must be 1 or more")
+        if "blob_listen" in updated and ctx.options.blob_listen not in ("", "relay"):
+            try:
+                parse_listen(ctx.options.blob_listen)
+            except ValueError:
+                raise exceptions.OptionsError(
+                    f"blob_listen: {ctx.options.blob_listen!r} is not ADDRESS[:PORT] (e.g. 10.0.0.5 or 10.0.0.5:5001), '' or 'relay'"
+                ) from None
         moved = "cache_dir" in updated and self._cache_dir != self._wanted_dir().resolve()
-        if self._proc and (moved or updated & {"client_idle_timeout", "blob_head_timeout", "blob_min_rate"}):
+        listeners = {"client_idle_timeout", "blob_head_timeout", "blob_min_rate", "blob_listen", "blob_urls", "listen_host"}
+        if self._proc and (moved or updated & listeners):
             self._start()
 
     def done(self) -> None:
@@ -143,6 +170,8 @@ class BlobHost:
                 return
             data.server.address = self.address
             data.server.via = None  # loopback: never through an upstream proxy
+        elif data.server.address and self.is_direct(*data.server.address):
+            data.server.via = None  # this machine: never through an upstream proxy
 
     def restart(self) -> None:
         """Start the blob server again if it runs (its listeners changed: a mirror's)."""
@@ -170,28 +199,45 @@ class BlobHost:
                 "--head-timeout", str(ctx.options.blob_head_timeout),
                 "--min-rate", str(ctx.options.blob_min_rate),
             ]
+            direct = self._direct_listen()
+            networks = [(*direct, _certificate(direct[0]))] if direct else []
             if self.mirror_tls:
-                address, pem = self.mirror_tls
-                fds.append(mirror := os.memfd_create("hubcache-mirror"))
-                os.write(mirror, pem)
-                argv += ["--mirror-address", address, "--mirror-credentials-fd", str(mirror)]
+                networks.append((self.mirror_tls[0], 0, self.mirror_tls[1]))
+            for address, port, pem in networks:
+                fds.append(fd := os.memfd_create("hubcache-network"))
+                os.write(fd, pem)
+                argv += ["--network", address, str(port), str(fd)]
             self._proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env, pass_fds=tuple(fds))
         finally:
             for fd in fds:
                 os.close(fd)
         assert self._proc.stdout
-        ports = self._proc.stdout.readline().decode().split()
-        if len(ports) != 4 or not all(p.isdigit() for p in ports):
+        sending, *words = self._proc.stdout.readline().decode().split() or [""]
+        ports = [int(p) for p in words if p.isdigit()]
+        expected = 3 + bool(direct) + bool(self.mirror_tls)
+        if sending not in ("ktls", "userspace") or len(ports) != expected:
             self._stop()
             logger.error("hubcache: the blob server did not start; see its message above")
             return
-        self.address = ("127.0.0.1", int(ports[0]))
-        self.loopback_port = int(ports[1])
-        self.tunnel_port = int(ports[2])
-        self.mirror_port = int(ports[3]) or None
+        self.address = ("127.0.0.1", ports[0])
+        self.loopback_port, self.tunnel_port = ports[1], ports[2]
+        rest = ports[3:]
+        self.direct = (direct[0], rest.pop(0)) if direct else None
+        self.mirror_port = rest.pop(0) if self.mirror_tls else None
         threading.Thread(target=self._read_reports, args=(self._proc, self._proc.stdout), daemon=True).start()
-        for_mirror = f" and {self.mirror_tls[0]}:{ports[3]} (https, for the mirror's clients)" if self.mirror_tls and self.mirror_port else ""
-        logger.info(f"hubcache: blob server on 127.0.0.1:{ports[0]} (https) and :{ports[1]} (loopback http){for_mirror}")
+        also = f" and {_url_host(self.direct[0])}:{self.direct[1]} (https, for clients on other machines)" if self.direct else ""
+        if self.mirror_tls and self.mirror_port:
+            also += f" and {self.mirror_tls[0]}:{self.mirror_port} (https, for the mirror's clients)"
+        how = (
+            "kTLS offered: where OpenSSL enables it, the kernel encrypts and blobs go by sendfile"
+            if sending == "ktls"
+            else "TLS in process, 1 MiB writes from a reused buffer (this kernel offers no kTLS)"
+        )
+        logger.info(f"hubcache: blob server on 127.0.0.1:{ports[0]} (https) and :{ports[1]} (loopback http){also}; {how}")
+
+    def _direct_listen(self) -> tuple[str, int] | None:
+        """Where the blob_listen listener goes (address, port; 0: any), if blob URLs are https."""
+        return None if self._loopback() else direct_listen(ctx.options.blob_listen, ctx.options.listen_host)
 
     def _read_reports(self, proc: subprocess.Popen, reports: IO[bytes]) -> None:
         for line in reports:
@@ -223,7 +269,7 @@ class BlobHost:
             self._start()
 
     def _stop(self) -> None:
-        self.address = self.loopback_port = self.tunnel_port = self.mirror_port = None
+        self.address = self.loopback_port = self.tunnel_port = self.mirror_port = self.direct = None
         if self._proc:
             assert self._proc.stdin
             self._proc.stdin.close()  # the server exits at EOF
@@ -235,22 +281,59 @@ class BlobHost:
             self._proc = None
 
 
-def _certificate() -> bytes:
-    """A fresh key and a certificate for the blob host signed by mitmproxy's CA, as one PEM."""
+def direct_listen(blob_listen: str, listen_host: str) -> tuple[str, int] | None:
+    """Where clients on other machines fetch blobs directly (address, port; 0: any free one), from
+    the options `blob_listen` and `listen_host`; None: relayed through the proxy. (Also what
+    `hubcache setup` names in NO_PROXY.)"""
+    if blob_listen == "relay":
+        return None
+    if blob_listen:
+        return parse_listen(blob_listen)
+    host = listen_host.strip("[]")
+    if host in LOOPBACK_HOSTS or host in ("", "0.0.0.0", "::"):
+        return None  # every address, or this machine's own clients only: no one address to name
+    return host, 0
+
+
+def parse_listen(value: str) -> tuple[str, int]:
+    """`ADDRESS[:PORT]` (IPv6 in brackets) -> (address, port; 0 if none); ValueError if it is not one."""
+    if value.startswith("["):
+        address, bracket, rest = value[1:].partition("]")
+        port = rest[1:] if rest.startswith(":") else ("0" if bracket and not rest else "-")
+    elif value.count(":") == 1:
+        address, _, port = value.partition(":")
+    else:
+        address, port = value, "0"  # an IPv6 address without brackets, or a name: any port
+    if not address or any(c in address for c in "/@ []") or not (port.isdigit() and int(port) < 65536):
+        raise ValueError(value)
+    return address, int(port)
+
+
+def _url_host(address: str) -> str:
+    return f"[{address}]" if ":" in address else address
+
+
+def _certificate(name: str = BLOB_HOST) -> bytes:
+    """A fresh key and a certificate for `name` (the blob host, or an address of this machine)
+    signed by mitmproxy's CA, as one PEM."""
     certstore = ctx.master.addons.get("tlsconfig").certstore
     ca = certstore.default_ca.to_cryptography()
     key = ec.generate_private_key(ec.SECP256R1())
     now = datetime.datetime.now(datetime.UTC)
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, BLOB_HOST)])
+    try:
+        alternative: x509.GeneralName = x509.IPAddress(ipaddress.ip_address(name))
+    except ValueError:
+        alternative = x509.DNSName(name)
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
     cert = (
         x509.CertificateBuilder()
-        .subject_name(name)
+        .subject_name(subject)
         .issuer_name(ca.subject)
         .public_key(key.public_key())
         .serial_number(x509.random_serial_number())
         .not_valid_before(now - datetime.timedelta(days=2))
         .not_valid_after(now + datetime.timedelta(days=CERT_DAYS))
-        .add_extension(x509.SubjectAlternativeName([x509.DNSName(BLOB_HOST)]), critical=False)
+        .add_extension(x509.SubjectAlternativeName([alternative]), critical=False)
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
         .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca.public_key()), critical=False)

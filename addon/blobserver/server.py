@@ -1,5 +1,6 @@
 """The blob server: a process of its own that sends blobs to clients, from the store or from a fill
 as its file grows (the last byte held back until the fill verified), by URLs the proxy signed.
+TLS goes by kTLS sendfile where the kernel offers it, else in large writes from one reused buffer.
 
 Run by the proxy as `python -m hubcache.blobserver.server`; it prints its ports, then a line
 `sent <tag> <bytes>` for every finished transfer whose URL carried a tag (for the proxy's metrics
@@ -34,7 +35,11 @@ logger = logging.getLogger(__name__)
 BLOB_HOST = "blobs.hubcache.invalid"  # never resolved: the proxy routes it (RFC 2606 name)
 SECRET_ENV = "HUBCACHE_BLOB_SECRET"
 URL_TTL = 600  # seconds a signed URL stays valid, like a CDN's
-CHUNK = 4 * 1024 * 1024  # large TLS writes: fewer records, fewer syscalls
+CHUNK = 4 * 1024 * 1024  # sendfile(2) spans
+TLS_CHUNK = 1024 * 1024  # one SSL_write: large enough for few calls, small enough to stay in the CPU's cache
+TICKETS = 2  # TLS 1.3 session tickets per full handshake: a client's next connections resume
+ULP_FILE = Path("/proc/sys/net/ipv4/tcp_available_ulp")
+SOL_TLS, TLS_TX = 282, 1  # linux/tls.h: set on a socket whose sending OpenSSL gave to the kernel
 POLL = 0.02  # seconds between looks at a growing fill
 COMMIT_WAIT = 10.0
 MAX_CONNECT_HEAD = 8192
@@ -84,6 +89,7 @@ class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     _tag = ""  # of the request being answered
     _sent = 0  # bytes of its body sent so far
+    _chunk: memoryview | None = None
 
     def handle_one_request(self) -> None:
         super().handle_one_request()
@@ -214,12 +220,20 @@ class _Handler(BaseHTTPRequestHandler):
             self._sent += sent
 
     def _send_span(self, blob: BinaryIO, offset: int, count: int) -> int:
-        if isinstance(self.connection, ssl.SSLSocket):
-            data = os.pread(blob.fileno(), count, offset)
-            self.wfile.write(data)
-            return len(data)
+        if isinstance(self.connection, ssl.SSLSocket) and not kernel_tls(self.connection):
+            view = self._buffer()[: min(count, TLS_CHUNK)]
+            read = os.preadv(blob.fileno(), [view], offset)
+            self.connection.sendall(view[:read])
+            return read
         self.wfile.flush()
-        return self.connection.sendfile(blob, offset, count)
+        # Plain, or kTLS: the kernel encrypts what sendfile(2) sends (as OpenSSL's SSL_sendfile).
+        return socket.socket.sendfile(self.connection, blob, offset, count)
+
+    def _buffer(self) -> memoryview:
+        """The connection's one TLS write buffer, made at its first blob."""
+        if self._chunk is None:
+            self._chunk = memoryview(bytearray(TLS_CHUNK))
+        return self._chunk
 
     def _error(self, code: protocol.ErrorCode, message: str, extra: dict | None = None) -> None:
         body = protocol.error_body(code, message)
@@ -286,6 +300,40 @@ class _TunnelServer(_TLSServer):
         super().finish_request(request, client_address)
 
 
+def ktls_offered(ulp_file: Path = ULP_FILE) -> bool:
+    """Whether this kernel offers kTLS (its `tls` upper layer protocol) and this ssl module can
+    ask OpenSSL to use it."""
+    try:
+        offered = "tls" in ulp_file.read_text().split()
+    except OSError:
+        return False
+    return offered and hasattr(ssl, "OP_ENABLE_KTLS")
+
+
+def kernel_tls(sock: socket.socket) -> bool:
+    """Whether OpenSSL gave this connection's sending to the kernel (kTLS): it may fail to for a
+    cipher or a kernel it does not know, and then writes records itself."""
+    try:
+        sock.getsockopt(SOL_TLS, TLS_TX, 64)
+    except OSError:
+        return False
+    return True
+
+
+def server_context(credentials_fd: int, ktls: bool) -> ssl.SSLContext:
+    """A server context for the PEM certificate and key in `credentials_fd` (closed after)."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(f"/proc/self/fd/{credentials_fd}")
+    os.close(credentials_fd)
+    context.num_tickets = TICKETS
+    # The client's cipher order, not OpenSSL's (AES-256 first): a Go client on AES hardware asks
+    # for AES-128-GCM first, the cheaper one for it and for this server alike.
+    context.options &= ~ssl.OP_CIPHER_SERVER_PREFERENCE
+    if ktls:
+        context.options |= ssl.OP_ENABLE_KTLS
+    return context
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description="hubcache's blob server (started by the proxy)")
     parser.add_argument("--cache-dir", required=True, type=Path)
@@ -295,27 +343,35 @@ def main() -> None:
     parser.add_argument("--idle-timeout", type=float, default=60.0, help="seconds an idle connection is kept")
     parser.add_argument("--head-timeout", type=float, default=HEAD_TIMEOUT, help="seconds for a TLS handshake and a request head")
     parser.add_argument("--min-rate", type=int, default=MIN_RATE, help="bytes per second a client must read its answer at")
-    parser.add_argument("--mirror-address", help="also serve HTTPS on this address (a mirror's clients on other machines)")
-    parser.add_argument("--mirror-credentials-fd", type=int, help="a file descriptor holding the mirror's PEM certificate and key")
+    parser.add_argument(
+        "--network",
+        nargs=3,
+        action="append",
+        default=[],
+        metavar=("ADDRESS", "PORT", "FD"),
+        help="also serve HTTPS on ADDRESS:PORT (0: any free port) for clients on other machines, with the PEM "
+        "certificate and key in FD (the proxy's blob_listen, a mirror's address); its port is printed in order",
+    )
     args = parser.parse_args()
     _allow_files(4 * _PlainServer.max_connections)  # a socket, its watched copy, a blob, per connection
     secret = bytes.fromhex(os.environ.pop(SECRET_ENV))
     logging.basicConfig(level=logging.WARNING, format="hubcache blob server: %(message)s")
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    context.load_cert_chain(f"/proc/self/fd/{args.credentials_fd}")
-    os.close(args.credentials_fd)
+    ktls = ktls_offered()
+    context = server_context(args.credentials_fd, ktls)
     store = Store(args.cache_dir)
     handler = type("Handler", (_Handler,), {"store": store, "secret": secret})
     tls = _TLSServer(("127.0.0.1", 0), handler, context)
     plain = _PlainServer(("127.0.0.1", 0), handler)
     tunnel = _TunnelServer(("127.0.0.1", 0), handler, context)
     servers: list[_PlainServer] = [tls, plain, tunnel]
-    if args.mirror_address and args.mirror_credentials_fd is not None:
-        mirror_context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        mirror_context.load_cert_chain(f"/proc/self/fd/{args.mirror_credentials_fd}")
-        os.close(args.mirror_credentials_fd)
-        family = socket.AF_INET6 if ":" in args.mirror_address else socket.AF_INET
-        servers.append(type("_MirrorServer", (_TLSServer,), {"address_family": family})((args.mirror_address, 0), handler, mirror_context))
+    for address, port, fd in args.network:
+        family = socket.AF_INET6 if ":" in address else socket.AF_INET
+        network = type("_NetworkServer", (_TLSServer,), {"address_family": family})
+        try:
+            servers.append(network((address, int(port)), handler, server_context(int(fd), ktls)))
+        except OSError as e:
+            logger.error(f"cannot listen on {address}:{port} for clients on other machines: {e.strerror or e}")
+            sys.exit(2)
     for server in servers:
         server.idle_timeout = args.idle_timeout
         server.head_timeout = args.head_timeout
@@ -323,8 +379,7 @@ def main() -> None:
     for server in servers[1:]:
         threading.Thread(target=server.serve_forever, daemon=True).start()
     threading.Thread(target=_exit_with_parent, daemon=True).start()
-    mirror_port = servers[3].server_address[1] if len(servers) > 3 else 0
-    print(tls.server_address[1], plain.server_address[1], tunnel.server_address[1], mirror_port, flush=True)
+    print("ktls" if ktls else "userspace", *(server.server_address[1] for server in servers), flush=True)
     tls.serve_forever()
 
 

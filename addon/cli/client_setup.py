@@ -61,36 +61,52 @@ def _install_system_ca(ca_cert: Path) -> list[str]:
     return [f"cp {ca_cert} {SYSTEM_CA}", "update-ca-certificates"]
 
 
-def _proxy_env(proxy: str) -> dict[str, str]:
-    # Go clients read either spelling; curl-based tools only the lower case one.
-    return {"HTTPS_PROXY": proxy, "https_proxy": proxy}
+def _proxy_env(proxy: str, no_proxy: str = "") -> dict[str, str]:
+    # Go clients read either spelling (NO_PROXY first); curl-based tools only the lower case one.
+    env = {"HTTPS_PROXY": proxy, "https_proxy": proxy}
+    if no_proxy:
+        env |= {"NO_PROXY": no_proxy, "no_proxy": no_proxy}
+    return env
 
 
-def _systemd_drop_in(service: str, proxy: str) -> ConfigFile:
-    return ConfigFile(
-        Path(f"/etc/systemd/system/{service}.service.d/http-proxy.conf"),
-        f'[Service]\nEnvironment="HTTPS_PROXY={proxy}"\n',
-    )
+def _no_proxy_notes(no_proxy: str) -> list[str]:
+    if not no_proxy:
+        return []
+    return [
+        f"NO_PROXY={no_proxy}: blobs come from hubcache's blob server at that address, directly, not",
+        "through the proxy (Go clients match an address without its port, in every Go version). Add",
+        "it to a NO_PROXY the client already has; without it, blobs are relayed through the proxy.",
+    ]
 
 
-def dockerd(proxy: str, ca_cert: Path) -> Setup:
+def _systemd_drop_in(service: str, proxy: str, no_proxy: str = "") -> ConfigFile:
+    lines = f'[Service]\nEnvironment="HTTPS_PROXY={proxy}"\n'
+    if no_proxy:
+        lines += f'Environment="NO_PROXY={no_proxy}"\n'
+    return ConfigFile(Path(f"/etc/systemd/system/{service}.service.d/http-proxy.conf"), lines)
+
+
+def dockerd(proxy: str, ca_cert: Path, no_proxy: str = "") -> Setup:
     return Setup(
         "dockerd: pulls made by the daemon go through hubcache.",
         notes=[
             "For Docker Hub dockerd trusts only the system pool (it ignores /etc/docker/certs.d),",
-            "so the CA goes into the system store. The proxy goes into a systemd drop-in; with",
-            "Engine 23 or later it may go into /etc/docker/daemon.json instead (merge it into the",
-            "file's object; older engines refuse to start with it):",
-            f"  {daemon_json_proxies(proxy)}",
+            "so the CA goes into the system store. The proxy goes into a systemd drop-in (dockerd reads",
+            "its own environment, not the shell's); with Engine 23 or later it may go into",
+            "/etc/docker/daemon.json instead (merge it into the file's object; older engines refuse",
+            "to start with it):",
+            f"  {daemon_json_proxies(proxy, no_proxy)}",
             "dockerd reads the proxy and the CA only at start.",
+            *_no_proxy_notes(no_proxy),
         ],
-        files=[_systemd_drop_in("docker", proxy)],
+        files=[_systemd_drop_in("docker", proxy, no_proxy)],
         commands=[*_install_system_ca(ca_cert), "systemctl daemon-reload && systemctl restart docker"],
     )
 
 
-def daemon_json_proxies(proxy: str) -> str:
-    return json.dumps({"proxies": {"https-proxy": proxy}})
+def daemon_json_proxies(proxy: str, no_proxy: str = "") -> str:
+    proxies = {"https-proxy": proxy} | ({"no-proxy": no_proxy} if no_proxy else {})
+    return json.dumps({"proxies": proxies})
 
 
 def _hosts_tomls(registries: list[str], ca_cert: Path, host: str = "") -> list[ConfigFile]:
@@ -108,8 +124,8 @@ def _hosts_tomls(registries: list[str], ca_cert: Path, host: str = "") -> list[C
     return files
 
 
-def containerd(proxy: str, ca_cert: Path, registries: list[str]) -> Setup:
-    files = [_systemd_drop_in("containerd", proxy), *_hosts_tomls(registries, ca_cert)]
+def containerd(proxy: str, ca_cert: Path, registries: list[str], no_proxy: str = "") -> Setup:
+    files = [_systemd_drop_in("containerd", proxy, no_proxy), *_hosts_tomls(registries, ca_cert)]
     return Setup(
         "containerd: the daemon's pulls (kubelet, CRI) and ctr's own pulls go through hubcache.",
         notes=[
@@ -121,9 +137,10 @@ def containerd(proxy: str, ca_cert: Path, registries: list[str]) -> Setup:
             f"  HTTPS_PROXY={proxy} ctr image pull --hosts-dir {CONTAINERD_HOSTS_DIR} docker.io/library/alpine:3.20",
             "Instead of the hosts.toml files, the CA may go into the system store",
             f"  (cp {ca_cert} {SYSTEM_CA} && update-ca-certificates).",
+            *_no_proxy_notes(no_proxy),
         ],
         files=files,
-        env=_proxy_env(proxy),
+        env=_proxy_env(proxy, no_proxy),
         commands=["systemctl daemon-reload && systemctl restart containerd"],
     )
 
@@ -133,24 +150,25 @@ def _registry_names(registries: list[str]) -> list[str]:
     return list(dict.fromkeys(canonical_registry(host) for host in registries))
 
 
-def _containers(client: str, proxy: str, ca_cert: Path) -> Setup:
+def _containers(client: str, proxy: str, ca_cert: Path, no_proxy: str = "") -> Setup:
     return Setup(
         f"{client}: pulls made by each {client} command go through hubcache.",
         notes=[
             f"{client} reads the proxy from its environment and the CA from {CONTAINERS_CERTS_DIR}/<registry>/,",
             "a folder named after the registry as written in image names: docker.io, not registry-1.docker.io.",
+            *_no_proxy_notes(no_proxy),
         ],
         files=[ConfigFile(CONTAINERS_CERTS_DIR / "docker.io" / "hubcache.crt", ca_cert.read_text())],
-        env=_proxy_env(proxy),
+        env=_proxy_env(proxy, no_proxy),
     )
 
 
-def podman(proxy: str, ca_cert: Path) -> Setup:
-    return _containers("podman", proxy, ca_cert)
+def podman(proxy: str, ca_cert: Path, no_proxy: str = "") -> Setup:
+    return _containers("podman", proxy, ca_cert, no_proxy)
 
 
-def skopeo(proxy: str, ca_cert: Path) -> Setup:
-    return _containers("skopeo", proxy, ca_cert)
+def skopeo(proxy: str, ca_cert: Path, no_proxy: str = "") -> Setup:
+    return _containers("skopeo", proxy, ca_cert, no_proxy)
 
 
 def systemd_unit(hubcache: Path, listen_host: str, listen_port: int) -> str:

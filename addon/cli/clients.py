@@ -80,6 +80,7 @@ def ca_command(confdir: Path, install: bool) -> None:
 @confdir_option
 @click.option("--mirror", is_flag=True, help="Point CLIENT at the mirror endpoint (mirror_listen) instead of the proxy.")
 @click.option("--mirror-listen", metavar="ADDRESS:PORT", help="hubcache's mirror_listen, if not the config file's.")
+@click.option("--blob-listen", metavar="ADDRESS[:PORT]", help="hubcache's blob_listen, if not the config file's (named in NO_PROXY).")
 @config_option
 def setup_command(
     client: str,
@@ -90,6 +91,7 @@ def setup_command(
     config_file: Path | None,
     mirror: bool = False,
     mirror_listen: str | None = None,
+    blob_listen: str | None = None,
 ) -> None:
     """Print how to point CLIENT at this hubcache: every file to write, the environment and the
     commands, as a shell script to read (and run as root). For `systemd`: a unit file that runs
@@ -106,6 +108,7 @@ def setup_command(
     import sys
     from urllib.parse import urlsplit
 
+    from ..blobserver.host import direct_listen
     from ..registry.settings import DEFAULT_REGISTRIES
     from . import client_setup as clientsetup
 
@@ -131,13 +134,19 @@ def setup_command(
             raise click.BadParameter(f"{proxy!r} is not a proxy URL like http://127.0.0.1:3128", param_hint="--proxy")
     else:
         proxy = clientsetup.proxy_url(host, port)
+    blob_listen = blob_listen if blob_listen is not None else configured.get("blob_listen", [""])[-1]
+    try:
+        direct = direct_listen(blob_listen, host) if configured.get("blob_urls", ["auto"])[-1] != "loopback" else None
+    except ValueError:
+        raise click.BadParameter(f"{blob_listen!r} is not ADDRESS[:PORT]", param_hint="--blob-listen") from None
+    no_proxy = direct[0] if direct else ""  # where blobs come from directly (see BlobHost)
     ca_cert = _ca(confdir)
     registries = configured.get("registries") or list(DEFAULT_REGISTRIES)
     setups = {
-        "dockerd": lambda: clientsetup.dockerd(proxy, ca_cert),
-        "containerd": lambda: clientsetup.containerd(proxy, ca_cert, registries),
-        "podman": lambda: clientsetup.podman(proxy, ca_cert),
-        "skopeo": lambda: clientsetup.skopeo(proxy, ca_cert),
+        "dockerd": lambda: clientsetup.dockerd(proxy, ca_cert, no_proxy),
+        "containerd": lambda: clientsetup.containerd(proxy, ca_cert, registries, no_proxy),
+        "podman": lambda: clientsetup.podman(proxy, ca_cert, no_proxy),
+        "skopeo": lambda: clientsetup.skopeo(proxy, ca_cert, no_proxy),
     }
     click.echo(setups[client]().text(), nl=False)
 

@@ -1,7 +1,8 @@
 """Where clients of the proxy may go: never to hubcache's own listeners, and, when the proxy serves
 a network (`local_destinations`), not to this host's loopback, link-local or own addresses, nor a
 cloud's metadata addresses. The check is made on the addresses a name resolves to, and the
-connection goes to the address checked."""
+connection goes to the address checked; the blob server's `blob_listen` listener is hubcache's own
+and let through."""
 
 from __future__ import annotations
 
@@ -125,7 +126,7 @@ class Destinations:
         as named). Behind an upstream proxy, that proxy resolves names: only literal addresses
         and `localhost` are judged."""
         name = host.lower().strip("[]")
-        if name == BLOB_HOST or self.override.maps(name, port):
+        if name == BLOB_HOST or self.blobs.is_direct(name, port) or self.override.maps(name, port):
             return None
         addresses = _literal(name)
         if addresses is None:

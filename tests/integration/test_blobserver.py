@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import logging
 import os
 import re
 import socket
@@ -12,6 +13,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import pytest
 from mitmproxy import connection, ctx
@@ -382,3 +384,65 @@ def test_a_reader_slower_than_the_minimum_rate_is_cut(blobs, transport):
             pass
     assert sent[0] < len(BIG) and received < len(BIG)
     assert get(blobs, path_of(blobs, digest_of(BIG)), transport=transport)[::2] == (200, BIG)
+
+
+def test_a_client_resumes_its_tls_session(blobs):
+    """The many short requests of a pull: a client that keeps its session (curl, Python) skips the
+    full handshake on its next connection."""
+    put(blobs.store)
+    context = ssl.create_default_context(cafile=str(blobs.ca))
+    session = None
+    for attempt in range(2):
+        raw = socket.create_connection(blobs.host.address, timeout=20)
+        with context.wrap_socket(raw, server_hostname=BLOB_HOST, session=session) as tls:
+            conn = http.client.HTTPSConnection(BLOB_HOST, context=context, timeout=20)
+            conn.sock = tls
+            conn.request("HEAD", path_of(blobs))
+            assert conn.getresponse().status == 200
+            if attempt:
+                assert tls.session_reused, "a full handshake again: the server handed out no session ticket"
+            session = tls.session
+
+
+def test_the_log_says_how_tls_is_sent(blobs, caplog):
+    """kTLS where this kernel offers it, else TLS in the process: either way the blob arrives whole."""
+    offered = "tls" in Path("/proc/sys/net/ipv4/tcp_available_ulp").read_text().split()
+    with caplog.at_level(logging.INFO, logger="hubcache.blobserver.host"):
+        blobs.host.restart()
+    started = [r.getMessage() for r in caplog.records if "blob server on" in r.getMessage()]
+    assert len(started) == 1
+    assert ("kTLS offered" in started[0]) == offered
+    assert ("this kernel offers no kTLS" in started[0]) == (not offered)
+    put(blobs.store)
+    try:
+        status, _, body = get(blobs, path_of(blobs))
+    except ssl.SSLError as e:
+        raise AssertionError(f"the body did not arrive as TLS (sendfile without kTLS sends plaintext): {e}") from None
+    assert status == 200 and body == BLOB
+
+
+def test_a_listener_on_an_address_of_this_machine_serves_signed_urls_only(blobs):
+    """`blob_listen`: clients on other machines reach it directly, by the address its
+    certificate names; the signature still decides what it serves."""
+    ctx.options.update(blob_urls="https", blob_listen="127.0.0.2")
+    assert blobs.host.direct and blobs.host.direct[0] == "127.0.0.2"
+    put(blobs.store)
+    url = urlsplit(blobs.host.url(DIGEST))
+    assert (url.scheme, url.hostname, url.port) == ("https", "127.0.0.2", blobs.host.direct[1])
+    context = ssl.create_default_context(cafile=str(blobs.ca))  # checks the address against the certificate
+
+    def fetch(target: str, headers: dict | None = None) -> tuple[int, bytes]:
+        conn = http.client.HTTPSConnection("127.0.0.2", url.port, context=context, timeout=20)
+        try:
+            conn.request("GET", target, headers=headers or {})
+            response = conn.getresponse()
+            return response.status, response.read()
+        finally:
+            conn.close()
+
+    assert fetch(f"{url.path}?{url.query}") == (200, BLOB)
+    assert fetch(f"{url.path}?{url.query}", {"Range": "bytes=10-19"}) == (206, BLOB[10:20])
+    assert fetch(url.path)[0] == 403
+    assert fetch(f"{url.path}?{url.query}".replace("signature=", "signature=0"))[0] == 403
+    other = blobserver.signed_path(os.urandom(32), DIGEST)  # signed, but not by this proxy
+    assert fetch(other)[0] == 403

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import ClassVar
+from urllib.parse import urlsplit
 
 import pytest
 from cryptography import x509
@@ -484,3 +485,35 @@ def test_the_store_and_the_journal_are_the_service_users_alone(hubcache, dockerh
     assert pulled.returncode == 0, pulled.stderr
     assert proxy.cache_dir.stat().st_mode & 0o077 == 0
     assert (proxy.cache_dir / "misses.jsonl").stat().st_mode & 0o077 == 0
+
+
+def test_blob_urls_on_an_address_of_this_machine_still_serve_clients_through_the_proxy(hubcache, dockerhub, multi_image, tmp_path):
+    """`blob_listen`: Go clients fetch blobs from that address directly (a loopback one: they never
+    proxy it); a client that sends the URL through the proxy (HTTPS_PROXY without NO_PROXY) is
+    relayed there, even by a proxy that refuses local destinations; nothing else of the address
+    opens; and the listener serves signed URLs only."""
+    proxy = hubcache(blob_urls="https", blob_listen="127.0.0.2", local_destinations="refuse")
+    pulled = skopeo_copy(f"docker://{HUB}/library/multi:1", tmp_path / "pulled", proxy=proxy.url, ca_bundle=proxy.client_bundle)
+    assert pulled.returncode == 0, pulled.stderr
+    layer = multi_image.platform("linux/amd64").layers[0]
+    path = f"/v2/library/multi/blobs/{layer.digest}"
+    token = proxied.docker_hub_token(proxy.port, "library/multi", ca=proxy.ca_cert)
+    headers = {"Authorization": f"Bearer {token}"}
+    redirect = proxied.request(proxy.port, HUB, path, ca=proxy.ca_cert, headers=headers, follow=False)
+    assert redirect.status == 307
+    location = urlsplit(redirect.headers["Location"])
+    assert (location.scheme, location.hostname) == ("https", "127.0.0.2")
+    try:
+        through = proxied.request(proxy.port, HUB, path, ca=proxy.ca_cert, headers=headers)
+    except OSError as e:
+        raise AssertionError(f"the client through the proxy was not relayed to the blob server: {e}") from None
+    assert through.status == 200 and "sha256:" + hashlib.sha256(through.body).hexdigest() == layer.digest
+    direct = curl("--noproxy", "*", "--cacert", str(proxy.ca_cert), location.geturl(), tmp=tmp_path)
+    assert direct.status == 200 and direct.body == through.body
+    tampered = location._replace(query=location.query.replace("signature=", "signature=0"))
+    for refused in (location._replace(query=""), tampered):
+        answer = curl("--noproxy", "*", "--cacert", str(proxy.ca_cert), refused.geturl(), tmp=tmp_path)
+        assert answer.status == 403 and b"DENIED" in answer.body, refused.geturl()
+    for port in [location.port + 1, *(int(p) for p in _blob_ports(proxy))]:
+        other = curl("-p", "-x", proxy.url, f"http://127.0.0.2:{port}/", tmp=tmp_path)
+        assert other.status == 403 or "403" in other.stderr, (port, other)

@@ -436,3 +436,18 @@ def test_ls_counts_the_referrers_cached_with_an_image(cache, single):
     assert images["docker.io/library/multi:1"]["referrers"] == 0
     table = invoke("ls", "--cache-dir", str(cache))
     assert "referrers" in table.output
+
+
+def test_setup_names_the_blob_servers_address_in_no_proxy(tmp_path):
+    """Blobs come from the blob server's address directly once a client's NO_PROXY names it
+    (`blob_listen`, or the proxy's one network address); a proxy for this machine only needs none."""
+    for client in ("podman", "skopeo", "containerd"):
+        script = setup(tmp_path, client, "--listen-host", "10.0.0.5")
+        assert (script.env.get("NO_PROXY"), script.env.get("no_proxy")) == ("10.0.0.5", "10.0.0.5"), client
+    dockerd = setup(tmp_path, "dockerd", "--listen-host", "0.0.0.0", "--blob-listen", "10.0.0.6:5001")
+    assert dockerd.drop_in_environment("docker") == {"HTTPS_PROXY": "http://127.0.0.1:3128", "NO_PROXY": "10.0.0.6"}
+    assert '  {"proxies": {"https-proxy": "http://127.0.0.1:3128", "no-proxy": "10.0.0.6"}}' in dockerd.notes
+    containerd = setup(tmp_path, "containerd", "--listen-host", "10.0.0.5")
+    assert containerd.drop_in_environment("containerd").get("NO_PROXY") == "10.0.0.5"
+    for args in ([], ["--listen-host", "0.0.0.0"], ["--listen-host", "10.0.0.5", "--blob-listen", "relay"]):
+        assert "NO_PROXY" not in setup(tmp_path, "skopeo", *args).env, args

@@ -155,3 +155,18 @@ async def test_behind_an_upstream_proxy_only_literals_are_judged(guard):
     assert await destinations.check("registry.example", 443, via_proxy=True) is None
     with pytest.raises(Refused):
         await destinations.check("localhost", 6379, via_proxy=True)
+
+
+async def test_the_blob_servers_listener_for_other_machines_is_reachable_alone(guard):
+    """A client without NO_PROXY sends its blob URL on `blob_listen` through the proxy: relayed
+    there, though the address is this host's; its other ports stay refused."""
+    _, destinations, _ = guard
+    blobs = destinations.blobs
+    blobs.direct = ("127.0.0.2", 5001)
+    f = connect("127.0.0.2", 5001)
+    await destinations.http_connect(f)
+    assert f.response is None, "the blob server's listener refused"
+    for port in (5002, 3129):
+        other = connect("127.0.0.2", port)
+        await destinations.http_connect(other)
+        assert other.response and other.response.status_code == 403, port
