@@ -156,8 +156,8 @@ MUTANTS: list[Mutant] = [
     mutant(
         "fetch-skips-server-connect",
         "a fill's connection goes where mitmproxy's server_connect hook says (upstream_map, connect_addr)",
-        Edit("await hooks.handle_lifecycle(server_hooks.ServerConnectHook(data))", "pass"),
-        ["test_the_body_arrives_off_the_event_loop_with_every_hook_in_order"],
+        Edit("await self._run(server_hooks.ServerConnectHook(data))", "pass"),
+        ["test_the_body_arrives_off_the_event_loop_with_every_hook_in_order", "test_a_fill_runs_the_hooks_mitmproxy_runs_for_a_request_in_its_order"],
         UNIT,
     ),
     mutant(

@@ -28,7 +28,7 @@ from mitmproxy.addonmanager import Loader
 from mitmproxy.net.http import url
 from mitmproxy.proxy import layer, server_hooks
 
-from ..mitm import bodies
+from ..mitm import bodies, internals
 from ..mitm.flows import Mark, is_subrequest
 from ..registry import settings as registries
 from ..registry.settings import AUTH_HOSTS, DEFAULT_REGISTRIES, Settings
@@ -220,8 +220,8 @@ class Passthrough:
     def next_layer(self, nextlayer: layer.NextLayer) -> None:
         # mitmproxy's own choice first (its addon runs after hubcache's), then the guard on it.
         if nextlayer.layer is None:
-            ctx.master.addons.get("nextlayer").next_layer(nextlayer)
-        bodies.guard(nextlayer.layer)
+            internals.next_layer(nextlayer)
+        internals.guard(nextlayer.layer)
 
     def requestheaders(self, flow: http.HTTPFlow) -> None:
         request = flow.request

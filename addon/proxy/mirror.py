@@ -43,12 +43,10 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from mitmproxy import certs, ctx, exceptions, http, tls
 from mitmproxy.addonmanager import Loader
-from mitmproxy.net import server_spec
-from mitmproxy.proxy import mode_specs
 
 from ..blobserver.host import BlobHost
 from ..blobserver.server import BLOB_HOST
-from ..mitm import answers
+from ..mitm import answers, internals
 from ..mitm.flows import Mark, is_subrequest
 from ..registry import protocol
 from .interception import Interception
@@ -127,11 +125,7 @@ class Mirror:
             old = self.hosts.mirror_spec
             self.listen = listen
             self.hosts.mirror_spec = spec(listen) if listen else None
-            modes = [m for m in ctx.options.mode if m != old]
-            if self.hosts.mirror_spec:
-                modes.append(self.hosts.mirror_spec)
-            if modes != list(ctx.options.mode):
-                ctx.options.mode = modes
+            internals.replace_listener(old, self.hosts.mirror_spec)
             if listen:
                 logger.info(f"hubcache: registry mirror on {value} (https{' and http' if ctx.options.mirror_plain_http else ''})")
         if {"mirror_cert", "mirror_key"} & updated:
@@ -145,8 +139,7 @@ class Mirror:
     async def running(self) -> None:
         # mitmproxy may have started its listeners from the modes before this addon added its
         # own (the script loads late): make sure the mirror's listener is up.
-        proxyserver = ctx.master.addons.get("proxyserver")
-        if self.hosts.mirror_spec and proxyserver and not await proxyserver.setup_servers():
+        if self.hosts.mirror_spec and not await internals.start_listeners():
             logger.error(f"hubcache: the registry mirror cannot listen on {ctx.options.mirror_listen}")
         self._running = True
         self._blob_listener()  # before the blob server starts (BlobHost runs after this addon)
@@ -222,7 +215,7 @@ class Mirror:
             query = request.path.partition("?")[2]
             request.path = path + ("?" + query if query else "")
         request.host_header = host if port == 443 else f"{host}:{port}"
-        if via := _upstream_proxy():
+        if via := internals.upstream_proxy():
             flow.server_conn.via = via
 
     # TLS: the mirror's own certificate
@@ -230,11 +223,10 @@ class Mirror:
     def tls_start_client(self, tls_start: tls.TlsData) -> None:
         if not self.hosts.is_mirror(tls_start.context.client):
             return
-        tlsconfig = ctx.master.addons.get("tlsconfig")
         if tls_start.ssl_conn is None:
             # Script addons run before mitmproxy's tlsconfig: let it build the connection (its
             # versions, ciphers, ALPN), then present the mirror's certificate on it.
-            tlsconfig.tls_start_client(tls_start)
+            internals.tls_start_client(tls_start)
         assert tls_start.ssl_conn is not None
         cert, key = self._certificate()
         tls_start.ssl_conn.use_certificate(cert)
@@ -246,7 +238,7 @@ class Mirror:
             return self._own_cert
         if self._entry is None:
             sans = self.names()
-            self._entry = ctx.master.addons.get("tlsconfig").certstore.get_cert(str(sans[0].value), sans)
+            self._entry = internals.certstore().get_cert(str(sans[0].value), sans)
         return self._entry.cert.to_cryptography(), self._entry.privatekey
 
     def names(self) -> list[x509.GeneralName]:
@@ -344,17 +336,6 @@ def base_url(flow: http.HTTPFlow) -> str:
     if ":" in host:
         host = f"[{host}]"
     return f"{scheme}://{host}:{port}"
-
-
-def _upstream_proxy() -> server_spec.ServerSpec | None:
-    """The upstream proxy of `--mode upstream:` (the first mode), which hubcache's own requests
-    use too; the mirror's relayed requests go the same way."""
-    modes = ctx.options.mode
-    if modes and modes[0].startswith("upstream:"):
-        mode = mode_specs.ProxyMode.parse(modes[0])
-        assert isinstance(mode, mode_specs.UpstreamMode)
-        return (mode.scheme, mode.address)
-    return None
 
 
 def _read_cert(cert_file: str, key_file: str) -> tuple[x509.Certificate, Any] | None:

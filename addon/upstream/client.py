@@ -21,9 +21,9 @@ from collections.abc import Callable
 from urllib.parse import urlencode, urljoin
 
 from mitmproxy import ctx, http
-from mitmproxy.addons.clientplayback import ReplayHandler
 from mitmproxy.net.http import url
 
+from ..mitm import internals
 from ..mitm.flows import Mark, is_subrequest
 from ..registry import protocol
 from ..registry.protocol import Route
@@ -270,22 +270,8 @@ def _parsed(request: http.Request) -> Route | None:
         return None
 
 
-class _Replay:
-    """A subrequest through mitmproxy's proxy core, like a client replay."""
-
-    def __init__(self, flow: http.HTTPFlow):
-        self.handler = ReplayHandler(flow, ctx.options)
-        self.task = asyncio.ensure_future(self.handler.replay())
-
-    def cancel(self, reason: str) -> None:
-        for io in self.handler.transports.values():
-            if io.handler:
-                io.handler.cancel(reason)
-        self.task.cancel()
-
-
-def _start(flow: http.HTTPFlow, idle_timeout: float) -> _Replay | fetcher.Exchange:
+def _start(flow: http.HTTPFlow, idle_timeout: float) -> internals.Replay | fetcher.Exchange:
     """A blob fill's bytes run on a thread of their own (fetcher.py) wherever it can carry them."""
     if flow.metadata.get(Mark.FILL) and fetcher.handles(flow):
         return fetcher.Exchange(flow, idle_timeout)
-    return _Replay(flow)
+    return internals.Replay(flow)

@@ -6,7 +6,7 @@ redirects it follows) runs here instead: mitmproxy's addons still decide and see
 the order its core runs them (`requestheaders`, `request`, `server_connect` with `upstream_map`,
 `connect_addr` and its loop guard, `http_connect_upstream` for the upstream proxy and
 `upstream_auth`, `tls_start_server` for the TLS settings, `responseheaders`, `response` or
-`error`), while the connection, TLS (on the connection object `tls_start_server` made, so the
+`error`; `internals.RequestHooks` runs them), while the connection, TLS (on the connection object `tls_start_server` made, so the
 same CAs, `ssl_insecure`, client certificates, versions and ciphers) and the body run on a
 thread. The body goes to the stream callable the `responseheaders` hook set (the fill's writer),
 called on that thread.
@@ -27,17 +27,13 @@ from collections.abc import Callable
 from typing import Any, cast
 
 import h11
-from mitmproxy import connection, ctx, http, tls
 from mitmproxy import flow as flow_module
+from mitmproxy import http
 from mitmproxy.connection import Server
 from mitmproxy.net.http import http1
-from mitmproxy.proxy import server_hooks
-from mitmproxy.proxy.context import Context
-from mitmproxy.proxy.layers import http as http_layer
-from mitmproxy.proxy.layers import tls as tls_layer
-from mitmproxy.proxy.layers.http._hooks import HttpConnectUpstreamHook
-from mitmproxy.proxy.mode_specs import UpstreamMode
 from OpenSSL import SSL
+
+from ..mitm import internals
 
 logger = logging.getLogger(__name__)
 
@@ -64,17 +60,8 @@ def handles(flow: http.HTTPFlow) -> bool:
     """Whether this module can carry the request: https, directly or through an HTTP proxy."""
     if flow.request.scheme != "https":
         return False
-    mode = _upstream_mode()
-    return mode is None or mode.scheme == "http"
-
-
-def _upstream_mode() -> UpstreamMode | None:
-    modes = ctx.options.mode
-    if modes and modes[0].startswith("upstream:"):
-        mode = UpstreamMode.parse(modes[0])
-        assert isinstance(mode, UpstreamMode)
-        return mode
-    return None
+    proxy = internals.upstream_proxy()
+    return proxy is None or proxy[0] == "http"
 
 
 class Exchange:
@@ -104,43 +91,28 @@ class Exchange:
 
     async def _run(self) -> None:
         flow = self.flow
-        hooks = ctx.master.addons
-        flow.live = True  # as in mitmproxy's core: an addon may kill it
-        await hooks.handle_lifecycle(http_layer.HttpRequestHeadersHook(flow))
-        await hooks.handle_lifecycle(http_layer.HttpRequestHook(flow))
+        hooks = internals.RequestHooks(flow)
+        await hooks.request()
         if flow.response is None and not flow.error:
             try:
-                await self._exchange()
+                await self._exchange(hooks)
             except Failed as e:
                 flow.error = flow.error or flow_module.Error(str(e))  # cancel() said why first
-        if flow.response is not None and not flow.error:
-            await hooks.handle_lifecycle(http_layer.HttpResponseHook(flow))
-        else:
-            flow.response = None
-            flow.error = flow.error or flow_module.Error("no response")
-            await hooks.handle_lifecycle(http_layer.HttpErrorHook(flow))
-        flow.live = False
+        await hooks.end()
 
-    async def _exchange(self) -> None:
-        flow, hooks = self.flow, ctx.master.addons
-        request = flow.request
-        server = Server(address=(request.host, request.port), sni=request.pretty_host, tls=True, alpn_offers=[b"http/1.1"])
-        if mode := _upstream_mode():
-            server.via = (mode.scheme, mode.address)
-        data = server_hooks.ServerConnectionHookData(server=server, client=flow.client_conn)
-        await hooks.handle_lifecycle(server_hooks.ServerConnectHook(data))
+    async def _exchange(self, hooks: internals.RequestHooks) -> None:
+        flow = self.flow
+        server = internals.server_for(flow.request)
+        data = await hooks.server_connect(server)
         if server.error:
-            await hooks.handle_lifecycle(server_hooks.ServerConnectErrorHook(data))
+            await hooks.server_connect_error(data)
             raise Failed(f"Connection killed: {server.error}")
         connect = None
         if server.via:
-            connect = self._connect_request(server)
-            await hooks.handle_lifecycle(HttpConnectUpstreamHook(connect))
-        context = Context(flow.client_conn, ctx.options)
-        context.server = server
-        start = tls.TlsData(server, context)
+            connect = internals.connect_request(server)
+            await hooks.http_connect_upstream(connect)
         try:
-            await hooks.handle_lifecycle(tls_layer.TlsStartServerHook(start))
+            start = await hooks.tls_start_server(server)
         except (RuntimeError, ValueError) as e:  # TlsConfig: unreadable CA or client certificate
             raise Failed(f"TLS settings: {e}") from e
         assert start.ssl_conn, "tls_start_server made no TLS connection"
@@ -154,14 +126,14 @@ class Exchange:
             conn = await head
         except _NoConnection as e:
             server.error = str(e)
-            await hooks.handle_lifecycle(server_hooks.ServerConnectErrorHook(data))
+            await hooks.server_connect_error(data)
             raise
         self._conn = conn
         body = conn.body = loop.create_future()
         try:
             assert conn.response
             flow.response = response = conn.response
-            await hooks.handle_lifecycle(http_layer.HttpResponseHeadersHook(flow))
+            await hooks.responseheaders()
             if flow.error:  # killed: its body is not read
                 return
             conn.proceed(response.stream)
@@ -169,21 +141,6 @@ class Exchange:
         finally:
             conn.proceed(None)  # a thread still waiting for the go ends now
             await asyncio.to_thread(thread.join)
-
-    @staticmethod
-    def _connect_request(server: Server) -> http.HTTPFlow:
-        """The CONNECT mitmproxy sends an HTTP upstream proxy, for the `http_connect_upstream` hook."""
-        assert server.address
-        host, port = server.address
-        authority = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-        headers = http.Headers()
-        if ctx.options.http_connect_send_host_header:
-            headers["Host"] = authority
-        tunnel = connection.Server(address=server.via[1] if server.via else None)
-        flow = http.HTTPFlow(connection.Client(peername=("", 0), sockname=("", 0)), tunnel)
-        now = time.time()
-        flow.request = http.Request(host, port, b"CONNECT", b"", authority.encode(), b"", b"HTTP/1.1", headers, b"", None, now, now)
-        return flow
 
     # on the thread
 
