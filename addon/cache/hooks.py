@@ -7,8 +7,8 @@ The data path, hook by hook:
   manifests, tags and referrers to `ManifestRequests` (manifest_requests.py), blobs to `BlobRequests`
   (blob_requests.py), the /v2/ version check answered here. What the store cannot answer goes
   upstream through `Misses` (misses.py) and is followed to the response hook.
-- responseheaders: the body of hubcache's own blob request goes into its fill; a blob passed
-  through is relayed as it comes.
+- responseheaders: a blob passed through is relayed as it comes. (The body of a fill's own
+  request reaches the fill directly, through the sink it gives `upstream.run`.)
 - response: a manifest from upstream is verified and stored; a blob passed through is
   journalled.
 - error: a request followed upstream that broke is journalled.
@@ -169,8 +169,6 @@ class RegistryCache:
     # the answers upstream gives to what hubcache followed
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:
-        if self.blobs.responseheaders(flow):
-            return
         if (pending := self.misses.peek(flow)) and pending.route.kind is Kind.BLOB:
             self.blobs.relay(flow)
 

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
+from typing import Any, cast
 
 from mitmproxy import certs, connection, ctx, http, tls
 from mitmproxy import flow as flow_module
@@ -28,6 +30,12 @@ from mitmproxy.proxy.layers import tls as tls_layer
 from mitmproxy.proxy.layers.http._hooks import HttpConnectUpstreamHook
 
 from . import bodies
+
+# Where a response's body goes: a stream callable, given each chunk and b'' at the end.
+Stream = Callable[[bytes | bytearray], object]
+# The owner of a request's answer, asked once its head is in (after the responseheaders hook):
+# the stream callable its body goes to, or None (read like any other answer). It may kill the flow.
+Sink = Callable[[http.HTTPFlow], Stream | None]
 
 # The hooks RequestHooks runs, in mitmproxy's order; mitmproxy's core runs these too for a request
 # (and the ones in NOT_RUN), and no others.
@@ -128,11 +136,25 @@ def connect_request(server: connection.Server) -> http.HTTPFlow:
 # hubcache's other requests: through mitmproxy's core
 
 
-class Replay:
-    """A request through mitmproxy's proxy core, like a client replay; `task` ends with it."""
+class _ReplayHandler(ReplayHandler):
+    """A client replay whose response body goes where `sink` says."""
 
-    def __init__(self, flow: http.HTTPFlow):
-        self.handler = ReplayHandler(flow, ctx.options)
+    def __init__(self, flow: http.HTTPFlow, sink: Sink | None):
+        super().__init__(flow, ctx.options)
+        self.sink = sink
+
+    async def handle_hook(self, hook: commands.StartHook) -> None:
+        await super().handle_hook(hook)
+        if self.sink and isinstance(hook, http_layer.HttpResponseHeadersHook):
+            take(hook.flow, self.sink)
+
+
+class Replay:
+    """A request through mitmproxy's proxy core, like a client replay; `task` ends with it. With
+    a `sink`, the body goes where it says (see `take`)."""
+
+    def __init__(self, flow: http.HTTPFlow, sink: Sink | None = None):
+        self.handler = _ReplayHandler(flow, sink)
         self.task = asyncio.ensure_future(self.handler.replay())
 
     def cancel(self, reason: str) -> None:
@@ -140,6 +162,13 @@ class Replay:
             if io.handler:
                 io.handler.cancel(reason)
         self.task.cancel()
+
+
+def take(flow: http.HTTPFlow, sink: Sink) -> None:
+    """Once the responseheaders hook ran: the body goes where `sink` says, not through an addon."""
+    if flow.response is not None and not flow.error and (stream := sink(flow)) is not None:
+        # mitmproxy's annotation asks for bytes in and out; the fetcher gives bytearrays and reads nothing back.
+        flow.response.stream = cast(Any, stream)
 
 
 # the `mode` option

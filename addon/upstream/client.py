@@ -135,7 +135,7 @@ class BoundedAnswers:
     """Reads the answers to hubcache's own requests, bounded (see the module's docstring)."""
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:
-        # A fill's own stream callable replaces this one (the cache's addons run later).
+        # A fill's sink replaces this one once the hooks ran (internals.take).
         if is_subrequest(flow) and flow.response and not flow.response.stream:
             flow.response.stream = _Bounded(flow)
 
@@ -211,10 +211,13 @@ class Upstream:
             answer = await self.run(subrequest(like, request), timeout)
         return answer
 
-    async def run(self, flow: http.HTTPFlow, idle_timeout: float, progress: Callable[[], float] | None = None) -> http.Response:
+    async def run(
+        self, flow: http.HTTPFlow, idle_timeout: float, progress: Callable[[], float] | None = None, sink: internals.Sink | None = None
+    ) -> http.Response:
         """Send a subrequest flow and wait for its whole response; UpstreamError when there is none.
         It is cut when nothing happened for `idle_timeout` seconds: no answer at all, or (with
-        `progress`, the time of the last bytes received) a body that stopped growing."""
+        `progress`, the time of the last bytes received) a body that stopped growing. With a
+        `sink`, the answer's owner (a fill) says where its body goes, once its head is in."""
         circuits = ctx.master.addons.get("circuits")
         request = flow.request
         if circuits and (refused := circuits.refusal(request.host, request.port, flow.client_conn)):
@@ -222,7 +225,7 @@ class Upstream:
             # worth one probe (see circuits.py).
             if not (only_upstream(flow) and await circuits.attempt(request.host, request.port)):
                 raise Unreachable(refused)
-        exchange = _start(flow, idle_timeout)
+        exchange = _start(flow, idle_timeout, sink)
         task = exchange.task
         started = time.monotonic()
         while not task.done():
@@ -270,8 +273,8 @@ def _parsed(request: http.Request) -> Route | None:
         return None
 
 
-def _start(flow: http.HTTPFlow, idle_timeout: float) -> internals.Replay | fetcher.Exchange:
+def _start(flow: http.HTTPFlow, idle_timeout: float, sink: internals.Sink | None) -> internals.Replay | fetcher.Exchange:
     """A blob fill's bytes run on a thread of their own (fetcher.py) wherever it can carry them."""
     if flow.metadata.get(Mark.FILL) and fetcher.handles(flow):
-        return fetcher.Exchange(flow, idle_timeout)
-    return internals.Replay(flow)
+        return fetcher.Exchange(flow, idle_timeout, sink)
+    return internals.Replay(flow, sink)

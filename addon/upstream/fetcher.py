@@ -8,8 +8,8 @@ the order its core runs them (`requestheaders`, `request`, `server_connect` with
 `upstream_auth`, `tls_start_server` for the TLS settings, `responseheaders`, `response` or
 `error`; `internals.RequestHooks` runs them), while the connection, TLS (on the connection object `tls_start_server` made, so the
 same CAs, `ssl_insecure`, client certificates, versions and ciphers) and the body run on a
-thread. The body goes to the stream callable the `responseheaders` hook set (the fill's writer),
-called on that thread.
+thread. The body goes to the stream callable the fill's sink gives (its writer), called on that
+thread: handed to it directly, not through an addon.
 
 Not handled here (`handles` says so), and sent through mitmproxy's core instead: an upstream
 proxy reached over TLS, and plain-HTTP requests.
@@ -23,7 +23,6 @@ import select
 import socket
 import threading
 import time
-from collections.abc import Callable
 from typing import Any, cast
 
 import h11
@@ -43,8 +42,7 @@ FLUSH = 0.05  # seconds: bytes are handed over no later than this after they cam
 MAX_HEAD = 64 * 1024  # a response head (status line and headers) larger than this is refused
 
 
-# Where body bytes go: the stream callable the `responseheaders` hook set (the fill's writer).
-Stream = Callable[[bytes | bytearray], object]
+Stream = internals.Stream  # where body bytes go: the fill's writer
 
 
 class Failed(Exception):
@@ -66,10 +64,11 @@ def handles(flow: http.HTTPFlow) -> bool:
 
 class Exchange:
     """One request and its response, as `ReplayHandler` would run it; `task` ends when the
-    response (or error) hook has run, and `cancel` cuts it."""
+    response (or error) hook has run, and `cancel` cuts it. The body goes where `sink` says."""
 
-    def __init__(self, flow: http.HTTPFlow, idle_timeout: float):
+    def __init__(self, flow: http.HTTPFlow, idle_timeout: float, sink: internals.Sink | None = None):
         self.flow = flow
+        self.sink = sink
         # Connecting may take this long; once connected, upstream.run's idle check cuts a silent exchange.
         self.connect_timeout = idle_timeout
         self._sock: socket.socket | None = None
@@ -134,6 +133,8 @@ class Exchange:
             assert conn.response
             flow.response = response = conn.response
             await hooks.responseheaders()
+            if self.sink:
+                internals.take(flow, self.sink)
             if flow.error:  # killed: its body is not read
                 return
             conn.proceed(response.stream)

@@ -19,7 +19,7 @@ from mitmproxy.addons.upstream_auth import UpstreamAuth
 from mitmproxy.proxy.layers import http as http_layer
 from mitmproxy.test import taddons
 from tests.support.pki import TestCA
-from tests.unit.upstream.test_fetcher import ConnectProxy, ca, fill_flow, server  # noqa: F401 (fixtures)
+from tests.unit.upstream.test_fetcher import BODY, ConnectProxy, ca, fill_flow, server  # noqa: F401 (fixtures)
 
 from hubcache.mitm import internals
 from hubcache.proxy.interception import UpstreamOverride
@@ -96,6 +96,15 @@ async def test_so_it_does_through_an_upstream_proxy(tctx):
 async def test_so_it_does_when_the_connection_fails(tctx):
     tctx.options.update(upstream_map=[])  # registry.test resolves nowhere
     assert (await assert_same_hooks(tctx))[1][-2:] == ["server_connect_error", "error"]
+
+
+async def test_a_replay_hands_the_body_to_its_sink(tctx):
+    """hubcache's requests through mitmproxy's core: the body goes where the sink says too."""
+    taken: list[bytes] = []
+    flow = fill_flow("/blob")
+    await internals.Replay(flow, lambda _: lambda data: taken.append(bytes(data)) or b"").task
+    assert flow.response is not None and flow.response.status_code == 200
+    assert b"".join(taken) == BODY
 
 
 def test_the_hooks_run_are_mitmproxys():

@@ -252,7 +252,7 @@ async def test_a_miss_to_a_host_that_is_down_waits_for_the_probe_and_goes_upstre
     class Sent(Exception):
         pass
 
-    def start(f, timeout):
+    def start(f, timeout, sink):
         sent.append(f.request.url)
         raise Sent
 
