@@ -498,7 +498,10 @@ MUTANTS: list[Mutant] = [
     mutant(
         "mirror-relays-any-token-realm",
         "the mirror relays token requests only to realms a registry's own challenge named",
-        Edit('if key not in self.realms or flow.request.method not in ("GET", "POST"):', 'if flow.request.method not in ("GET", "POST"):'),
+        Edit(
+            'if self.realms.registry(*key) is None or flow.request.method not in ("GET", "POST"):',
+            'if flow.request.method not in ("GET", "POST"):',
+        ),
         ["test_no_other_realm_is_relayed_to"],
         UNIT,
     ),
@@ -1589,6 +1592,59 @@ MUTANTS: list[Mutant] = [
         "pulls served from content the watch fetched first count clients' tag requests, not the watch's own",
         Edit("if not flow.metadata.get(Mark.ANSWERED) or flow.metadata.get(Mark.WATCH) or", "if not flow.metadata.get(Mark.ANSWERED) or"),
         ["test_a_client_pull_of_a_digest_the_watch_fetched_is_counted_once_per_tag_request"],
+        UNIT,
+    ),
+    # -- mitmproxy internals (mitm/internals.py): the hooks a fill runs, its body's sink, explicit wiring
+    mutant(
+        "fetch-hooks-out-of-order",
+        "a fill's request runs mitmproxy's hooks in the order its core runs them (requestheaders before request)",
+        Edit(
+            "await self._run(http_layer.HttpRequestHeadersHook(self.flow))\nawait self._run(http_layer.HttpRequestHook(self.flow))",
+            "await self._run(http_layer.HttpRequestHook(self.flow))\nawait self._run(http_layer.HttpRequestHeadersHook(self.flow))",
+        ),
+        ["test_a_fill_runs_the_hooks_mitmproxy_runs_for_a_request_in_its_order", "test_the_body_arrives_off_the_event_loop_with_every_hook_in_order"],
+        UNIT,
+    ),
+    mutant(
+        "fetch-skips-http-connect-upstream",
+        "a fill through an upstream proxy runs http_connect_upstream (upstream_auth, upstream_map), as mitmproxy's core does",
+        Edit("await self._run(HttpConnectUpstreamHook(connect))", "pass"),
+        ["test_so_it_does_through_an_upstream_proxy", "test_an_upstream_proxy_carries_it_with_its_credentials_to_the_mapped_address"],
+        UNIT,
+    ),
+    mutant(
+        "fetch-ignores-the-fills-sink",
+        "the fetcher hands a fill's body to the sink it was given, not to whatever stream an addon set",
+        Edit("if self.sink:\n    internals.take(flow, self.sink)", "pass"),
+        ["test_a_sink_passed_in_takes_the_body_once_the_hooks_ran"],
+        UNIT,
+    ),
+    mutant(
+        "replay-ignores-its-sink",
+        "a request through mitmproxy's core hands its body to its sink too",
+        Edit("if self.sink and isinstance(hook, http_layer.HttpResponseHeadersHook):", "if False:"),
+        ["test_a_replay_hands_the_body_to_its_sink"],
+        UNIT,
+    ),
+    mutant(
+        "token-realm-tables-apart",
+        "the mirror and the account credentials read one token-realm table",
+        Edit("UpstreamCredentials(interception, realms),", "UpstreamCredentials(interception, TokenRealms()),"),
+        ["test_the_mirror_and_the_credentials_share_one_token_realm_table"],
+        UNIT,
+    ),
+    mutant(
+        "mirror-listener-not-handed-to-interception",
+        "Interception tells the mirror's clients by the listener the mirror sets, handed to both by make_addons",
+        Edit("interception = Interception(listener)", "interception = Interception()"),
+        ["test_the_mirrors_listener_is_the_one_interception_and_the_blob_host_read"],
+        UNIT,
+    ),
+    mutant(
+        "own-requests-skip-the-breaker",
+        "hubcache's own requests ask the circuit breaker make_addons hands their Upstream",
+        Edit("out.circuits = circuits", "pass"),
+        ["test_hubcaches_own_requests_ask_the_breaker_that_probes_through_them"],
         UNIT,
     ),
 ]

@@ -32,14 +32,15 @@ import sys
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import IO
+from typing import IO, Any, cast
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
-from mitmproxy import ctx, exceptions, http
+from mitmproxy import certs, ctx, exceptions, http
 from mitmproxy.addonmanager import Loader
 from mitmproxy.proxy import server_hooks
 
@@ -48,20 +49,31 @@ from .server import BLOB_HOST
 
 logger = logging.getLogger(__name__)
 
-LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
+LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "::1")  # names of this machine that only it dials
 CERT_DAYS = 397  # the longest life clients accept for a leaf certificate
 RESTART_PAUSE = 10.0  # seconds: a blob server that exits this soon after a restart waits this long for the next
 
 
+@dataclass
+class MirrorListener:
+    """The registry mirror's listener (proxy/mirror.py), as the addons that are not the mirror
+    need to know it. Only `Mirror` sets it; make_addons hands the same one to each."""
+
+    mode: str | None = None  # the mitmproxy mode it listens by (Interception tells its clients by it)
+    # The blob server's HTTPS listener for the mirror's clients on other machines: its address
+    # and the PEM certificate and key it presents; None: the mirror needs none.
+    blob_tls: tuple[str, bytes] | None = None
+
+
 class BlobHost:
-    def __init__(self) -> None:
+    def __init__(self, certstore: Callable[[], certs.CertStore], mirror: MirrorListener | None = None) -> None:
+        self.certstore = certstore  # mitmproxy's, whose CA signs the blob host's certificate
+        self.mirror = mirror or MirrorListener()
         self.secret = os.urandom(32)  # per run: URLs never outlive the proxy that signed them
         self.address: tuple[str, int] | None = None  # the HTTPS listener
         self.loopback_port: int | None = None  # the plain HTTP listener
         self.tunnel_port: int | None = None  # the HTTPS listener behind a CONNECT
         self.mirror_port: int | None = None  # the HTTPS listener for a mirror's clients on other machines
-        # (address, PEM certificate and key) of that listener, set by the mirror when it needs one
-        self.mirror_tls: tuple[str, bytes] | None = None
         self._proc: subprocess.Popen | None = None
         self._cache_dir: Path | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -178,7 +190,7 @@ class BlobHost:
         credentials = os.memfd_create("hubcache-blobhost")
         fds = [credentials]
         try:
-            os.write(credentials, _certificate())
+            os.write(credentials, _certificate(self.certstore()))
             env = {**os.environ, blobserver.SECRET_ENV: self.secret.hex()}
             argv = [
                 sys.executable, "-m", f"{__package__}.server",
@@ -188,8 +200,8 @@ class BlobHost:
                 "--head-timeout", str(ctx.options.blob_head_timeout),
                 "--min-rate", str(ctx.options.blob_min_rate),
             ]
-            if self.mirror_tls:
-                address, pem = self.mirror_tls
+            if self.mirror.blob_tls:
+                address, pem = self.mirror.blob_tls
                 fds.append(mirror := os.memfd_create("hubcache-mirror"))
                 os.write(mirror, pem)
                 argv += ["--mirror-address", address, "--mirror-credentials-fd", str(mirror)]
@@ -208,7 +220,8 @@ class BlobHost:
         self.tunnel_port = int(ports[2])
         self.mirror_port = int(ports[3]) or None
         threading.Thread(target=self._read_reports, args=(self._proc, self._proc.stdout), daemon=True).start()
-        for_mirror = f" and {self.mirror_tls[0]}:{ports[3]} (https, for the mirror's clients)" if self.mirror_tls and self.mirror_port else ""
+        mirror_tls = self.mirror.blob_tls
+        for_mirror = f" and {mirror_tls[0]}:{ports[3]} (https, for the mirror's clients)" if mirror_tls and self.mirror_port else ""
         logger.info(f"hubcache: blob server on 127.0.0.1:{ports[0]} (https) and :{ports[1]} (loopback http){for_mirror}")
 
     def _read_reports(self, proc: subprocess.Popen, reports: IO[bytes]) -> None:
@@ -253,9 +266,8 @@ class BlobHost:
             self._proc = None
 
 
-def _certificate() -> bytes:
+def _certificate(certstore: certs.CertStore) -> bytes:
     """A fresh key and a certificate for the blob host signed by mitmproxy's CA, as one PEM."""
-    certstore = ctx.master.addons.get("tlsconfig").certstore
     ca = certstore.default_ca.to_cryptography()
     key = ec.generate_private_key(ec.SECP256R1())
     now = datetime.datetime.now(datetime.UTC)
@@ -271,7 +283,8 @@ def _certificate() -> bytes:
         .add_extension(x509.SubjectAlternativeName([x509.DNSName(BLOB_HOST)]), critical=False)
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
-        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca.public_key()), critical=False)
+        # A CA key signs; cryptography annotates the parameter with fewer key types than public_key() returns.
+        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(cast(Any, ca.public_key())), critical=False)
         .sign(certstore.default_privatekey, hashes.SHA256())
     )
     private = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())

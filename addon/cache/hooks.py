@@ -103,7 +103,7 @@ class RegistryCache:
             flow.response = upstream.available(await self.upstream.send(flow, request, ctx.options.revalidate_timeout))
         except upstream.UpstreamError as e:
             logger.log(circuits.level(str(e)), f"{route.registry}: {e}; answering /v2/ from the cache")
-            breaker = ctx.master.addons.get("circuits")
+            breaker = self.upstream.circuits
             if breaker and (challenge := breaker.challenges.get(route.registry)):
                 # The registry's own challenge: the client asks for a token, which goes upstream
                 # as soon as the token host is back (see _token), so its next pull can be cold.
@@ -118,7 +118,7 @@ class RegistryCache:
         flow and pull what the cache may give it without upstream's say: public content."""
         if flow.request.method not in ("GET", "POST"):
             return
-        breaker = ctx.master.addons.get("circuits")
+        breaker = self.upstream.circuits
         cold = await self._for_uncached(flow, host)
         if breaker and not cold and any(breaker.down(r) for r in self._served_by(host)):
             # The registry is down: a local token serves all the cache may give for these

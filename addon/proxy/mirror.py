@@ -18,8 +18,9 @@ are for:
   `upstream_map` and the upstream proxy settings apply), whatever host, URL or `ns` it named.
 - Tokens: a registry's Bearer challenge sends clients to its token realm, which a mirror client
   may not reach. `MirrorChallenges` rewrites the realm to `/hubcache/token/HOST[:PORT]/PATH` on the
-  mirror itself, and only realms learned that way (from a registry's own answer) are relayed
-  there; a token host that cannot answer is answered with a local token, as on the proxy path.
+  mirror itself, and only realms a registry's own answer named (`TokenRealms`, one table with
+  the account credentials) are relayed there; a token host that cannot answer is answered with a
+  local token, as on the proxy path.
 - TLS: the listener's certificate names `localhost`, `127.0.0.1`, `::1`, this machine's host name,
   the listen address and `mirror_names`, issued from hubcache's CA; or the operator's
   (`mirror_cert`, `mirror_key`). Clients trust it per host (certs.d), not system-wide. Plain
@@ -44,11 +45,12 @@ from cryptography.hazmat.primitives import serialization
 from mitmproxy import certs, ctx, exceptions, http, tls
 from mitmproxy.addonmanager import Loader
 
-from ..blobserver.host import BlobHost
+from ..blobserver.host import LOOPBACK_HOSTS, BlobHost, MirrorListener
 from ..blobserver.server import BLOB_HOST
 from ..mitm import answers, internals
 from ..mitm.flows import Mark, is_subrequest
 from ..registry import protocol
+from .credentials import TokenRealms
 from .interception import Interception
 
 logger = logging.getLogger(__name__)
@@ -57,7 +59,6 @@ DOCKER_HUB = "registry-1.docker.io"
 # Names containerd's `ns` gives Docker Hub (the image reference's registry part).
 DOCKER_HUB_NAMES = ("docker.io", "registry-1.docker.io", "index.docker.io")
 TOKEN_PATH = "/hubcache/token/"
-LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 
 def parse_listen(value: str) -> tuple[str, int]:
@@ -74,11 +75,12 @@ def parse_listen(value: str) -> tuple[str, int]:
 class Mirror:
     """Routes the mirror listener's requests (see the module's docstring)."""
 
-    def __init__(self, hosts: Interception, blobs: BlobHost) -> None:
+    def __init__(self, hosts: Interception, blobs: BlobHost, listener: MirrorListener, realms: TokenRealms) -> None:
         self.hosts = hosts
         self.blobs = blobs
+        self.listener = listener  # what the other addons know of the mirror's listener: set only here
+        self.realms = realms
         self.listen: tuple[str, int] | None = None
-        self.realms: dict[tuple[str, int, str], str] = {}  # token realm (host, port, path) -> registry
         self._own_cert: tuple[x509.Certificate, Any] | None = None  # the operator's cert and key
         self._entry: certs.CertStoreEntry | None = None
         self._running = False
@@ -122,10 +124,10 @@ class Mirror:
                 listen = parse_listen(value) if value else None
             except ValueError:
                 raise exceptions.OptionsError(f"mirror_listen: {value!r} is not ADDRESS:PORT (e.g. 127.0.0.1:5443)") from None
-            old = self.hosts.mirror_spec
+            old = self.listener.mode
             self.listen = listen
-            self.hosts.mirror_spec = spec(listen) if listen else None
-            internals.replace_listener(old, self.hosts.mirror_spec)
+            self.listener.mode = spec(listen) if listen else None
+            internals.replace_listener(old, self.listener.mode)
             if listen:
                 logger.info(f"hubcache: registry mirror on {value} (https{' and http' if ctx.options.mirror_plain_http else ''})")
         if {"mirror_cert", "mirror_key"} & updated:
@@ -139,7 +141,7 @@ class Mirror:
     async def running(self) -> None:
         # mitmproxy may have started its listeners from the modes before this addon added its
         # own (the script loads late): make sure the mirror's listener is up.
-        if self.hosts.mirror_spec and not await internals.start_listeners():
+        if self.listener.mode and not await internals.start_listeners():
             logger.error(f"hubcache: the registry mirror cannot listen on {ctx.options.mirror_listen}")
         self._running = True
         self._blob_listener()  # before the blob server starts (BlobHost runs after this addon)
@@ -147,14 +149,14 @@ class Mirror:
     def _blob_listener(self) -> None:
         """A mirror beyond loopback has clients on other machines: the blob server listens for
         them on the mirror's address, with the mirror's certificate."""
-        if self.listen and self.listen[0] not in LOOPBACK:
+        if self.listen and self.listen[0] not in LOOPBACK_HOSTS:
             cert, key = self._certificate()
             pem = cert.public_bytes(serialization.Encoding.PEM) + key.private_bytes(
                 serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
             )
-            self.blobs.mirror_tls = (self.listen[0] or "0.0.0.0", pem)
+            self.listener.blob_tls = (self.listen[0] or "0.0.0.0", pem)
         else:
-            self.blobs.mirror_tls = None
+            self.listener.blob_tls = None
 
     # which requests are the mirror's, and where they go
 
@@ -202,7 +204,7 @@ class Mirror:
         host, _, port_text = authority.partition(":")
         port = int(port_text) if port_text.isdigit() else 443
         key = (host.lower(), port, "/" + realm_path if slash else "/")
-        if key not in self.realms or flow.request.method not in ("GET", "POST"):
+        if self.realms.registry(*key) is None or flow.request.method not in ("GET", "POST"):
             answers.error(flow, 404, "NAME_UNKNOWN", "not a token service this mirror knows")
             return
         self._retarget(flow, key[0], key[1], key[2])
@@ -243,7 +245,7 @@ class Mirror:
 
     def names(self) -> list[x509.GeneralName]:
         """What the mirror's certificate names: what its clients may dial."""
-        wanted = ["localhost", "127.0.0.1", "::1", socket.gethostname(), socket.getfqdn()]
+        wanted = [*LOOPBACK_HOSTS, socket.gethostname(), socket.getfqdn()]
         if self.listen and self.listen[0] not in ("0.0.0.0", "::", ""):
             wanted.append(self.listen[0])
         wanted += list(ctx.options.mirror_names)
@@ -279,7 +281,7 @@ class MirrorChallenges:
             response.headers["www-authenticate"] = self._challenge(flow, header, base)
         elif response.status_code == 307 and (path := self._blob_path(response.headers.get("location", ""))):
             blobs = self.mirror.blobs
-            if self.mirror.listen and self.mirror.listen[0] in LOOPBACK and blobs.loopback_port:
+            if self.mirror.listen and self.mirror.listen[0] in LOOPBACK_HOSTS and blobs.loopback_port:
                 response.headers["location"] = f"http://127.0.0.1:{blobs.loopback_port}{path}"
             elif blobs.mirror_port:
                 host = urlsplit(base).netloc.rpartition(":")[0]  # as the client dialled the mirror
@@ -305,7 +307,7 @@ class MirrorChallenges:
         registry = self.mirror.hosts.registry(flow)
         if not parts.hostname or registry is None:
             return header
-        self.mirror.realms[(parts.hostname.lower(), port, parts.path or "/")] = registry
+        self.mirror.realms.learn(parts.hostname, port, parts.path, registry)
         authority = parts.hostname.lower() + ("" if port == 443 else f":{port}")
         local = f"{base}{TOKEN_PATH}{authority}{quote(parts.path or '/')}"
         return header.replace(f'realm="{realm}"', f'realm="{local}"', 1)

@@ -18,9 +18,10 @@ import logging
 import time
 import zlib
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 from urllib.parse import urlencode, urljoin
 
-from mitmproxy import ctx, http
+from mitmproxy import http
 from mitmproxy.net.http import url
 
 from ..mitm import internals
@@ -28,6 +29,9 @@ from ..mitm.flows import Mark, is_subrequest
 from ..registry import protocol
 from ..registry.protocol import Route
 from . import fetcher
+
+if TYPE_CHECKING:
+    from .circuits import Circuits
 
 logger = logging.getLogger(__name__)
 
@@ -192,7 +196,11 @@ class _Bounded:
 
 class Upstream:
     """The one way out for hubcache's own requests. The addons that send them are given an
-    instance (tests give them a fake one instead)."""
+    instance (tests give them a fake one instead). `circuits`, the breaker asked before each
+    request, is set by make_addons (the breaker sends its probes through this instance)."""
+
+    def __init__(self, circuits: Circuits | None = None) -> None:
+        self.circuits = circuits
 
     async def send(self, like: http.HTTPFlow, request: http.Request, timeout: float, follow: bool = False, miss: bool = False) -> http.Response:
         """Send `request` (see request_for) upstream for the client flow `like`, and return the
@@ -218,7 +226,7 @@ class Upstream:
         It is cut when nothing happened for `idle_timeout` seconds: no answer at all, or (with
         `progress`, the time of the last bytes received) a body that stopped growing. With a
         `sink`, the answer's owner (a fill) says where its body goes, once its head is in."""
-        circuits = ctx.master.addons.get("circuits")
+        circuits = self.circuits
         request = flow.request
         if circuits and (refused := circuits.refusal(request.host, request.port, flow.client_conn)):
             # The host is down: not waited for, unless only upstream can answer this; then it is

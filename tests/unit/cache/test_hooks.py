@@ -65,6 +65,7 @@ class FakeUpstream(upstream.Upstream):
     through the stream callable they set."""
 
     def __init__(self) -> None:
+        super().__init__()  # no circuit breaker unless a test hands it one
         self.replies: list = []
         self.sent: list = []  # (method, url) of every request sent with send()
         self.sent_requests: list = []  # and the request itself
@@ -1510,6 +1511,7 @@ class TestWhileTheRegistryIsDown:
     def breaker(self, env):
         breaker = Circuits(env.hosts, env.addons.metrics, env.addons.upstream)
         env.tctx.master.addons.add(breaker)
+        env.addons.upstream.circuits = breaker  # as make_addons wires it
         ping = tflow.tflow(req=tutils.treq(scheme=b"https", host=HUB, port=443, path=b"/v2/"), resp=upstream_response(401, {"WWW-Authenticate": self.CHALLENGE}))
         ping.metadata[Mark.SUBREQUEST] = True
         breaker.response(ping)  # the registry's own challenge, learned as it passed
