@@ -7,6 +7,7 @@
 - `guard` swaps hubcache's stream into mitmproxy's HTTP layer (mitm/bodies.py says why).
 - mitmproxy's own addons, asked by name: `nextlayer`, `proxyserver`, `tlsconfig`.
 - The `mode` option: its upstream proxy (`upstream_proxy`), and listeners added to it.
+- The loggers of mitmproxy's lines per connection (`FLOW_LOGGERS`).
 
 tests/unit/mitm/test_internals.py pins each against the installed mitmproxy (the hook order for a
 request, the classes and attributes swapped), so an upgrade that changes one fails there, loudly.
@@ -169,6 +170,11 @@ def take(flow: http.HTTPFlow, sink: Sink) -> None:
     if flow.response is not None and not flow.error and (stream := sink(flow)) is not None:
         # mitmproxy's annotation asks for bytes in and out; the fetcher gives bytearrays and reads nothing back.
         flow.response.stream = cast(Any, stream)
+
+
+# The loggers of mitmproxy's connection lines (connect, disconnect, streaming: INFO), and of its
+# client replay, which carries hubcache's own requests.
+FLOW_LOGGERS = ("mitmproxy.proxy", "mitmproxy.addons.clientplayback")
 
 
 # the `mode` option

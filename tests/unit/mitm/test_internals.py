@@ -142,6 +142,15 @@ def test_the_stream_states_hubcache_relies_on_are_there():
     assert "end_stream" in inspect.signature(http_layer.RequestHeaders).parameters
 
 
+def test_the_flow_loggers_are_those_mitmproxys_connection_lines_and_replays_log_to():
+    import mitmproxy.addons.clientplayback
+    import mitmproxy.proxy.server
+
+    connections, replays = internals.FLOW_LOGGERS
+    assert mitmproxy.proxy.server.logger.name.startswith(connections + ".")
+    assert mitmproxy.addons.clientplayback.logger.name == replays
+
+
 def test_the_addons_asked_by_name_are_mitmproxys_with_what_is_asked_of_them():
     addons = {type(addon).__name__.lower(): addon for addon in default_addons()}
     assert callable(addons["nextlayer"].next_layer)
