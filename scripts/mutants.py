@@ -1798,9 +1798,10 @@ def pytest_runtest_makereport(item, call):
 CHECK_SCRIPT = '''\
 """Loaded by mitmdump as a script: prints where hubcache comes from, then ends mitmdump."""
 import os
+import hubcache
 import hubcache.blobserver.server
 
-print("hubcache from", os.path.dirname(os.path.realpath(hubcache.blobserver.server.__file__)), flush=True)
+print("hubcache from", os.path.dirname(os.path.realpath(hubcache.__file__)), flush=True)
 os._exit(0)
 '''
 
