@@ -1,6 +1,6 @@
 """The addon set: every hubcache addon, wired together in one place."""
 
-from .blobserver.host import BlobHost
+from .blobserver.host import BlobHost, MirrorListener
 from .cache.access import Access
 from .cache.blob_path import BlobRequests
 from .cache.fills import Fills
@@ -10,12 +10,13 @@ from .cache.misses import Misses
 from .cache.policy import ImagePolicy
 from .cache.recorder import Recorder
 from .fleet.node import Fleet
+from .mitm import internals
 from .observe.metrics import Metrics
 from .observe.pull_log import PullLog
 from .observe.status_page import StatusPage
 from .options import CommonOptions
 from .prefetch.watch import Watch
-from .proxy.credentials import UpstreamCredentials
+from .proxy.credentials import TokenRealms, UpstreamCredentials
 from .proxy.destinations import Destinations
 from .proxy.interception import Interception, Passthrough, UpstreamOverride
 from .proxy.mirror import Mirror, MirrorChallenges
@@ -29,9 +30,11 @@ from .upstream.client import BoundedAnswers, Upstream
 def make_addons() -> list:
     """A fresh set of hubcache's addons, in hook order: the options first, then where clients may
     go (before any addon reroutes a connection), then hosts, the cache before the recorder."""
-    interception = Interception()
+    listener = MirrorListener()  # the mirror's listener: set by the mirror, read by interception and the blob host
+    realms = TokenRealms()  # learned by the credentials and the mirror, read by both
+    interception = Interception(listener)
     override = UpstreamOverride()
-    blobs = BlobHost()
+    blobs = BlobHost(internals.certstore, listener)
     destinations = Destinations(override, blobs)
     out = Upstream()  # hubcache's own requests upstream
     folder = CacheFolder()
@@ -50,10 +53,11 @@ def make_addons() -> list:
         out,
     )
     circuits = Circuits(interception, metrics, out)
+    out.circuits = circuits  # asked before each of hubcache's own requests; its probes go out through `out`
     upkeep = Upkeep(folder)
     watch = Watch(interception, folder, circuits, fleet, upkeep, metrics, out)
     status = StatusPage(folder, metrics, pulls, watch)
-    mirror = Mirror(interception, blobs)
+    mirror = Mirror(interception, blobs, listener, realms)
     destinations.own_ports.append(status.ports)
     return [
         CommonOptions(),
@@ -65,7 +69,7 @@ def make_addons() -> list:
         override,
         watch,  # before Routes: it takes its mark off the watch's own requests first
         Routes(interception),  # before any addon that acts on a registry request
-        UpstreamCredentials(interception),
+        UpstreamCredentials(interception, realms),  # before MirrorChallenges: it learns from upstream's own answer
         BoundedAnswers(),
         blobs,
         Passthrough(interception),  # after every addon that answers in requestheaders

@@ -156,8 +156,8 @@ MUTANTS: list[Mutant] = [
     mutant(
         "fetch-skips-server-connect",
         "a fill's connection goes where mitmproxy's server_connect hook says (upstream_map, connect_addr)",
-        Edit("await hooks.handle_lifecycle(server_hooks.ServerConnectHook(data))", "pass"),
-        ["test_the_body_arrives_off_the_event_loop_with_every_hook_in_order"],
+        Edit("await self._run(server_hooks.ServerConnectHook(data))", "pass"),
+        ["test_the_body_arrives_off_the_event_loop_with_every_hook_in_order", "test_a_fill_runs_the_hooks_mitmproxy_runs_for_a_request_in_its_order"],
         UNIT,
     ),
     mutant(
@@ -507,7 +507,10 @@ MUTANTS: list[Mutant] = [
     mutant(
         "mirror-relays-any-token-realm",
         "the mirror relays token requests only to realms a registry's own challenge named",
-        Edit('if key not in self.realms or flow.request.method not in ("GET", "POST"):', 'if flow.request.method not in ("GET", "POST"):'),
+        Edit(
+            'if self.realms.registry(*key) is None or flow.request.method not in ("GET", "POST"):',
+            'if flow.request.method not in ("GET", "POST"):',
+        ),
         ["test_no_other_realm_is_relayed_to"],
         UNIT,
     ),
@@ -1727,6 +1730,59 @@ MUTANTS: list[Mutant] = [
         ["test_direct_listen", "test_setup_names_the_blob_servers_address_in_no_proxy"],
         UNIT,
     ),
+    # -- mitmproxy internals (mitm/internals.py): the hooks a fill runs, its body's sink, explicit wiring
+    mutant(
+        "fetch-hooks-out-of-order",
+        "a fill's request runs mitmproxy's hooks in the order its core runs them (requestheaders before request)",
+        Edit(
+            "await self._run(http_layer.HttpRequestHeadersHook(self.flow))\nawait self._run(http_layer.HttpRequestHook(self.flow))",
+            "await self._run(http_layer.HttpRequestHook(self.flow))\nawait self._run(http_layer.HttpRequestHeadersHook(self.flow))",
+        ),
+        ["test_a_fill_runs_the_hooks_mitmproxy_runs_for_a_request_in_its_order", "test_the_body_arrives_off_the_event_loop_with_every_hook_in_order"],
+        UNIT,
+    ),
+    mutant(
+        "fetch-skips-http-connect-upstream",
+        "a fill through an upstream proxy runs http_connect_upstream (upstream_auth, upstream_map), as mitmproxy's core does",
+        Edit("await self._run(HttpConnectUpstreamHook(connect))", "pass"),
+        ["test_so_it_does_through_an_upstream_proxy", "test_an_upstream_proxy_carries_it_with_its_credentials_to_the_mapped_address"],
+        UNIT,
+    ),
+    mutant(
+        "fetch-ignores-the-fills-sink",
+        "the fetcher hands a fill's body to the sink it was given, not to whatever stream an addon set",
+        Edit("if self.sink:\n    internals.take(flow, self.sink)", "pass"),
+        ["test_a_sink_passed_in_takes_the_body_once_the_hooks_ran"],
+        UNIT,
+    ),
+    mutant(
+        "replay-ignores-its-sink",
+        "a request through mitmproxy's core hands its body to its sink too",
+        Edit("if self.sink and isinstance(hook, http_layer.HttpResponseHeadersHook):", "if False:"),
+        ["test_a_replay_hands_the_body_to_its_sink"],
+        UNIT,
+    ),
+    mutant(
+        "token-realm-tables-apart",
+        "the mirror and the account credentials read one token-realm table",
+        Edit("UpstreamCredentials(interception, realms),", "UpstreamCredentials(interception, TokenRealms()),"),
+        ["test_the_mirror_and_the_credentials_share_one_token_realm_table"],
+        UNIT,
+    ),
+    mutant(
+        "mirror-listener-not-handed-to-interception",
+        "Interception tells the mirror's clients by the listener the mirror sets, handed to both by make_addons",
+        Edit("interception = Interception(listener)", "interception = Interception()"),
+        ["test_the_mirrors_listener_is_the_one_interception_and_the_blob_host_read"],
+        UNIT,
+    ),
+    mutant(
+        "own-requests-skip-the-breaker",
+        "hubcache's own requests ask the circuit breaker make_addons hands their Upstream",
+        Edit("out.circuits = circuits", "pass"),
+        ["test_hubcaches_own_requests_ask_the_breaker_that_probes_through_them"],
+        UNIT,
+    ),
 ]
 
 
@@ -1878,6 +1934,7 @@ def pytest_runtest_makereport(item, call):
 CHECK_SCRIPT = '''\
 """Loaded by mitmdump as a script: prints where hubcache comes from, then ends mitmdump."""
 import os
+import hubcache
 import hubcache.blobserver.server
 
 print("hubcache from", os.path.dirname(os.path.realpath(hubcache.__file__)), flush=True)

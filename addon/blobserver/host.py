@@ -16,14 +16,15 @@ import sys
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import IO
+from typing import IO, Any, cast
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
-from mitmproxy import ctx, exceptions, http
+from mitmproxy import certs, ctx, exceptions, http
 from mitmproxy.addonmanager import Loader
 from mitmproxy.proxy import server_hooks
 
@@ -32,20 +33,31 @@ from .server import BLOB_HOST
 
 logger = logging.getLogger(__name__)
 
-LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
+LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "::1")  # names of this machine that only it dials
 CERT_DAYS = 397  # the longest life clients accept for a leaf certificate
 RESTART_PAUSE = 10.0  # seconds: a blob server that exits this soon after a restart waits this long for the next
 
 
+@dataclass
+class MirrorListener:
+    """The registry mirror's listener (proxy/mirror.py), as the addons that are not the mirror
+    need to know it. Only `Mirror` sets it; make_addons hands the same one to each."""
+
+    mode: str | None = None  # the mitmproxy mode it listens by (Interception tells its clients by it)
+    # The blob server's HTTPS listener for the mirror's clients on other machines: its address
+    # and the PEM certificate and key it presents; None: the mirror needs none.
+    blob_tls: tuple[str, bytes] | None = None
+
+
 class BlobHost:
-    def __init__(self) -> None:
+    def __init__(self, certstore: Callable[[], certs.CertStore], mirror: MirrorListener | None = None) -> None:
+        self.certstore = certstore  # mitmproxy's, whose CA signs the blob host's certificate
+        self.mirror = mirror or MirrorListener()
         self.secret = os.urandom(32)  # per run: URLs never outlive the proxy that signed them
         self.address: tuple[str, int] | None = None  # the HTTPS listener
         self.loopback_port: int | None = None  # the plain HTTP listener
         self.tunnel_port: int | None = None  # the HTTPS listener behind a CONNECT
         self.mirror_port: int | None = None  # the HTTPS listener for a mirror's clients on other machines
-        # (address, PEM certificate and key) of that listener, set by the mirror when it needs one
-        self.mirror_tls: tuple[str, bytes] | None = None
         self.direct: tuple[str, int] | None = None  # (address as clients name it, port) of the blob_listen listener
         self._proc: subprocess.Popen | None = None
         self._cache_dir: Path | None = None
@@ -129,7 +141,7 @@ class BlobHost:
                 raise exceptions.OptionsError(f"{name} must be 1 or more")
         if "blob_listen" in updated and ctx.options.blob_listen not in ("", "relay"):
             try:
-                parse_listen(ctx.options.blob_listen)
+                parse_blob_listen(ctx.options.blob_listen)
             except ValueError:
                 raise exceptions.OptionsError(
                     f"blob_listen: {ctx.options.blob_listen!r} is not ADDRESS[:PORT] (e.g. 10.0.0.5 or 10.0.0.5:5001), '' or 'relay'"
@@ -189,7 +201,7 @@ class BlobHost:
         credentials = os.memfd_create("hubcache-blobhost")
         fds = [credentials]
         try:
-            os.write(credentials, _certificate())
+            os.write(credentials, _certificate(self.certstore()))
             env = {**os.environ, blobserver.SECRET_ENV: self.secret.hex()}
             argv = [
                 sys.executable, "-m", f"{__package__}.server",
@@ -200,9 +212,9 @@ class BlobHost:
                 "--min-rate", str(ctx.options.blob_min_rate),
             ]
             direct = self._direct_listen()
-            networks = [(*direct, _certificate(direct[0]))] if direct else []
-            if self.mirror_tls:
-                networks.append((self.mirror_tls[0], 0, self.mirror_tls[1]))
+            networks = [(*direct, _certificate(self.certstore(), direct[0]))] if direct else []
+            if self.mirror.blob_tls:
+                networks.append((self.mirror.blob_tls[0], 0, self.mirror.blob_tls[1]))
             for address, port, pem in networks:
                 fds.append(fd := os.memfd_create("hubcache-network"))
                 os.write(fd, pem)
@@ -214,7 +226,7 @@ class BlobHost:
         assert self._proc.stdout
         sending, *words = self._proc.stdout.readline().decode().split() or [""]
         ports = [int(p) for p in words if p.isdigit()]
-        expected = 3 + bool(direct) + bool(self.mirror_tls)
+        expected = 3 + bool(direct) + bool(self.mirror.blob_tls)
         if sending not in ("ktls", "userspace") or len(ports) != expected:
             self._stop()
             logger.error("hubcache: the blob server did not start; see its message above")
@@ -223,11 +235,11 @@ class BlobHost:
         self.loopback_port, self.tunnel_port = ports[1], ports[2]
         rest = ports[3:]
         self.direct = (direct[0], rest.pop(0)) if direct else None
-        self.mirror_port = rest.pop(0) if self.mirror_tls else None
+        self.mirror_port = rest.pop(0) if self.mirror.blob_tls else None
         threading.Thread(target=self._read_reports, args=(self._proc, self._proc.stdout), daemon=True).start()
         also = f" and {_url_host(self.direct[0])}:{self.direct[1]} (https, for clients on other machines)" if self.direct else ""
-        if self.mirror_tls and self.mirror_port:
-            also += f" and {self.mirror_tls[0]}:{self.mirror_port} (https, for the mirror's clients)"
+        if self.mirror.blob_tls and self.mirror_port:
+            also += f" and {self.mirror.blob_tls[0]}:{self.mirror_port} (https, for the mirror's clients)"
         how = (
             "kTLS offered: where OpenSSL enables it, the kernel encrypts and blobs go by sendfile"
             if sending == "ktls"
@@ -288,14 +300,14 @@ def direct_listen(blob_listen: str, listen_host: str) -> tuple[str, int] | None:
     if blob_listen == "relay":
         return None
     if blob_listen:
-        return parse_listen(blob_listen)
+        return parse_blob_listen(blob_listen)
     host = listen_host.strip("[]")
     if host in LOOPBACK_HOSTS or host in ("", "0.0.0.0", "::"):
         return None  # every address, or this machine's own clients only: no one address to name
     return host, 0
 
 
-def parse_listen(value: str) -> tuple[str, int]:
+def parse_blob_listen(value: str) -> tuple[str, int]:
     """`ADDRESS[:PORT]` (IPv6 in brackets) -> (address, port; 0 if none); ValueError if it is not one."""
     if value.startswith("["):
         address, bracket, rest = value[1:].partition("]")
@@ -313,10 +325,9 @@ def _url_host(address: str) -> str:
     return f"[{address}]" if ":" in address else address
 
 
-def _certificate(name: str = BLOB_HOST) -> bytes:
+def _certificate(certstore: certs.CertStore, name: str = BLOB_HOST) -> bytes:
     """A fresh key and a certificate for `name` (the blob host, or an address of this machine)
     signed by mitmproxy's CA, as one PEM."""
-    certstore = ctx.master.addons.get("tlsconfig").certstore
     ca = certstore.default_ca.to_cryptography()
     key = ec.generate_private_key(ec.SECP256R1())
     now = datetime.datetime.now(datetime.UTC)
@@ -336,7 +347,8 @@ def _certificate(name: str = BLOB_HOST) -> bytes:
         .add_extension(x509.SubjectAlternativeName([alternative]), critical=False)
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
-        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca.public_key()), critical=False)
+        # A CA key signs; cryptography annotates the parameter with fewer key types than public_key() returns.
+        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(cast(Any, ca.public_key())), critical=False)
         .sign(certstore.default_privatekey, hashes.SHA256())
     )
     private = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())

@@ -20,6 +20,7 @@ from pathlib import Path
 from mitmproxy import ctx, http
 
 from ..fleet.node import Fleet
+from ..mitm import internals
 from ..mitm.flows import Mark, Source
 from ..observe.metrics import Metrics
 from ..registry import protocol
@@ -228,7 +229,7 @@ class Fills:
             flow = upstream.subrequest(like, request)
             flow.metadata[Mark.FILL] = route.reference
             try:
-                answer = await self.upstream.run(flow, ctx.options.fill_timeout, lambda: fill.progress)
+                answer = await self.upstream.run(flow, ctx.options.fill_timeout, lambda: fill.progress, self._sink)
             except upstream.UpstreamError as e:
                 if fill.state is State.UNUSABLE:
                     return  # its clients went upstream themselves, and journal that
@@ -311,14 +312,12 @@ class Fills:
             if fill.source is Source.SHARED:
                 await self.fleet.discard_blob(route.reference)
 
-    def responseheaders(self, flow: http.HTTPFlow) -> bool:
-        """Upstream's answer to a fill's request: its body goes to the fill's file. Returns
-        whether the flow was a fill's."""
+    def _sink(self, flow: http.HTTPFlow) -> internals.Stream | None:
+        """Upstream's answer to a fill's request, its head in: its body goes to the fill's file
+        when it is the blob (handed over by whoever carries the request, not through a hook)."""
         assert flow.response
-        if not (digest := flow.metadata.get(Mark.FILL)):
-            return False
         response = flow.response
-        fill = self.under_way.get(digest)
+        fill = self.under_way.get(flow.metadata[Mark.FILL])
         identity = response.headers.get("content-encoding", "identity").lower() == "identity"
         if fill and response.status_code == 200 and identity and fill.state is State.DECIDING:
             length = response.headers.get("content-length", "")
@@ -326,10 +325,10 @@ class Fills:
             if reason := self._no_room(fill, size):
                 fill.unusable(reason)
                 flow.kill()  # the clients fetch it themselves; this copy has nowhere to go
-                return True
+                return None
             fill.start_streaming(size)
-            response.stream = fill.sink
-        return True
+            return fill.sink
+        return None
 
     def _no_room(self, fill: Fill, size: int | None) -> str:
         """Why the cache folder cannot take the blob now (an operator's line), or ''. The fills

@@ -1,7 +1,8 @@
 """The registry cache's hooks: each registry request's route to the path that answers it (manifests,
 tags and referrers to `ManifestRequests`, blobs to `BlobRequests`, the /v2/ check here), token
 requests relayed or answered with a local token, and upstream's answers followed to the response and
-error hooks. Each path returns a decision (`answers.Decision`) and `answers.give` writes it: the
+error hooks (a fill's body reaches its fill directly, through the sink it gives
+`Upstream.run`). Each path returns a decision (`answers.Decision`) and `answers.give` writes it: the
 one place a client's answer is written. With `offline`, nothing goes upstream."""
 
 from __future__ import annotations
@@ -96,7 +97,7 @@ class RegistryCache:
             return Relay(upstream.available(await self.upstream.send(flow, request, ctx.options.revalidate_timeout)), counted=False)
         except upstream.UpstreamError as e:
             logger.log(circuits.level(str(e)), f"{route.registry}: {e}; answering /v2/ from the cache")
-            breaker = ctx.master.addons.get("circuits")
+            breaker = self.upstream.circuits
             if breaker and (challenge := breaker.challenges.get(route.registry)):
                 # The registry's own challenge: the client asks for a token, which goes upstream
                 # as soon as the token host is back (see _token), so its next pull can be cold.
@@ -110,7 +111,7 @@ class RegistryCache:
         flow and pull what the cache may give it without upstream's say: public content."""
         if flow.request.method not in ("GET", "POST"):
             return PassThrough()
-        breaker = ctx.master.addons.get("circuits")
+        breaker = self.upstream.circuits
         cold = await self._for_uncached(flow, host)
         if breaker and not cold and any(breaker.down(r) for r in self._served_by(host)):
             # The registry is down: a local token serves all the cache may give for these
@@ -158,8 +159,7 @@ class RegistryCache:
     # a blob passed through: its body, and its end
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:
-        if not self.blobs.fills.responseheaders(flow):
-            self.blobs.relay(flow)
+        self.blobs.relay(flow)
 
     async def response(self, flow: http.HTTPFlow) -> None:
         await self.blobs.passed(flow)

@@ -18,11 +18,11 @@ from mitmproxy.addonmanager import Loader
 
 from .. import units
 from ..mitm.flows import Mark, Source
+from ..mitm.internals import FLOW_LOGGERS
 from ..registry.protocol import Kind, Route
 
 logger = logging.getLogger(__name__)
 
-FLOW_LOGGERS = ("mitmproxy.proxy", "mitmproxy.addons.clientplayback")
 
 QUIET = 5.0  # seconds without a request or a transfer that end a pull
 ABANDONED = 600.0  # a transfer never reported (the client did not follow the URL) stops counting
@@ -86,8 +86,6 @@ class PullLog:
 
     def _show_flow_lines(self) -> None:
         self._flow_lines_set = True
-        # mitmproxy's connection lines (connect, disconnect, streaming) are INFO of these loggers;
-        # clientplayback's are those of hubcache's own requests.
         for name in FLOW_LOGGERS:
             logging.getLogger(name).setLevel(logging.NOTSET if ctx.options.flow_lines else logging.WARNING)
         # mitmdump's line per request, unless the user set flow_detail: then it is theirs.

@@ -25,6 +25,7 @@ from mitmproxy.addonmanager import Loader
 from mitmproxy.net.http import url
 
 from .. import units
+from ..mitm import internals
 from ..mitm.flows import Mark
 from ..proxy.routes import route_of
 from ..registry import protocol
@@ -434,11 +435,10 @@ class Watch:
 
     def _proxy_url(self) -> str:
         """The address of this proxy's regular listener, as a client on this machine dials it."""
-        for server in ctx.master.addons.get("proxyserver").servers:
-            if server.mode.type_name == "regular" and (addresses := server.listen_addrs):
-                host, port = addresses[0][:2]
-                host = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(host, host)
-                return f"http://{f'[{host}]' if ':' in host else host}:{port}"
+        if addresses := internals.regular_listen_addrs():
+            host, port = addresses[0][:2]
+            host = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(host, host)
+            return f"http://{f'[{host}]' if ':' in host else host}:{port}"
         raise WatchError("hubcache has no regular proxy listener to fetch through")
 
     async def _tags(self, entry: Watched) -> list[str]:

@@ -16,6 +16,22 @@ from .routes import route_of
 TOKEN_QUERY = ("service", "client_id", "account")
 
 
+class TokenRealms:
+    """The token realms registries' own Bearer challenges named (over https, from a request that
+    verifiably went to the registry): where the account's credentials may go (UpstreamCredentials)
+    and where the mirror relays its clients' token requests (mirror.py). One table for both."""
+
+    def __init__(self) -> None:
+        self._registries: dict[tuple[str, int, str], str] = {}  # (host, port, path) -> registry
+
+    def learn(self, host: str, port: int, path: str, registry: str) -> None:
+        self._registries[(host.lower(), port, path or "/")] = registry
+
+    def registry(self, host: str, port: int, path: str) -> str | None:
+        """The registry whose challenge named this realm, or None."""
+        return self._registries.get((host, port, path))
+
+
 class UpstreamCredentials:
     """Presents the credentials of `registry_settings` upstream, for clients that bring none.
 
@@ -24,9 +40,9 @@ class UpstreamCredentials:
     realm its own verified 401 named, and a token request made with them asks for `pull` of
     repositories and nothing else: no push, no delete, no catalog, no refresh token."""
 
-    def __init__(self, hosts: Interception):
+    def __init__(self, hosts: Interception, realms: TokenRealms):
         self.hosts = hosts
-        self._realms: dict[tuple[str, int, str], str] = {}  # token realm (host, port, path) -> registry
+        self.realms = realms
         self._basic: set[str] = set()  # registries that asked for Basic on their API
 
     def requestheaders(self, flow: http.HTTPFlow) -> None:
@@ -38,7 +54,9 @@ class UpstreamCredentials:
         host = self.hosts.destination(flow)
         if host is None or request.method not in ("GET", "HEAD"):
             return
-        registry = self._realms.get((host, request.port, request.path.partition("?")[0]))
+        registry = self.realms.registry(host, request.port, request.path.partition("?")[0])
+        if registry is not None and registry not in self.hosts.settings:
+            registry = None  # a realm the mirror learned, of a registry without settings
         if registry is not None:
             scopes = pull_scopes(request.query.get_all("scope"))
             if not scopes:
@@ -52,8 +70,9 @@ class UpstreamCredentials:
         if own and own.credentials:
             request.headers["authorization"] = own.basic
 
-    def response(self, flow: http.HTTPFlow) -> None:
-        """Learn where a configured registry sends clients for tokens, and whether it wants Basic."""
+    def responseheaders(self, flow: http.HTTPFlow) -> None:
+        """Learn where a configured registry sends clients for tokens, and whether it wants Basic,
+        from its answer as it came (before the mirror rewrites it for its clients)."""
         host = self.hosts.destination(flow)
         if not flow.response or flow.response.status_code != 401 or host not in self.hosts.settings:
             return
@@ -64,7 +83,7 @@ class UpstreamCredentials:
                 port = realm.port or 443
             except ValueError:
                 return  # not a URL anyone could be sent to
-            self._realms[(realm.hostname.lower(), port, realm.path or "/")] = host
+            self.realms.learn(realm.hostname, port, realm.path, host)
         elif scheme == "basic":
             self._basic.add(host)
 

@@ -18,6 +18,7 @@ from mitmproxy.proxy import mode_specs, server_hooks
 
 from ..blobserver.host import BlobHost
 from ..blobserver.server import BLOB_HOST
+from ..mitm import internals
 from ..mitm.flows import is_subrequest
 from .interception import UpstreamOverride
 
@@ -160,8 +161,7 @@ class Destinations:
         return mode == "refuse"
 
     def _own_ports(self) -> set[int]:
-        proxyserver = ctx.master.addons.get("proxyserver")
-        ports = {address[1] for address in proxyserver.listen_addrs()} if proxyserver else set()
+        ports = {address[1] for address in internals.listen_addrs()}
         for own in self.own_ports:
             ports.update(own())
         return ports

@@ -12,7 +12,8 @@ from mitmproxy.addonmanager import Loader
 from mitmproxy.net.http import url
 from mitmproxy.proxy import layer, server_hooks
 
-from ..mitm import bodies
+from ..blobserver.host import MirrorListener
+from ..mitm import bodies, internals
 from ..mitm.flows import Mark, is_subrequest
 from ..registry import settings as registries
 from ..registry.settings import AUTH_HOSTS, DEFAULT_REGISTRIES, Settings
@@ -29,11 +30,11 @@ class Interception:
     """The registries (options `registries` and `registry_settings`): their hosts are
     intercepted; everything else is tunnelled."""
 
-    def __init__(self) -> None:
+    def __init__(self, mirror: MirrorListener | None = None) -> None:
+        self.mirror = mirror or MirrorListener()  # set by mirror.py
         self.settings: dict[str, Settings] = {}  # by registry host
         self._registries: set[str] = set(DEFAULT_REGISTRIES)
         self._intercepted = self._registries | {AUTH_HOSTS[h] for h in self._registries if h in AUTH_HOSTS}
-        self.mirror_spec: str | None = None  # the mode of the mirror's listener (proxy/mirror.py), if any
 
     def load(self, loader: Loader) -> None:
         loader.add_option(
@@ -110,7 +111,7 @@ class Interception:
 
     def is_mirror(self, client: connection.Client) -> bool:
         """Whether the client connected to the mirror's listener (mitmproxy says which)."""
-        return self.mirror_spec is not None and client.proxy_mode.full_spec == self.mirror_spec
+        return self.mirror.mode is not None and client.proxy_mode.full_spec == self.mirror.mode
 
     def registry(self, flow: http.HTTPFlow) -> str | None:
         """The registry API host this request verifiably goes to, or None."""
@@ -204,8 +205,8 @@ class Passthrough:
     def next_layer(self, nextlayer: layer.NextLayer) -> None:
         # mitmproxy's own choice first (its addon runs after hubcache's), then the guard on it.
         if nextlayer.layer is None:
-            ctx.master.addons.get("nextlayer").next_layer(nextlayer)
-        bodies.guard(nextlayer.layer)
+            internals.next_layer(nextlayer)
+        internals.guard(nextlayer.layer)
 
     def requestheaders(self, flow: http.HTTPFlow) -> None:
         request = flow.request

@@ -17,14 +17,13 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from mitmproxy import certs, ctx, exceptions, http, tls
 from mitmproxy.addonmanager import Loader
-from mitmproxy.net import server_spec
-from mitmproxy.proxy import mode_specs
 
-from ..blobserver.host import BlobHost
+from ..blobserver.host import LOOPBACK_HOSTS, BlobHost, MirrorListener
 from ..blobserver.server import BLOB_HOST
-from ..mitm import answers
+from ..mitm import answers, internals
 from ..mitm.flows import Mark, is_subrequest
 from ..registry import protocol
+from .credentials import TokenRealms
 from .interception import Interception
 
 logger = logging.getLogger(__name__)
@@ -33,7 +32,6 @@ DOCKER_HUB = "registry-1.docker.io"
 # Names containerd's `ns` gives Docker Hub (the image reference's registry part).
 DOCKER_HUB_NAMES = ("docker.io", "registry-1.docker.io", "index.docker.io")
 TOKEN_PATH = "/hubcache/token/"
-LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 
 def parse_listen(value: str) -> tuple[str, int]:
@@ -50,11 +48,12 @@ def parse_listen(value: str) -> tuple[str, int]:
 class Mirror:
     """Routes the mirror listener's requests (see the module's docstring)."""
 
-    def __init__(self, hosts: Interception, blobs: BlobHost) -> None:
+    def __init__(self, hosts: Interception, blobs: BlobHost, listener: MirrorListener, realms: TokenRealms) -> None:
         self.hosts = hosts
         self.blobs = blobs
+        self.listener = listener  # what the other addons know of the mirror's listener: set only here
+        self.realms = realms
         self.listen: tuple[str, int] | None = None
-        self.realms: dict[tuple[str, int, str], str] = {}  # token realm (host, port, path) -> registry
         self._own_cert: tuple[x509.Certificate, Any] | None = None  # the operator's cert and key
         self._entry: certs.CertStoreEntry | None = None
         self._running = False
@@ -98,14 +97,10 @@ class Mirror:
                 listen = parse_listen(value) if value else None
             except ValueError:
                 raise exceptions.OptionsError(f"mirror_listen: {value!r} is not ADDRESS:PORT (e.g. 127.0.0.1:5443)") from None
-            old = self.hosts.mirror_spec
+            old = self.listener.mode
             self.listen = listen
-            self.hosts.mirror_spec = spec(listen) if listen else None
-            modes = [m for m in ctx.options.mode if m != old]
-            if self.hosts.mirror_spec:
-                modes.append(self.hosts.mirror_spec)
-            if modes != list(ctx.options.mode):
-                ctx.options.mode = modes
+            self.listener.mode = spec(listen) if listen else None
+            internals.replace_listener(old, self.listener.mode)
             if listen:
                 logger.info(f"hubcache: registry mirror on {value} (https{' and http' if ctx.options.mirror_plain_http else ''})")
         if {"mirror_cert", "mirror_key"} & updated:
@@ -119,8 +114,7 @@ class Mirror:
     async def running(self) -> None:
         # mitmproxy may have started its listeners from the modes before this addon added its
         # own (the script loads late): make sure the mirror's listener is up.
-        proxyserver = ctx.master.addons.get("proxyserver")
-        if self.hosts.mirror_spec and proxyserver and not await proxyserver.setup_servers():
+        if self.listener.mode and not await internals.start_listeners():
             logger.error(f"hubcache: the registry mirror cannot listen on {ctx.options.mirror_listen}")
         self._running = True
         self._blob_listener()  # before the blob server starts (BlobHost runs after this addon)
@@ -128,14 +122,14 @@ class Mirror:
     def _blob_listener(self) -> None:
         """A mirror beyond loopback has clients on other machines: the blob server listens for
         them on the mirror's address, with the mirror's certificate."""
-        if self.listen and self.listen[0] not in LOOPBACK:
+        if self.listen and self.listen[0] not in LOOPBACK_HOSTS:
             cert, key = self._certificate()
             pem = cert.public_bytes(serialization.Encoding.PEM) + key.private_bytes(
                 serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
             )
-            self.blobs.mirror_tls = (self.listen[0] or "0.0.0.0", pem)
+            self.listener.blob_tls = (self.listen[0] or "0.0.0.0", pem)
         else:
-            self.blobs.mirror_tls = None
+            self.listener.blob_tls = None
 
     # which requests are the mirror's, and where they go
 
@@ -183,7 +177,7 @@ class Mirror:
         host, _, port_text = authority.partition(":")
         port = int(port_text) if port_text.isdigit() else 443
         key = (host.lower(), port, "/" + realm_path if slash else "/")
-        if key not in self.realms or flow.request.method not in ("GET", "POST"):
+        if self.realms.registry(*key) is None or flow.request.method not in ("GET", "POST"):
             answers.error(flow, protocol.ErrorCode.NAME_UNKNOWN, "not a token service this mirror knows")
             return
         self._retarget(flow, key[0], key[1], key[2])
@@ -196,7 +190,7 @@ class Mirror:
             query = request.path.partition("?")[2]
             request.path = path + ("?" + query if query else "")
         request.host_header = host if port == 443 else f"{host}:{port}"
-        if via := _upstream_proxy():
+        if via := internals.upstream_proxy():
             flow.server_conn.via = via
 
     # TLS: the mirror's own certificate
@@ -204,11 +198,10 @@ class Mirror:
     def tls_start_client(self, tls_start: tls.TlsData) -> None:
         if not self.hosts.is_mirror(tls_start.context.client):
             return
-        tlsconfig = ctx.master.addons.get("tlsconfig")
         if tls_start.ssl_conn is None:
             # Script addons run before mitmproxy's tlsconfig: let it build the connection (its
             # versions, ciphers, ALPN), then present the mirror's certificate on it.
-            tlsconfig.tls_start_client(tls_start)
+            internals.tls_start_client(tls_start)
         assert tls_start.ssl_conn is not None
         cert, key = self._certificate()
         tls_start.ssl_conn.use_certificate(cert)
@@ -220,12 +213,12 @@ class Mirror:
             return self._own_cert
         if self._entry is None:
             sans = self.names()
-            self._entry = ctx.master.addons.get("tlsconfig").certstore.get_cert(str(sans[0].value), sans)
+            self._entry = internals.certstore().get_cert(str(sans[0].value), sans)
         return self._entry.cert.to_cryptography(), self._entry.privatekey
 
     def names(self) -> list[x509.GeneralName]:
         """What the mirror's certificate names: what its clients may dial."""
-        wanted = ["localhost", "127.0.0.1", "::1", socket.gethostname(), socket.getfqdn()]
+        wanted = [*LOOPBACK_HOSTS, socket.gethostname(), socket.getfqdn()]
         if self.listen and self.listen[0] not in ("0.0.0.0", "::", ""):
             wanted.append(self.listen[0])
         wanted += list(ctx.options.mirror_names)
@@ -261,7 +254,7 @@ class MirrorChallenges:
             response.headers["www-authenticate"] = self._challenge(flow, header, base)
         elif response.status_code == 307 and (path := self._blob_path(response.headers.get("location", ""))):
             blobs = self.mirror.blobs
-            if self.mirror.listen and self.mirror.listen[0] in LOOPBACK and blobs.loopback_port:
+            if self.mirror.listen and self.mirror.listen[0] in LOOPBACK_HOSTS and blobs.loopback_port:
                 response.headers["location"] = f"http://127.0.0.1:{blobs.loopback_port}{path}"
             elif blobs.mirror_port:
                 host = urlsplit(base).netloc.rpartition(":")[0]  # as the client dialled the mirror
@@ -287,7 +280,7 @@ class MirrorChallenges:
         registry = self.mirror.hosts.registry(flow)
         if not parts.hostname or registry is None:
             return header
-        self.mirror.realms[(parts.hostname.lower(), port, parts.path or "/")] = registry
+        self.mirror.realms.learn(parts.hostname, port, parts.path, registry)
         authority = parts.hostname.lower() + ("" if port == 443 else f":{port}")
         local = f"{base}{TOKEN_PATH}{authority}{quote(parts.path or '/')}"
         return header.replace(f'realm="{realm}"', f'realm="{local}"', 1)
@@ -318,17 +311,6 @@ def base_url(flow: http.HTTPFlow) -> str:
     if ":" in host:
         host = f"[{host}]"
     return f"{scheme}://{host}:{port}"
-
-
-def _upstream_proxy() -> server_spec.ServerSpec | None:
-    """The upstream proxy of `--mode upstream:` (the first mode), which hubcache's own requests
-    use too; the mirror's relayed requests go the same way."""
-    modes = ctx.options.mode
-    if modes and modes[0].startswith("upstream:"):
-        mode = mode_specs.ProxyMode.parse(modes[0])
-        assert isinstance(mode, mode_specs.UpstreamMode)
-        return (mode.scheme, mode.address)
-    return None
 
 
 def _read_cert(cert_file: str, key_file: str) -> tuple[x509.Certificate, Any] | None:

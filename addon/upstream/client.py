@@ -10,16 +10,20 @@ import logging
 import time
 import zlib
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 from urllib.parse import urlencode, urljoin
 
-from mitmproxy import ctx, http
-from mitmproxy.addons.clientplayback import ReplayHandler
+from mitmproxy import http
 from mitmproxy.net.http import url
 
+from ..mitm import internals
 from ..mitm.flows import Mark, is_subrequest
 from ..registry import protocol
 from ..registry.protocol import Route
 from . import fetcher
+
+if TYPE_CHECKING:
+    from .circuits import Circuits
 
 logger = logging.getLogger(__name__)
 
@@ -127,7 +131,7 @@ class BoundedAnswers:
     """Reads the answers to hubcache's own requests, bounded (see the module's docstring)."""
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:
-        # A fill's own stream callable replaces this one (the cache's addons run later).
+        # A fill's sink replaces this one once the hooks ran (internals.take).
         if is_subrequest(flow) and flow.response and not flow.response.stream:
             flow.response.stream = _Bounded(flow)
 
@@ -184,7 +188,11 @@ class _Bounded:
 
 class Upstream:
     """The one way out for hubcache's own requests. The addons that send them are given an
-    instance (tests give them a fake one instead)."""
+    instance (tests give them a fake one instead). `circuits`, the breaker asked before each
+    request, is set by make_addons (the breaker sends its probes through this instance)."""
+
+    def __init__(self, circuits: Circuits | None = None) -> None:
+        self.circuits = circuits
 
     async def send(self, like: http.HTTPFlow, request: http.Request, timeout: float, follow: bool = False, miss: bool = False) -> http.Response:
         """Send `request` (see request_for) upstream for the client flow `like`, and return the
@@ -203,18 +211,21 @@ class Upstream:
             answer = await self.run(subrequest(like, request), timeout)
         return answer
 
-    async def run(self, flow: http.HTTPFlow, idle_timeout: float, progress: Callable[[], float] | None = None) -> http.Response:
+    async def run(
+        self, flow: http.HTTPFlow, idle_timeout: float, progress: Callable[[], float] | None = None, sink: internals.Sink | None = None
+    ) -> http.Response:
         """Send a subrequest flow and wait for its whole response; UpstreamError when there is none.
         It is cut when nothing happened for `idle_timeout` seconds: no answer at all, or (with
-        `progress`, the time of the last bytes received) a body that stopped growing."""
-        circuits = ctx.master.addons.get("circuits")
+        `progress`, the time of the last bytes received) a body that stopped growing. With a
+        `sink`, the answer's owner (a fill) says where its body goes, once its head is in."""
+        circuits = self.circuits
         request = flow.request
         if circuits and (refused := circuits.refusal(request.host, request.port, flow.client_conn)):
             # The host is down: not waited for, unless only upstream can answer this; then it is
             # worth one probe (see upstream/circuits.py).
             if not (only_upstream(flow) and await circuits.attempt(request.host, request.port)):
                 raise Unreachable(refused)
-        exchange = _start(flow, idle_timeout)
+        exchange = _start(flow, idle_timeout, sink)
         task = exchange.task
         started = time.monotonic()
         while not task.done():
@@ -262,22 +273,8 @@ def _parsed(request: http.Request) -> Route | None:
         return None
 
 
-class _Replay:
-    """A subrequest through mitmproxy's proxy core, like a client replay."""
-
-    def __init__(self, flow: http.HTTPFlow):
-        self.handler = ReplayHandler(flow, ctx.options)
-        self.task = asyncio.ensure_future(self.handler.replay())
-
-    def cancel(self, reason: str) -> None:
-        for io in self.handler.transports.values():
-            if io.handler:
-                io.handler.cancel(reason)
-        self.task.cancel()
-
-
-def _start(flow: http.HTTPFlow, idle_timeout: float) -> _Replay | fetcher.Exchange:
+def _start(flow: http.HTTPFlow, idle_timeout: float, sink: internals.Sink | None) -> internals.Replay | fetcher.Exchange:
     """A blob fill's bytes run on a thread of their own (upstream/fetcher.py) wherever it can carry them."""
     if flow.metadata.get(Mark.FILL) and fetcher.handles(flow):
-        return fetcher.Exchange(flow, idle_timeout)
-    return _Replay(flow)
+        return fetcher.Exchange(flow, idle_timeout, sink)
+    return internals.Replay(flow, sink)

@@ -1,6 +1,7 @@
 """A blob fill's upstream request, with its bytes on a thread of their own, off the event loop every
-client shares. mitmproxy's addons still decide and see everything, hooks run in its core's order; an
-upstream proxy over TLS and plain HTTP go through the core instead (`handles`)."""
+client shares. mitmproxy's addons still decide and see everything, hooks run in its core's order
+(`internals.RequestHooks`), and the body goes to the fill's sink directly; an upstream proxy over
+TLS and plain HTTP go through the core instead (`handles`)."""
 
 from __future__ import annotations
 
@@ -10,21 +11,16 @@ import select
 import socket
 import threading
 import time
-from collections.abc import Callable
 from typing import Any, cast
 
 import h11
-from mitmproxy import connection, ctx, http, tls
 from mitmproxy import flow as flow_module
+from mitmproxy import http
 from mitmproxy.connection import Server
 from mitmproxy.net.http import http1
-from mitmproxy.proxy import server_hooks
-from mitmproxy.proxy.context import Context
-from mitmproxy.proxy.layers import http as http_layer
-from mitmproxy.proxy.layers import tls as tls_layer
-from mitmproxy.proxy.layers.http._hooks import HttpConnectUpstreamHook
-from mitmproxy.proxy.mode_specs import UpstreamMode
 from OpenSSL import SSL
+
+from ..mitm import internals
 
 logger = logging.getLogger(__name__)
 
@@ -37,10 +33,10 @@ FLUSH = 0.05  # seconds: bytes are handed over no later than this after they cam
 MAX_HEAD = 64 * 1024  # a response head (status line and headers) larger than this is refused
 
 
-# Where body bytes go: the stream callable the `responseheaders` hook set (the fill's writer). It
-# is handed a view of a buffer that is read into again once it returns: it takes the bytes (hashes
-# and writes them, or copies them) before returning.
-Stream = Callable[[bytes | memoryview], object]
+# Where body bytes go: the stream callable the fill's sink gives (its writer). It is handed a view
+# of a buffer that is read into again once it returns: it takes the bytes (hashes and writes them,
+# or copies them) before returning.
+Stream = internals.Stream
 
 
 class Failed(Exception):
@@ -56,25 +52,17 @@ def handles(flow: http.HTTPFlow) -> bool:
     """Whether this module can carry the request: https, directly or through an HTTP proxy."""
     if flow.request.scheme != "https":
         return False
-    mode = _upstream_mode()
-    return mode is None or mode.scheme == "http"
-
-
-def _upstream_mode() -> UpstreamMode | None:
-    modes = ctx.options.mode
-    if modes and modes[0].startswith("upstream:"):
-        mode = UpstreamMode.parse(modes[0])
-        assert isinstance(mode, UpstreamMode)
-        return mode
-    return None
+    proxy = internals.upstream_proxy()
+    return proxy is None or proxy[0] == "http"
 
 
 class Exchange:
     """One request and its response, as `ReplayHandler` would run it; `task` ends when the
-    response (or error) hook has run, and `cancel` cuts it."""
+    response (or error) hook has run, and `cancel` cuts it. The body goes where `sink` says."""
 
-    def __init__(self, flow: http.HTTPFlow, idle_timeout: float):
+    def __init__(self, flow: http.HTTPFlow, idle_timeout: float, sink: internals.Sink | None = None):
         self.flow = flow
+        self.sink = sink
         # Connecting may take this long; once connected, upstream.run's idle check cuts a silent exchange.
         self.connect_timeout = idle_timeout
         self._sock: socket.socket | None = None
@@ -96,43 +84,28 @@ class Exchange:
 
     async def _run(self) -> None:
         flow = self.flow
-        hooks = ctx.master.addons
-        flow.live = True  # as in mitmproxy's core: an addon may kill it
-        await hooks.handle_lifecycle(http_layer.HttpRequestHeadersHook(flow))
-        await hooks.handle_lifecycle(http_layer.HttpRequestHook(flow))
+        hooks = internals.RequestHooks(flow)
+        await hooks.request()
         if flow.response is None and not flow.error:
             try:
-                await self._exchange()
+                await self._exchange(hooks)
             except Failed as e:
                 flow.error = flow.error or flow_module.Error(str(e))  # cancel() said why first
-        if flow.response is not None and not flow.error:
-            await hooks.handle_lifecycle(http_layer.HttpResponseHook(flow))
-        else:
-            flow.response = None
-            flow.error = flow.error or flow_module.Error("no response")
-            await hooks.handle_lifecycle(http_layer.HttpErrorHook(flow))
-        flow.live = False
+        await hooks.end()
 
-    async def _exchange(self) -> None:
-        flow, hooks = self.flow, ctx.master.addons
-        request = flow.request
-        server = Server(address=(request.host, request.port), sni=request.pretty_host, tls=True, alpn_offers=[b"http/1.1"])
-        if mode := _upstream_mode():
-            server.via = (mode.scheme, mode.address)
-        data = server_hooks.ServerConnectionHookData(server=server, client=flow.client_conn)
-        await hooks.handle_lifecycle(server_hooks.ServerConnectHook(data))
+    async def _exchange(self, hooks: internals.RequestHooks) -> None:
+        flow = self.flow
+        server = internals.server_for(flow.request)
+        data = await hooks.server_connect(server)
         if server.error:
-            await hooks.handle_lifecycle(server_hooks.ServerConnectErrorHook(data))
+            await hooks.server_connect_error(data)
             raise Failed(f"Connection killed: {server.error}")
         connect = None
         if server.via:
-            connect = self._connect_request(server)
-            await hooks.handle_lifecycle(HttpConnectUpstreamHook(connect))
-        context = Context(flow.client_conn, ctx.options)
-        context.server = server
-        start = tls.TlsData(server, context)
+            connect = internals.connect_request(server)
+            await hooks.http_connect_upstream(connect)
         try:
-            await hooks.handle_lifecycle(tls_layer.TlsStartServerHook(start))
+            start = await hooks.tls_start_server(server)
         except (RuntimeError, ValueError) as e:  # TlsConfig: unreadable CA or client certificate
             raise Failed(f"TLS settings: {e}") from e
         assert start.ssl_conn, "tls_start_server made no TLS connection"
@@ -146,14 +119,16 @@ class Exchange:
             conn = await head
         except _NoConnection as e:
             server.error = str(e)
-            await hooks.handle_lifecycle(server_hooks.ServerConnectErrorHook(data))
+            await hooks.server_connect_error(data)
             raise
         self._conn = conn
         body = conn.body = loop.create_future()
         try:
             assert conn.response
             flow.response = response = conn.response
-            await hooks.handle_lifecycle(http_layer.HttpResponseHeadersHook(flow))
+            await hooks.responseheaders()
+            if self.sink:
+                internals.take(flow, self.sink)
             if flow.error:  # killed: its body is not read
                 return
             conn.proceed(response.stream)
@@ -161,21 +136,6 @@ class Exchange:
         finally:
             conn.proceed(None)  # a thread still waiting for the go ends now
             await asyncio.to_thread(thread.join)
-
-    @staticmethod
-    def _connect_request(server: Server) -> http.HTTPFlow:
-        """The CONNECT mitmproxy sends an HTTP upstream proxy, for the `http_connect_upstream` hook."""
-        assert server.address
-        host, port = server.address
-        authority = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-        headers = http.Headers()
-        if ctx.options.http_connect_send_host_header:
-            headers["Host"] = authority
-        tunnel = connection.Server(address=server.via[1] if server.via else None)
-        flow = http.HTTPFlow(connection.Client(peername=("", 0), sockname=("", 0)), tunnel)
-        now = time.time()
-        flow.request = http.Request(host, port, b"CONNECT", b"", authority.encode(), b"", b"HTTP/1.1", headers, b"", None, now, now)
-        return flow
 
     # on the thread
 

@@ -25,6 +25,7 @@ from mitmproxy.test import taddons
 from hubcache.blobserver import server as blobserver
 from hubcache.blobserver.host import BlobHost
 from hubcache.blobserver.server import BLOB_HOST
+from hubcache.mitm import internals
 from hubcache.options import CommonOptions
 from hubcache.registry.protocol import digest_of
 from hubcache.storage.folder import CacheFolder
@@ -48,7 +49,7 @@ class Blobs:
 
 @pytest.fixture
 async def blobs(tmp_path):
-    host = BlobHost()
+    host = BlobHost(internals.certstore)
     folder = CacheFolder()
     tlsconfig = TlsConfig()
     with taddons.context(Proxyserver(), tlsconfig, CommonOptions(), folder, host) as tctx:

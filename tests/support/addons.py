@@ -13,6 +13,7 @@ from hubcache.cache.hooks import RegistryCache
 from hubcache.cache.manifest_path import ManifestRequests
 from hubcache.cache.misses import Misses
 from hubcache.fleet.node import Fleet
+from hubcache.mitm import internals
 from hubcache.observe.metrics import Metrics
 from hubcache.observe.pull_log import PullLog
 from hubcache.options import CommonOptions
@@ -26,7 +27,7 @@ from hubcache.upstream.client import Upstream
 class CacheAddons:
     upstream: Upstream = field(default_factory=Upstream)
     hosts: Interception = field(default_factory=Interception)
-    blobhost: BlobHost = field(default_factory=BlobHost)
+    blobhost: BlobHost = field(default_factory=lambda: BlobHost(internals.certstore))
     folder: CacheFolder = field(default_factory=CacheFolder)
     pulls: PullLog = field(default_factory=PullLog)
     fleet: Fleet = field(default_factory=Fleet)

@@ -14,6 +14,7 @@ from mitmproxy.test import taddons, tflow, tutils
 from hubcache.blobserver.server import BLOB_HOST
 from hubcache.cache.access import Access
 from hubcache.cache.hooks import RegistryCache
+from hubcache.mitm import internals
 from hubcache.mitm.flows import Mark
 from hubcache.proxy.interception import Interception
 from hubcache.registry import protocol
@@ -60,6 +61,7 @@ class FakeUpstream(upstream.Upstream):
     through the stream callable they set."""
 
     def __init__(self) -> None:
+        super().__init__()  # no circuit breaker unless a test hands it one
         self.replies: list = []
         self.sent: list = []  # (method, url) of every request sent with send()
         self.sent_requests: list = []  # and the request itself
@@ -75,7 +77,7 @@ class FakeUpstream(upstream.Upstream):
         assert self.replies, f"unexpected upstream {request.method} {request.url}"
         return _answer(self.replies.pop(0))
 
-    async def run(self, f: http.HTTPFlow, idle_timeout: float, progress=None) -> http.Response:
+    async def run(self, f: http.HTTPFlow, idle_timeout: float, progress=None, sink=None) -> http.Response:
         self.fetched.append(f.request.copy())
         assert self.fetches, f"unexpected upstream fetch {f.request.url}"
         answer = _answer(self.fetches.pop(0))
@@ -85,6 +87,8 @@ class FakeUpstream(upstream.Upstream):
         f.response = upstream_response(answer.status, answer.headers)
         for hook in self.on_headers:
             hook(f)
+        if sink:
+            internals.take(f, sink)
         if f.error:
             raise upstream.Unreachable(f.error.msg)
         for i in range(0, len(answer.body), 65536):

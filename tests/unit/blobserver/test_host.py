@@ -6,7 +6,8 @@ import pytest
 from mitmproxy import exceptions
 from mitmproxy.test import taddons
 
-from hubcache.blobserver.host import BlobHost, direct_listen, parse_listen
+from hubcache.blobserver.host import BlobHost, direct_listen, parse_blob_listen
+from hubcache.mitm import internals
 
 
 @pytest.mark.parametrize(
@@ -30,14 +31,14 @@ def test_direct_listen(blob_listen, listen_host, expected):
 @pytest.mark.parametrize("bad", ["10.0.0.5:", "10.0.0.5:99999", "[fd00::5", "a b", "x/y:5"])
 def test_a_bad_address_is_refused(bad):
     with pytest.raises(ValueError):
-        parse_listen(bad)
-    host = BlobHost()
+        parse_blob_listen(bad)
+    host = BlobHost(internals.certstore)
     with taddons.context(host) as tctx, pytest.raises(exceptions.OptionsError, match="blob_listen"):
         tctx.configure(host, blob_listen=bad)
 
 
 def test_urls_name_the_direct_listener_once_it_listens():
-    host = BlobHost()
+    host = BlobHost(internals.certstore)
     with taddons.context(host) as tctx:
         tctx.configure(host, blob_urls="https")
         assert host.url("sha256:" + "a" * 64).startswith("https://blobs.hubcache.invalid/blobs/")

@@ -17,7 +17,7 @@ from mitmproxy.proxy import commands, context, events, layer
 from mitmproxy.proxy.layers.http import HttpLayer, HTTPMode, HttpRequestHeadersHook, HttpRequestHook
 from mitmproxy.test import taddons, tflow
 
-from hubcache.mitm import bodies
+from hubcache.mitm import bodies, internals
 from hubcache.mitm.flows import Mark
 
 HEAD = b"GET /v2/library/alpine/manifests/3.20 HTTP/1.1\r\nHost: registry-1.docker.io\r\n"
@@ -31,7 +31,7 @@ class Client:
         ctx.client.alpn = b"h2" if http2 else b"http/1.1"
         ctx.server = tflow.tserver_conn()
         self.layer: layer.Layer = HttpLayer(ctx, HTTPMode.transparent)
-        bodies.guard(self.layer)
+        internals.guard(self.layer)
         self.hubcaches = hubcaches
         self.commands: list[commands.Command] = []
         self.hooks: list[str] = []

@@ -10,7 +10,7 @@ from mitmproxy import http
 from mitmproxy.test import taddons, tflow, tutils
 
 from hubcache.mitm.flows import Mark
-from hubcache.proxy.credentials import UpstreamCredentials
+from hubcache.proxy.credentials import TokenRealms, UpstreamCredentials
 from hubcache.proxy.interception import Interception
 from hubcache.proxy.routes import Routes
 
@@ -31,7 +31,7 @@ def flow(url: str, headers: dict | None = None, method: str = "GET") -> http.HTT
 def challenged(credentials: UpstreamCredentials, url: str, challenge: str) -> None:
     f = flow(url)
     f.response = tutils.tresp(status_code=401, headers=http.Headers(www_authenticate=challenge))
-    credentials.response(f)
+    credentials.responseheaders(f)
 
 
 class AfterRoutes:
@@ -52,7 +52,7 @@ class TestUpstreamCredentials:
     @pytest.fixture
     def credentials(self, secret_file):
         hosts = Interception()
-        credentials = UpstreamCredentials(hosts)
+        credentials = UpstreamCredentials(hosts, TokenRealms())
         routes = Routes(hosts)
         with taddons.context(hosts, routes, credentials) as tctx:
             tctx.configure(hosts, registry_settings=[f"ghcr.io:credentials=@{secret_file}", "quay.io:tag_freshness=5"])
@@ -97,7 +97,7 @@ class TestUpstreamCredentials:
         spoofed = flow("http://127.0.0.1:8099/v2/")
         spoofed.request.headers["Host"] = "ghcr.io"
         spoofed.response = tutils.tresp(status_code=401, headers=http.Headers(www_authenticate='Basic realm="x"'))
-        credentials.response(spoofed)
+        credentials.responseheaders(spoofed)
         genuine = flow("https://ghcr.io/v2/org/app/manifests/1")
         credentials.requestheaders(genuine)
         assert "authorization" not in genuine.request.headers, "a spoofed 401 taught nothing"

@@ -14,6 +14,7 @@ from mitmproxy.test import taddons, tflow, tutils
 
 from hubcache.blobserver.host import BlobHost
 from hubcache.blobserver.server import BLOB_HOST
+from hubcache.mitm import internals
 from hubcache.proxy.destinations import Destinations, Refused
 from hubcache.proxy.interception import UpstreamOverride
 
@@ -21,7 +22,7 @@ from hubcache.proxy.interception import UpstreamOverride
 @pytest.fixture
 def guard():
     override = UpstreamOverride()
-    blobs = BlobHost()
+    blobs = BlobHost(internals.certstore)
     destinations = Destinations(override, blobs)
     destinations.own_ports.append(lambda: [3129])
     with taddons.context(Proxyserver(), override, blobs, destinations) as tctx:

@@ -9,7 +9,9 @@ from mitmproxy import exceptions
 from mitmproxy.proxy import mode_specs
 from mitmproxy.test import taddons, tflow
 
-from hubcache.blobserver.host import BlobHost
+from hubcache.blobserver.host import BlobHost, MirrorListener
+from hubcache.mitm import internals
+from hubcache.proxy.credentials import TokenRealms
 from hubcache.proxy.interception import Interception
 from hubcache.proxy.mirror import Mirror, MirrorChallenges, spec
 
@@ -17,10 +19,16 @@ LISTEN = "127.0.0.1:5443"
 SPEC = spec(("127.0.0.1", 5443))
 
 
+def wired() -> tuple[Interception, Mirror]:
+    """Interception and the mirror, wired as make_addons wires them."""
+    listener = MirrorListener()
+    hosts = Interception(listener)
+    return hosts, Mirror(hosts, BlobHost(internals.certstore, listener), listener, TokenRealms())
+
+
 @pytest.fixture
 def mirror():
-    hosts = Interception()
-    mirror = Mirror(hosts, BlobHost())
+    hosts, mirror = wired()
     with taddons.context(hosts, mirror) as tctx:
         tctx.configure(mirror, mirror_listen=LISTEN)
         yield mirror
@@ -55,27 +63,24 @@ def assert_unknown_name(mirror, path: str) -> None:
 class TestOption:
     @pytest.mark.parametrize("bad", ["5443", "127.0.0.1", ":5443", "127.0.0.1:", "127.0.0.1:0", "127.0.0.1:70000", "host:port", "http://h:1", "a b:1"])
     def test_not_an_address_is_refused_in_one_line(self, bad):
-        hosts = Interception()
-        mirror = Mirror(hosts, BlobHost())
+        hosts, mirror = wired()
         with taddons.context(hosts, mirror) as tctx, pytest.raises(exceptions.OptionsError) as e:
             tctx.configure(mirror, mirror_listen=bad)
         assert "mirror_listen" in str(e.value) and "\n" not in str(e.value)
 
     def test_the_listener_is_a_mode_of_its_own_and_goes_when_the_option_does(self):
-        hosts = Interception()
-        mirror = Mirror(hosts, BlobHost())
+        hosts, mirror = wired()
         with taddons.context(hosts, mirror) as tctx:
-            assert hosts.mirror_spec is None
+            assert mirror.listener.mode is None
             tctx.configure(mirror, mirror_listen=LISTEN)
             assert tctx.options.mode == ["regular", "reverse:https://registry-1.docker.io@127.0.0.1:5443"]
             tctx.configure(mirror, mirror_listen="[::1]:6000")
             assert tctx.options.mode == ["regular", "reverse:https://registry-1.docker.io@[::1]:6000"]
             tctx.configure(mirror, mirror_listen="")
-            assert tctx.options.mode == ["regular"] and hosts.mirror_spec is None
+            assert tctx.options.mode == ["regular"] and mirror.listener.mode is None
 
     def test_a_certificate_needs_its_key(self, tmp_path):
-        hosts = Interception()
-        mirror = Mirror(hosts, BlobHost())
+        hosts, mirror = wired()
         with taddons.context(hosts, mirror) as tctx, pytest.raises(exceptions.OptionsError, match="go together"):
             tctx.configure(mirror, mirror_cert=str(tmp_path / "cert.pem"))
 

@@ -236,7 +236,7 @@ async def test_hubcaches_own_request_to_a_host_that_is_down_is_not_started(circu
     breaker.upstream = Probed()
     flow = upstream.subrequest(tflow.tflow(), tutils.treq(host=HUB, port=443, scheme=b"https"))
     with pytest.raises(upstream.UpstreamError) as refused:  # if it were started: Silent, or another failure
-        await upstream.Upstream().run(flow, 5)
+        await upstream.Upstream(breaker).run(flow, 5)
     assert str(refused.value) == f"hubcache: {HUB} is down (refused); not waited for"
     assert breaker.upstream.probed == [], "a request the cache could answer does not probe"
 
@@ -252,7 +252,7 @@ async def test_a_miss_to_a_host_that_is_down_waits_for_the_probe_and_goes_upstre
     class Sent(Exception):
         pass
 
-    def start(f, timeout):
+    def start(f, timeout, sink):
         sent.append(f.request.url)
         raise Sent
 
@@ -261,7 +261,7 @@ async def test_a_miss_to_a_host_that_is_down_waits_for_the_probe_and_goes_upstre
     original = module._start
     module._start = start
     try:
-        await upstream.Upstream().run(flow, 30)
+        await upstream.Upstream(breaker).run(flow, 30)
     except Sent:
         pass  # it went upstream
     except upstream.UpstreamError as e:

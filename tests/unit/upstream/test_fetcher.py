@@ -345,3 +345,16 @@ async def test_an_error_nobody_expected_on_the_thread_ends_the_exchange(tctx, ho
         await upstream.Upstream().run(fill_flow("/blob"), 10)
     assert hooks.seen[-1] == "error"
     assert "failed unexpectedly" in caplog.text
+
+
+async def test_a_sink_passed_in_takes_the_body_once_the_hooks_ran(tctx, hooks):
+    """A fill's body reaches it from the fetcher directly, whatever stream callable an addon set."""
+    taken: list[bytes] = []
+
+    def sink(flow: http.HTTPFlow):
+        assert hooks.seen[-1] == "responseheaders"
+        return lambda data: taken.append(bytes(data))
+
+    assert (await upstream.Upstream().run(fill_flow("/blob"), 10, sink=sink)).status_code == 200
+    assert b"".join(taken) == BODY and taken[-1] == b""
+    assert hooks.chunks == [] and hooks.seen[-1] == "response"

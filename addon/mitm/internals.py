@@ -1,0 +1,302 @@
+"""mitmproxy's internals that hubcache relies on, in one place: what its addon API does not offer.
+
+- `RequestHooks` runs the hooks of one request in the order mitmproxy's core runs them (some
+  through hook classes of private modules), for a blob fill's request carried on a thread of its
+  own (upstream/fetcher.py); `connect_request` is the CONNECT mitmproxy would send an upstream proxy.
+- `replay` sends hubcache's other requests through mitmproxy's core, like a client replay.
+- `guard` swaps hubcache's stream into mitmproxy's HTTP layer (mitm/bodies.py says why).
+- mitmproxy's own addons, asked by name: `nextlayer`, `proxyserver`, `tlsconfig`.
+- The `mode` option: its upstream proxy (`upstream_proxy`), and listeners added to it.
+- The loggers of mitmproxy's lines per connection (`FLOW_LOGGERS`).
+
+tests/unit/mitm/test_internals.py pins each against the installed mitmproxy (the hook order for a
+request, the classes and attributes swapped), so an upgrade that changes one fails there, loudly.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from typing import Any, cast
+
+from mitmproxy import certs, connection, ctx, http, tls
+from mitmproxy import flow as flow_module
+from mitmproxy.addons.clientplayback import ReplayHandler
+from mitmproxy.net import server_spec
+from mitmproxy.proxy import commands, events, layer, mode_specs, server_hooks
+from mitmproxy.proxy.context import Context
+from mitmproxy.proxy.layers import http as http_layer
+from mitmproxy.proxy.layers import tls as tls_layer
+from mitmproxy.proxy.layers.http._hooks import HttpConnectUpstreamHook
+
+from . import bodies
+
+# Where a response's body goes: a stream callable, given each chunk and b'' at the end.
+Stream = Callable[[bytes | bytearray | memoryview], object]
+# The owner of a request's answer, asked once its head is in (after the responseheaders hook):
+# the stream callable its body goes to, or None (read like any other answer). It may kill the flow.
+Sink = Callable[[http.HTTPFlow], Stream | None]
+
+# The hooks RequestHooks runs, in mitmproxy's order; mitmproxy's core runs these too for a request
+# (and the ones in NOT_RUN), and no others.
+RUN = (
+    "requestheaders",
+    "request",
+    "server_connect",
+    "server_connect_error",
+    "http_connect_upstream",
+    "tls_start_server",
+    "responseheaders",
+    "response",
+    "error",
+)
+# The connection a fill's request runs on is hubcache's own, not one of mitmproxy's: no addon
+# is told of its life.
+NOT_RUN = ("server_connected", "tls_established_server", "tls_failed_server", "server_disconnected")
+
+
+class RequestHooks:
+    """The hooks of one request (`flow`), run by whoever carries it instead of mitmproxy's core."""
+
+    def __init__(self, flow: http.HTTPFlow):
+        self.flow = flow
+
+    async def _run(self, hook: commands.StartHook) -> None:
+        await ctx.master.addons.handle_lifecycle(hook)
+
+    async def request(self) -> None:
+        """`requestheaders`, then `request`; the flow is live meanwhile, as in mitmproxy's core (an
+        addon may kill it)."""
+        self.flow.live = True
+        await self._run(http_layer.HttpRequestHeadersHook(self.flow))
+        await self._run(http_layer.HttpRequestHook(self.flow))
+
+    async def server_connect(self, server: connection.Server) -> server_hooks.ServerConnectionHookData:
+        """`server_connect`: where the connection goes (`upstream_map`, loop guards), or
+        `server.error` when an addon refused it."""
+        data = server_hooks.ServerConnectionHookData(server=server, client=self.flow.client_conn)
+        await self._run(server_hooks.ServerConnectHook(data))
+        return data
+
+    async def server_connect_error(self, data: server_hooks.ServerConnectionHookData) -> None:
+        await self._run(server_hooks.ServerConnectErrorHook(data))
+
+    async def http_connect_upstream(self, connect: http.HTTPFlow) -> None:
+        """`http_connect_upstream` on the CONNECT an upstream proxy gets (`connect_request`)."""
+        await self._run(HttpConnectUpstreamHook(connect))
+
+    async def tls_start_server(self, server: connection.Server) -> tls.TlsData:
+        """`tls_start_server`: mitmproxy's TLS settings (`tlsconfig`) make the connection object
+        (`ssl_conn`). RuntimeError or ValueError: they are unusable (an unreadable CA...)."""
+        context = Context(self.flow.client_conn, ctx.options)
+        context.server = server
+        start = tls.TlsData(server, context)
+        await self._run(tls_layer.TlsStartServerHook(start))
+        return start
+
+    async def responseheaders(self) -> None:
+        await self._run(http_layer.HttpResponseHeadersHook(self.flow))
+
+    async def end(self) -> None:
+        """`response` when there is one, else `error`; the flow is no longer live."""
+        flow = self.flow
+        if flow.response is not None and not flow.error:
+            await self._run(http_layer.HttpResponseHook(flow))
+        else:
+            flow.response = None
+            flow.error = flow.error or flow_module.Error("no response")
+            await self._run(http_layer.HttpErrorHook(flow))
+        flow.live = False
+
+
+def server_for(request: http.Request) -> connection.Server:
+    """The connection mitmproxy's core would open for an https request: TLS to its host, through
+    the upstream proxy of `--mode upstream:` if there is one."""
+    server = connection.Server(address=(request.host, request.port), sni=request.pretty_host, tls=True, alpn_offers=[b"http/1.1"])
+    if proxy := upstream_proxy():
+        server.via = proxy
+    return server
+
+
+def connect_request(server: connection.Server) -> http.HTTPFlow:
+    """The CONNECT mitmproxy sends an HTTP upstream proxy, for the `http_connect_upstream` hook."""
+    assert server.address
+    host, port = server.address
+    authority = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    headers = http.Headers()
+    if ctx.options.http_connect_send_host_header:
+        headers["Host"] = authority
+    tunnel = connection.Server(address=server.via[1] if server.via else None)
+    flow = http.HTTPFlow(connection.Client(peername=("", 0), sockname=("", 0)), tunnel)
+    now = time.time()
+    flow.request = http.Request(host, port, b"CONNECT", b"", authority.encode(), b"", b"HTTP/1.1", headers, b"", None, now, now)
+    return flow
+
+
+# hubcache's other requests: through mitmproxy's core
+
+
+class _ReplayHandler(ReplayHandler):
+    """A client replay whose response body goes where `sink` says."""
+
+    def __init__(self, flow: http.HTTPFlow, sink: Sink | None):
+        super().__init__(flow, ctx.options)
+        self.sink = sink
+
+    async def handle_hook(self, hook: commands.StartHook) -> None:
+        await super().handle_hook(hook)
+        if self.sink and isinstance(hook, http_layer.HttpResponseHeadersHook):
+            take(hook.flow, self.sink)
+
+
+class Replay:
+    """A request through mitmproxy's proxy core, like a client replay; `task` ends with it. With
+    a `sink`, the body goes where it says (see `take`)."""
+
+    def __init__(self, flow: http.HTTPFlow, sink: Sink | None = None):
+        self.handler = _ReplayHandler(flow, sink)
+        self.task = asyncio.ensure_future(self.handler.replay())
+
+    def cancel(self, reason: str) -> None:
+        for io in self.handler.transports.values():
+            if io.handler:
+                io.handler.cancel(reason)
+        self.task.cancel()
+
+
+def take(flow: http.HTTPFlow, sink: Sink) -> None:
+    """Once the responseheaders hook ran: the body goes where `sink` says, not through an addon."""
+    if flow.response is not None and not flow.error and (stream := sink(flow)) is not None:
+        # mitmproxy's annotation asks for bytes in and out; the fetcher gives bytearrays and reads nothing back.
+        flow.response.stream = cast(Any, stream)
+
+
+# The loggers of mitmproxy's connection lines (connect, disconnect, streaming: INFO), and of its
+# client replay, which carries hubcache's own requests.
+FLOW_LOGGERS = ("mitmproxy.proxy", "mitmproxy.addons.clientplayback")
+
+
+# the `mode` option
+
+
+def upstream_proxy() -> server_spec.ServerSpec | None:
+    """The upstream proxy of `--mode upstream:` (the first mode), which mitmproxy's core sends its
+    requests through, and hubcache's own too."""
+    modes = ctx.options.mode
+    if modes and modes[0].startswith("upstream:"):
+        mode = mode_specs.ProxyMode.parse(modes[0])
+        assert isinstance(mode, mode_specs.UpstreamMode)
+        return (mode.scheme, mode.address)
+    return None
+
+
+def replace_listener(old: str | None, new: str | None) -> None:
+    """Replace the listener of mode `old` (if any) with one of mode `new` (if any)."""
+    modes = [m for m in ctx.options.mode if m != old]
+    if new:
+        modes.append(new)
+    if modes != list(ctx.options.mode):
+        ctx.options.mode = modes
+
+
+# mitmproxy's own addons
+
+
+def next_layer(nextlayer: layer.NextLayer) -> None:
+    """Let mitmproxy's `nextlayer` addon decide the layer (it runs after hubcache's addons)."""
+    ctx.master.addons.get("nextlayer").next_layer(nextlayer)
+
+
+async def start_listeners() -> bool:
+    """Start the listeners of the `mode` option that are not up yet; False if one cannot listen."""
+    proxyserver = ctx.master.addons.get("proxyserver")
+    return not proxyserver or await proxyserver.setup_servers()
+
+
+def listen_addrs() -> list[tuple]:
+    """The addresses mitmproxy's listeners are bound to."""
+    proxyserver = ctx.master.addons.get("proxyserver")
+    return proxyserver.listen_addrs() if proxyserver else []
+
+
+def regular_listen_addrs() -> list[tuple]:
+    """The addresses of mitmproxy's first regular (explicit proxy) listener that is up."""
+    for server in ctx.master.addons.get("proxyserver").servers:
+        if server.mode.type_name == "regular" and server.listen_addrs:
+            return list(server.listen_addrs)
+    return []
+
+
+def certstore() -> certs.CertStore:
+    """mitmproxy's certificate store: its CA, and the certificates it issues."""
+    return ctx.master.addons.get("tlsconfig").certstore
+
+
+def tls_start_client(tls_start: tls.TlsData) -> None:
+    """Let mitmproxy's `tlsconfig` build a client connection (its versions, ciphers, ALPN), when
+    hubcache's addon runs first (script addons run before mitmproxy's own)."""
+    ctx.master.addons.get("tlsconfig").tls_start_client(tls_start)
+
+
+# request bodies hubcache refuses (bodies.py): mitmproxy's HTTP layer, with a stream of hubcache's
+
+
+def guard(top: layer.Layer | None) -> None:
+    """Give the HTTP layers of a freshly decided layer stack hubcache's streams."""
+    current: object = top
+    while current is not None:
+        if type(current) is http_layer.HttpLayer:
+            current.__class__ = _GuardedLayer
+        current = getattr(current, "child_layer", None)
+
+
+class _GuardedLayer(http_layer.HttpLayer):
+    def make_stream(self, stream_id: int) -> layer.CommandGenerator[None]:
+        self.streams[stream_id] = _Stream(self.context.fork(), stream_id)
+        yield from self.event_to_child(self.streams[stream_id], events.Start())
+
+
+class _Stream(http_layer.HttpStream):
+    """mitmproxy's stream, except that a request marked `bodies.takes_none` never has its body read."""
+
+    _linger: commands.RequestWakeup | None = None
+
+    def _handle_event(self, event: events.Event) -> layer.CommandGenerator[None]:
+        if isinstance(event, events.Wakeup) and event.command is self._linger:
+            yield commands.CloseConnection(self.context.client)
+        else:
+            yield from super()._handle_event(event)
+
+    def state_wait_for_request_headers(self, event: http_layer.RequestHeaders) -> layer.CommandGenerator[None]:
+        yield from super().state_wait_for_request_headers(event)
+        # After the requestheaders hook: a body is still to come unless END_STREAM said otherwise.
+        if event.end_stream or not bodies.refuses_body(self.flow):
+            return
+        if self.client_state != self.state_consume_request_body:
+            return  # killed or failed already
+        if bodies.announces_body(self.flow.request):
+            yield from self._refuse()
+        else:
+            self.client_state = self.state_expect_no_body
+
+    def state_expect_no_body(self, event: events.Event) -> layer.CommandGenerator[None]:
+        """HTTP/2 without a length: the end of the stream, or data that is refused."""
+        if isinstance(event, http_layer.RequestEndOfMessage):
+            self.client_state = self.state_consume_request_body
+            yield from self.client_state(event)
+        elif not (isinstance(event, http_layer.RequestData) and not event.data):
+            yield from self._refuse()
+
+    def _refuse(self) -> layer.CommandGenerator[None]:
+        flow = self.flow
+        # Whatever the client still sends is dropped as it comes, never kept.
+        self.client_state = self.state_errored
+        bodies.refuse(flow)
+        yield http_layer.HttpResponseHeadersHook(flow)
+        yield from self.send_response()
+        yield http_layer.SendHttp(http_layer.ResponseEndOfMessage(self.stream_id), self.context.client)
+        flow.live = False
+        yield http_layer.DropStream(self.stream_id)
+        self._linger = commands.RequestWakeup(bodies.LINGER)
+        yield self._linger
