@@ -27,6 +27,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from itertools import pairwise
 from pathlib import Path
 
 from hubcache.storage.store import Store
@@ -138,12 +139,12 @@ def main() -> None:
         print(json.dumps({str(n): r for n, r in results.items()}, indent=2))
         return
     header = ["figure", *(f"{n} blobs ({n // BLOBS_PER_MANIFEST} tags)" for n in sizes)]
-    header += [f"growth {a}->{b}" for a, b in zip(sizes, sizes[1:])]
+    header += [f"growth {a}->{b}" for a, b in pairwise(sizes)]
     print("| " + " | ".join(header) + " |")
     print("|" + "---|" * len(header))
     for figure in results[sizes[0]]:
         row = [figure, *(shown(results[n][figure], args.timeout) for n in sizes)]
-        for a, b in zip(sizes, sizes[1:]):
+        for a, b in pairwise(sizes):
             x, y = results[a][figure], results[b][figure]
             row.append(f"x{y / x:.1f}" if x and y else "-")
         print("| " + " | ".join(row) + " |")

@@ -41,19 +41,19 @@ def entries(*specs) -> list[BlobEntry]:
 
 def test_least_recently_used_go_first_until_under_the_limit():
     blobs = entries(("a", 40, 100), ("b", 40, 200), ("c", 40, 300))
-    chosen = choose(blobs, limit=50, max_unused=None, keep=set(), now=10_000, in_use=600)
+    chosen = list(choose(blobs, total=sum(b.size for b in blobs), limit=50, max_unused=None, keep=set(), now=10_000, in_use=600))
     assert [b.digest[7] for b in chosen] == ["a", "b"]
 
 
 def test_pinned_and_recently_used_blobs_are_spared():
-    blobs = entries(("a", 40, 100), ("b", 40, 9_900), ("c", 40, 300))
-    chosen = choose(blobs, limit=0, max_unused=None, keep={f"sha256:{'c' * 64}"}, now=10_000, in_use=600)
+    blobs = entries(("a", 40, 100), ("c", 40, 300), ("b", 40, 9_900))
+    chosen = list(choose(blobs, total=sum(b.size for b in blobs), limit=0, max_unused=None, keep={f"sha256:{'c' * 64}"}, now=10_000, in_use=600))
     assert [b.digest[7] for b in chosen] == ["a"]
 
 
 def test_expiry_drops_only_what_went_unused():
     blobs = entries(("a", 1, 100), ("b", 1, 9_000))
-    chosen = choose(blobs, limit=None, max_unused=5_000, keep=set(), now=10_000, in_use=0)
+    chosen = list(choose(blobs, total=sum(b.size for b in blobs), limit=None, max_unused=5_000, keep=set(), now=10_000, in_use=0))
     assert [b.digest[7] for b in chosen] == ["a"]
 
 
