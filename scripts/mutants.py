@@ -1591,6 +1591,73 @@ MUTANTS: list[Mutant] = [
         ["test_a_client_pull_of_a_digest_the_watch_fetched_is_counted_once_per_tag_request"],
         UNIT,
     ),
+    # store scale
+    mutant(
+        "store-scale-tag-count-drifts",
+        "the kept counts follow every change: a dropped tag is no longer counted",
+        Edit("    UPDATE hc_count SET value = value - 1 WHERE name = 'tags';\n", ""),
+        ["test_the_counts_follow_every_change"],
+        UNIT,
+    ),
+    mutant(
+        "store-scale-older-store-unindexed",
+        "a store written before the indexes were kept is indexed when first opened",
+        Edit(
+            'rows = sql("SELECT key, raw, size, mode, filename, value FROM Cache")',
+            'rows = sql("SELECT key, raw, size, mode, filename, value FROM Cache WHERE 0")',
+        ),
+        ["test_an_older_store_is_indexed_once_when_first_opened"],
+        UNIT,
+    ),
+    mutant(
+        "store-scale-indexed-on-every-open",
+        "an older store is indexed once, not on every open",
+        [Edit("if index.indexed(self._cache._sql):", "if False:"), Edit("if index.indexed(change.sql):", "if False:")],
+        ["test_an_older_store_is_indexed_once_when_first_opened"],
+        UNIT,
+    ),
+    mutant(
+        "store-scale-next-page-repeats",
+        "a page of tags starts after the last one shown",
+        Edit('query += " AND (registry, repository, tag) > (?, ?, ?)"', 'query += " AND (registry, repository, tag) >= (?, ?, ?)"'),
+        ["test_a_page_of_tags_starts_after_the_last_one_shown", "test_ls_lists_a_page_and_says_how_to_list_the_next"],
+        UNIT,
+    ),
+    mutant(
+        "store-scale-eviction-not-atomic",
+        "a blob, the manifests naming it and the tags leading to them go in one transaction",
+        Edit("with _as_os_error(), self._cache.transact():", "with _as_os_error():"),
+        ["test_an_eviction_stopped_midway_changes_nothing"],
+        UNIT,
+    ),
+    mutant(
+        "store-scale-eviction-leaves-referrers",
+        "no manifest or tag names an evicted blob after any slice of a pass",
+        Edit("dropped = [m for m in index.users(change.sql, blob.digest, blob=True) if m not in keep]", "dropped: list[str] = []"),
+        ["test_every_slice_of_a_pass_leaves_no_manifest_naming_an_evicted_blob", "test_prune_keeps_the_tag_index_consistent"],
+        UNIT,
+    ),
+    mutant(
+        "store-scale-pass-walks-the-whole-store",
+        "an eviction pass reads the least-recently-used order only as far as it evicts",
+        Edit("            return  # nothing later is expired either, and the total is under the limit", "            continue"),
+        ["test_a_pass_reads_the_store_only_as_far_as_it_evicts"],
+        UNIT,
+    ),
+    mutant(
+        "store-scale-eviction-on-the-event-loop",
+        "the proxy's eviction runs in worker threads, never on the event loop",
+        Edit("await asyncio.to_thread(evicting.step)", "evicting.step()"),
+        ["test_the_addon_evicts_off_the_event_loop_a_slice_at_a_time"],
+        UNIT,
+    ),
+    mutant(
+        "store-scale-slice-unbounded",
+        "an eviction pass goes a bounded slice at a time",
+        Edit("for _ in range(SLICE_BLOBS):", "while True:"),
+        ["test_the_addon_evicts_off_the_event_loop_a_slice_at_a_time"],
+        UNIT,
+    ),
 ]
 
 
@@ -1744,7 +1811,7 @@ CHECK_SCRIPT = '''\
 import os
 import hubcache.blobserver.server
 
-print("hubcache from", os.path.dirname(os.path.realpath(hubcache.blobserver.server.__file__)), flush=True)
+print("hubcache from", os.path.dirname(os.path.realpath(hubcache.__file__)), flush=True)
 os._exit(0)
 '''
 

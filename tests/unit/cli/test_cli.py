@@ -180,6 +180,23 @@ def test_ls_pattern(cache, pattern, names):
     assert list(listed(cache, pattern)) == names
 
 
+def test_ls_lists_a_page_and_says_how_to_list_the_next(cache, multi):
+    store = Store(cache)
+    try:
+        for tag in ("2", "3"):
+            store.set_tag("docker.io", "library/multi", tag, multi.index_digest)
+    finally:
+        store.close()
+    first = invoke("ls", "--json", "--cache-dir", str(cache), "--limit", "2")
+    assert [i["tag"] for i in json.loads(first.stdout)] == ["1", "2"]
+    assert "hubcache ls --after docker.io/library/multi:2" in first.stderr
+    rest = invoke("ls", "--json", "--cache-dir", str(cache), "--limit", "2", "--after", "docker.io/library/multi:2")
+    assert [f"{i['registry']}/{i['tag']}" for i in json.loads(rest.stdout)] == ["docker.io/3", "ghcr.io/1.0"]
+    assert "--after" not in rest.stderr, "the last page"
+    assert list(listed(cache, "--registry", "ghcr.io")) == ["ghcr.io/org/single:1.0"]
+    assert list(listed(cache, "--registry", "docker.io", "*:3")) == ["docker.io/library/multi:3"]
+
+
 def test_ls_table(cache, multi):
     result = invoke("ls", "--cache-dir", str(cache))
     assert result.exit_code == 0, result.output
