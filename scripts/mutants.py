@@ -1658,6 +1658,20 @@ MUTANTS: list[Mutant] = [
         ["test_the_addon_evicts_off_the_event_loop_a_slice_at_a_time"],
         UNIT,
     ),
+    mutant(
+        "store-scale-import-names-everything",
+        "hubcache import names the first few images unless --verbose",
+        Edit("shown = summary.images if verbose else summary.images[:SHOWN]", "shown = summary.images"),
+        ["test_import_names_the_first_few_images_and_verbose_all"],
+        UNIT,
+    ),
+    mutant(
+        "store-scale-prefetch-hides-failures",
+        "hubcache prefetch shows every failed image, also past the first few",
+        Edit("if i < SHOWN or r.error]", "if i < SHOWN]"),
+        ["test_prefetch_shows_the_first_few_images_every_failure_and_a_summary"],
+        UNIT,
+    ),
 ]
 
 
