@@ -7,7 +7,10 @@ repositories), then times, as an operator would run them:
 - `hubcache stats`, `hubcache ls` (what it prints first) and `hubcache rm --dry-run` of one tag,
   each a fresh process;
 - the status page's summary: the first `Store.summary()` of a freshly opened store, in process;
-- an eviction pass removing 1 % of the blobs: `hubcache prune --to` 99 % of the blob bytes.
+- an eviction pass removing 1 % of the blobs: `hubcache prune --to` 99 % of the blob bytes;
+- the data path's warm lookups: the median of a tag, its manifest and one of its blobs opened;
+- the first open of a store written before hubcache kept its indexes (their tables dropped):
+  the one-time indexing.
 
 Then it prints one row per figure with the growth factor between successive sizes. Each command
 gets at most --timeout seconds (shown as `>N s`), so a run stays bounded. Stores are built under a
@@ -23,6 +26,8 @@ import hashlib
 import json
 import os
 import shutil
+import sqlite3
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -100,6 +105,35 @@ def first_summary(directory: Path) -> float:
         store.close()
 
 
+def warm_lookup(directory: Path, manifests: int) -> float:
+    """The median time of one tag, manifest and blob lookup, as the data path makes them."""
+    store = Store(directory)
+    times = []
+    try:
+        for m in range(0, manifests, max(1, manifests // 500)):
+            start = time.perf_counter()
+            tag = store.get_tag(REGISTRY, f"team/app{m % REPOSITORIES}", f"v{m}")
+            assert tag is not None
+            held = store.get_manifest(tag.digest)
+            assert held is not None
+            with store.open_blob(blob(m * BLOBS_PER_MANIFEST)[0]) as f:  # type: ignore[union-attr]
+                f.read()
+            times.append(time.perf_counter() - start)
+    finally:
+        store.close()
+    return statistics.median(times)
+
+
+def first_open_unindexed(directory: Path) -> float:
+    """Drop the kept indexes (as a store written before them has none) and time the first open."""
+    with sqlite3.connect(directory / "content" / "cache.db") as db:
+        for (name,) in db.execute("SELECT name FROM sqlite_master WHERE type = 'table' AND name LIKE 'hc\\_%' ESCAPE '\\'").fetchall():
+            db.execute(f"DROP TABLE {name}")
+    start = time.perf_counter()
+    Store(directory).close()
+    return time.perf_counter() - start
+
+
 def measure(directory: Path, blobs: int, timeout: float) -> dict[str, float | None]:
     figures: dict[str, float | None] = {"build store": build(directory, blobs)}
     where = ["--cache-dir", str(directory)]
@@ -109,13 +143,17 @@ def measure(directory: Path, blobs: int, timeout: float) -> dict[str, float | No
     figures["hubcache rm --dry-run (1 tag)"] = command(["rm", "--dry-run", *where, f"{REGISTRY}/team/app{middle % REPOSITORIES}:v{middle}"], timeout)
     figures["status page: first summary"] = first_summary(directory)
     target = blobs * BLOB_BYTES * 99 // 100
+    figures["warm tag+manifest+blob lookup (median)"] = warm_lookup(directory, blobs // BLOBS_PER_MANIFEST)
     figures["prune removing 1 %"] = command(["prune", *where, "--to", str(target)], timeout)
+    figures["first open of an unindexed store"] = first_open_unindexed(directory)
     return figures
 
 
 def shown(seconds: float | None, timeout: float) -> str:
     if seconds is None:
         return f">{timeout:.0f} s"
+    if seconds < 0.01:
+        return f"{seconds * 1000:.2f} ms"
     return f"{seconds * 1000:.0f} ms" if seconds < 1 else f"{seconds:.1f} s"
 
 

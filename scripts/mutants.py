@@ -1638,6 +1638,13 @@ MUTANTS: list[Mutant] = [
         UNIT,
     ),
     mutant(
+        "store-scale-killed-pass-leaves-referrers",
+        "a proxy killed in the middle of an eviction pass leaves every tag whole (it pulls offline) or gone",
+        Edit("dropped = [m for m in index.users(change.sql, blob.digest, blob=True) if m not in keep]", "dropped: list[str] = []"),
+        ["test_a_proxy_killed_mid_pass_leaves_every_tag_whole_or_gone"],
+        INTEGRATION,
+    ),
+    mutant(
         "store-scale-pass-walks-the-whole-store",
         "an eviction pass reads the least-recently-used order only as far as it evicts",
         Edit("            return  # nothing later is expired either, and the total is under the limit", "            continue"),

@@ -304,6 +304,7 @@ class Upkeep:
             )
             while not evicting.done:
                 await asyncio.to_thread(evicting.step)
+                logger.debug(f"hubcache: evicting: {evicting.result.blobs} blobs so far")
             result = evicting.result
         except RecordingError as e:
             logger.warning(f"hubcache: nothing evicted, a recording is unreadable: {e}")

@@ -107,7 +107,8 @@ def build(sql: SQL, decode: Callable[[Any, Any], Any], fetch: Callable[[int, str
     transaction the caller holds). `decode(key, raw)` gives a row's key, `fetch(mode, filename,
     value)` its value."""
     total = sql("SELECT COUNT(*) FROM Cache").fetchone()[0]
-    logger.warning(f"hubcache: indexing the store once for this version of hubcache: {total} entries")
+    if total:  # a new store has nothing to index
+        logger.warning(f"hubcache: indexing the store once for this version of hubcache: {total} entries")
     start = time.monotonic()
     rows = sql("SELECT key, raw, size, mode, filename, value FROM Cache")
     while batch := rows.fetchmany(1000):
@@ -125,7 +126,8 @@ def build(sql: SQL, decode: Callable[[Any, Any], Any], fetch: Callable[[int, str
                 _, registry, repository, tag = key
                 set_tag(sql, key[0], registry, repository, tag, digest, checked)
     sql("INSERT OR REPLACE INTO hc_meta VALUES ('schema', ?)", (SCHEMA,))
-    logger.warning(f"hubcache: indexed the store in {time.monotonic() - start:.1f} s")
+    if total:
+        logger.warning(f"hubcache: indexed the store in {time.monotonic() - start:.1f} s")
 
 
 # Changes (inside the caller's transaction)
