@@ -1600,6 +1600,13 @@ MUTANTS: list[Mutant] = [
         UNIT,
     ),
     mutant(
+        "store-scale-vanished-blob-still-counted",
+        "a blob whose file vanished is forgotten by the counts as well as by the index",
+        Edit("                    self.delete_blob(digest)\n", "                    self._cache.delete((\"blob\", digest))\n"),
+        ["TestBlobs::test_open_blob_whose_file_vanished_is_a_miss"],
+        UNIT,
+    ),
+    mutant(
         "store-scale-older-store-unindexed",
         "a store written before the indexes were kept is indexed when first opened",
         Edit(

@@ -272,7 +272,7 @@ class Store:
             blob = self._read_blob(digest)
             if blob is None:
                 try:
-                    self._cache.delete(("blob", digest))
+                    self.delete_blob(digest)
                 except OSError:
                     pass  # an index that cannot be written keeps its stale entry; still a miss
         return blob
