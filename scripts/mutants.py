@@ -1633,7 +1633,7 @@ MUTANTS: list[Mutant] = [
     mutant(
         "store-scale-eviction-not-atomic",
         "a blob, the manifests naming it and the tags leading to them go in one transaction",
-        Edit("with _as_os_error(), self._cache.transact():", "with _as_os_error():"),
+        Edit("with _as_os_error(), self._cache.transact(retry=wait):", "with _as_os_error():"),
         ["test_an_eviction_stopped_midway_changes_nothing"],
         UNIT,
     ),

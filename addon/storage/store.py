@@ -205,7 +205,9 @@ class Store:
         with _as_os_error():
             if index.indexed(self._cache._sql):
                 return
-            with self.batch() as change:
+            # Waits as long as another process opening it takes to index it (diskcache's own
+            # timeout is 60 s; indexing 10^6 entries takes longer).
+            with self.batch(wait=True) as change:
                 if index.indexed(change.sql):
                     return  # another process indexed it meanwhile
                 index.create(change.sql)
@@ -213,15 +215,16 @@ class Store:
                 index.build(change.sql, disk.get, lambda mode, filename, value: disk.fetch(mode, filename, value, False))
 
     @contextmanager
-    def batch(self) -> Iterator[_Change]:
+    def batch(self, wait: bool = False) -> Iterator[_Change]:
         """Changes made inside happen together, or (on an exception or a crash) not at all. Nested
-        batches of one thread join the outer one."""
+        batches of one thread join the outer one. `wait`: for the database however long another
+        writer holds it, not diskcache's timeout."""
         current = getattr(self._local, "change", None)
         if current is not None:
             yield current
             return
         change = _Change(self._cache)
-        with _as_os_error(), self._cache.transact():
+        with _as_os_error(), self._cache.transact(retry=wait):
             self._local.change = change
             try:
                 yield change
