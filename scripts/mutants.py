@@ -1652,6 +1652,13 @@ MUTANTS: list[Mutant] = [
         INTEGRATION,
     ),
     mutant(
+        "store-scale-evicts-a-blob-just-read",
+        "a blob read after an eviction pass chose it is spared",
+        Edit("FROM Cache WHERE rowid = ? AND access_time <= ?\", (blob.row, blob.used))", "FROM Cache WHERE rowid = ? AND ? > 0\", (blob.row, blob.used))"),
+        ["test_a_blob_read_after_the_pass_chose_it_is_spared"],
+        UNIT,
+    ),
+    mutant(
         "store-scale-pass-walks-the-whole-store",
         "an eviction pass reads the least-recently-used order only as far as it evicts",
         Edit("            return  # nothing later is expired either, and the total is under the limit", "            continue"),

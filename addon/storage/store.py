@@ -25,7 +25,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -138,6 +138,7 @@ class BlobEntry:
     digest: str
     size: int
     used: float  # when it was last stored or read (time.time())
+    row: int = field(default=0, compare=False)  # its row in diskcache's table, when read from it (0: not known)
 
 
 class TagKind(StrEnum):
@@ -349,19 +350,18 @@ class Store:
         with _as_os_error():
             rows = self._cache._sql(query + " ORDER BY access_time, rowid LIMIT ?", (*params, limit)).fetchall()
         blobs = []
-        for key, raw, size, used, _ in rows:
+        for key, raw, size, used, row in rows:
             decoded = self._cache._disk.get(key, raw)
             if isinstance(decoded, tuple) and decoded[0] == "blob":
-                blobs.append(BlobEntry(decoded[1], size, used))
+                blobs.append(BlobEntry(decoded[1], size, used, row))
         return blobs, ((rows[-1][3], rows[-1][4]) if len(rows) == limit else None)
 
     def evict(self, blob: BlobEntry, keep: set[str]) -> Evicted | None:
         """Forget a blob unless it was used since `blob.used`, and in the same transaction every
         manifest naming it (but those in `keep`) and every tag leading to those: no tag or
         manifest ever names an evicted blob, whenever the process stops. None: not evicted."""
-        db_key, raw = self._cache._disk.put(("blob", blob.digest))
         with self.batch() as change:
-            row = change.sql("SELECT rowid, filename FROM Cache WHERE key = ? AND raw = ? AND access_time <= ?", (db_key, raw, blob.used)).fetchone()
+            row = self._evictable_row(change, blob)
             if row is None:
                 return None  # gone already, or used meanwhile
             dropped = [m for m in index.users(change.sql, blob.digest, blob=True) if m not in keep]
@@ -379,6 +379,17 @@ class Store:
             change.files.append(row[1])
             index.drop_blob(change.sql, blob.digest)
         return Evicted(len(dropped), sum(1 for t in tags if t[0] == TagKind.INDEX))
+
+    def _evictable_row(self, change: _Change, blob: BlobEntry) -> tuple[int, str] | None:
+        """The blob's (rowid, filename) if it was not used since `blob.used`. By its row when known:
+        encoding a key as diskcache does (pickletools.optimize) costs more than the rest of an
+        eviction."""
+        key = ("blob", blob.digest)
+        if blob.row:
+            found = change.sql("SELECT rowid, filename, key, raw FROM Cache WHERE rowid = ? AND access_time <= ?", (blob.row, blob.used)).fetchone()
+            return found[:2] if found and self._cache._disk.get(found[2], found[3]) == key else None
+        db_key, raw = self._cache._disk.put(key)
+        return change.sql("SELECT rowid, filename FROM Cache WHERE key = ? AND raw = ? AND access_time <= ?", (db_key, raw, blob.used)).fetchone()
 
     def users(self, child: str, blob: bool) -> list[str]:
         """The manifests naming `child`: as a blob (config or layer), or as a platform manifest."""

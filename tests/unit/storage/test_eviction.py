@@ -303,3 +303,16 @@ async def test_the_addon_evicts_off_the_event_loop_a_slice_at_a_time(upkeep, ima
     result = await addon.evict()
     assert result.blobs == len(blob_digests(one)) and len(threads) >= 3
     assert threading.main_thread() not in threads
+
+
+def test_a_blob_read_after_the_pass_chose_it_is_spared(store, images):
+    one, _ = images
+    blobs, _ = store.least_recently_used(None, 100)
+    chosen = next(b for b in blobs if b.digest == one.platforms[0].layers[0].digest)
+    time.sleep(0.01)  # the clock moves on between the choice and the read
+    with store.open_blob(chosen.digest):
+        pass
+    assert store.evict(chosen, set()) is None
+    assert store.has_blob(chosen.digest) and store.get_tag(REGISTRY, "one", "1") is not None
+    assert store.evict(store.blob_entry(chosen.digest), set()) is not None, "as of its last use, it goes"
+    assert not store.has_blob(chosen.digest) and store.get_tag(REGISTRY, "one", "1") is None
