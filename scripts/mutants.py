@@ -1654,7 +1654,10 @@ MUTANTS: list[Mutant] = [
     mutant(
         "store-scale-evicts-a-blob-just-read",
         "a blob read after an eviction pass chose it is spared",
-        Edit("FROM Cache WHERE rowid = ? AND access_time <= ?\", (blob.row, blob.used))", "FROM Cache WHERE rowid = ? AND ? > 0\", (blob.row, blob.used))"),
+        Edit(
+            "FROM Cache WHERE rowid = ? AND access_time <= ?\", (blob.row, blob.used))",
+            "FROM Cache WHERE rowid = ? AND ? > 0\", (blob.row, blob.used))",
+        ),
         ["test_a_blob_read_after_the_pass_chose_it_is_spared"],
         UNIT,
     ),
