@@ -370,7 +370,7 @@ MUTANTS: list[Mutant] = [
     mutant(
         "evict-pinned",
         "eviction never touches what a recording refers to",
-        Edit("if blob.digest in keep or now - blob.used < in_use:", "if now - blob.used < in_use:"),
+        Edit("if blob.digest not in keep:", "if True:"),
         [
             "test_pinned_and_recently_used_blobs_are_spared",
             "test_a_recording_pins_its_content",
@@ -381,7 +381,7 @@ MUTANTS: list[Mutant] = [
     mutant(
         "evict-in-use",
         "eviction never touches a blob used in the last ten minutes",
-        Edit("if blob.digest in keep or now - blob.used < in_use:", "if blob.digest in keep:"),
+        Edit("if now - blob.used < in_use:", "if False:"),
         ["test_pinned_and_recently_used_blobs_are_spared", "test_recently_used_blobs_are_in_use"],
         UNIT,
     ),
@@ -813,7 +813,7 @@ MUTANTS: list[Mutant] = [
     mutant(
         "evict-past-the-limit",
         "cache_size_limit evicts only until the store is under the limit",
-        Edit("if expired or (limit is not None and total > limit):", "if expired or limit is not None:"),
+        Edit("if not (expired or (limit is not None and total > limit)):", "if not (expired or limit is not None):"),
         ["test_least_recently_used_go_first_until_under_the_limit"],
         UNIT,
     ),
@@ -827,14 +827,14 @@ MUTANTS: list[Mutant] = [
     mutant(
         "evict-leaves-broken-manifests",
         "a manifest that lost a blob is dropped with every tag that led to it",
-        Edit("if chosen:\n    _drop_incomplete(", "if False:\n    _drop_incomplete("),
+        Edit("tags = index.tags_naming(change.sql, broken)", "tags = []"),
         ["test_prune_keeps_the_tag_index_consistent"],
         UNIT,
     ),
     mutant(
         "evict-keeps-tag-of-broken-index",
         "a tag naming an index whose platform manifest was dropped is dropped too",
-        Edit("broken = dropped | {d for d, children in indexes.items() if children & dropped}", "broken = dropped"),
+        Edit("broken.update(m for m in index.users(change.sql, digest, blob=False) if m not in keep)", "pass"),
         ["test_prune_keeps_the_tag_index_consistent"],
         UNIT,
     ),
@@ -1783,6 +1783,111 @@ MUTANTS: list[Mutant] = [
         ["test_hubcaches_own_requests_ask_the_breaker_that_probes_through_them"],
         UNIT,
     ),
+    # store scale
+    mutant(
+        "store-scale-tag-count-drifts",
+        "the kept counts follow every change: a dropped tag is no longer counted",
+        Edit("    UPDATE hc_count SET value = value - 1 WHERE name = 'tags';\n", ""),
+        ["test_the_counts_follow_every_change"],
+        UNIT,
+    ),
+    mutant(
+        "store-scale-vanished-blob-still-counted",
+        "a blob whose file vanished is forgotten by the counts as well as by the index",
+        Edit("                    self.delete_blob(digest)\n", "                    self._cache.delete((\"blob\", digest))\n"),
+        ["TestBlobs::test_open_blob_whose_file_vanished_is_a_miss"],
+        UNIT,
+    ),
+    mutant(
+        "store-scale-older-store-unindexed",
+        "a store written before the indexes were kept is indexed when first opened",
+        Edit(
+            'rows = sql("SELECT key, raw, size, mode, filename, value FROM Cache")',
+            'rows = sql("SELECT key, raw, size, mode, filename, value FROM Cache WHERE 0")',
+        ),
+        ["test_an_older_store_is_indexed_once_when_first_opened"],
+        UNIT,
+    ),
+    mutant(
+        "store-scale-indexed-on-every-open",
+        "an older store is indexed once, not on every open",
+        [Edit("if index.indexed(self._cache._sql):", "if False:"), Edit("if index.indexed(change.sql):", "if False:")],
+        ["test_an_older_store_is_indexed_once_when_first_opened"],
+        UNIT,
+    ),
+    mutant(
+        "store-scale-next-page-repeats",
+        "a page of tags starts after the last one shown",
+        Edit('query += " AND (registry, repository, tag) > (?, ?, ?)"', 'query += " AND (registry, repository, tag) >= (?, ?, ?)"'),
+        ["test_a_page_of_tags_starts_after_the_last_one_shown", "test_ls_lists_a_page_and_says_how_to_list_the_next"],
+        UNIT,
+    ),
+    mutant(
+        "store-scale-eviction-not-atomic",
+        "a blob, the manifests naming it and the tags leading to them go in one transaction",
+        Edit("with _as_os_error(), self._cache.transact(retry=wait):", "with _as_os_error():"),
+        ["test_an_eviction_stopped_midway_changes_nothing"],
+        UNIT,
+    ),
+    mutant(
+        "store-scale-eviction-leaves-referrers",
+        "no manifest or tag names an evicted blob after any slice of a pass",
+        Edit("dropped = [m for m in index.users(change.sql, blob.digest, blob=True) if m not in keep]", "dropped: list[str] = []"),
+        ["test_every_slice_of_a_pass_leaves_no_manifest_naming_an_evicted_blob", "test_prune_keeps_the_tag_index_consistent"],
+        UNIT,
+    ),
+    mutant(
+        "store-scale-killed-pass-leaves-referrers",
+        "a proxy killed in the middle of an eviction pass leaves every tag whole (it pulls offline) or gone",
+        Edit("dropped = [m for m in index.users(change.sql, blob.digest, blob=True) if m not in keep]", "dropped: list[str] = []"),
+        ["test_a_proxy_killed_mid_pass_leaves_every_tag_whole_or_gone"],
+        INTEGRATION,
+    ),
+    mutant(
+        "store-scale-evicts-a-blob-just-read",
+        "a blob read after an eviction pass chose it is spared",
+        Edit(
+            "FROM Cache WHERE rowid = ? AND access_time <= ?\", (blob.row, blob.used))",
+            "FROM Cache WHERE rowid = ? AND ? > 0\", (blob.row, blob.used))",
+        ),
+        ["test_a_blob_read_after_the_pass_chose_it_is_spared"],
+        UNIT,
+    ),
+    mutant(
+        "store-scale-pass-walks-the-whole-store",
+        "an eviction pass reads the least-recently-used order only as far as it evicts",
+        Edit("            return  # nothing later is expired either, and the total is under the limit", "            continue"),
+        ["test_a_pass_reads_the_store_only_as_far_as_it_evicts"],
+        UNIT,
+    ),
+    mutant(
+        "store-scale-eviction-on-the-event-loop",
+        "the proxy's eviction runs in worker threads, never on the event loop",
+        Edit("await asyncio.to_thread(evicting.step)", "evicting.step()"),
+        ["test_the_addon_evicts_off_the_event_loop_a_slice_at_a_time"],
+        UNIT,
+    ),
+    mutant(
+        "store-scale-slice-unbounded",
+        "an eviction pass goes a bounded slice at a time",
+        Edit("for _ in range(SLICE_BLOBS):", "while True:"),
+        ["test_the_addon_evicts_off_the_event_loop_a_slice_at_a_time"],
+        UNIT,
+    ),
+    mutant(
+        "store-scale-import-names-everything",
+        "hubcache import names the first few images unless --verbose",
+        Edit("shown = summary.images if verbose else summary.images[:SHOWN]", "shown = summary.images"),
+        ["test_import_names_the_first_few_images_and_verbose_all"],
+        UNIT,
+    ),
+    mutant(
+        "store-scale-prefetch-hides-failures",
+        "hubcache prefetch shows every failed image, also past the first few",
+        Edit("if i < SHOWN or r.error]", "if i < SHOWN]"),
+        ["test_prefetch_shows_the_first_few_images_every_failure_and_a_summary"],
+        UNIT,
+    ),
 ]
 
 
@@ -1935,7 +2040,6 @@ CHECK_SCRIPT = '''\
 """Loaded by mitmdump as a script: prints where hubcache comes from, then ends mitmdump."""
 import os
 import hubcache
-import hubcache.blobserver.server
 
 print("hubcache from", os.path.dirname(os.path.realpath(hubcache.__file__)), flush=True)
 os._exit(0)

@@ -14,6 +14,8 @@ import click
 from .config import cache_dir_option, config_option, open_store
 from .proxy import make_ca, proxy_options, proxy_settings
 
+SHOWN = 5  # images named in the summaries of import and prefetch, unless --verbose
+
 if TYPE_CHECKING:
     from rich.table import Table
 
@@ -50,6 +52,7 @@ if TYPE_CHECKING:
     is_flag=True,
     help="Skip the images' signatures, SBOMs and attestations (referrers API, else the tags sha256-<hex>.sig|.att|.sbom)",
 )
+@click.option("--verbose", "-v", is_flag=True, help=f"A row for every image (else the first {SHOWN} and every failure).")
 def prefetch(
     cache_dir: Path | None,
     config_file: Path | None,
@@ -61,6 +64,7 @@ def prefetch(
     creds: tuple[str, ...],
     authfile: Path | None,
     no_referrers: bool,
+    verbose: bool,
 ) -> None:
     """Fill the cache with IMAGES from upstream, without any container engine.
 
@@ -109,12 +113,31 @@ def prefetch(
         raise
     except Exception as e:  # mitmproxy's OptionsError, or a proxy that could not start
         raise click.ClickException(str(e)) from e
-    console.print(_prefetch_table(results))
     failed = [r for r in results if r.error]
+    shown = _prefetch_rows(results, verbose)
+    console.print(_prefetch_table(shown))
+    click.echo(_prefetch_summary(results, len(results) - len(shown)))
     for r in failed:
         click.echo(f"Error: {r.error}", err=True)
     if failed:
         raise SystemExit(1)
+
+
+def _prefetch_rows(results: list[Result], verbose: bool) -> list[Result]:
+    """The rows of the table: every image with --verbose, else the first few and every failure."""
+    return results if verbose else [r for i, r in enumerate(results) if i < SHOWN or r.error]
+
+
+def _prefetch_summary(results: list[Result], hidden: int) -> str:
+    from .progress import count, size
+
+    done = [r for r in results if not r.error]
+    summary = (
+        f"prefetched {count(len(done), 'image')}: {count(sum(r.fetched for r in done), 'blob')} fetched "
+        f"({size(sum(r.fetched_bytes for r in done))}), {count(sum(r.held for r in done), 'blob')} already cached"
+    )
+    summary += f"; {len(results) - len(done)} failed" if len(done) < len(results) else ""
+    return summary + (f"; {hidden} more rows with --verbose" if hidden else "")
 
 
 def _prefetch_table(results: list[Result]) -> Table:
@@ -193,7 +216,8 @@ def export_command(
 @cache_dir_option
 @config_option
 @click.argument("bundle", type=click.Path(dir_okay=False, exists=True, path_type=Path))
-def import_command(cache_dir: Path | None, config_file: Path | None, bundle: Path) -> None:
+@click.option("--verbose", "-v", is_flag=True, help=f"Name every image imported (else the first {SHOWN}).")
+def import_command(cache_dir: Path | None, config_file: Path | None, bundle: Path, verbose: bool) -> None:
     """Load a bundle written by `hubcache export` (or any OCI archive whose entries are named
     registry/repository:tag) into the cache, verifying every digest first.
 
@@ -219,10 +243,15 @@ def import_command(cache_dir: Path | None, config_file: Path | None, bundle: Pat
         except OSError as e:
             raise click.ClickException(f"cannot import into {folder}: {e.strerror or e}") from e
     click.echo(
-        f"imported {count(len(summary.images), 'image')} ({', '.join(summary.images)}): "
+        f"imported {count(len(summary.images), 'image')}: "
         f"{count(summary.manifests, 'manifest')}, {count(summary.blobs, 'new blob')} ({size(summary.bytes)}), "
         f"{summary.already_held} already held"
     )
+    shown = summary.images if verbose else summary.images[:SHOWN]
+    for name in shown:
+        click.echo(f"  {name}")
+    if len(shown) < len(summary.images):
+        click.echo(f"  and {len(summary.images) - len(shown)} more (--verbose names them all)")
 
 
 @click.command()

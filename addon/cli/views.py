@@ -13,6 +13,8 @@ import click
 from ..units import DAY
 from .config import cache_dir_option, cache_folder, config_option, existing_store, no_folder
 
+LS_PAGE = 100  # images `hubcache ls` lists unless told
+
 if TYPE_CHECKING:
     from datetime import datetime
 
@@ -76,42 +78,64 @@ def stats_command(cache_dir: Path | None, config_file: Path | None, as_json: boo
 @cache_dir_option
 @config_option
 @click.argument("pattern", required=False)
+@click.option("--registry", help="Only images of this registry (docker.io for Docker Hub).")
+@click.option("--limit", type=click.IntRange(min=1), default=LS_PAGE, show_default=True, help="List at most N images (one page).")
+@click.option("--after", metavar="REGISTRY/REPOSITORY:TAG", help="Start after this image (the next page).")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON list (with every platform) instead of a table.")
-def ls_command(cache_dir: Path | None, config_file: Path | None, pattern: str | None, as_json: bool) -> None:
-    """List the cached images by registry, repository and tag: digest, platforms, how many
-    referrers (signatures, SBOMs, attestations) are cached with them, the size of what the cache
-    holds of them (configs and layers) and when it was last used. PATTERN
-    (shell-style) matches registry/repository:tag or registry/repository.
+def ls_command(
+    cache_dir: Path | None,
+    config_file: Path | None,
+    pattern: str | None,
+    registry: str | None,
+    limit: int,
+    after: str | None,
+    as_json: bool,
+) -> None:
+    """List the cached images by registry, repository and tag, a page at a time: digest, platforms,
+    how many referrers (signatures, SBOMs, attestations) are cached with them, the size of what the
+    cache holds of them (configs and layers) and when it was last used. PATTERN (shell-style)
+    matches registry/repository:tag or registry/repository. When there are more, the last line
+    (on stderr) says how to list the next page.
 
     \b
     Examples:
       hubcache ls
       hubcache ls 'docker.io/library/*'
+      hubcache ls --registry ghcr.io --limit 20
+      hubcache ls --after docker.io/library/alpine:3.20
       hubcache ls '*:3.20' --json
     """
     from fnmatch import fnmatchcase
 
     from ..registry.manifests import ManifestError
+    from ..registry.protocol import canonical_registry
     from ..storage.recordings import image_from_store
     from .progress import console, size
 
+    def matches(registry: str, repository: str, tag: str) -> bool:
+        return not pattern or fnmatchcase(f"{registry}/{repository}:{tag}", pattern) or fnmatchcase(f"{registry}/{repository}", pattern)
+
+    start = _image_name(after) if after else None
     images = []
     with existing_store(cache_dir, config_file) as (store, folder):
-        held = {b.digest: b for b in store.blob_entries()}
-        for (registry, repository, tag), entry in sorted(store.tags()):
-            name = f"{registry}/{repository}:{tag}"
-            if pattern and not (fnmatchcase(name, pattern) or fnmatchcase(f"{registry}/{repository}", pattern)):
-                continue
+        page = store.tag_page(start, limit + 1, canonical_registry(registry) if registry else None, matches)
+        for (registry_, repository, tag), entry in page[:limit]:
             try:
-                image = image_from_store(store, registry, repository, tag)
+                image = image_from_store(store, registry_, repository, tag)
             except ManifestError:
                 image = None
-            images.append(_listed_image(registry, repository, tag, entry.digest, image, held))
+            blobs = {b.digest for m in image.manifests.values() for b in m.blobs} if image else set()
+            held = {d: e for d in blobs if (e := store.blob_entry(d))}
+            images.append(_listed_image(registry_, repository, tag, entry.digest, image, held))
+    last = images[-1] if len(page) > limit else None
+    more = f"more images: hubcache ls --after {last['registry']}/{last['repository']}:{last['tag']}" if last else ""
     if as_json:
         click.echo(_json(images))
+        if more:
+            click.echo(more, err=True)
         return
     if not images:
-        click.echo(f"no images{f' match {pattern!r}' if pattern else ''} in {folder}")
+        click.echo(f"no images{f' match {pattern!r}' if pattern or registry or after else ''} in {folder}")
         return
     from rich.table import Table
 
@@ -123,6 +147,17 @@ def ls_command(cache_dir: Path | None, config_file: Path | None, pattern: str | 
             i["registry"], i["repository"], i["tag"], i["digest"][:19], platforms, str(i["referrers"]), shown, _local(i["last_used"])
         )
     console.print(table)
+    if more:
+        click.echo(more, err=True)
+
+
+def _image_name(text: str) -> tuple[str, str, str]:
+    """registry/repository:tag as (registry, repository, tag), for --after."""
+    name, colon, tag = text.rpartition(":")
+    registry, slash, repository = name.partition("/")
+    if not (colon and slash and repository and "/" not in tag):
+        raise click.BadParameter(f"{text!r} is not registry/repository:tag, as hubcache ls shows it", param_hint="--after")
+    return registry, repository, tag
 
 
 def _listed_image(registry: str, repository: str, tag: str, digest: str, image: Image | None, held: dict) -> dict:

@@ -1,30 +1,35 @@
 """Keeping the store in shape: eviction by size and by age (never what a recording pins, nor a blob
-used lately), the tag index kept consistent, and re-verification. The `Upkeep` addon evicts every
-EVICT_INTERVAL seconds; `hubcache prune`, `rm` and `verify` run the same functions."""
+used lately), the tag index kept consistent, and re-verification. A pass walks the least recently
+used blobs only as far as it evicts, in slices; each blob goes in one transaction with the
+manifests and tags naming it, so a pass stopped at any point leaves no tag naming a missing blob.
+The `Upkeep` addon evicts every EVICT_INTERVAL seconds, each slice in a worker thread; `hubcache
+prune`, `rm` and `verify` run the same functions."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from mitmproxy import ctx, exceptions
 from mitmproxy.addonmanager import Loader
 
-from ..registry import manifests
 from ..registry.protocol import ImageReference, digest_of, hash_digest, hasher
 from ..units import DAY, parse_size
 from .folder import CacheFolder
 from .recordings import RecordingError, pinned
-from .store import BlobEntry, Store, TagKind
+from .store import BlobEntry, Store
 
 logger = logging.getLogger(__name__)
 
 EVICT_INTERVAL = 30.0
 IN_USE = 600.0  # seconds after its last use a blob counts as in use (a signed URL's lifetime)
+SLICE_BLOBS = 64  # blobs evicted in one transaction at most
+SLICE_SECONDS = 0.02  # and for no longer than this, once the first is evicted
+LOOKAHEAD = 256  # entries of the least-recently-used order read at a time
 
 
 @dataclass
@@ -37,60 +42,77 @@ class Pruned:
 
 
 def choose(
-    blobs: list[BlobEntry], *, limit: int | None, max_unused: float | None, keep: set[str], now: float, in_use: float
-) -> list[BlobEntry]:
-    """The blobs to evict, from a least-recently-used-first list."""
-    total = sum(b.size for b in blobs)
-    chosen = []
+    blobs: Iterable[BlobEntry], *, total: int, limit: int | None, max_unused: float | None, keep: set[str], now: float, in_use: float
+) -> Iterator[BlobEntry]:
+    """The blobs to evict from a least-recently-used-first sequence of blobs that take `total`
+    bytes; reads the sequence only as far as it evicts."""
     for blob in blobs:
-        if blob.digest in keep or now - blob.used < in_use:
-            continue
+        if now - blob.used < in_use:
+            return  # so is every later one
         expired = max_unused is not None and now - blob.used > max_unused
-        if expired or (limit is not None and total > limit):
-            chosen.append(blob)
+        if not (expired or (limit is not None and total > limit)):
+            return  # nothing later is expired either, and the total is under the limit
+        if blob.digest not in keep:
+            yield blob
             total -= blob.size
-    return chosen
+
+
+def least_recently_used(store: Store) -> Iterator[BlobEntry]:
+    """The store's blobs, least recently used first, read LOOKAHEAD entries at a time."""
+    position = None
+    while True:
+        blobs, position = store.least_recently_used(position, LOOKAHEAD)
+        yield from blobs
+        if position is None:
+            return
+
+
+class EvictionPass:
+    """One pass of eviction by size and age, done a slice at a time (`step`). Raises
+    RecordingError when a recording cannot be read: then nothing can be evicted safely."""
+
+    def __init__(self, store: Store, cache_dir: Path, *, limit: int | None, max_unused: float | None, in_use: float):
+        self.store = store
+        self.keep = pinned(cache_dir)
+        self.result = Pruned(remaining=store.summary().blob_bytes)
+        self.done = False
+        self._chosen = choose(
+            least_recently_used(store),
+            total=self.result.remaining,
+            limit=limit,
+            max_unused=max_unused,
+            keep=self.keep,
+            now=time.time(),
+            in_use=in_use,
+        )
+
+    def step(self) -> None:
+        """Evict one slice, in one transaction; sets `done` at the end of the pass."""
+        start = time.monotonic()
+        with self.store.batch():
+            for _ in range(SLICE_BLOBS):
+                blob = next(self._chosen, None)
+                if blob is None:
+                    self.done = True
+                    return
+                evicted = self.store.evict(blob, self.keep)
+                if evicted is not None:
+                    self.result.blobs += 1
+                    self.result.bytes += blob.size
+                    self.result.remaining -= blob.size
+                    self.result.manifests += evicted.manifests
+                    self.result.tags += evicted.tags
+                if time.monotonic() - start > SLICE_SECONDS:
+                    return
 
 
 def prune(store: Store, cache_dir: Path, *, limit: int | None, max_unused: float | None = None, in_use: float) -> Pruned:
-    """Evict what the limits ask for, sparing what recordings pin. Raises RecordingError when a
-    recording cannot be read: then nothing can be evicted safely."""
-    keep = pinned(cache_dir)
-    blobs = store.blob_entries()
-    chosen = choose(blobs, limit=limit, max_unused=max_unused, keep=keep, now=time.time(), in_use=in_use)
-    result = Pruned(remaining=sum(b.size for b in blobs))
-    for blob in chosen:
-        if store.delete_blob(blob.digest):
-            result.blobs += 1
-            result.bytes += blob.size
-            result.remaining -= blob.size
-    if chosen:
-        _drop_incomplete(store, {b.digest for b in chosen}, keep, result)
-    return result
-
-
-def _drop_incomplete(store: Store, evicted: set[str], keep: set[str], result: Pruned) -> None:
-    """Drop the manifests that referred to an evicted blob, and every tag that leads to them."""
-    dropped: set[str] = set()
-    indexes: dict[str, set[str]] = {}
-    for digest in store.manifest_digests():
-        manifest = store.get_manifest(digest)
-        if manifest is None or digest in keep:
-            continue
-        try:
-            refs = manifests.references(manifest.body, manifest.media_type)
-        except manifests.ManifestError:
-            continue
-        if refs.children:
-            indexes[digest] = {c.digest for c in refs.children}
-        elif evicted & {b.digest for b in refs.blobs} and store.delete_manifest(digest):
-            dropped.add(digest)
-            result.manifests += 1
-    broken = dropped | {d for d, children in indexes.items() if children & dropped}
-    for kind in TagKind:
-        for (registry, name, tag), entry in store.tags(kind):
-            if entry.digest in broken and store.delete_tag(registry, name, tag, kind) and kind is TagKind.INDEX:
-                result.tags += 1
+    """Evict what the limits ask for, sparing what recordings pin, in one go. Raises
+    RecordingError when a recording cannot be read: then nothing can be evicted safely."""
+    evicting = EvictionPass(store, cache_dir, limit=limit, max_unused=max_unused, in_use=in_use)
+    while not evicting.done:
+        evicting.step()
+    return evicting.result
 
 
 @dataclass
@@ -105,18 +127,18 @@ class Removed:
 
 def remove(store: Store, cache_dir: Path, images: list[ImageReference], dry_run: bool = False) -> Removed:
     """Remove images from the cache: their tags (a digest: every tag that names it), the manifests
-    no remaining tag needs and no recording pins, and the blobs no remaining manifest uses. A running
-    proxy's transfers keep the files they opened; its next pull of the image fills it again.
+    no remaining tag needs and no recording pins, and the blobs no remaining manifest uses, all in
+    one transaction. A running proxy's transfers keep the files they opened; its next pull of the
+    image fills it again. Reads only what the images lead to and what leads to that.
     Raises RecordingError when a recording cannot be read (then nothing can be removed safely)."""
     result = Removed()
     keep = pinned(cache_dir)
-    tags = store.tags()
     roots: set[str] = set()
     dropped_tags: set[tuple[str, str, str]] = set()
     for image in images:
         if ":" in image.reference:  # a digest (a tag has no colon)
-            named = [key for key, entry in tags if key[:2] == (image.registry, image.repository) and entry.digest == image.reference]
-            found = store.get_manifest(image.reference) is not None
+            named = [t for t in store.tags_naming(image.reference) if t[:2] == (image.registry, image.repository)]
+            found = store.has_manifest(image.reference)
             root = image.reference
         else:
             entry = store.get_tag(image.registry, image.repository, image.reference)
@@ -127,25 +149,25 @@ def remove(store: Store, cache_dir: Path, images: list[ImageReference], dry_run:
             continue
         roots.add(root)
         dropped_tags.update(named)
-    remaining_roots = {entry.digest for key, entry in tags if key not in dropped_tags}
-    needed = _closure(store, remaining_roots | (keep & set(store.manifest_digests())))
-    doomed = _closure(store, roots) - needed - keep
-    result.kept = sorted(_closure(store, roots) & (needed | keep))
-    all_manifests = set(store.manifest_digests())
-    used = {b for digest in all_manifests - doomed for b in _blobs_of(store, digest)}
-    doomed_blobs = {b for digest in doomed for b in _blobs_of(store, digest)} - used - keep
+    reached = _closure(store, roots)
+    needed = {d for d in reached if _needed(store, d, dropped_tags, keep)}
+    doomed = reached - needed - keep
+    result.kept = sorted(reached & (needed | keep))
+    doomed_blobs = {b for digest in doomed for b in store.named(digest, blob=True)} - keep
     result.tags = sorted(f"{r}/{n}:{t}" for r, n, t in dropped_tags)
-    result.manifests = sorted(d for d in doomed if d in all_manifests)
-    result.blobs = sorted(d for d in doomed_blobs if store.has_blob(d))
-    result.bytes = sum(store.blob_size(d) or 0 for d in result.blobs)
+    result.manifests = sorted(d for d in doomed if store.has_manifest(d))
+    blobs = [store.blob_entry(b) for b in doomed_blobs if not set(store.users(b, blob=True)) - doomed]
+    result.blobs = sorted(b.digest for b in blobs if b)
+    result.bytes = sum(b.size for b in blobs if b)
     if dry_run:
         return result
-    for registry, name, tag in dropped_tags:
-        store.delete_tag(registry, name, tag)
-    for digest in result.manifests:
-        store.delete_manifest(digest)
-    for digest in result.blobs:
-        store.delete_blob(digest)
+    with store.batch():
+        for registry, name, tag in dropped_tags:
+            store.delete_tag(registry, name, tag)
+        for digest in result.manifests:
+            store.delete_manifest(digest)
+        for digest in result.blobs:
+            store.delete_blob(digest)
     return result
 
 
@@ -155,28 +177,28 @@ def _closure(store: Store, roots: set[str]) -> set[str]:
     todo = list(roots)
     while todo:
         digest = todo.pop()
-        if digest in seen:
-            continue
-        seen.add(digest)
-        manifest = store.get_manifest(digest)
-        if manifest is None:
-            continue
-        try:
-            refs = manifests.references(manifest.body, manifest.media_type)
-        except manifests.ManifestError:
-            continue
-        todo += [child.digest for child in refs.children]
+        if digest not in seen:
+            seen.add(digest)
+            todo += store.named(digest, blob=False)
     return seen
 
 
-def _blobs_of(store: Store, digest: str) -> list[str]:
-    manifest = store.get_manifest(digest)
-    if manifest is None:
-        return []
-    try:
-        return [blob.digest for blob in manifests.references(manifest.body, manifest.media_type).blobs]
-    except manifests.ManifestError:
-        return []
+def _needed(store: Store, digest: str, dropped_tags: set[tuple[str, str, str]], keep: set[str]) -> bool:
+    """Whether a tag that stays, or a recording, leads to the manifest `digest`: itself or an
+    index that lists it."""
+    seen: set[str] = set()
+    todo = [digest]
+    while todo:
+        current = todo.pop()
+        if current in seen:
+            continue
+        seen.add(current)
+        if current != digest and current in keep and store.has_manifest(current):
+            return True
+        if set(store.tags_naming(current)) - dropped_tags:
+            return True
+        todo += store.users(current, blob=False)
+    return False
 
 
 @dataclass
@@ -265,9 +287,13 @@ class Upkeep:
         if store is None or (self.limit is None and not days):
             return None
         try:
-            result = await asyncio.to_thread(
-                prune, store, store.directory, limit=self.limit, max_unused=days * DAY if days else None, in_use=IN_USE
+            evicting = await asyncio.to_thread(
+                EvictionPass, store, store.directory, limit=self.limit, max_unused=days * DAY if days else None, in_use=IN_USE
             )
+            while not evicting.done:
+                await asyncio.to_thread(evicting.step)
+                logger.debug(f"hubcache: evicting: {evicting.result.blobs} blobs so far")
+            result = evicting.result
         except RecordingError as e:
             logger.warning(f"hubcache: nothing evicted, a recording is unreadable: {e}")
             return None

@@ -1,6 +1,7 @@
 """The content store: blobs and manifests by digest, and the tag index, in one diskcache folder.
 Nothing is visible under a digest before it verified (a blob is committed by rename), it is safe
-across threads and processes, its files are its owner's only, and it knows nothing of HTTP."""
+across threads and processes, its files are its owner's only, and it knows nothing of HTTP. Its
+indexes (index.py) change in the same transaction as the content."""
 
 from __future__ import annotations
 
@@ -10,10 +11,11 @@ import shutil
 import sqlite3
 import stat
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -22,6 +24,7 @@ import diskcache
 from diskcache.core import MODE_BINARY, UNKNOWN
 
 from ..registry.protocol import digest_of, hash_digest, hasher
+from . import index
 
 logger = logging.getLogger(__name__)
 
@@ -59,6 +62,29 @@ class _Index(diskcache.Cache):
     def __contains__(self, key: object) -> bool:
         with _as_os_error():
             return super().__contains__(key)
+
+
+class _Change:
+    """One transaction over diskcache's rows and the kept indexes. The files of rows it deletes
+    are removed once it has committed: a crash in between leaves a stray file, never an entry
+    whose file is gone."""
+
+    def __init__(self, cache: _Index):
+        self._cache = cache
+        self.files: list[str] = []
+
+    def sql(self, statement: str, params: Any = ()) -> sqlite3.Cursor:
+        return self._cache._sql(statement, params)
+
+    def delete(self, key: tuple) -> bool:
+        db_key, raw = self._cache._disk.put(key)
+        row = self.sql("SELECT rowid, filename FROM Cache WHERE key = ? AND raw = ?", (db_key, raw)).fetchone()
+        if row is None:
+            return False
+        self.sql("DELETE FROM Cache WHERE rowid = ?", (row[0],))
+        if row[1]:
+            self.files.append(row[1])
+        return True
 
 
 @contextmanager
@@ -102,6 +128,7 @@ class BlobEntry:
     digest: str
     size: int
     used: float  # when it was last stored or read (time.time())
+    row: int = field(default=0, compare=False)  # its row in diskcache's table, when read from it (0: not known)
 
 
 class TagKind(StrEnum):
@@ -130,6 +157,14 @@ class Summary:
     repositories: int = 0  # with at least one tag
 
 
+@dataclass(frozen=True)
+class Evicted:
+    """What evicting one blob took with it: the manifests naming it and the tags leading to them."""
+
+    manifests: int = 0
+    tags: int = 0  # tags of the index kind (what `hubcache ls` lists)
+
+
 class Store:
     def __init__(self, directory: str | os.PathLike, size_limit: int = UNLIMITED):
         self.directory = Path(directory)
@@ -153,6 +188,41 @@ class Store:
             size_limit=size_limit,
             eviction_policy="least-recently-used",
         )
+        self._local = threading.local()  # the transaction under way in this thread, if any
+        self._index_once()
+
+    def _index_once(self) -> None:
+        """Create the kept indexes, and fill them from what an older store holds (once)."""
+        with _as_os_error():
+            if index.indexed(self._cache._sql):
+                return
+            # Waits as long as another process opening it takes to index it (diskcache's own
+            # timeout is 60 s; indexing 10^6 entries takes longer).
+            with self.batch(wait=True) as change:
+                if index.indexed(change.sql):
+                    return  # another process indexed it meanwhile
+                index.create(change.sql)
+                disk = self._cache._disk
+                index.build(change.sql, disk.get, lambda mode, filename, value: disk.fetch(mode, filename, value, False))
+
+    @contextmanager
+    def batch(self, wait: bool = False) -> Iterator[_Change]:
+        """Changes made inside happen together, or (on an exception or a crash) not at all. Nested
+        batches of one thread join the outer one. `wait`: for the database however long another
+        writer holds it, not diskcache's timeout."""
+        current = getattr(self._local, "change", None)
+        if current is not None:
+            yield current
+            return
+        change = _Change(self._cache)
+        with _as_os_error(), self._cache.transact(retry=wait):
+            self._local.change = change
+            try:
+                yield change
+            finally:
+                self._local.change = None
+        for name in change.files:
+            self._cache._disk.remove(name)
 
     def close(self) -> None:
         self._cache.close()
@@ -196,7 +266,7 @@ class Store:
             blob = self._read_blob(digest)
             if blob is None:
                 try:
-                    self._cache.delete(("blob", digest))
+                    self.delete_blob(digest)
                 except OSError:
                     pass  # an index that cannot be written keeps its stale entry; still a miss
         return blob
@@ -227,10 +297,12 @@ class Store:
         return BlobWriter(self, digest)
 
     def _commit_blob(self, digest: str, path: str, size: int) -> None:
-        if self.has_blob(digest):
-            os.unlink(path)  # a concurrent fill got there first: identical bytes
-            return
-        self._cache.set(("blob", digest), _VerifiedFile(path, size))
+        with self.batch() as change:
+            if self.has_blob(digest):
+                os.unlink(path)  # a concurrent fill got there first: identical bytes
+                return
+            self._cache.set(("blob", digest), _VerifiedFile(path, size))
+            index.add_blob(change.sql, digest, size)
 
     def blob_entries(self) -> list[BlobEntry]:
         """Every blob, least recently used first."""
@@ -247,16 +319,96 @@ class Store:
     def summary(self) -> Summary:
         """How many blobs, manifests, tags and tagged repositories the store holds, and the blobs'
         total size."""
-        summary = Summary()
-        repositories = set()
-        for key in self._cache.iterkeys():
-            if isinstance(key, tuple) and key[0] in ("blob", "manifest", "tag"):
-                setattr(summary, key[0] + "s", getattr(summary, key[0] + "s") + 1)
-                if key[0] == "tag":
-                    repositories.add(key[1:3])
-        summary.repositories = len(repositories)
-        summary.blob_bytes = sum(entry.size for entry in self.blob_entries())
-        return summary
+        with _as_os_error():
+            return Summary(**index.counts(self._cache._sql))
+
+    def blob_entry(self, digest: str) -> BlobEntry | None:
+        """The blob's size and last use, without counting this look as a use."""
+        db_key, raw = self._cache._disk.put(("blob", digest))
+        with _as_os_error():
+            row = self._cache._sql("SELECT size, access_time FROM Cache WHERE key = ? AND raw = ?", (db_key, raw)).fetchone()
+        return BlobEntry(digest, *row) if row else None
+
+    def least_recently_used(self, after: tuple[float, int] | None, limit: int) -> tuple[list[BlobEntry], tuple[float, int] | None]:
+        """The blobs among the next `limit` entries in least-recently-used order after the position
+        `after`, and the position to go on from (None: no entries left). One index search."""
+        query = "SELECT key, raw, size, access_time, rowid FROM Cache"
+        params: tuple = ()
+        if after is not None:
+            query += " WHERE (access_time, rowid) > (?, ?)"  # a row value: an index search, not a scan
+            params = after
+        with _as_os_error():
+            rows = self._cache._sql(query + " ORDER BY access_time, rowid LIMIT ?", (*params, limit)).fetchall()
+        blobs = []
+        for key, raw, size, used, row in rows:
+            decoded = self._cache._disk.get(key, raw)
+            if isinstance(decoded, tuple) and decoded[0] == "blob":
+                blobs.append(BlobEntry(decoded[1], size, used, row))
+        return blobs, ((rows[-1][3], rows[-1][4]) if len(rows) == limit else None)
+
+    def evict(self, blob: BlobEntry, keep: set[str]) -> Evicted | None:
+        """Forget a blob unless it was used since `blob.used`, and in the same transaction every
+        manifest naming it (but those in `keep`) and every tag leading to those: no tag or
+        manifest ever names an evicted blob, whenever the process stops. None: not evicted."""
+        with self.batch() as change:
+            row = self._evictable_row(change, blob)
+            if row is None:
+                return None  # gone already, or used meanwhile
+            dropped = [m for m in index.users(change.sql, blob.digest, blob=True) if m not in keep]
+            broken = set(dropped)
+            for digest in dropped:
+                broken.update(m for m in index.users(change.sql, digest, blob=False) if m not in keep)
+            tags = index.tags_naming(change.sql, broken)
+            for kind, registry, name, tag in tags:
+                change.delete((kind, registry, name, tag))
+                index.drop_tag(change.sql, kind, registry, name, tag)
+            for digest in dropped:
+                change.delete(("manifest", digest))
+                index.drop_manifest(change.sql, digest)
+            change.sql("DELETE FROM Cache WHERE rowid = ?", (row[0],))
+            change.files.append(row[1])
+            index.drop_blob(change.sql, blob.digest)
+        return Evicted(len(dropped), sum(1 for t in tags if t[0] == TagKind.INDEX))
+
+    def _evictable_row(self, change: _Change, blob: BlobEntry) -> tuple[int, str] | None:
+        """The blob's (rowid, filename) if it was not used since `blob.used`. By its row when known:
+        encoding a key as diskcache does (pickletools.optimize) costs more than the rest of an
+        eviction."""
+        key = ("blob", blob.digest)
+        if blob.row:
+            found = change.sql("SELECT rowid, filename, key, raw FROM Cache WHERE rowid = ? AND access_time <= ?", (blob.row, blob.used)).fetchone()
+            return found[:2] if found and self._cache._disk.get(found[2], found[3]) == key else None
+        db_key, raw = self._cache._disk.put(key)
+        return change.sql("SELECT rowid, filename FROM Cache WHERE key = ? AND raw = ? AND access_time <= ?", (db_key, raw, blob.used)).fetchone()
+
+    def users(self, child: str, blob: bool) -> list[str]:
+        """The manifests naming `child`: as a blob (config or layer), or as a platform manifest."""
+        with _as_os_error():
+            return index.users(self._cache._sql, child, blob)
+
+    def named(self, manifest: str, blob: bool) -> list[str]:
+        """What a held manifest names: its blobs, or its platform manifests."""
+        with _as_os_error():
+            return index.named(self._cache._sql, manifest, blob)
+
+    def tags_naming(self, digest: str, kind: TagKind = TagKind.INDEX) -> list[tuple[str, str, str]]:
+        """(registry, repository, tag) of every tag of `kind` whose digest is `digest`."""
+        with _as_os_error():
+            return [t[1:] for t in index.tags_naming(self._cache._sql, [digest]) if t[0] == kind.value]
+
+    def tag_page(
+        self,
+        after: tuple[str, str, str] | None = None,
+        limit: int = UNLIMITED,
+        registry: str | None = None,
+        match: Callable[[str, str, str], bool] | None = None,
+        kind: TagKind = TagKind.INDEX,
+    ) -> list[tuple[tuple[str, str, str], TagEntry]]:
+        """Tags in name order after `after`, at most `limit`, of one registry and for which
+        `match(registry, repository, tag)` holds if told."""
+        with _as_os_error():
+            rows = index.tag_page(self._cache._sql, kind.value, after, limit, registry, match)
+        return [((r, n, t), TagEntry(digest, checked)) for r, n, t, digest, checked in rows]
 
     def disk_usage(self) -> int:
         """Bytes the store takes on disk: its index and its files."""
@@ -264,14 +416,18 @@ class Store:
 
     def delete_blob(self, digest: str) -> bool:
         """Forget a blob and remove its file. A reader that has it open keeps reading it."""
-        return self._cache.delete(("blob", digest))
+        with self.batch() as change:
+            index.drop_blob(change.sql, digest)
+            return change.delete(("blob", digest))
 
     # Manifests
 
     def put_manifest(self, digest: str, media_type: str, body: bytes) -> None:
         if digest_of(body, digest.partition(":")[0]) != digest:
             raise ValueError(f"manifest bytes do not match {digest}")
-        self._cache.set(("manifest", digest), (media_type, body))
+        with self.batch() as change:
+            self._cache.set(("manifest", digest), (media_type, body))
+            index.add_manifest(change.sql, digest, media_type, body)
 
     def get_manifest(self, digest: str) -> Manifest | None:
         value = self._lookup(self._cache.get, ("manifest", digest))
@@ -280,34 +436,42 @@ class Store:
         media_type, body = value
         return Manifest(digest, media_type, body)
 
+    def has_manifest(self, digest: str) -> bool:
+        with _as_os_error():
+            return self._cache._sql("SELECT 1 FROM hc_manifest WHERE digest = ?", (digest,)).fetchone() is not None
+
     def manifest_digests(self) -> list[str]:
-        return [key[1] for key in self._cache.iterkeys() if isinstance(key, tuple) and key[0] == "manifest"]
+        with _as_os_error():
+            return [row[0] for row in self._cache._sql("SELECT digest FROM hc_manifest")]
 
     def delete_manifest(self, digest: str) -> bool:
-        return self._cache.delete(("manifest", digest))
+        with self.batch() as change:
+            index.drop_manifest(change.sql, digest)
+            return change.delete(("manifest", digest))
 
     # Tags
 
     def tags(self, kind: TagKind = TagKind.INDEX) -> list[tuple[tuple[str, str, str], TagEntry]]:
-        """Every tag's entry of `kind` as ((registry, repository, tag), entry)."""
-        result = []
-        for key in self._cache.iterkeys():
-            if isinstance(key, tuple) and key[0] == kind.value:
-                value = self._cache.get(key)
-                if value:
-                    result.append((key[1:], TagEntry(*value)))
-        return result
+        """Every tag's entry of `kind` as ((registry, repository, tag), entry), in name order."""
+        return self.tag_page(kind=kind)
 
     def delete_tag(self, registry: str, name: str, tag: str, kind: TagKind | None = None) -> bool:
         """Forget the tag's entry of `kind` (of every kind unless told); whether there was one."""
-        deleted = [self._cache.delete((k.value, registry, name, tag)) for k in ([kind] if kind else TagKind)]
+        deleted = []
+        with self.batch() as change:
+            for k in [kind] if kind else TagKind:
+                index.drop_tag(change.sql, k.value, registry, name, tag)
+                deleted.append(change.delete((k.value, registry, name, tag)))
         return any(deleted)
 
     def set_tag(
         self, registry: str, name: str, tag: str, digest: str, checked: float | None = None, kind: TagKind = TagKind.INDEX
     ) -> None:
         """`checked`: when upstream confirmed the digest; now unless told (0: never, e.g. imported)."""
-        self._cache.set((kind.value, registry, name, tag), (digest, time.time() if checked is None else checked))
+        checked = time.time() if checked is None else checked
+        with self.batch() as change:
+            self._cache.set((kind.value, registry, name, tag), (digest, checked))
+            index.set_tag(change.sql, kind.value, registry, name, tag, digest, checked)
 
     def get_tag(self, registry: str, name: str, tag: str, kind: TagKind = TagKind.INDEX) -> TagEntry | None:
         value = self._lookup(self._cache.get, (kind.value, registry, name, tag))

@@ -180,6 +180,23 @@ def test_ls_pattern(cache, pattern, names):
     assert list(listed(cache, pattern)) == names
 
 
+def test_ls_lists_a_page_and_says_how_to_list_the_next(cache, multi):
+    store = Store(cache)
+    try:
+        for tag in ("2", "3"):
+            store.set_tag("docker.io", "library/multi", tag, multi.index_digest)
+    finally:
+        store.close()
+    first = invoke("ls", "--json", "--cache-dir", str(cache), "--limit", "2")
+    assert [i["tag"] for i in json.loads(first.stdout)] == ["1", "2"]
+    assert "hubcache ls --after docker.io/library/multi:2" in first.stderr
+    rest = invoke("ls", "--json", "--cache-dir", str(cache), "--limit", "2", "--after", "docker.io/library/multi:2")
+    assert [f"{i['registry']}/{i['tag']}" for i in json.loads(rest.stdout)] == ["docker.io/3", "ghcr.io/1.0"]
+    assert "--after" not in rest.stderr, "the last page"
+    assert list(listed(cache, "--registry", "ghcr.io")) == ["ghcr.io/org/single:1.0"]
+    assert list(listed(cache, "--registry", "docker.io", "*:3")) == ["docker.io/library/multi:3"]
+
+
 def test_ls_table(cache, multi):
     result = invoke("ls", "--cache-dir", str(cache))
     assert result.exit_code == 0, result.output
@@ -451,3 +468,36 @@ def test_setup_names_the_blob_servers_address_in_no_proxy(tmp_path):
     assert containerd.drop_in_environment("containerd").get("NO_PROXY") == "10.0.0.5"
     for args in ([], ["--listen-host", "0.0.0.0"], ["--listen-host", "10.0.0.5", "--blob-listen", "relay"]):
         assert "NO_PROXY" not in setup(tmp_path, "skopeo", *args).env, args
+def test_import_names_the_first_few_images_and_verbose_all(cache, tmp_path):
+    from hubcache.storage.bundle import export
+    from hubcache.storage.recordings import image_from_store
+
+    store = Store(cache)
+    try:
+        tags = [f"v{n}" for n in range(7)]
+        single = store.get_tag("ghcr.io", "org/single", "1.0")
+        for tag in tags:
+            store.set_tag("ghcr.io", "org/single", tag, single.digest)
+        export(store, [image_from_store(store, "ghcr.io", "org/single", tag) for tag in tags], tmp_path / "b.tar")
+    finally:
+        store.close()
+    brief = invoke("import", "--cache-dir", str(tmp_path / "one"), str(tmp_path / "b.tar"))
+    assert brief.exit_code == 0, brief.output
+    assert brief.stdout.startswith("imported 7 images: 1 manifest")
+    assert brief.stdout.count("ghcr.io/org/single:") == 5 and "and 2 more (--verbose names them all)" in brief.stdout
+    full = invoke("import", "--verbose", "--cache-dir", str(tmp_path / "two"), str(tmp_path / "b.tar"))
+    assert full.stdout.count("ghcr.io/org/single:") == 7 and "more" not in full.stdout
+
+
+def test_prefetch_shows_the_first_few_images_every_failure_and_a_summary():
+    from hubcache.cli.images import _prefetch_rows, _prefetch_summary
+    from hubcache.prefetch.client import Result
+
+    results = [Result(f"app:{n}", "sha256:" + "a" * 64, fetched=2, fetched_bytes=1000, held=1) for n in range(8)]
+    results.append(Result("broken:1", error="upstream said 404"))
+    rows = _prefetch_rows(results, verbose=False)
+    assert [r.image for r in rows] == ["app:0", "app:1", "app:2", "app:3", "app:4", "broken:1"]
+    assert _prefetch_rows(results, verbose=True) == results
+    assert _prefetch_summary(results, len(results) - len(rows)) == (
+        "prefetched 8 images: 16 blobs fetched (8.0 kB), 8 blobs already cached; 1 failed; 3 more rows with --verbose"
+    )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 
 import pytest
@@ -9,8 +10,8 @@ from mitmproxy import exceptions
 from mitmproxy.addons.proxyserver import Proxyserver
 from mitmproxy.test import taddons
 
-from hubcache.registry.protocol import ImageReference
-from hubcache.storage.eviction import Upkeep, choose, parse_size, prune, remove, verify
+from hubcache.registry.protocol import ImageReference, digest_of
+from hubcache.storage.eviction import LOOKAHEAD, EvictionPass, Upkeep, choose, parse_size, prune, remove, verify
 from hubcache.storage.recordings import Recording, image_from_store
 from hubcache.storage.store import BlobEntry, Store
 from support.addons import CacheAddons
@@ -41,19 +42,19 @@ def entries(*specs) -> list[BlobEntry]:
 
 def test_least_recently_used_go_first_until_under_the_limit():
     blobs = entries(("a", 40, 100), ("b", 40, 200), ("c", 40, 300))
-    chosen = choose(blobs, limit=50, max_unused=None, keep=set(), now=10_000, in_use=600)
+    chosen = list(choose(blobs, total=sum(b.size for b in blobs), limit=50, max_unused=None, keep=set(), now=10_000, in_use=600))
     assert [b.digest[7] for b in chosen] == ["a", "b"]
 
 
 def test_pinned_and_recently_used_blobs_are_spared():
-    blobs = entries(("a", 40, 100), ("b", 40, 9_900), ("c", 40, 300))
-    chosen = choose(blobs, limit=0, max_unused=None, keep={f"sha256:{'c' * 64}"}, now=10_000, in_use=600)
+    blobs = entries(("a", 40, 100), ("c", 40, 300), ("b", 40, 9_900))
+    chosen = list(choose(blobs, total=sum(b.size for b in blobs), limit=0, max_unused=None, keep={f"sha256:{'c' * 64}"}, now=10_000, in_use=600))
     assert [b.digest[7] for b in chosen] == ["a"]
 
 
 def test_expiry_drops_only_what_went_unused():
     blobs = entries(("a", 1, 100), ("b", 1, 9_000))
-    chosen = choose(blobs, limit=None, max_unused=5_000, keep=set(), now=10_000, in_use=0)
+    chosen = list(choose(blobs, total=sum(b.size for b in blobs), limit=None, max_unused=5_000, keep=set(), now=10_000, in_use=0))
     assert [b.digest[7] for b in chosen] == ["a"]
 
 
@@ -233,3 +234,85 @@ def test_rm_dry_run_changes_nothing_and_a_missing_image_is_named(store, images):
     result = remove(store, store.directory, [ref("one:1"), ref("nothing:1")], dry_run=True)
     assert set(result.blobs) == blob_digests(one) and result.missing == [f"{REGISTRY}/nothing:1"]
     assert len(store.blob_entries()) == before and store.get_tag(REGISTRY, "one", "1") is not None
+
+
+# Store scale: eviction consistent at every point, walking only what it evicts, off the event loop
+
+
+def held_manifests_name_only_held_blobs(store, images) -> bool:
+    every = {p.manifest.digest: p for image in images for p in image.platforms}
+    return all(
+        store.has_blob(b.digest) for digest in store.manifest_digests() if digest in every for b in (every[digest].config, *every[digest].layers)
+    )
+
+
+def test_an_eviction_stopped_midway_changes_nothing(store, images, monkeypatch):
+    # A process killed in the middle of evicting a blob: its transaction never committed.
+    one, _ = images
+    before = store.summary()
+    monkeypatch.setattr("hubcache.storage.index.drop_blob", lambda *_: (_ for _ in ()).throw(RuntimeError("killed")))
+    victim = store.blob_entry(one.platforms[0].layers[0].digest)
+    with pytest.raises(RuntimeError):
+        store.evict(victim, set())
+    assert store.has_blob(victim.digest) and store.get_tag(REGISTRY, "one", "1") is not None
+    assert store.get_manifest(one.platforms[0].manifest.digest) is not None
+    assert store.summary() == before
+
+
+def test_every_slice_of_a_pass_leaves_no_manifest_naming_an_evicted_blob(store, images, monkeypatch):
+    monkeypatch.setattr("hubcache.storage.eviction.SLICE_BLOBS", 1)
+    evicting = EvictionPass(store, store.directory, limit=0, max_unused=None, in_use=0)
+    slices = 0
+    while not evicting.done:
+        evicting.step()
+        slices += 1
+        assert held_manifests_name_only_held_blobs(store, images)
+        tag = store.get_tag(REGISTRY, "one", "1")
+        assert tag is None or all(store.has_blob(b.digest) for p in images[0].platforms for b in (p.config, *p.layers))
+    assert slices > 2 and store.summary().blobs == 0
+
+
+def test_a_pass_reads_the_store_only_as_far_as_it_evicts(tmp_path, monkeypatch):
+    s = Store(tmp_path / "cache")
+    try:
+        for n in range(LOOKAHEAD + 10):
+            data = n.to_bytes(4, "big")
+            writer = s.blob_writer(digest_of(data))
+            writer.write(data)
+            writer.close()
+            writer.commit()
+        looks = []
+        original = s.least_recently_used
+        monkeypatch.setattr(s, "least_recently_used", lambda *args: looks.append(args) or original(*args))
+        result = prune(s, s.directory, limit=s.summary().blob_bytes - 1, in_use=0)
+        assert result.blobs == 1 and len(looks) == 1
+    finally:
+        s.close()
+
+
+async def test_the_addon_evicts_off_the_event_loop_a_slice_at_a_time(upkeep, images, monkeypatch):
+    tctx, addon = upkeep
+    one, _ = images
+    store_image(addon.folder.store, one, REGISTRY, "one", "1")
+    tctx.configure(addon, cache_size_limit="1")
+    monkeypatch.setattr("hubcache.storage.eviction.IN_USE", 0.0)
+    monkeypatch.setattr("hubcache.storage.eviction.SLICE_BLOBS", 2)
+    threads = []
+    step = EvictionPass.step
+    monkeypatch.setattr(EvictionPass, "step", lambda self: threads.append(threading.current_thread()) or step(self))
+    result = await addon.evict()
+    assert result.blobs == len(blob_digests(one)) and len(threads) >= 3
+    assert threading.main_thread() not in threads
+
+
+def test_a_blob_read_after_the_pass_chose_it_is_spared(store, images):
+    one, _ = images
+    blobs, _ = store.least_recently_used(None, 100)
+    chosen = next(b for b in blobs if b.digest == one.platforms[0].layers[0].digest)
+    time.sleep(0.01)  # the clock moves on between the choice and the read
+    with store.open_blob(chosen.digest):
+        pass
+    assert store.evict(chosen, set()) is None
+    assert store.has_blob(chosen.digest) and store.get_tag(REGISTRY, "one", "1") is not None
+    assert store.evict(store.blob_entry(chosen.digest), set()) is not None, "as of its last use, it goes"
+    assert not store.has_blob(chosen.digest) and store.get_tag(REGISTRY, "one", "1") is None

@@ -204,6 +204,7 @@ class TestBlobs:
         os.unlink(path)
         assert store.open_blob(BLOB_DIGEST) is None
         assert not store.has_blob(BLOB_DIGEST)
+        assert store.summary().blobs == 0, "the counts forget it too"
 
     def test_a_commit_between_two_looks_is_kept(self, store, monkeypatch):
         """Another process commits the blob just after open_blob's first look found nothing."""
