@@ -10,10 +10,10 @@ import logging
 import time
 import zlib
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import Protocol
 from urllib.parse import urlencode, urljoin
 
-from mitmproxy import http
+from mitmproxy import connection, http
 from mitmproxy.net.http import url
 
 from ..mitm import internals
@@ -22,10 +22,19 @@ from ..registry import protocol
 from ..registry.protocol import Route
 from . import fetcher
 
-if TYPE_CHECKING:
-    from .circuits import Circuits
-
 logger = logging.getLogger(__name__)
+
+
+class Breaker(Protocol):
+    """The circuit breaker an `Upstream` is given, as its users see it (upstream/circuits.py builds
+    on this module, so it is named here by what it offers)."""
+
+    challenges: dict[str, str]  # by registry: what its /v2/ answered last
+
+    def down(self, host: str, port: int = ...) -> object | None: ...
+    def refusal(self, host: str, port: int, client: connection.Client) -> str | None: ...
+    async def attempt(self, host: str, port: int) -> bool: ...
+    def failed(self, request: http.Request, reason: str) -> None: ...
 
 MAX_ANSWER = protocol.MAX_MANIFEST  # tokens and errors are far smaller than the largest manifest
 MAX_REDIRECTS = 5
@@ -191,7 +200,7 @@ class Upstream:
     instance (tests give them a fake one instead). `circuits`, the breaker asked before each
     request, is set by make_addons (the breaker sends its probes through this instance)."""
 
-    def __init__(self, circuits: Circuits | None = None) -> None:
+    def __init__(self, circuits: Breaker | None = None) -> None:
         self.circuits = circuits
 
     async def send(self, like: http.HTTPFlow, request: http.Request, timeout: float, follow: bool = False, miss: bool = False) -> http.Response:

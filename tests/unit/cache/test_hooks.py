@@ -385,7 +385,6 @@ class TestWhileTheRegistryIsDown:
         breaker = Circuits(env.hosts, env.addons.metrics, env.addons.upstream)
         env.tctx.master.addons.add(breaker)
         env.addons.upstream.circuits = breaker  # as make_addons wires it
-        env.addons.upstream.circuits = breaker  # as make_addons wires it
         ping = tflow.tflow(req=tutils.treq(scheme=b"https", host=HUB, port=443, path=b"/v2/"), resp=upstream_response(401, {"WWW-Authenticate": self.CHALLENGE}))
         ping.metadata[Mark.SUBREQUEST] = True
         breaker.response(ping)  # the registry's own challenge, learned as it passed
