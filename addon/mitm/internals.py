@@ -239,7 +239,7 @@ def tls_start_client(tls_start: tls.TlsData) -> None:
     ctx.master.addons.get("tlsconfig").tls_start_client(tls_start)
 
 
-# request bodies hubcache refuses (bodies.py): mitmproxy's HTTP layer, with a stream of hubcache's
+# request bodies hubcache refuses (mitm/bodies.py): mitmproxy's HTTP layer, with a stream of hubcache's
 
 
 def guard(top: layer.Layer | None) -> None:

@@ -19,7 +19,7 @@ TOKEN_QUERY = ("service", "client_id", "account")
 class TokenRealms:
     """The token realms registries' own Bearer challenges named (over https, from a request that
     verifiably went to the registry): where the account's credentials may go (UpstreamCredentials)
-    and where the mirror relays its clients' token requests (mirror.py). One table for both."""
+    and where the mirror relays its clients' token requests (proxy/mirror.py). One table for both."""
 
     def __init__(self) -> None:
         self._registries: dict[tuple[str, int, str], str] = {}  # (host, port, path) -> registry

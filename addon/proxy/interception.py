@@ -31,7 +31,7 @@ class Interception:
     intercepted; everything else is tunnelled."""
 
     def __init__(self, mirror: MirrorListener | None = None) -> None:
-        self.mirror = mirror or MirrorListener()  # set by mirror.py
+        self.mirror = mirror or MirrorListener()  # set by proxy/mirror.py
         self.settings: dict[str, Settings] = {}  # by registry host
         self._registries: set[str] = set(DEFAULT_REGISTRIES)
         self._intercepted = self._registries | {AUTH_HOSTS[h] for h in self._registries if h in AUTH_HOSTS}
