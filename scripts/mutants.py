@@ -806,8 +806,8 @@ MUTANTS: list[Mutant] = [
     mutant(
         "evict-most-recently-used-first",
         "eviction takes the least recently used blobs first",
-        Edit('ORDER BY access_time"', 'ORDER BY access_time DESC"', files="addon/**/store.py"),
-        ["test_prune_keeps_the_tag_index_consistent", "test_a_read_makes_a_blob_recently_used"],
+        Edit('" ORDER BY access_time, rowid LIMIT ?"', '" ORDER BY access_time DESC, rowid DESC LIMIT ?"', files="addon/**/store.py"),
+        ["test_a_read_makes_a_blob_recently_used"],
         UNIT,
     ),
     mutant(
