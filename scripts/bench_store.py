@@ -17,8 +17,9 @@ repositories), then times, as an operator would run them:
   at its highest during the pass, the pass's length (from its first slice's debug line to its
   result line), and the latency of warm manifest HEADs of a cached tag sent one after another
   through its proxy port over one TLS connection, at rest and during the pass (median and max);
-- `hubcache import` of an OCI archive of the store's images (one per tag, IMPORT_IMAGES at most),
-  written with the bundle module's `export`, into an empty cache folder.
+- `hubcache import` of the store's images (one per tag, IMPORT_IMAGES at most) into an empty
+  cache folder, from OCI archives of IMPORT_BUNDLE images written with the bundle module's
+  `export` (the import runs added up).
 
 Stores are built in transactions of BUILD_BATCH images through the store's `batch()`.
 Then it prints one row per figure with the growth factor between successive sizes. Each command
@@ -63,6 +64,9 @@ MITMDUMP = Path(sys.executable).with_name("mitmdump")
 SCRIPT = Path(__file__).resolve().parents[1] / "addon" / "script.py"
 BUILD_BATCH = 100  # images per transaction while building
 IMPORT_IMAGES = 10_000  # images in the archive for `hubcache import` at most
+# A bundle holds 100 000 members at most (storage/bundle.py's MAX_MEMBERS): 5 000 images of ten
+# blobs and a manifest each stay under it.
+IMPORT_BUNDLE = 5_000
 REST_MARGIN = 0.5  # seconds before an upkeep pass's first slice line that count as at rest no more
 BACKDATE = 7200.0  # seconds the blobs' last use is set back: older than what upkeep counts as in use
 
@@ -300,20 +304,30 @@ def proxy_mb(size: int) -> float:
 
 
 def import_all(directory: Path, timeout: float) -> tuple[float | None, int]:
-    """Seconds `hubcache import` took to load an archive of the store's tagged images (IMPORT_IMAGES
-    at most) into an empty cache folder, and how many images it held."""
-    archive = directory.parent / f"{directory.name}.tar"
+    """Seconds `hubcache import` took to load the store's tagged images (IMPORT_IMAGES at most)
+    into an empty cache folder, IMPORT_BUNDLE images per archive, and how many images it loaded."""
+    target = directory.parent / f"{directory.name}-imported"
+    archives = []
     store = Store(directory)
     try:
-        images = [image_from_store(store, *name) for name, _ in store.tags()[:IMPORT_IMAGES]]
-        export(store, [image for image in images if image is not None], archive)
+        images = [image for name, _ in store.tags()[:IMPORT_IMAGES] if (image := image_from_store(store, *name))]
+        for first in range(0, len(images), IMPORT_BUNDLE):
+            archives.append(directory.parent / f"{directory.name}-{first}.tar")
+            export(store, images[first : first + IMPORT_BUNDLE], archives[-1])
     finally:
         store.close()
     try:
-        return command(["import", "--cache-dir", str(directory.parent / f"{directory.name}-imported"), str(archive)], timeout), len(images)
+        total = 0.0
+        for archive in archives:
+            took = command(["import", "--cache-dir", str(target), str(archive)], timeout)
+            if took is None:
+                return None, len(images)
+            total += took
+        return total, len(images)
     finally:
-        archive.unlink()
-        shutil.rmtree(directory.parent / f"{directory.name}-imported", ignore_errors=True)
+        for archive in archives:
+            archive.unlink()
+        shutil.rmtree(target, ignore_errors=True)
 
 
 def first_open_unindexed(directory: Path) -> float:
@@ -326,8 +340,21 @@ def first_open_unindexed(directory: Path) -> float:
     return time.perf_counter() - start
 
 
+class Figures(dict[str, float | None]):
+    """A size's figures, each shown as it comes (a run stopped midway still says what it measured)."""
+
+    def __init__(self, blobs: int, timeout: float):
+        super().__init__()
+        self.blobs, self.timeout = blobs, timeout
+
+    def __setitem__(self, figure: str, value: float | None) -> None:
+        super().__setitem__(figure, value)
+        print(f"{self.blobs} blobs: {figure} {shown(figure, value, self.timeout)}", file=sys.stderr, flush=True)
+
+
 def measure(directory: Path, blobs: int, timeout: float) -> dict[str, float | None]:
-    figures: dict[str, float | None] = {"build store": build(directory, blobs)}
+    figures = Figures(blobs, timeout)
+    figures["build store"] = build(directory, blobs)
     where = ["--cache-dir", str(directory)]
     figures["hubcache stats"] = command(["stats", *where], timeout)
     figures["hubcache ls"] = command(["ls", *where], timeout)
@@ -339,7 +366,8 @@ def measure(directory: Path, blobs: int, timeout: float) -> dict[str, float | No
     figures["prune removing 1 %"] = command(["prune", *where, "--to", str(target)], timeout)
     figures["hubcache import (the images below)"], images = import_all(directory, timeout)
     figures["images imported (count)"] = float(images)
-    figures.update(upkeep_in_proxy(directory, blobs, timeout))
+    for figure, value in upkeep_in_proxy(directory, blobs, timeout).items():
+        figures[figure] = value
     figures["first open of an unindexed store"] = first_open_unindexed(directory)
     return figures
 
@@ -369,7 +397,6 @@ def main() -> None:
         for n in sizes:
             results[n] = measure(root / str(n), n, args.timeout)
             shutil.rmtree(root / str(n))
-            print(f"{n} blobs: " + ", ".join(f"{k} {shown(k, v, args.timeout)}" for k, v in results[n].items()), file=sys.stderr, flush=True)
     finally:
         shutil.rmtree(root, ignore_errors=True)
     if args.as_json:
