@@ -13,16 +13,18 @@ repositories), then times, as an operator would run them:
   the one-time indexing;
 - a real proxy (mitmdump with the addon, loopback only, `offline=true`) on the store, its blobs'
   last use set two hours back and `cache_size_limit` at 99 % of the blob bytes, so its first
-  upkeep pass (EVICT_INTERVAL after start) evicts 1 %: the proxy's RSS (from /proc) at rest and
-  at its highest during the pass, the pass's length (from its first slice's debug line to its
-  result line), and the latency of warm manifest HEADs of a cached tag sent one after another
-  through its proxy port over one TLS connection, at rest and during the pass (median and max);
+  upkeep pass (EVICT_INTERVAL after start) evicts 1 %: the proxy's RSS and its anonymous part
+  (from /proc) at rest and at their highest during the pass, the pass's length (from its first
+  slice's debug line to its result line), and the latency of warm manifest HEADs of a cached tag
+  sent one after another through its proxy port over one TLS connection, at rest and during the
+  pass (median and max);
 - `hubcache import` of the store's images (one per tag, IMPORT_IMAGES at most) into an empty
   cache folder, from OCI archives of IMPORT_BUNDLE images written with the bundle module's
   `export` (the import runs added up).
 
 Stores are built in transactions of BUILD_BATCH images through the store's `batch()`.
-Then it prints one row per figure with the growth factor between successive sizes. Each command
+Each figure goes to stderr as it is measured; at the end it prints one row per figure with the
+growth factor between successive sizes. Each command
 gets at most --timeout seconds (shown as `>N s`), so a run stays bounded. Stores are built under a
 temporary folder and removed at the end.
 
