@@ -10,9 +10,21 @@ repositories), then times, as an operator would run them:
 - an eviction pass removing 1 % of the blobs: `hubcache prune --to` 99 % of the blob bytes;
 - the data path's warm lookups: the median of a tag, its manifest and one of its blobs opened;
 - the first open of a store written before hubcache kept its indexes (their tables dropped):
-  the one-time indexing.
+  the one-time indexing;
+- a real proxy (mitmdump with the addon, loopback only, `offline=true`) on the store, its blobs'
+  last use set two hours back and `cache_size_limit` at 99 % of the blob bytes, so its first
+  upkeep pass (EVICT_INTERVAL after start) evicts 1 %: the proxy's RSS and its anonymous part
+  (from /proc) at rest and at their highest during the pass, the pass's length (from its first
+  slice's debug line to its result line), and the latency of warm manifest HEADs of a cached tag
+  sent one after another through its proxy port over one TLS connection, at rest and during the
+  pass (median and max);
+- `hubcache import` of the store's images (one per tag, IMPORT_IMAGES at most) into an empty
+  cache folder, from OCI archives of IMPORT_BUNDLE images written with the bundle module's
+  `export` (the import runs added up).
 
-Then it prints one row per figure with the growth factor between successive sizes. Each command
+Stores are built in transactions of BUILD_BATCH images through the store's `batch()`.
+Each figure goes to stderr as it is measured; at the end it prints one row per figure with the
+growth factor between successive sizes. Each command
 gets at most --timeout seconds (shown as `>N s`), so a run stays bounded. Stores are built under a
 temporary folder and removed at the end.
 
@@ -23,18 +35,25 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import http.client
 import json
 import os
 import shutil
+import socket
 import sqlite3
+import ssl
 import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from itertools import pairwise
 from pathlib import Path
 
+from hubcache.storage.bundle import export
+from hubcache.storage.eviction import EVICT_INTERVAL
+from hubcache.storage.recordings import image_from_store
 from hubcache.storage.store import Store
 
 REGISTRY = "bench.example"
@@ -43,6 +62,15 @@ BLOB_BYTES = 64
 REPOSITORIES = 100
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 CLI = [sys.executable, "-c", "from hubcache.cli import main; main()"]
+MITMDUMP = Path(sys.executable).with_name("mitmdump")
+SCRIPT = Path(__file__).resolve().parents[1] / "addon" / "script.py"
+BUILD_BATCH = 100  # images per transaction while building
+IMPORT_IMAGES = 10_000  # images in the archive for `hubcache import` at most
+# A bundle holds 100 000 members at most (storage/bundle.py's MAX_MEMBERS): 5 000 images of ten
+# blobs and a manifest each stay under it.
+IMPORT_BUNDLE = 5_000
+REST_MARGIN = 0.5  # seconds before an upkeep pass's first slice line that count as at rest no more
+BACKDATE = 7200.0  # seconds the blobs' last use is set back: older than what upkeep counts as in use
 
 
 def blob(n: int) -> tuple[str, bytes]:
@@ -69,17 +97,22 @@ def build(directory: Path, blobs: int) -> float:
     start = time.perf_counter()
     store = Store(directory)
     try:
-        for m in range(blobs // BLOBS_PER_MANIFEST):
-            held = [blob(m * BLOBS_PER_MANIFEST + i) for i in range(BLOBS_PER_MANIFEST)]
-            for digest, data in held:
-                writer = store.blob_writer(digest)
-                writer.write(data)
-                writer.close()
-                writer.commit()
-            body = manifest(held)
-            digest = "sha256:" + hashlib.sha256(body).hexdigest()
-            store.put_manifest(digest, OCI_MANIFEST, body)
-            store.set_tag(REGISTRY, f"team/app{m % REPOSITORIES}", f"v{m}", digest)
+        manifests = blobs // BLOBS_PER_MANIFEST
+        for first in range(0, manifests, BUILD_BATCH):
+            with store.batch():
+                for m in range(first, min(first + BUILD_BATCH, manifests)):
+                    held = [blob(m * BLOBS_PER_MANIFEST + i) for i in range(BLOBS_PER_MANIFEST)]
+                    for digest, data in held:
+                        writer = store.blob_writer(digest)
+                        writer.write(data)
+                        writer.close()
+                        writer.commit()
+                    body = manifest(held)
+                    digest = "sha256:" + hashlib.sha256(body).hexdigest()
+                    store.put_manifest(digest, OCI_MANIFEST, body)
+                    store.set_tag(REGISTRY, f"team/app{m % REPOSITORIES}", f"v{m}", digest)
+        for r in range(REPOSITORIES):
+            store.set_visibility(REGISTRY, f"team/app{r}", True)  # as a fill from a public repository records
     finally:
         store.close()
     return time.perf_counter() - start
@@ -124,6 +157,184 @@ def warm_lookup(directory: Path, manifests: int) -> float:
     return statistics.median(times)
 
 
+class Proxy:
+    """A hubcache proxy (mitmdump with the addon) on loopback, its log lines read as they come."""
+
+    def __init__(self, directory: Path, limit: int):
+        self.confdir = directory.parent / f"conf-{directory.name}"
+        self.port = free_port()
+        self.lines: list[tuple[float, str]] = []
+        self.rss_samples: list[tuple[float, int, int]] = []  # (when, RSS, its anonymous part): between requests and at each upkeep line
+        self.changed = threading.Condition()
+        args = [str(MITMDUMP), "-s", str(SCRIPT), "--listen-host", "127.0.0.1", "--listen-port", str(self.port)]
+        options = {
+            "confdir": self.confdir,
+            "cache_dir": directory,
+            "registries": REGISTRY,
+            "offline": "true",  # answers from the store only: no upstream to wait for
+            "cache_size_limit": limit,
+            "status_listen": "127.0.0.1:0",
+            "termlog_verbosity": "debug",  # the upkeep pass logs each slice
+        }
+        for name, value in options.items():
+            args += ["--set", f"{name}={value}"]
+        self.proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout
+        for line in self.proc.stdout:
+            if "hubcache: evict" in line:
+                self.sample_rss()
+            with self.changed:
+                self.lines.append((time.monotonic(), line))
+                self.changed.notify_all()
+        with self.changed:
+            self.changed.notify_all()
+
+    def wait_for(self, text: str, deadline: float) -> float:
+        """When the first log line holding `text` came; raises if it does not come in time."""
+        with self.changed:
+            while True:
+                for when, line in self.lines:
+                    if text in line:
+                        return when
+                left = deadline - time.monotonic()
+                if left <= 0 or self.proc.poll() is not None:
+                    log = "".join(line for _, line in self.lines[-30:])
+                    raise RuntimeError(f"no {text!r} from the proxy:\n{log}")
+                self.changed.wait(left)
+
+    def sample_rss(self) -> None:
+        """Note its resident set size now."""
+        try:
+            self.rss_samples.append((time.monotonic(), self._status("VmRSS"), self._status("RssAnon")))
+        except OSError:
+            pass  # it has just ended
+
+    def peak_rss(self) -> int:
+        """The highest resident set size it has had."""
+        return self._status("VmHWM")
+
+    def _status(self, field: str) -> int:
+        with open(f"/proc/{self.proc.pid}/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) * 1024
+        raise RuntimeError(f"no {field} in /proc/{self.proc.pid}/status")
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def backdate(directory: Path) -> None:
+    """Set every entry's last use BACKDATE seconds back, as in a store left alone for a while:
+    upkeep spares what was used lately."""
+    with sqlite3.connect(directory / "content" / "cache.db") as db:
+        db.execute("UPDATE Cache SET access_time = access_time - ?", (BACKDATE,))
+
+
+def upkeep_in_proxy(directory: Path, blobs: int, timeout: float) -> dict[str, float | None]:
+    """RSS and request latency of a proxy at rest and during an upkeep pass that evicts 1 %."""
+    backdate(directory)
+    store = Store(directory)
+    try:
+        held = store.summary().blob_bytes
+    finally:
+        store.close()
+    proxy = Proxy(directory, limit=held * 99 // 100)
+    try:
+        deadline = time.monotonic() + 60
+        proxy.wait_for("hubcache: blob server on", deadline)
+        proxy.wait_for("hubcache: status page on", deadline)
+        last = blobs // BLOBS_PER_MANIFEST - 1  # the most recently used image: never evicted
+        path = f"/v2/team/app{last % REPOSITORIES}/manifests/v{last}"
+        context = ssl.create_default_context(cafile=str(proxy.confdir / "mitmproxy-ca-cert.pem"))
+        connection = http.client.HTTPSConnection("127.0.0.1", proxy.port, context=context, timeout=30)
+        connection.set_tunnel(REGISTRY, 443)
+        requests: list[tuple[float, float]] = []  # (sent, seconds)
+        proxy.sample_rss()
+        deadline = time.monotonic() + EVICT_INTERVAL + timeout
+        finished = "hubcache: evicted "
+        while not any(finished in line for _, line in proxy.lines):
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"no upkeep pass ended within {EVICT_INTERVAL + timeout:.0f} s")
+            sent = time.monotonic()
+            connection.request("HEAD", path, headers={"Accept": OCI_MANIFEST})
+            response = connection.getresponse()
+            response.read()
+            if response.status != 200:
+                raise RuntimeError(f"HEAD {path}: {response.status}")
+            now = time.monotonic()
+            requests.append((sent, now - sent))
+            proxy.sample_rss()
+        connection.close()
+        began = proxy.wait_for("hubcache: evicting: ", deadline)
+        ended = proxy.wait_for(finished, deadline)
+        # The first slice's line comes when that slice is done: leave a margin before it at rest,
+        # and count every request that overlapped the pass's slices as during it.
+        at_rest = [seconds for sent, seconds in requests[1:] if sent + seconds < began - REST_MARGIN]  # the first sets up TLS
+        during = [seconds for sent, seconds in requests if sent <= ended and sent + seconds >= began]
+        return {
+            "proxy: upkeep pass removing 1 %": ended - began,
+            "proxy RSS at rest (MB)": proxy_mb(max(rss for when, rss, _ in proxy.rss_samples if when < began - REST_MARGIN)),
+            "proxy RSS during the pass, highest (MB)": proxy_mb(max(rss for when, rss, _ in proxy.rss_samples if began <= when <= ended + 0.1)),
+            # What the process itself allocated, without the database's pages it maps (RssFile).
+            "proxy RSS anonymous at rest (MB)": proxy_mb(max(anon for when, _, anon in proxy.rss_samples if when < began - REST_MARGIN)),
+            "proxy RSS anonymous during the pass (MB)": proxy_mb(max(anon for when, _, anon in proxy.rss_samples if began <= when <= ended + 0.1)),
+            "proxy manifest HEAD at rest (median)": statistics.median(at_rest) if at_rest else None,
+            "proxy manifest HEAD at rest (max)": max(at_rest, default=None),
+            "proxy manifest HEAD during the pass (median)": statistics.median(during) if during else None,
+            "proxy manifest HEAD during the pass (max)": max(during, default=None),
+            "proxy: HEADs during the pass (count)": float(len(during)),
+            "proxy RSS, highest since start (MB)": proxy_mb(proxy.peak_rss()),
+        }
+    finally:
+        proxy.stop()
+
+
+def proxy_mb(size: int) -> float:
+    return size / 1e6
+
+
+def import_all(directory: Path, timeout: float) -> tuple[float | None, int]:
+    """Seconds `hubcache import` took to load the store's tagged images (IMPORT_IMAGES at most)
+    into an empty cache folder, IMPORT_BUNDLE images per archive, and how many images it loaded."""
+    target = directory.parent / f"{directory.name}-imported"
+    archives = []
+    store = Store(directory)
+    try:
+        images = [image for name, _ in store.tags()[:IMPORT_IMAGES] if (image := image_from_store(store, *name))]
+        for first in range(0, len(images), IMPORT_BUNDLE):
+            archives.append(directory.parent / f"{directory.name}-{first}.tar")
+            export(store, images[first : first + IMPORT_BUNDLE], archives[-1])
+    finally:
+        store.close()
+    try:
+        total = 0.0
+        for archive in archives:
+            took = command(["import", "--cache-dir", str(target), str(archive)], timeout)
+            if took is None:
+                return None, len(images)
+            total += took
+        return total, len(images)
+    finally:
+        for archive in archives:
+            archive.unlink()
+        shutil.rmtree(target, ignore_errors=True)
+
+
 def first_open_unindexed(directory: Path) -> float:
     """Drop the kept indexes (as a store written before them has none) and time the first open."""
     with sqlite3.connect(directory / "content" / "cache.db") as db:
@@ -134,8 +345,21 @@ def first_open_unindexed(directory: Path) -> float:
     return time.perf_counter() - start
 
 
+class Figures(dict[str, float | None]):
+    """A size's figures, each shown as it comes (a run stopped midway still says what it measured)."""
+
+    def __init__(self, blobs: int, timeout: float):
+        super().__init__()
+        self.blobs, self.timeout = blobs, timeout
+
+    def __setitem__(self, figure: str, value: float | None) -> None:
+        super().__setitem__(figure, value)
+        print(f"{self.blobs} blobs: {figure} {shown(figure, value, self.timeout)}", file=sys.stderr, flush=True)
+
+
 def measure(directory: Path, blobs: int, timeout: float) -> dict[str, float | None]:
-    figures: dict[str, float | None] = {"build store": build(directory, blobs)}
+    figures = Figures(blobs, timeout)
+    figures["build store"] = build(directory, blobs)
     where = ["--cache-dir", str(directory)]
     figures["hubcache stats"] = command(["stats", *where], timeout)
     figures["hubcache ls"] = command(["ls", *where], timeout)
@@ -145,13 +369,21 @@ def measure(directory: Path, blobs: int, timeout: float) -> dict[str, float | No
     target = blobs * BLOB_BYTES * 99 // 100
     figures["warm tag+manifest+blob lookup (median)"] = warm_lookup(directory, blobs // BLOBS_PER_MANIFEST)
     figures["prune removing 1 %"] = command(["prune", *where, "--to", str(target)], timeout)
+    figures["hubcache import (the images below)"], images = import_all(directory, timeout)
+    figures["images imported (count)"] = float(images)
+    for figure, value in upkeep_in_proxy(directory, blobs, timeout).items():
+        figures[figure] = value
     figures["first open of an unindexed store"] = first_open_unindexed(directory)
     return figures
 
 
-def shown(seconds: float | None, timeout: float) -> str:
+def shown(figure: str, seconds: float | None, timeout: float) -> str:
+    if figure.endswith("(MB)") and seconds is not None:
+        return f"{seconds:.0f} MB"
+    if figure.endswith("(count)") and seconds is not None:
+        return f"{seconds:.0f}"
     if seconds is None:
-        return f">{timeout:.0f} s"
+        return "-" if figure.startswith("proxy manifest HEAD") else f">{timeout:.0f} s"
     if seconds < 0.01:
         return f"{seconds * 1000:.2f} ms"
     return f"{seconds * 1000:.0f} ms" if seconds < 1 else f"{seconds:.1f} s"
@@ -170,7 +402,6 @@ def main() -> None:
         for n in sizes:
             results[n] = measure(root / str(n), n, args.timeout)
             shutil.rmtree(root / str(n))
-            print(f"{n} blobs: " + ", ".join(f"{k} {shown(v, args.timeout)}" for k, v in results[n].items()), file=sys.stderr, flush=True)
     finally:
         shutil.rmtree(root, ignore_errors=True)
     if args.as_json:
@@ -181,7 +412,7 @@ def main() -> None:
     print("| " + " | ".join(header) + " |")
     print("|" + "---|" * len(header))
     for figure in results[sizes[0]]:
-        row = [figure, *(shown(results[n][figure], args.timeout) for n in sizes)]
+        row = [figure, *(shown(figure, results[n][figure], args.timeout) for n in sizes)]
         for a, b in pairwise(sizes):
             x, y = results[a][figure], results[b][figure]
             row.append(f"x{y / x:.1f}" if x and y else "-")
