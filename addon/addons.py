@@ -44,6 +44,8 @@ def make_addons() -> list:
     blobs.on_sent += [metrics.sent_by_tag, pulls.sent]
     fleet = Fleet()
     misses = Misses(folder, metrics, out)
+    circuits = Circuits(interception, metrics, out)
+    out.circuits = circuits  # asked before each of hubcache's own requests; its probes go out through `out`
     cache = RegistryCache(
         interception,
         folder,
@@ -51,9 +53,8 @@ def make_addons() -> list:
         ManifestRequests(interception, folder, misses, access, metrics, pulls, fleet, out),
         BlobRequests(folder, misses, blobs, access, metrics, pulls, Fills(folder, misses, access, metrics, fleet, out)),
         out,
+        circuits,
     )
-    circuits = Circuits(interception, metrics, out)
-    out.circuits = circuits  # asked before each of hubcache's own requests; its probes go out through `out`
     upkeep = Upkeep(folder)
     watch = Watch(interception, folder, circuits, fleet, upkeep, metrics, out)
     status = StatusPage(folder, metrics, pulls, watch)

@@ -42,9 +42,11 @@ class RegistryCache:
         manifests: ManifestRequests,
         blobs: BlobRequests,
         out: upstream.Upstream,
+        breaker: circuits.Circuits,
     ):
         self.hosts = hosts
         self.upstream = out
+        self.breaker = breaker  # which registries and token hosts are down, and their last challenges
         self.folder = folder
         self.misses = misses
         self.manifests = manifests
@@ -97,8 +99,7 @@ class RegistryCache:
             return Relay(upstream.available(await self.upstream.send(flow, request, ctx.options.revalidate_timeout)), counted=False)
         except upstream.UpstreamError as e:
             logger.log(circuits.level(str(e)), f"{route.registry}: {e}; answering /v2/ from the cache")
-            breaker = self.upstream.circuits
-            if breaker and (challenge := breaker.challenges.get(route.registry)):
+            if challenge := self.breaker.challenges.get(route.registry):
                 # The registry's own challenge: the client asks for a token, which goes upstream
                 # as soon as the token host is back (see _token), so its next pull can be cold.
                 return RegistryError(ErrorCode.UNAUTHORIZED, "authentication required", {"WWW-Authenticate": challenge})
@@ -111,9 +112,8 @@ class RegistryCache:
         flow and pull what the cache may give it without upstream's say: public content."""
         if flow.request.method not in ("GET", "POST"):
             return PassThrough()
-        breaker = self.upstream.circuits
         cold = await self._for_uncached(flow, host)
-        if breaker and not cold and any(breaker.down(r) for r in self._served_by(host)):
+        if not cold and any(self.breaker.down(r) for r in self._served_by(host)):
             # The registry is down: a local token serves all the cache may give for these
             # repositories, and nothing else could be pulled anyway.
             return answers.local_token(self.tokens.issue(host))

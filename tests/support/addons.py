@@ -20,6 +20,7 @@ from hubcache.options import CommonOptions
 from hubcache.proxy.interception import Interception
 from hubcache.proxy.routes import Routes
 from hubcache.storage.folder import CacheFolder
+from hubcache.upstream.circuits import Circuits
 from hubcache.upstream.client import Upstream
 
 
@@ -43,7 +44,10 @@ class CacheAddons:
         )
         self.fills = Fills(self.folder, self.misses, self.access, self.metrics, self.fleet, self.upstream)
         self.blobs = BlobRequests(self.folder, self.misses, self.blobhost, self.access, self.metrics, self.pulls, self.fills)
-        self.cache = RegistryCache(self.hosts, self.folder, self.misses, self.manifests, self.blobs, self.upstream)
+        # Asked by the cache only; a test that needs a registry down adds it to the addons and
+        # hands it to the upstream, as make_addons does.
+        self.circuits = Circuits(self.hosts, self.metrics, self.upstream)
+        self.cache = RegistryCache(self.hosts, self.folder, self.misses, self.manifests, self.blobs, self.upstream, self.circuits)
 
     def addons(self) -> list:
         """The addons for `taddons.context`, in make_addons' order (those with options or hooks)."""

@@ -31,6 +31,10 @@ def test_hubcaches_own_requests_ask_the_breaker_that_probes_through_them(addons)
     assert out.circuits is addons[Circuits] and addons[Circuits].upstream is out
 
 
+def test_the_cache_answers_from_the_breaker_that_is_loaded(addons):
+    assert addons[RegistryCache].breaker is addons[Circuits]
+
+
 def test_the_credentials_learn_a_challenge_before_the_mirror_rewrites_it(addons):
     order = list(addons)
     assert order.index(UpstreamCredentials) < order.index(MirrorChallenges)

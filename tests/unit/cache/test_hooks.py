@@ -10,7 +10,6 @@ from mitmproxy.test import tflow, tutils
 
 from hubcache.mitm.flows import Mark
 from hubcache.registry import protocol
-from hubcache.upstream.circuits import Circuits
 from support.cache_env import (
     BLOB,
     BLOB_DIGEST,
@@ -382,7 +381,7 @@ class TestWhileTheRegistryIsDown:
 
     @pytest.fixture
     def breaker(self, env):
-        breaker = Circuits(env.hosts, env.addons.metrics, env.addons.upstream)
+        breaker = env.addons.circuits
         env.tctx.master.addons.add(breaker)
         env.addons.upstream.circuits = breaker  # as make_addons wires it
         ping = tflow.tflow(req=tutils.treq(scheme=b"https", host=HUB, port=443, path=b"/v2/"), resp=upstream_response(401, {"WWW-Authenticate": self.CHALLENGE}))
