@@ -841,8 +841,30 @@ MUTANTS: list[Mutant] = [
     mutant(
         "verify-keeps-rotten-blob",
         "hubcache verify re-hashes every blob and drops what does not match",
-        Edit("if hash_digest(h) != entry.digest:\n    store.delete_blob(entry.digest)", "if False:\n    store.delete_blob(entry.digest)"),
+        Edit("if hash_digest(h) != entry.digest:", "if False:"),
         ["test_verify_drops_what_rotted"],
+        UNIT,
+    ),
+    mutant(
+        "verify-leaves-tags-naming-rotten-blob",
+        "a blob verify drops takes the manifests naming it and the tags leading to them",
+        Edit(
+            "return self._drop_manifests(change, index.users(change.sql, digest, blob=True), set())",
+            "return Evicted()",
+            files="addon/**/store.py",
+        ),
+        ["test_verify_drops_what_rotted"],
+        UNIT,
+    ),
+    mutant(
+        "verify-leaves-tags-naming-rotten-manifest",
+        "a manifest verify drops takes the tags leading to it",
+        Edit(
+            "taken = self._drop_manifests(change, [digest], set())",
+            'taken = Evicted(1, 0)\nchange.delete(("manifest", digest))',
+            files="addon/**/store.py",
+        ),
+        ["test_verify_drops_a_rotten_manifest_with_its_tag"],
         UNIT,
     ),
     # docs/options.md, "Registries" (credentials), and docs/fleet.md
@@ -1171,7 +1193,7 @@ MUTANTS: list[Mutant] = [
     mutant(
         "recovery-v2-without-challenge",
         "while a registry is down, /v2/ answers with its own challenge, so clients ask for a token",
-        Edit("if breaker and (challenge := breaker.challenges.get(route.registry)):", "if False:"),
+        Edit("if challenge := self.breaker.challenges.get(route.registry):", "if False:"),
         ["test_v2_answers_with_the_registrys_own_challenge"],
         UNIT,
     ),

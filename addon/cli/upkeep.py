@@ -105,7 +105,8 @@ def rm_command(cache_dir: Path | None, config_file: Path | None, dry_run: bool, 
 @config_option
 def verify_command(cache_dir: Path | None, config_file: Path | None) -> None:
     """Re-hash every blob and manifest in the cache and drop those that do not match their digest
-    (disk corruption, tampering). Exits 1 if anything was dropped.
+    (disk corruption, tampering), each with the manifests naming it and the tags leading to them,
+    so every tag left still pulls. Exits 1 if anything was dropped.
 
     \b
     Examples:
@@ -116,10 +117,11 @@ def verify_command(cache_dir: Path | None, config_file: Path | None) -> None:
     from .progress import ByteBar, count, size
 
     with open_store(cache_dir, config_file) as (store, _):
-        total = sum(b.size for b in store.blob_entries())
+        total = store.summary().blob_bytes
         with ByteBar("verifying", total) as bar:
             result = verify(store, bar.advance)
-    click.echo(f"checked {count(result.checked, 'item')} ({size(result.bytes)}); {len(result.dropped)} dropped")
+    taken = f" with {count(result.manifests, 'manifest')} and {count(result.tags, 'tag')} naming them" if result.manifests or result.tags else ""
+    click.echo(f"checked {count(result.checked, 'item')} ({size(result.bytes)}); {len(result.dropped)} dropped{taken}")
     for digest in result.dropped:
         click.echo(f"  dropped {digest}: its bytes do not match", err=True)
     if result.dropped:

@@ -21,7 +21,7 @@ from ..registry.protocol import ImageReference, digest_of, hash_digest, hasher
 from ..units import DAY, parse_size
 from .folder import CacheFolder
 from .recordings import RecordingError, pinned
-from .store import BlobEntry, Store
+from .store import BlobEntry, Evicted, Store
 
 logger = logging.getLogger(__name__)
 
@@ -205,11 +205,14 @@ def _needed(store: Store, digest: str, dropped_tags: set[tuple[str, str, str]], 
 class Verified:
     checked: int = 0
     bytes: int = 0
-    dropped: list[str] = field(default_factory=list)
+    dropped: list[str] = field(default_factory=list)  # blobs and manifests whose bytes did not match
+    manifests: int = 0  # manifests dropped with them: they named a dropped blob
+    tags: int = 0  # tags dropped with them (of the kind `hubcache ls` lists)
 
 
 def verify(store: Store, progress: Callable[[int], None] | None = None) -> Verified:
-    """Re-hash every blob and manifest; drop those whose bytes do not match their digest."""
+    """Re-hash every blob and manifest; drop those whose bytes do not match their digest, each with
+    what names it (`Store.drop_rotten`), so every tag left still pulls."""
     result = Verified()
     for entry in store.blob_entries():
         blob = store.open_blob(entry.digest)
@@ -224,17 +227,22 @@ def verify(store: Store, progress: Callable[[int], None] | None = None) -> Verif
         result.checked += 1
         result.bytes += entry.size
         if hash_digest(h) != entry.digest:
-            store.delete_blob(entry.digest)
-            result.dropped.append(entry.digest)
+            _dropped(result, entry.digest, store.drop_rotten(entry.digest))
     for digest in store.manifest_digests():
         manifest = store.get_manifest(digest)
         if manifest is None:
             continue
         result.checked += 1
         if digest_of(manifest.body, digest.partition(":")[0]) != digest:
-            store.delete_manifest(digest)
-            result.dropped.append(digest)
+            _dropped(result, digest, store.drop_rotten(digest))
     return result
+
+
+def _dropped(result: Verified, digest: str, taken: Evicted | None) -> None:
+    result.dropped.append(digest)
+    if taken:
+        result.manifests += taken.manifests
+        result.tags += taken.tags
 
 
 class Upkeep:

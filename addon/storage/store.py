@@ -305,10 +305,10 @@ class Store:
             index.add_blob(change.sql, digest, size)
 
     def blob_entries(self) -> list[BlobEntry]:
-        """Every blob, least recently used first."""
+        """Every blob diskcache holds, in no particular order (eviction reads `least_recently_used`)."""
         # diskcache keeps each entry's access time (its LRU policy updates it on every read) but
-        # offers no public way to list it: read its index the way its own cull() does.
-        rows = self._cache._sql("SELECT key, raw, size, access_time FROM Cache ORDER BY access_time").fetchall()
+        # offers no public way to list it: read its table the way its own cull() does.
+        rows = self._cache._sql("SELECT key, raw, size, access_time FROM Cache").fetchall()
         entries = []
         for key, raw, size, used in rows:
             decoded = self._cache._disk.get(key, raw)
@@ -354,20 +354,40 @@ class Store:
             row = self._evictable_row(change, blob)
             if row is None:
                 return None  # gone already, or used meanwhile
-            dropped = [m for m in index.users(change.sql, blob.digest, blob=True) if m not in keep]
-            broken = set(dropped)
-            for digest in dropped:
-                broken.update(m for m in index.users(change.sql, digest, blob=False) if m not in keep)
-            tags = index.tags_naming(change.sql, broken)
-            for kind, registry, name, tag in tags:
-                change.delete((kind, registry, name, tag))
-                index.drop_tag(change.sql, kind, registry, name, tag)
-            for digest in dropped:
-                change.delete(("manifest", digest))
-                index.drop_manifest(change.sql, digest)
+            evicted = self._drop_manifests(change, index.users(change.sql, blob.digest, blob=True), keep)
             change.sql("DELETE FROM Cache WHERE rowid = ?", (row[0],))
             change.files.append(row[1])
             index.drop_blob(change.sql, blob.digest)
+        return evicted
+
+    def drop_rotten(self, digest: str) -> Evicted | None:
+        """Forget a blob or manifest whose bytes no longer hash to `digest`, and with it, in the
+        same transaction, what eviction takes with a blob: every manifest naming it, and every tag
+        leading to those (so no tag is left that cannot pull). Returns what went with it; None:
+        the store does not hold it."""
+        with self.batch() as change:
+            if change.delete(("blob", digest)):
+                index.drop_blob(change.sql, digest)
+                return self._drop_manifests(change, index.users(change.sql, digest, blob=True), set())
+            if self.has_manifest(digest):
+                taken = self._drop_manifests(change, [digest], set())
+                return Evicted(taken.manifests - 1, taken.tags)
+        return None
+
+    def _drop_manifests(self, change: _Change, manifests: list[str], keep: set[str]) -> Evicted:
+        """Forget `manifests` (but those in `keep`) and every tag leading to them, directly or
+        through an index listing them."""
+        dropped = [m for m in manifests if m not in keep]
+        broken = set(dropped)
+        for digest in dropped:
+            broken.update(m for m in index.users(change.sql, digest, blob=False) if m not in keep)
+        tags = index.tags_naming(change.sql, broken)
+        for kind, registry, name, tag in tags:
+            change.delete((kind, registry, name, tag))
+            index.drop_tag(change.sql, kind, registry, name, tag)
+        for digest in dropped:
+            change.delete(("manifest", digest))
+            index.drop_manifest(change.sql, digest)
         return Evicted(len(dropped), sum(1 for t in tags if t[0] == TagKind.INDEX))
 
     def _evictable_row(self, change: _Change, blob: BlobEntry) -> tuple[int, str] | None:

@@ -66,12 +66,30 @@ def images(tmp_path_factory):
     return one, two
 
 
+class Clock:
+    """time.time(), moved on by whole seconds when told: which of two uses came first never rests
+    on the clock's resolution."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.ahead = 0.0
+        real = time.time
+        monkeypatch.setattr(time, "time", lambda: real() + self.ahead)
+
+    def advance(self) -> None:
+        self.ahead += 1.0
+
+
 @pytest.fixture
-def store(tmp_path, images):
+def clock(monkeypatch) -> Clock:
+    return Clock(monkeypatch)
+
+
+@pytest.fixture
+def store(tmp_path, images, clock):
     s = Store(tmp_path / "cache")
     one, two = images
     store_image(s, one, REGISTRY, "one", "1")
-    time.sleep(0.01)
+    clock.advance()
     store_image(s, two, REGISTRY, "two", "1")
     yield s
     s.close()
@@ -118,10 +136,10 @@ def test_an_unreadable_recording_stops_eviction(store, images):
     assert len(store.blob_entries()) == len(blob_digests(images[0]) | blob_digests(images[1]))
 
 
-def test_a_read_makes_a_blob_recently_used(store, images):
+def test_a_read_makes_a_blob_recently_used(store, images, clock):
     one, _ = images
     first = one.platforms[0].layers[0].digest
-    time.sleep(0.01)
+    clock.advance()
     with store.open_blob(first):
         pass
     assert [b.digest for b in least_recently_used(store)][-1] == first, "eviction comes to it last"
@@ -136,9 +154,27 @@ def test_verify_drops_what_rotted(store, images):
         f.write(b"rot")
     result = verify(store)
     assert result.dropped == [layer]
-    assert result.checked == len(blob_digests(one) | blob_digests(two)) + 4  # and the index and three manifests
+    assert result.checked == len(blob_digests(one) | blob_digests(two)) + 3  # and the index and two manifests
     assert not store.has_blob(layer)
+    # The platform manifest naming the layer went with it, and the tag leading to it: no tag is
+    # left that cannot pull. The other image is untouched.
+    assert store.get_manifest(one.platforms[0].manifest.digest) is None
+    assert store.get_tag(REGISTRY, "one", "1") is None
+    assert (result.manifests, result.tags) == (1, 1)
+    assert store.get_tag(REGISTRY, "two", "1") is not None and store.get_manifest(two.top.digest) is not None
     assert verify(store).dropped == []
+
+
+def test_verify_drops_a_rotten_manifest_with_its_tag(store, images):
+    _, two = images
+    digest = two.top.digest
+    manifest = store.get_manifest(digest)
+    store._cache.set(("manifest", digest), (manifest.media_type, manifest.body + b" "))
+    result = verify(store)
+    assert result.dropped == [digest]
+    assert store.get_manifest(digest) is None and store.get_tag(REGISTRY, "two", "1") is None
+    assert (result.manifests, result.tags) == (0, 1)
+    assert store.get_tag(REGISTRY, "one", "1") is not None
 
 
 @pytest.fixture
