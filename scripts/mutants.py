@@ -857,6 +857,20 @@ MUTANTS: list[Mutant] = [
         UNIT,
     ),
     mutant(
+        "strays-named-files-removed",
+        "verify removes only the content files no entry names",
+        Edit("if file.relative_to(self._content) in named or not file.is_file():", "if not file.is_file():", files="addon/**/store.py"),
+        ["test_verify_removes_the_files_a_crash_left_and_nothing_else"],
+        UNIT,
+    ),
+    mutant(
+        "strays-fresh-files-removed",
+        "a file being moved into the store by another process is not taken for a stray",
+        Edit("if file.lstat().st_mtime < cutoff:", "if True:", files="addon/**/store.py"),
+        ["test_verify_removes_the_files_a_crash_left_and_nothing_else"],
+        UNIT,
+    ),
+    mutant(
         "verify-leaves-tags-naming-rotten-manifest",
         "a manifest verify drops takes the tags leading to it",
         Edit(

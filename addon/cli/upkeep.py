@@ -106,7 +106,8 @@ def rm_command(cache_dir: Path | None, config_file: Path | None, dry_run: bool, 
 def verify_command(cache_dir: Path | None, config_file: Path | None) -> None:
     """Re-hash every blob and manifest in the cache and drop those that do not match their digest
     (disk corruption, tampering), each with the manifests naming it and the tags leading to them,
-    so every tag left still pulls. Exits 1 if anything was dropped.
+    so every tag left still pulls. Also removes the files a crash left that no entry names.
+    Exits 1 if anything was dropped.
 
     \b
     Examples:
@@ -122,6 +123,8 @@ def verify_command(cache_dir: Path | None, config_file: Path | None) -> None:
             result = verify(store, bar.advance)
     taken = f" with {count(result.manifests, 'manifest')} and {count(result.tags, 'tag')} naming them" if result.manifests or result.tags else ""
     click.echo(f"checked {count(result.checked, 'item')} ({size(result.bytes)}); {len(result.dropped)} dropped{taken}")
+    if result.strays:
+        click.echo(f"removed {count(result.strays, 'file')} that no entry named (left by a crash)")
     for digest in result.dropped:
         click.echo(f"  dropped {digest}: its bytes do not match", err=True)
     if result.dropped:

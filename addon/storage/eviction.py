@@ -208,11 +208,13 @@ class Verified:
     dropped: list[str] = field(default_factory=list)  # blobs and manifests whose bytes did not match
     manifests: int = 0  # manifests dropped with them: they named a dropped blob
     tags: int = 0  # tags dropped with them (of the kind `hubcache ls` lists)
+    strays: int = 0  # files no entry named, left by a crash
 
 
 def verify(store: Store, progress: Callable[[int], None] | None = None) -> Verified:
     """Re-hash every blob and manifest; drop those whose bytes do not match their digest, each with
-    what names it (`Store.drop_rotten`), so every tag left still pulls."""
+    what names it (`Store.drop_rotten`), so every tag left still pulls; remove the files a crash
+    left that no entry names."""
     result = Verified()
     for entry in store.blob_entries():
         blob = store.open_blob(entry.digest)
@@ -235,6 +237,7 @@ def verify(store: Store, progress: Callable[[int], None] | None = None) -> Verif
         result.checked += 1
         if digest_of(manifest.body, digest.partition(":")[0]) != digest:
             _dropped(result, digest, store.drop_rotten(digest))
+    result.strays = store.remove_strays()
     return result
 
 

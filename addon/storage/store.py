@@ -32,6 +32,7 @@ UNLIMITED = 2**62
 PRIVATE_DIR = 0o700
 PRIVATE_FILE = 0o600
 _LIVE_TEMP_DIRS: set[Path] = set()  # temporary folders of the stores open in this process
+STRAY_AGE = 3600.0  # seconds unwritten before a file no entry names counts as left behind
 
 
 @dataclass(frozen=True)
@@ -66,8 +67,8 @@ class _Index(diskcache.Cache):
 
 class _Change:
     """One transaction over diskcache's rows and the kept indexes. The files of rows it deletes
-    are removed once it has committed: a crash in between leaves a stray file, never an entry
-    whose file is gone."""
+    are removed once it has committed: a crash in between leaves a stray file (`remove_strays`
+    takes it), never an entry whose file is gone."""
 
     def __init__(self, cache: _Index):
         self._cache = cache
@@ -178,7 +179,7 @@ class Store:
         # on the same folder in this process (reconfiguring opens the new before closing the old).
         self._tmp = Path(tempfile.mkdtemp(dir=pid_dir))
         _LIVE_TEMP_DIRS.add(self._tmp.resolve())
-        content = self.directory / "content"
+        self._content = content = self.directory / "content"
         private_dirs(self.directory, Path("content"))
         # SQLite gives its -wal and -shm files the mode of the database: make it private first.
         os.close(os.open(content / "cache.db", os.O_RDONLY | os.O_CREAT, PRIVATE_FILE))
@@ -228,6 +229,24 @@ class Store:
         self._cache.close()
         _LIVE_TEMP_DIRS.discard(self._tmp.resolve())
         shutil.rmtree(self._tmp, ignore_errors=True)
+
+    def remove_strays(self, older_than: float = STRAY_AGE) -> int:
+        """Remove the content files no entry names and nothing wrote for `older_than` seconds: what
+        a crash left between a commit and the removal of a dropped entry's file, or between a
+        file's move into place and its commit. Returns how many. The age spares a fill of another
+        process whose commit is under way."""
+        with _as_os_error():
+            named = {Path(row[0]) for row in self._cache._sql("SELECT filename FROM Cache WHERE filename IS NOT NULL")}
+        cutoff = time.time() - older_than
+        removed = 0
+        # diskcache writes each file two folder levels down, both named by two hex digits.
+        for file in self._content.glob("[0-9a-f][0-9a-f]/[0-9a-f][0-9a-f]/*"):
+            if file.relative_to(self._content) in named or not file.is_file():
+                continue
+            if file.lstat().st_mtime < cutoff:
+                file.unlink(missing_ok=True)
+                removed += 1
+        return removed
 
     def _clean_dead_temp_dirs(self) -> None:
         """Drop temporary files left by processes that died mid-fill. Each process owns tmp/<pid>;

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import threading
 import time
+from pathlib import Path
 
 import pytest
 from mitmproxy import exceptions
@@ -13,7 +15,7 @@ from mitmproxy.test import taddons
 from hubcache.registry.protocol import ImageReference, digest_of
 from hubcache.storage.eviction import LOOKAHEAD, EvictionPass, Upkeep, choose, least_recently_used, parse_size, prune, remove, verify
 from hubcache.storage.recordings import Recording, image_from_store
-from hubcache.storage.store import BlobEntry, Store
+from hubcache.storage.store import STRAY_AGE, BlobEntry, Store
 from support.addons import CacheAddons
 from support.fill import store_image
 from support.images import build_image
@@ -163,6 +165,25 @@ def test_verify_drops_what_rotted(store, images):
     assert (result.manifests, result.tags) == (1, 1)
     assert store.get_tag(REGISTRY, "two", "1") is not None and store.get_manifest(two.top.digest) is not None
     assert verify(store).dropped == []
+
+
+def test_verify_removes_the_files_a_crash_left_and_nothing_else(store, images):
+    one, _ = images
+    with store.open_blob(one.platforms[0].layers[0].digest) as f:
+        held = Path(f.name)
+    long_ago = time.time() - 2 * STRAY_AGE
+    os.utime(held, (long_ago, long_ago))  # named by an entry: kept, however old
+    folder = store.directory / "content" / "ab" / "cd"
+    folder.mkdir(parents=True, exist_ok=True)
+    left = folder / "0123456789abcdef0123456789ab.val"
+    left.write_bytes(b"dropped, but the crash came before its removal")
+    os.utime(left, (long_ago, long_ago))
+    moving_in = folder / "fedcba9876543210fedcba987654.val"
+    moving_in.write_bytes(b"another process's fill, its commit under way")
+    result = verify(store)
+    assert result.strays == 1 and not left.exists()
+    assert moving_in.exists() and held.exists() and result.dropped == []
+    assert store.open_blob(one.platforms[0].layers[0].digest) is not None
 
 
 def test_verify_drops_a_rotten_manifest_with_its_tag(store, images):
