@@ -205,6 +205,27 @@ def test_ls_table(cache, multi):
     assert "no images match 'x*'" in invoke("ls", "--cache-dir", str(cache), "x*").stdout
 
 
+# verify
+
+
+def test_verify_names_what_went_with_a_rotten_layer_and_fails(cache, multi):
+    layer = multi.platform("linux/amd64").layers[0].digest
+    store = Store(cache)
+    try:
+        with store.open_blob(layer) as f:
+            Path(f.name).write_bytes(b"rot")
+    finally:
+        store.close()
+    result = invoke("verify", "--cache-dir", str(cache))
+    assert result.exit_code == 1
+    assert "; 1 dropped with 1 manifest and 1 tag naming them" in result.stdout
+    assert f"dropped {layer}: its bytes do not match" in result.stderr
+    listed = json.loads(invoke("ls", "--json", "--cache-dir", str(cache)).stdout)
+    assert [entry["repository"] for entry in listed] == ["org/single"], "the tag that could no longer pull is gone"
+    again = invoke("verify", "--cache-dir", str(cache))
+    assert again.exit_code == 0 and "0 dropped" in again.stdout
+
+
 # misses
 
 
