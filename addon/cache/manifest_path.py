@@ -110,7 +110,7 @@ class ManifestRequests:
             headers["OCI-Filters-Applied"] = "artifactType"
         self.metrics.hit("referrers")
         logger.log(circuits.level(reason, logging.INFO), f"{route.registry}/{route.name}: referrers of {route.reference} from the cache ({reason})")
-        return Serve(200, body if flow.request.method == "GET" else b"", headers)
+        return Serve(200, body, headers)
 
     async def _revalidate(self, flow: http.HTTPFlow, route: Route, cached: Manifest) -> Decision:
         """Ask upstream (HEAD) what the tag names now."""

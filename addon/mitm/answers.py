@@ -69,15 +69,17 @@ def give(flow: http.HTTPFlow, decision: Decision) -> None:
 
 def answer(flow: http.HTTPFlow, status: int, body: bytes, headers: dict[str, str]) -> None:
     flow.metadata[Mark.ANSWERED] = True
-    flow.response = http.Response.make(status, body, headers)
-    # A HEAD answer states the size of the body it does not carry.
+    # mitmproxy writes whatever body an addon sets, even after a HEAD: bytes the client would read
+    # as the start of its next answer on the connection. A HEAD answer states the size of the
+    # body it does not carry.
+    flow.response = http.Response.make(status, body if flow.request.method != "HEAD" else b"", headers)
     flow.response.headers["Content-Length"] = headers["Content-Length"]
 
 
 def error(flow: http.HTTPFlow, code: protocol.ErrorCode, message: str, extra: dict[str, str] | None = None) -> None:
     """A registry error (`{"errors": [...]}`) with its code's status, as a client of the registry expects it."""
     body = protocol.error_body(code, message)
-    answer(flow, code.status, body if flow.request.method != "HEAD" else b"", {**protocol.error_headers(len(body)), **(extra or {})})
+    answer(flow, code.status, body, {**protocol.error_headers(len(body)), **(extra or {})})
 
 
 def ping(flow: http.HTTPFlow) -> None:
