@@ -204,13 +204,24 @@ def test_a_mangled_url_is_refused_with_a_registry_error(served, mangle):
     """Before anything reads a field: an unsigned spelling gets 403 DENIED, never a dropped connection."""
     path = mangle(signed(tag="docker.io/library/alpine:3.20"))
     answers = exchange(served, request(path) + request(signed(), extra="Connection: close\r\n"))
-    assert [(status, code(body)) for status, _, body in answers[:1]] == [(403, "DENIED")]
-    assert answers[1][::2] == (200, BLOB), "the connection goes on serving signed URLs"
+    assert [status for status, _, _ in answers] == [403, 200], "the connection goes on serving signed URLs"
+    assert code(answers[0][2]) == "DENIED" and answers[1][2] == BLOB
 
 
-@pytest.mark.parametrize("spans", ["bytes=" + "9" * 5000 + "-", "bytes=-" + "9" * 5000, "bytes=²-", "bytes=0-1,3-4", "bytes=5-2", "bytes=0-0, 0-0"])
+@pytest.mark.parametrize(
+    "spans",
+    [
+        pytest.param("bytes=" + "9" * 5000 + "-", id="first-5000-digits"),
+        pytest.param("bytes=-" + "9" * 5000, id="suffix-5000-digits"),
+        pytest.param("bytes=\u00b2-", id="superscript"),
+        pytest.param("bytes=0-1,3-4", id="two-ranges"),
+        pytest.param("bytes=5-2", id="backwards"),
+        pytest.param("bytes=0-0, 0-0", id="overlapping"),
+    ],
+)
 def test_an_invalid_range_gets_a_registry_error(served, spans):
     answers = exchange(served, request(signed(), extra=f"Range: {spans}\r\n") + request(signed(), extra="Connection: close\r\n"))
+    assert len(answers) == 2, "both requests answered"
     status, headers, body = answers[0]
     assert (status, code(body), headers["Content-Range"]) == (416, "RANGE_INVALID", f"bytes */{len(BLOB)}")
     assert answers[1][::2] == (200, BLOB)
@@ -255,8 +266,12 @@ def test_a_body_that_hides_a_second_request_is_refused_and_the_connection_closed
     ids=["post", "delete", "http2-preface", "bad-request-line", "overlong-target", "huge-header", "many-headers"],
 )
 def test_what_http_server_refuses_itself_is_a_registry_error(served, head, status):
-    answers = exchange(served, head)
-    assert [(s, code(body)) for s, _, body in answers] == [(status, "UNSUPPORTED")]
+    with socket.create_connection(served, timeout=20) as sock:
+        sock.sendall(head)
+        answer = b"".join(iter(lambda: sock.recv(65536), b""))  # then the server closes
+    assert answer.startswith(b"HTTP/1.1 %d " % status), answer[:100]
+    assert b"\r\nContent-Type: application/json\r\n" in answer, answer[:300]
+    assert code(answer.partition(b"\r\n\r\n")[2]) == "UNSUPPORTED"
     assert exchange(served, request(signed(), extra="Connection: close\r\n"))[0][::2] == (200, BLOB)
 
 
