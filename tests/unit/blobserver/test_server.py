@@ -337,3 +337,65 @@ def test_a_connection_kept_open_agrees_with_mitmproxys_reader_on_where_the_reque
     except ValueError:
         return  # mitmproxy refuses it and closes: nothing follows on its side
     assert (read, size) == (len(data), 0), f"the blob server took {read} bytes and no body; mitmproxy {len(data) + len(following) - len(buffer)} and a body of {size}"
+
+
+@pytest.fixture
+def tls_served(store):
+    """The HTTPS listener serving `store` (as for clients on other machines), with 4 connections
+    and a head deadline of 1 s."""
+    bounded = type("Bounded", (blobserver._TLSServer,), {"max_connections": 4, "head_timeout": 1.0})
+    server = bounded(("127.0.0.1", 0), _handler_class(store), blobserver.server_context(_credentials_fd(), ktls=False))
+    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+    yield server.server_address
+    server.shutdown()
+    server.server_close()
+
+
+def _tls_get(address, path: str, sni: str | None) -> tuple[int, bytes]:
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname, context.verify_mode = False, ssl.CERT_NONE  # its certificate is self-signed here
+    conn = http.client.HTTPConnection("blobs.hubcache.invalid", timeout=15)
+    conn.sock = context.wrap_socket(socket.create_connection(address, timeout=15), server_hostname=sni)
+    try:
+        conn.request("GET", path)
+        response = conn.getresponse()
+        return response.status, response.read()
+    finally:
+        conn.close()
+
+
+def test_tls_abuse_leaves_the_listener_to_its_clients(tls_served):
+    # The SNI decides nothing: none, another name, its own, the signature alone does.
+    for sni in (None, "registry-1.docker.io", "blobs.hubcache.invalid"):
+        assert _tls_get(tls_served, signed(), sni) == (200, BLOB), sni
+        assert _tls_get(tls_served, f"/blobs/{DIGEST}", sni)[0] == 403, sni
+    # Plain HTTP to the TLS port: no answer in plaintext, no byte of the blob.
+    with socket.create_connection(tls_served, timeout=15) as sock:
+        sock.sendall(request(signed()))
+        data = _until_closed(sock)
+    assert not data.startswith(b"HTTP/") and BLOB[:40] not in data
+    # Every connection taken by a handshake begun and never finished: cut by the head deadline,
+    # then a client is served.
+    stuck = [socket.create_connection(tls_served, timeout=15) for _ in range(4)]
+    try:
+        for sock in stuck:
+            sock.sendall(b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03")  # the start of a ClientHello
+        try:
+            assert _tls_get(tls_served, signed(), "blobs.hubcache.invalid") == (200, BLOB)
+        except TimeoutError:
+            pytest.fail("no answer while unfinished handshakes held every connection")
+        assert all(_until_closed(sock) == b"" for sock in stuck), "each was cut, unanswered"
+    finally:
+        for sock in stuck:
+            sock.close()
+
+
+def _until_closed(sock: socket.socket) -> bytes:
+    """What the server sends until it closes the connection (a reset closes it too)."""
+    data = b""
+    try:
+        while chunk := sock.recv(65536):
+            data += chunk
+    except ConnectionResetError:
+        pass
+    return data
