@@ -1966,6 +1966,13 @@ MUTANTS: list[Mutant] = [
         UNIT,
     ),
     mutant(
+        "blob-fill-name-unchecked",
+        "the blob server opens only a fill's own name in the store's tmp folder, even for a signed URL",
+        Edit("if blob is None and fill and _FILL_NAME.fullmatch(fill):", "if blob is None and fill:"),
+        ["test_a_fill_name_that_leaves_the_tmp_folder_is_never_opened"],
+        UNIT,
+    ),
+    mutant(
         "status-listener-no-head-deadline",
         "the status listener gives a client a bounded time for its request head, however slowly it sends it",
         Edit("head_timeout = 10.0  # seconds for a request head, however slowly it trickles in", "head_timeout = None"),

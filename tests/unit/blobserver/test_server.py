@@ -399,3 +399,19 @@ def _until_closed(sock: socket.socket) -> bytes:
     except ConnectionResetError:
         pass
     return data
+
+
+def test_a_fill_name_that_leaves_the_tmp_folder_is_never_opened(served, store):
+    """Defence in depth: even a URL the proxy signed opens only a fill's own name in tmp/."""
+    secret = store.directory / "secret"
+    secret.write_bytes(b"not a fill")
+    absent = digest_of(b"a blob being filled")
+    escape = f"{os.getpid()}/../../secret"
+    assert (store.directory / "tmp" / escape).read_bytes() == b"not a fill", "the name reaches the file"
+    path = blobserver.signed_path(SECRET, absent, fill=escape, size=10)
+    with socket.create_connection(served, timeout=20) as sock:
+        sock.sendall(request(path, extra="Connection: close\r\n"))
+        reader = sock.makefile("rb")
+        status = reader.readline()  # a fill's file would be sent but its last byte, then waited on
+        assert status.startswith(b"HTTP/1.1 404 "), status
+        assert code(reader.read().partition(b"\r\n\r\n")[2]) == "BLOB_UNKNOWN"
