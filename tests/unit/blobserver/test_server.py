@@ -13,7 +13,7 @@ import re
 import socket
 import ssl
 import threading
-from urllib.parse import unquote
+from urllib.parse import unquote, urlsplit
 
 import pytest
 from cryptography import x509
@@ -415,3 +415,18 @@ def test_a_fill_name_that_leaves_the_tmp_folder_is_never_opened(served, store):
         status = reader.readline()  # a fill's file would be sent but its last byte, then waited on
         assert status.startswith(b"HTTP/1.1 404 "), status
         assert code(reader.read().partition(b"\r\n\r\n")[2]) == "BLOB_UNKNOWN"
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    tag=st.text(st.characters(blacklist_categories=["Cs"]), max_size=100),
+    fill=st.one_of(st.just(""), st.from_regex(r"[0-9]{1,7}/[A-Za-z0-9_]{1,12}/fill-[A-Za-z0-9_]{1,12}", fullmatch=True)),
+    size=st.integers(0, 2**63),
+)
+def test_every_url_the_proxy_signs_reads_back_as_it_signed_it(tag, fill, size):
+    """The legitimate path of the strict reading: whatever a tag holds, the fields come back whole."""
+    size = size if fill else 0
+    fields = blobserver.parse_query(urlsplit(blobserver.signed_path(SECRET, DIGEST, fill, size, tag)).query)
+    assert fields is not None
+    assert (fields.get("fill", ""), int(fields.get("size", "0")), fields.get("tag", "")) == (fill, size, tag)
+    assert fields["signature"] == blobserver.sign(SECRET, DIGEST, int(fields["expires"]), fill, size, tag)
