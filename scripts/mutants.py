@@ -508,10 +508,14 @@ MUTANTS: list[Mutant] = [
         "mirror-relays-any-token-realm",
         "the mirror relays token requests only to realms a registry's own challenge named",
         Edit(
-            'if self.realms.registry(*key) is None or flow.request.method not in ("GET", "POST"):',
-            'if flow.request.method not in ("GET", "POST"):',
+            'if not port or self.realms.registry(*key) is None or flow.request.method not in ("GET", "POST"):',
+            'if not port or flow.request.method not in ("GET", "POST"):',
         ),
-        ["test_no_other_realm_is_relayed_to"],
+        [
+            "test_no_other_realm_is_relayed_to[/hubcache/token/auth.docker.io/token]",
+            "test_no_other_realm_is_relayed_to[/hubcache/token/evil.example/token]",
+            "test_no_other_realm_is_relayed_to[/hubcache/token/auth.docker.io:8443/token]",
+        ],
         UNIT,
     ),
     mutant(
