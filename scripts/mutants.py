@@ -508,10 +508,14 @@ MUTANTS: list[Mutant] = [
         "mirror-relays-any-token-realm",
         "the mirror relays token requests only to realms a registry's own challenge named",
         Edit(
-            'if self.realms.registry(*key) is None or flow.request.method not in ("GET", "POST"):',
-            'if flow.request.method not in ("GET", "POST"):',
+            'if not port or self.realms.registry(*key) is None or flow.request.method not in ("GET", "POST"):',
+            'if not port or flow.request.method not in ("GET", "POST"):',
         ),
-        ["test_no_other_realm_is_relayed_to"],
+        [
+            "test_no_other_realm_is_relayed_to[/hubcache/token/auth.docker.io/token]",
+            "test_no_other_realm_is_relayed_to[/hubcache/token/evil.example/token]",
+            "test_no_other_realm_is_relayed_to[/hubcache/token/auth.docker.io:8443/token]",
+        ],
         UNIT,
     ),
     mutant(
@@ -1929,6 +1933,110 @@ MUTANTS: list[Mutant] = [
         "hubcache prefetch shows every failed image, also past the first few",
         Edit("if i < SHOWN or r.error]", "if i < SHOWN]"),
         ["test_prefetch_shows_the_first_few_images_every_failure_and_a_summary"],
+        UNIT,
+    ),
+    # Network listeners: attacks (the blob server's listeners, the status listener, the mirror)
+    mutant(
+        "listeners-head-unbounded",
+        "the blob server and the status listener read a request head up to 16 KiB, and refuse a larger one with 431",
+        Edit("self.rfile = _HeadReader(reader, MAX_HEAD - len(self.raw_requestline))  # type: ignore[assignment]", "self.rfile = reader"),
+        [
+            "test_a_huge_head_is_refused_after_reading_a_bounded_part_of_it",
+            "test_what_http_server_refuses_itself_is_a_registry_error[huge-header]",
+            "test_a_huge_head_is_refused_and_a_normal_one_answered",
+        ],
+        UNIT,
+    ),
+    mutant(
+        "blob-url-numbers-by-isdigit",
+        "a blob URL's expires and size are ASCII digits, checked before int() reads them: never a dropped connection",
+        Edit(
+            'if not all(_NUMBER.fullmatch(fields.get(name, "0")) for name in ("expires", "size")):',
+            'if not all(fields.get(name, "0").isdigit() for name in ("expires", "size")):',
+        ),
+        [
+            "test_a_mangled_url_is_refused_with_a_registry_error[expires-superscript]",
+            "test_a_mangled_url_is_refused_with_a_registry_error[expires-5000-digits]",
+        ],
+        UNIT,
+    ),
+    mutant(
+        "blob-url-duplicate-fields",
+        "a blob URL names each field once: a second tag or signature is refused",
+        Edit("if len(fields) != len(pairs) or not fields.keys() <= set(_QUERY):", "if not fields.keys() <= set(_QUERY):"),
+        [
+            "test_a_mangled_url_is_refused_with_a_registry_error[a-second-tag-first]",
+            "test_a_mangled_url_is_refused_with_a_registry_error[a-second-signature-first]",
+        ],
+        UNIT,
+    ),
+    mutant(
+        "blob-request-body-read-as-next-request",
+        "a GET or HEAD of a blob with a body is refused and its connection closed: the body is never answered as a request",
+        Edit('if "Transfer-Encoding" in headers or set(headers.get_all("Content-Length", ["0"])) != {"0"}:', "if False:"),
+        [
+            "test_a_body_that_hides_a_second_request_is_refused_and_the_connection_closed[GET-content-length]",
+            "test_a_body_that_hides_a_second_request_is_refused_and_the_connection_closed[HEAD-chunked]",
+            "test_a_connection_kept_open_agrees_with_mitmproxys_reader_on_where_the_request_ends",
+        ],
+        UNIT,
+    ),
+    mutant(
+        "blob-request-malformed-head-kept",
+        "a blob request whose head has a line that is no header, or a folded one, is refused and its connection closed",
+        Edit('if headers.defects or headers.get_payload() or any("\\n" in value for value in headers.values()):', "if False:"),
+        [
+            "test_a_body_that_hides_a_second_request_is_refused_and_the_connection_closed[GET-space-before-colon]",
+            "test_a_body_that_hides_a_second_request_is_refused_and_the_connection_closed[GET-obs-fold]",
+            "test_a_body_that_hides_a_second_request_is_refused_and_the_connection_closed[HEAD-vertical-tab]",
+        ],
+        UNIT,
+    ),
+    mutant(
+        "blob-server-refusals-in-html",
+        "what http.server refuses itself (another method, HTTP/2, a malformed head) is a registry error",
+        Edit("def send_error(self, code: int,", "def _send_error(self, code: int,"),
+        [
+            "test_what_http_server_refuses_itself_is_a_registry_error[post]",
+            "test_what_http_server_refuses_itself_is_a_registry_error[http2-preface]",
+        ],
+        UNIT,
+    ),
+    mutant(
+        "range-digits-unbounded",
+        "a Range of more digits than int() reads is RANGE_INVALID, never a dropped connection",
+        Edit('_RANGE_RE = re.compile(r"bytes=([0-9]{0,19})-([0-9]{0,19})")', '_RANGE_RE = re.compile(r"bytes=(\\d*)-(\\d*)")'),
+        [
+            "test_an_invalid_range_gets_a_registry_error[first-5000-digits]",
+            "test_an_invalid_range_gets_a_registry_error[suffix-5000-digits]",
+        ],
+        UNIT,
+    ),
+    mutant(
+        "blob-fill-name-unchecked",
+        "the blob server opens only a fill's own name in the store's tmp folder, even for a signed URL",
+        Edit("if blob is None and fill and _FILL_NAME.fullmatch(fill):", "if blob is None and fill:"),
+        ["test_a_fill_name_that_leaves_the_tmp_folder_is_never_opened"],
+        UNIT,
+    ),
+    mutant(
+        "status-listener-no-head-deadline",
+        "the status listener gives a client a bounded time for its request head, however slowly it sends it",
+        Edit("head_timeout = 10.0  # seconds for a request head, however slowly it trickles in", "head_timeout = None"),
+        ["test_heads_never_finished_do_not_keep_the_page_from_its_reader"],
+        UNIT,
+    ),
+    mutant(
+        "mirror-token-port-by-isdigit",
+        "a mirror token path's port is ASCII digits: anything else is a registry error, never an exception",
+        Edit(
+            'port = 443 if not colon else int(port_text) if re.fullmatch(r"[0-9]{1,5}", port_text) else 0',
+            "port = int(port_text) if port_text.isdigit() else 443",
+        ),
+        [
+            "TestTokens::test_no_other_realm_is_relayed_to[port-superscript]",
+            "TestTokens::test_no_other_realm_is_relayed_to[port-5000-digits]",
+        ],
         UNIT,
     ),
 ]

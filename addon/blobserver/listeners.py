@@ -4,18 +4,57 @@ trickle of bytes resets."""
 
 from __future__ import annotations
 
+import http.client
 import logging
 import socket
 import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from http.server import BaseHTTPRequestHandler
 from socketserver import ThreadingMixIn
 from typing import Any
 
 logger = logging.getLogger(__name__)
 
 HEAD = "finish its request head"  # what a client is given `head_timeout` for
+# Bytes of a request line and its headers. http.server alone reads 100 lines of 64 KiB (6.5 MB,
+# times every connection); hubcache's URLs and its clients' heads take a few hundred.
+MAX_HEAD = 16 * 1024
+
+
+class HeadTooLarge(http.client.HTTPException):
+    """A request head beyond MAX_HEAD (http.server answers it 431)."""
+
+
+class _HeadReader:
+    """The connection's reader while headers are read: it refuses to give more than `budget` bytes."""
+
+    def __init__(self, reader: Any, budget: int) -> None:
+        self._reader = reader
+        self._budget = budget
+
+    def readline(self, limit: int = -1) -> bytes:
+        if self._budget <= 0:
+            raise HeadTooLarge(f"the request head is larger than {MAX_HEAD} bytes")
+        line: bytes = self._reader.readline(self._budget if limit < 0 else min(limit, self._budget))
+        self._budget -= len(line)
+        return line
+
+
+class BoundedHead(BaseHTTPRequestHandler):
+    """A handler that reads at most MAX_HEAD bytes of a request head: a larger one gets 431 (by
+    `send_error`) and its connection closes."""
+
+    raw_requestline: bytes  # read by the handler before it parses the rest
+
+    def parse_request(self) -> bool:
+        reader = self.rfile
+        self.rfile = _HeadReader(reader, MAX_HEAD - len(self.raw_requestline))  # type: ignore[assignment]
+        try:
+            return super().parse_request()
+        finally:
+            self.rfile = reader
 
 
 class Watched:

@@ -24,11 +24,11 @@ from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
 from typing import Any, BinaryIO
-from urllib.parse import parse_qs, urlencode, urlsplit
+from urllib.parse import parse_qsl, urlencode, urlsplit
 
 from ..registry import protocol
 from ..storage.store import Store
-from .listeners import HEAD, BoundedThreads, Watched
+from .listeners import HEAD, BoundedHead, BoundedThreads, Watched
 
 logger = logging.getLogger(__name__)
 
@@ -47,6 +47,8 @@ HEAD_TIMEOUT = 10.0  # default seconds for a TLS handshake and a request head
 MIN_RATE = 16 * 1024  # default bytes per second a client must read its answer at
 GRACE = 5.0  # seconds every write to a client may take besides its size at the minimum rate
 _FILL_NAME = re.compile(r"[0-9]+/[A-Za-z0-9_]+/fill-[A-Za-z0-9_]+")
+_NUMBER = re.compile(r"[0-9]{1,20}")  # ASCII digits only: str.isdigit() takes "²", which int() refuses
+_QUERY = ("expires", "signature", "fill", "size", "tag")  # what signed_path writes, each once
 
 
 class _Cut(Exception):
@@ -82,7 +84,23 @@ def _report(tag: str, sent: int) -> None:
         sys.stdout.flush()
 
 
-class _Handler(BaseHTTPRequestHandler):
+def parse_query(query: str) -> dict[str, str] | None:
+    """The fields of a blob URL's query, percent-decoded; None unless each is one `signed_path`
+    writes, given once, with `expires` and `size` as plain numbers (checked before anything reads
+    them: the signature covers their values, not their spelling)."""
+    try:
+        pairs = parse_qsl(query, keep_blank_values=True, strict_parsing=True, max_num_fields=len(_QUERY)) if query else []
+    except ValueError:
+        return None
+    fields = dict(pairs)
+    if len(fields) != len(pairs) or not fields.keys() <= set(_QUERY):
+        return None
+    if not all(_NUMBER.fullmatch(fields.get(name, "0")) for name in ("expires", "size")):
+        return None
+    return fields
+
+
+class _Handler(BoundedHead):
     store: Store
     secret: bytes
     server: _PlainServer
@@ -100,6 +118,18 @@ class _Handler(BaseHTTPRequestHandler):
         if parsed:
             self._expect(None, "")  # the head is in: what follows is the server's work first
         return parsed
+
+    def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
+        """http.server's own refusals (a malformed or oversized head, HTTP/2, another method) as
+        registry errors; the connection closes, as its head may not have been read whole."""
+        self.close_connection = True
+        self._tag = ""
+        if self.request_version == "HTTP/0.9":
+            self.request_version = self.protocol_version  # its request line is unreadable: answer with a status line
+        if code == HTTPStatus.NOT_IMPLEMENTED:  # a method other than GET and HEAD
+            return self._error(protocol.ErrorCode.UNSUPPORTED, f"the blob server serves GET and HEAD only, not {self.command[:16]!r}")
+        error = protocol.ErrorCode.UNSUPPORTED_REQUEST
+        self._error(error, f"{code} {explain or message or HTTPStatus(code).phrase}", status=code)
 
     def _expect(self, seconds: float | None, task: str) -> None:
         """The client's next deadline (see `Watched.expect`)."""
@@ -121,16 +151,19 @@ class _Handler(BaseHTTPRequestHandler):
         self._serve(send_body=False)
 
     def _serve(self, send_body: bool) -> None:
+        self._tag = ""  # reported once the URL proved valid
+        if refused := self._ambiguous():
+            self.close_connection = True
+            logger.info(f"blob server: {self.client_address[0]}: {refused[1]}")
+            return self._error(*refused)
         url = urlsplit(self.path)
-        query = {k: v[-1] for k, v in parse_qs(url.query).items()}
+        query = parse_query(url.query) or {}
         digest = url.path.removeprefix("/blobs/")
         fill, size, expires = query.get("fill", ""), query.get("size", "0"), query.get("expires", "")
         tag = query.get("tag", "")
-        self._tag = ""  # reported once the URL proved valid
         if not (
             protocol.DIGEST_RE.fullmatch(digest)
-            and expires.isdigit()
-            and size.isdigit()
+            and expires
             and int(expires) >= time.time()
             and hmac.compare_digest(
                 sign(self.secret, digest, int(expires), fill, int(size), tag), query.get("signature", "")
@@ -149,6 +182,17 @@ class _Handler(BaseHTTPRequestHandler):
         if blob is None:
             return self._error(protocol.ErrorCode.BLOB_UNKNOWN, f"blob {digest} is not in the cache")
         self._send(blob, digest, os.fstat(blob.fileno()).st_size, send_body, growing=False)
+
+    def _ambiguous(self) -> tuple[protocol.ErrorCode, str] | None:
+        """What in this request's head another HTTP parser (a server in front) could read otherwise
+        than http.server: a line that is no header, a folded one, a body. A body is never read, so
+        its bytes would be taken for the next request on the connection."""
+        headers = self.headers
+        if headers.defects or headers.get_payload() or any("\n" in value for value in headers.values()):
+            return protocol.ErrorCode.UNSUPPORTED_REQUEST, "the request head has a line that is no header, or a folded one"
+        if "Transfer-Encoding" in headers or set(headers.get_all("Content-Length", ["0"])) != {"0"}:
+            return protocol.ErrorCode.BODY_UNSUPPORTED, f"a {self.command} of a blob takes no body"
+        return None
 
     def _committed(self, digest: str) -> BinaryIO | None:
         """The blob of a fill whose file is gone: committed, or failed. A commit moves the file
@@ -235,10 +279,10 @@ class _Handler(BaseHTTPRequestHandler):
             self._chunk = memoryview(bytearray(TLS_CHUNK))
         return self._chunk
 
-    def _error(self, code: protocol.ErrorCode, message: str, extra: dict | None = None) -> None:
+    def _error(self, code: protocol.ErrorCode, message: str, extra: dict | None = None, status: int | None = None) -> None:
         body = protocol.error_body(code, message)
         self._expect(self._write_time(len(body)), "read the answer")
-        self.send_response(code.status)
+        self.send_response(status or code.status)
         for name, value in {**protocol.error_headers(len(body)), **(extra or {})}.items():
             self.send_header(name, value)
         self.end_headers()

@@ -21,7 +21,7 @@ from mitmproxy.addonmanager import Loader
 from prometheus_client import make_wsgi_app
 from prometheus_client.registry import Collector
 
-from ..blobserver.listeners import BoundedThreads
+from ..blobserver.listeners import BoundedHead, BoundedThreads
 from ..registry.protocol import ImageReference
 from ..storage.folder import CacheFolder
 from ..storage.store import Summary
@@ -38,9 +38,18 @@ PRIVATE = "(private)"
 
 class _Server(BoundedThreads, WSGIServer):
     max_connections = 16
+    head_timeout = 10.0  # seconds for a request head, however slowly it trickles in
 
 
-class _QuietHandler(WSGIRequestHandler):
+class _QuietHandler(BoundedHead, WSGIRequestHandler):
+    server: _Server
+
+    def parse_request(self) -> bool:
+        parsed = super().parse_request()
+        if parsed and self.server.deadlines and (watched := self.server.deadlines.current()):
+            watched.expect(None, "")  # the head is in: the answer is small, and the connection ends with it
+        return parsed
+
     def log_message(self, format: str, *args: Any) -> None:
         logger.debug("status page: " + format % args)
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import re
 import socket
 from collections.abc import Sequence
 from pathlib import Path
@@ -174,10 +175,11 @@ class Mirror:
     def _to_realm(self, flow: http.HTTPFlow, rest: str) -> None:
         """`/hubcache/token/HOST[:PORT]/PATH`: to a token realm a registry named (and only then)."""
         authority, slash, realm_path = rest.partition("/")
-        host, _, port_text = authority.partition(":")
-        port = int(port_text) if port_text.isdigit() else 443
+        host, colon, port_text = authority.partition(":")
+        # ASCII digits only: str.isdigit() takes "²", which int() refuses.
+        port = 443 if not colon else int(port_text) if re.fullmatch(r"[0-9]{1,5}", port_text) else 0
         key = (host.lower(), port, "/" + realm_path if slash else "/")
-        if self.realms.registry(*key) is None or flow.request.method not in ("GET", "POST"):
+        if not port or self.realms.registry(*key) is None or flow.request.method not in ("GET", "POST"):
             answers.error(flow, protocol.ErrorCode.NAME_UNKNOWN, "not a token service this mirror knows")
             return
         self._retarget(flow, key[0], key[1], key[2])

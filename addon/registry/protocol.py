@@ -406,7 +406,7 @@ def blob_headers(digest: str, size: int) -> dict[str, str]:
     }
 
 
-_RANGE_RE = re.compile(r"bytes=(\d*)-(\d*)")
+_RANGE_RE = re.compile(r"bytes=([0-9]{0,19})-([0-9]{0,19})")  # ASCII, and few enough for int()
 
 
 def parse_range(header: str | None, size: int) -> tuple[int, int] | None:

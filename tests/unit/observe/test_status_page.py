@@ -1,10 +1,17 @@
-"""The status page's data (addon/statuspage.py): which repositories it may name, with taddons."""
+"""The status page (addon/observe/status_page.py): which repositories it may name, with taddons; and
+its listener's bounds, on a socket in this process."""
 
 from __future__ import annotations
 
+import socket
+import threading
+from wsgiref.simple_server import make_server
+
+import pytest
 from mitmproxy.test import taddons
 
 from hubcache.fleet.node import Fleet
+from hubcache.observe import status_page
 from hubcache.observe.metrics import Metrics
 from hubcache.observe.pull_log import PullLog
 from hubcache.observe.status_page import PRIVATE, StatusPage
@@ -40,3 +47,54 @@ def test_only_repositories_known_to_be_public_are_named(tmp_path):
         tctx.options.update(status_private=True)
         assert named() == ["acme/unknown", "acme/private", "library/public"]
         folder.done()
+
+
+# The listener, as a client on another machine reaches it (status_listen beyond loopback).
+
+
+def _answers(address, data: bytes, timeout: float = 20) -> bytes:
+    with socket.create_connection(address, timeout=timeout) as sock:
+        sock.sendall(data)
+        return b"".join(iter(lambda: sock.recv(65536), b""))
+
+
+@pytest.fixture
+def listener(monkeypatch):
+    """The status listener's server and handler on a port of its own, with a short head deadline
+    and a long idle timeout (so only the deadline can free a slot)."""
+    if status_page._Server.head_timeout is not None:
+        monkeypatch.setattr(status_page._Server, "head_timeout", 1.0)
+    def app(environ, start_response):
+        start_response("200 OK", [("Content-Length", "2")])
+        return [b"ok"]
+
+    server = make_server("127.0.0.1", 0, app, server_class=status_page._Server, handler_class=status_page._QuietHandler)
+    server.idle_timeout = 120.0
+    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+    yield server
+    server.shutdown()
+    server.server_close()
+
+
+def test_heads_never_finished_do_not_keep_the_page_from_its_reader(listener):
+    """Every connection taken by a client that sends half a head and waits (each would be kept for
+    client_idle_timeout): the head deadline frees them for a normal request."""
+    stuck = [socket.create_connection(listener.server_address, timeout=20) for _ in range(listener.max_connections)]
+    try:
+        for sock in stuck:
+            sock.sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\n")
+        try:
+            answer = _answers(listener.server_address, b"GET / HTTP/1.0\r\n\r\n", timeout=15)
+        except TimeoutError:
+            pytest.fail("no answer while the stuck connections held every slot")
+        assert answer.endswith(b"\r\n\r\nok")
+        assert all(sock.recv(1) == b"" for sock in stuck), "each was cut without an answer"
+    finally:
+        for sock in stuck:
+            sock.close()
+
+
+def test_a_huge_head_is_refused_and_a_normal_one_answered(listener):
+    answer = _answers(listener.server_address, b"GET / HTTP/1.0\r\n" + b"X-Big: " + b"b" * 60000 + b"\r\n" * 2)
+    assert answer.startswith(b"HTTP/1.0 431 ")
+    assert _answers(listener.server_address, b"GET / HTTP/1.0\r\n\r\n").endswith(b"\r\n\r\nok")

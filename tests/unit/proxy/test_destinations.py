@@ -171,3 +171,25 @@ async def test_the_blob_servers_listener_for_other_machines_is_reachable_alone(g
         other = connect("127.0.0.2", port)
         await destinations.http_connect(other)
         assert other.response and other.response.status_code == 403, port
+
+
+@pytest.mark.parametrize("host", ["::ffff:127.0.0.2", "2130706434", "127.2", "0x7f000002", "0177.0.0.2", "127.000.000.002", "127.0.0.2."])
+async def test_another_spelling_of_the_blob_listeners_address_opens_nothing_else(guard, host):
+    """The exception is the listener's own address and port as hubcache names it: another
+    spelling of the address is judged as any destination, on every port."""
+    _, destinations, _ = guard
+    destinations.blobs.direct = ("127.0.0.2", 5001)
+    for port in (5001, 5002, 3129):
+        other = connect(host, port)
+        await destinations.http_connect(other)
+        if other.response is None:  # let through: only where nothing resolves it (mitmproxy then fails to connect)
+            assert not await _resolves(host), (host, port)
+        else:
+            assert other.response.status_code == 403, (host, port)
+
+
+async def _resolves(host: str) -> bool:
+    try:
+        return bool(socket.getaddrinfo(host, 1, type=socket.SOCK_STREAM))
+    except OSError:
+        return False

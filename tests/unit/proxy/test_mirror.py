@@ -177,20 +177,36 @@ class TestTokens:
         header = self.challenge_from_docker_hub(mirror)
         assert header == 'Bearer realm="https://127.0.0.1:5443/hubcache/token/auth.docker.io/token",service="registry.docker.io"'
 
-    def test_a_learned_realm_is_relayed_to(self, mirror):
+    @pytest.mark.parametrize("authority", ["auth.docker.io", "auth.docker.io:443"])
+    def test_a_learned_realm_is_relayed_to(self, mirror, authority):
         self.challenge_from_docker_hub(mirror)
-        flow = mirror_flow("/hubcache/token/auth.docker.io/token?service=registry.docker.io&scope=repository:library/alpine:pull")
+        flow = mirror_flow(f"/hubcache/token/{authority}/token?service=registry.docker.io&scope=repository:library/alpine:pull")
         mirror.requestheaders(flow)
         assert flow.response is None
         assert flow.request.url == "https://auth.docker.io/token?service=registry.docker.io&scope=repository:library/alpine:pull"
         assert mirror.hosts.destination(flow) == "auth.docker.io"
 
-    @pytest.mark.parametrize("path", ["/hubcache/token/auth.docker.io/token", "/hubcache/token/evil.example/token", "/hubcache/token/auth.docker.io:8443/token"])
+    @pytest.mark.parametrize(
+        "path",
+        [
+            "/hubcache/token/auth.docker.io/token",
+            "/hubcache/token/evil.example/token",
+            "/hubcache/token/auth.docker.io:8443/token",
+            # A port int() refuses, or none: a registry error, never an exception that leaves the
+            # request to go on to Docker Hub as the client wrote it.
+            pytest.param("/hubcache/token/auth.docker.io:\u00b2/token", id="port-superscript"),
+            pytest.param("/hubcache/token/auth.docker.io:" + "4" * 5000 + "/token", id="port-5000-digits"),
+            pytest.param("/hubcache/token/auth.docker.io:/token", id="port-empty"),
+        ],
+    )
     def test_no_other_realm_is_relayed_to(self, mirror, path):
         if path != "/hubcache/token/auth.docker.io/token":  # that one: before any challenge taught it
             self.challenge_from_docker_hub(mirror)
         flow = mirror_flow(path)
-        mirror.requestheaders(flow)
+        try:
+            mirror.requestheaders(flow)
+        except ValueError as e:  # mitmproxy would log it and let the request go on
+            pytest.fail(f"the hook raised {e!r}")
         assert flow.response is not None, f"relayed to {flow.request.url}"
         assert flow.response.status_code == 404
 
