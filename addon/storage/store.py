@@ -107,8 +107,12 @@ class _ContentDisk(diskcache.Disk):
 
     def store(self, value: Any, read: bool, key: Any = UNKNOWN) -> tuple[int, int, str | None, Any]:
         if isinstance(value, _VerifiedFile):
-            filename, full_path = self.filename(key, value)
-            os.replace(value.path, full_path)  # a temporary file: 0600 already
+            filename, full_path = super().filename(key, value)
+            try:
+                os.replace(value.path, full_path)  # a temporary file: 0600 already
+            except FileNotFoundError:  # its folders are not made yet (or were removed as empty)
+                private_dirs(Path(self._directory), Path(filename).parent)
+                os.replace(value.path, full_path)
             return value.size, MODE_BINARY, filename, None
         size, mode, filename, db_value = super().store(value, read, key)
         if filename is not None:
@@ -296,13 +300,14 @@ class Store:
     def blob_writer(self, digest: str) -> BlobWriter:
         return BlobWriter(self, digest)
 
-    def _commit_blob(self, digest: str, path: str, size: int) -> None:
+    def _commit_blob(self, digest: str, path: str, size: int) -> bool:
         with self.batch() as change:
             if self.has_blob(digest):
                 os.unlink(path)  # a concurrent fill got there first: identical bytes
-                return
+                return False
             self._cache.set(("blob", digest), _VerifiedFile(path, size))
             index.add_blob(change.sql, digest, size)
+            return True
 
     def blob_entries(self) -> list[BlobEntry]:
         """Every blob, least recently used first."""
@@ -603,14 +608,15 @@ class BlobWriter:
         size_ok = expected_size is None or expected_size == self.size
         return size_ok and self.computed_digest == self.digest
 
-    def commit(self) -> None:
-        """Move the bytes into the store; refuses (and discards them) unless they verify."""
+    def commit(self) -> bool:
+        """Move the bytes into the store; refuses (and discards them) unless they verify. False:
+        the store held the blob already, and keeps what it had."""
         if self.computed_digest != self.digest or self.write_error:
             self.discard()
             raise ValueError(f"blob bytes for {self.digest} are not verified and complete")
         try:
             self._file.close()
-            self.store._commit_blob(self.digest, self._path, self.size)
+            return self.store._commit_blob(self.digest, self._path, self.size)
         except BaseException:
             self.discard()
             raise
