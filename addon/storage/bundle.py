@@ -249,6 +249,7 @@ class _BundleReader:
         self.media_types: dict[str, str] = {}  # of the manifests read from the file
         self.needed_blobs: dict[str, int] = {}  # named by a manifest, with their sizes
         self.committed: set[str] = set()  # the blobs and manifests of the file handled by commit
+        self.marked: set[tuple[str, str]] = set()  # the repositories whose visibility commit noted
         self.private: set[str] = set()  # names of the images the bundle marks private
         self.public: set[str] = set()  # and public; any other image's visibility is unknown
 
@@ -523,15 +524,9 @@ class _BundleReader:
             # repository is not opened to this one by being named here.
             if digest in self.members or self.store.linked(*repository, digest):
                 self.store.link(*repository, digest)
-        known = self.store.visibility(*repository)
-        if repository in private and known is not False:
-            self.store.set_visibility(*repository, False)
-        elif repository in public and known is None:
-            self.store.set_visibility(*repository, True)  # never more open than the store knows
-        elif repository not in public and known is None:
-            # No mark (a skopeo or crane archive): unknown stays unknown, so upstream is still
-            # asked online; offline, whoever imported it chose to serve it (cache/access.py).
-            self.store.note_imported(*repository)
+        if repository not in self.marked:  # once per repository: the same for each of its images
+            self.marked.add(repository)
+            self._mark(repository, private, public)
         if not DIGEST_RE.fullmatch(image.reference):
             # Never confirmed by upstream here: online, the tag is revalidated on first use.
             self.store.set_tag(image.registry, image.repository, image.reference, image.digest, checked=0)
@@ -541,6 +536,18 @@ class _BundleReader:
             media_type, body = (self.media_types[r.digest], self._body(r.digest)) if r.digest in self.media_types else self._held(r.digest)
             if found := manifests.referrer(r.digest, media_type, body):
                 self.store.add_referrers(image.registry, image.repository, found[0], [found[1]])
+
+    def _mark(self, repository: tuple[str, str], private: set[tuple[str, str]], public: set[tuple[str, str]]) -> None:
+        """Note the repository's visibility as the bundle marks it."""
+        known = self.store.visibility(*repository)
+        if repository in private and known is not False:
+            self.store.set_visibility(*repository, False)
+        elif repository in public and known is None:
+            self.store.set_visibility(*repository, True)  # never more open than the store knows
+        elif repository not in public and known is None:
+            # No mark (a skopeo or crane archive): unknown stays unknown, so upstream is still
+            # asked online; offline, whoever imported it chose to serve it (cache/access.py).
+            self.store.note_imported(*repository)
 
     def _held(self, digest: str) -> tuple[str, bytes]:
         held = self.store.get_manifest(digest)

@@ -110,8 +110,14 @@ class _ContentDisk(diskcache.Disk):
             filename, full_path = super().filename(key, value)
             try:
                 os.replace(value.path, full_path)  # a temporary file: 0600 already
-            except FileNotFoundError:  # its folders are not made yet (or were removed as empty)
-                private_dirs(Path(self._directory), Path(filename).parent)
+            except FileNotFoundError:  # its folder is not made yet (or was removed as empty)
+                folder = os.path.dirname(full_path)
+                try:
+                    os.mkdir(folder, PRIVATE_DIR)
+                except FileNotFoundError:  # nor its parent
+                    private_dirs(Path(self._directory), Path(filename).parent)
+                except FileExistsError:
+                    pass  # made meanwhile by another writer
                 os.replace(value.path, full_path)
             return value.size, MODE_BINARY, filename, None
         size, mode, filename, db_value = super().store(value, read, key)
