@@ -66,9 +66,9 @@ MITMDUMP = Path(sys.executable).with_name("mitmdump")
 SCRIPT = Path(__file__).resolve().parents[1] / "addon" / "script.py"
 BUILD_BATCH = 100  # images per transaction while building
 IMPORT_IMAGES = 10_000  # images in the archive for `hubcache import` at most
-# A bundle holds 100 000 members at most (storage/bundle.py's MAX_MEMBERS): 5 000 images of ten
-# blobs and a manifest each stay under it.
-IMPORT_BUNDLE = 5_000
+# A bundle holds 250 000 members at most (storage/bundle.py's MAX_MEMBERS): the 10^4 images of
+# ten blobs and a manifest each fit in one.
+IMPORT_BUNDLE = 10_000
 REST_MARGIN = 0.5  # seconds before an upkeep pass's first slice line that count as at rest no more
 BACKDATE = 7200.0  # seconds the blobs' last use is set back: older than what upkeep counts as in use
 

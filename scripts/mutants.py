@@ -2039,6 +2039,21 @@ MUTANTS: list[Mutant] = [
         ],
         UNIT,
     ),
+    # Store scale: import (issue 29)
+    mutant(
+        "import-members-unbounded",
+        "a bundle of more than MAX_MEMBERS members is refused before any member is read",
+        Edit("if count > MAX_MEMBERS:", "if count > MAX_MEMBERS * 1000:"),
+        ["test_a_bundle_of_more_members_than_the_bound_is_refused_unread"],
+        UNIT,
+    ),
+    mutant(
+        "import-commit-outside-transactions",
+        "import stores whole images per transaction: a failure midway keeps nothing of a half-stored image",
+        Edit("with self.store.batch():\n            for image in images:", "if True:\n    for image in images:"),
+        ["test_a_commit_that_fails_midway_leaves_whole_images_only"],
+        UNIT,
+    ),
 ]
 
 

@@ -43,9 +43,14 @@ _REFERENCE = re.compile(r"(?P<registry>[^/]+)/(?P<repository>[^:@]+)(?::(?P<tag>
 
 OnBytes = Callable[[int], None]  # called with the number of bytes just handled
 FreeSpace = Callable[[Path], int]  # the bytes free in a folder
-MAX_MEMBERS = 100_000  # a bundle's members are listed in memory before any is read
+# A bundle's members are listed in memory (about half a KB each) before any is read: this bounds
+# what a file of empty members costs, and holds 10^4 images of 20 layers.
+MAX_MEMBERS = 250_000
 FREE_SPACE_RESERVE = 64 * 1024 * 1024  # left free for the index and the proxy's fills
 CHUNK = 1 << 20
+# Blobs and manifests stored per transaction: many per transaction is what makes a large import
+# fast; few enough that the proxy's writes to the same store (fills, last use) wait only briefly.
+COMMIT_ENTRIES = 1_000
 
 
 class BundleError(Exception):
@@ -239,9 +244,12 @@ class _BundleReader:
         self.index: dict | None = None
         self.recording = ""
         self.members: dict[str, tarfile.TarInfo] = {}  # by digest: the blobs of the file (manifests too)
+        self.held: set[str] = set()  # the members the store held when the file was listed
         self.writers: dict[str, BlobWriter] = {}  # verified, uncommitted: the manifests read, the blobs loaded
         self.media_types: dict[str, str] = {}  # of the manifests read from the file
         self.needed_blobs: dict[str, int] = {}  # named by a manifest, with their sizes
+        self.committed: set[str] = set()  # the blobs and manifests of the file handled by commit
+        self.marked: set[tuple[str, str]] = set()  # the repositories whose visibility commit noted
         self.private: set[str] = set()  # names of the images the bundle marks private
         self.public: set[str] = set()  # and public; any other image's visibility is unknown
 
@@ -287,7 +295,9 @@ class _BundleReader:
             if digest in self.members:
                 continue
             self.members[digest] = member
-            if not self.store.has_blob(digest):
+            if self.store.has_blob(digest):
+                self.held.add(digest)
+            else:
                 new_bytes += member.size
                 self._check_room(new_bytes, f"{path}: its blobs")
         return index
@@ -433,7 +443,7 @@ class _BundleReader:
         for digest, member in self.members.items():
             if digest not in named:
                 raise BundleError(f"{member.name}: no manifest of the bundle names this blob")
-        new = [d for d in self.needed_blobs if d not in self.writers and not self.store.has_blob(d)]
+        new = [d for d in self.needed_blobs if d not in self.writers and d not in self.held]
         for digest in sorted(new, key=lambda d: self.members[d].offset_data):  # forward only in the file
             self._load(digest, self.members[digest])
 
@@ -465,48 +475,79 @@ class _BundleReader:
             return blob.read(MAX_MANIFEST + 1)
 
     def commit(self, images: list[Image]) -> BundleSummary:
+        """Store the images, whole images per transaction (COMMIT_ENTRIES at most, unless one image
+        alone has more): a crash or a full disk midway leaves some images stored, none in part,
+        and the proxy's own writes wait for one transaction at most, not for the whole file."""
         summary = BundleSummary(images=[i.name for i in images])
-        for digest, size in self.needed_blobs.items():
-            writer = self.writers.pop(digest, None)  # none: held already, so not loaded
-            if writer is None or self.store.has_blob(digest):
-                if writer:
-                    writer.discard()
-                summary.already_held += 1
-                continue
-            writer.commit()
-            summary.blobs += 1
-            summary.bytes += size
-        for digest, media_type in self.media_types.items():
-            self.store.put_manifest(digest, media_type, self._body(digest))
-            summary.manifests += 1
         private = {(i.registry, i.repository) for i in images if i.name in self.private}
         public = {(i.registry, i.repository) for i in images if i.name in self.public} - private
+        chunk: list[Image] = []
+        entries = 0
         for image in images:
-            repository = (image.registry, image.repository)
-            for digest in [*image.manifest_digests(), *image.blobs()]:
-                # A bundle vouches only for what it carries: a digest the store holds for another
-                # repository is not opened to this one by being named here.
-                if digest in self.members or self.store.linked(*repository, digest):
-                    self.store.link(*repository, digest)
-            known = self.store.visibility(*repository)
-            if repository in private and known is not False:
-                self.store.set_visibility(*repository, False)
-            elif repository in public and known is None:
-                self.store.set_visibility(*repository, True)  # never more open than the store knows
-            elif repository not in public and known is None:
-                # No mark (a skopeo or crane archive): unknown stays unknown, so upstream is still
-                # asked online; offline, whoever imported it chose to serve it (cache/access.py).
-                self.store.note_imported(*repository)
-            if not DIGEST_RE.fullmatch(image.reference):
-                # Never confirmed by upstream here: online, the tag is revalidated on first use.
-                self.store.set_tag(image.registry, image.repository, image.reference, image.digest, checked=0)
-            for r in image.referrers.values():
-                if r.tag:
-                    self.store.set_tag(image.registry, image.repository, r.tag, r.digest, checked=0)
-                media_type, body = (self.media_types[r.digest], self._body(r.digest)) if r.digest in self.media_types else self._held(r.digest)
-                if found := manifests.referrer(r.digest, media_type, body):
-                    self.store.add_referrers(image.registry, image.repository, found[0], [found[1]])
+            chunk.append(image)
+            entries += len(image.manifests) + len(image.referrers) + len(image.blobs())
+            if entries >= COMMIT_ENTRIES:
+                self._commit(chunk, summary, private, public)
+                chunk, entries = [], 0
+        if chunk:
+            self._commit(chunk, summary, private, public)
         return summary
+
+    def _commit(self, images: list[Image], summary: BundleSummary, private: set[tuple[str, str]], public: set[tuple[str, str]]) -> None:
+        """Store `images` in one transaction: for each, its blobs and manifests before its tags."""
+        with self.store.batch():
+            for image in images:
+                self._commit_content(image, summary)
+                self._commit_names(image, private, public)
+
+    def _commit_content(self, image: Image, summary: BundleSummary) -> None:
+        for digest, size in image.blobs().items():
+            if digest not in self.needed_blobs or digest in self.committed:
+                continue  # held already, so not in the file's list; or stored for an earlier image
+            self.committed.add(digest)
+            writer = self.writers.pop(digest, None)  # none: held already, so not loaded
+            if writer is None or not writer.commit():
+                summary.already_held += 1
+                continue
+            summary.blobs += 1
+            summary.bytes += size
+        for digest in image.manifest_digests():
+            if digest in self.media_types and digest not in self.committed:
+                self.committed.add(digest)
+                self.store.put_manifest(digest, self.media_types[digest], self._body(digest))
+                summary.manifests += 1
+
+    def _commit_names(self, image: Image, private: set[tuple[str, str]], public: set[tuple[str, str]]) -> None:
+        repository = (image.registry, image.repository)
+        for digest in [*image.manifest_digests(), *image.blobs()]:
+            # A bundle vouches only for what it carries: a digest the store holds for another
+            # repository is not opened to this one by being named here.
+            if digest in self.members or self.store.linked(*repository, digest):
+                self.store.link(*repository, digest)
+        if repository not in self.marked:  # once per repository: the same for each of its images
+            self.marked.add(repository)
+            self._mark(repository, private, public)
+        if not DIGEST_RE.fullmatch(image.reference):
+            # Never confirmed by upstream here: online, the tag is revalidated on first use.
+            self.store.set_tag(image.registry, image.repository, image.reference, image.digest, checked=0)
+        for r in image.referrers.values():
+            if r.tag:
+                self.store.set_tag(image.registry, image.repository, r.tag, r.digest, checked=0)
+            media_type, body = (self.media_types[r.digest], self._body(r.digest)) if r.digest in self.media_types else self._held(r.digest)
+            if found := manifests.referrer(r.digest, media_type, body):
+                self.store.add_referrers(image.registry, image.repository, found[0], [found[1]])
+
+    def _mark(self, repository: tuple[str, str], private: set[tuple[str, str]], public: set[tuple[str, str]]) -> None:
+        """Note the repository's visibility as the bundle marks it."""
+        known = self.store.visibility(*repository)
+        if repository in private and known is not False:
+            self.store.set_visibility(*repository, False)
+        elif repository in public and known is None:
+            self.store.set_visibility(*repository, True)  # never more open than the store knows
+        elif repository not in public and known is None:
+            # No mark (a skopeo or crane archive): unknown stays unknown, so upstream is still
+            # asked online; offline, whoever imported it chose to serve it (cache/access.py).
+            self.store.note_imported(*repository)
 
     def _held(self, digest: str) -> tuple[str, bytes]:
         held = self.store.get_manifest(digest)

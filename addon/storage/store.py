@@ -108,8 +108,18 @@ class _ContentDisk(diskcache.Disk):
 
     def store(self, value: Any, read: bool, key: Any = UNKNOWN) -> tuple[int, int, str | None, Any]:
         if isinstance(value, _VerifiedFile):
-            filename, full_path = self.filename(key, value)
-            os.replace(value.path, full_path)  # a temporary file: 0600 already
+            filename, full_path = super().filename(key, value)
+            try:
+                os.replace(value.path, full_path)  # a temporary file: 0600 already
+            except FileNotFoundError:  # its folder is not made yet (or was removed as empty)
+                folder = os.path.dirname(full_path)
+                try:
+                    os.mkdir(folder, PRIVATE_DIR)
+                except FileNotFoundError:  # nor its parent
+                    private_dirs(Path(self._directory), Path(filename).parent)
+                except FileExistsError:
+                    pass  # made meanwhile by another writer
+                os.replace(value.path, full_path)
             return value.size, MODE_BINARY, filename, None
         size, mode, filename, db_value = super().store(value, read, key)
         if filename is not None:
@@ -315,13 +325,14 @@ class Store:
     def blob_writer(self, digest: str) -> BlobWriter:
         return BlobWriter(self, digest)
 
-    def _commit_blob(self, digest: str, path: str, size: int) -> None:
+    def _commit_blob(self, digest: str, path: str, size: int) -> bool:
         with self.batch() as change:
             if self.has_blob(digest):
                 os.unlink(path)  # a concurrent fill got there first: identical bytes
-                return
+                return False
             self._cache.set(("blob", digest), _VerifiedFile(path, size))
             index.add_blob(change.sql, digest, size)
+            return True
 
     def blob_entries(self) -> list[BlobEntry]:
         """Every blob diskcache holds, in no particular order (eviction reads `least_recently_used`)."""
@@ -642,14 +653,15 @@ class BlobWriter:
         size_ok = expected_size is None or expected_size == self.size
         return size_ok and self.computed_digest == self.digest
 
-    def commit(self) -> None:
-        """Move the bytes into the store; refuses (and discards them) unless they verify."""
+    def commit(self) -> bool:
+        """Move the bytes into the store; refuses (and discards them) unless they verify. False:
+        the store held the blob already, and keeps what it had."""
         if self.computed_digest != self.digest or self.write_error:
             self.discard()
             raise ValueError(f"blob bytes for {self.digest} are not verified and complete")
         try:
             self._file.close()
-            self.store._commit_blob(self.digest, self._path, self.size)
+            return self.store._commit_blob(self.digest, self._path, self.size)
         except BaseException:
             self.discard()
             raise

@@ -99,3 +99,22 @@ def _header(name: str, size: int) -> bytes:
 
 def _padding(size: int) -> bytes:
     return bytes(-size % tarfile.BLOCKSIZE)
+
+
+def many_images(path: Path, count: int, extra_members: int = 0) -> list[tuple[str, str, str]]:
+    """An uncompressed tar of `count` small images named {REGISTRY}/test/many:<n> (a manifest, a
+    config they all share and a layer of their own each), and `extra_members` empty files outside
+    the layout; (tag, manifest digest, layer digest) of each image."""
+    members, entries, images = [], [], []
+    for n in range(count):
+        layer = f"layer {n}".encode()
+        (_, index), *blobs = image([(sha256(layer), len(layer))], f"{REGISTRY}/test/many:{n}")[0]
+        entries += json.loads(index)["manifests"]
+        members += [*blobs, (_blob_name(sha256(layer)), layer)]
+        images.append((str(n), sha256(blobs[0][1]), sha256(layer)))
+    members.append(("index.json", json.dumps({"schemaVersion": 2, "manifests": entries}).encode()))
+    members += [(f"extra/{n}", b"") for n in range(extra_members)]
+    with tarfile.open(path, "w") as tar:
+        for name, data in dict(members).items():  # the shared config once
+            _add(tar, name, data)
+    return images

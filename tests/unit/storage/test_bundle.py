@@ -12,10 +12,11 @@ import tracemalloc
 import pytest
 
 from hubcache.registry.manifests import Descriptor
+from hubcache.storage import bundle
 from hubcache.storage.bundle import BundleError, export, import_bundle
 from hubcache.storage.recordings import Recording, image_from_store
 from hubcache.storage.store import Store
-from support.bundles import bomb, json_flood
+from support.bundles import bomb, json_flood, many_images
 from support.fill import store_image
 from support.images import build_image
 
@@ -396,3 +397,60 @@ def test_a_compressed_bundle_imports(stores, image, tmp_path):
     manifests, blobs = everything(image)
     assert (result.manifests, result.blobs) == (len(manifests), len(blobs))
     assert all(target.has_blob(d) for d in blobs)
+
+
+def test_a_bundle_of_more_members_than_the_bound_is_refused_unread(stores, tmp_path, monkeypatch):
+    """The members are listed before any is read: a file of more than MAX_MEMBERS (here 40) is
+    refused at the header over the bound, nothing of it read or stored; one within it loads."""
+    monkeypatch.setattr(bundle, "MAX_MEMBERS", 40)
+    within, over = tmp_path / "within.tar", tmp_path / "over.tar"
+    many_images(within, 10, extra_members=18)  # 10 manifests, 10 layers, a config, index.json: 40
+    images = many_images(over, 10, extra_members=19)
+    assert len(import_bundle(stores("legitimate"), within).images) == 10
+    target = stores("target")
+    progress = []
+    with pytest.raises(BundleError, match=r"over.tar: more than 40 members; not a bundle hubcache reads$"):
+        import_bundle(target, over, progress=progress.append)
+    assert sum(progress) == 0, "no member was read"
+    assert target.manifest_digests() == [] and not any(target.has_blob(layer) for _, _, layer in images)
+    assert temp_files(target) == []
+
+
+def test_a_commit_that_fails_midway_leaves_whole_images_only(stores, tmp_path, monkeypatch):
+    """Images are stored whole in each transaction: when storing the second one's tag fails (a full
+    disk), the first is there whole, and nothing of the second (its manifest, its own layer) or
+    of the third is kept."""
+    monkeypatch.setattr(bundle, "COMMIT_ENTRIES", 1)  # one image per transaction
+    path = tmp_path / "many.tar"
+    (first, second, third) = many_images(path, 3)
+    set_tag = Store.set_tag
+
+    def full_disk(store, registry, name, tag, *args, **kwargs):
+        if tag == second[0]:
+            raise OSError(28, "No space left on device")
+        set_tag(store, registry, name, tag, *args, **kwargs)
+
+    monkeypatch.setattr(Store, "set_tag", full_disk)
+    target = stores("target")
+    with pytest.raises(OSError, match="No space left"):
+        import_bundle(target, path)
+    tag, manifest, layer = first
+    assert target.get_tag(REGISTRY, "test/many", tag).digest == manifest
+    assert target.get_manifest(manifest) and target.has_blob(layer)
+    for tag, manifest, layer in (second, third):
+        assert target.get_tag(REGISTRY, "test/many", tag) is None
+        assert target.get_manifest(manifest) is None and not target.has_blob(layer), f"image {tag} is partly stored"
+    assert temp_files(target) == []
+
+
+def test_images_sharing_a_transaction_are_all_stored(stores, tmp_path):
+    """The legitimate path: many images per transaction (the config shared by all counted once)."""
+    path = tmp_path / "many.tar"
+    images = many_images(path, 30)
+    target = stores("target")
+    summary = import_bundle(target, path)
+    assert (len(summary.images), summary.manifests, summary.blobs, summary.already_held) == (30, 30, 31, 0)
+    for tag, manifest, layer in images:
+        assert target.get_tag(REGISTRY, "test/many", tag).digest == manifest and target.has_blob(layer)
+    again = import_bundle(target, path)
+    assert (again.manifests, again.blobs, again.already_held) == (30, 0, 31)
