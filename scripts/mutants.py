@@ -1879,14 +1879,14 @@ MUTANTS: list[Mutant] = [
     mutant(
         "store-scale-eviction-leaves-referrers",
         "no manifest or tag names an evicted blob after any slice of a pass",
-        Edit("dropped = [m for m in index.users(change.sql, blob.digest, blob=True) if m not in keep]", "dropped: list[str] = []"),
+        Edit("evicted = self._drop_manifests(change, index.users(change.sql, blob.digest, blob=True), keep)", "evicted = Evicted()"),
         ["test_every_slice_of_a_pass_leaves_no_manifest_naming_an_evicted_blob", "test_prune_keeps_the_tag_index_consistent"],
         UNIT,
     ),
     mutant(
         "store-scale-killed-pass-leaves-referrers",
         "a proxy killed in the middle of an eviction pass leaves every tag whole (it pulls offline) or gone",
-        Edit("dropped = [m for m in index.users(change.sql, blob.digest, blob=True) if m not in keep]", "dropped: list[str] = []"),
+        Edit("evicted = self._drop_manifests(change, index.users(change.sql, blob.digest, blob=True), keep)", "evicted = Evicted()"),
         ["test_a_proxy_killed_mid_pass_leaves_every_tag_whole_or_gone"],
         INTEGRATION,
     ),
