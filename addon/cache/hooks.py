@@ -1,10 +1,9 @@
 """The registry cache's hooks: each registry request's route to the path that answers it (manifests,
 tags and referrers to `ManifestRequests`, blobs to `BlobRequests`, the /v2/ check here, with
-`RecentPings`), token
-requests relayed or answered with a local token, and upstream's answers followed to the response and
-error hooks (a fill's body reaches its fill directly, through the sink it gives
-`Upstream.run`). Each path returns a decision (`answers.Decision`) and `answers.give` writes it: the
-one place a client's answer is written. With `offline`, nothing goes upstream."""
+`RecentPings`), token requests relayed or answered with a local token, and upstream's answers
+followed to the response and error hooks (a fill's body reaches its fill directly, through the sink
+it gives `Upstream.run`). Each path returns a decision (`answers.Decision`) and `answers.give`
+writes it: the one place a client's answer is written. With `offline`, nothing goes upstream."""
 
 from __future__ import annotations
 
