@@ -2054,6 +2054,39 @@ MUTANTS: list[Mutant] = [
         ["test_a_commit_that_fails_midway_leaves_whole_images_only"],
         UNIT,
     ),
+    # Warm network path (issue 27)
+    mutant(
+        "ping-memory-answers-credentials",
+        "a /v2/ check with credentials (docker login) always goes upstream, and its answer is never given to another client",
+        Edit('return "authorization" not in request.headers', "return True"),
+        ["test_a_check_with_credentials_is_neither_kept_nor_answered", "test_a_check_with_credentials_always_reaches_upstream",
+         "test_an_answer_to_credentials_is_never_given_to_another_client"],
+        UNIT,
+    ),
+    mutant(
+        "ping-memory-never-forgets",
+        "an anonymous /v2/ answer is given again for MEMORY seconds only, then upstream is asked again",
+        Edit("return answer if self._clock() - learned < MEMORY else None", "return answer"),
+        ["test_an_anonymous_answer_is_given_again_for_a_while"],
+        UNIT,
+    ),
+    mutant(
+        "ping-memory-keeps-cookies-and-every-header",
+        "a remembered /v2/ answer carries only what a version check says: no cookie or other header of the one client it came to",
+        [Edit('            or "set-cookie" in response.headers\n', ""),
+         Edit("headers = {name: value for name in KEPT_HEADERS if (value := response.headers.get(name)) is not None}",
+              "headers = dict(response.headers)")],
+        ["test_only_the_version_checks_headers_travel", "test_answers_anyone_else_may_not_be_given_are_not_kept"],
+        UNIT,
+    ),
+    mutant(
+        "ping-memory-unused",
+        "a warm pull's anonymous /v2/ check is answered without a round trip upstream when upstream answered one moments ago",
+        Edit("if recent := self.pings.answer(flow.request):", "if recent := None:"),
+        ["test_an_anonymous_check_is_answered_again_without_upstream",
+         "test_a_pull_checks_the_version_upstream_once_and_a_login_every_time"],
+        INTEGRATION,
+    ),
 ]
 
 

@@ -1,9 +1,9 @@
 """The registry cache's hooks: each registry request's route to the path that answers it (manifests,
-tags and referrers to `ManifestRequests`, blobs to `BlobRequests`, the /v2/ check here), token
-requests relayed or answered with a local token, and upstream's answers followed to the response and
-error hooks (a fill's body reaches its fill directly, through the sink it gives
-`Upstream.run`). Each path returns a decision (`answers.Decision`) and `answers.give` writes it: the
-one place a client's answer is written. With `offline`, nothing goes upstream."""
+tags and referrers to `ManifestRequests`, blobs to `BlobRequests`, the /v2/ check here, with
+`RecentPings`), token requests relayed or answered with a local token, and upstream's answers
+followed to the response and error hooks (a fill's body reaches its fill directly, through the sink
+it gives `Upstream.run`). Each path returns a decision (`answers.Decision`) and `answers.give`
+writes it: the one place a client's answer is written. With `offline`, nothing goes upstream."""
 
 from __future__ import annotations
 
@@ -29,6 +29,7 @@ from .blob_path import BlobRequests
 from .local_tokens import LocalTokens
 from .manifest_path import ManifestRequests
 from .misses import Misses
+from .pings import RecentPings
 
 logger = logging.getLogger(__name__)
 
@@ -52,6 +53,7 @@ class RegistryCache:
         self.manifests = manifests
         self.blobs = blobs
         self.tokens = LocalTokens()
+        self.pings = RecentPings()
 
     def load(self, loader: Loader) -> None:
         # A hit must never wait for (or fail on) an upstream connection.
@@ -91,12 +93,17 @@ class RegistryCache:
 
     async def _ping(self, flow: http.HTTPFlow, route: Route) -> Decision:
         """Relay the version check, but answer it locally when upstream fails: clients ping
-        before every pull, and what the cache holds must stay pullable while upstream is down."""
+        before every pull, and what the cache holds must stay pullable while upstream is down.
+        An anonymous check upstream answered moments ago is answered the same (cache/pings.py)."""
         if ctx.options.offline:
             return answers.version_check()
+        if recent := self.pings.answer(flow.request):
+            return recent
         try:
             request = upstream.request_for(flow, route, flow.request.method)
-            return Relay(upstream.available(await self.upstream.send(flow, request, ctx.options.revalidate_timeout)), counted=False)
+            answer = upstream.available(await self.upstream.send(flow, request, ctx.options.revalidate_timeout))
+            self.pings.learn(request, answer)
+            return Relay(answer, counted=False)
         except upstream.UpstreamError as e:
             logger.log(circuits.level(str(e)), f"{route.registry}: {e}; answering /v2/ from the cache")
             if challenge := self.breaker.challenges.get(route.registry):

@@ -159,3 +159,24 @@ def test_proxy_credentials_guard_everything_blobs_included(hubcache, registry, m
     allowed = skopeo_copy(ref, tmp_path / "allowed", proxy=with_credentials, ca_bundle=proxy.client_bundle)
     assert allowed.returncode == 0, allowed.stderr
     assert multi_image.platform("linux/amd64").layers[0].digest in pulled_blobs(tmp_path / "allowed")
+
+
+def test_a_pull_checks_the_version_upstream_once_and_a_login_every_time(hubcache, registry, multi_image, tmp_path):
+    ref = f"{REGISTRY_NAME}/test/multi:1"
+    proxy = hubcache()
+    pull(proxy, ref, tmp_path / "first")
+    assert proxied.request(proxy.port, REGISTRY_NAME, "/v2/", ca=proxy.ca_cert).status == 200  # learned now at the latest
+    registry.settle()
+    registry.reset_requests()
+
+    pull(proxy, ref, tmp_path / "second")
+    registry.settle()
+    assert [r.path for r in registry.requests() if r.path == "/v2/"] == [], "the anonymous /v2/ check was answered again"
+    assert [r.method for r in registry.requests() if r.is_manifest] == ["HEAD"]  # the tag still asks upstream
+
+    # A login's check carries credentials: upstream judges it, every time.
+    for _ in range(2):
+        answer = proxied.request(proxy.port, REGISTRY_NAME, "/v2/", ca=proxy.ca_cert, headers={"Authorization": "Basic dXNlcjpwYXNz"})
+        assert answer.status == 200
+    registry.settle()
+    assert [r.path for r in registry.requests() if r.path == "/v2/"] == ["/v2/", "/v2/"]

@@ -109,6 +109,8 @@ class TestRouting:
 
 
 class TestPing:
+    CHALLENGE = 'Bearer realm="https://auth.docker.io/token",service="registry.docker.io"'
+
     async def test_upstream_answer_is_relayed(self, env):
         challenge = 'Bearer realm="https://auth.docker.io/token",service="registry.docker.io"'
         env.answers.append(manifest_response(401, b'{"errors":[]}', {"WWW-Authenticate": challenge}))
@@ -126,6 +128,42 @@ class TestPing:
         assert f.response.status_code == 200
         assert f.response.content == b"{}"
         assert f.response.headers["Docker-Distribution-Api-Version"] == "registry/2.0"
+        again = flow("/v2/")
+        env.answers.append(manifest_response(200, b"{}"))
+        await env.addons.request(again)
+        assert len(env.sent) == 2, "a failure is not remembered as the registry's answer"
+
+    async def test_an_anonymous_check_is_answered_again_without_upstream(self, env):
+        env.answers.append(manifest_response(401, b'{"errors":[]}', {"WWW-Authenticate": self.CHALLENGE}))
+        first, second = flow("/v2/"), flow("/v2/")
+        await env.addons.request(first)
+        await env.addons.request(second)
+        assert env.sent == [("GET", f"https://{HUB}/v2/")]
+        assert second.response.status_code == 401
+        assert second.response.headers["WWW-Authenticate"] == self.CHALLENGE
+        assert second.metadata[Mark.ANSWERED], "not counted as upstream's answer (metrics, circuits)"
+
+    async def test_a_check_with_credentials_always_reaches_upstream(self, env):
+        # docker login checks its credentials with a /v2/ of its own: upstream must judge them.
+        env.answers += [manifest_response(401, b"", {"WWW-Authenticate": self.CHALLENGE}), manifest_response(200, b"{}")]
+        await env.addons.request(flow("/v2/"))
+        login = flow("/v2/", headers={"Authorization": "Basic dXNlcjpwYXNz"})
+        await env.addons.request(login)
+        assert len(env.sent) == 2 and env.addons.upstream.sent_requests[1].headers["authorization"] == "Basic dXNlcjpwYXNz"
+        assert login.response.status_code == 200
+
+    async def test_an_answer_to_credentials_is_never_given_to_another_client(self, env):
+        # An attacker waits for a client with credentials to check, then checks without any.
+        env.answers += [manifest_response(200, b"{}", {"X-Account": "alice"}), manifest_response(401, b"", {"WWW-Authenticate": self.CHALLENGE})]
+        await env.addons.request(flow("/v2/", headers={"Authorization": "Bearer alices-token"}))
+        attacker = flow("/v2/")
+        await env.addons.request(attacker)
+        assert len(env.sent) == 2 and "authorization" not in env.addons.upstream.sent_requests[1].headers
+        assert attacker.response.status_code == 401 and "X-Account" not in attacker.response.headers
+        # What the anonymous check got is what the next anonymous one gets, from here.
+        again = flow("/v2/")
+        await env.addons.request(again)
+        assert len(env.sent) == 2 and again.response.status_code == 401
 
 
 class TestOffline:
