@@ -40,3 +40,16 @@ def test_only_repositories_known_to_be_public_are_named(tmp_path):
         tctx.options.update(status_private=True)
         assert named() == ["acme/unknown", "acme/private", "library/public"]
         folder.done()
+
+
+def test_the_status_shows_the_event_loop_lag(tmp_path):
+    """The longest lag of the event loop since start, and how many lags were over 50 ms."""
+    hosts = Interception()
+    folder = CacheFolder()
+    metrics = Metrics(hosts)
+    page = StatusPage(folder, metrics, PullLog(), Watch(hosts, folder, Circuits(hosts, metrics), Fleet(), Upkeep(folder), metrics, Upstream()))
+    with taddons.context(CommonOptions(), folder, hosts, page):
+        assert page.status()["event_loop"] == {"longest_lag": 0.0, "stalls": 0}
+        for lag in (0.2, 0.03, 0.06):
+            metrics.loop_lagged(lag)
+        assert page.status()["event_loop"] == {"longest_lag": 0.2, "stalls": 2}
