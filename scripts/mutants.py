@@ -1863,7 +1863,7 @@ MUTANTS: list[Mutant] = [
     mutant(
         "store-scale-eviction-on-the-event-loop",
         "the proxy's eviction runs in worker threads, never on the event loop",
-        Edit("await asyncio.to_thread(evicting.step)", "evicting.step()"),
+        Edit("await loop.run_in_executor(self._thread, evicting.step)", "evicting.step()"),
         ["test_the_addon_evicts_off_the_event_loop_a_slice_at_a_time"],
         UNIT,
     ),
