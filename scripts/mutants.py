@@ -1938,6 +1938,13 @@ MUTANTS: list[Mutant] = [
         ["test_metrics_count_hits_misses_bytes_and_the_rate_limit"],
         INTEGRATION,
     ),
+    mutant(
+        "store-scale-indexing-silent",
+        "indexing an older store shows its progress, a line at every tenth of its entries",
+        Edit("if walked and walked % step == 0:", "if walked < 0:"),
+        ["test_an_older_store_is_indexed_once_when_first_opened"],
+        UNIT,
+    ),
 ]
 
 
