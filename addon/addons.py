@@ -11,6 +11,7 @@ from .cache.policy import ImagePolicy
 from .cache.recorder import Recorder
 from .fleet.node import Fleet
 from .mitm import internals
+from .observe.loop_lag import LoopLag
 from .observe.metrics import Metrics
 from .observe.pull_log import PullLog
 from .observe.status_page import StatusPage
@@ -85,4 +86,5 @@ def make_addons() -> list:
         Recorder(folder),
         upkeep,
         status,
+        LoopLag(metrics),
     ]

@@ -13,11 +13,13 @@ repositories), then times, as an operator would run them:
   the one-time indexing;
 - a real proxy (mitmdump with the addon, loopback only, `offline=true`) on the store, its blobs'
   last use set two hours back and `cache_size_limit` at 99 % of the blob bytes, so its first
-  upkeep pass (EVICT_INTERVAL after start) evicts 1 %: the proxy's RSS and its anonymous part
-  (from /proc) at rest and at their highest during the pass, the pass's length (from its first
-  slice's debug line to its result line), and the latency of warm manifest HEADs of a cached tag
-  sent one after another through its proxy port over one TLS connection, at rest and during the
-  pass (median and max);
+  upkeep pass (EVICT_INTERVAL after start) evicts 1 %: the proxy's RSS, its anonymous part and
+  its maps of the store's database (from /proc/<pid>/status and smaps) at rest and at their
+  highest during the pass, the pass's length (from its first slice's debug line to its result
+  line), the latency of warm manifest HEADs of a cached tag sent one after another through its
+  proxy port over one TLS connection, at rest and during the pass (median and max), and the
+  event loop's lags over 50 ms at rest and during the pass, from the proxy's own probe (its
+  debug lines), with the longest lag since start from its status page;
 - `hubcache import` of the store's images (one per tag, IMPORT_IMAGES at most) into an empty
   cache folder, from OCI archives of IMPORT_BUNDLE images written with the bundle module's
   `export` (the import runs added up).
@@ -38,6 +40,7 @@ import hashlib
 import http.client
 import json
 import os
+import re
 import shutil
 import socket
 import sqlite3
@@ -48,6 +51,7 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.request
 from itertools import pairwise
 from pathlib import Path
 
@@ -70,6 +74,8 @@ IMPORT_IMAGES = 10_000  # images in the archive for `hubcache import` at most
 # ten blobs and a manifest each fit in one.
 IMPORT_BUNDLE = 10_000
 REST_MARGIN = 0.5  # seconds before an upkeep pass's first slice line that count as at rest no more
+STALL_LINE = re.compile(r"event loop stalled: a timer ran (\d+) ms late")  # observe/loop_lag.py, at debug level
+STATUS_LINE = re.compile(r"status page on (http://\S+/) ")
 BACKDATE = 7200.0  # seconds the blobs' last use is set back: older than what upkeep counts as in use
 
 
@@ -164,7 +170,9 @@ class Proxy:
         self.confdir = directory.parent / f"conf-{directory.name}"
         self.port = free_port()
         self.lines: list[tuple[float, str]] = []
-        self.rss_samples: list[tuple[float, int, int]] = []  # (when, RSS, its anonymous part): between requests and at each upkeep line
+        # (when, RSS, its anonymous part, the part of it mapping the store's database): between
+        # requests and at each upkeep line
+        self.rss_samples: list[tuple[float, int, int, int]] = []
         self.changed = threading.Condition()
         args = [str(MITMDUMP), "-s", str(SCRIPT), "--listen-host", "127.0.0.1", "--listen-port", str(self.port)]
         options = {
@@ -208,13 +216,26 @@ class Proxy:
     def sample_rss(self) -> None:
         """Note its resident set size now."""
         try:
-            self.rss_samples.append((time.monotonic(), self._status("VmRSS"), self._status("RssAnon")))
+            self.rss_samples.append((time.monotonic(), self._status("VmRSS"), self._status("RssAnon"), self._database_rss()))
         except OSError:
             pass  # it has just ended
 
     def peak_rss(self) -> int:
         """The highest resident set size it has had."""
         return self._status("VmHWM")
+
+    def _database_rss(self) -> int:
+        """Resident bytes of its mappings of the store's database file (SQLite's mmap, one per
+        connection), from /proc/<pid>/smaps."""
+        total, in_database = 0, False
+        with open(f"/proc/{self.proc.pid}/smaps") as f:
+            for line in f:
+                first = line.split(maxsplit=1)[0]
+                if "-" in first and not first.endswith(":"):  # a mapping's header line
+                    in_database = line.rstrip().endswith("/cache.db")
+                elif in_database and first == "Rss:":
+                    total += int(line.split()[1]) * 1024
+        return total
 
     def _status(self, field: str) -> int:
         with open(f"/proc/{self.proc.pid}/status") as f:
@@ -282,22 +303,42 @@ def upkeep_in_proxy(directory: Path, blobs: int, timeout: float) -> dict[str, fl
         connection.close()
         began = proxy.wait_for("hubcache: evicting: ", deadline)
         ended = proxy.wait_for(finished, deadline)
+        status_url = next(m.group(1) for _, line in proxy.lines if (m := STATUS_LINE.search(line)))
+        with urllib.request.urlopen(status_url + "status.json", timeout=30) as response:
+            loop = json.load(response)["event_loop"]
+        # The proxy's own probe logs each event loop lag over 50 ms as it ends. At rest: after the
+        # first HEAD (its TLS set-up and certificate are on the loop) until the margin before the pass.
+        stalls = [(when, int(m.group(1)) / 1000) for when, line in proxy.lines if (m := STALL_LINE.search(line))]
+        settled = requests[0][0] + requests[0][1]
+        rest_stalls = [lag for when, lag in stalls if settled <= when < began - REST_MARGIN]
+        pass_stalls = [lag for when, lag in stalls if began - REST_MARGIN <= when <= ended + 0.1]
         # The first slice's line comes when that slice is done: leave a margin before it at rest,
         # and count every request that overlapped the pass's slices as during it.
         at_rest = [seconds for sent, seconds in requests[1:] if sent + seconds < began - REST_MARGIN]  # the first sets up TLS
         during = [seconds for sent, seconds in requests if sent <= ended and sent + seconds >= began]
+        rest = [s for s in proxy.rss_samples if s[0] < began - REST_MARGIN]
+        during_pass = [s for s in proxy.rss_samples if began <= s[0] <= ended + 0.1]
         return {
             "proxy: upkeep pass removing 1 %": ended - began,
-            "proxy RSS at rest (MB)": proxy_mb(max(rss for when, rss, _ in proxy.rss_samples if when < began - REST_MARGIN)),
-            "proxy RSS during the pass, highest (MB)": proxy_mb(max(rss for when, rss, _ in proxy.rss_samples if began <= when <= ended + 0.1)),
+            "proxy RSS at rest (MB)": proxy_mb(max(s[1] for s in rest)),
+            "proxy RSS during the pass, highest (MB)": proxy_mb(max(s[1] for s in during_pass)),
             # What the process itself allocated, without the database's pages it maps (RssFile).
-            "proxy RSS anonymous at rest (MB)": proxy_mb(max(anon for when, _, anon in proxy.rss_samples if when < began - REST_MARGIN)),
-            "proxy RSS anonymous during the pass (MB)": proxy_mb(max(anon for when, _, anon in proxy.rss_samples if began <= when <= ended + 0.1)),
+            "proxy RSS anonymous at rest (MB)": proxy_mb(max(s[2] for s in rest)),
+            "proxy RSS anonymous during the pass (MB)": proxy_mb(max(s[2] for s in during_pass)),
+            # Its mappings of the database (SQLite's mmap, one per connection, so per thread).
+            "proxy RSS of the database mappings at rest (MB)": proxy_mb(max(s[3] for s in rest)),
+            "proxy RSS of the database mappings during the pass (MB)": proxy_mb(max(s[3] for s in during_pass)),
             "proxy manifest HEAD at rest (median)": statistics.median(at_rest) if at_rest else None,
             "proxy manifest HEAD at rest (max)": max(at_rest, default=None),
             "proxy manifest HEAD during the pass (median)": statistics.median(during) if during else None,
             "proxy manifest HEAD during the pass (max)": max(during, default=None),
             "proxy: HEADs during the pass (count)": float(len(during)),
+            "proxy event loop: seconds at rest watched": began - REST_MARGIN - settled,
+            "proxy event loop: lags over 50 ms at rest (count)": float(len(rest_stalls)),
+            "proxy event loop: longest lag over 50 ms at rest": max(rest_stalls, default=None),
+            "proxy event loop: lags over 50 ms during the pass (count)": float(len(pass_stalls)),
+            "proxy event loop: longest lag over 50 ms during the pass": max(pass_stalls, default=None),
+            "proxy event loop: longest lag since start (status page)": loop["longest_lag"],
             "proxy RSS, highest since start (MB)": proxy_mb(proxy.peak_rss()),
         }
     finally:
@@ -383,7 +424,7 @@ def shown(figure: str, seconds: float | None, timeout: float) -> str:
     if figure.endswith("(count)") and seconds is not None:
         return f"{seconds:.0f}"
     if seconds is None:
-        return "-" if figure.startswith("proxy manifest HEAD") else f">{timeout:.0f} s"
+        return "-" if figure.startswith(("proxy manifest HEAD", "proxy event loop")) else f">{timeout:.0f} s"
     if seconds < 0.01:
         return f"{seconds * 1000:.2f} ms"
     return f"{seconds * 1000:.0f} ms" if seconds < 1 else f"{seconds:.1f} s"

@@ -1910,7 +1910,7 @@ MUTANTS: list[Mutant] = [
     mutant(
         "store-scale-eviction-on-the-event-loop",
         "the proxy's eviction runs in worker threads, never on the event loop",
-        Edit("await asyncio.to_thread(evicting.step)", "evicting.step()"),
+        Edit("await loop.run_in_executor(self._thread, evicting.step)", "evicting.step()"),
         ["test_the_addon_evicts_off_the_event_loop_a_slice_at_a_time"],
         UNIT,
     ),
@@ -2086,6 +2086,63 @@ MUTANTS: list[Mutant] = [
         ["test_an_anonymous_check_is_answered_again_without_upstream",
          "test_a_pull_checks_the_version_upstream_once_and_a_login_every_time"],
         INTEGRATION,
+    ),
+    # Store scale: memory and loop (issue 29)
+    mutant(
+        "store-scale-sqlite-maps-the-database",
+        "SQLite maps none of the store's database, in every thread's connection (each map's pages count in RSS once per map)",
+        Edit("sqlite_mmap_size=MMAP_BYTES,", ""),
+        ["test_every_connection_maps_none_of_the_database_and_caches_a_few_pages"],
+        UNIT,
+    ),
+    mutant(
+        "store-scale-sqlite-cache-unbounded",
+        "SQLite caches at most CACHE_PAGES pages of the store per connection",
+        Edit("sqlite_cache_size=CACHE_PAGES,", ""),
+        ["test_every_connection_maps_none_of_the_database_and_caches_a_few_pages"],
+        UNIT,
+    ),
+    mutant(
+        "store-scale-upkeep-in-asyncio-workers",
+        "every slice of every eviction pass runs in the one upkeep thread",
+        Edit("await loop.run_in_executor(self._thread, evicting.step)", "await asyncio.to_thread(evicting.step)"),
+        ["test_the_addon_evicts_in_one_upkeep_thread_of_its_own"],
+        UNIT,
+    ),
+    mutant(
+        "loop-lag-counts-the-sleep",
+        "the probe's lag is how late its timer ran, not the time it slept",
+        Edit("due = self._clock() + PROBE", "due = self._clock()"),
+        ["test_the_probe_notes_how_late_its_timer_ran"],
+        UNIT,
+    ),
+    mutant(
+        "loop-lag-longest-not-kept",
+        "the metrics keep the longest event loop lag since start",
+        Edit("if seconds > self.longest_lag:", "if seconds:"),
+        ["test_the_longest_lag_is_kept_and_lags_over_50_ms_are_counted"],
+        UNIT,
+    ),
+    mutant(
+        "loop-lag-stalls-miscounted",
+        "the status page counts the lags over 50 ms, no shorter ones",
+        Edit('float(sample.labels["le"]) == STALL', 'float(sample.labels["le"]) == 0.025'),
+        ["test_the_longest_lag_is_kept_and_lags_over_50_ms_are_counted", "test_the_status_shows_the_event_loop_lag"],
+        UNIT,
+    ),
+    mutant(
+        "loop-lag-not-running",
+        "a running proxy probes its event loop's lag",
+        Edit("LoopLag(metrics),", ""),
+        ["test_metrics_count_hits_misses_bytes_and_the_rate_limit"],
+        INTEGRATION,
+    ),
+    mutant(
+        "store-scale-indexing-silent",
+        "indexing an older store shows its progress, a line at every tenth of its entries",
+        Edit("if walked and walked % step == 0:", "if walked < 0:"),
+        ["test_an_older_store_is_indexed_once_when_first_opened"],
+        UNIT,
     ),
 ]
 

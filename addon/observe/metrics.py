@@ -12,7 +12,7 @@ from collections import deque
 from dataclasses import dataclass
 
 from mitmproxy import http
-from prometheus_client import CollectorRegistry, Counter, Gauge, disable_created_metrics
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
 
 from ..mitm.flows import Mark, Source, is_subrequest
 from ..proxy.interception import Interception
@@ -21,6 +21,8 @@ from ..storage.store import Summary
 logger = logging.getLogger(__name__)
 
 HISTORY = 360  # points of the hit ratio history kept (one hour at the status page's interval)
+LAG_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)  # seconds
+STALL = 0.05  # a lag over this counts as a stall (one of LAG_BUCKETS; the bound issue 29 sets for upkeep)
 
 
 @dataclass
@@ -115,6 +117,15 @@ class Metrics:
             ["registry"],
             registry=r,
         )
+        self.loop_lag = Histogram(
+            "hubcache_event_loop_lag_seconds",
+            "How late the event loop ran a timer due every 20 ms: how long a request arriving then "
+            "would have waited behind other work on the loop.",
+            buckets=LAG_BUCKETS,
+            registry=r,
+        )
+        self.loop_lag_max = Gauge("hubcache_event_loop_lag_max_seconds", "The longest event loop lag since start.", registry=r)
+        self.longest_lag = 0.0
         self.history: deque[Sample] = deque(maxlen=HISTORY)
         self.health: dict[str, Health] = {}
         self._lock = threading.Lock()  # the status page reads from its own threads
@@ -134,6 +145,24 @@ class Metrics:
     def sent_by_tag(self, tag: str, size: int) -> None:
         """A transfer the blob server finished; its tag names the source."""
         self.sent(Source.of_tag(tag), size)
+
+    def loop_lagged(self, seconds: float) -> None:
+        """How late the event loop ran the lag probe's timer (observe/loop_lag.py)."""
+        self.loop_lag.observe(seconds)
+        if seconds > self.longest_lag:
+            self.longest_lag = seconds
+            self.loop_lag_max.set(seconds)
+
+    def stalls(self) -> tuple[float, float]:
+        """The longest event loop lag since start, and how many lags were over STALL."""
+        within = total = 0.0
+        for metric in self.loop_lag.collect():
+            for sample in metric.samples:
+                if sample.name.endswith("_bucket") and float(sample.labels["le"]) == STALL:
+                    within = sample.value
+                elif sample.name.endswith("_count"):
+                    total = sample.value
+        return self.longest_lag, total - within
 
     def totals(self) -> tuple[float, float]:
         """Hits and misses so far."""

@@ -172,12 +172,14 @@ class StatusPage:
         served = _values(self.metrics.served, "source")
         ratelimits = _values(self.metrics.ratelimit_remaining, "host")
         up = {host: bool(value) for host, value in _values(self.metrics.upstream_up, "host").items()}
+        longest_lag, stalls = self.metrics.stalls()
         saved = {ImageReference(registry, "", "").host: n for registry, n in _values(self.metrics.pulls_saved, "registry").items()}
         return {
             "store": asdict(self.summary),
             "requests": {"hits": hits, "misses": misses, "hit_ratio": hits / (hits + misses) if hits + misses else None},
             "served": {source: served.get(source, 0) for source in ("cache", "shared", "upstream")},
             "fills_in_progress": _values(self.metrics.fills).get("", 0),
+            "event_loop": {"longest_lag": longest_lag, "stalls": stalls},
             "history": self.metrics.hit_ratio_history(),
             "top_images": [{"image": self._image(image), "pulls": count} for image, count in popular],
             "recent_pulls": [

@@ -2,15 +2,18 @@
 used lately), the tag index kept consistent, and re-verification. A pass walks the least recently
 used blobs only as far as it evicts, in slices; each blob goes in one transaction with the
 manifests and tags naming it, so a pass stopped at any point leaves no tag naming a missing blob.
-The `Upkeep` addon evicts every EVICT_INTERVAL seconds, each slice in a worker thread; `hubcache
-prune`, `rm` and `verify` run the same functions."""
+The `Upkeep` addon evicts every EVICT_INTERVAL seconds, each slice in its own upkeep thread (one
+thread: the store's pages a pass reads stay in one SQLite connection's cache, not in one per
+worker thread); `hubcache prune`, `rm` and `verify` run the same functions."""
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -255,6 +258,7 @@ class Upkeep:
         self.folder = folder
         self.limit: int | None = None
         self._task: asyncio.Task | None = None
+        self._thread = ThreadPoolExecutor(1, thread_name_prefix="hubcache upkeep")  # starts its thread when first used
 
     def load(self, loader: Loader) -> None:
         loader.add_option(
@@ -287,6 +291,7 @@ class Upkeep:
     def done(self) -> None:
         if self._task:
             self._task.cancel()
+        self._thread.shutdown(wait=False, cancel_futures=True)
 
     async def _evict_periodically(self) -> None:
         while True:
@@ -297,12 +302,14 @@ class Upkeep:
         store, days = self.folder.store, ctx.options.expire_unused_days
         if store is None or (self.limit is None and not days):
             return None
+        loop = asyncio.get_running_loop()
         try:
-            evicting = await asyncio.to_thread(
-                EvictionPass, store, store.directory, limit=self.limit, max_unused=days * DAY if days else None, in_use=IN_USE
+            evicting = await loop.run_in_executor(
+                self._thread,
+                functools.partial(EvictionPass, store, store.directory, limit=self.limit, max_unused=days * DAY if days else None, in_use=IN_USE),
             )
             while not evicting.done:
-                await asyncio.to_thread(evicting.step)
+                await loop.run_in_executor(self._thread, evicting.step)
                 logger.debug(f"hubcache: evicting: {evicting.result.blobs} blobs so far")
             result = evicting.result
         except RecordingError as e:

@@ -29,6 +29,7 @@ from ..registry import manifests
 logger = logging.getLogger(__name__)
 
 SCHEMA = 1
+PROGRESS_LINES = 10  # while indexing an older store: a line at every tenth of its entries
 SQL = Callable[..., sqlite3.Cursor]
 
 _TABLES = """
@@ -110,9 +111,14 @@ def build(sql: SQL, decode: Callable[[Any, Any], Any], fetch: Callable[[int, str
     if total:  # a new store has nothing to index
         logger.warning(f"hubcache: indexing the store once for this version of hubcache: {total} entries")
     start = time.monotonic()
+    step = max(1, -(-total // PROGRESS_LINES))  # entries between two lines of progress
+    walked = 0
     rows = sql("SELECT key, raw, size, mode, filename, value FROM Cache")
     while batch := rows.fetchmany(1000):
         for key, raw, size, mode, filename, value in batch:
+            if walked and walked % step == 0:
+                logger.warning(f"hubcache: indexing the store: {walked} of {total} entries ({walked * 100 // total} %)")
+            walked += 1
             key = decode(key, raw)
             if not isinstance(key, tuple):
                 continue

@@ -128,6 +128,9 @@ def test_metrics_count_hits_misses_bytes_and_the_rate_limit(pulled, dockerhub):
     assert entries, "the store's figures were refreshed"
     assert value(entries, "hubcache_store_bytes") == blob_bytes
     assert value(entries, "hubcache_store_entries", type="tags") == 1
+    # The event loop's lag probe runs: each wake-up is one observation.
+    probed = value(entries, "hubcache_event_loop_lag_seconds_count")
+    assert probed and probed > 0 and value(entries, "hubcache_event_loop_lag_max_seconds") is not None
 
 
 def test_the_status_page_renders_the_figures_in_chromium(pulled):

@@ -98,3 +98,14 @@ def test_a_huge_head_is_refused_and_a_normal_one_answered(listener):
     answer = _answers(listener.server_address, b"GET / HTTP/1.0\r\n" + b"X-Big: " + b"b" * 60000 + b"\r\n" * 2)
     assert answer.startswith(b"HTTP/1.0 431 ")
     assert _answers(listener.server_address, b"GET / HTTP/1.0\r\n\r\n").endswith(b"\r\n\r\nok")
+def test_the_status_shows_the_event_loop_lag(tmp_path):
+    """The longest lag of the event loop since start, and how many lags were over 50 ms."""
+    hosts = Interception()
+    folder = CacheFolder()
+    metrics = Metrics(hosts)
+    page = StatusPage(folder, metrics, PullLog(), Watch(hosts, folder, Circuits(hosts, metrics), Fleet(), Upkeep(folder), metrics, Upstream()))
+    with taddons.context(CommonOptions(), folder, hosts, page):
+        assert page.status()["event_loop"] == {"longest_lag": 0.0, "stalls": 0}
+        for lag in (0.2, 0.03, 0.06):
+            metrics.loop_lagged(lag)
+        assert page.status()["event_loop"] == {"longest_lag": 0.2, "stalls": 2}

@@ -373,3 +373,23 @@ def test_a_blob_read_after_the_pass_chose_it_is_spared(store, images):
     assert store.has_blob(chosen.digest) and store.get_tag(REGISTRY, "one", "1") is not None
     assert store.evict(store.blob_entry(chosen.digest), set()) is not None, "as of its last use, it goes"
     assert not store.has_blob(chosen.digest) and store.get_tag(REGISTRY, "one", "1") is None
+
+
+async def test_the_addon_evicts_in_one_upkeep_thread_of_its_own(upkeep, images, monkeypatch):
+    """Every slice of every pass runs in the same thread, not in asyncio's workers (each of which
+    would keep its own SQLite connection's pages of the pass)."""
+    tctx, addon = upkeep
+    one, two = images
+    store_image(addon.folder.store, one, REGISTRY, "one", "1")
+    tctx.configure(addon, cache_size_limit="1")
+    monkeypatch.setattr("hubcache.storage.eviction.IN_USE", 0.0)
+    monkeypatch.setattr("hubcache.storage.eviction.SLICE_BLOBS", 1)
+    threads = []
+    step = EvictionPass.step
+    monkeypatch.setattr(EvictionPass, "step", lambda self: threads.append(threading.current_thread()) or step(self))
+    first = await addon.evict()
+    store_image(addon.folder.store, two, REGISTRY, "two", "1")
+    second = await addon.evict()
+    assert first.blobs == len(blob_digests(one)) and second.blobs == len(blob_digests(two))
+    assert len(threads) > 2 * 2 and len(set(threads)) == 1
+    assert threads[0].name.startswith("hubcache upkeep")

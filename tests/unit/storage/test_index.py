@@ -122,7 +122,11 @@ def test_an_older_store_is_indexed_once_when_first_opened(tmp_path, caplog):
         assert counts(store) == (2, 12, 1, 1, 1)
         assert store.users(sha(blob(1)), blob=True) == [sha(body)]
         assert [key for key, _ in store.tags()] == [("r", "app", "1")]
-        assert "indexing the store once" in caplog.text
+        assert "indexing the store once for this version of hubcache: 5 entries" in caplog.text
+        # Progress at every tenth of the entries (here: each one), the last line when done.
+        progress = [r.message for r in caplog.records if r.message.startswith("hubcache: indexing the store: ")]
+        assert progress == [f"hubcache: indexing the store: {n} of 5 entries ({n * 20} %)" for n in (1, 2, 3, 4)]
+        assert "indexed the store in" in caplog.text
     finally:
         store.close()
     caplog.clear()

@@ -1,5 +1,6 @@
 import os
 import sqlite3
+import threading
 import time
 
 import diskcache
@@ -293,3 +294,24 @@ def test_the_summary_counts_what_the_store_holds(store):
     summary = store.summary()
     assert (summary.blobs, summary.blob_bytes, summary.manifests, summary.tags, summary.repositories) == (
         1, len(BLOB), 1, 3, 2)
+
+
+def test_every_connection_maps_none_of_the_database_and_caches_a_few_pages(tmp_path):
+    """docs/architecture.md (store scale): SQLite's memory per connection is bounded, in every
+    thread's connection, also in a store diskcache created with its defaults (a 64 MB map)."""
+    diskcache.Cache(str(tmp_path / "cache" / "content")).close()
+    store = Store(tmp_path / "cache")
+    seen: list[tuple[int, int]] = []
+
+    def pragmas() -> None:
+        sql = store._cache._sql
+        seen.append((sql("PRAGMA mmap_size").fetchone()[0], sql("PRAGMA cache_size").fetchone()[0]))
+
+    threads = [threading.Thread(target=pragmas) for _ in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=30)
+    pragmas()
+    store.close()
+    assert seen == [(0, 1024)] * 4
