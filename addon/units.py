@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 
 DAY = 86400.0
+_DECIMAL = re.compile(r"[0-9]{1,18}")
 _SIZE = re.compile(r"(\d+(?:\.\d+)?)\s*([kKMGT]i?B?|B)?")
 _UNITS = {"": 1, "B": 1, "K": 1000, "M": 1000**2, "G": 1000**3, "T": 1000**4}
 
@@ -29,3 +30,10 @@ def size(n: float) -> str:
         if n < 1000:
             return f"{n:.1f} {unit}"
     return f"{n / 1000:.1f} TB"
+
+
+def decimal(text: str) -> int | None:
+    """A plain decimal number (ASCII digits, at most 18 of them), else None. Not `str.isdigit()`:
+    it takes "²", which `int()` refuses, and a number of thousands of digits, which `int()`
+    refuses too (or spends its time on)."""
+    return int(text) if _DECIMAL.fullmatch(text) else None

@@ -868,6 +868,23 @@ MUTANTS: list[Mutant] = [
         UNIT,
     ),
     mutant(
+        "rate-limit-count-by-isdigit",
+        "an odd rate-limit header (a superscript digit, thousands of digits) is left out of the metrics, not raised on",
+        Edit(
+            'value = decimal(response.headers.get(header, "").partition(";")[0].strip())',
+            'value = int(v) if (v := response.headers.get(header, "").partition(";")[0].strip()).isdigit() else None',
+        ),
+        ["test_only_a_plain_rate_limit_count_is_taken"],
+        UNIT,
+    ),
+    mutant(
+        "status-listen-port-by-isdigit",
+        "status_listen's port is a plain decimal: a superscript digit or thousands of digits is one readable option error",
+        Edit("number = decimal(port)\nif not (colon and host)", "number = int(port) if port.isdigit() else None\nif not (colon and host)"),
+        ["test_a_bad_status_listen_is_one_readable_option_error"],
+        UNIT,
+    ),
+    mutant(
         "strays-named-files-removed",
         "verify removes only the content files no entry names",
         Edit("if file.relative_to(self._content) in named or not file.is_file():", "if not file.is_file():", files="addon/**/store.py"),

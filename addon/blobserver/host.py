@@ -28,6 +28,7 @@ from mitmproxy import certs, ctx, exceptions, http
 from mitmproxy.addonmanager import Loader
 from mitmproxy.proxy import server_hooks
 
+from ..units import decimal
 from . import server as blobserver
 from .server import BLOB_HOST
 
@@ -225,7 +226,7 @@ class BlobHost:
                 os.close(fd)
         assert self._proc.stdout
         sending, *words = self._proc.stdout.readline().decode().split() or [""]
-        ports = [int(p) for p in words if p.isdigit()]
+        ports = [p for p in map(decimal, words) if p is not None]
         expected = 3 + bool(direct) + bool(self.mirror.blob_tls)
         if sending not in ("ktls", "userspace") or len(ports) != expected:
             self._stop()
@@ -254,9 +255,9 @@ class BlobHost:
     def _read_reports(self, proc: subprocess.Popen, reports: IO[bytes]) -> None:
         for line in reports:
             word, tag, sent = (line.decode().split() + ["", "", ""])[:3]
-            if word == "sent" and sent.isdigit():
+            if word == "sent" and (size := decimal(sent)) is not None:
                 for listener in self.on_sent:
-                    listener(tag, int(sent))
+                    listener(tag, size)
         # Its output ended: the server exited. Unless the proxy stopped it, start it again.
         if self._loop is not None and not self._loop.is_closed():
             try:
@@ -316,9 +317,10 @@ def parse_blob_listen(value: str) -> tuple[str, int]:
         address, _, port = value.partition(":")
     else:
         address, port = value, "0"  # an IPv6 address without brackets, or a name: any port
-    if not address or any(c in address for c in "/@ []") or not (port.isdigit() and int(port) < 65536):
+    number = decimal(port)
+    if not address or any(c in address for c in "/@ []") or number is None or number >= 65536:
         raise ValueError(value)
-    return address, int(port)
+    return address, number
 
 
 def _url_host(address: str) -> str:

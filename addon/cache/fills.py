@@ -28,6 +28,7 @@ from ..registry.protocol import Route
 from ..storage.folder import CacheFolder
 from ..storage.journal import Outcome
 from ..storage.store import BlobWriter
+from ..units import decimal
 from ..upstream import client as upstream
 from .access import Access
 from .misses import Misses
@@ -320,8 +321,7 @@ class Fills:
         fill = self.under_way.get(flow.metadata[Mark.FILL])
         identity = response.headers.get("content-encoding", "identity").lower() == "identity"
         if fill and response.status_code == 200 and identity and fill.state is State.DECIDING:
-            length = response.headers.get("content-length", "")
-            size = int(length) if length.isdigit() else None
+            size = decimal(response.headers.get("content-length", ""))
             if reason := self._no_room(fill, size):
                 fill.unusable(reason)
                 flow.kill()  # the clients fetch it themselves; this copy has nowhere to go

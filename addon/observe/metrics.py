@@ -17,6 +17,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disa
 from ..mitm.flows import Mark, Source, is_subrequest
 from ..proxy.interception import Interception
 from ..storage.store import Summary
+from ..units import decimal
 
 logger = logging.getLogger(__name__)
 
@@ -210,9 +211,9 @@ class Metrics:
             health = self.health.setdefault(host, Health())
             health.status, health.seen = response.status_code, time.time()
         for header, gauge in (("ratelimit-remaining", self.ratelimit_remaining), ("ratelimit-limit", self.ratelimit_limit)):
-            value = response.headers.get(header, "").partition(";")[0].strip()
-            if value.isdigit():
-                gauge.labels(host).set(int(value))
+            value = decimal(response.headers.get(header, "").partition(";")[0].strip())
+            if value is not None:
+                gauge.labels(host).set(value)
         if flow.metadata.get(Mark.FILL):
             return  # hubcache's own blob request: its fill counts the bytes
         size = _body_size(response)
@@ -238,5 +239,4 @@ class Metrics:
 def _body_size(response: http.Response) -> int:
     if response.raw_content is not None:
         return len(response.raw_content)
-    length = response.headers.get("content-length", "")
-    return int(length) if length.isdigit() else 0
+    return decimal(response.headers.get("content-length", "")) or 0

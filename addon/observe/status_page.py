@@ -25,6 +25,7 @@ from ..blobserver.listeners import BoundedHead, BoundedThreads
 from ..registry.protocol import ImageReference
 from ..storage.folder import CacheFolder
 from ..storage.store import Summary
+from ..units import decimal
 from .metrics import Metrics
 from .pull_log import PullLog
 
@@ -246,6 +247,7 @@ def _values(metric: Collector, label: str = "") -> dict[str, float]:
 
 def _address(text: str) -> tuple[str, int] | None:
     host, colon, port = text.rpartition(":")
-    if not (colon and host and port.isdigit() and int(port) < 65536):
+    number = decimal(port)
+    if not (colon and host) or number is None or number >= 65536:
         return None
-    return host.strip("[]"), int(port)
+    return host.strip("[]"), number

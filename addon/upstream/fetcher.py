@@ -21,6 +21,7 @@ from mitmproxy.net.http import http1
 from OpenSSL import SSL
 
 from ..mitm import internals
+from ..units import decimal
 
 logger = logging.getLogger(__name__)
 
@@ -361,8 +362,8 @@ class _Connection:
         read past h11, which would cost Python work per socket read, and decrypted into one
         buffer, reused chunk after chunk: no memory is allocated (and faulted in) per chunk."""
         assert self.response
-        length = self.response.headers.get("content-length", "")
-        if "transfer-encoding" in self.response.headers or not length.isdigit():
+        length = decimal(self.response.headers.get("content-length", ""))
+        if "transfer-encoding" in self.response.headers or length is None:
             out = _Chunks(stream)
             while not isinstance(event := self.http.next_event(), h11.EndOfMessage):
                 if event is h11.NEED_DATA:
@@ -376,7 +377,7 @@ class _Connection:
                     raise h11.RemoteProtocolError(f"unexpected {type(event).__name__} in the body")
             out.flush()
         else:
-            left = int(length)
+            left = length
             if left and isinstance(first := self._next(), h11.Data):  # what came with the head
                 stream(first.data)
                 left -= len(first.data)

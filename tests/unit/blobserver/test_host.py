@@ -28,7 +28,7 @@ def test_direct_listen(blob_listen, listen_host, expected):
     assert direct_listen(blob_listen, listen_host) == expected
 
 
-@pytest.mark.parametrize("bad", ["10.0.0.5:", "10.0.0.5:99999", "[fd00::5", "a b", "x/y:5"])
+@pytest.mark.parametrize("bad", ["10.0.0.5:", "10.0.0.5:99999", "[fd00::5", "a b", "x/y:5", "10.0.0.5:\u00b2", "10.0.0.5:" + "9" * 5000])
 def test_a_bad_address_is_refused(bad):
     with pytest.raises(ValueError):
         parse_blob_listen(bad)

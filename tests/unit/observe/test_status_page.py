@@ -8,6 +8,7 @@ import threading
 from wsgiref.simple_server import make_server
 
 import pytest
+from mitmproxy import exceptions
 from mitmproxy.test import taddons
 
 from hubcache.fleet.node import Fleet
@@ -98,12 +99,33 @@ def test_a_huge_head_is_refused_and_a_normal_one_answered(listener):
     answer = _answers(listener.server_address, b"GET / HTTP/1.0\r\n" + b"X-Big: " + b"b" * 60000 + b"\r\n" * 2)
     assert answer.startswith(b"HTTP/1.0 431 ")
     assert _answers(listener.server_address, b"GET / HTTP/1.0\r\n\r\n").endswith(b"\r\n\r\nok")
+
+
+def page_of(hosts: Interception, folder: CacheFolder, metrics: Metrics) -> StatusPage:
+    return StatusPage(folder, metrics, PullLog(), Watch(hosts, folder, Circuits(hosts, metrics), Fleet(), Upkeep(folder), metrics, Upstream()))
+
+
+@pytest.mark.parametrize("bad", ["nohost", "127.0.0.1:", ":3129", "127.0.0.1:99999", "127.0.0.1:\u00b2", "127.0.0.1:" + "9" * 5000])
+def test_a_bad_status_listen_is_one_readable_option_error(bad):
+    hosts, folder = Interception(), CacheFolder()
+    page = page_of(hosts, folder, Metrics(hosts))
+    with taddons.context(CommonOptions(), folder, hosts, page) as tctx:
+        try:
+            tctx.configure(page, status_listen=bad)
+        except exceptions.OptionsError as e:
+            assert "is not ADDRESS:PORT" in str(e)
+        except Exception as e:
+            pytest.fail(f"{type(e).__name__} instead of an option error: {e}")
+        else:
+            pytest.fail(f"{bad[:30]!r} was taken")
+
+
 def test_the_status_shows_the_event_loop_lag(tmp_path):
     """The longest lag of the event loop since start, and how many lags were over 50 ms."""
     hosts = Interception()
     folder = CacheFolder()
     metrics = Metrics(hosts)
-    page = StatusPage(folder, metrics, PullLog(), Watch(hosts, folder, Circuits(hosts, metrics), Fleet(), Upkeep(folder), metrics, Upstream()))
+    page = page_of(hosts, folder, metrics)
     with taddons.context(CommonOptions(), folder, hosts, page):
         assert page.status()["event_loop"] == {"longest_lag": 0.0, "stalls": 0}
         for lag in (0.2, 0.03, 0.06):
