@@ -885,6 +885,13 @@ MUTANTS: list[Mutant] = [
         UNIT,
     ),
     mutant(
+        "partial-import-unsaid",
+        "an import that fails midway says how many images it stored whole",
+        Edit("if stored:\n    raise PartlyImported(e, stored, len(images)) from e", "if False:\n    raise PartlyImported(e, stored, len(images)) from e"),
+        ["test_a_commit_that_fails_midway_leaves_whole_images_only"],
+        UNIT,
+    ),
+    mutant(
         "strays-named-files-removed",
         "verify removes only the content files no entry names",
         Edit("if file.relative_to(self._content) in named or not file.is_file():", "if not file.is_file():", files="addon/**/store.py"),

@@ -231,7 +231,7 @@ def import_command(cache_dir: Path | None, config_file: Path | None, bundle: Pat
       hubcache import lab.tar
       hubcache import --cache-dir /var/cache/hubcache lab.tar
     """
-    from ..storage.bundle import BundleError, import_bundle
+    from ..storage.bundle import BundleError, PartlyImported, import_bundle
     from .progress import ByteBar, count, size
 
     with open_store(cache_dir, config_file) as (store, folder):
@@ -240,8 +240,10 @@ def import_command(cache_dir: Path | None, config_file: Path | None, bundle: Pat
                 summary = import_bundle(store, bundle, folder, bar.advance)
         except BundleError as e:
             raise click.ClickException(f"{e}; the cache is unchanged") from e
+        except PartlyImported as e:
+            raise click.ClickException(f"cannot import into {folder}: {e} (import the file again once fixed)") from e
         except OSError as e:
-            raise click.ClickException(f"cannot import into {folder}: {e.strerror or e}") from e
+            raise click.ClickException(f"cannot import into {folder}: {e.strerror or e}; the cache is unchanged") from e
     click.echo(
         f"imported {count(len(summary.images), 'image')}: "
         f"{count(summary.manifests, 'manifest')}, {count(summary.blobs, 'new blob')} ({size(summary.bytes)}), "

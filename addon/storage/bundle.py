@@ -57,6 +57,16 @@ class BundleError(Exception):
     """A bundle that cannot be written or read; the message is for an operator."""
 
 
+class PartlyImported(Exception):
+    """The store failed (`cause`: a full disk, a read-only folder) after some of the bundle's images
+    were stored: `stored` of them are in the cache whole, the rest not at all."""
+
+    def __init__(self, cause: OSError, stored: list[str], total: int) -> None:
+        super().__init__(f"{cause.strerror or cause}; {len(stored)} of {total} images were stored whole, the rest not at all")
+        self.cause = cause
+        self.stored = stored
+
+
 @dataclass
 class BundleSummary:
     images: list[str] = field(default_factory=list)
@@ -481,16 +491,23 @@ class _BundleReader:
         summary = BundleSummary(images=[i.name for i in images])
         private = {(i.registry, i.repository) for i in images if i.name in self.private}
         public = {(i.registry, i.repository) for i in images if i.name in self.public} - private
-        chunk: list[Image] = []
+        chunks: list[list[Image]] = [[]]
         entries = 0
         for image in images:
-            chunk.append(image)
-            entries += len(image.manifests) + len(image.referrers) + len(image.blobs())
             if entries >= COMMIT_ENTRIES:
+                chunks.append([])
+                entries = 0
+            chunks[-1].append(image)
+            entries += len(image.manifests) + len(image.referrers) + len(image.blobs())
+        stored: list[str] = []
+        for chunk in chunks:
+            try:
                 self._commit(chunk, summary, private, public)
-                chunk, entries = [], 0
-        if chunk:
-            self._commit(chunk, summary, private, public)
+            except OSError as e:
+                if stored:
+                    raise PartlyImported(e, stored, len(images)) from e
+                raise  # nothing stored: the cache is as it was
+            stored += [image.name for image in chunk]
         return summary
 
     def _commit(self, images: list[Image], summary: BundleSummary, private: set[tuple[str, str]], public: set[tuple[str, str]]) -> None:

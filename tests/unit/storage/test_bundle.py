@@ -13,7 +13,7 @@ import pytest
 
 from hubcache.registry.manifests import Descriptor
 from hubcache.storage import bundle
-from hubcache.storage.bundle import BundleError, export, import_bundle
+from hubcache.storage.bundle import BundleError, PartlyImported, export, import_bundle
 from hubcache.storage.recordings import Recording, image_from_store
 from hubcache.storage.store import Store
 from support.bundles import bomb, json_flood, many_images
@@ -432,8 +432,14 @@ def test_a_commit_that_fails_midway_leaves_whole_images_only(stores, tmp_path, m
 
     monkeypatch.setattr(Store, "set_tag", full_disk)
     target = stores("target")
-    with pytest.raises(OSError, match="No space left"):
+    try:
         import_bundle(target, path)
+        pytest.fail("imported on a full disk")
+    except PartlyImported as e:
+        assert str(e) == "No space left on device; 1 of 3 images were stored whole, the rest not at all"
+        assert e.stored == [f"{REGISTRY}/test/many:{first[0]}"]
+    except OSError as e:
+        pytest.fail(f"the error does not say which images were kept: {e}")
     tag, manifest, layer = first
     assert target.get_tag(REGISTRY, "test/many", tag).digest == manifest
     assert target.get_manifest(manifest) and target.has_blob(layer)
