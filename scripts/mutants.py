@@ -2063,7 +2063,7 @@ MUTANTS: list[Mutant] = [
         ],
         UNIT,
     ),
-    # Store scale: import (issue 29)
+    # Store scale: import
     mutant(
         "import-members-unbounded",
         "a bundle of more than MAX_MEMBERS members is refused before any member is read",
@@ -2078,7 +2078,7 @@ MUTANTS: list[Mutant] = [
         ["test_a_commit_that_fails_midway_leaves_whole_images_only"],
         UNIT,
     ),
-    # Warm network path (issue 27)
+    # Warm network path: the remembered /v2/ check
     mutant(
         "ping-memory-answers-credentials",
         "a /v2/ check with credentials (docker login) always goes upstream, and its answer is never given to another client",
@@ -2111,7 +2111,7 @@ MUTANTS: list[Mutant] = [
          "test_a_pull_checks_the_version_upstream_once_and_a_login_every_time"],
         INTEGRATION,
     ),
-    # Store scale: memory and loop (issue 29)
+    # Store scale: memory and the event loop
     mutant(
         "store-scale-sqlite-maps-the-database",
         "SQLite maps none of the store's database, in every thread's connection (each map's pages count in RSS once per map)",

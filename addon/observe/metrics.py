@@ -23,7 +23,7 @@ logger = logging.getLogger(__name__)
 
 HISTORY = 360  # points of the hit ratio history kept (one hour at the status page's interval)
 LAG_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)  # seconds
-STALL = 0.05  # a lag over this counts as a stall (one of LAG_BUCKETS; the bound issue 29 sets for upkeep)
+STALL = 0.05  # a lag over this counts as a stall (one of LAG_BUCKETS; the bound upkeep is held to)
 
 
 @dataclass
