@@ -887,7 +887,10 @@ MUTANTS: list[Mutant] = [
     mutant(
         "partial-import-unsaid",
         "an import that fails midway says how many images it stored whole",
-        Edit("if stored:\n    raise PartlyImported(e, stored, len(images)) from e", "if False:\n    raise PartlyImported(e, stored, len(images)) from e"),
+        Edit(
+            "if stored:\n    raise PartlyImported(e, stored, len(images)) from e",
+            "if False:\n    raise PartlyImported(e, stored, len(images)) from e",
+        ),
         ["test_a_commit_that_fails_midway_leaves_whole_images_only"],
         UNIT,
     ),
