@@ -2171,6 +2171,21 @@ MUTANTS: list[Mutant] = [
         ["test_an_older_store_is_indexed_once_when_first_opened"],
         UNIT,
     ),
+    # Listener worker threads: reused across connections, ended when idle
+    mutant(
+        "listeners-thread-per-connection",
+        "connections one after another reuse a waiting worker thread, not a new one each",
+        Edit("if not self._idle.acquire(blocking=False):", "if True:"),
+        ["test_connections_one_after_another_are_served_by_one_reused_thread"],
+        UNIT,
+    ),
+    mutant(
+        "listeners-idle-workers-stay",
+        "a worker thread that waited WORKER_IDLE seconds for a connection ends",
+        Edit("if self._idle.acquire(blocking=False):\n                    return", "if self._idle.acquire(blocking=False):\n                    continue"),
+        ["test_a_worker_without_connections_ends"],
+        UNIT,
+    ),
 ]
 
 

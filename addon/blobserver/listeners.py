@@ -6,13 +6,13 @@ from __future__ import annotations
 
 import http.client
 import logging
+import queue
 import socket
 import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler
-from socketserver import ThreadingMixIn
 from typing import Any
 
 logger = logging.getLogger(__name__)
@@ -21,6 +21,7 @@ HEAD = "finish its request head"  # what a client is given `head_timeout` for
 # Bytes of a request line and its headers. http.server alone reads 100 lines of 64 KiB (6.5 MB,
 # times every connection); hubcache's URLs and its clients' heads take a few hundred.
 MAX_HEAD = 16 * 1024
+WORKER_IDLE = 30.0  # seconds a worker thread waits for its next connection
 
 
 class HeadTooLarge(http.client.HTTPException):
@@ -137,35 +138,62 @@ def _peer(sock: socket.socket) -> str:
         return "a client"
 
 
-class BoundedThreads(ThreadingMixIn):
+class BoundedThreads:
     """Mix in before a `socketserver` server class; set `max_connections` and `idle_timeout`, and
-    `head_timeout` for deadlines."""
+    `head_timeout` for deadlines.
 
-    daemon_threads = True
+    Each connection is served in a worker thread of a pool, at most `max_connections` at once.
+    A worker waits WORKER_IDLE seconds for its next connection before it ends, so a pull, which
+    opens a connection per blob, reuses threads and what they keep (the store's SQLite
+    connection, the blob server's TLS buffer) instead of making them anew every time."""
+
     max_connections = 64
     idle_timeout: float | None = 60.0
     head_timeout: float | None = None
 
     def server_activate(self) -> None:
         self._slots = threading.BoundedSemaphore(self.max_connections)
+        self._waiting: queue.SimpleQueue[tuple[socket.socket, Any]] = queue.SimpleQueue()
+        self._idle = threading.Semaphore(0)  # one per worker waiting for a connection
         self.deadlines = Deadlines() if self.head_timeout is not None else None
         super().server_activate()  # type: ignore[misc]
 
     def process_request(self, request: socket.socket | tuple[bytes, socket.socket], client_address: Any) -> None:
+        assert isinstance(request, socket.socket)  # a TCP server's requests are sockets (the base class types UDP's too)
         self._slots.acquire()  # the accepting thread waits here: the bound is backpressure
-        try:
-            super().process_request(request, client_address)
-        except BaseException:
-            self._slots.release()
-            raise
+        if not self._idle.acquire(blocking=False):
+            try:
+                threading.Thread(target=self._work, name="connection", daemon=True).start()
+            except BaseException:
+                self._slots.release()
+                raise
+        self._waiting.put((request, client_address))
 
-    def process_request_thread(self, request: socket.socket | tuple[bytes, socket.socket], client_address: Any) -> None:
+    def _work(self) -> None:
+        while True:
+            try:
+                request, client_address = self._waiting.get(timeout=WORKER_IDLE)
+            except queue.Empty:
+                # End, unless a connection was promised to this worker meanwhile (it took the
+                # token back: then that connection is in the queue, or about to be).
+                if self._idle.acquire(blocking=False):
+                    return
+                continue
+            try:
+                self._serve(request, client_address)
+            finally:
+                self._slots.release()
+                self._idle.release()
+
+    def _serve(self, request: socket.socket, client_address: Any) -> None:
         try:
-            if isinstance(request, socket.socket):
-                request.settimeout(self.idle_timeout)
-                if self.deadlines is not None and self.head_timeout is not None:
-                    with self.deadlines.watch(request, self.head_timeout, HEAD):
-                        return super().process_request_thread(request, client_address)
-            super().process_request_thread(request, client_address)
+            request.settimeout(self.idle_timeout)
+            if self.deadlines is not None and self.head_timeout is not None:
+                with self.deadlines.watch(request, self.head_timeout, HEAD):
+                    self.finish_request(request, client_address)  # type: ignore[attr-defined]
+            else:
+                self.finish_request(request, client_address)  # type: ignore[attr-defined]
+        except Exception:
+            self.handle_error(request, client_address)  # type: ignore[attr-defined]
         finally:
-            self._slots.release()
+            self.shutdown_request(request)  # type: ignore[attr-defined]

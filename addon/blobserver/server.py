@@ -48,6 +48,7 @@ MIN_RATE = 16 * 1024  # default bytes per second a client must read its answer a
 GRACE = 5.0  # seconds every write to a client may take besides its size at the minimum rate
 _FILL_NAME = re.compile(r"[0-9]+/[A-Za-z0-9_]+/fill-[A-Za-z0-9_]+")
 _NUMBER = re.compile(r"[0-9]{1,20}")  # ASCII digits only: str.isdigit() takes "²", which int() refuses
+_thread_buffers = threading.local()
 _QUERY = ("expires", "signature", "fill", "size", "tag")  # what signed_path writes, each once
 
 
@@ -107,7 +108,6 @@ class _Handler(BoundedHead):
     protocol_version = "HTTP/1.1"
     _tag = ""  # of the request being answered
     _sent = 0  # bytes of its body sent so far
-    _chunk: memoryview | None = None
 
     def handle_one_request(self) -> None:
         super().handle_one_request()
@@ -274,10 +274,12 @@ class _Handler(BoundedHead):
         return socket.socket.sendfile(self.connection, blob, offset, count)
 
     def _buffer(self) -> memoryview:
-        """The connection's one TLS write buffer, made at its first blob."""
-        if self._chunk is None:
-            self._chunk = memoryview(bytearray(TLS_CHUNK))
-        return self._chunk
+        """The thread's one TLS write buffer, made at its first blob and kept for the next
+        connections its worker serves."""
+        chunk: memoryview | None = getattr(_thread_buffers, "chunk", None)
+        if chunk is None:
+            chunk = _thread_buffers.chunk = memoryview(bytearray(TLS_CHUNK))
+        return chunk
 
     def _error(self, code: protocol.ErrorCode, message: str, extra: dict | None = None, status: int | None = None) -> None:
         body = protocol.error_body(code, message)
@@ -297,7 +299,8 @@ class _Handler(BoundedHead):
 
 class _PlainServer(BoundedThreads, HTTPServer):
     request_queue_size = 128  # many clients start their layers at once
-    # Connections cost a thread each; answers being sent cost memory (a TLS chunk) and the disk.
+    # Connections cost a worker thread each (which keeps its TLS chunk while it waits for the
+    # next); answers being sent cost the disk.
     max_connections = 1024
     max_transfers = 256
     head_timeout: float | None = HEAD_TIMEOUT

@@ -7,6 +7,7 @@ import socket
 import threading
 from http.server import BaseHTTPRequestHandler, HTTPServer
 
+from hubcache.blobserver import listeners
 from hubcache.blobserver.listeners import BoundedThreads
 
 
@@ -58,3 +59,69 @@ def _closed(sock: socket.socket) -> bool:
         return False
     finally:
         sock.setblocking(True)
+
+
+class _Who(_Echo):
+    """Answers with the identity of the thread that serves the connection."""
+
+    def do_GET(self):
+        body = str(threading.get_ident()).encode()
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.send_header("Connection", "close")
+        self.end_headers()
+        self.wfile.write(body)
+
+
+def _ask(address) -> bytes:
+    with socket.create_connection(address, timeout=30) as sock:
+        sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        answer = b""
+        while chunk := sock.recv(1024):
+            answer += chunk
+    return answer.partition(b"\r\n\r\n")[2]
+
+
+def test_connections_one_after_another_are_served_by_one_reused_thread():
+    # A pull opens a connection per blob: each must not cost a new thread and what it keeps.
+    # A worker may still be ending its connection when the next arrives: then a second serves it.
+    server = _Bounded(("127.0.0.1", 0), _Who)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        served_by = {_ask(server.server_address) for _ in range(20)}
+        assert len(served_by) <= 3, f"20 connections in turn took {len(served_by)} threads"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_many_connections_at_once_are_all_served_within_the_bound():
+    server = _Bounded(("127.0.0.1", 0), _Who)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    answers: list[bytes] = []
+    try:
+        clients = [threading.Thread(target=lambda: answers.append(_ask(server.server_address))) for _ in range(40)]
+        for client in clients:
+            client.start()
+        for client in clients:
+            client.join(60)
+        assert len(answers) == 40 and all(answers)
+        assert len(set(answers)) <= _Bounded.max_connections
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_a_worker_without_connections_ends(monkeypatch):
+    monkeypatch.setattr(listeners, "WORKER_IDLE", 0.05)
+    server = _Bounded(("127.0.0.1", 0), _Who)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        worker = int(_ask(server.server_address))
+        thread = next(t for t in threading.enumerate() if t.ident == worker)
+        thread.join(10)
+        assert not thread.is_alive(), "the idle worker still waits"
+        assert _ask(server.server_address), "a new worker serves the next connection"
+    finally:
+        server.shutdown()
+        server.server_close()
