@@ -347,26 +347,35 @@ def test_a_pass_reads_the_store_only_as_far_as_it_evicts(tmp_path, monkeypatch):
         s.close()
 
 
-async def test_the_addon_evicts_off_the_event_loop_a_slice_at_a_time(upkeep, images, monkeypatch):
+@pytest.fixture
+def slice_threads(upkeep, images, monkeypatch) -> list[threading.Thread]:
+    """The thread each slice of the addon's eviction passes runs in, in order: the addon holds
+    image one, may keep nothing, counts no blob as in use and evicts one blob a slice."""
     tctx, addon = upkeep
-    one, _ = images
-    store_image(addon.folder.store, one, REGISTRY, "one", "1")
+    store_image(addon.folder.store, images[0], REGISTRY, "one", "1")
     tctx.configure(addon, cache_size_limit="1")
     monkeypatch.setattr("hubcache.storage.eviction.IN_USE", 0.0)
-    monkeypatch.setattr("hubcache.storage.eviction.SLICE_BLOBS", 2)
-    threads = []
+    monkeypatch.setattr("hubcache.storage.eviction.SLICE_BLOBS", 1)
+    threads: list[threading.Thread] = []
     step = EvictionPass.step
     monkeypatch.setattr(EvictionPass, "step", lambda self: threads.append(threading.current_thread()) or step(self))
+    return threads
+
+
+async def test_the_addon_evicts_off_the_event_loop_a_slice_at_a_time(upkeep, images, slice_threads, monkeypatch):
+    _, addon = upkeep
+    one, _ = images
+    monkeypatch.setattr("hubcache.storage.eviction.SLICE_BLOBS", 2)
     result = await addon.evict()
-    assert result.blobs == len(blob_digests(one)) and len(threads) >= 3
-    assert threading.main_thread() not in threads
+    assert result.blobs == len(blob_digests(one)) and len(slice_threads) >= 3
+    assert threading.main_thread() not in slice_threads
 
 
-def test_a_blob_read_after_the_pass_chose_it_is_spared(store, images):
+def test_a_blob_read_after_the_pass_chose_it_is_spared(store, images, clock):
     one, _ = images
     blobs, _ = store.least_recently_used(None, 100)
     chosen = next(b for b in blobs if b.digest == one.platforms[0].layers[0].digest)
-    time.sleep(0.01)  # the clock moves on between the choice and the read
+    clock.advance()
     with store.open_blob(chosen.digest):
         pass
     assert store.evict(chosen, set()) is None
@@ -375,21 +384,14 @@ def test_a_blob_read_after_the_pass_chose_it_is_spared(store, images):
     assert not store.has_blob(chosen.digest) and store.get_tag(REGISTRY, "one", "1") is None
 
 
-async def test_the_addon_evicts_in_one_upkeep_thread_of_its_own(upkeep, images, monkeypatch):
+async def test_the_addon_evicts_in_one_upkeep_thread_of_its_own(upkeep, images, slice_threads):
     """Every slice of every pass runs in the same thread, not in asyncio's workers (each of which
     would keep its own SQLite connection's pages of the pass)."""
-    tctx, addon = upkeep
+    _, addon = upkeep
     one, two = images
-    store_image(addon.folder.store, one, REGISTRY, "one", "1")
-    tctx.configure(addon, cache_size_limit="1")
-    monkeypatch.setattr("hubcache.storage.eviction.IN_USE", 0.0)
-    monkeypatch.setattr("hubcache.storage.eviction.SLICE_BLOBS", 1)
-    threads = []
-    step = EvictionPass.step
-    monkeypatch.setattr(EvictionPass, "step", lambda self: threads.append(threading.current_thread()) or step(self))
     first = await addon.evict()
     store_image(addon.folder.store, two, REGISTRY, "two", "1")
     second = await addon.evict()
     assert first.blobs == len(blob_digests(one)) and second.blobs == len(blob_digests(two))
-    assert len(threads) > 2 * 2 and len(set(threads)) == 1
-    assert threads[0].name.startswith("hubcache upkeep")
+    assert len(slice_threads) > 2 * 2 and len(set(slice_threads)) == 1
+    assert slice_threads[0].name.startswith("hubcache upkeep")
