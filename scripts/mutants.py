@@ -1978,7 +1978,7 @@ MUTANTS: list[Mutant] = [
         "blob-url-numbers-by-isdigit",
         "a blob URL's expires and size are ASCII digits, checked before int() reads them: never a dropped connection",
         Edit(
-            'if not all(_NUMBER.fullmatch(fields.get(name, "0")) for name in ("expires", "size")):',
+            'if any(decimal(fields.get(name, "0")) is None for name in ("expires", "size")):',
             'if not all(fields.get(name, "0").isdigit() for name in ("expires", "size")):',
         ),
         [
@@ -2182,7 +2182,10 @@ MUTANTS: list[Mutant] = [
     mutant(
         "listeners-idle-workers-stay",
         "a worker thread that waited WORKER_IDLE seconds for a connection ends",
-        Edit("if self._idle.acquire(blocking=False):\n                    return", "if self._idle.acquire(blocking=False):\n                    continue"),
+        Edit(
+            "if self._idle.acquire(blocking=False):\n                    return",
+            "if self._idle.acquire(blocking=False):\n                    continue",
+        ),
         ["test_a_worker_without_connections_ends"],
         UNIT,
     ),

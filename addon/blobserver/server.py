@@ -28,6 +28,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit
 
 from ..registry import protocol
 from ..storage.store import Store
+from ..units import decimal
 from .listeners import HEAD, BoundedHead, BoundedThreads, Watched
 
 logger = logging.getLogger(__name__)
@@ -47,7 +48,6 @@ HEAD_TIMEOUT = 10.0  # default seconds for a TLS handshake and a request head
 MIN_RATE = 16 * 1024  # default bytes per second a client must read its answer at
 GRACE = 5.0  # seconds every write to a client may take besides its size at the minimum rate
 _FILL_NAME = re.compile(r"[0-9]+/[A-Za-z0-9_]+/fill-[A-Za-z0-9_]+")
-_NUMBER = re.compile(r"[0-9]{1,20}")  # ASCII digits only: str.isdigit() takes "²", which int() refuses
 _thread_buffers = threading.local()
 _QUERY = ("expires", "signature", "fill", "size", "tag")  # what signed_path writes, each once
 
@@ -96,7 +96,7 @@ def parse_query(query: str) -> dict[str, str] | None:
     fields = dict(pairs)
     if len(fields) != len(pairs) or not fields.keys() <= set(_QUERY):
         return None
-    if not all(_NUMBER.fullmatch(fields.get(name, "0")) for name in ("expires", "size")):
+    if any(decimal(fields.get(name, "0")) is None for name in ("expires", "size")):
         return None
     return fields
 
