@@ -77,3 +77,14 @@ def test_small_benchmark_measures_every_path(tmp_path):
         whole = float(row["whole blob s"])
         for column in ("first client TTFB s", "joining client TTFB s"):
             assert 0 < float(row[column]) <= whole, f"{row['path']} {column}: {row}"
+
+
+@pytest.mark.timeout(300)
+def test_the_connection_benchmark_measures_each_way_in():
+    import bench_connections
+
+    # Each connection's answer is checked as it is measured (the proxy's 307, the blob server's 200).
+    figures = bench_connections.run(connections=50, runs=1)
+    assert set(figures) == {"hubcache proxy", "bare mitmdump", "blob server"}
+    for name, values in figures.items():
+        assert len(values) == 1 and values[0] > 0, f"{name}: {values}"
