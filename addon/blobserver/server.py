@@ -38,6 +38,7 @@ SECRET_ENV = "HUBCACHE_BLOB_SECRET"
 URL_TTL = 600  # seconds a signed URL stays valid, like a CDN's
 CHUNK = 4 * 1024 * 1024  # sendfile(2) spans
 TLS_CHUNK = 1024 * 1024  # one SSL_write: large enough for few calls, small enough to stay in the CPU's cache
+RECORD = 16 * 1024  # a TLS record's most plaintext: the smallest write worth making
 TICKETS = 2  # TLS 1.3 session tickets per full handshake: a client's next connections resume
 ULP_FILE = Path("/proc/sys/net/ipv4/tcp_available_ulp")
 SOL_TLS, TLS_TX = 282, 1  # linux/tls.h: set on a socket whose sending OpenSSL gave to the kernel
@@ -235,6 +236,7 @@ class _Handler(BoundedHead):
 
     def _copy(self, blob: BinaryIO, digest: str, start: int, end: int, size: int, growing: bool) -> None:
         fd = blob.fileno()
+        tls = isinstance(self.connection, ssl.SSLSocket) and not kernel_tls(self.connection)  # else sendfile(2)
         position = start
         while position < end:
             limit = end
@@ -255,20 +257,36 @@ class _Handler(BoundedHead):
                         self._expect(None, "")  # waiting for upstream, not for the client
                         time.sleep(POLL)
                     continue
-            count = min(CHUNK, limit - position)
+            count = min(self._tls_span() if tls else CHUNK, limit - position)
             self._expect(self._write_time(count), f"read {count} bytes at {self.server.min_rate} bytes/s")
-            sent = self._send_span(blob, position, count)
+            sent = self._send_tls(blob, position, count) if tls else self._sendfile(blob, position, count)
             if not sent:
                 raise _Cut("the file is shorter than its size")
             position += sent
             self._sent += sent
 
-    def _send_span(self, blob: BinaryIO, offset: int, count: int) -> int:
-        if isinstance(self.connection, ssl.SSLSocket) and not kernel_tls(self.connection):
-            view = self._buffer()[: min(count, TLS_CHUNK)]
-            read = os.preadv(blob.fileno(), [view], offset)
+    def _tls_span(self) -> int:
+        """Bytes per TLS write: TLS_CHUNK, or fewer so that the write's deadline comes within
+        client_idle_timeout (or a record's time at the minimum rate and GRACE, if that is longer),
+        as the socket's timeout would have (see `_send_tls`)."""
+        idle = self.server.idle_timeout
+        if idle is None:
+            return TLS_CHUNK
+        return max(RECORD, min(TLS_CHUNK, int((idle - GRACE) * self.server.min_rate)))
+
+    def _send_tls(self, blob: BinaryIO, offset: int, count: int) -> int:
+        view = self._buffer()[:count]
+        read = os.preadv(blob.fileno(), [view], offset)
+        # On a blocking socket: with a timeout, Python polls and retries each write (a quarter
+        # more CPU per GiB here). The write's deadline cuts a client that stops reading.
+        self.connection.settimeout(None)
+        try:
             self.connection.sendall(view[:read])
-            return read
+        finally:
+            self.connection.settimeout(self.server.idle_timeout)
+        return read
+
+    def _sendfile(self, blob: BinaryIO, offset: int, count: int) -> int:
         self.wfile.flush()
         # Plain, or kTLS: the kernel encrypts what sendfile(2) sends (as OpenSSL's SSL_sendfile).
         return socket.socket.sendfile(self.connection, blob, offset, count)

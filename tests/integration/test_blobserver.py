@@ -387,6 +387,21 @@ def test_a_reader_slower_than_the_minimum_rate_is_cut(blobs, transport):
     assert get(blobs, path_of(blobs, digest_of(BIG)), transport=transport)[::2] == (200, BIG)
 
 
+def test_a_tls_reader_that_stops_is_cut_within_the_idle_timeout(blobs):
+    """TLS bodies go out on a blocking socket, in writes whose deadline comes within
+    client_idle_timeout: a client that stops reading is cut as the socket's idle timeout cut it,
+    not once a whole 1 MiB write overran blob_min_rate (69 s at the defaults)."""
+    ctx.options.update(client_idle_timeout=7)
+    put(blobs.store, BIG, digest_of(BIG))
+    ended = threading.Event()
+    blobs.host.on_sent.append(lambda tag, count: ended.set())
+    with tls_client(blobs) as sock:
+        sock.sendall(f"GET {path_of(blobs, digest_of(BIG), tag='stalled')} HTTP/1.1\r\nHost: {BLOB_HOST}\r\n\r\n".encode())
+        assert sock.recv(4096).startswith(b"HTTP/1.1 200 ")
+        assert ended.wait(30), "the transfer to a client that stopped reading is cut"
+    assert get(blobs, path_of(blobs, digest_of(BIG)))[::2] == (200, BIG)
+
+
 def test_a_client_resumes_its_tls_session(blobs):
     """The many short requests of a pull: a client that keeps its session (curl, Python) skips the
     full handshake on its next connection."""
