@@ -49,7 +49,7 @@ HEAD_TIMEOUT = 10.0  # default seconds for a TLS handshake and a request head
 MIN_RATE = 16 * 1024  # default bytes per second a client must read its answer at
 GRACE = 5.0  # seconds every write to a client may take besides its size at the minimum rate
 _FILL_NAME = re.compile(r"[0-9]+/[A-Za-z0-9_]+/fill-[A-Za-z0-9_]+")
-_thread_buffers = threading.local()
+_thread_buffers = threading.local()  # each worker thread's TLS write buffer (`_Handler._buffer`)
 _QUERY = ("expires", "signature", "fill", "size", "tag")  # what signed_path writes, each once
 
 
