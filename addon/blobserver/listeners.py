@@ -11,7 +11,7 @@ import socket
 import threading
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from http.server import BaseHTTPRequestHandler
 from typing import Any
 
@@ -188,10 +188,9 @@ class BoundedThreads:
     def _serve(self, request: socket.socket, client_address: Any) -> None:
         try:
             request.settimeout(self.idle_timeout)
-            if self.deadlines is not None and self.head_timeout is not None:
-                with self.deadlines.watch(request, self.head_timeout, HEAD):
-                    self.finish_request(request, client_address)  # type: ignore[attr-defined]
-            else:
+            deadlines = self.deadlines
+            watched = nullcontext() if deadlines is None or self.head_timeout is None else deadlines.watch(request, self.head_timeout, HEAD)
+            with watched:
                 self.finish_request(request, client_address)  # type: ignore[attr-defined]
         except Exception:
             self.handle_error(request, client_address)  # type: ignore[attr-defined]

@@ -237,6 +237,7 @@ class _Handler(BoundedHead):
     def _copy(self, blob: BinaryIO, digest: str, start: int, end: int, size: int, growing: bool) -> None:
         fd = blob.fileno()
         tls = isinstance(self.connection, ssl.SSLSocket) and not kernel_tls(self.connection)  # else sendfile(2)
+        span = self._tls_span() if tls else CHUNK
         position = start
         while position < end:
             limit = end
@@ -257,7 +258,7 @@ class _Handler(BoundedHead):
                         self._expect(None, "")  # waiting for upstream, not for the client
                         time.sleep(POLL)
                     continue
-            count = min(self._tls_span() if tls else CHUNK, limit - position)
+            count = min(span, limit - position)
             self._expect(self._write_time(count), f"read {count} bytes at {self.server.min_rate} bytes/s")
             sent = self._send_tls(blob, position, count) if tls else self._sendfile(blob, position, count)
             if not sent:
