@@ -2196,6 +2196,35 @@ MUTANTS: list[Mutant] = [
         ["test_a_tls_reader_that_stops_is_cut_within_the_idle_timeout"],
         INTEGRATION,
     ),
+    # The CA made on first start, and hubcache's addons in mitmproxy's chain
+    mutant(
+        "ca-rsa-on-first-start",
+        "a confdir without a CA gets an EC P-256 one (a cheaper signature per handshake)",
+        Edit('if key_size is None and not (confdir / f"{BASENAME}-ca.pem").exists():', "if False:"),
+        ["test_a_new_confdir_gets_an_ec_ca_that_mitmproxy_loads_and_signs_with"],
+        UNIT,
+    ),
+    mutant(
+        "ca-existing-replaced",
+        "a confdir that has a CA keeps it: clients trust it",
+        Edit('if key_size is None and not (confdir / f"{BASENAME}-ca.pem").exists():', "if key_size is None:"),
+        ["test_a_confdir_that_has_a_ca_keeps_it"],
+        UNIT,
+    ),
+    mutant(
+        "ca-key-size-ignored",
+        "an operator's key_size asks mitmproxy for its RSA CA of that size",
+        Edit("return decimal(sizes[-1]) if sizes else None", "return None"),
+        ["test_the_key_size_is_read_from_the_settings"],
+        UNIT,
+    ),
+    mutant(
+        "run-addons-flat",
+        "hubcache run adds its addons to mitmproxy's chain as one (each addon of the chain costs every event)",
+        Edit("self.addons.add(Hubcache())", "self.addons.add(*Hubcache().addons)"),
+        ["test_hubcache_run_adds_its_addons_to_mitmproxys_chain_as_one"],
+        UNIT,
+    ),
 ]
 
 

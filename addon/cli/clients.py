@@ -8,8 +8,8 @@ from pathlib import Path
 
 import click
 
+from .ca import make_ca
 from .config import config_option, config_settings
-from .proxy import make_ca
 
 CLIENTS = ("dockerd", "containerd", "podman", "skopeo", "systemd")
 

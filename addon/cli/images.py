@@ -11,8 +11,9 @@ from typing import TYPE_CHECKING
 
 import click
 
+from .ca import make_ca
 from .config import cache_dir_option, config_option, open_store
-from .proxy import make_ca, proxy_options, proxy_settings
+from .proxy import key_size, proxy_options, proxy_settings
 
 SHOWN = 5  # images named in the summaries of import and prefetch, unless --verbose
 
@@ -100,7 +101,7 @@ def prefetch(
         click.echo(f"Warning: {note}", err=True)
     # What the operator names is pinned in the recording: eviction never drops it.
     options = [*proxy_settings(cache_dir, config_file, confdir, record, settings), "record_pins=true"]
-    ca_cert = make_ca(confdir)
+    ca_cert = make_ca(confdir, key_size(options))
     results = []
     try:
         with LocalProxy(options) as proxy, LayerBars() as bars:

@@ -64,11 +64,11 @@ class LocalProxy:
         from mitmproxy import options
         from mitmproxy.tools.dump import DumpMaster
 
-        from ..addons import make_addons
+        from ..addons import Hubcache
 
         master = DumpMaster(options.Options(), with_termlog=False, with_dumper=False)
         started = _Started()
-        master.addons.add(*make_addons(), started)
+        master.addons.add(Hubcache(), started)
         # A proxy of its own for this command: no status listener (a running hubcache has it).
         master.options.set("listen_host=127.0.0.1", "listen_port=0", "status_listen=", *self.settings)
         self.hosts, self.folder = master.addons.get("interception"), master.addons.get("cachefolder")

@@ -1,6 +1,6 @@
 """Running the proxy: `hubcache run` (mitmdump with the hubcache addons) and `hubcache options`
 (the options it takes). Also what `hubcache prefetch` shares with `run`: the proxy's command-line
-options, the `--set` list they make, and mitmproxy's CA in the confdir."""
+options, the `--set` list they make, and the key size they ask of the CA (cli/ca.py)."""
 
 from __future__ import annotations
 
@@ -10,13 +10,13 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
+from ..units import decimal
+from .ca import make_ca
 from .config import cache_dir_option, config_option, config_settings
 
 if TYPE_CHECKING:
     from mitmproxy.options import Options
-
-CA_CERT = "mitmproxy-ca-cert.pem"
-
+    from mitmproxy.tools.dump import DumpMaster
 
 def proxy_options[F: Callable[..., Any]](command: F) -> F:
     """The options of the commands that run the proxy (run, prefetch)."""
@@ -56,13 +56,11 @@ def proxy_settings(
     return [f"confdir={confdir}", *default, *given]
 
 
-def make_ca(confdir: Path) -> Path:
-    """Create mitmproxy's CA now, so that instructions and clients can name the file to trust."""
-    from mitmproxy.certs import CertStore
-
-    confdir.mkdir(parents=True, exist_ok=True)
-    CertStore.from_store(str(confdir), "mitmproxy", 2048)
-    return confdir.resolve() / CA_CERT
+def key_size(settings: list[str]) -> int | None:
+    """mitmproxy's `key_size` when the operator set it: then the CA made on first start is
+    mitmproxy's own RSA one of that size."""
+    sizes = [value for name, _, value in (s.partition("=") for s in settings) if name == "key_size"]
+    return decimal(sizes[-1]) if sizes else None
 
 
 @click.command()
@@ -89,7 +87,7 @@ def run(
       hubcache run --set offline=true        # serve only what the cache holds
     """
     options = proxy_settings(cache_dir, config_file, confdir, record, settings)
-    ca_cert = make_ca(confdir)
+    ca_cert = make_ca(confdir, key_size(options))
     click.echo(instructions(listen_host, listen_port, ca_cert), err=True)
     args = ["--listen-host", listen_host, "--listen-port", str(listen_port)]
     for setting in options:
@@ -124,17 +122,24 @@ Every file and command, per client (dockerd, containerd, podman, skopeo, systemd
 def _mitmdump_with_hubcache(args: list[str]) -> None:
     """mitmdump with the addons built in rather than loaded as a script, so that a bad option
     value is refused by mitmproxy's own option handling: one line, no traceback."""
-    from mitmproxy.tools import cmdline, dump
+    from mitmproxy.tools import cmdline
     from mitmproxy.tools.main import run as run_mitmproxy
 
-    from ..addons import make_addons
+    run_mitmproxy(master_class(), cmdline.mitmdump, args)
+
+
+def master_class() -> type[DumpMaster]:
+    """mitmdump's master with hubcache's addons, as one addon of its chain."""
+    from mitmproxy.tools import dump
+
+    from ..addons import Hubcache
 
     class HubcacheMaster(dump.DumpMaster):
         def __init__(self, options: Options, **kwargs: Any) -> None:  # DumpMaster's other parameters are untyped
             super().__init__(options, **kwargs)
-            self.addons.add(*make_addons())
+            self.addons.add(Hubcache())
 
-    run_mitmproxy(HubcacheMaster, cmdline.mitmdump, args)
+    return HubcacheMaster
 
 
 @click.command("options")

@@ -65,6 +65,7 @@ def test_run_with_defaults_and_a_config_file(tmp_path, ca, registry, multi_image
         wait_for_port("127.0.0.1", port, timeout=30, log=log)
         ca_cert = tmp_path / "certs" / "mitmproxy-ca-cert.pem"
         assert ca_cert.exists(), "the CA is generated into certs/ on first start"
+        assert b"BEGIN EC PRIVATE KEY" in (tmp_path / "certs" / "mitmproxy-ca.pem").read_bytes(), "hubcache's EC P-256 CA"
         assert "update-ca-certificates" in proc.log_text(), "start-up output explains dockerd's set-up"
         result = skopeo_copy(
             f"docker://{REGISTRY_NAME}/test/multi:1",

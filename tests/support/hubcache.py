@@ -9,6 +9,7 @@ import time
 import urllib.request
 from pathlib import Path
 
+from hubcache.cli.ca import make_ca
 from hubcache.storage.journal import MissJournal
 
 from .dockerhub import ALL_HOSTS as DOCKER_HUB_HOSTS
@@ -64,7 +65,7 @@ class Hubcache:
 
     def start(self, **options: object) -> Hubcache:
         self.options.update(options)
-        self.confdir.mkdir(parents=True, exist_ok=True)
+        make_ca(self.confdir)  # as `hubcache run` makes it (mitmdump alone would make an RSA one)
         args = [
             str(MITMDUMP),
             "-s",
