@@ -9,8 +9,9 @@ per-connection cost, not the bytes, decides how many pulls a core serves. Measur
 
 - `hubcache proxy`: CONNECT, TLS, and a blob GET that hubcache answers with its 307 to the blob
   server (HTTPS blob URLs on an address of this machine, as for clients on other machines);
-- `bare mitmdump`: the same through mitmdump with a one-line addon answering every request 307:
-  what mitmproxy itself spends on a CONNECT, a TLS session and one request;
+- `bare mitmdump`: the same through mitmdump with a one-line addon answering every request 307,
+  and a CA of the same kind (hubcache's EC P-256): what mitmproxy itself spends on a CONNECT, a
+  TLS session and one request;
 - `blob server`: TLS straight to the blob server and a GET of a small blob by its signed URL.
 """
 
@@ -31,6 +32,7 @@ from urllib.parse import urlsplit
 
 from bench import MITMDUMP, REGISTRY_NAME, Bench, HubcacheHttps, ImageSpec, console
 
+from hubcache.cli.ca import make_ca
 from support.clients import skopeo_copy
 from support.pki import ca_bundle
 from support.procs import Proc, free_port, wait_for_port
@@ -123,6 +125,7 @@ def run(connections: int, runs: int) -> dict[str, list[float]]:
 
             (workdir / "answer_307.py").write_text(ANSWER_307)
             bare_port, bare_conf = free_port(), workdir / "bare-conf"
+            make_ca(bare_conf)
             bare = Proc(
                 [str(MITMDUMP), "-q", "-s", str(workdir / "answer_307.py"), "--listen-host", "127.0.0.1", "--listen-port", str(bare_port),
                  "--set", f"confdir={bare_conf}", "--set", "connection_strategy=lazy"],
