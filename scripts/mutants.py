@@ -2225,6 +2225,35 @@ MUTANTS: list[Mutant] = [
         ["test_hubcache_run_adds_its_addons_to_mitmproxys_chain_as_one"],
         UNIT,
     ),
+    # One client address's share of a listener's connections and of the blob server's transfers
+    mutant(
+        "listeners-one-address-takes-every-connection",
+        "a client address holds its share of a listener's connections at most; its next one is closed at once",
+        Edit("if share is None or self._held[address] < share:", "if True:"),
+        ["test_one_address_holds_its_share_of_the_connections_and_no_more"],
+        UNIT,
+    ),
+    mutant(
+        "listeners-address-share-never-freed",
+        "a client address whose connections ended has its share again",
+        Edit("            self._held[address] -= 1\n", "            self._held[address] -= 0\n"),
+        ["test_one_address_holds_its_share_of_the_connections_and_no_more"],
+        UNIT,
+    ),
+    mutant(
+        "blob-one-address-takes-every-transfer",
+        "a client address holds its share of the blob server's transfers; its further ones wait for its own",
+        Edit("if share is not None and self._transferring[address] >= share:", "if False:"),
+        ["test_one_address_holds_its_share_of_the_transfers_and_the_others_are_served"],
+        UNIT,
+    ),
+    mutant(
+        "blob-network-listener-shares-nothing",
+        "the blob server's network listener gives one client address a quarter of its connections",
+        Edit("    max_per_address = _PlainServer.max_connections // 4\n", ""),
+        ["test_one_client_address_cannot_take_every_connection_of_the_network_blob_listener"],
+        INTEGRATION,
+    ),
 ]
 
 

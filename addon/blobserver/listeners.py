@@ -4,6 +4,7 @@ trickle of bytes resets."""
 
 from __future__ import annotations
 
+import collections
 import http.client
 import logging
 import queue
@@ -142,17 +143,24 @@ class BoundedThreads:
     """Mix in before a `socketserver` server class; set `max_connections` and `idle_timeout`, and
     `head_timeout` for deadlines.
 
-    Each connection is served in a worker thread of a pool, at most `max_connections` at once.
+    Each connection is served in a worker thread of a pool, at most `max_connections` at once,
+    with `max_per_address`, at most that many from one client address (more are closed at once).
     A worker waits WORKER_IDLE seconds for its next connection before it ends, so a pull, which
     opens a connection per blob, reuses threads and what they keep (the store's SQLite
     connection, the blob server's TLS buffer) instead of making them anew every time."""
 
     max_connections = 64
+    # Of those, what one client address may hold (None: all): a client that opens connections and
+    # says nothing (each kept until its head deadline) cannot take every slot from the others.
+    max_per_address: int | None = None
     idle_timeout: float | None = 60.0
     head_timeout: float | None = None
 
     def server_activate(self) -> None:
         self._slots = threading.BoundedSemaphore(self.max_connections)
+        self._held: collections.Counter[str] = collections.Counter()  # connections per client address
+        self._refusing: set[str] = set()  # addresses refused since they last held less than their share
+        self._held_lock = threading.Lock()
         self._waiting: queue.SimpleQueue[tuple[socket.socket, Any]] = queue.SimpleQueue()
         self._idle = threading.Semaphore(0)  # one per worker waiting for a connection
         self.deadlines = Deadlines() if self.head_timeout is not None else None
@@ -160,14 +168,39 @@ class BoundedThreads:
 
     def process_request(self, request: socket.socket | tuple[bytes, socket.socket], client_address: Any) -> None:
         assert isinstance(request, socket.socket)  # a TCP server's requests are sockets (the base class types UDP's too)
+        if not self._admit(client_address[0]):
+            self.shutdown_request(request)  # type: ignore[attr-defined]
+            return
         self._slots.acquire()  # the accepting thread waits here: the bound is backpressure
         if not self._idle.acquire(blocking=False):
             try:
                 threading.Thread(target=self._work, name="connection", daemon=True).start()
             except BaseException:
                 self._slots.release()
+                self._leave(client_address[0])
                 raise
         self._waiting.put((request, client_address))
+
+    def _admit(self, address: str) -> bool:
+        """Count a connection from `address`, unless it holds its share already. Refused at once,
+        without an answer: answering would take a thread, which is what the share bounds."""
+        share = self.max_per_address
+        with self._held_lock:
+            if share is None or self._held[address] < share:
+                self._held[address] += 1
+                return True
+            first = address not in self._refusing
+            self._refusing.add(address)
+        if first:
+            logger.warning(f"connections from {address} refused: it holds {share}, its share of {self.max_connections}")
+        return False
+
+    def _leave(self, address: str) -> None:
+        with self._held_lock:
+            self._held[address] -= 1
+            if not self._held[address]:
+                del self._held[address]
+            self._refusing.discard(address)
 
     def _work(self) -> None:
         while True:
@@ -182,6 +215,7 @@ class BoundedThreads:
             try:
                 self._serve(request, client_address)
             finally:
+                self._leave(client_address[0])
                 self._slots.release()
                 self._idle.release()
 

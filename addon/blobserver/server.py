@@ -9,6 +9,7 @@ and pull log), and exits when the proxy closes its stdin (or dies)."""
 from __future__ import annotations
 
 import argparse
+import collections
 import hashlib
 import hmac
 import logging
@@ -20,6 +21,8 @@ import ssl
 import sys
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
@@ -215,7 +218,7 @@ class _Handler(BoundedHead):
             if span is not None:
                 headers["Content-Range"] = f"bytes {first}-{last}/{size}"
                 headers["Content-Length"] = str(last - first + 1)
-            with self.server.transfers:
+            with self.server.transfer(self.client_address[0]):
                 self._expect(GRACE, "read the answer's head")
                 self.send_response(status)
                 for name, value in headers.items():
@@ -322,12 +325,40 @@ class _PlainServer(BoundedThreads, HTTPServer):
     # next); answers being sent cost the disk.
     max_connections = 1024
     max_transfers = 256
+    max_transfers_per_address: int | None = None  # of those, what one client address may hold (None: all)
     head_timeout: float | None = HEAD_TIMEOUT
     min_rate = MIN_RATE
 
     def server_activate(self) -> None:
-        self.transfers = threading.BoundedSemaphore(self.max_transfers)
+        self._transfers = threading.BoundedSemaphore(self.max_transfers)
+        self._transferring: collections.Counter[str] = collections.Counter()  # per client address
+        self._held_back: set[str] = set()  # addresses whose transfers waited for their share
+        self._turn = threading.Condition()
         super().server_activate()
+
+    @contextmanager
+    def transfer(self, address: str) -> Iterator[None]:
+        """A transfer slot, waited for. With a share, a client address has at most
+        `max_transfers_per_address` at once (its further transfers wait for its own), so one
+        client's slow readers, each reading just fast enough, cannot hold every slot for hours."""
+        share = self.max_transfers_per_address
+        with self._turn:
+            if share is not None and self._transferring[address] >= share:
+                if address not in self._held_back:
+                    self._held_back.add(address)
+                    logger.warning(f"transfers to {address} wait: it has {share} at once, its share of {self.max_transfers}")
+                self._turn.wait_for(lambda: self._transferring[address] < share)
+            self._transferring[address] += 1
+        try:
+            with self._transfers:
+                yield
+        finally:
+            with self._turn:
+                self._transferring[address] -= 1
+                if not self._transferring[address]:
+                    del self._transferring[address]
+                    self._held_back.discard(address)
+                self._turn.notify_all()
 
     def handle_error(self, request: socket.socket | tuple[bytes, socket.socket], client_address: Any) -> None:
         logger.info(f"blob server: connection from {client_address[0]} failed: {sys.exc_info()[1]}")
@@ -343,6 +374,16 @@ class _TLSServer(_PlainServer):
         # The handshake runs in the connection's own thread, never in the accepting one.
         with self.context.wrap_socket(request, server_side=True) as tls:
             super().finish_request(tls, client_address)
+
+
+class _NetworkServer(_TLSServer):
+    """A listener for clients on other machines (`--network`): of its connections and transfers,
+    one client address holds a quarter at most, so one client's idle connections or slow readers
+    leave the others three quarters. (The loopback listeners have one client address, or the
+    proxy's relay, for everyone.)"""
+
+    max_per_address = _PlainServer.max_connections // 4
+    max_transfers_per_address = _PlainServer.max_transfers // 4
 
 
 class _TunnelServer(_TLSServer):
@@ -432,7 +473,7 @@ def main() -> None:
     servers: list[_PlainServer] = [tls, plain, tunnel]
     for address, port, fd in args.network:
         family = socket.AF_INET6 if ":" in address else socket.AF_INET
-        network = type("_NetworkServer", (_TLSServer,), {"address_family": family})
+        network = type("_NetworkServer", (_NetworkServer,), {"address_family": family})
         try:
             servers.append(network((address, int(port)), handler, server_context(int(fd), ktls)))
         except OSError as e:

@@ -517,3 +517,32 @@ def test_blob_urls_on_an_address_of_this_machine_still_serve_clients_through_the
     for port in [location.port + 1, *(int(p) for p in _blob_ports(proxy))]:
         other = curl("-p", "-x", proxy.url, f"http://127.0.0.2:{port}/", tmp=tmp_path)
         assert other.status == 403 or "403" in other.stderr, (port, other)
+
+
+def test_one_client_address_cannot_take_every_connection_of_the_network_blob_listener(hubcache, registry, multi_image, tmp_path):
+    """A client on the network that opens connections and says nothing holds a quarter of the
+    network listener's connections at most (each would be kept until its head deadline); its
+    next one is closed at once, and a client at another address is served meanwhile."""
+    proxy = hubcache(blob_urls="https", blob_listen="127.0.0.2", blob_head_timeout=120)
+    pulled = skopeo_copy(f"docker://{REGISTRY_NAME}/test/multi:1", tmp_path / "pulled", proxy=proxy.url, ca_bundle=proxy.client_bundle)
+    assert pulled.returncode == 0, pulled.stderr
+    layer = multi_image.platform("linux/amd64").layers[0]
+    redirect = proxied.request(proxy.port, REGISTRY_NAME, f"/v2/test/multi/blobs/{layer.digest}", ca=proxy.ca_cert, follow=False)
+    location = urlsplit(redirect.headers["Location"])
+    assert redirect.status == 307 and location.hostname == "127.0.0.2"
+    listener = (location.hostname, location.port)
+    held = [socket.create_connection(listener, timeout=30, source_address=("127.0.0.3", 0)) for _ in range(256)]
+    try:
+        with socket.create_connection(listener, timeout=30, source_address=("127.0.0.3", 0)) as beyond:
+            try:
+                assert beyond.recv(1) == b"", "the connection beyond the share was answered"
+            except ConnectionResetError:
+                pass  # closed: what the share does
+            except TimeoutError:
+                pytest.fail("the connection beyond the address's share was kept")
+        direct = curl("--noproxy", "*", "--cacert", str(proxy.ca_cert), location.geturl(), tmp=tmp_path)
+        assert direct.status == 200 and "sha256:" + hashlib.sha256(direct.body).hexdigest() == layer.digest
+    finally:
+        for sock in held:
+            sock.close()
+    assert "connections from 127.0.0.3 refused" in proxy.log_text()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import socket
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, HTTPServer
 
 from hubcache.blobserver import listeners
@@ -122,6 +123,48 @@ def test_a_worker_without_connections_ends(monkeypatch):
         thread.join(10)
         assert not thread.is_alive(), "the idle worker still waits"
         assert _ask(server.server_address), "a new worker serves the next connection"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+class _Shared(BoundedThreads, HTTPServer):
+    max_connections = 4
+    max_per_address = 2
+    idle_timeout = 120.0  # nothing here is closed for being idle
+
+
+def _ask_from(source: str, address) -> bytes:
+    """The answer to a GET from the address `source`; b"" if the server closed the connection."""
+    answer = b""
+    with socket.create_connection(address, timeout=30, source_address=(source, 0)) as sock:
+        try:
+            sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            while chunk := sock.recv(1024):
+                answer += chunk
+        except (ConnectionResetError, BrokenPipeError):
+            pass  # closed with the request unread
+    return answer
+
+
+def test_one_address_holds_its_share_of_the_connections_and_no_more():
+    server = _Shared(("127.0.0.1", 0), _Echo)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    address = server.server_address
+    try:
+        # A client that opens connections and says nothing: its share, then refused at once.
+        held = [socket.create_connection(address, timeout=30, source_address=("127.0.0.3", 0)) for _ in range(2)]
+        assert _ask_from("127.0.0.3", address) == b"", "a connection beyond the address's share was served"
+        assert _ask_from("127.0.0.1", address).startswith(b"HTTP/1.1 200"), "another address was kept waiting"
+        held[0].sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert held[0].recv(1024).startswith(b"HTTP/1.1 200"), "a connection within the share is served"
+        for sock in held:
+            sock.close()
+        # Its connections closed, the address has its share again (once the server saw them end).
+        deadline = time.monotonic() + 30
+        while not (answer := _ask_from("127.0.0.3", address)):
+            assert time.monotonic() < deadline, "the address's closed connections still count"
+        assert answer.startswith(b"HTTP/1.1 200")
     finally:
         server.shutdown()
         server.server_close()

@@ -13,6 +13,9 @@ import re
 import socket
 import ssl
 import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from urllib.parse import unquote, urlsplit
 
 import pytest
@@ -281,7 +284,11 @@ class _Server:
     deadlines = None
     head_timeout = blobserver.HEAD_TIMEOUT
     min_rate = blobserver.MIN_RATE
-    transfers = threading.BoundedSemaphore(1)
+
+    @staticmethod
+    @contextmanager
+    def transfer(address: str) -> Iterator[None]:
+        yield
 
 
 def answer(store: Store, data: bytes) -> tuple[bytes, bool, int]:
@@ -430,3 +437,43 @@ def test_every_url_the_proxy_signs_reads_back_as_it_signed_it(tag, fill, size):
     assert fields is not None
     assert (fields.get("fill", ""), int(fields.get("size", "0")), fields.get("tag", "")) == (fill, size, tag)
     assert fields["signature"] == blobserver.sign(SECRET, DIGEST, int(fields["expires"]), fill, size, tag)
+
+
+def test_one_address_holds_its_share_of_the_transfers_and_the_others_are_served(store, caplog):
+    """A client whose readers stop (each just fast enough for its deadline, say) holds its share of
+    the transfer slots; its further transfers wait for its own, never for the others'."""
+    big = os.urandom(1024 * 1024) * 48  # more than the sockets buffer: its sender blocks
+    writer = store.blob_writer(digest_of(big))
+    writer.write(big)
+    writer.commit()
+    shared = type("Shared", (blobserver._PlainServer,), {"max_transfers": 4, "max_transfers_per_address": 1})
+    server = shared(("127.0.0.1", 0), _handler_class(store))
+    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+    address = server.server_address
+    stalled = socket.create_connection(address, timeout=30, source_address=("127.0.0.3", 0))
+    answers: list[bytes] = []
+    try:
+        stalled.sendall(request(blobserver.signed_path(SECRET, digest_of(big))))
+        stalled.recv(1)  # its transfer began; it reads nothing more
+        second = threading.Thread(target=lambda: answers.append(_get_from("127.0.0.3", address, signed())))
+        second.start()
+        deadline = time.monotonic() + 30
+        while not any("transfers to 127.0.0.3 wait" in r.getMessage() for r in caplog.records):
+            assert time.monotonic() < deadline, "the address's second transfer did not wait for its share"
+            assert second.is_alive(), f"served beyond its share: {answers}"
+            time.sleep(0.01)
+        assert _get_from("127.0.0.1", address, signed()).endswith(BLOB), "another address waited"
+        stalled.close()  # its transfer fails: the address's turn comes
+        second.join(30)
+        assert answers and answers[0].endswith(BLOB)
+    finally:
+        stalled.close()
+        server.shutdown()
+        server.server_close()
+
+
+def _get_from(source: str, address, path: str) -> bytes:
+    with socket.create_connection(address, timeout=30, source_address=(source, 0)) as sock:
+        sock.sendall(request(path, extra="Connection: close\r\n"))
+        return _until_closed(sock)
+
