@@ -2236,7 +2236,7 @@ MUTANTS: list[Mutant] = [
     mutant(
         "listeners-address-share-never-freed",
         "a client address whose connections ended has its share again",
-        Edit("            self._held[address] -= 1\n", "            self._held[address] -= 0\n"),
+        Edit("self._held[address] -= 1", "self._held[address] -= 0"),
         ["test_one_address_holds_its_share_of_the_connections_and_no_more"],
         UNIT,
     ),
