@@ -159,7 +159,7 @@ class BoundedThreads:
     def server_activate(self) -> None:
         self._slots = threading.BoundedSemaphore(self.max_connections)
         self._held: collections.Counter[str] = collections.Counter()  # connections per client address
-        self._refusing: set[str] = set()  # addresses refused since they last held less than their share
+        self._refusing: set[str] = set()  # addresses refused since they last held no connection (logged once)
         self._held_lock = threading.Lock()
         self._waiting: queue.SimpleQueue[tuple[socket.socket, Any]] = queue.SimpleQueue()
         self._idle = threading.Semaphore(0)  # one per worker waiting for a connection
@@ -200,7 +200,7 @@ class BoundedThreads:
             self._held[address] -= 1
             if not self._held[address]:
                 del self._held[address]
-            self._refusing.discard(address)
+                self._refusing.discard(address)
 
     def _work(self) -> None:
         while True:
