@@ -2229,7 +2229,7 @@ MUTANTS: list[Mutant] = [
     mutant(
         "listeners-one-address-takes-every-connection",
         "a client address holds its share of a listener's connections at most; its next one is closed at once",
-        Edit("if share is None or self._held[address] < share:", "if True:"),
+        Edit("if not self._per_address.take(client_address[0], wait=False):", "if False:"),
         ["test_one_address_holds_its_share_of_the_connections_and_no_more"],
         UNIT,
     ),
@@ -2243,7 +2243,7 @@ MUTANTS: list[Mutant] = [
     mutant(
         "blob-one-address-takes-every-transfer",
         "a client address holds its share of the blob server's transfers; its further ones wait for its own",
-        Edit("if share is not None and self._transferring[address] >= share:", "if False:"),
+        Edit("self._transfer_share.take(address, wait=True)", "True"),
         ["test_one_address_holds_its_share_of_the_transfers_and_the_others_are_served"],
         UNIT,
     ),

@@ -139,6 +139,42 @@ def _peer(sock: socket.socket) -> str:
         return "a client"
 
 
+class AddressShare:
+    """What each client address holds of something bounded (connections, transfers): at most
+    `share` at once (None: no share). An address that reaches its share is logged once, until it
+    holds none again."""
+
+    def __init__(self, share: int | None, total: int, label: str) -> None:
+        self.share = share
+        self._total, self._label = total, label  # for the log line
+        self._held: collections.Counter[str] = collections.Counter()
+        self._logged: set[str] = set()
+        self._changed = threading.Condition()
+
+    def take(self, address: str, wait: bool) -> bool:
+        """One more for `address`. At its share: False, or with `wait`, once it holds less."""
+        share = self.share
+        with self._changed:
+            if share is not None and self._held[address] >= share:
+                if address not in self._logged:
+                    self._logged.add(address)
+                    outcome = "wait" if wait else "refused"
+                    logger.warning(f"{self._label} {address} {outcome}: it holds {share} at once, its share of {self._total}")
+                if not wait:
+                    return False
+                self._changed.wait_for(lambda: self._held[address] < share)
+            self._held[address] += 1
+            return True
+
+    def give_back(self, address: str) -> None:
+        with self._changed:
+            self._held[address] -= 1
+            if not self._held[address]:
+                del self._held[address]
+                self._logged.discard(address)
+            self._changed.notify_all()
+
+
 class BoundedThreads:
     """Mix in before a `socketserver` server class; set `max_connections` and `idle_timeout`, and
     `head_timeout` for deadlines.
@@ -158,9 +194,7 @@ class BoundedThreads:
 
     def server_activate(self) -> None:
         self._slots = threading.BoundedSemaphore(self.max_connections)
-        self._held: collections.Counter[str] = collections.Counter()  # connections per client address
-        self._refusing: set[str] = set()  # addresses refused since they last held no connection (logged once)
-        self._held_lock = threading.Lock()
+        self._per_address = AddressShare(self.max_per_address, self.max_connections, "connections from")
         self._waiting: queue.SimpleQueue[tuple[socket.socket, Any]] = queue.SimpleQueue()
         self._idle = threading.Semaphore(0)  # one per worker waiting for a connection
         self.deadlines = Deadlines() if self.head_timeout is not None else None
@@ -168,7 +202,8 @@ class BoundedThreads:
 
     def process_request(self, request: socket.socket | tuple[bytes, socket.socket], client_address: Any) -> None:
         assert isinstance(request, socket.socket)  # a TCP server's requests are sockets (the base class types UDP's too)
-        if not self._admit(client_address[0]):
+        if not self._per_address.take(client_address[0], wait=False):
+            # Refused at once, unanswered: answering would take a thread, which the share bounds.
             self.shutdown_request(request)  # type: ignore[attr-defined]
             return
         self._slots.acquire()  # the accepting thread waits here: the bound is backpressure
@@ -177,30 +212,9 @@ class BoundedThreads:
                 threading.Thread(target=self._work, name="connection", daemon=True).start()
             except BaseException:
                 self._slots.release()
-                self._leave(client_address[0])
+                self._per_address.give_back(client_address[0])
                 raise
         self._waiting.put((request, client_address))
-
-    def _admit(self, address: str) -> bool:
-        """Count a connection from `address`, unless it holds its share already. Refused at once,
-        without an answer: answering would take a thread, which is what the share bounds."""
-        share = self.max_per_address
-        with self._held_lock:
-            if share is None or self._held[address] < share:
-                self._held[address] += 1
-                return True
-            first = address not in self._refusing
-            self._refusing.add(address)
-        if first:
-            logger.warning(f"connections from {address} refused: it holds {share}, its share of {self.max_connections}")
-        return False
-
-    def _leave(self, address: str) -> None:
-        with self._held_lock:
-            self._held[address] -= 1
-            if not self._held[address]:
-                del self._held[address]
-                self._refusing.discard(address)
 
     def _work(self) -> None:
         while True:
@@ -215,7 +229,7 @@ class BoundedThreads:
             try:
                 self._serve(request, client_address)
             finally:
-                self._leave(client_address[0])
+                self._per_address.give_back(client_address[0])
                 self._slots.release()
                 self._idle.release()
 

@@ -9,7 +9,6 @@ and pull log), and exits when the proxy closes its stdin (or dies)."""
 from __future__ import annotations
 
 import argparse
-import collections
 import hashlib
 import hmac
 import logging
@@ -32,7 +31,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit
 from ..registry import protocol
 from ..storage.store import Store
 from ..units import decimal
-from .listeners import HEAD, BoundedHead, BoundedThreads, Watched
+from .listeners import HEAD, AddressShare, BoundedHead, BoundedThreads, Watched
 
 logger = logging.getLogger(__name__)
 
@@ -331,9 +330,7 @@ class _PlainServer(BoundedThreads, HTTPServer):
 
     def server_activate(self) -> None:
         self._transfers = threading.BoundedSemaphore(self.max_transfers)
-        self._transferring: collections.Counter[str] = collections.Counter()  # per client address
-        self._held_back: set[str] = set()  # addresses whose transfers waited for their share
-        self._turn = threading.Condition()
+        self._transfer_share = AddressShare(self.max_transfers_per_address, self.max_transfers, "transfers to")
         super().server_activate()
 
     @contextmanager
@@ -341,24 +338,12 @@ class _PlainServer(BoundedThreads, HTTPServer):
         """A transfer slot, waited for. With a share, a client address has at most
         `max_transfers_per_address` at once (its further transfers wait for its own), so one
         client's slow readers, each reading just fast enough, cannot hold every slot for hours."""
-        share = self.max_transfers_per_address
-        with self._turn:
-            if share is not None and self._transferring[address] >= share:
-                if address not in self._held_back:
-                    self._held_back.add(address)
-                    logger.warning(f"transfers to {address} wait: it has {share} at once, its share of {self.max_transfers}")
-                self._turn.wait_for(lambda: self._transferring[address] < share)
-            self._transferring[address] += 1
+        self._transfer_share.take(address, wait=True)
         try:
             with self._transfers:
                 yield
         finally:
-            with self._turn:
-                self._transferring[address] -= 1
-                if not self._transferring[address]:
-                    del self._transferring[address]
-                    self._held_back.discard(address)
-                self._turn.notify_all()
+            self._transfer_share.give_back(address)
 
     def handle_error(self, request: socket.socket | tuple[bytes, socket.socket], client_address: Any) -> None:
         logger.info(f"blob server: connection from {client_address[0]} failed: {sys.exc_info()[1]}")
