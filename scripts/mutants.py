@@ -2254,6 +2254,13 @@ MUTANTS: list[Mutant] = [
         ["test_one_client_address_cannot_take_every_connection_of_the_network_blob_listener"],
         INTEGRATION,
     ),
+    mutant(
+        "ca-command-ignores-the-config-file",
+        "hubcache ca and setup make the CA that hubcache run with the same config file would",
+        Edit("return make_ca(confdir, key_size(config_settings(config_file)))", "return make_ca(confdir)"),
+        ["test_ca_and_setup_make_the_ca_the_config_file_asks_for"],
+        UNIT,
+    ),
 ]
 
 

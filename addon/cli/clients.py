@@ -14,9 +14,12 @@ from .config import config_option, config_settings
 CLIENTS = ("dockerd", "containerd", "podman", "skopeo", "systemd")
 
 
-def _ca(confdir: Path) -> Path:
+def _ca(confdir: Path, config_file: Path | None) -> Path:
+    """The CA as `hubcache run` with the same config file would make it (its `key_size`)."""
+    from .proxy import key_size
+
     try:
-        return make_ca(confdir)
+        return make_ca(confdir, key_size(config_settings(config_file)))
     except OSError as e:
         raise click.ClickException(f"cannot create the CA in {confdir}: {e.strerror or e}") from e
 
@@ -33,7 +36,8 @@ confdir_option = click.option(
 @click.command("ca")
 @confdir_option
 @click.option("--install", is_flag=True, help="Add the CA to this machine's trust store (/usr/local/share/ca-certificates/hubcache.crt).")
-def ca_command(confdir: Path, install: bool) -> None:
+@config_option
+def ca_command(confdir: Path, install: bool, config_file: Path | None) -> None:
     """Print the CA certificate clients must trust: its path (on stderr) and its PEM (on
     stdout). The CA is generated first if the confdir has none, as `hubcache run` does.
 
@@ -48,7 +52,7 @@ def ca_command(confdir: Path, install: bool) -> None:
 
     from .client_setup import SYSTEM_CA
 
-    ca_cert = _ca(confdir)
+    ca_cert = _ca(confdir, config_file)
     click.echo(ca_cert, err=True)
     click.echo(ca_cert.read_text(), nl=False)
     if not install:
@@ -122,7 +126,7 @@ def setup_command(
     except ValueError:
         raise click.ClickException(f"{config_file}: listen_port is not a number") from None
     if mirror:
-        _mirror_setup(client, mirror_listen or configured.get("mirror_listen", [""])[-1], confdir, configured)
+        _mirror_setup(client, mirror_listen or configured.get("mirror_listen", [""])[-1], confdir, config_file, configured)
         return
     if client == "systemd":
         executable = Path(sys.executable).with_name("hubcache")
@@ -140,7 +144,7 @@ def setup_command(
     except ValueError:
         raise click.BadParameter(f"{blob_listen!r} is not ADDRESS[:PORT]", param_hint="--blob-listen") from None
     no_proxy = direct[0] if direct else ""  # where blobs come from directly (see BlobHost)
-    ca_cert = _ca(confdir)
+    ca_cert = _ca(confdir, config_file)
     registries = configured.get("registries") or list(DEFAULT_REGISTRIES)
     setups = {
         "dockerd": lambda: clientsetup.dockerd(proxy, ca_cert, no_proxy),
@@ -151,7 +155,7 @@ def setup_command(
     click.echo(setups[client]().text(), nl=False)
 
 
-def _mirror_setup(client: str, listen: str, confdir: Path, configured: dict[str, list[str]]) -> None:
+def _mirror_setup(client: str, listen: str, confdir: Path, config_file: Path | None, configured: dict[str, list[str]]) -> None:
     from ..proxy.mirror import parse_listen
     from ..registry.settings import DEFAULT_REGISTRIES
     from . import client_setup as clientsetup
@@ -164,7 +168,7 @@ def _mirror_setup(client: str, listen: str, confdir: Path, configured: dict[str,
         address = clientsetup.mirror_address(*parse_listen(listen))
     except ValueError:
         raise click.BadParameter(f"{listen!r} is not ADDRESS:PORT", param_hint="--mirror-listen") from None
-    ca_cert = _ca(confdir)
+    ca_cert = _ca(confdir, config_file)
     registries = configured.get("registries") or list(DEFAULT_REGISTRIES)
     setups = {
         "dockerd": lambda: clientsetup.dockerd_mirror(address, ca_cert),

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import rsa
 
 from hubcache.cli import client_setup as clientsetup
 from hubcache.cli import main
@@ -290,6 +292,16 @@ def test_ca_generates_and_prints_the_certificate(tmp_path):
     assert result.stdout == path.read_text() and result.stdout.startswith("-----BEGIN CERTIFICATE-----")
     again = invoke("ca", "--confdir", str(confdir))
     assert again.stdout == result.stdout, "an existing CA is kept"
+
+
+@pytest.mark.parametrize("command", [["ca"], ["setup", "skopeo"], ["setup", "skopeo", "--mirror", "--mirror-listen", "127.0.0.1:5443"]])
+def test_ca_and_setup_make_the_ca_the_config_file_asks_for(tmp_path, command):
+    config = tmp_path / "hubcache.yaml"
+    config.write_text("key_size: 3072\n")
+    result = invoke(*command, "--confdir", str(tmp_path / "certs"), "--config", str(config))
+    assert result.exit_code == 0, result.output
+    ca = x509.load_pem_x509_certificate((tmp_path / "certs" / "mitmproxy-ca-cert.pem").read_bytes())
+    assert isinstance(ca.public_key(), rsa.RSAPublicKey) and ca.public_key().key_size == 3072, "as `hubcache run` would make it"
 
 
 def test_ca_install_without_update_ca_certificates_says_what_to_do(tmp_path):
