@@ -2261,6 +2261,13 @@ MUTANTS: list[Mutant] = [
         ["test_ca_and_setup_make_the_ca_the_config_file_asks_for"],
         UNIT,
     ),
+    mutant(
+        "status-network-listener-shares-nothing",
+        "the status listener on an address beyond loopback gives one client address a quarter of its connections",
+        Edit("server_class = _Server if address[0] in LOOPBACK_HOSTS else _NetworkServer", "server_class = _Server"),
+        ["test_on_a_network_address_one_client_holds_a_quarter_of_the_connections"],
+        UNIT,
+    ),
 ]
 
 

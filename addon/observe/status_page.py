@@ -21,6 +21,7 @@ from mitmproxy.addonmanager import Loader
 from prometheus_client import make_wsgi_app
 from prometheus_client.registry import Collector
 
+from ..blobserver.host import LOOPBACK_HOSTS
 from ..blobserver.listeners import BoundedHead, BoundedThreads
 from ..registry.protocol import ImageReference
 from ..storage.folder import CacheFolder
@@ -40,6 +41,14 @@ PRIVATE = "(private)"
 class _Server(BoundedThreads, WSGIServer):
     max_connections = 16
     head_timeout = 10.0  # seconds for a request head, however slowly it trickles in
+
+
+class _NetworkServer(_Server):
+    """On an address beyond this machine's names for itself: one client address holds a quarter of
+    the connections at most, so a client's silent connections leave a scraper the rest. (On
+    loopback every client has one address: a share there would only refuse a browser's.)"""
+
+    max_per_address = _Server.max_connections // 4
 
 
 class _QuietHandler(BoundedHead, WSGIRequestHandler):
@@ -119,7 +128,8 @@ class StatusPage:
         if address is None:
             return
         try:
-            self._server = make_server(*address, self._app, server_class=_Server, handler_class=_QuietHandler)
+            server_class = _Server if address[0] in LOOPBACK_HOSTS else _NetworkServer
+            self._server = make_server(*address, self._app, server_class=server_class, handler_class=_QuietHandler)
             self._server.idle_timeout = ctx.options.client_idle_timeout
         except OSError as e:
             logger.error(f"hubcache: no status page on {ctx.options.status_listen}: {e.strerror or e}")

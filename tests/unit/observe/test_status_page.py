@@ -131,3 +131,47 @@ def test_the_status_shows_the_event_loop_lag(tmp_path):
         for lag in (0.2, 0.03, 0.06):
             metrics.loop_lagged(lag)
         assert page.status()["event_loop"] == {"longest_lag": 0.2, "stalls": 2}
+
+
+def _ask_from(source: str, address) -> bytes:
+    """The answer to a GET of /metrics from the address `source`; b"" if the listener closed the
+    connection unanswered."""
+    answer = b""
+    with socket.create_connection(address, timeout=30, source_address=(source, 0)) as sock:
+        try:
+            sock.sendall(b"GET /metrics HTTP/1.0\r\n\r\n")
+            while chunk := sock.recv(65536):
+                answer += chunk
+        except (ConnectionResetError, BrokenPipeError):
+            pass  # closed with the request unread
+    return answer
+
+
+@pytest.mark.parametrize("listen, share", [("127.0.0.2:0", 4), ("127.0.0.1:0", None)])
+async def test_on_a_network_address_one_client_holds_a_quarter_of_the_connections(listen, share, caplog):
+    """A client that opens silent connections to a status listener beyond loopback holds 4 of its
+    16; its next one is closed at once and the address logged, while another address's scraper is
+    answered. On loopback, where every client has one address, there is no share."""
+    hosts, folder = Interception(), CacheFolder()
+    page = page_of(hosts, folder, Metrics(hosts))
+    with taddons.context(CommonOptions(), folder, hosts, page) as tctx:
+        tctx.configure(page, status_listen=listen)
+        page.running()
+        try:
+            address = page._server.server_address
+            held = [socket.create_connection(address, timeout=30, source_address=("127.0.0.3", 0)) for _ in range(4)]
+            try:
+                beyond = _ask_from("127.0.0.3", address)
+                if share:
+                    assert beyond == b"", "a connection beyond the address's share was served"
+                    assert any("connections from 127.0.0.3 refused" in r.getMessage() for r in caplog.records)
+                else:
+                    assert beyond.startswith(b"HTTP/1.0 200"), "a loopback client was refused"
+                assert _ask_from("127.0.0.4", address).startswith(b"HTTP/1.0 200"), "another address was kept waiting"
+                held[0].sendall(b"GET /metrics HTTP/1.0\r\n\r\n")
+                assert held[0].recv(1024).startswith(b"HTTP/1.0 200"), "a connection within the share is served"
+            finally:
+                for sock in held:
+                    sock.close()
+        finally:
+            page.done()
