@@ -19,11 +19,18 @@ within one repetition, then the median of them is reported.
 Through each cold cache it also times many skopeo clients pulling one image at once, and the time
 to first byte of one cold blob (the big image's layer, fetched by curl) for the first client and
 for a second one that joins the fill once the first has bytes.
+
+In a virtual machine whose hypervisor takes back the memory the guest frees (free page
+reporting), a page the guest allocates again must first be backed by the host: whichever pull
+happens to grow into such memory pays for it, in the client's file writes. `--hold-memory` (root)
+holds the reporting off for the run and touches the free memory once first, so every path
+allocates from memory that is backed already.
 """
 
 from __future__ import annotations
 
 import argparse
+import mmap
 import os
 import platform
 import re
@@ -937,10 +944,16 @@ def run(options: argparse.Namespace) -> Results:
     workdir = Path(tempfile.mkdtemp(prefix="hubcache-bench-"))
     try:
         with ExitStack() as stack:
+            if options.hold_memory:
+                hold_memory(stack)
+            elif PAGE_REPORTING.exists():
+                progress.print("[yellow]this kernel reports freed memory to its hypervisor: if the host takes it back, a "
+                               "pull that allocates it again pays for it (--hold-memory, as root, evens that out)[/yellow]")
             progress.print(f"[dim]work folder {workdir}; building and pushing the images[/dim]")
             bench = Bench(workdir, SMALL_IMAGES if options.small else FULL_IMAGES, stack)
+            held = "; free page reporting held off" if options.hold_memory else ""
             results = Results(
-                options.clients, bench.images, [p for w in options.ways for p in WAYS[w].paths], options.runs, environment()
+                options.clients, bench.images, [p for w in options.ways for p in WAYS[w].paths], options.runs, environment() + held
             )
             clients = [SkopeoClient(workdir) if name == "skopeo" else DockerClient(workdir) for name in options.clients]
             for client in clients:
@@ -962,6 +975,35 @@ def run(options: argparse.Namespace) -> Results:
         else:
             shutil.rmtree(workdir, ignore_errors=True)
     return results
+
+
+PAGE_REPORTING = Path("/sys/module/page_reporting/parameters/page_reporting_order")
+NO_REPORTING = "11"  # an order above the buddy allocator's largest (10): no free block is reported
+MEMORY_MARGIN = 2 * GIB  # left free while the rest is touched
+TOUCH_SPAN = 256 * 2**20
+
+
+def hold_memory(stack: ExitStack) -> None:
+    """Hold free page reporting off until `stack` closes, then touch the free memory once: every
+    page the run allocates is then backed by the host, whichever path allocates it."""
+    try:
+        order = PAGE_REPORTING.read_text().strip()
+        PAGE_REPORTING.write_text(NO_REPORTING)
+    except OSError as e:
+        raise BenchError(f"--hold-memory: cannot hold off free page reporting in {PAGE_REPORTING}: {e.strerror or e}") from e
+    stack.callback(PAGE_REPORTING.write_text, order)
+    meminfo = dict(line.split(":", 1) for line in Path("/proc/meminfo").read_text().splitlines())
+    free = int(meminfo["MemFree"].split()[0]) * 1024 - MEMORY_MARGIN
+    started = time.monotonic()
+    spans: list[mmap.mmap] = []
+    try:
+        while len(spans) * TOUCH_SPAN < free:  # held together: each span gets pages of its own
+            spans.append(mmap.mmap(-1, TOUCH_SPAN, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | mmap.MAP_POPULATE))
+    finally:
+        for span in spans:
+            span.close()
+    seconds = time.monotonic() - started
+    progress.print(f"[dim]free page reporting held off; {len(spans) * TOUCH_SPAN / GIB:.0f} GiB touched in {seconds:.0f} s[/dim]")
 
 
 def measure_way(bench: Bench, results: Results, run_index: int, client: Client, image: BenchImage, way: str) -> None:
@@ -1038,6 +1080,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--first-bytes", action=argparse.BooleanOptionalAction, default=True,
         help="time to first byte of the big image's largest layer through each cold cache, for a first client "
         "and one joining its fill (curl; default on)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--hold-memory", action="store_true",
+        help="in a VM with free page reporting (root): hold the reporting off during the run and touch the "
+        "free memory once first, so that no path pays the hypervisor for memory another path freed",
     )  # fmt: skip
     parser.add_argument("--markdown", type=Path, metavar="PATH", help="also write the tables as markdown")
     parser.add_argument("--keep", action="store_true", help="keep the work folder (logs, configs)")
