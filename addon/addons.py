@@ -17,6 +17,7 @@ from .observe.pull_log import PullLog
 from .observe.status_page import StatusPage
 from .options import CommonOptions
 from .prefetch.watch import Watch
+from .proxy.client_share import ClientShare
 from .proxy.credentials import TokenRealms, UpstreamCredentials
 from .proxy.destinations import Destinations
 from .proxy.interception import Interception, Passthrough, UpstreamOverride
@@ -63,6 +64,7 @@ def make_addons() -> list:
     destinations.own_ports.append(status.ports)
     return [
         CommonOptions(),
+        ClientShare(),  # first: a connection beyond its client's share goes no further
         folder,
         destinations,
         circuits,

@@ -2268,6 +2268,42 @@ MUTANTS: list[Mutant] = [
         ["test_on_a_network_address_one_client_holds_a_quarter_of_the_connections"],
         UNIT,
     ),
+    # One client's share of the proxy's connections
+    mutant(
+        "proxy-one-client-takes-every-connection",
+        "a client beyond this machine holds client_connections of the proxy's connections; its next one is closed",
+        Edit("if not self._share.take(who, wait=False):", "if False:"),
+        ["test_a_client_holds_its_share_and_its_next_connection_is_closed"],
+        UNIT,
+    ),
+    mutant(
+        "proxy-one-client-takes-every-connection-real",
+        "a client beyond this machine holds client_connections of the real proxy's connections; the others pull meanwhile",
+        Edit("if not self._share.take(who, wait=False):", "if False:"),
+        ["test_one_client_cannot_take_every_connection_of_the_proxy"],
+        INTEGRATION,
+    ),
+    mutant(
+        "proxy-client-share-never-freed",
+        "a client whose connections to the proxy ended has its share again",
+        Edit("if (who := self._holding.pop(client.id, None)) is not None:\n    self._share.give_back(who)", "pass"),
+        ["test_a_client_holds_its_share_and_its_next_connection_is_closed"],
+        UNIT,
+    ),
+    mutant(
+        "proxy-ipv6-client-per-address",
+        "an IPv6 client is its /64: another address of it shares the same share",
+        Edit("return str(ipaddress.IPv6Network((address, 64), strict=False))", "return str(address)"),
+        ["test_an_ipv6_client_is_its_slash_64_and_this_machine_has_no_share"],
+        UNIT,
+    ),
+    mutant(
+        "proxy-open-files-not-raised",
+        "the proxy raises its limit of open files far beyond one client's share",
+        Edit("allow_files(FILES)", "pass"),
+        ["test_the_proxy_may_open_files_far_beyond_one_clients_share"],
+        UNIT,
+    ),
 ]
 
 

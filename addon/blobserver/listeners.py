@@ -8,6 +8,7 @@ import collections
 import http.client
 import logging
 import queue
+import resource
 import socket
 import threading
 import time
@@ -139,12 +140,20 @@ def _peer(sock: socket.socket) -> str:
         return "a client"
 
 
+def allow_files(wanted: int) -> None:
+    """Raise the process's soft limit of open files towards `wanted` (many systems start services
+    with 1024), within the hard limit."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (wanted if hard == resource.RLIM_INFINITY else min(wanted, hard), hard))
+
+
 class AddressShare:
     """What each client address holds of something bounded (connections, transfers): at most
     `share` at once (None: no share). An address that reaches its share is logged once, until it
     holds none again."""
 
-    def __init__(self, share: int | None, total: int, label: str) -> None:
+    def __init__(self, share: int | None, total: int | None, label: str) -> None:
         self.share = share
         self._total, self._label = total, label  # for the log line
         self._held: collections.Counter[str] = collections.Counter()
@@ -159,7 +168,8 @@ class AddressShare:
                 if address not in self._logged:
                     self._logged.add(address)
                     outcome = "wait" if wait else "refused"
-                    logger.warning(f"{self._label} {address} {outcome}: it holds {share} at once, its share of {self._total}")
+                    of = f", its share of {self._total}" if self._total else ""
+                    logger.warning(f"{self._label} {address} {outcome}: it holds {share} at once{of}")
                 if not wait:
                     return False
                 self._changed.wait_for(lambda: self._held[address] < share)

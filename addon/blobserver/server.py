@@ -14,7 +14,6 @@ import hmac
 import logging
 import os
 import re
-import resource
 import socket
 import ssl
 import sys
@@ -31,7 +30,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit
 from ..registry import protocol
 from ..storage.store import Store
 from ..units import decimal
-from .listeners import HEAD, AddressShare, BoundedHead, BoundedThreads, Watched
+from .listeners import HEAD, AddressShare, BoundedHead, BoundedThreads, Watched, allow_files
 
 logger = logging.getLogger(__name__)
 
@@ -445,7 +444,7 @@ def main() -> None:
         "certificate and key in FD (the proxy's blob_listen, a mirror's address); its port is printed in order",
     )
     args = parser.parse_args()
-    _allow_files(4 * _PlainServer.max_connections)  # a socket, its watched copy, a blob, per connection
+    allow_files(4 * _PlainServer.max_connections)  # a socket, its watched copy, a blob, per connection
     secret = bytes.fromhex(os.environ.pop(SECRET_ENV))
     logging.basicConfig(level=logging.WARNING, format="hubcache blob server: %(message)s")
     ktls = ktls_offered()
@@ -473,14 +472,6 @@ def main() -> None:
     threading.Thread(target=_exit_with_parent, daemon=True).start()
     print("ktls" if ktls else "userspace", *(server.server_address[1] for server in servers), flush=True)
     tls.serve_forever()
-
-
-def _allow_files(wanted: int) -> None:
-    """Raise the process's soft limit of open files towards `wanted` (many systems start services
-    with 1024), within the hard limit."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft != resource.RLIM_INFINITY and soft < wanted:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (wanted if hard == resource.RLIM_INFINITY else min(wanted, hard), hard))
 
 
 def _exit_with_parent() -> None:

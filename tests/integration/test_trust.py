@@ -546,3 +546,33 @@ def test_one_client_address_cannot_take_every_connection_of_the_network_blob_lis
         for sock in held:
             sock.close()
     assert "connections from 127.0.0.3 refused" in proxy.log_text()
+
+
+def test_one_client_cannot_take_every_connection_of_the_proxy(hubcache, registry, multi_image, tmp_path):
+    """A client on the network that opens connections to the proxy port and says nothing (mitmproxy
+    would keep each for tcp_timeout) holds its share at most: its next one is closed at once, while
+    a client at another address and this machine's own clients pull meanwhile."""
+    proxy = hubcache(client_connections=16)
+    manifest = f"https://{REGISTRY_NAME}/v2/test/multi/manifests/{multi_image.index_digest}"
+    held = [socket.create_connection(("127.0.0.1", proxy.port), timeout=30, source_address=("127.0.0.3", 0)) for _ in range(16)]
+    try:
+        with socket.create_connection(("127.0.0.1", proxy.port), timeout=30, source_address=("127.0.0.3", 0)) as beyond:
+            try:
+                beyond.sendall(f"CONNECT {REGISTRY_NAME}:443 HTTP/1.1\r\n\r\n".encode())
+                assert beyond.recv(1) == b"", "the connection beyond the share was answered"
+            except (ConnectionResetError, BrokenPipeError):
+                pass  # closed: what the share does
+            except TimeoutError:
+                pytest.fail("the connection beyond the client's share was kept")
+        other = curl("--interface", "127.0.0.4", "-x", proxy.url, "--cacert", str(proxy.ca_cert), "-H", f"Accept: {ACCEPT}", manifest, tmp=tmp_path)
+        assert other.status == 200 and json.loads(other.body)["manifests"], other
+        pulled = skopeo_copy(f"docker://{REGISTRY_NAME}/test/multi:1", tmp_path / "pulled", proxy=proxy.url, ca_bundle=proxy.client_bundle)
+        assert pulled.returncode == 0, pulled.stderr
+    finally:
+        for sock in held:
+            sock.close()
+    assert "connections to the proxy from 127.0.0.3 refused" in proxy.log_text()
+    # Its connections closed, the client has its share again (once the proxy saw them end).
+    deadline = time.monotonic() + 30
+    while (again := curl("--interface", "127.0.0.3", "-x", proxy.url, "--cacert", str(proxy.ca_cert), "-H", f"Accept: {ACCEPT}", manifest, tmp=tmp_path)).status != 200:
+        assert time.monotonic() < deadline, f"the client's closed connections still count: {again}"
