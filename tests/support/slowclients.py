@@ -1,7 +1,8 @@
 """Slow clients for the exhaustion tests: many connections that each send their opening bytes one
 at a time, a byte every `interval` seconds, the way a client would hold a server's connection
 slots while costing itself almost nothing. Bounded: they stop after `lifetime` seconds (or when
-stopped) and close every connection."""
+stopped) and close every connection. And `ask_from`, a request from a chosen client address, for
+the tests of one address's share."""
 
 from __future__ import annotations
 
@@ -10,6 +11,20 @@ import socket
 import ssl
 import threading
 import time
+
+
+def ask_from(source: str, address, request: bytes) -> bytes:
+    """The answer to `request` sent from the address `source`; b"" if the server closed the
+    connection without one."""
+    answer = b""
+    with socket.create_connection(address, timeout=30, source_address=(source, 0)) as sock:
+        try:
+            sock.sendall(request)
+            while chunk := sock.recv(65536):
+                answer += chunk
+        except (ConnectionResetError, BrokenPipeError):
+            pass  # closed with the request unread
+    return answer
 
 
 def client_hello() -> bytes:

@@ -10,6 +10,7 @@ from http.server import BaseHTTPRequestHandler, HTTPServer
 
 from hubcache.blobserver import listeners
 from hubcache.blobserver.listeners import BoundedThreads
+from support.slowclients import ask_from
 
 
 class _Echo(BaseHTTPRequestHandler):
@@ -135,16 +136,7 @@ class _Shared(BoundedThreads, HTTPServer):
 
 
 def _ask_from(source: str, address) -> bytes:
-    """The answer to a GET from the address `source`; b"" if the server closed the connection."""
-    answer = b""
-    with socket.create_connection(address, timeout=30, source_address=(source, 0)) as sock:
-        try:
-            sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-            while chunk := sock.recv(1024):
-                answer += chunk
-        except (ConnectionResetError, BrokenPipeError):
-            pass  # closed with the request unread
-    return answer
+    return ask_from(source, address, b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
 
 
 def test_one_address_holds_its_share_of_the_connections_and_no_more():

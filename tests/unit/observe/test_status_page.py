@@ -24,6 +24,7 @@ from hubcache.storage.folder import CacheFolder
 from hubcache.storage.journal import Outcome
 from hubcache.upstream.circuits import Circuits
 from hubcache.upstream.client import Upstream
+from support.slowclients import ask_from
 
 
 def test_only_repositories_known_to_be_public_are_named(tmp_path):
@@ -134,17 +135,7 @@ def test_the_status_shows_the_event_loop_lag(tmp_path):
 
 
 def _ask_from(source: str, address) -> bytes:
-    """The answer to a GET of /metrics from the address `source`; b"" if the listener closed the
-    connection unanswered."""
-    answer = b""
-    with socket.create_connection(address, timeout=30, source_address=(source, 0)) as sock:
-        try:
-            sock.sendall(b"GET /metrics HTTP/1.0\r\n\r\n")
-            while chunk := sock.recv(65536):
-                answer += chunk
-        except (ConnectionResetError, BrokenPipeError):
-            pass  # closed with the request unread
-    return answer
+    return ask_from(source, address, b"GET /metrics HTTP/1.0\r\n\r\n")
 
 
 @pytest.mark.parametrize("listen, share", [("127.0.0.2:0", 4), ("127.0.0.1:0", None)])
