@@ -2304,6 +2304,16 @@ MUTANTS: list[Mutant] = [
         ["test_the_proxy_may_open_files_far_beyond_one_clients_share"],
         UNIT,
     ),
+    mutant(
+        "fetcher-waits-with-select",
+        "a fill waits for upstream on a socket of any number (select(2) refuses numbers past 1023)",
+        Edit(
+            "if not waiting.poll(max(0.0, deadline - time.monotonic()) * 1000):",
+            "if not select.select([self.sock], [], [], max(0.0, deadline - time.monotonic()))[0]:",
+        ),
+        ["test_a_fill_waits_for_upstream_on_a_socket_numbered_above_1023"],
+        UNIT,
+    ),
 ]
 
 

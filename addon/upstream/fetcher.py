@@ -282,7 +282,9 @@ class _Connection:
             n = self.sock.recv_into(self._received, 0, socket.MSG_DONTWAIT if deadline is not None else 0)
         except BlockingIOError:
             assert deadline is not None
-            if not select.select([self.sock], [], [], max(0.0, deadline - time.monotonic()))[0]:
+            waiting = select.poll()  # not select(2): a proxy holding many connections numbers sockets past 1023
+            waiting.register(self.sock, select.POLLIN)
+            if not waiting.poll(max(0.0, deadline - time.monotonic()) * 1000):
                 return False
             n = self.sock.recv_into(self._received)
         if n:

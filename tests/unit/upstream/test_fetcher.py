@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
+import resource
 import socket
 import socketserver
 import ssl
@@ -208,6 +209,32 @@ async def test_bytes_before_a_pause_are_handed_over_while_upstream_pauses(tctx, 
     fetch = asyncio.ensure_future(upstream.Upstream().run(fill_flow("/pause"), 10))
     assert await asyncio.to_thread(hooks.arrived.wait, 10)
     assert hooks.body == BODY[:PAUSE_AT]  # upstream is still paused
+    Handler.release.set()
+    assert (await fetch).status_code == 200
+    assert hooks.body == BODY
+
+
+@pytest.fixture
+def high_file_numbers() -> Iterator[None]:
+    """Over a thousand files open, so that the next socket's number is above 1023 (where select(2)
+    cannot go), as in a proxy holding many client connections."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < 2048:
+        pytest.skip(f"the hard limit of open files ({hard}) is below 2048")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, 2048), hard))
+    files = [os.open(os.devnull, os.O_RDONLY) for _ in range(1100)]
+    try:
+        yield
+    finally:
+        for fd in files:
+            os.close(fd)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+async def test_a_fill_waits_for_upstream_on_a_socket_numbered_above_1023(tctx, hooks, high_file_numbers):
+    hooks.wanted = PAUSE_AT
+    fetch = asyncio.ensure_future(upstream.Upstream().run(fill_flow("/pause"), 10))
+    assert await asyncio.to_thread(hooks.arrived.wait, 10)
     Handler.release.set()
     assert (await fetch).status_code == 200
     assert hooks.body == BODY
