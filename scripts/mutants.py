@@ -769,10 +769,13 @@ MUTANTS: list[Mutant] = [
         "destination-mapped-loopback-reachable",
         "an IPv4 loopback address written as IPv6 (::ffff:127.0.0.1) is loopback too",
         Edit(
-            "if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:\n    address = address.ipv4_mapped",
-            "if False:\n    address = address.ipv4_mapped",
+            "if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:\n    return address.ipv4_mapped",
+            "if False:\n    return address.ipv4_mapped",
         ),
-        ["test_serving_a_network_refuses_local_destinations[::ffff:127.0.0.1-loopback]"],
+        [
+            "test_serving_a_network_refuses_local_destinations[::ffff:127.0.0.1-loopback]",
+            "test_an_ipv6_client_is_its_slash_64_and_this_machine_has_no_share",
+        ],
         UNIT,
     ),
     mutant(

@@ -14,6 +14,7 @@ from mitmproxy import connection, ctx, exceptions
 from mitmproxy.addonmanager import Loader
 
 from ..blobserver.listeners import AddressShare, allow_files
+from .destinations import plain
 
 logger = logging.getLogger(__name__)
 
@@ -66,11 +67,9 @@ class ClientShare:
 def _remote(client: connection.Client) -> str | None:
     """Who the client is for its share: its IPv4 address or IPv6 /64; None from this machine."""
     try:
-        address = ipaddress.ip_address(client.peername[0])
+        address = plain(ipaddress.ip_address(client.peername[0]))
     except (ValueError, IndexError, TypeError):
         return None  # not an IP connection
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
-        address = address.ipv4_mapped
     if address in OWN:
         return None
     if isinstance(address, ipaddress.IPv6Address):

@@ -203,10 +203,16 @@ async def _resolve(name: str, port: int) -> list[Address]:
     return [ipaddress.ip_address(host.partition("%")[0]) for host in hosts if isinstance(host, str)]
 
 
+def plain(address: Address) -> Address:
+    """`address`, or the IPv4 address it carries written as IPv6 (::ffff:a.b.c.d)."""
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
+        return address.ipv4_mapped
+    return address
+
+
 def _local(address: Address) -> str:
     """What makes `address` local to this host ('' if nothing does)."""
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
-        address = address.ipv4_mapped
+    address = plain(address)
     if address.is_loopback or address.is_unspecified:
         return "a loopback address"
     if address.is_link_local:
