@@ -2317,6 +2317,40 @@ MUTANTS: list[Mutant] = [
         ["test_a_fill_waits_for_upstream_on_a_socket_numbered_above_1023"],
         UNIT,
     ),
+    mutant(
+        "store-serves-a-blob-of-another-size",
+        "a blob whose file no longer has the size it verified at is never handed out: dropped, a miss",
+        Edit("if verified is None or size == verified:", "if True:"),
+        [
+            "test_a_blob_whose_file_changed_size_is_a_miss_dropped_with_what_names_it",
+            "test_a_cached_blob_cut_short_on_disk_is_fetched_again_not_served",
+        ],
+        INTEGRATION,
+    ),
+    mutant(
+        "store-serves-a-changed-manifest",
+        "a manifest whose bytes no longer hash to its digest is never handed out: dropped, a miss",
+        Edit('if manifest is not None and digest_of(manifest.body, digest.partition(":")[0]) != digest:', "if False:"),
+        ["test_a_manifest_changed_on_disk_is_a_miss_dropped_with_its_tag"],
+        UNIT,
+    ),
+    mutant(
+        "verify-reads-through-the-checks",
+        "verify reports every blob that did not hash to its digest, a cut-short one too",
+        Edit("blob = store.open_stored_blob(entry.digest)", "blob = store.open_blob(entry.digest)"),
+        ["test_verify_drops_a_blob_cut_short"],
+        UNIT,
+    ),
+    mutant(
+        "proxy-redirects-to-a-blob-of-another-size",
+        "the proxy sends a client to a cached blob only if its file is whole; else it fills it again",
+        Edit(
+            "if await asyncio.to_thread(store.blob_size, digest) is not None:  # whole (Store.open_blob)",
+            "if await asyncio.to_thread(store.has_blob, digest):",
+        ),
+        ["test_a_cached_blob_cut_short_on_disk_is_fetched_again_not_served"],
+        INTEGRATION,
+    ),
 ]
 
 

@@ -48,7 +48,7 @@ class BlobRequests:
             return Serve(200, b"", protocol.blob_headers(digest, size))
         fill = self.fills.get(digest)
         if fill is None:
-            if await asyncio.to_thread(store.has_blob, digest):
+            if await asyncio.to_thread(store.blob_size, digest) is not None:  # whole (Store.open_blob)
                 if refused := await self.access.refusal(flow, route, digest, store):
                     return refused
                 self.metrics.hit("blob")

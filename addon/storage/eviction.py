@@ -220,7 +220,7 @@ def verify(store: Store, progress: Callable[[int], None] | None = None) -> Verif
     left that no entry names."""
     result = Verified()
     for entry in store.blob_entries():
-        blob = store.open_blob(entry.digest)
+        blob = store.open_stored_blob(entry.digest)
         if blob is None:
             continue
         h = hasher(entry.digest)
@@ -234,7 +234,7 @@ def verify(store: Store, progress: Callable[[int], None] | None = None) -> Verif
         if hash_digest(h) != entry.digest:
             _dropped(result, entry.digest, store.drop_rotten(entry.digest))
     for digest in store.manifest_digests():
-        manifest = store.get_manifest(digest)
+        manifest = store.stored_manifest(digest)
         if manifest is None:
             continue
         result.checked += 1

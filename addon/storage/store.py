@@ -295,7 +295,16 @@ class Store:
         return ("blob", digest) in self._cache
 
     def open_blob(self, digest: str) -> BinaryIO | None:
-        """An open file of the blob, or None. The file stays readable even if evicted meanwhile."""
+        """An open file of the blob, or None. The file stays readable even if evicted meanwhile.
+        A file whose size is no longer the one it verified at is a miss, dropped (`_whole`)."""
+        blob = self.open_stored_blob(digest)
+        if blob is not None and not self._whole(blob, digest):
+            blob.close()
+            return None
+        return blob
+
+    def open_stored_blob(self, digest: str) -> BinaryIO | None:
+        """The blob's file as the store holds it, its size unchecked (`verify` hashes it whole)."""
         blob = self._read_blob(digest)
         if blob is None and self._lookup(self.has_blob, digest):
             # Either a commit landed between the two looks, or the file vanished under the index
@@ -308,6 +317,31 @@ class Store:
                 except OSError:
                     pass  # an index that cannot be written keeps its stale entry; still a miss
         return blob
+
+    def _whole(self, blob: BinaryIO, digest: str) -> bool:
+        """Whether the blob's file still has the size it verified at. A file cut short (a machine
+        that lost power before its disk had the data, a copy of the folder that stopped) or changed
+        by hand is dropped as `hubcache verify` drops it, so the next pull fetches it again instead
+        of sending bytes no client can verify. (A changed byte that keeps the size is found by
+        `hubcache verify`, which hashes everything.)"""
+        verified = self._lookup(self._indexed_size, digest)
+        size = os.fstat(blob.fileno()).st_size
+        if verified is None or size == verified:
+            return True  # no index entry (evicted meanwhile, or unreadable): nothing to compare
+        logger.warning(f"hubcache: blob {digest} is {size} bytes on disk, not the {verified} it verified at: dropped, to be fetched again")
+        self._drop_rotten_quietly(digest)
+        return False
+
+    def _indexed_size(self, digest: str) -> int | None:
+        with _as_os_error():
+            row = self._cache._sql("SELECT size FROM hc_blob WHERE digest = ?", (digest,)).fetchone()
+        return row[0] if row else None
+
+    def _drop_rotten_quietly(self, digest: str) -> None:
+        try:
+            self.drop_rotten(digest)
+        except OSError:
+            pass  # an index that cannot be written keeps the entry: each read finds it again
 
     @staticmethod
     def _lookup[T](read: Callable[..., T], *args: object) -> T | None:
@@ -489,6 +523,17 @@ class Store:
             index.add_manifest(change.sql, digest, media_type, body)
 
     def get_manifest(self, digest: str) -> Manifest | None:
+        """The manifest, or None. One whose bytes changed on disk since they verified is a miss,
+        dropped as `hubcache verify` drops it: no client could verify it either."""
+        manifest = self.stored_manifest(digest)
+        if manifest is not None and digest_of(manifest.body, digest.partition(":")[0]) != digest:
+            logger.warning(f"hubcache: manifest {digest} no longer hashes to its digest: dropped, with the tags leading to it")
+            self._drop_rotten_quietly(digest)
+            return None
+        return manifest
+
+    def stored_manifest(self, digest: str) -> Manifest | None:
+        """The manifest as the store holds it, unchecked (`verify` hashes it itself)."""
         value = self._lookup(self._cache.get, ("manifest", digest))
         if value is None:
             return None

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import hashlib
+import os
 import socket
 import ssl
 
 import pytest
 
+from hubcache.storage.store import Store
 from support import proxied
 from support.clients import pull, pulled_blobs, skopeo_copy
 from support.images import build_image
@@ -51,6 +53,32 @@ def test_all_platforms_are_cached(hubcache, registry, multi_image, tmp_path):
     every_blob = {b.digest for p in multi_image.platforms for b in [p.config, *p.layers]}
     assert every_blob <= pulled_blobs(tmp_path / "warm")
     assert registry.blob_gets() == [] and registry.manifest_gets() == []
+
+
+def test_a_cached_blob_cut_short_on_disk_is_fetched_again_not_served(hubcache, registry, multi_image, tmp_path):
+    """A machine that lost power before its disk had a blob's data leaves its file short under an
+    entry that says it verified: the next pull gets the blob whole, from upstream, once."""
+    ref = f"{REGISTRY_NAME}/test/multi:1"
+    layer = multi_image.platform("linux/amd64").layers[0].digest
+    proxy = hubcache()
+    pull(proxy, ref, tmp_path / "cold")
+    proxy.journal()  # every fill committed
+    store = Store(proxy.cache_dir)
+    with store.open_blob(layer) as blob:
+        os.truncate(blob.name, os.fstat(blob.fileno()).st_size // 2)
+    store.close()
+    registry.settle()
+    registry.reset_requests()
+
+    pull(proxy, ref, tmp_path / "after")
+    assert pulled_blobs(tmp_path / "after") == pulled_blobs(tmp_path / "cold")  # each checked against its digest
+    registry.settle()
+    assert [r.reference for r in registry.blob_gets()] == [layer]
+    assert f"blob {layer} is" in proxy.log_text()
+    registry.reset_requests()
+    pull(proxy, ref, tmp_path / "again")
+    registry.settle()
+    assert registry.blob_gets() == []
 
 
 def test_tag_revalidation_follows_a_moved_tag(hubcache, registry, tmp_path, layouts):

@@ -198,6 +198,50 @@ def test_verify_drops_a_rotten_manifest_with_its_tag(store, images):
     assert store.get_tag(REGISTRY, "one", "1") is not None
 
 
+def test_verify_drops_a_blob_cut_short(store, images):
+    one, _ = images
+    layer = one.platforms[0].layers[1].digest
+    with store.open_blob(layer) as f:
+        os.truncate(f.name, 1000)
+    result = verify(store)
+    assert result.dropped == [layer] and (result.manifests, result.tags) == (1, 1)
+
+
+@pytest.mark.parametrize("change", ["cut short", "emptied", "grown"])
+def test_a_blob_whose_file_changed_size_is_a_miss_dropped_with_what_names_it(store, images, change, caplog):
+    """A file whose size is not the one it verified at (a machine that lost power before its disk
+    had the data, a copy that stopped, a hand) is never handed out: the next pull fetches it again."""
+    one, two = images
+    layer = one.platforms[0].layers[1].digest
+    with store.open_blob(layer) as f:
+        path, size = f.name, os.fstat(f.fileno()).st_size
+    if change == "grown":
+        with open(path, "ab") as f:
+            f.write(b"more")
+    else:
+        os.truncate(path, {"cut short": size // 2, "emptied": 0}[change])
+    assert store.blob_size(layer) is None and store.open_blob(layer) is None
+    assert not store.has_blob(layer)
+    assert store.get_manifest(one.platforms[0].manifest.digest) is None and store.get_tag(REGISTRY, "one", "1") is None
+    assert f"blob {layer} is" in caplog.text and f"not the {size} it verified at" in caplog.text
+    # What kept its size is served as before: the other platform's layers, the other image.
+    other = one.platforms[0].layers[0]
+    with store.open_blob(other.digest) as f:
+        assert digest_of(f.read()) == other.digest
+    assert store.get_tag(REGISTRY, "two", "1") is not None and store.blob_size(two.platforms[0].layers[0].digest) == two.platforms[0].layers[0].size
+
+
+def test_a_manifest_changed_on_disk_is_a_miss_dropped_with_its_tag(store, images, caplog):
+    one, two = images
+    digest = two.top.digest
+    manifest = store.get_manifest(digest)
+    store._cache.set(("manifest", digest), (manifest.media_type, manifest.body + b" "))
+    assert store.get_manifest(digest) is None
+    assert store.stored_manifest(digest) is None and store.get_tag(REGISTRY, "two", "1") is None
+    assert f"manifest {digest} no longer hashes to its digest" in caplog.text
+    assert store.get_manifest(one.top.digest).digest == one.top.digest
+
+
 @pytest.fixture
 def upkeep(tmp_path):
     addons = CacheAddons()
