@@ -2195,7 +2195,7 @@ MUTANTS: list[Mutant] = [
     mutant(
         "blob-tls-write-outlasts-idle",
         "a blob server TLS client that stops reading is cut within client_idle_timeout, though its writes block",
-        Edit("return max(RECORD, min(TLS_CHUNK, int((idle - GRACE) * self.server.min_rate)))", "return TLS_CHUNK"),
+        Edit("return max(RECORD, min(BUFFER, int((idle - GRACE) * self.server.min_rate)))", "return BUFFER"),
         ["test_a_tls_reader_that_stops_is_cut_within_the_idle_timeout"],
         INTEGRATION,
     ),

@@ -193,7 +193,7 @@ class BoundedThreads:
     with `max_per_address`, at most that many from one client address (more are closed at once).
     A worker waits WORKER_IDLE seconds for its next connection before it ends, so a pull, which
     opens a connection per blob, reuses threads and what they keep (the store's SQLite
-    connection, the blob server's TLS buffer) instead of making them anew every time."""
+    connection, the blob server's write buffer) instead of making them anew every time."""
 
     max_connections = 64
     # Of those, what one client address may hold (None: all): a client that opens connections and

@@ -1,6 +1,6 @@
 """The blob server: a process of its own that sends blobs to clients, from the store or from a fill
 as its file grows (the last byte held back until the fill verified), by URLs the proxy signed.
-TLS goes by kTLS sendfile where the kernel offers it, else in large writes from one reused buffer.
+Bodies go in large writes from one reused buffer, or by sendfile(2) where the kernel encrypts (kTLS).
 
 Run by the proxy as `python -m hubcache.blobserver.server`; it prints its ports, then a line
 `sent <tag> <bytes>` for every finished transfer whose URL carried a tag (for the proxy's metrics
@@ -37,8 +37,8 @@ logger = logging.getLogger(__name__)
 BLOB_HOST = "blobs.hubcache.invalid"  # never resolved: the proxy routes it (RFC 2606 name)
 SECRET_ENV = "HUBCACHE_BLOB_SECRET"
 URL_TTL = 600  # seconds a signed URL stays valid, like a CDN's
-CHUNK = 4 * 1024 * 1024  # sendfile(2) spans
-TLS_CHUNK = 1024 * 1024  # one SSL_write: large enough for few calls, small enough to stay in the CPU's cache
+CHUNK = 4 * 1024 * 1024  # sendfile(2) spans (kTLS)
+BUFFER = 1024 * 1024  # one write: large enough for few calls, small enough to stay in the CPU's cache
 RECORD = 16 * 1024  # a TLS record's most plaintext: the smallest write worth making
 TICKETS = 2  # TLS 1.3 session tickets per full handshake: a client's next connections resume
 ULP_FILE = Path("/proc/sys/net/ipv4/tcp_available_ulp")
@@ -50,7 +50,7 @@ HEAD_TIMEOUT = 10.0  # default seconds for a TLS handshake and a request head
 MIN_RATE = 16 * 1024  # default bytes per second a client must read its answer at
 GRACE = 5.0  # seconds every write to a client may take besides its size at the minimum rate
 _FILL_NAME = re.compile(r"[0-9]+/[A-Za-z0-9_]+/fill-[A-Za-z0-9_]+")
-_thread_buffers = threading.local()  # each worker thread's TLS write buffer (`_Handler._buffer`)
+_thread_buffers = threading.local()  # each worker thread's write buffer (`_Handler._buffer`)
 _QUERY = ("expires", "signature", "fill", "size", "tag")  # what signed_path writes, each once
 
 
@@ -237,8 +237,12 @@ class _Handler(BoundedHead):
 
     def _copy(self, blob: BinaryIO, digest: str, start: int, end: int, size: int, growing: bool) -> None:
         fd = blob.fileno()
-        tls = isinstance(self.connection, ssl.SSLSocket) and not kernel_tls(self.connection)  # else sendfile(2)
-        span = self._tls_span() if tls else CHUNK
+        # sendfile(2) only where the kernel encrypts (kTLS) and so reads the pages itself. Else
+        # writes from a buffer, for a plain client too: with sendfile its own kernel would copy the
+        # bytes out of the page cache on the client's time, a copy its one pulling core then
+        # carries (docs/architecture.md, "The blob server's writes to a plain client").
+        by_kernel = isinstance(self.connection, ssl.SSLSocket) and kernel_tls(self.connection)
+        span = CHUNK if by_kernel else self._write_span()
         position = start
         while position < end:
             limit = end
@@ -261,29 +265,29 @@ class _Handler(BoundedHead):
                     continue
             count = min(span, limit - position)
             self._expect(self._write_time(count), f"read {count} bytes at {self.server.min_rate} bytes/s")
-            sent = self._send_tls(blob, position, count) if tls else self._sendfile(blob, position, count)
+            sent = self._sendfile(blob, position, count) if by_kernel else self._write(blob, position, count)
             if not sent:
                 raise _Cut("the file is shorter than its size")
             position += sent
             self._sent += sent
 
-    def _tls_span(self) -> int:
-        """Bytes per TLS write: TLS_CHUNK, or fewer so that the write's deadline comes within
-        client_idle_timeout (or a record's time at the minimum rate and GRACE, if that is longer),
-        as the socket's timeout would have (see `_send_tls`)."""
+    def _write_span(self) -> int:
+        """Bytes per write: BUFFER, or fewer so that the write's deadline comes within
+        client_idle_timeout (or a TLS record's time at the minimum rate and GRACE, if that is
+        longer), as the socket's timeout would have (see `_write`)."""
         idle = self.server.idle_timeout
         if idle is None:
-            return TLS_CHUNK
-        return max(RECORD, min(TLS_CHUNK, int((idle - GRACE) * self.server.min_rate)))
+            return BUFFER
+        return max(RECORD, min(BUFFER, int((idle - GRACE) * self.server.min_rate)))
 
-    def _send_tls(self, blob: BinaryIO, offset: int, count: int) -> int:
+    def _write(self, blob: BinaryIO, offset: int, count: int) -> int:
         view = self._buffer()[:count]
         read = os.preadv(blob.fileno(), [view], offset)
         # On a blocking socket: with a timeout, Python polls and retries each write (a quarter
         # more CPU per GiB here). The write's deadline cuts a client that stops reading.
-        # Corked: OpenSSL writes each record (16 KiB) on its own, and the kernel would send most
-        # as a packet each; corked, it sends them in packets as large as the path takes (64 KiB
-        # over loopback), a quarter of the packets for both ends to handle.
+        # Corked: OpenSSL writes each TLS record (16 KiB) on its own, and the kernel would send
+        # most as a packet each; corked, it sends them in packets as large as the path takes (64
+        # KiB over loopback), a quarter of the packets for both ends to handle.
         self.connection.settimeout(None)
         self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_CORK, 1)
         try:
@@ -295,15 +299,15 @@ class _Handler(BoundedHead):
 
     def _sendfile(self, blob: BinaryIO, offset: int, count: int) -> int:
         self.wfile.flush()
-        # Plain, or kTLS: the kernel encrypts what sendfile(2) sends (as OpenSSL's SSL_sendfile).
+        # kTLS: the kernel encrypts what sendfile(2) sends (as OpenSSL's SSL_sendfile).
         return socket.socket.sendfile(self.connection, blob, offset, count)
 
     def _buffer(self) -> memoryview:
-        """The thread's one TLS write buffer, made at its first blob and kept for the next
+        """The thread's one write buffer, made at its first blob and kept for the next
         connections its worker serves."""
         chunk: memoryview | None = getattr(_thread_buffers, "chunk", None)
         if chunk is None:
-            chunk = _thread_buffers.chunk = memoryview(bytearray(TLS_CHUNK))
+            chunk = _thread_buffers.chunk = memoryview(bytearray(BUFFER))
         return chunk
 
     def _error(self, code: protocol.ErrorCode, message: str, extra: dict | None = None, status: int | None = None) -> None:
@@ -324,7 +328,7 @@ class _Handler(BoundedHead):
 
 class _PlainServer(BoundedThreads, HTTPServer):
     request_queue_size = 128  # many clients start their layers at once
-    # Connections cost a worker thread each (which keeps its TLS chunk while it waits for the
+    # Connections cost a worker thread each (which keeps its write buffer while it waits for the
     # next); answers being sent cost the disk.
     max_connections = 1024
     max_transfers = 256
