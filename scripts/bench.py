@@ -551,6 +551,7 @@ def pull_once(bench: Bench, way: Way, client: Client, image: BenchImage) -> Samp
     route = way.route()
     client.prepare(route)
     bench.upstream.reset_requests()
+    os.sync()  # see `measure_at_once`
     meter = TreeMeter(way.proc.pid) if way.proc else None
     with meter or nullcontext():
         start = time.monotonic()
@@ -605,6 +606,9 @@ def measure_at_once(bench: Bench, way: Way, image: BenchImage, clients: int, war
             way.start()
         assert way.proc is not None
         bench.upstream.reset_requests()
+        # What earlier pulls wrote goes to disk first: else a pull pays for flushing it (the kernel
+        # starts at its background threshold, 2 GiB here) whenever the pulls before it were quick.
+        os.sync()
         with TreeMeter(way.proc.pid) as meter:
             seconds, errors = pull_at_once(bench, way.route(), image, way.proc, clients)
             way.settle(image)
