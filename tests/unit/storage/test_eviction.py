@@ -224,7 +224,7 @@ def test_a_blob_whose_file_changed_size_is_a_miss_dropped_with_what_names_it(sto
     assert not store.has_blob(layer)
     assert store.get_manifest(one.platforms[0].manifest.digest) is None and store.get_tag(REGISTRY, "one", "1") is None
     assert f"blob {layer} is" in caplog.text and f"not the {size} it verified at" in caplog.text
-    # What kept its size is served as before: the other platform's layers, the other image.
+    # What kept its size is served as before: the image's other layer, the other image.
     other = one.platforms[0].layers[0]
     with store.open_blob(other.digest) as f:
         assert digest_of(f.read()) == other.digest
