@@ -16,9 +16,11 @@ Every pull gets a freshly started proxy process (a warm one finds the cache its 
 so the proxy's peak memory and CPU time belong to that pull alone. Ratios are taken pull by pull
 within one repetition, then the median of them is reported.
 
-Through each cold cache it also times many skopeo clients pulling one image at once, and the time
-to first byte of one cold blob (the big image's layer, fetched by curl) for the first client and
-for a second one that joins the fill once the first has bytes.
+Through each cold cache, and each warm one, it also times many skopeo clients pulling one image
+at once (the warm ways alternated `--runs` times, each with its clients' own CPU: on one machine
+they share the cores with the proxy, so a CPU second the proxy spends is one the clients lack),
+and the time to first byte of one cold blob (the big image's layer, fetched by curl) for the first
+client and for a second one that joins the fill once the first has bytes.
 
 In a virtual machine whose hypervisor takes back the memory the guest frees (free page
 reporting), a page the guest allocates again must first be backed by the host: whichever pull
@@ -34,6 +36,7 @@ import mmap
 import os
 import platform
 import re
+import resource
 import shutil
 import signal
 import statistics
@@ -580,46 +583,59 @@ class Concurrent:
     """N skopeo clients pulling the same image at once through a cold cache, or a warm one."""
 
     path: str
+    run: int
     image: BenchImage
     clients: int
     succeeded: int
     seconds: float  # from the common start to the last client's end
     rss_mb: float
     cpu_seconds: float
+    clients_cpu_seconds: float  # the skopeo processes': on one machine, they share its CPU with the proxy
     upstream_requests: int
     upstream_bytes: int
 
+    @property
+    def throughput(self) -> float:
+        return self.clients * self.image.bytes / self.seconds
 
-def measure_at_once(bench: Bench, way: Way, image: BenchImage, clients: int, warm: bool = False) -> tuple[Concurrent, list[str]]:
-    """`clients` skopeo pulls at once through the cold cache of `way` (or, `warm`, through the
-    cache one pull filled, with a new proxy process); the result and the errors."""
+
+def measure_at_once(bench: Bench, way: Way, image: BenchImage, clients: int, run: int, warm: bool = False) -> tuple[Concurrent, list[str]]:
+    """`clients` skopeo pulls at once through `way`, started now: through its cold cache, or
+    (`warm`, after `fill_once`) through the cache one pull filled; the result and the errors."""
+    way.start()
     try:
-        way.start()
-        if warm:
-            fill = SkopeoClient(bench.workdir / "fill")
-            fill.prepare(way.route())
-            fill.pull(image.ref(way.route().host), pull_timeout(image.bytes))
-            fill.close()
-            way.settle(image)
-            bench.upstream.settle()
-            way.stop()
-            way.start()
         assert way.proc is not None
         bench.upstream.reset_requests()
         # What earlier pulls wrote goes to disk first: else a pull pays for flushing it (the kernel
         # starts at its background threshold, 2 GiB here) whenever the pulls before it were quick.
         os.sync()
+        before = resource.getrusage(resource.RUSAGE_CHILDREN)  # the proxies are not reaped: skopeo's alone
         with TreeMeter(way.proc.pid) as meter:
             seconds, errors = pull_at_once(bench, way.route(), image, way.proc, clients)
+            after = resource.getrusage(resource.RUSAGE_CHILDREN)
             way.settle(image)
             bench.upstream.settle()
     finally:
-        way.close()
+        way.stop()
+    clients_cpu = after.ru_utime - before.ru_utime + after.ru_stime - before.ru_stime
     requests, nbytes = bench.served()
-    result = Concurrent(
-        way.paths[-1 if warm else 0], image, clients, clients - len(errors), seconds, meter.peak_rss_mb, meter.cpu_seconds, requests, nbytes
-    )
-    return result, errors
+    path = way.paths[-1 if warm else 0]
+    succeeded = clients - len(errors)
+    return Concurrent(path, run, image, clients, succeeded, seconds, meter.peak_rss_mb, meter.cpu_seconds, clients_cpu, requests, nbytes), errors
+
+
+def fill_once(bench: Bench, way: Way, image: BenchImage) -> None:
+    """One pull through `way`, to fill its cache for the warm pulls at once."""
+    way.start()
+    try:
+        fill = SkopeoClient(bench.workdir / "fill")
+        fill.prepare(way.route())
+        fill.pull(image.ref(way.route().host), pull_timeout(image.bytes))
+        fill.close()
+        way.settle(image)
+        bench.upstream.settle()
+    finally:
+        way.stop()
 
 
 def pull_at_once(bench: Bench, route: Route, image: BenchImage, proxy: Proc, clients: int) -> tuple[float, list[str]]:
@@ -880,20 +896,38 @@ def ratios_table(results: Results) -> Table | None:
 def concurrency_table(results: Results) -> Table | None:
     if not results.concurrent:
         return None
-    columns = ["path", "image", "clients ok", "s", "MB/s (all clients)", "proxy RSS MiB", "proxy CPU s",
-               "CPU s / GiB", "upstream req", "upstream MB", "upstream / image"]
+    columns = ["path", "run", "image", "clients ok", "s", "MB/s (all clients)", "proxy RSS MiB", "proxy CPU s",
+               "CPU s / GiB", "clients' CPU s", "upstream req", "upstream MB", "upstream / image"]
     rows = [
         [
-            c.path, c.image.label, f"{c.succeeded}/{c.clients}", f"{c.seconds:.2f}",
-            f"{c.clients * c.image.bytes / MB / c.seconds:.0f}", f"{c.rss_mb:.0f}", f"{c.cpu_seconds:.1f}",
-            f"{c.cpu_seconds / (c.succeeded * c.image.bytes / GIB):.2f}" if c.succeeded else "-",
+            c.path, str(c.run + 1), c.image.label, f"{c.succeeded}/{c.clients}", f"{c.seconds:.2f}",
+            f"{c.throughput / MB:.0f}", f"{c.rss_mb:.0f}", f"{c.cpu_seconds:.1f}",
+            f"{c.cpu_seconds / (c.succeeded * c.image.bytes / GIB):.2f}" if c.succeeded else "-", f"{c.clients_cpu_seconds:.1f}",
             str(c.upstream_requests), f"{c.upstream_bytes / MB:.0f}", f"{c.upstream_bytes / c.image.bytes:.2f}",
         ]
-        for c in results.concurrent
+        for c in results.concurrent  # in the order they ran
     ]
     clients = results.concurrent[0].clients
-    title = f"{clients} skopeo clients pulling one image at once through a cold cache, or a warm one (one run; CPU per GiB served)"
-    return Table(title, columns, rows, 2)
+    title = (f"{clients} skopeo clients pulling one image at once through a cold cache, or a warm one (the warm ways "
+             "alternated run by run; CPU per GiB served; clients' CPU: the skopeo processes', on the same cores)")
+    return Table(title, columns, rows, 3)
+
+
+def concurrency_ratios_table(results: Results) -> Table | None:
+    """Each warm way's throughput over registry-proxy's in the same run."""
+    warm = {(c.path, c.run): c for c in results.concurrent if c.path.endswith(" warm") and c.succeeded == c.clients}
+    base = "registry-proxy warm"
+    runs = sorted({run for path, run in warm if path == base})
+    paths = [p for p in dict.fromkeys(path for path, _ in warm) if p != base]
+    if not runs or not paths:
+        return None
+    rows = []
+    for path in paths:
+        ratios = [warm[path, run].throughput / warm[base, run].throughput for run in runs if (path, run) in warm]
+        if ratios:
+            rows.append([path, ", ".join(f"{r:.2f}x" for r in ratios), f"{statistics.median(ratios):.2f}x"])
+    title = f"Warm pulls at once: throughput over {base}'s in the same run (above 1 hubcache is faster)"
+    return Table(title, ["path", "run by run", "median"], rows, 1)
 
 
 def first_bytes_table(results: Results) -> Table | None:
@@ -911,7 +945,8 @@ def first_bytes_table(results: Results) -> Table | None:
 
 
 def tables(results: Results) -> list[Table]:
-    every = (pulls_table(results), ratios_table(results), concurrency_table(results), first_bytes_table(results))
+    every = (pulls_table(results), ratios_table(results), concurrency_table(results), concurrency_ratios_table(results),
+             first_bytes_table(results))
     return [t for t in every if t]
 
 
@@ -967,10 +1002,10 @@ def run(options: argparse.Namespace) -> Results:
                     for client in clients:
                         for way in options.ways:
                             measure_way(bench, results, run_index, client, image, way)
-            for way in [w for w in ("hubcache", "registry-proxy") if w in options.ways and options.concurrency]:
-                measure_concurrent(bench, results, way, options.concurrency)
-            for way in [w for w in WARM_AT_ONCE if w in options.ways and options.concurrency]:
-                measure_concurrent(bench, results, way, options.concurrency, warm=True)
+            if options.concurrency:
+                measure_concurrent(bench, results, [w for w in ("hubcache", "registry-proxy") if w in options.ways], options)
+                warm = [w for w in WARM_AT_ONCE if w in options.ways]
+                measure_concurrent(bench, results, warm, options, warm=True, runs=options.runs)
             for way in [w for w in ("hubcache", "registry-proxy") if w in options.ways and options.first_bytes]:
                 measure_first_bytes(bench, results, way)
     finally:
@@ -1024,16 +1059,35 @@ def measure_way(bench: Bench, results: Results, run_index: int, client: Client, 
 WARM_AT_ONCE = ("hubcache", "hubcache-https", "hubcache-mirror-net", "registry-proxy")  # many clients, warm
 
 
-def measure_concurrent(bench: Bench, results: Results, way: str, clients: int, warm: bool = False) -> None:
+def measure_concurrent(bench: Bench, results: Results, names: list[str], options: argparse.Namespace, warm: bool = False,
+                       runs: int = 1) -> None:
+    """Pulls at once through each way of `names`; warm, `runs` times, the ways alternated so
+    that the machine's moods fall on each alike (each cache filled once, a new proxy each time)."""
     image = bench.images[0]  # the multi-layer one
+    clients = options.concurrency
+    ways: dict[str, Way] = {}
     try:
-        result, errors = measure_at_once(bench, WAYS[way](bench), image, clients, warm)
-    except (BenchError, ProcError, RuntimeError, OSError) as e:
-        errors = [first_line(e)]
-    else:
-        results.concurrent.append(result)
-        progress.print(f"[dim]{clients} clients at once, {result.path}: {result.seconds:.2f} s[/dim]", highlight=False)
-    results.errors += [f"{clients} clients at once, {way}{' warm' if warm else ''}: {e}" for e in sorted(set(errors))]
+        for name in names:
+            ways[name] = WAYS[name](bench)
+            if warm:
+                try:
+                    fill_once(bench, ways[name], image)
+                except (BenchError, ProcError, RuntimeError, OSError) as e:
+                    results.errors.append(f"{clients} clients at once, {name} warm: filling: {first_line(e)}")
+                    del ways[name]
+        for run in range(runs):
+            for name, way in ways.items():
+                try:
+                    result, errors = measure_at_once(bench, way, image, clients, run, warm)
+                except (BenchError, ProcError, RuntimeError, OSError) as e:
+                    errors = [first_line(e)]
+                else:
+                    results.concurrent.append(result)
+                    progress.print(f"[dim]{clients} clients at once, {result.path}: {result.seconds:.2f} s[/dim]", highlight=False)
+                results.errors += [f"{clients} clients at once, {name}{' warm' if warm else ''}: {e}" for e in sorted(set(errors))]
+    finally:
+        for way in ways.values():
+            way.close()
 
 
 def measure_first_bytes(bench: Bench, results: Results, way: str) -> None:
@@ -1069,7 +1123,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         description="Pull the same images over every path (direct, plain mitmdump, hubcache cold/warm, "
         "the registry's proxy mode cold/warm) with skopeo and dockerd; print medians and ratios.",
     )
-    parser.add_argument("--runs", type=int, help="repetitions (default 3; 1 with --small)")
+    parser.add_argument("--runs", type=int, help="repetitions of every pull, and of the warm pulls at once (default 3; 1 with --small)")
     parser.add_argument("--small", action="store_true", help="short version for CI: a 30 MB and a 100 MB image")
     parser.add_argument("--clients", type=comma_list(CLIENTS), default=list(CLIENTS), help="default: skopeo,docker")
     parser.add_argument(
@@ -1078,7 +1132,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )  # fmt: skip
     parser.add_argument(
         "--concurrency", type=int, default=16, metavar="N",
-        help="skopeo clients pulling the multi-layer image at once through each cold cache (default 16; 0: skip)",
+        help="skopeo clients pulling the multi-layer image at once through each cold cache and each warm one (default 16; 0: skip)",
     )  # fmt: skip
     parser.add_argument(
         "--first-bytes", action=argparse.BooleanOptionalAction, default=True,

@@ -70,6 +70,11 @@ def test_small_benchmark_measures_every_path(tmp_path):
             assert float(row["CPU s / GiB"]) > 0, row
         if row["path"].endswith("warm"):
             assert float(row["upstream / image"]) < 0.02, f"{row['path']}: a warm pull fetched from the upstream"
+        assert float(row["clients' CPU s"]) > 0, f"{row['path']}: the clients' CPU was not counted"
+    if next(row for row in at_once if row["path"] == "registry-proxy warm")["clients ok"] == "16/16":
+        against = markdown_table(text, "Warm pulls at once")
+        assert [row["path"] for row in against] == warm[:-1]
+        assert all(row["median"].endswith("x") and float(row["median"][:-1]) > 0 for row in against), against
 
     first_bytes = markdown_table(text, "Time to first byte")
     assert [row["path"] for row in first_bytes] == ["hubcache cold", "registry-proxy cold"]
