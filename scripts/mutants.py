@@ -2345,11 +2345,43 @@ MUTANTS: list[Mutant] = [
         "proxy-redirects-to-a-blob-of-another-size",
         "the proxy sends a client to a cached blob only if its file is whole; else it fills it again",
         Edit(
-            "if await asyncio.to_thread(store.blob_size, digest) is not None:  # whole (Store.open_blob)",
-            "if await asyncio.to_thread(store.has_blob, digest):",
+            "size = await asyncio.to_thread(store.blob_size, digest)\n        if size is None:\n            return None",
+            "size = 1 << 40  # the index alone decides\n        if not await asyncio.to_thread(store.has_blob, digest):\n            return None",
         ),
         ["test_a_cached_blob_cut_short_on_disk_is_fetched_again_not_served"],
         INTEGRATION,
+    ),
+    mutant(
+        "proxy-answers-a-small-blob-unhashed",
+        "a small blob the proxy answers itself is hashed again first: changed bytes are dropped, never sent",
+        Edit('if digest_of(body, digest.partition(":")[0]) == digest:', "if True:"),
+        ["TestSmallBlobHit::test_one_whose_bytes_changed_on_disk_is_dropped_and_fetched_again"],
+        UNIT,
+    ),
+    mutant(
+        "proxy-answers-a-small-blob-unchecked",
+        "a small blob of a private repository goes only to a client upstream lets have it",
+        Edit(
+            "if refused := await self.access.refusal(flow, route, digest, store):\n"
+            "            return refused\n        if size > ctx.options.blob_inline_max",
+            "if size > ctx.options.blob_inline_max",
+        ),
+        ["TestSmallBlobHit::test_of_a_private_repository_only_a_client_upstream_lets_have_it_gets_its_bytes"],
+        UNIT,
+    ),
+    mutant(
+        "proxy-answers-a-small-blobs-range-whole",
+        "a Range request for a small blob goes to the blob server, which answers the range",
+        Edit(' or "range" in flow.request.headers', ""),
+        ["TestSmallBlobHit::test_a_range_is_sent_to_the_blob_server"],
+        UNIT,
+    ),
+    mutant(
+        "proxy-answers-a-blob-above-the-limit",
+        "blob_inline_max is the largest blob the proxy answers itself",
+        Edit("if size > ctx.options.blob_inline_max", "if size > ctx.options.blob_inline_max + 1"),
+        ["TestSmallBlobHit::test_the_limit_is_the_largest_blob_answered_inline"],
+        UNIT,
     ),
 ]
 

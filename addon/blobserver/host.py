@@ -37,6 +37,8 @@ logger = logging.getLogger(__name__)
 LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "::1")  # names of this machine that only it dials
 CERT_DAYS = 397  # the longest life clients accept for a leaf certificate
 RESTART_PAUSE = 10.0  # seconds: a blob server that exits this soon after a restart waits this long for the next
+INLINE_MAX = 64 * 1024  # default bytes of a blob the proxy answers itself: an image's config, a small layer
+INLINE_CAP = 1024 * 1024  # the proxy holds each such answer in memory
 
 
 @dataclass
@@ -87,6 +89,15 @@ class BlobHost:
             "HTTPS when blob URLs are https (their NO_PROXY must name ADDRESS: see `hubcache setup`); "
             "empty: the proxy's listen host when it is one address beyond loopback, any free port; "
             "'relay': none, blobs are relayed through the proxy.",
+        )
+        loader.add_option(
+            "blob_inline_max",
+            int,
+            INLINE_MAX,
+            "Bytes: a blob in the store of at most this size (an image's config, a small layer) is "
+            "answered by the proxy itself, hashed again first, instead of redirected to the blob "
+            "server, so that its client saves a connection and its round trips. 0: every blob is "
+            f"redirected; at most {INLINE_CAP} (the proxy holds each such answer in memory).",
         )
         loader.add_option(
             "blob_head_timeout",
@@ -140,6 +151,8 @@ class BlobHost:
         for name in ("blob_head_timeout", "blob_min_rate"):
             if name in updated and getattr(ctx.options, name) < 1:
                 raise exceptions.OptionsError(f"{name} must be 1 or more")
+        if "blob_inline_max" in updated and not 0 <= ctx.options.blob_inline_max <= INLINE_CAP:
+            raise exceptions.OptionsError(f"blob_inline_max must be 0 to {INLINE_CAP} bytes")
         if "blob_listen" in updated and ctx.options.blob_listen not in ("", "relay"):
             try:
                 parse_blob_listen(ctx.options.blob_listen)

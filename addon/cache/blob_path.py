@@ -1,5 +1,6 @@
-"""Blob requests: a 307 to the blob server for a blob in the store, else one fill (`fills.py`) from
-the fleet's shared store or upstream that every client asking meanwhile shares."""
+"""Blob requests: for a blob in the store, its bytes (a small one) or a 307 to the blob server,
+else one fill (`fills.py`) from the fleet's shared store or upstream that every client asking
+meanwhile shares."""
 
 from __future__ import annotations
 
@@ -48,11 +49,8 @@ class BlobRequests:
             return Serve(200, b"", protocol.blob_headers(digest, size))
         fill = self.fills.get(digest)
         if fill is None:
-            if await asyncio.to_thread(store.blob_size, digest) is not None:  # whole (Store.open_blob)
-                if refused := await self.access.refusal(flow, route, digest, store):
-                    return refused
-                self.metrics.hit("blob")
-                return self._send(flow, route, Source.CACHE)
+            if (hit := await self._from_store(flow, route)) is not None:
+                return hit
             if ctx.options.offline or holds_local_token(flow) or self.misses.absent_for(flow, route) is not None:
                 return await self.misses.ask(flow, route)  # answered at once: nothing is asked upstream
             fill = self.fills.get(digest)  # another client may have started one meanwhile
@@ -63,11 +61,33 @@ class BlobRequests:
         await fill.answered.wait()
         return await self._follow(flow, route, fill, leader)
 
+    async def _from_store(self, flow: http.HTTPFlow, route: Route) -> Decision | None:
+        """The answer to a blob GET from the store, if it holds the blob whole (Store.open_blob):
+        a small one in the answer itself (hashed again: one that no longer verifies is dropped,
+        and a miss), a larger one or a range of it by the blob server."""
+        store = self.folder.open_store()
+        digest = route.reference
+        size = await asyncio.to_thread(store.blob_size, digest)
+        if size is None:
+            return None
+        if refused := await self.access.refusal(flow, route, digest, store):
+            return refused
+        if size > ctx.options.blob_inline_max or "range" in flow.request.headers:
+            self.metrics.hit("blob")
+            return self._send(flow, route, Source.CACHE)
+        body = await asyncio.to_thread(store.verified_blob, digest)
+        if body is None:
+            return None
+        self.metrics.hit("blob")
+        self.metrics.sent(Source.CACHE, len(body))
+        self.pulls.blob(flow, route, Source.CACHE, len(body))
+        return answers.blob(digest, body)
+
     async def _ask(self, flow: http.HTTPFlow, route: Route) -> Decision:
         """A blob HEAD the store cannot answer: upstream's answer, relayed and journalled."""
         decision = await self.misses.ask(flow, route)
         if isinstance(decision, Relay):
-            self.pulls.passed(flow, route, 0)  # a HEAD: no body
+            self.pulls.blob(flow, route, Source.UPSTREAM, 0)  # a HEAD: no body
             await self.folder.journal_miss(route, Outcome.PASSED, f"upstream answered {decision.response.status_code}")
         return decision
 
@@ -133,7 +153,7 @@ class BlobRequests:
         if Mark.PASSED not in flow.metadata or route is None:
             return
         if flow.response:
-            self.pulls.passed(flow, route, flow.metadata[Mark.PASSED])
+            self.pulls.blob(flow, route, Source.UPSTREAM, flow.metadata[Mark.PASSED])
             await self.folder.journal_miss(route, Outcome.PASSED, f"upstream answered {flow.response.status_code}")
         else:
             await self.folder.journal_miss(route, Outcome.FAILED, flow.error.msg if flow.error else "unknown error")

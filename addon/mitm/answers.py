@@ -98,6 +98,11 @@ def manifest(cached: Manifest, method: str) -> Serve:
     return Serve(200, cached.body if method == "GET" else b"", headers)
 
 
+def blob(digest: str, body: bytes) -> Serve:
+    """A blob from the store, in the answer itself."""
+    return Serve(200, body, protocol.blob_headers(digest, len(body)))
+
+
 def blob_redirect(digest: str, url: str) -> Serve:
     """Send the client to the blob server for the blob's bytes."""
     headers = {**protocol.API_VERSION_HEADERS, "Location": url, "Docker-Content-Digest": digest, "Content-Length": "0"}

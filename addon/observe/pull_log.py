@@ -123,11 +123,11 @@ class PullLog:
         self._transfers[tag] = (pull, source)
         return tag
 
-    def passed(self, flow: http.HTTPFlow, route: Route, size: int) -> None:
-        """A blob relayed from upstream through the proxy."""
+    def blob(self, flow: http.HTTPFlow, route: Route, source: Source, size: int) -> None:
+        """A blob the proxy sent itself: relayed from upstream, or a small one from the store."""
         pull = self._pull(flow, route)
         pull.blobs += 1
-        self._add(pull, Source.UPSTREAM, size)
+        self._add(pull, source, size)
 
     def sent(self, tag: str, size: int) -> None:
         """The blob server finished a transfer (called from its reader thread)."""

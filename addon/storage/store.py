@@ -365,6 +365,21 @@ class Store:
         with blob:
             return os.fstat(blob.fileno()).st_size
 
+    def verified_blob(self, digest: str) -> bytes | None:
+        """The whole blob, hashed again (for blobs small enough to answer from memory): None if
+        the store holds none, or if its bytes no longer hash to `digest` (then it is dropped, to
+        be fetched again, as `hubcache verify` drops it)."""
+        blob = self.open_blob(digest)
+        if blob is None:
+            return None
+        with blob:
+            body = blob.read()
+        if digest_of(body, digest.partition(":")[0]) == digest:
+            return body
+        logger.warning(f"hubcache: blob {digest} no longer hashes to its digest: dropped, to be fetched again")
+        self._drop_rotten_quietly(digest)
+        return None
+
     def blob_writer(self, digest: str) -> BlobWriter:
         return BlobWriter(self, digest)
 

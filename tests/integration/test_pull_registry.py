@@ -81,6 +81,37 @@ def test_a_cached_blob_cut_short_on_disk_is_fetched_again_not_served(hubcache, r
     assert registry.blob_gets() == []
 
 
+def test_a_small_blob_is_answered_by_the_proxy_hashed_again_and_a_changed_one_fetched_again(hubcache, registry, multi_image, tmp_path):
+    """An image's config (a few hundred bytes) comes in the proxy's answer, no 307, so a client on
+    another machine saves a connection; its bytes are hashed on every answer, so a changed file is
+    never sent, even one that kept its size."""
+    ref = f"{REGISTRY_NAME}/test/multi:1"
+    amd64 = multi_image.platform("linux/amd64")
+    config, layer = amd64.config.digest, amd64.layers[0].digest
+    proxy = hubcache()
+    pull(proxy, ref, tmp_path / "cold")
+    proxy.journal()  # every fill committed
+    small = proxied.request(proxy.port, REGISTRY_NAME, f"/v2/test/multi/blobs/{config}", ca=proxy.ca_cert, follow=False)
+    assert small.status == 200 and hashlib.sha256(small.body).hexdigest() == config.removeprefix("sha256:")
+    assert small.headers["Docker-Content-Digest"] == config
+    large = proxied.request(proxy.port, REGISTRY_NAME, f"/v2/test/multi/blobs/{layer}", ca=proxy.ca_cert, follow=False)
+    assert large.status == 307, "a layer of 2 MB goes to the blob server"
+
+    store = Store(proxy.cache_dir)
+    with store.open_blob(config) as blob:
+        name = blob.name
+    store.close()
+    with open(name, "r+b") as f:
+        f.write(b"{ ")  # two bytes changed in place: the size it verified at is kept
+    registry.settle()
+    registry.reset_requests()
+    pull(proxy, ref, tmp_path / "after")  # skopeo checks every blob against its digest
+    assert pulled_blobs(tmp_path / "after") == pulled_blobs(tmp_path / "cold")
+    registry.settle()
+    assert [r.reference for r in registry.blob_gets()] == [config]
+    assert f"blob {config} no longer hashes to its digest" in proxy.log_text()
+
+
 def test_tag_revalidation_follows_a_moved_tag(hubcache, registry, tmp_path, layouts):
     first = build_image(layouts / "moving", "a", [100_000], seed=10)
     second = build_image(layouts / "moving", "b", [120_000], seed=11)

@@ -51,7 +51,7 @@ class CacheAddons:
 
     def addons(self) -> list:
         """The addons for `taddons.context`, in make_addons' order (those with options or hooks)."""
-        return [self.options, self.folder, self.hosts, self.routes, self.access, self.fleet, self.misses, self.cache]
+        return [self.options, self.folder, self.hosts, self.routes, self.access, self.fleet, self.misses, self.blobhost, self.cache]
 
     async def request(self, flow) -> None:
         """The request hook of the data path, as mitmproxy runs it: the route is parsed, then the cache acts."""

@@ -6,7 +6,7 @@ import pytest
 from mitmproxy import exceptions
 from mitmproxy.test import taddons
 
-from hubcache.blobserver.host import BlobHost, direct_listen, parse_blob_listen
+from hubcache.blobserver.host import INLINE_CAP, BlobHost, direct_listen, parse_blob_listen
 from hubcache.mitm import internals
 
 
@@ -35,6 +35,17 @@ def test_a_bad_address_is_refused(bad):
     host = BlobHost(internals.certstore)
     with taddons.context(host) as tctx, pytest.raises(exceptions.OptionsError, match="blob_listen"):
         tctx.configure(host, blob_listen=bad)
+
+
+@pytest.mark.parametrize("limit", [-1, INLINE_CAP + 1])
+def test_the_inline_limit_is_bounded(limit):
+    """The proxy holds a blob it answers itself in memory: the limit keeps that small."""
+    host = BlobHost(internals.certstore)
+    with taddons.context(host) as tctx:
+        with pytest.raises(exceptions.OptionsError, match=f"blob_inline_max must be 0 to {INLINE_CAP} bytes"):
+            tctx.configure(host, blob_inline_max=limit)
+        tctx.configure(host, blob_inline_max=INLINE_CAP)
+        assert tctx.options.blob_inline_max == INLINE_CAP
 
 
 def test_urls_name_the_direct_listener_once_it_listens():

@@ -48,6 +48,75 @@ class TestBlobHit:
         assert [e["outcome"] for e in env.journal()] == ["filled"]  # the hit itself is no miss
 
 
+class TestSmallBlobHit:
+    """A blob of at most `blob_inline_max` bytes is answered by the proxy itself: no connection to
+    the blob server, and its bytes hashed again on every answer."""
+
+    SMALL = os.urandom(1000)
+    DIGEST = digest_of(SMALL)
+
+    async def get(self, env, **headers):
+        f = flow(blob_path(self.DIGEST), headers=headers)
+        await env.addons.request(f)
+        return f
+
+    async def test_get_is_answered_with_the_blob_and_counted_as_served_from_the_cache(self, env):
+        await fill_blob(env, self.SMALL, self.DIGEST)
+        f = await self.get(env, Authorization="Bearer secret")
+        assert f.response.status_code == 200 and f.response.content == self.SMALL
+        assert f.response.headers["Docker-Content-Digest"] == self.DIGEST
+        assert f.response.headers["Content-Length"] == str(len(self.SMALL))
+        assert len(env.fetched) == 1, "the hit asked nothing upstream"
+        assert env.addons.metrics.served.labels("cache")._value.get() == len(self.SMALL)
+        assert [e["outcome"] for e in env.journal()] == ["filled"]
+
+    @pytest.mark.parametrize(("limit", "inline"), [(1000, True), (999, False), (0, False)])
+    async def test_the_limit_is_the_largest_blob_answered_inline(self, env, limit, inline):
+        await fill_blob(env, self.SMALL, self.DIGEST)
+        env.tctx.options.blob_inline_max = limit
+        f = await self.get(env)
+        if inline:
+            assert f.response.status_code == 200 and f.response.content == self.SMALL
+        else:
+            path, _ = location(f)
+            assert path == f"/blobs/{self.DIGEST}"
+
+    async def test_a_range_is_sent_to_the_blob_server(self, env):
+        await fill_blob(env, self.SMALL, self.DIGEST)
+        path, _ = location(await self.get(env, Range="bytes=10-"))
+        assert path == f"/blobs/{self.DIGEST}"
+
+    async def test_one_whose_bytes_changed_on_disk_is_dropped_and_fetched_again(self, env, caplog):
+        """Changed in place, its size kept: only hashing it again finds it, and the client gets
+        upstream's verified copy, never the changed bytes."""
+        await fill_blob(env, self.SMALL, self.DIGEST)
+        with env.store.open_blob(self.DIGEST) as f:
+            path = f.name
+        fd = os.open(path, os.O_WRONLY)
+        os.write(fd, b"\0" * 10)
+        os.close(fd)
+        env.fetches.append(sized(self.SMALL))
+        f = await self.get(env)
+        await env.settle()
+        assert len(env.fetched) == 2, "fetched again from upstream"
+        assert f"blob {self.DIGEST} no longer hashes to its digest" in caplog.text
+        served = f.response.content if f.response.status_code == 200 else None
+        assert served in (None, self.SMALL), "the changed bytes were served"
+        again = await self.get(env)
+        assert again.response.status_code == 200 and again.response.content == self.SMALL
+
+    async def test_of_a_private_repository_only_a_client_upstream_lets_have_it_gets_its_bytes(self, env):
+        """The access check comes first, as for a redirect (tests/unit/cache/test_access.py)."""
+        await fill_blob(env, self.SMALL, self.DIGEST)
+        env.store.set_visibility("docker.io", REPO, False)
+        env.answers.append(upstream_response(401))
+        mallory = await self.get(env, Authorization="Bearer mallory")
+        assert mallory.response.status_code == 401 and self.SMALL not in mallory.response.content
+        env.answers.append(upstream_response(200))
+        alice = await self.get(env, Authorization="Bearer alice")
+        assert alice.response.status_code == 200 and alice.response.content == self.SMALL
+
+
 class TestBlobFill:
     async def test_one_fetch_for_every_client_and_each_is_sent_to_the_growing_file(self, env):
         more = asyncio.Event()

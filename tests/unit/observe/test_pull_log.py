@@ -121,7 +121,7 @@ def test_names_a_client_invents_never_reach_the_most_pulled():
     """Blobs upstream refused (404s passed through) are no pull of an image."""
     log = PullLog()
     for n in range(3 * pulls.POPULAR):
-        log.passed(client(), Route(Kind.BLOB, REGISTRY, f"invented/name-{n}", f"sha256:{n:064x}"), 120)
+        log.blob(client(), Route(Kind.BLOB, REGISTRY, f"invented/name-{n}", f"sha256:{n:064x}"), Source.UPSTREAM, 120)
     log.done()
     assert log.snapshot()[1] == [] and len(log.popular) == 0
 
