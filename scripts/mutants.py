@@ -653,8 +653,8 @@ MUTANTS: list[Mutant] = [
         "negative-cache-shared-between-credentials",
         "upstream's 404 is remembered per client credentials: what one account cannot see, another may",
         Edit(
-            "return (token_key(flow), route.kind.value, route.registry, route.name, route.reference)",
-            'return ("", route.kind.value, route.registry, route.name, route.reference)',
+            "return (token_key(flow), route.kind.value, route.registry, route.name, route.reference, accept)",
+            'return ("", route.kind.value, route.registry, route.name, route.reference, accept)',
         ),
         ["test_a_404_is_remembered_for_the_same_client"],
         UNIT,
@@ -2374,6 +2374,13 @@ MUTANTS: list[Mutant] = [
         "a Range request for a small blob goes to the blob server, which answers the range",
         Edit(' or "range" in flow.request.headers', ""),
         ["TestSmallBlobHit::test_a_range_is_sent_to_the_blob_server"],
+        UNIT,
+    ),
+    mutant(
+        "negative-cache-shared-between-accepts",
+        "upstream's 404 for a manifest is remembered per Accept: a client that takes an index is not told another's 404",
+        Edit('accept = "" if route.kind is Kind.BLOB else protocol.accept_key(flow.request.headers.get_all("accept"))', 'accept = ""'),
+        ["test_a_manifest_404_is_remembered_per_accept"],
         UNIT,
     ),
     mutant(

@@ -13,6 +13,7 @@ from mitmproxy.addonmanager import Loader
 from ..mitm.answers import Decision, RegistryError, Relay
 from ..mitm.flows import Mark
 from ..observe.metrics import Metrics
+from ..registry import protocol
 from ..registry.protocol import ErrorCode, Kind, Route
 from ..storage.folder import CacheFolder
 from ..storage.journal import Outcome
@@ -29,7 +30,7 @@ class Misses:
         self.folder = folder
         self.upstream = out
         self.metrics = metrics
-        self._absent: dict[tuple[str, str, str, str, str], tuple[float, float]] = {}  # -> (until, noted)
+        self._absent: dict[tuple[str, str, str, str, str, str], tuple[float, float]] = {}  # -> (until, noted)
 
     def load(self, loader: Loader) -> None:
         loader.add_option(
@@ -37,7 +38,8 @@ class Misses:
             int,
             10,
             "Seconds an upstream 404 for a tag, manifest or blob is remembered (per client "
-            "credentials) and answered without asking again; 0 remembers nothing.",
+            "credentials, and for a manifest per Accept) and answered without asking again; 0 "
+            "remembers nothing.",
         )
 
     def configure(self, updated: set[str]) -> None:
@@ -99,6 +101,9 @@ class Misses:
         return now - noted if until > now else None
 
 
-def _absent_key(flow: http.HTTPFlow, route: Route) -> tuple[str, str, str, str, str]:
-    # Per client credentials: what one account cannot see, another may.
-    return (token_key(flow), route.kind.value, route.registry, route.name, route.reference)
+def _absent_key(flow: http.HTTPFlow, route: Route) -> tuple[str, str, str, str, str, str]:
+    # Per client credentials: what one account cannot see, another may. Per Accept for manifests:
+    # a registry answers 404 for a manifest of a type the client does not take (an index to a
+    # client that names none), which a client taking it must not be told.
+    accept = "" if route.kind is Kind.BLOB else protocol.accept_key(flow.request.headers.get_all("accept"))
+    return (token_key(flow), route.kind.value, route.registry, route.name, route.reference, accept)

@@ -355,6 +355,12 @@ def takes_indexes(accept_headers: list[str]) -> bool:
     return named >= INDEX_MEDIA_TYPES
 
 
+def accept_key(accept_headers: list[str]) -> str:
+    """What of a client's Accept header(s) a registry's answer can depend on (the media ranges it
+    names and refuses), in one canonical spelling: requests alike in it get alike answers."""
+    return ",".join(sorted({f"{kind};q=0" if refused else kind for kind, refused in _media_ranges(accept_headers)}))
+
+
 def _media_ranges(accept_headers: list[str]) -> list[tuple[str, bool]]:
     """Each media range of Accept header(s), lower case, and whether it is refused (q=0)."""
     ranges = []

@@ -15,6 +15,17 @@ class TestNegativeCache:
         other = await asked(env, flow(manifest_path("nope"), headers={"Authorization": "Bearer b"}), Upstream(404, {}))
         assert other.response.status_code == 404 and len(env.fetched) == 2, "another client's credentials ask again"
 
+    async def test_a_manifest_404_is_remembered_per_accept(self, env):
+        """A registry answers 404 for an index to a client that takes none: a client that takes
+        indexes, without credentials like the first, must still be asked for, not told 404."""
+        oci = "application/vnd.oci.image.manifest.v1+json"
+        await asked(env, flow(manifest_path("multi"), headers={"Accept": oci}), Upstream(404, {}, b'{"errors":[]}'))
+        again = flow(manifest_path("multi"), headers={"Accept": f" {oci.upper()} ,{oci}"})  # spelled otherwise: the same
+        await env.addons.request(again)
+        assert again.response.status_code == 404 and len(env.fetched) == 1
+        wider = await asked(env, flow(manifest_path("multi")), Upstream(404, {}))  # as dockerd asks: indexes too
+        assert wider.response.status_code == 404 and len(env.fetched) == 2, "another Accept asks again"
+
     async def test_a_blob_404_is_remembered(self, env):
         env.fetches.append(Upstream(404, {}, b"{}"))
         f = flow(blob_path())
