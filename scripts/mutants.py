@@ -2294,10 +2294,10 @@ MUTANTS: list[Mutant] = [
         UNIT,
     ),
     mutant(
-        "proxy-ipv6-client-per-address",
-        "an IPv6 client is its /64: another address of it shares the same share",
-        Edit("return str(ipaddress.IPv6Network((address, 64), strict=False))", "return str(address)"),
-        ["test_an_ipv6_client_is_its_slash_64_and_this_machine_has_no_share"],
+        "ipv6-client-per-address",
+        "an IPv6 client is its /64, on the proxy port and the blob server's listeners: another address of it shares the same share",
+        Edit("return str(ipaddress.IPv6Network((ip, 64), strict=False))", "return str(ip)"),
+        ["test_an_ipv6_client_is_its_slash_64_and_this_machine_has_no_share", "test_a_share_counts_an_ipv6_clients_slash_64_as_one_client"],
         UNIT,
     ),
     mutant(
@@ -2381,6 +2381,27 @@ MUTANTS: list[Mutant] = [
         "upstream's 404 for a manifest is remembered per Accept: a client that takes an index is not told another's 404",
         Edit('accept = "" if route.kind is Kind.BLOB else protocol.accept_key(flow.request.headers.get_all("accept"))', 'accept = ""'),
         ["test_a_manifest_404_is_remembered_per_accept"],
+        UNIT,
+    ),
+    mutant(
+        "blob-url-non-ascii-signature",
+        "a non-ASCII signature in a blob URL gets 403 DENIED, not a dropped connection",
+        Edit('if not fields.get("signature", "").isascii():', "if False:"),
+        ["test_a_mangled_url_is_refused_with_a_registry_error[signature-non-ascii]"],
+        UNIT,
+    ),
+    mutant(
+        "listener-spins-out-of-files",
+        "a listener out of file descriptors pauses its accepting instead of spinning on the pending connection",
+        Edit("                time.sleep(FILES_PAUSE)\n", ""),
+        ["test_out_of_file_descriptors_a_listener_pauses_and_says_so_once"],
+        UNIT,
+    ),
+    mutant(
+        "blob-refusal-reset-before-read",
+        "a client refused while still sending (a huge head, a body) gets its answer, not a reset that destroys it",
+        Edit("        if self._refused:\n            linger(self.connection)\n", ""),
+        ["test_a_refused_tls_client_still_sending_gets_its_answer"],
         UNIT,
     ),
     mutant(

@@ -5,7 +5,9 @@ trickle of bytes resets."""
 from __future__ import annotations
 
 import collections
+import errno
 import http.client
+import ipaddress
 import logging
 import queue
 import resource
@@ -24,6 +26,28 @@ HEAD = "finish its request head"  # what a client is given `head_timeout` for
 # times every connection); hubcache's URLs and its clients' heads take a few hundred.
 MAX_HEAD = 16 * 1024
 WORKER_IDLE = 30.0  # seconds a worker thread waits for its next connection
+# Seconds a listener stops accepting when the process is out of file descriptors: the connection
+# it could not take stays pending, and accepting again at once would spin on it.
+FILES_PAUSE = 0.1
+
+
+LINGER = 2.0  # seconds a refused client has to stop sending, once it has its answer
+LINGER_BYTES = 1024 * 1024  # and what of it is read meanwhile
+
+
+def linger(connection: socket.socket) -> None:
+    """End a connection whose client may still be sending (a refused head or body): the answer
+    is sent, then the FIN, then what arrives meanwhile is read and dropped (bounded). Closed with
+    bytes unread, the socket would be reset instead, and the reset destroys an answer the client
+    has not read yet. (A TLS connection ends without close_notify: its reader has the answer.)"""
+    try:
+        connection.shutdown(socket.SHUT_WR)  # an SSLSocket's too: raw bytes from here on
+        connection.settimeout(LINGER)
+        deadline, left = time.monotonic() + LINGER, LINGER_BYTES
+        while left > 0 and time.monotonic() < deadline and (chunk := connection.recv(min(left, 65536))):
+            left -= len(chunk)
+    except OSError:
+        pass  # reset, or timed out: the client had its time
 
 
 class HeadTooLarge(http.client.HTTPException):
@@ -148,10 +172,24 @@ def allow_files(wanted: int) -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (wanted if hard == resource.RLIM_INFINITY else min(wanted, hard), hard))
 
 
+def client_of(address: str) -> str:
+    """Who a client address is for a share: an IPv4 address (one written as IPv6 too), or an
+    IPv6 address's /64, which one host is given to pick addresses from."""
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return address  # not an IP address: itself
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.ipv4_mapped:
+            return str(ip.ipv4_mapped)
+        return str(ipaddress.IPv6Network((ip, 64), strict=False))
+    return str(ip)
+
+
 class AddressShare:
-    """What each client address holds of something bounded (connections, transfers): at most
-    `share` at once (None: no share). An address that reaches its share is logged once, until it
-    holds none again."""
+    """What each client (`client_of` its address) holds of something bounded (connections,
+    transfers): at most `share` at once (None: no share). A client that reaches its share is
+    logged once, until it holds none again."""
 
     def __init__(self, share: int | None, total: int | None, label: str) -> None:
         self.share = share
@@ -162,7 +200,7 @@ class AddressShare:
 
     def take(self, address: str, wait: bool) -> bool:
         """One more for `address`. At its share: False, or with `wait`, once it holds less."""
-        share = self.share
+        share, address = self.share, client_of(address)
         with self._changed:
             if share is not None and self._held[address] >= share:
                 if address not in self._logged:
@@ -177,6 +215,7 @@ class AddressShare:
             return True
 
     def give_back(self, address: str) -> None:
+        address = client_of(address)
         with self._changed:
             self._held[address] -= 1
             if not self._held[address]:
@@ -209,6 +248,19 @@ class BoundedThreads:
         self._idle = threading.Semaphore(0)  # one per worker waiting for a connection
         self.deadlines = Deadlines() if self.head_timeout is not None else None
         super().server_activate()  # type: ignore[misc]
+
+    def get_request(self) -> tuple[socket.socket, Any]:
+        try:
+            request = super().get_request()  # type: ignore[misc]
+        except OSError as e:
+            if e.errno in (errno.EMFILE, errno.ENFILE):
+                if not getattr(self, "_out_of_files", False):
+                    self._out_of_files = True
+                    logger.warning(f"out of file descriptors ({e.strerror}): new connections wait; raise the open files limit (LimitNOFILE)")
+                time.sleep(FILES_PAUSE)
+            raise
+        self._out_of_files = False
+        return request
 
     def process_request(self, request: socket.socket | tuple[bytes, socket.socket], client_address: Any) -> None:
         assert isinstance(request, socket.socket)  # a TCP server's requests are sockets (the base class types UDP's too)

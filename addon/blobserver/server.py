@@ -30,7 +30,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit
 from ..registry import protocol
 from ..storage.store import Store
 from ..units import decimal
-from .listeners import HEAD, AddressShare, BoundedHead, BoundedThreads, Watched, allow_files
+from .listeners import HEAD, AddressShare, BoundedHead, BoundedThreads, Watched, allow_files, linger
 
 logger = logging.getLogger(__name__)
 
@@ -90,7 +90,7 @@ def _report(tag: str, sent: int) -> None:
 def parse_query(query: str) -> dict[str, str] | None:
     """The fields of a blob URL's query, percent-decoded; None unless each is one `signed_path`
     writes, given once, with `expires` and `size` as plain numbers (checked before anything reads
-    them: the signature covers their values, not their spelling)."""
+    them: the signature covers their values, not their spelling) and an ASCII `signature`."""
     try:
         pairs = parse_qsl(query, keep_blank_values=True, strict_parsing=True, max_num_fields=len(_QUERY)) if query else []
     except ValueError:
@@ -98,6 +98,8 @@ def parse_query(query: str) -> dict[str, str] | None:
     fields = dict(pairs)
     if len(fields) != len(pairs) or not fields.keys() <= set(_QUERY):
         return None
+    if not fields.get("signature", "").isascii():
+        return None  # `sign` writes hex; `hmac.compare_digest` takes no other text
     if any(decimal(fields.get(name, "0")) is None for name in ("expires", "size")):
         return None
     return fields
@@ -110,6 +112,7 @@ class _Handler(BoundedHead):
     protocol_version = "HTTP/1.1"
     _tag = ""  # of the request being answered
     _sent = 0  # bytes of its body sent so far
+    _refused = False  # a request refused before its head or body was read whole
 
     def handle_one_request(self) -> None:
         super().handle_one_request()
@@ -124,7 +127,7 @@ class _Handler(BoundedHead):
     def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
         """http.server's own refusals (a malformed or oversized head, HTTP/2, another method) as
         registry errors; the connection closes, as its head may not have been read whole."""
-        self.close_connection = True
+        self.close_connection = self._refused = True
         self._tag = ""
         if self.request_version == "HTTP/0.9":
             self.request_version = self.protocol_version  # its request line is unreadable: answer with a status line
@@ -132,6 +135,11 @@ class _Handler(BoundedHead):
             return self._error(protocol.ErrorCode.UNSUPPORTED, f"the blob server serves GET and HEAD only, not {self.command[:16]!r}")
         error = protocol.ErrorCode.UNSUPPORTED_REQUEST
         self._error(error, f"{code} {explain or message or HTTPStatus(code).phrase}", status=code)
+
+    def finish(self) -> None:
+        super().finish()
+        if self._refused:
+            linger(self.connection)
 
     def _expect(self, seconds: float | None, task: str) -> None:
         """The client's next deadline (see `Watched.expect`)."""
@@ -155,7 +163,7 @@ class _Handler(BoundedHead):
     def _serve(self, send_body: bool) -> None:
         self._tag = ""  # reported once the URL proved valid
         if refused := self._ambiguous():
-            self.close_connection = True
+            self.close_connection = self._refused = True
             logger.info(f"blob server: {self.client_address[0]}: {refused[1]}")
             return self._error(*refused)
         url = urlsplit(self.path)
@@ -453,7 +461,6 @@ def main() -> None:
         "certificate and key in FD (the proxy's blob_listen, a mirror's address); its port is printed in order",
     )
     args = parser.parse_args()
-    allow_files(4 * _PlainServer.max_connections)  # a socket, its watched copy, a blob, per connection
     secret = bytes.fromhex(os.environ.pop(SECRET_ENV))
     logging.basicConfig(level=logging.WARNING, format="hubcache blob server: %(message)s")
     ktls = ktls_offered()
@@ -472,6 +479,9 @@ def main() -> None:
         except OSError as e:
             logger.error(f"cannot listen on {address}:{port} for clients on other machines: {e.strerror or e}")
             sys.exit(2)
+    # Per connection: its socket, the copy its deadlines watch, a blob, and its worker's SQLite
+    # connection to the store (the database, its -wal and -shm), on every listener at once.
+    allow_files(6 * _PlainServer.max_connections * len(servers))
     for server in servers:
         server.idle_timeout = args.idle_timeout
         server.head_timeout = args.head_timeout

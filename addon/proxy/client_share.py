@@ -13,7 +13,7 @@ import logging
 from mitmproxy import connection, ctx, exceptions
 from mitmproxy.addonmanager import Loader
 
-from ..blobserver.listeners import AddressShare, allow_files
+from ..blobserver.listeners import AddressShare, allow_files, client_of
 from .destinations import plain
 
 logger = logging.getLogger(__name__)
@@ -65,13 +65,12 @@ class ClientShare:
 
 
 def _remote(client: connection.Client) -> str | None:
-    """Who the client is for its share: its IPv4 address or IPv6 /64; None from this machine."""
+    """Who the client is for its share (`client_of`: its IPv4 address or IPv6 /64); None from
+    this machine."""
     try:
         address = plain(ipaddress.ip_address(client.peername[0]))
     except (ValueError, IndexError, TypeError):
         return None  # not an IP connection
     if address in OWN:
         return None
-    if isinstance(address, ipaddress.IPv6Address):
-        return str(ipaddress.IPv6Network((address, 64), strict=False))
-    return str(address)
+    return client_of(str(address))

@@ -3,10 +3,14 @@ this process."""
 
 from __future__ import annotations
 
+import errno
 import socket
+import socketserver
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, HTTPServer
+
+import pytest
 
 from hubcache.blobserver import listeners
 from hubcache.blobserver.listeners import BoundedThreads
@@ -160,3 +164,50 @@ def test_one_address_holds_its_share_of_the_connections_and_no_more():
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_out_of_file_descriptors_a_listener_pauses_and_says_so_once(monkeypatch, caplog):
+    """accept(2) failing with EMFILE leaves the connection pending, so the listening socket stays
+    readable: a listener that tried again at once would spin a core and starve every client."""
+    server = _Bounded(("127.0.0.1", 0), _Echo)
+    pauses: list[float] = []
+    monkeypatch.setattr(listeners.time, "sleep", pauses.append)
+    accepted = socketserver.TCPServer.get_request
+    failing = [True]
+
+    def accept(self):
+        if failing[0]:
+            raise OSError(errno.EMFILE, "Too many open files")
+        return accepted(self)
+
+    monkeypatch.setattr(socketserver.TCPServer, "get_request", accept)
+    try:
+        for _ in range(3):
+            with pytest.raises(OSError):
+                server.get_request()  # socketserver's loop drops the error and selects again
+        assert pauses == [listeners.FILES_PAUSE] * 3
+        assert caplog.text.count("out of file descriptors") == 1, "one line while it lasts"
+        failing[0] = False
+        with socket.create_connection(server.server_address, timeout=10):
+            request, _ = server.get_request()
+            request.close()
+        failing[0] = True
+        with pytest.raises(OSError):
+            server.get_request()
+        assert caplog.text.count("out of file descriptors") == 2, "said again once it happens again"
+    finally:
+        server.server_close()
+
+
+def test_a_share_counts_an_ipv6_clients_slash_64_as_one_client(caplog):
+    """One IPv6 host is given a /64 to pick addresses from: a share per address would give it as
+    many shares as it likes."""
+    share = listeners.AddressShare(1, 4, "connections from")
+    assert share.take("2001:db8:1:2::1", wait=False)
+    assert not share.take("2001:db8:1:2:ffff::9", wait=False), "another address of the /64 was a new client"
+    assert share.take("2001:db8:1:3::1", wait=False), "another /64 was refused"
+    assert share.take("203.0.113.9", wait=False)
+    assert not share.take("::ffff:203.0.113.9", wait=False), "an IPv4 address written as IPv6 is that client"
+    assert "connections from 2001:db8:1:2::/64 refused" in caplog.text
+    share.give_back("2001:db8:1:2::1")
+    assert share.take("2001:db8:1:2:abcd::5", wait=False), "the /64's connection ended: its share is free"

@@ -193,6 +193,9 @@ def test_a_query_spelled_otherwise_but_meaning_the_same_is_served(served):
         pytest.param(lambda p: p.replace("?", "?tag=docker.io/evil/other:1&"), id="a-second-tag-first"),
         pytest.param(lambda p: p.replace("?", "?signature=0&"), id="a-second-signature-first"),
         pytest.param(lambda p: p + "&signature=0", id="a-second-signature-last"),
+        pytest.param(lambda p: re.sub("signature=[^&]*", "signature=%C3%A9", p), id="signature-non-ascii"),
+        pytest.param(lambda p: re.sub("signature=[^&]*", "signature=\xe9", p), id="signature-latin-1-raw"),
+        pytest.param(lambda p: re.sub("tag=[^&]*", "tag=%E2%80%AE", p), id="tag-non-ascii"),
         pytest.param(lambda p: p + "&debug=1", id="an-unknown-field"),
         pytest.param(lambda p: p + "&&", id="empty-fields"),
         pytest.param(lambda p: p.replace("/blobs/", "/blobs/../blobs/"), id="dot-dot"),
@@ -369,6 +372,33 @@ def _tls_get(address, path: str, sni: str | None) -> tuple[int, bytes]:
         return response.status, response.read()
     finally:
         conn.close()
+
+
+@pytest.mark.parametrize(
+    "head, body, status",
+    [
+        (b"GET /blobs/x HTTP/1.1\r\nX-Big: " + b"b" * 20000 + b"\r\n\r\n", b"", 431),
+        (b"GET /blobs/x HTTP/1.1\r\nContent-Length: 200000\r\n\r\n", b"x" * 200000, 413),
+    ],
+    ids=["huge-header", "a-body"],
+)
+def test_a_refused_tls_client_still_sending_gets_its_answer(tls_served, head, body, status):
+    """The answer goes out before the client has sent everything: closed with those bytes unread,
+    the socket would be reset, and the reset destroys the answer on its way (over TLS, where the
+    server reads in records, it always did)."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
+    with context.wrap_socket(socket.create_connection(tls_served, timeout=15), server_hostname="blobs.hubcache.invalid") as tls:
+        tls.sendall(head + body)
+        answer = b""
+        try:
+            while chunk := tls.recv(65536):
+                answer += chunk
+        except (ssl.SSLEOFError, ConnectionResetError):
+            pass  # the end, without close_notify (or the reset this test is about)
+    assert answer.startswith(b"HTTP/1.1 %d " % status), answer[:100]
+    assert code(answer.partition(b"\r\n\r\n")[2]) in ("UNSUPPORTED", "BODY_UNSUPPORTED")
+    assert _tls_get(tls_served, signed(), None) == (200, BLOB), "the listener serves on"
 
 
 def test_tls_abuse_leaves_the_listener_to_its_clients(tls_served):
