@@ -2346,7 +2346,7 @@ MUTANTS: list[Mutant] = [
         "the proxy sends a client to a cached blob only if its file is whole; else it fills it again",
         Edit(
             "size = await asyncio.to_thread(store.blob_size, digest)\n        if size is None:\n            return None",
-            "size = 1 << 40  # the index alone decides\n        if not await asyncio.to_thread(store.has_blob, digest):\n            return None",
+            "size = 1 << 40  # the index alone decides\nif not await asyncio.to_thread(store.has_blob, digest):\n    return None",
         ),
         ["test_a_cached_blob_cut_short_on_disk_is_fetched_again_not_served"],
         INTEGRATION,
@@ -2402,6 +2402,13 @@ MUTANTS: list[Mutant] = [
         "a client refused while still sending (a huge head, a body) gets its answer, not a reset that destroys it",
         Edit("        if self._refused:\n            linger(self.connection)\n", ""),
         ["test_a_refused_tls_client_still_sending_gets_its_answer"],
+        UNIT,
+    ),
+    mutant(
+        "blob-serves-http-0.9",
+        "an HTTP/0.9 request gets a registry error, never a blob's bytes without a status line",
+        Edit('if parsed and self.request_version == "HTTP/0.9":', "if False:"),
+        ["test_what_http_server_refuses_itself_is_a_registry_error[http-0.9-signed]"],
         UNIT,
     ),
     mutant(

@@ -120,6 +120,11 @@ class _Handler(BoundedHead):
 
     def parse_request(self) -> bool:
         parsed = super().parse_request()
+        if parsed and self.request_version == "HTTP/0.9":
+            # http.server would answer it without a status line or headers: a blob's bytes alone,
+            # which nothing in between could frame.
+            self.send_error(HTTPStatus.HTTP_VERSION_NOT_SUPPORTED, "HTTP/0.9 is not served")
+            return False
         if parsed:
             self._expect(None, "")  # the head is in: what follows is the server's work first
         return parsed
