@@ -29,8 +29,6 @@ WORKER_IDLE = 30.0  # seconds a worker thread waits for its next connection
 # Seconds a listener stops accepting when the process is out of file descriptors: the connection
 # it could not take stays pending, and accepting again at once would spin on it.
 FILES_PAUSE = 0.1
-
-
 LINGER = 2.0  # seconds a refused client has to stop sending, once it has its answer
 LINGER_BYTES = 1024 * 1024  # and what of it is read meanwhile
 
@@ -42,9 +40,11 @@ def linger(connection: socket.socket) -> None:
     has not read yet. (A TLS connection ends without close_notify: its reader has the answer.)"""
     try:
         connection.shutdown(socket.SHUT_WR)  # an SSLSocket's too: raw bytes from here on
-        connection.settimeout(LINGER)
         deadline, left = time.monotonic() + LINGER, LINGER_BYTES
-        while left > 0 and time.monotonic() < deadline and (chunk := connection.recv(min(left, 65536))):
+        while left > 0 and (remaining := deadline - time.monotonic()) > 0:
+            connection.settimeout(remaining)
+            if not (chunk := connection.recv(min(left, 65536))):
+                break
             left -= len(chunk)
     except OSError:
         pass  # reset, or timed out: the client had its time
@@ -247,6 +247,7 @@ class BoundedThreads:
         self._waiting: queue.SimpleQueue[tuple[socket.socket, Any]] = queue.SimpleQueue()
         self._idle = threading.Semaphore(0)  # one per worker waiting for a connection
         self.deadlines = Deadlines() if self.head_timeout is not None else None
+        self._out_of_files = False  # said so in the log, until a connection is accepted again
         super().server_activate()  # type: ignore[misc]
 
     def get_request(self) -> tuple[socket.socket, Any]:
@@ -254,7 +255,7 @@ class BoundedThreads:
             request = super().get_request()  # type: ignore[misc]
         except OSError as e:
             if e.errno in (errno.EMFILE, errno.ENFILE):
-                if not getattr(self, "_out_of_files", False):
+                if not self._out_of_files:
                     self._out_of_files = True
                     logger.warning(f"out of file descriptors ({e.strerror}): new connections wait; raise the open files limit (LimitNOFILE)")
                 time.sleep(FILES_PAUSE)
