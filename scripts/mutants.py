@@ -247,7 +247,7 @@ MUTANTS: list[Mutant] = [
     mutant(
         "visibility-never-probed-again",
         "a repository made private stops being served (its visibility is probed again when old)",
-        Edit("if public is True and time.time() - (checked or 0) >= ctx.options.visibility_check_seconds:", "if False:"),
+        Edit("if known and public is True and time.time() - (checked or 0) >= ctx.options.visibility_check_seconds:", "if False:"),
         ["test_a_repository_made_private_stops_being_served"],
         INTEGRATION,
     ),
@@ -2409,6 +2409,21 @@ MUTANTS: list[Mutant] = [
         "an HTTP/0.9 request gets a registry error, never a blob's bytes without a status line",
         Edit('if parsed and self.request_version == "HTTP/0.9":', "if False:"),
         ["test_what_http_server_refuses_itself_is_a_registry_error[http-0.9-signed]"],
+        UNIT,
+    ),
+    mutant(
+        "visibility-probed-with-any-digest",
+        "a repository's visibility is re-checked with what it is known to hold: no client's digest can make it private for everyone",
+        Edit("if known and public is True and time.time() - (checked or 0) >= ctx.options.visibility_check_seconds:",
+             "if public is True and time.time() - (checked or 0) >= ctx.options.visibility_check_seconds:"),
+        ["test_a_digest_the_repository_does_not_hold_never_makes_it_private"],
+        UNIT,
+    ),
+    mutant(
+        "anonymous-redirect-read-as-private",
+        "an anonymous check answered by a redirect to the blob host lets the client pull: the repository stays public",
+        Edit("return status == 200 or status in protocol.REDIRECTS", "return status == 200"),
+        ["test_an_anonymous_redirect_to_the_blob_host_keeps_a_repository_public"],
         UNIT,
     ),
     mutant(

@@ -78,7 +78,9 @@ class Access:
             if known and public is True:
                 return None
             return RegistryError(ErrorCode.UNAVAILABLE, f"{route.image}: the registry's token service is down, so access cannot be checked")
-        if public is True and time.time() - (checked or 0) >= ctx.options.visibility_check_seconds:
+        if known and public is True and time.time() - (checked or 0) >= ctx.options.visibility_check_seconds:
+            # Probed with what the repository is known to hold: a digest it does not hold would
+            # get a 404 that says nothing of the repository, and make it private for everyone.
             public = await self.probe(flow, route, store) is not False  # unknown: as last seen
         key = (token_key(flow), route.registry, route.name)
         if known and (public is True or self._allowed.get(key, 0.0) > time.monotonic()):
@@ -151,7 +153,7 @@ class Access:
         try:
             answer = upstream.available(await self.upstream.run(upstream.subrequest(like, request), timeout))
             if answer.status_code != 401:
-                return answer.status_code == 200
+                return _lets_pull(answer.status_code)
             token = await self._anonymous_token(like, answer.headers.get("www-authenticate", ""), route.name, timeout)
             if token is None:
                 return False
@@ -160,7 +162,7 @@ class Access:
             answer = upstream.available(await self.upstream.run(upstream.subrequest(like, request), timeout))
         except upstream.UpstreamError:
             return None
-        return answer.status_code == 200
+        return _lets_pull(answer.status_code)
 
     async def _anonymous_token(self, like: http.HTTPFlow, challenge: str, name: str, timeout: float) -> str | None:
         url = protocol.token_request(challenge, name)
@@ -173,6 +175,12 @@ class Access:
         except upstream.UpstreamError:
             return None
         return protocol.token_of(answer.content or b"") if answer.status_code == 200 else None
+
+
+def _lets_pull(status: int) -> bool:
+    """Whether an answer lets its client pull: a 200, or a redirect (a registry sends to its blob
+    host only a request it allowed)."""
+    return status == 200 or status in protocol.REDIRECTS
 
 
 def _what_the_cache_knows(store: Store, route: Route, digest: str) -> tuple[bool | None, float | None, bool]:

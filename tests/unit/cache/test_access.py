@@ -8,6 +8,7 @@ import pytest
 from hubcache.cache import access as access_module
 from support.cache_env import (
     BLOB_DIGEST,
+    CDN,
     HUB,
     MANIFEST,
     MANIFEST_DIGEST,
@@ -18,6 +19,7 @@ from support.cache_env import (
     fill_blob,
     fill_manifest,
     flow,
+    location,
     manifest_path,
     sized,
     upstream_response,
@@ -116,6 +118,30 @@ class TestAccess:
         await env.settle()
         assert anonymous.response.status_code == 401 and anonymous.response.headers["WWW-Authenticate"] == challenge
         assert env.sent == [("HEAD", f"https://{HUB}{blob_path()}")]
+
+    async def test_a_digest_the_repository_does_not_hold_never_makes_it_private(self, env):
+        """Its visibility due for a check, a public repository is probed with what it is known to
+        hold, never with a client's digest: that one's 404 would make it private for everyone."""
+        await fill_blob(env)
+        env.store.set_visibility("docker.io", "library/public", True)
+        env.tctx.options.visibility_check_seconds = 0
+        env.answers.append(upstream_response(404))
+        fetched = len(env.fetched)
+        f = flow(f"/v2/library/public/blobs/{BLOB_DIGEST}")
+        await env.addons.request(f)
+        assert f.response.status_code == 404, "the client's own answer"
+        assert env.store.visibility("docker.io", "library/public") is True
+        assert len(env.fetched) == fetched, "probed anonymously with the client's digest"
+
+    async def test_an_anonymous_redirect_to_the_blob_host_keeps_a_repository_public(self, env):
+        """A registry answers a blob it lets a client pull with a redirect to its blob host."""
+        await fill_blob(env)
+        env.tctx.options.visibility_check_seconds = 0
+        env.fetches.append(Upstream(307, {"Location": f"https://{CDN}/layer?signed=1", "Content-Length": "0"}))
+        f = flow(blob_path())
+        await env.addons.request(f)
+        assert location(f)[0] == f"/blobs/{BLOB_DIGEST}"
+        assert env.store.visibility("docker.io", REPO) is True
 
     async def test_a_known_digest_is_not_served_through_another_repository(self, env):
         await fill_blob(env)
