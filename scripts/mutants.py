@@ -2412,6 +2412,30 @@ MUTANTS: list[Mutant] = [
         UNIT,
     ),
     mutant(
+        "json-nested-too-deeply-uncaught",
+        "JSON nested deeper than the parser goes is malformed JSON to every parse: never an exception nothing catches",
+        Edit("except RecursionError:", "except ZeroDivisionError:"),
+        [
+            "test_json_nested_too_deeply_is_malformed_json",
+            "test_a_manifest_nested_deeper_than_the_json_parser_goes_is_only_an_unreadable_one",
+        ],
+        UNIT,
+    ),
+    mutant(
+        "redirect-to-no-url-uncaught",
+        "a redirect to something that is no URL fails the fill with one line and a registry error",
+        Edit('raise Unfollowable(f"upstream redirected {request.path[:200]} to {location[:200]!r}, which is no URL to follow") from None', "raise"),
+        ["test_a_redirect_to_no_url_fails_the_fill_with_one_line", "test_a_redirect_to_no_url_is_refused"],
+        UNIT,
+    ),
+    mutant(
+        "bundle-annotations-unchecked",
+        "a bundle entry whose annotations are not an object of strings is refused in one line",
+        Edit("if not isinstance(annotations, dict) or not all(isinstance(value, str) for value in annotations.values()):", "if False:"),
+        ["test_an_entry_whose_annotations_are_not_strings_is_refused_in_one_line"],
+        UNIT,
+    ),
+    mutant(
         "visibility-probed-with-any-digest",
         "a repository's visibility is re-checked with what it is known to hold: no client's digest can make it private for everyone",
         Edit("if known and public is True and time.time() - (checked or 0) >= ctx.options.visibility_check_seconds:",
@@ -2425,6 +2449,13 @@ MUTANTS: list[Mutant] = [
         Edit("return status == 200 or status in protocol.REDIRECTS", "return status == 200"),
         ["test_an_anonymous_redirect_to_the_blob_host_keeps_a_repository_public"],
         UNIT,
+    ),
+    mutant(
+        "proxy-reads-endless-heads",
+        "the proxy port refuses a request head (a CONNECT's, a registry request's) over MAX_HEAD instead of buffering it without end",
+        Edit("server.__class__ = _BoundedHeads\n                server.state = server.read_headers", "pass"),
+        ["test_an_endless_connect_head_is_refused", "test_an_endless_registry_request_head_is_refused_and_a_large_one_is_read"],
+        INTEGRATION,
     ),
     mutant(
         "proxy-answers-a-blob-above-the-limit",

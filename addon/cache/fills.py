@@ -244,7 +244,7 @@ class Fills:
             if fill.state is State.DECIDING and answer.status_code in protocol.REDIRECTS and location:
                 try:
                     request, redirect = upstream.redirected(request, location), answer
-                except upstream.Renamed as e:
+                except upstream.Unfollowable as e:
                     fill.fail(str(e))
                     logger.warning(f"{route.image}: not fetched: {e}")
                     await self.folder.journal_miss(route, Outcome.FAILED, str(e))

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import json
 import logging
 import time
 
@@ -197,7 +196,7 @@ class ManifestRequests:
         `stale`, a tag's cached manifest is served if upstream cannot serve now (5xx, 429)."""
         try:
             response = await self._follow_redirects(flow, response)
-        except upstream.Renamed as e:
+        except upstream.Unfollowable as e:
             logger.warning(f"{route.image}: {e}")
             await self.folder.journal_miss(route, Outcome.REJECTED, str(e))
             return RegistryError(ErrorCode.UPSTREAM_FAILED, f"{route.image}: {e}")
@@ -256,7 +255,8 @@ class ManifestRequests:
         """Some registries (registry.k8s.io) redirect manifest requests to another host: follow
         them here, so the manifest is cached under the registry's name. If the other host refuses
         hubcache (it gets no credentials), the client gets the redirect and follows it itself. A
-        redirect that renames what was asked raises upstream.Renamed. Returns the last answer."""
+        redirect that renames what was asked, or goes to no URL, raises upstream.Unfollowable. Returns
+        the last answer."""
         request = flow.request
         for _ in range(upstream.MAX_REDIRECTS):
             location = response.headers.get("location")
@@ -296,7 +296,7 @@ def _cached_tag(store: Store, route: Route, accept: list[str]) -> tuple[TagEntry
 def _listed(body: bytes) -> list[dict] | None:
     """The descriptors of a referrers answer (an OCI index), each with a digest; None if it is not one."""
     try:
-        document = json.loads(body)
+        document = protocol.parse_json(body)
     except ValueError:
         return None
     entries = document.get("manifests") if isinstance(document, dict) else None

@@ -36,7 +36,7 @@ from botocore.exceptions import (
 from urllib3.exceptions import HTTPError as Urllib3Error
 from urllib3.exceptions import NewConnectionError
 
-from ..registry.protocol import DIGEST_RE, MAX_MANIFEST, NAME_RE, TAG_RE, digest_of
+from ..registry.protocol import DIGEST_RE, MAX_MANIFEST, NAME_RE, TAG_RE, digest_of, parse_json
 from ..storage.recordings import check_name
 from ..storage.store import Manifest
 
@@ -249,7 +249,7 @@ class SharedStore:
         if found is None:
             return None
         try:
-            record = json.loads(found[0])
+            record = parse_json(found[0])
             shared = SharedTag(str(record["digest"]), str(record["media_type"]), float(record["confirmed"]))
         except (ValueError, KeyError, TypeError):
             shared = None

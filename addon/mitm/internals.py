@@ -8,6 +8,7 @@
 - mitmproxy's own addons, asked by name: `nextlayer`, `proxyserver`, `tlsconfig`.
 - The `mode` option: its upstream proxy (`upstream_proxy`), and listeners added to it.
 - The loggers of mitmproxy's lines per connection (`FLOW_LOGGERS`).
+- Its HTTP/1 server side's head reading (`_BoundedHeads`: its state, buffer and `read_headers`).
 
 tests/unit/mitm/test_internals.py pins each against the installed mitmproxy (the hook order for a
 request, the classes and attributes swapped), so an upgrade that changes one fails there, loudly.
@@ -16,6 +17,7 @@ request, the classes and attributes swapped), so an upgrade that changes one fai
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import Callable
 from typing import Any, cast
@@ -24,12 +26,15 @@ from mitmproxy import certs, connection, ctx, http, tls
 from mitmproxy import flow as flow_module
 from mitmproxy.addons.clientplayback import ReplayHandler
 from mitmproxy.net import server_spec
+from mitmproxy.net.http.http1 import assemble_response
 from mitmproxy.proxy import commands, events, layer, mode_specs, server_hooks
 from mitmproxy.proxy.context import Context
 from mitmproxy.proxy.layers import http as http_layer
 from mitmproxy.proxy.layers import tls as tls_layer
+from mitmproxy.proxy.layers.http import _http1 as http1_layer
 from mitmproxy.proxy.layers.http._hooks import HttpConnectUpstreamHook
 
+from ..registry import protocol
 from . import bodies
 
 # Where a response's body goes: a stream callable, given each chunk and b'' at the end.
@@ -174,6 +179,9 @@ def take(flow: http.HTTPFlow, sink: Sink) -> None:
 
 # The loggers of mitmproxy's connection lines (connect, disconnect, streaming: INFO), and of its
 # client replay, which carries hubcache's own requests.
+# Bytes of a request head the proxy reads (mitmproxy alone reads any): a registry client's are a
+# few KB, a token the most of it.
+MAX_HEAD = 64 * 1024
 FLOW_LOGGERS = ("mitmproxy.proxy", "mitmproxy.addons.clientplayback")
 
 
@@ -252,9 +260,35 @@ def guard(top: layer.Layer | None) -> None:
 
 
 class _GuardedLayer(http_layer.HttpLayer):
+    def _handle_event(self, event: events.Event) -> layer.CommandGenerator[None]:
+        yield from super()._handle_event(event)
+        if isinstance(event, events.Start):
+            server = self.connections.get(self.context.client)
+            if type(server) is http1_layer.Http1Server and server.state == server.read_headers:
+                server.__class__ = _BoundedHeads
+                server.state = server.read_headers
+
     def make_stream(self, stream_id: int) -> layer.CommandGenerator[None]:
         self.streams[stream_id] = _Stream(self.context.fork(), stream_id)
         yield from self.event_to_child(self.streams[stream_id], events.Start())
+
+
+class _BoundedHeads(http1_layer.Http1Server):
+    """mitmproxy's HTTP/1 server side, except that a request head (a CONNECT's, a registry
+    request's) still unfinished after MAX_HEAD bytes is refused with 431 and its connection
+    closed: mitmproxy alone buffers a head without end."""
+
+    def read_headers(self, event: events.ConnectionEvent) -> layer.CommandGenerator[None]:
+        yield from super().read_headers(event)
+        if self.state == self.read_headers and len(self.buf) > MAX_HEAD:
+            body = protocol.error_body(protocol.ErrorCode.UNSUPPORTED_REQUEST, f"a request head is {MAX_HEAD} bytes at most")
+            answer = http.Response.make(431, body, {**protocol.error_headers(len(body)), "Connection": "close"})
+            who = self.conn.peername[0] if self.conn.peername else "a client"
+            yield commands.Log(f"{who}: request head over {MAX_HEAD} bytes: refused", logging.WARNING)
+            yield commands.SendData(self.conn, assemble_response(answer))
+            yield commands.CloseConnection(self.conn)
+            self.buf = type(self.buf)()  # what it sent is dropped now, not with the connection
+            self.state = self.done
 
 
 class _Stream(http_layer.HttpStream):

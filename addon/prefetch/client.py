@@ -5,7 +5,6 @@ blob), so the cache fills by its normal verified path; the bytes are discarded."
 from __future__ import annotations
 
 import base64
-import json
 import re
 import ssl
 import threading
@@ -30,6 +29,7 @@ from ..registry.protocol import (
     hash_digest,
     hasher,
     manifest_media_type,
+    parse_json,
     token_of,
     token_request,
 )
@@ -123,7 +123,7 @@ class RegistryClient:
         path = f"/v2/{image.repository}/referrers/{subject}"
         try:
             with self._get(image, path, {"Accept": "application/vnd.oci.image.index.v1+json"}) as r:
-                listed = json.loads(r.read(MAX_MANIFEST + 1)).get("manifests") or []
+                listed = parse_json(r.read(MAX_MANIFEST + 1)).get("manifests") or []
             return [manifests.descriptor(d) for d in listed]
         except NotFound:
             return None
@@ -228,7 +228,7 @@ def _describe(e: urllib.error.HTTPError) -> str:
     except OSError:
         text = ""
     try:
-        errors = json.loads(text).get("errors") or []
+        errors = parse_json(text).get("errors") or []
         detail = "; ".join(f"{x.get('code')}: {x.get('message')}" for x in errors)
     except (ValueError, AttributeError):
         detail = " ".join(re.sub(r"<[^>]*>", " ", text).split())[:200]

@@ -446,7 +446,7 @@ class Watch:
         image = entry.image("latest")
         answer = await self._ask(image, lambda like: _plain(like, f"/v2/{image.repository}/tags/list"))
         try:
-            listed = json.loads(answer.content or b"").get("tags") or [] if answer.status_code == 200 else None
+            listed = protocol.parse_json(answer.content or b"").get("tags") or [] if answer.status_code == 200 else None
         except (ValueError, AttributeError):
             listed = None
         if not isinstance(listed, list):

@@ -5,10 +5,9 @@ Recordings, export and import walk images through these references; serving neve
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 
-from .protocol import DIGEST_RE
+from .protocol import DIGEST_RE, parse_json
 
 INDEX_MEDIA_TYPES = frozenset(
     {
@@ -44,7 +43,7 @@ def is_index(media_type: str) -> bool:
 
 def references(body: bytes, media_type: str) -> References:
     try:
-        document = json.loads(body)
+        document = parse_json(body)
     except ValueError as e:
         raise ManifestError(f"not JSON: {e}") from None
     if not isinstance(document, dict):
@@ -85,7 +84,7 @@ def referrer(digest: str, media_type: str, body: bytes) -> tuple[str, dict] | No
     """(subject digest, descriptor) when the manifest refers to a subject (OCI 1.1: a signature,
     an SBOM, an attestation), as the referrers API lists it; None otherwise."""
     try:
-        document = json.loads(body)
+        document = parse_json(body)
     except ValueError:
         return None
     if not isinstance(document, dict) or not isinstance(subject := document.get("subject"), dict):

@@ -11,6 +11,7 @@ import json
 import re
 from dataclasses import dataclass, field
 from enum import Enum
+from typing import Any
 from urllib.parse import parse_qsl, urlencode
 
 API_VERSION_HEADERS = {"Docker-Distribution-Api-Version": "registry/2.0"}
@@ -321,10 +322,20 @@ def local_token_answer(token: str, issued: str) -> bytes:
     ).encode()
 
 
+def parse_json(data: bytes | str) -> Any:
+    """`json.loads`, with a document nested deeper than the parser goes (its RecursionError)
+    refused as malformed, like any other (ValueError): whatever sends hubcache JSON (a registry,
+    a token service, a bundle) may send that."""
+    try:
+        return json.loads(data)
+    except RecursionError:
+        raise ValueError("a JSON document nested too deeply") from None
+
+
 def token_of(body: bytes) -> str | None:
     """The token in a token service's answer (`token`, or OAuth's `access_token`)."""
     try:
-        document = json.loads(body)
+        document = parse_json(body)
     except ValueError:
         return None
     token = (document.get("token") or document.get("access_token")) if isinstance(document, dict) else None
@@ -376,7 +387,7 @@ def manifest_media_type(body: bytes, content_type: str) -> str:
     if ctype and ctype not in ("application/json", "application/octet-stream", "text/plain"):
         return ctype
     try:
-        declared = json.loads(body).get("mediaType")
+        declared = parse_json(body).get("mediaType")
     except (ValueError, AttributeError):
         declared = None
     return declared if isinstance(declared, str) and declared else ctype or "application/json"

@@ -28,6 +28,7 @@ from ..registry.protocol import (
     hash_digest,
     hasher,
     manifest_media_type,
+    parse_json,
 )
 from .recordings import Image, PlatformManifest, Recording, RecordingError, Referrer, referrer_tag_subject
 from .store import BlobWriter, Store
@@ -276,7 +277,7 @@ class _BundleReader:
         except (tarfile.TarError, OSError) as e:
             raise BundleError(f"{path}: not a readable tar file ({e})") from None
         try:
-            self.index = json.loads(document)
+            self.index = parse_json(document)
             self.recording = str(self.index.get("annotations", {}).get(RECORDING, ""))
         except (ValueError, AttributeError):
             raise BundleError("index.json is not a JSON object") from None
@@ -339,6 +340,8 @@ class _BundleReader:
             except manifests.ManifestError as e:
                 raise BundleError(f"index.json: {e}") from None
             annotations = entry.get("annotations") or {}
+            if not isinstance(annotations, dict) or not all(isinstance(value, str) for value in annotations.values()):
+                raise BundleError(f"index.json entry {top.digest}: its annotations are not an object of strings")
             name = annotations.get(CONTAINERD_NAME) or annotations.get(REF_NAME) or ""
             image = self._image(name, top)
             self._referrers(image, annotations.get(REFERRERS))
@@ -383,7 +386,7 @@ class _BundleReader:
         if not listed:
             return
         try:
-            entries = json.loads(listed)
+            entries = parse_json(listed)
             described = [(manifests.descriptor(e), str(e["subject"]), str(e.get("tag", ""))) for e in entries]
         except (ValueError, TypeError, KeyError, AttributeError, manifests.ManifestError) as e:
             raise BundleError(f"{image.name}: its {REFERRERS} annotation cannot be read ({e})") from None

@@ -53,7 +53,12 @@ class Unreadable(UpstreamError):
     """An answer hubcache will not read: larger than MAX_ANSWER, or in an encoding it did not ask for."""
 
 
-class Renamed(UpstreamError):
+class Unfollowable(UpstreamError):
+    """A redirect hubcache does not follow: to a URL it cannot read (`file:///`, `https://[::1`),
+    or (`Renamed`) to what names something else."""
+
+
+class Renamed(Unfollowable):
     """A registry redirected a request to another API path of its own host that names another
     repository, kind or reference: followed, it would put one thing in the cache under another's name."""
 
@@ -261,9 +266,12 @@ def redirected(request: http.Request, location: str) -> http.Request:
     blob host (CDN) gets a signed URL instead, some refuse requests that carry both, and an
     https -> http redirect must not carry them in the clear. A redirect to an API path of the same
     host must name what the request named (Renamed otherwise): a registry that cleans paths would
-    answer for whatever the cleaned path names."""
+    answer for whatever the cleaned path names. A location that is no URL: Unfollowable."""
     target = request.copy()
-    target.url = urljoin(request.url, location)
+    try:
+        target.url = urljoin(request.url, location)
+    except ValueError:
+        raise Unfollowable(f"upstream redirected {request.path[:200]} to {location[:200]!r}, which is no URL to follow") from None
     if target.host.lower() == request.host.lower() and target.path.startswith("/v2"):
         if (moved := _parsed(target)) is None or moved != _parsed(request):
             raise Renamed(f"upstream redirected {request.path[:200]} to {target.path[:200]}, which names something else; not followed")

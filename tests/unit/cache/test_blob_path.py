@@ -221,6 +221,15 @@ class TestBlobFill:
         await env.settle()
         assert env.store.blob_size(BLOB_DIGEST) is None
 
+    async def test_a_redirect_to_no_url_fails_the_fill_with_one_line(self, env, caplog):
+        env.fetches.append(Upstream(307, {"Location": "https://[::1/layer", "Content-Length": "0"}))
+        f = flow(blob_path())
+        await env.addons.request(f)
+        assert f.response.status_code == 502 and "which is no URL to follow" in f.response.json()["errors"][0]["message"]
+        await env.settle()
+        assert env.journal()[0]["outcome"] == "failed" and "no URL to follow" in env.journal()[0]["reason"]
+        assert "Traceback" not in caplog.text and env.temp_files() == []
+
     async def test_too_many_redirects(self, env):
         env.fetches += [Upstream(302, {"Location": f"https://{HUB}:{443 + i}/v2/{REPO}/blobs/{BLOB_DIGEST}"}) for i in range(6)]
         f = flow(blob_path())

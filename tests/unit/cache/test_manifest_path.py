@@ -113,6 +113,16 @@ class TestManifestByDigest:
         assert f"larger than {upstream.MAX_ANSWER}" in f.response.json()["errors"][0]["message"]
         assert env.store.get_manifest(MANIFEST_DIGEST) is None
 
+    @pytest.mark.parametrize("ctype", [OCI_INDEX, "application/json"])
+    async def test_a_manifest_nested_deeper_than_the_json_parser_goes_is_only_an_unreadable_one(self, env, ctype):
+        """Its bytes hash to its digest, so it is upstream's to serve; what it names is unknown, as
+        for any manifest hubcache cannot read. The hook never fails on it (mitmproxy would then pass
+        upstream's answer to the client unchecked)."""
+        deep = b"[" * 200_000 + b"]" * 200_000
+        f = await fill_manifest(env, "deep", deep, ctype, headers={"Docker-Content-Digest": digest_of(deep)})
+        assert f.response.status_code == 200 and f.response.content == deep
+        assert env.store.get_manifest(digest_of(deep)).body == deep
+
     async def test_a_gzip_encoded_manifest_is_decoded_and_verified(self, env):
         await asked(env, flow(manifest_path(MANIFEST_DIGEST)), Upstream(200, {"Content-Encoding": "gzip", "Content-Type": OCI_INDEX}, gzip.compress(MANIFEST)))
         assert env.store.get_manifest(MANIFEST_DIGEST).body == MANIFEST

@@ -17,6 +17,7 @@ from mitmproxy.addons.proxyserver import Proxyserver
 from mitmproxy.addons.tlsconfig import TlsConfig
 from mitmproxy.addons.upstream_auth import UpstreamAuth
 from mitmproxy.proxy.layers import http as http_layer
+from mitmproxy.proxy.layers.http import _http1 as http1_layer
 from mitmproxy.test import taddons
 from tests.support.pki import TestCA
 from tests.unit.upstream.test_fetcher import BODY, ConnectProxy, ca, fill_flow, server  # noqa: F401 (fixtures)
@@ -132,6 +133,18 @@ def test_the_guarded_layer_makes_its_streams_as_mitmproxys_does():
     ), "mitmproxy makes its HTTP streams differently now: internals._GuardedLayer must follow"
     guarded = internals._GuardedLayer
     assert guarded.__mro__[1] is http_layer.HttpLayer and internals._Stream.__mro__[1] is http_layer.HttpStream
+
+
+def test_the_http1_head_reading_hubcache_bounds_is_mitmproxys():
+    """`_BoundedHeads` reads heads as mitmproxy's Http1Server does, from the buffer it fills, in the
+    state that `start` and each finished exchange set, and gives up the same way."""
+    theirs = http1_layer.Http1Server
+    assert internals._BoundedHeads.__mro__[1] is theirs
+    assert list(inspect.signature(theirs.read_headers).parameters) == ["self", "event"]
+    for needed in ("self.state = self.read_headers", "self.buf += event.data", "self.state = self.done"):
+        assert needed in inspect.getsource(http1_layer), f"mitmproxy's HTTP/1 layer no longer has {needed!r}"
+    assert "self.buf.maybe_extract_lines()" in inspect.getsource(theirs.read_headers)
+    assert "self.connections.setdefault(self.context.client, http_conn)" in inspect.getsource(http_layer.HttpLayer._handle_event)
 
 
 def test_the_stream_states_hubcache_relies_on_are_there():

@@ -34,8 +34,12 @@ def test_an_image_lists_config_then_layers():
 
 @pytest.mark.parametrize(
     "body",
-    [b"not json", b"[]", b'{"layers": {}}', b'{"layers": [{"digest": "md5:00", "size": 1}]}', b'{"layers": [{"digest": "%s", "size": -1}]}' % D1.encode()],
-)
+    [
+        b"not json", b"[]", b'{"layers": {}}', b'{"layers": [{"digest": "md5:00", "size": 1}]}',
+        b'{"layers": [{"digest": "%s", "size": -1}]}' % D1.encode(),
+        b"[" * 200_000 + b"]" * 200_000,  # deeper than the JSON parser goes (RecursionError)
+    ],
+)  # fmt: skip
 def test_unreadable_manifests_are_refused(body):
     with pytest.raises(manifests.ManifestError):
         manifests.references(body, IMAGE)

@@ -10,6 +10,7 @@ DIGEST = "sha256:" + "a" * 64
 DIGEST512 = "sha512:" + "b" * 128
 OCI_INDEX = "application/vnd.oci.image.index.v1+json"
 DOCKER_V2 = "application/vnd.docker.distribution.manifest.v2+json"
+DEEP = b'{"a":' * 100_000 + b"1" + b"}" * 100_000  # deeper than the JSON parser goes (RecursionError)
 
 
 class TestParseRoute:
@@ -342,9 +343,18 @@ class TestManifestMediaType:
     def test_no_field_keeps_generic_content_type(self):
         assert protocol.manifest_media_type(b'{"schemaVersion": 2}', "text/plain") == "text/plain"
 
-    @pytest.mark.parametrize("body", [b'{"schemaVersion": 2}', b"not json", b"[1, 2]", b'{"mediaType": 5}', b"\xff"])
+    @pytest.mark.parametrize("body", [b'{"schemaVersion": 2}', b"not json", b"[1, 2]", b'{"mediaType": 5}', b"\xff", DEEP])
     def test_nothing_usable_gives_application_json(self, body):
         assert protocol.manifest_media_type(body, "") == "application/json"
+
+
+def test_json_nested_too_deeply_is_malformed_json():
+    """A registry, a token service or a bundle may send it: every parse refuses it as it refuses
+    any malformed JSON (ValueError), never with an exception nothing catches."""
+    with pytest.raises(ValueError, match="nested too deeply"):
+        protocol.parse_json(DEEP)
+    assert protocol.token_of(DEEP) is None
+    assert protocol.parse_json(b'{"a": [1]}') == {"a": [1]}
 
 
 def test_error_body_shape():

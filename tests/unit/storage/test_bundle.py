@@ -226,6 +226,25 @@ def test_an_entry_without_a_full_name_is_refused(stores, image, tmp_path):
     assert_untouched(target, image)
 
 
+@pytest.mark.parametrize("annotations", [["x"], {"org.opencontainers.image.ref.name": 5}, "a"])
+def test_an_entry_whose_annotations_are_not_strings_is_refused_in_one_line(stores, image, tmp_path, annotations):
+    _, bundle, _ = exported(stores, image, tmp_path)
+    odd = tmp_path / "odd.tar"
+    with tarfile.open(bundle) as src, tarfile.open(odd, "w") as dst:
+        for member in src:
+            data = src.extractfile(member).read() if member.isfile() else None
+            if member.name.lstrip("./") == "index.json":
+                index = json.loads(data)
+                index["manifests"][0]["annotations"] = annotations
+                data = json.dumps(index).encode()
+                member.size = len(data)
+            dst.addfile(member, io.BytesIO(data) if data is not None else None)
+    target = stores("target")
+    with pytest.raises(BundleError, match="its annotations are not an object of strings"):
+        import_bundle(target, odd, cache_dir=target.directory)
+    assert_untouched(target, image)
+
+
 def test_import_skips_blobs_already_held(stores, image, tmp_path):
     _, bundle, _ = exported(stores, image, tmp_path)
     target = stores("target")

@@ -96,6 +96,11 @@ class TestRedirected:
         with pytest.raises(upstream.Renamed):
             upstream.redirected(self.request(), location)
 
+    @pytest.mark.parametrize("location", ["file:///etc/passwd", "https://[::1/x", "https://host:99999/x"])
+    def test_a_redirect_to_no_url_is_refused(self, location):
+        with pytest.raises(upstream.Unfollowable, match="which is no URL to follow"):
+            upstream.redirected(self.request(), location)
+
     def test_a_redirect_to_the_same_route_or_a_blob_host_is_followed(self):
         same = upstream.redirected(self.request(), f"/v2/{REPO}/manifests/1")
         assert same.url == f"https://{HUB}{manifest_path('1')}" and same.headers["authorization"] == "Bearer t"
