@@ -98,8 +98,9 @@ class TestRedirected:
 
     @pytest.mark.parametrize("location", ["file:///etc/passwd", "https://[::1/x", "https://host:99999/x"])
     def test_a_redirect_to_no_url_is_refused(self, location):
-        with pytest.raises(upstream.Unfollowable, match="which is no URL to follow"):
+        with pytest.raises(Exception) as refused:  # any: which one is what is tested
             upstream.redirected(self.request(), location)
+        assert refused.type is upstream.Unfollowable and "which is no URL to follow" in str(refused.value), refused.type
 
     def test_a_redirect_to_the_same_route_or_a_blob_host_is_followed(self):
         same = upstream.redirected(self.request(), f"/v2/{REPO}/manifests/1")
