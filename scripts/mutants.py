@@ -2461,6 +2461,13 @@ MUTANTS: list[Mutant] = [
         ["TestSmallBlobHit::test_the_limit_is_the_largest_blob_answered_inline"],
         UNIT,
     ),
+    mutant(
+        "proxy-leaves-cancelled-connections-open",
+        "a connection mitmproxy cancels while its reader waits for the event lock is closed, not left open and unread",
+        Edit("if io is not None and io.handler is asyncio.current_task():", "if False:"),
+        ["test_a_connection_closed_while_its_reader_waits_for_the_event_lock_is_closed"],
+        UNIT,
+    ),
 ]
 
 

@@ -9,6 +9,8 @@
 - The `mode` option: its upstream proxy (`upstream_proxy`), and listeners added to it.
 - The loggers of mitmproxy's lines per connection (`FLOW_LOGGERS`).
 - Its HTTP/1 server side's head reading (`_BoundedHeads`: its state, buffer and `read_headers`).
+- Its connection handler's reading loop (`close_cancelled_connections`: its transports, its event
+  lock).
 
 tests/unit/mitm/test_internals.py pins each against the installed mitmproxy (the hook order for a
 request, the classes and attributes swapped), so an upgrade that changes one fails there, loudly.
@@ -28,6 +30,7 @@ from mitmproxy.addons.clientplayback import ReplayHandler
 from mitmproxy.net import server_spec
 from mitmproxy.net.http.http1 import assemble_response
 from mitmproxy.proxy import commands, events, layer, mode_specs, server_hooks
+from mitmproxy.proxy import server as proxy_server
 from mitmproxy.proxy.context import Context
 from mitmproxy.proxy.layers import http as http_layer
 from mitmproxy.proxy.layers import tls as tls_layer
@@ -179,10 +182,10 @@ def take(flow: http.HTTPFlow, sink: Sink) -> None:
 
 # The loggers of mitmproxy's connection lines (connect, disconnect, streaming: INFO), and of its
 # client replay, which carries hubcache's own requests.
+FLOW_LOGGERS = ("mitmproxy.proxy", "mitmproxy.addons.clientplayback")
 # Bytes of a request head the proxy reads (mitmproxy alone reads any): a registry client's are a
 # few KB, a token the most of it.
 MAX_HEAD = 64 * 1024
-FLOW_LOGGERS = ("mitmproxy.proxy", "mitmproxy.addons.clientplayback")
 
 
 # the `mode` option
@@ -289,6 +292,39 @@ class _BoundedHeads(http1_layer.Http1Server):
             yield commands.CloseConnection(self.conn)
             self.buf = type(self.buf)()  # what it sent is dropped now, not with the connection
             self.state = self.done
+
+
+# connections closed while their reader waits for the event lock
+
+
+_handle_connection = proxy_server.ConnectionHandler.handle_connection
+
+
+async def _closing_handle_connection(self: proxy_server.ConnectionHandler, conn: connection.Connection) -> None:
+    """mitmproxy's reading loop of a connection, except that one cancelled while it waits for
+    the handler's event lock is closed too. A layer closes a connection from whichever task runs
+    it; when that is a hook's (a head refused as the layer after TLS is decided) while the
+    connection's own reader waits for the lock with the client's next bytes, mitmproxy's loop
+    lets the cancellation out before its cleanup: the socket stayed open, unread, holding a
+    descriptor and the client's bytes in its buffers, after mitmproxy had said the client was gone."""
+    try:
+        await _handle_connection(self, conn)
+    except asyncio.CancelledError:
+        io = self.transports.get(conn)
+        if io is not None and io.handler is asyncio.current_task():  # mitmproxy's cleanup pops it
+            conn.state = connection.ConnectionState.CLOSED
+            try:
+                await self.server_event(events.ConnectionClosed(conn))
+            finally:
+                self.transports.pop(conn, None)
+                if io.writer is not None:
+                    io.writer.close()
+        raise
+
+
+def close_cancelled_connections() -> None:
+    """Every connection mitmproxy's handlers read is closed when cancelled (once per process)."""
+    proxy_server.ConnectionHandler.handle_connection = _closing_handle_connection  # type: ignore[method-assign,assignment]
 
 
 class _Stream(http_layer.HttpStream):

@@ -14,6 +14,7 @@ from mitmproxy import connection, ctx, exceptions
 from mitmproxy.addonmanager import Loader
 
 from ..blobserver.listeners import AddressShare, allow_files, client_of
+from ..mitm import internals
 from .destinations import plain
 
 logger = logging.getLogger(__name__)
@@ -45,6 +46,8 @@ class ClientShare:
             self._share.share = share or None
 
     def running(self) -> None:
+        # A connection mitmproxy has let go of must not stay open outside every share.
+        internals.close_cancelled_connections()
         try:
             allow_files(FILES)
         except (ValueError, OSError) as e:

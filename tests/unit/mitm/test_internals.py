@@ -4,18 +4,23 @@ stream into, or the addons it asks by name fails here, not in a pull."""
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 import textwrap
 import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Literal
 
 import pytest
 from mitmproxy import hooks as mitmproxy_hooks
+from mitmproxy import options
 from mitmproxy.addons import default_addons
 from mitmproxy.addons.proxyserver import Proxyserver
 from mitmproxy.addons.tlsconfig import TlsConfig
 from mitmproxy.addons.upstream_auth import UpstreamAuth
+from mitmproxy.proxy import events, layer, mode_specs
+from mitmproxy.proxy import server as proxy_server
 from mitmproxy.proxy.layers import http as http_layer
 from mitmproxy.proxy.layers.http import _http1 as http1_layer
 from mitmproxy.test import taddons
@@ -172,3 +177,71 @@ def test_the_addons_asked_by_name_are_mitmproxys_with_what_is_asked_of_them():
     assert callable(addons["tlsconfig"].tls_start_client)
     assert "certstore" in TlsConfig.__annotations__
 
+
+
+class _WatchedLock(asyncio.Lock):
+    """A handler's event lock that says when the reader of its client's connection waits for it."""
+
+    def __init__(self, handler: proxy_server.ConnectionHandler) -> None:
+        super().__init__()
+        self.handler = handler
+        self.reader_waits = asyncio.Event()
+
+    async def acquire(self) -> Literal[True]:
+        io = self.handler.transports.get(self.handler.client)
+        if self.locked() and io is not None and asyncio.current_task() is io.handler:
+            self.reader_waits.set()
+        return await super().acquire()
+
+
+class _Silent(layer.Layer):
+    def _handle_event(self, event: events.Event) -> layer.CommandGenerator[None]:
+        yield from ()
+
+
+@pytest.fixture
+def closing_handlers(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`close_cancelled_connections` installed for this test only."""
+    monkeypatch.setattr(proxy_server.ConnectionHandler, "handle_connection", proxy_server.ConnectionHandler.handle_connection)
+    internals.close_cancelled_connections()
+
+
+async def test_a_connection_closed_while_its_reader_waits_for_the_event_lock_is_closed(closing_handlers):
+    """A layer run by another task (a hook's) closes the client's connection while the client's
+    reader, with the next bytes in, waits for the handler's event lock: the client sees the
+    connection closed, and the handler lets go of it."""
+    handlers: asyncio.Queue[proxy_server.SimpleConnectionHandler] = asyncio.Queue()
+    done: list[asyncio.Task] = []
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        handler = proxy_server.SimpleConnectionHandler(
+            reader, writer, options.Options(), mode_specs.ProxyMode.parse("regular"), {"next_layer": lambda nl: setattr(nl, "layer", _Silent(nl.context))}
+        )
+        handler._server_event_lock = _WatchedLock(handler)
+        handlers.put_nowait(handler)
+        done.append(asyncio.current_task())  # type: ignore[arg-type]
+        await handler.handle_client()
+
+    listener = await asyncio.start_server(serve, "127.0.0.1", 0)
+    reader, writer = await asyncio.open_connection(*listener.sockets[0].getsockname()[:2])
+    handler = await asyncio.wait_for(handlers.get(), 10)
+    try:
+        lock = handler._server_event_lock
+        assert isinstance(lock, _WatchedLock)
+        async with lock:  # as a hook's task holds it while it runs the layers
+            writer.write(b"the client's next bytes")
+            await asyncio.wait_for(lock.reader_waits.wait(), 10)
+            handler.close_connection(handler.client)  # a layer's CloseConnection, from that task
+        try:
+            closed = await asyncio.wait_for(reader.read(), 10)
+        except TimeoutError:
+            closed = None
+        assert closed == b"", "the client's connection stayed open after mitmproxy let go of it"
+        await asyncio.wait_for(asyncio.gather(*done), 10)
+        assert handler.client not in handler.transports
+    finally:
+        for io in handler.transports.values():  # what a broken handler left open
+            if io.writer is not None:
+                io.writer.close()
+        writer.close()
+        listener.close()
