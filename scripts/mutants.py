@@ -2985,6 +2985,8 @@ def main() -> int:
     total = time.monotonic() - started
     print(f"total {total:.0f}s on {args.jobs} jobs; the output of every run: {out}", file=sys.stderr)
     extra = "".join(f", {counts[k]} {label}" for k, label in (("padded", "padded"), ("error", "errors"), ("stale", "stale")) if counts[k])
+    if broken:  # listed again here: a CI log is often read from its end
+        extra += f", {len(broken)} guard tests failing on the unmutated code: {', '.join(sorted(broken))}"
     print(f"mutants: {counts['killed']} killed, {counts['SURVIVED']} survived{extra}")
     return 1 if counts["killed"] != len(chosen) or broken else 0
 
