@@ -11,6 +11,7 @@ from .cache.policy import ImagePolicy
 from .cache.recorder import Recorder
 from .fleet.node import Fleet
 from .mitm import internals
+from .mitm.fail_closed import fail_closed
 from .observe.loop_lag import LoopLag
 from .observe.metrics import Metrics
 from .observe.pull_log import PullLog
@@ -31,7 +32,8 @@ from .upstream.client import BoundedAnswers, Upstream
 
 def make_addons() -> list:
     """A fresh set of hubcache's addons, in hook order: the options first, then where clients may
-    go (before any addon reroutes a connection), then hosts, the cache before the recorder."""
+    go (before any addon reroutes a connection), then hosts, the cache before the recorder. Each
+    fails closed: a hook that fails on a request ends it (mitm/fail_closed.py)."""
     listener = MirrorListener()  # the mirror's listener: set by the mirror, read by interception and the blob host
     realms = TokenRealms()  # learned by the credentials and the mirror, read by both
     interception = Interception(listener)
@@ -62,7 +64,7 @@ def make_addons() -> list:
     status = StatusPage(folder, metrics, pulls, watch)
     mirror = Mirror(interception, blobs, listener, realms)
     destinations.own_ports.append(status.ports)
-    return [
+    addons = [
         CommonOptions(),
         ClientShare(),  # first: a connection beyond its client's share goes no further
         folder,
@@ -90,6 +92,7 @@ def make_addons() -> list:
         status,
         LoopLag(metrics),
     ]
+    return fail_closed(addons)
 
 
 class Hubcache:

@@ -2468,6 +2468,27 @@ MUTANTS: list[Mutant] = [
         ["test_a_connection_closed_while_its_reader_waits_for_the_event_lock_is_closed"],
         UNIT,
     ),
+    mutant(
+        "hooks-fail-open",
+        "every deciding hook of hubcache's addons fails closed",
+        Edit("return fail_closed(addons)", "return addons"),
+        ["test_every_deciding_hook_of_hubcache_fails_closed"],
+        UNIT,
+    ),
+    mutant(
+        "failed-hook-passes-the-request",
+        "a request a hook fails on is answered 500, not passed on",
+        Edit('answers.error(subject, protocol.ErrorCode.INTERNAL, "hubcache failed on this request")', "pass"),
+        ["test_a_request_a_hook_fails_on_is_answered_500_and_goes_nowhere"],
+        UNIT,
+    ),
+    mutant(
+        "failed-hook-connects",
+        "a server connection a hook fails on is refused",
+        Edit('subject.server.error = f"hubcache: {where} failed"', "pass"),
+        ["test_a_server_connection_a_hook_fails_on_is_refused"],
+        UNIT,
+    ),
 ]
 
 

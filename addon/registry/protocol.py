@@ -103,6 +103,7 @@ class ErrorCode(Enum):
     UNAVAILABLE = ("UNAVAILABLE", 503)  # hubcache cannot answer now (its blob server, a token service)
     UPSTREAM_FAILED = ("UNAVAILABLE", 502)  # upstream gave no usable answer: hubcache is the gateway
     UPSTREAM_MANIFEST_INVALID = ("MANIFEST_INVALID", 502)  # upstream's manifest is unreadable or not what was asked
+    INTERNAL = ("UNKNOWN", 500)  # hubcache failed on the request: it goes nowhere
 
     @property
     def code(self) -> str:
