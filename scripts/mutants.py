@@ -2489,6 +2489,20 @@ MUTANTS: list[Mutant] = [
         ["test_a_server_connection_a_hook_fails_on_is_refused"],
         UNIT,
     ),
+    mutant(
+        "fill-room-never-rechecked",
+        "a fill looks at the room left as its bytes come, not only at upstream's Content-Length",
+        Edit("self.writer.keep_free(FREE_SPACE_RESERVE)", "pass"),
+        ["test_a_fill_stops_keeping_bytes_once_the_folder_is_down_to_its_reserve"],
+        UNIT,
+    ),
+    mutant(
+        "fill-keeps-below-the-reserve",
+        "a fill stops keeping bytes once the cache folder is down to its reserve",
+        Edit("if free < reserve:", "if free < 0:"),
+        ["test_a_fill_stops_keeping_bytes_once_the_folder_is_down_to_its_reserve"],
+        UNIT,
+    ),
 ]
 
 

@@ -41,6 +41,9 @@ _END = None
 # here (backpressure) rather than the proxy's memory growing with the blob.
 QUEUED_CHUNKS = 16
 FREE_SPACE_RESERVE = 64 * 1024 * 1024  # left free for the index and other fills
+# A fill looks at the room left each time this many more bytes came: what upstream announced
+# was checked before the first byte, but an answer without Content-Length announced nothing.
+ROOM_CHECK = 16 * 1024 * 1024
 
 
 class State(Enum):
@@ -104,16 +107,21 @@ class Fill:
                 self._thread.start()
             self._queue.put(bytes(data) if data else _END)  # mitmproxy's core hands over bytes: no copy
         elif data:
-            assert self.writer
             with self._lock:
                 if not self._discarded:  # cut: the fetch ends, and its last bytes have nowhere to go
-                    self.writer.write(data)
+                    self._write(data)
         return []  # nobody reads hubcache's own request
 
     def _drain(self) -> None:
-        assert self.writer
         while (chunk := self._queue.get()) is not _END:
-            self.writer.write(chunk)
+            self._write(chunk)
+
+    def _write(self, data: bytes | bytearray | memoryview) -> None:
+        assert self.writer
+        before = self.writer.size
+        self.writer.write(data)
+        if before // ROOM_CHECK != self.writer.size // ROOM_CHECK:
+            self.writer.keep_free(FREE_SPACE_RESERVE)
 
     def finish(self) -> bool:
         """After the last byte (blocking): commit if size and digest verify. Returns whether it did."""

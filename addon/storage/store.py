@@ -5,6 +5,7 @@ indexes (index.py) change in the same transaction as the content."""
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import shutil
@@ -701,6 +702,19 @@ class BlobWriter:
                 self._file.write(data)
             except OSError as e:
                 self.write_error = e
+
+    def keep_free(self, reserve: int) -> None:
+        """Stop keeping (not hashing), as after a failed write, once the folder has fewer than
+        `reserve` bytes free: an answer of no announced size could otherwise fill the disk."""
+        if self.write_error is not None:
+            return
+        try:
+            free = shutil.disk_usage(os.path.dirname(self._path)).free
+        except OSError as e:
+            self.write_error = e
+            return
+        if free < reserve:
+            self.write_error = OSError(errno.ENOSPC, f"the cache folder is down to {free} bytes free")
 
     @property
     def path(self) -> str:

@@ -1,11 +1,14 @@
 """A fill: the body of hubcache's own upstream request, written and hashed off the event loop: on
 the caller's thread (the fetcher's), or on a writer thread when it comes on the event loop."""
 
+import errno
 import os
+import shutil
 import threading
 
 import pytest
 
+from hubcache.cache import fills
 from hubcache.cache.fills import Fill, State
 from hubcache.registry.protocol import Kind, Route, digest_of
 from hubcache.storage.store import Store
@@ -159,6 +162,33 @@ def test_a_write_error_is_kept_not_raised(store, monkeypatch):
     assert fill.writer.write_error.errno == 28
     fill.discard()
     assert not store.has_blob(DIGEST)
+
+
+@pytest.mark.parametrize("size", [None, len(BLOB)])
+def test_a_fill_stops_keeping_bytes_once_the_folder_is_down_to_its_reserve(store, monkeypatch, size):
+    """Upstream's Content-Length was checked against the room left before the first byte, but an
+    answer without one (a hostile upstream's endless chunked body) announced nothing: the room is
+    looked at again as the bytes come, and the keeping stops at the reserve."""
+    monkeypatch.setattr(fills, "ROOM_CHECK", 100_000)
+    real = shutil.disk_usage
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: real(path)._replace(free=fills.FREE_SPACE_RESERVE - 1))
+    fill = fill_with(store, CHUNKS, size=size)
+    assert not fill.finish()
+    assert fill.writer.write_error.errno == errno.ENOSPC and "down to" in fill.writer.write_error.strerror
+    assert os.path.getsize(fill.writer.path) < 100_000 + 65536, "nothing kept after the check"
+    fill.discard()
+    assert not store.has_blob(DIGEST) and temp_files(store) == []
+
+
+def test_a_fill_with_room_left_is_kept_whole(store, monkeypatch):
+    monkeypatch.setattr(fills, "ROOM_CHECK", 100_000)
+    checked = []
+    real = shutil.disk_usage
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: checked.append(path) or real(path)._replace(free=fills.FREE_SPACE_RESERVE))
+    fill = fill_with(store, CHUNKS, size=None)
+    assert fill.finish() and store.has_blob(DIGEST)
+    assert len(checked) == len(BLOB) // 100_000, "looked at once per ROOM_CHECK bytes"
+    fill.discard()
 
 
 def test_failure_is_announced(store):
