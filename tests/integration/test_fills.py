@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import signal
 import subprocess
 import time
@@ -14,8 +15,11 @@ from pathlib import Path
 
 import pytest
 
+from hubcache.cache import fills
 from support import proxied
 from support.clients import pulled_blobs, skopeo_copy
+from support.hostile import Hostile
+from support.hubcache import upstream_options
 from support.registry import REGISTRY_NAME
 
 
@@ -178,3 +182,36 @@ def test_a_full_disk_still_serves_pulls(hubcache, registry, multi_image, tmpfs, 
     assert not list((proxy.cache_dir / "tmp").rglob("fill-*"))
     proxy.stop()
 
+
+
+ENDLESS_NAME = "endless.hubcache.test"
+
+
+def test_an_endless_blob_from_upstream_is_kept_only_down_to_the_reserve(hubcache, registry, dockerhub, ca, multi_image, tmpfs, tmp_path):
+    """A hostile upstream answers a blob with a chunked body of no announced size, far larger
+    than the cache folder: the fill stops keeping it once the folder is down to its reserve (the
+    disk never fills), the blob is not stored, and the next pull is cached as usual."""
+    cert, key = ca.issue("endless", [ENDLESS_NAME])
+    attacker = Hostile("endless", cert, key)
+    try:
+        usual = upstream_options(registry, dockerhub)
+        proxy = hubcache(
+            tmpfs("160m"),
+            registries=[*usual["registries"], ENDLESS_NAME],
+            upstream_map=[*usual["upstream_map"], f"{ENDLESS_NAME}=127.0.0.1:{attacker.port}"],
+        )
+        digest = "sha256:" + "d" * 64
+        with proxied.opened(proxy.port, ENDLESS_NAME, f"/v2/evil/endless/blobs/{digest}", ca=proxy.ca_cert, follow=False) as answer:
+            assert answer.status in (200, 307, 502), answer.status
+        entry = wait_for_outcome(proxy, digest, timeout=120)
+    finally:
+        attacker.stop()
+    assert attacker.sent > 160 * 1024 * 1024, "upstream sent more than the folder holds"
+    assert entry["outcome"] == "failed", entry
+    free = int(re.search(r"down to (\d+) bytes free", entry["reason"] or "")[1])  # type: ignore[index]
+    assert fills.FREE_SPACE_RESERVE - 2 * fills.ROOM_CHECK < free < fills.FREE_SPACE_RESERVE, entry
+    assert not list((proxy.cache_dir / "tmp").rglob("fill-*")), "what it kept is gone"
+    result = skopeo_copy(f"docker://{REGISTRY_NAME}/test/multi:1", tmp_path / "out", proxy=proxy.url, ca_bundle=proxy.client_bundle)
+    assert result.returncode == 0, result.stderr + proxy.log_text()[-2000:]
+    assert {layer.digest for layer in multi_image.platform("linux/amd64").layers} <= pulled_blobs(tmp_path / "out")
+    assert wait_for_outcome(proxy, multi_image.platform("linux/amd64").layers[0].digest)["outcome"] == "filled"

@@ -32,14 +32,20 @@ class Seen:
     headers: dict[str, str]  # lower-case names
 
 
+# What an 'endless' blob sends before it ends after all: far more than any test's cache folder.
+ENDLESS_BYTES = 512 * 1024 * 1024
+
+
 class Hostile:
     """`mode`: 'yes' (HEAD 200 with its own digest, manifests its own, blob GETs 503), 'basic'
-    (401 asking for Basic until a request brings credentials, then 'yes'), or 'redirect' (every
-    path 307 to /missing, which answers 404)."""
+    (401 asking for Basic until a request brings credentials, then 'yes'), 'redirect' (every
+    path 307 to /missing, which answers 404), or 'endless' ('yes', but a blob GET answers 200
+    with a chunked body of no announced size, ENDLESS_BYTES long; `sent` counts its bytes)."""
 
     def __init__(self, mode: str = "yes", cert: Path | None = None, key: Path | None = None):
         self.mode = mode
         self.seen: list[Seen] = []
+        self.sent = 0
         self._lock = threading.Lock()
         handler = type("Handler", (_Handler,), {"owner": self})
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
@@ -86,6 +92,8 @@ class _Handler(BaseHTTPRequestHandler):
         if "/manifests/" in self.path:
             headers = {"Content-Type": OCI_MANIFEST, "Docker-Content-Digest": EVIL_DIGEST}
             return self._send(200, headers, EVIL_MANIFEST)
+        if "/blobs/" in self.path and self.command == "GET" and owner.mode == "endless":
+            return self._send_endless()
         if "/blobs/" in self.path and self.command == "GET":
             return self._send(503, {"Content-Type": "application/json"}, b'{"errors":[{"code":"UNAVAILABLE"}]}')
         return self._send(200, {"Content-Type": "application/json"}, b"{}")
@@ -98,6 +106,21 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
         if self.command != "HEAD":
             self.wfile.write(body)
+
+    def _send_endless(self) -> None:
+        self.send_response(200)
+        self.send_header("Content-Type", "application/octet-stream")
+        self.send_header("Transfer-Encoding", "chunked")
+        self.end_headers()
+        chunk = b"\0" * (1024 * 1024)
+        framed = b"%x\r\n" % len(chunk) + chunk + b"\r\n"
+        try:
+            while self.owner.sent < ENDLESS_BYTES:
+                self.wfile.write(framed)
+                self.owner.sent += len(chunk)
+            self.wfile.write(b"0\r\n\r\n")
+        except OSError:
+            pass  # the fetch was cut
 
     def log_message(self, format: str, *args) -> None:
         pass
