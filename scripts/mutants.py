@@ -2345,8 +2345,8 @@ MUTANTS: list[Mutant] = [
         "proxy-redirects-to-a-blob-of-another-size",
         "the proxy sends a client to a cached blob only if its file is whole; else it fills it again",
         Edit(
-            "size = await asyncio.to_thread(store.blob_size, digest)\n        if size is None:\n            return None",
-            "size = 1 << 40  # the index alone decides\nif not await asyncio.to_thread(store.has_blob, digest):\n    return None",
+            "found = await asyncio.to_thread(store.blob_to_answer, digest, inline_max)\n        if found is None:\n            return None",
+            "found = (1 << 40, None)  # the index alone decides\nif not await asyncio.to_thread(store.has_blob, digest):\n    return None",
         ),
         ["test_a_cached_blob_cut_short_on_disk_is_fetched_again_not_served"],
         INTEGRATION,
@@ -2362,9 +2362,8 @@ MUTANTS: list[Mutant] = [
         "proxy-answers-a-small-blob-unchecked",
         "a small blob of a private repository goes only to a client upstream lets have it",
         Edit(
-            "if refused := await self.access.refusal(flow, route, digest, store):\n"
-            "            return refused\n        if size > ctx.options.blob_inline_max",
-            "if size > ctx.options.blob_inline_max",
+            "if refused := await self.access.refusal(flow, route, digest, store):\n            return refused  # what was read",
+            "if False:\n    return None  # what was read",
         ),
         ["TestSmallBlobHit::test_of_a_private_repository_only_a_client_upstream_lets_have_it_gets_its_bytes"],
         UNIT,
@@ -2372,7 +2371,7 @@ MUTANTS: list[Mutant] = [
     mutant(
         "proxy-answers-a-small-blobs-range-whole",
         "a Range request for a small blob goes to the blob server, which answers the range",
-        Edit(' or "range" in flow.request.headers', ""),
+        Edit('-1 if "range" in flow.request.headers else ctx.options.blob_inline_max', "ctx.options.blob_inline_max"),
         ["TestSmallBlobHit::test_a_range_is_sent_to_the_blob_server"],
         UNIT,
     ),
@@ -2457,7 +2456,7 @@ MUTANTS: list[Mutant] = [
     mutant(
         "proxy-answers-a-blob-above-the-limit",
         "blob_inline_max is the largest blob the proxy answers itself",
-        Edit("if size > ctx.options.blob_inline_max", "if size > ctx.options.blob_inline_max + 1"),
+        Edit("if size > inline_max:", "if size > inline_max + 1:"),
         ["TestSmallBlobHit::test_the_limit_is_the_largest_blob_answered_inline"],
         UNIT,
     ),

@@ -67,18 +67,16 @@ class BlobRequests:
         and a miss), a larger one or a range of it by the blob server."""
         store = self.folder.open_store()
         digest = route.reference
-        size = await asyncio.to_thread(store.blob_size, digest)
-        if size is None:
+        inline_max = -1 if "range" in flow.request.headers else ctx.options.blob_inline_max
+        found = await asyncio.to_thread(store.blob_to_answer, digest, inline_max)
+        if found is None:
             return None
         if refused := await self.access.refusal(flow, route, digest, store):
-            return refused
-        if size > ctx.options.blob_inline_max or "range" in flow.request.headers:
-            self.metrics.hit("blob")
-            return self._send(flow, route, Source.CACHE)
-        body = await asyncio.to_thread(store.verified_blob, digest)
-        if body is None:
-            return None
+            return refused  # what was read for it is dropped unsent
         self.metrics.hit("blob")
+        _, body = found
+        if body is None:
+            return self._send(flow, route, Source.CACHE)
         self.metrics.sent(Source.CACHE, len(body))
         self.pulls.blob(flow, route, Source.CACHE, len(body))
         return answers.blob(digest, body)

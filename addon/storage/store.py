@@ -366,17 +366,21 @@ class Store:
         with blob:
             return os.fstat(blob.fileno()).st_size
 
-    def verified_blob(self, digest: str) -> bytes | None:
-        """The whole blob, hashed again (for blobs small enough to answer from memory): None if
-        the store holds none, or if its bytes no longer hash to `digest` (then it is dropped, to
-        be fetched again, as `hubcache verify` drops it)."""
+    def blob_to_answer(self, digest: str, inline_max: int) -> tuple[int, bytes | None] | None:
+        """The blob's size and, if it is `inline_max` bytes or fewer (small enough to answer from
+        memory), its bytes, hashed again; from one open. None if the store holds none whole, or
+        if its bytes no longer hash to `digest` (then it is dropped, to be fetched again, as
+        `hubcache verify` drops it)."""
         blob = self.open_blob(digest)
         if blob is None:
             return None
         with blob:
+            size = os.fstat(blob.fileno()).st_size
+            if size > inline_max:
+                return size, None
             body = blob.read()
         if digest_of(body, digest.partition(":")[0]) == digest:
-            return body
+            return len(body), body
         logger.warning(f"hubcache: blob {digest} no longer hashes to its digest: dropped, to be fetched again")
         self._drop_rotten_quietly(digest)
         return None

@@ -315,3 +315,19 @@ def test_every_connection_maps_none_of_the_database_and_caches_a_few_pages(tmp_p
     pragmas()
     store.close()
     assert seen == [(0, 1024)] * 4
+
+
+@pytest.mark.parametrize(
+    "blob, inline_max, expected",
+    [
+        (BLOB, len(BLOB), "body"),  # at the limit: its bytes, hashed again
+        (BLOB, len(BLOB) - 1, "size"),  # above it: its size only
+        (b"", 0, "body"),  # an empty layer is answered too
+        (b"", -1, "size"),  # -1: none in memory, whatever its size (a Range)
+    ],
+)
+def test_a_blob_to_answer_is_its_size_and_if_small_its_verified_bytes(store, blob, inline_max, expected):
+    digest = digest_of(blob)
+    assert store.blob_to_answer(digest, inline_max) is None, "not held"
+    fill(store, digest, [blob]).commit()
+    assert store.blob_to_answer(digest, inline_max) == (len(blob), blob if expected == "body" else None)
