@@ -2449,7 +2449,7 @@ MUTANTS: list[Mutant] = [
     mutant(
         "proxy-reads-endless-heads",
         "the proxy port refuses a request head (a CONNECT's, a registry request's) over MAX_HEAD instead of buffering it without end",
-        Edit("server.__class__ = _BoundedHeads\n                server.state = server.read_headers", "pass"),
+        Edit("server.__class__ = _Http1Server\n                server.state = server.read_headers", "pass"),
         ["test_an_endless_connect_head_is_refused", "test_an_endless_registry_request_head_is_refused_and_a_large_one_is_read"],
         INTEGRATION,
     ),
@@ -2501,6 +2501,33 @@ MUTANTS: list[Mutant] = [
         Edit("if free < reserve:", "if free < 0:"),
         ["test_a_fill_stops_keeping_bytes_once_the_folder_is_down_to_its_reserve"],
         UNIT,
+    ),
+    mutant(
+        "proxy-head-errors-in-html",
+        "a request head mitmproxy cannot read gets the registry's JSON error, not mitmproxy's page",
+        Edit("if isinstance(command, commands.SendData):  # mitmproxy's page", "if False:  # mitmproxy's page"),
+        [
+            "test_a_head_mitmproxy_cannot_read_is_answered_with_a_registry_error[no request line]",
+            "test_a_head_mitmproxy_cannot_read_is_answered_with_a_registry_error[a content-length that is no number]",
+        ],
+        INTEGRATION,
+    ),
+    mutant(
+        "proxy-request-errors-in-html",
+        "an error mitmproxy answers for a request (upstream unreachable) is the registry's JSON error",
+        Edit("if isinstance(event, http_layer.ResponseProtocolError) and isinstance(command, commands.SendData):", "if False:"),
+        [
+            "test_a_request_passed_to_an_upstream_that_cannot_be_reached_gets_a_registry_error",
+            "test_a_head_mitmproxy_cannot_read_is_answered_with_a_registry_error[both transfer-encoding and content-length]",
+        ],
+        INTEGRATION,
+    ),
+    mutant(
+        "intercepted-tls-relays-raw-bytes",
+        "inside TLS hubcache intercepted, what is not HTTP is refused, never relayed raw to the registry",
+        Edit("        internals.http_after_interception(nextlayer)\n", ""),
+        ["test_a_head_mitmproxy_cannot_read_is_answered_with_a_registry_error[no request line]"],
+        INTEGRATION,
     ),
 ]
 

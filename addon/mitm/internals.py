@@ -4,11 +4,13 @@
   through hook classes of private modules), for a blob fill's request carried on a thread of its
   own (upstream/fetcher.py); `connect_request` is the CONNECT mitmproxy would send an upstream proxy.
 - `replay` sends hubcache's other requests through mitmproxy's core, like a client replay.
-- `guard` swaps hubcache's stream into mitmproxy's HTTP layer (mitm/bodies.py says why).
+- `guard` swaps hubcache's stream into mitmproxy's HTTP layer (mitm/bodies.py says why), and
+  `http_after_interception` puts that layer where mitmproxy would relay raw bytes.
 - mitmproxy's own addons, asked by name: `nextlayer`, `proxyserver`, `tlsconfig`.
 - The `mode` option: its upstream proxy (`upstream_proxy`), and listeners added to it.
 - The loggers of mitmproxy's lines per connection (`FLOW_LOGGERS`).
-- Its HTTP/1 server side's head reading (`_BoundedHeads`: its state, buffer and `read_headers`).
+- Its HTTP/1 server side (`_Http1Server`): its head reading (state, buffer, `read_headers`), and
+  the error pages it writes (`send` of a `ResponseProtocolError`).
 - Its connection handler's reading loop (`close_cancelled_connections`: its transports, its event
   lock).
 
@@ -33,6 +35,7 @@ from mitmproxy.proxy import commands, events, layer, mode_specs, server_hooks
 from mitmproxy.proxy import server as proxy_server
 from mitmproxy.proxy.context import Context
 from mitmproxy.proxy.layers import http as http_layer
+from mitmproxy.proxy.layers import tcp as tcp_layer
 from mitmproxy.proxy.layers import tls as tls_layer
 from mitmproxy.proxy.layers.http import _http1 as http1_layer
 from mitmproxy.proxy.layers.http._hooks import HttpConnectUpstreamHook
@@ -253,6 +256,14 @@ def tls_start_client(tls_start: tls.TlsData) -> None:
 # request bodies hubcache refuses (mitm/bodies.py): mitmproxy's HTTP layer, with a stream of hubcache's
 
 
+def http_after_interception(nextlayer: layer.NextLayer) -> None:
+    """What a client sends inside TLS hubcache intercepted is read as HTTP: mitmproxy relays
+    bytes that do not look like HTTP as they come (its `rawtcp`), which would carry them to the
+    registry past every hook. A head that is none then gets a 400, like any malformed one."""
+    if isinstance(nextlayer.layer, tcp_layer.TCPLayer) and any(isinstance(below, tls_layer.ClientTLSLayer) for below in nextlayer.context.layers):
+        nextlayer.layer = http_layer.HttpLayer(nextlayer.context, http_layer.HTTPMode.transparent)
+
+
 def guard(top: layer.Layer | None) -> None:
     """Give the HTTP layers of a freshly decided layer stack hubcache's streams."""
     current: object = top
@@ -268,7 +279,7 @@ class _GuardedLayer(http_layer.HttpLayer):
         if isinstance(event, events.Start):
             server = self.connections.get(self.context.client)
             if type(server) is http1_layer.Http1Server and server.state == server.read_headers:
-                server.__class__ = _BoundedHeads
+                server.__class__ = _Http1Server
                 server.state = server.read_headers
 
     def make_stream(self, stream_id: int) -> layer.CommandGenerator[None]:
@@ -276,22 +287,41 @@ class _GuardedLayer(http_layer.HttpLayer):
         yield from self.event_to_child(self.streams[stream_id], events.Start())
 
 
-class _BoundedHeads(http1_layer.Http1Server):
+class _Http1Server(http1_layer.Http1Server):
     """mitmproxy's HTTP/1 server side, except that a request head (a CONNECT's, a registry
     request's) still unfinished after MAX_HEAD bytes is refused with 431 and its connection
-    closed: mitmproxy alone buffers a head without end."""
+    closed (mitmproxy alone buffers a head without end), and that the errors mitmproxy answers
+    itself (a head it cannot read, a request it cannot pass on) are registry errors, not its
+    HTML page."""
 
     def read_headers(self, event: events.ConnectionEvent) -> layer.CommandGenerator[None]:
-        yield from super().read_headers(event)
+        for command in super().read_headers(event):
+            if isinstance(command, commands.SendData):  # mitmproxy's page for a head it cannot read
+                command = commands.SendData(self.conn, _error_response(400, "the request head is malformed"))
+            yield command
         if self.state == self.read_headers and len(self.buf) > MAX_HEAD:
-            body = protocol.error_body(protocol.ErrorCode.UNSUPPORTED_REQUEST, f"a request head is {MAX_HEAD} bytes at most")
-            answer = http.Response.make(431, body, {**protocol.error_headers(len(body)), "Connection": "close"})
             who = self.conn.peername[0] if self.conn.peername else "a client"
             yield commands.Log(f"{who}: request head over {MAX_HEAD} bytes: refused", logging.WARNING)
-            yield commands.SendData(self.conn, assemble_response(answer))
+            yield commands.SendData(self.conn, _error_response(431, f"a request head is {MAX_HEAD} bytes at most"))
             yield commands.CloseConnection(self.conn)
             self.buf = type(self.buf)()  # what it sent is dropped now, not with the connection
             self.state = self.done
+
+    def send(self, event: http_layer.HttpEvent) -> layer.CommandGenerator[None]:
+        for command in super().send(event):
+            if isinstance(event, http_layer.ResponseProtocolError) and isinstance(command, commands.SendData):
+                status = event.code.http_status_code()
+                assert status is not None  # mitmproxy writes no page for an error without a status
+                command = commands.SendData(self.conn, _error_response(status, event.message))
+            yield command
+
+
+def _error_response(status: int, message: str) -> bytes:
+    """A registry error of `status` that closes its connection: UNAVAILABLE for a 5xx (the
+    gateway's), else UNSUPPORTED."""
+    code = protocol.ErrorCode.UPSTREAM_FAILED if status >= 500 else protocol.ErrorCode.UNSUPPORTED_REQUEST
+    body = protocol.error_body(code, message)
+    return assemble_response(http.Response.make(status, body, {**protocol.error_headers(len(body)), "Connection": "close"}))
 
 
 # connections closed while their reader waits for the event lock

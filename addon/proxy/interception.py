@@ -206,6 +206,7 @@ class Passthrough:
         # mitmproxy's own choice first (its addon runs after hubcache's), then the guard on it.
         if nextlayer.layer is None:
             internals.next_layer(nextlayer)
+        internals.http_after_interception(nextlayer)
         internals.guard(nextlayer.layer)
 
     def requestheaders(self, flow: http.HTTPFlow) -> None:

@@ -141,14 +141,18 @@ def test_the_guarded_layer_makes_its_streams_as_mitmproxys_does():
 
 
 def test_the_http1_head_reading_hubcache_bounds_is_mitmproxys():
-    """`_BoundedHeads` reads heads as mitmproxy's Http1Server does, from the buffer it fills, in the
+    """`_Http1Server` reads heads as mitmproxy's Http1Server does, from the buffer it fills, in the
     state that `start` and each finished exchange set, and gives up the same way."""
     theirs = http1_layer.Http1Server
-    assert internals._BoundedHeads.__mro__[1] is theirs
+    assert internals._Http1Server.__mro__[1] is theirs
     assert list(inspect.signature(theirs.read_headers).parameters) == ["self", "event"]
     for needed in ("self.state = self.read_headers", "self.buf += event.data", "self.state = self.done"):
         assert needed in inspect.getsource(http1_layer), f"mitmproxy's HTTP/1 layer no longer has {needed!r}"
     assert "self.buf.maybe_extract_lines()" in inspect.getsource(theirs.read_headers)
+    # The two places its HTML error page is written, which hubcache's registry errors replace.
+    assert "commands.SendData(self.conn, make_error_response(400, str(e)))" in inspect.getsource(theirs.read_headers)
+    assert "make_error_response(status, event.message)" in inspect.getsource(theirs.send)
+    assert inspect.getsource(http1_layer).count("make_error_response(") == 3  # those two and its definition
     assert "self.connections.setdefault(self.context.client, http_conn)" in inspect.getsource(http_layer.HttpLayer._handle_event)
 
 
