@@ -87,7 +87,11 @@ def _answer(sock: socket.socket | ssl.SSLSocket, request: bytes) -> tuple[int, b
 
 
 def _registry_error(body: bytes) -> str:
-    return json.loads(body)["errors"][0]["code"]
+    """The code of the registry error `body` is; fails the test if it is none."""
+    try:
+        return json.loads(body)["errors"][0]["code"]
+    except (ValueError, LookupError, TypeError):
+        raise AssertionError(f"not a registry error: {body[:200]!r}") from None
 
 
 MALFORMED = {
