@@ -2529,6 +2529,20 @@ MUTANTS: list[Mutant] = [
         ["test_a_head_mitmproxy_cannot_read_is_answered_with_a_registry_error[no request line]"],
         INTEGRATION,
     ),
+    mutant(
+        "import-reads-extended-headers-whole",
+        "hubcache import refuses an extended tar header above its bound before reading it",
+        Edit("if self.type in _EXTENDED and self.size > MAX_EXTENDED_HEADER:", "if False:"),
+        ["test_an_extended_header_claiming_more_than_the_bound_is_refused_unread"],
+        UNIT,
+    ),
+    mutant(
+        "import-error-in-many-lines",
+        "a file that is no tar is refused in one line",
+        Edit('why = " ".join(str(e).split())', "why = str(e)"),
+        ["test_not_a_tar_file"],
+        UNIT,
+    ),
 ]
 
 

@@ -48,6 +48,10 @@ FreeSpace = Callable[[Path], int]  # the bytes free in a folder
 # what a file of empty members costs, and holds 10^4 images of 20 layers.
 MAX_MEMBERS = 250_000
 FREE_SPACE_RESERVE = 64 * 1024 * 1024  # left free for the index and the proxy's fills
+# Bytes of a member's extended header (a GNU long name or link, a pax header) read at most:
+# tarfile reads one whole into memory, whatever size it claims (156 KB of xz claimed 1 GiB).
+MAX_EXTENDED_HEADER = 1 << 20
+_EXTENDED = (tarfile.GNUTYPE_LONGNAME, tarfile.GNUTYPE_LONGLINK, tarfile.XHDTYPE, tarfile.XGLTYPE, tarfile.SOLARIS_XHDTYPE)
 CHUNK = 1 << 20
 # Blobs and manifests stored per transaction: many per transaction is what makes a large import
 # fast; few enough that the proxy's writes to the same store (fills, last use) wait only briefly.
@@ -237,6 +241,15 @@ def import_bundle(
     return summary
 
 
+class _BoundedTarInfo(tarfile.TarInfo):
+    """A member header whose extended header is refused above MAX_EXTENDED_HEADER, unread."""
+
+    def _proc_member(self, tarfile_: tarfile.TarFile) -> tarfile.TarInfo:
+        if self.type in _EXTENDED and self.size > MAX_EXTENDED_HEADER:
+            raise tarfile.ReadError(f"an extended header of {self.size} bytes (at most {MAX_EXTENDED_HEADER})")
+        return super()._proc_member(tarfile_)  # type: ignore[misc]  # tarfile's own, unannotated
+
+
 class _BundleReader:
     """Reads a bundle in three steps, writing nothing the bundle did not declare:
     - `read` lists its members (headers only) and reads index.json;
@@ -266,7 +279,8 @@ class _BundleReader:
 
     def read(self, path: Path) -> None:
         try:
-            self.tar = tarfile.open(path, mode="r:*")  # noqa: SIM115 (closed by discard); gz, bz2, xz: decompressed as read
+            # Closed by discard; gz, bz2, xz: decompressed as read.
+            self.tar = tarfile.open(path, mode="r:*", tarinfo=_BoundedTarInfo)  # noqa: SIM115
             with _reading(path):
                 index = self._scan(path)
                 if index is None:
@@ -275,7 +289,8 @@ class _BundleReader:
         except FileNotFoundError:
             raise BundleError(f"{path}: no such file") from None
         except (tarfile.TarError, OSError) as e:
-            raise BundleError(f"{path}: not a readable tar file ({e})") from None
+            why = " ".join(str(e).split())  # tarfile's reasons, one per compression tried, on one line
+            raise BundleError(f"{path}: not a readable tar file ({why})") from None
         try:
             self.index = parse_json(document)
             self.recording = str(self.index.get("annotations", {}).get(RECORDING, ""))

@@ -118,3 +118,23 @@ def many_images(path: Path, count: int, extra_members: int = 0) -> list[tuple[st
         for name, data in dict(members).items():  # the shared config once
             _add(tar, name, data)
     return images
+
+
+def header_bomb(path: Path, kind: bytes, declared: int) -> None:
+    """A .tar.gz of a few KB whose first member is an extended header (`kind`: b"L", a GNU long
+    name; b"x", a pax header) that claims `declared` bytes, and has them: all b"a"."""
+    head = bytearray(512)
+    head[0:13] = b"././@LongLink"
+    head[100:124] = b"0000644\0" + b"0000000\0" + b"0000000\0"
+    head[124:136] = b"%011o\0" % declared
+    head[136:148] = b"%011o\0" % 0
+    head[156:157] = kind
+    head[257:265] = b"ustar  \0"
+    head[148:156] = b" " * 8
+    head[148:156] = b"%06o\0 " % sum(head)
+    with gzip.open(path, "wb", compresslevel=1) as out:
+        out.write(bytes(head))
+        chunk = b"a" * (1 << 20)
+        for _ in range(declared // len(chunk)):
+            out.write(chunk)
+        out.write(bytes(1024))

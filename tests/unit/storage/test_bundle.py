@@ -16,7 +16,7 @@ from hubcache.storage import bundle
 from hubcache.storage.bundle import BundleError, PartlyImported, export, import_bundle
 from hubcache.storage.recordings import Recording, image_from_store
 from hubcache.storage.store import Store
-from support.bundles import bomb, json_flood, many_images
+from support.bundles import bomb, header_bomb, json_flood, many_images
 from support.fill import store_image
 from support.images import build_image
 
@@ -257,8 +257,9 @@ def test_import_skips_blobs_already_held(stores, image, tmp_path):
 def test_not_a_tar_file(stores, tmp_path):
     junk = tmp_path / "junk.tar"
     junk.write_bytes(b"hello" * 1000)
-    with pytest.raises(BundleError, match="not a readable tar"):
+    with pytest.raises(BundleError, match="not a readable tar") as refused:
         import_bundle(stores("target"), junk)
+    assert "\n" not in str(refused.value), "one line, whatever tarfile's reasons"
 
 
 def without(bundle, tmp_path, digest):
@@ -480,3 +481,23 @@ def test_images_sharing_a_transaction_are_all_stored(stores, tmp_path):
         assert target.get_tag(REGISTRY, "test/many", tag).digest == manifest and target.has_blob(layer)
     again = import_bundle(target, path)
     assert (again.manifests, again.blobs, again.already_held) == (30, 0, 31)
+
+
+@pytest.mark.parametrize("kind", [b"L", b"x"], ids=["gnu-long-name", "pax"])
+def test_an_extended_header_claiming_more_than_the_bound_is_refused_unread(stores, tmp_path, kind):
+    """A header of a few KB of gzip that claims 64 MiB of long name or pax records: tarfile alone
+    reads all of it into memory before the next header (a 625 KB file of xz took 4.3 GB)."""
+    path = tmp_path / "headers.tar.gz"
+    header_bomb(path, kind, 64 * MiB)
+    assert path.stat().st_size < 1 * MiB
+    target = stores("target")
+    tracemalloc.start()
+    try:
+        with pytest.raises(BundleError, match=r"an extended header of 67108864 bytes \(at most 1048576\)") as refused:
+            import_bundle(target, path)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 8 * MiB, f"{peak} bytes held"
+    assert "\n" not in str(refused.value), "one line"
+    assert temp_files(target) == []
