@@ -2543,6 +2543,20 @@ MUTANTS: list[Mutant] = [
         ["test_not_a_tar_file"],
         UNIT,
     ),
+    mutant(
+        "h2-server-side-unswapped",
+        "an HTTP/2 client's connection is served by hubcache's HTTP/2 server side, which bounds its resets",
+        Edit("            elif type(server) is http2_layer.Http2Server:\n                server.__class__ = _Http2Server\n", ""),
+        ["test_a_client_resetting_streams_as_fast_as_it_opens_them_is_cut"],
+        INTEGRATION,
+    ),
+    mutant(
+        "h2-rapid-reset-never-cut",
+        "a client that resets streams faster than RESETS allows gets GOAWAY and its connection closed",
+        Edit("if self._allowance < 0:", "if False:"),
+        ["test_a_client_resetting_streams_as_fast_as_it_opens_them_is_cut"],
+        INTEGRATION,
+    ),
 ]
 
 
