@@ -325,8 +325,8 @@ class _Http1Server(http1_layer.Http1Server):
 
 
 class _Http2Server(http2_layer.Http2Server):
-    """mitmproxy's HTTP/2 server side, except that a client that resets streams it opened faster
-    than RESETS allows gets GOAWAY (ENHANCE_YOUR_CALM) and its connection closed. Each stream
+    """mitmproxy's HTTP/2 server side, except that a client that resets streams faster than
+    RESETS allows gets GOAWAY (ENHANCE_YOUR_CALM) and its connection closed. Each stream
     is a request whose hooks run after its reset, and mitmproxy alone reads resets as fast as a
     client sends them (HTTP/2 "rapid reset": 20 000 streams in 2 s cost the proxy 7 s of CPU, and
     a few seconds of it kept it busy for minutes)."""
@@ -335,7 +335,7 @@ class _Http2Server(http2_layer.Http2Server):
     _counted_at: float | None = None
 
     def handle_h2_event(self, event: h2.events.Event) -> layer.CommandGenerator[bool]:
-        if isinstance(event, h2.events.StreamReset) and event.remote_reset and event.stream_id in self.streams:
+        if isinstance(event, h2.events.StreamReset) and event.remote_reset:  # answered or not: its hooks ran
             burst, rate = RESETS
             now = time.monotonic()
             if self._counted_at is not None:

@@ -13,6 +13,7 @@ import h2.config
 import h2.connection
 import h2.errors
 import h2.events
+import pytest
 
 from hubcache.mitm.internals import RESETS
 from support.registry import REGISTRY_NAME
@@ -62,7 +63,10 @@ def _get(tls: ssl.SSLSocket, conn: h2.connection.H2Connection, path: str) -> int
         tls.sendall(conn.data_to_send())
 
 
-def test_a_client_resetting_streams_as_fast_as_it_opens_them_is_cut(hubcache, registry):
+@pytest.mark.parametrize("ended", [False, True], ids=["open", "ended"])
+def test_a_client_resetting_streams_as_fast_as_it_opens_them_is_cut(hubcache, registry, ended):
+    """`ended`: each HEADERS frame ends its stream, and the reset comes in the same read (mitmproxy
+    then sees a whole request, answered to nobody)."""
     proxy = hubcache()
     burst, _ = RESETS
     tls, conn = _h2(proxy)
@@ -71,7 +75,7 @@ def test_a_client_resetting_streams_as_fast_as_it_opens_them_is_cut(hubcache, re
         for _ in range(20):  # 20 rounds of 100: at most 2000 streams, far past the burst
             for _ in range(100):
                 stream = conn.get_next_available_stream_id()
-                conn.send_headers(stream, _headers("/v2/"))
+                conn.send_headers(stream, _headers("/v2/"), end_stream=ended)
                 conn.reset_stream(stream, h2.errors.ErrorCodes.CANCEL)
             tls.sendall(conn.data_to_send())
             sent += 100
