@@ -2557,6 +2557,13 @@ MUTANTS: list[Mutant] = [
         ["test_a_client_resetting_streams_as_fast_as_it_opens_them_is_cut"],
         INTEGRATION,
     ),
+    mutant(
+        "h2-body-unframed-for-http1",
+        "an HTTP/2 request body of no stated length goes chunked to an HTTP/1 registry, never as a second request",
+        Edit('request.headers["transfer-encoding"] = "chunked"', "pass"),
+        ["test_a_body_without_length_reaches_an_http1_registry_chunked_not_as_a_second_request"],
+        INTEGRATION,
+    ),
 ]
 
 

@@ -359,6 +359,14 @@ def _error_response(status: int, message: str) -> bytes:
     return assemble_response(http.Response.make(status, body, {**protocol.error_headers(len(body)), "Connection": "close"}))
 
 
+def _chunked_for_http1(request: http.Request, server: connection.Server) -> None:
+    """An HTTP/2 or 3 request whose body states no length, about to go to an HTTP/1 server,
+    is sent chunked."""
+    http1 = server.alpn in (None, b"", b"http/1.1", b"http/1.0")
+    if (request.is_http2 or request.is_http3) and http1 and "content-length" not in request.headers:
+        request.headers["transfer-encoding"] = "chunked"
+
+
 # connections closed while their reader waits for the event lock
 
 
@@ -414,6 +422,20 @@ class _Stream(http_layer.HttpStream):
             yield from self._refuse()
         else:
             self.client_state = self.state_expect_no_body
+
+    def start_request_stream(self) -> layer.CommandGenerator[None]:
+        # mitmproxy's, with a length for HTTP/1: it writes an HTTP/2 request's body that states
+        # no length as it comes, which an HTTP/1.1 server reads as the next request (smuggled).
+        stream = super().start_request_stream()
+        answer = None
+        try:
+            while True:
+                command = stream.send(answer)
+                if isinstance(command, http_layer.SendHttp) and isinstance(command.event, http_layer.RequestHeaders):
+                    _chunked_for_http1(command.event.request, self.context.server)
+                answer = yield command
+        except StopIteration:
+            return
 
     def state_expect_no_body(self, event: events.Event) -> layer.CommandGenerator[None]:
         """HTTP/2 without a length: the end of the stream, or data that is refused."""

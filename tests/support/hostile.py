@@ -79,6 +79,20 @@ class _Handler(BaseHTTPRequestHandler):
     def do_HEAD(self) -> None:
         self._answer()
 
+    def do_PUT(self) -> None:
+        self._read_body()
+        self._answer()
+
+    def _read_body(self) -> None:
+        """What an HTTP/1.1 server reads of a request body: chunks, or Content-Length bytes, or
+        none (then what follows is the next request)."""
+        if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
+            while size := int(self.rfile.readline().split(b";")[0], 16):
+                self.rfile.read(size + 2)
+            self.rfile.readline()
+        elif length := int(self.headers.get("Content-Length", "0")):
+            self.rfile.read(length)
+
     def _answer(self) -> None:
         owner = self.owner
         with owner._lock:
