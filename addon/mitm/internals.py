@@ -401,7 +401,8 @@ def close_cancelled_connections() -> None:
 
 
 class _Stream(http_layer.HttpStream):
-    """mitmproxy's stream, except that a request marked `bodies.takes_none` never has its body read."""
+    """mitmproxy's stream, except that a request marked `bodies.takes_none` never has its body
+    read, and that an HTTP/2 body of no stated length goes to an HTTP/1 server chunked."""
 
     _linger: commands.RequestWakeup | None = None
 

@@ -247,7 +247,7 @@ class _BoundedTarInfo(tarfile.TarInfo):
     def _proc_member(self, tarfile_: tarfile.TarFile) -> tarfile.TarInfo:
         if self.type in _EXTENDED and self.size > MAX_EXTENDED_HEADER:
             raise tarfile.ReadError(f"an extended header of {self.size} bytes (at most {MAX_EXTENDED_HEADER})")
-        return super()._proc_member(tarfile_)  # type: ignore[misc]  # tarfile's own, unannotated
+        return super()._proc_member(tarfile_)  # type: ignore[misc]  # private to tarfile: not in its stubs
 
 
 class _BundleReader:

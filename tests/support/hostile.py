@@ -47,6 +47,8 @@ class Hostile:
         self.seen: list[Seen] = []
         self.sent = 0
         self._lock = threading.Lock()
+        self._connections = threading.Condition(self._lock)  # notified as each connection ends
+        self._open = 0
         handler = type("Handler", (_Handler,), {"owner": self})
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
         self._server.daemon_threads = True
@@ -64,6 +66,11 @@ class Hostile:
         with self._lock:
             return list(self.seen)
 
+    def wait_closed(self, timeout: float = 30) -> None:
+        """Until every connection it was given has ended (its requests are all in `requests`)."""
+        with self._connections:
+            assert self._connections.wait_for(lambda: self._open == 0, timeout), f"{self._open} connections still open"
+
     def stop(self) -> None:
         self._server.shutdown()
         self._server.server_close()
@@ -72,6 +79,17 @@ class Hostile:
 class _Handler(BaseHTTPRequestHandler):
     owner: Hostile
     protocol_version = "HTTP/1.1"
+
+    def setup(self) -> None:
+        with self.owner._connections:
+            self.owner._open += 1
+        super().setup()
+
+    def finish(self) -> None:
+        super().finish()
+        with self.owner._connections:
+            self.owner._open -= 1
+            self.owner._connections.notify_all()
 
     def do_GET(self) -> None:
         self._answer()
