@@ -37,6 +37,11 @@ def _answer_to_endless_head(sock: socket.socket | ssl.SSLSocket, start: bytes) -
         raise AssertionError(f"the proxy stopped reading after {sent} bytes and left the connection open") from None
     except OSError:
         pass  # it closed the connection: what it answered first is still to read
+    return _until_closed(sock), sent
+
+
+def _until_closed(sock: socket.socket | ssl.SSLSocket) -> bytes:
+    """What the proxy sends until it closes the connection; leaving it open fails the test."""
     answer = b""
     try:
         while chunk := sock.recv(65536):
@@ -45,7 +50,7 @@ def _answer_to_endless_head(sock: socket.socket | ssl.SSLSocket, start: bytes) -
         raise AssertionError("the proxy left the connection open") from None
     except OSError:
         pass
-    return answer, sent
+    return answer
 
 
 def test_an_endless_connect_head_is_refused(hubcache):
@@ -76,13 +81,7 @@ def test_an_endless_registry_request_head_is_refused_and_a_large_one_is_read(hub
 def _answer(sock: socket.socket | ssl.SSLSocket, request: bytes) -> tuple[int, bytes]:
     """Send `request`; the status and body of the answer, read until the connection closes."""
     sock.sendall(request)
-    answer = b""
-    try:
-        while chunk := sock.recv(65536):
-            answer += chunk
-    except OSError:
-        pass
-    head, _, body = answer.partition(b"\r\n\r\n")
+    head, _, body = _until_closed(sock).partition(b"\r\n\r\n")
     return int(head.split(b" ", 2)[1]), body
 
 
